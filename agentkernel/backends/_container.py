@@ -1,0 +1,195 @@
+"""Policy -> container configuration, in one place for every container engine.
+
+``plan()`` turns a ``SandboxSpec`` into a ``ContainerPlan``: the engine-neutral list of everything the
+container must have (user, capabilities, seccomp, limits, mounts, tmpfs, network, labels, entrypoint).
+``podman_args`` renders it as podman/Apple-style CLI flags; the docker backend renders the same plan as
+Engine API JSON. No backend re-derives a control from the spec itself.
+
+Standard library only; imported on the CLI's hot path.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .. import paths
+from ..spec import DEFAULT_TMPFS_MB, SandboxSpec
+from .base import owner_labels
+
+AGENT_DIR = "/.ak"  # where the agent binary and its socket directory appear inside a container
+AGENT_BIN_IN = f"{AGENT_DIR}/ak-agent"
+AGENT_RUN_IN = f"{AGENT_DIR}/run"
+AGENT_SOCK_IN = f"{AGENT_RUN_IN}/agent.sock"
+STATUS_FILE_IN = f"{AGENT_RUN_IN}/status"
+
+
+class ContainerPlan:
+    __slots__ = (
+        "binds",
+        "cmd",
+        "cpus",
+        "entrypoint",
+        "env",
+        "hostname",
+        "image",
+        "interactive",
+        "labels",
+        "memory_bytes",
+        "name",
+        "network",
+        "pids",
+        "read_only",
+        "seccomp_file",
+        "tmpfs",
+        "user",
+        "workdir",
+    )
+
+    def __init__(self, **kw) -> None:
+        for k in self.__slots__:
+            setattr(self, k, kw.get(k))
+
+
+def sandbox_run_dir(sandbox_id: str) -> str:
+    """Host directory bind-mounted at /.ak/run: the agent's socket and status files live there."""
+    return os.path.join(paths.runtime_dir(), "sandboxes", sandbox_id)
+
+
+def prepare_run_dir(sandbox_id: str, user: str) -> str:
+    d = sandbox_run_dir(sandbox_id)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    uid, _, gid = user.partition(":")
+    try:
+        os.chown(d, int(uid), int(gid or uid))
+    except PermissionError:
+        pass
+    return d
+
+
+def remove_run_dir(sandbox_id: str) -> None:
+    import shutil
+
+    shutil.rmtree(sandbox_run_dir(sandbox_id), ignore_errors=True)
+
+
+def resolve_user(spec: SandboxSpec) -> str:
+    uid, _, gid = spec.policy.user.partition(":")
+    return f"{uid}:{gid or uid}"
+
+
+def plan(
+    spec: SandboxSpec,
+    *,
+    sandbox_id: str,
+    owner: dict,
+    container_name: str,
+    argv: list[str] | None = None,
+    agent_bin: str | None = None,
+    run_dir: str | None = None,
+    cwd: str | None = None,
+    interactive: bool = False,
+) -> ContainerPlan:
+    """``argv`` given: a one-shot container running argv (under ``ak-agent exec`` when the agent is
+    available: signal forwarding, zombie reaping, exact status and OOM report). ``argv`` None: a
+    long-lived sandbox whose PID 1 is ``ak-agent serve`` on a socket in ``run_dir``."""
+    pol, res = spec.policy, spec.resources
+    user = resolve_user(spec)
+    binds: list[tuple[str, str, bool]] = []
+    tmpfs: list[tuple[str, str]] = []
+    if pol.mount_cwd:
+        binds.append((os.path.realpath(cwd or os.getcwd()), "/workspace", False))
+    if pol.read_only_root:
+        size = res.disk_mb or DEFAULT_TMPFS_MB
+        uid, _, gid = user.partition(":")
+        writable = ["/tmp"]
+        if not pol.mount_cwd or spec.workdir != "/workspace":
+            writable.append(spec.workdir)
+        for path in dict.fromkeys(writable):
+            mode = "1777" if path == "/tmp" else "0755"
+            owner_opt = "" if path == "/tmp" else f",uid={uid},gid={gid}"
+            tmpfs.append((path, f"rw,nosuid,nodev,size={size}m,mode={mode}{owner_opt}"))
+    entrypoint: list[str] | None
+    cmd: list[str]
+    if agent_bin:
+        binds.append((agent_bin, AGENT_BIN_IN, True))
+        if run_dir:
+            binds.append((run_dir, AGENT_RUN_IN, False))
+    if argv is not None:
+        if agent_bin:
+            entrypoint = [AGENT_BIN_IN, "exec"]
+            if run_dir:
+                entrypoint += ["--status-file", STATUS_FILE_IN]
+            entrypoint.append("--")
+        else:
+            entrypoint = [argv[0]]
+            argv = argv[1:]
+        cmd = list(argv)
+    else:
+        if not (agent_bin and run_dir):
+            from ..errors import BackendUnavailable
+
+            raise BackendUnavailable(
+                "the in-sandbox agent binary is missing (needed for long-lived sandboxes)",
+                hint="build it: make -C agent (bash scripts/setup.sh does this)",
+            )
+        entrypoint = [AGENT_BIN_IN, "serve", "--listen", AGENT_SOCK_IN]
+        cmd = []
+    env = dict(spec.env)
+    from ..seccomp import profile_path
+
+    return ContainerPlan(
+        name=container_name,
+        image=spec.image,
+        labels=owner_labels(sandbox_id, owner, spec.name),
+        user=user,
+        env=env,
+        workdir=spec.workdir,
+        hostname=spec.hostname,
+        network="default" if pol.network else "none",
+        read_only=pol.read_only_root,
+        tmpfs=tmpfs,
+        binds=binds,
+        memory_bytes=res.memory_mb * 1024 * 1024 if res.memory_mb is not None else None,
+        cpus=res.vcpus,
+        pids=res.pids,
+        seccomp_file=profile_path(pol.seccomp),
+        entrypoint=entrypoint,
+        cmd=cmd,
+        interactive=interactive,
+    )
+
+
+def podman_args(p: ContainerPlan, *, network_default: str | None = None) -> list[str]:
+    """The plan as ``podman create/run`` flags (everything between the subcommand and the image)."""
+    a = ["--name", p.name, "--pull", "never", "--hostname", p.hostname]
+    for k, v in p.labels.items():
+        a += ["--label", f"{k}={v}"]
+    a += ["--cap-drop", "all", "--security-opt", "no-new-privileges", "--user", p.user]
+    if p.seccomp_file:
+        a += ["--security-opt", f"seccomp={p.seccomp_file}"]
+    if p.network == "none":
+        a += ["--network", "none"]
+    elif network_default:
+        a += ["--network", network_default]
+    if p.memory_bytes is not None:
+        a += ["--memory", str(p.memory_bytes), "--memory-swap", str(p.memory_bytes)]
+    if p.cpus is not None:
+        a += ["--cpus", f"{p.cpus:g}"]
+    if p.pids is not None:
+        a += ["--pids-limit", str(p.pids)]
+    if p.read_only:
+        a += ["--read-only", "--read-only-tmpfs=false"]
+    for path, opts in p.tmpfs:
+        a += ["--tmpfs", f"{path}:{opts}"]
+    for src, dst, ro in p.binds:
+        a += ["-v", f"{src}:{dst}:{'ro' if ro else 'rw'}"]
+    a += ["--workdir", p.workdir]
+    for k, v in p.env.items():
+        a += ["--env", f"{k}={v}"]
+    if p.interactive:
+        a.append("-i")
+    if p.entrypoint is not None:
+        import json
+
+        a += ["--entrypoint", json.dumps(p.entrypoint)]
+    return a

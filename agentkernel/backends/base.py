@@ -1,0 +1,414 @@
+"""The backend interface: a tiny base class, one module per backend (like httpx's transports).
+
+A backend turns a ``SandboxSpec`` into a live, isolated sandbox on one engine and runs commands in it.
+It declares what it can enforce (``Capabilities``); ``check_policy`` refuses a spec that asks for a
+control the backend cannot honour (fail closed), naming every missing control at once.
+
+Lifecycle: ``create`` (resources exist, nothing runs) -> ``start`` -> ``exec``/files ... -> ``stop`` ->
+``remove``. ``run`` is the one-shot path (create+start+exec+remove as one operation where the engine
+has a faster native form, e.g. ``podman run``).
+
+This module is imported on the CLI's hot path: standard library only, no asyncio at import time.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
+from typing import Any, ClassVar
+
+from ..errors import PolicyNotEnforceable
+from ..spec import SandboxSpec
+
+# ---- capabilities ---------------------------------------------------------------------------------
+
+# Controls a backend may declare it enforces. Each maps to a part of the spec (see required_controls).
+CONTROLS = {
+    "network_none": "no network except loopback (policy.network = false)",
+    "network_full": "full network access (policy.network = true)",
+    "network_allowlist": "egress limited to policy.network_allow",
+    "read_only_root": "read-only root filesystem (policy.read_only_root)",
+    "memory": "memory limit (resources.memory_mb)",
+    "cpu": "CPU quota (resources.vcpus)",
+    "pids": "process count limit (resources.pids)",
+    "disk_tmpfs": "writable storage cap on a read-only root (resources.disk_mb as tmpfs size)",
+    "disk_rootfs": "writable storage cap on a writable root (resources.disk_mb)",
+    "seccomp_default": "the default seccomp filter (policy.seccomp = default)",
+    "seccomp_restrictive": "the restrictive seccomp filter (policy.seccomp = restrictive)",
+    "cap_drop_all": "all Linux capabilities dropped",
+    "no_new_privileges": "no-new-privileges",
+    "non_root": "commands run as policy.user",
+    "mount_cwd": "the caller's directory at /workspace (policy.mount_cwd)",
+    "env": "environment variables (spec.env / policy.pass_env)",
+}
+
+
+class Capabilities:
+    """What a backend can enforce (``controls``) and do (``features``)."""
+
+    __slots__ = ("controls", "features", "isolation")
+
+    def __init__(self, controls: set[str] | frozenset[str], features: set[str] | frozenset[str] = frozenset(),
+                 isolation: str = "container") -> None:
+        bad = set(controls) - set(CONTROLS)
+        if bad:
+            raise ValueError(f"unknown controls {sorted(bad)}")
+        self.controls = frozenset(controls)
+        self.features = frozenset(features)
+        self.isolation = isolation
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"isolation": self.isolation, "controls": sorted(self.controls), "features": sorted(self.features)}
+
+
+def required_controls(spec: SandboxSpec) -> list[str]:
+    """The controls a spec needs, derived from the spec alone (one place for this rule)."""
+    pol, res = spec.policy, spec.resources
+    need = ["cap_drop_all", "no_new_privileges"]
+    if pol.network:
+        need.append("network_allowlist" if pol.network_allow else "network_full")
+    else:
+        if pol.network_allow:
+            need.append("network_allowlist")
+        need.append("network_none")
+    if pol.read_only_root:
+        need.append("read_only_root")
+    if res.memory_mb is not None:
+        need.append("memory")
+    if res.vcpus is not None:
+        need.append("cpu")
+    if res.pids is not None:
+        need.append("pids")
+    if res.disk_mb is not None:
+        need.append("disk_tmpfs" if pol.read_only_root else "disk_rootfs")
+    need.append("seccomp_" + pol.seccomp)
+    if pol.user.split(":")[0] != "0":
+        need.append("non_root")
+    if pol.mount_cwd:
+        need.append("mount_cwd")
+    if spec.env or pol.pass_env:
+        need.append("env")
+    return need
+
+
+_FIXES = {
+    "disk_rootfs": "set read_only_root = true (writable paths become tmpfs capped at disk_mb) or unset disk_mb",
+    "network_allowlist": "use network = false, or network = true without an allowlist, or a backend that "
+    "supports allowlists",
+}
+
+
+def check_policy(spec: SandboxSpec, caps: Capabilities, backend: str) -> None:
+    """Fail closed: raise PolicyNotEnforceable naming every control the backend cannot enforce."""
+    missing = [c for c in required_controls(spec) if c not in caps.controls]
+    if not missing:
+        return
+    lines = [f"backend {backend!r} cannot enforce: " + "; ".join(f"{c} ({CONTROLS[c]})" for c in missing)]
+    hints = [_FIXES[c] for c in missing if c in _FIXES]
+    raise PolicyNotEnforceable(lines[0], hint="; ".join(hints) or "choose another backend or relax the spec")
+
+
+# ---- exec requests and results ----------------------------------------------------------------------
+
+OutputCallback = Callable[[int, bytes], Any]  # (fd 1 or 2, chunk); may return an awaitable
+
+DEFAULT_OUTPUT_LIMIT = 16 * 1024 * 1024  # bytes kept per stream when output is captured
+
+
+class ExecRequest:
+    """One command. ``argv`` is exec'd directly (no shell). ``stdin`` is bytes, an async iterator of
+    bytes, or None (empty stdin). With ``on_output`` set, output is streamed to it and not kept."""
+
+    __slots__ = ("argv", "cwd", "env", "on_output", "output_limit", "stdin", "timeout", "tty", "tty_size", "user")
+
+    def __init__(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | AsyncIterator[bytes] | None = None,
+        timeout: float | None = None,
+        tty: bool = False,
+        tty_size: tuple[int, int] | None = None,
+        on_output: OutputCallback | None = None,
+        output_limit: int = DEFAULT_OUTPUT_LIMIT,
+        user: str | None = None,
+    ) -> None:
+        if not argv or not all(isinstance(a, str) for a in argv):
+            from ..errors import ValidationError
+
+            raise ValidationError("command must be a non-empty list of strings")
+        if timeout is not None and timeout <= 0:
+            from ..errors import ValidationError
+
+            raise ValidationError(f"timeout must be positive, got {timeout}")
+        self.argv = list(argv)
+        self.env = dict(env or {})
+        self.cwd = cwd
+        self.stdin = stdin
+        self.timeout = timeout
+        self.tty = tty
+        self.tty_size = tty_size
+        self.on_output = on_output
+        self.output_limit = output_limit
+        self.user = user
+
+
+class ExecResult:
+    """Exact result of one command. ``exit_code`` is 128+N when killed by signal N (shell convention),
+    124 on timeout."""
+
+    __slots__ = ("exit_code", "oom_killed", "signal", "stderr", "stdout", "timed_out", "timings", "truncated")
+
+    def __init__(
+        self,
+        exit_code: int,
+        *,
+        signal: int | None = None,
+        timed_out: bool = False,
+        oom_killed: bool = False,
+        stdout: bytes = b"",
+        stderr: bytes = b"",
+        truncated: bool = False,
+        timings: dict[str, float] | None = None,
+    ) -> None:
+        self.exit_code = exit_code
+        self.signal = signal
+        self.timed_out = timed_out
+        self.oom_killed = oom_killed
+        self.stdout = stdout
+        self.stderr = stderr
+        self.truncated = truncated
+        self.timings = timings or {}
+
+    def to_dict(self, text: bool = True) -> dict[str, Any]:
+        def dec(b: bytes) -> str:
+            return b.decode("utf-8", "replace")
+
+        return {
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "timed_out": self.timed_out,
+            "oom_killed": self.oom_killed,
+            "stdout": dec(self.stdout) if text else self.stdout,
+            "stderr": dec(self.stderr) if text else self.stderr,
+            "truncated": self.truncated,
+            "timings": dict(self.timings),
+        }
+
+    def __repr__(self) -> str:
+        return (f"ExecResult(exit_code={self.exit_code}, signal={self.signal}, timed_out={self.timed_out}, "
+                f"oom_killed={self.oom_killed}, stdout={self.stdout[:60]!r}, stderr={self.stderr[:60]!r})")
+
+
+class OutputCollector:
+    """Keeps up to ``limit`` bytes per stream, then marks the result truncated (head kept)."""
+
+    __slots__ = ("buf", "limit", "truncated")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.buf = {1: bytearray(), 2: bytearray()}
+        self.truncated = False
+
+    def __call__(self, fd: int, data: bytes) -> None:
+        b = self.buf[fd]
+        room = self.limit - len(b)
+        if room >= len(data):
+            b += data
+        else:
+            if room > 0:
+                b += data[:room]
+            self.truncated = True
+
+
+# ---- handles ------------------------------------------------------------------------------------------
+
+
+class SandboxRef:
+    """A handle on one sandbox: enough to find it again from another process (it is persisted)."""
+
+    __slots__ = ("backend", "handle", "id", "spec")
+
+    def __init__(self, backend: str, id: str, handle: dict[str, Any], spec: SandboxSpec) -> None:
+        self.backend = backend
+        self.id = id
+        self.handle = handle
+        self.spec = spec
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "id": self.id, "handle": self.handle, "spec": self.spec.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SandboxRef:
+        return cls(d["backend"], d["id"], dict(d["handle"]), SandboxSpec.from_dict(d["spec"]))
+
+    def __repr__(self) -> str:
+        return f"SandboxRef({self.backend}:{self.id} {self.handle})"
+
+
+class SandboxInfo:
+    """One managed resource as the engine reports it (for ``list`` and leak checks)."""
+
+    __slots__ = ("backend", "handle", "id", "labels", "name", "status")
+
+    def __init__(self, backend: str, id: str, name: str | None, status: str, handle: dict[str, Any],
+                 labels: dict[str, str] | None = None) -> None:
+        self.backend = backend
+        self.id = id
+        self.name = name
+        self.status = status
+        self.handle = handle
+        self.labels = labels or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "id": self.id, "name": self.name, "status": self.status,
+                "handle": self.handle, "labels": self.labels}
+
+
+class Availability:
+    """Doctor's verdict on one backend on this host."""
+
+    __slots__ = ("available", "details", "fix", "reason")
+
+    def __init__(self, available: bool, reason: str, *, fix: str | None = None,
+                 details: dict[str, Any] | None = None) -> None:
+        self.available = available
+        self.reason = reason
+        self.fix = fix
+        self.details = details or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"available": self.available, "reason": self.reason, "fix": self.fix, "details": self.details}
+
+
+# ---- the interface ------------------------------------------------------------------------------------
+
+
+class Backend(ABC):
+    """Base class for backends. Subclasses set ``name`` and ``capabilities`` and implement the
+    abstract methods; everything is asyncio. ``options`` are backend-specific strings from the spec /
+    config (validated by the backend)."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+    options_allowed: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, options: dict[str, str] | None = None) -> None:
+        self.options = dict(options or {})
+        bad = set(self.options) - set(self.options_allowed)
+        if bad:
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                f"backend {self.name!r} has no option {sorted(bad)[0]!r} "
+                f"(options: {', '.join(self.options_allowed) or 'none'})"
+            )
+
+    # -- host checks --
+    @classmethod
+    @abstractmethod
+    def probe(cls) -> Availability:
+        """Synchronous, quick: can this backend work on this host, and if not, exactly why."""
+
+    def check(self, spec: SandboxSpec) -> None:
+        """Refuse specs this backend cannot honour (fail closed). Override to add backend rules."""
+        check_policy(spec, self.capabilities, self.name)
+
+    # -- lifecycle --
+    @abstractmethod
+    async def create(self, spec: SandboxSpec, *, sandbox_id: str, owner: dict[str, Any]) -> SandboxRef: ...
+
+    @abstractmethod
+    async def start(self, ref: SandboxRef) -> None: ...
+
+    @abstractmethod
+    async def exec(self, ref: SandboxRef, req: ExecRequest) -> ExecResult: ...
+
+    @abstractmethod
+    async def write_file(self, ref: SandboxRef, path: str, data: bytes | AsyncIterator[bytes],
+                         mode: int = 0o644) -> int:
+        """Write a file inside the sandbox (parents created). Returns bytes written."""
+
+    @abstractmethod
+    def read_file(self, ref: SandboxRef, path: str) -> AsyncIterator[bytes]:
+        """Stream a file out of the sandbox in chunks. Raises NotFound for a missing file."""
+
+    @abstractmethod
+    async def stop(self, ref: SandboxRef) -> None: ...
+
+    @abstractmethod
+    async def remove(self, ref: SandboxRef) -> None:
+        """Destroy every resource of the sandbox. Idempotent: a missing sandbox is not an error."""
+
+    @abstractmethod
+    async def status(self, ref: SandboxRef) -> str:
+        """'running', 'stopped', 'created' or 'missing'."""
+
+    @abstractmethod
+    async def list(self) -> list[SandboxInfo]:
+        """Every resource on this engine that agentkernel manages (labelled), whoever owns it."""
+
+    async def run(self, spec: SandboxSpec, req: ExecRequest, *, sandbox_id: str,
+                  owner: dict[str, Any]) -> ExecResult:
+        """One-shot: a fresh sandbox for one command, destroyed afterwards whatever happens."""
+        t0 = time.perf_counter()
+        ref = await self.create(spec, sandbox_id=sandbox_id, owner=owner)
+        try:
+            t1 = time.perf_counter()
+            await self.start(ref)
+            t2 = time.perf_counter()
+            result = await self.exec(ref, req)
+            t3 = time.perf_counter()
+        finally:
+            t4 = time.perf_counter()
+            await self.remove(ref)
+        t5 = time.perf_counter()
+        result.timings.update({
+            "create_ms": (t1 - t0) * 1e3, "start_ms": (t2 - t1) * 1e3, "exec_ms": (t3 - t2) * 1e3,
+            "remove_ms": (t5 - t4) * 1e3, "total_ms": (t5 - t0) * 1e3,
+        })
+        return result
+
+    async def aclose(self) -> None:
+        """Release connections held by this backend object."""
+
+
+# Labels put on every engine resource we create (one definition for all backends).
+LABEL_PREFIX = "agentkernel."
+LABEL_MANAGED = "agentkernel.managed"
+LABEL_ID = "agentkernel.sandbox-id"
+LABEL_NAME = "agentkernel.name"
+LABEL_OWNER_HOST = "agentkernel.owner.host"
+LABEL_OWNER_BOOT = "agentkernel.owner.boot"
+LABEL_OWNER_PID = "agentkernel.owner.pid"
+LABEL_OWNER_START = "agentkernel.owner.start"
+LABEL_STORE = "agentkernel.store"
+
+
+def owner_labels(sandbox_id: str, owner: dict[str, Any], name: str | None = None) -> dict[str, str]:
+    labels = {
+        LABEL_MANAGED: "true",
+        LABEL_ID: sandbox_id,
+        LABEL_OWNER_HOST: str(owner.get("host", "")),
+        LABEL_OWNER_BOOT: str(owner.get("boot", "")),
+        LABEL_OWNER_PID: str(owner.get("pid", "")),
+        LABEL_OWNER_START: str(owner.get("start", "")),
+    }
+    if name:
+        labels[LABEL_NAME] = name
+    if owner.get("store"):
+        labels[LABEL_STORE] = str(owner["store"])
+    return labels
+
+
+def owner_from_labels(labels: dict[str, str]) -> dict[str, Any]:
+    return {
+        "host": labels.get(LABEL_OWNER_HOST, ""),
+        "boot": labels.get(LABEL_OWNER_BOOT, ""),
+        "pid": int(labels.get(LABEL_OWNER_PID) or 0),
+        "start": int(labels.get(LABEL_OWNER_START) or 0),
+        "store": labels.get(LABEL_STORE, ""),
+    }

@@ -1,0 +1,151 @@
+"""Podman backend: rootful podman through its CLI, hardened per the spec, the agent as PID 1.
+
+One-shot runs (``agentkernel run`` without the daemon) are a single ``podman run --rm`` with the
+caller's stdio passed straight through (byte-exact, streamed, no copies) and ``ak-agent exec`` as the
+container's init, which reports the exact exit status and OOM kills through a status file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from typing import Any, ClassVar
+
+from ..errors import BackendUnavailable, SandboxError
+from . import _container
+from ._agent_container import AgentContainerBackend
+from .base import LABEL_MANAGED, Availability, Capabilities, SandboxInfo
+
+CONTAINER_CONTROLS = {
+    "network_none", "network_full", "read_only_root", "memory", "cpu", "pids", "disk_tmpfs",
+    "seccomp_default", "seccomp_restrictive", "cap_drop_all", "no_new_privileges", "non_root",
+    "mount_cwd", "env",
+}
+
+
+class PodmanBackend(AgentContainerBackend):
+    name = "podman"
+    binary = "podman"
+    capabilities = Capabilities(CONTAINER_CONTROLS, {"exec", "files", "agent", "oneshot", "tty", "pool"},
+                                isolation="container (shared kernel)")
+    options_allowed: ClassVar[tuple[str, ...]] = ()
+
+    # extra flags for every create/run (the gVisor subclass adds its runtime here)
+    def runtime_args(self) -> list[str]:
+        return []
+
+    # -- host checks --
+    @classmethod
+    def probe(cls) -> Availability:
+        exe = shutil.which(cls.binary)
+        if not exe:
+            return Availability(False, "podman is not installed", fix="apt-get install -y podman crun (or bash scripts/setup.sh)")
+        if os.path.isdir("/sys/fs/cgroup/unified") and not os.path.ismount("/sys/fs/cgroup/hugetlb"):
+            return Availability(False, "crun refuses this hybrid cgroup layout until the hugetlb v1 controller is mounted",
+                                fix="mkdir -p /sys/fs/cgroup/hugetlb && mount -t cgroup -o hugetlb cgroup /sys/fs/cgroup/hugetlb")
+        try:
+            out = subprocess.run([exe, "version", "--format", "{{.Client.Version}}"], capture_output=True,
+                                 text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return Availability(False, f"podman does not answer: {exc}")
+        if out.returncode != 0:
+            return Availability(False, f"podman fails: {out.stderr.strip()[:300]}")
+        return Availability(True, f"podman {out.stdout.strip()}", details={"binary": exe})
+
+    # -- engine operations --
+    async def _podman(self, *args: str, check: bool = True, timeout: float = 120) -> tuple[int, str, str]:
+        import asyncio
+
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.binary, *args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+        except FileNotFoundError:
+            raise BackendUnavailable("podman is not installed", hint="bash scripts/setup.sh") from None
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise SandboxError(f"podman {args[0]} did not finish within {timeout:.0f} s") from None
+        o, e = out.decode(errors="replace"), err.decode(errors="replace")
+        if check and proc.returncode != 0:
+            raise _engine_error(f"podman {args[0]}", e or o)
+        return proc.returncode or 0, o, e
+
+    async def _engine_create(self, plan: _container.ContainerPlan) -> str:
+        args = ["create", *self.runtime_args(), *_container.podman_args(plan), plan.image, *plan.cmd]
+        _, out, _ = await self._podman(*args)
+        return out.strip()
+
+    async def _engine_start(self, name: str) -> None:
+        await self._podman("start", name)
+
+    async def _engine_stop(self, name: str) -> None:
+        await self._podman("stop", "-t", "2", name)
+
+    async def _engine_remove(self, name: str) -> None:
+        await self._podman("rm", "-f", "-t", "0", "--ignore", name)
+
+    async def _engine_state(self, name: str) -> tuple[str, dict[str, Any]]:
+        rc, out, _ = await self._podman("inspect", "--type", "container", "--format", "json", name, check=False)
+        if rc != 0:
+            return "missing", {}
+        try:
+            st = json.loads(out)[0]["State"]
+        except (ValueError, LookupError, TypeError):
+            return "missing", {}
+        return _normalize_state(st.get("Status", "")), {"oom_killed": bool(st.get("OOMKilled")),
+                                                       "exit_code": st.get("ExitCode")}
+
+    async def list(self) -> list[SandboxInfo]:
+        _, out, _ = await self._podman("ps", "-a", "--filter", f"label={LABEL_MANAGED}=true", "--format", "json")
+        infos = []
+        for c in json.loads(out or "[]"):
+            labels = c.get("Labels") or {}
+            names = c.get("Names") or [""]
+            infos.append(SandboxInfo(self.name, labels.get("agentkernel.sandbox-id", ""),
+                                     labels.get("agentkernel.name"), _normalize_state(c.get("State", "")),
+                                     {"container": names[0], "container_id": c.get("Id", "")}, labels))
+        return infos
+
+    # -- one-shot, synchronous (the CLI's daemon-less path) --
+    def oneshot_command(self, plan: _container.ContainerPlan) -> list[str]:
+        return [self.binary, "run", "--rm", *self.runtime_args(), *_container.podman_args(plan), plan.image,
+                *plan.cmd]
+
+    def force_remove_sync(self, name: str) -> None:
+        subprocess.run([self.binary, "rm", "-f", "-t", "0", "--ignore", name], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+
+    def image_exists_sync(self, image: str) -> bool:
+        r = subprocess.run([self.binary, "image", "exists", image], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        return r.returncode == 0
+
+
+def _normalize_state(s: str) -> str:
+    s = s.lower()
+    if s in ("running", "paused"):
+        return "running"
+    if s in ("created", "configured", "initialized"):
+        return "created"
+    if s in ("exited", "stopped", "dead", "stopping"):
+        return "stopped"
+    return s or "missing"
+
+
+def _engine_error(what: str, stderr: str) -> Exception:
+    msg = stderr.strip().splitlines()[-1] if stderr.strip() else "failed"
+    low = msg.lower()
+    if "image not known" in low or "no such image" in low:
+        from ..errors import NotFound
+
+        return NotFound(f"{what}: {msg}", hint="build local images: agentkernel images build (or bash scripts/setup.sh)")
+    if "already in use" in low:
+        from ..errors import AlreadyExists
+
+        return AlreadyExists(f"{what}: {msg}")
+    return SandboxError(f"{what}: {msg}")

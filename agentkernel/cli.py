@@ -1,0 +1,266 @@
+"""The ``agentkernel`` command.
+
+Start-up cost is part of every sandboxed command's latency, so this module imports only argparse and
+what each subcommand needs, when it needs it (asyncio, the store, backends are imported lazily; web
+frameworks and cluster clients never on these paths). Exit codes: the command's own (128+N for a
+signal), 124 on timeout, 125 for agentkernel's own errors, 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+EXIT_ERROR = 125
+EXIT_TIMEOUT = 124
+
+
+def _err(msg: str, hint: str | None = None) -> None:
+    sys.stderr.write(f"agentkernel: error: {msg}\n")
+    if hint:
+        sys.stderr.write(f"  hint: {hint}\n")
+
+
+# ---- argument parsing ---------------------------------------------------------------------------------
+
+
+def _kv(text: str) -> tuple[str, str]:
+    import argparse
+
+    k, sep, v = text.partition("=")
+    if not sep or not k:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return k, v
+
+
+def _positive_float(text: str) -> float:
+    import argparse
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return v
+
+
+def _add_spec_flags(p, *, run: bool) -> None:
+    g = p.add_argument_group("sandbox")
+    g.add_argument("-B", "--backend", help="backend (podman, docker, gvisor, oci, wasm, ...); default podman")
+    g.add_argument("-i", "--image", help="image (default: chosen from the command among local images)")
+    g.add_argument("-p", "--profile", help="permissive, moderate (default) or restrictive")
+    net = g.add_mutually_exclusive_group()
+    net.add_argument("--no-network", dest="network", action="store_false", default=None,
+                     help="no network except loopback (default unless the profile allows it)")
+    net.add_argument("--network", dest="network", action="store_true", default=None, help="allow network")
+    g.add_argument("--read-only", dest="read_only", action="store_true", default=None,
+                   help="read-only root filesystem (writable tmpfs at /tmp and the workdir)")
+    g.add_argument("--mount-cwd", dest="mount_cwd", action="store_true", default=None,
+                   help="bind the current directory at /workspace")
+    g.add_argument("--memory", dest="memory_mb", type=int, metavar="MB", help="memory limit in MiB")
+    g.add_argument("--cpus", dest="vcpus", type=float, metavar="N", help="CPU quota in cores")
+    g.add_argument("--pids", type=int, metavar="N", help="max processes")
+    g.add_argument("--disk", dest="disk_mb", type=int, metavar="MB", help="writable storage cap in MiB")
+    g.add_argument("-e", "--env", action="append", type=_kv, default=[], metavar="K=V",
+                   help="environment variable (repeatable)")
+    g.add_argument("-w", "--workdir", help="working directory inside the sandbox (default /workspace)")
+    g.add_argument("-o", "--option", action="append", type=_kv, default=[], metavar="K=V",
+                   help="backend option, e.g. runtime=runsc (repeatable)")
+    g.add_argument("--module", help="wasm: the module to run")
+    g.add_argument("--func", help="wasm: exported function to call")
+    g.add_argument("-c", "--config", help="agentkernel.toml to use (default ./agentkernel.toml)")
+
+
+def build_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="agentkernel",
+        description="Run untrusted commands in isolated sandboxes.",
+        epilog="Exit status: the command's own (128+N if killed by signal N), 124 on timeout, "
+        "125 when agentkernel itself fails.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version")
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run a command in a fresh sandbox, then destroy it")
+    _add_spec_flags(p, run=True)
+    p.add_argument("-t", "--timeout", type=_positive_float, metavar="SECONDS",
+                   help="kill the sandbox after this many seconds (exit 124)")
+    p.add_argument("-k", "--keep", action="store_true", help="keep the sandbox afterwards (named, running)")
+    p.add_argument("-n", "--name", help="name for a kept sandbox (with --keep)")
+    p.add_argument("--no-daemon", action="store_true", help="do not use the daemon's warm pools")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
+
+    p = sub.add_parser("create", help="create a named sandbox")
+    p.add_argument("name")
+    _add_spec_flags(p, run=False)
+    p.add_argument("--start", action="store_true", help="start it right away")
+
+    for name, helptext in (("start", "start a named sandbox"), ("stop", "stop a named sandbox")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("name")
+
+    p = sub.add_parser("rm", aliases=["remove"], help="remove a named sandbox and everything it holds")
+    p.add_argument("names", nargs="+", metavar="name")
+
+    p = sub.add_parser("exec", help="run a command in a running named sandbox")
+    p.add_argument("name")
+    p.add_argument("-t", "--timeout", type=_positive_float, metavar="SECONDS")
+    p.add_argument("-e", "--env", action="append", type=_kv, default=[], metavar="K=V")
+    p.add_argument("-w", "--workdir")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
+
+    p = sub.add_parser("cp", help="copy a file: NAME:/path <-> local path")
+    p.add_argument("src")
+    p.add_argument("dst")
+
+    p = sub.add_parser("list", aliases=["ls"], help="list named sandboxes")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("doctor", help="which backends work on this host, and exactly why not")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("gc", help="remove every agentkernel resource whose owner is provably dead")
+    p.add_argument("--dry-run", action="store_true")
+
+    p = sub.add_parser("images", help="build the local images (offline)")
+    p.add_argument("action", choices=["build", "list"])
+    p.add_argument("names", nargs="*")
+
+    p = sub.add_parser("audit", help="show the audit log")
+    p.add_argument("-s", "--sandbox")
+    p.add_argument("-l", "--last", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("daemon", help="the warm-pool daemon")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--foreground", action="store_true")
+    return parser
+
+
+def _strip_dashdash(cmd: list[str]) -> list[str]:
+    return cmd[1:] if cmd and cmd[0] == "--" else cmd
+
+
+def spec_flags(args) -> dict:
+    flags = {
+        "backend": args.backend, "image": args.image, "profile": args.profile, "network": args.network,
+        "read_only": args.read_only, "mount_cwd": args.mount_cwd, "memory_mb": args.memory_mb,
+        "vcpus": args.vcpus, "pids": args.pids, "disk_mb": args.disk_mb, "workdir": args.workdir,
+        "env": dict(args.env), "options": dict(args.option),
+    }
+    if args.module:
+        flags["options"]["module"] = os.path.abspath(args.module)
+    if args.func:
+        flags["options"]["func"] = args.func
+    if getattr(args, "name", None):
+        flags["name"] = args.name
+    return flags
+
+
+def resolve(args, argv: list[str] | None):
+    """Flags + env + config -> SandboxSpec, with the image auto-detected from the command."""
+    from . import config
+
+    cfg_path = config.find_config(args.config, os.getcwd())
+    cfg = config.load_config(cfg_path)
+    spec = config.resolve_spec(spec_flags(args), config=cfg)
+    explicit_image = bool(args.image or os.environ.get("AGENTKERNEL_IMAGE") or cfg.get("sandbox", {}).get("image"))
+    if not explicit_image and argv:
+        from .imagesel import choose_image
+
+        spec = spec.replace(image=choose_image(spec.backend, argv))
+    return spec
+
+
+# ---- main ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(f"agentkernel {__version__}")
+        return 0
+    if not args.cmd:
+        parser.print_help()
+        return 2
+    from .errors import AgentKernelError
+
+    try:
+        if args.cmd not in ("doctor", "images", "audit"):
+            from .owner import reap_dead
+
+            reap_dead()
+        return _dispatch(args)
+    except AgentKernelError as exc:
+        _err(exc.message, exc.hint)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 141
+
+
+def _dispatch(args) -> int:
+    cmd = args.cmd
+    if cmd == "run":
+        command = _strip_dashdash(args.command)
+        if not command:
+            _err("no command given", "agentkernel run -- echo hello")
+            return 2
+        from .commands.run import run
+
+        return run(args, command)
+    if cmd == "exec":
+        command = _strip_dashdash(args.command)
+        if not command:
+            _err("no command given", f"agentkernel exec {args.name} -- echo hello")
+            return 2
+        from .commands.exec_fast import try_exec_fast
+
+        rc = try_exec_fast(args, command)
+        if rc is not None:
+            return rc
+        from .commands.sandbox import exec_cmd
+
+        return exec_cmd(args, command)
+    if cmd in ("create", "start", "stop", "rm", "remove", "cp", "list", "ls"):
+        from .commands import sandbox
+
+        return getattr(sandbox, {"rm": "rm", "remove": "rm", "ls": "list_cmd", "list": "list_cmd"}.get(cmd, cmd))(args)
+    if cmd == "doctor":
+        from .commands.doctor import doctor
+
+        return doctor(args)
+    if cmd == "gc":
+        from .commands.gc import gc
+
+        return gc(args)
+    if cmd == "images":
+        from .images.build import build_all
+
+        if args.action == "build":
+            build_all(args.names or None)
+            return 0
+        from .commands.doctor import list_images
+
+        return list_images()
+    if cmd == "audit":
+        from .commands.sandbox import audit_cmd
+
+        return audit_cmd(args)
+    if cmd == "daemon":
+        from .commands.daemon import daemon_cmd
+
+        return daemon_cmd(args)
+    raise AssertionError(cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

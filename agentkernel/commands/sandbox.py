@@ -1,0 +1,178 @@
+"""Named-sandbox commands: create, start, exec, cp, list, stop, rm, audit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+
+from ..backends.base import ExecRequest
+from ..errors import AgentKernelError, ValidationError
+from ..manager import SandboxManager
+from ..spec import validate_name
+from .run import _result_code, _write_all, stdin_chunks
+
+
+def _with_manager(fn):
+    async def go():
+        mgr = SandboxManager()
+        try:
+            return await fn(mgr)
+        finally:
+            await mgr.aclose()
+
+    return asyncio.run(go())
+
+
+def create(args) -> int:
+    from ..cli import resolve
+
+    validate_name(args.name)
+    spec = resolve(args, None).replace(name=args.name)
+
+    async def go(mgr):
+        rec = await mgr.create(spec, start=args.start)
+        print(rec.name)
+
+    _with_manager(go)
+    return 0
+
+
+def start(args) -> int:
+    _with_manager(lambda mgr: mgr.start(args.name))
+    return 0
+
+
+def stop(args) -> int:
+    _with_manager(lambda mgr: mgr.stop(args.name))
+    return 0
+
+
+def rm(args) -> int:
+    failed = 0
+
+    async def go(mgr):
+        nonlocal failed
+        for name in args.names:
+            try:
+                await mgr.remove(name)
+            except AgentKernelError as exc:
+                failed += 1
+                sys.stderr.write(f"agentkernel: error: {exc.message}\n")
+
+    _with_manager(go)
+    return 125 if failed else 0
+
+
+def exec_cmd(args, command: list[str]) -> int:
+    async def go(mgr):
+        rec = mgr.get(args.name)
+        forward = _stdin_attached()
+        req = ExecRequest(command, env=dict(args.env), cwd=args.workdir,
+                          stdin=stdin_chunks() if forward else None, timeout=args.timeout,
+                          on_output=lambda fd, data: _write_all(fd, data))
+        result = await mgr.exec(args.name, req)
+        from ..spec import SandboxSpec
+
+        return _result_code(result, args.timeout, SandboxSpec.from_dict(rec.spec))
+
+    return _with_manager(go)
+
+
+def _stdin_attached() -> bool:
+    from .run import _forward_stdin
+
+    return _forward_stdin()
+
+
+def _parse_cp(arg: str) -> tuple[str | None, str]:
+    """'NAME:/path' -> (NAME, /path); anything else is a local path. A local path with a ':' can be
+    written as ./a:b."""
+    if arg.startswith(("/", "./", "../", "~")) or ":" not in arg:
+        return None, os.path.expanduser(arg)
+    name, _, path = arg.partition(":")
+    validate_name(name)
+    return name, path
+
+
+def cp(args) -> int:
+    src_name, src = _parse_cp(args.src)
+    dst_name, dst = _parse_cp(args.dst)
+    if src_name and dst_name:
+        raise ValidationError("cp copies between a sandbox and this host; sandbox-to-sandbox is not supported",
+                              hint="copy to a local file first")
+    if not src_name and not dst_name:
+        raise ValidationError("one side of cp must be NAME:/path", hint="agentkernel cp ./file box:/workspace/file")
+
+    async def upload(mgr):
+        if os.path.isdir(src):
+            raise ValidationError(f"{src} is a directory; cp copies single files")
+
+        async def chunks():
+            with open(src, "rb") as f:
+                while True:
+                    b = f.read(1 << 20)
+                    if not b:
+                        return
+                    yield b
+
+        try:
+            mode = os.stat(src).st_mode & 0o777
+        except FileNotFoundError:
+            raise ValidationError(f"local file {src!r} does not exist") from None
+        target = dst
+        if target.endswith("/"):
+            target += os.path.basename(src)
+        await mgr.write_file(dst_name, target, chunks(), mode)
+
+    async def download(mgr):
+        target = dst
+        if os.path.isdir(target):
+            target = os.path.join(target, os.path.basename(src))
+        tmp = f"{target}.agentkernel-{os.getpid()}.part"
+        try:
+            with open(tmp, "wb") as f:
+                async for chunk in mgr.read_file(src_name, src):
+                    f.write(chunk)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    _with_manager(upload if dst_name else download)
+    return 0
+
+
+def list_cmd(args) -> int:
+    rows = _with_manager(lambda mgr: mgr.list())
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no sandboxes")
+        return 0
+    hdr = ("NAME", "STATE", "BACKEND", "IMAGE", "PROFILE", "CREATED")
+    table = [hdr] + [
+        (r["name"], r["state"], r["backend"], r["image"] or "", r["profile"] or "",
+         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"]))) for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(hdr))]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def audit_cmd(args) -> int:
+    from .. import audit
+
+    events = audit.read(args.sandbox, args.last)
+    for e in events:
+        if args.json:
+            print(json.dumps(e))
+        else:
+            ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("ts", 0)))
+            rest = {k: v for k, v in e.items() if k not in ("ts", "event", "pid", "uid")}
+            print(f"{ts}  {e.get('event', '?'):<18} {json.dumps(rest)}")
+    return 0

@@ -1,0 +1,187 @@
+"""agentkernel.toml + environment variables + command-line flags -> one SandboxSpec.
+
+Precedence, highest first: flags, environment variables, agentkernel.toml, the profile's defaults,
+built-in defaults. The profile is chosen first (flag > AGENTKERNEL_PROFILE > [security] profile >
+"moderate"); its values are the base that explicit settings from any source override.
+
+The file is ``--config PATH``, else ``$AGENTKERNEL_CONFIG``, else ``./agentkernel.toml`` if present.
+Unknown tables and keys are rejected with the known ones named (the reference silently ignored them).
+
+Schema::
+
+    [sandbox]   name, image, backend, hostname, workdir, options = {key = "value"}
+    [resources] vcpus, memory_mb, pids, disk_mb
+    [security]  profile, network, network_allow = [...], read_only, mount_cwd, pass_env = [...],
+                user, seccomp
+    [env]       KEY = "value" ...
+    [pool]      min, max, max_age_s, max_concurrent_starts      (used by the daemon)
+    [daemon]    socket                                           (used by the daemon)
+
+Environment: AGENTKERNEL_BACKEND, AGENTKERNEL_IMAGE, AGENTKERNEL_PROFILE, AGENTKERNEL_CONFIG.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .errors import ConfigError, ValidationError
+from .spec import Policy, Resources, SandboxSpec, profile_defaults
+
+CONFIG_FILENAME = "agentkernel.toml"
+
+SCHEMA: dict[str, dict[str, str]] = {
+    "sandbox": {"name": "str", "image": "str", "backend": "str", "hostname": "str", "workdir": "str",
+                "options": "table"},
+    "resources": {"vcpus": "number", "memory_mb": "int", "pids": "int", "disk_mb": "int"},
+    "security": {"profile": "str", "network": "bool", "network_allow": "list", "read_only": "bool",
+                 "mount_cwd": "bool", "pass_env": "list", "user": "str", "seccomp": "str"},
+    "env": {},  # free-form KEY = "value"
+    "pool": {"min": "int", "max": "int", "max_age_s": "number", "max_concurrent_starts": "int",
+             "wait_s": "number"},
+    "daemon": {"socket": "str"},
+}
+
+# [security] key -> Policy field
+_SECURITY_FIELDS = {"network": "network", "network_allow": "network_allow", "read_only": "read_only_root",
+                    "mount_cwd": "mount_cwd", "pass_env": "pass_env", "user": "user", "seccomp": "seccomp"}
+
+
+def find_config(explicit: str | None, cwd: str) -> str | None:
+    if explicit:
+        if not os.path.isfile(explicit):
+            raise ConfigError(f"config file {explicit!r} does not exist")
+        return explicit
+    env = os.environ.get("AGENTKERNEL_CONFIG")
+    if env:
+        if not os.path.isfile(env):
+            raise ConfigError(f"AGENTKERNEL_CONFIG points at {env!r}, which does not exist")
+        return env
+    path = os.path.join(cwd, CONFIG_FILENAME)
+    return path if os.path.isfile(path) else None
+
+
+def load_config(path: str | None) -> dict[str, dict[str, Any]]:
+    """Parse and schema-check a config file (empty dict when path is None)."""
+    if path is None:
+        return {}
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    for table, body in data.items():
+        if table not in SCHEMA:
+            raise ConfigError(f"{path}: unknown table [{table}] (known: {', '.join('[' + t + ']' for t in SCHEMA)})")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{path}: {table} must be a table")
+        known = SCHEMA[table]
+        for key, value in body.items():
+            if table == "env":
+                if not isinstance(value, str):
+                    raise ConfigError(f"{path}: [env] {key} must be a string")
+                continue
+            if key not in known:
+                raise ConfigError(
+                    f"{path}: unknown key {key!r} in [{table}] (known keys: {', '.join(known)})"
+                )
+            _check_type(path, table, key, value, known[key])
+    return data
+
+
+def _check_type(path: str, table: str, key: str, value: Any, kind: str) -> None:
+    ok = {
+        "str": isinstance(value, str),
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "number": isinstance(value, int | float) and not isinstance(value, bool),
+        "list": isinstance(value, list) and all(isinstance(v, str) for v in value),
+        "table": isinstance(value, dict) and all(isinstance(v, str) for v in value.values()),
+    }[kind]
+    if not ok:
+        want = {"str": "a string", "bool": "true or false", "int": "an integer", "number": "a number",
+                "list": "a list of strings", "table": "a table of strings"}[kind]
+        raise ConfigError(f"{path}: [{table}] {key} must be {want}, got {value!r}")
+
+
+def _env_choice(name: str) -> str | None:
+    v = os.environ.get(name)
+    return v if v else None
+
+
+def resolve_spec(
+    flags: dict[str, Any] | None = None,
+    *,
+    config: dict[str, dict[str, Any]] | None = None,
+    environ: dict[str, str] | None = None,
+) -> SandboxSpec:
+    """Merge every source into one validated SandboxSpec.
+
+    ``flags`` keys (all optional): name, image, backend, profile, network (bool), read_only (bool),
+    mount_cwd (bool), memory_mb, vcpus, pids, disk_mb, env (dict), workdir, options (dict), user,
+    seccomp. ``environ`` supplies pass_env values (default: os.environ).
+    """
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    cfg = config or {}
+    sb, res_cfg, sec = cfg.get("sandbox", {}), cfg.get("resources", {}), cfg.get("security", {})
+    environ = os.environ if environ is None else environ
+
+    profile = flags.get("profile") or _env_choice("AGENTKERNEL_PROFILE") or sec.get("profile") or "moderate"
+    try:
+        pol, res = profile_defaults(profile)
+    except ValidationError as exc:
+        raise ConfigError(str(exc)) from None
+
+    for key, field in _SECURITY_FIELDS.items():
+        if key in sec:
+            pol[field] = sec[key]
+    res.update({k: res_cfg[k] for k in ("vcpus", "memory_mb", "pids", "disk_mb") if k in res_cfg})
+
+    for flag, field in (("network", "network"), ("read_only", "read_only_root"), ("mount_cwd", "mount_cwd"),
+                        ("user", "user"), ("seccomp", "seccomp"), ("network_allow", "network_allow")):
+        if flag in flags:
+            pol[field] = flags[flag]
+    for k in ("vcpus", "memory_mb", "pids", "disk_mb"):
+        if k in flags:
+            res[k] = flags[k] if flags[k] != "unlimited" else None
+
+    env: dict[str, str] = {}
+    for name in pol.get("pass_env", ()):
+        if name in environ:
+            env[name] = environ[name]
+    env.update(cfg.get("env", {}))
+    env.update(flags.get("env", {}))
+
+    options = dict(sb.get("options", {}))
+    options.update(flags.get("options", {}))
+
+    values: dict[str, Any] = {
+        "backend": flags.get("backend") or _env_choice("AGENTKERNEL_BACKEND") or sb.get("backend") or "podman",
+        "resources": res,
+        "policy": pol,
+        "env": env,
+        "options": options,
+    }
+    image = flags.get("image") or _env_choice("AGENTKERNEL_IMAGE") or sb.get("image")
+    if image:
+        values["image"] = image
+    for key in ("name", "workdir", "hostname"):
+        v = flags.get(key) or sb.get(key)
+        if v:
+            values[key] = v
+    try:
+        return SandboxSpec(
+            **{k: v for k, v in values.items() if k not in ("resources", "policy")},
+            resources=Resources.from_dict(values["resources"], "[resources]"),
+            policy=Policy.from_dict(values["policy"], "[security]"),
+        )
+    except ValidationError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def pool_settings(cfg: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return dict(cfg.get("pool", {}))

@@ -1,0 +1,26 @@
+"""python -m agentkernel.images build-all [busybox|debian ...]"""
+
+from __future__ import annotations
+
+import sys
+
+from ..errors import AgentKernelError
+from .build import build_all
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("build-all", "build"):
+        print("usage: python -m agentkernel.images build-all [IMAGE ...]", file=sys.stderr)
+        return 2
+    try:
+        build_all(argv[1:] or None)
+    except AgentKernelError as exc:
+        print(f"agentkernel: error: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"  hint: {exc.hint}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,75 @@
+"""Where agentkernel keeps things. Every location can be overridden by an environment variable.
+
+- data dir (durable: SQLite store, audit log, caches): $AGENTKERNEL_HOME, else $XDG_DATA_HOME/agentkernel,
+  else ~/.local/share/agentkernel
+- runtime dir (volatile: daemon socket, ownership journal, per-sandbox sockets): $AGENTKERNEL_RUNTIME_DIR,
+  else /run/agentkernel for root, else $XDG_RUNTIME_DIR/agentkernel, else <data dir>/run
+"""
+
+from __future__ import annotations
+
+import os
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def data_dir() -> str:
+    d = os.environ.get("AGENTKERNEL_HOME")
+    if not d:
+        base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+        d = os.path.join(base, "agentkernel")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    return d
+
+
+def runtime_dir() -> str:
+    d = os.environ.get("AGENTKERNEL_RUNTIME_DIR")
+    if not d:
+        if os.geteuid() == 0:
+            d = "/run/agentkernel"
+        elif os.environ.get("XDG_RUNTIME_DIR"):
+            d = os.path.join(os.environ["XDG_RUNTIME_DIR"], "agentkernel")
+        else:
+            d = os.path.join(data_dir(), "run")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    return d
+
+
+def store_path() -> str:
+    return os.environ.get("AGENTKERNEL_STORE") or os.path.join(data_dir(), "state.db")
+
+
+def audit_path() -> str:
+    return os.environ.get("AGENTKERNEL_AUDIT_LOG") or os.path.join(data_dir(), "audit.jsonl")
+
+
+def daemon_socket() -> str:
+    return os.environ.get("AGENTKERNEL_DAEMON_SOCKET") or os.path.join(runtime_dir(), "daemon.sock")
+
+
+def cache_dir() -> str:
+    d = os.environ.get("AGENTKERNEL_CACHE") or (
+        "/var/cache/agentkernel" if os.geteuid() == 0 else os.path.join(data_dir(), "cache")
+    )
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def repo_root() -> str:
+    """The source checkout (for development installs: agent binary, seccomp profiles, wasm sources)."""
+    return _REPO_ROOT
+
+
+def agent_binary() -> str | None:
+    """The static in-sandbox agent: $AGENTKERNEL_AGENT_BIN, else <repo>/build/ak-agent.
+    AGENTKERNEL_AGENT_BIN=none runs without it (engine exec, no exact status file)."""
+    if os.environ.get("AGENTKERNEL_AGENT_BIN") == "none":
+        return None
+    for cand in (
+        os.environ.get("AGENTKERNEL_AGENT_BIN"),
+        os.path.join(_REPO_ROOT, "build", "ak-agent"),
+        "/usr/local/lib/agentkernel/ak-agent",
+    ):
+        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    return None

@@ -1,0 +1,176 @@
+"""The sandbox model: what to run, with which resources, under which policy.
+
+One ``SandboxSpec`` is resolved per sandbox (``config.resolve_spec``), checked against the backend's
+declared capabilities (``backends.base.check_policy``: fail closed), persisted with the sandbox, and
+compiled by the backend into engine flags / an OCI config. It is the single source of truth for every
+control; nothing downstream re-derives a default.
+
+Standard library only: this module is imported on the CLI's hot path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from ._model import Field, Model
+from .errors import ValidationError
+
+# Sandbox names: 1-63 chars, letters/digits/'-'/'_', alphanumeric at both ends. No path or shell
+# metacharacters can get through, so a name is safe in container names, paths and labels.
+_NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?$")
+# Image references: registry/path:tag@digest characters only.
+_IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,255}$")
+_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+PROFILE_NAMES = ("permissive", "moderate", "restrictive")
+SECCOMP_PROFILES = ("default", "restrictive")
+
+
+def validate_name(name: str, what: str = "sandbox name") -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name) or "--" in name or "__" in name:
+        raise ValidationError(
+            f"invalid {what} {name!r}: use 1-63 letters, digits, '-' or '_', starting and ending "
+            "with a letter or digit (no path or shell characters)"
+        )
+    return name
+
+
+def validate_image(image: str, label: str = "image") -> str:
+    if not _IMAGE_RE.match(image) or ".." in image or "//" in image:
+        raise ValidationError(f"invalid {label} reference {image!r}")
+    return image
+
+
+def check_sandbox_path(path: str) -> str:
+    """A path inside a sandbox: absolute, no '..' component, no NUL. Symlinks are resolved by the agent
+    inside the sandbox's own mount namespace, so they cannot lead outside the sandbox's root."""
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+        raise ValidationError(f"sandbox path must be absolute, got {path!r}")
+    if any(part == ".." for part in path.split("/")):
+        raise ValidationError(f"sandbox path must not contain '..': {path!r}")
+    return path
+
+
+def _check_name(value: str, label: str) -> None:
+    validate_name(value, label)
+
+
+def _check_image(value: str, label: str) -> None:
+    validate_image(value, label)
+
+
+def _check_abs_path(value: str, label: str) -> None:
+    if not value.startswith("/") or "\0" in value or any(p == ".." for p in value.split("/")):
+        raise ValidationError(f"{label} must be an absolute path without '..', got {value!r}")
+
+
+def _check_env(value: dict[str, str], label: str) -> None:
+    for k, v in value.items():
+        if not _ENV_KEY_RE.match(k):
+            raise ValidationError(f"{label}: invalid environment variable name {k!r}")
+        if "\0" in v:
+            raise ValidationError(f"{label}: value of {k} contains a NUL byte")
+
+
+def _check_env_names(value: tuple[str, ...], label: str) -> None:
+    for k in value:
+        if not _ENV_KEY_RE.match(k):
+            raise ValidationError(f"{label}: invalid environment variable name {k!r}")
+
+
+def _check_user(value: str, label: str) -> None:
+    if not re.match(r"^\d{1,10}(:\d{1,10})?$", value):
+        raise ValidationError(f"{label} must be numeric 'uid' or 'uid:gid', got {value!r}")
+
+
+def _check_hosts(value: tuple[str, ...], label: str) -> None:
+    for h in value:
+        if not re.match(r"^(\*\.)?[A-Za-z0-9.-]+(:\d+)?$|^[0-9a-fA-F:.]+(/\d+)?$", h):
+            raise ValidationError(f"{label}: invalid host pattern {h!r}")
+
+
+class Resources(Model):
+    """Limits. ``None`` means unlimited; a backend that cannot enforce a set limit refuses."""
+
+    vcpus = Field("float", 1.0, optional=True, min=0.01, max=1024, doc="CPU quota in cores")
+    memory_mb = Field("int", 512, optional=True, min=6, max=1 << 24, doc="memory limit (no swap)")
+    pids = Field("int", 256, optional=True, min=8, max=1 << 22, doc="max processes/threads")
+    disk_mb = Field("int", None, optional=True, min=1, max=1 << 24, doc="writable storage cap")
+
+
+class Policy(Model):
+    """Security controls. Capabilities are always all dropped and no-new-privileges always set."""
+
+    profile = Field("str", "moderate", choices=PROFILE_NAMES)
+    network = Field("bool", False, doc="any network at all (loopback is always there)")
+    network_allow = Field("strlist", (), check=_check_hosts, doc="egress allowlist (host[:port])")
+    read_only_root = Field("bool", False)
+    mount_cwd = Field("bool", False, doc="bind the caller's working directory at /workspace")
+    pass_env = Field("strlist", (), check=_check_env_names, doc="host variables passed through")
+    user = Field("str", "1000:1000", check=_check_user, doc="uid[:gid] commands run as")
+    seccomp = Field("str", "default", choices=SECCOMP_PROFILES)
+
+
+class SandboxSpec(Model):
+    """Everything needed to create one sandbox. Persisted as JSON; hashed for pool keys."""
+
+    name = Field("str", None, optional=True, check=_check_name)
+    backend = Field("str", "podman", check=lambda v, lbl: validate_name(v, "backend name"))
+    image = Field("str", "agentkernel/busybox", check=_check_image)
+    resources = Field(Resources, Resources)
+    policy = Field(Policy, Policy)
+    env = Field("strdict", dict, check=_check_env)
+    workdir = Field("str", "/workspace", check=_check_abs_path)
+    hostname = Field("str", "sandbox", check=_check_name)
+    options = Field("strdict", dict, doc="backend-specific options (e.g. runtime=runsc)")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> SandboxSpec:
+        return cls.from_dict(json.loads(text))
+
+    def pool_key(self) -> str:
+        """Stable key for warm pools: the full effective spec except the name."""
+        import hashlib
+
+        data = self.to_dict()
+        data.pop("name", None)
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# The three profiles. Shape as in the reference system (network, cwd mount, read-only root, memory,
+# cpu); two deliberate differences, both toward safety: `moderate` has network OFF (DESIGN.md: network
+# off unless asked), and every profile has a pids limit (the reference has none, so a fork bomb wins).
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "permissive": {
+        "policy": {"network": True, "mount_cwd": True, "read_only_root": False, "seccomp": "default"},
+        "resources": {"vcpus": None, "memory_mb": None, "pids": 4096, "disk_mb": None},
+    },
+    "moderate": {
+        "policy": {"network": False, "mount_cwd": False, "read_only_root": False, "seccomp": "default"},
+        "resources": {"vcpus": 1.0, "memory_mb": 512, "pids": 256, "disk_mb": None},
+    },
+    "restrictive": {
+        "policy": {"network": False, "mount_cwd": False, "read_only_root": True, "seccomp": "restrictive"},
+        "resources": {"vcpus": 0.5, "memory_mb": 256, "pids": 128, "disk_mb": 64},
+    },
+}
+
+# Size of each tmpfs (/tmp, $HOME, workdir) under a read-only root when the spec sets no disk_mb.
+DEFAULT_TMPFS_MB = 64
+
+
+def profile_defaults(profile: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(policy fields, resources fields) for a profile name."""
+    try:
+        p = PROFILES[profile]
+    except KeyError:
+        raise ValidationError(
+            f"unknown profile {profile!r} (choose one of {', '.join(PROFILE_NAMES)})"
+        ) from None
+    return dict(p["policy"], profile=profile), dict(p["resources"])

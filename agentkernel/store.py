@@ -1,0 +1,121 @@
+"""Durable state: named sandboxes, their spec, engine handle, state and owner (SQLite, WAL).
+
+A name is reserved (state ``creating``) before any engine resource exists, so two concurrent creates
+of one name cannot both succeed, and a crash mid-create leaves a row the next command can see and
+clean up. Only named (long-lived) sandboxes live here; one-shot runs and pool members are tracked by
+the ownership journal (``owner.py``) instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from typing import Any
+
+from . import paths
+from .errors import AlreadyExists, NotFound
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sandboxes (
+    name        TEXT PRIMARY KEY,
+    id          TEXT NOT NULL UNIQUE,
+    backend     TEXT NOT NULL,
+    spec        TEXT NOT NULL,
+    handle      TEXT NOT NULL DEFAULT '{}',
+    state       TEXT NOT NULL,
+    owner       TEXT NOT NULL DEFAULT 'local',
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sandboxes_owner ON sandboxes(owner);
+"""
+
+
+class SandboxRecord:
+    __slots__ = ("backend", "created_at", "handle", "id", "name", "owner", "spec", "state", "updated_at")
+
+    def __init__(self, row: sqlite3.Row) -> None:
+        self.name = row["name"]
+        self.id = row["id"]
+        self.backend = row["backend"]
+        self.spec = json.loads(row["spec"])
+        self.handle = json.loads(row["handle"])
+        self.state = row["state"]
+        self.owner = row["owner"]
+        self.created_at = row["created_at"]
+        self.updated_at = row["updated_at"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+class Store:
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path or paths.store_path()
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        try:
+            os.chmod(self.path, 0o600)
+        except OSError:
+            pass
+
+    @property
+    def id(self) -> str:
+        """Identifies this store on resource labels (so gc knows which store a sandbox belongs to)."""
+        return os.path.abspath(self.path)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def reserve(self, name: str, sandbox_id: str, backend: str, spec: dict, owner: str = "local") -> None:
+        now = time.time()
+        try:
+            self._db.execute(
+                "INSERT INTO sandboxes(name, id, backend, spec, state, owner, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, 'creating', ?, ?, ?)",
+                (name, sandbox_id, backend, json.dumps(spec, sort_keys=True), owner, now, now),
+            )
+        except sqlite3.IntegrityError:
+            raise AlreadyExists(f"a sandbox named {name!r} already exists",
+                                hint=f"agentkernel rm {name}, or choose another name") from None
+
+    def update(self, name: str, *, state: str | None = None, handle: dict | None = None) -> None:
+        sets, args = ["updated_at = ?"], [time.time()]
+        if state is not None:
+            sets.append("state = ?")
+            args.append(state)
+        if handle is not None:
+            sets.append("handle = ?")
+            args.append(json.dumps(handle, sort_keys=True))
+        args.append(name)
+        self._db.execute(f"UPDATE sandboxes SET {', '.join(sets)} WHERE name = ?", args)
+
+    def get(self, name: str, owner: str | None = None) -> SandboxRecord:
+        row = self._db.execute("SELECT * FROM sandboxes WHERE name = ?", (name,)).fetchone()
+        if row is None or (owner is not None and row["owner"] != owner):
+            raise NotFound(f"no sandbox named {name!r}", hint="agentkernel list shows the sandboxes")
+        return SandboxRecord(row)
+
+    def find(self, name: str) -> SandboxRecord | None:
+        row = self._db.execute("SELECT * FROM sandboxes WHERE name = ?", (name,)).fetchone()
+        return SandboxRecord(row) if row else None
+
+    def delete(self, name: str) -> None:
+        self._db.execute("DELETE FROM sandboxes WHERE name = ?", (name,))
+
+    def list(self, owner: str | None = None) -> list[SandboxRecord]:
+        if owner is None:
+            rows = self._db.execute("SELECT * FROM sandboxes ORDER BY created_at").fetchall()
+        else:
+            rows = self._db.execute("SELECT * FROM sandboxes WHERE owner = ? ORDER BY created_at",
+                                    (owner,)).fetchall()
+        return [SandboxRecord(r) for r in rows]
+
+    def ids(self) -> set[str]:
+        return {r[0] for r in self._db.execute("SELECT id FROM sandboxes").fetchall()}
