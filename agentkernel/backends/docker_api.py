@@ -113,11 +113,8 @@ def api_error(method: str, path: str, status: int, body: bytes) -> AgentKernelEr
             hint = "build local images: agentkernel images build (or bash scripts/setup.sh)"
         exc = NotFound(msg, hint=hint)
     elif status == 409:
-        low = msg.lower()
-        if "already in use" in low or "already exists" in low:
-            exc = AlreadyExists(msg)
-        else:
-            exc = InvalidState(msg)
+        conflict = any(w in msg.lower() for w in ("already in use", "already exists"))
+        exc = AlreadyExists(msg) if conflict else InvalidState(msg)
     else:
         exc = SandboxError(f"docker {method} {path.split('?')[0]}: {msg} (HTTP {status})")
     exc.status = status  # type: ignore[attr-defined]

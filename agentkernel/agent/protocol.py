@@ -1,0 +1,464 @@
+"""The agentkernel agent protocol, version 1: constants, frame encoding and payload codecs.
+
+The full specification is docs/agent-protocol.md. This module is pure standard library and imports
+nothing heavy (no asyncio): the CLI fast path imports it.
+
+Frame = 10-byte header + payload:  u32 payload_length | u32 stream_id | u8 type | u8 flags(=0)
+All integers are big-endian. Strings are u32 length + bytes (no terminator, no encoding imposed).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import struct
+
+VERSION = 1
+MAGIC = b"AKAG"
+HEADER = struct.Struct(">IIBB")
+HEADER_LEN = HEADER.size  # 10
+MAX_PAYLOAD = 1024 * 1024  # bytes; enforced by both sides
+CHUNK = 64 * 1024  # data chunk size the agent sends
+PUT_CHUNK = 256 * 1024  # data chunk size the clients send
+
+# client -> agent
+HELLO = 0x01
+PING = 0x02
+INFO = 0x03
+CANCEL = 0x04
+EXEC = 0x10
+STDIN = 0x11
+STDIN_EOF = 0x12
+SIGNAL = 0x13
+RESIZE = 0x14
+PUT = 0x20
+PUT_DATA = 0x21
+PUT_END = 0x22
+GET = 0x23
+STAT = 0x24
+MKDIR = 0x25
+REMOVE = 0x26
+
+# agent -> client
+R_HELLO = 0x81
+R_PONG = 0x82
+R_INFO = 0x83
+R_OK = 0x84
+R_ERROR = 0x85
+R_STARTED = 0x90
+R_STDOUT = 0x91
+R_STDERR = 0x92
+R_EXIT = 0x93
+R_STAT = 0xA0
+R_DATA = 0xA1
+
+FRAME_NAMES = {
+    HELLO: "HELLO", PING: "PING", INFO: "INFO", CANCEL: "CANCEL", EXEC: "EXEC", STDIN: "STDIN",
+    STDIN_EOF: "STDIN_EOF", SIGNAL: "SIGNAL", RESIZE: "RESIZE", PUT: "PUT", PUT_DATA: "PUT_DATA",
+    PUT_END: "PUT_END", GET: "GET", STAT: "STAT", MKDIR: "MKDIR", REMOVE: "REMOVE", R_HELLO: "R_HELLO",
+    R_PONG: "R_PONG", R_INFO: "R_INFO", R_OK: "R_OK", R_ERROR: "R_ERROR", R_STARTED: "R_STARTED",
+    R_STDOUT: "R_STDOUT", R_STDERR: "R_STDERR", R_EXIT: "R_EXIT", R_STAT: "R_STAT", R_DATA: "R_DATA",
+}
+
+# EXEC flags
+X_TTY = 0x01
+X_STDIN_CLOSED = 0x02
+X_SET_UID = 0x04
+X_SET_GID = 0x08
+X_KILL_GROUP_ON_EXIT = 0x10
+
+# EXIT flags
+E_SIGNALED = 0x01
+E_TIMED_OUT = 0x02
+E_OOM = 0x04
+E_START_FAILED = 0x08
+E_CORE = 0x10
+E_STDOUT_TRUNC = 0x20
+E_STDERR_TRUNC = 0x40
+
+# PUT / STAT / MKDIR / REMOVE flags
+P_MKDIRS = 0x01
+P_SET_OWNER = 0x02
+P_FSYNC = 0x04
+S_NOFOLLOW = 0x01
+M_PARENTS = 0x01
+RM_RECURSIVE = 0x01
+RM_MISSING_OK = 0x02
+
+# output fds as reported to callbacks
+STDOUT = 1
+STDERR = 2
+
+# STAT file types
+FILE_TYPES = {0: "missing", 1: "file", 2: "dir", 3: "symlink", 4: "char", 5: "block", 6: "fifo",
+              7: "socket", 8: "other"}
+
+_U32 = struct.Struct(">I")
+_EXEC_FIXED = struct.Struct(">IIHHIIQ")
+_EXIT_FIXED = struct.Struct(">BBBBIQ")
+_STAT = struct.Struct(">BxxxIQQII")
+_INFO_FIXED = struct.Struct(">HBBIIII")
+_HELLO_REQ = struct.Struct(">4sHH")
+_HELLO_REP = struct.Struct(">4sHI")
+_PUT_FIXED = struct.Struct(">IIII")
+_RESIZE = struct.Struct(">HH")
+
+
+# ---------------------------------------------------------------------------------------------------
+# errors
+
+
+class ProtocolError(Exception):
+    """The peer sent bytes that are not a valid frame (or the agent reported a protocol error)."""
+
+
+class AgentConnectionLost(ConnectionError):
+    """The connection to the agent closed; every operation pending on it fails with this."""
+
+
+class AgentError(OSError):
+    """The agent refused or failed an operation; ``errno`` is the Linux errno, ``strerror`` its message."""
+
+
+class AgentFileNotFoundError(AgentError, FileNotFoundError):
+    pass
+
+
+class AgentFileExistsError(AgentError, FileExistsError):
+    pass
+
+
+class AgentIsADirectoryError(AgentError, IsADirectoryError):
+    pass
+
+
+class AgentNotADirectoryError(AgentError, NotADirectoryError):
+    pass
+
+
+class AgentPermissionError(AgentError, PermissionError):
+    pass
+
+
+_ERROR_CLASSES = {
+    _errno.ENOENT: AgentFileNotFoundError,
+    _errno.EEXIST: AgentFileExistsError,
+    _errno.EISDIR: AgentIsADirectoryError,
+    _errno.ENOTDIR: AgentNotADirectoryError,
+    _errno.EACCES: AgentPermissionError,
+    _errno.EPERM: AgentPermissionError,
+}
+
+
+def agent_error(err: int, message: str) -> AgentError:
+    return _ERROR_CLASSES.get(err, AgentError)(err, message)
+
+
+# ---------------------------------------------------------------------------------------------------
+# frames
+
+
+def encode_frame(ftype: int, stream: int, payload: bytes = b"") -> bytes:
+    n = len(payload)
+    if n > MAX_PAYLOAD:
+        raise ValueError(f"frame payload of {n} bytes exceeds the maximum of {MAX_PAYLOAD}")
+    return HEADER.pack(n, stream, ftype, 0) + payload
+
+
+class FrameDecoder:
+    """Incremental decoder: ``feed(bytes)`` returns the complete frames as (type, stream, payload)."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        buf = self._buf
+        buf += data
+        out = []
+        pos = 0
+        end = len(buf)
+        while end - pos >= HEADER_LEN:
+            n, stream, ftype, flags = HEADER.unpack_from(buf, pos)
+            if n > MAX_PAYLOAD:
+                raise ProtocolError(f"frame of {n} bytes exceeds the maximum payload of {MAX_PAYLOAD}")
+            if flags:
+                raise ProtocolError("reserved header byte is not zero")
+            if end - pos - HEADER_LEN < n:
+                break
+            start = pos + HEADER_LEN
+            out.append((ftype, stream, bytes(buf[start:start + n])))
+            pos = start + n
+        if pos:
+            del buf[:pos]
+        return out
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+
+def _str(b: bytes | str) -> bytes:
+    if isinstance(b, str):
+        b = b.encode("utf-8", "surrogateescape")
+    return _U32.pack(len(b)) + b
+
+
+def _read_str(payload: bytes, pos: int) -> tuple[bytes, int]:
+    if pos + 4 > len(payload):
+        raise ProtocolError("truncated string field")
+    (n,) = _U32.unpack_from(payload, pos)
+    pos += 4
+    if pos + n > len(payload):
+        raise ProtocolError("truncated string field")
+    return payload[pos:pos + n], pos + n
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------------------------------------------
+# payload codecs
+
+
+def encode_hello(min_version: int = VERSION, max_version: int = VERSION) -> bytes:
+    return encode_frame(HELLO, 0, _HELLO_REQ.pack(MAGIC, min_version, max_version))
+
+
+def decode_hello(payload: bytes) -> tuple[int, int, str]:
+    """-> (protocol version, max payload, agent version)"""
+    try:
+        magic, version, max_payload = _HELLO_REP.unpack_from(payload, 0)
+        agent_version, _ = _read_str(payload, _HELLO_REP.size)
+    except struct.error as e:
+        raise ProtocolError(f"malformed HELLO reply: {e}") from None
+    if magic != MAGIC:
+        raise ProtocolError("HELLO reply has a wrong magic: not an agentkernel agent")
+    return version, max_payload, _text(agent_version)
+
+
+def encode_env(env) -> list[bytes]:
+    """env: a mapping or a list of 'K=V' strings -> list of K=V byte strings (order kept)."""
+    if env is None:
+        return []
+    if hasattr(env, "items"):
+        items = []
+        for k, v in env.items():
+            k = k.encode("utf-8", "surrogateescape") if isinstance(k, str) else bytes(k)
+            v = v.encode("utf-8", "surrogateescape") if isinstance(v, str) else bytes(v)
+            if b"=" in k or not k:
+                raise ValueError(f"invalid environment variable name {k!r}")
+            items.append(k + b"=" + v)
+        return items
+    return [e.encode("utf-8", "surrogateescape") if isinstance(e, str) else bytes(e) for e in env]
+
+
+def encode_exec(argv, env=None, cwd: str | bytes | None = None, timeout: float | None = None, *,
+                tty: bool = False, tty_size: tuple[int, int] | None = None, stdin_closed: bool = False,
+                uid: int | None = None, gid: int | None = None, output_limit: int = 0,
+                kill_group_on_exit: bool = False) -> bytes:
+    """EXEC payload. timeout in seconds (None/0 = none); tty_size = (rows, cols)."""
+    if isinstance(argv, (str, bytes)):
+        raise TypeError("argv must be a list of strings, not a single string (no shell is involved)")
+    argv = list(argv)
+    if not argv:
+        raise ValueError("argv is empty")
+    flags = 0
+    if tty:
+        flags |= X_TTY
+    if stdin_closed:
+        flags |= X_STDIN_CLOSED
+    if uid is not None:
+        flags |= X_SET_UID
+    if gid is not None:
+        flags |= X_SET_GID
+    if kill_group_on_exit:
+        flags |= X_KILL_GROUP_ON_EXIT
+    timeout_ms = 0
+    if timeout:
+        timeout_ms = max(1, min(0xFFFFFFFF, int(timeout * 1000 + 0.999)))
+    rows, cols = tty_size or (0, 0)
+    envl = encode_env(env)
+    parts = [_EXEC_FIXED.pack(flags, timeout_ms, rows, cols, uid or 0, gid or 0, output_limit),
+             _str(cwd or b""), _U32.pack(len(argv))]
+    parts.extend(_str(a) for a in argv)
+    parts.append(_U32.pack(len(envl)))
+    parts.extend(_str(e) for e in envl)
+    payload = b"".join(parts)
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"argv + env are {len(payload)} bytes, more than the protocol's {MAX_PAYLOAD}")
+    return payload
+
+
+def encode_u32(v: int) -> bytes:
+    return _U32.pack(v)
+
+
+def encode_resize(rows: int, cols: int) -> bytes:
+    return _RESIZE.pack(rows, cols)
+
+
+def encode_put(path, mode: int = 0o644, *, make_parents: bool = False, owner: tuple[int, int] | None = None,
+               fsync: bool = False) -> bytes:
+    flags = (P_MKDIRS if make_parents else 0) | (P_SET_OWNER if owner else 0) | (P_FSYNC if fsync else 0)
+    uid, gid = owner or (0, 0)
+    return _PUT_FIXED.pack(flags, mode, uid, gid) + _str(path)
+
+
+def encode_path_req(flags: int, path, mode: int | None = None) -> bytes:
+    """GET / STAT / REMOVE (flags, path) and MKDIR (flags, mode, path)."""
+    head = _U32.pack(flags) if mode is None else _U32.pack(flags) + _U32.pack(mode)
+    return head + _str(path)
+
+
+def decode_error(payload: bytes) -> AgentError:
+    try:
+        (err,) = _U32.unpack_from(payload, 0)
+        msg, _ = _read_str(payload, 4)
+    except (struct.error, ProtocolError):
+        return AgentError(_errno.EPROTO, "malformed ERROR frame from the agent")
+    return agent_error(err, _text(msg))
+
+
+def decode_ok(payload: bytes) -> int:
+    return struct.unpack(">Q", payload[:8])[0] if len(payload) >= 8 else 0
+
+
+def decode_u32(payload: bytes) -> int:
+    return _U32.unpack_from(payload, 0)[0]
+
+
+def exit_code_for(code: int | None, signal: int = 0, timed_out: bool = False) -> int:
+    """The one place that maps a command's fate to a shell-style exit code:
+    timed out -> 124, killed by signal N -> 128+N, else the exit code."""
+    if timed_out:
+        return 124
+    if signal:
+        return 128 + signal
+    return code or 0
+
+
+class ExitStatus:
+    """A decoded EXIT event. ``exit_code`` is shell-style (124 timeout, 128+N signal); ``code`` is raw.
+
+    Unpacks like the tuple (exit_code, signal, timed_out, oom, error)."""
+
+    __slots__ = ("code", "core_dumped", "duration", "errno", "error", "oom", "signal", "start_failed",
+                 "stderr_truncated", "stdout_truncated", "timed_out")
+
+    def __init__(self, code: int = 0, signal: int = 0, *, timed_out: bool = False, oom: bool = False,
+                 start_failed: bool = False, core_dumped: bool = False, errno: int = 0,
+                 error: str | None = None, duration: float = 0.0, stdout_truncated: bool = False,
+                 stderr_truncated: bool = False) -> None:
+        self.code = code
+        self.signal = signal
+        self.timed_out = timed_out
+        self.oom = oom
+        self.start_failed = start_failed
+        self.core_dumped = core_dumped
+        self.errno = errno
+        self.error = error
+        self.duration = duration
+        self.stdout_truncated = stdout_truncated
+        self.stderr_truncated = stderr_truncated
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code_for(self.code, self.signal, self.timed_out)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def __iter__(self):
+        return iter((self.exit_code, self.signal, self.timed_out, self.oom, self.error))
+
+    def __repr__(self) -> str:
+        extra = "".join(f" {k}" for k in ("timed_out", "oom", "start_failed") if getattr(self, k))
+        err = f" error={self.error!r}" if self.error else ""
+        return (f"<{type(self).__name__} exit_code={self.exit_code} code={self.code} signal={self.signal}"
+                f"{extra}{err} duration={self.duration:.6f}>")
+
+
+class ExecResult(ExitStatus):
+    """ExitStatus plus what the command printed (when captured) and its pid."""
+
+    __slots__ = ("pid", "stderr", "stdout")
+
+    def __init__(self, *args, stdout: bytes = b"", stderr: bytes = b"", pid: int = 0, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.stdout = stdout
+        self.stderr = stderr
+        self.pid = pid
+
+
+def decode_exit(payload: bytes, cls=ExitStatus, **extra):
+    try:
+        flags, code, sig, _, err, dur_us = _EXIT_FIXED.unpack_from(payload, 0)
+        msg, _ = _read_str(payload, _EXIT_FIXED.size)
+    except struct.error:
+        raise ProtocolError("malformed EXIT event") from None
+    return cls(code, sig if flags & E_SIGNALED else 0, timed_out=bool(flags & E_TIMED_OUT),
+               oom=bool(flags & E_OOM), start_failed=bool(flags & E_START_FAILED),
+               core_dumped=bool(flags & E_CORE), errno=err, error=_text(msg) or None,
+               duration=dur_us / 1e6, stdout_truncated=bool(flags & E_STDOUT_TRUNC),
+               stderr_truncated=bool(flags & E_STDERR_TRUNC), **extra)
+
+
+class StatResult:
+    __slots__ = ("gid", "mode", "mtime_ns", "size", "type", "uid")
+
+    def __init__(self, type: str, mode: int, size: int, mtime_ns: int, uid: int, gid: int) -> None:
+        self.type = type
+        self.mode = mode
+        self.size = size
+        self.mtime_ns = mtime_ns
+        self.uid = uid
+        self.gid = gid
+
+    @property
+    def exists(self) -> bool:
+        return self.type != "missing"
+
+    @property
+    def is_file(self) -> bool:
+        return self.type == "file"
+
+    @property
+    def is_dir(self) -> bool:
+        return self.type == "dir"
+
+    def __repr__(self) -> str:
+        return f"<StatResult {self.type} mode={self.mode:o} size={self.size} uid={self.uid} gid={self.gid}>"
+
+
+def decode_stat(payload: bytes) -> StatResult:
+    try:
+        t, mode, size, mtime_ns, uid, gid = _STAT.unpack_from(payload, 0)
+    except struct.error:
+        raise ProtocolError("malformed STAT reply") from None
+    return StatResult(FILE_TYPES.get(t, "other"), mode, size, mtime_ns, uid, gid)
+
+
+class AgentInfo:
+    __slots__ = ("agent_version", "gid", "is_pid1", "max_payload", "oom_source", "pid", "protocol_version",
+                 "stdio", "uid")
+
+    def __init__(self, **kw) -> None:
+        for k in self.__slots__:
+            setattr(self, k, kw.get(k))
+
+    def __repr__(self) -> str:
+        return "<AgentInfo " + " ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ">"
+
+
+def decode_info(payload: bytes) -> AgentInfo:
+    try:
+        proto, flags, oom, pid, uid, gid, max_payload = _INFO_FIXED.unpack_from(payload, 0)
+        ver, _ = _read_str(payload, _INFO_FIXED.size)
+    except struct.error:
+        raise ProtocolError("malformed INFO reply") from None
+    return AgentInfo(protocol_version=proto, is_pid1=bool(flags & 1), stdio=bool(flags & 2),
+                     oom_source={0: None, 1: "cgroup-v1", 2: "cgroup-v2"}.get(oom), pid=pid, uid=uid,
+                     gid=gid, max_payload=max_payload, agent_version=_text(ver))

@@ -1,0 +1,621 @@
+"""Docker backend: Docker Engine (dockerd) through its API on the unix socket, the agent as PID 1.
+
+The engine-neutral ``ContainerPlan`` (``_container.plan``) is rendered as Engine API JSON
+(``create_body``); no control is re-derived from the spec here. Every control the backend declares
+was checked in a running container on Docker 20.10 here (tests/backends/test_docker_backend.py):
+capabilities all dropped (CapEff 0), NoNewPrivs 1, seccomp mode 2 (the engine's default filter or the
+restrictive profile passed as JSON text), uid/gid from the plan, memory (+swap, no swap allowed),
+CFS cpu quota and pids limit in the container's cgroups, read-only root with size-capped tmpfs
+mounts, bind mounts, environment, and network none (only ``lo``). Create-time warnings from the
+engine (e.g. "limit discarded") make creation fail: we never run with a silently dropped control.
+
+Full network (``policy.network = true``). dockerd here runs with ``"bridge": "none"`` and
+``"iptables": false`` (scripts/setup.sh), so there is no default ``bridge`` network and the engine
+never programs NAT. On first use the backend creates a user-defined bridge network ``agentkernel``
+(Linux bridge ``ak-docker0``, subnet chosen by dockerd's address pools) and installs one nftables
+ruleset of its own, replaced atomically each time (tables ``ip agentkernel_docker`` and ``inet
+agentkernel_docker``; a process applies it once, on its first networked sandbox):
+
+- ``masquerade`` for the network's subnet leaving through any other interface (the sandbox reaches
+  what the host reaches; ``net.ipv4.ip_forward`` is already 1, dockerd sets it);
+- sandboxes cannot open connections to the host itself (input from ``ak-docker0`` is dropped except
+  replies), so host-local services (the agentkernel API, anything on 0.0.0.0) are not exposed.
+
+Networked sandboxes share the one bridge and can reach each other, as on Docker's default bridge and
+podman's default network: isolating bridge ports needs ``meta ibrname`` (nft_meta_bridge), which this
+kernel lacks, and Docker's own ``enable_icc=false`` needs its iptables support, which is off here.
+
+Name resolution works through dockerd's embedded DNS (127.0.0.11 in the container), which forwards to
+the host's resolvers. The ``host`` network was rejected: it would share the host's loopback.
+
+One-shot runs (``run_attached_sync``, the CLI's daemon-less ``agentkernel run --backend docker``)
+are synchronous and never import asyncio: create -> attach (hijacked HTTP, multiplexed stdout/stderr)
+-> wait registered -> start -> stream output to fds 1 and 2 as it arrives -> exit status -> remove.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar
+
+from ..errors import AgentKernelError, BackendUnavailable, NotFound, PolicyNotEnforceable, SandboxError
+from . import _container
+from ._agent_container import AgentContainerBackend
+from .base import LABEL_MANAGED, Availability, Capabilities, SandboxInfo
+from .docker_api import START_HINT, SyncClient, quote, socket_path
+from .podman import CONTAINER_CONTROLS
+
+NETWORK_NAME = "agentkernel"
+BRIDGE_IF = "ak-docker0"
+NFT_TABLE = "agentkernel_docker"
+MIN_API = (1, 41)
+STOP_TIMEOUT = 2
+EXIT_GRACE = 5.0  # seconds to drain output after the exit status is known
+
+NAT_REFRESH = 60.0  # seconds: a long-lived process re-applies the NAT rules this often (cheap, atomic)
+
+# (subnet, monotonic time) of the NAT rules this process last installed for the "agentkernel" network.
+_nat_state: tuple[str, float] | None = None
+
+
+def _nat_stale(subnet: str) -> bool:
+    import time
+
+    return _nat_state is None or _nat_state[0] != subnet or time.monotonic() - _nat_state[1] > NAT_REFRESH
+
+
+def _nat_applied(subnet: str) -> None:
+    global _nat_state
+    import time
+
+    _nat_state = (subnet, time.monotonic())
+
+
+def _normalize_state(s: str) -> str:
+    s = (s or "").lower()
+    if s in ("running", "paused", "restarting"):
+        return "running"
+    if s == "created":
+        return "created"
+    if s in ("exited", "dead", "removing"):
+        return "stopped"
+    return s or "missing"
+
+
+def _check_warnings(resp: Any) -> list[str]:
+    """Create-time warnings name controls the engine dropped; any of them fails the create."""
+    warnings = (resp or {}).get("Warnings") or []
+    return [str(w) for w in warnings if str(w).strip()]
+
+
+def network_create_body() -> dict[str, Any]:
+    return {
+        "Name": NETWORK_NAME,
+        "CheckDuplicate": True,
+        "Driver": "bridge",
+        "Options": {
+            "com.docker.network.bridge.name": BRIDGE_IF,
+            "com.docker.network.bridge.enable_ip_masquerade": "true",
+        },
+        "Labels": {"agentkernel.network": "full"},
+    }
+
+
+def nft_ruleset(subnet: str) -> str:
+    t, br = NFT_TABLE, BRIDGE_IF
+    return f"""
+table ip {t}
+delete table ip {t}
+table ip {t} {{
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    ip saddr {subnet} oifname != "{br}" masquerade
+  }}
+}}
+table inet {t}
+delete table inet {t}
+table inet {t} {{
+  chain input {{
+    type filter hook input priority filter; policy accept;
+    iifname "{br}" ct state established,related accept
+    iifname "{br}" drop
+  }}
+}}
+"""
+
+
+def _apply_nft(subnet: str) -> None:
+    import shutil
+    import subprocess
+
+    nft = shutil.which("nft") or ("/usr/sbin/nft" if os.path.exists("/usr/sbin/nft") else None)
+    if nft is None:
+        raise BackendUnavailable("docker's full network needs nftables (NAT for the agentkernel bridge)",
+                                 hint="apt-get install -y nftables (bash scripts/setup.sh does)")
+    r = subprocess.run([nft, "-f", "-"], input=nft_ruleset(subnet).encode(), capture_output=True, timeout=30)
+    if r.returncode != 0:
+        raise BackendUnavailable(
+            f"could not install the NAT rules for docker's agentkernel network: "
+            f"{r.stderr.decode(errors='replace').strip()[:300]}",
+            hint="run as root on a kernel with nf_tables NAT, or use network = false")
+
+
+def _subnet(info: dict[str, Any]) -> str:
+    for cfg in (info.get("IPAM") or {}).get("Config") or []:
+        if cfg.get("Subnet") and ":" not in cfg["Subnet"]:
+            return cfg["Subnet"]
+    raise SandboxError(f"docker network {NETWORK_NAME!r} has no IPv4 subnet")
+
+
+def create_body(plan: _container.ContainerPlan, *, network: str, oneshot: bool,
+                runtime: str | None = None) -> dict[str, Any]:
+    """The plan as the body of ``POST /containers/create``."""
+    hc: dict[str, Any] = {
+        "CapDrop": ["ALL"],
+        "SecurityOpt": ["no-new-privileges"],
+        "ReadonlyRootfs": bool(plan.read_only),
+        "Tmpfs": dict(plan.tmpfs),
+        "Binds": [f"{src}:{dst}:{'ro' if ro else 'rw'}" for src, dst, ro in plan.binds],
+        "NetworkMode": network,
+    }
+    if plan.seccomp_file:
+        with open(plan.seccomp_file) as f:
+            hc["SecurityOpt"].append("seccomp=" + f.read())
+    if plan.memory_bytes is not None:
+        hc["Memory"] = plan.memory_bytes
+        hc["MemorySwap"] = plan.memory_bytes
+    if plan.cpus is not None:
+        hc["NanoCpus"] = round(plan.cpus * 1e9)
+    if plan.pids is not None:
+        hc["PidsLimit"] = plan.pids
+    if runtime:
+        hc["Runtime"] = runtime
+    if oneshot:
+        hc["LogConfig"] = {"Type": "none", "Config": {}}  # output goes to the attached caller only
+    interactive = bool(plan.interactive)
+    body: dict[str, Any] = {
+        "Image": plan.image,
+        "Cmd": list(plan.cmd),
+        "Env": [f"{k}={v}" for k, v in plan.env.items()],
+        "WorkingDir": plan.workdir,
+        "User": plan.user,
+        "Hostname": plan.hostname,
+        "Labels": dict(plan.labels),
+        "Tty": False,
+        "AttachStdin": interactive,
+        "AttachStdout": oneshot,
+        "AttachStderr": oneshot,
+        "OpenStdin": interactive,
+        "StdinOnce": interactive,
+        "HostConfig": hc,
+    }
+    if plan.entrypoint is not None:
+        body["Entrypoint"] = list(plan.entrypoint)
+    return body
+
+
+class DockerBackend(AgentContainerBackend):
+    name = "docker"
+    capabilities = Capabilities(CONTAINER_CONTROLS, {"exec", "files", "agent", "oneshot", "pool"},
+                                isolation="container (shared kernel)")
+    options_allowed: ClassVar[tuple[str, ...]] = ()
+    runtime: ClassVar[str | None] = None  # an OCI runtime registered in dockerd (e.g. "runsc")
+
+    def __init__(self, options: dict[str, str] | None = None) -> None:
+        super().__init__(options)
+        self._api = None  # AsyncClient, created on first use (inside the event loop)
+
+    # -- host checks --
+    @classmethod
+    def probe(cls) -> Availability:
+        import shutil
+
+        try:
+            path = socket_path()
+        except BackendUnavailable as exc:
+            return Availability(False, exc.message, fix=exc.hint)
+        if not os.path.exists(path):
+            if not (shutil.which("dockerd") or os.path.exists("/usr/sbin/dockerd")):
+                return Availability(False, "Docker Engine (dockerd) is not installed",
+                                    fix="apt-get install -y docker.io containerd, then " + START_HINT)
+            return Availability(False, f"the Docker socket {path} does not exist (dockerd is not running)",
+                                fix=START_HINT)
+        try:
+            with SyncClient(path, timeout=10) as c:
+                c.request("GET", "/_ping")
+                ver = c.json("GET", "/version")
+                runtimes = None
+                if cls.runtime:
+                    runtimes = (c.json("GET", "/info").get("Runtimes") or {})
+        except AgentKernelError as exc:
+            return Availability(False, exc.message, fix=exc.hint or START_HINT)
+        api = str(ver.get("ApiVersion", "0"))
+        try:
+            api_t = tuple(int(x) for x in api.split(".")[:2])
+        except ValueError:
+            api_t = (0, 0)
+        if api_t < MIN_API:
+            return Availability(False, f"dockerd {ver.get('Version')} serves API {api}; agentkernel needs "
+                                f"{MIN_API[0]}.{MIN_API[1]} (Docker Engine 20.10 or newer)",
+                                fix="apt-get install -y docker.io (Debian 12 ships 20.10)")
+        if cls.runtime and cls.runtime not in (runtimes or {}):
+            return Availability(False, f"dockerd has no runtime {cls.runtime!r} registered",
+                                fix="add it to /etc/agentkernel/dockerd.json 'runtimes' (bash scripts/setup.sh) "
+                                "and restart dockerd")
+        return Availability(True, f"docker {ver.get('Version')} (API {api})",
+                            details={"socket": path, "version": ver.get("Version"), "api_version": api,
+                                     "runtime": cls.runtime or "default"})
+
+    # -- the network for policy.network = true --
+    def _network_mode(self, plan: _container.ContainerPlan) -> str:
+        return "none" if plan.network == "none" else NETWORK_NAME
+
+    def _ensure_network_sync(self, cli: SyncClient) -> None:
+        try:
+            info = cli.json("GET", f"/networks/{NETWORK_NAME}")
+        except NotFound:
+            try:
+                cli.request("POST", "/networks/create", body=network_create_body(), ok=(409,))
+            except AgentKernelError as exc:
+                raise BackendUnavailable(f"cannot create docker network {NETWORK_NAME!r}: {exc}") from None
+            info = cli.json("GET", f"/networks/{NETWORK_NAME}")
+        subnet = _subnet(info)
+        if _nat_stale(subnet):
+            _apply_nft(subnet)
+            _nat_applied(subnet)
+
+    async def _ensure_network(self) -> None:
+        import asyncio
+
+        api = self._client()
+        try:
+            info = await api.json("GET", f"/networks/{NETWORK_NAME}")
+        except NotFound:
+            try:
+                await api.request("POST", "/networks/create", body=network_create_body(), ok=(409,))
+            except AgentKernelError as exc:
+                raise BackendUnavailable(f"cannot create docker network {NETWORK_NAME!r}: {exc}") from None
+            info = await api.json("GET", f"/networks/{NETWORK_NAME}")
+        subnet = _subnet(info)
+        if _nat_stale(subnet):
+            await asyncio.to_thread(_apply_nft, subnet)
+            _nat_applied(subnet)
+
+    # -- engine operations (asyncio) --
+    def _client(self):
+        if self._api is None:
+            from .docker_api import AsyncClient
+
+            self._api = AsyncClient()
+        return self._api
+
+    async def _engine_create(self, plan: _container.ContainerPlan) -> str:
+        api = self._client()
+        if plan.network != "none":
+            await self._ensure_network()
+        body = create_body(plan, network=self._network_mode(plan), oneshot=False, runtime=self.runtime)
+        resp = await api.json("POST", "/containers/create", params={"name": plan.name}, body=body)
+        warnings = _check_warnings(resp)
+        if warnings:
+            await self._engine_remove(plan.name)
+            raise PolicyNotEnforceable("dockerd dropped a control: " + "; ".join(warnings),
+                                       hint="fix the engine's cgroup setup or relax the spec")
+        return resp["Id"]
+
+    async def _engine_start(self, name: str) -> None:
+        await self._client().request("POST", f"/containers/{quote(name)}/start", ok=(304,))
+
+    async def _engine_stop(self, name: str) -> None:
+        await self._client().request("POST", f"/containers/{quote(name)}/stop", params={"t": STOP_TIMEOUT},
+                                     ok=(304,), timeout=STOP_TIMEOUT + 60)
+
+    async def _engine_remove(self, name: str) -> None:
+        import asyncio
+
+        api = self._client()
+        for _ in range(50):
+            r = await api.request("DELETE", f"/containers/{quote(name)}", params={"force": True, "v": True},
+                                  ok=(404, 409))
+            if r.status != 409:  # 409: a removal is already in progress; wait until it is gone
+                return
+            await asyncio.sleep(0.1)
+        raise SandboxError(f"docker could not remove container {name}: {r.json()}")
+
+    async def _engine_state(self, name: str) -> tuple[str, dict[str, Any]]:
+        r = await self._client().request("GET", f"/containers/{quote(name)}/json", ok=(404,))
+        if r.status == 404:
+            return "missing", {}
+        st = (r.json() or {}).get("State") or {}
+        return _normalize_state(st.get("Status", "")), {"oom_killed": bool(st.get("OOMKilled")),
+                                                       "exit_code": st.get("ExitCode")}
+
+    async def list(self) -> list[SandboxInfo]:
+        cs = await self._client().json("GET", "/containers/json",
+                                       params={"all": True, "filters": {"label": [f"{LABEL_MANAGED}=true"]}})
+        return [_info(self.name, c) for c in cs or []]
+
+    async def aclose(self) -> None:
+        if self._api is not None:
+            await self._api.aclose()
+            self._api = None
+
+    # -- synchronous helpers for the CLI (no asyncio) --
+    def list_sync(self) -> list[SandboxInfo]:
+        with SyncClient() as c:
+            cs = c.json("GET", "/containers/json",
+                        params={"all": True, "filters": {"label": [f"{LABEL_MANAGED}=true"]}})
+        return [_info(self.name, x) for x in cs or []]
+
+    def force_remove_sync(self, name: str) -> None:
+        with SyncClient() as c:
+            _remove_sync(c, name)
+
+    def image_exists_sync(self, image: str) -> bool:
+        with SyncClient() as c:
+            return c.request("GET", f"/images/{quote(image)}/json", ok=(404,)).status == 200
+
+    # -- one-shot, synchronous (the CLI's daemon-less path) --
+    def run_attached_sync(self, plan: _container.ContainerPlan, *, timeout: float | None,
+                          forward_stdin: bool) -> int | None:
+        """Run ``plan`` (a one-shot plan) to completion with the caller's stdio: container stdout to
+        fd 1 and stderr to fd 2 as it arrives (byte-exact), fd 0 to its stdin when ``forward_stdin``
+        and ``plan.interactive`` (EOF closes it). SIGINT/SIGTERM received meanwhile are forwarded to
+        the container. Returns its exit status (128+N when killed by signal N), or None when
+        ``timeout`` seconds passed after start (it was killed). The container is removed before
+        this returns, whatever happens."""
+        import sys
+
+        cli = SyncClient()
+        name = plan.name
+        created = "no"  # no | maybe | yes
+        stream = waiter = None
+        sig = _SignalForwarder()
+        try:
+            sig.install()
+            if plan.network != "none":
+                self._ensure_network_sync(cli)
+            body = create_body(plan, network=self._network_mode(plan), oneshot=True, runtime=self.runtime)
+            created = "maybe"
+            try:
+                resp = cli.json("POST", "/containers/create", params={"name": name}, body=body)
+            except AgentKernelError as exc:
+                if getattr(exc, "status", None):  # the engine answered: nothing was created
+                    created = "no"
+                raise
+            created = "yes"
+            warnings = _check_warnings(resp)
+            if warnings:
+                raise PolicyNotEnforceable("dockerd dropped a control: " + "; ".join(warnings),
+                                           hint="fix the engine's cgroup setup or relax the spec")
+            stdin_on = bool(plan.interactive)
+            stream = cli.attach(name, stdin=stdin_on)
+            if stdin_on and not forward_stdin:
+                stream.close_stdin()
+            waiter = cli.open_call("POST", f"/containers/{quote(name)}/wait", params={"condition": "next-exit"})
+            try:
+                cli.request("POST", f"/containers/{quote(name)}/start", ok=(304,))
+            except SandboxError as exc:
+                code = _start_failure_status(str(exc))
+                if code is None:
+                    raise
+                _write_all(2, f"agentkernel: {exc}\n".encode())
+                return code
+            return _pump(cli, name, stream, waiter, sig, timeout, stdin_on and forward_stdin)
+        finally:
+            try:
+                if stream is not None:
+                    stream.close()
+                if waiter is not None:
+                    waiter.close()
+                if created != "no":
+                    try:
+                        _remove_sync(cli, name)
+                    except Exception:
+                        if sys.exc_info()[0] is None:
+                            raise
+                cli.close()
+            finally:
+                sig.restore()
+
+
+def _info(backend: str, c: dict[str, Any]) -> SandboxInfo:
+    labels = c.get("Labels") or {}
+    names = c.get("Names") or [""]
+    name = names[0].lstrip("/")
+    return SandboxInfo(backend, labels.get("agentkernel.sandbox-id", ""), labels.get("agentkernel.name"),
+                       _normalize_state(c.get("State", "")), {"container": name, "container_id": c.get("Id", "")},
+                       labels)
+
+
+def _remove_sync(cli: SyncClient, name: str) -> None:
+    import time
+
+    for _ in range(50):
+        r = cli.request("DELETE", f"/containers/{quote(name)}", params={"force": True, "v": True}, ok=(404, 409))
+        if r.status != 409:
+            return
+        time.sleep(0.1)
+    raise SandboxError(f"docker could not remove container {name}: {r.json()}")
+
+
+def _start_failure_status(msg: str) -> int | None:
+    """Like ``docker run``: a command that cannot be executed is 127 (not found) or 126 (not runnable)."""
+    low = msg.lower()
+    if "executable file not found" in low or "no such file or directory" in low:
+        return 127
+    if "permission denied" in low:
+        return 126
+    return None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class _SignalForwarder:
+    """While installed (main thread only), SIGINT and SIGTERM are recorded instead of raising, and wake
+    the select loop through a pipe; the loop forwards them to the container."""
+
+    FORWARDED = ("SIGINT", "SIGTERM")
+
+    def __init__(self) -> None:
+        self.pending: list[int] = []
+        self.rfd = self.wfd = -1
+        self._old: dict[int, Any] = {}
+        self._old_wakeup: int | None = None
+
+    def install(self) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self.rfd, self.wfd = os.pipe()
+        os.set_blocking(self.rfd, False)
+        os.set_blocking(self.wfd, False)
+        self._old_wakeup = signal.set_wakeup_fd(self.wfd, warn_on_full_buffer=False)
+        for nm in self.FORWARDED:
+            s = getattr(signal, nm)
+            self._old[s] = signal.signal(s, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.pending.append(signum)
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.rfd, 512):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def restore(self) -> None:
+        import signal
+
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old.clear()
+        if self._old_wakeup is not None:
+            signal.set_wakeup_fd(self._old_wakeup)
+            self._old_wakeup = None
+        for fd in (self.rfd, self.wfd):
+            if fd >= 0:
+                os.close(fd)
+        self.rfd = self.wfd = -1
+
+
+def _kill(cli: SyncClient, name: str, signame: str) -> None:
+    # 404/409: the container is already gone or no longer running; nothing to signal.
+    cli.request("POST", f"/containers/{quote(name)}/kill", params={"signal": signame}, ok=(404, 409))
+
+
+def _pump(cli: SyncClient, name: str, stream, waiter, sig: _SignalForwarder, timeout: float | None,
+          forward_stdin: bool) -> int | None:
+    import select
+    import signal
+    import time
+
+    out_open = {1: True, 2: True}
+
+    def emit(frames: list[tuple[int, bytes]]) -> None:
+        for fd, data in frames:
+            fd = 1 if fd == 1 else 2
+            if out_open[fd] and data:
+                try:
+                    _write_all(fd, data)
+                except BrokenPipeError:
+                    out_open[fd] = False  # the reader went away: discard the rest of that stream
+
+    emit(stream.take_pending())
+    asock, wsock = stream.sock, waiter.sock
+    asock.setblocking(False)
+    wsock.setblocking(False)
+    attach_open = True
+    stdin_open = forward_stdin
+    stdin_eof = False
+    stdin_buf = b""
+    deadline = time.monotonic() + timeout if timeout is not None else None
+    timed_out = False
+    hard_stop: float | None = None  # after exit (or kill): stop waiting for the rest of the output
+    while True:
+        if sig.pending:
+            pend, sig.pending = sig.pending, []
+            for s in pend:
+                _kill(cli, name, signal.Signals(s).name)
+        now = time.monotonic()
+        if waiter.done and (not attach_open or (hard_stop is not None and now >= hard_stop)):
+            break
+        if timed_out and hard_stop is not None and now >= hard_stop:
+            break
+        if deadline is not None and not timed_out and now >= deadline:
+            timed_out = True
+            _kill(cli, name, "SIGKILL")
+            hard_stop = now + 30.0
+            continue
+        rl: list[Any] = []
+        wl: list[Any] = []
+        if sig.rfd >= 0:
+            rl.append(sig.rfd)
+        if attach_open:
+            rl.append(asock)
+        if not waiter.done:
+            rl.append(wsock)
+        if stdin_open and not stdin_eof and not stdin_buf and attach_open:
+            rl.append(0)
+        if stdin_buf and attach_open:
+            wl.append(asock)
+        wait_s = None
+        for t in (deadline if not timed_out else None, hard_stop):
+            if t is not None:
+                wait_s = max(0.0, t - now) if wait_s is None else min(wait_s, max(0.0, t - now))
+        r, w, _ = select.select(rl, wl, [], wait_s)
+        if sig.rfd in r:
+            sig.drain()
+        if asock in r:
+            try:
+                frames = stream.read_frames()
+            except (BlockingIOError, InterruptedError):
+                frames = []
+            except OSError:
+                frames = None
+            if frames is None:
+                attach_open = False
+                stdin_buf = b""
+            else:
+                emit(frames)
+        if wsock in r and waiter.on_readable():
+            hard_stop = min(hard_stop, time.monotonic() + EXIT_GRACE) if hard_stop else time.monotonic() + EXIT_GRACE
+        if 0 in r:
+            try:
+                data = os.read(0, 65536)
+            except BlockingIOError:
+                data = None
+            except OSError:
+                data = b""
+            if data == b"":
+                stdin_eof = True
+            elif data:
+                stdin_buf = data
+        if asock in w and stdin_buf:
+            try:
+                n = stream.send(stdin_buf)
+                stdin_buf = stdin_buf[n:]
+            except BlockingIOError:
+                pass
+            except OSError:  # the container's stdin is gone: stop forwarding
+                stdin_buf = b""
+                stdin_open = False
+        if stdin_open and stdin_eof and not stdin_buf:
+            stream.close_stdin()
+            stdin_open = False
+    if timed_out:
+        return None
+    if not waiter.done:
+        raise SandboxError(f"container {name} exited but dockerd did not report its status")
+    res = waiter.call.response().json() or {}
+    err = (res.get("Error") or {}).get("Message")
+    if err:
+        raise SandboxError(f"docker wait {name}: {err}")
+    return int(res.get("StatusCode", 0))

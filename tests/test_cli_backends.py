@@ -1,0 +1,355 @@
+"""End-to-end behaviour of the CLI on every container backend, against the real engines.
+
+Each test runs the real ``agentkernel`` command in a new process, exactly as a user would, on podman,
+docker and gVisor (and the oci backend). Nothing is mocked. After every test no agentkernel-labelled
+container may be left behind on any engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.conftest import ak
+
+BACKENDS = ["podman", "docker", "gvisor", "oci"]
+
+
+def _engine_leftovers() -> list[str]:
+    out = []
+    for engine in ("podman", "docker"):
+        r = subprocess.run([engine, "ps", "-a", "-q", "--filter", "label=agentkernel.managed=true"],
+                           capture_output=True, text=True)
+        out += [f"{engine}:{c}" for c in r.stdout.split()]
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers():
+    before = set(_engine_leftovers())
+    yield
+    deadline = time.monotonic() + 10
+    while True:
+        left = set(_engine_leftovers()) - before
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not left, f"containers left behind: {left}"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+def run(backend: str, *cmd: str, flags: tuple[str, ...] = (), input: bytes | None = None, timeout: float = 120):
+    return ak("run", "--backend", backend, *flags, "--", *cmd, input=input, timeout=timeout)
+
+
+# ---- results ------------------------------------------------------------------------------------------
+
+
+def test_echo_hello_is_exact(backend):
+    r = run(backend, "echo", "hello")
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"hello\n", b"")
+
+
+@pytest.mark.parametrize("code", [1, 2, 42, 125, 126, 127, 128, 200, 255])
+def test_exit_codes_are_preserved(backend, code):
+    r = run(backend, "sh", "-c", f"exit {code}")
+    assert r.returncode == code, r.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL, signal.SIGSEGV])
+def test_death_by_signal_is_128_plus_n(backend, sig):
+    r = run(backend, "sh", "-c", f"kill -{int(sig)} $$")
+    assert r.returncode == 128 + int(sig), r.stderr
+
+
+def test_binary_stdout_stderr_separate_and_stdin(backend):
+    payload = bytes(range(256)) * 64 + b"\x00no newline at the end"
+    r = run(backend, "sh", "-c", r"cat; printf '\001\377err' >&2", input=payload)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == payload
+    assert r.stderr == b"\x01\xfferr"
+
+
+def test_command_not_found_is_127_with_a_message(backend):
+    r = run(backend, "no-such-command-xyz")
+    assert r.returncode == 127
+    assert b"no-such-command-xyz" in r.stderr
+
+
+def test_env_and_workdir(backend):
+    r = run(backend, "sh", "-c", 'echo "$GREETING" $(pwd)', flags=("-e", "GREETING=hi there", "-w", "/tmp"))
+    assert r.stdout == b"hi there /tmp\n", r.stderr
+
+
+# ---- limits and isolation -----------------------------------------------------------------------------
+
+
+def test_timeout_kills_the_whole_tree(backend):
+    t0 = time.monotonic()
+    r = run(backend, "sh", "-c", "sleep 60 & sleep 60 & wait", flags=("--timeout", "2"))
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 124
+    assert b"timed out" in r.stderr
+    assert elapsed < 30
+
+
+def test_oom_is_reported(backend):
+    r = run(backend, "dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1", flags=("--memory", "32"))
+    assert r.returncode == 137, (r.returncode, r.stderr)
+    assert b"out-of-memory" in r.stderr
+
+
+def test_runs_as_non_root_without_capabilities(backend):
+    r = run(backend, "sh", "-c", "id -u; grep -E '^(CapEff|Seccomp):' /proc/self/status")
+    out = r.stdout.decode()
+    assert out.splitlines()[0] == "1000"
+    assert "CapEff:\t0000000000000000" in out
+    assert "Seccomp:\t2" in out
+
+
+def test_read_only_root_with_writable_tmpfs(backend):
+    r = run(backend, "sh", "-c", "touch /tmp/ok && echo tmp-ok; touch /etc/nope && echo etc-writable",
+            flags=("--read-only",))
+    assert b"tmp-ok" in r.stdout
+    assert b"etc-writable" not in r.stdout
+    assert b"read-only file system" in r.stderr.lower()
+
+
+def test_restrictive_profile_runs(backend):
+    r = run(backend, "sh", "-c", "echo ok > /tmp/f && cat /tmp/f", flags=("--profile", "restrictive"))
+    assert (r.returncode, r.stdout) == (0, b"ok\n"), r.stderr
+
+
+def test_pids_limit_stops_a_fork_bomb(backend):
+    r = run(backend, "sh", "-c", "i=0; while [ $i -lt 200 ]; do sleep 30 & i=$((i+1)); done; echo all-spawned",
+            flags=("--pids", "40", "--timeout", "60"))
+    assert b"all-spawned" not in r.stdout or b"fork" in r.stderr.lower()
+    assert b"fork" in r.stderr.lower() or b"resource temporarily unavailable" in r.stderr.lower()
+
+
+def _host_ip() -> str:
+    out = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
+    return next(ip for ip in out if "." in ip and not ip.startswith("127."))
+
+
+@pytest.fixture
+def host_listener():
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", 0))
+    srv.listen(16)
+    hits = []
+
+    def serve():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                c, addr = srv.accept()
+            except OSError:
+                continue
+            hits.append(addr)
+            c.sendall(b"pong\n")
+            c.close()
+
+    stop = threading.Event()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield _host_ip(), srv.getsockname()[1], hits
+    stop.set()
+    t.join()
+    srv.close()
+
+
+def test_network_off_really_off(backend, host_listener):
+    ip, port, hits = host_listener
+    r = run(backend, "sh", "-c", f"ip -o link | cut -d: -f2; nc -w 3 {ip} {port} </dev/null && echo CONNECTED")
+    assert b"CONNECTED" not in r.stdout
+    assert r.stdout.split() == [b"lo"], r.stdout
+    assert hits == []
+
+
+def test_network_on_when_asked(host_listener):
+    ip, port, hits = host_listener
+    r = run("podman", "sh", "-c", f"nc -w 5 {ip} {port} </dev/null", flags=("--network",))
+    assert r.stdout == b"pong\n", r.stderr
+    assert len(hits) == 1
+
+
+def test_gvisor_refuses_network_fail_closed():
+    r = run("gvisor", "true", flags=("--network",))
+    assert r.returncode == 125
+    assert b"cannot enforce" in r.stderr and b"network_full" in r.stderr
+
+
+def test_disk_cap_on_writable_root_is_refused_not_ignored():
+    r = run("podman", "true", flags=("--disk", "100"))
+    assert r.returncode == 125
+    assert b"disk_rootfs" in r.stderr and b"read_only_root" in r.stderr
+
+
+# ---- named sandboxes ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def box(backend):
+    name = f"t-{backend}-{os.getpid()}-{int(time.monotonic() * 1000) % 100000}"
+    r = ak("create", name, "--backend", backend, "--start")
+    assert r.returncode == 0, r.stderr
+    yield name
+    ak("rm", name)
+
+
+def test_named_lifecycle_list_stop_start_rm(box, backend):
+    r = ak("exec", box, "--", "sh", "-c", "echo one > /tmp/state; cat /tmp/state")
+    assert (r.returncode, r.stdout) == (0, b"one\n"), r.stderr
+    rows = {x["name"]: x for x in json.loads(ak("list", "--json").stdout)}
+    assert rows[box]["state"] == "running" and rows[box]["backend"] == backend
+    assert ak("stop", box).returncode == 0
+    rows = {x["name"]: x for x in json.loads(ak("list", "--json").stdout)}
+    assert rows[box]["state"] == "stopped"
+    r = ak("exec", box, "--", "true")
+    assert r.returncode == 125 and b"not running" in r.stderr
+    assert ak("start", box).returncode == 0
+    r = ak("exec", box, "--", "cat", "/tmp/state")
+    assert r.stdout == b"one\n", "the filesystem survives stop/start"
+    assert ak("rm", box).returncode == 0
+    assert box not in {x["name"] for x in json.loads(ak("list", "--json").stdout)}
+    r = ak("exec", box, "--", "true")
+    assert r.returncode == 125 and b"no sandbox named" in r.stderr
+
+
+def test_exec_exit_codes_and_stdin(box):
+    r = ak("exec", box, "--", "sh", "-c", "cat; exit 7", input=b"\x00\x01binary")
+    assert (r.returncode, r.stdout) == (7, b"\x00\x01binary")
+    r = ak("exec", box, "--timeout", "1", "--", "sleep", "30")
+    assert r.returncode == 124
+
+
+def test_cp_both_ways_50mb(box, tmp_path):
+    src = tmp_path / "big.bin"
+    data = os.urandom(1 << 20) * 50
+    src.write_bytes(data)
+    r = ak("cp", str(src), f"{box}:/tmp/big.bin")
+    assert r.returncode == 0, r.stderr
+    r = ak("exec", box, "--", "sha256sum", "/tmp/big.bin")
+    assert r.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+    back = tmp_path / "back.bin"
+    r = ak("cp", f"{box}:/tmp/big.bin", str(back))
+    assert r.returncode == 0, r.stderr
+    assert back.read_bytes() == data
+
+
+def test_cp_rejects_escapes(box, tmp_path):
+    (tmp_path / "f").write_bytes(b"x")
+    r = ak("cp", str(tmp_path / "f"), f"{box}:/tmp/../../etc/evil")
+    assert r.returncode == 125 and b"'..'" in r.stderr
+    r = ak("cp", f"{box}:relative/path", str(tmp_path / "g"))
+    assert r.returncode == 125
+    r = ak("cp", f"{box}:/etc/nonexistent-file", str(tmp_path / "g"))
+    assert r.returncode == 125 and not (tmp_path / "g").exists()
+
+
+def test_exec_all_exit_codes_through_the_agent(box):
+    """Every exit code 0..255 through the agent path (fast: one process, many execs)."""
+    script = (
+        "import asyncio\n"
+        "from agentkernel.manager import SandboxManager\n"
+        "from agentkernel.backends.base import ExecRequest\n"
+        "async def main():\n"
+        "    m = SandboxManager()\n"
+        "    bad = []\n"
+        "    for c in range(256):\n"
+        f"        r = await m.exec({box!r}, ExecRequest(['sh', '-c', f'exit {{c}}']))\n"
+        "        if r.exit_code != c: bad.append((c, r.exit_code))\n"
+        "    print(bad)\n"
+        "asyncio.run(main())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+    assert r.stdout.strip() == b"[]", r.stderr
+
+
+# ---- ownership ----------------------------------------------------------------------------------------
+
+
+def test_sigkill_of_the_cli_leaves_no_orphan_after_the_next_command(backend):
+    proc = subprocess.Popen([sys.executable, "-m", "agentkernel", "run", "--backend", backend, "--", "sleep", "120"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    engine = "docker" if backend == "docker" else "podman"
+    while time.monotonic() < deadline:
+        r = subprocess.run([engine, "ps", "-q", "--filter", f"label=agentkernel.owner.pid={proc.pid}"],
+                           capture_output=True, text=True)
+        if r.stdout.strip() or backend == "oci":
+            break
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    r = ak("list")  # any command reaps what dead owners left
+    assert r.returncode == 0
+    r = subprocess.run([engine, "ps", "-a", "-q", "--filter", f"label=agentkernel.owner.pid={proc.pid}"],
+                       capture_output=True, text=True)
+    assert r.stdout.strip() == ""
+
+
+# ---- bad input ----------------------------------------------------------------------------------------
+
+
+def test_unknown_backend_image_and_name():
+    r = ak("run", "--backend", "nope", "--", "true")
+    assert r.returncode == 125 and b"unknown backend 'nope'" in r.stderr
+    r = ak("run", "--image", "does/not-exist", "--", "true")
+    assert r.returncode == 125 and b"not present in podman" in r.stderr and b"hint:" in r.stderr
+    r = ak("create", "bad;name")
+    assert r.returncode == 125 and b"invalid sandbox name" in r.stderr
+    r = ak("exec", "ghost", "--", "true")
+    assert r.returncode == 125 and b"no sandbox named 'ghost'" in r.stderr
+    r = ak("run")
+    assert r.returncode == 2
+
+
+def test_duplicate_create_is_refused_and_loses_nothing():
+    name = f"dup-{os.getpid()}"
+    assert ak("create", name, "--start").returncode == 0
+    try:
+        r = ak("create", name)
+        assert r.returncode == 125 and b"already exists" in r.stderr
+        assert ak("exec", name, "--", "true").returncode == 0
+    finally:
+        ak("rm", name)
+
+
+def test_malformed_config_file(tmp_path):
+    (tmp_path / "agentkernel.toml").write_text("[security]\nmount_home = true\n")
+    r = ak("run", "--", "true", cwd=str(tmp_path))
+    assert r.returncode == 125 and b"unknown key 'mount_home'" in r.stderr
+
+
+def test_engine_not_running_says_how_to_start_it():
+    r = ak("run", "--backend", "docker", "--", "true", env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
+    assert r.returncode == 125
+    assert b"hint:" in r.stderr
+
+
+def test_doctor_reports_every_backend():
+    r = ak("doctor", "--json")
+    assert r.returncode == 0
+    rows = {b["backend"]: b for b in json.loads(r.stdout)["backends"]}
+    for name in ("podman", "docker", "gvisor", "oci"):
+        assert rows[name]["available"], rows[name]
+    assert not rows["apple"]["available"] and "macOS" in rows["apple"]["reason"]
+    text = ak("doctor").stdout.decode()
+    assert "apple" in text and "kubernetes" in text
