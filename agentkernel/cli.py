@@ -72,7 +72,13 @@ def _add_spec_flags(p, *, run: bool) -> None:
     g.add_argument("-c", "--config", help="agentkernel.toml to use (default ./agentkernel.toml)")
 
 
-def build_parser():
+COMMANDS = ("run", "create", "start", "stop", "rm", "remove", "exec", "cp", "list", "ls", "doctor", "gc",
+            "images", "audit", "daemon")
+
+
+def build_parser(only: str | None = None):
+    """The full parser, or (``only``) just the one subcommand's: building every subparser costs ~15 ms
+    of start-up, paid on every sandboxed command otherwise."""
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -84,6 +90,58 @@ def build_parser():
     parser.add_argument("--version", action="store_true", help="print the version")
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
 
+    def want(*names: str) -> bool:
+        return only is None or only in names
+
+    if want("run"):
+        _add_run(sub, argparse)
+    if want("create"):
+        p = sub.add_parser("create", help="create a named sandbox")
+        p.add_argument("name")
+        _add_spec_flags(p, run=False)
+        p.add_argument("--start", action="store_true", help="start it right away")
+    for name, helptext in (("start", "start a named sandbox"), ("stop", "stop a named sandbox")):
+        if want(name):
+            p = sub.add_parser(name, help=helptext)
+            p.add_argument("name")
+    if want("rm", "remove"):
+        p = sub.add_parser("rm", aliases=["remove"], help="remove a named sandbox and everything it holds")
+        p.add_argument("names", nargs="+", metavar="name")
+    if want("exec"):
+        p = sub.add_parser("exec", help="run a command in a running named sandbox")
+        p.add_argument("name")
+        p.add_argument("-t", "--timeout", type=_positive_float, metavar="SECONDS")
+        p.add_argument("-e", "--env", action="append", type=_kv, default=[], metavar="K=V")
+        p.add_argument("-w", "--workdir")
+        p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
+    if want("cp"):
+        p = sub.add_parser("cp", help="copy a file: NAME:/path <-> local path")
+        p.add_argument("src")
+        p.add_argument("dst")
+    if want("list", "ls"):
+        p = sub.add_parser("list", aliases=["ls"], help="list named sandboxes")
+        p.add_argument("--json", action="store_true")
+    if want("doctor"):
+        p = sub.add_parser("doctor", help="which backends work on this host, and exactly why not")
+        p.add_argument("--json", action="store_true")
+    if want("gc"):
+        p = sub.add_parser("gc", help="remove every agentkernel resource whose owner is provably dead")
+        p.add_argument("--dry-run", action="store_true")
+    if want("images"):
+        p = sub.add_parser("images", help="build the local images (offline)")
+        p.add_argument("action", choices=["build", "list"])
+        p.add_argument("names", nargs="*")
+    if want("audit"):
+        p = sub.add_parser("audit", help="show the audit log")
+        p.add_argument("-s", "--sandbox")
+        p.add_argument("-l", "--last", type=int, default=20)
+        p.add_argument("--json", action="store_true")
+    if want("daemon"):
+        _add_daemon(sub)
+    return parser
+
+
+def _add_run(sub, argparse) -> None:
     p = sub.add_parser("run", help="run a command in a fresh sandbox, then destroy it")
     _add_spec_flags(p, run=True)
     p.add_argument("-t", "--timeout", type=_positive_float, metavar="SECONDS",
@@ -93,51 +151,16 @@ def build_parser():
     p.add_argument("--no-daemon", action="store_true", help="do not use the daemon's warm pools")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
 
-    p = sub.add_parser("create", help="create a named sandbox")
-    p.add_argument("name")
-    _add_spec_flags(p, run=False)
-    p.add_argument("--start", action="store_true", help="start it right away")
 
-    for name, helptext in (("start", "start a named sandbox"), ("stop", "stop a named sandbox")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("name")
-
-    p = sub.add_parser("rm", aliases=["remove"], help="remove a named sandbox and everything it holds")
-    p.add_argument("names", nargs="+", metavar="name")
-
-    p = sub.add_parser("exec", help="run a command in a running named sandbox")
-    p.add_argument("name")
-    p.add_argument("-t", "--timeout", type=_positive_float, metavar="SECONDS")
-    p.add_argument("-e", "--env", action="append", type=_kv, default=[], metavar="K=V")
-    p.add_argument("-w", "--workdir")
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
-
-    p = sub.add_parser("cp", help="copy a file: NAME:/path <-> local path")
-    p.add_argument("src")
-    p.add_argument("dst")
-
-    p = sub.add_parser("list", aliases=["ls"], help="list named sandboxes")
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("doctor", help="which backends work on this host, and exactly why not")
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("gc", help="remove every agentkernel resource whose owner is provably dead")
-    p.add_argument("--dry-run", action="store_true")
-
-    p = sub.add_parser("images", help="build the local images (offline)")
-    p.add_argument("action", choices=["build", "list"])
-    p.add_argument("names", nargs="*")
-
-    p = sub.add_parser("audit", help="show the audit log")
-    p.add_argument("-s", "--sandbox")
-    p.add_argument("-l", "--last", type=int, default=20)
-    p.add_argument("--json", action="store_true")
-
+def _add_daemon(sub) -> None:
     p = sub.add_parser("daemon", help="the warm-pool daemon")
     p.add_argument("action", choices=["start", "stop", "status"])
-    p.add_argument("--foreground", action="store_true")
-    return parser
+    p.add_argument("--foreground", action="store_true", help="start: run in this process")
+    p.add_argument("--pool-min", type=int, metavar="N", help="start: warm members per pool")
+    p.add_argument("--pool-max", type=int, metavar="N", help="start: members alive per pool, at most")
+    p.add_argument("--warm", action="append", metavar="BACKEND[:IMAGE[:PROFILE]]",
+                   help="start: keep a pool warm for this spec (repeatable; default: the default spec)")
+    p.add_argument("--json", action="store_true", help="status: machine-readable")
 
 
 def _strip_dashdash(cmd: list[str]) -> list[str]:
@@ -180,7 +203,7 @@ def resolve(args, argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
+    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
     if args.version:
         from . import __version__

@@ -14,7 +14,8 @@ Schema::
     [security]  profile, network, network_allow = [...], read_only, mount_cwd, pass_env = [...],
                 user, seccomp
     [env]       KEY = "value" ...
-    [pool]      min, max, max_age_s, max_concurrent_starts      (used by the daemon)
+    [pool]      min, max, max_age_s, max_concurrent_starts, wait_s   (daemon pool defaults)
+    [[pool.warm]] backend, image, profile, ..., min, max         (pools the daemon keeps warm)
     [daemon]    socket                                           (used by the daemon)
 
 Environment: AGENTKERNEL_BACKEND, AGENTKERNEL_IMAGE, AGENTKERNEL_PROFILE, AGENTKERNEL_CONFIG.
@@ -38,9 +39,13 @@ SCHEMA: dict[str, dict[str, str]] = {
                  "mount_cwd": "bool", "pass_env": "list", "user": "str", "seccomp": "str"},
     "env": {},  # free-form KEY = "value"
     "pool": {"min": "int", "max": "int", "max_age_s": "number", "max_concurrent_starts": "int",
-             "wait_s": "number"},
+             "wait_s": "number", "warm": "tables"},
     "daemon": {"socket": "str"},
 }
+
+# keys of a [[pool.warm]] entry: which spec to keep warm, and its pool sizes
+WARM_KEYS = {"backend", "image", "profile", "network", "read_only", "memory_mb", "vcpus", "pids", "disk_mb",
+             "min", "max", "max_age_s", "wait_s"}
 
 # [security] key -> Policy field
 _SECURITY_FIELDS = {"network": "network", "network_allow": "network_allow", "read_only": "read_only_root",
@@ -101,9 +106,16 @@ def _check_type(path: str, table: str, key: str, value: Any, kind: str) -> None:
         "number": isinstance(value, int | float) and not isinstance(value, bool),
         "list": isinstance(value, list) and all(isinstance(v, str) for v in value),
         "table": isinstance(value, dict) and all(isinstance(v, str) for v in value.values()),
+        "tables": isinstance(value, list) and all(isinstance(v, dict) for v in value),
     }[kind]
+    if ok and kind == "tables":
+        for entry in value:
+            bad = set(entry) - WARM_KEYS
+            if bad:
+                raise ConfigError(f"{path}: unknown key {sorted(bad)[0]!r} in [[{table}.{key}]] "
+                                  f"(known keys: {', '.join(sorted(WARM_KEYS))})")
     if not ok:
-        want = {"str": "a string", "bool": "true or false", "int": "an integer", "number": "a number",
+        want = {"tables": "a list of tables", "str": "a string", "bool": "true or false", "int": "an integer", "number": "a number",
                 "list": "a list of strings", "table": "a table of strings"}[kind]
         raise ConfigError(f"{path}: [{table}] {key} must be {want}, got {value!r}")
 

@@ -8,7 +8,6 @@ cannot be read, the engine is asked.
 from __future__ import annotations
 
 import json
-import subprocess
 
 from .errors import NotFound
 from .images import DEFAULT_IMAGE, candidates_for_command
@@ -44,6 +43,8 @@ def image_present(engine: str, image: str) -> bool:
     names = local_images(engine)
     if names is not None:
         return bool(_normalize(image) & names)
+    import subprocess
+
     r = subprocess.run([engine, "image", "inspect", image], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
     return r.returncode == 0

@@ -92,8 +92,9 @@ class SandboxManager:
         if rec.state == "creating":
             raise InvalidState(f"sandbox {name!r} is still being created (or its creator died)",
                                hint=f"agentkernel rm {name}")
-        await self._backend_of(rec).start(self._ref(rec))
-        self.store.update(name, state="running")
+        ref = self._ref(rec)
+        await self._backend_of(rec).start(ref)
+        self.store.update(name, state="running", handle=ref.handle)
         audit.log("sandbox_started", sandbox=name, id=rec.id, backend=rec.backend)
 
     async def exec(self, name: str, req: ExecRequest, tenant: str | None = None) -> ExecResult:

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 from . import paths
 
 _BOOT_ID: str | None = None
 _SELF: dict | None = None
+
+
+def _hostname() -> str:
+    return os.uname().nodename
 
 
 def new_id(prefix: str) -> str:
@@ -60,18 +63,18 @@ def current_owner() -> dict:
     global _SELF
     pid = os.getpid()
     if _SELF is None or _SELF["pid"] != pid:
-        _SELF = {"host": socket.gethostname(), "boot": boot_id(), "pid": pid,
+        _SELF = {"host": _hostname(), "boot": boot_id(), "pid": pid,
                  "start": process_start_time(pid) or 0}
     return dict(_SELF)
 
 
 def owner_of_pid(pid: int) -> dict:
-    return {"host": socket.gethostname(), "boot": boot_id(), "pid": pid, "start": process_start_time(pid) or 0}
+    return {"host": _hostname(), "boot": boot_id(), "pid": pid, "start": process_start_time(pid) or 0}
 
 
 def is_dead(owner: dict) -> bool:
     """True only when the owner is provably gone (same host; other boot, or pid+start not alive)."""
-    if not owner or owner.get("host") != socket.gethostname():
+    if not owner or owner.get("host") != _hostname():
         return False
     if owner.get("boot") and owner.get("boot") != boot_id():
         return True

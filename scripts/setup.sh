@@ -117,6 +117,9 @@ python_env() {
   else
     info "dependencies up to date"
   fi
+  # Byte-compile everything once: the CLI's start-up must not pay for compiling (and environments
+  # with PYTHONDONTWRITEBYTECODE never write the caches themselves).
+  "$VENV/bin/python" -m compileall -q -j 0 "$REPO/agentkernel" "$VENV/lib" >/dev/null 2>&1 || true
   ln -sf "$VENV/bin/agentkernel" /usr/local/bin/agentkernel
 }
 

@@ -235,10 +235,12 @@ class SyncAgentClient:
     def exec_stream(self, argv, env=None, cwd=None, timeout: float | None = None, *, stdin_fd=None,
                     stdout_fd: int | None = 1, stderr_fd: int | None = 2, tty: bool = False,
                     tty_size: tuple[int, int] | None = None, uid: int | None = None,
-                    gid: int | None = None, output_limit: int = 0, on_output=None) -> P.ExitStatus:
+                    gid: int | None = None, output_limit: int = 0, on_output=None,
+                    on_started=None) -> P.ExitStatus:
         """Run ``argv`` and write its output to ``stdout_fd`` / ``stderr_fd`` as it arrives (with tty=True
         there is one merged stream, written to stdout_fd). ``stdin_fd``: None (stdin closed), a fd
-        (forwarded until EOF), or bytes. ``on_output(fd, data)`` replaces the fd writes if given.
+        (forwarded until EOF), or bytes. ``on_output(fd, data)`` replaces the fd writes if given;
+        ``on_started(pid)`` is called when the agent has forked the command.
         Returns an ExitStatus, which unpacks as (exit_code, signal, timed_out, oom, error) with
         exit_code shell-style (124 on timeout, 128+N on signal N)."""
         self._check()
@@ -291,6 +293,9 @@ class SyncAgentClient:
                         # our reader went away (e.g. `| head`): tell the command as a shell would
                         broken.add(fd)
                         self._queue(P.SIGNAL, sid, P.encode_u32(signal.SIGPIPE))
+                elif ft == P.R_STARTED:
+                    if on_started is not None:
+                        on_started(P.decode_u32(pl))
                 elif ft == P.R_EXIT:
                     return P.decode_exit(pl)
                 elif ft == P.R_ERROR:

@@ -18,6 +18,7 @@ from .. import paths
 from ..errors import BackendUnavailable, InvalidState, NotFound, SandboxError
 from ..spec import SandboxSpec
 from . import _container
+from ._agentexec import parse_environ
 from .base import Backend, ExecRequest, ExecResult, SandboxRef
 
 AGENT_READY_TIMEOUT = 30.0
@@ -84,10 +85,11 @@ class AgentContainerBackend(Backend):
         await self._wait_agent(ref, sock)
 
     async def _wait_agent(self, ref: SandboxRef, sock: str) -> None:
+        """Wait for the agent to answer, then record the environment the engine gave PID 1 (image env +
+        spec env): commands exec'd through the agent get exactly that, like an engine exec would."""
         import asyncio
 
         from ..agent.client import AgentClient
-        from ..agent.transport import UnixSocketTransport
 
         deadline = time.monotonic() + AGENT_READY_TIMEOUT
         delay = 0.002
@@ -95,9 +97,9 @@ class AgentContainerBackend(Backend):
         while time.monotonic() < deadline:
             if os.path.exists(sock):
                 try:
-                    client = await AgentClient.connect(UnixSocketTransport(sock))
+                    client = await AgentClient.connect(sock)
                     try:
-                        await client.ping()
+                        ref.handle["env"] = parse_environ(await client.read_file("/proc/1/environ"))
                         return
                     finally:
                         await client.close()
@@ -111,13 +113,35 @@ class AgentContainerBackend(Backend):
         raise SandboxError(f"the agent in sandbox {ref.id} did not answer within {AGENT_READY_TIMEOUT:.0f} s"
                            + (f" ({last})" if last else ""))
 
+    async def healthy(self, ref: SandboxRef) -> bool:
+        """Pool hand-out check: the agent answers a ping."""
+        from ..agent.client import AgentClient
+
+        try:
+            client = await AgentClient.connect(self._socket(ref), timeout=2.0)
+        except OSError:
+            return False
+        try:
+            await client.ping()
+            return True
+        except OSError:
+            return False
+        finally:
+            await client.close()
+
+    async def lease_info(self, ref: SandboxRef) -> dict[str, Any]:
+        """What a client needs to run one command through this sandbox's agent itself."""
+        from ._agentexec import exec_env
+
+        return {"socket": self._socket(ref), "env": exec_env(ref.handle.get("env"), ref.spec, {}),
+                "cwd": ref.spec.workdir}
+
     async def _client(self, ref: SandboxRef):
         from ..agent.client import AgentClient
-        from ..agent.transport import UnixSocketTransport
 
         sock = self._socket(ref)
         try:
-            return await AgentClient.connect(UnixSocketTransport(sock))
+            return await AgentClient.connect(sock)
         except OSError:
             state, _ = await self._engine_state(ref.handle["container"])
             if state == "missing":
@@ -131,7 +155,7 @@ class AgentContainerBackend(Backend):
 
         client = await self._client(ref)
         try:
-            result = await exec_via_agent(client, ref.spec, req)
+            result = await exec_via_agent(client, ref.spec, req, ref.handle.get("env"))
         except AgentConnectionLost:
             state, details = await self._engine_state(ref.handle["container"])
             raise SandboxError(
@@ -149,7 +173,9 @@ class AgentContainerBackend(Backend):
         check_sandbox_path(path)
         client = await self._client(ref)
         try:
-            return await client.put_file(path, data, mode=mode, mkdirs=True)
+            return await client.put_file(path, data, mode=mode, make_parents=True)
+        except OSError as exc:
+            raise _file_error(ref, path, exc) from None
         finally:
             await client.close()
 
@@ -161,6 +187,8 @@ class AgentContainerBackend(Backend):
         try:
             async for chunk in client.get_file(path):
                 yield chunk
+        except OSError as exc:
+            raise _file_error(ref, path, exc) from None
         finally:
             await client.close()
 
@@ -174,3 +202,19 @@ class AgentContainerBackend(Backend):
     async def status(self, ref: SandboxRef) -> str:
         state, _ = await self._engine_state(ref.handle["container"])
         return state
+
+
+def _file_error(ref: SandboxRef, path: str, exc: OSError) -> Exception:
+    from ..agent.protocol import AgentConnectionLost
+    from ..errors import ValidationError
+
+    where = f"{path} in sandbox {ref.spec.name or ref.id}"
+    if isinstance(exc, AgentConnectionLost):
+        return SandboxError(f"lost the sandbox's agent while transferring {where}")
+    if isinstance(exc, FileNotFoundError):
+        return NotFound(f"no such file: {where}")
+    if isinstance(exc, IsADirectoryError):
+        return ValidationError(f"{where} is a directory (cp copies single files)")
+    if isinstance(exc, PermissionError):
+        return ValidationError(f"permission denied: {where} (commands run as uid {ref.spec.policy.user})")
+    return SandboxError(f"{where}: {exc.strerror or exc}")

@@ -199,7 +199,7 @@ class DockerBackend(AgentContainerBackend):
     capabilities = Capabilities(CONTAINER_CONTROLS, {"exec", "files", "agent", "oneshot", "pool"},
                                 isolation="container (shared kernel)")
     options_allowed: ClassVar[tuple[str, ...]] = ()
-    runtime: ClassVar[str | None] = None  # an OCI runtime registered in dockerd (e.g. "runsc")
+    docker_runtime: ClassVar[str | None] = None  # an OCI runtime registered in dockerd (e.g. "runsc")
 
     def __init__(self, options: dict[str, str] | None = None) -> None:
         super().__init__(options)
@@ -225,7 +225,7 @@ class DockerBackend(AgentContainerBackend):
                 c.request("GET", "/_ping")
                 ver = c.json("GET", "/version")
                 runtimes = None
-                if cls.runtime:
+                if cls.docker_runtime:
                     runtimes = (c.json("GET", "/info").get("Runtimes") or {})
         except AgentKernelError as exc:
             return Availability(False, exc.message, fix=exc.hint or START_HINT)
@@ -238,13 +238,13 @@ class DockerBackend(AgentContainerBackend):
             return Availability(False, f"dockerd {ver.get('Version')} serves API {api}; agentkernel needs "
                                 f"{MIN_API[0]}.{MIN_API[1]} (Docker Engine 20.10 or newer)",
                                 fix="apt-get install -y docker.io (Debian 12 ships 20.10)")
-        if cls.runtime and cls.runtime not in (runtimes or {}):
-            return Availability(False, f"dockerd has no runtime {cls.runtime!r} registered",
+        if cls.docker_runtime and cls.docker_runtime not in (runtimes or {}):
+            return Availability(False, f"dockerd has no runtime {cls.docker_runtime!r} registered",
                                 fix="add it to /etc/agentkernel/dockerd.json 'runtimes' (bash scripts/setup.sh) "
                                 "and restart dockerd")
         return Availability(True, f"docker {ver.get('Version')} (API {api})",
                             details={"socket": path, "version": ver.get("Version"), "api_version": api,
-                                     "runtime": cls.runtime or "default"})
+                                     "runtime": cls.docker_runtime or "default"})
 
     # -- the network for policy.network = true --
     def _network_mode(self, plan: _container.ContainerPlan) -> str:
@@ -267,7 +267,7 @@ class DockerBackend(AgentContainerBackend):
     async def _ensure_network(self) -> None:
         import asyncio
 
-        api = self._client()
+        api = self._docker()
         try:
             info = await api.json("GET", f"/networks/{NETWORK_NAME}")
         except NotFound:
@@ -282,7 +282,7 @@ class DockerBackend(AgentContainerBackend):
             _nat_applied(subnet)
 
     # -- engine operations (asyncio) --
-    def _client(self):
+    def _docker(self):
         if self._api is None:
             from .docker_api import AsyncClient
 
@@ -290,10 +290,10 @@ class DockerBackend(AgentContainerBackend):
         return self._api
 
     async def _engine_create(self, plan: _container.ContainerPlan) -> str:
-        api = self._client()
+        api = self._docker()
         if plan.network != "none":
             await self._ensure_network()
-        body = create_body(plan, network=self._network_mode(plan), oneshot=False, runtime=self.runtime)
+        body = create_body(plan, network=self._network_mode(plan), oneshot=False, runtime=self.docker_runtime)
         resp = await api.json("POST", "/containers/create", params={"name": plan.name}, body=body)
         warnings = _check_warnings(resp)
         if warnings:
@@ -303,16 +303,16 @@ class DockerBackend(AgentContainerBackend):
         return resp["Id"]
 
     async def _engine_start(self, name: str) -> None:
-        await self._client().request("POST", f"/containers/{quote(name)}/start", ok=(304,))
+        await self._docker().request("POST", f"/containers/{quote(name)}/start", ok=(304,))
 
     async def _engine_stop(self, name: str) -> None:
-        await self._client().request("POST", f"/containers/{quote(name)}/stop", params={"t": STOP_TIMEOUT},
+        await self._docker().request("POST", f"/containers/{quote(name)}/stop", params={"t": STOP_TIMEOUT},
                                      ok=(304,), timeout=STOP_TIMEOUT + 60)
 
     async def _engine_remove(self, name: str) -> None:
         import asyncio
 
-        api = self._client()
+        api = self._docker()
         for _ in range(50):
             r = await api.request("DELETE", f"/containers/{quote(name)}", params={"force": True, "v": True},
                                   ok=(404, 409))
@@ -322,7 +322,7 @@ class DockerBackend(AgentContainerBackend):
         raise SandboxError(f"docker could not remove container {name}: {r.json()}")
 
     async def _engine_state(self, name: str) -> tuple[str, dict[str, Any]]:
-        r = await self._client().request("GET", f"/containers/{quote(name)}/json", ok=(404,))
+        r = await self._docker().request("GET", f"/containers/{quote(name)}/json", ok=(404,))
         if r.status == 404:
             return "missing", {}
         st = (r.json() or {}).get("State") or {}
@@ -330,7 +330,7 @@ class DockerBackend(AgentContainerBackend):
                                                        "exit_code": st.get("ExitCode")}
 
     async def list(self) -> list[SandboxInfo]:
-        cs = await self._client().json("GET", "/containers/json",
+        cs = await self._docker().json("GET", "/containers/json",
                                        params={"all": True, "filters": {"label": [f"{LABEL_MANAGED}=true"]}})
         return [_info(self.name, c) for c in cs or []]
 
@@ -374,7 +374,7 @@ class DockerBackend(AgentContainerBackend):
             sig.install()
             if plan.network != "none":
                 self._ensure_network_sync(cli)
-            body = create_body(plan, network=self._network_mode(plan), oneshot=True, runtime=self.runtime)
+            body = create_body(plan, network=self._network_mode(plan), oneshot=True, runtime=self.docker_runtime)
             created = "maybe"
             try:
                 resp = cli.json("POST", "/containers/create", params={"name": name}, body=body)

@@ -1,14 +1,185 @@
-"""The CLI side of the daemon protocol (fast path: no asyncio)."""
+"""The CLI side of the daemon protocol. This is the warm path of ``agentkernel run``: it imports only
+os/socket/json/struct/select/signal and the stdlib-only protocol modules (no asyncio)."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
+import sys
 
 from .. import paths
+from ..daemon import protocol as P
+from ..errors import AgentKernelError
+
+EXIT_TIMEOUT = 124
+
+
+def connect(timeout: float = 2.0) -> socket.socket | None:
+    """A connection to the daemon, or None when none answers (no socket, stale socket, refused)."""
+    path = paths.daemon_socket()
+    if not os.path.exists(path):
+        return None
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+    except OSError:
+        s.close()
+        return None
+    return s
+
+
+def _recv_frames(s: socket.socket, fr: P.FrameReader) -> list[tuple[int, bytes]]:
+    while True:
+        data = s.recv(1 << 18)
+        if not data:
+            raise ConnectionError("the daemon closed the connection")
+        frames = fr.feed(data)
+        if frames:
+            return frames
+
+
+def request(op: str, **fields) -> dict | None:
+    """A one-shot request (status, stop, ping). None when no daemon answers."""
+    s = connect()
+    if s is None:
+        return None
+    try:
+        s.sendall(P.jframe(P.REQUEST, {"op": op, **fields}))
+        s.settimeout(30)
+        fr = P.FrameReader()
+        t, payload = _recv_frames(s, fr)[0]
+        obj = json.loads(payload)
+        if t == P.ERROR:
+            raise AgentKernelError(obj.get("message", "daemon error"), hint=obj.get("hint"))
+        return obj
+    except (ConnectionError, OSError):
+        return None
+    finally:
+        s.close()
+
+
+def _raise_error(payload: bytes) -> None:
+    from .. import errors
+
+    obj = json.loads(payload)
+    cls = getattr(errors, obj.get("kind") or "", None)
+    if not (isinstance(cls, type) and issubclass(cls, AgentKernelError)):
+        cls = AgentKernelError
+    raise cls(obj.get("message", "daemon error"), hint=obj.get("hint"))
 
 
 def try_run(spec, command: list[str], timeout: float | None) -> int | None:
     """Run through the daemon's warm pool; None when no daemon answers (the caller goes cold)."""
-    if not os.path.exists(paths.daemon_socket()):
+    s = connect()
+    if s is None:
         return None
-    return None
+    from .run import _forward_stdin
+
+    forward = _forward_stdin()
+    try:
+        s.settimeout(None)
+        s.sendall(P.jframe(P.REQUEST, {"op": "run", "spec": spec.to_dict(), "argv": command, "timeout": timeout,
+                                       "stdin": forward}))
+        fr = P.FrameReader()
+        frames = _recv_frames(s, fr)
+    except (ConnectionError, OSError):
+        s.close()
+        return None
+    t, payload = frames[0]
+    if t == P.ERROR:
+        s.close()
+        _raise_error(payload)
+    reply = json.loads(payload)
+    try:
+        if reply.get("mode") == "lease":
+            return _run_lease(s, reply, command, timeout, forward, spec)
+        return _run_proxy(s, fr, frames[1:], forward, timeout, spec)
+    finally:
+        s.close()
+
+
+def _note(msg: str) -> None:
+    sys.stderr.write(f"agentkernel: {msg}\n")
+
+
+def exit_code_of(code: int, sig: int, timed_out: bool, oom: bool, error: str | None, timeout, spec) -> int:
+    if timed_out:
+        _note(f"timed out after {timeout:g} s: every process of the command was killed")
+        return EXIT_TIMEOUT
+    if oom:
+        _note(f"the command was killed by the out-of-memory killer (memory limit {spec.resources.memory_mb} MiB)")
+    if error and code in (126, 127):
+        sys.stderr.write(f"agentkernel: {error}\n")
+    return code  # already shell-style: 128+N for a signal
+
+
+def _run_lease(s: socket.socket, reply: dict, command: list[str], timeout, forward: bool, spec) -> int:
+    """The daemon lent us a warm sandbox: talk to its agent directly, then hand it back by closing."""
+    from ..agent.sync_client import SyncAgentClient
+
+    client = SyncAgentClient.connect_unix(reply["socket"])
+    old = {}
+
+    def fwd(signum, frame):
+        client.forward_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        try:
+            old[sig] = signal.signal(sig, fwd)
+        except (ValueError, OSError):
+            pass
+    try:
+        code, sig, timed_out, oom, error = client.exec_stream(
+            command, env=reply.get("env"), cwd=reply.get("cwd"), timeout=timeout, stdin_fd=0 if forward else None)
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        client.close()
+    rc = exit_code_of(code, sig, timed_out, oom, error, timeout, spec)
+    try:
+        s.sendall(P.jframe(P.DONE, {"exit_code": rc}))
+    except OSError:
+        pass
+    return rc
+
+
+def _run_proxy(s: socket.socket, fr: P.FrameReader, pending, forward: bool, timeout, spec) -> int:
+    """The daemon runs the command and streams its output (backends without an agent socket)."""
+    import select
+
+    from ..agent.sync_client import _write_all
+
+    poller = select.poll()
+    poller.register(s.fileno(), select.POLLIN)
+    stdin_open = forward
+    if stdin_open:
+        poller.register(0, select.POLLIN)
+    frames = list(pending)
+    while True:
+        for t, payload in frames:
+            if t == P.STDOUT:
+                _write_all(1, payload)
+            elif t == P.STDERR:
+                _write_all(2, payload)
+            elif t == P.EXIT:
+                r = json.loads(payload)
+                return exit_code_of(r["exit_code"], 0, r.get("timed_out"), r.get("oom_killed"), None, timeout, spec)
+            elif t == P.ERROR:
+                _raise_error(payload)
+        frames = []
+        for fd, _ in poller.poll():
+            if fd == 0:
+                data = os.read(0, 1 << 16)
+                if data:
+                    s.sendall(P.frame(P.STDIN, data))
+                else:
+                    s.sendall(P.frame(P.STDIN_EOF))
+                    poller.unregister(0)
+            else:
+                data = s.recv(1 << 18)
+                if not data:
+                    raise AgentKernelError("the daemon closed the connection before the command finished")
+                frames = fr.feed(data)

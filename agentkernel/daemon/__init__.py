@@ -1,0 +1,1 @@
+"""The warm-pool daemon (server.py) and its local protocol (protocol.py)."""

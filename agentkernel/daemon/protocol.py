@@ -1,0 +1,62 @@
+"""The daemon's local protocol (unix socket, one request per connection). Standard library only.
+
+Frames both ways: ``u32 big-endian length of the rest | u8 type | payload``.
+
+Client -> daemon
+  REQUEST   JSON {"op": ...}: "run", "status", "stop", "ping"
+  STDIN     raw bytes for the command (proxy mode)
+  STDIN_EOF (empty)
+  SIGNAL    one byte: a signal number to deliver to the command (proxy mode)
+  DONE      JSON result summary of a lease-mode run (for metrics and audit)
+
+Daemon -> client
+  REPLY     JSON: the answer to status/ping/stop, or for "run" either
+            {"mode": "lease", "socket": PATH, "env": {...}, "cwd": ..., "sandbox": ID, "hit": bool}
+            (the client talks to the sandbox's agent itself: no second hop) or {"mode": "proxy"}
+  STDOUT / STDERR  raw output chunks (proxy mode)
+  EXIT      JSON {"exit_code", "signal", "timed_out", "oom_killed", "timings"} (proxy mode)
+  ERROR     JSON {"message", "hint", "kind"}
+
+A lease lasts as long as the client's connection: when it closes (command done, client killed or
+disconnected), the daemon destroys that sandbox and refills the pool. Sandboxes are never reused.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+REQUEST, STDIN, STDIN_EOF, SIGNAL, DONE = 1, 2, 3, 4, 5
+REPLY, STDOUT, STDERR, EXIT, ERROR = 11, 12, 13, 14, 15
+MAX_FRAME = 4 << 20
+_HDR = struct.Struct(">IB")
+
+
+def frame(ftype: int, payload: bytes = b"") -> bytes:
+    return _HDR.pack(len(payload) + 1, ftype) + payload
+
+
+def jframe(ftype: int, obj: object) -> bytes:
+    return frame(ftype, json.dumps(obj, separators=(",", ":")).encode())
+
+
+class FrameReader:
+    """Incremental decoder: feed bytes, get (type, payload) frames."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        self.buf += data
+        out = []
+        while len(self.buf) >= 5:
+            n, t = _HDR.unpack_from(self.buf)
+            if n < 1 or n > MAX_FRAME:
+                raise ValueError(f"bad daemon frame length {n}")
+            if len(self.buf) < 4 + n:
+                break
+            out.append((t, bytes(self.buf[5 : 4 + n])))
+            del self.buf[: 4 + n]
+        return out

@@ -1,0 +1,355 @@
+"""The daemon: one long-lived process that owns warm pools and serves runs over a unix socket.
+
+- listens on ``paths.daemon_socket()`` (its directory 0700, the socket 0600: only this user);
+- at start, reaps everything whose owner is provably dead (journal and a full engine label scan),
+  then pre-warms the configured pools;
+- ``run`` requests get a warm, health-checked member for exactly one use (lease mode: the client
+  talks to the member's agent directly), or are executed here and streamed (proxy mode) for
+  backends without an agent socket (e.g. wasm);
+- SIGTERM/SIGINT or ``stop``: stop accepting, let running leases finish (bounded), destroy every
+  pooled member, remove the socket and pid file, exit 0. Named sandboxes are not touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from .. import audit, owner, paths
+from ..backends import canonical, get_backend
+from ..backends.base import ExecRequest
+from ..errors import AgentKernelError
+from ..pool import PoolConfig, WarmPool
+from ..spec import SandboxSpec
+from . import protocol as P
+
+log = logging.getLogger("agentkernel.daemon")
+
+DRAIN_S = 10.0
+MAINTAIN_EVERY_S = 5.0
+IDLE_POOL_S = 900.0
+
+
+def pid_path() -> str:
+    return paths.daemon_socket() + ".pid"
+
+
+class Daemon:
+    def __init__(self, *, pool_defaults: PoolConfig, warm: list[tuple[SandboxSpec, PoolConfig]]) -> None:
+        self.pool_defaults = pool_defaults
+        self.warm = warm
+        self.pools: dict[str, WarmPool] = {}
+        self.start_sem = asyncio.Semaphore(pool_defaults.max_concurrent_starts)
+        self.owner = owner.current_owner()
+        self.started_at = time.time()
+        self.active = 0
+        self.runs = 0
+        self._stopping = asyncio.Event()
+        self._backends: dict[tuple, Any] = {}
+        self._server: asyncio.AbstractServer | None = None
+
+    # -- pools --
+    def backend(self, spec: SandboxSpec):
+        key = (spec.backend, tuple(sorted(spec.options.items())))
+        b = self._backends.get(key)
+        if b is None:
+            b = self._backends[key] = get_backend(spec.backend, spec.options)
+        return b
+
+    def pool_for(self, spec: SandboxSpec, cfg: PoolConfig | None = None) -> WarmPool:
+        spec = spec.replace(name=None)
+        key = spec.pool_key()
+        pool = self.pools.get(key)
+        if pool is None:
+            backend = self.backend(spec)
+            backend.check(spec)
+            pool = self.pools[key] = WarmPool(spec, backend, cfg or self.pool_defaults, self.start_sem, self.owner)
+            pool.refill()
+        return pool
+
+    def poolable(self, spec: SandboxSpec) -> bool:
+        backend = self.backend(spec)
+        return "pool" in backend.capabilities.features and hasattr(backend, "lease_info")
+
+    # -- lifecycle --
+    async def serve(self) -> None:
+        sock = paths.daemon_socket()
+        os.makedirs(os.path.dirname(sock), mode=0o700, exist_ok=True)
+        _remove_stale_socket(sock)
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._handle, path=sock)
+        finally:
+            os.umask(old_umask)
+        os.chmod(sock, 0o600)
+        with open(pid_path(), "w") as f:
+            f.write(f"{os.getpid()}\n")
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        audit.log("daemon_started", socket=sock)
+        log.info("listening on %s (pid %d)", sock, os.getpid())
+        await self._reap_orphans()
+        for spec, cfg in self.warm:
+            try:
+                self.pool_for(spec, cfg)
+            except AgentKernelError as exc:
+                log.error("cannot warm a pool for %s/%s: %s", spec.backend, spec.image, exc)
+        maint = asyncio.create_task(self._maintain())
+        await self._stopping.wait()
+        log.info("stopping")
+        self._server.close()
+        maint.cancel()
+        deadline = time.monotonic() + DRAIN_S
+        while self.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
+        for b in self._backends.values():
+            await b.aclose()
+        for path in (sock, pid_path()):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        audit.log("daemon_stopped")
+        log.info("stopped")
+
+    async def _reap_orphans(self) -> None:
+        from ..commands.gc import reap
+
+        try:
+            removed = await reap()
+            if removed:
+                log.info("reaped %d orphaned sandboxes: %s", len(removed), ", ".join(removed))
+        except Exception as exc:
+            log.warning("orphan scan failed: %s", exc)
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(MAINTAIN_EVERY_S)
+            now = time.monotonic()
+            for key, pool in list(self.pools.items()):
+                configured = any(s.replace(name=None).pool_key() == key for s, _ in self.warm)
+                if not configured and now - pool.last_used > IDLE_POOL_S and not pool._in_use:
+                    del self.pools[key]
+                    await pool.close()
+                    continue
+                await pool.maintain()
+
+    def status(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "socket": paths.daemon_socket(), "uptime_s": round(time.time() - self.started_at, 1),
+                "active_runs": self.active, "runs": self.runs, "pools": [p.status() for p in self.pools.values()]}
+
+    # -- connections --
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        fr = P.FrameReader()
+        try:
+            req = await _read_request(reader, fr)
+            op = req.get("op")
+            if op == "ping":
+                writer.write(P.jframe(P.REPLY, {"ok": True, "pid": os.getpid()}))
+            elif op == "status":
+                writer.write(P.jframe(P.REPLY, self.status()))
+            elif op == "stop":
+                writer.write(P.jframe(P.REPLY, {"ok": True}))
+                self._stopping.set()
+            elif op == "run":
+                await self._run(req, reader, writer, fr)
+            else:
+                writer.write(P.jframe(P.ERROR, {"message": f"unknown op {op!r}", "kind": "ValidationError"}))
+            await writer.drain()
+        except AgentKernelError as exc:
+            _send_error(writer, exc)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except Exception as exc:  # never let one bad request take the daemon down
+            log.exception("request failed")
+            _send_error(writer, AgentKernelError(f"daemon error: {exc}"))
+        finally:
+            try:
+                await writer.drain()
+                writer.close()
+                await writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+
+    async def _run(self, req: dict, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   fr: P.FrameReader) -> None:
+        spec = SandboxSpec.from_dict(req["spec"])
+        spec = spec.replace(backend=canonical(spec.backend), name=None)
+        argv = req["argv"]
+        self.active += 1
+        self.runs += 1
+        t0 = time.perf_counter()
+        try:
+            if self.poolable(spec):
+                await self._run_lease(spec, argv, reader, writer, fr, t0)
+            else:
+                await self._run_proxy(spec, argv, req, reader, writer, fr)
+        finally:
+            self.active -= 1
+
+    async def _run_lease(self, spec, argv, reader, writer, fr, t0) -> None:
+        pool = self.pool_for(spec)
+        member, hit = await pool.acquire()
+        try:
+            info = await pool.backend.lease_info(member.ref)
+            info.update({"mode": "lease", "sandbox": member.ref.id, "hit": hit,
+                         "acquire_ms": round((time.perf_counter() - t0) * 1e3, 3)})
+            writer.write(P.jframe(P.REPLY, info))
+            await writer.drain()
+            summary: dict = {}
+            while True:  # the lease lasts until the client closes its connection
+                data = await reader.read(65536)
+                if not data:
+                    break
+                for t, payload in fr.feed(data):
+                    if t == P.DONE:
+                        summary = json.loads(payload)
+            audit.log("run", id=member.ref.id, backend=spec.backend, image=spec.image, argv=argv, pooled=hit,
+                      exit_code=summary.get("exit_code"), via="daemon")
+        finally:
+            pool.release(member)
+
+    async def _run_proxy(self, spec, argv, req, reader, writer, fr) -> None:
+        backend = self.backend(spec)
+        backend.check(spec)
+        writer.write(P.jframe(P.REPLY, {"mode": "proxy"}))
+        stdin_q: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def stdin_iter():
+            while True:
+                chunk = await stdin_q.get()
+                if not chunk:
+                    return
+                yield chunk
+
+        def on_output(fd: int, data: bytes) -> None:
+            writer.write(P.frame(P.STDOUT if fd == 1 else P.STDERR, data))
+
+        timeout = req.get("timeout")
+        exec_req = ExecRequest(argv, stdin=stdin_iter() if req.get("stdin") else None,
+                               timeout=float(timeout) if timeout else None, on_output=on_output)
+        sid = owner.new_id("run")
+        owner.claim(spec.backend, sid, {"container": f"agentkernel-{sid}"}, self.owner)
+        run_task = asyncio.create_task(backend.run(spec, exec_req, sandbox_id=sid, owner=self.owner))
+
+        async def pump_client() -> None:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    run_task.cancel()  # client went away: kill the command and its sandbox
+                    return
+                for t, payload in fr.feed(data):
+                    if t == P.STDIN:
+                        stdin_q.put_nowait(payload)
+                    elif t == P.STDIN_EOF:
+                        stdin_q.put_nowait(b"")
+
+        pump = asyncio.create_task(pump_client())
+        try:
+            result = await run_task
+            writer.write(P.jframe(P.EXIT, {k: v for k, v in result.to_dict().items() if k not in ("stdout", "stderr")}))
+            await writer.drain()
+        except asyncio.CancelledError:
+            pass
+        finally:
+            pump.cancel()
+            owner.release(spec.backend, sid)
+
+
+async def _read_request(reader: asyncio.StreamReader, fr: P.FrameReader) -> dict:
+    while True:
+        data = await reader.read(65536)
+        if not data:
+            raise ConnectionError("client closed before sending a request")
+        frames = fr.feed(data)
+        if frames:
+            t, payload = frames[0]
+            if t != P.REQUEST:
+                raise AgentKernelError("protocol error: the first frame must be a request")
+            return json.loads(payload)
+
+
+def _send_error(writer: asyncio.StreamWriter, exc: AgentKernelError) -> None:
+    try:
+        writer.write(P.jframe(P.ERROR, {"message": exc.message, "hint": exc.hint, "kind": type(exc).__name__,
+                                        "exit_code": exc.exit_code}))
+    except (ConnectionError, OSError, RuntimeError):
+        pass
+
+
+def _remove_stale_socket(sock: str) -> None:
+    """Refuse to start twice; remove a socket no daemon answers on."""
+    import socket as _socket
+
+    if not os.path.exists(sock):
+        return
+    s = _socket.socket(_socket.AF_UNIX)
+    try:
+        s.settimeout(1.0)
+        s.connect(sock)
+    except OSError:
+        os.unlink(sock)
+        return
+    finally:
+        s.close()
+    raise AgentKernelError(f"a daemon is already running on {sock}", hint="agentkernel daemon status")
+
+
+def load_daemon_config(args_pool: dict[str, Any] | None = None, warm_flags: list[str] | None = None):
+    """[pool] defaults + [[pool.warm]] entries from agentkernel.toml, overridden by flags."""
+    from .. import config
+
+    cfg = config.load_config(config.find_config(None, os.getcwd()))
+    pool = dict(cfg.get("pool", {}))
+    warm_entries = pool.pop("warm", [])
+    pool.update({k: v for k, v in (args_pool or {}).items() if v is not None})
+    defaults = PoolConfig.from_dict(pool)
+    warm: list[tuple[SandboxSpec, PoolConfig]] = []
+    for entry in warm_entries:
+        e = dict(entry)
+        sizes = {k: e.pop(k) for k in ("min", "max", "max_age_s", "wait_s") if k in e}
+        spec = config.resolve_spec(e, config={k: v for k, v in cfg.items() if k != "pool"})
+        warm.append((spec, PoolConfig.from_dict({**defaults.to_dict(), **sizes})))
+    for w in warm_flags or []:
+        parts = w.split(":")
+        flags = {"backend": parts[0] or None}
+        if len(parts) > 1 and parts[1]:
+            flags["image"] = parts[1]
+        if len(parts) > 2 and parts[2]:
+            flags["profile"] = parts[2]
+        spec = config.resolve_spec(flags, config={k: v for k, v in cfg.items() if k != "pool"})
+        warm.append((spec, defaults))
+    if not warm:
+        warm.append((config.resolve_spec({}, config={k: v for k, v in cfg.items() if k != "pool"}), defaults))
+    return defaults, warm
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="agentkernel-daemon")
+    p.add_argument("--pool-min", type=int)
+    p.add_argument("--pool-max", type=int)
+    p.add_argument("--max-age", type=float)
+    p.add_argument("--max-concurrent-starts", type=int)
+    p.add_argument("--warm", action="append", default=[], metavar="BACKEND[:IMAGE[:PROFILE]]")
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        defaults, warm = load_daemon_config(
+            {"min": a.pool_min, "max": a.pool_max, "max_age_s": a.max_age,
+             "max_concurrent_starts": a.max_concurrent_starts}, a.warm)
+        os.environ["AGENTKERNEL_NO_DAEMON"] = "1"
+        asyncio.run(Daemon(pool_defaults=defaults, warm=warm).serve())
+    except AgentKernelError as exc:
+        log.error("%s%s", exc.message, f" (hint: {exc.hint})" if exc.hint else "")
+        return 1
+    return 0

@@ -1,0 +1,246 @@
+"""Warm pools of started sandboxes, keyed by the full effective spec (``SandboxSpec.pool_key``).
+
+Rules (DESIGN.md "Use once"):
+- every member is created and started with the agent, and health-checked (agent ping) at hand-out;
+- each member serves exactly one run and is then destroyed in the background; nothing is reused;
+- the pool refills in the background to ``min_size``, never above ``max_size`` members alive, with at
+  most ``max_concurrent_starts`` starts at once across all pools (a shared semaphore);
+- members older than ``max_age_s`` are replaced;
+- an empty pool makes the caller wait up to ``wait_s`` for a member being started, then cold-starts
+  one for it: acquire never fails because the pool is exhausted.
+Pool members are owned by the daemon process (ownership journal + labels), so a SIGKILLed daemon's
+members are reaped by the next agentkernel command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import Any
+
+from . import owner
+from .backends.base import Backend, SandboxRef
+from .spec import SandboxSpec
+
+
+class PoolConfig:
+    __slots__ = ("max_age_s", "max_concurrent_starts", "max_size", "min_size", "wait_s")
+
+    def __init__(self, min_size: int = 2, max_size: int = 8, max_age_s: float = 600.0,
+                 max_concurrent_starts: int = 2, wait_s: float = 5.0) -> None:
+        from .errors import ConfigError
+
+        if min_size < 0 or max_size < 1 or min_size > max_size:
+            raise ConfigError(f"pool sizes must satisfy 0 <= min <= max and max >= 1 (min={min_size}, max={max_size})")
+        if max_concurrent_starts < 1:
+            raise ConfigError("pool max_concurrent_starts must be at least 1")
+        self.min_size, self.max_size, self.max_age_s = min_size, max_size, max_age_s
+        self.max_concurrent_starts, self.wait_s = max_concurrent_starts, wait_s
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PoolConfig:
+        return cls(min_size=int(d.get("min", 2)), max_size=int(d.get("max", 8)),
+                   max_age_s=float(d.get("max_age_s", 600)),
+                   max_concurrent_starts=int(d.get("max_concurrent_starts", 2)),
+                   wait_s=float(d.get("wait_s", 5.0)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min": self.min_size, "max": self.max_size, "max_age_s": self.max_age_s,
+                "max_concurrent_starts": self.max_concurrent_starts, "wait_s": self.wait_s}
+
+
+class Member:
+    __slots__ = ("created", "ref", "start_ms")
+
+    def __init__(self, ref: SandboxRef, start_ms: float) -> None:
+        self.ref = ref
+        self.start_ms = start_ms
+        self.created = time.monotonic()
+
+
+class WarmPool:
+    def __init__(self, spec: SandboxSpec, backend: Backend, cfg: PoolConfig, start_sem: asyncio.Semaphore,
+                 owner_info: dict[str, Any]) -> None:
+        self.spec = spec
+        self.key = spec.pool_key()
+        self.backend = backend
+        self.cfg = cfg
+        self._sem = start_sem
+        self._owner = owner_info
+        self.ready: collections.deque[Member] = collections.deque()
+        self._starting = 0
+        self._in_use = 0
+        self._tasks: set[asyncio.Task] = set()
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._closed = False
+        self.last_used = time.monotonic()
+        self.stats = {"hits": 0, "misses": 0, "cold_starts": 0, "started": 0, "destroyed": 0,
+                      "start_failures": 0, "health_failures": 0, "expired": 0, "refill_ms_total": 0.0,
+                      "refill_ms_last": None, "last_error": None}
+
+    # -- public --
+    def alive(self) -> int:
+        return len(self.ready) + self._starting + self._in_use
+
+    async def acquire(self) -> tuple[Member, bool]:
+        """A started, healthy member for exactly one use, and whether it came warm from the pool."""
+        self.last_used = time.monotonic()
+        while self.ready:
+            m = self.ready.popleft()
+            if await self._healthy(m):
+                self.stats["hits"] += 1
+                self._in_use += 1
+                self.refill()
+                return m, True
+            self.stats["health_failures"] += 1
+            self._spawn(self._destroy(m))
+        self.stats["misses"] += 1
+        self.refill()
+        if self._starting:
+            fut: asyncio.Future[Member] = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                m = await asyncio.wait_for(asyncio.shield(fut), self.cfg.wait_s)
+                self._in_use += 1
+                return m, False
+            except TimeoutError:
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+                elif fut.done() and not fut.cancelled() and fut.exception() is None:
+                    self._in_use += 1
+                    return fut.result(), False
+        self.stats["cold_starts"] += 1
+        m = await self._start_member(use_semaphore=False)
+        self._in_use += 1
+        return m, False
+
+    def release(self, m: Member) -> None:
+        """The member has served its one run: destroy it and top the pool up."""
+        self._in_use -= 1
+        self._spawn(self._destroy(m))
+        self.refill()
+
+    def refill(self) -> None:
+        if self._closed:
+            return
+        want = self.cfg.min_size - (len(self.ready) + self._starting)
+        room = self.cfg.max_size - self.alive()
+        for _ in range(max(0, min(want, room))):
+            self._starting += 1
+            self._spawn(self._refill_one())
+
+    async def maintain(self) -> None:
+        """Replace members older than max_age."""
+        now = time.monotonic()
+        keep: collections.deque[Member] = collections.deque()
+        while self.ready:
+            m = self.ready.popleft()
+            if now - m.created > self.cfg.max_age_s:
+                self.stats["expired"] += 1
+                self._spawn(self._destroy(m))
+            else:
+                keep.append(m)
+        self.ready = keep
+        self.refill()
+
+    async def close(self) -> None:
+        self._closed = True
+        for fut in self._waiters:
+            fut.cancel()
+        while self.ready:
+            await self._destroy(self.ready.popleft())
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        while self.ready:  # members that finished starting while we cancelled
+            await self._destroy(self.ready.popleft())
+
+    def status(self) -> dict[str, Any]:
+        st = dict(self.stats)
+        started = st["started"] or 0
+        st["refill_ms_avg"] = round(st.pop("refill_ms_total") / started, 1) if started else None
+        total = st["hits"] + st["misses"]
+        st["hit_rate"] = round(st["hits"] / total, 3) if total else None
+        return {"key": self.key, "backend": self.spec.backend, "image": self.spec.image,
+                "profile": self.spec.policy.profile, "ready": len(self.ready), "starting": self._starting,
+                "in_use": self._in_use, "config": self.cfg.to_dict(), "metrics": st}
+
+    # -- internals --
+    def _spawn(self, coro) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def _refill_one(self) -> None:
+        try:
+            m = await self._start_member(use_semaphore=True, counted=True)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.stats["start_failures"] += 1
+            self.stats["last_error"] = str(exc)[:300]
+            await asyncio.sleep(1.0)  # back off; the next acquire/maintain refills again
+            return
+        if self._closed:
+            await self._destroy(m)
+            return
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(m)
+                return
+        self.ready.append(m)
+
+    async def _start_member(self, *, use_semaphore: bool, counted: bool = False) -> Member:
+        sid = owner.new_id("pool")
+        owner.claim(self.spec.backend, sid, {"container": f"agentkernel-{sid}"}, self._owner)
+        t0 = time.perf_counter()
+        try:
+            if use_semaphore:
+                async with self._sem:
+                    ref = await self._create_and_start(sid)
+            else:
+                ref = await self._create_and_start(sid)
+        except BaseException:
+            try:
+                await self.backend.remove(SandboxRef(self.spec.backend, sid, {"container": f"agentkernel-{sid}"},
+                                                     self.spec))
+            finally:
+                owner.release(self.spec.backend, sid)
+                if counted:
+                    self._starting -= 1
+            raise
+        ms = (time.perf_counter() - t0) * 1e3
+        if counted:
+            self._starting -= 1
+        self.stats["started"] += 1
+        self.stats["refill_ms_total"] += ms
+        self.stats["refill_ms_last"] = round(ms, 1)
+        return Member(ref, ms)
+
+    async def _create_and_start(self, sid: str) -> SandboxRef:
+        ref = await self.backend.create(self.spec, sandbox_id=sid, owner=self._owner)
+        owner.claim(self.spec.backend, sid, ref.handle, self._owner)
+        await self.backend.start(ref)
+        return ref
+
+    async def _healthy(self, m: Member) -> bool:
+        if time.monotonic() - m.created > self.cfg.max_age_s:
+            return False
+        check = getattr(self.backend, "healthy", None)
+        if check is None:
+            return True
+        try:
+            return bool(await asyncio.wait_for(check(m.ref), 2.0))
+        except Exception:
+            return False
+
+    async def _destroy(self, m: Member) -> None:
+        try:
+            await self.backend.remove(m.ref)
+            owner.release(m.ref.backend, m.ref.id)
+            self.stats["destroyed"] += 1
+        except Exception as exc:  # keep the journal entry: the daemon's next sweep or the next CLI retries
+            self.stats["last_error"] = f"destroy {m.ref.id}: {exc}"[:300]
