@@ -28,6 +28,7 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -504,8 +505,9 @@ static void conn_flush(conn_t *c) {
 
 static void kill_group(stream_t *s, int sig) {
     if (s->pid <= 0 || !s->running) return;
-    kill(-s->pid, sig);
-    if (sig == SIGKILL) kill(s->pid, sig); /* in case it left its process group */
+    /* ESRCH: the child has not called setsid() yet (STARTED is sent right after fork); its signals
+     * are blocked until it has reset their dispositions, so signalling the pid is enough */
+    if (kill(-s->pid, sig) < 0 || sig == SIGKILL) kill(s->pid, sig);
 }
 
 static void stream_release(stream_t *s) {
@@ -567,6 +569,26 @@ static void child_fail(int errfd, int stage) {
     ssize_t r = write(errfd, v, sizeof v);
     (void)r;
     _exit(stage == STAGE_EXEC ? exec_errno_code(v[1]) : 126);
+}
+
+/* in the child: close every fd >= lowfd the agent itself may have inherited without CLOEXEC */
+static void close_from(int lowfd) {
+#ifdef SYS_close_range
+    if (syscall(SYS_close_range, (unsigned)lowfd, ~0u, 0u) == 0) return;
+#endif
+    DIR *d = opendir("/proc/self/fd");
+    if (d) {
+        int dfd = dirfd(d);
+        struct dirent *e;
+        while ((e = readdir(d))) {
+            int fd = atoi(e->d_name);
+            if (fd >= lowfd && fd != dfd) close(fd);
+        }
+        closedir(d);
+        return;
+    }
+    long max = sysconf(_SC_OPEN_MAX);
+    for (int fd = lowfd; fd < (max > 0 && max < 65536 ? max : 65536); fd++) close(fd);
 }
 
 static int move_fd(int fd, int target) {
@@ -762,7 +784,14 @@ static void exec_start(conn_t *c, uint32_t sid, rd_t *r) {
     }
     s->oom_before = oom_count();
     s->start_us = now_us();
+    /* Block every signal across fork: a signal sent to the new process group before the child has
+     * reset its dispositions stays pending (instead of running the agent's handler or being dropped
+     * as ignored) and is delivered with the default action once reset_signals() unblocks it. */
+    sigset_t all, old;
+    sigfillset(&all);
+    sigprocmask(SIG_SETMASK, &all, &old);
     pid_t pid = fork();
+    if (pid != 0) sigprocmask(SIG_SETMASK, &old, NULL);
     if (pid < 0) goto sysfail;
     if (pid == 0) {
         int ef = pfd_e[1];
@@ -779,6 +808,12 @@ static void exec_start(conn_t *c, uint32_t sid, rd_t *r) {
             if (move_fd(pfd_in[0], 0) < 0 || move_fd(pfd_out[1], 1) < 0 || move_fd(pfd_err[1], 2) < 0)
                 child_fail(ef, STAGE_DUP);
         }
+        /* keep only 0..2 and the error pipe (moved to fd 3) */
+        if (ef != 3) {
+            if (dup3(ef, 3, O_CLOEXEC) < 0) child_fail(ef, STAGE_DUP);
+            ef = 3;
+        }
+        close_from(4);
         if (flags & X_SET_GID) {
             gid_t g = gid;
             if (setgroups(1, &g) < 0 && errno != EPERM) child_fail(ef, STAGE_SETGROUPS);
@@ -1587,7 +1622,11 @@ static int exec_main(int argc, char **argv) {
     setup_signals(fwd, 7);
     prctl(PR_SET_CHILD_SUBREAPER, 1);
     int tty = isatty(0);
+    sigset_t all, old;
+    sigfillset(&all);
+    sigprocmask(SIG_SETMASK, &all, &old); /* see exec_start: nothing is lost or mishandled across fork */
     pid_t child = fork();
+    if (child != 0) sigprocmask(SIG_SETMASK, &old, NULL);
     if (child < 0) {
         perror("ak-agent: fork");
         return 125;
@@ -1595,7 +1634,7 @@ static int exec_main(int argc, char **argv) {
     if (child == 0) {
         setpgid(0, 0);
         if (tty) {
-            signal(SIGTTOU, SIG_IGN);
+            signal(SIGTTOU, SIG_IGN); /* blocked anyway, but tcsetpgrp checks the disposition */
             tcsetpgrp(0, getpid());
         }
         reset_signals();

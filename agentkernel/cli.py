@@ -234,6 +234,8 @@ def _dispatch(args) -> int:
     cmd = args.cmd
     if cmd == "run":
         command = _strip_dashdash(args.command)
+        if args.module:  # a wasm module's argv[0] is its own name, like a program's
+            command = [os.path.basename(args.module), *command]
         if not command:
             _err("no command given", "agentkernel run -- echo hello")
             return 2

@@ -132,6 +132,16 @@ build_agent() {
   fi
 }
 
+build_wasm() {
+  step "wasm shell"
+  make -s -C "$REPO/wasm" >"$LOG_DIR/wasm-build.log" 2>&1 \
+    || { tail -30 "$LOG_DIR/wasm-build.log" >&2; die "building the wasm shell failed (log: $LOG_DIR/wasm-build.log)"; }
+  # compile the guests once (cached on disk) so the first python3 run does not pay CPython's ~3 s compile
+  "$VENV/bin/python" -c "from agentkernel.wasm import runtime as rt, python as py, shell; rt.load_module(shell.aksh_path()); rt.load_module(py.cpython_path()); rt.load_module(py.micropython_path())" \
+    >>"$LOG_DIR/wasm-build.log" 2>&1 || info "wasm module pre-compilation skipped"
+  info "built $REPO/build/wasm/aksh.wasm"
+}
+
 build_images() {
   step "local images"
   "$VENV/bin/python" -m agentkernel.images build-all ${AGENTKERNEL_SETUP_IMAGES:-}
@@ -142,5 +152,6 @@ configure_podman
 start_dockerd
 python_env
 build_agent
+build_wasm
 build_images
 step "setup complete"

@@ -262,7 +262,7 @@ class SyncAgentClient:
         poller = select.poll()
         while True:
             # stdin from bytes: queue a slice while the outbound buffer has room
-            if stdin_bytes is not None and len(self._out) < _OUT_HIGH:
+            while stdin_bytes is not None and len(self._out) < _OUT_HIGH:
                 chunk = stdin_bytes[stdin_pos:stdin_pos + P.PUT_CHUNK]
                 stdin_pos += len(chunk)
                 if chunk:
@@ -300,7 +300,7 @@ class SyncAgentClient:
                     return P.decode_exit(pl)
                 elif ft == P.R_ERROR:
                     raise P.decode_error(pl)
-            if self._frames:
+            if self._frames or (stdin_bytes is not None and len(self._out) < _OUT_HIGH):
                 continue
             # wait for: agent data, room to write to the agent, stdin data, a wake-up (signal/resize)
             poller = select.poll()

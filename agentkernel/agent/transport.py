@@ -122,7 +122,7 @@ class StdioProcessTransport(Transport):
             pass
         try:
             await asyncio.wait_for(p.wait(), timeout)
-        except (asyncio.TimeoutError, ProcessLookupError):
+        except (TimeoutError, ProcessLookupError):
             try:
                 p.kill()
             except ProcessLookupError:

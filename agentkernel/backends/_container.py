@@ -16,6 +16,13 @@ from .. import paths
 from ..spec import DEFAULT_TMPFS_MB, SandboxSpec
 from .base import owner_labels
 
+# The controls every container engine here enforces (podman, docker; gVisor and Apple subtract).
+CONTAINER_CONTROLS = {
+    "network_none", "network_full", "read_only_root", "memory", "cpu", "pids", "disk_tmpfs",
+    "seccomp_default", "seccomp_restrictive", "cap_drop_all", "no_new_privileges", "non_root",
+    "mount_cwd", "env",
+}
+
 AGENT_DIR = "/.ak"  # where the agent binary and its socket directory appear inside a container
 AGENT_BIN_IN = f"{AGENT_DIR}/ak-agent"
 AGENT_RUN_IN = f"{AGENT_DIR}/run"

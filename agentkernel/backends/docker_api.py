@@ -172,8 +172,8 @@ class Call:
                     return
                 t = type(ev)
                 if t is h11.Response or (t is h11.InformationalResponse and ev.status_code == 101):
-                    self.head = Response(ev.status_code,
-                                         {k.decode().lower(): v.decode("latin-1") for k, v in ev.headers}, b"")
+                    headers = {k.decode().lower(): v.decode("latin-1") for k, v in ev.headers}
+                    self.head = Response(ev.status_code, headers, b"")
                     if ev.status_code == 101:
                         self.upgraded = True
                 elif t is h11.Data:
@@ -306,7 +306,8 @@ class SyncClient:
                 if isinstance(exc, TimeoutError):
                     raise SandboxError(f"dockerd did not answer {method} {path} in time") from None
                 if isinstance(exc, OSError):
-                    raise SandboxError(f"lost the connection to dockerd during {method} {path}: {exc}") from None
+                    raise SandboxError(f"lost the connection to dockerd during {method} {path}: {exc}",
+                                       hint=START_HINT) from None
                 raise
             except BaseException:
                 sock.close()
@@ -436,7 +437,11 @@ class SyncStream:
 
 
 class AsyncClient:
-    """asyncio client with a small pool of keep-alive connections (requests may run concurrently)."""
+    """asyncio client with a small pool of keep-alive connections (requests may run concurrently).
+
+    Connections are plain non-blocking sockets driven with ``loop.sock_recv``/``sock_sendall``, so an
+    idle one is not tied to the event loop that opened it (a backend object may outlive one
+    ``asyncio.run``)."""
 
     def __init__(self, path: str | None = None, *, version: str = API_VERSION,
                  timeout: float | None = DEFAULT_TIMEOUT, max_idle: int = 8) -> None:
@@ -444,22 +449,31 @@ class AsyncClient:
         self.version = version
         self.timeout = timeout
         self.max_idle = max_idle
-        self._idle: list[tuple[Any, Any, h11.Connection]] = []
+        self._idle: list[tuple[socket.socket, h11.Connection]] = []
 
-    async def connect(self):
+    async def connect(self) -> socket.socket:
         import asyncio
 
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
         try:
-            return await asyncio.open_unix_connection(self.path, limit=RECV_SIZE)
+            await asyncio.get_running_loop().sock_connect(s, self.path)
         except OSError as exc:
+            s.close()
             raise _unavailable(self.path, exc) from None
+        except BaseException:
+            s.close()
+            raise
+        return s
 
     @staticmethod
-    async def _exchange(reader, writer, call: Call) -> None:
-        writer.write(call.data)
-        await writer.drain()
+    async def _exchange(sock: socket.socket, call: Call) -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(sock, call.data)
         while not call.done:
-            data = await reader.read(RECV_SIZE)
+            data = await loop.sock_recv(sock, RECV_SIZE)
             call.feed(data)
             if not data and not call.done:
                 raise _lost(call)
@@ -474,29 +488,29 @@ class AsyncClient:
         for attempt in (0, 1):
             reused = bool(self._idle) and attempt == 0
             if reused:
-                reader, writer, conn = self._idle.pop()
+                sock, conn = self._idle.pop()
             else:
-                reader, writer = await self.connect()
-                conn = h11.Connection(h11.CLIENT)
+                sock, conn = await self.connect(), h11.Connection(h11.CLIENT)
             call = Call(conn, method, tgt, body=body, on_data=on_data)
             try:
-                await asyncio.wait_for(self._exchange(reader, writer, call), limit)
+                await asyncio.wait_for(self._exchange(sock, call), limit)
             except (SandboxError, OSError) as exc:
-                writer.close()
-                if reused and call.received == 0:
+                sock.close()
+                if reused and call.received == 0:  # the engine closed the idle connection: retry fresh
                     continue
                 if isinstance(exc, TimeoutError):
                     raise SandboxError(f"dockerd did not answer {method} {path} in time") from None
                 if isinstance(exc, OSError):
-                    raise SandboxError(f"lost the connection to dockerd during {method} {path}: {exc}") from None
+                    raise SandboxError(f"lost the connection to dockerd during {method} {path}: {exc}",
+                                       hint=START_HINT) from None
                 raise
             except BaseException:  # cancelled: the connection is in an unknown state
-                writer.close()
+                sock.close()
                 raise
             if call.reusable() and len(self._idle) < self.max_idle:
-                self._idle.append((reader, writer, conn))
+                self._idle.append((sock, conn))
             else:
-                writer.close()
+                sock.close()
             return call.response(ok)
         raise AssertionError("unreachable")
 
@@ -506,52 +520,56 @@ class AsyncClient:
     async def attach(self, container: str, *, stdin: bool, stdout: bool = True, stderr: bool = True,
                      logs: bool = False) -> AsyncStream:
         params = {"stream": True, "stdin": stdin, "stdout": stdout, "stderr": stderr, "logs": logs}
-        reader, writer = await self.connect()
+        sock = await self.connect()
         call = Call(h11.Connection(h11.CLIENT), "POST", target(f"/containers/{quote(container)}/attach",
                                                                 params, self.version), upgrade=True)
         try:
-            await self._exchange(reader, writer, call)
+            await self._exchange(sock, call)
             call.response()
             if not call.upgraded:
                 raise SandboxError(f"dockerd did not hijack the attach connection (HTTP {call.head.status})")
         except BaseException:
-            writer.close()
+            sock.close()
             raise
-        return AsyncStream(reader, writer, call.trailing)
+        return AsyncStream(sock, call.trailing)
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
-        for _, writer, _ in idle:
-            writer.close()
+        for sock, _ in idle:
+            sock.close()
 
 
 class AsyncStream:
     """A hijacked attach connection under asyncio."""
 
-    __slots__ = ("demux", "frames", "reader", "writer")
+    __slots__ = ("demux", "frames", "sock")
 
-    def __init__(self, reader, writer, trailing: bytes) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, sock: socket.socket, trailing: bytes) -> None:
+        self.sock = sock
         self.demux = Demuxer()
         self.frames: list[tuple[int, bytes]] = self.demux.feed(trailing) if trailing else []
 
     async def read(self) -> tuple[int, bytes] | None:
         """The next (stream, payload) frame, or None at end of stream."""
+        import asyncio
+
         while not self.frames:
-            data = await self.reader.read(RECV_SIZE)
+            data = await asyncio.get_running_loop().sock_recv(self.sock, RECV_SIZE)
             if not data:
                 return None
             self.frames = self.demux.feed(data)
         return self.frames.pop(0)
 
     async def write(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
+        import asyncio
+
+        await asyncio.get_running_loop().sock_sendall(self.sock, data)
 
     async def close_stdin(self) -> None:
-        if self.writer.can_write_eof():
-            self.writer.write_eof()
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
     def close(self) -> None:
-        self.writer.close()
+        self.sock.close()

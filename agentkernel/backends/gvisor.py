@@ -20,8 +20,9 @@ import os
 import shutil
 import subprocess
 
+from ._container import CONTAINER_CONTROLS
 from .base import Availability, Capabilities
-from .podman import CONTAINER_CONTROLS, PodmanBackend
+from .podman import PodmanBackend
 
 RUNSC = "/usr/bin/runsc"
 RUNSC_FLAGS = ("network=none", "platform=ptrace", "oci-seccomp", "host-uds=create")

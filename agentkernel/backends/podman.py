@@ -16,13 +16,8 @@ from typing import Any, ClassVar
 from ..errors import BackendUnavailable, SandboxError
 from . import _container
 from ._agent_container import AgentContainerBackend
+from ._container import CONTAINER_CONTROLS
 from .base import LABEL_MANAGED, Availability, Capabilities, SandboxInfo
-
-CONTAINER_CONTROLS = {
-    "network_none", "network_full", "read_only_root", "memory", "cpu", "pids", "disk_tmpfs",
-    "seccomp_default", "seccomp_restrictive", "cap_drop_all", "no_new_privileges", "non_root",
-    "mount_cwd", "env",
-}
 
 
 class PodmanBackend(AgentContainerBackend):

@@ -21,9 +21,9 @@ own output for the very same ``linux.seccomp``, so nothing is lost. runc and run
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import zlib
 
 CONVERTER_VERSION = "1"
 
@@ -129,7 +129,13 @@ def profile_key(name: str) -> str:
         break
     if name == "restrictive":
         parts.append(",".join(seccomp.RESTRICTIVE_DENY))
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+    return _digest("|".join(parts))
+
+
+def _digest(text: str) -> str:
+    # a cache key, not a security boundary: crc32 twice (hashlib's OpenSSL import costs ~3 ms per CLI run)
+    data = text.encode()
+    return f"{zlib.crc32(data):08x}{zlib.crc32(data[::-1]):08x}"
 
 
 def _atomic_write(path: str, data: bytes) -> None:
@@ -161,7 +167,7 @@ def _binary_stamp(path: str) -> str:
 
 
 def crun_bpf_path(name: str, crun: str) -> str:
-    key = hashlib.sha256(f"{profile_key(name)}|{crun}|{_binary_stamp(crun)}".encode()).hexdigest()[:20]
+    key = _digest(f"{profile_key(name)}|{crun}|{_binary_stamp(crun)}")
     return os.path.join(_cache_dir(), f"{key}.crun.bpf.b64")
 
 

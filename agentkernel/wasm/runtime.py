@@ -47,6 +47,7 @@ MIB = 1024 * 1024
 EXIT_TRAP = 134  # like `wasmtime run`: 128 + SIGABRT
 EXIT_TIMEOUT = 124
 EXIT_OOM = 137
+START_TIMEOUT = 10.0  # seconds a module's start function may run during instantiation
 
 _EINVAL = 28
 
@@ -80,17 +81,44 @@ def get_engine(fuel: bool = False) -> tuple[Any, str]:
             cfg.consume_fuel = fuel
             cfg.wasm_exceptions = True  # MicroPython's build uses exception handling
             got = (wasmtime.Engine(cfg), "epoch-exc-fuel" if fuel else "epoch-exc")
+            if not _ENGINES:
+                import atexit
+
+                atexit.register(_quiet_teardown)
             _ENGINES[fuel] = got
             TICKER.engines.append(got[0])
     return got
 
 
+def _quiet_teardown() -> None:
+    """At interpreter exit, skip wasmtime's destructors: module globals (ffi) are torn down before
+    the objects we cache, which otherwise prints 'Exception ignored in __del__' noise. The process is
+    exiting; the OS frees everything."""
+    try:
+        from wasmtime import _managed, _module, _trap
+
+        def noop(self: Any) -> None:
+            return None
+
+        for cls in (_managed.Managed, _module.ImportTypeList, _module.ExportTypeList, _trap.FrameList):
+            cls.__del__ = noop  # type: ignore[method-assign]
+    except Exception:
+        pass
+
+
 class _Ticker:
-    """Increments every engine's epoch every TICK seconds, only while at least one run is active."""
+    """Increments every engine's epoch every TICK seconds while runs are active.
+
+    ``enter``/``leave`` only take an uncontended lock: waking a thread per run would cost a GIL hand-off
+    (~100 us) on every short run. The thread polls at TICK while there is work and for a second after,
+    then sleeps on the condition until the next ``enter``."""
+
+    IDLE_S = 1.0
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self.active = 0
+        self.sleeping = False
         self.engines: list[Any] = []
         self.thread: threading.Thread | None = None
 
@@ -100,7 +128,8 @@ class _Ticker:
             if self.thread is None:
                 self.thread = threading.Thread(target=self._loop, name="ak-wasm-epoch", daemon=True)
                 self.thread.start()
-            elif self.active == 1:
+            elif self.sleeping:
+                self.sleeping = False
                 self.cond.notify()
 
     def leave(self) -> None:
@@ -108,13 +137,24 @@ class _Ticker:
             self.active -= 1
 
     def _loop(self) -> None:
+        idle_since: float | None = None
         while True:
-            with self.cond:
-                while self.active <= 0:
-                    self.cond.wait()
             time.sleep(TICK)
             for e in self.engines:
                 e.increment_epoch()
+            if self.active > 0:
+                idle_since = None
+                continue
+            now = time.monotonic()
+            if idle_since is None:
+                idle_since = now
+            elif now - idle_since > self.IDLE_S:
+                with self.cond:
+                    if self.active <= 0:
+                        self.sleeping = True
+                        while self.sleeping:
+                            self.cond.wait()
+                idle_since = None
 
 
 TICKER = _Ticker()
@@ -168,11 +208,12 @@ class OutStream:
 
 
 class RunState:
-    __slots__ = ("cancel", "deadline", "exit_code", "outs", "stop_reason", "timed_out")
+    __slots__ = ("cancel", "clock0", "deadline", "exit_code", "outs", "stop_reason", "timed_out")
 
     def __init__(self, deadline: float | None, outs: tuple[OutStream, OutStream],
-                 cancel: threading.Event | None) -> None:
+                 cancel: threading.Event | None, clock0: int = 0) -> None:
         self.deadline = deadline
+        self.clock0 = clock0  # host monotonic ns at the guest's monotonic zero (its WasiConfig's creation)
         self.outs = outs
         self.cancel = cancel
         self.exit_code: int | None = None
@@ -200,7 +241,7 @@ def _state() -> RunState | None:
 def _host_proc_exit(code: int) -> None:
     st = _state()
     if st is not None:
-        st.exit_code = code & 0xFF if code >= 0 else (code & 0xFF)
+        st.exit_code = code & 0xFF  # like a POSIX exit status
     raise _Stop("exit")
 
 
@@ -215,19 +256,19 @@ def _host_poll_oneoff(caller: Any, in_ptr: int, out_ptr: int, nsubs: int, nevent
     fd_events: list[tuple[int, int]] = []
     clocks: list[tuple[int, int]] = []  # (wake time in host monotonic ns, userdata)
     now = time.monotonic_ns()
+    st = _state()
     for i in range(nsubs):
         base = 48 * i
         userdata, tag = struct.unpack_from("<QB", raw, base)
         if tag == 0:
             (clock_id,) = struct.unpack_from("<I", raw, base + 16)
             timeout, _precision, flags = struct.unpack_from("<QQH", raw, base + 24)
-            if flags & 1:  # absolute time
-                if clock_id == 0:  # realtime
+            rel = timeout
+            if flags & 1:  # absolute time: realtime, or the guest's monotonic clock (zero at clock0)
+                if clock_id == 0:
                     rel = timeout - time.time_ns()
-                else:  # the guest's monotonic clock has its own origin: treat as already due
-                    rel = 0
-            else:
-                rel = timeout
+                else:  # +50 us: never wake before the guest's own clock says so
+                    rel = timeout - (now - (st.clock0 if st is not None else now)) + 50_000
             clocks.append((now + max(0, rel), userdata))
         elif tag in (1, 2):  # fd read/write readiness: stdin is in memory, outputs are files: ready
             fd_events.append((userdata, tag))
@@ -238,7 +279,6 @@ def _host_poll_oneoff(caller: Any, in_ptr: int, out_ptr: int, nsubs: int, nevent
         events = fd_events
     else:
         wake = min(t for t, _ in clocks)
-        st = _state()
         while True:
             left = wake - time.monotonic_ns()
             if left <= 0:
@@ -337,6 +377,7 @@ def _make_linker(engine: Any, module: Any, name: str) -> Any:
 
 
 _LOADED: dict[tuple[str, str], LoadedModule] = {}
+_MAX_LOADED = 64
 _LOAD_LOCK = threading.Lock()
 
 
@@ -355,6 +396,17 @@ def _check_magic(data: bytes, name: str) -> bytes:
         except (UnicodeDecodeError, wasmtime.WasmtimeError) as exc:
             raise ValidationError(f"{name}: invalid WAT text: {_first_line(exc)}") from None
     raise ValidationError(f"{name}: not a WebAssembly module (no \\0asm header and not WAT text)")
+
+
+def _trap_text(exc: BaseException) -> str:
+    """'wasm trap: <cause>' from wasmtime's multi-line message (backtrace, then 'Caused by:')."""
+    text = str(getattr(exc, "message", None) or exc)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    cause = next((ln for ln in reversed(lines) if ln.startswith("wasm trap:")), None)
+    if cause is None:
+        cause = "wasm trap: " + (lines[-1] if lines else type(exc).__name__)
+    frames = [ln for ln in lines if ln[:1].isdigit() and ":" in ln]
+    return cause + (f" (at {frames[0].split(':', 1)[1].strip()})" if frames else "")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -412,6 +464,8 @@ def load_module(path: str | None = None, *, data: bytes | None = None, fuel: boo
         except wasmtime.WasmtimeError as exc:
             raise ValidationError(f"{label}: cannot compile: {_first_line(exc)}") from None
         loaded = LoadedModule(label, digest, engine, ekey, mod, fuel, source)
+        while len(_LOADED) >= _MAX_LOADED:  # a long-lived daemon sees many modules: keep the newest
+            _LOADED.pop(next(iter(_LOADED)))
         _LOADED[(digest, ekey)] = loaded
         return loaded
 
@@ -439,16 +493,29 @@ class FsPlan:
 
 
 def scratch_base() -> str:
-    base = os.environ.get("AGENTKERNEL_WASM_SCRATCH") or os.path.join(tempfile.gettempdir(), "agentkernel-wasm")
-    os.makedirs(base, mode=0o700, exist_ok=True)
-    return base
+    """Where one-shot scratch roots live: tmpfs (/dev/shm) when writable, since mkdir/rmdir there cost
+    ~10 us against ~150 us on the disk filesystem; $AGENTKERNEL_WASM_SCRATCH overrides."""
+    global _SCRATCH
+    env = os.environ.get("AGENTKERNEL_WASM_SCRATCH")
+    if env:
+        os.makedirs(env, mode=0o700, exist_ok=True)
+        return env
+    if _SCRATCH is None:
+        parent = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+        base = os.path.join(parent, f"agentkernel-wasm-{os.geteuid()}")
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        _SCRATCH = base
+    return _SCRATCH
+
+
+_SCRATCH: str | None = None
 
 
 class Prepared:
     """One pre-instantiated, never-used sandbox instance."""
 
-    __slots__ = ("entry", "err_fd", "error", "instance", "loaded", "made_dirs", "out_fd", "store", "wasi",
-                 "workdir")
+    __slots__ = ("clock0", "entry", "err_fd", "error", "instance", "loaded", "made_dirs", "out_fd", "store",
+                 "wasi", "workdir")
 
     def __init__(self) -> None:
         self.store: Any = None
@@ -461,6 +528,7 @@ class Prepared:
         self.error: tuple[int, str, bool] | None = None  # (exit code, message, oom)
         self.loaded: LoadedModule | None = None
         self.workdir: str | None = None
+        self.clock0 = 0
 
     def discard(self) -> None:
         """Drop everything this instance held (fds, scratch directories). Idempotent."""
@@ -495,10 +563,18 @@ def prepare(loaded: LoadedModule, memory_bytes: int | None, fs: FsPlan) -> Prepa
         _EPOCH_CB = _epoch_callback_factory()
     ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), _EPOCH_CB[0], None, _EPOCH_CB[1])
     p.store = store
+    # a module's start function runs during instantiation: bound it like a run
+    guard = RunState(time.monotonic() + START_TIMEOUT, (), None)
+    _TLS.state = guard
+    TICKER.enter()
     try:
         p.instance = loaded.pre.instantiate(store)
     except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
         msg = _first_line(exc)
+        if guard.timed_out:
+            p.error = (EXIT_TIMEOUT, f"agentkernel: {loaded.name}: its start function ran for more than "
+                                     f"{START_TIMEOUT:g} s", False)
+            return p
         oom = "memory" in msg and ("limit" in msg or "minimum" in msg or "exceed" in msg)
         if oom and memory_bytes is not None:
             msg = (f"agentkernel: {loaded.name}: instantiation failed: its initial linear memory is over the "
@@ -507,7 +583,11 @@ def prepare(loaded: LoadedModule, memory_bytes: int | None, fs: FsPlan) -> Prepa
         else:
             p.error = (EXIT_TRAP, f"agentkernel: {loaded.name}: instantiation failed: {msg}", False)
         return p
+    finally:
+        TICKER.leave()
+        _TLS.state = None
     wasi = wasmtime.WasiConfig()
+    p.clock0 = time.monotonic_ns()  # wasmtime's WASI monotonic clock starts with the config
     p.out_fd = os.memfd_create("ak-wasm-stdout", os.MFD_CLOEXEC)
     p.err_fd = os.memfd_create("ak-wasm-stderr", os.MFD_CLOEXEC)
     wasi.stdout_file = f"/proc/self/fd/{p.out_fd}"
@@ -515,7 +595,7 @@ def prepare(loaded: LoadedModule, memory_bytes: int | None, fs: FsPlan) -> Prepa
     root = fs.root
     if root is not None:
         if root == "scratch":
-            root = tempfile.mkdtemp(prefix="ak-", dir=fs.scratch_base or scratch_base())
+            root = tempfile.mkdtemp(prefix=f"ak-{os.getpid()}-", dir=fs.scratch_base or scratch_base())
             p.made_dirs.append(root)
         writable_dirs: list[tuple[str, str]] = []
         if fs.read_only_root:
@@ -528,8 +608,12 @@ def prepare(loaded: LoadedModule, memory_bytes: int | None, fs: FsPlan) -> Prepa
                 host_wd = (root.rstrip("/") + ".work" if fs.root == "scratch"
                            else os.path.join(os.path.dirname(root), "work"))
                 writable_dirs.append((host_wd, wd))
-            else:
+            elif fs.root == "scratch":
                 os.makedirs(os.path.join(root, wd.lstrip("/")), exist_ok=True)
+            else:  # a named sandbox's directory: the guest may have planted symlinks in it
+                from .fs import makedirs
+
+                makedirs(root, wd)
         wasi.preopen_dir(root, "/", not fs.read_only_root)
         for host, guest in writable_dirs:
             os.makedirs(host, mode=0o700, exist_ok=True)
@@ -614,7 +698,7 @@ def run_prepared(p: Prepared, argv: list[str], env: dict[str, str] | None = None
     assert loaded is not None
     if p.error is not None:
         code, msg, oom = p.error
-        return RawResult(code, b"", (msg + "\n").encode(), oom_killed=oom)
+        return RawResult(code, b"", (msg + "\n").encode(), oom_killed=oom, timed_out=code == EXIT_TIMEOUT)
     if func is not None:
         ftype = resolve_func(loaded, func)
         values = _convert_args(loaded, func, ftype, func_args or [])
@@ -639,7 +723,7 @@ def run_prepared(p: Prepared, argv: list[str], env: dict[str, str] | None = None
         def fwd2(b: bytes) -> Any:
             return on_output(2, b)
     outs = (OutStream(p.out_fd, output_limit, fwd1), OutStream(p.err_fd, output_limit, fwd2))
-    st = RunState(time.monotonic() + timeout if timeout else None, outs, cancel)
+    st = RunState(time.monotonic() + timeout if timeout else None, outs, cancel, p.clock0)
     if fuel is not None:
         if not loaded.fuel:
             raise SandboxError("internal: fuel requested on a module loaded without fuel metering")
@@ -687,7 +771,7 @@ def run_prepared(p: Prepared, argv: list[str], env: dict[str, str] | None = None
                 extra_err = f"agentkernel: {loaded.name}: stopped by the {timeout:g} s time limit\n".encode()
             else:
                 code = EXIT_TRAP
-                extra_err = f"agentkernel: {loaded.name}: wasm trap: {_first_line(exc)}\n".encode()
+                extra_err = f"agentkernel: {loaded.name}: {_trap_text(exc)}\n".encode()
         elif isinstance(exc, _Stop):  # another thread's exit raced us through wasmtime's global slot
             code = EXIT_TRAP
             extra_err = f"agentkernel: {loaded.name}: wasm trap\n".encode()

@@ -9,6 +9,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 
 import pytest
@@ -16,6 +17,7 @@ from akagent_helpers import ENV, run, start_agent, stop_agent, wait_until
 
 from agentkernel.agent import protocol as P
 from agentkernel.agent.client import AgentClient
+from agentkernel.agent.protocol import AgentConnectionLost
 from agentkernel.agent.sync_client import SyncAgentClient
 from agentkernel.agent.transport import StdioProcessTransport
 
@@ -117,16 +119,22 @@ def test_sigterm_stops_agent_and_its_commands(agent_bin, tmp_path):
     proc = start_agent([agent_bin, "serve", "--listen", sock], sock)
     c = SyncAgentClient.connect_unix(sock)
     pids = []
-    import threading
+    errors = []
 
-    t = threading.Thread(target=lambda: pytest.raises(Exception, c.exec_stream, ["sleep", "4326.5"], ENV,
-                                                      on_started=pids.append))
+    def target():
+        try:
+            c.exec_stream(["sleep", "4326.5"], ENV, on_started=pids.append)
+        except Exception as e:
+            errors.append(e)
+
+    t = threading.Thread(target=target)
     t.start()
     assert wait_until(lambda: pids, 3)
     proc.terminate()
     assert proc.wait(5) == 0
     t.join(5)
     c.close()
+    assert errors and isinstance(errors[0], AgentConnectionLost)
     assert not os.path.exists(sock)
     assert wait_until(lambda: not os.path.exists(f"/proc/{pids[0]}"), 3)
 
@@ -184,7 +192,8 @@ def test_pid1_reaps_orphans(agent_bin, tmp_path):
             assert wait_until(only_agent_left, 3)
         # PID 1 ignores signals it does not handle (sent from the parent namespace they would still
         # be delivered to a handler-less PID 1 only if they were SIGKILL/SIGSTOP)
-        agent_pid = int(open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()[0])
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            agent_pid = int(f.read().split()[0])
         for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGPIPE, signal.SIGALRM):
             os.kill(agent_pid, sig)
         time.sleep(0.1)
@@ -225,9 +234,9 @@ def test_exec_mode_exit_codes(agent_bin, tmp_path):
 
 def test_exec_mode_forwards_signals(agent_bin):
     for sig, script, want in (
-        (signal.SIGTERM, "echo ready; sleep 30", 128 + 15),
+        (signal.SIGTERM, "echo ready; exec sleep 30", 128 + 15),
         (signal.SIGUSR1, 'trap "exit 3" USR1; echo ready; while :; do sleep 0.05; done', 3),
-        (signal.SIGINT, "echo ready; sleep 30", 128 + 2),
+        (signal.SIGINT, "echo ready; exec sleep 30", 128 + 2),
         (signal.SIGHUP, 'trap "exit 4" HUP; echo ready; while :; do sleep 0.05; done', 4),
     ):
         p = subprocess.Popen([agent_bin, "exec", "--", "sh", "-c", script],

@@ -137,7 +137,7 @@ def test_disconnect_kills_command(agent):
         c = await _connect(agent)
         proc = await c.start(["sh", "-c", f"sleep {marker}; echo never"], env=ENV, capture=True)
         pid = await proc.started()
-        assert procs_with(marker)
+        assert wait_until(lambda: procs_with(marker), 3)
         await c.close()
         with pytest.raises(AgentConnectionLost):
             await proc.wait()
@@ -186,7 +186,7 @@ def test_signal_forwarding_to_group(agent):
             proc = await c.start(["sh", "-c", 'trap "echo got-usr1; exit 7" USR1; echo ready; '
                                   "while :; do sleep 0.05; done"], env=ENV)
             seen = b""
-            async for fd, data in proc:
+            async for _fd, data in proc:
                 seen += data
                 if b"ready" in seen and b"got" not in seen:
                     await proc.signal(signal.SIGUSR1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
@@ -72,7 +73,7 @@ def container(image, agent_bin, tmp_path):
     rundir = tmp_path / "run"
     rundir.mkdir()
     os.chmod(rundir, 0o777)  # the agent runs as uid 1000 and creates its socket here
-    argv = ["run", "-d", "--rm", "--network", "none", "--memory", "64m", "--pids-limit", "128",
+    argv = ["run", "-d", "--rm", "--network", "none", "--memory", "128m", "--pids-limit", "128",
             "-v", f"{agent_bin}:/.ak/ak-agent:ro", "-v", f"{rundir}:/run/ak", "-u", "1000:1000",
             "--cap-drop", "all", "--security-opt", "no-new-privileges", image,
             "/.ak/ak-agent", "serve", "--listen", "/run/ak/agent.sock"]
@@ -91,6 +92,19 @@ def container(image, agent_bin, tmp_path):
         _podman("rm", "-f", "-t", "0", cid, check=False)
 
 
+def _agent_state(cid: str) -> str:
+    """For failure messages: what the agent (PID 1 of the container) is doing."""
+    pid = _podman("inspect", "-f", "{{.State.Pid}}", cid, check=False).stdout.strip()
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            state = [line.strip() for line in f if line.startswith(("State", "VmRSS"))]
+        with open(f"/proc/{pid}/wchan") as f:
+            state.append("wchan " + f.read())
+    except OSError as e:
+        state = [str(e)]
+    return f"agent pid {pid}: {state}"
+
+
 def test_agent_in_container(container):
     cid, sock, rundir = container
     with SyncAgentClient.connect_unix(sock) as c:
@@ -101,11 +115,6 @@ def test_agent_in_container(container):
         assert c.exec(["id", "-u"], ENV).stdout == b"1000\n"
         assert c.exec(["sh", "-c", "exit 77"], ENV).exit_code == 77
         assert c.exec(["nope"], ENV).exit_code == 127
-        # OOM: the container has 64 MiB; dd allocates a 200 MiB buffer and is killed by the kernel
-        r = c.exec(["dd", "if=/dev/zero", "of=/dev/null", "bs=200M", "count=1"], ENV)
-        assert r.signal == 9 and not r.timed_out
-        if info.oom_source:
-            assert r.oom, r
 
     data = os.urandom(5 << 20)
 
@@ -123,8 +132,22 @@ def test_agent_in_container(container):
             r = await c.exec(["tty"], env=ENV, tty=True)
             assert r.stdout.startswith(b"/dev/pts/")
 
-    run(files())
+    async def guarded():
+        try:
+            await asyncio.wait_for(files(), 20)
+        except TimeoutError:
+            raise AssertionError(f"file transfer stalled; {_agent_state(cid)}") from None
+
+    run(guarded())
     assert (rundir / "up" / "data.bin").read_bytes() == data
+
+    with SyncAgentClient.connect_unix(sock) as c:
+        # OOM: the container has 128 MiB; dd allocates a 400 MiB buffer and the kernel kills it
+        r = c.exec(["dd", "if=/dev/zero", "of=/dev/null", "bs=400M", "count=1"], ENV, timeout=20)
+        assert r.signal == 9 and not r.timed_out, r
+        if c.info().oom_source:
+            assert r.oom, r
+        assert c.exec(["echo", "still-here"], ENV).stdout == b"still-here\n"
 
 
 def test_stdio_transport_via_podman_exec(container):

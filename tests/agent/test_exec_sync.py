@@ -223,7 +223,7 @@ def test_disconnect_kills_command(agent):
     while not any(f[0] == P.R_STARTED for f in frames):
         frames += dec.feed(s.recv(4096))
     pid = P.decode_u32(next(f[2] for f in frames if f[0] == P.R_STARTED))
-    assert procs_with(marker)
+    assert wait_until(lambda: procs_with(marker), 3)
     s.close()
     assert wait_until(lambda: not group_members(pid) and not procs_with(marker), 3)
 

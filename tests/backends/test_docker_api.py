@@ -50,7 +50,8 @@ def ensure_image() -> str:
         os.makedirs(f"{d}/workspace")
         os.makedirs(f"{d}/etc")
         subprocess.run(["cp", bb, f"{d}/bin/busybox"], check=True)
-        applets = subprocess.run([f"{d}/bin/busybox", "--list"], capture_output=True, text=True).stdout.split()
+        applets = subprocess.run([f"{d}/bin/busybox", "--list"], capture_output=True,
+                                 text=True).stdout.split()
         for a in applets:
             if a != "busybox":
                 os.symlink("busybox", f"{d}/bin/{a}")
@@ -269,3 +270,15 @@ def test_async_attach_stdin_with_eof_and_exit_code(image):
     assert stdout == payload
     assert stderr == b"done"
     assert code == 42
+
+
+def test_async_client_outlives_an_event_loop(image):
+    """A client (a backend object) used from two ``asyncio.run`` calls keeps its idle connection."""
+    api = AsyncClient()
+    assert asyncio.run(api.request("GET", "/_ping")).body == b"OK"
+    assert len(api._idle) == 1
+    first = api._idle[0][0]
+    assert asyncio.run(api.request("GET", "/_ping")).body == b"OK"
+    assert api._idle[0][0] is first
+    asyncio.run(api.aclose())
+    assert api._idle == [] and first.fileno() == -1

@@ -24,7 +24,7 @@ from agentkernel.backends import _container
 from agentkernel.backends.base import check_policy
 from agentkernel.backends.docker import DockerBackend, create_body
 from agentkernel.backends.docker_api import SyncClient
-from agentkernel.backends.podman import CONTAINER_CONTROLS
+from agentkernel.backends._container import CONTAINER_CONTROLS
 from agentkernel.errors import AlreadyExists, NotFound
 from agentkernel.owner import current_owner
 from agentkernel.spec import SandboxSpec
@@ -128,7 +128,7 @@ def _printf_all_bytes(reverse: bool = False) -> str:
     return "".join(f"\\{v:03o}" for v in vals)
 
 
-# ---- the plan as Engine API JSON (no engine needed) ---------------------------------------------------------
+# ---- the plan as Engine API JSON (no engine needed) -----------------------------------------------------
 
 
 def test_create_body_renders_the_plan():
@@ -154,6 +154,8 @@ def test_create_body_renders_the_plan():
     b2 = create_body(default, network="none", oneshot=False)
     assert b2["HostConfig"]["SecurityOpt"] == ["no-new-privileges"]  # the engine's default seccomp filter
     assert b2["Cmd"] == [] and not b2["OpenStdin"] and "LogConfig" not in b2["HostConfig"]
+    assert b2["NetworkDisabled"] is True and b2["HostConfig"]["NetworkMode"] == "none"
+    assert b["NetworkDisabled"] is False
 
 
 def test_capabilities_are_the_container_controls():
@@ -171,7 +173,8 @@ def test_probe(image, monkeypatch, tmp_path):
     assert a.details["api_version"] >= "1.41"
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/missing.sock")
     a = DockerBackend.probe()
-    assert not a.available and "does not exist" in a.reason and a.fix == "start dockerd: bash scripts/setup.sh"
+    assert not a.available and "does not exist" in a.reason
+    assert a.fix == "start dockerd: bash scripts/setup.sh"
     monkeypatch.setenv("DOCKER_HOST", "ssh://somewhere")
     a = DockerBackend.probe()
     assert not a.available and "not a unix socket" in a.reason
@@ -196,10 +199,12 @@ def test_oneshot_binary_stdout_stderr_separate(image, tmp_path):
 
 def test_oneshot_stdin_forwarded_until_eof(image, tmp_path):
     data = os.urandom(2 * 1024 * 1024 + 3) + ALL
-    rc, out, err, _ = oneshot(tmp_path, _spec(image), ["sh", "-c", "cat; printf END >&2"], input=data, stdin=True)
+    rc, out, err, _ = oneshot(tmp_path, _spec(image), ["sh", "-c", "cat; printf END >&2"], input=data,
+                              stdin=True)
     assert rc == 0 and out == data and err == b"END"
     # stdin attached but not forwarded: the container sees EOF at once (cat does not hang)
-    rc, out, _, _ = oneshot(tmp_path, _spec(image), ["cat"], input=b"not sent", stdin=True, forward_stdin=False)
+    rc, out, _, _ = oneshot(tmp_path, _spec(image), ["cat"], input=b"not sent", stdin=True,
+                            forward_stdin=False)
     assert rc == 0 and out == b""
 
 
@@ -250,7 +255,8 @@ def test_oneshot_name_conflict_leaves_the_other_container(image, tmp_path):
     name = f"agentkernel-{sid}"
     with SyncClient() as c:
         c.json("POST", "/containers/create", params={"name": name},
-               body={"Image": image, "Labels": {"agentkernel.managed": "true", "agentkernel.sandbox-id": sid}})
+               body={"Image": image,
+                     "Labels": {"agentkernel.managed": "true", "agentkernel.sandbox-id": sid}})
     try:
         p = _container.plan(_spec(image), sandbox_id=sid, owner=current_owner(), container_name=name,
                             argv=["true"])
@@ -281,6 +287,10 @@ echo "memsw=$(cat /sys/fs/cgroup/memory/memory.memsw.limit_in_bytes)"
 echo "pids=$(cat /sys/fs/cgroup/pids/pids.max)"
 echo "cpu=$(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us)/$(cat /sys/fs/cgroup/cpu/cpu.cfs_period_us)"
 echo "links=$(ls /sys/class/net | tr '\n' ' ')"
+echo "netns=$(readlink /proc/self/ns/net)"
+echo "hostname=$(hostname)"
+(nc -l -p 7777 -w 3 >/tmp/lo &) ; sleep 0.2; echo via-lo | nc -w 1 127.0.0.1 7777; sleep 0.1
+echo "lo=$(cat /tmp/lo)"
 touch /rootfile 2>/dev/null && echo root=writable || echo root=readonly
 echo data > /tmp/f && echo tmp=writable || echo tmp=readonly
 echo data > /workspace/f && echo workspace=writable || echo workspace=readonly
@@ -309,7 +319,8 @@ def test_hardening_applied_in_running_container(image, tmp_path):
     assert kv["uid"] == "1000 gid=1000"
     assert int(kv["mem"]) == int(kv["memsw"]) == 96 << 20
     assert kv["pids"] == "48" and kv["cpu"] == "50000/100000"
-    assert kv["links"] == "lo"
+    assert kv["links"] == "lo" and kv["lo"] == "via-lo"  # loopback is up
+    assert kv["netns"] != os.readlink("/proc/self/ns/net") and kv["hostname"] == "sandbox"
     assert kv["root"] == "readonly" and kv["tmp"] == "writable" and kv["workspace"] == "writable"
     assert kv["tmpcap"] == "enforced"  # 40 MiB does not fit the 16 MiB tmpfs
     assert kv["env"] == "hello world"
@@ -324,7 +335,8 @@ def test_default_policy_and_mount_cwd(image, tmp_path):
               "linux32 true && echo personality=allowed")
     rc, out, err, _ = oneshot(tmp_path, spec, ["sh", "-c", script], cwd=str(tmp_path))
     assert rc == 0, err
-    assert out.decode().splitlines() == ["Seccomp:\t2", "from the host/workspace", "ok", "personality=allowed"]
+    want = ["Seccomp:\t2", "from the host/workspace", "ok", "personality=allowed"]
+    assert out.decode().splitlines() == want
     assert (tmp_path / "written").read_bytes() == b"w\n"
 
 
@@ -332,7 +344,7 @@ def test_memory_limit_oom_kills(image, tmp_path):
     spec = _spec(image, memory_mb=32)
     # tail buffers one 200 MiB "line": more than the limit
     rc, _, _, _ = oneshot(tmp_path, spec, ["sh", "-c", "head -c 200000000 /dev/zero | tail -n 1 >/dev/null"])
-    assert rc != 0
+    assert rc == 128 + signal.SIGKILL
 
 
 def test_full_network_is_nat_without_host_access(image, tmp_path):
@@ -342,8 +354,8 @@ def test_full_network_is_nat_without_host_access(image, tmp_path):
     srv.listen(4)
     port = srv.getsockname()[1]
     script = ("ls /sys/class/net | tr '\\n' ' '; echo; ip route | grep -q '^default' && echo route=default; "
-              f"gw=$(ip route | awk '/default/{{print $3}}'); nc -w 2 $gw {port} </dev/null && echo host=open "
-              "|| echo host=blocked")
+              f"gw=$(ip route | awk '/default/{{print $3}}'); nc -w 2 $gw {port} </dev/null "
+              "&& echo host=open || echo host=blocked")
     try:
         rc, out, err, _ = oneshot(tmp_path, _spec(image, network=True), ["sh", "-c", script])
         srv.setblocking(False)
@@ -365,8 +377,8 @@ def test_full_network_is_nat_without_host_access(image, tmp_path):
 def test_engine_operations_lifecycle(image):
     sid = f"{PREFIX}{uuid.uuid4().hex[:8]}"
     name = f"agentkernel-{sid}"
-    p = _container.plan(_spec(image, memory_mb=64), sandbox_id=sid, owner=current_owner(), container_name=name,
-                        argv=["sleep", "300"])
+    p = _container.plan(_spec(image, memory_mb=64), sandbox_id=sid, owner=current_owner(),
+                        container_name=name, argv=["sleep", "300"])
 
     async def main():
         b = DockerBackend()
@@ -381,7 +393,8 @@ def test_engine_operations_lifecycle(image):
             assert (await b._engine_state(name))[0] == "running"
             infos = [i for i in await b.list() if i.id == sid]
             assert len(infos) == 1 and infos[0].handle == {"container": name, "container_id": cid}
-            assert infos[0].status == "running" and infos[0].labels["agentkernel.owner.pid"] == str(os.getpid())
+            assert infos[0].status == "running"
+            assert infos[0].labels["agentkernel.owner.pid"] == str(os.getpid())
             t0 = time.monotonic()
             await b._engine_stop(name)  # sleep ignores SIGTERM as PID 1: killed after the 2 s grace
             assert time.monotonic() - t0 < 10
@@ -402,8 +415,8 @@ def test_engine_operations_lifecycle(image):
 def test_engine_reports_oom_kill(image):
     sid = f"{PREFIX}{uuid.uuid4().hex[:8]}"
     name = f"agentkernel-{sid}"
-    p = _container.plan(_spec(image, memory_mb=32), sandbox_id=sid, owner=current_owner(), container_name=name,
-                        argv=["sh", "-c", "head -c 200000000 /dev/zero | tail -n 1"])
+    p = _container.plan(_spec(image, memory_mb=32), sandbox_id=sid, owner=current_owner(),
+                        container_name=name, argv=["sh", "-c", "head -c 200000000 /dev/zero | tail -n 1"])
 
     async def main():
         b = DockerBackend()
@@ -422,3 +435,38 @@ def test_engine_reports_oom_kill(image):
 
     details = asyncio.run(main())
     assert details["oom_killed"] is True
+
+
+def test_agent_sandbox_lifecycle_with_full_network(image):
+    """The whole Backend interface on docker: the agent as PID 1, exec and files over its socket."""
+    from agentkernel import paths
+
+    if paths.agent_binary() is None:
+        pytest.skip("the in-sandbox agent is not built (make -C agent)")
+    pytest.importorskip("agentkernel.backends._agentexec")
+    from agentkernel.backends.base import ExecRequest
+
+    spec = _spec(image, network=True)
+    sid = f"{PREFIX}{uuid.uuid4().hex[:8]}"
+
+    async def main():
+        b = DockerBackend()
+        ref = await b.create(spec, sandbox_id=sid, owner=current_owner())
+        try:
+            assert await b.status(ref) == "created"
+            await b.start(ref)
+            assert await b.status(ref) == "running"
+            script = "ls /sys/class/net | tr '\\n' ' '; printf e >&2; exit 7"
+            r = await b.exec(ref, ExecRequest(["sh", "-c", script]))
+            assert (r.exit_code, r.stdout, r.stderr) == (7, b"eth0 lo ", b"e")
+            await b.write_file(ref, "/tmp/f", ALL)
+            assert b"".join([c async for c in b.read_file(ref, "/tmp/f")]) == ALL
+            await b.stop(ref)
+            assert await b.status(ref) == "stopped"
+            await b.remove(ref)
+            assert await b.status(ref) == "missing"
+        finally:
+            await b.remove(ref)
+            await b.aclose()
+
+    asyncio.run(main())

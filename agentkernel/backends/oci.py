@@ -1,0 +1,490 @@
+"""The ``oci`` backend: hardened containers straight through an OCI runtime, no engine daemon.
+
+``crun`` by default; ``runc`` and ``runsc`` (gVisor, ptrace platform, no host network) with
+``-o runtime=runc|runsc``. Each sandbox is an OCI bundle generated from the policy
+(``agentkernel.oci.bundle``: the mapping table lives there and in docs/backends/oci.md) over an image
+root unpacked once into a content-addressed cache (``agentkernel.oci.rootfs``), with its own writable
+layer: an overlay (image lower, sandbox upper) mounted in a private mount namespace that only the
+container sees, or, for a read-only root, the cached root itself plus sized tmpfs.
+
+Two paths:
+- one-shot (``run_oneshot_sync``, the CLI without the daemon): a single ``crun run`` with the caller's
+  stdio passed straight through, ``ak-agent exec`` as the container's init when the agent is built;
+  exit status from the runtime, OOM from an eventfd on the sandbox's memory cgroup, timeout by killing
+  every process in the sandbox's cgroups (exit 124). Synchronous, no asyncio.
+- named / pooled sandboxes (create/start/exec/stop/rm): ``<runtime> run --detach`` with the agent as PID
+  1 serving on a unix socket in a bind-mounted run dir; exec and files go through the agent (the same
+  machinery as podman/docker, ``_agent_container``). Stop deletes the runtime container but keeps the
+  bundle and writable layer, so a later start continues with the same files.
+
+Everything of a sandbox is found again from its id alone (bundle dir, runtime state, cgroups), so
+``remove`` and the ownership reaper clean up after a CLI that was SIGKILLed mid-run, or a runtime that
+crashed mid-start. See ``agentkernel.oci.runtime.destroy``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from typing import Any, ClassVar
+
+from ..errors import BackendUnavailable, ConfigError, PolicyNotEnforceable, SandboxError
+from ..oci import runtime as rt
+from . import _container
+from ._agent_container import AgentContainerBackend
+from .base import LABEL_ID, LABEL_MANAGED, LABEL_NAME, Availability, Capabilities, SandboxInfo, SandboxRef
+
+OCI_CONTROLS = {
+    "network_none", "read_only_root", "memory", "cpu", "pids", "disk_tmpfs", "seccomp_default",
+    "seccomp_restrictive", "cap_drop_all", "no_new_privileges", "non_root", "mount_cwd", "env",
+}
+EXIT_TIMEOUT = 124
+
+
+class OCIBackend(AgentContainerBackend):
+    name = "oci"
+    capabilities = Capabilities(OCI_CONTROLS, {"exec", "files", "agent", "oneshot", "pool"},
+                                isolation="container (shared kernel), no engine daemon")
+    options_allowed: ClassVar[tuple[str, ...]] = ("runtime",)
+
+    def __init__(self, options: dict[str, str] | None = None) -> None:
+        super().__init__(options)
+        self.runtime = self.options.get("runtime", rt.DEFAULT_RUNTIME)
+        if self.runtime not in rt.RUNTIMES:
+            raise ConfigError(f"oci option runtime must be one of {', '.join(rt.RUNTIMES)}; got {self.runtime!r}")
+
+    # -- host checks --
+    @classmethod
+    def probe(cls) -> Availability:
+        found = {name: rt.binary(name) for name in rt.RUNTIMES}
+        details: dict[str, Any] = {"runtimes": {k: v for k, v in found.items() if v}}
+        if not found["crun"] and not found["runc"]:
+            return Availability(False, "no OCI runtime (crun or runc) is installed",
+                                fix="apt-get install -y crun runc (or bash scripts/setup.sh)", details=details)
+        problems = host_problems("crun" if found["crun"] else "runc")
+        if problems:
+            reason, fix = problems[0]
+            return Availability(False, reason, fix=fix, details=details)
+        from .. import paths
+
+        if paths.agent_binary() is None:
+            details["agent"] = "missing: one-shot runs work, named sandboxes need it (make -C agent)"
+        names = ", ".join(k for k, v in found.items() if v)
+        return Availability(True, f"OCI runtimes: {names} (default {'crun' if found['crun'] else 'runc'})",
+                            details=details)
+
+    def check(self, spec) -> None:
+        if spec.policy.network:
+            raise PolicyNotEnforceable(
+                "backend 'oci' gives sandboxes no network: a fresh network namespace with only loopback "
+                "(policy.network = true is refused rather than sharing the host's network)",
+                hint="use --no-network (profile moderate or restrictive), or --backend podman/docker for network")
+        super().check(spec)
+        if self.runtime == "crun" and rt.binary("crun") is None and rt.binary("runc") is not None:
+            raise BackendUnavailable("crun is not installed", hint="apt-get install -y crun, or -o runtime=runc")
+
+    # -- bundles --
+    def _prepare_bundle(self, spec, p, sandbox_id: str, *, named: bool) -> tuple[str, tuple | None]:
+        """Write the bundle for plan ``p``; returns (bundle dir, overlay spec or None)."""
+        from ..oci import bundle, rootfs, seccomp_oci
+
+        exe = rt.require_binary(self.runtime)
+        rf = rootfs.resolve(spec.image)
+        bdir = rt.bundle_dir(sandbox_id)
+        os.makedirs(bdir, mode=0o700)
+        overlay = None
+        if bundle.needs_overlay(p, rf.path):
+            upper, work, mnt = (os.path.join(bdir, d) for d in ("upper", "work", "rootfs"))
+            for d in (upper, work, mnt):
+                os.mkdir(d, 0o755)
+            _make_workdir(upper, rf.path, p)
+            overlay = (rf.path, upper, work, mnt)
+            root_path = mnt
+        else:
+            root_path = rf.path
+        seccomp_name = spec.policy.seccomp
+        b64 = seccomp_oci.crun_bpf_b64(seccomp_name, exe) if self.runtime == "crun" else None
+        sec = None if b64 else seccomp_oci.oci_seccomp(seccomp_name)
+        cfg = bundle.render(p, rf, sandbox_id=sandbox_id, runtime=self.runtime, root_path=root_path, seccomp=sec,
+                            seccomp_bpf_b64=b64, annotations=p.labels)
+        rt.write_json(os.path.join(bdir, "meta.json"), {
+            "runtime": self.runtime, "image": spec.image, "image_id": rf.id, "overlay": list(overlay or ()),
+            "memory_bytes": p.memory_bytes, "named": named, "labels": p.labels})
+        rt.write_json(os.path.join(bdir, "config.json"), cfg)
+        return bdir, overlay
+
+    # -- one-shot, synchronous (the CLI's daemon-less path) --
+    def run_oneshot_sync(self, spec, argv: list[str], *, sandbox_id: str, owner: dict[str, Any],
+                         timeout: float | None = None, forward_stdin: bool = False) -> tuple[int, str | None]:
+        """Run ``argv`` in a fresh sandbox with our stdio, then remove everything. Returns (exit status,
+        note for the user or None). 124 on timeout (every process of the sandbox killed)."""
+        from .. import owner as ownermod
+        from .. import paths
+
+        self.check(spec)
+        exe = rt.require_binary(self.runtime)
+        ownermod.claim(self.name, sandbox_id, {"container": sandbox_id, "runtime": self.runtime}, owner)
+        watch = None
+        proc = None
+        pumps = None
+        clean = False
+        try:
+            p = _container.plan(spec, sandbox_id=sandbox_id, owner=owner, container_name=sandbox_id, argv=argv,
+                                agent_bin=paths.agent_binary(), run_dir=None, cwd=os.getcwd())
+            bdir, overlay = self._prepare_bundle(spec, p, sandbox_id, named=False)
+            watch = rt.MemoryWatch(sandbox_id, p.memory_bytes, watch=True)
+            pre = rt.Preexec(overlay, pdeathsig=True)
+            stdout = stderr = None
+            if self.runtime == "runsc":
+                pumps = _Pumps()  # gVisor can lose output written to a regular file: give it pipes
+                stdout, stderr = pumps.fd(1), pumps.fd(2)
+            cmd = [*rt.base_cmd(self.runtime, exe), "run", "--pid-file", os.path.join(bdir, "init.pid"),
+                   "--bundle", bdir, sandbox_id]
+            proc = subprocess.Popen(cmd, stdin=None if forward_stdin else subprocess.DEVNULL, stdout=stdout,
+                                    stderr=stderr, preexec_fn=pre)
+            if pumps:
+                pumps.start()
+            rc, note = self._wait(proc, sandbox_id, timeout)
+            if pumps:
+                pumps.join()
+            if note is None:
+                started = os.path.exists(os.path.join(bdir, "init.pid"))
+                if not started and rc != 0:
+                    raise SandboxError(f"{self.runtime} could not start the sandbox (exit {rc}; its message is above)")
+                if watch.oom_killed():
+                    note = ("the command was killed by the out-of-memory killer "
+                            f"(memory limit {spec.resources.memory_mb} MiB)")
+                clean = True
+            return rc, note
+        finally:
+            if proc is not None and proc.poll() is None:
+                rt.kill_cgroups(sandbox_id)
+                proc.kill()
+                proc.wait()
+            if pumps:
+                pumps.close()
+            if watch is not None:
+                watch.close()
+            self._cleanup_oneshot(sandbox_id, clean)
+            ownermod.release(self.name, sandbox_id)
+
+    def _wait(self, proc: subprocess.Popen, sandbox_id: str, timeout: float | None) -> tuple[int, str | None]:
+        import signal
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        forwarded: list[int] = []
+
+        def forward(signum, _frame):
+            forwarded.append(signum)
+            try:
+                proc.send_signal(signum)  # the runtime passes it on to the container's init
+            except ProcessLookupError:
+                pass
+
+        old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)}
+        interrupted = False
+        try:
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    return proc.wait(left), None
+                except subprocess.TimeoutExpired:
+                    if interrupted or forwarded:
+                        rt.kill_cgroups(sandbox_id)
+                        proc.wait()
+                        return 128 + (forwarded[0] if forwarded else signal.SIGINT), None
+                    rt.kill_cgroups(sandbox_id)
+                    proc.wait()
+                    return EXIT_TIMEOUT, (f"timed out after {timeout:g} s: the sandbox and every process in it "
+                                          "were killed")
+                except KeyboardInterrupt:
+                    # The runtime is in our process group: it got the SIGINT too and passes it to the
+                    # command. Give it 5 s to react; a second Ctrl-C kills the sandbox.
+                    if interrupted:
+                        rt.kill_cgroups(sandbox_id)
+                        proc.wait()
+                        return 130, None
+                    interrupted = True
+                    deadline = time.monotonic() + 5.0
+                if forwarded and deadline is None:
+                    deadline = time.monotonic() + 5.0
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _cleanup_oneshot(self, sandbox_id: str, clean: bool) -> None:
+        """After a normal exit the runtime already deleted the container and its cgroup: only our own
+        parts remain (parent cgroups, bundle). Anything unusual: the full clean-up."""
+        if clean and not rt.state_entries(self.runtime, sandbox_id):
+            rt.remove_parent_cgroups(sandbox_id)
+            rt.rmtree(rt.bundle_dir(sandbox_id))
+            return
+        rt.destroy(sandbox_id, self.runtime)
+
+    # -- named sandboxes (agent as PID 1) --
+    async def create(self, spec, *, sandbox_id: str, owner: dict[str, Any]) -> SandboxRef:
+        import asyncio
+
+        from .. import paths
+
+        self.check(spec)
+        agent = paths.agent_binary()
+        if agent is None:
+            raise BackendUnavailable("the in-sandbox agent binary is missing (named oci sandboxes run it as PID 1)",
+                                     hint="build it: make -C agent (bash scripts/setup.sh does)")
+        rt.require_binary(self.runtime)
+        run_dir = _container.prepare_run_dir(sandbox_id, _container.resolve_user(spec))
+        p = _container.plan(spec, sandbox_id=sandbox_id, owner=owner, container_name=sandbox_id, agent_bin=agent,
+                            run_dir=run_dir, cwd=os.getcwd())
+        try:
+            bdir, _ = await asyncio.to_thread(self._prepare_bundle, spec, p, sandbox_id, named=True)
+        except BaseException:
+            await asyncio.to_thread(rt.destroy, sandbox_id, self.runtime)
+            raise
+        return SandboxRef(self.name, sandbox_id, {"container": sandbox_id, "runtime": self.runtime,
+                                                  "run_dir": run_dir, "bundle": bdir}, spec)
+
+    def _runtime_of(self, sandbox_id: str) -> str:
+        return rt.read_meta(sandbox_id).get("runtime") or self.runtime
+
+    async def _engine_start(self, name: str) -> None:
+        import asyncio
+
+        sid = name
+        meta = rt.read_meta(sid)
+        if not meta:
+            from ..errors import NotFound
+
+            raise NotFound(f"sandbox {sid} has no bundle any more (it was removed)")
+        runtime = meta.get("runtime") or self.runtime
+        exe = rt.require_binary(runtime)
+        st = await asyncio.to_thread(rt.state, runtime, sid)
+        if st is not None:
+            if st.get("status") in ("running", "created", "paused"):
+                return
+            await asyncio.to_thread(rt.run_cmd, runtime, "delete", "--force", sid)
+        await asyncio.to_thread(rt.remove_cgroups, sid)
+        bdir = rt.bundle_dir(sid)
+        watch = rt.MemoryWatch(sid, meta.get("memory_bytes"), watch=False)
+        watch.close()
+        overlay = tuple(meta["overlay"]) if meta.get("overlay") else None
+        pre = rt.Preexec(overlay, pdeathsig=False)
+        log_path = os.path.join(bdir, "console.log")
+        with open(log_path, "ab") as log:
+            # --detach: the container's stdio must not be a pipe of ours (its init would hold it open)
+            proc = await asyncio.create_subprocess_exec(
+                *rt.base_cmd(runtime, exe), "run", "--detach", "--pid-file", os.path.join(bdir, "init.pid"),
+                "--bundle", bdir, sid, stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=pre)
+            try:
+                rc = await asyncio.wait_for(proc.wait(), 120)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                rc = -1
+        if rc != 0:
+            msg = _tail(log_path)
+            await asyncio.to_thread(self._stop_sync, sid, runtime, 0)
+            raise SandboxError(f"{runtime} could not start sandbox {sid} (exit {rc}): {msg}")
+        meta["started"] = True
+        rt.write_json(os.path.join(bdir, "meta.json"), meta)
+
+    def _stop_sync(self, sid: str, runtime: str, grace: float) -> None:
+        import time
+
+        st = rt.state(runtime, sid)
+        if st is not None and st.get("status") in ("running", "paused", "created") and grace > 0:
+            rt.run_cmd(runtime, "kill", sid, "TERM", timeout=30)
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                st = rt.state(runtime, sid)
+                if st is None or st.get("status") == "stopped":
+                    break
+                time.sleep(0.05)
+        if rt.state_entries(runtime, sid):
+            rt.run_cmd(runtime, "kill", sid, "KILL", timeout=30)
+            rt.run_cmd(runtime, "delete", "--force", sid, timeout=60)
+        rt.kill_cgroups(sid)
+        rt.remove_cgroups(sid)
+        for p in rt.state_entries(runtime, sid):
+            rt.rmtree(p)
+        try:
+            os.unlink(os.path.join(rt.bundle_dir(sid), "init.pid"))
+        except OSError:
+            pass
+
+    async def _engine_stop(self, name: str) -> None:
+        import asyncio
+
+        await asyncio.to_thread(self._stop_sync, name, self._runtime_of(name), 2.0)
+
+    async def _engine_remove(self, name: str) -> None:
+        import asyncio
+
+        await asyncio.to_thread(rt.destroy, name, rt.read_meta(name).get("runtime"))
+
+    def _state_sync(self, sid: str) -> tuple[str, dict[str, Any]]:
+        meta = rt.read_meta(sid)
+        if not meta:
+            return "missing", {}
+        st = rt.state(meta.get("runtime") or self.runtime, sid)
+        details = {"oom_killed": rt.container_oom_kills(sid) > 0}
+        if st is None:
+            return ("stopped" if meta.get("started") else "created"), details
+        status = st.get("status", "")
+        if status in ("running", "paused"):
+            return "running", details
+        if status == "created":
+            return "created", details
+        return "stopped", details
+
+    async def _engine_state(self, name: str) -> tuple[str, dict[str, Any]]:
+        import asyncio
+
+        return await asyncio.to_thread(self._state_sync, name)
+
+    async def stop(self, ref: SandboxRef) -> None:
+        await self._engine_stop(ref.id)
+
+    async def remove(self, ref: SandboxRef) -> None:
+        import asyncio
+
+        await asyncio.to_thread(rt.destroy, ref.id, ref.handle.get("runtime") or rt.read_meta(ref.id).get("runtime"))
+
+    async def status(self, ref: SandboxRef) -> str:
+        state, _ = await self._engine_state(ref.id)
+        return state
+
+    async def list(self) -> list[SandboxInfo]:
+        import asyncio
+
+        return await asyncio.to_thread(self._list_sync)
+
+    def _list_sync(self) -> list[SandboxInfo]:
+        try:
+            ids = sorted(os.listdir(rt.bundles_dir()))
+        except OSError:
+            return []
+        live: dict[str, dict[str, str]] = {}
+        infos = []
+        for sid in ids:
+            meta = rt.read_meta(sid)
+            runtime = meta.get("runtime") or self.runtime
+            if runtime not in live:
+                live[runtime] = {c.get("id", ""): c.get("status", "") for c in rt.list_containers(runtime)}
+            status = live[runtime].get(sid)
+            if status in ("running", "paused"):
+                status = "running"
+            elif status is None:
+                status = "stopped" if meta.get("started") else "created"
+            labels = dict(meta.get("labels") or {LABEL_MANAGED: "true", LABEL_ID: sid})
+            infos.append(SandboxInfo(self.name, labels.get(LABEL_ID, sid), labels.get(LABEL_NAME), status,
+                                     {"container": sid, "runtime": runtime, "bundle": rt.bundle_dir(sid)}, labels))
+        return infos
+
+
+def _make_workdir(upper: str, lower: str, p) -> None:
+    """The working directory must exist; an image without it gets it in the sandbox's own layer, owned
+    by the sandbox user (like the engines' WORKDIR), unless a tmpfs or bind is mounted there."""
+    from ..oci.bundle import root_has
+
+    wd = p.workdir
+    if wd == "/" or root_has(lower, wd, True):
+        return
+    if any(dst == wd for dst, _ in (p.tmpfs or ())) or any(dst == wd for _, dst, _ in (p.binds or ())):
+        return
+    path = os.path.join(upper, wd.strip("/"))
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    uid, _, gid = p.user.partition(":")
+    os.chown(path, int(uid), int(gid or uid))
+
+
+def _tail(path: str, n: int = 600) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - n))
+            text = f.read().decode(errors="replace").strip()
+    except OSError:
+        return "no output"
+    return text.splitlines()[-1] if text else "no output"
+
+
+def host_problems(runtime: str) -> list[tuple[str, str]]:
+    """Host preparation the runtime needs, as (problem, fix)."""
+    out = []
+    if runtime == "crun" and os.path.isdir("/sys/fs/cgroup/unified") and not os.path.ismount("/sys/fs/cgroup/hugetlb"):
+        out.append(("crun refuses this hybrid cgroup layout until the hugetlb v1 controller is mounted",
+                    "mkdir -p /sys/fs/cgroup/hugetlb && mount -t cgroup -o hugetlb cgroup /sys/fs/cgroup/hugetlb "
+                    "(bash scripts/setup.sh does it)"))
+    try:
+        with open("/proc/filesystems") as f:
+            fs = f.read()
+        if "overlay" not in fs:
+            out.append(("the kernel has no overlayfs (each sandbox's writable layer is an overlay)",
+                        "modprobe overlay"))
+    except OSError:
+        pass
+    if os.geteuid() != 0:
+        out.append(("the oci backend needs root here (cgroups, mount namespaces, runtime state)",
+                    "run as root, or use --backend podman"))
+    return out
+
+
+class _Pumps:
+    """Pipes between the runtime and our stdout/stderr when the runtime needs pipes (runsc)."""
+
+    def __init__(self) -> None:
+        self.pipes: dict[int, tuple[int, int]] = {}
+        self.threads: list = []
+
+    def fd(self, target: int) -> int | None:
+        import stat
+
+        try:
+            mode = os.fstat(target).st_mode
+        except OSError:
+            return None
+        if stat.S_ISFIFO(mode):
+            return None  # already a pipe: pass it straight through
+        r, w = os.pipe()
+        self.pipes[target] = (r, w)
+        return w
+
+    def start(self) -> None:
+        import threading
+
+        for target, (r, w) in self.pipes.items():
+            os.close(w)
+            t = threading.Thread(target=_copy_fd, args=(r, target), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join(5)
+
+    def close(self) -> None:
+        for r, _w in self.pipes.values():
+            try:
+                os.close(r)
+            except OSError:
+                pass
+        self.pipes.clear()
+
+
+def _copy_fd(src: int, dst: int) -> None:
+    while True:
+        try:
+            data = os.read(src, 1 << 16)
+        except OSError:
+            return
+        if not data:
+            return
+        while data:
+            try:
+                n = os.write(dst, data)
+            except OSError:
+                return
+            data = data[n:]

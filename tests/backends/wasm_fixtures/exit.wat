@@ -1,0 +1,5 @@
+;; exits with the status in the constant EXIT (replaced by the test)
+(module
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (func (export "_start") (call $exit (i32.const EXIT))))
