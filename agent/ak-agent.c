@@ -445,6 +445,8 @@ static int stdio_mode;
 static int accept_paused;
 
 static int conn_in_paused(conn_t *c) {
+    /* a peer that does not read its replies gets no more requests served (bounded memory) */
+    if (c->out.len >= 4 * OUT_HIGH) return 1;
     for (stream_t *s = c->streams; s; s = s->next)
         if (s->kind == K_EXEC && !s->done && s->inbuf.len >= STDIN_HIGH) return 1;
     return 0;

@@ -25,7 +25,6 @@ crashed mid-start. See ``agentkernel.oci.runtime.destroy``.
 from __future__ import annotations
 
 import os
-import subprocess
 from typing import Any, ClassVar
 
 from ..errors import BackendUnavailable, ConfigError, PolicyNotEnforceable, SandboxError
@@ -35,23 +34,39 @@ from ._agent_container import AgentContainerBackend
 from .base import LABEL_ID, LABEL_MANAGED, LABEL_NAME, Availability, Capabilities, SandboxInfo, SandboxRef
 
 OCI_CONTROLS = {
-    "network_none", "read_only_root", "memory", "cpu", "pids", "disk_tmpfs", "seccomp_default",
-    "seccomp_restrictive", "cap_drop_all", "no_new_privileges", "non_root", "mount_cwd", "env",
+    "network_none",
+    "read_only_root",
+    "memory",
+    "cpu",
+    "pids",
+    "disk_tmpfs",
+    "seccomp_default",
+    "seccomp_restrictive",
+    "cap_drop_all",
+    "no_new_privileges",
+    "non_root",
+    "mount_cwd",
+    "env",
 }
 EXIT_TIMEOUT = 124
 
 
 class OCIBackend(AgentContainerBackend):
     name = "oci"
-    capabilities = Capabilities(OCI_CONTROLS, {"exec", "files", "agent", "oneshot", "pool"},
-                                isolation="container (shared kernel), no engine daemon")
+    capabilities = Capabilities(
+        OCI_CONTROLS,
+        {"exec", "files", "agent", "oneshot", "pool"},
+        isolation="container (shared kernel), no engine daemon",
+    )
     options_allowed: ClassVar[tuple[str, ...]] = ("runtime",)
 
     def __init__(self, options: dict[str, str] | None = None) -> None:
         super().__init__(options)
         self.runtime = self.options.get("runtime", rt.DEFAULT_RUNTIME)
         if self.runtime not in rt.RUNTIMES:
-            raise ConfigError(f"oci option runtime must be one of {', '.join(rt.RUNTIMES)}; got {self.runtime!r}")
+            raise ConfigError(
+                f"oci option runtime must be one of {', '.join(rt.RUNTIMES)}; got {self.runtime!r}"
+            )
 
     # -- host checks --
     @classmethod
@@ -59,8 +74,12 @@ class OCIBackend(AgentContainerBackend):
         found = {name: rt.binary(name) for name in rt.RUNTIMES}
         details: dict[str, Any] = {"runtimes": {k: v for k, v in found.items() if v}}
         if not found["crun"] and not found["runc"]:
-            return Availability(False, "no OCI runtime (crun or runc) is installed",
-                                fix="apt-get install -y crun runc (or bash scripts/setup.sh)", details=details)
+            return Availability(
+                False,
+                "no OCI runtime (crun or runc) is installed",
+                fix="apt-get install -y crun runc (or bash scripts/setup.sh)",
+                details=details,
+            )
         problems = host_problems("crun" if found["crun"] else "runc")
         if problems:
             reason, fix = problems[0]
@@ -70,18 +89,23 @@ class OCIBackend(AgentContainerBackend):
         if paths.agent_binary() is None:
             details["agent"] = "missing: one-shot runs work, named sandboxes need it (make -C agent)"
         names = ", ".join(k for k, v in found.items() if v)
-        return Availability(True, f"OCI runtimes: {names} (default {'crun' if found['crun'] else 'runc'})",
-                            details=details)
+        return Availability(
+            True, f"OCI runtimes: {names} (default {'crun' if found['crun'] else 'runc'})", details=details
+        )
 
     def check(self, spec) -> None:
         if spec.policy.network:
             raise PolicyNotEnforceable(
                 "backend 'oci' gives sandboxes no network: a fresh network namespace with only loopback "
                 "(policy.network = true is refused rather than sharing the host's network)",
-                hint="use --no-network (profile moderate or restrictive), or --backend podman/docker for network")
+                hint="use --no-network (profile moderate or restrictive), or --backend podman/docker "
+                "for network",
+            )
         super().check(spec)
         if self.runtime == "crun" and rt.binary("crun") is None and rt.binary("runc") is not None:
-            raise BackendUnavailable("crun is not installed", hint="apt-get install -y crun, or -o runtime=runc")
+            raise BackendUnavailable(
+                "crun is not installed", hint="apt-get install -y crun, or -o runtime=runc"
+            )
 
     # -- bundles --
     def _prepare_bundle(self, spec, p, sandbox_id: str, *, named: bool) -> tuple[str, tuple | None]:
@@ -93,6 +117,8 @@ class OCIBackend(AgentContainerBackend):
         bdir = rt.bundle_dir(sandbox_id)
         os.makedirs(bdir, mode=0o700)
         overlay = None
+        mh = rt.memory_hierarchy()  # v1: the limit sits on the parent cgroup, the container's is above it
+        slack = bundle.MEMORY_SLACK if mh and mh[1] == 1 else 0
         if bundle.needs_overlay(p, rf.path):
             upper, work, mnt = (os.path.join(bdir, d) for d in ("upper", "work", "rootfs"))
             for d in (upper, work, mnt):
@@ -105,17 +131,43 @@ class OCIBackend(AgentContainerBackend):
         seccomp_name = spec.policy.seccomp
         b64 = seccomp_oci.crun_bpf_b64(seccomp_name, exe) if self.runtime == "crun" else None
         sec = None if b64 else seccomp_oci.oci_seccomp(seccomp_name)
-        cfg = bundle.render(p, rf, sandbox_id=sandbox_id, runtime=self.runtime, root_path=root_path, seccomp=sec,
-                            seccomp_bpf_b64=b64, annotations=p.labels)
-        rt.write_json(os.path.join(bdir, "meta.json"), {
-            "runtime": self.runtime, "image": spec.image, "image_id": rf.id, "overlay": list(overlay or ()),
-            "memory_bytes": p.memory_bytes, "named": named, "labels": p.labels})
+        cfg = bundle.render(
+            p,
+            rf,
+            sandbox_id=sandbox_id,
+            runtime=self.runtime,
+            root_path=root_path,
+            seccomp=sec,
+            seccomp_bpf_b64=b64,
+            annotations=p.labels,
+            memory_slack=slack,
+        )
+        rt.write_json(
+            os.path.join(bdir, "meta.json"),
+            {
+                "runtime": self.runtime,
+                "image": spec.image,
+                "image_id": rf.id,
+                "overlay": list(overlay or ()),
+                "memory_bytes": p.memory_bytes,
+                "named": named,
+                "labels": p.labels,
+            },
+        )
         rt.write_json(os.path.join(bdir, "config.json"), cfg)
         return bdir, overlay
 
     # -- one-shot, synchronous (the CLI's daemon-less path) --
-    def run_oneshot_sync(self, spec, argv: list[str], *, sandbox_id: str, owner: dict[str, Any],
-                         timeout: float | None = None, forward_stdin: bool = False) -> tuple[int, str | None]:
+    def run_oneshot_sync(
+        self,
+        spec,
+        argv: list[str],
+        *,
+        sandbox_id: str,
+        owner: dict[str, Any],
+        timeout: float | None = None,
+        forward_stdin: bool = False,
+    ) -> tuple[int, str | None]:
         """Run ``argv`` in a fresh sandbox with our stdio, then remove everything. Returns (exit status,
         note for the user or None). 124 on timeout (every process of the sandbox killed)."""
         from .. import owner as ownermod
@@ -129,31 +181,52 @@ class OCIBackend(AgentContainerBackend):
         pumps = None
         clean = False
         try:
-            p = _container.plan(spec, sandbox_id=sandbox_id, owner=owner, container_name=sandbox_id, argv=argv,
-                                agent_bin=paths.agent_binary(), run_dir=None, cwd=os.getcwd())
+            p = _container.plan(
+                spec,
+                sandbox_id=sandbox_id,
+                owner=owner,
+                container_name=sandbox_id,
+                argv=argv,
+                agent_bin=paths.agent_binary(),
+                run_dir=None,
+                cwd=os.getcwd(),
+            )
             bdir, overlay = self._prepare_bundle(spec, p, sandbox_id, named=False)
             watch = rt.MemoryWatch(sandbox_id, p.memory_bytes, watch=True)
             pre = rt.Preexec(overlay, pdeathsig=True)
-            stdout = stderr = None
-            if self.runtime == "runsc":
-                pumps = _Pumps()  # gVisor can lose output written to a regular file: give it pipes
-                stdout, stderr = pumps.fd(1), pumps.fd(2)
-            cmd = [*rt.base_cmd(self.runtime, exe), "run", "--pid-file", os.path.join(bdir, "init.pid"),
-                   "--bundle", bdir, sandbox_id]
-            proc = subprocess.Popen(cmd, stdin=None if forward_stdin else subprocess.DEVNULL, stdout=stdout,
-                                    stderr=stderr, preexec_fn=pre)
-            if pumps:
-                pumps.start()
+            # The command gets our fds 0/1/2 as they are (no copies), except: a terminal is never handed
+            # to the sandbox (TIOCSTI could type into the user's shell), and gVisor may lose output
+            # written to a regular file; those go through pipes we pump.
+            pumps = _Pumps(gvisor=self.runtime == "runsc")
+            stdin = pumps.stdin() if forward_stdin else -1  # -1: /dev/null
+            stdout, stderr = pumps.out(1), pumps.out(2)
+            cmd = [
+                *rt.base_cmd(self.runtime, exe),
+                "run",
+                "--pid-file",
+                os.path.join(bdir, "init.pid"),
+                "--bundle",
+                bdir,
+                sandbox_id,
+            ]
+            try:
+                proc = rt.Proc(cmd, stdin=stdin, stdout=stdout, stderr=stderr, preexec=pre)
+            except OSError as exc:
+                raise SandboxError(f"{self.runtime} could not be started: {exc}") from None
+            pumps.start()
             rc, note = self._wait(proc, sandbox_id, timeout)
-            if pumps:
-                pumps.join()
+            pumps.join()
             if note is None:
                 started = os.path.exists(os.path.join(bdir, "init.pid"))
                 if not started and rc != 0:
-                    raise SandboxError(f"{self.runtime} could not start the sandbox (exit {rc}; its message is above)")
+                    raise SandboxError(
+                        f"{self.runtime} could not start the sandbox (exit {rc}; its message is above)"
+                    )
                 if watch.oom_killed():
-                    note = ("the command was killed by the out-of-memory killer "
-                            f"(memory limit {spec.resources.memory_mb} MiB)")
+                    note = (
+                        "the command was killed by the out-of-memory killer "
+                        f"(memory limit {spec.resources.memory_mb} MiB)"
+                    )
                 clean = True
             return rc, note
         finally:
@@ -161,14 +234,16 @@ class OCIBackend(AgentContainerBackend):
                 rt.kill_cgroups(sandbox_id)
                 proc.kill()
                 proc.wait()
-            if pumps:
+            if proc is not None:
+                proc.close()
+            if pumps is not None:
                 pumps.close()
             if watch is not None:
                 watch.close()
             self._cleanup_oneshot(sandbox_id, clean)
             ownermod.release(self.name, sandbox_id)
 
-    def _wait(self, proc: subprocess.Popen, sandbox_id: str, timeout: float | None) -> tuple[int, str | None]:
+    def _wait(self, proc: rt.Proc, sandbox_id: str, timeout: float | None) -> tuple[int, str | None]:
         import signal
         import time
 
@@ -189,15 +264,16 @@ class OCIBackend(AgentContainerBackend):
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
                     return proc.wait(left), None
-                except subprocess.TimeoutExpired:
+                except rt.WaitTimeout:
                     if interrupted or forwarded:
                         rt.kill_cgroups(sandbox_id)
                         proc.wait()
                         return 128 + (forwarded[0] if forwarded else signal.SIGINT), None
                     rt.kill_cgroups(sandbox_id)
                     proc.wait()
-                    return EXIT_TIMEOUT, (f"timed out after {timeout:g} s: the sandbox and every process in it "
-                                          "were killed")
+                    return EXIT_TIMEOUT, (
+                        f"timed out after {timeout:g} s: the sandbox and every process in it were killed"
+                    )
                 except KeyboardInterrupt:
                     # The runtime is in our process group: it got the SIGINT too and passes it to the
                     # command. Give it 5 s to react; a second Ctrl-C kills the sandbox.
@@ -231,19 +307,32 @@ class OCIBackend(AgentContainerBackend):
         self.check(spec)
         agent = paths.agent_binary()
         if agent is None:
-            raise BackendUnavailable("the in-sandbox agent binary is missing (named oci sandboxes run it as PID 1)",
-                                     hint="build it: make -C agent (bash scripts/setup.sh does)")
+            raise BackendUnavailable(
+                "the in-sandbox agent binary is missing (named oci sandboxes run it as PID 1)",
+                hint="build it: make -C agent (bash scripts/setup.sh does)",
+            )
         rt.require_binary(self.runtime)
         run_dir = _container.prepare_run_dir(sandbox_id, _container.resolve_user(spec))
-        p = _container.plan(spec, sandbox_id=sandbox_id, owner=owner, container_name=sandbox_id, agent_bin=agent,
-                            run_dir=run_dir, cwd=os.getcwd())
+        p = _container.plan(
+            spec,
+            sandbox_id=sandbox_id,
+            owner=owner,
+            container_name=sandbox_id,
+            agent_bin=agent,
+            run_dir=run_dir,
+            cwd=os.getcwd(),
+        )
         try:
             bdir, _ = await asyncio.to_thread(self._prepare_bundle, spec, p, sandbox_id, named=True)
         except BaseException:
             await asyncio.to_thread(rt.destroy, sandbox_id, self.runtime)
             raise
-        return SandboxRef(self.name, sandbox_id, {"container": sandbox_id, "runtime": self.runtime,
-                                                  "run_dir": run_dir, "bundle": bdir}, spec)
+        return SandboxRef(
+            self.name,
+            sandbox_id,
+            {"container": sandbox_id, "runtime": self.runtime, "run_dir": run_dir, "bundle": bdir},
+            spec,
+        )
 
     def _runtime_of(self, sandbox_id: str) -> str:
         return rt.read_meta(sandbox_id).get("runtime") or self.runtime
@@ -274,8 +363,19 @@ class OCIBackend(AgentContainerBackend):
         with open(log_path, "ab") as log:
             # --detach: the container's stdio must not be a pipe of ours (its init would hold it open)
             proc = await asyncio.create_subprocess_exec(
-                *rt.base_cmd(runtime, exe), "run", "--detach", "--pid-file", os.path.join(bdir, "init.pid"),
-                "--bundle", bdir, sid, stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=pre)
+                *rt.base_cmd(runtime, exe),
+                "run",
+                "--detach",
+                "--pid-file",
+                os.path.join(bdir, "init.pid"),
+                "--bundle",
+                bdir,
+                sid,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                preexec_fn=pre,
+            )
             try:
                 rc = await asyncio.wait_for(proc.wait(), 120)
             except TimeoutError:
@@ -349,7 +449,9 @@ class OCIBackend(AgentContainerBackend):
     async def remove(self, ref: SandboxRef) -> None:
         import asyncio
 
-        await asyncio.to_thread(rt.destroy, ref.id, ref.handle.get("runtime") or rt.read_meta(ref.id).get("runtime"))
+        await asyncio.to_thread(
+            rt.destroy, ref.id, ref.handle.get("runtime") or rt.read_meta(ref.id).get("runtime")
+        )
 
     async def status(self, ref: SandboxRef) -> str:
         state, _ = await self._engine_state(ref.id)
@@ -378,8 +480,16 @@ class OCIBackend(AgentContainerBackend):
             elif status is None:
                 status = "stopped" if meta.get("started") else "created"
             labels = dict(meta.get("labels") or {LABEL_MANAGED: "true", LABEL_ID: sid})
-            infos.append(SandboxInfo(self.name, labels.get(LABEL_ID, sid), labels.get(LABEL_NAME), status,
-                                     {"container": sid, "runtime": runtime, "bundle": rt.bundle_dir(sid)}, labels))
+            infos.append(
+                SandboxInfo(
+                    self.name,
+                    labels.get(LABEL_ID, sid),
+                    labels.get(LABEL_NAME),
+                    status,
+                    {"container": sid, "runtime": runtime, "bundle": rt.bundle_dir(sid)},
+                    labels,
+                )
+            )
         return infos
 
 
@@ -414,77 +524,122 @@ def _tail(path: str, n: int = 600) -> str:
 def host_problems(runtime: str) -> list[tuple[str, str]]:
     """Host preparation the runtime needs, as (problem, fix)."""
     out = []
-    if runtime == "crun" and os.path.isdir("/sys/fs/cgroup/unified") and not os.path.ismount("/sys/fs/cgroup/hugetlb"):
-        out.append(("crun refuses this hybrid cgroup layout until the hugetlb v1 controller is mounted",
-                    "mkdir -p /sys/fs/cgroup/hugetlb && mount -t cgroup -o hugetlb cgroup /sys/fs/cgroup/hugetlb "
-                    "(bash scripts/setup.sh does it)"))
+    if (
+        runtime == "crun"
+        and os.path.isdir("/sys/fs/cgroup/unified")
+        and not os.path.ismount("/sys/fs/cgroup/hugetlb")
+    ):
+        out.append(
+            (
+                "crun refuses this hybrid cgroup layout until the hugetlb v1 controller is mounted",
+                "mkdir -p /sys/fs/cgroup/hugetlb && mount -t cgroup -o hugetlb cgroup /sys/fs/cgroup/hugetlb "
+                "(bash scripts/setup.sh does it)",
+            )
+        )
     try:
         with open("/proc/filesystems") as f:
             fs = f.read()
         if "overlay" not in fs:
-            out.append(("the kernel has no overlayfs (each sandbox's writable layer is an overlay)",
-                        "modprobe overlay"))
+            out.append(
+                (
+                    "the kernel has no overlayfs (each sandbox's writable layer is an overlay)",
+                    "modprobe overlay",
+                )
+            )
     except OSError:
         pass
     if os.geteuid() != 0:
-        out.append(("the oci backend needs root here (cgroups, mount namespaces, runtime state)",
-                    "run as root, or use --backend podman"))
+        out.append(
+            (
+                "the oci backend needs root here (cgroups, mount namespaces, runtime state)",
+                "run as root, or use --backend podman",
+            )
+        )
     return out
 
 
 class _Pumps:
-    """Pipes between the runtime and our stdout/stderr when the runtime needs pipes (runsc)."""
+    """Pipes between the runtime and our stdio where passing the fd itself is wrong: terminals (never
+    given to the sandbox) and, for gVisor, anything that is not already a pipe."""
 
-    def __init__(self) -> None:
-        self.pipes: dict[int, tuple[int, int]] = {}
+    def __init__(self, gvisor: bool) -> None:
+        self.gvisor = gvisor
+        self.jobs: list[tuple[int, int, int]] = []  # (read end, write end, the end the child gets)
         self.threads: list = []
+        self.started = False
 
-    def fd(self, target: int) -> int | None:
+    def _needs_pipe(self, fd: int) -> bool:
         import stat
 
         try:
-            mode = os.fstat(target).st_mode
+            mode = os.fstat(fd).st_mode
         except OSError:
-            return None
-        if stat.S_ISFIFO(mode):
-            return None  # already a pipe: pass it straight through
+            return False
+        if os.isatty(fd):
+            return True
+        return self.gvisor and not stat.S_ISFIFO(mode)
+
+    def out(self, target: int) -> int | None:
+        if not self._needs_pipe(target):
+            return None  # inherited as is
         r, w = os.pipe()
-        self.pipes[target] = (r, w)
+        self.jobs.append((r, target, w))
         return w
+
+    def stdin(self) -> int | None:
+        if not os.isatty(0):
+            return None
+        r, w = os.pipe()
+        self.jobs.append((0, w, r))
+        return r
 
     def start(self) -> None:
         import threading
 
-        for target, (r, w) in self.pipes.items():
-            os.close(w)
-            t = threading.Thread(target=_copy_fd, args=(r, target), daemon=True)
+        self.started = True
+        for src, dst, child_end in self.jobs:
+            os.close(child_end)
+            t = threading.Thread(target=_copy_fd, args=(src, dst, dst != 1 and dst != 2), daemon=True)
             t.start()
-            self.threads.append(t)
+            if src != 0:  # the stdin pump may block on the terminal: never waited for
+                self.threads.append(t)
 
     def join(self) -> None:
         for t in self.threads:
             t.join(5)
 
     def close(self) -> None:
-        for r, _w in self.pipes.values():
-            try:
-                os.close(r)
-            except OSError:
-                pass
-        self.pipes.clear()
+        for src, dst, child_end in self.jobs:
+            # started: the child's ends are closed and the stdin pump owns (and closes) its write end
+            fds = [src] if src > 2 else []
+            if not self.started:
+                fds += [child_end] + ([dst] if dst > 2 else [])
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.jobs.clear()
 
 
-def _copy_fd(src: int, dst: int) -> None:
-    while True:
-        try:
-            data = os.read(src, 1 << 16)
-        except OSError:
-            return
-        if not data:
-            return
-        while data:
+def _copy_fd(src: int, dst: int, close_dst: bool) -> None:
+    try:
+        while True:
             try:
-                n = os.write(dst, data)
+                data = os.read(src, 1 << 16)
             except OSError:
                 return
-            data = data[n:]
+            if not data:
+                return
+            while data:
+                try:
+                    n = os.write(dst, data)
+                except OSError:
+                    return
+                data = data[n:]
+    finally:
+        if close_dst:  # the stdin pipe: EOF for the command
+            try:
+                os.close(dst)
+            except OSError:
+                pass

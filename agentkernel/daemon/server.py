@@ -22,7 +22,7 @@ from typing import Any
 
 from .. import audit, owner, paths
 from ..backends import canonical, get_backend
-from ..backends.base import ExecRequest
+from ..backends.base import ExecRequest, ExecResult
 from ..errors import AgentKernelError
 from ..pool import PoolConfig, WarmPool
 from ..spec import SandboxSpec
@@ -52,6 +52,7 @@ class Daemon:
         self._stopping = asyncio.Event()
         self._backends: dict[tuple, Any] = {}
         self._server: asyncio.AbstractServer | None = None
+        self._inproc_pools: set[tuple[str, str]] = set()
 
     # -- pools --
     def backend(self, spec: SandboxSpec):
@@ -143,7 +144,68 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "socket": paths.daemon_socket(), "uptime_s": round(time.time() - self.started_at, 1),
-                "active_runs": self.active, "runs": self.runs, "pools": [p.status() for p in self.pools.values()]}
+                "active_runs": self.active, "runs": self.runs,
+                "pools": [p.status() for p in self.pools.values()]
+                + [p.status() for b in self._backends.values() if hasattr(b, "pools") for p in b.pools()]}
+
+    # -- in-process use (the HTTP API and MCP server run inside the daemon's process: one owner) --
+    async def run(self, spec: SandboxSpec, req: ExecRequest) -> ExecResult:
+        """One command in a fresh sandbox from the warm pool for ``spec`` (or the backend's own one-shot
+        path for backends without pools), destroyed afterwards. Cancelling it kills the command and
+        destroys the sandbox."""
+        spec = spec.replace(backend=canonical(spec.backend), name=None)
+        self.active += 1
+        self.runs += 1
+        t0 = time.perf_counter()
+        try:
+            if not self.poolable(spec):
+                backend = self.backend(spec)
+                backend.check(spec)
+                if hasattr(backend, "start_pool"):
+                    key = (spec.pool_key(), req.argv[0])
+                    if key not in self._inproc_pools:
+                        self._inproc_pools.add(key)
+                        await backend.start_pool(spec, max(self.pool_defaults.min_size, 8), command=req.argv[0])
+                sid = owner.new_id("run")
+                owner.claim(spec.backend, sid, {"container": f"agentkernel-{sid}"}, self.owner)
+                try:
+                    return await backend.run(spec, req, sandbox_id=sid, owner=self.owner)
+                finally:
+                    owner.release(spec.backend, sid)
+            pool = self.pool_for(spec)
+            member, hit = await pool.acquire()
+            acquired = time.perf_counter()
+            try:
+                result = await pool.backend.exec(member.ref, req)
+            finally:
+                pool.release(member)
+            result.timings.update({"acquire_ms": round((acquired - t0) * 1e3, 3), "pooled": 1.0 if hit else 0.0,
+                                   "total_ms": round((time.perf_counter() - t0) * 1e3, 3)})
+            audit.log("run", id=member.ref.id, backend=spec.backend, image=spec.image, argv=req.argv, pooled=hit,
+                      exit_code=result.exit_code, via="api")
+            return result
+        finally:
+            self.active -= 1
+
+    async def start_background(self) -> None:
+        """Start pools and maintenance without serving the unix socket (for an embedding server)."""
+        await self._reap_orphans()
+        for spec, cfg in self.warm:
+            try:
+                self.pool_for(spec, cfg)
+            except AgentKernelError as exc:
+                log.error("cannot warm a pool for %s/%s: %s", spec.backend, spec.image, exc)
+        self._maint_task = asyncio.create_task(self._maintain())
+
+    async def close(self) -> None:
+        """Destroy every pooled member and release backends (named sandboxes are not touched)."""
+        task = getattr(self, "_maint_task", None)
+        if task:
+            task.cancel()
+        await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
+        self.pools.clear()
+        for b in self._backends.values():
+            await b.aclose()
 
     # -- connections --
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -219,6 +281,11 @@ class Daemon:
     async def _run_proxy(self, spec, argv, req, reader, writer, fr) -> None:
         backend = self.backend(spec)
         backend.check(spec)
+        if hasattr(backend, "start_pool"):  # in-process instance pools (wasm): warm once per spec+module
+            key = (spec.pool_key(), argv[0])
+            if key not in self._inproc_pools:
+                self._inproc_pools.add(key)
+                await backend.start_pool(spec, max(self.pool_defaults.min_size, 8), command=argv[0])
         writer.write(P.jframe(P.REPLY, {"mode": "proxy"}))
         stdin_q: asyncio.Queue[bytes] = asyncio.Queue()
 

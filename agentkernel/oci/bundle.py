@@ -6,24 +6,27 @@ the order of the table in docs/backends/oci.md:
 
 | control | config.json |
 |---|---|
-| user (policy.user) | ``process.user`` uid/gid, ``additionalGids`` = [gid]; HOME from the image's /etc/passwd |
-| capabilities | every set (bounding/effective/inheritable/permitted/ambient) empty |
+| user (policy.user) | ``process.user`` uid/gid, additionalGids [gid]; HOME from the image's /etc/passwd |
+| capabilities | every set (bounding, effective, inheritable, permitted, ambient) empty |
 | no-new-privileges | ``process.noNewPrivileges = true`` |
-| seccomp (policy.seccomp) | crun: ``run.oci.seccomp_bpf_data`` = the filter crun itself compiled from the same rules, cached; runc/runsc: ``linux.seccomp`` (converted from the Docker-format profile, caps conditions for no capabilities) |
-| masked / read-only paths | ``linux.maskedPaths`` / ``linux.readonlyPaths``: the union of podman's and docker's lists |
-| memory (resources.memory_mb) | the limit is set on the sandbox's own parent cgroup (``agentkernel/<id>``, where OOM events are watched); ``linux.resources.memory`` on the container cgroup gets limit + 1 MiB, swap the same (no swap) |
-| cpu (resources.vcpus) | ``linux.resources.cpu`` quota = vcpus x 100 ms per 100 ms period |
+| seccomp (policy.seccomp) | crun: ``run.oci.seccomp_bpf_data``, the filter crun compiled from the |
+|   | same rules (cached); runc/runsc: ``linux.seccomp`` converted from the Docker format |
+| masked / read-only paths | ``linux.maskedPaths`` / ``readonlyPaths``: podman's + docker's lists |
+| memory (resources.memory_mb) | limit on the sandbox's parent cgroup ``agentkernel/<id>``, OOM watched |
+|   | there; the container cgroup gets limit + 1 MiB, swap the same (no swap) |
+| cpu (resources.vcpus) | ``linux.resources.cpu``: quota = vcpus x 100 ms per 100 ms period |
 | pids (resources.pids) | ``linux.resources.pids.limit`` |
-| devices | ``linux.resources.devices`` deny all (runtimes add the standard null/zero/full/tty/random/urandom) |
-| network off | ``linux.namespaces`` has ``network`` without a path: a fresh netns with only ``lo`` |
-| read-only root | ``root.readonly = true`` + sized tmpfs at /tmp and the workdir (``mounts``, mode/uid/size) |
-| writable root | ``root.path`` = an overlay (image lower, sandbox upper/work) mounted in a private mount namespace |
-| hostname / env / cwd | ``hostname``; ``process.env`` = image env < PATH/HOME/HOSTNAME < spec env; ``process.cwd`` |
-| rlimits | RLIMIT_NOFILE = the host's hard limit (capped at 1M; root here cannot raise it), RLIMIT_CORE = 0 |
-| namespaces | pid, ipc, uts, mount, network (cgroup v1 hosts: no cgroup namespace) |
-| cgroup | ``linux.cgroupsPath`` = ``/agentkernel/<id>/ctr`` in every hierarchy |
-| mounts | proc; tmpfs /dev; devpts; /dev/shm (64 MiB); mqueue; sysfs ro; cgroup ro; the plan's tmpfs and binds (agent binary ro, run dir, mount_cwd) with nosuid,nodev |
-| owner labels | ``annotations`` (agentkernel.*), read back by ``list`` and the reaper |
+| devices | deny all (runtimes add null, zero, full, tty, random, urandom) |
+| network off | ``network`` namespace without a path: a fresh netns with only ``lo`` |
+| read-only root | ``root.readonly`` + sized tmpfs at /tmp and the workdir (size, mode, uid from the plan) |
+| writable root | ``root.path`` = overlay (image lower, sandbox upper/work) in a private mount namespace |
+| hostname / env / cwd | ``hostname``; env = image env < PATH, HOME, HOSTNAME < spec env; ``process.cwd`` |
+| rlimits | RLIMIT_NOFILE = the host's hard limit (max 1M), RLIMIT_CORE = 0 |
+| namespaces | pid, ipc, uts, mount, network (no cgroup namespace on cgroup v1 hosts) |
+| cgroups | ``linux.cgroupsPath`` = ``/agentkernel/<id>/ctr`` in every hierarchy |
+| mounts | proc, /dev tmpfs, devpts, /dev/shm 64 MiB, mqueue, sysfs ro, cgroup ro, then the |
+|   | plan's tmpfs and binds (agent ro, run dir, mount_cwd), nosuid+nodev |
+| owner labels | ``annotations`` (agentkernel.*), also kept in meta.json for ``list`` and the reaper |
 
 Standard library only; imported on the one-shot hot path.
 """
@@ -33,9 +36,20 @@ from __future__ import annotations
 import os
 
 MASKED_PATHS = (
-    "/proc/acpi", "/proc/asound", "/proc/interrupts", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
-    "/sys/fs/selinux", "/sys/dev/block", "/sys/devices/virtual/powercap",
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/interrupts",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/fs/selinux",
+    "/sys/dev/block",
+    "/sys/devices/virtual/powercap",
 )
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 
@@ -52,7 +66,7 @@ def cgroup_rel(sandbox_id: str) -> str:
 def _host_nofile() -> int:
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         hard = NOFILE_CAP
     return min(hard, NOFILE_CAP)
@@ -61,20 +75,49 @@ def _host_nofile() -> int:
 def standard_mounts(runtime: str) -> list[dict]:
     m = [
         {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
-        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
-        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+        {
+            "destination": "/dev",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+        },
+        {
+            "destination": "/dev/pts",
+            "type": "devpts",
+            "source": "devpts",
+            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
+        },
+        {
+            "destination": "/dev/shm",
+            "type": "tmpfs",
+            "source": "shm",
+            "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        },
+        {
+            "destination": "/sys",
+            "type": "sysfs",
+            "source": "sysfs",
+            "options": ["nosuid", "noexec", "nodev", "ro"],
+        },
     ]
     if runtime != "runsc":
         # gVisor has its own /dev/mqueue and cgroupfs emulation; the kernel runtimes mount the real ones.
-        m.append({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-                  "options": ["nosuid", "noexec", "nodev"]})
-        m.append({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-                  "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]})
+        m.append(
+            {
+                "destination": "/dev/mqueue",
+                "type": "mqueue",
+                "source": "mqueue",
+                "options": ["nosuid", "noexec", "nodev"],
+            }
+        )
+        m.append(
+            {
+                "destination": "/sys/fs/cgroup",
+                "type": "cgroup",
+                "source": "cgroup",
+                "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
+            }
+        )
     return m
 
 
@@ -83,8 +126,14 @@ def plan_mounts(plan) -> list[dict]:
     for path, opts in plan.tmpfs or ():
         out.append({"destination": path, "type": "tmpfs", "source": "tmpfs", "options": opts.split(",")})
     for src, dst, ro in plan.binds or ():
-        out.append({"destination": dst, "type": "bind", "source": src,
-                    "options": ["rbind", "rprivate", "nosuid", "nodev", "ro" if ro else "rw"]})
+        out.append(
+            {
+                "destination": dst,
+                "type": "bind",
+                "source": src,
+                "options": ["rbind", "rprivate", "nosuid", "nodev", "ro" if ro else "rw"],
+            }
+        )
     return out
 
 
@@ -129,14 +178,26 @@ def process_env(plan, rf, uid: str) -> list[str]:
     return [f"{k}={v}" for k, v in env.items()]
 
 
-def render(plan, rf, *, sandbox_id: str, runtime: str, root_path: str, seccomp: dict | None,
-           seccomp_bpf_b64: str | None, annotations: dict[str, str] | None = None) -> dict:
+def render(
+    plan,
+    rf,
+    *,
+    sandbox_id: str,
+    runtime: str,
+    root_path: str,
+    seccomp: dict | None,
+    seccomp_bpf_b64: str | None,
+    annotations: dict[str, str] | None = None,
+    memory_slack: int = MEMORY_SLACK,
+) -> dict:
     """The complete config.json for one sandbox (``seccomp``: OCI linux.seccomp; ``seccomp_bpf_b64``:
     crun's precompiled form of the same filter, used instead when given)."""
     uid, _, gid = plan.user.partition(":")
     gid = gid or uid
     nofile = _host_nofile()
-    no_caps: dict[str, list[str]] = {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")}
+    no_caps: dict[str, list[str]] = {
+        k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")
+    }
     process = {
         "terminal": False,
         "user": {"uid": int(uid), "gid": int(gid), "additionalGids": [int(gid)], "umask": 0o022},
@@ -145,12 +206,17 @@ def render(plan, rf, *, sandbox_id: str, runtime: str, root_path: str, seccomp: 
         "cwd": plan.workdir,
         "capabilities": no_caps,
         "noNewPrivileges": True,
-        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile},
-                    {"type": "RLIMIT_CORE", "hard": 0, "soft": 0}],
+        "rlimits": [
+            {"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile},
+            {"type": "RLIMIT_CORE", "hard": 0, "soft": 0},
+        ],
     }
     resources: dict = {"devices": [{"allow": False, "access": "rwm"}]}
     if plan.memory_bytes is not None:
-        resources["memory"] = {"limit": plan.memory_bytes + MEMORY_SLACK, "swap": plan.memory_bytes + MEMORY_SLACK}
+        resources["memory"] = {
+            "limit": plan.memory_bytes + memory_slack,
+            "swap": plan.memory_bytes + memory_slack,
+        }
     if plan.cpus is not None:
         resources["cpu"] = {"quota": max(1000, int(plan.cpus * CPU_PERIOD)), "period": CPU_PERIOD}
     if plan.pids is not None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 from ..errors import NotFound, SandboxError
 
@@ -38,8 +37,9 @@ class ImageRootfs:
 
     __slots__ = ("env", "homes", "id", "image", "path", "source", "workdir")
 
-    def __init__(self, image: str, id: str, path: str, env: list[str], workdir: str, homes: dict[str, str],
-                 source: str) -> None:
+    def __init__(
+        self, image: str, id: str, path: str, env: list[str], workdir: str, homes: dict[str, str], source: str
+    ) -> None:
         self.image = image
         self.id = id
         self.path = path
@@ -52,13 +52,27 @@ class ImageRootfs:
         return self.homes.get(str(uid), "/")
 
     def to_dict(self) -> dict:
-        return {"image": self.image, "id": self.id, "path": self.path, "env": self.env, "workdir": self.workdir,
-                "homes": self.homes, "source": self.source}
+        return {
+            "image": self.image,
+            "id": self.id,
+            "path": self.path,
+            "env": self.env,
+            "workdir": self.workdir,
+            "homes": self.homes,
+            "source": self.source,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> ImageRootfs:
-        return cls(d["image"], d["id"], d["path"], list(d.get("env") or []), d.get("workdir") or "/",
-                   dict(d.get("homes") or {}), d.get("source") or "")
+        return cls(
+            d["image"],
+            d["id"],
+            d["path"],
+            list(d.get("env") or []),
+            d.get("workdir") or "/",
+            dict(d.get("homes") or {}),
+            d.get("source") or "",
+        )
 
 
 def cache_root() -> str:
@@ -130,10 +144,16 @@ def resolve(image: str, *, quiet: bool = False) -> ImageRootfs:
     if src is None:
         from ..images import LOCAL_IMAGES
 
-        hint = ("bash scripts/setup.sh (builds and imports the local images)" if image.split(":")[0] in LOCAL_IMAGES
-                else f"import it into podman first: podman import ROOTFS.tar {image}")
-        raise NotFound(f"image {image!r} is in neither podman's nor docker's store and agentkernel cannot build "
-                       "it (no registry is reachable: nothing is pulled)", hint=hint)
+        hint = (
+            "bash scripts/setup.sh (builds and imports the local images)"
+            if image.split(":")[0] in LOCAL_IMAGES
+            else f"import it into podman first: podman import ROOTFS.tar {image}"
+        )
+        raise NotFound(
+            f"image {image!r} is in neither podman's nor docker's store and agentkernel cannot build "
+            "it (no registry is reachable: nothing is pulled)",
+            hint=hint,
+        )
     kind, image_id, cfg = src
     rf = _ensure_unpacked(image, kind, image_id, cfg, quiet=quiet)
     _write_refs({image: {"stamps": stamps, "rootfs": rf.to_dict()}})
@@ -150,11 +170,18 @@ def _which(name: str) -> str | None:
 
 
 def _inspect(engine: str, image: str) -> tuple[str, dict] | None:
+    import subprocess
+
     if not _which(engine):
         return None
     try:
-        r = subprocess.run([engine, "image", "inspect", "--format", "json", image], capture_output=True,
-                           text=True, timeout=60, stdin=subprocess.DEVNULL)
+        r = subprocess.run(
+            [engine, "image", "inspect", "--format", "json", image],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if r.returncode != 0:
@@ -178,15 +205,18 @@ def _find_source(image: str) -> tuple[str, str, dict] | None:
 
     name = image.split(":")[0]
     if name.startswith("localhost/"):
-        name = name[len("localhost/"):]
+        name = name[len("localhost/") :]
     if name in build.IMAGES:
         recipe_fn, _ = build.IMAGES[name]
         try:
             recipe = recipe_fn()
         except Exception:
             return None
-        return "builder", f"recipe-{name.replace('/', '_')}-{recipe}", {
-            "Env": [f"PATH={build.PATH_ENV}"], "WorkingDir": "/workspace", "Name": name}
+        return (
+            "builder",
+            f"recipe-{name.replace('/', '_')}-{recipe}",
+            {"Env": [f"PATH={build.PATH_ENV}"], "WorkingDir": "/workspace", "Name": name},
+        )
     return None
 
 
@@ -218,8 +248,15 @@ def _ensure_unpacked(image: str, kind: str, image_id: str, cfg: dict, *, quiet: 
                 with Progress(label):
                     _unpack(kind, image, image_id, cfg, root)
             _add_mountpoints(root)
-            rf = ImageRootfs(image, image_id, os.path.join(final, "rootfs"), _image_env(cfg),
-                             cfg.get("WorkingDir") or "/", _homes(root), kind)
+            rf = ImageRootfs(
+                image,
+                image_id,
+                os.path.join(final, "rootfs"),
+                _image_env(cfg),
+                cfg.get("WorkingDir") or "/",
+                _homes(root),
+                kind,
+            )
             with open(os.path.join(tmp, "image.json"), "w") as f:
                 json.dump(rf.to_dict(), f)
             os.rename(tmp, final)
@@ -239,27 +276,49 @@ def _image_env(cfg: dict) -> list[str]:
 
 
 def _unpack(kind: str, image: str, image_id: str, cfg: dict, root: str) -> None:
+    import subprocess
+
     if kind == "podman":
-        r = subprocess.run(["podman", "image", "mount", image_id], capture_output=True, text=True,
-                           stdin=subprocess.DEVNULL, timeout=300)
+        r = subprocess.run(
+            ["podman", "image", "mount", image_id],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=300,
+        )
         if r.returncode != 0:
             raise SandboxError(f"podman image mount {image} failed: {r.stderr.strip()[-500:]}")
         src = r.stdout.strip().splitlines()[-1]
         try:
             _copy_tree(src, root)
         finally:
-            subprocess.run(["podman", "image", "unmount", image_id], capture_output=True,
-                           stdin=subprocess.DEVNULL, timeout=300)
+            subprocess.run(
+                ["podman", "image", "unmount", image_id],
+                capture_output=True,
+                stdin=subprocess.DEVNULL,
+                timeout=300,
+            )
     elif kind == "docker":
-        r = subprocess.run(["docker", "create", image_id, "/"], capture_output=True, text=True,
-                           stdin=subprocess.DEVNULL, timeout=300)
+        r = subprocess.run(
+            ["docker", "create", image_id, "/"],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=300,
+        )
         if r.returncode != 0:
             raise SandboxError(f"docker create {image} failed: {r.stderr.strip()[-500:]}")
         cid = r.stdout.strip()
         try:
-            exp = subprocess.Popen(["docker", "export", cid], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-            tar = subprocess.run(["tar", "-C", root, "--numeric-owner", "-xpf", "-"], stdin=exp.stdout,
-                                 capture_output=True, text=True)
+            exp = subprocess.Popen(
+                ["docker", "export", cid], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+            )
+            tar = subprocess.run(
+                ["tar", "-C", root, "--numeric-owner", "-xpf", "-"],
+                stdin=exp.stdout,
+                capture_output=True,
+                text=True,
+            )
             exp.stdout.close()
             if exp.wait() != 0 or tar.returncode != 0:
                 raise SandboxError(f"docker export {image} failed: {tar.stderr.strip()[-500:]}")
@@ -269,7 +328,9 @@ def _unpack(kind: str, image: str, image_id: str, cfg: dict, root: str) -> None:
         from ..images import build
 
         path, _ = build.ensure_tar(cfg["Name"])
-        r = subprocess.run(["tar", "-C", root, "--numeric-owner", "-xpf", path], capture_output=True, text=True)
+        r = subprocess.run(
+            ["tar", "-C", root, "--numeric-owner", "-xpf", path], capture_output=True, text=True
+        )
         if r.returncode != 0:
             raise SandboxError(f"unpacking {path} failed: {r.stderr.strip()[-500:]}")
     else:
@@ -277,6 +338,8 @@ def _unpack(kind: str, image: str, image_id: str, cfg: dict, root: str) -> None:
 
 
 def _copy_tree(src: str, dst: str) -> None:
+    import subprocess
+
     # cp -a keeps owners, modes, times, hard links, xattrs and special files; reflinks where the fs can.
     r = subprocess.run(["cp", "-a", "--reflink=auto", f"{src}/.", dst], capture_output=True, text=True)
     if r.returncode != 0:

@@ -47,8 +47,12 @@ def _kernel_tuple(release: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def convert(profile: dict, caps: frozenset[str] | set[str] = frozenset(), machine: str | None = None,
-            kernel: str | None = None) -> dict:
+def convert(
+    profile: dict,
+    caps: frozenset[str] | set[str] = frozenset(),
+    machine: str | None = None,
+    kernel: str | None = None,
+) -> dict:
     """A Docker-format profile -> OCI ``linux.seccomp`` for a container with ``caps`` on this host."""
     uname = os.uname()
     machine = machine or uname.machine
@@ -211,18 +215,32 @@ def harvest_crun_bpf(sec: dict, crun: str) -> bytes | None:
         os.chmod(os.path.join(root, "stub"), 0o755)
         cfg = {
             "ociVersion": "1.0.2",
-            "process": {"args": ["/stub"], "cwd": "/", "user": {"uid": 0, "gid": 0}, "env": [],
-                        "noNewPrivileges": True, "capabilities": {}},
+            "process": {
+                "args": ["/stub"],
+                "cwd": "/",
+                "user": {"uid": 0, "gid": 0},
+                "env": [],
+                "noNewPrivileges": True,
+                "capabilities": {},
+            },
             "root": {"path": root, "readonly": True},
             "mounts": [{"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid"]}],
-            "linux": {"namespaces": [{"type": "mount"}, {"type": "pid"}], "seccomp": sec,
-                      "cgroupsPath": f"/agentkernel/{cid}"},
+            "linux": {
+                "namespaces": [{"type": "mount"}, {"type": "pid"}],
+                "seccomp": sec,
+                "cgroupsPath": f"/agentkernel/{cid}",
+            },
         }
         with open(os.path.join(work, "config.json"), "w") as f:
             json.dump(cfg, f)
         # never a pipe on the container's stdio: its init keeps it open and we would wait forever
-        r = subprocess.run([crun, "--root", state, "create", "--bundle", work, cid], stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        r = subprocess.run(
+            [crun, "--root", state, "create", "--bundle", work, cid],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )
         try:
             if r.returncode != 0:
                 return None
@@ -231,7 +249,12 @@ def harvest_crun_bpf(sec: dict, crun: str) -> bytes | None:
             # a BPF program is a whole number of 8-byte instructions
             return data if data and len(data) % 8 == 0 else None
         finally:
-            subprocess.run([crun, "--root", state, "delete", "--force", cid], stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+            subprocess.run(
+                [crun, "--root", state, "delete", "--force", cid],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=60,
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)

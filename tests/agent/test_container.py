@@ -118,25 +118,43 @@ def test_agent_in_container(container):
 
     data = os.urandom(5 << 20)
 
+    step = ["connect"]
+    client: list = []
+
     async def files():
         async with await AgentClient.connect(UnixSocketTransport(sock)) as c:
+            client.append(c)
+            step[0] = "put"
             assert await c.put_file("/run/ak/up/data.bin", data, make_parents=True) == len(data)
-            got = await c.read_file("/run/ak/up/data.bin")
+            step[0] = "get"
+            try:
+                got = await c.read_file("/run/ak/up/data.bin")
+            except BaseException as e:
+                step[0] = f"get raised {e!r}"
+                raise
+            step[0] = f"get-done {len(got)}"
             assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+            step[0] = "stat"
             st = await c.stat("/run/ak/up/data.bin")
             assert st.uid == 1000 and st.size == len(data)
+            step[0] = "get-missing"
             with pytest.raises(FileNotFoundError):
                 await c.read_file("/nonexistent")
+            step[0] = "put-forbidden"
             with pytest.raises(PermissionError):
                 await c.put_file("/etc/forbidden", b"x")  # root-owned dir, agent is uid 1000
+            step[0] = "tty"
             r = await c.exec(["tty"], env=ENV, tty=True)
             assert r.stdout.startswith(b"/dev/pts/")
+            step[0] = "close"
 
     async def guarded():
         try:
             await asyncio.wait_for(files(), 20)
         except TimeoutError:
-            raise AssertionError(f"file transfer stalled; {_agent_state(cid)}") from None
+            streams = {k: type(v).__name__ for k, v in client[0]._streams.items()} if client else None
+            raise AssertionError(f"stalled at step {step[0]}; client streams {streams}; "
+                                 f"{_agent_state(cid)}") from None
 
     run(guarded())
     assert (rundir / "up" / "data.bin").read_bytes() == data

@@ -249,3 +249,56 @@ def test_sequential_connections(agent):
     for i in range(50):
         with SyncAgentClient.connect_unix(agent.sock) as c:
             assert c.exec(["echo", str(i)], ENV).stdout == f"{i}\n".encode()
+
+
+def test_forward_signal_from_a_real_handler(client):
+    """The CLI pattern: a Python signal handler calls forward_signal while exec_stream waits in poll."""
+    old = signal.signal(signal.SIGUSR2, lambda s, f: client.forward_signal(signal.SIGINT))
+    try:
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR2))
+        timer.start()
+        st = client.exec_stream(["sleep", "30"], ENV)
+        timer.join()
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+    assert st.signal == signal.SIGINT and st.exit_code == 130
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching uid needs root")
+def test_uid_gid(client):
+    r = client.exec(["sh", "-c", "id -u; id -g; id -G"], ENV, uid=65534, gid=65534)
+    assert r.stdout == b"65534\n65534\n65534\n"
+    r = client.exec(["id", "-u"], ENV, uid=1000)
+    assert r.stdout == b"1000\n"
+
+
+def test_kill_group_on_exit(client):
+    m1, m2 = "4328.25", "4329.25"
+    # by default a background process outlives the command (like docker exec) ...
+    r = client.exec(["sh", "-c", f"sleep {m1} >/dev/null 2>&1 & echo bg"], ENV)
+    assert r.stdout == b"bg\n"
+    assert wait_until(lambda: procs_with(m1), 3)
+    for pid in procs_with(m1):
+        os.kill(pid, signal.SIGKILL)
+    # ... unless the exec asks for its process group to be killed when it exits
+    r = client.exec(["sh", "-c", f"sleep {m2} >/dev/null 2>&1 & echo bg"], ENV, kill_group_on_exit=True)
+    assert r.stdout == b"bg\n"
+    assert wait_until(lambda: not procs_with(m2), 3)
+
+
+def test_socket_mode(agent_bin, tmp_path):
+    from akagent_helpers import start_agent, stop_agent
+
+    sock = str(tmp_path / "m.sock")
+    proc = start_agent([agent_bin, "serve", "--listen", sock, "--socket-mode", "0600"], sock)
+    try:
+        assert os.stat(sock).st_mode & 0o777 == 0o600
+        # a stale socket file is replaced by a new agent
+        stop_agent(proc)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(sock)  # leave a stale socket behind
+        proc = start_agent([agent_bin, "serve", "--listen", sock], sock)
+        with SyncAgentClient.connect_unix(sock) as c:
+            c.ping()
+    finally:
+        stop_agent(proc)

@@ -25,7 +25,13 @@ import pytest
 from agentkernel import owner, paths
 from agentkernel.backends.base import ExecRequest
 from agentkernel.backends.oci import OCIBackend
-from agentkernel.errors import BackendUnavailable, NotFound, PolicyNotEnforceable, SandboxError, ValidationError
+from agentkernel.errors import (
+    BackendUnavailable,
+    NotFound,
+    PolicyNotEnforceable,
+    SandboxError,
+    ValidationError,
+)
 from agentkernel.oci import bundle, rootfs, seccomp_oci
 from agentkernel.oci import runtime as rt
 from agentkernel.spec import SandboxSpec
@@ -60,7 +66,9 @@ def _sid(tag: str = "t") -> str:
 
 def _spec(runtime: str, **kw) -> SandboxSpec:
     spec = SandboxSpec(backend="oci", image=IMAGE, options={"runtime": runtime})
-    pol = {k: kw.pop(k) for k in list(kw) if k in ("read_only_root", "seccomp", "network", "user", "mount_cwd")}
+    pol = {
+        k: kw.pop(k) for k in list(kw) if k in ("read_only_root", "seccomp", "network", "user", "mount_cwd")
+    }
     res = {k: kw.pop(k) for k in list(kw) if k in ("memory_mb", "pids", "vcpus", "disk_mb")}
     if pol:
         spec = spec.replace(policy=spec.policy.replace(**pol))
@@ -71,18 +79,37 @@ def _spec(runtime: str, **kw) -> SandboxSpec:
 
 class OneShot:
     def __init__(self, rc: int, stdout: bytes, stderr: bytes, report: dict, sid: str, seconds: float) -> None:
-        self.rc, self.stdout, self.stderr, self.report, self.sid, self.seconds = rc, stdout, stderr, report, sid, seconds
+        self.rc, self.stdout, self.stderr = rc, stdout, stderr
+        self.report, self.sid, self.seconds = report, sid, seconds
 
 
-def oneshot(runtime: str, argv: list[str], *, stdin: bytes | None = None, timeout: float | None = None,
-            tmp_path=None, **spec_kw) -> OneShot:
+def oneshot(
+    runtime: str,
+    argv: list[str],
+    *,
+    stdin: bytes | None = None,
+    timeout: float | None = None,
+    tmp_path=None,
+    **spec_kw,
+) -> OneShot:
     sid = _sid("run")
     report = os.path.join(str(tmp_path or "/tmp"), f"{sid}.json")
-    job = {"spec": _spec(runtime, **spec_kw).to_dict(), "argv": argv, "id": sid, "timeout": timeout,
-           "stdin": stdin is not None, "report": report}
+    job = {
+        "spec": _spec(runtime, **spec_kw).to_dict(),
+        "argv": argv,
+        "id": sid,
+        "timeout": timeout,
+        "stdin": stdin is not None,
+        "report": report,
+    }
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-c", HELPER, json.dumps(job)], input=stdin or b"", capture_output=True,
-                       timeout=120, cwd=REPO)
+    p = subprocess.run(
+        [sys.executable, "-c", HELPER, json.dumps(job)],
+        input=stdin or b"",
+        capture_output=True,
+        timeout=120,
+        cwd=REPO,
+    )
     seconds = time.monotonic() - t0
     try:
         with open(report) as f:
@@ -151,7 +178,12 @@ def test_exit_codes_and_signals(runtime, tmp_path):
         r = oneshot(runtime, ["sh", "-c", f"exit {code}"], tmp_path=tmp_path)
         assert r.rc == code, (code, r.stderr)
         assert r.report["asyncio"] is False
-    for sig, code in ((signal.SIGTERM, 143), (signal.SIGKILL, 137), (signal.SIGSEGV, 139), (signal.SIGINT, 130)):
+    for sig, code in (
+        (signal.SIGTERM, 143),
+        (signal.SIGKILL, 137),
+        (signal.SIGSEGV, 139),
+        (signal.SIGINT, 130),
+    ):
         r = oneshot(runtime, ["sh", "-c", f"kill -{int(sig)} $$"], tmp_path=tmp_path)
         assert r.rc == code, (sig, r.stderr)
         assert r.report["note"] is None
@@ -173,8 +205,9 @@ def test_binary_stdio_separated_and_stdin(runtime, tmp_path):
 
 
 def test_timeout_kills_the_whole_tree(runtime, tmp_path):
-    r = oneshot(runtime, ["sh", "-c", "setsid sleep 100 & (sleep 100 &) ; sleep 100"], timeout=1.5,
-                tmp_path=tmp_path)
+    r = oneshot(
+        runtime, ["sh", "-c", "setsid sleep 100 & (sleep 100 &) ; sleep 100"], timeout=1.5, tmp_path=tmp_path
+    )
     assert r.rc == 124
     assert "timed out" in (r.report.get("note") or "")
     assert r.seconds < 20
@@ -182,7 +215,7 @@ def test_timeout_kills_the_whole_tree(runtime, tmp_path):
 
 
 def test_oom_reported(runtime, tmp_path):
-    hog = "x=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa; while true; do x=\"$x$x\"; done"
+    hog = 'x=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa; while true; do x="$x$x"; done'
     r = oneshot(runtime, ["sh", "-c", hog], memory_mb=32, tmp_path=tmp_path)
     assert r.rc == 137, r.stderr
     assert "out-of-memory" in (r.report.get("note") or ""), r.report
@@ -192,7 +225,9 @@ def test_oom_reported(runtime, tmp_path):
 
 
 def _host_address() -> str:
-    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True)
+    out = subprocess.run(
+        ["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True
+    )
     for line in out.stdout.splitlines():
         addr = line.split()[3].split("/")[0]
         if not addr.startswith("127."):
@@ -208,8 +243,10 @@ def test_no_network(runtime, tmp_path):
     srv.settimeout(0.1)
     port = srv.getsockname()[1]
     try:
-        script = (f"cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '; "
-                  f"if echo hi | nc -w 2 {addr} {port}; then echo CONNECTED; else echo refused; fi")
+        script = (
+            f"cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '; "
+            f"if echo hi | nc -w 2 {addr} {port}; then echo CONNECTED; else echo refused; fi"
+        )
         r = oneshot(runtime, ["sh", "-c", script], tmp_path=tmp_path)
         lines = r.stdout.decode().split()
         assert "CONNECTED" not in lines and "refused" in lines, r.stdout + r.stderr
@@ -229,9 +266,11 @@ def test_network_true_refused(runtime):
 
 
 def test_read_only_root_and_tmpfs(runtime, tmp_path):
-    script = ("touch /etc/x 2>/dev/null && echo ROOT-WRITABLE; echo a > /tmp/a && cat /tmp/a; "
-              "echo b > /workspace/b && cat /workspace/b; "
-              "dd if=/dev/zero of=/tmp/big bs=1M count=12 2>/dev/null || echo tmpfs-full")
+    script = (
+        "touch /etc/x 2>/dev/null && echo ROOT-WRITABLE; echo a > /tmp/a && cat /tmp/a; "
+        "echo b > /workspace/b && cat /workspace/b; "
+        "dd if=/dev/zero of=/tmp/big bs=1M count=12 2>/dev/null || echo tmpfs-full"
+    )
     r = oneshot(runtime, ["sh", "-c", script], read_only_root=True, disk_mb=8, tmp_path=tmp_path)
     assert r.rc == 0, r.stderr
     assert r.stdout.split() == [b"a", b"b", b"tmpfs-full"], r.stdout
@@ -239,19 +278,27 @@ def test_read_only_root_and_tmpfs(runtime, tmp_path):
 
 def test_writable_root_is_private(runtime, tmp_path):
     # as uid 0 (still without any capability) the image's own files are writable: in the sandbox's layer
-    r = oneshot(runtime, ["sh", "-c", "echo x > /etc/added && cat /etc/added && rm /bin/cat && echo gone"],
-                user="0:0", tmp_path=tmp_path)
+    r = oneshot(
+        runtime,
+        ["sh", "-c", "echo x > /etc/added && cat /etc/added && rm /bin/cat && echo gone"],
+        user="0:0",
+        tmp_path=tmp_path,
+    )
     assert (r.rc, r.stdout) == (0, b"x\ngone\n"), r.stderr
     # the cached image root is untouched for the next sandbox
-    r = oneshot(runtime, ["sh", "-c", "test -e /etc/added || test -x /bin/cat && echo pristine"], tmp_path=tmp_path)
+    r = oneshot(
+        runtime, ["sh", "-c", "test ! -e /etc/added && test -e /bin/cat && echo pristine"], tmp_path=tmp_path
+    )
     assert r.stdout == b"pristine\n"
     rf = rootfs.resolve(IMAGE, quiet=True)
     assert not os.path.exists(os.path.join(rf.path, "etc", "added"))
 
 
 def test_hardening_inside(runtime, tmp_path):
-    script = ("id -u; id -G; grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status | tr -s '\\t ' ' '; "
-              "mkdir -p /tmp/m; mount -t tmpfs none /tmp/m 2>/dev/null && echo MOUNTED; hostname")
+    script = (
+        "id -u; id -G; grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status | tr -s '\\t ' ' '; "
+        "mkdir -p /tmp/m; mount -t tmpfs none /tmp/m 2>/dev/null && echo MOUNTED; hostname"
+    )
     r = oneshot(runtime, ["sh", "-c", script], tmp_path=tmp_path)
     out = r.stdout.decode().splitlines()
     assert out[0] == "1000" and out[1] == "1000", out
@@ -266,8 +313,10 @@ def test_hardening_inside(runtime, tmp_path):
 def test_pids_limit_stops_a_fork_bomb(runtime, tmp_path):
     # count processes with shell built-ins only: at the limit nothing else can fork
     # (a shell dies when it cannot fork: the loop runs in a subshell that hits the limit)
-    script = ("(i=0; while [ $i -lt 300 ]; do sleep 30 & i=$((i+1)); done) 2>/dev/null; "
-              "set -- /proc/[0-9]*; echo $#")
+    script = (
+        "(i=0; while [ $i -lt 300 ]; do sleep 30 & i=$((i+1)); done) 2>/dev/null; "
+        "set -- /proc/[0-9]*; echo $#"
+    )
     r = oneshot(runtime, ["sh", "-c", script], pids=48, timeout=20, tmp_path=tmp_path)
     if runtime == "runsc" and r.rc != 0:
         # gVisor on ptrace backs every address space with a host stub process, so the host pids limit
@@ -290,10 +339,20 @@ def test_pids_limit_stops_a_fork_bomb(runtime, tmp_path):
 
 def test_sigkill_of_the_cli_then_reap_leaves_nothing(runtime, tmp_path):
     sid = _sid("kill")
-    job = {"spec": _spec(runtime).to_dict(), "argv": ["sleep", "100"], "id": sid, "timeout": None,
-           "stdin": False, "report": str(tmp_path / "r.json")}
-    child = subprocess.Popen([sys.executable, "-c", HELPER, json.dumps(job)], cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = {
+        "spec": _spec(runtime).to_dict(),
+        "argv": ["sleep", "100"],
+        "id": sid,
+        "timeout": None,
+        "stdin": False,
+        "report": str(tmp_path / "r.json"),
+    }
+    child = subprocess.Popen(
+        [sys.executable, "-c", HELPER, json.dumps(job)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 30
     while not rt.cgroup_pids(sid) or not os.path.exists(os.path.join(rt.bundle_dir(sid), "init.pid")):
         assert time.monotonic() < deadline, "the sandbox never started"
@@ -313,8 +372,14 @@ def test_sigkill_of_the_cli_then_reap_leaves_nothing(runtime, tmp_path):
 def test_runtime_failing_mid_start_leaves_nothing(runtime, tmp_path, monkeypatch):
     # a bind mount whose source does not exist: the runtime fails after creating cgroups, namespaces, state
     orig = bundle.standard_mounts
-    monkeypatch.setattr(bundle, "standard_mounts", lambda r: [
-        *orig(r), {"destination": "/bogus", "type": "bind", "source": "/nonexistent-ak-src", "options": ["rbind"]}])
+    monkeypatch.setattr(
+        bundle,
+        "standard_mounts",
+        lambda r: [
+            *orig(r),
+            {"destination": "/bogus", "type": "bind", "source": "/nonexistent-ak-src", "options": ["rbind"]},
+        ],
+    )
     b = OCIBackend({"runtime": runtime})
     sid = _sid("fail")
     # run in-process: the error must surface as SandboxError and the clean-up must be complete
@@ -393,8 +458,11 @@ def test_seccomp_conversion_matches_podman():
     if not shutil.which("podman") or not rootfs._inspect("podman", IMAGE):
         return
     name = f"{PREFIX}-sc"
-    cid = subprocess.run(["podman", "create", "--name", name, "--cap-drop", "all", IMAGE, "true"],
-                         capture_output=True, text=True).stdout.strip()
+    cid = subprocess.run(
+        ["podman", "create", "--name", name, "--cap-drop", "all", IMAGE, "true"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     try:
         subprocess.run(["podman", "init", name], capture_output=True, check=True)
         with open(f"/var/lib/containers/storage/overlay-containers/{cid}/userdata/config.json") as f:
@@ -407,8 +475,12 @@ def test_seccomp_conversion_matches_podman():
 
 
 def test_restrictive_seccomp_enforced(runtime, tmp_path):
-    r = oneshot(runtime, ["sh", "-c", "unshare -U true 2>/dev/null && echo UNSHARED; echo done"],
-                seccomp="restrictive", tmp_path=tmp_path)
+    r = oneshot(
+        runtime,
+        ["sh", "-c", "unshare -U true 2>/dev/null && echo UNSHARED; echo done"],
+        seccomp="restrictive",
+        tmp_path=tmp_path,
+    )
     assert r.stdout == b"done\n", r.stdout + r.stderr
 
 
@@ -496,7 +568,7 @@ def test_named_oom_reported(runtime):
         ref = await b.create(_spec(runtime, memory_mb=48), sandbox_id=sid, owner=owner.current_owner())
         try:
             await b.start(ref)
-            hog = "x=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa; while true; do x=\"$x$x\"; done"
+            hog = 'x=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa; while true; do x="$x$x"; done'
             r = await b.exec(ref, ExecRequest(["sh", "-c", hog]))
             assert r.exit_code == 137 and r.oom_killed, r
         finally:
@@ -510,6 +582,17 @@ def test_named_oom_reported(runtime):
 
 def test_cli_run(run_ak):
     for r in [x for x in RUNTIMES if x != "runsc"]:
-        p = run_ak("run", "--backend", "oci", "-o", f"runtime={r}", "--image", IMAGE, "--", "sh", "-c",
-                   "echo hello; exit 3")
+        p = run_ak(
+            "run",
+            "--backend",
+            "oci",
+            "-o",
+            f"runtime={r}",
+            "--image",
+            IMAGE,
+            "--",
+            "sh",
+            "-c",
+            "echo hello; exit 3",
+        )
         assert (p.returncode, p.stdout) == (3, b"hello\n"), p.stderr
