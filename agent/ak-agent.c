@@ -420,6 +420,7 @@ typedef struct stream {
     int start_stage, start_errno;
     long long oom_before;
     uint64_t out_limit, out_count[2];
+    uint64_t drain_left[2]; /* bytes in the pipes when the command was reaped: all that EXIT waits for */
     int trunc[2];
     char *argv0, *cwd;
     uint32_t uid;
@@ -442,13 +443,19 @@ static conn_t *conns;
 static int listen_fd = -1;
 static char *listen_path;
 static int stdio_mode;
-static int accept_paused;
+static uint64_t accept_paused_until; /* out of fds: retry accept() later, not in a busy loop */
 
 static int conn_in_paused(conn_t *c) {
     /* a peer that does not read its replies gets no more requests served (bounded memory) */
     if (c->out.len >= 4 * OUT_HIGH) return 1;
     for (stream_t *s = c->streams; s; s = s->next)
         if (s->kind == K_EXEC && !s->done && s->inbuf.len >= STDIN_HIGH) return 1;
+    return 0;
+}
+
+static int conn_has_get(conn_t *c) {
+    for (stream_t *s = c->streams; s; s = s->next)
+        if (s->kind == K_GET && !s->done) return 1;
     return 0;
 }
 
@@ -649,8 +656,8 @@ static void send_exit(stream_t *s) {
     send_pb(c, RS_EXIT, s->id, &w);
 }
 
-/* read one chunk of command output into an output frame. 1 data, 0 EOF, -1 EAGAIN */
-static int exec_read_output(stream_t *s, int which) {
+/* read one chunk of command output into an output frame: bytes read, 0 at EOF, -1 if none yet */
+static ssize_t exec_read_output(stream_t *s, int which) {
     conn_t *c = s->conn;
     int *fdp = which ? &s->fd_err : &s->fd_out;
     uint8_t *d = frame_begin(c, which ? RS_STDERR : RS_STDOUT, s->id, CHUNK);
@@ -669,7 +676,7 @@ static int exec_read_output(stream_t *s, int which) {
             put_u32(d - HDR_LEN, keep);
             c->out.len += HDR_LEN + keep;
         }
-        return 1;
+        return n;
     }
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return -1;
     xclose(fdp); /* EOF, or EIO on a pty master whose slave side is closed */
@@ -683,13 +690,19 @@ static void exec_finish(stream_t *s) {
     for (int w = 0; w < 2; w++) {
         int *fdp = w ? &s->fd_err : &s->fd_out;
         while (*fdp >= 0 && !c->out_paused && c->out.len < OUT_HIGH) {
-            int r = exec_read_output(s, w);
-            if (r < 0) {
-                /* pipe: empty now and the writer is gone (or is a background process we do not wait
-                 * for). pty: the line discipline may still be flushing, wait for EIO up to a grace */
-                if (!s->tty || now_us() >= s->drain_deadline_us) xclose(fdp);
+            /* pipe: what the command wrote is in the pipe when it is reaped; read exactly that much,
+             * not what background processes holding the pipe keep writing. pty: the line discipline
+             * may still be flushing, so read until EIO (slave closed) or a short grace period. */
+            if (s->tty ? now_us() >= s->drain_deadline_us : !s->drain_left[w]) {
+                xclose(fdp);
                 break;
             }
+            ssize_t r = exec_read_output(s, w);
+            if (r < 0) {
+                if (!s->tty) xclose(fdp);
+                break;
+            }
+            if (!s->tty) s->drain_left[w] -= (uint64_t)r < s->drain_left[w] ? (uint64_t)r : s->drain_left[w];
         }
     }
     if (c->out.len >= OUT_HIGH) c->out_paused = 1;
@@ -921,6 +934,11 @@ static void reap_children(void) {
                     s->status = st;
                     s->end_us = now_us();
                     s->drain_deadline_us = s->end_us + PTY_DRAIN_MS * 1000u;
+                    for (int w = 0; w < 2; w++) {
+                        int fd = w ? s->fd_err : s->fd_out, n = 0;
+                        if (fd >= 0 && !s->tty && ioctl(fd, FIONREAD, &n) == 0 && n > 0)
+                            s->drain_left[w] = (uint64_t)n;
+                    }
                     if (s->kill_group) kill(-pid, SIGKILL);
                     xclose(&s->fd_in);
                     s->inbuf.len = s->inbuf.off = 0;
@@ -1428,7 +1446,7 @@ static void sweep(void) {
             buf_free(&c->in);
             buf_free(&c->out);
             free(c);
-            accept_paused = 0;
+            accept_paused_until = 0;
             if (stdio_mode) shutdown_all(0);
         } else {
             cp = &c->next;
@@ -1442,12 +1460,16 @@ static int serve_loop(void) {
         int64_t timeout = -1;
         npfd = 0;
         pf_add(sig_pipe[0], POLLIN, W_SIG, NULL);
-        if (listen_fd >= 0 && !accept_paused) pf_add(listen_fd, POLLIN, W_LISTEN, NULL);
+        if (accept_paused_until && now >= accept_paused_until) accept_paused_until = 0;
+        if (listen_fd >= 0 && !accept_paused_until) pf_add(listen_fd, POLLIN, W_LISTEN, NULL);
+        if (accept_paused_until) timeout = (int64_t)((accept_paused_until - now + 999) / 1000);
         for (conn_t *c = conns; c; c = c->next) {
             if (c->out_paused && c->out.len <= OUT_LOW) c->out_paused = 0;
             if (c->out.len >= OUT_HIGH) c->out_paused = 1;
             short in_ev = conn_in_paused(c) ? 0 : POLLIN;
-            short out_ev = c->out.len ? POLLOUT : 0;
+            /* POLLOUT also while a download is active: the socket may have swallowed the whole
+             * buffer, and becoming writable again is what refills it (file_get_pump) */
+            short out_ev = (c->out.len || conn_has_get(c)) ? POLLOUT : 0;
             if (c->in_fd == c->out_fd) {
                 pf_add(c->in_fd, in_ev | out_ev, W_CIN, c);
             } else {
@@ -1493,7 +1515,7 @@ static int serve_loop(void) {
                     int fd = accept4(listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
                     if (fd < 0) {
                         if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
-                            accept_paused = 1;
+                            accept_paused_until = now_us() + 100000;
                         break;
                     }
                     conn_new(fd, fd);

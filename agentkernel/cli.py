@@ -113,7 +113,8 @@ def build_parser(only: str | None = None):
         p.add_argument("-t", "--timeout", type=_positive_float, metavar="SECONDS")
         p.add_argument("-e", "--env", action="append", type=_kv, default=[], metavar="K=V")
         p.add_argument("-w", "--workdir")
-        p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
+        # nargs="*", not REMAINDER: after the NAME positional, REMAINDER would swallow the options
+        p.add_argument("command", nargs="*", metavar="-- COMMAND...")
     if want("cp"):
         p = sub.add_parser("cp", help="copy a file: NAME:/path <-> local path")
         p.add_argument("src")
@@ -203,8 +204,19 @@ def resolve(args, argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
+    cmd = argv[0] if argv and argv[0] in COMMANDS else None
+    parser = build_parser(cmd)
+    # Everything after the first "--" is the command, verbatim: split before argparse sees it (its
+    # REMAINDER after a positional would otherwise swallow options such as `exec NAME --timeout 1 --`).
+    command: list[str] | None = None
+    if cmd in ("run", "exec") and "--" in argv:
+        i = argv.index("--")
+        argv, command = argv[:i], argv[i + 1 :]
     args = parser.parse_args(argv)
+    if command is not None:
+        if args.command:
+            parser.error(f"unexpected arguments before '--': {' '.join(args.command)}")
+        args.command = command
     if args.version:
         from . import __version__
 

@@ -13,7 +13,6 @@ converts the same data into the OCI runtime-spec form.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -66,6 +65,8 @@ def profile_path(name: str) -> str | None:
         return None
     if name != "restrictive":
         raise ValueError(f"unknown seccomp profile {name!r}")
+    import hashlib
+
     blob = json.dumps(restrictive_profile(), sort_keys=True).encode()
     digest = hashlib.sha256(blob).hexdigest()[:16]
     d = os.path.join(paths.cache_dir(), "seccomp")

@@ -142,6 +142,12 @@ build_wasm() {
   info "built $REPO/build/wasm/aksh.wasm"
 }
 
+prepare_oci() {
+  step "oci backend (rootfs cache, precompiled seccomp)"
+  "$VENV/bin/python" -m agentkernel.oci prepare >"$LOG_DIR/oci-prepare.log" 2>&1 \
+    || { tail -20 "$LOG_DIR/oci-prepare.log" >&2; die "oci prepare failed (log: $LOG_DIR/oci-prepare.log)"; }
+}
+
 build_images() {
   step "local images"
   "$VENV/bin/python" -m agentkernel.images build-all ${AGENTKERNEL_SETUP_IMAGES:-}
@@ -154,4 +160,5 @@ python_env
 build_agent
 build_wasm
 build_images
+prepare_oci
 step "setup complete"

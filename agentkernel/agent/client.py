@@ -350,9 +350,13 @@ class AgentClient:
                 pass
         try:
             self._writer.close()
-            await self._writer.wait_closed()
+            # a peer that stopped reading could keep unsent bytes (and the close) pending forever
+            await asyncio.wait_for(self._writer.wait_closed(), 2)
         except Exception:
-            pass
+            try:
+                self._writer.transport.abort()
+            except Exception:
+                pass
         if self.transport is not None:
             await self.transport.aclose()
 

@@ -92,7 +92,7 @@ class SyncAgentClient:
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
-        else:
+        elif self._owner is None:  # an owning transport closes its own pipes (below)
             for fd in {self.rfd, self.wfd}:
                 try:
                     os.close(fd)

@@ -84,6 +84,7 @@ def test_version_negotiation_refused(agent):
     s = _raw(agent.sock)
     s.sendall(P.encode_hello(2, 3))
     frames = _read_all_frames(s)
+    s.close()
     assert frames[0][0] == P.R_ERROR
     assert P.decode_error(frames[0][2]).errno == errno.EPROTONOSUPPORT
 
@@ -93,6 +94,7 @@ def test_reused_stream_id_is_protocol_error(agent):
     s.sendall(P.encode_hello() + P.encode_frame(P.EXEC, 3, P.encode_exec(["sleep", "5"], ENV))
               + P.encode_frame(P.EXEC, 3, P.encode_exec(["true"], ENV)))
     frames = _read_all_frames(s)
+    s.close()
     assert frames[-1][0] == P.R_ERROR and frames[-1][1] == 0
 
 

@@ -302,3 +302,19 @@ def test_socket_mode(agent_bin, tmp_path):
             c.ping()
     finally:
         stop_agent(proc)
+
+
+def test_background_writer_does_not_delay_exit(client):
+    """A background process that keeps the output pipe open and floods it must not hold back EXIT."""
+    t = time.monotonic()
+    r = client.exec(["sh", "-c", "yes >/dev/stdout & echo done; exit 5"], ENV, kill_group_on_exit=True)
+    assert r.exit_code == 5 and b"done\n" in r.stdout
+    t2 = time.monotonic()
+    r = client.exec(["sh", "-c", "sleep 4330.5 & echo done"], ENV)  # holds the pipes, writes nothing
+    assert r.exit_code == 0 and r.stdout == b"done\n"
+    assert time.monotonic() - t2 < 2 and time.monotonic() - t < 4
+    # the background sleep outlived the command; its pipes are closed
+    pids = procs_with("4330.5")
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)

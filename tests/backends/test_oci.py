@@ -24,7 +24,7 @@ import pytest
 
 from agentkernel import owner, paths
 from agentkernel.backends.base import ExecRequest
-from agentkernel.backends.oci import OCIBackend
+from agentkernel.backends.oci import OCIBackend, host_problems
 from agentkernel.errors import (
     BackendUnavailable,
     NotFound,
@@ -47,7 +47,7 @@ ALL = bytes(range(256))
 HELPER = r"""
 import json, os, sys
 job = json.loads(sys.argv[1])
-from agentkernel.backends.oci import OCIBackend
+from agentkernel.backends.oci import OCIBackend, host_problems
 from agentkernel.owner import current_owner
 from agentkernel.spec import SandboxSpec
 spec = SandboxSpec.from_dict(job["spec"])
@@ -138,7 +138,7 @@ def _ours() -> list[str]:
 def image_ready():
     if not RUNTIMES:
         pytest.skip("no OCI runtime installed (bash scripts/setup.sh)")
-    problems = [p for p in __import__("agentkernel.backends.oci", fromlist=["x"]).host_problems(RUNTIMES[0])]
+    problems = host_problems(RUNTIMES[0])
     if problems:
         pytest.skip(f"host not prepared: {problems[0][0]} ({problems[0][1]})")
     try:
