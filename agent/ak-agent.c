@@ -1636,12 +1636,38 @@ static int serve_main(int argc, char **argv) {
 /* ------------------------------------------------------------------------------------------------ */
 /* exec mode: a tini-like init for one-shot runs */
 
+/* --status-file: the exact outcome for the host, which cannot tell an engine failure (e.g. podman's
+ * 125) from a command that exited 125 by the exit code alone. Written atomically (temp + rename). */
+static void write_status(const char *path, int code, int sig, int oom) {
+    if (!path) return;
+    char tmp[4200], buf[128];
+    int n = snprintf(buf, sizeof buf, "exit=%d signal=%d oom=%d\n", code, sig, oom);
+    if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp) return;
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) return;
+    ssize_t w = write(fd, buf, n > 0 ? (size_t)n : 0);
+    close(fd);
+    if (w == n) rename(tmp, path);
+    else unlink(tmp);
+}
+
 static int exec_main(int argc, char **argv) {
+    const char *status_file = NULL;
+    while (argc > 0 && strcmp(argv[0], "--")) {
+        if (!strcmp(argv[0], "--status-file") && argc > 1) {
+            status_file = argv[1];
+            argv += 2, argc -= 2;
+        } else {
+            break;
+        }
+    }
     if (argc > 0 && !strcmp(argv[0], "--")) argv++, argc--;
     if (argc < 1) {
-        fprintf(stderr, "usage: ak-agent exec -- ARGV...\n");
+        fprintf(stderr, "usage: ak-agent exec [--status-file PATH] -- ARGV...\n");
         return 125;
     }
+    oom_detect();
+    long long oom_before = oom_count();
     static const int fwd[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH};
     setup_signals(fwd, 7);
     prctl(PR_SET_CHILD_SUBREAPER, 1);
@@ -1686,8 +1712,14 @@ static int exec_main(int argc, char **argv) {
         pid_t pid;
         while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
             if (pid != child) continue;
-            if (WIFEXITED(st)) return WEXITSTATUS(st);
-            return 128 + WTERMSIG(st);
+            if (WIFEXITED(st)) {
+                write_status(status_file, WEXITSTATUS(st), 0, 0);
+                return WEXITSTATUS(st);
+            }
+            int sig = WTERMSIG(st);
+            int oom = sig == SIGKILL && oom_before >= 0 && oom_count() > oom_before;
+            write_status(status_file, 128 + sig, sig, oom);
+            return 128 + sig;
         }
     }
 }
@@ -1702,7 +1734,7 @@ int main(int argc, char **argv) {
     fprintf(stderr,
             "usage: ak-agent serve --listen PATH [--ready-fd N] [--socket-mode OCTAL]\n"
             "       ak-agent serve --stdio\n"
-            "       ak-agent exec -- ARGV...\n"
+            "       ak-agent exec [--status-file PATH] -- ARGV...\n"
             "       ak-agent --version\n");
     return 125;
 }

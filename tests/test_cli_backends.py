@@ -109,6 +109,8 @@ def test_timeout_kills_the_whole_tree(backend):
 def test_oom_is_reported(backend):
     r = run(backend, "dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1", flags=("--memory", "32"))
     assert r.returncode == 137, (r.returncode, r.stderr)
+    if backend == "gvisor":
+        return  # gVisor hides the kill's cause: neither its cgroupfs nor podman report OOM (docs/backends)
     assert b"out-of-memory" in r.stderr
 
 
