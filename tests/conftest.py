@@ -14,6 +14,9 @@ _SESSION_DIR = tempfile.mkdtemp(prefix="ak-test-")
 os.environ.setdefault("AGENTKERNEL_HOME", os.path.join(_SESSION_DIR, "home"))
 os.environ.setdefault("AGENTKERNEL_RUNTIME_DIR", os.path.join(_SESSION_DIR, "run"))
 os.environ["AGENTKERNEL_NO_DAEMON"] = os.environ.get("AGENTKERNEL_TEST_DAEMON", "1")
+# Every sandbox this test session creates carries this label, so leak checks see only our own.
+SESSION_LABEL = f"agentkernel.test-session={os.path.basename(_SESSION_DIR)}"
+os.environ["AGENTKERNEL_LABELS"] = SESSION_LABEL
 
 
 def ak(*args: str, input: bytes | None = None, timeout: float = 120, env: dict | None = None,

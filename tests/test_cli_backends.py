@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from tests.conftest import ak
+from tests.conftest import SESSION_LABEL, ak
 
 BACKENDS = ["podman", "docker", "gvisor", "oci"]
 
@@ -27,7 +27,7 @@ BACKENDS = ["podman", "docker", "gvisor", "oci"]
 def _engine_leftovers() -> list[str]:
     out = []
     for engine in ("podman", "docker"):
-        r = subprocess.run([engine, "ps", "-a", "-q", "--filter", "label=agentkernel.managed=true"],
+        r = subprocess.run([engine, "ps", "-a", "-q", "--filter", f"label={SESSION_LABEL}"],
                            capture_output=True, text=True)
         out += [f"{engine}:{c}" for c in r.stdout.split()]
     return out
@@ -123,11 +123,14 @@ def test_runs_as_non_root_without_capabilities(backend):
 
 
 def test_read_only_root_with_writable_tmpfs(backend):
-    r = run(backend, "sh", "-c", "touch /tmp/ok && echo tmp-ok; touch /etc/nope && echo etc-writable",
-            flags=("--read-only",))
+    # /home/sandbox belongs to the sandbox user: only the read-only root can make it unwritable
+    script = "touch /tmp/ok && echo tmp-ok; touch /home/sandbox/nope && echo home-writable"
+    r = run(backend, "sh", "-c", script, flags=("--read-only",))
     assert b"tmp-ok" in r.stdout
-    assert b"etc-writable" not in r.stdout
+    assert b"home-writable" not in r.stdout
     assert b"read-only file system" in r.stderr.lower()
+    r = run(backend, "sh", "-c", script)
+    assert b"home-writable" in r.stdout, "without --read-only the same write succeeds"
 
 
 def test_restrictive_profile_runs(backend):
@@ -138,8 +141,10 @@ def test_restrictive_profile_runs(backend):
 def test_pids_limit_stops_a_fork_bomb(backend):
     r = run(backend, "sh", "-c", "i=0; while [ $i -lt 200 ]; do sleep 30 & i=$((i+1)); done; echo all-spawned",
             flags=("--pids", "40", "--timeout", "60"))
-    assert b"all-spawned" not in r.stdout or b"fork" in r.stderr.lower()
-    assert b"fork" in r.stderr.lower() or b"resource temporarily unavailable" in r.stderr.lower()
+    assert b"all-spawned" not in r.stdout
+    assert r.returncode not in (0, 124)
+    if backend != "gvisor":  # gVisor's Sentry dies with the sandbox when the limit hits (docs/backends)
+        assert b"fork" in r.stderr.lower() or b"resource temporarily unavailable" in r.stderr.lower()
 
 
 def _host_ip() -> str:
@@ -215,7 +220,7 @@ def box(backend):
 
 
 def test_named_lifecycle_list_stop_start_rm(box, backend):
-    r = ak("exec", box, "--", "sh", "-c", "echo one > /tmp/state; cat /tmp/state")
+    r = ak("exec", box, "--", "sh", "-c", "echo one > /workspace/state; cat /workspace/state")
     assert (r.returncode, r.stdout) == (0, b"one\n"), r.stderr
     rows = {x["name"]: x for x in json.loads(ak("list", "--json").stdout)}
     assert rows[box]["state"] == "running" and rows[box]["backend"] == backend
@@ -225,7 +230,7 @@ def test_named_lifecycle_list_stop_start_rm(box, backend):
     r = ak("exec", box, "--", "true")
     assert r.returncode == 125 and b"not running" in r.stderr
     assert ak("start", box).returncode == 0
-    r = ak("exec", box, "--", "cat", "/tmp/state")
+    r = ak("exec", box, "--", "cat", "/workspace/state")
     assert r.stdout == b"one\n", "the filesystem survives stop/start"
     assert ak("rm", box).returncode == 0
     assert box not in {x["name"] for x in json.loads(ak("list", "--json").stdout)}

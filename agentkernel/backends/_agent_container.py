@@ -62,7 +62,7 @@ class AgentContainerBackend(Backend):
         run_dir = _container.prepare_run_dir(sandbox_id, _container.resolve_user(spec))
         name = container_name(sandbox_id)
         p = _container.plan(spec, sandbox_id=sandbox_id, owner=owner, container_name=name,
-                            agent_bin=agent, run_dir=run_dir)
+                            agent_bin=agent, run_dir=run_dir, pids_overhead=self.pids_overhead)
         try:
             cid = await self._engine_create(p)
         except BaseException:
@@ -133,7 +133,7 @@ class AgentContainerBackend(Backend):
         """What a client needs to run one command through this sandbox's agent itself."""
         from ._agentexec import exec_env
 
-        return {"socket": self._socket(ref), "env": exec_env(ref.handle.get("env"), ref.spec, {}),
+        return {"socket": self._socket(ref), "env": exec_env(ref.handle.get("env"), ref.spec.env, {}),
                 "cwd": ref.spec.workdir}
 
     async def _client(self, ref: SandboxRef):

@@ -4,9 +4,11 @@ and from the agent's exit event to ExecResult, for every backend that uses the a
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-from ..spec import SandboxSpec
-from .base import ExecRequest, ExecResult, OutputCollector
+if TYPE_CHECKING:
+    from ..spec import SandboxSpec
+    from .base import ExecRequest, ExecResult
 
 
 def parse_environ(blob: bytes) -> dict[str, str]:
@@ -19,30 +21,32 @@ def parse_environ(blob: bytes) -> dict[str, str]:
     return env
 
 
-def exec_env(base: dict[str, str] | None, spec: SandboxSpec, extra: dict[str, str]) -> dict[str, str]:
+def exec_env(base: dict[str, str] | None, spec_env: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
     """The command's complete environment: the sandbox's (image + spec, as its PID 1 got it), then the
-    request's own variables."""
+    request's own variables. Without a recorded base: a default PATH plus the spec's variables."""
     env = dict(base or {})
     if not base:
         env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-        env.update(spec.env)
+        env.update(spec_env)
     env.update(extra)
     return env
 
 
 async def exec_via_agent(client, spec: SandboxSpec, req: ExecRequest, base_env: dict[str, str] | None) -> ExecResult:
+    from .base import ExecResult, OutputCollector
+
     collector = None
     on_output = req.on_output
     if on_output is None:
         collector = OutputCollector(req.output_limit)
         on_output = collector
     t0 = time.perf_counter()
-    r = await client.exec(req.argv, env=exec_env(base_env, spec, req.env), cwd=req.cwd or spec.workdir,
+    r = await client.exec(req.argv, env=exec_env(base_env, spec.env, req.env), cwd=req.cwd or spec.workdir,
                           stdin=req.stdin, timeout=req.timeout, tty=req.tty, tty_size=req.tty_size,
-                          on_output=on_output)
+                          on_output=on_output, output_limit=req.output_limit if collector else 0)
     ms = (time.perf_counter() - t0) * 1e3
     if r.error and r.start_failed:
-        msg = f"{req.argv[0]}: {r.error}\n".encode()
+        msg = f"{r.error}\n".encode()
         if collector is not None:
             collector(2, msg)
         else:

@@ -95,6 +95,7 @@ def plan(
     run_dir: str | None = None,
     cwd: str | None = None,
     interactive: bool = False,
+    pids_overhead: int = 0,
 ) -> ContainerPlan:
     """``argv`` given: a one-shot container running argv (under ``ak-agent exec`` when the agent is
     available: signal forwarding, zombie reaping, exact status and OOM report). ``argv`` None: a
@@ -107,14 +108,12 @@ def plan(
         binds.append((os.path.realpath(cwd or os.getcwd()), "/workspace", False))
     if pol.read_only_root:
         size = res.disk_mb or DEFAULT_TMPFS_MB
-        uid, _, gid = user.partition(":")
         writable = ["/tmp"]
         if not pol.mount_cwd or spec.workdir != "/workspace":
             writable.append(spec.workdir)
         for path in dict.fromkeys(writable):
-            mode = "1777" if path == "/tmp" else "0755"
-            owner_opt = "" if path == "/tmp" else f",uid={uid},gid={gid}"
-            tmpfs.append((path, f"rw,nosuid,nodev,size={size}m,mode={mode}{owner_opt}"))
+            # mode 1777 rather than uid=/gid= options: podman rejects those on --tmpfs
+            tmpfs.append((path, f"rw,nosuid,nodev,size={size}m,mode=1777"))
     entrypoint: list[str] | None
     cmd: list[str]
     if agent_bin:
@@ -158,7 +157,7 @@ def plan(
         binds=binds,
         memory_bytes=res.memory_mb * 1024 * 1024 if res.memory_mb is not None else None,
         cpus=res.vcpus,
-        pids=res.pids,
+        pids=res.pids + pids_overhead if res.pids is not None else None,
         seccomp_file=profile_path(pol.seccomp),
         entrypoint=entrypoint,
         cmd=cmd,

@@ -295,6 +295,8 @@ class Backend(ABC):
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
     options_allowed: ClassVar[tuple[str, ...]] = ()
+    # processes the engine itself runs inside the sandbox's pids cgroup (added to resources.pids)
+    pids_overhead: ClassVar[int] = 0
 
     def __init__(self, options: dict[str, str] | None = None) -> None:
         self.options = dict(options or {})
@@ -401,7 +403,22 @@ def owner_labels(sandbox_id: str, owner: dict[str, Any], name: str | None = None
         labels[LABEL_NAME] = name
     if owner.get("store"):
         labels[LABEL_STORE] = str(owner["store"])
+    labels.update(extra_labels())
     return labels
+
+
+def extra_labels() -> dict[str, str]:
+    """AGENTKERNEL_LABELS="key=value,key2=value2": labels added to every resource this process creates
+    (e.g. a CI job id, so its leak check can tell its own sandboxes from anyone else's)."""
+    import os
+    import re
+
+    out: dict[str, str] = {}
+    for item in filter(None, (os.environ.get("AGENTKERNEL_LABELS") or "").split(",")):
+        k, sep, v = item.partition("=")
+        if sep and re.match(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$", k) and re.match(r"^[A-Za-z0-9._:/@-]{0,255}$", v):
+            out[k] = v
+    return out
 
 
 def owner_from_labels(labels: dict[str, str]) -> dict[str, Any]:

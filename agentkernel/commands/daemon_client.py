@@ -105,12 +105,14 @@ def _note(msg: str) -> None:
     sys.stderr.write(f"agentkernel: {msg}\n")
 
 
-def exit_code_of(code: int, sig: int, timed_out: bool, oom: bool, error: str | None, timeout, spec) -> int:
+def exit_code_of(code: int, sig: int, timed_out: bool, oom: bool, error: str | None, timeout,
+                 memory_mb: int | None) -> int:
+    """Shell-style exit code from an agent exit event, with the notes a user must see."""
     if timed_out:
         _note(f"timed out after {timeout:g} s: every process of the command was killed")
         return EXIT_TIMEOUT
     if oom:
-        _note(f"the command was killed by the out-of-memory killer (memory limit {spec.resources.memory_mb} MiB)")
+        _note(f"the command was killed by the out-of-memory killer (memory limit {memory_mb} MiB)")
     if error and code in (126, 127):
         sys.stderr.write(f"agentkernel: {error}\n")
     return code  # already shell-style: 128+N for a signal
@@ -138,7 +140,7 @@ def _run_lease(s: socket.socket, reply: dict, command: list[str], timeout, forwa
         for sig, h in old.items():
             signal.signal(sig, h)
         client.close()
-    rc = exit_code_of(code, sig, timed_out, oom, error, timeout, spec)
+    rc = exit_code_of(code, sig, timed_out, oom, error, timeout, spec.resources.memory_mb)
     try:
         s.sendall(P.jframe(P.DONE, {"exit_code": rc}))
     except OSError:
@@ -166,7 +168,8 @@ def _run_proxy(s: socket.socket, fr: P.FrameReader, pending, forward: bool, time
                 _write_all(2, payload)
             elif t == P.EXIT:
                 r = json.loads(payload)
-                return exit_code_of(r["exit_code"], 0, r.get("timed_out"), r.get("oom_killed"), None, timeout, spec)
+                return exit_code_of(r["exit_code"], 0, r.get("timed_out"), r.get("oom_killed"), None, timeout,
+                                    spec.resources.memory_mb)
             elif t == P.ERROR:
                 _raise_error(payload)
         frames = []

@@ -104,7 +104,7 @@ def report_status(status: dict | None, rc: int, spec) -> int:
     return code
 
 
-def _prepare(spec, command: list[str], interactive: bool):
+def _prepare(backend, spec, command: list[str], interactive: bool):
     from ..backends import _container
 
     sid = owner.new_id("run")
@@ -114,7 +114,8 @@ def _prepare(spec, command: list[str], interactive: bool):
     agent = paths.agent_binary()
     run_dir = _container.prepare_run_dir(sid, _container.resolve_user(spec)) if agent else None
     plan = _container.plan(spec, sandbox_id=sid, owner=o, container_name=name, argv=command, agent_bin=agent,
-                           run_dir=run_dir, cwd=os.getcwd(), interactive=interactive)
+                           run_dir=run_dir, cwd=os.getcwd(), interactive=interactive,
+                           pids_overhead=backend.pids_overhead)
     return sid, name, run_dir, plan
 
 
@@ -133,7 +134,7 @@ def _run_engine_cli(backend, spec, command: list[str], timeout: float | None) ->
     import subprocess
 
     interactive = _forward_stdin()
-    sid, name, run_dir, plan = _prepare(spec, command, interactive)
+    sid, name, run_dir, plan = _prepare(backend, spec, command, interactive)
     rc, timed_out = 0, False
     try:
         try:
@@ -185,7 +186,7 @@ def _engine_failure(backend, spec, name: str, rc: int) -> int:
 def _run_engine_api(backend, spec, command: list[str], timeout: float | None) -> int:
     """docker: the Engine API's create/attach/start/wait over its socket, synchronously."""
     interactive = _forward_stdin()
-    sid, name, run_dir, plan = _prepare(spec, command, interactive)
+    sid, name, run_dir, plan = _prepare(backend, spec, command, interactive)
     rc, timed_out = 0, False
     try:
         code = backend.run_attached_sync(plan, timeout=timeout, forward_stdin=interactive)

@@ -1,0 +1,14 @@
+"""The benchmark suites. ``SUITES`` maps a suite name to ``module:function`` (the function takes the
+``BenchContext``); a module is imported only when one of its suites is selected."""
+
+SUITES = {
+    "headline": "agentkernel.bench.suites.headline:run",
+    "phases": "agentkernel.bench.suites.phases:run",
+    "baselines": "agentkernel.bench.suites.baselines:run",
+    "daemon": "agentkernel.bench.suites.daemon:run",
+    "throughput": "agentkernel.bench.suites.concurrency:run_throughput",
+    "concurrency": "agentkernel.bench.suites.concurrency:run_concurrency",
+    "stress": "agentkernel.bench.suites.stress:run",
+    "lifecycle": "agentkernel.bench.suites.lifecycle:run",
+    "wasm": "agentkernel.bench.suites.wasm:run",
+}
