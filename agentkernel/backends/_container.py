@@ -108,12 +108,14 @@ def plan(
         binds.append((os.path.realpath(cwd or os.getcwd()), "/workspace", False))
     if pol.read_only_root:
         size = res.disk_mb or DEFAULT_TMPFS_MB
+        uid, _, gid = user.partition(":")
         writable = ["/tmp"]
         if not pol.mount_cwd or spec.workdir != "/workspace":
             writable.append(spec.workdir)
         for path in dict.fromkeys(writable):
-            # mode 1777 rather than uid=/gid= options: podman rejects those on --tmpfs
-            tmpfs.append((path, f"rw,nosuid,nodev,size={size}m,mode=1777"))
+            owned = "" if path == "/tmp" else f",uid={uid},gid={gid}"
+            mode = "1777" if path == "/tmp" else "0755"
+            tmpfs.append((path, f"rw,nosuid,nodev,size={size}m,mode={mode}{owned}"))
     entrypoint: list[str] | None
     cmd: list[str]
     if agent_bin:
@@ -186,7 +188,7 @@ def podman_args(p: ContainerPlan, *, network_default: str | None = None) -> list
     if p.read_only:
         a += ["--read-only", "--read-only-tmpfs=false"]
     for path, opts in p.tmpfs:
-        a += ["--tmpfs", f"{path}:{opts}"]
+        a += ["--tmpfs", f"{path}:{_podman_tmpfs_opts(opts)}"]
     for src, dst, ro in p.binds:
         a += ["-v", f"{src}:{dst}:{'ro' if ro else 'rw'}"]
     a += ["--workdir", p.workdir]
@@ -199,3 +201,13 @@ def podman_args(p: ContainerPlan, *, network_default: str | None = None) -> list
 
         a += ["--entrypoint", json.dumps(p.entrypoint)]
     return a
+
+
+def _podman_tmpfs_opts(opts: str) -> str:
+    """podman rejects uid=/gid= on --tmpfs: an owned tmpfs becomes a sticky world-writable one instead
+    (it is the sandbox's own private mount either way)."""
+    parts = opts.split(",")
+    if not any(o.startswith(("uid=", "gid=")) for o in parts):
+        return opts
+    parts = [o for o in parts if not o.startswith(("uid=", "gid=", "mode="))]
+    return ",".join([*parts, "mode=1777"])

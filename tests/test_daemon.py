@@ -1,0 +1,228 @@
+"""The daemon and its warm pools, through the real CLI and real podman containers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from tests.conftest import SESSION_LABEL, ak
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _containers(label: str) -> list[str]:
+    r = subprocess.run(["podman", "ps", "-a", "-q", "--filter", f"label={label}"], capture_output=True, text=True)
+    return r.stdout.split()
+
+
+class Daemon:
+    def __init__(self, root: str) -> None:
+        self.env = {"AGENTKERNEL_RUNTIME_DIR": os.path.join(root, "run"), "AGENTKERNEL_HOME": os.path.join(root, "home"),
+                    "AGENTKERNEL_NO_DAEMON": "0"}
+
+    def ak(self, *args, **kw):
+        env = dict(self.env)
+        env.update(kw.pop("env", {}) or {})
+        return ak(*args, env=env, **kw)
+
+    def status(self) -> dict:
+        r = self.ak("daemon", "status", "--json")
+        assert r.returncode == 0, r.stdout + r.stderr
+        return json.loads(r.stdout)
+
+    def pool(self) -> dict:
+        pools = self.status()["pools"]
+        assert pools
+        return pools[0]
+
+    def wait_ready(self, n: int, timeout: float = 90) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            p = self.pool()
+            if p["ready"] >= n:
+                return p
+            time.sleep(0.2)
+        raise AssertionError(f"pool never reached {n} ready members: {self.pool()}")
+
+    @property
+    def socket(self) -> str:
+        return os.path.join(self.env["AGENTKERNEL_RUNTIME_DIR"], "daemon.sock")
+
+    def pid(self) -> int:
+        with open(self.socket + ".pid") as f:
+            return int(f.read())
+
+
+@pytest.fixture
+def daemon():
+    root = tempfile.mkdtemp(prefix="ak-daemon-")
+    d = Daemon(root)
+    r = d.ak("daemon", "start", "--pool-min", "2", "--pool-max", "4")
+    assert r.returncode == 0, r.stderr
+    yield d
+    d.ak("daemon", "stop")
+
+
+def test_run_goes_through_the_warm_pool(daemon):
+    daemon.wait_ready(2)
+    r = daemon.ak("run", "--", "echo", "hello")
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"hello\n", b"")
+    m = daemon.pool()["metrics"]
+    assert m["hits"] >= 1
+
+
+def test_each_member_is_used_once(daemon):
+    daemon.wait_ready(2)
+    r = daemon.ak("run", "--", "sh", "-c", "echo secret > /workspace/leak && cat /proc/1/stat | cut -d' ' -f22")
+    assert r.returncode == 0, r.stderr
+    seen = {r.stdout}
+    for _ in range(4):
+        r = daemon.ak("run", "--", "sh", "-c", "cat /workspace/leak 2>/dev/null; cat /proc/1/stat | cut -d' ' -f22")
+        assert b"secret" not in r.stdout, "a later run saw an earlier run's file"
+        seen.add(r.stdout)
+    assert len(seen) == 5, "every run got a different sandbox (its PID 1 started at a different time)"
+    deadline = time.monotonic() + 30
+    while daemon.pool()["metrics"]["destroyed"] < 5 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert daemon.pool()["metrics"]["destroyed"] >= 5
+
+
+def test_exact_results_through_the_daemon(daemon):
+    payload = bytes(range(256)) * 512
+    r = daemon.ak("run", "--", "sh", "-c", r"cat; printf '\001err' >&2; exit 42", input=payload)
+    assert (r.returncode, r.stdout, r.stderr) == (42, payload, b"\x01err")
+    r = daemon.ak("run", "--", "sh", "-c", "kill -TERM $$")
+    assert r.returncode == 143
+    r = daemon.ak("run", "--timeout", "1", "--", "sleep", "30")
+    assert r.returncode == 124 and b"timed out" in r.stderr
+    r = daemon.ak("run", "--", "no-such-command")
+    assert r.returncode == 127 and b"no-such-command" in r.stderr
+
+
+def test_large_output_through_the_daemon(daemon):
+    r = daemon.ak("run", "--", "sh", "-c", "head -c 67108864 /dev/zero | tr '\\0' x")
+    assert r.returncode == 0 and len(r.stdout) == 64 << 20 and set(r.stdout) == {ord("x")}
+
+
+def test_pool_exhaustion_waits_then_cold_starts_never_fails(daemon):
+    procs = [subprocess.Popen([sys.executable, "-m", "agentkernel", "run", "--", "sh", "-c", f"echo run{i}"],
+                              env={**os.environ, **daemon.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(8)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 8, [o[1] for o in outs]
+    assert sorted(o[0] for o in outs) == sorted(f"run{i}\n".encode() for i in range(8))
+
+
+def test_client_killed_mid_command_kills_it_and_destroys_the_sandbox(daemon):
+    daemon.wait_ready(2)
+    proc = subprocess.Popen([sys.executable, "-m", "agentkernel", "run", "--", "sleep", "300"],
+                            env={**os.environ, **daemon.env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while daemon.pool()["in_use"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert daemon.pool()["in_use"] == 1
+    before = set(_containers(f"agentkernel.owner.pid={daemon.pid()}"))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while daemon.pool()["in_use"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert daemon.pool()["in_use"] == 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        gone = before - set(_containers(f"agentkernel.owner.pid={daemon.pid()}"))
+        if gone:
+            break
+        time.sleep(0.2)
+    assert gone, "the leased sandbox was destroyed"
+
+
+def test_sandbox_killed_from_outside_is_a_clear_error(daemon):
+    daemon.wait_ready(2)
+    proc = subprocess.Popen([sys.executable, "-m", "agentkernel", "run", "--", "sleep", "300"],
+                            env={**os.environ, **daemon.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while daemon.pool()["in_use"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    ids = {c for c in _containers(f"agentkernel.owner.pid={daemon.pid()}")}
+    # kill every member: the one in use is among them
+    subprocess.run(["podman", "kill", *ids], capture_output=True)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode in (125, 137), (proc.returncode, err)
+    if proc.returncode == 125:
+        assert b"agentkernel: error:" in err
+
+
+def test_daemon_sigkill_leaves_nothing_after_the_next_command():
+    root = tempfile.mkdtemp(prefix="ak-daemon-")
+    d = Daemon(root)
+    assert d.ak("daemon", "start", "--pool-min", "2").returncode == 0
+    d.wait_ready(2)
+    pid = d.pid()
+    assert len(_containers(f"agentkernel.owner.pid={pid}")) >= 2
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    r = d.ak("list")  # any command reaps what a dead owner left
+    assert r.returncode == 0
+    assert _containers(f"agentkernel.owner.pid={pid}") == []
+    # and a new daemon starts over the stale socket
+    assert d.ak("daemon", "start", "--pool-min", "1").returncode == 0
+    d.wait_ready(1)
+    assert d.ak("run", "--", "true").returncode == 0
+    assert d.ak("daemon", "stop").returncode == 0
+
+
+def test_stop_really_stops_and_destroys_the_pool():
+    root = tempfile.mkdtemp(prefix="ak-daemon-")
+    d = Daemon(root)
+    assert d.ak("daemon", "start", "--pool-min", "2").returncode == 0
+    d.wait_ready(2)
+    pid = d.pid()
+    assert stat.S_IMODE(os.stat(d.socket).st_mode) == 0o600
+    r = d.ak("daemon", "stop")
+    assert r.returncode == 0 and b"stopped" in r.stdout
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert not os.path.exists(d.socket)
+    assert _containers(f"agentkernel.owner.pid={pid}") == []
+    assert d.ak("daemon", "status").returncode == 3
+
+
+def test_stale_socket_falls_back_to_the_cold_path():
+    root = tempfile.mkdtemp(prefix="ak-daemon-")
+    d = Daemon(root)
+    os.makedirs(os.path.dirname(d.socket), exist_ok=True)
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(d.socket)
+    s.close()  # a socket file nobody listens on
+    r = d.ak("run", "--", "echo", "cold")
+    assert (r.returncode, r.stdout) == (0, b"cold\n")
+    assert d.ak("daemon", "start", "--pool-min", "1").returncode == 0
+    assert d.ak("daemon", "stop").returncode == 0
+
+
+def test_status_shows_pool_metrics(daemon):
+    daemon.wait_ready(2)
+    daemon.ak("run", "--", "true")
+    st = daemon.status()
+    p = st["pools"][0]
+    assert p["backend"] == "podman" and p["image"] == "agentkernel/busybox"
+    for k in ("hits", "misses", "hit_rate", "refill_ms_avg", "refill_ms_last", "destroyed", "cold_starts"):
+        assert k in p["metrics"]
+    assert p["config"]["min"] == 2 and p["config"]["max"] == 4
+    text = daemon.ak("daemon", "status").stdout.decode()
+    assert "hits" in text and "refill avg" in text
+
+
+def test_session_label_is_on_pool_members(daemon):
+    daemon.wait_ready(2)
+    assert len(_containers(SESSION_LABEL)) >= 2
