@@ -73,7 +73,7 @@ def _add_spec_flags(p, *, run: bool) -> None:
 
 
 COMMANDS = ("run", "create", "start", "stop", "rm", "remove", "exec", "cp", "list", "ls", "doctor", "gc",
-            "images", "audit", "daemon")
+            "images", "audit", "daemon", "serve", "attach", "replay", "mcp")
 
 
 def build_parser(only: str | None = None):
@@ -139,6 +139,10 @@ def build_parser(only: str | None = None):
         p.add_argument("--json", action="store_true")
     if want("daemon"):
         _add_daemon(sub)
+    if want("serve", "attach", "replay", "mcp"):
+        from .commands.serve import add_parsers
+
+        add_parsers(sub, want)
     return parser
 
 
@@ -296,6 +300,10 @@ def _dispatch(args) -> int:
         from .commands.daemon import daemon_cmd
 
         return daemon_cmd(args)
+    if cmd in ("serve", "attach", "replay", "mcp"):
+        from .commands import serve
+
+        return getattr(serve, cmd)(args)
     raise AssertionError(cmd)
 
 

@@ -47,7 +47,8 @@ def boot_id() -> str:
 
 
 def process_start_time(pid: int) -> int | None:
-    """Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat), or None."""
+    """Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat), or None when there
+    is no such live process (absent, or a zombie)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -55,6 +56,8 @@ def process_start_time(pid: int) -> int | None:
         return None
     # comm (field 2) may contain spaces and ')' : split after the last ')'.
     rest = data[data.rindex(b")") + 2 :].split()
+    if rest[0] in (b"Z", b"X"):  # a zombie has exited: it owns nothing any more
+        return None
     return int(rest[19])
 
 

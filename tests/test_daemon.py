@@ -47,9 +47,9 @@ class Daemon:
     def wait_ready(self, n: int, timeout: float = 90) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            p = self.pool()
-            if p["ready"] >= n:
-                return p
+            pools = self.status()["pools"]
+            if pools and pools[0]["ready"] >= n:
+                return pools[0]
             time.sleep(0.2)
         raise AssertionError(f"pool never reached {n} ready members: {self.pool()}")
 

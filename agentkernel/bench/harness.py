@@ -164,7 +164,7 @@ class _Stage:
     def __init__(self, progress: Progress, title: str, total: int) -> None:
         self.p, self.title, self.total, self.done = progress, title, total, 0
         self._t0 = time.monotonic()
-        self._last_print = 0.0
+        self._last_print = time.monotonic()
         self._task = None
         if progress.enabled and progress._rich is not None:
             self._task = progress._rich.add_task(title, total=total)
@@ -209,9 +209,14 @@ class Cmd:
 
     def __init__(self, name: str, argv: list[str], *, label: str, backend: str, mode: str,
                  image: str | None = None, expect: bytes = HELLO, check: Callable[[bytes], bool] | None = None,
-                 before: Callable[[], None] | None = None, env: dict[str, str] | None = None) -> None:
+                 before: Callable[[], None] | None = None, env: dict[str, str] | None = None,
+                 argv_fn: Callable[[], list[str]] | None = None) -> None:
         self.name, self.argv, self.label, self.backend, self.mode = name, list(argv), label, backend, mode
         self.image, self.expect, self.check, self.before, self.env = image, expect, check, before, env
+        self.argv_fn = argv_fn  # a fresh argv per run (e.g. a unique container id), else ``argv``
+
+    def next_argv(self) -> list[str]:
+        return self.argv_fn() if self.argv_fn is not None else self.argv
 
 
 # ---- the context --------------------------------------------------------------------------------------
@@ -227,7 +232,8 @@ class BenchContext:
         self.cfg = cfg
         self.run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + os.urandom(3).hex()
         self.t0 = time.time()
-        self.tmp = tempfile.mkdtemp(prefix=f"akbench-{self.run_id}-")
+        # short: agent sockets live under it and AF_UNIX paths are limited to 107 bytes
+        self.tmp = tempfile.mkdtemp(prefix="akb-")
         self.home = os.path.join(self.tmp, "home")
         self.runtime_dir = os.path.join(self.tmp, "run")
         self.workdir = os.path.join(self.tmp, "work")
@@ -385,7 +391,7 @@ class BenchContext:
                 c = cmds[(i + r) % n]
                 if c.before is not None:
                     c.before()
-                s = self.time_command(c.argv, expect=c.expect, check=c.check, env=c.env)
+                s = self.time_command(c.next_argv(), expect=c.expect, check=c.check, env=c.env)
                 out[c.name][1 if r < warmup else 0].append(s)
                 st.advance()
         st.finish()
@@ -554,12 +560,7 @@ class BenchDaemon:
         pools = self.pools(backend)
         if not pools:
             return False
-        for p in pools:
-            cfg = p.get("config") or {}
-            want = cfg.get("min", cfg.get("size", 1)) or 0
-            if p.get("ready", 0) < want or p.get("starting", 0) or p.get("in_use", 0):
-                return False
-        return True
+        return all(pool_idle(p) for p in pools)
 
     def wait_ready(self, backend: str | None = None, timeout: float = 60) -> bool:
         """Until every pool (of ``backend``) holds its minimum of ready members and nothing is starting
@@ -597,6 +598,21 @@ class BenchDaemon:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def pool_idle(p: dict[str, Any]) -> bool:
+    """A pool (daemon status shape) is full and idle: its minimum of members ready, nothing starting or
+    in use, and no member still being destroyed in the background."""
+    cfg = p.get("config") or {}
+    want = cfg.get("min", cfg.get("size", 1)) or 0
+    if p.get("ready", 0) < want or p.get("starting", 0) or p.get("in_use", 0):
+        return False
+    m = p.get("metrics") or {}
+    if "started" in m and "destroyed" in m and "min" in cfg:
+        if not str(m.get("last_error") or "").startswith("destroy") and \
+                m["started"] - m["destroyed"] > p.get("ready", 0) + p.get("in_use", 0):
+            return False
+    return True
 
 
 def write_json(path: str, doc: dict[str, Any]) -> None:

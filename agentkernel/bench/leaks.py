@@ -269,7 +269,7 @@ def snapshot(scope: LeakScope) -> dict[str, Any]:
             if fn.startswith("ak-") and fn[3:].split("-", 1)[0].isdigit():
                 pid = int(fn[3:].split("-", 1)[0])
                 items["temp_dirs"][p] = {"path": p, "owner_pid": pid}
-            elif fn.startswith("akbench-"):
+            elif fn.startswith(("akbench-", "akb-")):
                 items["temp_dirs"][p] = {"path": p}
     prefixes = [*scope.runtime_dirs, *([scope.tmp_root] if scope.tmp_root else [])]
     items["mounts"] = _mounts(prefixes)

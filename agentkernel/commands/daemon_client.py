@@ -101,6 +101,13 @@ def try_run(spec, command: list[str], timeout: float | None) -> int | None:
         s.close()
 
 
+def sandbox_died(name: str) -> AgentKernelError:
+    from ..errors import SandboxError
+
+    return SandboxError(f"sandbox {name} died while the command ran (killed from outside, or its agent crashed)",
+                        hint="agentkernel doctor; if it repeats, see the engine's logs")
+
+
 def _note(msg: str) -> None:
     sys.stderr.write(f"agentkernel: {msg}\n")
 
@@ -136,6 +143,8 @@ def _run_lease(s: socket.socket, reply: dict, command: list[str], timeout, forwa
     try:
         code, sig, timed_out, oom, error = client.exec_stream(
             command, env=reply.get("env"), cwd=reply.get("cwd"), timeout=timeout, stdin_fd=0 if forward else None)
+    except ConnectionError:
+        raise sandbox_died(reply.get("sandbox", "?")) from None
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)

@@ -49,6 +49,10 @@ def try_exec_fast(args, command: list[str]) -> int | None:
         code, sig, timed_out, oom, error = client.exec_stream(
             command, env=env, cwd=args.workdir or spec.get("workdir"), timeout=args.timeout,
             stdin_fd=0 if _forward_stdin() else None)
+    except ConnectionError:
+        from .daemon_client import sandbox_died
+
+        raise sandbox_died(args.name) from None
     finally:
         for s, h in old.items():
             signal.signal(s, h)

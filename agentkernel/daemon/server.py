@@ -95,17 +95,14 @@ class Daemon:
             loop.add_signal_handler(sig, self._stopping.set)
         audit.log("daemon_started", socket=sock)
         log.info("listening on %s (pid %d)", sock, os.getpid())
-        await self._reap_orphans()
-        for spec, cfg in self.warm:
-            try:
-                self.pool_for(spec, cfg)
-            except AgentKernelError as exc:
-                log.error("cannot warm a pool for %s/%s: %s", spec.backend, spec.image, exc)
+        self._warm_pools()
+        reaper = asyncio.create_task(self._reap_orphans())  # never touches our own (live) members
         maint = asyncio.create_task(self._maintain())
         await self._stopping.wait()
         log.info("stopping")
         self._server.close()
         maint.cancel()
+        reaper.cancel()
         deadline = time.monotonic() + DRAIN_S
         while self.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -119,6 +116,13 @@ class Daemon:
                 pass
         audit.log("daemon_stopped")
         log.info("stopped")
+
+    def _warm_pools(self) -> None:
+        for spec, cfg in self.warm:
+            try:
+                self.pool_for(spec, cfg)
+            except AgentKernelError as exc:
+                log.error("cannot warm a pool for %s/%s: %s", spec.backend, spec.image, exc)
 
     async def _reap_orphans(self) -> None:
         from ..commands.gc import reap
@@ -189,12 +193,8 @@ class Daemon:
 
     async def start_background(self) -> None:
         """Start pools and maintenance without serving the unix socket (for an embedding server)."""
+        self._warm_pools()
         await self._reap_orphans()
-        for spec, cfg in self.warm:
-            try:
-                self.pool_for(spec, cfg)
-            except AgentKernelError as exc:
-                log.error("cannot warm a pool for %s/%s: %s", spec.backend, spec.image, exc)
         self._maint_task = asyncio.create_task(self._maintain())
 
     async def close(self) -> None:

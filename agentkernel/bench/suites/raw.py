@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from typing import Any
 
 from ..harness import BenchContext, Cmd
@@ -78,9 +79,14 @@ def _which(name: str) -> str | None:
 # ---- plain OCI bundles for crun / runc / runsc run --------------------------------------------------
 
 
-def plain_bundle(ctx: BenchContext, runtime: str, image: str) -> tuple[list[str] | None, str | None]:
+_counter = iter(range(1, 1 << 62))
+
+
+def plain_bundle(ctx: BenchContext, runtime: str, image: str, args: list[str] | None = None,
+                 tag: str = "") -> tuple[Callable[[], list[str]] | None, str | None]:
     """A plain bundle (``crun spec`` defaults, read-only root = the image's cached rootfs, ``echo hello``)
-    and the argv that runs it once. (None, reason) when it cannot be made here."""
+    and a function giving the argv that runs it once (a fresh container id each time, so concurrent runs
+    never collide). (None, reason) when it cannot be made here."""
     exe = _which(runtime)
     if exe is None:
         return None, f"{runtime} is not installed"
@@ -94,7 +100,7 @@ def plain_bundle(ctx: BenchContext, runtime: str, image: str) -> tuple[list[str]
     except Exception as exc:
         return None, f"cannot unpack {image} for a raw bundle: {exc}"
     base = os.path.join(ctx.tmp, "raw", runtime)
-    bdir = os.path.join(base, "bundle")
+    bdir = os.path.join(base, "bundle" + tag)
     state = os.path.join(base, "state")
     os.makedirs(bdir, exist_ok=True)
     os.makedirs(state, exist_ok=True)
@@ -106,15 +112,27 @@ def plain_bundle(ctx: BenchContext, runtime: str, image: str) -> tuple[list[str]
             cfg = json.load(f)
         cfg["root"] = {"path": os.path.realpath(root), "readonly": True}
         cfg["process"]["terminal"] = False
-        cfg["process"]["args"] = ["echo", "hello"]
+        cfg["process"]["args"] = args or ["echo", "hello"]
         with open(os.path.join(bdir, "config.json"), "w") as f:
             json.dump(cfg, f)
-    cid = f"akbench-{ctx.run_id}-{runtime}"
-    argv = [exe, "--root", state]
+    base_argv = [exe, "--root", state]
+    if runtime == "runsc":
+        base_argv += ["--network=none", "--platform=ptrace"]
+
+    def argv() -> list[str]:
+        return [*base_argv, "run", "--bundle", bdir, f"akbench-{ctx.run_id}-{runtime}{tag}-{next(_counter)}"]
+
+    return argv, None
+
+
+def runtime_base(ctx: BenchContext, runtime: str) -> list[str] | None:
+    exe = _which(runtime)
+    if exe is None:
+        return None
+    argv = [exe, "--root", os.path.join(ctx.tmp, "raw", runtime, "state")]
     if runtime == "runsc":
         argv += ["--network=none", "--platform=ptrace"]
-    argv += ["run", "--bundle", bdir, cid]
-    return argv, None
+    return argv
 
 
 def raw_state_dirs(ctx: BenchContext) -> list[str]:
@@ -155,9 +173,11 @@ def oneshot_baselines(ctx: BenchContext, backend: str) -> tuple[list[Cmd], list[
     cmds: list[Cmd] = []
     missing: list[dict[str, Any]] = []
 
-    def add(name: str, label: str, argv: list[str] | None, reason: str | None = None, **kw) -> None:
+    def add(name: str, label: str, argv, reason: str | None = None, **kw) -> None:
         if argv is None:
             missing.append({"name": name, "label": label, "reason": reason})
+        elif callable(argv):
+            cmds.append(Cmd(name, argv(), label=label, backend=backend, mode="raw", image=image, argv_fn=argv, **kw))
         else:
             cmds.append(Cmd(name, argv, label=label, backend=backend, mode="raw", image=image, **kw))
 

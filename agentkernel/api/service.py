@@ -1,0 +1,304 @@
+"""What the HTTP API and the MCP server serve: ONE embedded ``Daemon`` (warm pools) and ONE
+``SandboxManager`` (named sandboxes, the store) per server process. Nothing here is built per request.
+
+Every method that touches a named sandbox takes the caller's tenant; the store's owner column scopes
+it, so another tenant's sandbox is simply not found.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import os
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+from .. import audit
+from ..backends.base import ExecRequest, ExecResult
+from ..errors import NotFound, PolicyNotEnforceable, ValidationError
+from ..manager import SandboxManager
+from ..spec import SandboxSpec, check_sandbox_path, validate_name
+from .metrics import Metrics
+
+log = logging.getLogger("agentkernel.api")
+
+DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_OUTPUT_LIMIT = 1 << 20  # bytes kept per stream in a JSON result (streams are not capped)
+STREAM_OUTPUT_LIMIT = 1 << 30
+
+
+def env_dict(env: dict[str, str] | list[str] | None) -> dict[str, str]:
+    """{K: V} or ["K=V", ...] -> dict (the reference clients send the list form)."""
+    if env is None:
+        return {}
+    if isinstance(env, dict):
+        out = dict(env)
+    else:
+        out = {}
+        for item in env:
+            k, sep, v = item.partition("=")
+            if not sep or not k:
+                raise ValidationError(f"env entries must be KEY=VALUE, got {item!r}")
+            out[k] = v
+    import re
+
+    for k, v in out.items():
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
+            raise ValidationError(f"invalid environment variable name {k!r}")
+        if "\0" in v:
+            raise ValidationError(f"the value of {k} contains a NUL byte")
+    return out
+
+
+def check_cwd(cwd: str | None) -> str | None:
+    if cwd is None:
+        return None
+    check_sandbox_path(cwd)
+    return cwd
+
+
+def file_path(raw: str) -> str:
+    """A URL path tail (``tmp/x`` or ``/tmp/x``: the reference clients send either) -> an absolute
+    sandbox path, checked: no ``..`` component, no NUL."""
+    p = "/" + raw.lstrip("/")
+    check_sandbox_path(p)
+    if p != "/" and p.endswith("/"):
+        raise ValidationError(f"{p!r} names a directory; the file routes transfer single files")
+    return p
+
+
+def text_and_b64(data: bytes) -> tuple[str, str | None]:
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return data.decode("utf-8", "replace"), base64.b64encode(data).decode()
+
+
+def result_dict(r: ExecResult) -> dict[str, Any]:
+    out, out_b64 = text_and_b64(r.stdout)
+    err, err_b64 = text_and_b64(r.stderr)
+    return {"output": out + err, "exit_code": r.exit_code, "signal": r.signal, "timed_out": r.timed_out,
+            "oom_killed": r.oom_killed, "stdout": out, "stderr": err, "stdout_base64": out_b64,
+            "stderr_base64": err_b64, "truncated": r.truncated,
+            "timings": {k: round(float(v), 3) for k, v in r.timings.items()}}
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def sandbox_info(d: dict[str, Any], spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    state = d.get("state") or "missing"
+    status = "running" if state == "running" else ("paused" if state == "paused" else "stopped")
+    res = (spec or {}).get("resources") or {}
+    cpus = res.get("vcpus")
+    return {"name": d["name"], "uuid": d.get("id"), "status": status, "state": state, "backend": d.get("backend"),
+            "image": d.get("image") or (spec or {}).get("image"), "profile": d.get("profile"),
+            "vcpus": math.ceil(cpus) if cpus else None, "cpus": cpus, "memory_mb": res.get("memory_mb"),
+            "created_at": iso(d.get("created_at"))}
+
+
+class Service:
+    def __init__(self, *, config: dict[str, Any] | None = None, pool_min: int | None = None,
+                 pool_max: int | None = None, warm: list[str] | None = None, store=None,
+                 default_timeout: float = DEFAULT_TIMEOUT_S, with_daemon: bool = True) -> None:
+        self.config = config or {}
+        self.manager = SandboxManager(store)
+        self.metrics = Metrics()
+        self.daemon = None
+        self.default_timeout = default_timeout
+        self._pool_args = {"min": pool_min, "max": pool_max}
+        self._warm = warm or []
+        self._with_daemon = with_daemon
+        self.active = 0
+        self.started_at = time.time()
+
+    # -- lifecycle --
+    async def start(self) -> None:
+        if self._with_daemon:
+            from ..daemon.server import Daemon, load_daemon_config
+
+            defaults, warm = load_daemon_config(self._pool_args, self._warm)
+            self.daemon = Daemon(pool_defaults=defaults, warm=warm)
+            await self.daemon.start_background()
+
+    async def close(self) -> None:
+        if self.daemon is not None:
+            await self.daemon.close()
+        await self.manager.aclose()
+
+    # -- specs --
+    def spec(self, *, image: str | None = None, profile: str | None = None, backend: str | None = None,
+             network: bool | None = None, argv: list[str] | None = None, **flags: Any) -> SandboxSpec:
+        from ..config import resolve_spec
+
+        f = {"image": image, "profile": profile, "backend": backend, "network": network, **flags}
+        spec = resolve_spec(f, config=self.config)
+        explicit = bool(image or os.environ.get("AGENTKERNEL_IMAGE") or (self.config.get("sandbox") or {}).get("image"))
+        if not explicit and argv:
+            from ..imagesel import choose_image
+
+            spec = spec.replace(image=choose_image(spec.backend, argv))
+        return spec
+
+    def exec_request(self, argv: list[str], *, env=None, cwd=None, timeout=None, stdin: str | None = None,
+                     on_output=None, output_limit: int | None = None) -> ExecRequest:
+        return ExecRequest(argv, env=env_dict(env), cwd=check_cwd(cwd),
+                           stdin=stdin.encode() if stdin else None,
+                           timeout=timeout or self.default_timeout, on_output=on_output,
+                           output_limit=DEFAULT_OUTPUT_LIMIT if output_limit is None else output_limit)
+
+    # -- one-shot runs --
+    async def run(self, spec: SandboxSpec, req: ExecRequest, *, fast: bool = True) -> ExecResult:
+        """One command in a fresh sandbox: from the daemon's warm pool (fast), else created cold.
+        Cancelling this kills the command and destroys the sandbox."""
+        check_image(spec)
+        t0 = time.perf_counter()
+        self.active += 1
+        err = True
+        result = None
+        try:
+            if fast and self.daemon is not None:
+                result = await self.daemon.run(spec, req)
+            else:
+                result = await self.manager.run(spec, req)
+            err = False
+            return result
+        finally:
+            self.active -= 1
+            dt = time.perf_counter() - t0
+            if result is not None:
+                result.timings["server_ms"] = round(dt * 1e3, 3)
+            pooled = bool(result.timings.get("pooled")) if result is not None else None
+            self.metrics.run("run", spec.backend, pooled, dt, result.exit_code if result else None, error=err)
+
+    # -- named sandboxes --
+    async def create(self, tenant: str, spec: SandboxSpec, *, start: bool = True) -> dict[str, Any]:
+        validate_name(spec.name or "")
+        check_image(spec)
+        rec = await self.manager.create(spec, start=start, tenant=tenant)
+        return await self.info(tenant, rec.name)
+
+    async def info(self, tenant: str, name: str) -> dict[str, Any]:
+        validate_name(name)
+        rec = self.manager.get(name, tenant)
+        state = await self.manager.status(name, tenant)
+        d = {"name": rec.name, "id": rec.id, "backend": rec.backend, "image": rec.spec.get("image"),
+             "profile": (rec.spec.get("policy") or {}).get("profile"), "state": state, "created_at": rec.created_at}
+        return sandbox_info(d, rec.spec)
+
+    async def list(self, tenant: str) -> list[dict[str, Any]]:
+        items = await self.manager.list(tenant)
+        specs = {r.name: r.spec for r in self.manager.store.list(tenant)}
+        return [sandbox_info(d, specs.get(d["name"])) for d in items]
+
+    async def remove(self, tenant: str, name: str) -> None:
+        validate_name(name)
+        await self.manager.remove(name, tenant)
+
+    async def start_sandbox(self, tenant: str, name: str) -> dict[str, Any]:
+        validate_name(name)
+        await self.manager.start(name, tenant)
+        return await self.info(tenant, name)
+
+    async def stop_sandbox(self, tenant: str, name: str) -> dict[str, Any]:
+        validate_name(name)
+        await self.manager.stop(name, tenant)
+        return await self.info(tenant, name)
+
+    async def exec(self, tenant: str, name: str, req: ExecRequest) -> ExecResult:
+        validate_name(name)
+        rec = self.manager.get(name, tenant)
+        t0 = time.perf_counter()
+        self.active += 1
+        result = None
+        try:
+            result = await self.manager.exec(name, req, tenant)
+            return result
+        finally:
+            self.active -= 1
+            dt = time.perf_counter() - t0
+            if result is not None:
+                result.timings["server_ms"] = round(dt * 1e3, 3)
+            self.metrics.run("exec", rec.backend, None, dt, result.exit_code if result else None, error=result is None)
+
+    async def write_file(self, tenant: str, name: str, path: str, data: bytes | AsyncIterator[bytes],
+                         mode: int | None = None) -> int:
+        validate_name(name)
+        return await self.manager.write_file(name, path, data, mode if mode is not None else 0o644, tenant)
+
+    def read_file(self, tenant: str, name: str, path: str) -> AsyncIterator[bytes]:
+        validate_name(name)
+        self.manager.get(name, tenant)
+        return self.manager.read_file(name, path, tenant)
+
+    async def read_file_head(self, tenant: str, name: str, path: str) -> tuple[bytes | None, AsyncIterator[bytes]]:
+        """Start a download: (first chunk or None for an empty file, iterator over the rest). Errors
+        (missing file, not running) surface here, before any response is sent."""
+        it = self.read_file(tenant, name, path).__aiter__()
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            return None, _empty()
+        return first, it
+
+    async def delete_file(self, tenant: str, name: str, path: str) -> None:
+        validate_name(name)
+        check_sandbox_path(path)
+        rec = self.manager.get(name, tenant)
+        from ..attach import agent_client_for
+
+        client = await agent_client_for(rec)
+        if client is None:
+            r = await self.manager.exec(name, ExecRequest(["rm", "-f", "--", path], timeout=30), tenant)
+            if r.exit_code != 0:
+                raise ValidationError(f"cannot delete {path}: {r.stderr.decode(errors='replace').strip()}")
+        else:
+            try:
+                await client.remove(path, missing_ok=False)
+            except FileNotFoundError:
+                raise NotFound(f"no such file: {path} in sandbox {name}") from None
+            except IsADirectoryError:
+                raise ValidationError(f"{path} in sandbox {name} is a directory") from None
+            except PermissionError:
+                raise ValidationError(f"permission denied: {path} in sandbox {name}") from None
+            finally:
+                await client.close()
+        audit.log("file_deleted", sandbox=name, id=rec.id, path=path)
+
+    def logs(self, tenant: str, name: str, last: int | None = None) -> list[dict[str, Any]]:
+        validate_name(name)
+        rec = self.manager.get(name, tenant)
+        return audit.read(sandbox=rec.id, last=last)
+
+    # -- status --
+    def pools(self) -> list[dict[str, Any]]:
+        return self.daemon.status()["pools"] if self.daemon is not None else []
+
+
+def check_image(spec: SandboxSpec) -> None:
+    """Refuse an image the engine does not have before anything is created (no registry is pulled from,
+    and a pool for a missing image would only retry and fail)."""
+    from ..imagesel import _ENGINE_OF, image_present, missing_image_error
+
+    engine = _ENGINE_OF.get(spec.backend)
+    if engine and not image_present(engine, spec.image):
+        raise missing_image_error(engine, spec.image)
+
+
+def refuse_unsupported(**fields: Any) -> None:
+    """Fields the reference clients may send that nothing here implements: refuse when set."""
+    bad = [k for k, v in fields.items() if v not in (None, False, [], "")]
+    if bad:
+        raise PolicyNotEnforceable(f"not supported by this server: {', '.join(bad)}",
+                                   hint="remove these fields from the request")
+
+
+async def _empty():
+    return
+    yield b""  # pragma: no cover

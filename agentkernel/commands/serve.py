@@ -1,0 +1,87 @@
+"""CLI glue for ``agentkernel serve`` (HTTP API), ``attach``, ``replay`` and ``mcp``. Everything heavy
+(FastAPI, uvicorn, the mcp SDK) is imported here, only when one of these commands runs."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def add_parsers(sub, want) -> None:
+    if want("serve"):
+        p = sub.add_parser("serve", help="serve the HTTP API (and MCP at /mcp) with warm pools")
+        p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; anything "
+                       "beyond loopback needs a token: AGENTKERNEL_API_TOKENS)")
+        p.add_argument("--port", type=int, default=18888)
+        p.add_argument("--pool-min", type=int, metavar="N", help="warm members per pool")
+        p.add_argument("--pool-max", type=int, metavar="N", help="members alive per pool, at most")
+        p.add_argument("--warm", action="append", metavar="BACKEND[:IMAGE[:PROFILE]]",
+                       help="keep a pool warm for this spec (repeatable)")
+        p.add_argument("--no-mcp", action="store_true", help="do not serve MCP at /mcp")
+        p.add_argument("--log-level", default=os.environ.get("AGENTKERNEL_LOG_LEVEL", "info"))
+        p.add_argument("-c", "--config", help="agentkernel.toml to use")
+    if want("attach"):
+        p = sub.add_parser("attach", help="an interactive shell (PTY) inside a running named sandbox")
+        p.add_argument("name")
+        p.add_argument("--record", metavar="FILE", help="record the session as an asciicast v2 file")
+        p.add_argument("--record-input", action="store_true", help="also record keystrokes (may contain secrets)")
+        p.add_argument("--url", help="attach through a remote `agentkernel serve` (token: AGENTKERNEL_API_KEY)")
+        p.add_argument("command", nargs="*", metavar="-- COMMAND...", help="what to run (default /bin/sh)")
+    if want("replay"):
+        p = sub.add_parser("replay", help="play an asciicast recording in this terminal")
+        p.add_argument("file")
+        p.add_argument("--speed", type=float, default=1.0)
+        p.add_argument("--max-idle", type=float, default=2.0, metavar="SECONDS",
+                       help="cap every pause at this many seconds (0: no cap)")
+    if want("mcp"):
+        p = sub.add_parser("mcp", help="MCP server (stdio by default)")
+        p.add_argument("--transport", choices=["stdio", "http"], default="stdio")
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=18889)
+        p.add_argument("--pool-min", type=int, metavar="N")
+        p.add_argument("--pool-max", type=int, metavar="N")
+        p.add_argument("--warm", action="append", metavar="BACKEND[:IMAGE[:PROFILE]]")
+        p.add_argument("-c", "--config", help="agentkernel.toml to use")
+
+
+def serve(args) -> int:
+    import logging
+
+    import uvicorn
+
+    from .. import config
+    from ..api.app import Settings, create_app
+    from ..api.auth import check_bind, load_tokens
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = config.load_config(config.find_config(args.config, os.getcwd()))
+    tokens = load_tokens(config=cfg)
+    check_bind(args.host, tokens)
+    os.environ["AGENTKERNEL_NO_DAEMON"] = "1"  # this process is the owner of its pools
+    settings = Settings(tokens=tokens, config=cfg, pool_min=args.pool_min, pool_max=args.pool_max,
+                        warm=args.warm, mcp=not args.no_mcp, bind_host=args.host)
+    app = create_app(settings)
+    sys.stderr.write(f"agentkernel: serving on http://{args.host}:{args.port} "
+                     f"({'token auth' if tokens else 'loopback only, no token'})\n")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), lifespan="on",
+                timeout_graceful_shutdown=10, access_log=args.log_level.lower() == "debug")
+    return 0
+
+
+def attach(args) -> int:
+    from ..attach import attach_main
+
+    return attach_main(args)
+
+
+def replay(args) -> int:
+    from ..asciicast import replay as play
+
+    play(args.file, speed=args.speed, max_idle=args.max_idle or None)
+    return 0
+
+
+def mcp(args) -> int:
+    from ..mcp_server import mcp_main
+
+    return mcp_main(args)
