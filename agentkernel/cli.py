@@ -24,52 +24,10 @@ def _err(msg: str, hint: str | None = None) -> None:
 # ---- argument parsing ---------------------------------------------------------------------------------
 
 
-def _kv(text: str) -> tuple[str, str]:
-    import argparse
-
-    k, sep, v = text.partition("=")
-    if not sep or not k:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return k, v
-
-
-def _positive_float(text: str) -> float:
-    import argparse
-
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
-    return v
-
-
 def _add_spec_flags(p, *, run: bool) -> None:
-    g = p.add_argument_group("sandbox")
-    g.add_argument("-B", "--backend", help="backend (podman, docker, gvisor, oci, wasm, ...); default podman")
-    g.add_argument("-i", "--image", help="image (default: chosen from the command among local images)")
-    g.add_argument("-p", "--profile", help="permissive, moderate (default) or restrictive")
-    net = g.add_mutually_exclusive_group()
-    net.add_argument("--no-network", dest="network", action="store_false", default=None,
-                     help="no network except loopback (default unless the profile allows it)")
-    net.add_argument("--network", dest="network", action="store_true", default=None, help="allow network")
-    g.add_argument("--read-only", dest="read_only", action="store_true", default=None,
-                   help="read-only root filesystem (writable tmpfs at /tmp and the workdir)")
-    g.add_argument("--mount-cwd", dest="mount_cwd", action="store_true", default=None,
-                   help="bind the current directory at /workspace")
-    g.add_argument("--memory", dest="memory_mb", type=int, metavar="MB", help="memory limit in MiB")
-    g.add_argument("--cpus", dest="vcpus", type=float, metavar="N", help="CPU quota in cores")
-    g.add_argument("--pids", type=int, metavar="N", help="max processes")
-    g.add_argument("--disk", dest="disk_mb", type=int, metavar="MB", help="writable storage cap in MiB")
-    g.add_argument("-e", "--env", action="append", type=_kv, default=[], metavar="K=V",
-                   help="environment variable (repeatable)")
-    g.add_argument("-w", "--workdir", help="working directory inside the sandbox (default /workspace)")
-    g.add_argument("-o", "--option", action="append", type=_kv, default=[], metavar="K=V",
-                   help="backend option, e.g. runtime=runsc (repeatable)")
-    g.add_argument("--module", help="wasm: the module to run")
-    g.add_argument("--func", help="wasm: exported function to call")
-    g.add_argument("-c", "--config", help="agentkernel.toml to use (default ./agentkernel.toml)")
+    from .cli_flags import RUN_FLAGS, SPEC_FLAGS, add_to_argparse
+
+    add_to_argparse(p.add_argument_group("sandbox"), RUN_FLAGS if run else SPEC_FLAGS)
 
 
 COMMANDS = ("run", "create", "start", "stop", "rm", "remove", "exec", "cp", "list", "ls", "doctor", "gc",
@@ -108,11 +66,11 @@ def build_parser(only: str | None = None):
         p = sub.add_parser("rm", aliases=["remove"], help="remove a named sandbox and everything it holds")
         p.add_argument("names", nargs="+", metavar="name")
     if want("exec"):
+        from .cli_flags import EXEC_FLAGS, add_to_argparse
+
         p = sub.add_parser("exec", help="run a command in a running named sandbox")
         p.add_argument("name")
-        p.add_argument("-t", "--timeout", type=_positive_float, metavar="SECONDS")
-        p.add_argument("-e", "--env", action="append", type=_kv, default=[], metavar="K=V")
-        p.add_argument("-w", "--workdir")
+        add_to_argparse(p, EXEC_FLAGS)
         # nargs="*", not REMAINDER: after the NAME positional, REMAINDER would swallow the options
         p.add_argument("command", nargs="*", metavar="-- COMMAND...")
     if want("cp"):
@@ -149,11 +107,6 @@ def build_parser(only: str | None = None):
 def _add_run(sub, argparse) -> None:
     p = sub.add_parser("run", help="run a command in a fresh sandbox, then destroy it")
     _add_spec_flags(p, run=True)
-    p.add_argument("-t", "--timeout", type=_positive_float, metavar="SECONDS",
-                   help="kill the sandbox after this many seconds (exit 124)")
-    p.add_argument("-k", "--keep", action="store_true", help="keep the sandbox afterwards (named, running)")
-    p.add_argument("-n", "--name", help="name for a kept sandbox (with --keep)")
-    p.add_argument("--no-daemon", action="store_true", help="do not use the daemon's warm pools")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
 
 
@@ -209,6 +162,13 @@ def resolve(args, argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cmd = argv[0] if argv and argv[0] in COMMANDS else None
+    if cmd in ("run", "exec"):  # the hot paths: no argparse unless something is unusual
+        from .cli_flags import EXEC_FLAGS, RUN_FLAGS, fast_parse
+
+        ns = fast_parse(argv[1:], RUN_FLAGS if cmd == "run" else EXEC_FLAGS, () if cmd == "run" else ("name",))
+        if ns is not None and (ns.command or cmd == "run"):
+            ns.cmd, ns.version = cmd, False
+            return _main(ns)
     parser = build_parser(cmd)
     # Everything after the first "--" is the command, verbatim: split before argparse sees it (its
     # REMAINDER after a positional would otherwise swallow options such as `exec NAME --timeout 1 --`).
@@ -229,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.cmd:
         parser.print_help()
         return 2
+    return _main(args)
+
+
+def _main(args) -> int:
     from .errors import AgentKernelError
 
     try:

@@ -357,7 +357,9 @@ def mcp_main(args) -> int:
         await svc.start()
         try:
             cfg_u = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="on")
-            await uvicorn.Server(cfg_u).serve()
+            from .commands.serve import quiet_exit_server
+
+            await quiet_exit_server(uvicorn)(cfg_u).serve()
         finally:
             await svc.close()
 

@@ -28,6 +28,7 @@ from .auth import LOCAL_TENANT, TokenSet, bearer
 from .service import (
     STREAM_OUTPUT_LIMIT,
     Service,
+    check_image,
     file_path,
     refuse_unsupported,
     result_dict,
@@ -308,6 +309,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         """Stream a one-shot run as server-sent events. Disconnecting kills the command and destroys
         its sandbox."""
         spec = _run_spec(body)
+        check_image(spec)  # before the stream starts: errors are plain HTTP errors
         started = {"command": body.command, "fast": body.fast is not False, "backend": spec.backend,
                    "image": spec.image}
 

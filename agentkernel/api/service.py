@@ -148,6 +148,8 @@ class Service:
 
     def exec_request(self, argv: list[str], *, env=None, cwd=None, timeout=None, stdin: str | None = None,
                      on_output=None, output_limit: int | None = None) -> ExecRequest:
+        if any("\0" in a for a in argv):
+            raise ValidationError("command arguments must not contain NUL bytes")
         return ExecRequest(argv, env=env_dict(env), cwd=check_cwd(cwd),
                            stdin=stdin.encode() if stdin else None,
                            timeout=timeout or self.default_timeout, on_output=on_output,

@@ -425,14 +425,14 @@ class BenchContext:
             "available": available,
             "reason": reason,
             "unit": "ms",
-            "samples_ms": [round(x, 4) for x in ok_ms],
+            "samples_ms": [round(x, 6) for x in ok_ms],
             "attempts": attempts,
             "failures": attempts - len(ok_ms),
             "success_rate": stats.success_rate(len(ok_ms), attempts),
             "errors": errors,
             "stats": stats.summarize(ok_ms),
-            "first_ms": round(warmup[0].ms, 4) if warmup and warmup[0].ms is not None else None,
-            "warmup_ms": [round(s.ms, 4) for s in warmup if s.ms is not None],
+            "first_ms": round(warmup[0].ms, 6) if warmup and warmup[0].ms is not None else None,
+            "warmup_ms": [round(s.ms, 6) for s in warmup if s.ms is not None],
             "extra": extra or {},
         }
         with self._lock:

@@ -64,7 +64,7 @@ def stdev(samples: Sequence[float]) -> float:
 
 
 def _r(x: float) -> float:
-    return round(x, 4)
+    return round(x, 6)
 
 
 def summarize(samples: Sequence[float]) -> dict:

@@ -3,10 +3,9 @@ os/socket/json/struct/select/signal and the stdlib-only protocol modules (no asy
 
 from __future__ import annotations
 
+import _socket  # the C module: `socket` would add ~2 ms of enum/selectors imports to the warm path
 import json
 import os
-import signal
-import socket
 import sys
 
 from .. import paths
@@ -16,12 +15,12 @@ from ..errors import AgentKernelError
 EXIT_TIMEOUT = 124
 
 
-def connect(timeout: float = 2.0) -> socket.socket | None:
+def connect(timeout: float = 2.0):
     """A connection to the daemon, or None when none answers (no socket, stale socket, refused)."""
     path = paths.daemon_socket()
     if not os.path.exists(path):
         return None
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         s.connect(path)
@@ -31,7 +30,7 @@ def connect(timeout: float = 2.0) -> socket.socket | None:
     return s
 
 
-def _recv_frames(s: socket.socket, fr: P.FrameReader) -> list[tuple[int, bytes]]:
+def _recv_frames(s, fr: P.FrameReader) -> list[tuple[int, bytes]]:
     while True:
         data = s.recv(1 << 18)
         if not data:
@@ -125,8 +124,10 @@ def exit_code_of(code: int, sig: int, timed_out: bool, oom: bool, error: str | N
     return code  # already shell-style: 128+N for a signal
 
 
-def _run_lease(s: socket.socket, reply: dict, command: list[str], timeout, forward: bool, spec) -> int:
+def _run_lease(s, reply: dict, command: list[str], timeout, forward: bool, spec) -> int:
     """The daemon lent us a warm sandbox: talk to its agent directly, then hand it back by closing."""
+    import _signal as signal  # `signal` imports enum: ~1 ms more on the warm path
+
     from ..agent.sync_client import SyncAgentClient
 
     client = SyncAgentClient.connect_unix(reply["socket"])
@@ -157,7 +158,7 @@ def _run_lease(s: socket.socket, reply: dict, command: list[str], timeout, forwa
     return rc
 
 
-def _run_proxy(s: socket.socket, fr: P.FrameReader, pending, forward: bool, timeout, spec) -> int:
+def _run_proxy(s, fr: P.FrameReader, pending, forward: bool, timeout, spec) -> int:
     """The daemon runs the command and streams its output (backends without an agent socket)."""
     import select
 

@@ -7,8 +7,8 @@ returns None and the general path produces the right error.
 
 from __future__ import annotations
 
+import _signal as signal  # not `signal`: it imports enum (start-up time)
 import os
-import signal
 
 
 def try_exec_fast(args, command: list[str]) -> int | None:

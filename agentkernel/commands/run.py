@@ -186,7 +186,7 @@ def _engine_failure(backend, spec, name: str, rc: int) -> int:
 def _run_engine_api(backend, spec, command: list[str], timeout: float | None) -> int:
     """docker: the Engine API's create/attach/start/wait over its socket, synchronously."""
     interactive = _forward_stdin()
-    sid, name, run_dir, plan = _prepare(backend, spec, command, interactive)
+    sid, _name, run_dir, plan = _prepare(backend, spec, command, interactive)
     rc, timed_out = 0, False
     try:
         code = backend.run_attached_sync(plan, timeout=timeout, forward_stdin=interactive)

@@ -63,9 +63,23 @@ def serve(args) -> int:
     app = create_app(settings)
     sys.stderr.write(f"agentkernel: serving on http://{args.host}:{args.port} "
                      f"({'token auth' if tokens else 'loopback only, no token'})\n")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), lifespan="on",
-                timeout_graceful_shutdown=10, access_log=args.log_level.lower() == "debug")
-    return 0
+    cfg_u = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(), lifespan="on",
+                           timeout_graceful_shutdown=10, access_log=args.log_level.lower() == "debug")
+    server = quiet_exit_server(uvicorn)(cfg_u)
+    server.run()
+    return 0 if server.started else 125
+
+
+def quiet_exit_server(uvicorn):
+    """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown (exit status 143/130); a server
+    stopped on request has done its job: exit 0."""
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+
+    return Server
 
 
 def attach(args) -> int:

@@ -1,0 +1,690 @@
+"""The Markdown report: the reference page's tables, in its layouts, with our numbers from one run and a
+"Reference" column holding the reference's published figure (AMD EPYC / M3 Pro, their hardware: compare
+ratios, not absolutes). Rows for backends that could not run say "unavailable: <doctor's reason>".
+Standard library only; renders from the results document alone (``agentkernel bench report X.json``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .machine import short_label
+
+# The reference's published numbers (reference/agentkernel-benchmarks.txt), by the table they belong to.
+REF_HEADLINE = {
+    ("wasm", "warm"): "Hyperlight pool: <1µs, ~3,300 RPS",
+    ("qemu", "warm"): "Firecracker daemon: 195ms, ~5.1/s",
+    ("qemu", "cold"): "Firecracker cold: 800ms, ~1.3/s",
+    ("firecracker", "warm"): "Firecracker daemon: 195ms, ~5.1/s",
+    ("firecracker", "cold"): "Firecracker cold: 800ms, ~1.3/s",
+    ("docker", "warm"): "Docker pool (Linux): ~250ms, ~4.0/s",
+    ("docker", "cold"): "Docker (Linux): ~350ms",
+    ("podman", "cold"): "Podman (Linux): ~310ms, ~3.2/s",
+    ("podman", "warm"): "(no Podman pool; Docker pool ~250ms)",
+    ("kubernetes", "cold"): "Kubernetes (remote): ~570ms, ~7.7/s",
+    ("nomad", "cold"): "Nomad (remote): ~570ms, ~6.1/s",
+    ("apple", "cold"): "Apple Containers: ~940ms, ~1.1/s",
+    ("oci", "cold"): "(no engine-less backend in the reference)",
+    ("gvisor", "cold"): "(no gVisor backend in the reference)",
+}
+REF_PHASES = {
+    ("wasm", "warm"): "Hyperlight pool: 0ms / <1µs / <1ms / N/A",
+    ("qemu", "warm"): "Firecracker daemon: 0 / 0 / 19 / 0 ms",
+    ("qemu", "cold"): "Firecracker cold: 78 / 110 / 19 / 20 ms",
+    ("firecracker", "cold"): "Firecracker cold: 78 / 110 / 19 / 20 ms",
+    ("apple", "cold"): "Apple: 860 / 860 / 95 / 37 ms",
+    ("docker", "cold"): "Docker/Podman: one combined `run --rm` step",
+    ("podman", "cold"): "Docker/Podman: one combined `run --rm` step",
+}
+REF_DAEMON = {"first": ("800ms", "195ms", "4.1x"), "subsequent": ("800ms", "195ms", "4.1x"),
+              "seq10": ("8.0s", "1.95s", "4.1x"), "reuse": ("0%", "~95%", "--")}
+REF_100 = {"wasm": "Hyperlight: 0.03s, ~3,333 RPS", "docker": "Docker: 8.4s, ~12 RPS", "podman": "Podman: 18.2s, ~5.5 RPS"}
+REF_ONE_SHOT = {"docker": "580ms (Linux), 577ms (macOS)", "kubernetes": "571ms", "nomad": "569ms"}
+REF_EXEC50 = {"docker": "67ms, 14.8/s (Linux)", "kubernetes": "128ms, 7.7/s", "nomad": "163ms, 6.1/s"}
+REF_SINGLE_DOCKER = {"create": "47ms", "start": "198ms", "exec": "68ms", "stop": "152ms", "total": "465ms"}
+REF_CONTAINER_LINUX = {"podman": ("~310ms", "~350ms"), "docker": ("~350ms", "~550ms")}
+REF_STRESS10 = {"wall": "4.5s", "success": "100%", "lifecycle": "446ms", "create": "44ms", "start": "174ms",
+                "exec": "83ms", "stop": "109ms", "remove": "41ms"}
+REF_5X2 = {"throughput": "1.8-2.0/s", "p50": "498ms", "p95": "702ms", "p99": "1028ms"}
+REF_10X10 = {"wall": "119.4s", "success": "100%", "avg": "1,194ms", "p50": "1,178ms", "p95": "1,458ms",
+             "p99": "1,705ms", "throughput": "0.84/s"}
+REF_VM = {"process start": ("40ms", "46ms"), "instance ready": ("155ms", "110ms"), "command execution": ("53ms", "19ms"),
+          "shutdown": ("130ms", "20ms"), "memory per instance": ("~50-100MB", "<10MB")}
+REF_SCALE = {"kubernetes": "5: 116ms/1.4s/5/5/124ms; 10: 134ms/1.4s/10/10/163ms; 20: 241ms/120s/15/20/287ms",
+             "nomad": "5: 46ms/814ms/5/5/171ms; 10: 52ms/834ms/10/10/197ms; 20: 107ms/1.4s/20/20/310ms"}
+
+CONTAINER_ORDER = ("podman", "docker", "gvisor", "oci", "wasm", "qemu", "firecracker", "kubernetes", "nomad", "apple")
+
+
+# ---- formatting --------------------------------------------------------------------------------------
+
+
+def fmt_ms(x: float | None) -> str:
+    if x is None:
+        return "–"
+    if x < 0.001:
+        return f"{x * 1e6:.0f} ns"
+    if x < 1:
+        return f"{x * 1e3:.1f} µs"
+    if x < 100:
+        return f"{x:.1f} ms"
+    if x < 10000:
+        return f"{x:,.0f} ms"
+    return f"{x / 1000:.1f} s"
+
+
+def fmt_rate(x: float | None) -> str:
+    if x is None:
+        return "–"
+    if x >= 100:
+        return f"{x:,.0f}/s"
+    return f"{x:.1f}/s"
+
+
+def fmt_ratio(r: float | None) -> str:
+    if r is None:
+        return "–"
+    if r < 1:
+        return f"{r:.2f}x ({1 / r:.1f}x faster)"
+    if r > 1:
+        return f"{r:.2f}x (slower)"
+    return "1.00x"
+
+
+def fmt_pct(x: float | None) -> str:
+    return "–" if x is None else f"{x * 100:.0f}%"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in r) + " |")
+    return out
+
+
+class _Doc:
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+        self.m = {m["id"]: m for m in doc.get("measurements", [])}
+        self.r = {r["id"]: r for r in doc.get("ratios", [])}
+        self.res = doc.get("results", {})
+        self.backends = doc.get("backends", {})
+
+    def get(self, mid: str) -> dict[str, Any] | None:
+        return self.m.get(mid)
+
+    def p50(self, mid: str) -> float | None:
+        m = self.m.get(mid)
+        return m["stats"]["p50_ms"] if m else None
+
+    def cell(self, mid: str, key: str = "p50_ms") -> str:
+        m = self.m.get(mid)
+        if m is None:
+            return "not run"
+        if not m["available"]:
+            return f"unavailable: {m['reason']}"
+        if m["stats"]["n"] == 0:
+            return f"failed: {(m['errors'] or ['no successful run'])[0][:160]}"
+        return fmt_ms(m["stats"][key])
+
+    def ratio(self, ours: str, raw: str) -> float | None:
+        r = self.r.get(f"{ours}~{raw}")
+        return r["ratio"] if r else None
+
+    def ordered(self) -> list[str]:
+        names = list(self.backends)
+        return sorted(names, key=lambda b: CONTAINER_ORDER.index(b) if b in CONTAINER_ORDER else 99)
+
+    def unavailable(self, b: str) -> str | None:
+        e = self.backends.get(b) or {}
+        return None if e.get("available") else f"unavailable: {e.get('reason')}"
+
+
+# ---- sections ----------------------------------------------------------------------------------------
+
+
+def _header(d: _Doc, for_docs: bool, json_name: str | None) -> list[str]:
+    doc = d.doc
+    mach, ver, git, cfg = doc["machine"], doc["versions"], doc["git"], doc["config"]
+    out = ["# agentkernel benchmarks", ""]
+    if for_docs:
+        out += ["Regenerate this page (and `docs/benchmarks/*.png`) on a quiet machine with one command:", "",
+                "```", "scripts/benchmark.sh --docs", "```", "",
+                "(= `agentkernel bench --docs docs`: every suite, every backend, the raw engines interleaved in the "
+                "same run; a JSON copy of the run lands in `benchmark-results/`. How each number is measured: "
+                "[benchmark-method.md](benchmark-method.md).)", ""]
+    commit = (git.get("commit") or "unknown")[:12] + (" (dirty)" if git.get("dirty") else "")
+    out += [f"- **Machine**: {short_label(mach)}; {mach.get('os')}; virtualization: {mach.get('virtualization')}; "
+            f"cgroups {mach.get('cgroup')}",
+            f"- **Date**: {doc['date']}; run `{doc['run_id']}`; {doc.get('duration_s') or 0:.0f} s; git `{commit}`",
+            f"- **Load average** at start {mach.get('loadavg_start')}, at end {mach.get('loadavg_end')} "
+            f"(a shared or busy machine makes every absolute number noisy; the ratios are measured interleaved "
+            "and hold up better)",
+            "- **Versions**: " + ", ".join(f"{k} {v}" for k, v in ver.items() if v and k != "python_executable"),
+            f"- **Settings**: {cfg.get('iterations')} measured runs per command after {cfg.get('warmup')} warm-up "
+            f"runs{' (--quick)' if cfg.get('quick') else ''}; suites: {', '.join(cfg.get('suites', []))}",
+            "- Latencies are medians (p50) of per-run samples, each a new process from spawn to exit with its "
+            "output checked; the reference column is the reference's published number on its own hardware "
+            "(AMD EPYC 16 cores / M3 Pro): compare ratios, not absolutes."]
+    if json_name:
+        out.append(f"- Raw data: `{json_name}`")
+    out.append("")
+    return out
+
+
+def _headline(d: _Doc) -> list[str]:
+    rows = []
+    for row in d.doc.get("summary", {}).get("headline", []):
+        b, mode = row["backend"], row["mode"]
+        cell = d.cell(row["measurement"])
+        rows.append([b, mode, cell, fmt_ms(row["p95_ms"]) if row["available"] and row["p50_ms"] else "–",
+                     fmt_rate(row["throughput_per_s"]) if row["available"] else "–", row["isolation"] or "–",
+                     REF_HEADLINE.get((b, mode), "–")])
+    if not rows:
+        return []
+    return ["## The headline numbers: `agentkernel run -- echo hello`", "",
+            "End to end as a user sees it: a new `agentkernel` process per run, from invocation to output. "
+            "*cold* = `--no-daemon` (a fresh sandbox per run); *warm* = through the daemon's warm pool; "
+            "throughput = 1 / median (sequential).", "",
+            *_table(["Backend", "Mode", "Latency (p50)", "p95", "Throughput", "Isolation", "Reference"], rows), ""]
+
+
+def _ratios(d: _Doc) -> list[str]:
+    rows = []
+    for r in d.doc.get("ratios", []):
+        if r["suite"] != "headline":
+            continue
+        ours, raw = d.get(r["ours"]), d.get(r["raw"])
+        if ours is None or raw is None:
+            continue
+        if not r["available"]:
+            ratio = f"– ({r['reason']})" if r.get("reason") else "–"
+        else:
+            ratio = fmt_ratio(r["ratio"])
+        rows.append([r["backend"], ours["label"], raw["label"], d.cell(r["ours"]), d.cell(r["raw"]), ratio])
+    unavailable = [m for m in d.doc.get("measurements", []) if m["suite"] == "headline" and m["mode"] == "raw"
+                   and not m["available"]]
+    for m in unavailable:
+        rows.append([m["backend"], "–", m["label"], "–", f"unavailable: {m['reason']}", "–"])
+    if not rows:
+        return []
+    return ["## Ours vs the raw engines (same run, interleaved)", "",
+            "Ratio = our median / the raw engine's median, measured round-robin in one block so machine noise "
+            "hits both. Below 1 means agentkernel is faster. \"+ our flags\" is the raw engine with the same "
+            "hardening our one-shot applies (network none, cap-drop all, no-new-privileges, seccomp, user 1000, "
+            "memory/cpu/pids limits).", "",
+            *_table(["Backend", "Ours", "Raw engine", "Ours p50", "Raw p50", "Ratio (ours / raw)"], rows), ""]
+
+
+def _goals(d: _Doc) -> list[str]:
+    rows: list[list[str]] = []
+
+    def verdict(ok: bool | None) -> str:
+        return "–" if ok is None else ("**pass**" if ok else "**miss**")
+
+    w, rp = d.p50("headline/podman/warm"), d.ratio("headline/podman/warm", "headline/podman/raw_podman")
+    rows.append(["daemon warm pool, podman: median ≤ 25 ms and ≥ 6x faster than `podman run --rm`",
+                 f"{fmt_ms(w)}, {fmt_ratio(rp)}", verdict(None if w is None or rp is None else (w <= 25 and rp <= 1 / 6))])
+    rc = d.ratio("headline/podman/cold", "headline/podman/raw_podman")
+    rh = d.ratio("headline/podman/cold", "headline/podman/raw_podman_hardened")
+    rows.append(["no daemon (cold), podman: ≤ 1.15x raw `podman run --rm`",
+                 f"{fmt_ratio(rc)} vs plain; {fmt_ratio(rh)} vs same flags", verdict(None if rc is None else rc <= 1.15)])
+    oc, orr = d.p50("headline/oci/cold"), d.ratio("headline/oci/cold", "headline/oci/raw_podman")
+    rows.append(["`run --backend oci`, cold: ≤ 60 ms and ≥ 2.5x faster than `podman run --rm`",
+                 f"{fmt_ms(oc)}, {fmt_ratio(orr)}", verdict(None if oc is None or orr is None else (oc <= 60 and orr <= 0.4))])
+    ex = d.p50("phases/podman/exec_agent")
+    rows.append(["exec in a running sandbox via the agent: ≤ 3 ms median (podman, in-process)", fmt_ms(ex),
+                 verdict(None if ex is None else ex <= 3)])
+    wa = d.p50("wasm/wasm/warm_acquire")
+    wc = d.get("wasm/wasm/concurrent")
+    tp = ((d.res.get("wasm") or {}).get("wasm") or {}).get("throughput") or {}
+    cc_n = (wc or {}).get("extra", {}).get("concurrent_n")
+    wcv = d.p50("wasm/wasm/concurrent")
+    rows.append(["wasm: pool acquire < 1 µs; 100 concurrent `echo hello` < 30 ms; ≥ 3,333 runs/s",
+                 f"{fmt_ms(wa)}; {fmt_ms(wcv)} for {cc_n}; {tp.get('runs_per_s', '–')} runs/s",
+                 verdict(None if wa is None or wcv is None or cc_n != 100 else
+                         (wa < 0.001 and wcv < 30 and (tp.get("runs_per_s") or 0) >= 3333))])
+    q = d.unavailable("qemu")
+    rows.append(["qemu microVM: warm-pool run ≤ 50 ms; snapshot restore ≤ 200 ms",
+                 q or f"{d.cell('headline/qemu/warm')}; {d.cell('headline/qemu/snapshot')}",
+                 "–" if q else verdict(None)])
+    tc, tr = d.get("throughput/podman/runs_cold"), d.get("throughput/podman/runs_raw_podman")
+    if tc and tr and tc["available"] and tr["available"]:
+        wc_, wr_ = tc["extra"].get("wall_ms"), tr["extra"].get("wall_ms")
+        ok = wc_ is not None and wr_ is not None and wc_ <= wr_ and tc["failures"] == 0
+        rows.append([f"throughput {tc['extra'].get('total')} runs / {tc['extra'].get('concurrency')} concurrent, podman: "
+                     "≥ raw podman, 100% success", f"{fmt_ms(wc_)} vs raw {fmt_ms(wr_)}, {fmt_pct(tc['success_rate'])}",
+                     verdict(ok)])
+    for b, r in sorted((d.res.get("stress") or {}).items()):
+        if not r.get("available"):
+            continue
+        lc = r.get("leak_check") or {}
+        ok = r.get("success_rate") == 1 and lc.get("clean")
+        rows.append([f"stress {b} ({r.get('count')} sandboxes, {r.get('max_concurrent')} concurrent): 100% success, "
+                     "0 leaked", f"{fmt_pct(r.get('success_rate'))}, {lc.get('leak_count', '–')} leaked", verdict(ok)])
+    pss = ((d.res.get("phases") or {}).get("podman") or {}).get("idle_pss_mib")
+    if pss:
+        rows.append(["idle pooled container (podman): ≤ 2 MiB PSS overhead", f"{pss['total']:.2f} MiB",
+                     verdict(pss["total"] <= 2)])
+    return ["## Design goals (DESIGN.md), checked on this run", "",
+            *_table(["Goal", "Measured", "Verdict"], rows), ""]
+
+
+def _phases(d: _Doc) -> list[str]:
+    rows = []
+    for b in d.ordered():
+        for mode in ("cold", "warm"):
+            tot = d.get(f"phases/{b}/{mode}_total")
+            if tot is None:
+                continue
+            if not tot["available"] or tot["stats"]["n"] == 0:
+                rows.append([b, mode, d.cell(f"phases/{b}/{mode}_total"), "", "", "", "", REF_PHASES.get((b, mode), "–")])
+                continue
+            rows.append([b, mode, *(d.cell(f"phases/{b}/{mode}_{p}") for p in ("boot", "ready", "exec", "shutdown")),
+                         d.cell(f"phases/{b}/{mode}_total"), REF_PHASES.get((b, mode), "–")])
+    if not rows:
+        return []
+    out = ["## Where the time goes (phases)", "",
+           "In-process, from the backends' own phase timings (no CLI start-up): *cold* = `Backend.run` "
+           "(boot = create, ready = start until the agent answers, exec, shutdown = remove); *warm* = the "
+           "daemon's pool (ready = hand-out + health check; boot and shutdown happen off the request path).", "",
+           *_table(["Backend", "Mode", "Boot", "Ready", "Exec", "Shutdown", "Total", "Reference"], rows), ""]
+    rows2 = []
+    for b in d.ordered():
+        m = d.get(f"phases/{b}/exec_agent")
+        if m is None:
+            continue
+        pss = ((d.res.get("phases") or {}).get(b) or {}).get("idle_pss_mib")
+        rows2.append([b, d.cell(f"phases/{b}/exec_agent"), d.cell(f"phases/{b}/exec_agent", "p95_ms"),
+                      *(d.cell(f"phases/{b}/named_{op}") for op in ("create", "start", "stop", "remove")),
+                      f"{pss['total']:.2f} MiB" if pss else "–"])
+    if rows2:
+        out += ["Named sandboxes, in-process: exec through the agent in a running sandbox, lifecycle steps, and "
+                "the PSS of every host process of one idle sandbox (engine helper + agent).", "",
+                *_table(["Backend", "Exec p50", "Exec p95", "Create", "Start", "Stop", "Remove", "Idle memory (PSS)"],
+                        rows2), ""]
+    return out
+
+
+def _vm_vs_container(d: _Doc) -> list[str]:
+    cols = [b for b in ("docker", "podman", "oci", "qemu") if b in d.backends]
+    if not cols:
+        return []
+
+    def val(b: str, metric: str) -> str:
+        u = d.unavailable(b)
+        if u:
+            return u
+        key = {"process start": "named_create", "instance ready": "named_start", "command execution": "exec_agent",
+               "shutdown": "named_stop"}.get(metric)
+        if key:
+            return d.cell(f"phases/{b}/{key}")
+        pss = ((d.res.get("phases") or {}).get(b) or {}).get("idle_pss_mib")
+        return f"{pss['total']:.2f} MiB PSS" if pss else "–"
+
+    rows = [[metric.capitalize(), *(val(b, metric) for b in cols), *REF_VM[metric]] for metric in REF_VM]
+    rows.append(["Isolation", *((d.backends.get(b) or {}).get("isolation") or "–" for b in cols),
+                 "Shared kernel", "Separate kernel"])
+    return ["## VM vs container (reference: \"Firecracker vs Docker\")", "",
+            "Same metrics as the reference's table, from the in-process phases suite (process start = create, "
+            "instance ready = start until the agent answers, command execution = exec via the agent, shutdown = "
+            "stop).", "",
+            *_table(["Metric", *cols, "Reference Docker", "Reference Firecracker"], rows), ""]
+
+
+def _wasm(d: _Doc) -> list[str]:
+    r = (d.res.get("wasm") or {}).get("wasm")
+    if not r:
+        return []
+    if not r.get("available"):
+        return ["## Wasm (reference: \"Hyperlight\")", "", f"unavailable: {r.get('reason')}", ""]
+    cs = r.get("cold_start") or {}
+    c = cs.get("cold_start") or {}
+    wa = (r.get("warm_acquire") or {}).get("warm_acquire") or {}
+    fc = r.get("function_call") or {}
+    cc = r.get("concurrent") or {}
+    tp = r.get("throughput") or {}
+
+    def us(v):
+        return "–" if v is None else fmt_ms(v / 1e3)
+
+    rows = [
+        ["Cold startup (new process, in-process part)", f"{fmt_ms(c.get('mean_ms'))} (avg), {fmt_ms(c.get('median_ms'))} (p50)",
+         "68ms (avg), 67ms (p50)"],
+        ["Cold startup, whole process", fmt_ms((cs.get("process_wall") or {}).get("median_ms")), "–"],
+        ["Warm acquire", f"{us(wa.get('mean_us'))} (avg), {us(wa.get('median_us'))} (p50)", "0.2µs (avg), <1µs (p50)"],
+        ["Function call (live instance / fresh pooled instance)",
+         f"{us((fc.get('call_warm_instance') or {}).get('median_us'))} / "
+         f"{us((fc.get('call_fresh_pooled_instance') or {}).get('median_us'))}", "<1ms"],
+        [f"{cc.get('concurrent_n', '–')} concurrent requests (in-process)",
+         f"{fmt_ms((cc.get('total') or {}).get('median_ms'))} (~{cc.get('rps_at_median', '–'):,} RPS)"
+         if cc.get("rps_at_median") else "–", "0.03s (~3,333 RPS)"],
+        ["Sustained sequential runs", f"{tp.get('runs_per_s', '–')}/s", "–"],
+    ]
+    engine = cs.get("engine") or "wasmtime"
+    return ["## Wasm: the pool (reference: \"Hyperlight: sub-microsecond execution\")", "",
+            f"In-process numbers from `wasm_bench` ({engine}; the reference's Hyperlight runs Wasm inside a "
+            "hypervisor micro-VM, which needs hardware KVM: see the wasm row of the headline).", "",
+            *_table(["Metric", "Value", "Reference (Hyperlight)"], rows), ""]
+
+
+def _concurrent(d: _Doc, suite: str, title: str, intro: str, refs: dict[str, str]) -> list[str]:
+    rows = []
+    for m in d.doc.get("measurements", []):
+        if m["suite"] != suite or m["kind"] != "latency":
+            continue
+        b = m["backend"]
+        if not m["available"]:
+            rows.append([b, m["mode"], f"unavailable: {m['reason']}", "", "", "", "", refs.get(b, "–")])
+            continue
+        e = m["extra"]
+        rows.append([b, m["label"].split(":")[0], fmt_ms(e.get("wall_ms")), fmt_rate(e.get("runs_per_s")),
+                     fmt_pct(m["success_rate"]), fmt_ms(m["stats"]["p50_ms"]), fmt_ms(m["stats"]["p95_ms"]),
+                     refs.get(b, "–") if m["mode"] == "cold" else ""])
+    if not rows:
+        return []
+    return [f"## {title}", "", intro, "",
+            *_table(["Backend", "Mode", "Wall", "Runs/s", "Success", "p50 per run", "p95 per run", "Reference"], rows), ""]
+
+
+def _containers(d: _Doc) -> list[str]:
+    rows = []
+    for b in ("podman", "docker"):
+        m = d.get(f"headline/{b}/cold")
+        if m is None:
+            continue
+        first = fmt_ms(m["first_ms"]) if m["available"] and m["first_ms"] is not None else "–"
+        ref = REF_CONTAINER_LINUX.get(b, ("–", "–"))
+        rows.append([b, d.cell(f"headline/{b}/cold"), first, ref[0], ref[1]])
+    if not rows:
+        return []
+    return ["## Docker and Podman: the container backends (Linux)", "",
+            "Latency = median of the cold one-shot runs; cold start = the first run of the block (the first "
+            "warm-up run, after the backend was idle).", "",
+            *_table(["Backend", "Latency", "Cold start", "Reference latency", "Reference cold start"], rows), ""]
+
+
+def _daemon(d: _Doc) -> list[str]:
+    out = []
+    for b in d.ordered():
+        r = (d.res.get("daemon") or {}).get(b)
+        if r is None:
+            m = d.get(f"daemon/{b}/subsequent_daemon")
+            if m is not None and not m["available"]:
+                out += [f"**{b}**: unavailable: {m['reason']}", ""]
+            continue
+        rows = []
+        for key, label in (("first", "First command"), ("subsequent", "Subsequent"), ("seq10", "10 sequential")):
+            e, dm = f"daemon/{b}/{key}_ephemeral", f"daemon/{b}/{key}_daemon"
+            ratio = d.ratio(dm, e)
+            ref = REF_DAEMON[key]
+            rows.append([label, d.cell(e), d.cell(dm), f"{1 / ratio:.1f}x" if ratio else "–", ref[0], ref[1], ref[2]])
+        rows.append(["Pool hit rate (subsequent / 10 sequential)", "0%",
+                     f"{fmt_pct(r.get('hit_rate_subsequent'))} / {fmt_pct(r.get('hit_rate_sequential'))}", "--",
+                     *REF_DAEMON["reuse"]])
+        rows.append(["Daemon start-up (answers / pool warm)", "–",
+                     f"{fmt_ms(r.get('daemon_start_ms'))} / {fmt_ms(r.get('daemon_ready_ms'))}", "", "", "~3s", ""])
+        out += [f"### {b}", "", *_table(["Metric", "Ephemeral", "Daemon", "Speedup", "Ref. ephemeral",
+                                         "Ref. daemon", "Ref. speedup"], rows), ""]
+    if not out:
+        return []
+    return ["## Daemon mode vs ephemeral", "",
+            "Reference: Firecracker, daemon with 3-5 pre-booted VMs. Our pool members are used once and "
+            "destroyed (never reused): a *hit* is a pre-started member. Subsequent runs wait until the pool is "
+            "full again; the 10 sequential runs do not (misses show there).", "", *out]
+
+
+def _stress(d: _Doc) -> list[str]:
+    out = []
+    for b in d.ordered():
+        r = (d.res.get("stress") or {}).get(b)
+        if r is None:
+            continue
+        if not r.get("available"):
+            out += [f"**{b}**: unavailable: {r.get('reason')}", ""]
+            continue
+        lc = r.get("leak_check") or {}
+        rows = [["Total time", fmt_ms(r.get("wall_ms")), REF_STRESS10["wall"]],
+                ["Success rate", fmt_pct(r.get("success_rate")), REF_STRESS10["success"]],
+                ["Full lifecycle (avg)", fmt_ms(r.get("avg_lifecycle_ms")), REF_STRESS10["lifecycle"]]]
+        for op in ("create", "start", "exec", "stop", "remove"):
+            rows.append([f"{op.capitalize()} (avg)", fmt_ms(r.get(f"avg_{op}_ms")), REF_STRESS10[op]])
+        rows.append(["Max start", fmt_ms(r.get("max_start_ms")), "–"])
+        p = r.get("pooled") or {}
+        if p.get("total"):
+            rows.append([f"Pooled `run` x{p['total']}: avg / p95, commands/s",
+                         f"{fmt_ms(p.get('avg_ms'))} / {fmt_ms(p.get('p95_ms'))}, {fmt_rate(p.get('commands_per_s'))} "
+                         f"({p.get('successful')}/{p.get('total')} ok, {p.get('pool_hits')} hits)", "–"])
+        elif p.get("error"):
+            rows.append(["Pooled phase", f"failed: {p['error']}", "–"])
+        rows.append(["Leak check", "clean" if lc.get("clean") else
+                     f"**{lc.get('leak_count')} leaked** ({lc.get('attributed_count')} attributed to this run)", "–"])
+        errs = r.get("errors") or []
+        out += [f"### {b}: {r.get('count')} parallel sandboxes (at most {r.get('max_concurrent')} at once)", "",
+                *_table(["Metric", "Value", "Reference (Docker macOS, 10 parallel)"], rows), ""]
+        if errs:
+            out += ["Errors: " + "; ".join(f"`{e[:200]}`" for e in errs[:3]), ""]
+    if not out:
+        return []
+    return ["## Stress test (`STRESS_VM_COUNT`, `STRESS_MAX_CONCURRENT`)", "",
+            "Each sandbox: CLI `create`, `start`, `exec -- echo hello` (output checked), `stop`, `rm`, each a new "
+            "process; then the same number of pooled `agentkernel run` through the daemon; then the daemon is "
+            "stopped and the leak check runs.", "", *out]
+
+
+def _lifecycle(d: _Doc) -> list[str]:
+    out = []
+    for b in d.ordered():
+        r = (d.res.get("lifecycle") or {}).get(b)
+        if r is None:
+            continue
+        if not r.get("available"):
+            out += [f"**{b}**: unavailable: {r.get('reason')}", ""]
+            continue
+        for run in r.get("runs", []):
+            s, it = run["sandboxes"], run["iterations"]
+            if (s, it) == (5, 2):
+                rows = [["Throughput", fmt_rate(run.get("sandboxes_per_s")), REF_5X2["throughput"]],
+                        ["p50 latency", fmt_ms(run.get("p50_ms")), REF_5X2["p50"]],
+                        ["p95 latency", fmt_ms(run.get("p95_ms")), REF_5X2["p95"]],
+                        ["p99 latency", fmt_ms(run.get("p99_ms")), REF_5X2["p99"]],
+                        ["Success rate", fmt_pct(run.get("success_rate")), "–"]]
+                ref_name = "Docker macOS, 10 cycles 5x2"
+            else:
+                rows = [["Total wall time", fmt_ms(run.get("wall_ms")), REF_10X10["wall"]],
+                        ["Success rate", fmt_pct(run.get("success_rate")), REF_10X10["success"]],
+                        ["Avg lifecycle", fmt_ms(run.get("avg_lifecycle_ms")), REF_10X10["avg"]],
+                        ["p50", fmt_ms(run.get("p50_ms")), REF_10X10["p50"]],
+                        ["p95", fmt_ms(run.get("p95_ms")), REF_10X10["p95"]],
+                        ["p99", fmt_ms(run.get("p99_ms")), REF_10X10["p99"]],
+                        ["Throughput", fmt_rate(run.get("sandboxes_per_s")), REF_10X10["throughput"]]]
+                ref_name = "Docker Linux, 100 cycles 10x10"
+            p = run.get("pooled") or {}
+            if p.get("total"):
+                rows.append(["Pooled run: p50 / p95 / p99, commands/s",
+                             f"{fmt_ms(p.get('p50_ms'))} / {fmt_ms(p.get('p95_ms'))} / {fmt_ms(p.get('p99_ms'))}, "
+                             f"{fmt_rate(p.get('commands_per_s'))}", "–"])
+            out += [f"### {b}: {run['cycles']} cycles, {s}x{it}", "",
+                    *_table(["Metric", "Value", f"Reference ({ref_name})"], rows), ""]
+            if run.get("errors"):
+                out += ["Errors: " + "; ".join(f"`{e[:200]}`" for e in run["errors"][:3]), ""]
+        lc = r.get("leak_check") or {}
+        out += [f"Leak check after {b}: " + ("clean" if lc.get("clean") else
+                                              f"**{lc.get('leak_count')} leaked** ({lc.get('attributed_count')} "
+                                              "attributed to this run)"), ""]
+    if not out:
+        return []
+    sec = ["## Repeated lifecycles (`BENCH_SANDBOXES`, `BENCH_ITERATIONS`)", "",
+           "Per iteration, `BENCH_SANDBOXES` parallel CLI lifecycles (create, start, exec, stop, rm); percentiles "
+           "of the whole lifecycle (linear interpolation, see the method); throughput = successful lifecycles / "
+           "total wall time.", "", *out]
+    # single sandbox lifecycle, reference layout: operations as rows, backends as columns
+    cols = [b for b in d.ordered() if ((d.res.get("lifecycle") or {}).get(b) or {}).get("available")]
+    if cols:
+        rows = []
+        for op in ("create", "start", "exec", "stop", "lifecycle"):
+            label = "Total" if op == "lifecycle" else op.capitalize()
+            rows.append([label, *(d.cell(f"lifecycle/{b}/single_{op}") for b in cols),
+                         REF_SINGLE_DOCKER["total" if op == "lifecycle" else op]])
+        sec += ["## Single sandbox lifecycle", "",
+                "Create → start → exec → stop → rm, one sandbox at a time, each step a CLI process (medians; "
+                "total includes rm).", "",
+                *_table(["Operation", *cols, "Reference Docker (Linux)"], rows), ""]
+    return sec
+
+
+def _one_shot(d: _Doc) -> list[str]:
+    rows = []
+    for b in d.ordered():
+        if d.get(f"headline/{b}/cold") is None:
+            continue
+        rows.append([b, d.cell(f"headline/{b}/cold"), REF_ONE_SHOT.get(b, "–")])
+    if not rows:
+        return []
+    return ["## One-shot run command", "", "`agentkernel run --backend <backend> --no-daemon -- echo hello` "
+            "(full lifecycle in one command).", "", *_table(["Backend", "Linux (this run)", "Reference"], rows), ""]
+
+
+def _exec50(d: _Doc) -> list[str]:
+    rows = []
+    for b in d.ordered():
+        m = d.get(f"baselines/{b}/exec_cli")
+        if m is None:
+            continue
+        if not m["available"]:
+            rows.append([b, f"unavailable: {m['reason']}", "", "", "", REF_EXEC50.get(b, "–")])
+            continue
+        raw = d.get(f"baselines/{b}/exec_raw")
+        rows.append([b, fmt_ms(m["stats"]["mean_ms"]), fmt_rate(m["extra"].get("calls_per_s")),
+                     f"{raw['label']}: {fmt_ms(raw['stats']['mean_ms'])}" if raw and raw["available"] and raw["stats"]["n"]
+                     else ("–" if raw is None else f"{raw['label']}: {d.cell(raw['id'])}"),
+                     fmt_rate(raw["extra"].get("calls_per_s")) if raw and raw["available"] else "–",
+                     REF_EXEC50.get(b, "–")])
+    if not rows:
+        return []
+    n = (d.doc.get("config") or {}).get("exec_calls")
+    return ["## Exec throughput", "",
+            f"{n} sequential `agentkernel exec NAME -- echo hello` calls on one running sandbox (each a new "
+            "process), interleaved with the engine's own exec into a plain container of the same image.", "",
+            *_table(["Backend", "Avg", "Calls/s", "Raw engine exec avg", "Raw calls/s", "Reference (Linux)"], rows), ""]
+
+
+def _scale(d: _Doc) -> list[str]:
+    out = []
+    for b in d.ordered():
+        r = (d.res.get("concurrency") or {}).get(f"{b}:scale")
+        if r is None:
+            continue
+        if not r.get("available"):
+            out += [f"**{b}**: unavailable: {r.get('reason')}", ""]
+            continue
+        rows = [[x["count"], fmt_ms(x["create_ms"]), fmt_ms(x["start_ms"]), f"{x['running']}/{x['count']}",
+                 fmt_ms(x["parallel_exec_ms"])] for x in r.get("rows", [])]
+        out += [f"### {b}", "", *_table(["Count", "Create", "Start", "Running", "Parallel exec"], rows), ""]
+        errs = [e for x in r.get("rows", []) for e in x.get("errors", [])]
+        if errs:
+            out += ["Errors: " + "; ".join(f"`{e[:200]}`" for e in errs[:3]), ""]
+    if not out:
+        return []
+    return ["## Concurrent scale", "",
+            "N named sandboxes created concurrently, started concurrently, counted running, one `echo hello` "
+            "in each in parallel (wall times, in-process). Reference (Kubernetes k3d / Nomad dev agent): "
+            f"{REF_SCALE['kubernetes']} / {REF_SCALE['nomad']}.", "", *out]
+
+
+def _floors(d: _Doc) -> list[str]:
+    rows = [[m["label"], d.cell(m["id"]), d.cell(m["id"], "p95_ms")] for m in d.doc.get("measurements", [])
+            if m["suite"] == "baselines" and m["backend"] == "host"]
+    if not rows:
+        return []
+    return ["## Floors", "", "What any new process costs here, before a sandbox is involved.", "",
+            *_table(["Command", "p50", "p95"], rows), ""]
+
+
+def _leaks(d: _Doc) -> list[str]:
+    rows = []
+    for lc in d.doc.get("leak_checks", []):
+        what = "clean" if lc["clean"] else f"{lc['leak_count']} leaked ({lc['attributed_count']} attributed)"
+        detail = "; ".join(f"{x['category']}: {(x['info'].get('name') or x['key'])[:80]}" for x in lc["leaks"][:4])
+        rows.append([lc["label"], what, detail or "–", f"{len(lc.get('foreign', []))}"])
+    if not rows:
+        return []
+    return ["## Leak checks", "",
+            "After every stress and lifecycle run and after the whole run: containers (podman, docker), runsc "
+            "sandboxes, OCI runtime state and bundles, cgroups, qemu processes, processes naming the run, "
+            "journal entries, run dirs, store rows, temp dirs, mounts. Leaks attributed to the run are removed "
+            "after being reported; \"foreign\" = resources of other live owners on the machine (ignored).", "",
+            *_table(["Check", "Result", "Leaked", "Foreign"], rows), ""]
+
+
+def _unavailable(d: _Doc) -> list[str]:
+    rows = [[b, e.get("reason") or "–"] for b, e in d.backends.items() if not e.get("available")]
+    if not rows:
+        return []
+    return ["## Backends not measured here", "", *_table(["Backend", "Doctor's reason"], rows), ""]
+
+
+def _errors(d: _Doc) -> list[str]:
+    errs = d.doc.get("errors", [])
+    if not errs:
+        return []
+    return ["## Errors during the run", "", *[f"- {e['suite']}/{e.get('backend') or '-'}: `{e['message'][:400]}`"
+                                              for e in errs], ""]
+
+
+def _charts(charts: dict[str, str]) -> list[str]:
+    if not charts:
+        return []
+    titles = {"latency": "Latency distribution per backend (headline, per-run samples)",
+              "phases": "Phase breakdown (median)", "ratios": "Ours / raw engine (median ratio)",
+              "throughput": "Throughput batches (wall time)"}
+    out = ["## Charts", ""]
+    for key, path in charts.items():
+        out += [f"![{titles.get(key, key)}]({path})", ""]
+    return out
+
+
+def closing_note(doc: dict[str, Any]) -> str:
+    """The headline table with ratios, as plain Markdown (for a PR / issue note)."""
+    d = _Doc(doc)
+    rows = []
+    for row in doc.get("summary", {}).get("headline", []):
+        if not row["available"]:
+            rows.append([row["backend"], row["mode"], f"unavailable: {row['reason']}", "–"])
+            continue
+        rs = "; ".join(f"{r['label'].split(' vs ')[-1]}: {fmt_ratio(r['ratio'])}" for r in row["ratios"]) or "–"
+        rows.append([row["backend"], row["mode"], d.cell(row["measurement"]), rs])
+    return "\n".join(_table(["Backend", "Mode", "p50", "Ratio to raw engines (ours/raw)"], rows))
+
+
+def render(doc: dict[str, Any], charts: dict[str, str] | None = None, *, json_name: str | None = None,
+           for_docs: bool = False) -> str:
+    d = _Doc(doc)
+    parts: list[str] = []
+    parts += _header(d, for_docs, json_name)
+    parts += _headline(d)
+    parts += _ratios(d)
+    parts += _goals(d)
+    parts += _phases(d)
+    parts += _vm_vs_container(d)
+    parts += _wasm(d)
+    parts += _concurrent(d, "concurrency", f"{(doc.get('config') or {}).get('concurrent_n', 100)} concurrent",
+                         "All runs started at once, each a new `agentkernel run` process (or the raw engine's one-shot).",
+                         REF_100)
+    cfg = doc.get("config") or {}
+    parts += _concurrent(d, "throughput", f"Throughput: {cfg.get('runs_total')} runs, {cfg.get('runs_concurrency')} concurrent",
+                         "`scripts/stress-test.sh TOTAL CONCURRENCY`: new processes, at most CONCURRENCY at a time.",
+                         REF_100)
+    parts += _containers(d)
+    parts += _daemon(d)
+    parts += _stress(d)
+    parts += _lifecycle(d)
+    parts += _one_shot(d)
+    parts += _exec50(d)
+    parts += _scale(d)
+    parts += _floors(d)
+    parts += _leaks(d)
+    parts += _unavailable(d)
+    parts += _errors(d)
+    parts += _charts(charts or {})
+    return "\n".join(parts).rstrip() + "\n"
