@@ -1,0 +1,62 @@
+"""The hot-path flag parser gives exactly what argparse gives, and hands anything unusual to argparse."""
+
+from __future__ import annotations
+
+import pytest
+
+from agentkernel.cli import build_parser
+from agentkernel.cli_flags import EXEC_FLAGS, RUN_FLAGS, fast_parse
+
+RUN_CASES = [
+    ["--", "echo", "hello"],
+    ["echo", "hello"],
+    ["-B", "docker", "--image", "agentkernel/debian", "--", "python3", "-c", "print(1)"],
+    ["--no-network", "--memory", "64", "--cpus", "0.5", "--pids=32", "-e", "A=1", "-e", "B=x=y", "--", "env"],
+    ["--network", "--read-only", "--mount-cwd", "-w", "/tmp", "-o", "runtime=runsc", "-t", "2.5", "--", "ls", "-l"],
+    ["-k", "-n", "box", "--no-daemon", "-p", "restrictive", "--", "sh", "-c", "exit 3"],
+    ["--module", "app.wasm", "--func", "add", "--", "1", "2"],
+    ["--", "echo", "--timeout", "-e", "--"],
+]
+EXEC_CASES = [
+    ["box", "--", "echo", "hi"],
+    ["box", "--timeout", "1", "-e", "K=V", "-w", "/w", "--", "sleep", "5"],
+]
+
+
+def _argparse(cmd: str, argv: list[str]) -> dict:
+    full = [cmd, *argv]
+    command = None
+    if "--" in full:
+        i = full.index("--")
+        full, command = full[:i], full[i + 1 :]
+    ns = build_parser(cmd).parse_args(full)
+    d = vars(ns)
+    if command is not None:
+        d["command"] = command
+    d.pop("cmd"), d.pop("version")
+    return d
+
+
+@pytest.mark.parametrize("argv", RUN_CASES)
+def test_run_fast_parse_matches_argparse(argv):
+    fast = vars(fast_parse(argv, RUN_FLAGS))
+    assert fast == _argparse("run", argv)
+
+
+@pytest.mark.parametrize("argv", EXEC_CASES)
+def test_exec_fast_parse_matches_argparse(argv):
+    fast = vars(fast_parse(argv, EXEC_FLAGS, ("name",)))
+    assert fast == _argparse("exec", argv)
+
+
+@pytest.mark.parametrize("argv", [
+    ["-h"], ["--help"], ["--unknown", "--", "x"], ["--memory", "lots", "--", "x"], ["--timeout", "-1", "--", "x"],
+    ["--network", "--no-network", "--", "x"], ["--memory"], ["-e", "novalue", "--", "x"], ["--read-only=1", "--", "x"],
+])
+def test_unusual_input_goes_to_argparse(argv):
+    assert fast_parse(argv, RUN_FLAGS) is None
+
+
+def test_exec_without_dashdash_goes_to_argparse():
+    assert fast_parse(["box", "ls"], EXEC_FLAGS, ("name",)) is None
+    assert fast_parse([], EXEC_FLAGS, ("name",)) is None
