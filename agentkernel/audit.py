@@ -8,7 +8,6 @@ cannot rotate at once. ``AGENTKERNEL_AUDIT=0`` disables logging.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -27,6 +26,8 @@ def log(event: str, **fields: object) -> None:
     if not enabled():
         return
     try:
+        import json
+
         path = paths.audit_path()
         entry = {"ts": round(time.time(), 6), "event": event, "pid": os.getpid(), "uid": os.getuid()}
         entry.update(fields)
@@ -62,6 +63,8 @@ def _rotate(path: str) -> None:
 
 def read(sandbox: str | None = None, last: int | None = None) -> list[dict]:
     """Events from the current file (newest last), optionally for one sandbox name or id."""
+    import json
+
     out = []
     try:
         with open(paths.audit_path()) as f:

@@ -31,7 +31,7 @@ def _add_spec_flags(p, *, run: bool) -> None:
 
 
 COMMANDS = ("run", "create", "start", "stop", "rm", "remove", "exec", "cp", "list", "ls", "doctor", "gc",
-            "images", "audit", "daemon", "serve", "attach", "replay", "mcp")
+            "images", "audit", "daemon", "serve", "attach", "replay", "mcp", "bench")
 
 
 def build_parser(only: str | None = None):
@@ -101,6 +101,10 @@ def build_parser(only: str | None = None):
         from .commands.serve import add_parsers
 
         add_parsers(sub, want)
+    if want("bench"):
+        from .commands.bench import add_parser as _add_bench
+
+        _add_bench(sub)
     return parser
 
 
@@ -268,6 +272,10 @@ def _dispatch(args) -> int:
         from .commands import serve
 
         return getattr(serve, cmd)(args)
+    if cmd == "bench":
+        from .commands.bench import bench_cmd
+
+        return bench_cmd(args)
     raise AssertionError(cmd)
 
 

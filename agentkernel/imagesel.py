@@ -7,8 +7,6 @@ cannot be read, the engine is asked.
 
 from __future__ import annotations
 
-import json
-
 from .errors import NotFound
 from .images import DEFAULT_IMAGE, candidates_for_command
 
@@ -27,6 +25,8 @@ def _normalize(ref: str) -> set[str]:
 
 
 def local_images(engine: str) -> set[str] | None:
+    import json
+
     try:
         if engine == "podman":
             with open(PODMAN_INDEX) as f:
@@ -53,7 +53,8 @@ def image_present(engine: str, image: str) -> bool:
 def choose_image(backend: str, argv: list[str]) -> str:
     cands = candidates_for_command(argv)
     engine = _ENGINE_OF.get(backend)
-    if engine is None:
+    if engine is None or len(cands) == 1:
+        # nothing to choose between: a missing image is reported by the run itself, with a hint
         return cands[0] if cands else DEFAULT_IMAGE
     for c in cands:
         if image_present(engine, c):

@@ -17,7 +17,6 @@ Standard library only; imported on the CLI's hot path.
 
 from __future__ import annotations
 
-import json
 import os
 
 from . import paths
@@ -99,42 +98,80 @@ def journal_dir() -> str:
     return d
 
 
-def _entry_path(backend: str, sandbox_id: str) -> str:
-    return os.path.join(journal_dir(), f"{backend}--{sandbox_id}.json")
+def _prefix(backend: str, sandbox_id: str) -> str:
+    return f"{backend}--{sandbox_id}--"
+
+
+def _entry_name(backend: str, sandbox_id: str, owner: dict) -> str:
+    # The owner's pid and start time are in the name, so a command can tell live owners' entries from
+    # dead ones without opening (or json-parsing) anything: every CLI start lists this directory.
+    return f"{_prefix(backend, sandbox_id)}{int(owner.get('pid') or 0)}.{int(owner.get('start') or 0)}.json"
+
+
+def _find(backend: str, sandbox_id: str) -> list[str]:
+    d = journal_dir()
+    pre = _prefix(backend, sandbox_id)
+    return [os.path.join(d, fn) for fn in os.listdir(d) if fn.startswith(pre) and fn.endswith(".json")]
 
 
 def claim(backend: str, sandbox_id: str, handle: dict, owner: dict | None = None) -> str:
-    """Record that ``owner`` (default: this process) owns a resource. Call BEFORE creating it."""
-    entry = {"backend": backend, "id": sandbox_id, "handle": handle, "owner": owner or current_owner()}
-    path = _entry_path(backend, sandbox_id)
+    """Record that ``owner`` (default: this process) owns a resource. Call BEFORE creating it; call again
+    to update the handle or to hand the resource to another owner."""
+    import json
+
+    owner = owner or current_owner()
+    entry = {"backend": backend, "id": sandbox_id, "handle": handle, "owner": owner}
+    path = os.path.join(journal_dir(), _entry_name(backend, sandbox_id, owner))
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(entry, f)
     os.replace(tmp, path)
+    for other in _find(backend, sandbox_id):
+        if other != path:
+            _unlink(other)
     return path
 
 
-def release(backend: str, sandbox_id: str) -> None:
-    """The resource is gone (or handed to the store as a named sandbox): forget it."""
+def _unlink(path: str) -> None:
     try:
-        os.unlink(_entry_path(backend, sandbox_id))
+        os.unlink(path)
     except FileNotFoundError:
         pass
 
 
+def release(backend: str, sandbox_id: str) -> None:
+    """The resource is gone (or handed to the store as a named sandbox): forget it."""
+    for path in _find(backend, sandbox_id):
+        _unlink(path)
+
+
 def transfer(backend: str, sandbox_id: str, new_owner: dict) -> None:
     """Hand a resource to another process (e.g. a detached remover)."""
-    path = _entry_path(backend, sandbox_id)
-    try:
-        with open(path) as f:
-            entry = json.load(f)
-    except (OSError, ValueError):
+    import json
+
+    for path in _find(backend, sandbox_id):
+        try:
+            with open(path) as f:
+                entry = json.load(f)
+        except (OSError, ValueError):
+            continue
+        claim(entry["backend"], entry["id"], entry["handle"], new_owner)
         return
-    entry["owner"] = new_owner
-    claim(entry["backend"], entry["id"], entry["handle"], new_owner)
+
+
+def _alive_by_name(fn: str) -> bool:
+    """From the entry's name alone: is its owner (pid + start time) a live process?"""
+    try:
+        pid_start = fn[: -len(".json")].rsplit("--", 1)[1]
+        pid, start = (int(x) for x in pid_start.split("."))
+    except (IndexError, ValueError):
+        return False
+    return pid > 0 and process_start_time(pid) == start
 
 
 def entries() -> list[dict]:
+    import json
+
     out = []
     d = journal_dir()
     for fn in os.listdir(d):
@@ -149,7 +186,22 @@ def entries() -> list[dict]:
 
 
 def dead_entries() -> list[dict]:
-    return [e for e in entries() if is_dead(e.get("owner") or {})]
+    """Entries whose owner is provably dead (names of live owners are skipped unread)."""
+    import json
+
+    out = []
+    d = journal_dir()
+    for fn in os.listdir(d):
+        if not fn.endswith(".json") or _alive_by_name(fn):
+            continue
+        try:
+            with open(os.path.join(d, fn)) as f:
+                e = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if is_dead(e.get("owner") or {}):
+            out.append(e)
+    return out
 
 
 def reap_dead(verbose: bool = False) -> int:
@@ -160,7 +212,7 @@ def reap_dead(verbose: bool = False) -> int:
         names = os.listdir(d)
     except OSError:
         return 0
-    if not names:
+    if all(fn.endswith(".tmp") or _alive_by_name(fn) for fn in names):
         return 0
     dead = dead_entries()
     if not dead:

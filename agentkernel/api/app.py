@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request, WebSocket
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -76,8 +76,12 @@ class Settings:
 # ---- body size limits (pure ASGI: counts streamed bodies too) -----------------------------------------
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(HTTPException):
+    """Raised from receive(): FastAPI re-raises HTTPExceptions met while reading a body (anything else
+    would become a 400), and the handler below renders it as a 413 envelope."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body too large (limit {limit} bytes)")
 
 
 class LimitsMiddleware:
@@ -127,7 +131,7 @@ class LimitsMiddleware:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > limit:
-                    raise BodyTooLarge()
+                    raise BodyTooLarge(limit)
             return msg
 
         async def tracking_send(msg):

@@ -89,7 +89,7 @@ def phases(doc: dict[str, Any], path: str) -> str | None:
                      fontsize=9)
         ax.set_xlabel("milliseconds (median)")
         ax.invert_yaxis()
-        ax.margins(x=0.15)
+        ax.set_xlim(0, max(left) * 1.25 or 1)
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"Where the time goes: boot / ready / exec / shutdown\n{_subtitle(doc)}", fontsize=10)
     fig.tight_layout()

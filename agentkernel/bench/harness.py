@@ -31,6 +31,7 @@ from typing import Any
 from . import stats
 
 HELLO = b"hello\n"
+BENCH_LABEL = "agentkernel.bench-run"
 RUN_TIMEOUT_S = 120.0
 
 ALL_SUITES = ("headline", "phases", "baselines", "daemon", "throughput", "concurrency", "stress", "lifecycle",
@@ -132,8 +133,8 @@ class Progress:
         if enabled and sys.stderr.isatty():
             try:
                 from rich.console import Console
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress
-                from rich.progress import TextColumn, TimeElapsedColumn
+                from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+                from rich.progress import Progress as RichProgress
 
                 self._rich = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                           TimeElapsedColumn(), console=Console(stderr=True), transient=False)
@@ -239,7 +240,7 @@ class BenchContext:
         self.workdir = os.path.join(self.tmp, "work")
         for d in (self.home, self.runtime_dir, self.workdir):
             os.makedirs(d, mode=0o700, exist_ok=True)
-        self._saved_env = {k: os.environ.get(k) for k in ("AGENTKERNEL_HOME", "AGENTKERNEL_RUNTIME_DIR",
+        self._saved_env = {k: os.environ.get(k) for k in ("AGENTKERNEL_HOME", "AGENTKERNEL_RUNTIME_DIR", "AGENTKERNEL_LABELS",
                                                           "AGENTKERNEL_NO_DAEMON", "AGENTKERNEL_DAEMON_SOCKET",
                                                           "AGENTKERNEL_STORE", "AGENTKERNEL_AUDIT_LOG")}
         # this process too: in-process suites (phases, scale) and the daemon client use the same dirs
@@ -247,6 +248,10 @@ class BenchContext:
         os.environ["AGENTKERNEL_RUNTIME_DIR"] = self.runtime_dir
         for k in ("AGENTKERNEL_NO_DAEMON", "AGENTKERNEL_DAEMON_SOCKET", "AGENTKERNEL_STORE", "AGENTKERNEL_AUDIT_LOG"):
             os.environ.pop(k, None)
+        # every resource we and our children create carries this label: the leak check tells ours from anyone's
+        self.label = f"{BENCH_LABEL}={self.run_id}"
+        labels = [x for x in (os.environ.get("AGENTKERNEL_LABELS") or "").split(",") if x and not x.startswith(BENCH_LABEL)]
+        os.environ["AGENTKERNEL_LABELS"] = ",".join([*labels, self.label])
         self.env = dict(os.environ)
         self.cli = _cli_argv()
         self.progress = Progress(cfg.progress)
@@ -537,38 +542,49 @@ class BenchDaemon:
         if r.returncode != 0:
             raise RuntimeError(f"daemon start failed: {_tail(r.stderr or r.stdout)}")
         self.started = True
-        st = self.status() or {}
+        st = self.status()
+        if st is None:
+            raise RuntimeError("the daemon started but does not answer status requests")
         self.pid = st.get("pid")
         if self.pid:
             self.ctx.track(int(self.pid))
-        self.wait_ready(timeout=90)
+        if not self.wait_ready(timeout=90):
+            self.ctx.progress.note(f"daemon for {', '.join(self.backends)}: pool not full after 90 s; measuring anyway")
         self.ready_ms = (time.perf_counter() - t0) * 1e3
 
     def status(self) -> dict | None:
+        """The daemon's status, or None when it does not answer (or speaks another protocol version)."""
         from ..commands import daemon_client
 
         try:
-            return daemon_client.request("status")
+            st = daemon_client.request("status")
         except Exception:
             return None
+        if not isinstance(st, dict) or st.get("incompatible") or "pools" not in st:
+            return None
+        return st
 
     def pools(self, backend: str | None = None) -> list[dict]:
         st = self.status() or {}
         return [p for p in st.get("pools", []) if backend is None or p.get("backend") == backend]
 
-    def _full(self, backend: str | None) -> bool:
-        pools = self.pools(backend)
-        if not pools:
-            return False
-        return all(pool_idle(p) for p in pools)
-
     def wait_ready(self, backend: str | None = None, timeout: float = 60) -> bool:
-        """Until every pool (of ``backend``) holds its minimum of ready members and nothing is starting
-        or in use: the daemon is warm and idle. Not timed; False on timeout."""
+        """Until every pool (of ``backend``) holds its minimum of ready members and nothing is starting,
+        in use or being destroyed: the daemon is warm and idle. Not timed; False on timeout, or at once
+        when the daemon stops answering."""
         deadline = time.monotonic() + timeout
+        silent = 0
         while time.monotonic() < deadline:
-            if self._full(backend):
-                return True
+            st = self.status()
+            if st is None:
+                silent += 1
+                if silent >= 5:
+                    return False
+            else:
+                silent = 0
+                pools = [p for p in st.get("pools", []) if backend is None or p.get("backend") == backend]
+                if pools and all(pool_idle(p) for p in pools):
+                    return True
             time.sleep(0.02)
         return False
 

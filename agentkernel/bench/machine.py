@@ -127,6 +127,11 @@ def _wasmtime_version() -> str | None:
 def versions() -> dict[str, Any]:
     from .. import __version__
 
+    def strip(v: str | None, name: str) -> str | None:
+        if v and v.lower().startswith(f"{name} version "):
+            return v[len(name) + 9:].strip()
+        return v
+
     docker_client = _run(["docker", "version", "--format", "{{.Client.Version}}"])
     docker_server = _run(["docker", "version", "--format", "{{.Server.Version}}"])
     return {
@@ -136,11 +141,11 @@ def versions() -> dict[str, Any]:
         "podman": _run(["podman", "version", "--format", "{{.Client.Version}}"]),
         "docker": docker_server,
         "docker_client": docker_client,
-        "runsc": _run(["runsc", "--version"]),
-        "crun": _run(["crun", "--version"]),
-        "runc": _run(["runc", "--version"]),
+        "runsc": strip(_run(["runsc", "--version"]), "runsc"),
+        "crun": strip(_run(["crun", "--version"]), "crun"),
+        "runc": strip(_run(["runc", "--version"]), "runc"),
         "wasmtime": _wasmtime_version(),
-        "qemu": _run(["qemu-system-x86_64", "--version"]),
+        "qemu": strip(_run(["qemu-system-x86_64", "--version"]), "qemu emulator"),
     }
 
 

@@ -62,6 +62,8 @@ CONTAINER_ORDER = ("podman", "docker", "gvisor", "oci", "wasm", "qemu", "firecra
 def fmt_ms(x: float | None) -> str:
     if x is None:
         return "–"
+    if x == 0:
+        return "0 ms"
     if x < 0.001:
         return f"{x * 1e6:.0f} ns"
     if x < 1:

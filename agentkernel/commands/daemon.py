@@ -38,6 +38,9 @@ def _pid() -> int | None:
 def start(args) -> int:
     st = daemon_client.request("ping")
     if st is not None:
+        if st.get("incompatible"):
+            raise AgentKernelError("a daemon from another version of agentkernel is running",
+                                   hint="agentkernel daemon stop, then start again")
         print(f"daemon already running (pid {st['pid']})")
         return 0
     if args.foreground:
@@ -66,6 +69,8 @@ def start(args) -> int:
 def stop(args) -> int:
     pid = _pid()
     st = daemon_client.request("stop")
+    if st is not None and st.get("incompatible") and pid:
+        os.kill(pid, signal.SIGTERM)  # it cannot read our request: ask the old way
     if st is None and pid is None:
         print("daemon is not running")
         return 0
@@ -92,6 +97,9 @@ def status(args) -> int:
     st = daemon_client.request("status")
     if st is None:
         print("daemon is not running")
+        return 3
+    if st.get("incompatible"):
+        print("a daemon from another version of agentkernel is running (restart it: agentkernel daemon stop)")
         return 3
     if args.json:
         print(json.dumps(st, indent=2))

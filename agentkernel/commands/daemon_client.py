@@ -1,10 +1,9 @@
 """The CLI side of the daemon protocol. This is the warm path of ``agentkernel run``: it imports only
-os/socket/json/struct/select/signal and the stdlib-only protocol modules (no asyncio)."""
+os/_socket/marshal/struct/select/_signal and the stdlib-only protocol modules (no asyncio)."""
 
 from __future__ import annotations
 
 import _socket  # the C module: `socket` would add ~2 ms of enum/selectors imports to the warm path
-import json
 import os
 import sys
 
@@ -46,14 +45,16 @@ def request(op: str, **fields) -> dict | None:
     if s is None:
         return None
     try:
-        s.sendall(P.jframe(P.REQUEST, {"op": op, **fields}))
+        s.sendall(P.oframe(P.REQUEST, {"v": P.PROTOCOL_VERSION, "op": op, **fields}))
         s.settimeout(30)
         fr = P.FrameReader()
         t, payload = _recv_frames(s, fr)[0]
-        obj = json.loads(payload)
+        obj = P.decode(payload)
         if t == P.ERROR:
             raise AgentKernelError(obj.get("message", "daemon error"), hint=obj.get("hint"))
         return obj
+    except ValueError:
+        return {"incompatible": True}
     except (ConnectionError, OSError):
         return None
     finally:
@@ -63,7 +64,7 @@ def request(op: str, **fields) -> dict | None:
 def _raise_error(payload: bytes) -> None:
     from .. import errors
 
-    obj = json.loads(payload)
+    obj = P.decode(payload)
     cls = getattr(errors, obj.get("kind") or "", None)
     if not (isinstance(cls, type) and issubclass(cls, AgentKernelError)):
         cls = AgentKernelError
@@ -80,7 +81,7 @@ def try_run(spec, command: list[str], timeout: float | None) -> int | None:
     forward = _forward_stdin()
     try:
         s.settimeout(None)
-        s.sendall(P.jframe(P.REQUEST, {"op": "run", "spec": spec.to_dict(), "argv": command, "timeout": timeout,
+        s.sendall(P.oframe(P.REQUEST, {"v": P.PROTOCOL_VERSION, "op": "run", "spec": spec.to_dict(), "argv": command, "timeout": timeout,
                                        "stdin": forward}))
         fr = P.FrameReader()
         frames = _recv_frames(s, fr)
@@ -88,10 +89,16 @@ def try_run(spec, command: list[str], timeout: float | None) -> int | None:
         s.close()
         return None
     t, payload = frames[0]
-    if t == P.ERROR:
+    try:
+        if t == P.ERROR:
+            s.close()
+            _raise_error(payload)
+        reply = P.decode(payload)
+    except ValueError:  # a daemon from another version of agentkernel
         s.close()
-        _raise_error(payload)
-    reply = json.loads(payload)
+        sys.stderr.write("agentkernel: note: the running daemon is from another version; running without it "
+                         "(restart it: agentkernel daemon stop && agentkernel daemon start)\n")
+        return None
     try:
         if reply.get("mode") == "lease":
             return _run_lease(s, reply, command, timeout, forward, spec)
@@ -152,7 +159,7 @@ def _run_lease(s, reply: dict, command: list[str], timeout, forward: bool, spec)
         client.close()
     rc = exit_code_of(code, sig, timed_out, oom, error, timeout, spec.resources.memory_mb)
     try:
-        s.sendall(P.jframe(P.DONE, {"exit_code": rc}))
+        s.sendall(P.oframe(P.DONE, {"exit_code": rc}))
     except OSError:
         pass
     return rc
@@ -177,7 +184,7 @@ def _run_proxy(s, fr: P.FrameReader, pending, forward: bool, timeout, spec) -> i
             elif t == P.STDERR:
                 _write_all(2, payload)
             elif t == P.EXIT:
-                r = json.loads(payload)
+                r = P.decode(payload)
                 return exit_code_of(r["exit_code"], 0, r.get("timed_out"), r.get("oom_killed"), None, timeout,
                                     spec.resources.memory_mb)
             elif t == P.ERROR:

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -212,18 +211,21 @@ class Daemon:
         fr = P.FrameReader()
         try:
             req = await _read_request(reader, fr)
+            if req.get("v") != P.PROTOCOL_VERSION:
+                raise AgentKernelError(f"daemon protocol version {req.get('v')!r} is not {P.PROTOCOL_VERSION}",
+                                       hint="restart the daemon after upgrading: agentkernel daemon stop")
             op = req.get("op")
             if op == "ping":
-                writer.write(P.jframe(P.REPLY, {"ok": True, "pid": os.getpid()}))
+                writer.write(P.oframe(P.REPLY, {"ok": True, "pid": os.getpid()}))
             elif op == "status":
-                writer.write(P.jframe(P.REPLY, self.status()))
+                writer.write(P.oframe(P.REPLY, self.status()))
             elif op == "stop":
-                writer.write(P.jframe(P.REPLY, {"ok": True}))
+                writer.write(P.oframe(P.REPLY, {"ok": True}))
                 self._stopping.set()
             elif op == "run":
                 await self._run(req, reader, writer, fr)
             else:
-                writer.write(P.jframe(P.ERROR, {"message": f"unknown op {op!r}", "kind": "ValidationError"}))
+                writer.write(P.oframe(P.ERROR, {"message": f"unknown op {op!r}", "kind": "ValidationError"}))
             await writer.drain()
         except AgentKernelError as exc:
             _send_error(writer, exc)
@@ -263,7 +265,7 @@ class Daemon:
             info = await pool.backend.lease_info(member.ref)
             info.update({"mode": "lease", "sandbox": member.ref.id, "hit": hit,
                          "acquire_ms": round((time.perf_counter() - t0) * 1e3, 3)})
-            writer.write(P.jframe(P.REPLY, info))
+            writer.write(P.oframe(P.REPLY, info))
             await writer.drain()
             summary: dict = {}
             while True:  # the lease lasts until the client closes its connection
@@ -272,7 +274,7 @@ class Daemon:
                     break
                 for t, payload in fr.feed(data):
                     if t == P.DONE:
-                        summary = json.loads(payload)
+                        summary = P.decode(payload)
             audit.log("run", id=member.ref.id, backend=spec.backend, image=spec.image, argv=argv, pooled=hit,
                       exit_code=summary.get("exit_code"), via="daemon")
         finally:
@@ -286,7 +288,7 @@ class Daemon:
             if key not in self._inproc_pools:
                 self._inproc_pools.add(key)
                 await backend.start_pool(spec, max(self.pool_defaults.min_size, 8), command=argv[0])
-        writer.write(P.jframe(P.REPLY, {"mode": "proxy"}))
+        writer.write(P.oframe(P.REPLY, {"mode": "proxy"}))
         stdin_q: asyncio.Queue[bytes] = asyncio.Queue()
 
         async def stdin_iter():
@@ -321,7 +323,7 @@ class Daemon:
         pump = asyncio.create_task(pump_client())
         try:
             result = await run_task
-            writer.write(P.jframe(P.EXIT, {k: v for k, v in result.to_dict().items() if k not in ("stdout", "stderr")}))
+            writer.write(P.oframe(P.EXIT, {k: v for k, v in result.to_dict().items() if k not in ("stdout", "stderr")}))
             await writer.drain()
         except asyncio.CancelledError:
             pass
@@ -340,12 +342,12 @@ async def _read_request(reader: asyncio.StreamReader, fr: P.FrameReader) -> dict
             t, payload = frames[0]
             if t != P.REQUEST:
                 raise AgentKernelError("protocol error: the first frame must be a request")
-            return json.loads(payload)
+            return P.decode(payload)
 
 
 def _send_error(writer: asyncio.StreamWriter, exc: AgentKernelError) -> None:
     try:
-        writer.write(P.jframe(P.ERROR, {"message": exc.message, "hint": exc.hint, "kind": type(exc).__name__,
+        writer.write(P.oframe(P.ERROR, {"message": exc.message, "hint": exc.hint, "kind": type(exc).__name__,
                                         "exit_code": exc.exit_code}))
     except (ConnectionError, OSError, RuntimeError):
         pass

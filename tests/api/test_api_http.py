@@ -147,9 +147,9 @@ def test_run_stream_disconnect_kills_command_and_destroys_sandbox(server, alice)
     marker = "3017"
     body = {"command": ["sh", "-c", f"echo started; exec sleep {marker}"]}
     with alice.stream("POST", "/run/stream", json=body) as r:
-        for ev, _data, _ in sse_events(r):
-            if ev == "stdout":
-                break
+        events = sse_events(r)  # keep a reference: a closed iterator would close the connection
+        while next(events)[0] != "stdout":
+            pass
         assert wait_until(lambda: host_processes(f"sleep {marker}"), 10), "the command is not running"
         cname = _container_running(marker)
         assert cname, "no container runs the command"
@@ -169,9 +169,9 @@ def test_exec_stream_and_disconnect(alice, sandbox):
     marker = "3023"
     with alice.stream("POST", f"/sandboxes/{sandbox}/exec/stream",
                       json={"command": ["sh", "-c", f"echo go; exec sleep {marker}"]}) as r:
-        for ev, _d, _ in sse_events(r):
-            if ev == "stdout":
-                break
+        events = sse_events(r)
+        while next(events)[0] != "stdout":
+            pass
         assert wait_until(lambda: host_processes(f"sleep {marker}"), 10)
     assert wait_until(lambda: not host_processes(f"sleep {marker}"), 20)
     # the named sandbox itself lives on
@@ -265,8 +265,8 @@ def test_files_json_and_raw_streamed(alice, sandbox):
 
 def _raw_request(port: int, request: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port)) as s:
+        s.settimeout(30)
         s.sendall(request)
-        s.shutdown(socket.SHUT_WR)
         out = b""
         while chunk := s.recv(65536):
             out += chunk

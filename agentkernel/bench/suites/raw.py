@@ -39,8 +39,17 @@ def _plan_args(ctx: BenchContext, backend: str) -> tuple[list[str], str, list[st
     from ...backends import _container
 
     spec = ctx.spec_for(backend)
+    kw = {}
+    try:
+        from ...backends import get_backend_class
+
+        overhead = getattr(get_backend_class(backend), "pids_overhead", 0)
+        if overhead:
+            kw["pids_overhead"] = overhead
+    except Exception:
+        pass
     plan = _container.plan(spec, sandbox_id="akbench", owner={}, container_name="akbench",
-                           argv=["echo", "hello"], agent_bin=None)
+                           argv=["echo", "hello"], agent_bin=None, **kw)
     args = _container.podman_args(plan)
     out: list[str] = []
     skip = False
