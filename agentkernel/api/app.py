@@ -245,6 +245,10 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     Tenant = Annotated[str, Depends(tenant_of)]
 
     # -- error mapping: envelope everywhere, no tracebacks --
+    @app.exception_handler(_ClientGone)
+    async def _gone(request: Request, exc: Exception):
+        return JSONResponse({"success": False, "error": "client disconnected"}, status_code=499)
+
     @app.exception_handler(Unauthorized)
     async def _unauth(request: Request, exc: Unauthorized):
         return JSONResponse(UNAUTHORIZED, status_code=401, headers={"WWW-Authenticate": "Bearer"})
@@ -296,13 +300,13 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         return getattr(body, "cwd", None) or getattr(body, "workdir", None)
 
     @app.post("/run", tags=["run"], response_model=M.Envelope[M.RunResult])
-    async def run(body: M.RunRequest, tenant: Tenant):
+    async def run(body: M.RunRequest, tenant: Tenant, request: Request):
         """Run one command in a fresh sandbox (from the warm pool unless ``fast`` is false); the sandbox
         is destroyed afterwards. A non-zero exit is a successful request: see ``exit_code``."""
         spec = _run_spec(body)
         req = svc.exec_request(body.command, env=body.env, cwd=_cwd(body), timeout=body.timeout, stdin=body.stdin,
                                output_limit=body.output_limit)
-        result = await svc.run(spec, req, fast=body.fast is not False)
+        result = await _unless_disconnected(request, svc, svc.run(spec, req, fast=body.fast is not False))
         return M.envelope(result_dict(result))
 
     @app.post("/run/stream", tags=["run"], response_class=StreamingResponse,
@@ -325,7 +329,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         return EventStream(_stream_producer(start, started, compat, encoding), _count_disconnect(svc))
 
     @app.post("/batch/run", tags=["run"], response_model=M.Envelope[M.BatchRunResponse])
-    async def batch_run(body: M.BatchRunRequest, tenant: Tenant):
+    async def batch_run(body: M.BatchRunRequest, tenant: Tenant, request: Request):
         """Run several commands in parallel, each in its own fresh sandbox."""
 
         async def one(cmd: M.BatchCommand) -> dict[str, Any]:
@@ -338,7 +342,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
             except AgentKernelError as exc:
                 return {"output": None, "error": exc.message}
 
-        results = await asyncio.gather(*(one(c) for c in body.commands))
+        results = await _unless_disconnected(request, svc, asyncio.gather(*(one(c) for c in body.commands)))
         return M.envelope({"results": list(results)})
 
     # -- named sandboxes --
@@ -386,10 +390,10 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
                                 output_limit=output_limit if output_limit is not None else body.output_limit)
 
     @app.post("/sandboxes/{name}/exec", tags=["sandboxes"], response_model=M.Envelope[M.RunResult])
-    async def exec_in_sandbox(name: str, body: M.ExecRequestBody, tenant: Tenant):
+    async def exec_in_sandbox(name: str, body: M.ExecRequestBody, tenant: Tenant, request: Request):
         """Run a command in a running named sandbox. A non-zero exit is a successful request."""
         req = _exec_req(body)
-        return M.envelope(result_dict(await svc.exec(tenant, name, req)))
+        return M.envelope(result_dict(await _unless_disconnected(request, svc, svc.exec(tenant, name, req))))
 
     @app.post("/sandboxes/{name}/exec/stream", tags=["sandboxes"], response_class=StreamingResponse,
               responses={200: {"content": {"text/event-stream": {}}}})
@@ -536,6 +540,40 @@ def _checked_name(name: str) -> str:
     from ..spec import validate_name
 
     return validate_name(name)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _unless_disconnected(request: Request, svc: Service, aw):
+    """Await ``aw`` (a run or exec), cancelling it — which kills the command and, for one-shot runs,
+    destroys the sandbox — if the client disconnects first (the body has been read by now, so the
+    next ASGI message can only be the disconnect)."""
+    task = asyncio.ensure_future(aw)
+
+    async def watch() -> None:
+        while True:
+            msg = await request.receive()
+            if msg["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.create_task(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        svc.metrics.disconnects += 1
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise _ClientGone()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 def _count_disconnect(svc: Service):

@@ -130,15 +130,16 @@ def throughput(doc: dict[str, Any], path: str) -> str | None:
     if not ms:
         return None
     plt = _plt()
-    labels = [f"{m['backend']} {m['mode']} ({m['extra'].get('total')} runs @ {m['extra'].get('concurrency')})" for m in ms]
+    labels = [f"{m['backend']} {m['mode']} ({m['extra'].get('total')} runs @ {m['extra'].get('concurrency')})"
+              for m in ms]
     vals = [m["extra"]["wall_ms"] / 1000 for m in ms]
     fig, ax = plt.subplots(figsize=(10, max(3.0, 0.35 * len(ms) + 1.5)))
     ax.barh(range(len(ms)), vals, color=[MODE_COLORS.get(m["mode"], "#333333") for m in ms])
     ax.set_yticks(range(len(ms)))
     ax.set_yticklabels(labels, fontsize=8)
     for i, (v, m) in enumerate(zip(vals, ms, strict=True)):
-        ax.text(v, i, f" {v:.2f} s, {m['extra'].get('runs_per_s') or 0:.0f}/s, {(m['success_rate'] or 0) * 100:.0f}% ok",
-                va="center", fontsize=7)
+        rate, ok = m["extra"].get("runs_per_s") or 0, (m["success_rate"] or 0) * 100
+        ax.text(v, i, f" {v:.2f} s, {rate:.0f}/s, {ok:.0f}% ok", va="center", fontsize=7)
     ax.set_xlabel("wall time, seconds")
     ax.invert_yaxis()
     ax.margins(x=0.3)

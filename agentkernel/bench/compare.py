@@ -73,7 +73,7 @@ def compare(a: dict[str, Any], b: dict[str, Any], threshold: float = 10.0) -> di
 
 def format_compare(c: dict[str, Any], only_flagged: bool = False) -> str:
     def pct(x: float | None) -> str:
-        return "–" if x is None else f"{x:+.1f}%"
+        return "\u2013" if x is None else f"{x:+.1f}%"
 
     out = [f"A: run {c['a']['run_id']} ({c['a']['date']}, git {(c['a']['commit'] or '?')[:10]}, {c['a']['machine']})",
            f"B: run {c['b']['run_id']} ({c['b']['date']}, git {(c['b']['commit'] or '?')[:10]}, {c['b']['machine']})"]
@@ -86,8 +86,8 @@ def format_compare(c: dict[str, Any], only_flagged: bool = False) -> str:
     out += _table(["Measurement (p50)", "A", "B", "Change", ""], rows)
     out.append("")
     rrows = [[("**" if r["flag"] else "") + r["label"] + ("**" if r["flag"] else ""),
-              "–" if r["a_ratio"] is None else f"{r['a_ratio']:.3f}",
-              "–" if r["b_ratio"] is None else f"{r['b_ratio']:.3f}", pct(r["delta_pct"])]
+              "\u2013" if r["a_ratio"] is None else f"{r['a_ratio']:.3f}",
+              "\u2013" if r["b_ratio"] is None else f"{r['b_ratio']:.3f}", pct(r["delta_pct"])]
              for r in c["ratios"] if (r["flag"] or not only_flagged)]
     if rrows:
         out += _table(["Ratio (ours / raw)", "A", "B", "Change"], rrows)

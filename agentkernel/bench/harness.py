@@ -240,7 +240,8 @@ class BenchContext:
         self.workdir = os.path.join(self.tmp, "work")
         for d in (self.home, self.runtime_dir, self.workdir):
             os.makedirs(d, mode=0o700, exist_ok=True)
-        self._saved_env = {k: os.environ.get(k) for k in ("AGENTKERNEL_HOME", "AGENTKERNEL_RUNTIME_DIR", "AGENTKERNEL_LABELS",
+        self._saved_env = {k: os.environ.get(k) for k in ("AGENTKERNEL_HOME", "AGENTKERNEL_RUNTIME_DIR",
+                                                          "AGENTKERNEL_LABELS",
                                                           "AGENTKERNEL_NO_DAEMON", "AGENTKERNEL_DAEMON_SOCKET",
                                                           "AGENTKERNEL_STORE", "AGENTKERNEL_AUDIT_LOG")}
         # this process too: in-process suites (phases, scale) and the daemon client use the same dirs
@@ -250,7 +251,8 @@ class BenchContext:
             os.environ.pop(k, None)
         # every resource we and our children create carries this label: the leak check tells ours from anyone's
         self.label = f"{BENCH_LABEL}={self.run_id}"
-        labels = [x for x in (os.environ.get("AGENTKERNEL_LABELS") or "").split(",") if x and not x.startswith(BENCH_LABEL)]
+        labels = [x for x in (os.environ.get("AGENTKERNEL_LABELS") or "").split(",")
+                  if x and not x.startswith(BENCH_LABEL)]
         os.environ["AGENTKERNEL_LABELS"] = ",".join([*labels, self.label])
         self.env = dict(os.environ)
         self.cli = _cli_argv()
@@ -624,11 +626,10 @@ def pool_idle(p: dict[str, Any]) -> bool:
     if p.get("ready", 0) < want or p.get("starting", 0) or p.get("in_use", 0):
         return False
     m = p.get("metrics") or {}
-    if "started" in m and "destroyed" in m and "min" in cfg:
-        if not str(m.get("last_error") or "").startswith("destroy") and \
-                m["started"] - m["destroyed"] > p.get("ready", 0) + p.get("in_use", 0):
-            return False
-    return True
+    destroying = ("started" in m and "destroyed" in m and "min" in cfg
+                  and not str(m.get("last_error") or "").startswith("destroy")
+                  and m["started"] - m["destroyed"] > p.get("ready", 0) + p.get("in_use", 0))
+    return not destroying
 
 
 def write_json(path: str, doc: dict[str, Any]) -> None:

@@ -5,7 +5,7 @@ behind, by category:
 
 | category | what is listed |
 |---|---|
-| podman_containers / docker_containers | containers labelled ``agentkernel.managed=true`` or named ``agentkernel-*`` / ``akbench-*`` |
+| podman_containers, docker_containers | labelled ``agentkernel.managed=true``, named ``agentkernel-*``/``akbench-*`` |
 | runsc | runsc processes (sandbox, gofer) and podman's runsc state files in /run/runsc |
 | oci_state | the oci backend's runtime state and bundles under each scoped runtime dir, the raw bundles' state |
 | cgroups | ``agentkernel/<id>`` cgroups in every hierarchy (the oci backend's) |
@@ -245,7 +245,8 @@ def snapshot(scope: LeakScope) -> dict[str, Any]:
                 try:
                     with open(p) as f:
                         e = json.load(f)
-                    info.update({"backend": e.get("backend"), "id": e.get("id"), "owner_pid": (e.get("owner") or {}).get("pid")})
+                    info.update({"backend": e.get("backend"), "id": e.get("id"),
+                                 "owner_pid": (e.get("owner") or {}).get("pid")})
                 except (OSError, ValueError):
                     pass
                 items["journal"][p] = info

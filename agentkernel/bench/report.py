@@ -38,7 +38,8 @@ REF_PHASES = {
 }
 REF_DAEMON = {"first": ("800ms", "195ms", "4.1x"), "subsequent": ("800ms", "195ms", "4.1x"),
               "seq10": ("8.0s", "1.95s", "4.1x"), "reuse": ("0%", "~95%", "--")}
-REF_100 = {"wasm": "Hyperlight: 0.03s, ~3,333 RPS", "docker": "Docker: 8.4s, ~12 RPS", "podman": "Podman: 18.2s, ~5.5 RPS"}
+REF_100 = {"wasm": "Hyperlight: 0.03s, ~3,333 RPS", "docker": "Docker: 8.4s, ~12 RPS",
+           "podman": "Podman: 18.2s, ~5.5 RPS"}
 REF_ONE_SHOT = {"docker": "580ms (Linux), 577ms (macOS)", "kubernetes": "571ms", "nomad": "569ms"}
 REF_EXEC50 = {"docker": "67ms, 14.8/s (Linux)", "kubernetes": "128ms, 7.7/s", "nomad": "163ms, 6.1/s"}
 REF_SINGLE_DOCKER = {"create": "47ms", "start": "198ms", "exec": "68ms", "stop": "152ms", "total": "465ms"}
@@ -48,10 +49,13 @@ REF_STRESS10 = {"wall": "4.5s", "success": "100%", "lifecycle": "446ms", "create
 REF_5X2 = {"throughput": "1.8-2.0/s", "p50": "498ms", "p95": "702ms", "p99": "1028ms"}
 REF_10X10 = {"wall": "119.4s", "success": "100%", "avg": "1,194ms", "p50": "1,178ms", "p95": "1,458ms",
              "p99": "1,705ms", "throughput": "0.84/s"}
-REF_VM = {"process start": ("40ms", "46ms"), "instance ready": ("155ms", "110ms"), "command execution": ("53ms", "19ms"),
+REF_VM = {"process start": ("40ms", "46ms"), "instance ready": ("155ms", "110ms"),
+          "command execution": ("53ms", "19ms"),
           "shutdown": ("130ms", "20ms"), "memory per instance": ("~50-100MB", "<10MB")}
 REF_SCALE = {"kubernetes": "5: 116ms/1.4s/5/5/124ms; 10: 134ms/1.4s/10/10/163ms; 20: 241ms/120s/15/20/287ms",
              "nomad": "5: 46ms/814ms/5/5/171ms; 10: 52ms/834ms/10/10/197ms; 20: 107ms/1.4s/20/20/310ms"}
+
+NA = "\u2013"  # an en dash: "no value"
 
 CONTAINER_ORDER = ("podman", "docker", "gvisor", "oci", "wasm", "qemu", "firecracker", "kubernetes", "nomad", "apple")
 
@@ -61,7 +65,7 @@ CONTAINER_ORDER = ("podman", "docker", "gvisor", "oci", "wasm", "qemu", "firecra
 
 def fmt_ms(x: float | None) -> str:
     if x is None:
-        return "–"
+        return "\u2013"
     if x == 0:
         return "0 ms"
     if x < 0.001:
@@ -77,7 +81,7 @@ def fmt_ms(x: float | None) -> str:
 
 def fmt_rate(x: float | None) -> str:
     if x is None:
-        return "–"
+        return "\u2013"
     if x >= 100:
         return f"{x:,.0f}/s"
     return f"{x:.1f}/s"
@@ -85,7 +89,7 @@ def fmt_rate(x: float | None) -> str:
 
 def fmt_ratio(r: float | None) -> str:
     if r is None:
-        return "–"
+        return "\u2013"
     if r < 1:
         return f"{r:.2f}x ({1 / r:.1f}x faster)"
     if r > 1:
@@ -94,7 +98,7 @@ def fmt_ratio(r: float | None) -> str:
 
 
 def fmt_pct(x: float | None) -> str:
-    return "–" if x is None else f"{x * 100:.0f}%"
+    return "\u2013" if x is None else f"{x * 100:.0f}%"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -179,9 +183,9 @@ def _headline(d: _Doc) -> list[str]:
     for row in d.doc.get("summary", {}).get("headline", []):
         b, mode = row["backend"], row["mode"]
         cell = d.cell(row["measurement"])
-        rows.append([b, mode, cell, fmt_ms(row["p95_ms"]) if row["available"] and row["p50_ms"] else "–",
-                     fmt_rate(row["throughput_per_s"]) if row["available"] else "–", row["isolation"] or "–",
-                     REF_HEADLINE.get((b, mode), "–")])
+        rows.append([b, mode, cell, fmt_ms(row["p95_ms"]) if row["available"] and row["p50_ms"] else "\u2013",
+                     fmt_rate(row["throughput_per_s"]) if row["available"] else "\u2013", row["isolation"] or "\u2013",
+                     REF_HEADLINE.get((b, mode), "\u2013")])
     if not rows:
         return []
     return ["## The headline numbers: `agentkernel run -- echo hello`", "",
@@ -199,15 +203,12 @@ def _ratios(d: _Doc) -> list[str]:
         ours, raw = d.get(r["ours"]), d.get(r["raw"])
         if ours is None or raw is None:
             continue
-        if not r["available"]:
-            ratio = f"– ({r['reason']})" if r.get("reason") else "–"
-        else:
-            ratio = fmt_ratio(r["ratio"])
+        ratio = fmt_ratio(r["ratio"]) if r["available"] else (f"{NA} ({r['reason']})" if r.get("reason") else NA)
         rows.append([r["backend"], ours["label"], raw["label"], d.cell(r["ours"]), d.cell(r["raw"]), ratio])
     unavailable = [m for m in d.doc.get("measurements", []) if m["suite"] == "headline" and m["mode"] == "raw"
                    and not m["available"]]
     for m in unavailable:
-        rows.append([m["backend"], "–", m["label"], "–", f"unavailable: {m['reason']}", "–"])
+        rows.append([m["backend"], "\u2013", m["label"], "\u2013", f"unavailable: {m['reason']}", "\u2013"])
     if not rows:
         return []
     return ["## Ours vs the raw engines (same run, interleaved)", "",
@@ -222,18 +223,21 @@ def _goals(d: _Doc) -> list[str]:
     rows: list[list[str]] = []
 
     def verdict(ok: bool | None) -> str:
-        return "–" if ok is None else ("**pass**" if ok else "**miss**")
+        return "\u2013" if ok is None else ("**pass**" if ok else "**miss**")
 
     w, rp = d.p50("headline/podman/warm"), d.ratio("headline/podman/warm", "headline/podman/raw_podman")
     rows.append(["daemon warm pool, podman: median ≤ 25 ms and ≥ 6x faster than `podman run --rm`",
-                 f"{fmt_ms(w)}, {fmt_ratio(rp)}", verdict(None if w is None or rp is None else (w <= 25 and rp <= 1 / 6))])
+                 f"{fmt_ms(w)}, {fmt_ratio(rp)}",
+                 verdict(None if w is None or rp is None else (w <= 25 and rp <= 1 / 6))])
     rc = d.ratio("headline/podman/cold", "headline/podman/raw_podman")
     rh = d.ratio("headline/podman/cold", "headline/podman/raw_podman_hardened")
     rows.append(["no daemon (cold), podman: ≤ 1.15x raw `podman run --rm`",
-                 f"{fmt_ratio(rc)} vs plain; {fmt_ratio(rh)} vs same flags", verdict(None if rc is None else rc <= 1.15)])
+                 f"{fmt_ratio(rc)} vs plain; {fmt_ratio(rh)} vs same flags",
+                 verdict(None if rc is None else rc <= 1.15)])
     oc, orr = d.p50("headline/oci/cold"), d.ratio("headline/oci/cold", "headline/oci/raw_podman")
     rows.append(["`run --backend oci`, cold: ≤ 60 ms and ≥ 2.5x faster than `podman run --rm`",
-                 f"{fmt_ms(oc)}, {fmt_ratio(orr)}", verdict(None if oc is None or orr is None else (oc <= 60 and orr <= 0.4))])
+                 f"{fmt_ms(oc)}, {fmt_ratio(orr)}",
+                 verdict(None if oc is None or orr is None else (oc <= 60 and orr <= 0.4))])
     ex = d.p50("phases/podman/exec_agent")
     rows.append(["exec in a running sandbox via the agent: ≤ 3 ms median (podman, in-process)", fmt_ms(ex),
                  verdict(None if ex is None else ex <= 3)])
@@ -243,27 +247,27 @@ def _goals(d: _Doc) -> list[str]:
     cc_n = (wc or {}).get("extra", {}).get("concurrent_n")
     wcv = d.p50("wasm/wasm/concurrent")
     rows.append(["wasm: pool acquire < 1 µs; 100 concurrent `echo hello` < 30 ms; ≥ 3,333 runs/s",
-                 f"{fmt_ms(wa)}; {fmt_ms(wcv)} for {cc_n}; {tp.get('runs_per_s', '–')} runs/s",
+                 f"{fmt_ms(wa)}; {fmt_ms(wcv)} for {cc_n}; {tp.get('runs_per_s', NA)} runs/s",
                  verdict(None if wa is None or wcv is None or cc_n != 100 else
                          (wa < 0.001 and wcv < 30 and (tp.get("runs_per_s") or 0) >= 3333))])
     q = d.unavailable("qemu")
     rows.append(["qemu microVM: warm-pool run ≤ 50 ms; snapshot restore ≤ 200 ms",
                  q or f"{d.cell('headline/qemu/warm')}; {d.cell('headline/qemu/snapshot')}",
-                 "–" if q else verdict(None)])
+                 "\u2013" if q else verdict(None)])
     tc, tr = d.get("throughput/podman/runs_cold"), d.get("throughput/podman/runs_raw_podman")
     if tc and tr and tc["available"] and tr["available"]:
         wc_, wr_ = tc["extra"].get("wall_ms"), tr["extra"].get("wall_ms")
         ok = wc_ is not None and wr_ is not None and wc_ <= wr_ and tc["failures"] == 0
-        rows.append([f"throughput {tc['extra'].get('total')} runs / {tc['extra'].get('concurrency')} concurrent, podman: "
-                     "≥ raw podman, 100% success", f"{fmt_ms(wc_)} vs raw {fmt_ms(wr_)}, {fmt_pct(tc['success_rate'])}",
-                     verdict(ok)])
+        rows.append([f"throughput {tc['extra'].get('total')} runs / {tc['extra'].get('concurrency')} concurrent, "
+                     "podman: ≥ raw podman, 100% success",
+                     f"{fmt_ms(wc_)} vs raw {fmt_ms(wr_)}, {fmt_pct(tc['success_rate'])}", verdict(ok)])
     for b, r in sorted((d.res.get("stress") or {}).items()):
         if not r.get("available"):
             continue
         lc = r.get("leak_check") or {}
         ok = r.get("success_rate") == 1 and lc.get("clean")
         rows.append([f"stress {b} ({r.get('count')} sandboxes, {r.get('max_concurrent')} concurrent): 100% success, "
-                     "0 leaked", f"{fmt_pct(r.get('success_rate'))}, {lc.get('leak_count', '–')} leaked", verdict(ok)])
+                     "0 leaked", f"{fmt_pct(r.get('success_rate'))}, {lc.get('leak_count', NA)} leaked", verdict(ok)])
     pss = ((d.res.get("phases") or {}).get("podman") or {}).get("idle_pss_mib")
     if pss:
         rows.append(["idle pooled container (podman): ≤ 2 MiB PSS overhead", f"{pss['total']:.2f} MiB",
@@ -280,10 +284,11 @@ def _phases(d: _Doc) -> list[str]:
             if tot is None:
                 continue
             if not tot["available"] or tot["stats"]["n"] == 0:
-                rows.append([b, mode, d.cell(f"phases/{b}/{mode}_total"), "", "", "", "", REF_PHASES.get((b, mode), "–")])
+                rows.append([b, mode, d.cell(f"phases/{b}/{mode}_total"), "", "", "", "",
+                             REF_PHASES.get((b, mode), NA)])
                 continue
             rows.append([b, mode, *(d.cell(f"phases/{b}/{mode}_{p}") for p in ("boot", "ready", "exec", "shutdown")),
-                         d.cell(f"phases/{b}/{mode}_total"), REF_PHASES.get((b, mode), "–")])
+                         d.cell(f"phases/{b}/{mode}_total"), REF_PHASES.get((b, mode), "\u2013")])
     if not rows:
         return []
     out = ["## Where the time goes (phases)", "",
@@ -299,7 +304,7 @@ def _phases(d: _Doc) -> list[str]:
         pss = ((d.res.get("phases") or {}).get(b) or {}).get("idle_pss_mib")
         rows2.append([b, d.cell(f"phases/{b}/exec_agent"), d.cell(f"phases/{b}/exec_agent", "p95_ms"),
                       *(d.cell(f"phases/{b}/named_{op}") for op in ("create", "start", "stop", "remove")),
-                      f"{pss['total']:.2f} MiB" if pss else "–"])
+                      f"{pss['total']:.2f} MiB" if pss else "\u2013"])
     if rows2:
         out += ["Named sandboxes, in-process: exec through the agent in a running sandbox, lifecycle steps, and "
                 "the PSS of every host process of one idle sandbox (engine helper + agent).", "",
@@ -322,10 +327,10 @@ def _vm_vs_container(d: _Doc) -> list[str]:
         if key:
             return d.cell(f"phases/{b}/{key}")
         pss = ((d.res.get("phases") or {}).get(b) or {}).get("idle_pss_mib")
-        return f"{pss['total']:.2f} MiB PSS" if pss else "–"
+        return f"{pss['total']:.2f} MiB PSS" if pss else "\u2013"
 
     rows = [[metric.capitalize(), *(val(b, metric) for b in cols), *REF_VM[metric]] for metric in REF_VM]
-    rows.append(["Isolation", *((d.backends.get(b) or {}).get("isolation") or "–" for b in cols),
+    rows.append(["Isolation", *((d.backends.get(b) or {}).get("isolation") or "\u2013" for b in cols),
                  "Shared kernel", "Separate kernel"])
     return ["## VM vs container (reference: \"Firecracker vs Docker\")", "",
             "Same metrics as the reference's table, from the in-process phases suite (process start = create, "
@@ -348,20 +353,21 @@ def _wasm(d: _Doc) -> list[str]:
     tp = r.get("throughput") or {}
 
     def us(v):
-        return "–" if v is None else fmt_ms(v / 1e3)
+        return "\u2013" if v is None else fmt_ms(v / 1e3)
 
     rows = [
-        ["Cold startup (new process, in-process part)", f"{fmt_ms(c.get('mean_ms'))} (avg), {fmt_ms(c.get('median_ms'))} (p50)",
+        ["Cold startup (new process, in-process part)",
+         f"{fmt_ms(c.get('mean_ms'))} (avg), {fmt_ms(c.get('median_ms'))} (p50)",
          "68ms (avg), 67ms (p50)"],
-        ["Cold startup, whole process", fmt_ms((cs.get("process_wall") or {}).get("median_ms")), "–"],
+        ["Cold startup, whole process", fmt_ms((cs.get("process_wall") or {}).get("median_ms")), "\u2013"],
         ["Warm acquire", f"{us(wa.get('mean_us'))} (avg), {us(wa.get('median_us'))} (p50)", "0.2µs (avg), <1µs (p50)"],
         ["Function call (live instance / fresh pooled instance)",
          f"{us((fc.get('call_warm_instance') or {}).get('median_us'))} / "
          f"{us((fc.get('call_fresh_pooled_instance') or {}).get('median_us'))}", "<1ms"],
-        [f"{cc.get('concurrent_n', '–')} concurrent requests (in-process)",
-         f"{fmt_ms((cc.get('total') or {}).get('median_ms'))} (~{cc.get('rps_at_median', '–'):,} RPS)"
-         if cc.get("rps_at_median") else "–", "0.03s (~3,333 RPS)"],
-        ["Sustained sequential runs", f"{tp.get('runs_per_s', '–')}/s", "–"],
+        [f"{cc.get('concurrent_n', NA)} concurrent requests (in-process)",
+         f"{fmt_ms((cc.get('total') or {}).get('median_ms'))} (~{cc.get('rps_at_median', NA):,} RPS)"
+         if cc.get("rps_at_median") else "\u2013", "0.03s (~3,333 RPS)"],
+        ["Sustained sequential runs", f"{tp.get('runs_per_s', NA)}/s", "\u2013"],
     ]
     engine = cs.get("engine") or "wasmtime"
     return ["## Wasm: the pool (reference: \"Hyperlight: sub-microsecond execution\")", "",
@@ -377,16 +383,17 @@ def _concurrent(d: _Doc, suite: str, title: str, intro: str, refs: dict[str, str
             continue
         b = m["backend"]
         if not m["available"]:
-            rows.append([b, m["mode"], f"unavailable: {m['reason']}", "", "", "", "", refs.get(b, "–")])
+            rows.append([b, m["mode"], f"unavailable: {m['reason']}", "", "", "", "", refs.get(b, "\u2013")])
             continue
         e = m["extra"]
         rows.append([b, m["label"].split(":")[0], fmt_ms(e.get("wall_ms")), fmt_rate(e.get("runs_per_s")),
                      fmt_pct(m["success_rate"]), fmt_ms(m["stats"]["p50_ms"]), fmt_ms(m["stats"]["p95_ms"]),
-                     refs.get(b, "–") if m["mode"] == "cold" else ""])
+                     refs.get(b, "\u2013") if m["mode"] == "cold" else ""])
     if not rows:
         return []
     return [f"## {title}", "", intro, "",
-            *_table(["Backend", "Mode", "Wall", "Runs/s", "Success", "p50 per run", "p95 per run", "Reference"], rows), ""]
+            *_table(["Backend", "Mode", "Wall", "Runs/s", "Success", "p50 per run", "p95 per run", "Reference"], rows),
+            ""]
 
 
 def _containers(d: _Doc) -> list[str]:
@@ -395,8 +402,8 @@ def _containers(d: _Doc) -> list[str]:
         m = d.get(f"headline/{b}/cold")
         if m is None:
             continue
-        first = fmt_ms(m["first_ms"]) if m["available"] and m["first_ms"] is not None else "–"
-        ref = REF_CONTAINER_LINUX.get(b, ("–", "–"))
+        first = fmt_ms(m["first_ms"]) if m["available"] and m["first_ms"] is not None else "\u2013"
+        ref = REF_CONTAINER_LINUX.get(b, ("\u2013", "\u2013"))
         rows.append([b, d.cell(f"headline/{b}/cold"), first, ref[0], ref[1]])
     if not rows:
         return []
@@ -420,11 +427,11 @@ def _daemon(d: _Doc) -> list[str]:
             e, dm = f"daemon/{b}/{key}_ephemeral", f"daemon/{b}/{key}_daemon"
             ratio = d.ratio(dm, e)
             ref = REF_DAEMON[key]
-            rows.append([label, d.cell(e), d.cell(dm), f"{1 / ratio:.1f}x" if ratio else "–", ref[0], ref[1], ref[2]])
+            rows.append([label, d.cell(e), d.cell(dm), f"{1 / ratio:.1f}x" if ratio else NA, *ref])
         rows.append(["Pool hit rate (subsequent / 10 sequential)", "0%",
                      f"{fmt_pct(r.get('hit_rate_subsequent'))} / {fmt_pct(r.get('hit_rate_sequential'))}", "--",
                      *REF_DAEMON["reuse"]])
-        rows.append(["Daemon start-up (answers / pool warm)", "–",
+        rows.append(["Daemon start-up (answers / pool warm)", "\u2013",
                      f"{fmt_ms(r.get('daemon_start_ms'))} / {fmt_ms(r.get('daemon_ready_ms'))}", "", "", "~3s", ""])
         out += [f"### {b}", "", *_table(["Metric", "Ephemeral", "Daemon", "Speedup", "Ref. ephemeral",
                                          "Ref. daemon", "Ref. speedup"], rows), ""]
@@ -451,16 +458,17 @@ def _stress(d: _Doc) -> list[str]:
                 ["Full lifecycle (avg)", fmt_ms(r.get("avg_lifecycle_ms")), REF_STRESS10["lifecycle"]]]
         for op in ("create", "start", "exec", "stop", "remove"):
             rows.append([f"{op.capitalize()} (avg)", fmt_ms(r.get(f"avg_{op}_ms")), REF_STRESS10[op]])
-        rows.append(["Max start", fmt_ms(r.get("max_start_ms")), "–"])
+        rows.append(["Max start", fmt_ms(r.get("max_start_ms")), "\u2013"])
         p = r.get("pooled") or {}
         if p.get("total"):
             rows.append([f"Pooled `run` x{p['total']}: avg / p95, commands/s",
                          f"{fmt_ms(p.get('avg_ms'))} / {fmt_ms(p.get('p95_ms'))}, {fmt_rate(p.get('commands_per_s'))} "
-                         f"({p.get('successful')}/{p.get('total')} ok, {p.get('pool_hits')} hits)", "–"])
+                         f"({p.get('successful')}/{p.get('total')} ok, {p.get('pool_hits')} hits)", "\u2013"])
         elif p.get("error"):
-            rows.append(["Pooled phase", f"failed: {p['error']}", "–"])
+            rows.append(["Pooled phase", f"failed: {p['error']}", "\u2013"])
         rows.append(["Leak check", "clean" if lc.get("clean") else
-                     f"**{lc.get('leak_count')} leaked** ({lc.get('attributed_count')} attributed to this run)", "–"])
+                     f"**{lc.get('leak_count')} leaked** ({lc.get('attributed_count')} attributed to this run)",
+                     NA])
         errs = r.get("errors") or []
         out += [f"### {b}: {r.get('count')} parallel sandboxes (at most {r.get('max_concurrent')} at once)", "",
                 *_table(["Metric", "Value", "Reference (Docker macOS, 10 parallel)"], rows), ""]
@@ -490,7 +498,7 @@ def _lifecycle(d: _Doc) -> list[str]:
                         ["p50 latency", fmt_ms(run.get("p50_ms")), REF_5X2["p50"]],
                         ["p95 latency", fmt_ms(run.get("p95_ms")), REF_5X2["p95"]],
                         ["p99 latency", fmt_ms(run.get("p99_ms")), REF_5X2["p99"]],
-                        ["Success rate", fmt_pct(run.get("success_rate")), "–"]]
+                        ["Success rate", fmt_pct(run.get("success_rate")), "\u2013"]]
                 ref_name = "Docker macOS, 10 cycles 5x2"
             else:
                 rows = [["Total wall time", fmt_ms(run.get("wall_ms")), REF_10X10["wall"]],
@@ -505,7 +513,7 @@ def _lifecycle(d: _Doc) -> list[str]:
             if p.get("total"):
                 rows.append(["Pooled run: p50 / p95 / p99, commands/s",
                              f"{fmt_ms(p.get('p50_ms'))} / {fmt_ms(p.get('p95_ms'))} / {fmt_ms(p.get('p99_ms'))}, "
-                             f"{fmt_rate(p.get('commands_per_s'))}", "–"])
+                             f"{fmt_rate(p.get('commands_per_s'))}", "\u2013"])
             out += [f"### {b}: {run['cycles']} cycles, {s}x{it}", "",
                     *_table(["Metric", "Value", f"Reference ({ref_name})"], rows), ""]
             if run.get("errors"):
@@ -540,7 +548,7 @@ def _one_shot(d: _Doc) -> list[str]:
     for b in d.ordered():
         if d.get(f"headline/{b}/cold") is None:
             continue
-        rows.append([b, d.cell(f"headline/{b}/cold"), REF_ONE_SHOT.get(b, "–")])
+        rows.append([b, d.cell(f"headline/{b}/cold"), REF_ONE_SHOT.get(b, "\u2013")])
     if not rows:
         return []
     return ["## One-shot run command", "", "`agentkernel run --backend <backend> --no-daemon -- echo hello` "
@@ -554,14 +562,15 @@ def _exec50(d: _Doc) -> list[str]:
         if m is None:
             continue
         if not m["available"]:
-            rows.append([b, f"unavailable: {m['reason']}", "", "", "", REF_EXEC50.get(b, "–")])
+            rows.append([b, f"unavailable: {m['reason']}", "", "", "", REF_EXEC50.get(b, "\u2013")])
             continue
         raw = d.get(f"baselines/{b}/exec_raw")
         rows.append([b, fmt_ms(m["stats"]["mean_ms"]), fmt_rate(m["extra"].get("calls_per_s")),
-                     f"{raw['label']}: {fmt_ms(raw['stats']['mean_ms'])}" if raw and raw["available"] and raw["stats"]["n"]
-                     else ("–" if raw is None else f"{raw['label']}: {d.cell(raw['id'])}"),
-                     fmt_rate(raw["extra"].get("calls_per_s")) if raw and raw["available"] else "–",
-                     REF_EXEC50.get(b, "–")])
+                     f"{raw['label']}: {fmt_ms(raw['stats']['mean_ms'])}"
+                     if raw and raw["available"] and raw["stats"]["n"]
+                     else ("\u2013" if raw is None else f"{raw['label']}: {d.cell(raw['id'])}"),
+                     fmt_rate(raw["extra"].get("calls_per_s")) if raw and raw["available"] else "\u2013",
+                     REF_EXEC50.get(b, "\u2013")])
     if not rows:
         return []
     n = (d.doc.get("config") or {}).get("exec_calls")
@@ -608,7 +617,7 @@ def _leaks(d: _Doc) -> list[str]:
     for lc in d.doc.get("leak_checks", []):
         what = "clean" if lc["clean"] else f"{lc['leak_count']} leaked ({lc['attributed_count']} attributed)"
         detail = "; ".join(f"{x['category']}: {(x['info'].get('name') or x['key'])[:80]}" for x in lc["leaks"][:4])
-        rows.append([lc["label"], what, detail or "–", f"{len(lc.get('foreign', []))}"])
+        rows.append([lc["label"], what, detail or "\u2013", f"{len(lc.get('foreign', []))}"])
     if not rows:
         return []
     return ["## Leak checks", "",
@@ -620,7 +629,7 @@ def _leaks(d: _Doc) -> list[str]:
 
 
 def _unavailable(d: _Doc) -> list[str]:
-    rows = [[b, e.get("reason") or "–"] for b, e in d.backends.items() if not e.get("available")]
+    rows = [[b, e.get("reason") or "\u2013"] for b, e in d.backends.items() if not e.get("available")]
     if not rows:
         return []
     return ["## Backends not measured here", "", *_table(["Backend", "Doctor's reason"], rows), ""]
@@ -652,9 +661,9 @@ def closing_note(doc: dict[str, Any]) -> str:
     rows = []
     for row in doc.get("summary", {}).get("headline", []):
         if not row["available"]:
-            rows.append([row["backend"], row["mode"], f"unavailable: {row['reason']}", "–"])
+            rows.append([row["backend"], row["mode"], f"unavailable: {row['reason']}", "\u2013"])
             continue
-        rs = "; ".join(f"{r['label'].split(' vs ')[-1]}: {fmt_ratio(r['ratio'])}" for r in row["ratios"]) or "–"
+        rs = "; ".join(f"{r['label'].split(' vs ')[-1]}: {fmt_ratio(r['ratio'])}" for r in row["ratios"]) or "\u2013"
         rows.append([row["backend"], row["mode"], d.cell(row["measurement"]), rs])
     return "\n".join(_table(["Backend", "Mode", "p50", "Ratio to raw engines (ours/raw)"], rows))
 
@@ -671,10 +680,12 @@ def render(doc: dict[str, Any], charts: dict[str, str] | None = None, *, json_na
     parts += _vm_vs_container(d)
     parts += _wasm(d)
     parts += _concurrent(d, "concurrency", f"{(doc.get('config') or {}).get('concurrent_n', 100)} concurrent",
-                         "All runs started at once, each a new `agentkernel run` process (or the raw engine's one-shot).",
+                         "All runs started at once, each a new `agentkernel run` process (or the raw engine's "
+                         "one-shot).",
                          REF_100)
     cfg = doc.get("config") or {}
-    parts += _concurrent(d, "throughput", f"Throughput: {cfg.get('runs_total')} runs, {cfg.get('runs_concurrency')} concurrent",
+    parts += _concurrent(d, "throughput",
+                         f"Throughput: {cfg.get('runs_total')} runs, {cfg.get('runs_concurrency')} concurrent",
                          "`scripts/stress-test.sh TOTAL CONCURRENCY`: new processes, at most CONCURRENCY at a time.",
                          REF_100)
     parts += _containers(d)

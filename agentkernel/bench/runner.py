@@ -74,7 +74,8 @@ def write_outputs(doc: dict[str, Any], out_dir: str, *, charts: bool = True, doc
     chart_paths: dict[str, str] = {}
     if charts:
         chart_paths = _charts(doc, stem + "-", progress)
-    md = report.render(doc, {k: os.path.basename(v) for k, v in chart_paths.items()}, json_name=os.path.basename(stem + ".json"))
+    md = report.render(doc, {k: os.path.basename(v) for k, v in chart_paths.items()},
+                       json_name=os.path.basename(stem + ".json"))
     with open(stem + ".md", "w") as f:
         f.write(md)
     res = {"json": stem + ".json", "markdown": stem + ".md", "charts": list(chart_paths.values())}

@@ -119,8 +119,9 @@ def exec_compare(ctx: BenchContext, backend: str) -> None:
     name = f"akbench-ex-{ctx.run_id[-6:]}-{backend}"
     r = ctx.run_quiet(ctx.ak("create", name, "--backend", backend, "--start"), timeout=180)
     if r.returncode != 0:
+        why = (r.stderr or r.stdout).decode(errors="replace").strip()[-300:]
         ctx.add_unavailable(suite=SUITE, backend=backend, name="exec_cli", label="agentkernel exec (CLI)", mode="exec",
-                            reason=f"could not create a named sandbox: {(r.stderr or r.stdout).decode(errors='replace').strip()[-300:]}")
+                            reason=f"could not create a named sandbox: {why}")
         ctx.run_quiet(ctx.ak("rm", name), timeout=120)
         return
     raw_ctx = None

@@ -69,8 +69,8 @@ def _modes(ctx: BenchContext, suite: str, backend: str, total: int, conc: int, t
             results.append((w, samples, wall, {"pool_hits": hits, "pool_misses": misses,
                                                "pool_min": d.pool_min, "pool_max": d.pool_max}))
         except Exception as exc:
-            ctx.add_unavailable(suite=suite, backend=backend, name=f"{tag}_warm", label=f"{total} runs, {conc} concurrent",
-                                mode="warm", reason=f"daemon: {exc}")
+            ctx.add_unavailable(suite=suite, backend=backend, name=f"{tag}_warm",
+                                label=f"{total} runs, {conc} concurrent", mode="warm", reason=f"daemon: {exc}")
         finally:
             d.stop()
     st.finish()
@@ -140,7 +140,8 @@ async def _scale(ctx: BenchContext, backend: str) -> list[dict]:
             states = await asyncio.gather(*(mgr.status(n) for n in created), return_exceptions=True)
             running = [n for n, s in zip(created, states, strict=True) if s == "running"]
             exec_ms, res = await _timed_all([mgr.exec(n, ExecRequest(["echo", "hello"])) for n in running])
-            exec_ok = sum(1 for r in res if not isinstance(r, BaseException) and r.exit_code == 0 and r.stdout == b"hello\n")
+            exec_ok = sum(1 for r in res
+                          if not isinstance(r, BaseException) and r.exit_code == 0 and r.stdout == b"hello\n")
             errors += [f"exec: {r}" for r in res if isinstance(r, BaseException)]
             remove_ms, res = await _timed_all([mgr.remove(n) for n in created])
             errors += [f"remove: {r}" for r in res if isinstance(r, BaseException)]

@@ -117,7 +117,7 @@ def run_backend(ctx: BenchContext, backend: str) -> None:
         if daemon is not None:
             daemon.stop()
     ms = ctx.add_cmd_results(SUITE, allc, res, extra)
-    for name, m in ms.items():
+    for m in ms.values():
         p50 = m["stats"]["p50_ms"]
         m["extra"]["throughput_per_s"] = round(1000.0 / p50, 3) if p50 else None
     for ours in [c.name for c in cmds]:

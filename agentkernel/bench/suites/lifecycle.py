@@ -97,8 +97,9 @@ def run_backend(ctx: BenchContext, backend: str) -> None:
         name = f"{sandboxes}x{iterations}"
         record_ops(ctx, SUITE, backend, rows_all, prefix=f"{name}_")
         if pooled_samples:
-            m = ctx.add_measurement(suite=SUITE, backend=backend, name=f"{name}_pooled", label=f"{name} pooled run (CLI)",
-                                    mode="warm", samples=pooled_samples, image=ctx.image(backend),
+            m = ctx.add_measurement(suite=SUITE, backend=backend, name=f"{name}_pooled",
+                                    label=f"{name} pooled run (CLI)", mode="warm", samples=pooled_samples,
+                                    image=ctx.image(backend),
                                     extra={"wall_ms": round(pooled_wall, 3), **pool_info})
             okn = m["stats"]["n"]
             run["pooled"] = {"total": len(pooled_samples), "successful": okn, "wall_ms": round(pooled_wall, 3),

@@ -218,8 +218,8 @@ def oneshot_baselines(ctx: BenchContext, backend: str) -> tuple[list[Cmd], list[
             add("raw_runsc", "runsc run (plain bundle)", argv, why)
     elif backend == "docker":
         have = _which("docker")
-        add("raw_docker", "docker run --rm (plain)", ["docker", "run", "--rm", image, "echo", "hello"] if have else None,
-            "docker is not installed")
+        add("raw_docker", "docker run --rm (plain)",
+            ["docker", "run", "--rm", image, "echo", "hello"] if have else None, "docker is not installed")
         add("raw_docker_hardened", "docker run --rm + our flags", hardened_docker(ctx) if have else None,
             "docker is not installed")
     elif backend == "wasm":

@@ -56,8 +56,9 @@ def run_backend(ctx: BenchContext, backend: str) -> None:
             samples, pwall = batch(ctx, w, n, conc)
             m1 = d.metrics(backend)
             okn = sum(1 for s in samples if s.ok)
-            m = ctx.add_measurement(suite=SUITE, backend=backend, name="pooled_run", label="pooled agentkernel run (CLI)",
-                                    mode="warm", samples=samples, command=w.argv, image=ctx.image(backend),
+            m = ctx.add_measurement(suite=SUITE, backend=backend, name="pooled_run",
+                                    label="pooled agentkernel run (CLI)", mode="warm", samples=samples,
+                                    command=w.argv, image=ctx.image(backend),
                                     extra={"wall_ms": round(pwall, 3)})
             pooled = {"total": n, "successful": okn, "failed": n - okn, "wall_ms": round(pwall, 3),
                       "avg_ms": m["stats"]["mean_ms"], "min_ms": m["stats"]["min_ms"], "max_ms": m["stats"]["max_ms"],

@@ -52,8 +52,8 @@ def run(ctx: BenchContext) -> None:
     cs = res.get("cold_start") or {}
     single("cold_start", "cold start in a new process (median, in-process part)",
            (cs.get("cold_start") or {}).get("median_ms"), "cold")
-    single("cold_start_process", "cold start, whole new process (median)", (cs.get("process_wall") or {}).get("median_ms"),
-           "cold")
+    single("cold_start_process", "cold start, whole new process (median)",
+           (cs.get("process_wall") or {}).get("median_ms"), "cold")
     inst = (cs.get("breakdown_median_ms") or {}).get("instantiate_ms")
     single("raw_instantiate", "raw wasmtime instantiate (median)", inst, "raw")
     wa = (res.get("warm_acquire") or {}).get("warm_acquire") or {}
@@ -67,8 +67,9 @@ def run(ctx: BenchContext) -> None:
             single(k, f"{label} (median)", v / 1e3, "warm")
     cc = res.get("concurrent") or {}
     tot = (cc.get("total") or {}).get("median_ms")
-    single("concurrent", f"{cc.get('concurrent_n', ctx.cfg.concurrent_n)} concurrent echo hello, in-process (wall, median)",
-           tot, "warm", {"rps_at_median": cc.get("rps_at_median"), "concurrent_n": cc.get("concurrent_n")})
+    n = cc.get("concurrent_n", ctx.cfg.concurrent_n)
+    single("concurrent", f"{n} concurrent echo hello, in-process (wall, median)", tot, "warm",
+           {"rps_at_median": cc.get("rps_at_median"), "concurrent_n": cc.get("concurrent_n")})
     tp = res.get("throughput") or {}
     if tp.get("per_run_us") is not None:
         single("sustained_run", "sustained sequential run (per run)", tp["per_run_us"] / 1e3, "warm",

@@ -1,0 +1,193 @@
+"""HTTP API benchmark (not a test): `/run` latency from a warm pool, and requests/s at 10 and 100
+concurrent clients, for one-shot runs (each a fresh use-once sandbox) and for execs in one named
+sandbox (API + agent overhead only).
+
+    python -m agentkernel.bench.api_bench                       # starts its own `agentkernel serve`
+    python -m agentkernel.bench.api_bench --url http://127.0.0.1:18888 --token T
+    BENCH_ITERATIONS=50 python -m agentkernel.bench.api_bench --json out.json
+
+Latency is measured sequentially with a pause between runs long enough for the pool to refill, so
+every sample is a warm-pool hit (the result's ``timings.pooled`` is checked). Throughput runs N
+requests through C concurrent clients (one keep-alive connection each) and reports completed
+requests/s, the success rate and latency percentiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import httpx
+
+
+def _pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = (len(xs) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def _summary(lat_ms: list[float]) -> dict[str, float]:
+    return {"n": len(lat_ms), "mean_ms": round(statistics.fmean(lat_ms), 2) if lat_ms else None,
+            "p50_ms": round(_pct(lat_ms, 50), 2), "p95_ms": round(_pct(lat_ms, 95), 2),
+            "p99_ms": round(_pct(lat_ms, 99), 2), "min_ms": round(min(lat_ms), 2) if lat_ms else None}
+
+
+def run_latency(url: str, headers: dict[str, str], iterations: int = 30, pause_s: float = 0.6) -> dict[str, Any]:
+    """Sequential `/run echo hello` from the warm pool: client-observed end-to-end milliseconds."""
+    lat, server, hits = [], [], 0
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as c:
+        for _ in range(3):  # warm-up (connection, imports, first pool use)
+            c.post("/run", json={"command": ["echo", "hello"]})
+            time.sleep(pause_s)
+        for _ in range(iterations):
+            t = time.perf_counter()
+            r = c.post("/run", json={"command": ["echo", "hello"]})
+            dt = (time.perf_counter() - t) * 1e3
+            d = r.json()["data"]
+            assert d["stdout"] == "hello\n", d
+            lat.append(dt)
+            server.append(d["timings"].get("server_ms", 0.0))
+            hits += int(d["timings"].get("pooled", 0) == 1.0)
+            time.sleep(pause_s)
+    return {"client": _summary(lat), "server": _summary(server), "pool_hits": hits, "iterations": iterations}
+
+
+async def _throughput(url: str, headers: dict[str, str], path: str, body: dict, total: int,
+                      concurrency: int) -> dict[str, Any]:
+    lat: list[float] = []
+    ok = fail = 0
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(total):
+        queue.put_nowait(i)
+
+    async def worker() -> None:
+        nonlocal ok, fail
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300,
+                                     limits=httpx.Limits(max_connections=1)) as c:
+            while True:
+                try:
+                    queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                t = time.perf_counter()
+                try:
+                    r = await c.post(path, json=body)
+                    good = r.status_code == 200 and r.json()["data"]["exit_code"] == 0
+                except httpx.HTTPError:
+                    good = False
+                lat.append((time.perf_counter() - t) * 1e3)
+                ok += good
+                fail += not good
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    return {"concurrency": concurrency, "requests": total, "ok": ok, "failed": fail,
+            "success_rate": round(ok / total, 4), "wall_s": round(wall, 3), "rps": round(total / wall, 1),
+            "latency": _summary(lat)}
+
+
+def throughput(url: str, headers: dict[str, str], path: str, body: dict, total: int, concurrency: int):
+    return asyncio.run(_throughput(url, headers, path, body, total, concurrency))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(pool_min: int, pool_max: int, token: str) -> tuple[subprocess.Popen, str, str]:
+    home = tempfile.mkdtemp(prefix="ak-api-bench-")
+    port = _free_port()
+    env = dict(os.environ, AGENTKERNEL_HOME=os.path.join(home, "home"),
+               AGENTKERNEL_RUNTIME_DIR=os.path.join(home, "run"), AGENTKERNEL_API_TOKENS=f"bench={token}",
+               AGENTKERNEL_AUDIT="0")
+    proc = subprocess.Popen([sys.executable, "-m", "agentkernel", "serve", "--port", str(port), "--pool-min",
+                             str(pool_min), "--pool-max", str(pool_max), "--log-level", "warning"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(home, "serve.log"), "w"))  # noqa: SIM115
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    return proc, url, home
+
+
+def wait_ready(url: str, headers: dict[str, str], n: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in httpx.get(url + "/metrics", headers=headers).text.splitlines():
+            if line.startswith("agentkernel_pool_ready{") and float(line.rsplit(" ", 1)[1]) >= n:
+                return
+        time.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m agentkernel.bench.api_bench")
+    p.add_argument("--url")
+    p.add_argument("--token", default=os.environ.get("AGENTKERNEL_API_KEY"))
+    p.add_argument("--iterations", type=int, default=int(os.environ.get("BENCH_ITERATIONS", "30")))
+    p.add_argument("--pool-min", type=int, default=2)
+    p.add_argument("--pool-max", type=int, default=8)
+    p.add_argument("--runs", type=int, default=100, help="one-shot runs per throughput point")
+    p.add_argument("--execs", type=int, default=1000, help="execs per throughput point")
+    p.add_argument("--json", metavar="FILE")
+    a = p.parse_args(argv)
+    proc = None
+    token = a.token or "bench-token-0123456789abcdef"
+    url = a.url
+    if not url:
+        proc, url, _home = start_server(a.pool_min, a.pool_max, token)
+    headers = {"Authorization": f"Bearer {token}"}
+    machine = {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    out: dict[str, Any] = {"machine": machine,
+                           "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "backend": "podman",
+                           "image": "agentkernel/busybox", "pool": {"min": a.pool_min, "max": a.pool_max}}
+    try:
+        wait_ready(url, headers, a.pool_min)
+        out["run_latency_warm"] = run_latency(url, headers, a.iterations)
+        print("run latency (warm pool):", json.dumps(out["run_latency_warm"]), flush=True)
+        for c in (10, 100):
+            wait_ready(url, headers, a.pool_min)
+            r = throughput(url, headers, "/run", {"command": ["echo", "hello"]}, max(a.runs, c), c)
+            out[f"run_throughput_c{c}"] = r
+            print(f"/run x{r['requests']} @ {c} concurrent:", json.dumps(r), flush=True)
+        name = "bench-exec"
+        httpx.post(url + "/sandboxes", json={"name": name}, headers=headers, timeout=60)
+        try:
+            for c in (10, 100):
+                r = throughput(url, headers, f"/sandboxes/{name}/exec", {"command": ["echo", "hello"]},
+                               max(a.execs, c), c)
+                out[f"exec_throughput_c{c}"] = r
+                print(f"/exec x{r['requests']} @ {c} concurrent:", json.dumps(r), flush=True)
+        finally:
+            httpx.delete(f"{url}/sandboxes/{name}", headers=headers, timeout=60)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
