@@ -465,3 +465,11 @@ def test_restart_keeps_named_sandboxes(tmp_path):
     finally:
         httpx.delete(f"{srv.url}/sandboxes/{name}", headers=h, timeout=60)
         srv.stop()
+
+
+def test_plain_run_and_exec_killed_when_client_goes_away(server, alice, sandbox):
+    for path, marker in (("/run", "3031"), (f"/sandboxes/{sandbox}/exec", "3037")):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + path, json={"command": ["sleep", marker]}, headers=auth(), timeout=2.5)
+        assert wait_until(lambda m=marker: not host_processes(f"sleep {m}"), 20), (path, host_processes(marker))
+    assert alice.post(f"/sandboxes/{sandbox}/exec", json={"command": ["true"]}).json()["data"]["exit_code"] == 0
