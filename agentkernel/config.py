@@ -17,6 +17,8 @@ Schema::
     [pool]      min, max, max_age_s, max_concurrent_starts, wait_s   (daemon pool defaults)
     [[pool.warm]] backend, image, profile, ..., min, max         (pools the daemon keeps warm)
     [daemon]    socket                                           (used by the daemon)
+    [api]       tokens = ["name=token", ...]   (HTTP API bearer tokens; also AGENTKERNEL_API_TOKENS /
+                AGENTKERNEL_API_KEY)
 
 Environment: AGENTKERNEL_BACKEND, AGENTKERNEL_IMAGE, AGENTKERNEL_PROFILE, AGENTKERNEL_CONFIG.
 """
@@ -44,6 +46,7 @@ SCHEMA: dict[str, dict[str, str]] = {
     "pool": {"min": "int", "max": "int", "max_age_s": "number", "max_concurrent_starts": "int",
              "wait_s": "number", "warm": "tables"},
     "daemon": {"socket": "str"},
+    "api": {"tokens": "list"},
 }
 
 # keys of a [[pool.warm]] entry: which spec to keep warm, and its pool sizes

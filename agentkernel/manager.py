@@ -70,19 +70,19 @@ class SandboxManager:
         try:
             ref = await backend.create(spec, sandbox_id=sid, owner=self._owner())
         except BaseException:
-            self.store.delete(spec.name)
+            self.store.delete(sid)
             try:
                 await backend.remove(SandboxRef(spec.backend, sid, {"container": f"agentkernel-{sid}"}, spec))
             finally:
                 owner.release(spec.backend, sid)
             raise
-        self.store.update(spec.name, state="created", handle=ref.handle)
+        self.store.update(sid, state="created", handle=ref.handle)
         owner.release(spec.backend, sid)
         audit.log("sandbox_created", sandbox=spec.name, id=sid, backend=spec.backend, image=spec.image,
                   profile=spec.policy.profile, tenant=tenant)
         if start:
             await self.start(spec.name, tenant=tenant)
-        return self.store.get(spec.name)
+        return self.store.get(spec.name, tenant)
 
     def get(self, name: str, tenant: str | None = None) -> SandboxRecord:
         return self.store.get(name, tenant)
@@ -94,7 +94,7 @@ class SandboxManager:
                                hint=f"agentkernel rm {name}")
         ref = self._ref(rec)
         await self._backend_of(rec).start(ref)
-        self.store.update(name, state="running", handle=ref.handle)
+        self.store.update(rec.id, state="running", handle=ref.handle)
         audit.log("sandbox_started", sandbox=name, id=rec.id, backend=rec.backend)
 
     async def exec(self, name: str, req: ExecRequest, tenant: str | None = None) -> ExecResult:
@@ -122,13 +122,13 @@ class SandboxManager:
     async def stop(self, name: str, tenant: str | None = None) -> None:
         rec = self.store.get(name, tenant)
         await self._backend_of(rec).stop(self._ref(rec))
-        self.store.update(name, state="stopped")
+        self.store.update(rec.id, state="stopped")
         audit.log("sandbox_stopped", sandbox=name, id=rec.id)
 
     async def remove(self, name: str, tenant: str | None = None) -> None:
         rec = self.store.get(name, tenant)
         await self._backend_of(rec).remove(self._ref(rec))
-        self.store.delete(name)
+        self.store.delete(rec.id)
         audit.log("sandbox_removed", sandbox=name, id=rec.id)
 
     async def status(self, name: str, tenant: str | None = None) -> str:
@@ -137,9 +137,10 @@ class SandboxManager:
             return "creating"
         return await self._backend_of(rec).status(self._ref(rec))
 
-    async def list(self, tenant: str | None = None, live: bool = True) -> list[dict[str, Any]]:
+    async def list(self, tenant: str | None = None, live: bool = True,
+                   all_tenants: bool = False) -> list[dict[str, Any]]:
         """Named sandboxes with their live engine state (one engine query per backend in use)."""
-        records = self.store.list(tenant)
+        records = self.store.list_all() if all_tenants else self.store.list(tenant)
         live_state: dict[str, str] = {}
         if live:
             for bname in sorted({r.backend for r in records}):

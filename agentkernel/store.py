@@ -2,7 +2,8 @@
 
 A name is reserved (state ``creating``) before any engine resource exists, so two concurrent creates
 of one name cannot both succeed, and a crash mid-create leaves a row the next command can see and
-clean up. Only named (long-lived) sandboxes live here; one-shot runs and pool members are tracked by
+clean up. Names are unique per tenant (the CLI is tenant "local"; each HTTP API token is its own
+tenant), so one tenant cannot even learn which names another uses. Only named (long-lived) sandboxes live here; one-shot runs and pool members are tracked by
 the ownership journal (``owner.py``) instead.
 """
 
@@ -18,19 +19,22 @@ from . import paths
 from .errors import AlreadyExists, NotFound
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS sandboxes (
-    name        TEXT PRIMARY KEY,
+CREATE TABLE IF NOT EXISTS sandboxes_v2 (
+    owner       TEXT NOT NULL DEFAULT 'local',
+    name        TEXT NOT NULL,
     id          TEXT NOT NULL UNIQUE,
     backend     TEXT NOT NULL,
     spec        TEXT NOT NULL,
     handle      TEXT NOT NULL DEFAULT '{}',
     state       TEXT NOT NULL,
-    owner       TEXT NOT NULL DEFAULT 'local',
     created_at  REAL NOT NULL,
-    updated_at  REAL NOT NULL
+    updated_at  REAL NOT NULL,
+    PRIMARY KEY (owner, name)
 );
-CREATE INDEX IF NOT EXISTS sandboxes_owner ON sandboxes(owner);
 """
+
+
+LOCAL = "local"  # the tenant of everything created through the CLI and the in-process API
 
 
 class SandboxRecord:
@@ -73,11 +77,11 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
-    def reserve(self, name: str, sandbox_id: str, backend: str, spec: dict, owner: str = "local") -> None:
+    def reserve(self, name: str, sandbox_id: str, backend: str, spec: dict, owner: str = LOCAL) -> None:
         now = time.time()
         try:
             self._db.execute(
-                "INSERT INTO sandboxes(name, id, backend, spec, state, owner, created_at, updated_at) "
+                "INSERT INTO sandboxes_v2(name, id, backend, spec, state, owner, created_at, updated_at) "
                 "VALUES (?, ?, ?, ?, 'creating', ?, ?, ?)",
                 (name, sandbox_id, backend, json.dumps(spec, sort_keys=True), owner, now, now),
             )
@@ -85,7 +89,7 @@ class Store:
             raise AlreadyExists(f"a sandbox named {name!r} already exists",
                                 hint=f"agentkernel rm {name}, or choose another name") from None
 
-    def update(self, name: str, *, state: str | None = None, handle: dict | None = None) -> None:
+    def update(self, sandbox_id: str, *, state: str | None = None, handle: dict | None = None) -> None:
         sets, args = ["updated_at = ?"], [time.time()]
         if state is not None:
             sets.append("state = ?")
@@ -93,29 +97,33 @@ class Store:
         if handle is not None:
             sets.append("handle = ?")
             args.append(json.dumps(handle, sort_keys=True))
-        args.append(name)
-        self._db.execute(f"UPDATE sandboxes SET {', '.join(sets)} WHERE name = ?", args)
+        args.append(sandbox_id)
+        self._db.execute(f"UPDATE sandboxes_v2 SET {', '.join(sets)} WHERE id = ?", args)
 
     def get(self, name: str, owner: str | None = None) -> SandboxRecord:
-        row = self._db.execute("SELECT * FROM sandboxes WHERE name = ?", (name,)).fetchone()
-        if row is None or (owner is not None and row["owner"] != owner):
+        rec = self.find(name, owner)
+        if rec is None:
             raise NotFound(f"no sandbox named {name!r}", hint="agentkernel list shows the sandboxes")
-        return SandboxRecord(row)
+        return rec
 
-    def find(self, name: str) -> SandboxRecord | None:
-        row = self._db.execute("SELECT * FROM sandboxes WHERE name = ?", (name,)).fetchone()
+    def find(self, name: str, owner: str | None = None) -> SandboxRecord | None:
+        row = self._db.execute("SELECT * FROM sandboxes_v2 WHERE owner = ? AND name = ?",
+                               (owner or LOCAL, name)).fetchone()
         return SandboxRecord(row) if row else None
 
-    def delete(self, name: str) -> None:
-        self._db.execute("DELETE FROM sandboxes WHERE name = ?", (name,))
+    def delete(self, sandbox_id: str) -> None:
+        self._db.execute("DELETE FROM sandboxes_v2 WHERE id = ?", (sandbox_id,))
 
     def list(self, owner: str | None = None) -> list[SandboxRecord]:
-        if owner is None:
-            rows = self._db.execute("SELECT * FROM sandboxes ORDER BY created_at").fetchall()
-        else:
-            rows = self._db.execute("SELECT * FROM sandboxes WHERE owner = ? ORDER BY created_at",
-                                    (owner,)).fetchall()
+        """One tenant's sandboxes (default: the local CLI's)."""
+        rows = self._db.execute("SELECT * FROM sandboxes_v2 WHERE owner = ? ORDER BY created_at",
+                                (owner or LOCAL,)).fetchall()
         return [SandboxRecord(r) for r in rows]
 
+    def list_all(self) -> list[SandboxRecord]:
+        """Every tenant's sandboxes (metrics, garbage collection)."""
+        return [SandboxRecord(r) for r in self._db.execute("SELECT * FROM sandboxes_v2 ORDER BY created_at")]
+
     def ids(self) -> set[str]:
-        return {r[0] for r in self._db.execute("SELECT id FROM sandboxes").fetchall()}
+        """Every tenant's sandbox ids (for garbage collection)."""
+        return {r[0] for r in self._db.execute("SELECT id FROM sandboxes_v2").fetchall()}

@@ -285,7 +285,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     async def metrics(tenant: Tenant):
         """Prometheus text: pool sizes, hits/misses, run latency histograms, sandboxes by backend/state."""
         try:
-            boxes = await svc.manager.list(None)
+            boxes = await svc.manager.list(all_tenants=True)
         except Exception:
             boxes = []
         text = svc.metrics.render(svc.pools(), boxes, svc.active)

@@ -146,7 +146,7 @@ class Progress:
         if not self.enabled:
             return
         if self._rich is not None:
-            self._rich.console.print(msg)
+            self._rich.console.print(msg, markup=False, highlight=False)
         else:
             with self._lock:
                 sys.stderr.write(f"[bench] {msg}\n")
@@ -599,9 +599,14 @@ class BenchDaemon:
                 tot[k] += int(m.get(k) or 0)
         return tot
 
-    def stop(self) -> None:
+    def stop(self, settle: bool = False) -> None:
+        """``daemon stop``. ``settle``: first wait until the last run's member is destroyed and the pool is
+        idle (the measuring suites do, so a stop never cuts a clean-up short; the stress, lifecycle and
+        throughput suites stop right after their last run, as a user would)."""
         if not self.started:
             return
+        if settle:
+            self.wait_ready(timeout=30)
         self.ctx.run_quiet(self.ctx.ak("daemon", "stop"), timeout=120)
         self.started = False
         # the pool members are destroyed by the daemon's shutdown; wait for its process to be gone

@@ -1,6 +1,7 @@
 """Run the selected suites and write the outputs: ``<out>/bench-<run id>.json`` (schema.py), the Markdown
 report ``bench-<run id>.md`` and the PNG charts ``bench-<run id>-*.png``; with ``docs_dir`` also
-``<docs_dir>/benchmarks.md`` and ``<docs_dir>/benchmarks/*.png`` (the committed report).
+``<docs_dir>/benchmarks.md``, ``<docs_dir>/benchmarks/*.png`` and ``<docs_dir>/benchmarks/results.json``
+(the committed report and its data).
 
 A whole-run leak check brackets the run (baseline before the first suite, check after the last);
 stress and lifecycle suites also check after each of their runs.
@@ -84,7 +85,8 @@ def write_outputs(doc: dict[str, Any], out_dir: str, *, charts: bool = True, doc
         os.makedirs(img_dir, exist_ok=True)
         doc_charts = _charts(doc, os.path.join(img_dir, ""), progress) if charts else {}
         rel = {k: os.path.relpath(v, docs_dir) for k, v in doc_charts.items()}
-        md = report.render(doc, rel, json_name=None, for_docs=True)
+        write_json(os.path.join(img_dir, "results.json"), doc)
+        md = report.render(doc, rel, json_name="benchmarks/results.json", for_docs=True)
         with open(os.path.join(docs_dir, "benchmarks.md"), "w") as f:
             f.write(md)
         res["docs"] = os.path.join(docs_dir, "benchmarks.md")

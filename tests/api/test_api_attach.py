@@ -89,7 +89,19 @@ def box(alice):
     alice.delete(f"/sandboxes/{name}")
 
 
-def test_attach_local_pty_record_replay(box, tmp_path):
+@pytest.fixture
+def local_box(server):
+    """A sandbox of the local (CLI) tenant: names are per tenant, so the CLI cannot see alice's."""
+    name = unique("att")
+    env = dict(os.environ)  # the server and the CLI share this session's data dir
+    r = subprocess.run([sys.executable, "-m", "agentkernel", "create", name, "--start"], capture_output=True, env=env)
+    assert r.returncode == 0, r.stderr
+    yield name
+    subprocess.run([sys.executable, "-m", "agentkernel", "rm", name], capture_output=True, env=env)
+
+
+def test_attach_local_pty_record_replay(local_box, tmp_path):
+    box = local_box
     cast = tmp_path / "s.cast"
     p = PtyProc([sys.executable, "-m", "agentkernel", "attach", box, "--record", str(cast), "--record-input"],
                 dict(os.environ, TERM="xterm"), rows=24, cols=80)

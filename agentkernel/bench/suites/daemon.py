@@ -84,7 +84,7 @@ def run_backend(ctx: BenchContext, backend: str) -> None:
             seq_e.append(wall)
             st.advance(seq)
     finally:
-        daemon.stop()
+        daemon.stop(settle=True)
         st.finish()
     img = ctx.image(backend)
     add = ctx.add_measurement

@@ -115,7 +115,7 @@ def run_backend(ctx: BenchContext, backend: str) -> None:
                              "daemon_ready_ms": round(daemon.ready_ms or 0, 3)}
     finally:
         if daemon is not None:
-            daemon.stop()
+            daemon.stop(settle=True)
     ms = ctx.add_cmd_results(SUITE, allc, res, extra)
     for m in ms.values():
         p50 = m["stats"]["p50_ms"]
