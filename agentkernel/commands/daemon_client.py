@@ -81,8 +81,9 @@ def try_run(spec, command: list[str], timeout: float | None) -> int | None:
     forward = _forward_stdin()
     try:
         s.settimeout(None)
-        s.sendall(P.oframe(P.REQUEST, {"v": P.PROTOCOL_VERSION, "op": "run", "spec": spec.to_dict(), "argv": command, "timeout": timeout,
-                                       "stdin": forward}))
+        request = {"v": P.PROTOCOL_VERSION, "op": "run", "spec": spec.to_dict(), "argv": command,
+                   "timeout": timeout, "stdin": forward}
+        s.sendall(P.oframe(P.REQUEST, request))
         fr = P.FrameReader()
         frames = _recv_frames(s, fr)
     except (ConnectionError, OSError):
@@ -131,13 +132,12 @@ def exit_code_of(code: int, sig: int, timed_out: bool, oom: bool, error: str | N
     return code  # already shell-style: 128+N for a signal
 
 
-def _run_lease(s, reply: dict, command: list[str], timeout, forward: bool, spec) -> int:
-    """The daemon lent us a warm sandbox: talk to its agent directly, then hand it back by closing."""
+def exec_via_agent_socket(client, command: list[str], *, env, cwd, timeout, forward_stdin: bool, sandbox: str):
+    """Run one command through a connected SyncAgentClient with our stdio, forwarding the signals a
+    terminal user sends (Ctrl-C, ...) to the command. Returns the exit event tuple
+    (exit_code, signal, timed_out, oom, error)."""
     import _signal as signal  # `signal` imports enum: ~1 ms more on the warm path
 
-    from ..agent.sync_client import SyncAgentClient
-
-    client = SyncAgentClient.connect_unix(reply["socket"])
     old = {}
 
     def fwd(signum, frame):
@@ -149,14 +149,23 @@ def _run_lease(s, reply: dict, command: list[str], timeout, forward: bool, spec)
         except (ValueError, OSError):
             pass
     try:
-        code, sig, timed_out, oom, error = client.exec_stream(
-            command, env=reply.get("env"), cwd=reply.get("cwd"), timeout=timeout, stdin_fd=0 if forward else None)
+        return client.exec_stream(command, env=env, cwd=cwd, timeout=timeout, stdin_fd=0 if forward_stdin else None)
     except ConnectionError:
-        raise sandbox_died(reply.get("sandbox", "?")) from None
+        raise sandbox_died(sandbox) from None
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
         client.close()
+
+
+def _run_lease(s, reply: dict, command: list[str], timeout, forward: bool, spec) -> int:
+    """The daemon lent us a warm sandbox: talk to its agent directly, then hand it back by closing."""
+    from ..agent.sync_client import SyncAgentClient
+
+    client = SyncAgentClient.connect_unix(reply["socket"])
+    code, sig, timed_out, oom, error = exec_via_agent_socket(
+        client, command, env=reply.get("env"), cwd=reply.get("cwd"), timeout=timeout, forward_stdin=forward,
+        sandbox=reply.get("sandbox", "?"))
     rc = exit_code_of(code, sig, timed_out, oom, error, timeout, spec.resources.memory_mb)
     try:
         s.sendall(P.oframe(P.DONE, {"exit_code": rc}))

@@ -7,7 +7,6 @@ returns None and the general path produces the right error.
 
 from __future__ import annotations
 
-import _signal as signal  # not `signal`: it imports enum (start-up time)
 import os
 
 
@@ -31,34 +30,15 @@ def try_exec_fast(args, command: list[str]) -> int | None:
     except OSError:
         return None
     from ..backends._agentexec import exec_env
+    from .daemon_client import exec_via_agent_socket, exit_code_of
     from .run import _forward_stdin
 
     spec = rec.spec
-    env = exec_env(rec.handle.get("env"), spec.get("env") or {}, dict(args.env))
-    old = {}
-
-    def fwd(signum, frame):
-        client.forward_signal(signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-        try:
-            old[sig] = signal.signal(sig, fwd)
-        except (ValueError, OSError):
-            pass
-    try:
-        code, sig, timed_out, oom, error = client.exec_stream(
-            command, env=env, cwd=args.workdir or spec.get("workdir"), timeout=args.timeout,
-            stdin_fd=0 if _forward_stdin() else None)
-    except ConnectionError:
-        from .daemon_client import sandbox_died
-
-        raise sandbox_died(args.name) from None
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        client.close()
+    code, sig, timed_out, oom, error = exec_via_agent_socket(
+        client, command, env=exec_env(rec.handle.get("env"), spec.get("env") or {}, dict(args.env)),
+        cwd=args.workdir or spec.get("workdir"), timeout=args.timeout, forward_stdin=_forward_stdin(),
+        sandbox=args.name)
     from .. import audit
-    from .daemon_client import exit_code_of
 
     mem = (spec.get("resources") or {}).get("memory_mb")
     rc = exit_code_of(code, sig, timed_out, oom, error, args.timeout, mem)
