@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 from .. import paths
 from ..errors import BackendUnavailable, InvalidState, NotFound, SandboxError
@@ -20,6 +19,11 @@ from ..spec import SandboxSpec
 from . import _container
 from ._agentexec import parse_environ
 from .base import Backend, ExecRequest, ExecResult, SandboxRef
+
+TYPE_CHECKING = False  # typing costs ~2-7 ms at start-up; annotations are never evaluated here
+if TYPE_CHECKING:
+    from typing import Any
+
 
 AGENT_READY_TIMEOUT = 30.0
 

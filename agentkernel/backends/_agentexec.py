@@ -4,8 +4,8 @@ and from the agent's exit event to ExecResult, for every backend that uses the a
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # no typing import at start-up
 if TYPE_CHECKING:
     from ..spec import SandboxSpec
     from .base import ExecRequest, ExecResult

@@ -25,13 +25,17 @@ crashed mid-start. See ``agentkernel.oci.runtime.destroy``.
 from __future__ import annotations
 
 import os
-from typing import Any, ClassVar
 
 from ..errors import BackendUnavailable, ConfigError, PolicyNotEnforceable, SandboxError
 from ..oci import runtime as rt
 from . import _container
 from ._agent_container import AgentContainerBackend
 from .base import LABEL_ID, LABEL_MANAGED, LABEL_NAME, Availability, Capabilities, SandboxInfo, SandboxRef
+
+TYPE_CHECKING = False  # typing costs ~2-7 ms at start-up; annotations are never evaluated here
+if TYPE_CHECKING:
+    from typing import Any, ClassVar
+
 
 OCI_CONTROLS = {
     "network_none",

@@ -25,7 +25,6 @@ import shutil
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Any, ClassVar
 
 from ..errors import ConfigError, InvalidState, NotFound, PolicyNotEnforceable, ValidationError
 from ..spec import SandboxSpec
@@ -47,6 +46,11 @@ from .base import (
     owner_labels,
     required_controls,
 )
+
+TYPE_CHECKING = False  # typing costs ~2-7 ms at start-up; annotations are never evaluated here
+if TYPE_CHECKING:
+    from typing import Any, ClassVar
+
 
 MIB = 1024 * 1024
 MAX_STDIN = 256 * MIB
