@@ -24,7 +24,7 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 mkdir -p "$CACHE" "$STATE" "$LOG_DIR"
 
 APT_PACKAGES=(
-  podman crun runc uidmap docker.io containerd runsc
+  podman crun runc uidmap slirp4netns containernetworking-plugins iptables docker.io containerd runsc
   busybox-static debootstrap
   python3 python3-venv python3-dev
   musl-tools make gcc
@@ -44,7 +44,7 @@ install_packages() {
   info "installing: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >"$LOG_DIR/apt.log" 2>&1 \
+  apt-get install -y -qq "${missing[@]}" >"$LOG_DIR/apt.log" 2>&1 \
     || { tail -20 "$LOG_DIR/apt.log" >&2; die "apt-get install failed (log: $LOG_DIR/apt.log)"; }
 }
 
