@@ -18,7 +18,7 @@ from typing import Any
 
 from .. import audit
 from ..backends.base import ExecRequest, ExecResult
-from ..errors import NotFound, PolicyNotEnforceable, ValidationError
+from ..errors import AgentKernelError, NotFound, PolicyNotEnforceable, ValidationError
 from ..manager import SandboxManager
 from ..spec import SandboxSpec, check_sandbox_path, validate_name
 from .metrics import Metrics
@@ -126,6 +126,12 @@ class Service:
             defaults, warm = load_daemon_config(self._pool_args, self._warm)
             self.daemon = Daemon(pool_defaults=defaults, warm=warm)
             await self.daemon.start_background()
+            # One owner: the CLI's `agentkernel run` goes through this process's pools too.
+            try:
+                sock = await self.daemon.listen()
+                log.info("also serving the daemon protocol on %s", sock)
+            except AgentKernelError as exc:
+                log.warning("not serving the daemon socket (%s); CLI runs use that daemon's pools", exc.message)
 
     async def close(self) -> None:
         if self.daemon is not None:

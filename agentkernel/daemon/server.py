@@ -77,7 +77,8 @@ class Daemon:
         return "pool" in backend.capabilities.features and hasattr(backend, "lease_info")
 
     # -- lifecycle --
-    async def serve(self) -> None:
+    async def listen(self) -> str:
+        """Serve the local protocol on the daemon socket (refuses if a live daemon already answers)."""
         sock = paths.daemon_socket()
         os.makedirs(os.path.dirname(sock), mode=0o700, exist_ok=True)
         _remove_stale_socket(sock)
@@ -89,6 +90,21 @@ class Daemon:
         os.chmod(sock, 0o600)
         with open(pid_path(), "w") as f:
             f.write(f"{os.getpid()}\n")
+        return sock
+
+    def stop_listening(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        self._server = None
+        for path in (paths.daemon_socket(), pid_path()):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    async def serve(self) -> None:
+        sock = await self.listen()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
@@ -99,7 +115,7 @@ class Daemon:
         maint = asyncio.create_task(self._maintain())
         await self._stopping.wait()
         log.info("stopping")
-        self._server.close()
+        self.stop_listening()
         maint.cancel()
         reaper.cancel()
         deadline = time.monotonic() + DRAIN_S
@@ -108,11 +124,6 @@ class Daemon:
         await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
         for b in self._backends.values():
             await b.aclose()
-        for path in (sock, pid_path()):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
         audit.log("daemon_stopped")
         log.info("stopped")
 
@@ -146,7 +157,8 @@ class Daemon:
                 await pool.maintain()
 
     def status(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "socket": paths.daemon_socket(), "uptime_s": round(time.time() - self.started_at, 1),
+        return {"pid": os.getpid(), "socket": paths.daemon_socket(),
+                "uptime_s": round(time.time() - self.started_at, 1),
                 "active_runs": self.active, "runs": self.runs,
                 "pools": [p.status() for p in self.pools.values()]
                 + [p.status() for b in self._backends.values() if hasattr(b, "pools") for p in b.pools()]}
@@ -198,6 +210,7 @@ class Daemon:
 
     async def close(self) -> None:
         """Destroy every pooled member and release backends (named sandboxes are not touched)."""
+        self.stop_listening()
         task = getattr(self, "_maint_task", None)
         if task:
             task.cancel()
