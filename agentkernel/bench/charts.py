@@ -103,7 +103,8 @@ def ratios(doc: dict[str, Any], path: str) -> str | None:
     if not rs:
         return None
     plt = _plt()
-    labels = [f"{r['backend']} ({r['suite']}): {r['label']}" for r in rs]
+    labels = [f"{r['backend']} {r['suite']}: {r['ours'].rsplit('/', 1)[-1]} / {r['raw'].rsplit('/', 1)[-1]}"
+              for r in rs]
     vals = [r["ratio"] for r in rs]
     fig, ax = plt.subplots(figsize=(11, max(3.0, 0.38 * len(rs) + 1.5)))
     colors = ["#2ca02c" if v < 1 else "#d62728" for v in vals]

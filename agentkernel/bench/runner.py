@@ -85,13 +85,32 @@ def write_outputs(doc: dict[str, Any], out_dir: str, *, charts: bool = True, doc
         os.makedirs(img_dir, exist_ok=True)
         doc_charts = _charts(doc, os.path.join(img_dir, ""), progress) if charts else {}
         rel = {k: os.path.relpath(v, docs_dir) for k, v in doc_charts.items()}
-        write_json(os.path.join(img_dir, "results.json"), doc)
+        write_json(os.path.join(img_dir, "results.json"), compact(doc))
         md = report.render(doc, rel, json_name="benchmarks/results.json", for_docs=True)
         with open(os.path.join(docs_dir, "benchmarks.md"), "w") as f:
             f.write(md)
         res["docs"] = os.path.join(docs_dir, "benchmarks.md")
         res["docs_charts"] = list(doc_charts.values())
     return res
+
+
+def compact(doc: dict[str, Any]) -> dict[str, Any]:
+    """The document without the per-sandbox ``details`` rows of the stress and lifecycle results (the
+    copy committed under docs/ stays small; benchmark-results/ keeps everything)."""
+    import copy
+
+    out = copy.deepcopy(doc)
+    for suite in ("stress", "lifecycle"):
+        for r in (out.get("results", {}).get(suite) or {}).values():
+            if not isinstance(r, dict):
+                continue
+            r.pop("details", None)
+            if isinstance(r.get("single"), dict):
+                r["single"].pop("details", None)
+            for run in r.get("runs", []) or []:
+                run.pop("details", None)
+    out["config"]["compacted"] = True
+    return out
 
 
 def _charts(doc: dict[str, Any], prefix: str, progress) -> dict[str, str]:
