@@ -102,7 +102,8 @@ class _ModelMeta(type):
                 fields.append(val)
                 del ns[key]
         ns["_fields"] = tuple(fields)
-        ns["__slots__"] = tuple(f.name for f in fields if f.name not in {g.name for b in bases for g in getattr(b, "_fields", ())})
+        inherited = {g.name for b in bases for g in getattr(b, "_fields", ())}
+        ns["__slots__"] = tuple(f.name for f in fields if f.name not in inherited)
         return super().__new__(mcs, name, bases, ns)
 
 

@@ -120,6 +120,8 @@ def _add_daemon(sub) -> None:
     p.add_argument("--foreground", action="store_true", help="start: run in this process")
     p.add_argument("--pool-min", type=int, metavar="N", help="start: warm members per pool")
     p.add_argument("--pool-max", type=int, metavar="N", help="start: members alive per pool, at most")
+    p.add_argument("--max-starts", type=int, metavar="N",
+                   help="start: sandboxes started at once across all pools (default 2)")
     p.add_argument("--warm", action="append", metavar="BACKEND[:IMAGE[:PROFILE]]",
                    help="start: keep a pool warm for this spec (repeatable; default: the default spec)")
     p.add_argument("--json", action="store_true", help="status: machine-readable")

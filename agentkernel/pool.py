@@ -71,7 +71,8 @@ class WarmPool:
         self.ready: collections.deque[Member] = collections.deque()
         self._starting = 0
         self._in_use = 0
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()  # member starts (cancellable)
+        self._destroying: set[asyncio.Task] = set()  # member removals (always awaited, never cancelled)
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._closed = False
         self.last_used = time.monotonic()
@@ -94,7 +95,7 @@ class WarmPool:
                 self.refill()
                 return m, True
             self.stats["health_failures"] += 1
-            self._spawn(self._destroy(m))
+            self._destroy_later(m)
         self.stats["misses"] += 1
         self.refill()
         if self._starting:
@@ -118,7 +119,7 @@ class WarmPool:
     def release(self, m: Member) -> None:
         """The member has served its one run: destroy it and top the pool up."""
         self._in_use -= 1
-        self._spawn(self._destroy(m))
+        self._destroy_later(m)
         self.refill()
 
     def refill(self) -> None:
@@ -138,24 +139,29 @@ class WarmPool:
             m = self.ready.popleft()
             if now - m.created > self.cfg.max_age_s:
                 self.stats["expired"] += 1
-                self._spawn(self._destroy(m))
+                self._destroy_later(m)
             else:
                 keep.append(m)
         self.ready = keep
         self.refill()
 
     async def close(self) -> None:
+        """Destroy every member: ready ones, ones being started (their start is cancelled, which removes
+        what it created) and ones already being destroyed (awaited, not cancelled: a cancelled removal
+        would leave the container, its run dir and its journal entry behind)."""
         self._closed = True
         for fut in self._waiters:
             fut.cancel()
-        while self.ready:
-            await self._destroy(self.ready.popleft())
-        tasks = list(self._tasks)
-        for t in tasks:
+        starting = list(self._tasks)
+        for t in starting:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        while self.ready:
+            self._destroy_later(self.ready.popleft())
+        await asyncio.gather(*starting, return_exceptions=True)
         while self.ready:  # members that finished starting while we cancelled
-            await self._destroy(self.ready.popleft())
+            self._destroy_later(self.ready.popleft())
+        while self._destroying:
+            await asyncio.gather(*list(self._destroying), return_exceptions=True)
 
     def status(self) -> dict[str, Any]:
         st = dict(self.stats)
@@ -173,6 +179,11 @@ class WarmPool:
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
 
+    def _destroy_later(self, m: Member) -> None:
+        t = asyncio.get_running_loop().create_task(self._destroy(m))
+        self._destroying.add(t)
+        t.add_done_callback(self._destroying.discard)
+
     async def _refill_one(self) -> None:
         try:
             m = await self._start_member(use_semaphore=True, counted=True)
@@ -184,7 +195,7 @@ class WarmPool:
             await asyncio.sleep(1.0)  # back off; the next acquire/maintain refills again
             return
         if self._closed:
-            await self._destroy(m)
+            self._destroy_later(m)
             return
         while self._waiters:
             fut = self._waiters.popleft()

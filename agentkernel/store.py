@@ -3,8 +3,8 @@
 A name is reserved (state ``creating``) before any engine resource exists, so two concurrent creates
 of one name cannot both succeed, and a crash mid-create leaves a row the next command can see and
 clean up. Names are unique per tenant (the CLI is tenant "local"; each HTTP API token is its own
-tenant), so one tenant cannot even learn which names another uses. Only named (long-lived) sandboxes live here; one-shot runs and pool members are tracked by
-the ownership journal (``owner.py``) instead.
+tenant), so one tenant cannot even learn which names another uses. Only named (long-lived) sandboxes
+live here; one-shot runs and pool members are tracked by the ownership journal (``owner.py``).
 """
 
 from __future__ import annotations

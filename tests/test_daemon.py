@@ -26,8 +26,8 @@ def _containers(label: str) -> list[str]:
 
 class Daemon:
     def __init__(self, root: str) -> None:
-        self.env = {"AGENTKERNEL_RUNTIME_DIR": os.path.join(root, "run"), "AGENTKERNEL_HOME": os.path.join(root, "home"),
-                    "AGENTKERNEL_NO_DAEMON": "0"}
+        self.env = {"AGENTKERNEL_RUNTIME_DIR": os.path.join(root, "run"),
+                    "AGENTKERNEL_HOME": os.path.join(root, "home"), "AGENTKERNEL_NO_DAEMON": "0"}
 
     def ak(self, *args, **kw):
         env = dict(self.env)
@@ -156,7 +156,7 @@ def test_sandbox_killed_from_outside_is_a_clear_error(daemon):
     ids = {c for c in _containers(f"agentkernel.owner.pid={daemon.pid()}")}
     # kill every member: the one in use is among them
     subprocess.run(["podman", "kill", *ids], capture_output=True)
-    out, err = proc.communicate(timeout=60)
+    _out, err = proc.communicate(timeout=60)
     assert proc.returncode in (125, 137), (proc.returncode, err)
     if proc.returncode == 125:
         assert b"agentkernel: error:" in err

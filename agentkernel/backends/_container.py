@@ -57,13 +57,25 @@ class ContainerPlan:
             setattr(self, k, kw.get(k))
 
 
+# AF_UNIX socket paths are limited to 107 bytes: the run dir is named by the id's random suffix (ids are
+# "<name or run or pool>-<10 random hex digits>"), not by the whole id, which may carry a 63-char name.
+SOCKET_PATH_MAX = 107
+
+
 def sandbox_run_dir(sandbox_id: str) -> str:
     """Host directory bind-mounted at /.ak/run: the agent's socket and status files live there."""
-    return os.path.join(paths.runtime_dir(), "sandboxes", sandbox_id)
+    prefix, _, suffix = sandbox_id.rpartition("-")
+    short = suffix if prefix and len(suffix) == 10 else sandbox_id
+    return os.path.join(paths.runtime_dir(), "sb", short)
 
 
 def prepare_run_dir(sandbox_id: str, user: str) -> str:
     d = sandbox_run_dir(sandbox_id)
+    if len(os.path.join(d, "agent.sock")) > SOCKET_PATH_MAX:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"the runtime dir {paths.runtime_dir()!r} is too long for a unix socket path "
+                          f"({SOCKET_PATH_MAX} bytes at most)", hint="set AGENTKERNEL_RUNTIME_DIR to a shorter path")
     os.makedirs(d, mode=0o700, exist_ok=True)
     uid, _, gid = user.partition(":")
     try:

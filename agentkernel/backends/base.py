@@ -378,7 +378,7 @@ class Backend(ABC):
         })
         return result
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, a no-op for most backends
         """Release connections held by this backend object."""
 
 

@@ -40,10 +40,12 @@ class PodmanBackend(AgentContainerBackend):
     def probe(cls) -> Availability:
         exe = shutil.which(cls.binary)
         if not exe:
-            return Availability(False, "podman is not installed", fix="apt-get install -y podman crun (or bash scripts/setup.sh)")
+            return Availability(False, "podman is not installed",
+                                fix="apt-get install -y podman crun (or bash scripts/setup.sh)")
         if os.path.isdir("/sys/fs/cgroup/unified") and not os.path.ismount("/sys/fs/cgroup/hugetlb"):
-            return Availability(False, "crun refuses this hybrid cgroup layout until the hugetlb v1 controller is mounted",
-                                fix="mkdir -p /sys/fs/cgroup/hugetlb && mount -t cgroup -o hugetlb cgroup /sys/fs/cgroup/hugetlb")
+            return Availability(
+                False, "crun refuses this hybrid cgroup layout until the hugetlb v1 controller is mounted",
+                fix="mkdir -p /sys/fs/cgroup/hugetlb && mount -t cgroup -o hugetlb cgroup /sys/fs/cgroup/hugetlb")
         try:
             out = subprocess.run([exe, "version", "--format", "{{.Client.Version}}"], capture_output=True,
                                  text=True, timeout=20)
@@ -142,7 +144,8 @@ def _engine_error(what: str, stderr: str) -> Exception:
     if "image not known" in low or "no such image" in low:
         from ..errors import NotFound
 
-        return NotFound(f"{what}: {msg}", hint="build local images: agentkernel images build (or bash scripts/setup.sh)")
+        return NotFound(f"{what}: {msg}",
+                        hint="build local images: agentkernel images build (or bash scripts/setup.sh)")
     if "already in use" in low:
         from ..errors import AlreadyExists
 

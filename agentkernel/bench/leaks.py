@@ -250,8 +250,9 @@ def snapshot(scope: LeakScope) -> dict[str, Any]:
                 except (OSError, ValueError):
                     pass
                 items["journal"][p] = info
-        for fn in _listdir(os.path.join(rt, "sandboxes")):
-            p = os.path.join(rt, "sandboxes", fn)
+        runs = os.path.join(rt, "sb")  # backends/_container.sandbox_run_dir
+        for fn in _listdir(runs):
+            p = os.path.join(runs, fn)
             items["run_dirs"][p] = {"path": p, "ours": True}
     for d in scope.extra_state_dirs:
         for fn in _listdir(d):

@@ -19,7 +19,8 @@ STOP_TIMEOUT_S = 30.0
 
 def _daemon_args(args) -> list[str]:
     out = []
-    for flag, val in (("--pool-min", args.pool_min), ("--pool-max", args.pool_max)):
+    for flag, val in (("--pool-min", args.pool_min), ("--pool-max", args.pool_max),
+                      ("--max-concurrent-starts", args.max_starts)):
         if val is not None:
             out += [flag, str(val)]
     for w in args.warm or []:

@@ -21,10 +21,10 @@ import uuid
 import pytest
 
 from agentkernel.backends import _container
+from agentkernel.backends._container import CONTAINER_CONTROLS
 from agentkernel.backends.base import check_policy
 from agentkernel.backends.docker import DockerBackend, create_body
 from agentkernel.backends.docker_api import SyncClient
-from agentkernel.backends._container import CONTAINER_CONTROLS
 from agentkernel.errors import AlreadyExists, NotFound
 from agentkernel.owner import current_owner
 from agentkernel.spec import SandboxSpec
