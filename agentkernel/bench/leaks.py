@@ -191,10 +191,11 @@ def _store_rows(home: str) -> dict[str, dict]:
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
         try:
             tables = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
-            if "sandboxes" not in tables:
+            table = next((t for t in ("sandboxes_v2", "sandboxes") if t in tables), None)  # store.py's table
+            if table is None:
                 return {}
-            cols = [r[1] for r in con.execute("pragma table_info(sandboxes)")]
-            rows = con.execute("select * from sandboxes").fetchall()
+            cols = [r[1] for r in con.execute(f"pragma table_info({table})")]
+            rows = con.execute(f"select * from {table}").fetchall()
         finally:
             con.close()
     except sqlite3.Error:

@@ -50,19 +50,19 @@ def test_leak_check_catches_a_leaked_labelled_container(tmp_path):
 def test_leak_check_sees_journal_entries_run_dirs_and_store_rows(tmp_path):
     rt, home = tmp_path / "run", tmp_path / "home"
     (rt / "owned").mkdir(parents=True)
-    (rt / "sandboxes").mkdir()
+    (rt / "sb").mkdir()
     home.mkdir()
     scope = leaks.LeakScope(runtime_dirs=[str(rt)], homes=[str(home)], tmp_root=str(tmp_path),
                             run_id="20990101T000000Z-111111")
     base = leaks.snapshot(scope)
-    (rt / "owned" / "podman--run-0123456789.json").write_text(
+    (rt / "owned" / "podman--run-0123456789--1.5.json").write_text(
         '{"backend": "podman", "id": "run-0123456789", "handle": {}, "owner": {"pid": 1}}')
-    (rt / "sandboxes" / "run-0123456789").mkdir()
+    (rt / "sb" / "0123456789").mkdir()  # backends/_container.sandbox_run_dir
     import sqlite3
 
     con = sqlite3.connect(home / "state.db")
-    con.execute("create table sandboxes (name text, id text, backend text, state text)")
-    con.execute("insert into sandboxes values ('left-behind', 'left-behind-01', 'podman', 'running')")
+    con.execute("create table sandboxes_v2 (owner text, name text, id text, backend text, state text)")
+    con.execute("insert into sandboxes_v2 values ('local', 'left-behind', 'left-behind-01', 'podman', 'running')")
     con.commit()
     con.close()
     rep = leaks.check(scope, base, settle_s=0)
@@ -72,7 +72,7 @@ def test_leak_check_sees_journal_entries_run_dirs_and_store_rows(tmp_path):
     assert rep["attributed_count"] == 3 and not rep["clean"]
     removed = leaks.cleanup(rep)
     assert len(removed) == 2  # journal entry and run dir; store rows are reported, not deleted
-    assert not (rt / "sandboxes" / "run-0123456789").exists()
+    assert not (rt / "sb" / "0123456789").exists()
 
 
 def test_classification_of_owners(tmp_path):
