@@ -117,14 +117,14 @@ def _find(backend: str, sandbox_id: str) -> list[str]:
 def claim(backend: str, sandbox_id: str, handle: dict, owner: dict | None = None) -> str:
     """Record that ``owner`` (default: this process) owns a resource. Call BEFORE creating it; call again
     to update the handle or to hand the resource to another owner."""
-    import json
+    from ._fastjson import dumps
 
     owner = owner or current_owner()
     entry = {"backend": backend, "id": sandbox_id, "handle": handle, "owner": owner}
     path = os.path.join(journal_dir(), _entry_name(backend, sandbox_id, owner))
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump(entry, f)
+        f.write(dumps(entry))
     os.replace(tmp, path)
     for other in _find(backend, sandbox_id):
         if other != path:

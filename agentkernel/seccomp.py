@@ -13,7 +13,6 @@ converts the same data into the OCI runtime-spec form.
 
 from __future__ import annotations
 
-import json
 import os
 
 from . import paths
@@ -32,6 +31,8 @@ RESTRICTIVE_DENY = (
 
 
 def load_default_profile() -> dict:
+    import json
+
     for src in DEFAULT_PROFILE_SOURCES:
         if os.path.exists(src):
             with open(src) as f:
@@ -66,6 +67,7 @@ def profile_path(name: str) -> str | None:
     if name != "restrictive":
         raise ValueError(f"unknown seccomp profile {name!r}")
     import hashlib
+    import json
 
     blob = json.dumps(restrictive_profile(), sort_keys=True).encode()
     digest = hashlib.sha256(blob).hexdigest()[:16]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
 
 from .. import paths
 from ..errors import BackendUnavailable, InvalidState, NotFound, SandboxError
@@ -22,6 +21,7 @@ from .base import Backend, ExecRequest, ExecResult, SandboxRef
 
 TYPE_CHECKING = False  # typing costs ~2-7 ms at start-up; annotations are never evaluated here
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
     from typing import Any
 
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
 
 from ..errors import PolicyNotEnforceable
 from ..spec import SandboxSpec
 
 TYPE_CHECKING = False  # typing costs ~2-7 ms at start-up; annotations are never evaluated here
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
     from typing import Any, ClassVar
 
 
@@ -415,12 +415,14 @@ def extra_labels() -> dict[str, str]:
     """AGENTKERNEL_LABELS="key=value,key2=value2": labels added to every resource this process creates
     (e.g. a CI job id, so its leak check can tell its own sandboxes from anyone else's)."""
     import os
-    import re
 
+    key_chars = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._/-")
+    value_chars = key_chars | frozenset(":@")
     out: dict[str, str] = {}
     for item in filter(None, (os.environ.get("AGENTKERNEL_LABELS") or "").split(",")):
         k, sep, v = item.partition("=")
-        if sep and re.match(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$", k) and re.match(r"^[A-Za-z0-9._:/@-]{0,255}$", v):
+        if sep and 0 < len(k) <= 128 and k[0].isalnum() and set(k) <= key_chars and len(v) <= 255 \
+                and set(v) <= value_chars:
             out[k] = v
     return out
 

@@ -248,7 +248,7 @@ class OCIBackend(AgentContainerBackend):
             ownermod.release(self.name, sandbox_id)
 
     def _wait(self, proc: rt.Proc, sandbox_id: str, timeout: float | None) -> tuple[int, str | None]:
-        import signal
+        import _signal as signal  # `signal` imports enum: start-up time
         import time
 
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -598,9 +598,11 @@ class _Pumps:
         return r
 
     def start(self) -> None:
+        self.started = True
+        if not self.jobs:
+            return  # everything inherited as is: no threads (and no threading import)
         import threading
 
-        self.started = True
         for src, dst, child_end in self.jobs:
             os.close(child_end)
             t = threading.Thread(target=_copy_fd, args=(src, dst, dst != 1 and dst != 2), daemon=True)

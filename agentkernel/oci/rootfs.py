@@ -16,7 +16,6 @@ Resolving a name costs one small JSON read and one ``stat`` of the engine's imag
 
 from __future__ import annotations
 
-import json
 import os
 
 from ..errors import NotFound, SandboxError
@@ -106,14 +105,17 @@ def _refs_path() -> str:
 
 
 def _read_refs() -> dict:
+    from .._fastjson import load
+
     try:
-        with open(_refs_path()) as f:
-            return json.load(f)
+        return load(_refs_path())
     except (OSError, ValueError):
         return {}
 
 
 def _write_refs(update: dict) -> None:
+    import json
+
     refs = _read_refs()
     refs.update(update)
     path = _refs_path()
@@ -170,6 +172,7 @@ def _which(name: str) -> str | None:
 
 
 def _inspect(engine: str, image: str) -> tuple[str, dict] | None:
+    import json
     import subprocess
 
     if not _which(engine):
@@ -222,6 +225,7 @@ def _find_source(image: str) -> tuple[str, str, dict] | None:
 
 def _ensure_unpacked(image: str, kind: str, image_id: str, cfg: dict, *, quiet: bool) -> ImageRootfs:
     import fcntl
+    import json
 
     base = rootfs_dir()
     final = os.path.join(base, image_id)
@@ -230,8 +234,9 @@ def _ensure_unpacked(image: str, kind: str, image_id: str, cfg: dict, *, quiet: 
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         if os.path.exists(meta_path):
-            with open(meta_path) as f:
-                return ImageRootfs.from_dict(json.load(f))
+            from .._fastjson import load
+
+            return ImageRootfs.from_dict(load(meta_path))
         tmp = os.path.join(base, f".tmp-{image_id}-{os.getpid()}")
         _rmtree(tmp)
         os.makedirs(tmp)

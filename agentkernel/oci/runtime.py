@@ -17,9 +17,8 @@ mount table; a killed CLI or runtime cannot leak it. Nothing here imports asynci
 
 from __future__ import annotations
 
-import json
+import _signal as signal  # not `signal`: it imports enum (~5 ms on the one-shot path)
 import os
-import signal
 
 from ..errors import BackendUnavailable
 
@@ -98,6 +97,8 @@ def base_cmd(runtime: str, exe: str) -> list[str]:
 
 def read_meta(sandbox_id: str) -> dict:
     try:
+        import json
+
         with open(os.path.join(bundle_dir(sandbox_id), "meta.json")) as f:
             return json.load(f)
     except (OSError, ValueError):
@@ -141,9 +142,11 @@ def rmtree(path: str) -> None:
 
 
 def write_json(path: str, data: dict) -> None:
+    from .._fastjson import dumps  # no `json` import on the one-shot path
+
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f, separators=(",", ":"))
+        f.write(dumps(data))
     os.replace(tmp, path)
 
 
@@ -544,6 +547,8 @@ def state(runtime: str, sandbox_id: str) -> dict | None:
     if r.returncode != 0:
         return None
     try:
+        import json
+
         return json.loads(r.stdout)
     except ValueError:
         return None
@@ -561,6 +566,8 @@ def list_containers(runtime: str) -> list[dict]:
     if r.returncode != 0:
         return []
     try:
+        import json
+
         return json.loads(r.stdout or "[]") or []
     except ValueError:
         return []
