@@ -226,3 +226,12 @@ def test_status_shows_pool_metrics(daemon):
 def test_session_label_is_on_pool_members(daemon):
     daemon.wait_ready(2)
     assert len(_containers(SESSION_LABEL)) >= 2
+
+
+def test_wasm_runs_through_the_daemon_in_process_pool(daemon):
+    r = daemon.ak("run", "--backend", "wasm", "--", "echo", "hello")
+    assert (r.returncode, r.stdout) == (0, b"hello\n"), r.stderr
+    r = daemon.ak("run", "--backend", "wasm", "--", "sh", "-c", "exit 7")
+    assert r.returncode == 7
+    pools = daemon.status()["pools"]
+    assert any(p.get("backend") == "wasm" for p in pools), pools
