@@ -23,6 +23,8 @@ from . import owner
 from .backends.base import Backend, SandboxRef
 from .spec import SandboxSpec
 
+REFILL_DELAY_S = 0.15
+
 
 class PoolConfig:
     __slots__ = ("max_age_s", "max_concurrent_starts", "max_size", "min_size", "wait_s")
@@ -92,7 +94,9 @@ class WarmPool:
             if await self._healthy(m):
                 self.stats["hits"] += 1
                 self._in_use += 1
-                self.refill()
+                # Start the replacement a moment later: on a small machine an engine start competes for
+                # the CPU with the very command this member is about to run.
+                asyncio.get_running_loop().call_later(REFILL_DELAY_S, self.refill)
                 return m, True
             self.stats["health_failures"] += 1
             self._destroy_later(m)
@@ -232,6 +236,13 @@ class WarmPool:
         return Member(ref, ms)
 
     async def _create_and_start(self, sid: str) -> SandboxRef:
+        from .backends._agent_container import AgentContainerBackend
+
+        # one engine call where the engine has one (backends that override create() keep two steps)
+        if type(self.backend).create is AgentContainerBackend.create:
+            ref = await self.backend.create(self.spec, sandbox_id=sid, owner=self._owner, start=True)
+            owner.claim(self.spec.backend, sid, ref.handle, self._owner)
+            return ref
         ref = await self.backend.create(self.spec, sandbox_id=sid, owner=self._owner)
         owner.claim(self.spec.backend, sid, ref.handle, self._owner)
         await self.backend.start(ref)

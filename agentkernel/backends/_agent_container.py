@@ -56,7 +56,10 @@ class AgentContainerBackend(Backend):
         raise NotImplementedError
 
     # -- Backend interface --
-    async def create(self, spec: SandboxSpec, *, sandbox_id: str, owner: dict[str, Any]) -> SandboxRef:
+    async def create(self, spec: SandboxSpec, *, sandbox_id: str, owner: dict[str, Any],
+                     start: bool = False) -> SandboxRef:
+        """Create the container; with ``start`` also start it (one engine call where the engine has one,
+        e.g. ``podman run -d``: the pool's refills use it) and wait for its agent."""
         self.check(spec)
         agent = paths.agent_binary()
         if agent is None:
@@ -68,11 +71,20 @@ class AgentContainerBackend(Backend):
         p = _container.plan(spec, sandbox_id=sandbox_id, owner=owner, container_name=name,
                             agent_bin=agent, run_dir=run_dir, pids_overhead=self.pids_overhead)
         try:
-            cid = await self._engine_create(p)
+            cid = await (self._engine_run_detached(p) if start else self._engine_create(p))
         except BaseException:
             _container.remove_run_dir(sandbox_id)
             raise
-        return SandboxRef(self.name, sandbox_id, {"container": name, "container_id": cid, "run_dir": run_dir}, spec)
+        ref = SandboxRef(self.name, sandbox_id, {"container": name, "container_id": cid, "run_dir": run_dir}, spec)
+        if start:
+            await self._wait_agent(ref, self._socket(ref))
+        return ref
+
+    async def _engine_run_detached(self, plan: _container.ContainerPlan) -> str:
+        """Create and start in one go; engines with a single call for it override this."""
+        cid = await self._engine_create(plan)
+        await self._engine_start(plan.name)
+        return cid
 
     def _socket(self, ref: SandboxRef) -> str:
         return os.path.join(ref.handle["run_dir"], "agent.sock")

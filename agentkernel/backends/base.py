@@ -301,6 +301,9 @@ class Backend(ABC):
     options_allowed: ClassVar[tuple[str, ...]] = ()
     # processes the engine itself runs inside the sandbox's pids cgroup (added to resources.pids)
     pids_overhead: ClassVar[int] = 0
+    # set by the daemon for pool work: engine processes it spawns run at a lower CPU priority, so
+    # refills and removals do not slow down the commands being served meanwhile
+    background: bool = False
 
     def __init__(self, options: dict[str, str] | None = None) -> None:
         self.options = dict(options or {})

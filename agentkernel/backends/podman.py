@@ -61,7 +61,8 @@ class PodmanBackend(AgentContainerBackend):
 
         try:
             proc = await asyncio.create_subprocess_exec(
-                self.binary, *args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                self.binary, *args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                preexec_fn=_lower_priority if self.background else None,
             )
         except FileNotFoundError:
             raise BackendUnavailable("podman is not installed", hint="bash scripts/setup.sh") from None
@@ -78,6 +79,12 @@ class PodmanBackend(AgentContainerBackend):
 
     async def _engine_create(self, plan: _container.ContainerPlan) -> str:
         args = ["create", *self.runtime_args(), *_container.podman_args(plan), plan.image, *plan.cmd]
+        _, out, _ = await self._podman(*args)
+        return out.strip()
+
+    async def _engine_run_detached(self, plan: _container.ContainerPlan) -> str:
+        # one podman process instead of two (create + start): a podman CLI start costs ~50 ms of CPU
+        args = ["run", "-d", *self.runtime_args(), *_container.podman_args(plan), plan.image, *plan.cmd]
         _, out, _ = await self._podman(*args)
         return out.strip()
 
@@ -125,6 +132,10 @@ class PodmanBackend(AgentContainerBackend):
         r = subprocess.run([self.binary, "image", "exists", image], stdin=subprocess.DEVNULL,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
         return r.returncode == 0
+
+
+def _lower_priority() -> None:
+    os.nice(10)
 
 
 def _normalize_state(s: str) -> str:

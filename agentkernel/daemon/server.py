@@ -59,6 +59,7 @@ class Daemon:
         b = self._backends.get(key)
         if b is None:
             b = self._backends[key] = get_backend(spec.backend, spec.options)
+            b.background = True
         return b
 
     def pool_for(self, spec: SandboxSpec, cfg: PoolConfig | None = None) -> WarmPool:
