@@ -82,14 +82,15 @@ def test_run_goes_through_the_warm_pool(daemon):
 
 def test_each_member_is_used_once(daemon):
     daemon.wait_ready(2)
-    r = daemon.ak("run", "--", "sh", "-c", "echo secret > /workspace/leak && cat /proc/1/stat | cut -d' ' -f22")
+    # identity of the sandbox: its cgroup path (the engine's container id)
+    r = daemon.ak("run", "--", "sh", "-c", "echo secret > /workspace/leak && head -1 /proc/1/cgroup")
     assert r.returncode == 0, r.stderr
     seen = {r.stdout}
     for _ in range(4):
-        r = daemon.ak("run", "--", "sh", "-c", "cat /workspace/leak 2>/dev/null; cat /proc/1/stat | cut -d' ' -f22")
+        r = daemon.ak("run", "--", "sh", "-c", "cat /workspace/leak 2>/dev/null; head -1 /proc/1/cgroup")
         assert b"secret" not in r.stdout, "a later run saw an earlier run's file"
         seen.add(r.stdout)
-    assert len(seen) == 5, "every run got a different sandbox (its PID 1 started at a different time)"
+    assert len(seen) == 5, "every run got a different sandbox (container)"
     deadline = time.monotonic() + 30
     while daemon.pool()["metrics"]["destroyed"] < 5 and time.monotonic() < deadline:
         time.sleep(0.2)
