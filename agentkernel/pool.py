@@ -24,6 +24,11 @@ from .backends.base import Backend, SandboxRef
 from .spec import SandboxSpec
 
 REFILL_DELAY_S = 0.15
+CLOSE_WAIT_STARTS_S = 60.0
+
+
+class PoolClosed(Exception):
+    """The pool closed before a member's start began."""
 
 
 class PoolConfig:
@@ -150,18 +155,23 @@ class WarmPool:
         self.refill()
 
     async def close(self) -> None:
-        """Destroy every member: ready ones, ones being started (their start is cancelled, which removes
-        what it created) and ones already being destroyed (awaited, not cancelled: a cancelled removal
-        would leave the container, its run dir and its journal entry behind)."""
+        """Destroy every member: ready ones, ones being started (once their start completes) and ones
+        already being destroyed (awaited, not cancelled: a cancelled removal would leave the container,
+        its run dir and its journal entry behind)."""
         self._closed = True
         for fut in self._waiters:
             fut.cancel()
-        starting = list(self._tasks)
-        for t in starting:
-            t.cancel()
         while self.ready:
             self._destroy_later(self.ready.popleft())
-        await asyncio.gather(*starting, return_exceptions=True)
+        # Let member starts finish rather than cancel them: a start cancelled mid-request can leave the
+        # engine creating a container after our removal of it already ran. They destroy what they made
+        # as soon as they see the pool closed; only a start stuck past the bound is cancelled.
+        starting = list(self._tasks)
+        if starting:
+            _, stuck = await asyncio.wait(starting, timeout=CLOSE_WAIT_STARTS_S)
+            for t in stuck:
+                t.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)
         while self.ready:  # members that finished starting while we cancelled
             self._destroy_later(self.ready.popleft())
         while self._destroying:
@@ -191,6 +201,8 @@ class WarmPool:
     async def _refill_one(self) -> None:
         try:
             m = await self._start_member(use_semaphore=True, counted=True)
+        except PoolClosed:
+            return
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -209,15 +221,18 @@ class WarmPool:
         self.ready.append(m)
 
     async def _start_member(self, *, use_semaphore: bool, counted: bool = False) -> Member:
+        if use_semaphore:
+            await self._sem.acquire()
+            if self._closed:  # closed while we waited our turn: create nothing
+                self._sem.release()
+                if counted:
+                    self._starting -= 1
+                raise PoolClosed()
         sid = owner.new_id("pool")
         owner.claim(self.spec.backend, sid, {"container": f"agentkernel-{sid}"}, self._owner)
         t0 = time.perf_counter()
         try:
-            if use_semaphore:
-                async with self._sem:
-                    ref = await self._create_and_start(sid)
-            else:
-                ref = await self._create_and_start(sid)
+            ref = await self._create_and_start(sid)
         except BaseException:
             try:
                 await self.backend.remove(SandboxRef(self.spec.backend, sid, {"container": f"agentkernel-{sid}"},
@@ -226,7 +241,11 @@ class WarmPool:
                 owner.release(self.spec.backend, sid)
                 if counted:
                     self._starting -= 1
+                if use_semaphore:
+                    self._sem.release()
             raise
+        if use_semaphore:
+            self._sem.release()
         ms = (time.perf_counter() - t0) * 1e3
         if counted:
             self._starting -= 1
