@@ -56,8 +56,13 @@ class SandboxRecord:
 
 
 class Store:
-    def __init__(self, path: str | None = None) -> None:
+    def __init__(self, path: str | None = None, *, readonly: bool = False) -> None:
         self.path = path or paths.store_path()
+        if readonly:  # the exec fast path: no schema script, no pragmas, no writes
+            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            return
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row

@@ -14,8 +14,8 @@ def try_exec_fast(args, command: list[str]) -> int | None:
     from ..store import Store
 
     try:
-        rec = Store().find(args.name)
-    except Exception:
+        rec = Store(readonly=True).find(args.name)
+    except Exception:  # no store yet, or an older schema: the general path reports it properly
         return None
     if rec is None or rec.state not in ("running", "created"):
         return None
