@@ -483,18 +483,19 @@ class _SignalForwarder:
         self._old_wakeup: int | None = None
 
     def install(self) -> None:
-        import signal
-        import threading
+        import _signal  # not ``signal``: its enum wrappers cost ~3 ms of imports on the one-shot path
 
-        if threading.current_thread() is not threading.main_thread():
-            return
         self.rfd, self.wfd = os.pipe()
         os.set_blocking(self.rfd, False)
         os.set_blocking(self.wfd, False)
-        self._old_wakeup = signal.set_wakeup_fd(self.wfd, warn_on_full_buffer=False)
+        try:
+            self._old_wakeup = _signal.set_wakeup_fd(self.wfd, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread: signals stay with whoever handles them there
+            self.restore()
+            return
         for nm in self.FORWARDED:
-            s = getattr(signal, nm)
-            self._old[s] = signal.signal(s, self._on_signal)
+            s = getattr(_signal, nm)
+            self._old[s] = _signal.signal(s, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.pending.append(signum)
@@ -507,13 +508,13 @@ class _SignalForwarder:
             pass
 
     def restore(self) -> None:
-        import signal
+        import _signal
 
         for s, h in self._old.items():
-            signal.signal(s, h)
+            _signal.signal(s, h)
         self._old.clear()
         if self._old_wakeup is not None:
-            signal.set_wakeup_fd(self._old_wakeup)
+            _signal.set_wakeup_fd(self._old_wakeup)
             self._old_wakeup = None
         for fd in (self.rfd, self.wfd):
             if fd >= 0:
@@ -528,8 +529,8 @@ def _kill(cli: SyncClient, name: str, signame: str) -> None:
 
 def _pump(cli: SyncClient, name: str, stream, waiter, sig: _SignalForwarder, timeout: float | None,
           forward_stdin: bool) -> int | None:
+    import _signal
     import select
-    import signal
     import time
 
     out_open = {1: True, 2: True}
@@ -558,7 +559,7 @@ def _pump(cli: SyncClient, name: str, stream, waiter, sig: _SignalForwarder, tim
         if sig.pending:
             pend, sig.pending = sig.pending, []
             for s in pend:
-                _kill(cli, name, signal.Signals(s).name)
+                _kill(cli, name, next(nm for nm in sig.FORWARDED if getattr(_signal, nm) == s))
         now = time.monotonic()
         if waiter.done and (not attach_open or (hard_stop is not None and now >= hard_stop)):
             break

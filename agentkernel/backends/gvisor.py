@@ -17,8 +17,6 @@ runsc). Runtime flags, always:
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 
 from ._container import CONTAINER_CONTROLS
 from .base import Availability, Capabilities
@@ -31,7 +29,11 @@ GVISOR_CONTROLS = CONTAINER_CONTROLS - {"network_full"}
 
 
 def runsc_path() -> str | None:
-    return RUNSC if os.path.exists(RUNSC) else shutil.which("runsc")
+    if os.path.exists(RUNSC):
+        return RUNSC
+    import shutil
+
+    return shutil.which("runsc")
 
 
 def runtime_wrapper() -> str:
@@ -93,6 +95,8 @@ class GVisorBackend(PodmanBackend):
         base = PodmanBackend.probe()
         if not base.available:
             return Availability(False, f"needs podman: {base.reason}", fix=base.fix)
+        import subprocess
+
         out = subprocess.run([exe, "--version"], capture_output=True, text=True)
         ver = out.stdout.splitlines()[0] if out.returncode == 0 and out.stdout else "runsc"
         return Availability(True, f"{ver} (ptrace platform) under {base.reason}", details={"runsc": exe})

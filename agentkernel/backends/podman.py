@@ -7,11 +7,9 @@ container's init, which reports the exact exit status and OOM kills through a st
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
 
+from .. import _fastjson
 from ..errors import BackendUnavailable, SandboxError
 from . import _container
 from ._agent_container import AgentContainerBackend
@@ -38,6 +36,8 @@ class PodmanBackend(AgentContainerBackend):
     # -- host checks --
     @classmethod
     def probe(cls) -> Availability:
+        import shutil
+
         exe = shutil.which(cls.binary)
         if not exe:
             return Availability(False, "podman is not installed",
@@ -46,6 +46,8 @@ class PodmanBackend(AgentContainerBackend):
             return Availability(
                 False, "crun refuses this hybrid cgroup layout until the hugetlb v1 controller is mounted",
                 fix="mkdir -p /sys/fs/cgroup/hugetlb && mount -t cgroup -o hugetlb cgroup /sys/fs/cgroup/hugetlb")
+        import subprocess
+
         try:
             out = subprocess.run([exe, "version", "--format", "{{.Client.Version}}"], capture_output=True,
                                  text=True, timeout=20)
@@ -58,6 +60,7 @@ class PodmanBackend(AgentContainerBackend):
     # -- engine operations --
     async def _podman(self, *args: str, check: bool = True, timeout: float = 120) -> tuple[int, str, str]:
         import asyncio
+        import subprocess
 
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -102,7 +105,7 @@ class PodmanBackend(AgentContainerBackend):
         if rc != 0:
             return "missing", {}
         try:
-            st = json.loads(out)[0]["State"]
+            st = _fastjson.loads(out)[0]["State"]
         except (ValueError, LookupError, TypeError):
             return "missing", {}
         return _normalize_state(st.get("Status", "")), {"oom_killed": bool(st.get("OOMKilled")),
@@ -111,7 +114,7 @@ class PodmanBackend(AgentContainerBackend):
     async def list(self) -> list[SandboxInfo]:
         _, out, _ = await self._podman("ps", "-a", "--filter", f"label={LABEL_MANAGED}=true", "--format", "json")
         infos = []
-        for c in json.loads(out or "[]"):
+        for c in _fastjson.loads(out or "[]"):
             labels = c.get("Labels") or {}
             names = c.get("Names") or [""]
             infos.append(SandboxInfo(self.name, labels.get("agentkernel.sandbox-id", ""),
@@ -125,10 +128,14 @@ class PodmanBackend(AgentContainerBackend):
                 *plan.cmd]
 
     def force_remove_sync(self, name: str) -> None:
+        import subprocess
+
         subprocess.run([self.binary, "rm", "-f", "-t", "0", "--ignore", name], stdin=subprocess.DEVNULL,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
 
     def image_exists_sync(self, image: str) -> bool:
+        import subprocess
+
         r = subprocess.run([self.binary, "image", "exists", image], stdin=subprocess.DEVNULL,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
         return r.returncode == 0

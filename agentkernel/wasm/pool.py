@@ -21,6 +21,7 @@ Daemon integration::
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import Any
@@ -67,6 +68,7 @@ class InstancePool:
     def start_sync(self) -> InstancePool:
         """Load the module, fill the pool, start the refill thread (blocking)."""
         self._load()
+        _shorten_gil_slices()
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name=f"ak-wasm-pool-{self.name}", daemon=True)
             self._thread.start()
@@ -211,6 +213,18 @@ class InstancePool:
             "errors": self.errors,
             "last_error": self.last_error,
         }
+
+
+# The refill thread and the threads serving runs share the GIL, and wasmtime releases it on every call:
+# with CPython's default 5 ms switch interval a run coming back from wasmtime waits out the refill thread's
+# whole slice. 1 ms measured ~+30% sustained runs/s here (wasm_bench.throughput). The setting is
+# process-wide, so it is only ever lowered, never raised.
+SWITCH_INTERVAL_S = 0.001
+
+
+def _shorten_gil_slices() -> None:
+    if sys.getswitchinterval() > SWITCH_INTERVAL_S:
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
 def _set(fut: Any, value: Any, exc: BaseException | None) -> None:

@@ -30,8 +30,10 @@ cannot fill the host's memory.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import shutil
+import stat
 import struct
 import tempfile
 import threading
@@ -504,11 +506,34 @@ def scratch_base() -> str:
         parent = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
         base = os.path.join(parent, f"agentkernel-wasm-{os.geteuid()}")
         os.makedirs(base, mode=0o700, exist_ok=True)
+        _check_private_dir(base)
         _SCRATCH = base
     return _SCRATCH
 
 
 _SCRATCH: str | None = None
+_SCRATCH_SEQ = itertools.count()
+
+
+def _check_private_dir(path: str) -> None:
+    """Refuse a scratch base that another user could have planted in a shared directory (/dev/shm is
+    world-writable): it must be a real directory, ours, and closed to everyone else."""
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise SandboxError(f"wasm scratch directory {path} is not a private directory of this user "
+                           f"(owner uid {st.st_uid}, mode {stat.filemode(st.st_mode)})",
+                           hint="remove it, or point AGENTKERNEL_WASM_SCRATCH at a directory only you can write")
+
+
+def _scratch_dir(base: str) -> str:
+    """A new empty directory under ``base`` (private to this user): a counter name is a single mkdir,
+    where mkdtemp draws random names first; a leftover of a dead process with our pid falls back."""
+    path = os.path.join(base, f"ak-{os.getpid()}-{next(_SCRATCH_SEQ)}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return tempfile.mkdtemp(prefix=f"ak-{os.getpid()}-", dir=base)
+    return path
 
 
 class Prepared:
@@ -541,7 +566,7 @@ class Prepared:
                     pass
         self.out_fd = self.err_fd = -1
         dirs, self.made_dirs = self.made_dirs, []
-        for d in dirs:
+        for d in reversed(dirs):  # innermost first: an untouched scratch tree goes with plain rmdirs
             try:
                 os.rmdir(d)
             except OSError:
@@ -595,7 +620,7 @@ def prepare(loaded: LoadedModule, memory_bytes: int | None, fs: FsPlan) -> Prepa
     root = fs.root
     if root is not None:
         if root == "scratch":
-            root = tempfile.mkdtemp(prefix=f"ak-{os.getpid()}-", dir=fs.scratch_base or scratch_base())
+            root = _scratch_dir(fs.scratch_base or scratch_base())
             p.made_dirs.append(root)
         writable_dirs: list[tuple[str, str]] = []
         if fs.read_only_root:
@@ -609,7 +634,13 @@ def prepare(loaded: LoadedModule, memory_bytes: int | None, fs: FsPlan) -> Prepa
                            else os.path.join(os.path.dirname(root), "work"))
                 writable_dirs.append((host_wd, wd))
             elif fs.root == "scratch":
-                os.makedirs(os.path.join(root, wd.lstrip("/")), exist_ok=True)
+                d = root
+                for part in wd.split("/"):
+                    if part in ("", "."):
+                        continue
+                    d = os.path.join(d, part)
+                    os.mkdir(d)
+                    p.made_dirs.append(d)
             else:  # a named sandbox's directory: the guest may have planted symlinks in it
                 from .fs import makedirs
 

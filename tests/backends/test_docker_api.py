@@ -156,15 +156,15 @@ def test_docker_host_must_be_unix(monkeypatch):
 def test_sync_requests_reuse_one_connection_and_parse_chunked(image):
     with SyncClient() as c:
         assert c.request("GET", "/_ping").body == b"OK"
-        first = c._idle[0]
+        first = c._idle
         info = c.request("GET", "/info")  # dockerd sends /info chunked
         assert info.headers.get("transfer-encoding") == "chunked"
         assert info.json()["ServerVersion"]
-        assert c._idle[0] is first
+        assert c._idle is first
         # the engine closing an idle connection is retried once on a fresh one
         first.shutdown(socket.SHUT_RDWR)
         assert c.json("GET", "/version")["ApiVersion"]
-        assert c._idle[0] is not first
+        assert c._idle is not first
 
 
 def test_api_errors_map_to_exceptions(image):
@@ -277,8 +277,8 @@ def test_async_client_outlives_an_event_loop(image):
     api = AsyncClient()
     assert asyncio.run(api.request("GET", "/_ping")).body == b"OK"
     assert len(api._idle) == 1
-    first = api._idle[0][0]
+    first = api._idle[0]
     assert asyncio.run(api.request("GET", "/_ping")).body == b"OK"
-    assert api._idle[0][0] is first
+    assert api._idle[0] is first
     asyncio.run(api.aclose())
     assert api._idle == [] and first.fileno() == -1
