@@ -236,3 +236,7 @@ def test_wasm_runs_through_the_daemon_in_process_pool(daemon):
     assert r.returncode == 7
     pools = daemon.status()["pools"]
     assert any(p.get("backend") == "wasm" for p in pools), pools
+    # the text status lists the in-process instance pool next to the container pools
+    r = daemon.ak("daemon", "status")
+    assert r.returncode == 0, r.stderr
+    assert b"pool wasm module " in r.stdout, r.stdout

@@ -301,6 +301,10 @@ class Backend(ABC):
     options_allowed: ClassVar[tuple[str, ...]] = ()
     # processes the engine itself runs inside the sandbox's pids cgroup (added to resources.pids)
     pids_overhead: ClassVar[int] = 0
+    # True when a one-shot run creates nothing outside the running process that a crash could leave
+    # behind for the ownership journal to reap (wasm: instances in memory; its scratch directories are
+    # named by pid and reaped through list()): the daemon then skips the journal claim per run
+    in_process: ClassVar[bool] = False
     # set by the daemon for pool work: engine processes it spawns run at a lower CPU priority, so
     # refills and removals do not slow down the commands being served meanwhile
     background: bool = False

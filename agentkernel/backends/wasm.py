@@ -197,6 +197,7 @@ class WasmBackend(Backend):
     capabilities = Capabilities(WASM_CONTROLS, {"exec", "files", "oneshot", "pool", "module", "func", "fuel"},
                                 isolation="wasm sandbox (wasmtime, in-process)")
     options_allowed: ClassVar[tuple[str, ...]] = ("module", "func", "mode", "preopen", "fuel", "python")
+    in_process = True
 
     def __init__(self, options: dict[str, str] | None = None) -> None:
         super().__init__(options)

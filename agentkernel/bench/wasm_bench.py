@@ -228,3 +228,70 @@ def throughput(runs: int = 5000, pool_size: int = 64) -> dict[str, Any]:
 def all_metrics() -> dict[str, Any]:
     return {"cold_start": cold_start(), "warm_acquire": warm_acquire(), "function_call": function_call(),
             "concurrent_100": concurrent(), "throughput": throughput()}
+
+
+def daemon_throughput(runs: int = 2000, concurrency: int = 1) -> dict[str, Any]:
+    """Runs/second through a running daemon's wasm pool, without the CLI's process start: ``concurrency``
+    client threads, each sending `echo hello` run requests one after another over the daemon protocol
+    (a new connection per run, exactly as ``agentkernel run`` does), output checked. The daemon must be
+    running with a wasm pool (``agentkernel daemon start --warm wasm``)."""
+    import threading
+
+    from ..commands import daemon_client
+    from ..daemon import protocol as P
+    from ..spec import SandboxSpec
+
+    req = P.oframe(P.REQUEST, {"v": P.PROTOCOL_VERSION, "op": "run", "spec": SandboxSpec(backend="wasm").to_dict(),
+                               "argv": ["echo", "hello"], "timeout": None, "stdin": False})
+    lat: list[float] = []
+    errors: list[str] = []
+    per = [runs // concurrency + (1 if i < runs % concurrency else 0) for i in range(concurrency)]
+
+    def one() -> None:
+        s = daemon_client.connect()
+        if s is None:
+            raise RuntimeError("no daemon answers")
+        try:
+            s.settimeout(30)
+            s.sendall(req)
+            fr = P.FrameReader()
+            out = b""
+            while True:
+                data = s.recv(1 << 16)
+                if not data:
+                    raise RuntimeError("the daemon closed the connection before the exit frame")
+                for t, payload in fr.feed(data):
+                    if t == P.STDOUT:
+                        out += payload
+                    elif t == P.EXIT:
+                        code = P.decode(payload)["exit_code"]
+                        if code != 0 or out != b"hello\n":
+                            raise RuntimeError(f"exit {code}, stdout {out!r}")
+                        return
+                    elif t == P.ERROR:
+                        raise RuntimeError(P.decode(payload).get("message"))
+        finally:
+            s.close()
+
+    def worker(n: int) -> None:
+        for _ in range(n):
+            a = time.perf_counter()
+            try:
+                one()
+            except Exception as exc:
+                errors.append(str(exc))
+                return
+            lat.append((time.perf_counter() - a) * 1e3)
+
+    one()  # the pool for this spec exists and answers
+    threads = [threading.Thread(target=worker, args=(n,)) for n in per]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    dt = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{len(errors)} run(s) failed through the daemon: {errors[0]}")
+    return {"runs": runs, "concurrency": concurrency, "seconds": round(dt, 3), "runs_per_s": round(runs / dt),
+            "latency": _summary(lat, "ms"), **_meta()}

@@ -59,12 +59,18 @@ def start(args) -> int:
                                    hint=f"see {log_path}")
         st = daemon_client.request("status")
         if st is not None:
-            pools = ", ".join(f"{p['backend']}:{p['image']} min {p['config']['min']}" for p in st["pools"])
+            pools = ", ".join(_pool_title(p) for p in st["pools"])
             print(f"daemon started (pid {st['pid']}, socket {st['socket']}); warming: {pools or 'nothing'}")
             return 0
         time.sleep(0.05)
     proc.kill()
     raise AgentKernelError(f"the daemon did not answer within {START_TIMEOUT_S:.0f} s", hint=f"see {log_path}")
+
+
+def _pool_title(p: dict) -> str:
+    if "module" in p:  # a wasm instance pool: pre-instantiated modules inside the daemon
+        return f"{p['backend']} module {p['module']} size {p['config']['size']}"
+    return f"{p['backend']}:{p['image']} min {p['config']['min']}"
 
 
 def stop(args) -> int:
@@ -109,8 +115,12 @@ def status(args) -> int:
           f"active {st['active_runs']}")
     for p in st["pools"]:
         m = p["metrics"]
-        print(f"  pool {p['backend']}:{p['image']} ({p['profile']}, key {p['key']}): ready {p['ready']}, "
-              f"starting {p['starting']}, in use {p['in_use']}, min {p['config']['min']} max {p['config']['max']}")
+        if "module" in p:
+            print(f"  pool {_pool_title(p)} (key {p['key']}): ready {p['ready']}, in use {p['in_use']}")
+        else:
+            print(f"  pool {p['backend']}:{p['image']} ({p['profile']}, key {p['key']}): ready {p['ready']}, "
+                  f"starting {p['starting']}, in use {p['in_use']}, min {p['config']['min']} "
+                  f"max {p['config']['max']}")
         print(f"    hits {m['hits']}, misses {m['misses']}, hit rate {m['hit_rate']}, cold starts "
               f"{m['cold_starts']}, refill avg {m['refill_ms_avg']} ms (last {m['refill_ms_last']} ms), "
               f"destroyed {m['destroyed']}, failures {m['start_failures']}")

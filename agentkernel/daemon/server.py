@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import audit, owner, paths
 from ..backends import canonical, get_backend
-from ..backends.base import ExecRequest, ExecResult
+from ..backends.base import Backend, ExecRequest, ExecResult
 from ..errors import AgentKernelError
 from ..pool import PoolConfig, WarmPool
 from ..spec import SandboxSpec
@@ -52,6 +52,7 @@ class Daemon:
         self._backends: dict[tuple, Any] = {}
         self._server: asyncio.AbstractServer | None = None
         self._inproc_pools: set[tuple[str, str]] = set()
+        self._bg_tasks: set[asyncio.Task] = set()
 
     # -- pools --
     def backend(self, spec: SandboxSpec):
@@ -131,9 +132,32 @@ class Daemon:
     def _warm_pools(self) -> None:
         for spec, cfg in self.warm:
             try:
-                self.pool_for(spec, cfg)
+                if self.poolable(spec):
+                    self.pool_for(spec, cfg)
+                elif hasattr(self.backend(spec), "start_pool"):  # wasm: its in-process instance pool
+                    size = max(cfg.min_size, 8)
+                    task = asyncio.get_running_loop().create_task(self._inproc_backend(spec, "sh", size))
+                    self._bg_tasks.add(task)
+                    task.add_done_callback(self._warm_done)
             except AgentKernelError as exc:
                 log.error("cannot warm a pool for %s/%s: %s", spec.backend, spec.image, exc)
+
+    def _warm_done(self, task: asyncio.Task) -> None:
+        self._bg_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("cannot warm an in-process pool: %s", task.exception())
+
+    async def _inproc_backend(self, spec: SandboxSpec, command: str, size: int | None = None) -> Backend:
+        """The backend for a spec that runs in this process (no pool of started sandboxes), with its own
+        instance pool for ``spec`` and ``command``'s module started on first use."""
+        backend = self.backend(spec)
+        backend.check(spec)
+        if hasattr(backend, "start_pool"):
+            key = (spec.pool_key(), command)
+            if key not in self._inproc_pools:
+                self._inproc_pools.add(key)
+                await backend.start_pool(spec, size or max(self.pool_defaults.min_size, 8), command=command)
+        return backend
 
     async def _reap_orphans(self) -> None:
         from ..commands.gc import reap
@@ -175,19 +199,15 @@ class Daemon:
         t0 = time.perf_counter()
         try:
             if not self.poolable(spec):
-                backend = self.backend(spec)
-                backend.check(spec)
-                if hasattr(backend, "start_pool"):
-                    key = (spec.pool_key(), req.argv[0])
-                    if key not in self._inproc_pools:
-                        self._inproc_pools.add(key)
-                        await backend.start_pool(spec, max(self.pool_defaults.min_size, 8), command=req.argv[0])
+                backend = await self._inproc_backend(spec, req.argv[0])
                 sid = owner.new_id("run")
-                owner.claim(spec.backend, sid, {"container": f"agentkernel-{sid}"}, self.owner)
+                if not backend.in_process:
+                    owner.claim(spec.backend, sid, {"container": f"agentkernel-{sid}"}, self.owner)
                 try:
                     return await backend.run(spec, req, sandbox_id=sid, owner=self.owner)
                 finally:
-                    owner.release(spec.backend, sid)
+                    if not backend.in_process:
+                        owner.release(spec.backend, sid)
             pool = self.pool_for(spec)
             member, hit = await pool.acquire()
             acquired = time.perf_counter()
@@ -295,13 +315,7 @@ class Daemon:
             pool.release(member)
 
     async def _run_proxy(self, spec, argv, req, reader, writer, fr) -> None:
-        backend = self.backend(spec)
-        backend.check(spec)
-        if hasattr(backend, "start_pool"):  # in-process instance pools (wasm): warm once per spec+module
-            key = (spec.pool_key(), argv[0])
-            if key not in self._inproc_pools:
-                self._inproc_pools.add(key)
-                await backend.start_pool(spec, max(self.pool_defaults.min_size, 8), command=argv[0])
+        backend = await self._inproc_backend(spec, argv[0])
         writer.write(P.oframe(P.REPLY, {"mode": "proxy"}))
         stdin_q: asyncio.Queue[bytes] = asyncio.Queue()
 
@@ -319,7 +333,8 @@ class Daemon:
         exec_req = ExecRequest(argv, stdin=stdin_iter() if req.get("stdin") else None,
                                timeout=float(timeout) if timeout else None, on_output=on_output)
         sid = owner.new_id("run")
-        owner.claim(spec.backend, sid, {"container": f"agentkernel-{sid}"}, self.owner)
+        if not backend.in_process:
+            owner.claim(spec.backend, sid, {"container": f"agentkernel-{sid}"}, self.owner)
         run_task = asyncio.create_task(backend.run(spec, exec_req, sandbox_id=sid, owner=self.owner))
 
         async def pump_client() -> None:
@@ -343,7 +358,8 @@ class Daemon:
             pass
         finally:
             pump.cancel()
-            owner.release(spec.backend, sid)
+            if not backend.in_process:
+                owner.release(spec.backend, sid)
 
 
 async def _read_request(reader: asyncio.StreamReader, fr: P.FrameReader) -> dict:

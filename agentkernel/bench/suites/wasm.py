@@ -32,6 +32,8 @@ def run(ctx: BenchContext) -> None:
         ("concurrent", lambda: wasm_bench.concurrent(n=ctx.cfg.concurrent_n, trials=2 if q else 7)),
         ("throughput", lambda: wasm_bench.throughput(runs=500 if q else 5000)),
     ]
+    daemon_runs = 300 if q else 3000
+    steps.append(("daemon_throughput", lambda: _through_daemon(ctx, daemon_runs)))
     st = ctx.progress.stage("wasm metrics", len(steps))
     res: dict = {"available": True, "reason": None}
     for key, fn in steps:
@@ -74,3 +76,18 @@ def run(ctx: BenchContext) -> None:
     if tp.get("per_run_us") is not None:
         single("sustained_run", "sustained sequential run (per run)", tp["per_run_us"] / 1e3, "warm",
                {"runs_per_s": tp.get("runs_per_s")})
+    for conc, d in sorted(((res.get("daemon_throughput") or {}).get("by_concurrency") or {}).items()):
+        if d.get("runs_per_s"):
+            single(f"daemon_run_c{conc}", f"through the daemon, {conc} client(s): time per run (1 / runs/s)",
+                   1e3 / d["runs_per_s"], "warm", {"runs_per_s": d["runs_per_s"], "concurrency": int(conc),
+                                                   "latency_p50_ms": (d.get("latency") or {}).get("median_ms")})
+
+
+def _through_daemon(ctx: BenchContext, runs: int) -> dict:
+    """wasm_bench.daemon_throughput against the bench's own daemon, warmed for wasm (a 64-instance pool),
+    with 1 and 10 client threads."""
+    from .. import wasm_bench
+    from ..harness import BenchDaemon
+
+    with BenchDaemon(ctx, ["wasm"], pool_min=64, pool_max=64):
+        return {"by_concurrency": {str(c): wasm_bench.daemon_throughput(runs, c) for c in (1, 10)}}
