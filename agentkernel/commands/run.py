@@ -129,69 +129,26 @@ def _finish(spec, sid: str, run_dir: str | None, command: list[str], rc: int, ti
               timed_out=timed_out)
 
 
-class _Child:
-    """The engine client, spawned without ``subprocess`` (whose imports cost ~5 ms, and whose timed
-    ``wait`` polls with sleeps of up to 50 ms): ``posix_spawnp``, and a pidfd to wait on with a timeout.
-    ``wait`` returns the exit code (-N for signal N, as ``subprocess`` reports it)."""
-
-    def __init__(self, argv: list[str], devnull_stdin: bool) -> None:
-        import _signal
-
-        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)] if devnull_stdin else []
-        self.pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions,
-                                   setsigdef=(_signal.SIGPIPE, _signal.SIGXFSZ))
-        try:
-            self.pidfd = os.pidfd_open(self.pid)
-        except OSError:  # a kernel without pidfds: timed waits poll instead
-            self.pidfd = -1
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        """The exit code, or None when ``timeout`` seconds passed first."""
-        if timeout is not None:
-            if self.pidfd >= 0:
-                import select
-
-                if not select.select([self.pidfd], [], [], timeout)[0]:
-                    return None
-            else:
-                import time
-
-                end = time.monotonic() + timeout
-                while True:
-                    pid, st = os.waitpid(self.pid, os.WNOHANG)
-                    if pid:
-                        return self._done(st)
-                    if time.monotonic() >= end:
-                        return None
-                    time.sleep(0.002)
-        _, st = os.waitpid(self.pid, 0)
-        return self._done(st)
-
-    def _done(self, st: int) -> int:
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
-        return os.waitstatus_to_exitcode(st)
-
-
 def _run_engine_cli(backend, spec, command: list[str], timeout: float | None) -> int:
     """podman (and gVisor under podman): one ``podman run --rm`` with our stdio inherited."""
+    from .._proc import Proc, WaitTimeout, which
+
     interactive = _forward_stdin()
     sid, name, run_dir, plan = _prepare(backend, spec, command, interactive)
     rc, timed_out = 0, False
     try:
-        try:
-            proc = _Child(backend.oneshot_command(plan), devnull_stdin=not interactive)
-        except FileNotFoundError:
+        argv = backend.oneshot_command(plan)
+        exe = which(argv[0])
+        if exe is None:
             from ..errors import BackendUnavailable
 
-            raise BackendUnavailable(f"{backend.binary} is not installed", hint="bash scripts/setup.sh") from None
+            raise BackendUnavailable(f"{backend.binary} is not installed", hint="bash scripts/setup.sh")
+        proc = Proc([exe, *argv[1:]], stdin=None if interactive else -1, stdout=None, stderr=None)
         while True:
             try:
-                got = proc.wait(timeout)
-                if got is not None:
-                    rc = got
-                    break
+                rc = proc.wait(timeout)
+                break
+            except WaitTimeout:
                 backend.force_remove_sync(name)
                 proc.wait()
                 timed_out, rc = True, EXIT_TIMEOUT
@@ -202,6 +159,7 @@ def _run_engine_cli(backend, spec, command: list[str], timeout: float | None) ->
                 # sandbox. Wait for the command to react; a second Ctrl-C kills the sandbox.
                 timeout = 5.0
                 continue
+        proc.close()
         status = read_status(run_dir)
         if status is None and not timed_out:
             rc = _engine_failure(backend, spec, name, rc)

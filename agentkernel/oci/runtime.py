@@ -20,6 +20,7 @@ from __future__ import annotations
 import _signal as signal  # not `signal`: it imports enum (~5 ms on the one-shot path)
 import os
 
+from .._proc import Proc, WaitTimeout  # noqa: F401  (re-exported: the one-shot's process handle)
 from ..errors import BackendUnavailable
 
 RUNTIMES = ("crun", "runc", "runsc")
@@ -410,109 +411,6 @@ class Preexec:
             target, opts = self.overlay
             if libc.mount(b"overlay", target, b"overlay", 0, opts) != 0:
                 self._fail("mounting the overlay root")
-
-
-class WaitTimeout(Exception):
-    pass
-
-
-class Proc:
-    """The runtime process of a one-shot run, started with fork+exec directly: ``subprocess`` costs
-    ~3 ms of import on the CLI's hot path and adds nothing here. Waits use a pidfd (timeouts without
-    polling loops); the API mirrors ``subprocess.Popen`` (wait/poll/send_signal/kill/returncode)."""
-
-    def __init__(
-        self, argv: list[str], *, stdin: int | None, stdout: int | None, stderr: int | None, preexec=None
-    ) -> None:
-        self.returncode: int | None = None
-        r, w = os.pipe2(os.O_CLOEXEC)
-        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC) if stdin == -1 else -1
-        pid = os.fork()
-        if pid == 0:  # child: only fd juggling, the preexec hook and exec
-            try:
-                for target, fd in ((0, devnull if stdin == -1 else stdin), (1, stdout), (2, stderr)):
-                    if fd is not None and fd >= 0:
-                        os.dup2(fd, target)  # dup2 clears O_CLOEXEC on the target
-                # like close_fds=True: nothing we or our caller hold reaches the runtime or the sandbox
-                os.closerange(3, w)
-                os.closerange(w + 1, 1 << 20)
-                if preexec is not None:
-                    preexec()
-                os.execv(argv[0], argv)
-            except BaseException as exc:
-                err = getattr(exc, "errno", None) or 2
-                try:
-                    os.write(w, str(err).encode())
-                finally:
-                    os._exit(127)
-        os.close(w)
-        if devnull >= 0:
-            os.close(devnull)
-        self.pid = pid
-        try:
-            self.pidfd = os.pidfd_open(pid)
-        except (AttributeError, OSError):
-            self.pidfd = -1
-        data = os.read(r, 64)  # EOF at exec; an errno if exec failed
-        os.close(r)
-        if data:
-            self.wait()
-            self.close()
-            errno_ = int(data or b"2")
-            raise OSError(errno_, f"cannot run {argv[0]}: {os.strerror(errno_)}")
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                return self.returncode
-            if pid:
-                self._set(status)
-        return self.returncode
-
-    def _set(self, status: int) -> None:
-        code = os.waitstatus_to_exitcode(status)
-        self.returncode = code if code >= 0 else 128 - code
-
-    def wait(self, timeout: float | None = None) -> int:
-        if self.returncode is not None:
-            return self.returncode
-        if timeout is not None:
-            if self.pidfd >= 0:
-                import select
-
-                p = select.poll()
-                p.register(self.pidfd, select.POLLIN)
-                if not p.poll(max(0, int(timeout * 1000))):
-                    raise WaitTimeout()
-            else:
-                import time
-
-                deadline = time.monotonic() + timeout
-                while self.poll() is None:
-                    if time.monotonic() >= deadline:
-                        raise WaitTimeout()
-                    time.sleep(0.005)
-                return self.returncode  # type: ignore[return-value]
-        _, status = os.waitpid(self.pid, 0)
-        self._set(status)
-        return self.returncode  # type: ignore[return-value]
-
-    def send_signal(self, sig: int) -> None:
-        if self.returncode is None:
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-    def close(self) -> None:
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
 
 
 # ---- runtime commands -----------------------------------------------------------------------------------
