@@ -11,13 +11,13 @@ from _json import make_scanner as _make_scanner
 _INF = float("inf")
 
 
-def dumps(obj: object) -> str:
+def dumps(obj: object, *, sort_keys: bool = False) -> str:
     out: list[str] = []
-    _encode(obj, out.append)
+    _encode(obj, out.append, sort_keys)
     return "".join(out)
 
 
-def _encode(o: object, w) -> None:
+def _encode(o: object, w, sort_keys: bool = False) -> None:
     if o is None:
         w("null")
     elif o is True:
@@ -35,7 +35,7 @@ def _encode(o: object, w) -> None:
     elif isinstance(o, dict):
         w("{")
         first = True
-        for k, v in o.items():
+        for k, v in (sorted(o.items()) if sort_keys else o.items()):
             if not isinstance(k, str):
                 raise TypeError(f"JSON object keys must be strings, got {type(k).__name__}")
             if not first:
@@ -43,14 +43,14 @@ def _encode(o: object, w) -> None:
             first = False
             w(_quote(k))
             w(":")
-            _encode(v, w)
+            _encode(v, w, sort_keys)
         w("}")
     elif isinstance(o, list | tuple):
         w("[")
         for i, v in enumerate(o):
             if i:
                 w(",")
-            _encode(v, w)
+            _encode(v, w, sort_keys)
         w("]")
     else:
         raise TypeError(f"not JSON serializable: {type(o).__name__}")

@@ -167,6 +167,11 @@ def resolve(args, argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--version"]:  # no argparse (~8 ms) to print one line
+        from . import __version__
+
+        print(f"agentkernel {__version__}")
+        return 0
     cmd = argv[0] if argv and argv[0] in COMMANDS else None
     if cmd in ("run", "exec"):  # the hot paths: no argparse unless something is unusual
         from .cli_flags import EXEC_FLAGS, RUN_FLAGS, fast_parse

@@ -60,3 +60,12 @@ def test_unusual_input_goes_to_argparse(argv):
 def test_exec_without_dashdash_goes_to_argparse():
     assert fast_parse(["box", "ls"], EXEC_FLAGS, ("name",)) is None
     assert fast_parse([], EXEC_FLAGS, ("name",)) is None
+
+
+def test_version_fast_path_matches_argparse(capsys):
+    from agentkernel import __version__
+    from agentkernel.cli import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"agentkernel {__version__}\n"
+    assert build_parser(None).parse_args(["--version"]).version is True
