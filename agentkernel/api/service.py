@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -166,24 +166,26 @@ class Service:
         """One command in a fresh sandbox: from the daemon's warm pool (fast), else created cold.
         Cancelling this kills the command and destroys the sandbox."""
         check_image(spec)
+        runner = self.daemon if fast and self.daemon is not None else self.manager
+        return await self._counted("run", spec.backend, runner.run(spec, req))
+
+    async def _counted(self, kind: str, backend: str, work: Awaitable[ExecResult]) -> ExecResult:
+        """Await one run or exec, counted in ``active`` and the metrics, with ``server_ms`` in its timings."""
         t0 = time.perf_counter()
         self.active += 1
-        err = True
         result = None
         try:
-            if fast and self.daemon is not None:
-                result = await self.daemon.run(spec, req)
-            else:
-                result = await self.manager.run(spec, req)
-            err = False
+            result = await work
             return result
         finally:
             self.active -= 1
             dt = time.perf_counter() - t0
+            pooled = None
             if result is not None:
                 result.timings["server_ms"] = round(dt * 1e3, 3)
-            pooled = bool(result.timings.get("pooled")) if result is not None else None
-            self.metrics.run("run", spec.backend, pooled, dt, result.exit_code if result else None, error=err)
+                if kind == "run":
+                    pooled = bool(result.timings.get("pooled"))
+            self.metrics.run(kind, backend, pooled, dt, result.exit_code if result else None, error=result is None)
 
     # -- named sandboxes --
     async def create(self, tenant: str, spec: SandboxSpec, *, start: bool = True) -> dict[str, Any]:
@@ -222,18 +224,7 @@ class Service:
     async def exec(self, tenant: str, name: str, req: ExecRequest) -> ExecResult:
         validate_name(name)
         rec = self.manager.get(name, tenant)
-        t0 = time.perf_counter()
-        self.active += 1
-        result = None
-        try:
-            result = await self.manager.exec(name, req, tenant)
-            return result
-        finally:
-            self.active -= 1
-            dt = time.perf_counter() - t0
-            if result is not None:
-                result.timings["server_ms"] = round(dt * 1e3, 3)
-            self.metrics.run("exec", rec.backend, None, dt, result.exit_code if result else None, error=result is None)
+        return await self._counted("exec", rec.backend, self.manager.exec(name, req, tenant))
 
     async def write_file(self, tenant: str, name: str, path: str, data: bytes | AsyncIterator[bytes],
                          mode: int | None = None) -> int:

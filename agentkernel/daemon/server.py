@@ -159,6 +159,18 @@ class Daemon:
                 await backend.start_pool(spec, size or max(self.pool_defaults.min_size, 8), command=command)
         return backend
 
+    async def _run_unpooled(self, backend: Backend, spec: SandboxSpec, req: ExecRequest) -> ExecResult:
+        """``backend.run`` of a fresh one-shot sandbox, claimed in the ownership journal while it runs
+        (unless the backend runs in this process: nothing of it could outlive a crash)."""
+        sid = owner.new_id("run")
+        if not backend.in_process:
+            owner.claim(spec.backend, sid, {"container": f"agentkernel-{sid}"}, self.owner)
+        try:
+            return await backend.run(spec, req, sandbox_id=sid, owner=self.owner)
+        finally:
+            if not backend.in_process:
+                owner.release(spec.backend, sid)
+
     async def _reap_orphans(self) -> None:
         from ..commands.gc import reap
 
@@ -200,14 +212,7 @@ class Daemon:
         try:
             if not self.poolable(spec):
                 backend = await self._inproc_backend(spec, req.argv[0])
-                sid = owner.new_id("run")
-                if not backend.in_process:
-                    owner.claim(spec.backend, sid, {"container": f"agentkernel-{sid}"}, self.owner)
-                try:
-                    return await backend.run(spec, req, sandbox_id=sid, owner=self.owner)
-                finally:
-                    if not backend.in_process:
-                        owner.release(spec.backend, sid)
+                return await self._run_unpooled(backend, spec, req)
             pool = self.pool_for(spec)
             member, hit = await pool.acquire()
             acquired = time.perf_counter()
@@ -332,10 +337,7 @@ class Daemon:
         timeout = req.get("timeout")
         exec_req = ExecRequest(argv, stdin=stdin_iter() if req.get("stdin") else None,
                                timeout=float(timeout) if timeout else None, on_output=on_output)
-        sid = owner.new_id("run")
-        if not backend.in_process:
-            owner.claim(spec.backend, sid, {"container": f"agentkernel-{sid}"}, self.owner)
-        run_task = asyncio.create_task(backend.run(spec, exec_req, sandbox_id=sid, owner=self.owner))
+        run_task = asyncio.create_task(self._run_unpooled(backend, spec, exec_req))
 
         async def pump_client() -> None:
             while True:
@@ -358,8 +360,6 @@ class Daemon:
             pass
         finally:
             pump.cancel()
-            if not backend.in_process:
-                owner.release(spec.backend, sid)
 
 
 async def _read_request(reader: asyncio.StreamReader, fr: P.FrameReader) -> dict:

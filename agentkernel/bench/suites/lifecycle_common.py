@@ -15,6 +15,20 @@ from ..harness import HELLO, BenchContext
 OPS = ("create", "start", "exec", "stop", "remove")
 
 
+def run_per_backend(ctx: BenchContext, suite: str, run_backend) -> None:
+    """``run_backend(ctx, backend)`` for each selected backend that has named sandboxes; the others get an
+    "unavailable" result, and a backend that raises gets an error, not the whole suite."""
+    for backend in ctx.selected():
+        ok, reason = ctx.available(backend)
+        if not ok or "exec" not in ctx.features(backend):
+            ctx.set_result(suite, backend, {"available": False, "reason": reason or "no named sandboxes"})
+            continue
+        try:
+            run_backend(ctx, backend)
+        except Exception as exc:
+            ctx.error(suite, backend, f"{type(exc).__name__}: {exc}")
+
+
 def _any_output(_out: bytes) -> bool:
     return True
 

@@ -64,6 +64,22 @@ def _ok(r) -> bool:
     return r.exit_code == 0 and r.stdout == HELLO
 
 
+async def _timed_hello(call) -> tuple[float, Any, dict[str, float] | None, str | None]:
+    """Await ``call()``, a run of ``echo hello``: (wall ms, its result or None, its phases, the error or
+    None). A run without exact output or without phase timings is an error."""
+    t0 = time.perf_counter()
+    try:
+        r = await call()
+        err = None if _ok(r) else f"exit {r.exit_code}, stdout {r.stdout[:80]!r}, stderr {r.stderr[-200:]!r}"
+    except Exception as exc:
+        r, err = None, f"{type(exc).__name__}: {exc}"
+    total = (time.perf_counter() - t0) * 1e3
+    ph = phases_of(r.timings) if err is None else None
+    if err is None and ph is None:
+        err = f"no phase timings in {sorted(r.timings)}"
+    return total, r, ph, err
+
+
 async def _backend(ctx: BenchContext, backend: str) -> None:
     from ...backends.base import ExecRequest
     from ...manager import SandboxManager
@@ -77,20 +93,12 @@ async def _backend(ctx: BenchContext, backend: str) -> None:
     mgr = SandboxManager()
     try:
         for i in range(w + n):
-            t0 = time.perf_counter()
-            try:
-                r = await mgr.run(spec, ExecRequest(["echo", "hello"]))
-                good = _ok(r)
-                err = None if good else f"exit {r.exit_code}, stdout {r.stdout[:80]!r}, stderr {r.stderr[-200:]!r}"
-            except Exception as exc:
-                good, err, r = False, f"{type(exc).__name__}: {exc}", None
-            total = (time.perf_counter() - t0) * 1e3
+            total, _, ph, err = await _timed_hello(lambda: mgr.run(spec, ExecRequest(["echo", "hello"])))
             st.advance()
             if i < w:
                 continue
-            ph = phases_of(r.timings) if good and r is not None else None
-            if not good or ph is None:
-                fails.append(Sample(False, total, err or f"no phase timings in {sorted(r.timings)}"))
+            if err is not None:
+                fails.append(Sample(False, total, err))
                 continue
             for p in PHASES:
                 cold[p].append(ph[p])
@@ -132,20 +140,12 @@ async def _warm(ctx: BenchContext, backend: str, spec, st) -> None:
         await d.start_background()
         for i in range(w + n):
             await _wait_pools(d, backend)
-            t0 = time.perf_counter()
-            try:
-                r = await d.run(spec, ExecRequest(["echo", "hello"]))
-                good = _ok(r)
-                err = None if good else f"exit {r.exit_code}, stdout {r.stdout[:80]!r}"
-            except Exception as exc:
-                good, err, r = False, f"{type(exc).__name__}: {exc}", None
-            total = (time.perf_counter() - t0) * 1e3
+            total, r, ph, err = await _timed_hello(lambda: d.run(spec, ExecRequest(["echo", "hello"])))
             st.advance()
             if i < w:
                 continue
-            ph = phases_of(r.timings) if good and r is not None else None
-            if not good or ph is None:
-                fails.append(Sample(False, total, err or f"no phase timings in {sorted(r.timings)}"))
+            if err is not None:
+                fails.append(Sample(False, total, err))
                 continue
             if "acquire_ms" not in r.timings:  # in-process pools (wasm): the member was acquired, not booted
                 ph["boot"] = 0.0

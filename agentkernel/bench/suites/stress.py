@@ -17,21 +17,13 @@ from .. import leaks, stats
 from ..harness import BenchContext, BenchDaemon
 from .concurrency import batch
 from .headline import ours_warm
-from .lifecycle_common import parallel_lifecycles, record_ops, summarize_rows
+from .lifecycle_common import parallel_lifecycles, record_ops, run_per_backend, summarize_rows
 
 SUITE = "stress"
 
 
 def run(ctx: BenchContext) -> None:
-    for backend in ctx.selected():
-        ok, reason = ctx.available(backend)
-        if not ok or "exec" not in ctx.features(backend):
-            ctx.set_result(SUITE, backend, {"available": False, "reason": reason or "no named sandboxes"})
-            continue
-        try:
-            run_backend(ctx, backend)
-        except Exception as exc:
-            ctx.error(SUITE, backend, f"{type(exc).__name__}: {exc}")
+    run_per_backend(ctx, SUITE, run_backend)
 
 
 def run_backend(ctx: BenchContext, backend: str) -> None:
