@@ -12,7 +12,6 @@ import os
 import sys
 
 EXIT_ERROR = 125
-EXIT_TIMEOUT = 124
 
 
 def _err(msg: str, hint: str | None = None) -> None:
@@ -129,37 +128,6 @@ def _add_daemon(sub) -> None:
 
 def _strip_dashdash(cmd: list[str]) -> list[str]:
     return cmd[1:] if cmd and cmd[0] == "--" else cmd
-
-
-def spec_flags(args) -> dict:
-    flags = {
-        "backend": args.backend, "image": args.image, "profile": args.profile, "network": args.network,
-        "read_only": args.read_only, "mount_cwd": args.mount_cwd, "memory_mb": args.memory_mb,
-        "vcpus": args.vcpus, "pids": args.pids, "disk_mb": args.disk_mb, "workdir": args.workdir,
-        "env": dict(args.env), "options": dict(args.option),
-    }
-    if args.module:
-        flags["options"]["module"] = os.path.abspath(args.module)
-    if args.func:
-        flags["options"]["func"] = args.func
-    if getattr(args, "name", None):
-        flags["name"] = args.name
-    return flags
-
-
-def resolve(args, argv: list[str] | None):
-    """Flags + env + config -> SandboxSpec, with the image auto-detected from the command."""
-    from . import config
-
-    cfg_path = config.find_config(args.config, os.getcwd())
-    cfg = config.load_config(cfg_path)
-    spec = config.resolve_spec(spec_flags(args), config=cfg)
-    explicit_image = bool(args.image or os.environ.get("AGENTKERNEL_IMAGE") or cfg.get("sandbox", {}).get("image"))
-    if not explicit_image and argv:
-        from .imagesel import choose_image
-
-        spec = spec.replace(image=choose_image(spec.backend, argv))
-    return spec
 
 
 # ---- main ---------------------------------------------------------------------------------------------

@@ -172,3 +172,34 @@ def fast_parse(argv: list[str], flags, positionals: tuple[str, ...] = ()):
     values.update(zip(positionals, pos, strict=True))
     values["command"] = command
     return SimpleNamespace(**values)
+
+
+# ---- flags -> spec (every CLI command that makes a sandbox) ------------------------------------------
+
+
+def spec_flags(args) -> dict:
+    import os
+
+    flags = {
+        "backend": args.backend, "image": args.image, "profile": args.profile, "network": args.network,
+        "read_only": args.read_only, "mount_cwd": args.mount_cwd, "memory_mb": args.memory_mb,
+        "vcpus": args.vcpus, "pids": args.pids, "disk_mb": args.disk_mb, "workdir": args.workdir,
+        "env": dict(args.env), "options": dict(args.option),
+    }
+    if args.module:
+        flags["options"]["module"] = os.path.abspath(args.module)
+    if args.func:
+        flags["options"]["func"] = args.func
+    if getattr(args, "name", None):
+        flags["name"] = args.name
+    return flags
+
+
+def spec_from_args(args, argv: list[str] | None):
+    """Flags + env + config file -> SandboxSpec, the image chosen by ``config.resolve_for_command``."""
+    import os
+
+    from . import config
+
+    cfg = config.load_config(config.find_config(args.config, os.getcwd()))
+    return config.resolve_for_command(spec_flags(args), argv, config=cfg)

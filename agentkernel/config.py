@@ -202,5 +202,22 @@ def resolve_spec(
         raise ConfigError(str(exc)) from None
 
 
-def pool_settings(cfg: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return dict(cfg.get("pool", {}))
+def explicit_image(flags: dict[str, Any] | None, config: dict[str, dict[str, Any]] | None) -> bool:
+    """Whether the image is named (flags, AGENTKERNEL_IMAGE, or the config's [sandbox] image) rather than
+    left to be chosen for the command."""
+    return bool((flags or {}).get("image") or _env_choice("AGENTKERNEL_IMAGE")
+                or (config or {}).get("sandbox", {}).get("image"))
+
+
+def resolve_for_command(flags: dict[str, Any] | None, argv: list[str] | None, *,
+                        config: dict[str, dict[str, Any]] | None = None,
+                        environ: dict[str, str] | None = None) -> SandboxSpec:
+    """``resolve_spec`` plus the one image rule every entry point uses (CLI, Python API, HTTP/MCP): an
+    image named by the flags, ``AGENTKERNEL_IMAGE`` or the config file is used as is; otherwise the
+    image is chosen for ``argv`` among the local images of the backend's image store."""
+    spec = resolve_spec(flags, config=config, environ=environ)
+    if argv and not explicit_image(flags, config):
+        from .imagesel import choose_image
+
+        spec = spec.replace(image=choose_image(spec.backend, argv, spec.options))
+    return spec

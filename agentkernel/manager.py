@@ -163,14 +163,6 @@ class SandboxManager:
     async def run(self, spec: SandboxSpec, req: ExecRequest) -> ExecResult:
         """A fresh sandbox for one command, destroyed afterwards; owned by this process meanwhile."""
         spec = spec.replace(backend=canonical(spec.backend))
-        backend = self.backend_for(spec.backend, spec.options)
-        backend.check(spec)
-        sid = new_id("run")
-        owner.claim(backend.name, sid, backend.planned_handle(sid))
-        try:
-            result = await backend.run(spec, req, sandbox_id=sid, owner=self._owner(named=False))
-        finally:
-            owner.release(backend.name, sid)
-        audit.log("run", id=sid, backend=spec.backend, image=spec.image, argv=req.argv,
-                  exit_code=result.exit_code, timed_out=result.timed_out, oom_killed=result.oom_killed)
-        return result
+        from .oneshot import run_async
+
+        return await run_async(self.backend_for(spec.backend, spec.options), spec, req, self._owner(named=False))

@@ -68,6 +68,7 @@ def agent_binary() -> str | None:
     for cand in (
         os.environ.get("AGENTKERNEL_AGENT_BIN"),
         os.path.join(_REPO_ROOT, "build", "ak-agent"),
+        os.path.join(_REPO_ROOT, "agentkernel", "agent", "bin", "ak-agent"),  # a wheel's packaged copy
         "/usr/local/lib/agentkernel/ak-agent",
     ):
         if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):

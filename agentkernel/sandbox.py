@@ -50,13 +50,13 @@ class Sandbox:
         return self._mgr
 
     @staticmethod
-    def _resolve(flags: dict[str, Any], config: dict | None):
+    def _resolve(flags: dict[str, Any], config: dict | None, argv: list[str] | None = None):
         import os
 
         from . import config as cfgmod
 
         cfg = config if config is not None else cfgmod.load_config(cfgmod.find_config(None, os.getcwd()))
-        return cfgmod.resolve_spec({k: v for k, v in flags.items() if v is not None}, config=cfg)
+        return cfgmod.resolve_for_command({k: v for k, v in flags.items() if v is not None}, argv, config=cfg)
 
     # -- lifecycle --
     async def create(self, *, start: bool = True) -> Sandbox:
@@ -136,11 +136,7 @@ class Sandbox:
         """One command in a fresh sandbox, destroyed afterwards (owned by this process meanwhile)."""
         from .manager import SandboxManager
 
-        spec = cls._resolve(spec_flags, config)
-        if not spec_flags.get("image"):
-            from .imagesel import choose_image
-
-            spec = spec.replace(image=choose_image(spec.backend, argv))
+        spec = cls._resolve(spec_flags, config, argv)
         mgr = SandboxManager()
         try:
             return await mgr.run(spec, ExecRequest(argv, env=env, cwd=cwd, timeout=timeout, stdin=stdin,

@@ -2,12 +2,11 @@
 
 Light on purpose: importing ``agentkernel.agent`` pulls in only the protocol module. The asyncio client
 (``agentkernel.agent.client``), the blocking client (``agentkernel.agent.sync_client``) and the
-transports (``agentkernel.agent.transport``) are imported by whoever needs them.
+transports (``agentkernel.agent.transport``) are imported by whoever needs them. The host's agent binary
+is found by ``agentkernel.paths.agent_binary`` (one place, one environment variable).
 """
 
 from __future__ import annotations
-
-import os
 
 from .protocol import (
     AgentConnectionLost,
@@ -20,10 +19,7 @@ from .protocol import (
     exit_code_for,
 )
 
-AGENT_GUEST_PATH = "/.ak/ak-agent"  # where backends mount the agent binary inside a sandbox
-
 __all__ = [
-    "AGENT_GUEST_PATH",
     "AgentConnectionLost",
     "AgentError",
     "AgentInfo",
@@ -31,22 +27,5 @@ __all__ = [
     "ExitStatus",
     "ProtocolError",
     "StatResult",
-    "agent_binary",
     "exit_code_for",
 ]
-
-
-def agent_binary() -> str:
-    """Path of the static agent binary on the host: $AGENTKERNEL_AGENT_BINARY, else <repo>/build/ak-agent,
-    else a copy shipped inside the package (agentkernel/agent/bin/ak-agent)."""
-    env = os.environ.get("AGENTKERNEL_AGENT_BINARY")
-    if env:
-        return env
-    here = os.path.dirname(os.path.abspath(__file__))
-    for cand in (os.path.join(os.path.dirname(os.path.dirname(here)), "build", "ak-agent"),
-                 os.path.join(here, "bin", "ak-agent")):
-        if os.path.exists(cand):
-            return cand
-    raise FileNotFoundError("ak-agent binary not found: run `make -C agent` in the source checkout "
-                            "or set AGENTKERNEL_AGENT_BINARY")
-

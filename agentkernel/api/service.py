@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import logging
 import math
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime
@@ -141,16 +140,10 @@ class Service:
     # -- specs --
     def spec(self, *, image: str | None = None, profile: str | None = None, backend: str | None = None,
              network: bool | None = None, argv: list[str] | None = None, **flags: Any) -> SandboxSpec:
-        from ..config import resolve_spec
+        from ..config import resolve_for_command
 
         f = {"image": image, "profile": profile, "backend": backend, "network": network, **flags}
-        spec = resolve_spec(f, config=self.config)
-        explicit = bool(image or os.environ.get("AGENTKERNEL_IMAGE") or (self.config.get("sandbox") or {}).get("image"))
-        if not explicit and argv:
-            from ..imagesel import choose_image
-
-            spec = spec.replace(image=choose_image(spec.backend, argv))
-        return spec
+        return resolve_for_command(f, argv, config=self.config)
 
     def exec_request(self, argv: list[str], *, env=None, cwd=None, timeout=None, stdin: str | None = None,
                      on_output=None, output_limit: int | None = None) -> ExecRequest:

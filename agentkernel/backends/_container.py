@@ -246,3 +246,54 @@ def _podman_tmpfs_opts(opts: str) -> str:
         return opts
     parts = [o for o in parts if not o.startswith(("uid=", "gid=", "mode="))]
     return ",".join([*parts, "mode=1777"])
+
+
+# ---- one-shot runs (podman, docker, gVisor under either): the pieces their run_oneshot share --------
+
+STATUS_MAX = 4096  # the agent writes one short line
+
+
+def oneshot_plan(spec, argv: list[str], *, sandbox_id: str, owner: dict, interactive: bool,
+                 pids_overhead: int = 0) -> tuple[str | None, ContainerPlan]:
+    """The run dir (None without the agent) and plan of a one-shot container: ``ak-agent exec`` as init
+    reports the exact status into the run dir's ``status`` file."""
+    from ._agent_container import container_name
+
+    agent = paths.agent_binary()
+    run_dir = prepare_run_dir(sandbox_id, resolve_user(spec)) if agent else None
+    p = plan(spec, sandbox_id=sandbox_id, owner=owner, container_name=container_name(sandbox_id), argv=argv,
+             agent_bin=agent, run_dir=run_dir, cwd=os.getcwd(), interactive=interactive,
+             pids_overhead=pids_overhead)
+    return run_dir, p
+
+
+def read_status(run_dir: str | None) -> dict[str, int] | None:
+    """The status file ``ak-agent exec --status-file`` writes: exact exit code, signal, OOM. The sandbox
+    can write its run dir, so the file is opened without following links or blocking on a FIFO, must be
+    a regular file, and is read up to ``STATUS_MAX`` bytes."""
+    if not run_dir:
+        return None
+    try:
+        fd = os.open(os.path.join(run_dir, "status"), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if (os.fstat(fd).st_mode & 0o170000) != 0o100000:
+            return None
+        text = os.read(fd, STATUS_MAX).decode("ascii", "replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    out: dict[str, int] = {}
+    for part in text.split():
+        k, _, v = part.partition("=")
+        if v.lstrip("-").isdigit() and len(v) < 12:
+            out[k] = int(v)
+    return out if "exit" in out else None
+
+
+def status_outcome(status: dict[str, int]):
+    from .base import Outcome
+
+    return Outcome(status["exit"], signal=status.get("signal") or None, oom=bool(status.get("oom")))

@@ -8,7 +8,7 @@ layer: an overlay (image lower, sandbox upper) mounted in a private mount namesp
 container sees, or, for a read-only root, the cached root itself plus sized tmpfs.
 
 Two paths:
-- one-shot (``run_oneshot_sync``, the CLI without the daemon): a single ``crun run`` with the caller's
+- one-shot (``run_oneshot``, the CLI without the daemon): a single ``crun run`` with the caller's
   stdio passed straight through, ``ak-agent exec`` as the container's init when the agent is built;
   exit status from the runtime, OOM from an eventfd on the sandbox's memory cgroup, timeout by killing
   every process in the sandbox's cgroups (exit 124). Synchronous, no asyncio.
@@ -30,7 +30,17 @@ from ..errors import BackendUnavailable, ConfigError, PolicyNotEnforceable, Sand
 from ..oci import runtime as rt
 from . import _container
 from ._agent_container import AgentContainerBackend
-from .base import LABEL_ID, LABEL_MANAGED, LABEL_NAME, Availability, Capabilities, SandboxInfo, SandboxRef
+from .base import (
+    LABEL_ID,
+    LABEL_MANAGED,
+    LABEL_NAME,
+    Availability,
+    Capabilities,
+    OneShot,
+    Outcome,
+    SandboxInfo,
+    SandboxRef,
+)
 
 TYPE_CHECKING = False  # typing costs ~2-7 ms at start-up; annotations are never evaluated here
 if TYPE_CHECKING:
@@ -55,7 +65,7 @@ OCI_CONTROLS = {
 EXIT_TIMEOUT = 124
 
 
-class OCIBackend(AgentContainerBackend):
+class OCIBackend(AgentContainerBackend, OneShot):
     name = "oci"
     capabilities = Capabilities(
         OCI_CONTROLS,
@@ -162,24 +172,14 @@ class OCIBackend(AgentContainerBackend):
         return bdir, overlay
 
     # -- one-shot, synchronous (the CLI's daemon-less path) --
-    def run_oneshot_sync(
-        self,
-        spec,
-        argv: list[str],
-        *,
-        sandbox_id: str,
-        owner: dict[str, Any],
-        timeout: float | None = None,
-        forward_stdin: bool = False,
-    ) -> tuple[int, str | None]:
-        """Run ``argv`` in a fresh sandbox with our stdio, then remove everything. Returns (exit status,
-        note for the user or None). 124 on timeout (every process of the sandbox killed)."""
-        from .. import owner as ownermod
+    def run_oneshot(self, spec, argv: list[str], stdio, timeout: float | None, *, sandbox_id: str,
+                    owner: dict[str, Any]) -> Outcome:
+        """Run ``argv`` in a fresh sandbox with ``stdio``, then remove everything (the caller claimed
+        ``sandbox_id`` under ``planned_handle``). Timeout: every process of the sandbox killed."""
         from .. import paths
 
         self.check(spec)
         exe = rt.require_binary(self.runtime)
-        ownermod.claim(self.name, sandbox_id, {"container": sandbox_id, "runtime": self.runtime}, owner)
         watch = None
         proc = None
         pumps = None
@@ -202,8 +202,8 @@ class OCIBackend(AgentContainerBackend):
             # to the sandbox (TIOCSTI could type into the user's shell), and gVisor may lose output
             # written to a regular file; those go through pipes we pump.
             pumps = _Pumps(gvisor=self.runtime == "runsc")
-            stdin = pumps.stdin() if forward_stdin else -1  # -1: /dev/null
-            stdout, stderr = pumps.out(1), pumps.out(2)
+            stdin = pumps.stdin(stdio.stdin) if stdio.forward_stdin else -1  # -1: /dev/null
+            stdout, stderr = pumps.out(stdio.stdout), pumps.out(stdio.stderr)
             cmd = [
                 *rt.base_cmd(self.runtime, exe),
                 "run",
@@ -218,21 +218,15 @@ class OCIBackend(AgentContainerBackend):
             except OSError as exc:
                 raise SandboxError(f"{self.runtime} could not be started: {exc}") from None
             pumps.start()
-            rc, note = self._wait(proc, sandbox_id, timeout)
+            rc, timed_out = self._wait(proc, sandbox_id, timeout)
             pumps.join()
-            if note is None:
-                started = os.path.exists(os.path.join(bdir, "init.pid"))
-                if not started and rc != 0:
-                    raise SandboxError(
-                        f"{self.runtime} could not start the sandbox (exit {rc}; its message is above)"
-                    )
-                if watch.oom_killed():
-                    note = (
-                        "the command was killed by the out-of-memory killer "
-                        f"(memory limit {spec.resources.memory_mb} MiB)"
-                    )
-                clean = True
-            return rc, note
+            if timed_out:
+                return Outcome(EXIT_TIMEOUT, timed_out=True)
+            started = os.path.exists(os.path.join(bdir, "init.pid"))
+            if not started and rc != 0:
+                raise SandboxError(f"{self.runtime} could not start the sandbox (exit {rc}; its message is above)")
+            clean = True
+            return Outcome(rc, signal=rc - 128 if 128 < rc < 160 else None, oom=watch.oom_killed())
         finally:
             if proc is not None and proc.poll() is None:
                 rt.kill_cgroups(sandbox_id)
@@ -245,53 +239,49 @@ class OCIBackend(AgentContainerBackend):
             if watch is not None:
                 watch.close()
             self._cleanup_oneshot(sandbox_id, clean)
-            ownermod.release(self.name, sandbox_id)
 
-    def _wait(self, proc: rt.Proc, sandbox_id: str, timeout: float | None) -> tuple[int, str | None]:
+    def _wait(self, proc: rt.Proc, sandbox_id: str, timeout: float | None) -> tuple[int, bool]:
+        """(exit status, timed out). SIGTERM/SIGHUP are passed to the runtime (and on to the command)."""
         import _signal as signal  # `signal` imports enum: start-up time
         import time
 
-        deadline = None if timeout is None else time.monotonic() + timeout
-        forwarded: list[int] = []
+        from ..termio import SignalForwarder
 
-        def forward(signum, _frame):
-            forwarded.append(signum)
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def forward(signum: int) -> None:
             try:
                 proc.send_signal(signum)  # the runtime passes it on to the container's init
             except ProcessLookupError:
                 pass
 
-        old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)}
+        fwd = SignalForwarder(forward, signals=(signal.SIGTERM, signal.SIGHUP)).install()
+        forwarded = fwd.pending
         interrupted = False
         try:
             while True:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
-                    return proc.wait(left), None
+                    return proc.wait(left), False
                 except rt.WaitTimeout:
-                    if interrupted or forwarded:
-                        rt.kill_cgroups(sandbox_id)
-                        proc.wait()
-                        return 128 + (forwarded[0] if forwarded else signal.SIGINT), None
                     rt.kill_cgroups(sandbox_id)
                     proc.wait()
-                    return EXIT_TIMEOUT, (
-                        f"timed out after {timeout:g} s: the sandbox and every process in it were killed"
-                    )
+                    if interrupted or forwarded:
+                        return 128 + (forwarded[0] if forwarded else signal.SIGINT), False
+                    return EXIT_TIMEOUT, True
                 except KeyboardInterrupt:
                     # The runtime is in our process group: it got the SIGINT too and passes it to the
                     # command. Give it 5 s to react; a second Ctrl-C kills the sandbox.
                     if interrupted:
                         rt.kill_cgroups(sandbox_id)
                         proc.wait()
-                        return 130, None
+                        return 130, False
                     interrupted = True
                     deadline = time.monotonic() + 5.0
                 if forwarded and deadline is None:
                     deadline = time.monotonic() + 5.0
         finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+            fwd.restore()
 
     def _cleanup_oneshot(self, sandbox_id: str, clean: bool) -> None:
         """After a normal exit the runtime already deleted the container and its cgroup: only our own
@@ -583,6 +573,7 @@ class _Pumps:
         self.jobs: list[tuple[int, int, int]] = []  # (read end, write end, the end the child gets)
         self.threads: list = []
         self.started = False
+        self.stdin_src = -1
 
     def _needs_pipe(self, fd: int) -> bool:
         import stat
@@ -602,11 +593,12 @@ class _Pumps:
         self.jobs.append((r, target, w))
         return w
 
-    def stdin(self) -> int | None:
-        if not os.isatty(0):
+    def stdin(self, fd: int = 0) -> int | None:
+        if not os.isatty(fd):
             return None
         r, w = os.pipe()
-        self.jobs.append((0, w, r))
+        self.jobs.append((fd, w, r))
+        self.stdin_src = fd
         return r
 
     def start(self) -> None:
@@ -619,7 +611,7 @@ class _Pumps:
             os.close(child_end)
             t = threading.Thread(target=_copy_fd, args=(src, dst, dst != 1 and dst != 2), daemon=True)
             t.start()
-            if src != 0:  # the stdin pump may block on the terminal: never waited for
+            if src != self.stdin_src:  # the stdin pump may block on the terminal: never waited for
                 self.threads.append(t)
 
     def join(self) -> None:

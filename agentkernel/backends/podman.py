@@ -14,7 +14,7 @@ from ..errors import BackendUnavailable, SandboxError
 from . import _container
 from ._agent_container import AgentContainerBackend
 from ._container import CONTAINER_CONTROLS
-from .base import LABEL_MANAGED, Availability, Capabilities, SandboxInfo
+from .base import LABEL_MANAGED, Availability, Capabilities, OneShot, Outcome, SandboxInfo
 
 TYPE_CHECKING = False  # typing costs ~2-7 ms at start-up; annotations are never evaluated here
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 
-class PodmanBackend(AgentContainerBackend):
+class PodmanBackend(AgentContainerBackend, OneShot):
     name = "podman"
     binary = "podman"
     capabilities = Capabilities(CONTAINER_CONTROLS, {"exec", "files", "agent", "oneshot", "tty", "pool"},
@@ -127,18 +127,66 @@ class PodmanBackend(AgentContainerBackend):
         return [self.binary, "run", "--rm", *self.runtime_args(), *_container.podman_args(plan), plan.image,
                 *plan.cmd]
 
+    def run_oneshot(self, spec, argv: list[str], stdio, timeout: float | None, *, sandbox_id: str,
+                    owner: dict[str, Any]) -> Outcome:
+        """One ``podman run --rm`` with the caller's fds (inherited: byte-exact, no copies)."""
+        from .._proc import Proc, WaitTimeout, which
+
+        interactive = stdio.forward_stdin
+        run_dir, plan = _container.oneshot_plan(spec, argv, sandbox_id=sandbox_id, owner=owner,
+                                                interactive=interactive, pids_overhead=self.pids_overhead)
+        try:
+            cmd = self.oneshot_command(plan)
+            exe = which(cmd[0])
+            if exe is None:
+                raise BackendUnavailable(f"{self.binary} is not installed", hint="bash scripts/setup.sh")
+            proc = Proc([exe, *cmd[1:]], stdin=stdio.stdin if interactive else -1, stdout=stdio.stdout,
+                        stderr=stdio.stderr)
+            try:
+                while True:
+                    try:
+                        rc = proc.wait(timeout)
+                        break
+                    except WaitTimeout:
+                        self.force_remove_sync(plan.name)
+                        proc.wait()
+                        return Outcome(124, timed_out=True)
+                    except KeyboardInterrupt:
+                        # The engine client is in our process group: it got the SIGINT too and proxies it
+                        # to the sandbox. Wait for the command to react; a second Ctrl-C kills the sandbox.
+                        timeout = 5.0
+            finally:
+                if proc.poll() is None:
+                    self.force_remove_sync(plan.name)
+                    proc.kill()
+                    proc.wait()
+                proc.close()
+            status = _container.read_status(run_dir)
+            if status is not None:
+                return _container.status_outcome(status)
+            return Outcome(self._engine_failure(spec, plan.name, rc, run_dir is not None))
+        finally:
+            if run_dir:
+                _container.remove_flat_dir(run_dir)
+
+    def _engine_failure(self, spec, name: str, rc: int, with_agent: bool) -> int:
+        """No status file: the engine failed before/around the command (or there is no agent)."""
+        if not with_agent:
+            return rc  # the command ran without the agent: the engine's code is all we have
+        self.force_remove_sync(name)
+        if rc in (125, 126, 127):
+            from ..imagesel import image_present, missing_image_error
+
+            if not image_present(self.binary, spec.image):
+                raise missing_image_error(self.binary, spec.image)
+            raise SandboxError(f"{self.binary} could not run the sandbox (exit {rc}; its message is above)")
+        return rc
+
     def force_remove_sync(self, name: str) -> None:
         import subprocess
 
         subprocess.run([self.binary, "rm", "-f", "-t", "0", "--ignore", name], stdin=subprocess.DEVNULL,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-
-    def image_exists_sync(self, image: str) -> bool:
-        import subprocess
-
-        r = subprocess.run([self.binary, "image", "exists", image], stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
-        return r.returncode == 0
 
 
 def _lower_priority() -> None:

@@ -160,19 +160,14 @@ class Daemon:
         return backend
 
     async def _run_unpooled(self, backend: Backend, spec: SandboxSpec, req: ExecRequest) -> ExecResult:
-        """``backend.run`` of a fresh one-shot sandbox, claimed in the ownership journal while it runs
-        (unless the backend runs in this process: nothing of it could outlive a crash)."""
-        sid = owner.new_id("run")
-        if not backend.in_process:
-            owner.claim(backend.name, sid, backend.planned_handle(sid), self.owner)
-        try:
-            return await backend.run(spec, req, sandbox_id=sid, owner=self.owner)
-        finally:
-            if not backend.in_process:
-                owner.release(backend.name, sid)
+        """A fresh one-shot sandbox through the one-shot runner (claimed in the ownership journal while it
+        runs, unless the backend runs in this process: nothing of it could outlive a crash)."""
+        from ..oneshot import run_async
+
+        return await run_async(backend, spec, req, self.owner, journal=not backend.in_process, via="daemon")
 
     async def _reap_orphans(self) -> None:
-        from ..commands.gc import reap
+        from ..reap import reap
 
         try:
             removed = await reap()

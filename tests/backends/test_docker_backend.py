@@ -22,7 +22,7 @@ import pytest
 
 from agentkernel.backends import _container
 from agentkernel.backends._container import CONTAINER_CONTROLS
-from agentkernel.backends.base import check_policy
+from agentkernel.backends.base import Stdio, check_policy
 from agentkernel.backends.docker import DockerBackend, create_body
 from agentkernel.backends.docker_api import SyncClient
 from agentkernel.errors import AlreadyExists, NotFound
@@ -41,6 +41,7 @@ HELPER = r"""
 import json, os, sys, time
 job = json.loads(sys.argv[1])
 from agentkernel.backends import _container
+from agentkernel.backends.base import Stdio
 from agentkernel.backends.docker import DockerBackend
 from agentkernel.owner import current_owner
 from agentkernel.spec import SandboxSpec
@@ -48,7 +49,7 @@ spec = SandboxSpec.from_dict(job["spec"])
 plan = _container.plan(spec, sandbox_id=job["id"], owner=current_owner(), container_name=job["name"],
                        argv=job["argv"], agent_bin=None, cwd=job.get("cwd"), interactive=job["interactive"])
 t0 = time.monotonic()
-rc = DockerBackend().run_attached_sync(plan, timeout=job["timeout"], forward_stdin=job["forward_stdin"])
+rc = DockerBackend().run_attached_sync(plan, timeout=job["timeout"], stdio=Stdio(forward_stdin=job["forward_stdin"]))
 with open(job["report"], "w") as f:
     json.dump({"rc": rc, "asyncio": "asyncio" in sys.modules, "seconds": time.monotonic() - t0}, f)
 sys.exit(124 if rc is None else rc)
@@ -261,7 +262,7 @@ def test_oneshot_name_conflict_leaves_the_other_container(image, tmp_path):
         p = _container.plan(_spec(image), sandbox_id=sid, owner=current_owner(), container_name=name,
                             argv=["true"])
         with pytest.raises(AlreadyExists):
-            DockerBackend().run_attached_sync(p, timeout=None, forward_stdin=False)
+            DockerBackend().run_attached_sync(p, timeout=None, stdio=Stdio(forward_stdin=False))
         with SyncClient() as c:
             assert c.request("GET", f"/containers/{name}/json").status == 200  # not ours: not removed
     finally:
@@ -274,7 +275,7 @@ def test_oneshot_unknown_image_is_not_found():
     p = _container.plan(_spec("agentkernel/no-such-image"), sandbox_id=f"{PREFIX}img", owner=current_owner(),
                         container_name=f"agentkernel-{PREFIX}img", argv=["true"])
     with pytest.raises(NotFound, match="No such image"):
-        DockerBackend().run_attached_sync(p, timeout=None, forward_stdin=False)
+        DockerBackend().run_attached_sync(p, timeout=None, stdio=Stdio(forward_stdin=False))
 
 
 # ---- hardening, observed from inside a running container -------------------------------------------------

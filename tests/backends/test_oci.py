@@ -1,7 +1,7 @@
 """The ``oci`` backend against the real runtimes (crun, runc, runsc): nothing is mocked.
 
 Every behaviour test is parametrized over the runtimes installed here. One-shot runs
-(``run_oneshot_sync``, the CLI's daemon-less path) write straight to fds 0/1/2, so each runs in a fresh
+(``run_oneshot``, the CLI's daemon-less path) write straight to fds 0/1/2, so each runs in a fresh
 Python process with pipes for stdio, as the CLI would; that process also proves the path never imports
 asyncio. Named sandboxes go through the backend's async API (agent as PID 1, exec and files through it).
 After every test nothing of the test's sandboxes may be left: no runtime state, cgroups, mounts, bundles.
@@ -23,7 +23,7 @@ import uuid
 import pytest
 
 from agentkernel import owner, paths
-from agentkernel.backends.base import ExecRequest
+from agentkernel.backends.base import ExecRequest, Stdio
 from agentkernel.backends.oci import OCIBackend, host_problems
 from agentkernel.errors import (
     BackendUnavailable,
@@ -48,12 +48,16 @@ HELPER = r"""
 import json, os, sys
 job = json.loads(sys.argv[1])
 from agentkernel.backends.oci import OCIBackend, host_problems
+from agentkernel.backends.base import Stdio
+from agentkernel.outcome import exit_code, notes
 from agentkernel.owner import current_owner
 from agentkernel.spec import SandboxSpec
 spec = SandboxSpec.from_dict(job["spec"])
 b = OCIBackend(spec.options)
-rc, note = b.run_oneshot_sync(spec, job["argv"], sandbox_id=job["id"], owner=current_owner(),
-                              timeout=job["timeout"], forward_stdin=job["stdin"])
+out = b.run_oneshot(spec, job["argv"], Stdio(forward_stdin=job["stdin"]), job["timeout"], sandbox_id=job["id"],
+                    owner=current_owner())
+rc = exit_code(out)
+note = "; ".join(notes(out, timeout=job["timeout"], memory_mb=spec.resources.memory_mb)) or None
 with open(job["report"], "w") as f:
     json.dump({"rc": rc, "note": note, "asyncio": "asyncio" in sys.modules}, f)
 sys.exit(rc)
@@ -390,7 +394,8 @@ def test_runtime_failing_mid_start_leaves_nothing(runtime, tmp_path, monkeypatch
     os.dup2(fd, 2)
     try:
         with pytest.raises(SandboxError, match="could not start"):
-            b.run_oneshot_sync(_spec(runtime), ["true"], sandbox_id=sid, owner=owner.current_owner())
+            b.run_oneshot(_spec(runtime), ["true"], Stdio(forward_stdin=False), None, sandbox_id=sid,
+                         owner=owner.current_owner())
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -404,7 +409,8 @@ def test_missing_runtime_binary(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     b = OCIBackend({"runtime": "runc"})
     with pytest.raises(BackendUnavailable, match="runc") as ei:
-        b.run_oneshot_sync(_spec("runc"), ["true"], sandbox_id=_sid("nobin"), owner=owner.current_owner())
+        b.run_oneshot(_spec("runc"), ["true"], Stdio(forward_stdin=False), None, sandbox_id=_sid("nobin"),
+                     owner=owner.current_owner())
     assert "apt-get install" in (ei.value.hint or "")
 
 

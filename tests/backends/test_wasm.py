@@ -500,14 +500,16 @@ def test_run_sync_without_asyncio(aksh):
     assert (p.returncode, p.stdout, p.stderr) == (201, b"piped", b"")
 
 
-def test_run_oneshot_sync_uses_our_stdio(aksh):
+def test_run_oneshot_uses_our_stdio(aksh):
     code = (
         "import os, sys\n"
+        "from agentkernel.backends.base import Stdio\n"
         "from agentkernel.backends.wasm import WasmBackend\n"
+        "from agentkernel.outcome import exit_code\n"
         "from agentkernel.spec import SandboxSpec\n"
-        "rc, note = WasmBackend().run_oneshot_sync(SandboxSpec(backend='wasm'), sys.argv[1:], sandbox_id='t',"
-        " owner={}, timeout=float(os.environ.get('T', '5')), forward_stdin=True)\n"
-        "sys.exit(rc if note is None and 'asyncio' not in sys.modules else 99)\n")
+        "out = WasmBackend().run_oneshot(SandboxSpec(backend='wasm'), sys.argv[1:], Stdio(),"
+        " float(os.environ.get('T', '5')), sandbox_id='t', owner={})\n"
+        "sys.exit(exit_code(out) if out.note is None and 'asyncio' not in sys.modules else 99)\n")
     p = subprocess.run([sys.executable, "-c", code, "sh", "-c", "cat; echo e >&2; exit 130"], input=b"x\x00y",
                        capture_output=True)
     assert (p.returncode, p.stdout, p.stderr) == (130, b"x\x00y", b"e\n")
