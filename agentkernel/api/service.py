@@ -107,6 +107,7 @@ class Service:
                  pool_max: int | None = None, warm: list[str] | None = None, store=None,
                  default_timeout: float = DEFAULT_TIMEOUT_S, with_daemon: bool = True) -> None:
         self.config = config or {}
+        self._config_given = config is not None
         self.manager = SandboxManager(store)
         self.metrics = Metrics()
         self.daemon = None
@@ -122,7 +123,8 @@ class Service:
         if self._with_daemon:
             from ..daemon.server import Daemon, load_daemon_config
 
-            defaults, warm = load_daemon_config(self._pool_args, self._warm)
+            defaults, warm = load_daemon_config(self._pool_args, self._warm,
+                                                self.config if self._config_given else None)
             self.daemon = Daemon(pool_defaults=defaults, warm=warm)
             await self.daemon.start_background()
             # One owner: the CLI's `agentkernel run` goes through this process's pools too.

@@ -396,11 +396,14 @@ def _remove_stale_socket(sock: str) -> None:
     raise AgentKernelError(f"a daemon is already running on {sock}", hint="agentkernel daemon status")
 
 
-def load_daemon_config(args_pool: dict[str, Any] | None = None, warm_flags: list[str] | None = None):
-    """[pool] defaults + [[pool.warm]] entries from agentkernel.toml, overridden by flags."""
+def load_daemon_config(args_pool: dict[str, Any] | None = None, warm_flags: list[str] | None = None,
+                       cfg: dict[str, Any] | None = None):
+    """[pool] defaults + [[pool.warm]] entries from ``cfg`` (the caller's loaded config file; None: the
+    working directory's agentkernel.toml), overridden by flags."""
     from .. import config
 
-    cfg = config.load_config(config.find_config(None, os.getcwd()))
+    if cfg is None:
+        cfg = config.load_config(config.find_config(None, os.getcwd()))
     pool = dict(cfg.get("pool", {}))
     warm_entries = pool.pop("warm", [])
     pool.update({k: v for k, v in (args_pool or {}).items() if v is not None})

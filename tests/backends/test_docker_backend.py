@@ -29,6 +29,7 @@ from agentkernel.errors import AlreadyExists, NotFound
 from agentkernel.owner import current_owner
 from agentkernel.spec import SandboxSpec
 from tests.backends.test_docker_api import _docker_up, ensure_image
+from tests.conftest import skip_unavailable
 
 pytestmark = [pytest.mark.engine("docker"), pytest.mark.timeout(60)]
 
@@ -60,7 +61,7 @@ sys.exit(124 if rc is None else rc)
 def image():
     why = _docker_up()
     if why:
-        pytest.skip(f"dockerd is not reachable ({why}); start it: bash scripts/setup.sh")
+        skip_unavailable("docker", f"dockerd is not reachable ({why}); start it: bash scripts/setup.sh")
     return ensure_image()
 
 
@@ -271,7 +272,7 @@ def test_oneshot_name_conflict_leaves_the_other_container(image, tmp_path):
 
 def test_oneshot_unknown_image_is_not_found():
     if _docker_up():
-        pytest.skip("dockerd is not reachable")
+        skip_unavailable("docker", "dockerd is not reachable")
     p = _container.plan(_spec("agentkernel/no-such-image"), sandbox_id=f"{PREFIX}img", owner=current_owner(),
                         container_name=f"agentkernel-{PREFIX}img", argv=["true"])
     with pytest.raises(NotFound, match="No such image"):
@@ -443,7 +444,7 @@ def test_agent_sandbox_lifecycle_with_full_network(image):
     from agentkernel import paths
 
     if paths.agent_binary() is None:
-        pytest.skip("the in-sandbox agent is not built (make -C agent)")
+        skip_unavailable("docker", "the in-sandbox agent is not built (make -C agent)")
     pytest.importorskip("agentkernel.backends._agentexec")
     from agentkernel.backends.base import ExecRequest
 

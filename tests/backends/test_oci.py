@@ -35,6 +35,7 @@ from agentkernel.errors import (
 from agentkernel.oci import bundle, rootfs, seccomp_oci
 from agentkernel.oci import runtime as rt
 from agentkernel.spec import SandboxSpec
+from tests.conftest import skip_unavailable
 
 pytestmark = [pytest.mark.engine("oci"), pytest.mark.timeout(90)]
 
@@ -141,14 +142,14 @@ def _ours() -> list[str]:
 @pytest.fixture(scope="session", autouse=True)
 def image_ready():
     if not RUNTIMES:
-        pytest.skip("no OCI runtime installed (bash scripts/setup.sh)")
+        skip_unavailable("oci", "no OCI runtime installed (bash scripts/setup.sh)")
     problems = host_problems(RUNTIMES[0])
     if problems:
-        pytest.skip(f"host not prepared: {problems[0][0]} ({problems[0][1]})")
+        skip_unavailable("oci", f"host not prepared: {problems[0][0]} ({problems[0][1]})")
     try:
         rootfs.resolve(IMAGE, quiet=True)
     except NotFound as exc:
-        pytest.skip(f"{exc} ({exc.hint})")
+        skip_unavailable("oci", f"{exc} ({exc.hint})")
 
 
 @pytest.fixture(autouse=True)
@@ -167,7 +168,7 @@ def runtime(request):
 
 def _agent_or_skip() -> None:
     if paths.agent_binary() is None:
-        pytest.skip("the agent is not built (make -C agent)")
+        skip_unavailable("oci", "the agent is not built (make -C agent)")
 
 
 def run(coro):

@@ -26,6 +26,7 @@ from agentkernel.errors import (
     ValidationError,
 )
 from agentkernel.spec import SandboxSpec
+from tests.conftest import skip_unavailable
 
 wasmtime = pytest.importorskip("wasmtime")
 
@@ -47,7 +48,8 @@ ALL_BYTES = bytes(range(256))
 @pytest.fixture(scope="session")
 def aksh() -> str:
     if not shutil.which("clang"):
-        pytest.skip("clang is not installed (apt-get install -y clang lld wasi-libc libclang-rt-14-dev-wasm32)")
+        skip_unavailable("wasm",
+                         "clang is not installed (apt-get install -y clang lld wasi-libc libclang-rt-14-dev-wasm32)")
     subprocess.run(["make", "-s", "-C", os.path.join(REPO, "wasm")], check=True)
     path = os.path.join(REPO, "build", "wasm", "aksh.wasm")
     assert os.path.isfile(path)
@@ -57,7 +59,7 @@ def aksh() -> str:
 @pytest.fixture(scope="session")
 def probe_wasm(tmp_path_factory) -> str:
     if not shutil.which("clang"):
-        pytest.skip("clang is not installed")
+        skip_unavailable("wasm", "clang is not installed")
     out = str(tmp_path_factory.mktemp("cwasm") / "probe.wasm")
     subprocess.run(["clang", "--target=wasm32-wasi", "-O2", "-Wl,-z,stack-size=1048576", "-o", out,
                     os.path.join(FIX, "probe.c")], check=True)
