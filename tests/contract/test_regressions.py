@@ -12,7 +12,6 @@ import time
 import pytest
 
 from agentkernel.backends import get_backend
-from agentkernel.backends.base import AgentAccess, Backend, OneShot
 from tests.conftest import ak, require_backend
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,6 +21,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def test_gvisor_engine_docker_is_a_real_backend():
+    from agentkernel.backends.base import AgentAccess, Backend, OneShot
+
     b = get_backend("gvisor", {"engine": "docker"})
     from agentkernel.backends.gvisor_docker import GVisorDockerBackend
 
