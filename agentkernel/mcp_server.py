@@ -357,7 +357,7 @@ def mcp_main(args) -> int:
         await svc.start()
         try:
             cfg_u = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="on")
-            from .commands.serve import quiet_exit_server
+            from .api.uvicorn_server import quiet_exit_server
 
             await quiet_exit_server(uvicorn)(cfg_u).serve()
         finally:

@@ -62,6 +62,11 @@ class ContainerPlan:
 SOCKET_PATH_MAX = 107
 
 
+def container_name(sandbox_id: str) -> str:
+    """The engine's name for sandbox ``sandbox_id``'s container (only container backends use it)."""
+    return f"agentkernel-{sandbox_id}"
+
+
 def sandbox_run_dir(sandbox_id: str) -> str:
     """Host directory bind-mounted at /.ak/run: the agent's socket and status files live there."""
     prefix, _, suffix = sandbox_id.rpartition("-")
@@ -257,8 +262,6 @@ def oneshot_plan(spec, argv: list[str], *, sandbox_id: str, owner: dict, interac
                  pids_overhead: int = 0) -> tuple[str | None, ContainerPlan]:
     """The run dir (None without the agent) and plan of a one-shot container: ``ak-agent exec`` as init
     reports the exact status into the run dir's ``status`` file."""
-    from ._agent_container import container_name
-
     agent = paths.agent_binary()
     run_dir = prepare_run_dir(sandbox_id, resolve_user(spec)) if agent else None
     p = plan(spec, sandbox_id=sandbox_id, owner=owner, container_name=container_name(sandbox_id), argv=argv,

@@ -52,6 +52,7 @@ def serve(args) -> int:
     from .. import config
     from ..api.app import Settings, create_app
     from ..api.auth import check_bind, load_tokens
+    from ..api.uvicorn_server import quiet_exit_server
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = config.load_config(config.find_config(args.config, os.getcwd()))
@@ -68,18 +69,6 @@ def serve(args) -> int:
     server = quiet_exit_server(uvicorn)(cfg_u)
     server.run()
     return 0 if server.started else 125
-
-
-def quiet_exit_server(uvicorn):
-    """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown (exit status 143/130); a server
-    stopped on request has done its job: exit 0."""
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:
-            super().handle_exit(sig, frame)
-            self._captured_signals.clear()
-
-    return Server
 
 
 def attach(args) -> int:
