@@ -22,13 +22,18 @@ def _store_has(store_path: str, sandbox_id: str) -> bool:
     """A named sandbox is kept while the store it belongs to still lists it."""
     if not store_path or not os.path.exists(store_path):
         return False
+    import sqlite3
+
     from .store import Store
 
-    st = Store(store_path)
     try:
-        return sandbox_id in st.ids()
-    finally:
-        st.close()
+        st = Store(store_path, readonly=True)  # never create or migrate another process's store
+        try:
+            return sandbox_id in st.ids()
+        finally:
+            st.close()
+    except sqlite3.Error:
+        return True  # a store we cannot read (busy, another schema): keep its sandboxes
 
 
 async def collect_orphans() -> list[tuple[str, object]]:

@@ -31,6 +31,7 @@ from ..oci import runtime as rt
 from . import _container
 from ._agent_container import AgentContainerBackend
 from .base import (
+    CONTROLS,
     LABEL_ID,
     LABEL_MANAGED,
     LABEL_NAME,
@@ -109,9 +110,11 @@ class OCIBackend(AgentContainerBackend, OneShot):
 
     def check(self, spec) -> None:
         if spec.policy.network:
+            ctl = "network_allowlist" if spec.policy.network_allow else "network_full"
             raise PolicyNotEnforceable(
-                "backend 'oci' gives sandboxes no network: a fresh network namespace with only loopback "
-                "(policy.network = true is refused rather than sharing the host's network)",
+                f"backend 'oci' cannot enforce {ctl} ({CONTROLS[ctl]}): it gives sandboxes no "
+                "network, a fresh network namespace with only loopback (policy.network = true is refused "
+                "rather than sharing the host's network)",
                 hint="use --no-network (profile moderate or restrictive), or --backend podman/docker "
                 "for network",
             )
