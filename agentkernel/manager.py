@@ -119,6 +119,17 @@ class SandboxManager:
         async for chunk in self._backend_of(rec).read_file(self._ref(rec), path):
             yield chunk
 
+    async def open_agent(self, name: str, tenant: str | None = None):
+        """A connected agent client for named sandbox ``name`` (the caller closes it), or None when its
+        backend has no host-reachable agent (``AgentAccess``)."""
+        from .backends.base import AgentAccess
+
+        rec = self.store.get(name, tenant)
+        backend = self._backend_of(rec)
+        if not isinstance(backend, AgentAccess):
+            return None
+        return await backend.open_agent(self._ref(rec))
+
     async def stop(self, name: str, tenant: str | None = None) -> None:
         rec = self.store.get(name, tenant)
         await self._backend_of(rec).stop(self._ref(rec))

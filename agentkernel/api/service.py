@@ -245,9 +245,7 @@ class Service:
         validate_name(name)
         check_sandbox_path(path)
         rec = self.manager.get(name, tenant)
-        from ..attach import agent_client_for
-
-        client = await agent_client_for(rec)
+        client = await self.manager.open_agent(name, tenant)
         if client is None:
             r = await self.manager.exec(name, ExecRequest(["rm", "-f", "--", path], timeout=30), tenant)
             if r.exit_code != 0:
