@@ -30,18 +30,7 @@ from ..errors import BackendUnavailable, ConfigError, PolicyNotEnforceable, Sand
 from ..oci import runtime as rt
 from . import _container
 from ._agent_container import AgentContainerBackend
-from .base import (
-    CONTROLS,
-    LABEL_ID,
-    LABEL_MANAGED,
-    LABEL_NAME,
-    Availability,
-    Capabilities,
-    OneShot,
-    Outcome,
-    SandboxInfo,
-    SandboxRef,
-)
+from .base import CONTROLS, Availability, Backend, Capabilities, OneShot, Outcome, SandboxInfo, SandboxRef
 
 TYPE_CHECKING = False  # typing costs ~2-7 ms at start-up; annotations are never evaluated here
 if TYPE_CHECKING:
@@ -188,16 +177,7 @@ class OCIBackend(AgentContainerBackend, OneShot):
         pumps = None
         clean = False
         try:
-            p = _container.plan(
-                spec,
-                sandbox_id=sandbox_id,
-                owner=owner,
-                container_name=sandbox_id,
-                argv=argv,
-                agent_bin=paths.agent_binary(),
-                run_dir=None,
-                cwd=os.getcwd(),
-            )
+            p = _plan(spec, sandbox_id, owner, paths.agent_binary(), None, argv)
             bdir, overlay = self._prepare_bundle(spec, p, sandbox_id, named=False)
             watch = rt.MemoryWatch(sandbox_id, p.memory_bytes, watch=True)
             pre = rt.Preexec(overlay, pdeathsig=True)
@@ -310,15 +290,7 @@ class OCIBackend(AgentContainerBackend, OneShot):
             )
         rt.require_binary(self.runtime)
         run_dir = _container.prepare_run_dir(sandbox_id, _container.resolve_user(spec))
-        p = _container.plan(
-            spec,
-            sandbox_id=sandbox_id,
-            owner=owner,
-            container_name=sandbox_id,
-            agent_bin=agent,
-            run_dir=run_dir,
-            cwd=os.getcwd(),
-        )
+        p = _plan(spec, sandbox_id, owner, agent, run_dir)
         try:
             bdir, _ = await asyncio.to_thread(self._prepare_bundle, spec, p, sandbox_id, named=True)
         except BaseException:
@@ -334,14 +306,8 @@ class OCIBackend(AgentContainerBackend, OneShot):
     def planned_handle(self, sandbox_id: str) -> dict[str, Any]:
         return {"container": sandbox_id, "runtime": self.runtime}
 
-    async def create_started(self, spec, *, sandbox_id: str, owner: dict[str, Any]) -> SandboxRef:
-        ref = await self.create(spec, sandbox_id=sandbox_id, owner=owner)
-        try:
-            await self.start(ref)
-        except BaseException:
-            await self.remove(ref)
-            raise
-        return ref
+    # create and start are two steps here (the base's create_started, not the one-call engine variant)
+    create_started = Backend.create_started
 
     def _runtime_of(self, sandbox_id: str) -> str:
         return rt.read_meta(sandbox_id).get("runtime") or self.runtime
@@ -472,6 +438,8 @@ class OCIBackend(AgentContainerBackend, OneShot):
         return await asyncio.to_thread(self._list_sync)
 
     def _list_sync(self) -> list[SandboxInfo]:
+        from .base import LABEL_ID, LABEL_MANAGED, LABEL_NAME
+
         try:
             ids = sorted(os.listdir(rt.bundles_dir()))
         except OSError:
@@ -500,6 +468,13 @@ class OCIBackend(AgentContainerBackend, OneShot):
                 )
             )
         return infos
+
+
+def _plan(spec, sandbox_id: str, owner: dict[str, Any], agent: str | None, run_dir: str | None,
+          argv: list[str] | None = None) -> _container.ContainerPlan:
+    """The container plan of an oci sandbox (its runtime container is named by the sandbox id)."""
+    return _container.plan(spec, sandbox_id=sandbox_id, owner=owner, container_name=sandbox_id, argv=argv,
+                           agent_bin=agent, run_dir=run_dir, cwd=os.getcwd())
 
 
 def _make_workdir(upper: str, lower: str, p) -> None:

@@ -107,14 +107,16 @@ class _Workers:
             threading.Thread(target=self._loop, name=f"ak-wasm-run-{i}", daemon=True).start()
 
     def _loop(self) -> None:
+        from ..wasm.pool import set_future
+
         while True:
             fn, loop, fut = self.q.get()
             try:
                 res = fn()
             except BaseException as exc:
-                loop.call_soon_threadsafe(_resolve, fut, None, exc)
+                loop.call_soon_threadsafe(set_future, fut, None, exc)
             else:
-                loop.call_soon_threadsafe(_resolve, fut, res, None)
+                loop.call_soon_threadsafe(set_future, fut, res, None)
 
     def submit(self, fn: Any) -> Any:
         import asyncio
@@ -123,15 +125,6 @@ class _Workers:
         fut = loop.create_future()
         self.q.put((fn, loop, fut))
         return fut
-
-
-def _resolve(fut: Any, value: Any, exc: BaseException | None) -> None:
-    if fut.done():
-        return
-    if exc is not None:
-        fut.set_exception(exc)
-    else:
-        fut.set_result(value)
 
 
 _WORKERS: _Workers | None = None

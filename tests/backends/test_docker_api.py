@@ -64,12 +64,16 @@ def ensure_image() -> str:
     return TEST_IMAGE
 
 
-@pytest.fixture(scope="session")
-def image():
+def docker_image_or_skip() -> str:
     why = _docker_up()
     if why:
         skip_unavailable("docker", f"dockerd is not reachable ({why}); start it: bash scripts/setup.sh")
     return ensure_image()
+
+
+@pytest.fixture(scope="session")
+def image():
+    return docker_image_or_skip()
 
 
 def _mine() -> list[str]:

@@ -28,7 +28,7 @@ from agentkernel.backends.docker_api import SyncClient
 from agentkernel.errors import AlreadyExists, NotFound
 from agentkernel.owner import current_owner
 from agentkernel.spec import SandboxSpec
-from tests.backends.test_docker_api import _docker_up, ensure_image
+from tests.backends.test_docker_api import _docker_up, docker_image_or_skip
 from tests.conftest import skip_unavailable
 
 pytestmark = [pytest.mark.engine("docker"), pytest.mark.timeout(60)]
@@ -59,10 +59,7 @@ sys.exit(124 if rc is None else rc)
 
 @pytest.fixture(scope="session")
 def image():
-    why = _docker_up()
-    if why:
-        skip_unavailable("docker", f"dockerd is not reachable ({why}); start it: bash scripts/setup.sh")
-    return ensure_image()
+    return docker_image_or_skip()
 
 
 def _mine() -> list[dict]:

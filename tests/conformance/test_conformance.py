@@ -100,14 +100,9 @@ def _mgr():
 
 
 def _arun(coro_fn):
-    async def go():
-        mgr = _mgr()
-        try:
-            return await coro_fn(mgr)
-        finally:
-            await mgr.aclose()
+    from agentkernel.commands.sandbox import _with_manager  # asyncio.run with a manager, closed afterwards
 
-    return asyncio.run(go())
+    return _with_manager(coro_fn)
 
 
 @pytest.fixture(scope="module")
