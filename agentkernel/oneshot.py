@@ -33,13 +33,14 @@ def run(backend: Backend, spec: SandboxSpec, argv: list[str], stdio: Stdio, time
     return render(outcome, timeout=timeout, memory_mb=spec.resources.memory_mb)
 
 
-def run_outcome(backend: Backend, spec: SandboxSpec, argv: list[str], stdio: Stdio,
-                timeout: float | None) -> Outcome:
-    """``run`` without rendering: the ``Outcome`` (for callers that render it themselves)."""
+def run_outcome(backend: Backend, spec: SandboxSpec, argv: list[str], stdio: Stdio, timeout: float | None,
+                *, sandbox_id: str | None = None) -> Outcome:
+    """``run`` without rendering: the ``Outcome`` (for callers that render it themselves).
+    ``sandbox_id``: a chosen id (tests watch its resources), else a fresh one."""
     backend.check(spec)
     if not isinstance(backend, OneShot):
         return _run_async(backend, spec, argv, stdio, timeout)
-    sid = owner.new_id("run")
+    sid = sandbox_id or owner.new_id("run")
     me = owner.current_owner()
     with _Claim(backend, sid, me):
         outcome = backend.run_oneshot(spec, argv, stdio, timeout, sandbox_id=sid, owner=me)
