@@ -22,7 +22,7 @@ class Flag:
 
 
 SPEC_FLAGS = (
-    Flag(("-B", "--backend"), "backend", "str", "backend (podman, docker, gvisor, oci, wasm, ...); default podman"),
+    Flag(("-B", "--backend"), "backend", "str", "backend (auto, oci, podman, docker, gvisor, wasm, ...); default auto"),
     Flag(("-i", "--image"), "image", "str", "image (default: chosen from the command among local images)"),
     Flag(("-p", "--profile"), "profile", "str", "permissive, moderate (default) or restrictive"),
     Flag(("--no-network",), "network", "false", "no network except loopback (default unless the profile allows it)"),
@@ -48,6 +48,7 @@ RUN_FLAGS = (
     Flag(("-k", "--keep"), "keep", "true", "keep the sandbox afterwards (named, running)"),
     Flag(("-n", "--name"), "name", "str", "name for a kept sandbox (with --keep)"),
     Flag(("--no-daemon",), "no_daemon", "true", "do not use the daemon's warm pools"),
+    Flag(("--explain",), "explain", "true", "print which backend and image would be used and why, then exit"),
 )
 EXEC_FLAGS = (
     TIMEOUT,
@@ -61,7 +62,7 @@ def defaults(flags) -> dict:
     for f in flags:
         if f.kind == "kv":
             out[f.dest] = []
-        elif f.kind == "true" and f.dest in ("keep", "no_daemon"):
+        elif f.kind == "true" and f.dest in ("keep", "no_daemon", "explain"):
             out[f.dest] = False
         else:
             out.setdefault(f.dest, None)
@@ -104,7 +105,7 @@ def add_to_argparse(group, flags) -> None:
     for f in flags:
         if f.kind in ("true", "false"):
             kw = {"action": "store_true" if f.kind == "true" else "store_false",
-                  "default": False if f.dest in ("keep", "no_daemon") else None}
+                  "default": False if f.dest in ("keep", "no_daemon", "explain") else None}
             if f.dest == "network":
                 net = net or group.add_mutually_exclusive_group()
                 net.add_argument(*f.names, dest=f.dest, help=f.help, **kw)

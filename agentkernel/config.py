@@ -142,6 +142,15 @@ def _env_choice(name: str) -> str | None:
     return v if v else None
 
 
+def _backend_choice(named: str | None) -> str:
+    """An explicit backend as named; unset or ``auto``: the one auto picks on this host (cached)."""
+    if named and named != "auto":
+        return named
+    from .backends.auto import resolve
+
+    return resolve()
+
+
 def resolve_spec(
     flags: dict[str, Any] | None = None,
     *,
@@ -189,7 +198,7 @@ def resolve_spec(
     options.update(flags.get("options", {}))
 
     values: dict[str, Any] = {
-        "backend": flags.get("backend") or _env_choice("AGENTKERNEL_BACKEND") or sb.get("backend") or "podman",
+        "backend": _backend_choice(flags.get("backend") or _env_choice("AGENTKERNEL_BACKEND") or sb.get("backend")),
         "resources": res,
         "policy": pol,
         "env": env,

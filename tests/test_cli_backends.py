@@ -319,7 +319,7 @@ def test_unknown_backend_image_and_name():
     r = ak("run", "--backend", "nope", "--", "true")
     assert r.returncode == 125 and b"unknown backend 'nope'" in r.stderr
     r = ak("run", "--image", "does/not-exist", "--", "true")
-    assert r.returncode == 125 and b"not present in podman" in r.stderr and b"hint:" in r.stderr
+    assert r.returncode == 125 and b"does/not-exist" in r.stderr and b"hint:" in r.stderr  # any default backend
     r = ak("create", "bad;name")
     assert r.returncode == 125 and b"invalid sandbox name" in r.stderr
     r = ak("exec", "ghost", "--", "true")

@@ -27,7 +27,8 @@ def _containers(label: str) -> list[str]:
 class Daemon:
     def __init__(self, root: str) -> None:
         self.env = {"AGENTKERNEL_RUNTIME_DIR": os.path.join(root, "run"),
-                    "AGENTKERNEL_HOME": os.path.join(root, "home"), "AGENTKERNEL_NO_DAEMON": "0"}
+                    "AGENTKERNEL_HOME": os.path.join(root, "home"), "AGENTKERNEL_NO_DAEMON": "0",
+                    "AGENTKERNEL_BACKEND": "podman"}  # these tests inspect podman containers (auto may pick oci)
 
     def ak(self, *args, **kw):
         env = dict(self.env)

@@ -33,6 +33,18 @@ def probe_all() -> list[dict]:
     return rows
 
 
+def auto_choice() -> dict:
+    """What ``backend = "auto"`` picks on this host and why (probed afresh: doctor refreshes the cache)."""
+    from ..backends import auto
+
+    try:
+        decision = auto.decide(refresh=True)
+        return {"backend": decision[0], "order": list(auto.ORDER), "candidates": decision[1],
+                "lines": auto.explain_lines(decision)}
+    except AgentKernelError as exc:
+        return {"backend": None, "order": list(auto.ORDER), "error": exc.message, "lines": [exc.message]}
+
+
 _OS = {"darwin": "macOS", "linux": "Linux"}
 
 
@@ -63,8 +75,9 @@ def host_checks() -> list[dict]:
 def doctor(args) -> int:
     rows = probe_all()
     checks = host_checks()
+    auto = auto_choice()
     if args.json:
-        print(json.dumps({"backends": rows, "checks": checks}, indent=2))
+        print(json.dumps({"backends": rows, "checks": checks, "auto": auto}, indent=2))
         return 0
     w = max(len(r["backend"]) for r in rows)
     print("Backends:")
@@ -73,6 +86,8 @@ def doctor(args) -> int:
         print(f"  {mark} {r['backend']:<{w}}  {r['reason']}")
         if not r["available"] and r.get("fix"):
             print(f"      {'':<{w}}  fix: {r['fix']}")
+    print("Default backend (auto):")
+    print("\n".join("  " + line for line in auto["lines"]))
     print("Host:")
     for c in checks:
         print(f"  {'ok ' if c['ok'] else '-- '} {c['check']}: {c['detail']}")

@@ -1,0 +1,186 @@
+"""``backend = "auto"`` (the default): the first backend in ``ORDER`` that works on this host with the full
+default policy, chosen once and cached. Standard library only (it runs on the CLI's hot path: a cache hit
+is one small file read plus a few ``stat`` calls).
+
+The order, fastest hardened backend first:
+
+1. ``oci`` - engine-less crun/runc: only as root (rootless oci cannot set up cgroups) and only with crun
+   on PATH (runc works, but at ~2x the start time podman's pooled path is the better default then);
+2. ``podman`` - rootless or root, with ``podman`` on PATH;
+3. ``docker`` - the Docker Engine socket (``DOCKER_HOST`` or /var/run/docker.sock) answering.
+
+A candidate is taken when its preconditions hold (the probe inputs: effective uid, the binaries found on
+PATH, the Docker socket), its ``probe()`` says it is available, and its ``check()`` accepts the default
+spec (the default profile's full policy: fail closed). The choice is cached in ``cache_dir()/backend-auto``
+together with a fingerprint of those inputs (uid, each engine binary's path on PATH, its size and mtime - a new version
+of an engine changes them - and the agentkernel version); any change re-runs the choice. ``--backend``,
+``AGENTKERNEL_BACKEND`` and ``[sandbox] backend`` always win over auto.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .. import __version__, paths
+
+ORDER = ("oci", "podman", "docker")
+BINARIES = ("crun", "runc", "podman", "docker", "dockerd")
+CACHE_NAME = "backend-auto"
+
+
+def which(name: str, path: str | None = None) -> str | None:
+    """``shutil.which`` without importing shutil (hot path)."""
+    for d in (os.environ.get("PATH", "") if path is None else path).split(os.pathsep):
+        if not d:
+            continue
+        p = os.path.join(d, name)
+        if os.path.isfile(p) and os.access(p, os.X_OK):
+            return p
+    return None
+
+
+def docker_socket() -> str:
+    host = os.environ.get("DOCKER_HOST", "")
+    if host.startswith("unix://"):
+        return host[len("unix://"):]
+    return "/var/run/docker.sock" if not host else host
+
+
+def facts() -> dict:
+    """The probe inputs auto decides on (and caches against)."""
+    found = {b: which(b) for b in BINARIES}
+    return {"euid": os.geteuid(), "binaries": found, "docker_socket": docker_socket()}
+
+
+def fingerprint(f: dict | None = None) -> str:
+    f = f or facts()
+    parts = [f"v={__version__}", f"euid={f['euid']}", f"docker={f['docker_socket']}:{os.path.exists(f['docker_socket'])}"]
+    for b in BINARIES:
+        p = f["binaries"].get(b)
+        if p:
+            try:
+                st = os.stat(p)
+                parts.append(f"{b}={p}:{st.st_size}:{st.st_mtime_ns}")
+            except OSError:
+                parts.append(f"{b}={p}:?")
+        else:
+            parts.append(f"{b}=-")
+    return "|".join(parts)
+
+
+def preconditions(name: str, f: dict) -> str | None:
+    """Why ``name`` is not a candidate on this host (None: it is one, subject to its probe)."""
+    bins = f["binaries"]
+    if name == "oci":
+        if f["euid"] != 0:
+            return "not root (rootless oci cannot set cgroup limits)"
+        if not bins.get("crun"):
+            return "crun is not on PATH"
+        return None
+    if name == "podman":
+        return None if bins.get("podman") else "podman is not on PATH"
+    if name == "docker":
+        return None if os.path.exists(f["docker_socket"]) else f"no Docker socket at {f['docker_socket']}"
+    return "not an auto candidate"
+
+
+def choose() -> tuple[str | None, list[dict]]:
+    """Probe the candidates in order: (the chosen backend or None, one verdict row per candidate)."""
+    from . import get_backend
+    from ..config import resolve_spec
+    from ..errors import AgentKernelError
+
+    f = facts()
+    rows: list[dict] = []
+    chosen = None
+    for name in ORDER:
+        if chosen is not None:
+            rows.append({"backend": name, "ok": None, "reason": f"not probed ({chosen} comes first)"})
+            continue
+        why_not = preconditions(name, f)
+        if why_not:
+            rows.append({"backend": name, "ok": False, "reason": why_not})
+            continue
+        try:
+            backend = get_backend(name)
+            avail = type(backend).probe()
+            if not avail.available:
+                rows.append({"backend": name, "ok": False, "reason": avail.reason})
+                continue
+            backend.check(resolve_spec({"backend": name}))  # the full default policy, fail closed
+        except AgentKernelError as exc:
+            rows.append({"backend": name, "ok": False, "reason": exc.message})
+            continue
+        except Exception as exc:  # a probe must never break the choice
+            rows.append({"backend": name, "ok": False, "reason": f"probe failed: {exc!r}"})
+            continue
+        rows.append({"backend": name, "ok": True, "reason": avail.reason})
+        chosen = name
+    return chosen, rows
+
+
+def _cache_path() -> str:
+    return os.path.join(paths.cache_dir(), CACHE_NAME)
+
+
+def _read_cache(fp: str) -> tuple[str, list[dict]] | None:
+    try:
+        with open(_cache_path(), encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    if len(lines) < 2 or lines[0] != fp:
+        return None
+    rows = []
+    for line in lines[2:]:
+        name, ok, reason = (line.split("\t", 2) + ["", ""])[:3]
+        rows.append({"backend": name, "ok": {"1": True, "0": False}.get(ok), "reason": reason})
+    return lines[1], rows
+
+
+def _write_cache(fp: str, chosen: str, rows: list[dict]) -> None:
+    path = _cache_path()
+    tmp = f"{path}.{os.getpid()}.tmp"
+    body = [fp, chosen] + [f"{r['backend']}\t{'1' if r['ok'] else '0' if r['ok'] is False else '-'}\t"
+                           f"{r['reason'].replace(chr(10), ' ')}" for r in rows]
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(body) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def resolve(*, refresh: bool = False) -> str:
+    """The backend ``auto`` stands for on this host (cached; re-chosen when the host changed)."""
+    return decide(refresh=refresh)[0]
+
+
+def decide(*, refresh: bool = False) -> tuple[str, list[dict], bool]:
+    """(chosen backend, verdict rows, whether it came from the cache). Raises when nothing works."""
+    fp = fingerprint()
+    if not refresh:
+        cached = _read_cache(fp)
+        if cached is not None:
+            return cached[0], cached[1], True
+    chosen, rows = choose()
+    if chosen is None:
+        from ..errors import BackendUnavailable
+
+        raise BackendUnavailable(
+            "backend auto: no backend works on this host ("
+            + "; ".join(f"{r['backend']}: {r['reason']}" for r in rows) + ")",
+            hint="agentkernel doctor; install crun (as root), podman or Docker, or pick one with --backend")
+    _write_cache(fp, chosen, rows)
+    return chosen, rows, False
+
+
+def explain_lines(decision: tuple[str, list[dict], bool] | None = None) -> list[str]:
+    """Human-readable: which backend auto picks here and why (for doctor and run --explain)."""
+    chosen, rows, cached = decision or decide()
+    out = [f"backend auto -> {chosen} (order: {', '.join(ORDER)}; {'cached' if cached else 'probed now'}, "
+           f"re-chosen when the uid or an engine binary changes)"]
+    for r in rows:
+        mark = "ok " if r["ok"] else "-- " if r["ok"] is False else "   "
+        out.append(f"  {mark} {r['backend']}: {r['reason']}")
+    return out
