@@ -43,7 +43,7 @@ def docker_socket() -> str:
     host = os.environ.get("DOCKER_HOST", "")
     if host.startswith("unix://"):
         return host[len("unix://"):]
-    return "/var/run/docker.sock" if not host else host
+    return host or "/var/run/docker.sock"
 
 
 def facts() -> dict:
@@ -54,7 +54,8 @@ def facts() -> dict:
 
 def fingerprint(f: dict | None = None) -> str:
     f = f or facts()
-    parts = [f"v={__version__}", f"euid={f['euid']}", f"docker={f['docker_socket']}:{os.path.exists(f['docker_socket'])}"]
+    sock = f["docker_socket"]
+    parts = [f"v={__version__}", f"euid={f['euid']}", f"docker={sock}:{os.path.exists(sock)}"]
     for b in BINARIES:
         p = f["binaries"].get(b)
         if p:
@@ -86,9 +87,9 @@ def preconditions(name: str, f: dict) -> str | None:
 
 def choose() -> tuple[str | None, list[dict]]:
     """Probe the candidates in order: (the chosen backend or None, one verdict row per candidate)."""
-    from . import get_backend
     from ..config import resolve_spec
     from ..errors import AgentKernelError
+    from . import get_backend
 
     f = facts()
     rows: list[dict] = []
@@ -133,7 +134,7 @@ def _read_cache(fp: str) -> tuple[str, list[dict]] | None:
         return None
     rows = []
     for line in lines[2:]:
-        name, ok, reason = (line.split("\t", 2) + ["", ""])[:3]
+        name, ok, reason = [*line.split("\t", 2), "", ""][:3]
         rows.append({"backend": name, "ok": {"1": True, "0": False}.get(ok), "reason": reason})
     return lines[1], rows
 
