@@ -118,9 +118,11 @@ def _add_daemon(sub) -> None:
     p.add_argument("action", choices=["start", "stop", "status"])
     p.add_argument("--foreground", action="store_true", help="start: run in this process")
     p.add_argument("--pool-min", type=int, metavar="N", help="start: warm members per pool")
-    p.add_argument("--pool-max", type=int, metavar="N", help="start: members alive per pool, at most")
+    p.add_argument("--pool-max", type=int, metavar="N", help="start: members alive per pool, at most (default 32); the ready target adapts to "
+                   "demand up to this")
     p.add_argument("--max-starts", type=int, metavar="N",
-                   help="start: sandboxes started at once across all pools (default 2)")
+                   help="start: sandboxes started at once across all pools (default 4); each pool's refill "
+                   "concurrency adapts to its demand up to this")
     p.add_argument("--warm", action="append", metavar="BACKEND[:IMAGE[:PROFILE]]",
                    help="start: keep a pool warm for this spec (repeatable; default: the default spec)")
     p.add_argument("--json", action="store_true", help="status: machine-readable")

@@ -3,8 +3,10 @@
 Rules (DESIGN.md "Use once"):
 - every member is created and started with the agent, and health-checked (agent ping) at hand-out;
 - each member serves exactly one run and is then destroyed in the background; nothing is reused;
-- the pool refills in the background to ``min_size``, never above ``max_size`` members alive, with at
-  most ``max_concurrent_starts`` starts at once across all pools (a shared semaphore);
+- the pool refills in the background to a target that adapts to the observed demand and start time
+  (``pool_policy``: at least ``min_size``, never above ``max_size`` members alive, shrinking back to
+  ``min_size`` when idle), with at most ``max_concurrent_starts`` starts at once across all pools (a
+  shared semaphore); a pool whose engine cannot start members as fast as they are consumed says so;
 - members older than ``max_age_s`` are replaced;
 - an empty pool makes the caller wait up to ``wait_s`` for a member being started, then cold-starts
   one for it: acquire never fails because the pool is exhausted.
@@ -21,6 +23,7 @@ from typing import Any
 
 from . import owner
 from .backends.base import Backend, SandboxRef
+from .pool_policy import PoolPolicy
 from .spec import SandboxSpec
 
 REFILL_DELAY_S = 0.15
@@ -34,8 +37,8 @@ class PoolClosed(Exception):
 class PoolConfig:
     __slots__ = ("max_age_s", "max_concurrent_starts", "max_size", "min_size", "wait_s")
 
-    def __init__(self, min_size: int = 2, max_size: int = 8, max_age_s: float = 600.0,
-                 max_concurrent_starts: int = 2, wait_s: float = 5.0) -> None:
+    def __init__(self, min_size: int = 2, max_size: int = 32, max_age_s: float = 600.0,
+                 max_concurrent_starts: int = 4, wait_s: float = 5.0) -> None:
         from .errors import ConfigError
 
         if min_size < 0 or max_size < 1 or min_size > max_size:
@@ -47,9 +50,9 @@ class PoolConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PoolConfig:
-        return cls(min_size=int(d.get("min", 2)), max_size=int(d.get("max", 8)),
+        return cls(min_size=int(d.get("min", 2)), max_size=int(d.get("max", 32)),
                    max_age_s=float(d.get("max_age_s", 600)),
-                   max_concurrent_starts=int(d.get("max_concurrent_starts", 2)),
+                   max_concurrent_starts=int(d.get("max_concurrent_starts", 4)),
                    wait_s=float(d.get("wait_s", 5.0)))
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,6 +86,9 @@ class WarmPool:
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._closed = False
         self.last_used = time.monotonic()
+        self.policy = PoolPolicy(min_size=cfg.min_size, max_size=cfg.max_size,
+                                 max_starts=cfg.max_concurrent_starts, refill_delay_s=REFILL_DELAY_S)
+        self._decision = None
         self.stats = {"hits": 0, "misses": 0, "cold_starts": 0, "started": 0, "destroyed": 0,
                       "start_failures": 0, "health_failures": 0, "expired": 0, "refill_ms_total": 0.0,
                       "refill_ms_last": None, "last_error": None}
@@ -99,13 +105,20 @@ class WarmPool:
             if await self._healthy(m):
                 self.stats["hits"] += 1
                 self._in_use += 1
-                # Start the replacement a moment later: on a small machine an engine start competes for
-                # the CPU with the very command this member is about to run.
-                asyncio.get_running_loop().call_later(REFILL_DELAY_S, self.refill)
+                self.policy.on_acquire(time.monotonic(), True, self._in_use)
+                # When demand is low, start the replacement a moment later: on a small machine an engine
+                # start competes for the CPU with the very command this member is about to run. Under
+                # sustained demand the policy starts it at once.
+                delay = self._decision.refill_delay_s if self._decision else REFILL_DELAY_S
+                if delay:
+                    asyncio.get_running_loop().call_later(delay, self.refill)
+                else:
+                    self.refill()
                 return m, True
             self.stats["health_failures"] += 1
             self._destroy_later(m)
         self.stats["misses"] += 1
+        self.policy.on_acquire(time.monotonic(), False, self._in_use + 1)
         self.refill()
         if self._starting:
             fut: asyncio.Future[Member] = asyncio.get_running_loop().create_future()
@@ -132,11 +145,16 @@ class WarmPool:
         self.refill()
 
     def refill(self) -> None:
+        """Start what the policy asks for (demand-sized target, bounded concurrency); release surplus
+        ready members of an idle pool."""
         if self._closed:
             return
-        want = self.cfg.min_size - (len(self.ready) + self._starting)
-        room = self.cfg.max_size - self.alive()
-        for _ in range(max(0, min(want, room))):
+        d = self._decision = self.policy.decide(time.monotonic(), ready=len(self.ready), starting=self._starting,
+                                                in_use=self._in_use)
+        for _ in range(d.shrink):
+            if self.ready:
+                self._destroy_later(self.ready.pop())
+        for _ in range(d.launch):
             self._starting += 1
             self._spawn(self._refill_one())
 
@@ -183,6 +201,12 @@ class WarmPool:
         st["refill_ms_avg"] = round(st.pop("refill_ms_total") / started, 1) if started else None
         total = st["hits"] + st["misses"]
         st["hit_rate"] = round(st["hits"] / total, 3) if total else None
+        st.update(self.policy.status(time.monotonic()))
+        d = self._decision
+        st["target_ready"] = d.target_ready if d else self.cfg.min_size
+        st["start_concurrency"] = d.concurrency if d else None
+        st["keeping_up"] = d.keeping_up if d else True
+        st["cannot_keep_up"] = d.note if d else None
         return {"key": self.key, "backend": self.spec.backend, "image": self.spec.image,
                 "profile": self.spec.policy.profile, "ready": len(self.ready), "starting": self._starting,
                 "in_use": self._in_use, "config": self.cfg.to_dict(), "metrics": st}
@@ -217,8 +241,10 @@ class WarmPool:
             fut = self._waiters.popleft()
             if not fut.done():
                 fut.set_result(m)
+                self.refill()
                 return
         self.ready.append(m)
+        self.refill()  # a start slot is free: the policy may want more under way
 
     async def _start_member(self, *, use_semaphore: bool, counted: bool = False) -> Member:
         if use_semaphore:
@@ -251,6 +277,7 @@ class WarmPool:
         if counted:
             self._starting -= 1
         self.stats["started"] += 1
+        self.policy.on_started(time.monotonic(), ms / 1e3)
         self.stats["refill_ms_total"] += ms
         self.stats["refill_ms_last"] = round(ms, 1)
         return Member(ref, ms)

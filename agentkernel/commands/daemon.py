@@ -124,6 +124,12 @@ def status(args) -> int:
         print(f"    hits {m['hits']}, misses {m['misses']}, hit rate {m['hit_rate']}, cold starts "
               f"{m['cold_starts']}, refill avg {m['refill_ms_avg']} ms (last {m['refill_ms_last']} ms), "
               f"destroyed {m['destroyed']}, failures {m['start_failures']}")
+        if "demand_per_s" in m:
+            print(f"    demand {m['demand_per_s']}/s, refill {m['refill_per_s']}/s (capacity {m['capacity_per_s']}/s), "
+                  f"recent hit rate {m['recent_hit_rate']}, target ready {m['target_ready']}, "
+                  f"starts at once {m['start_concurrency']}")
+        if m.get("cannot_keep_up"):
+            print(f"    cannot keep up: {m['cannot_keep_up']}")
         if m.get("last_error"):
             print(f"    last error: {m['last_error']}")
     return 0

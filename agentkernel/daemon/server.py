@@ -408,7 +408,7 @@ def load_daemon_config(args_pool: dict[str, Any] | None = None, warm_flags: list
     warm_entries = pool.pop("warm", [])
     pool.update({k: v for k, v in (args_pool or {}).items() if v is not None})
     if "min" in pool and "max" not in pool:
-        pool["max"] = max(int(pool["min"]), 8)  # asking for more warm members raises the cap with them
+        pool["max"] = max(int(pool["min"]), 32)  # asking for more warm members raises the cap with them
     defaults = PoolConfig.from_dict(pool)
     warm: list[tuple[SandboxSpec, PoolConfig]] = []
     for entry in warm_entries:
