@@ -128,8 +128,8 @@ class PoolPolicy:
                         f"{start_s * 1e3:.0f} ms can supply ({self.capacity():.1f}/s): raise --max-starts "
                         "or use a faster backend")
             elif need_alive > self.max_size:
-                note = (f"demand {rate:.1f}/s with up to {max(in_use, self.peak_in_use)} in use needs about {need_alive} members alive; "
-                        f"--pool-max is {self.max_size}")
+                note = (f"demand {rate:.1f}/s with up to {max(in_use, self.peak_in_use)} in use needs about "
+                        f"{need_alive} members alive; --pool-max is {self.max_size}")
             elif len(self._hits) >= HIT_WINDOW // 2 and (self.hit_rate() or 0) < 0.9:
                 note = (f"recent hit rate {self.hit_rate()}: members are consumed faster than the engine starts "
                         f"them ({self.max_starts} concurrent starts of {start_s * 1e3:.0f} ms: "

@@ -33,8 +33,8 @@ class Sim:
         d = self.p.decide(self.t, ready=self.ready, starting=len(self.starts), in_use=self.in_use)
         self.decisions.append((self.t, d))
         assert d.target_ready <= self.p.max_size and 1 <= d.concurrency <= self.p.max_starts
-        assert self.ready + len(self.starts) + d.launch + self.in_use <= max(self.p.max_size,
-                                                                             self.ready + len(self.starts) + self.in_use)
+        alive = self.ready + len(self.starts) + self.in_use
+        assert alive + d.launch <= max(self.p.max_size, alive)
         self.starts += [self.t + self.start_s] * d.launch
         self.ready -= d.shrink
 
