@@ -118,8 +118,9 @@ def _add_daemon(sub) -> None:
     p.add_argument("action", choices=["start", "stop", "status"])
     p.add_argument("--foreground", action="store_true", help="start: run in this process")
     p.add_argument("--pool-min", type=int, metavar="N", help="start: warm members per pool")
-    p.add_argument("--pool-max", type=int, metavar="N", help="start: members alive per pool, at most (default 32); the ready "
-                   "target adapts to demand up to this")
+    p.add_argument("--pool-max", type=int, metavar="N",
+                   help="start: members alive per pool, at most (default 32); the ready target adapts to demand "
+                   "up to this")
     p.add_argument("--max-starts", type=int, metavar="N",
                    help="start: sandboxes started at once across all pools (default 4); each pool's refill "
                    "concurrency adapts to its demand up to this")
