@@ -60,6 +60,10 @@ class MissingExtra(BackendUnavailable):
     """A backend needs an optional dependency group that is not installed."""
 
 
+class DaemonUnavailable(AgentKernelError):
+    """No daemon answers (or its connection broke)."""
+
+
 class PolicyNotEnforceable(AgentKernelError):
     """Fail closed: the backend cannot enforce a control the policy asks for."""
 

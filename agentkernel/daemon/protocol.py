@@ -13,6 +13,10 @@ Client -> daemon
   SIGNAL    one byte: a signal number to deliver to the command (proxy mode)
   DONE       result summary of a lease-mode run (for metrics and audit)
 
+  MRUN       {"id": int, "argv": [...], "spec_id": int, "spec": {...} (first use of spec_id only),
+             "timeout", "stdin": bytes | None, "env", "cwd"} (multiplexed mode, below)
+  MCANCEL    {"id": int}: cancel that run (its sandbox is destroyed)
+
 Daemon -> client
   REPLY     : the answer to status/ping/stop, or for "run" either
             {"mode": "lease", "socket": PATH, "env": {...}, "cwd": ..., "sandbox": ID, "hit": bool}
@@ -20,6 +24,16 @@ Daemon -> client
   STDOUT / STDERR  raw output chunks (proxy mode)
   EXIT       {"exit_code", "signal", "timed_out", "oom_killed", "timings"} (proxy mode)
   ERROR      {"message", "hint", "kind"}
+
+  MRESULT    {"id", "exit_code", "signal", "timed_out", "oom_killed", "stdout", "stderr", "truncated",
+             "timings"} (multiplexed mode)
+  MERROR     {"id", "message", "hint", "kind"}: that run failed (kind "Cancelled" after MCANCEL)
+
+Multiplexed mode (REQUEST {"op": "mux"}, answered with REPLY {"ok": True}): the connection then carries
+any number of MRUN frames, pipelined (a client may send many before reading), each answered by exactly
+one MRESULT or MERROR with the same id, in completion order (not request order). Runs execute
+concurrently; output is captured (not streamed). A spec is sent once per connection under a client
+chosen spec_id and referred to by it afterwards. Closing the connection cancels every run still going.
 
 A lease lasts as long as the client's connection: when it closes (command done, client killed or
 disconnected), the daemon destroys that sandbox and refills the pool. Sandboxes are never reused.
@@ -31,8 +45,8 @@ import marshal
 import struct
 
 PROTOCOL_VERSION = 1
-REQUEST, STDIN, STDIN_EOF, SIGNAL, DONE = 1, 2, 3, 4, 5
-REPLY, STDOUT, STDERR, EXIT, ERROR = 11, 12, 13, 14, 15
+REQUEST, STDIN, STDIN_EOF, SIGNAL, DONE, MRUN, MCANCEL = 1, 2, 3, 4, 5, 6, 7
+REPLY, STDOUT, STDERR, EXIT, ERROR, MRESULT, MERROR = 11, 12, 13, 14, 15, 16, 17
 MAX_FRAME = 4 << 20
 _HDR = struct.Struct(">IB")
 

@@ -159,12 +159,13 @@ class Daemon:
                 await backend.start_pool(spec, size or max(self.pool_defaults.min_size, 8), command=command)
         return backend
 
-    async def _run_unpooled(self, backend: Backend, spec: SandboxSpec, req: ExecRequest) -> ExecResult:
+    async def _run_unpooled(self, backend: Backend, spec: SandboxSpec, req: ExecRequest,
+                            via: str = "daemon") -> ExecResult:
         """A fresh one-shot sandbox through the one-shot runner (claimed in the ownership journal while it
         runs, unless the backend runs in this process: nothing of it could outlive a crash)."""
         from ..oneshot import run_async
 
-        return await run_async(backend, spec, req, self.owner, journal=not backend.in_process, via="daemon")
+        return await run_async(backend, spec, req, self.owner, journal=not backend.in_process, via=via)
 
     async def _reap_orphans(self) -> None:
         from ..reap import reap
@@ -196,7 +197,7 @@ class Daemon:
                 + [p.status() for b in self._backends.values() if isinstance(b, InstancePool) for p in b.pools()]}
 
     # -- in-process use (the HTTP API and MCP server run inside the daemon's process: one owner) --
-    async def run(self, spec: SandboxSpec, req: ExecRequest) -> ExecResult:
+    async def run(self, spec: SandboxSpec, req: ExecRequest, *, via: str = "api") -> ExecResult:
         """One command in a fresh sandbox from the warm pool for ``spec`` (or the backend's own one-shot
         path for backends without pools), destroyed afterwards. Cancelling it kills the command and
         destroys the sandbox."""
@@ -207,7 +208,7 @@ class Daemon:
         try:
             if not self.poolable(spec):
                 backend = await self._inproc_backend(spec, req.argv[0])
-                return await self._run_unpooled(backend, spec, req)
+                return await self._run_unpooled(backend, spec, req, via=via)
             pool = self.pool_for(spec)
             member, hit = await pool.acquire()
             acquired = time.perf_counter()
@@ -218,7 +219,7 @@ class Daemon:
             result.timings.update({"acquire_ms": round((acquired - t0) * 1e3, 3), "pooled": 1.0 if hit else 0.0,
                                    "total_ms": round((time.perf_counter() - t0) * 1e3, 3)})
             audit.log("run", id=member.ref.id, backend=spec.backend, image=spec.image, argv=req.argv, pooled=hit,
-                      exit_code=result.exit_code, via="api")
+                      exit_code=result.exit_code, via=via)
             return result
         finally:
             self.active -= 1
@@ -244,7 +245,7 @@ class Daemon:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         fr = P.FrameReader()
         try:
-            req = await _read_request(reader, fr)
+            req, early = await _read_request(reader, fr)
             if req.get("v") != P.PROTOCOL_VERSION:
                 raise AgentKernelError(f"daemon protocol version {req.get('v')!r} is not {P.PROTOCOL_VERSION}",
                                        hint="restart the daemon after upgrading: agentkernel daemon stop")
@@ -258,6 +259,9 @@ class Daemon:
                 self._stopping.set()
             elif op == "run":
                 await self._run(req, reader, writer, fr)
+            elif op == "mux":
+                writer.write(P.oframe(P.REPLY, {"ok": True, "pid": os.getpid()}))
+                await self._mux(reader, writer, fr, early)
             else:
                 writer.write(P.oframe(P.ERROR, {"message": f"unknown op {op!r}", "kind": "ValidationError"}))
             await writer.drain()
@@ -275,6 +279,13 @@ class Daemon:
                 await writer.wait_closed()
             except (ConnectionError, OSError):
                 pass
+
+    async def _mux(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, fr: P.FrameReader,
+                   early: list[tuple[int, bytes]]) -> None:
+        """Multiplexed mode: many pipelined runs on this connection, answered by id in completion order."""
+        from .mux import MuxSession
+
+        await MuxSession(self, reader, writer, fr).serve(early)
 
     async def _run(self, req: dict, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                    fr: P.FrameReader) -> None:
@@ -357,7 +368,8 @@ class Daemon:
             pump.cancel()
 
 
-async def _read_request(reader: asyncio.StreamReader, fr: P.FrameReader) -> dict:
+async def _read_request(reader: asyncio.StreamReader, fr: P.FrameReader) -> tuple[dict, list[tuple[int, bytes]]]:
+    """The connection's first frame (a request), and any frames that arrived with it (pipelined)."""
     while True:
         data = await reader.read(65536)
         if not data:
@@ -367,7 +379,7 @@ async def _read_request(reader: asyncio.StreamReader, fr: P.FrameReader) -> dict
             t, payload = frames[0]
             if t != P.REQUEST:
                 raise AgentKernelError("protocol error: the first frame must be a request")
-            return P.decode(payload)
+            return P.decode(payload), frames[1:]
 
 
 def _send_error(writer: asyncio.StreamWriter, exc: AgentKernelError) -> None:

@@ -1,0 +1,180 @@
+"""The daemon's multiplexed mode (one persistent connection, pipelined runs answered by id in completion
+order) against a real daemon process: ordering, cancellation, per-run errors, pooled and in-process runs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+import time
+
+import pytest
+
+from agentkernel.config import resolve_spec
+from agentkernel.daemon import protocol as P
+from agentkernel.daemon.mux_client import MuxClient
+from agentkernel.errors import ValidationError
+from tests.conftest import ak, require_backend
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    require_backend("wasm")
+    root = tempfile.mkdtemp(prefix="ak-mux-")
+    env = {"AGENTKERNEL_RUNTIME_DIR": os.path.join(root, "run"), "AGENTKERNEL_HOME": os.path.join(root, "home"),
+           "AGENTKERNEL_NO_DAEMON": "0"}
+    r = ak("daemon", "start", "--warm", "wasm", "--warm", "oci", "--pool-min", "1", env=env)
+    assert r.returncode == 0, r.stderr
+    sock = os.path.join(env["AGENTKERNEL_RUNTIME_DIR"], "daemon.sock")
+    yield env, sock
+    ak("daemon", "stop", env=env)
+
+
+def status(env) -> dict:
+    return json.loads(ak("daemon", "status", "--json", env=env).stdout)
+
+
+WASM = resolve_spec({"backend": "wasm"})
+
+
+def test_pipelined_runs_each_get_their_own_answer(daemon):
+    _, sock = daemon
+
+    async def go():
+        async with await MuxClient.connect(sock) as c:
+            rs = await asyncio.gather(*(c.run(["echo", f"run{i}"], WASM) for i in range(300)))
+            assert c.in_flight() == 0
+            return rs
+
+    rs = asyncio.run(go())
+    assert [r["stdout"] for r in rs] == [f"run{i}\n".encode() for i in range(300)]
+    assert all(r["exit_code"] == 0 for r in rs)
+
+
+def test_answers_come_in_completion_order_not_request_order(daemon):
+    _, sock = daemon
+
+    async def go():
+        order: list[str] = []
+        async with await MuxClient.connect(sock) as c:
+            async def one(name, argv):
+                r = await c.run(argv, WASM)
+                order.append(name)
+                return r
+
+            slow = asyncio.ensure_future(one("slow", ["sh", "-c", "sleep 1; echo slow"]))
+            await asyncio.sleep(0)  # the slow run's frame goes out first
+            fast = asyncio.ensure_future(one("fast", ["echo", "fast"]))
+            rs = await asyncio.gather(slow, fast)
+        return order, rs
+
+    order, (slow, fast) = asyncio.run(go())
+    assert order == ["fast", "slow"]
+    assert slow["stdout"] == b"slow\n" and fast["stdout"] == b"fast\n"
+
+
+def test_cancel_one_run_keeps_the_connection_and_the_others(daemon):
+    env, sock = daemon
+
+    async def go():
+        async with await MuxClient.connect(sock) as c:
+            long = asyncio.ensure_future(c.run(["sleep", "30"], WASM))
+            other = asyncio.ensure_future(c.run(["sh", "-c", "sleep 0.5; echo other"], WASM))
+            await asyncio.sleep(0.3)
+            t0 = time.monotonic()
+            long.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await long
+            r = await other
+            after = await c.run(["echo", "after"], WASM)
+            return time.monotonic() - t0, r, after
+
+    took, other, after = asyncio.run(go())
+    assert other["stdout"] == b"other\n" and after["stdout"] == b"after\n"
+    assert took < 5
+    deadline = time.monotonic() + 10
+    while status(env)["active_runs"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert status(env)["active_runs"] == 0  # the cancelled guest was stopped, not left running
+
+
+def test_closing_the_connection_cancels_its_runs(daemon):
+    env, sock = daemon
+
+    async def go():
+        c = await MuxClient.connect(sock)
+        fut = asyncio.ensure_future(c.run(["sleep", "30"], WASM))
+        await asyncio.sleep(0.3)
+        assert status(env)["active_runs"] == 1
+        await c.close()
+        with pytest.raises(Exception):
+            await fut
+
+    asyncio.run(go())
+    deadline = time.monotonic() + 10
+    while status(env)["active_runs"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert status(env)["active_runs"] == 0
+
+
+def test_bad_runs_fail_alone(daemon):
+    _, sock = daemon
+
+    async def go():
+        reader, writer = await asyncio.open_unix_connection(sock)
+        writer.write(P.oframe(P.REQUEST, {"v": P.PROTOCOL_VERSION, "op": "mux"}))
+        writer.write(P.oframe(P.MRUN, {"id": 1, "argv": ["echo", "x"], "spec_id": 9}))  # spec never sent
+        writer.write(P.oframe(P.MRUN, {"id": 2, "argv": "echo", "spec_id": 1, "spec": WASM.to_dict()}))
+        writer.write(P.oframe(P.MRUN, {"id": "x", "argv": ["true"], "spec_id": 1}))
+        writer.write(P.oframe(P.MRUN, {"id": 3, "argv": ["echo", "ok"], "spec_id": 1}))
+        fr = P.FrameReader()
+        got: dict = {}
+        while len(got) < 5:
+            data = await asyncio.wait_for(reader.read(65536), 30)
+            assert data, f"the daemon closed the connection; so far {got}"
+            for t, payload in fr.feed(data):
+                obj = P.decode(payload)
+                got[obj.get("id", "reply")] = (t, obj)
+        writer.close()
+        return got
+
+    got = asyncio.run(go())
+    assert got["reply"][0] == P.REPLY
+    assert got[1][0] == P.MERROR and "unknown spec_id 9" in got[1][1]["message"]
+    assert got[2][0] == P.MERROR and "argv" in got[2][1]["message"]
+    assert got["x"][0] == P.MERROR and "integer id" in got["x"][1]["message"]
+    assert got[3][0] == P.MRESULT and got[3][1]["stdout"] == b"ok\n"
+
+
+def test_client_raises_the_runs_error(daemon):
+    _, sock = daemon
+    spec = resolve_spec({"backend": "oci", "network": True})  # oci refuses network: a policy error
+
+    async def go():
+        async with await MuxClient.connect(sock) as c:
+            with pytest.raises(Exception) as ei:
+                await c.run(["true"], spec)
+            ok = await c.run(["echo", "still"], WASM)
+            return ei.value, ok
+
+    exc, ok = asyncio.run(go())
+    assert "network" in str(exc) and ok["stdout"] == b"still\n"
+    assert not isinstance(exc, ValidationError)
+
+
+def test_pooled_runs_are_multiplexed_too(daemon):
+    require_backend("oci")
+    env, sock = daemon
+    spec = resolve_spec({"backend": "oci"})
+
+    async def go():
+        async with await MuxClient.connect(sock) as c:
+            return await asyncio.gather(*(c.run(["sh", "-c", f"echo oci{i}"], spec) for i in range(6)))
+
+    rs = asyncio.run(go())
+    assert [r["stdout"] for r in rs] == [f"oci{i}\n".encode() for i in range(6)]
+    pools = [p for p in status(env)["pools"] if p.get("backend") == "oci"]
+    assert pools and pools[0]["metrics"]["hits"] + pools[0]["metrics"]["misses"] >= 6
