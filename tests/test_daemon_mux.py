@@ -14,7 +14,7 @@ import pytest
 from agentkernel.config import resolve_spec
 from agentkernel.daemon import protocol as P
 from agentkernel.daemon.mux_client import MuxClient
-from agentkernel.errors import ValidationError
+from agentkernel.errors import DaemonUnavailable, PolicyNotEnforceable, ValidationError
 from tests.conftest import ak, require_backend
 
 pytestmark = pytest.mark.timeout(300)
@@ -110,7 +110,7 @@ def test_closing_the_connection_cancels_its_runs(daemon):
         await asyncio.sleep(0.3)
         assert status(env)["active_runs"] == 1
         await c.close()
-        with pytest.raises(Exception):
+        with pytest.raises(DaemonUnavailable):
             await fut
 
     asyncio.run(go())
@@ -155,7 +155,7 @@ def test_client_raises_the_runs_error(daemon):
 
     async def go():
         async with await MuxClient.connect(sock) as c:
-            with pytest.raises(Exception) as ei:
+            with pytest.raises(PolicyNotEnforceable) as ei:
                 await c.run(["true"], spec)
             ok = await c.run(["echo", "still"], WASM)
             return ei.value, ok

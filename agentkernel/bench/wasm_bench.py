@@ -295,3 +295,37 @@ def daemon_throughput(runs: int = 2000, concurrency: int = 1) -> dict[str, Any]:
         raise RuntimeError(f"{len(errors)} run(s) failed through the daemon: {errors[0]}")
     return {"runs": runs, "concurrency": concurrency, "seconds": round(dt, 3), "runs_per_s": round(runs / dt),
             "latency": _summary(lat, "ms"), **_meta()}
+
+
+def daemon_pipelined(runs: int = 3000, window: int = 64) -> dict[str, Any]:
+    """Runs/second through a running daemon's wasm pool over ONE persistent multiplexed connection
+    (``daemon.mux_client``), ``window`` runs in flight (pipelined), output checked. The daemon must be
+    running with a wasm pool (``agentkernel daemon start --warm wasm``)."""
+    import asyncio
+
+    from ..daemon.mux_client import MuxClient
+    from ..spec import SandboxSpec
+
+    spec = SandboxSpec(backend="wasm")
+    lat: list[float] = []
+
+    async def go() -> float:
+        async with await MuxClient.connect() as c:
+            await c.run(["echo", "hello"], spec)  # the pool for this spec exists and answers
+            sem = asyncio.Semaphore(window)
+
+            async def one() -> None:
+                async with sem:
+                    a = time.perf_counter()
+                    r = await c.run(["echo", "hello"], spec)
+                    lat.append((time.perf_counter() - a) * 1e3)
+                    if r["exit_code"] != 0 or r["stdout"] != b"hello\n":
+                        raise RuntimeError(f"exit {r['exit_code']}, stdout {r['stdout']!r}")
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one() for _ in range(runs)))
+            return time.perf_counter() - t0
+
+    dt = asyncio.run(go())
+    return {"runs": runs, "window": window, "seconds": round(dt, 3), "runs_per_s": round(runs / dt),
+            "latency": _summary(lat, "ms"), **_meta()}
