@@ -20,8 +20,9 @@ def test_short_runs_go_inline_and_a_long_one_is_moved_to_a_thread():
 
     async def go():
         async def run(secs: bytes, timeout: float | None = 30):  # the same key (argv, stdin size) either way
-            return await b.run(spec, ExecRequest(["sh", "-c", "sleep $D; echo slept $D"], env={"D": secs.decode().strip()},
-                                                 timeout=timeout), sandbox_id="t", owner={})
+            req = ExecRequest(["sh", "-c", "sleep $D; echo slept $D"], env={"D": secs.decode().strip()},
+                              timeout=timeout)
+            return await b.run(spec, req, sandbox_id="t", owner={})
 
         first = await run(b"0\n")  # unknown: a worker thread; its cost is recorded
         second = await run(b"0\n")  # fits the budget: inline
