@@ -200,7 +200,3 @@ def resolve_spec(
         )
     except ValidationError as exc:
         raise ConfigError(str(exc)) from None
-
-
-def pool_settings(cfg: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return dict(cfg.get("pool", {}))

@@ -68,7 +68,3 @@ class PolicyNotEnforceable(AgentKernelError):
 
 class SandboxError(AgentKernelError):
     """The engine failed while doing what we asked."""
-
-
-class ExecTimeout(AgentKernelError):
-    exit_code = 124

@@ -152,10 +152,6 @@ class AgentContainerBackend(Backend):
         return {"socket": self._socket(ref), "env": exec_env(ref.handle.get("env"), ref.spec.env, {}),
                 "cwd": ref.spec.workdir}
 
-    async def open_client(self, ref: SandboxRef):
-        """A connection to the sandbox's agent (for attach and other direct use); the caller closes it."""
-        return await self._client(ref)
-
     async def _client(self, ref: SandboxRef):
         from ..agent.client import AgentClient
 
