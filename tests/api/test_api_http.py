@@ -156,7 +156,7 @@ def test_run_stream_disconnect_kills_command_and_destroys_sandbox(server, alice)
     # the response is closed: the client went away mid-stream
     assert wait_until(lambda: not host_processes(f"sleep {marker}"), 20), host_processes(f"sleep {marker}")
     assert wait_until(lambda: cname not in containers(), 30), f"{cname} was not destroyed"
-    m = httpx.get(server.url + "/metrics", headers=auth()).text
+    m = httpx.get(server.url + "/metrics", headers=auth("ops")).text
     assert "agentkernel_stream_disconnects_total 0" not in m
 
 
