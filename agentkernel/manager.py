@@ -189,6 +189,7 @@ async def _gated_run(backend: Backend, spec: SandboxSpec, req: ExecRequest, sid:
     async with gate:
         t_gate = time.perf_counter()
         ref = await backend.create(spec, sandbox_id=sid, owner=who)
+        t_created = time.perf_counter()
         try:
             await backend.start(ref)
         except BaseException:
@@ -201,7 +202,8 @@ async def _gated_run(backend: Backend, spec: SandboxSpec, req: ExecRequest, sid:
         t_exec = time.perf_counter()
         await backend.remove(ref)
     t_end = time.perf_counter()
-    result.timings.update({"start_wait_ms": (t_gate - t0) * 1e3, "start_ms": (t_started - t_gate) * 1e3,
+    result.timings.update({"start_wait_ms": (t_gate - t0) * 1e3, "create_ms": (t_created - t_gate) * 1e3,
+                           "start_ms": (t_started - t_created) * 1e3,
                            "exec_ms": (t_exec - t_started) * 1e3, "remove_ms": (t_end - t_exec) * 1e3,
                            "total_ms": (t_end - t0) * 1e3})
     return result

@@ -44,14 +44,17 @@ def add_parsers(sub, want) -> None:
         p.add_argument("-c", "--config", help="agentkernel.toml to use")
 
 
-def _server_setup(args, host: str):
-    """config, tokens and the policy for remote callers, checked before anything listens."""
+def _server_setup(args, host: str, *, with_tokens: bool = True):
+    """config, tokens and the policy for remote callers, checked before anything listens (``with_tokens``
+    False: MCP over stdio, where the caller is the local user and no token is used)."""
     from .. import config
-    from ..api.auth import admin_names, check_bind, load_tokens, tenants
+    from ..api.auth import TokenSet, admin_names, check_bind, load_tokens, tenants
     from ..api.policy import ServerPolicy
 
     cfg_path = config.find_config(getattr(args, "config", None), os.getcwd())
     cfg = config.load_config(cfg_path)
+    if not with_tokens:
+        return cfg, TokenSet(), ServerPolicy.from_config(cfg, admin_names=admin_names(), local_tenant="local")
     tokens = load_tokens(config=cfg, config_path=cfg_path, cwd=os.getcwd())
     check_bind(host, tokens)
     policy = ServerPolicy.from_config(cfg, token_tenants=tenants(tokens) if tokens else None,
@@ -116,8 +119,7 @@ def mcp(args) -> int:
 
     logging.basicConfig(level=os.environ.get("AGENTKERNEL_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    host = args.host if args.transport == "http" else "127.0.0.1"
-    cfg, tokens, policy = _server_setup(args, host)
+    cfg, tokens, policy = _server_setup(args, args.host, with_tokens=args.transport == "http")
     svc = Service(config=cfg, pool_min=args.pool_min, pool_max=args.pool_max, warm=args.warm, policy=policy)
     if args.transport == "stdio":
         asyncio.run(serve_stdio(svc))

@@ -266,3 +266,42 @@ def test_create_whose_start_fails_leaves_no_record(tmp_path, monkeypatch):
     asyncio.run(go())
     out = subprocess.run(["podman", "ps", "-a", "--format", "{{.Names}}"], capture_output=True, text=True).stdout
     assert name not in out
+
+
+def test_cold_starts_share_the_start_limiter(tmp_path):
+    """A pool miss and a cold (``fast: false``) run wait for the start slot that refills use: while every slot
+    is held, neither starts a sandbox."""
+    from agentkernel import owner
+    from agentkernel.backends import get_backend
+    from agentkernel.backends.base import ExecRequest
+    from agentkernel.config import resolve_spec
+    from agentkernel.manager import SandboxManager
+    from agentkernel.pool import PoolConfig, WarmPool
+    from agentkernel.store import Store
+
+    async def go():
+        sem = asyncio.Semaphore(1)
+        spec = resolve_spec({"backend": "podman"})
+        pool = WarmPool(spec, get_backend("podman"), PoolConfig(min_size=0, max_size=2, wait_s=0.1), sem,
+                        owner.current_owner())
+        await sem.acquire()  # a refill holds the only start slot
+        task = asyncio.create_task(pool.acquire())
+        await asyncio.sleep(1.5)
+        assert not task.done(), "a pool miss started a sandbox past the start limiter"
+        sem.release()
+        member, hit = await asyncio.wait_for(task, 60)
+        assert not hit
+        pool.release(member)
+        await pool.close()
+
+        mgr = SandboxManager(Store(str(tmp_path / "state.db")))
+        await sem.acquire()
+        run = asyncio.create_task(mgr.run(spec, ExecRequest(["true"], timeout=30), start_gate=sem))
+        await asyncio.sleep(1.5)
+        assert not run.done(), "a cold run started a sandbox past the start limiter"
+        sem.release()
+        result = await asyncio.wait_for(run, 60)
+        assert result.exit_code == 0 and result.timings["start_wait_ms"] >= 1000
+        await mgr.aclose()
+
+    asyncio.run(go())
