@@ -14,7 +14,8 @@ than its ``CallerPolicy`` allows, whatever the request says:
   batch (beyond them: 429 with Retry-After).
 
 Host mounts are never made on behalf of a remote caller: ``mount_cwd`` (the *server's* working
-directory) is always off, and backend options that name host paths (wasm ``preopen``) are refused.
+directory) is always off, and backend options that name host paths (wasm ``preopen``) are refused. The
+server's token variables (``AGENTKERNEL_API_*``) are never passed into a sandbox through ``pass_env``.
 
 Configured in agentkernel.toml::
 
@@ -54,6 +55,7 @@ TENANT_KEYS = {"name", *POLICY_KEYS}
 
 _RESOURCES = (("memory_mb", "max_memory_mb"), ("vcpus", "max_vcpus"), ("pids", "max_pids"), ("disk_mb", "max_disk_mb"))
 HOST_PATH_OPTIONS = ("preopen",)  # backend options that hand a host path to the sandbox
+SERVER_SECRET_PREFIX = "AGENTKERNEL_API_"  # the server's token variables: never passed into a sandbox
 
 
 @dataclass(frozen=True)
@@ -127,9 +129,12 @@ class CallerPolicy:
             ceiling = getattr(self, key)
             if ceiling is not None and (res.get(r) is None or res[r] > ceiling):
                 res[r] = ceiling
+        # the server's own credentials never ride along on pass_env
+        env = {k: v for k, v in spec.env.items() if not (k in pol["pass_env"] and k.startswith(SERVER_SECRET_PREFIX))}
         from ..spec import Policy, Resources
 
-        return spec.replace(policy=Policy.from_dict(pol, "policy"), resources=Resources.from_dict(res, "resources"))
+        return spec.replace(policy=Policy.from_dict(pol, "policy"), resources=Resources.from_dict(res, "resources"),
+                            env=env)
 
 
 @dataclass

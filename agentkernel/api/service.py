@@ -118,7 +118,7 @@ class Service:
         self.manager = SandboxManager(store)
         self.metrics = Metrics()
         self.policy = policy or ServerPolicy()
-        self.admission = Admission(self.policy, self.manager.store)
+        self.admission = Admission(self.policy, lambda: self.manager.store)
         self.daemon = None
         self.default_timeout = default_timeout
         self._pool_args = {"min": pool_min, "max": pool_max}
@@ -203,14 +203,16 @@ class Service:
         the same start limiter as pool refills). Cancelling this kills the command and destroys the
         sandbox. ``admitted``: the caller already holds an admission for it (a batch)."""
         check_image(spec)
-        if fast and self.daemon is not None:
-            work = self.daemon.run(spec, req)
-        else:
-            work = self.manager.run(spec, req, start_gate=self.start_gate())
-        if admitted:
+        ticket = None if admitted else self.admission.runs(tenant, 1, oneshot=True)
+        try:
+            if fast and self.daemon is not None:
+                work = self.daemon.run(spec, req)
+            else:
+                work = self.manager.run(spec, req, start_gate=self.start_gate())
             return await self._counted("run", spec.backend, work, tenant)
-        with self.admission.runs(tenant, 1, oneshot=True):
-            return await self._counted("run", spec.backend, work, tenant)
+        finally:
+            if ticket is not None:
+                ticket.release()
 
     async def batch(self, tenant: str, jobs: list[tuple[SandboxSpec, ExecRequest]]) -> list[ExecResult | Exception]:
         """Several one-shot runs in parallel, admitted all at once (or refused with 429)."""
@@ -293,11 +295,16 @@ class Service:
         await self.manager.stop(name, tenant)
         return await self.info(tenant, name)
 
-    async def exec(self, tenant: str, name: str, req: ExecRequest) -> ExecResult:
+    async def exec(self, tenant: str, name: str, req: ExecRequest, *, admitted: bool = False) -> ExecResult:
+        """``admitted``: the caller already holds an admission for it (a stream)."""
         validate_name(name)
         rec = self.manager.get(name, tenant)
-        with self.admission.runs(tenant, 1, oneshot=False):
+        ticket = None if admitted else self.admission.runs(tenant, 1, oneshot=False)
+        try:
             return await self._counted("exec", rec.backend, self.manager.exec(name, req, tenant), tenant)
+        finally:
+            if ticket is not None:
+                ticket.release()
 
     async def write_file(self, tenant: str, name: str, path: str, data: bytes | AsyncIterator[bytes],
                          mode: int | None = None) -> int:
@@ -388,15 +395,16 @@ class Admission:
 
     def __init__(self, policy: ServerPolicy, store) -> None:
         self.policy = policy
-        self.store = store
+        self._store = store  # () -> Store: opened on first use
         self.runs_by: dict[str, int] = {}
         self.oneshots_by: dict[str, int] = {}
         self.creating_by: dict[str, int] = {}
 
     def live(self, tenant: str | None = None) -> int:
+        store = self._store()
         if tenant is None:
-            return self.store.count() + sum(self.oneshots_by.values()) + sum(self.creating_by.values())
-        return self.store.count(tenant) + self.oneshots_by.get(tenant, 0) + self.creating_by.get(tenant, 0)
+            return store.count() + sum(self.oneshots_by.values()) + sum(self.creating_by.values())
+        return store.count(tenant) + self.oneshots_by.get(tenant, 0) + self.creating_by.get(tenant, 0)
 
     def _refuse(self, what: str) -> None:
         raise TooManyRequests(what, retry_after=self.RETRY_AFTER_S,
@@ -409,9 +417,9 @@ class Admission:
         if self.live() + n > self.policy.server_max_sandboxes:
             self._refuse(f"too many live sandboxes on this server (limit {self.policy.server_max_sandboxes})")
 
-    def runs(self, tenant: str, n: int, *, oneshot: bool, batch: bool = False):
-        import contextlib
-
+    def runs(self, tenant: str, n: int, *, oneshot: bool, batch: bool = False) -> Ticket:
+        """Admit ``n`` runs (``oneshot``: each in a fresh sandbox) or execs now, or refuse with 429. The
+        returned ticket holds them until it is released (it is a context manager too)."""
         caller = self.policy.for_tenant(tenant)
         if batch and n > caller.max_batch:
             self._refuse(f"a batch of {n} commands is above this caller's limit of {caller.max_batch}")
@@ -421,35 +429,33 @@ class Admission:
             self._refuse(f"too many concurrent runs on this server (limit {self.policy.server_max_runs})")
         if oneshot:
             self._check_live(tenant, n)
+        counters = [self.runs_by, self.oneshots_by] if oneshot else [self.runs_by]
+        return Ticket(counters, tenant, n)
 
-        @contextlib.contextmanager
-        def held():
-            self.runs_by[tenant] = self.runs_by.get(tenant, 0) + n
-            if oneshot:
-                self.oneshots_by[tenant] = self.oneshots_by.get(tenant, 0) + n
-            try:
-                yield
-            finally:
-                self.runs_by[tenant] -= n
-                if oneshot:
-                    self.oneshots_by[tenant] -= n
-
-        return held()
-
-    def creating(self, tenant: str):
-        import contextlib
-
+    def creating(self, tenant: str) -> Ticket:
+        """Admit one named sandbox being created (it counts as live until the store holds it)."""
         self._check_live(tenant, 1)
+        return Ticket([self.creating_by], tenant, 1)
 
-        @contextlib.contextmanager
-        def held():
-            self.creating_by[tenant] = self.creating_by.get(tenant, 0) + 1
-            try:
-                yield
-            finally:
-                self.creating_by[tenant] -= 1
 
-        return held()
+class Ticket:
+    """Admitted work, counted from admission until ``release`` (idempotent) or the end of a ``with``."""
+
+    def __init__(self, counters: list[dict[str, int]], tenant: str, n: int) -> None:
+        self._counters, self._tenant, self._n = counters, tenant, n
+        for c in counters:
+            c[tenant] = c.get(tenant, 0) + n
+
+    def release(self) -> None:
+        for c in self._counters:
+            c[self._tenant] -= self._n
+        self._counters = []
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 async def _empty():

@@ -9,6 +9,7 @@ import concurrent.futures
 import os
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -198,6 +199,13 @@ def test_limits_answer_429_with_retry_after(tmp_path):
         with concurrent.futures.ThreadPoolExecutor(8) as ex:
             rs = list(ex.map(run, ["alice", "alice", "bob", "bob", "fuzz", "fuzz"]))
         assert sum(r.status_code == 200 for r in rs) <= 3, [r.status_code for r in rs]
+        # a stream is admitted before it starts: the 429 is a plain HTTP answer, not an SSE error event
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            futs = [ex.submit(run, "alice") for _ in range(2)]
+            time.sleep(1.0)
+            r = httpx.post(srv.url + "/run/stream", json={"command": ["true"]}, headers=auth(), timeout=30)
+            assert r.status_code == 429 and "Retry-After" in r.headers, r.text
+            assert [f.result().status_code for f in futs] == [200, 200]
         r = httpx.post(srv.url + "/batch/run", json={"commands": [{"command": ["true"]}] * 4}, headers=auth(),
                        timeout=60)
         assert r.status_code == 429 and "batch of 4" in r.json()["error"] and "Retry-After" in r.headers, r.text

@@ -47,13 +47,14 @@ async def run_stream(body: M.RunRequest, tenant: Tenant, svc: Svc, compat: bool 
     check_image(spec)  # before the stream starts: errors are plain HTTP errors
     svc.exec_request(body.command, env=body.env, cwd=_cwd(body), timeout=body.timeout, stdin=body.stdin)
     started = {"command": body.command, "fast": body.fast is not False, "backend": spec.backend, "image": spec.image}
+    ticket = svc.admission.runs(tenant, 1, oneshot=True)  # a 429 is a plain HTTP error, before the stream
 
     def start(on_output):
         req = svc.exec_request(body.command, env=body.env, cwd=_cwd(body), timeout=body.timeout,
                                stdin=body.stdin, on_output=on_output, output_limit=STREAM_OUTPUT_LIMIT)
-        return svc.run(tenant, spec, req, fast=body.fast is not False)
+        return svc.run(tenant, spec, req, fast=body.fast is not False, admitted=True)
 
-    return EventStream(stream_producer(start, started, compat, encoding), count_disconnect(svc))
+    return EventStream(stream_producer(start, started, compat, encoding), count_disconnect(svc), ticket.release)
 
 
 @router.post("/batch/run", response_model=M.Envelope[M.BatchRunResponse])

@@ -77,11 +77,12 @@ async def exec_stream(name: str, body: M.ExecRequestBody, tenant: Tenant, svc: S
     _exec_req(svc, body)  # validate before the stream starts (errors are plain HTTP errors)
     rec = svc.manager.get(validate_name(name), tenant)
     started = {"command": body.command, "sandbox": name, "backend": rec.backend}
+    ticket = svc.admission.runs(tenant, 1, oneshot=False)  # a 429 is a plain HTTP error, before the stream
 
     def start(on_output):
-        return svc.exec(tenant, name, _exec_req(svc, body, on_output, STREAM_OUTPUT_LIMIT))
+        return svc.exec(tenant, name, _exec_req(svc, body, on_output, STREAM_OUTPUT_LIMIT), admitted=True)
 
-    return EventStream(stream_producer(start, started, compat, encoding), count_disconnect(svc))
+    return EventStream(stream_producer(start, started, compat, encoding), count_disconnect(svc), ticket.release)
 
 
 @router.get("/sandboxes/{name}/logs", response_model=M.Envelope[list[dict[str, Any]]])
