@@ -1,9 +1,11 @@
-"""Interactive attach: a PTY session in a named sandbox over a websocket (Origin checked by the guard)."""
+"""Interactive attach: a PTY session in a named sandbox over a websocket (Origin checked by the guard; a
+session counts against the caller's concurrent runs)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, WebSocket
 
+from ...errors import TooManyRequests
 from ..auth import LOCAL_TENANT, bearer
 
 router = APIRouter()
@@ -21,4 +23,12 @@ async def attach_ws(websocket: WebSocket, name: str):
             svc.metrics.auth_failures += 1
             await websocket.close(code=1008, reason="unauthorized")
             return
-    await serve_websocket(websocket, svc, tenant, name)
+    try:
+        ticket = svc.admission.runs(tenant, 1, oneshot=False)  # a session counts as a concurrent run
+    except TooManyRequests as exc:
+        await websocket.close(code=1013, reason=exc.message[:120])  # 1013: try again later
+        return
+    try:
+        await serve_websocket(websocket, svc, tenant, name)
+    finally:
+        ticket.release()
