@@ -100,7 +100,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     )
     app.state.service = svc
     app.state.settings = settings
-    app.add_middleware(RequestGuard, settings=settings, metrics=svc.metrics)
+    app.add_middleware(RequestGuard, tokens=settings.tokens, allowed_origins=settings.policy.allowed_origins,
+                       metrics=svc.metrics, json_limit=settings.json_limit, raw_file_limit=settings.raw_file_limit)
     _error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)

@@ -32,27 +32,31 @@ class BodyTooLarge(HTTPException):
 
 
 class RequestGuard:
-    def __init__(self, app, settings, metrics) -> None:
+    def __init__(self, app, *, tokens, allowed_origins: frozenset[str], metrics, json_limit: int = JSON_BODY_LIMIT,
+                 raw_file_limit: int = RAW_FILE_LIMIT) -> None:
         self.app = app
-        self.settings = settings
+        self.tokens = tokens
+        self.allowed_origins = allowed_origins
         self.metrics = metrics
+        self.json_limit = json_limit
+        self.raw_file_limit = raw_file_limit
 
     def _limit(self, scope) -> int:
         path, method = scope.get("path", ""), scope.get("method", "")
         if method == "PUT" and "/files/" in path:
             ctype = dict(scope.get("headers") or []).get(b"content-type", b"").split(b";")[0].strip()
-            return JSON_FILE_LIMIT if ctype == b"application/json" else self.settings.raw_file_limit
-        return self.settings.json_limit
+            return JSON_FILE_LIMIT if ctype == b"application/json" else self.raw_file_limit
+        return self.json_limit
 
     def _refusal(self, scope, headers: dict[bytes, bytes]) -> str | None:
         """Why this request is refused before any route sees it, or None."""
         raw = headers.get(b"origin")
         origin = raw.decode("latin-1") if raw is not None else None
         if scope["type"] == "websocket" or scope.get("method", "") not in SAFE_METHODS:
-            why = check_origin(origin, self.settings.policy.allowed_origins)
+            why = check_origin(origin, self.allowed_origins)
             if why:
                 return why
-        if not self.settings.tokens and not loopback_request(headers):
+        if not self.tokens and not loopback_request(headers):
             # no token: only pages/tools on this host may talk to us (DNS-rebinding and cross-site guard)
             return "without an API token only loopback Host/Origin headers are accepted"
         return None

@@ -336,15 +336,8 @@ def http_app(svc, tokens: TokenSet, host: str):
 
     inner = build_server(svc, tokens).streamable_http_app(streamable_http_path="/mcp", stateless_http=True,
                                                            host=host)
-    authed = mcp_auth(inner, tokens, svc)
-
-    class _Settings:
-        pass
-
-    settings = _Settings()
-    settings.tokens, settings.policy = tokens, svc.policy
-    settings.raw_file_limit = settings.json_limit = 1 << 20
-    guarded = RequestGuard(authed, settings, svc.metrics)
+    guarded = RequestGuard(mcp_auth(inner, tokens, svc), tokens=tokens, allowed_origins=svc.policy.allowed_origins,
+                           metrics=svc.metrics)
 
     async def app(scope, receive, send):
         if scope["type"] == "lifespan":

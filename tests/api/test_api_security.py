@@ -145,6 +145,33 @@ def test_origin_null_and_foreign_origins_refused(tmp_path):
         assert srv.stop() == 0
 
 
+def test_standalone_mcp_http_has_the_same_guard(tmp_path):
+    from api_helpers import free_port
+
+    port = free_port()
+    env = dict(os.environ, AGENTKERNEL_API_TOKENS=",".join(f"{k}={v}" for k, v in TOKENS.items()))
+    env.pop("AGENTKERNEL_API_KEY", None)
+    proc = subprocess.Popen([sys.executable, "-m", "agentkernel", "mcp", "--transport", "http", "--port", str(port),
+                             "--pool-min", "0"], cwd=str(tmp_path), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}/mcp"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.post(url, json={}, timeout=5)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
+                time.sleep(0.2)
+        assert r.status_code == 401, r.text
+        r = httpx.post(url, json={}, headers={"Origin": "null", **auth()}, timeout=5)
+        assert r.status_code == 403 and "Origin: null" in r.json()["error"], r.text
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def _ws_refused(url: str, origin: str) -> None:
     from websockets.asyncio.client import connect
     from websockets.exceptions import InvalidStatus
