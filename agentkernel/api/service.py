@@ -7,12 +7,13 @@ it, so another tenant's sandbox is simply not found.
 The service owns, once for HTTP and MCP, the turning of a request into a spec or an exec request: the
 checks of names, paths, environment and arguments, the server's policy for remote callers
 (``policy.py``: allowed backends/profiles/network, resource ceilings, no host mounts) and the admission
-limits (live sandboxes, concurrent runs, batch size: 429 beyond them).
+limits (``admission.py``: live sandboxes, concurrent runs, batch size: 429 beyond them).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import math
 import os
@@ -23,9 +24,10 @@ from typing import Any
 
 from .. import audit
 from ..backends.base import ExecRequest, ExecResult
-from ..errors import AgentKernelError, NotFound, PolicyNotEnforceable, TooManyRequests, ValidationError
+from ..errors import AgentKernelError, NotFound, PolicyNotEnforceable, ValidationError
 from ..manager import SandboxManager
 from ..spec import SandboxSpec, check_sandbox_path, validate_name
+from .admission import Admission
 from .metrics import Metrics
 from .policy import ServerPolicy
 
@@ -255,7 +257,7 @@ class Service:
         check_image(spec)
         with self.admission.creating(tenant):
             gate = self.start_gate()
-            async with gate if gate is not None else _nullcontext():
+            async with gate if gate is not None else contextlib.nullcontext():
                 rec = await self.manager.create(spec, start=False, tenant=tenant)
                 if start:
                     try:
@@ -376,86 +378,6 @@ def refuse_unsupported(**fields: Any) -> None:
     if bad:
         raise PolicyNotEnforceable(f"not supported by this server: {', '.join(bad)}",
                                    hint="remove these fields from the request")
-
-
-class _nullcontext:
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-
-class Admission:
-    """Live sandboxes (named + one-shot runs in flight), concurrent runs+execs and batch sizes, per
-    tenant and for the whole server. Checked and counted synchronously on the event loop, so two
-    requests cannot both take the last slot. Beyond a limit: ``TooManyRequests`` (429, Retry-After)."""
-
-    RETRY_AFTER_S = 1
-
-    def __init__(self, policy: ServerPolicy, store) -> None:
-        self.policy = policy
-        self._store = store  # () -> Store: opened on first use
-        self.runs_by: dict[str, int] = {}
-        self.oneshots_by: dict[str, int] = {}
-        self.creating_by: dict[str, int] = {}
-
-    def live(self, tenant: str | None = None) -> int:
-        store = self._store()
-        if tenant is None:
-            return store.count() + sum(self.oneshots_by.values()) + sum(self.creating_by.values())
-        return store.count(tenant) + self.oneshots_by.get(tenant, 0) + self.creating_by.get(tenant, 0)
-
-    def _refuse(self, what: str) -> None:
-        raise TooManyRequests(what, retry_after=self.RETRY_AFTER_S,
-                              hint="wait for runs to finish or remove sandboxes, then retry")
-
-    def _check_live(self, tenant: str, n: int) -> None:
-        caller = self.policy.for_tenant(tenant)
-        if self.live(tenant) + n > caller.max_sandboxes:
-            self._refuse(f"too many live sandboxes for this caller (limit {caller.max_sandboxes})")
-        if self.live() + n > self.policy.server_max_sandboxes:
-            self._refuse(f"too many live sandboxes on this server (limit {self.policy.server_max_sandboxes})")
-
-    def runs(self, tenant: str, n: int, *, oneshot: bool, batch: bool = False) -> Ticket:
-        """Admit ``n`` runs (``oneshot``: each in a fresh sandbox) or execs now, or refuse with 429. The
-        returned ticket holds them until it is released (it is a context manager too)."""
-        caller = self.policy.for_tenant(tenant)
-        if batch and n > caller.max_batch:
-            self._refuse(f"a batch of {n} commands is above this caller's limit of {caller.max_batch}")
-        if self.runs_by.get(tenant, 0) + n > caller.max_runs:
-            self._refuse(f"too many concurrent runs for this caller (limit {caller.max_runs})")
-        if sum(self.runs_by.values()) + n > self.policy.server_max_runs:
-            self._refuse(f"too many concurrent runs on this server (limit {self.policy.server_max_runs})")
-        if oneshot:
-            self._check_live(tenant, n)
-        counters = [self.runs_by, self.oneshots_by] if oneshot else [self.runs_by]
-        return Ticket(counters, tenant, n)
-
-    def creating(self, tenant: str) -> Ticket:
-        """Admit one named sandbox being created (it counts as live until the store holds it)."""
-        self._check_live(tenant, 1)
-        return Ticket([self.creating_by], tenant, 1)
-
-
-class Ticket:
-    """Admitted work, counted from admission until ``release`` (idempotent) or the end of a ``with``."""
-
-    def __init__(self, counters: list[dict[str, int]], tenant: str, n: int) -> None:
-        self._counters, self._tenant, self._n = counters, tenant, n
-        for c in counters:
-            c[tenant] = c.get(tenant, 0) + n
-
-    def release(self) -> None:
-        for c in self._counters:
-            c[self._tenant] -= self._n
-        self._counters = []
-
-    def __enter__(self) -> Ticket:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 async def _empty():
