@@ -171,9 +171,11 @@ class SandboxManager:
         return out
 
     # -- one-shot --
-    async def run(self, spec: SandboxSpec, req: ExecRequest) -> ExecResult:
-        """A fresh sandbox for one command, destroyed afterwards; owned by this process meanwhile."""
+    async def run(self, spec: SandboxSpec, req: ExecRequest, *, start_gate=None) -> ExecResult:
+        """A fresh sandbox for one command, destroyed afterwards; owned by this process meanwhile.
+        ``start_gate`` (a semaphore: the daemon's start limiter) bounds its create+start, not its command."""
         spec = spec.replace(backend=canonical(spec.backend))
         from .oneshot import run_async
 
-        return await run_async(self.backend_for(spec.backend, spec.options), spec, req, self._owner(named=False))
+        return await run_async(self.backend_for(spec.backend, spec.options), spec, req, self._owner(named=False),
+                               start_gate=start_gate)

@@ -49,17 +49,46 @@ def run_outcome(backend: Backend, spec: SandboxSpec, argv: list[str], stdio: Std
 
 
 async def run_async(backend: Backend, spec: SandboxSpec, req: ExecRequest, own: dict[str, Any],
-                    *, journal: bool = True, via: str | None = None) -> ExecResult:
+                    *, journal: bool = True, via: str | None = None, start_gate: Any = None) -> ExecResult:
     """The asyncio one-shot (manager, daemon, in-process API): the same claim -> run -> release ->
-    audit around ``backend.run``. ``journal=False`` for backends whose runs live in this process only."""
+    audit around ``backend.run``. ``journal=False`` for backends whose runs live in this process only.
+    ``start_gate`` (a semaphore: the daemon's start limiter) bounds the sandbox's create+start, not its
+    command."""
     backend.check(spec)
     sid = owner.new_id("run")
-    if journal:
-        with _Claim(backend, sid, own):
-            result = await backend.run(spec, req, sandbox_id=sid, owner=own)
+    if start_gate is None or backend.in_process:
+        work = backend.run(spec, req, sandbox_id=sid, owner=own)
     else:
-        result = await backend.run(spec, req, sandbox_id=sid, owner=own)
+        work = _gated_run(backend, spec, req, sid, own, start_gate)
+    if journal:
+        with _Claim(backend, sid, own, keep_on_error=False):
+            result = await work
+    else:
+        result = await work
     _audit(backend, spec, sid, req.argv, result.exit_code, result.timed_out, result.oom_killed, via=via)
+    return result
+
+
+async def _gated_run(backend: Backend, spec: SandboxSpec, req: ExecRequest, sid: str, who: dict[str, Any],
+                     gate: Any) -> ExecResult:
+    """``Backend.run`` with its ``create_started`` (create + start, one engine call where the engine has
+    one) inside ``gate``; ``create_ms`` in the timings covers both, ``start_wait_ms`` the wait for the gate."""
+    import time
+
+    t0 = time.perf_counter()
+    async with gate:
+        t_gate = time.perf_counter()
+        ref = await backend.create_started(spec, sandbox_id=sid, owner=who)
+    t_started = time.perf_counter()
+    try:
+        result = await backend.exec(ref, req)
+    finally:
+        t_exec = time.perf_counter()
+        await backend.remove(ref)
+    t_end = time.perf_counter()
+    result.timings.update({"start_wait_ms": (t_gate - t0) * 1e3, "create_ms": (t_started - t_gate) * 1e3,
+                           "exec_ms": (t_exec - t_started) * 1e3, "remove_ms": (t_end - t_exec) * 1e3,
+                           "total_ms": (t_end - t0) * 1e3})
     return result
 
 
@@ -84,19 +113,21 @@ def _run_async(backend: Backend, spec: SandboxSpec, argv: list[str], stdio: Stdi
 
 
 class _Claim:
-    """The ownership-journal claim around one run (see the module docstring for when it is kept)."""
+    """The ownership-journal claim around one run (see the module docstring for when it is kept).
+    ``keep_on_error=False`` (asyncio runs: the backend's ``run`` removes what it made in ``finally``,
+    also when cancelled, and this process lives on): always released."""
 
-    __slots__ = ("backend", "owner", "sid")
+    __slots__ = ("backend", "keep_on_error", "owner", "sid")
 
-    def __init__(self, backend: Backend, sid: str, own: dict[str, Any]) -> None:
-        self.backend, self.sid, self.owner = backend, sid, own
+    def __init__(self, backend: Backend, sid: str, own: dict[str, Any], *, keep_on_error: bool = True) -> None:
+        self.backend, self.sid, self.owner, self.keep_on_error = backend, sid, own, keep_on_error
 
     def __enter__(self) -> _Claim:
         owner.claim(self.backend.name, self.sid, self.backend.planned_handle(self.sid), self.owner)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None or issubclass(exc_type, AgentKernelError):
+        if exc_type is None or not self.keep_on_error or issubclass(exc_type, AgentKernelError):
             owner.release(self.backend.name, self.sid)
 
 

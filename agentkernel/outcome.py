@@ -1,17 +1,39 @@
 """How a command ended, rendered once: the exit code the CLI returns and the notes a user sees.
 
 Every run path (one-shot on any backend, the daemon's lease and proxy modes, ``--keep``) ends in
-``render``: one ``EXIT_TIMEOUT``, one wording for timeouts, OOM kills and signals. Hot path: no
-imports beyond what the caller already has.
+``render``: one ``EXIT_TIMEOUT``, one wording for timeouts, OOM kills and signals. ``Outcome`` is
+defined here (the contract, ``backends.base``, re-exports it) so the warm path need not import the
+contract. Hot path: no imports beyond what the caller already has.
 """
 
 from __future__ import annotations
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from .backends.base import ExecResult, Outcome
+    from .backends.base import ExecResult
 
 EXIT_TIMEOUT = 124  # like coreutils' timeout(1)
+
+
+class Outcome:
+    """How one one-shot command ended (``OneShot.run_oneshot``). ``exit_code`` is the command's status
+    (128+N when killed by signal N); ``timed_out`` means the sandbox was killed at the deadline (the
+    renderer turns it into exit 124); ``oom`` means the out-of-memory killer struck; ``note`` is a
+    backend-specific line for the user, or None."""
+
+    __slots__ = ("exit_code", "note", "oom", "signal", "timed_out")
+
+    def __init__(self, exit_code: int, *, signal: int | None = None, timed_out: bool = False, oom: bool = False,
+                 note: str | None = None) -> None:
+        self.exit_code = exit_code
+        self.signal = signal
+        self.timed_out = timed_out
+        self.oom = oom
+        self.note = note
+
+    def __repr__(self) -> str:
+        return (f"Outcome(exit_code={self.exit_code}, signal={self.signal}, timed_out={self.timed_out}, "
+                f"oom={self.oom}, note={self.note!r})")
 
 # signals a user sends on purpose (Ctrl-C, kill, a closed pipe): the exit code says enough
 _QUIET_SIGNALS = frozenset((1, 2, 13, 15))  # SIGHUP, SIGINT, SIGPIPE, SIGTERM
@@ -60,6 +82,4 @@ def render(outcome: Outcome, *, timeout: float | None, memory_mb: int | None) ->
 
 
 def from_result(result: ExecResult) -> Outcome:
-    from .backends.base import Outcome
-
     return Outcome(result.exit_code, signal=result.signal, timed_out=result.timed_out, oom=result.oom_killed)

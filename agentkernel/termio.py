@@ -17,8 +17,6 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
     from typing import Any
 
-    from .backends.base import Stdio
-
 # what a terminal user sends that the command, not agentkernel, should get
 FORWARDED_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
 
@@ -61,10 +59,23 @@ def stdin_forwardable(fd: int = 0) -> bool:
     return True
 
 
+class Stdio:
+    """The caller's standard streams for a one-shot: file descriptors to read stdin from and write
+    stdout/stderr to (byte-exact, separate), and whether stdin is forwarded at all (False: the command
+    sees an empty stdin). ``caller_stdio()`` builds the CLI's. Part of the backend contract
+    (``backends.base`` re-exports it)."""
+
+    __slots__ = ("forward_stdin", "stderr", "stdin", "stdout")
+
+    def __init__(self, stdin: int = 0, stdout: int = 1, stderr: int = 2, *, forward_stdin: bool = True) -> None:
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self.forward_stdin = forward_stdin
+
+
 def caller_stdio() -> Stdio:
     """The CLI process's own fds 0/1/2, stdin forwarded when it carries anything."""
-    from .backends.base import Stdio
-
     return Stdio(0, 1, 2, forward_stdin=stdin_forwardable(0))
 
 

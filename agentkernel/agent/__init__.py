@@ -11,10 +11,10 @@ from __future__ import annotations
 from .protocol import (
     AgentConnectionLost,
     AgentError,
+    AgentExecResult,
     AgentInfo,
-    ExecResult,
+    AgentProtocolError,
     ExitStatus,
-    ProtocolError,
     StatResult,
     exit_code_for,
 )
@@ -22,10 +22,10 @@ from .protocol import (
 __all__ = [
     "AgentConnectionLost",
     "AgentError",
+    "AgentExecResult",
     "AgentInfo",
-    "ExecResult",
+    "AgentProtocolError",
     "ExitStatus",
-    "ProtocolError",
     "StatResult",
     "exit_code_for",
 ]

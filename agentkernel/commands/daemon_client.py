@@ -116,8 +116,7 @@ def sandbox_died(name: str) -> AgentKernelError:
 def exit_code_of(code: int, sig: int, timed_out: bool, oom: bool, error: str | None, timeout,
                  memory_mb: int | None) -> int:
     """Shell-style exit code from an agent exit event, with the notes a user must see (the one renderer)."""
-    from ..backends.base import Outcome
-    from ..outcome import render
+    from ..outcome import Outcome, render
 
     note = error if error and code in (126, 127) else None
     return render(Outcome(code, signal=sig or None, timed_out=bool(timed_out), oom=bool(oom), note=note),
