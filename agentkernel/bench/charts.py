@@ -152,10 +152,40 @@ def throughput(doc: dict[str, Any], path: str) -> str | None:
     return path
 
 
+def soak(doc: dict[str, Any], path: str) -> str | None:
+    """Per-second series of the soak suite: ops/s, p50/p99 latency, and the pool's hit rate."""
+    runs = [(b, r) for b, r in sorted(((doc.get("results") or {}).get("soak") or {}).items()) if r.get("series")]
+    if not runs:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(3, 1, figsize=(10, 7), sharex=True)
+    for b, r in runs:
+        t = [x["t"] for x in r["series"]]
+        axes[0].plot(t, [x["ops_per_s"] for x in r["series"]], label=f"{b} ops/s")
+        axes[1].plot(t, [x["p50_ms"] for x in r["series"]], label=f"{b} p50")
+        axes[1].plot(t, [x["p99_ms"] for x in r["series"]], label=f"{b} p99", linestyle="--")
+        axes[2].plot(t, [x["hit_rate"] for x in r["series"]], label=f"{b} hit rate")
+    axes[0].set_ylabel("ops/s")
+    axes[1].set_ylabel("latency, ms")
+    axes[2].set_ylabel("pool hit rate")
+    axes[2].set_ylim(0, 1.05)
+    axes[2].set_xlabel("seconds into the soak")
+    for ax in axes:
+        ax.legend(fontsize=7, loc="lower right")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Soak: sustained mixed load", fontsize=11)
+    axes[0].set_title(_subtitle(doc), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def render_all(doc: dict[str, Any], prefix: str) -> dict[str, str]:
     """Write every chart that has data as ``<prefix><name>.png``; returns name -> path."""
     out = {}
-    for name, fn in (("latency", latency), ("phases", phases), ("ratios", ratios), ("throughput", throughput)):
+    for name, fn in (("latency", latency), ("phases", phases), ("ratios", ratios), ("throughput", throughput),
+                     ("soak", soak)):
         p = fn(doc, f"{prefix}{name}.png")
         if p:
             out[name] = p

@@ -35,7 +35,9 @@ BENCH_LABEL = "agentkernel.bench-run"
 RUN_TIMEOUT_S = 120.0
 
 ALL_SUITES = ("headline", "phases", "baselines", "daemon", "throughput", "concurrency", "stress", "lifecycle",
-              "wasm")
+              "wasm", "speed", "soak")
+# a full run without --suite: everything but the soak (an hour by default: ask for it with --suite soak)
+DEFAULT_SUITES = tuple(s for s in ALL_SUITES if s != "soak")
 
 
 # ---- configuration ------------------------------------------------------------------------------------
@@ -73,7 +75,7 @@ class BenchConfig:
         bad = [b for b in self.backends if b not in REGISTRY]
         if bad:
             raise SystemExit(f"agentkernel bench: unknown backend(s) {', '.join(bad)} (known: {', '.join(REGISTRY)})")
-        self.suites = list(suites or ALL_SUITES)
+        self.suites = list(suites or DEFAULT_SUITES)
         bad = [s for s in self.suites if s not in ALL_SUITES]
         if bad:
             raise SystemExit(f"agentkernel bench: unknown suite(s) {', '.join(bad)} (known: {', '.join(ALL_SUITES)})")

@@ -615,6 +615,106 @@ def _scale(d: _Doc) -> list[str]:
             f"{REF_SCALE['kubernetes']} / {REF_SCALE['nomad']}.", "", *out]
 
 
+def _speed_rows(sp: dict[str, Any]) -> list[list[str]]:
+    """Issue 18's measures (suite ``speed``), each with its goal and verdict."""
+    rows: list[list[str]] = []
+
+    def verdict(ok: bool | None) -> str:
+        return "\u2013" if ok is None else ("**pass**" if ok else "**miss**")
+
+    def lat(x: dict | None, key: str = "median_ms") -> float | None:
+        return ((x or {}).get("latency") or {}).get(key)
+
+    b2b = sp.get("back_to_back") or {}
+    if b2b.get("runs"):
+        rps, hit = b2b.get("runs_per_s"), b2b.get("hit_rate")
+        rows.append([f"back-to-back `agentkernel run -- echo hello` x{b2b['runs']}, default backend "
+                     f"({sp.get('backend')}), default daemon: >= 40 runs/s, hit rate >= 0.9",
+                     f"{rps} runs/s, hit rate {hit}, {b2b.get('failures')} failed (floor p50 "
+                     f"{fmt_ms(lat({'latency': b2b.get('floor')}))})",
+                     verdict(None if rps is None or hit is None else rps >= 40 and hit >= 0.9)])
+    pc = sp.get("paced") or {}
+    if pc.get("runs"):
+        m, f = lat(pc), lat({"latency": pc.get("floor")})
+        rows.append(["one warm run, paced: <= 12 ms (2x the interpreter floor)",
+                     f"{fmt_ms(m)} (floor {fmt_ms(f)}, {pc.get('x_floor', NA)}x)",
+                     verdict(None if m is None else m <= 12)])
+    for key, goal_rps, label in (("serve_run_c10", 40, "`serve` `/run` at 10 concurrent: >= 40 req/s, p99 <= 100 ms"),
+                                 ("serve_exec_c10", 1000, "exec in one sandbox through `serve`, 10 concurrent: "
+                                  ">= 1,000 req/s")):
+        r = sp.get(key) or {}
+        if r.get("requests"):
+            rps, p99 = r.get("rps"), (r.get("latency") or {}).get("p99_ms")
+            ok = rps is not None and rps >= goal_rps and (key != "serve_run_c10" or (p99 or 1e9) <= 100)
+            rows.append([label, f"{rps} req/s, p99 {fmt_ms(p99)}, success {fmt_pct(r.get('success_rate'))}",
+                         verdict(ok)])
+    wp, wi = sp.get("wasm_pipelined") or {}, sp.get("wasm_in_process") or {}
+    if wp.get("runs_per_s"):
+        rows.append(["wasm runs through the daemon, one client pipelined: >= 3,333/s",
+                     f"{wp['runs_per_s']}/s ({wp.get('window')} in flight; in-process "
+                     f"{wi.get('runs_per_s', NA)}/s, per-connection "
+                     f"{(sp.get('wasm_per_connection') or {}).get('runs_per_s', NA)}/s)",
+                     verdict(wp["runs_per_s"] >= 3333)])
+    oc = sp.get("oci_cold") or {}
+    if oc.get("runs"):
+        m = lat(oc)
+        rows.append(["`oci` cold, new process: <= 30 ms",
+                     f"{fmt_ms(m)} (floor {fmt_ms(lat({'latency': oc.get('floor')}))})",
+                     verdict(None if m is None else m <= 30)])
+    lv = sp.get("live") or {}
+    if lv.get("asked"):
+        dm = lv.get("daemon") or {}
+        pss = lv.get("pss_mib_per_member")
+        rows.append([f"daemon with {lv['asked']} live sandboxes: RSS and fds; <= 2 MiB PSS per idle member",
+                     f"{lv.get('ready')} ready; daemon RSS {round((dm.get('vmrss') or 0) / 1024, 1)} MiB, "
+                     f"{dm.get('fds', NA)} fds; {pss if pss is not None else NA} MiB PSS per member (agent)",
+                     verdict(None if pss is None else pss <= 2)])
+    return rows
+
+
+def _speed(d: _Doc) -> list[str]:
+    sp = (d.res.get("speed") or {}).get("default")
+    if not sp:
+        return []
+    rows = _speed_rows(sp)
+    errs = [f"{k}: {v['error']}" for k, v in sp.items() if isinstance(v, dict) and v.get("error")]
+    return ["## Speed under sustained load (issue 18)", "",
+            f"Default backend (`auto`) on this host: **{sp.get('backend')}**. Each latency is next to the "
+            "interpreter floor (`python -S -I -c pass`) measured in the same run.", "",
+            *_table(["Measure and goal", "Measured", "Verdict"], rows), "",
+            *(["Errors: " + "; ".join(f"`{e[:200]}`" for e in errs), ""] if errs else [])]
+
+
+def _soak(d: _Doc) -> list[str]:
+    out = []
+    for b, r in sorted((d.res.get("soak") or {}).items()):
+        if r.get("error") and not r.get("ops"):
+            out += [f"**{b}**: failed: `{r['error'][:300]}`", ""]
+            continue
+        lt, lc = r.get("latency") or {}, r.get("leak_check") or {}
+        before, after = r.get("daemon_before") or {}, r.get("daemon_after") or {}
+        hits = [x["hit_rate"] for x in r.get("series", []) if x.get("hit_rate") is not None]
+        rows = [[f"{r.get('duration_s', 0):.0f} s", str(r.get("concurrency")), str(r.get("ops")),
+                 fmt_pct(r.get("success_rate")), f"{fmt_ms(lt.get('median_ms'))} / {fmt_ms(lt.get('p95_ms'))} / "
+                 f"{fmt_ms(lt.get('p99_ms'))}",
+                 f"{min(hits):.2f}-{max(hits):.2f}" if hits else NA,
+                 f"{lc.get('leak_count', NA)}" + (f" ({', '.join(lc.get('categories') or [])})"
+                                                  if lc.get("leak_count") else ""),
+                 f"{round((before.get('vmrss') or 0) / 1024, 1)} -> {round((after.get('vmrss') or 0) / 1024, 1)} MiB, "
+                 f"{before.get('fds', NA)} -> {after.get('fds', NA)} fds"]]
+        out += [f"### {b}", "", *_table(["Duration", "Concurrent", "Ops", "Success", "p50 / p95 / p99",
+                                         "Hit rate (per s)", "Leaked", "Daemon RSS, fds"], rows), ""]
+        if r.get("errors"):
+            out += ["First errors: " + "; ".join(f"`{e[:160]}`" for e in r["errors"][:3]), ""]
+    if not out:
+        return []
+    return ["## Soak: mixed run/exec/cp under sustained load", "",
+            "Runs over one multiplexed daemon connection, exec and file copy (write + read back) in one named "
+            "sandbox; the leak check covers containers, runtime state, cgroups, mounts, processes, journal "
+            "entries, run dirs, store rows and temp dirs. The chart `soak` plots throughput, latency and the "
+            "pool's hit rate per second.", "", *out]
+
+
 def _floors(d: _Doc) -> list[str]:
     rows = [[m["label"], d.cell(m["id"]), d.cell(m["id"], "p95_ms")] for m in d.doc.get("measurements", [])
             if m["suite"] == "baselines" and m["backend"] == "host"]
@@ -660,7 +760,8 @@ def _charts(charts: dict[str, str]) -> list[str]:
         return []
     titles = {"latency": "Latency distribution per backend (headline, per-run samples)",
               "phases": "Phase breakdown (median)", "ratios": "Ours / raw engine (median ratio)",
-              "throughput": "Throughput batches (wall time)"}
+              "throughput": "Throughput batches (wall time)",
+              "soak": "Soak: throughput, latency and pool hit rate over time under sustained load"}
     out = ["## Charts", ""]
     for key, path in charts.items():
         out += [f"![{titles.get(key, key)}]({path})", ""]
@@ -688,6 +789,7 @@ def render(doc: dict[str, Any], charts: dict[str, str] | None = None, *, json_na
     parts += _headline(d)
     parts += _ratios(d)
     parts += _goals(d)
+    parts += _speed(d)
     parts += _phases(d)
     parts += _vm_vs_container(d)
     parts += _wasm(d)
@@ -703,6 +805,7 @@ def render(doc: dict[str, Any], charts: dict[str, str] | None = None, *, json_na
     parts += _containers(d)
     parts += _daemon(d)
     parts += _stress(d)
+    parts += _soak(d)
     parts += _lifecycle(d)
     parts += _one_shot(d)
     parts += _exec50(d)
