@@ -13,6 +13,7 @@ BENCH_ITERATIONS, BENCH_MAX_CONCURRENT. Flags win over them.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
@@ -28,7 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--backends", "-b", help="comma-separated backends (default: every backend; unavailable ones "
                    "are reported with the doctor's reason)")
     p.add_argument("--suite", "--suites", dest="suites", help="comma-separated suites: headline, phases, baselines, "
-                   "daemon, throughput, concurrency, stress, lifecycle, wasm (default: all)")
+                   "daemon, throughput, concurrency, stress, lifecycle, wasm, speed, soak (default: all but soak)")
     p.add_argument("--iterations", "-n", type=int, help="measured runs per command (default 20; --quick 3)")
     p.add_argument("--warmup", type=int, help="warm-up runs per command, not measured (default 3; --quick 1)")
     p.add_argument("--quick", action="store_true", help="small sizes everywhere (a smoke run in about a minute)")
@@ -37,6 +38,12 @@ def add_parser(sub) -> None:
                    help="also write DIR/benchmarks.md and DIR/benchmarks/*.png (default DIR: docs)")
     p.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.add_argument("--stress-reference", action="store_true",
+                   help="stress suite at the reference's full sizes: STRESS_VM_COUNT=1000 STRESS_MAX_CONCURRENT=100")
+    p.add_argument("--soak-s", type=float, metavar="S",
+                   help="soak suite: duration in seconds (default 3600, --quick 20; env SOAK_S)")
+    p.add_argument("--live", type=int, metavar="N",
+                   help="speed suite: live pooled sandboxes held by the daemon (default 200, --quick 10)")
     p.add_argument("--runs-total", type=int, metavar="N", help="throughput suite: runs (default 100)")
     p.add_argument("--runs-concurrency", type=int, metavar="C", help="throughput suite: concurrency (default 10)")
     p.add_argument("--concurrent", type=int, metavar="N", help="concurrency suite: runs at once (default 100)")
@@ -92,7 +99,13 @@ def _run(args) -> int:
         if v is not None and v < (0 if name == "warmup" else 1):
             print(f"agentkernel bench: --{name.replace('_', '-')} must be positive", file=sys.stderr)
             return 2
+    if args.soak_s is not None:
+        os.environ["SOAK_S"] = str(args.soak_s)
+    if args.live is not None:
+        os.environ["SPEED_LIVE"] = str(args.live)
+    stress = (1000, 100) if args.stress_reference else (None, None)
     cfg = BenchConfig(backends=_csv(args.backends), suites=_csv(args.suites), iterations=args.iterations,
+                      stress_count=stress[0], stress_concurrency=stress[1],
                       warmup=args.warmup, quick=args.quick, out_dir=args.out, charts=not args.no_charts,
                       docs_dir=args.docs, runs_total=args.runs_total, runs_concurrency=args.runs_concurrency,
                       concurrent_n=args.concurrent, scale_counts=scale, exec_calls=args.exec_calls,
