@@ -117,3 +117,12 @@ def test_doctor_and_run_explain_say_which_and_why(host):
     assert r.stdout.decode().startswith("backend podman (named by --backend)"), r
     r = ak("doctor", env={"PATH": os.environ["PATH"]})
     assert "Default backend (auto):" in r.stdout.decode() and "backend auto -> oci" in r.stdout.decode(), r
+
+
+def test_default_backend_hot_path_imports_nothing_denied():
+    """With the choice cached, resolving ``auto`` on the CLI's one-shot path costs no denied import."""
+    from tests.contract.test_hotpath_imports import imported
+
+    require_backend("oci")
+    assert ak("run", "--no-daemon", "--", "true").returncode == 0  # the choice is cached now
+    assert imported("run", "--", "true") == set()
