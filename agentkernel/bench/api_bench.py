@@ -110,15 +110,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# The bench's caller may run as many commands at once as a throughput point asks for, and sees the pool
+# metrics (wait_ready reads them): the server policy's defaults (8 concurrent runs) are for remote callers.
+BENCH_API_CONFIG = "[api]\nadmins = [\"bench\"]\nmax_runs = 256\nmax_sandboxes = 64\n"
+
+
 def start_server(pool_min: int, pool_max: int, token: str) -> tuple[subprocess.Popen, str, str]:
     home = tempfile.mkdtemp(prefix="ak-api-bench-")
+    with open(os.path.join(home, "agentkernel.toml"), "w") as f:
+        f.write(BENCH_API_CONFIG)
     port = _free_port()
     env = dict(os.environ, AGENTKERNEL_HOME=os.path.join(home, "home"),
                AGENTKERNEL_RUNTIME_DIR=os.path.join(home, "run"), AGENTKERNEL_API_TOKENS=f"bench={token}",
                AGENTKERNEL_AUDIT="0")
     proc = subprocess.Popen([sys.executable, "-m", "agentkernel", "serve", "--port", str(port), "--pool-min",
                              str(pool_min), "--pool-max", str(pool_max), "--log-level", "warning"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(home, "serve.log"), "w"))  # noqa: SIM115
+                            env=env, cwd=home, stdout=subprocess.DEVNULL,
+                            stderr=open(os.path.join(home, "serve.log"), "w"))  # noqa: SIM115
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
