@@ -633,6 +633,9 @@ def _speed_rows(sp: dict[str, Any]) -> list[list[str]]:
                      f"{rps} runs/s, hit rate {hit}, {b2b.get('failures')} failed (floor p50 "
                      f"{fmt_ms(lat({'latency': b2b.get('floor')}))})",
                      verdict(None if rps is None or hit is None else rps >= 40 and hit >= 0.9)])
+        for pv in b2b.get("pools") or []:
+            if pv.get("cannot_keep_up"):
+                rows.append(["\u2003the pool said", f"cannot keep up: {pv['cannot_keep_up']}", ""])
     pc = sp.get("paced") or {}
     if pc.get("runs"):
         m, f = lat(pc), lat({"latency": pc.get("floor")})

@@ -82,11 +82,20 @@ def back_to_back(cli: list[str], n: int, *, python: str, env: dict | None = None
     wall = time.perf_counter() - t0
     for _ in range(max(3, n // 10)):
         fl.append(_time([python, *FLOOR], expect=b"")[1])
-    h1, m1 = _pool_counts(daemon_status())
+    st = daemon_status()
+    h1, m1 = _pool_counts(st)
     hits, misses = h1 - h0, m1 - m0
     return {"runs": n, "failures": fails, "seconds": round(wall, 3), "runs_per_s": round(n / wall, 2),
             "hit_rate": round(hits / (hits + misses), 3) if hits + misses else None, "hits": hits, "misses": misses,
-            "latency": summary(lat), "floor": summary(fl)}
+            "latency": summary(lat), "floor": summary(fl), "pools": pool_view(st)}
+
+
+def pool_view(st: dict | None) -> list[dict[str, Any]]:
+    """What the pools said about themselves (demand, start time, capacity, keeping up or why not)."""
+    keys = ("demand_per_s", "refill_per_s", "start_ms_avg", "capacity_per_s", "recent_hit_rate", "target_ready",
+            "start_concurrency", "keeping_up", "cannot_keep_up", "hit_rate")
+    return [{"backend": p.get("backend"), **{k: (p.get("metrics") or {}).get(k) for k in keys}}
+            for p in (st or {}).get("pools", []) if "metrics" in p]
 
 
 def paced(cli: list[str], n: int, *, python: str, pause_s: float = 0.5, env: dict | None = None) -> dict[str, Any]:
