@@ -1920,6 +1920,38 @@ static int wait_path(const char *path, int ms) {
     return stat(path, &st);
 }
 
+/* the /dev node of the virtio-serial port called NAME (its vportNpM number depends on device order) */
+static int find_port(const char *name, char *out, size_t outlen, int ms) {
+    for (int i = 0; i <= ms; i++) {
+        DIR *d = opendir("/sys/class/virtio-ports");
+        struct dirent *e;
+        while (d && (e = readdir(d))) {
+            if (e->d_name[0] == '.') continue;
+            char p[300], buf[128];
+            snprintf(p, sizeof p, "/sys/class/virtio-ports/%s/name", e->d_name);
+            int fd = open(p, O_RDONLY | O_CLOEXEC);
+            if (fd < 0) continue;
+            ssize_t n = read(fd, buf, sizeof buf - 1);
+            close(fd);
+            if (n <= 0) continue;
+            buf[n] = 0;
+            buf[strcspn(buf, "\n")] = 0;
+            if (!strcmp(buf, name)) {
+                snprintf(out, outlen, "/dev/%s", e->d_name);
+                closedir(d);
+                struct stat st;
+                if (stat(out, &st) == 0) return 0;
+                d = NULL;
+                break;
+            }
+        }
+        if (d) closedir(d);
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+    return -1;
+}
+
 static void vm_load_modules(const char *dir) {
     char path[512], line[256];
     snprintf(path, sizeof path, "%s/order", dir);
@@ -2008,7 +2040,14 @@ static int vminit_main(int argc, char **argv) {
     sethostname(host, strlen(host));
     vm_loopback_up();
     setenv("PATH", DEFAULT_PATH, 1);
-    if (wait_path(dev, 10000) < 0) {
+    static char port[300];
+    if (!strncmp(dev, "name:", 5)) {
+        if (find_port(dev + 5, port, sizeof port, 10000) < 0) {
+            fprintf(stderr, "ak-agent: no virtio-serial port named %s appeared\n", dev + 5);
+            return 125;
+        }
+        dev = port;
+    } else if (wait_path(dev, 10000) < 0) {
         fprintf(stderr, "ak-agent: agent port %s did not appear\n", dev);
         return 125;
     }
@@ -2036,7 +2075,7 @@ int main(int argc, char **argv) {
             "usage: ak-agent serve --listen PATH [--ready-fd N] [--socket-mode OCTAL]\n"
             "       ak-agent serve --stdio\n"
             "       ak-agent serve --device PATH\n"
-            "       ak-agent vm-init --device PATH [--root DEV] [--fstype T] [--modules DIR] [--hostname H]\n"
+            "       ak-agent vm-init --device PATH|name:PORT [--root DEV] [--fstype T] [--modules DIR] [--hostname H]\n"
             "       ak-agent exec [--status-file PATH] -- ARGV...\n"
             "       ak-agent --version\n");
     return 125;

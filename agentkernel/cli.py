@@ -90,6 +90,8 @@ def build_parser(only: str | None = None):
         p = sub.add_parser("images", help="build the local images (offline)")
         p.add_argument("action", choices=["build", "list"])
         p.add_argument("names", nargs="*")
+        p.add_argument("--vm", nargs="*", metavar="IMAGE", default=None,
+                       help="build microVM guest images (kernel, initramfs, ext4 root) of these images")
     if want("audit"):
         p = sub.add_parser("audit", help="show the audit log")
         p.add_argument("-s", "--sandbox")
@@ -261,6 +263,10 @@ def _dispatch(args) -> int:
     if cmd == "images":
         from .images.build import build_all
 
+        if args.action == "build" and args.vm is not None:
+            from .vm.guestimage import build_cli
+
+            return build_cli(args.vm + args.names)
         if args.action == "build":
             build_all(args.names or None)
             return 0
