@@ -739,6 +739,7 @@ static void exec_finish(stream_t *s) {
 }
 
 static int def_restrict, def_user;
+static const char *def_cgroup; /* serve --cgroup DIR: every command joins it (e.g. a pids.max limit) */
 static uint32_t def_uid, def_gid;
 static uint8_t *def_bpf;
 static uint32_t def_bpf_len;
@@ -761,9 +762,13 @@ static int load_bpf(const char *path) {
 
 /* drop every capability for good: bounding set, ambient set, then effective/permitted/inheritable
  * (a root command keeps uid 0 but gains nothing back on execve: its bounding set is empty) */
-static int restrict_caps(void) {
+static int drop_bounding(void) {
     for (int cap = 0; cap < 64; cap++)
         if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL) return -1;
+    return 0;
+}
+
+static int restrict_caps(void) {
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
     struct {
         uint32_t version;
@@ -896,6 +901,15 @@ static void exec_start(conn_t *c, uint32_t sid, rd_t *r) {
             ef = 3;
         }
         close_from(4);
+        if (def_cgroup) {
+            char cp[512];
+            snprintf(cp, sizeof cp, "%s/cgroup.procs", def_cgroup);
+            int cfd = open(cp, O_WRONLY | O_CLOEXEC);
+            if (cfd < 0 || write(cfd, "0", 1) != 1) child_fail(ef, STAGE_RESTRICT);
+            close(cfd);
+        }
+        /* the bounding set needs CAP_SETPCAP: drop it before switching users */
+        if ((flags & X_RESTRICT) && drop_bounding() < 0) child_fail(ef, STAGE_RESTRICT);
         if (flags & X_SET_GID) {
             gid_t g = gid;
             if (setgroups(1, &g) < 0 && errno != EPERM) child_fail(ef, STAGE_SETGROUPS);
@@ -1729,6 +1743,7 @@ static int serve_main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--socket-mode") && i + 1 < argc) sock_mode = strtol(argv[++i], NULL, 8);
         else if (!strcmp(argv[i], "--device") && i + 1 < argc) device_path = argv[++i];
         else if (!strcmp(argv[i], "--restrict")) def_restrict = 1;
+        else if (!strcmp(argv[i], "--cgroup") && i + 1 < argc) def_cgroup = argv[++i];
         else if (!strcmp(argv[i], "--seccomp") && i + 1 < argc) {
             if (load_bpf(argv[++i]) < 0) return 125;
         } else if (!strcmp(argv[i], "--user") && i + 1 < argc) {
@@ -1984,8 +1999,9 @@ static void vm_loopback_up(void) {
 
 static int vminit_main(int argc, char **argv) {
     const char *root = NULL, *dev = NULL, *mods = "/ak/modules", *fstype = "ext4", *host = "agentkernel";
-    char *sv[10];
+    char *sv[12];
     int nsv = 2;
+    const char *pids = NULL, *workdir = NULL, *user = NULL;
     for (int i = 0; i < argc; i++) {
         if (!strcmp(argv[i], "--root") && i + 1 < argc) root = argv[++i];
         else if (!strcmp(argv[i], "--device") && i + 1 < argc) dev = argv[++i];
@@ -1993,11 +2009,14 @@ static int vminit_main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--fstype") && i + 1 < argc) fstype = argv[++i];
         else if (!strcmp(argv[i], "--hostname") && i + 1 < argc) host = argv[++i];
         else if (!strcmp(argv[i], "--restrict")) sv[nsv++] = argv[i];
+        else if (!strcmp(argv[i], "--pids") && i + 1 < argc) pids = argv[++i];
+        else if (!strcmp(argv[i], "--workdir") && i + 1 < argc) workdir = argv[++i];
         else if (!strcmp(argv[i], "--seccomp") && i + 1 < argc) {
             if (load_bpf(argv[++i]) < 0) return 125; /* read now: the initramfs is left behind below */
-        } else if (!strcmp(argv[i], "--user") && i + 1 < argc && nsv < 6) {
+        } else if (!strcmp(argv[i], "--user") && i + 1 < argc && nsv < 10) {
             sv[nsv++] = argv[i];
-            sv[nsv++] = argv[++i];
+            user = argv[++i];
+            sv[nsv++] = argv[i];
         } else {
             fprintf(stderr, "ak-agent: vm-init: unknown argument %s\n", argv[i]);
             return 125;
@@ -2037,6 +2056,31 @@ static int vminit_main(int argc, char **argv) {
     vm_mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "mode=0620,ptmxmode=0666");
     vm_mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
     vm_mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
+    if (pids) { /* commands run in a cgroup with pids.max: a fork bomb stops there */
+        vm_mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+        int fd = open("/sys/fs/cgroup/cgroup.subtree_control", O_WRONLY | O_CLOEXEC);
+        if (fd >= 0) {
+            if (write(fd, "+pids", 5) < 0) perror("ak-agent: enable pids controller");
+            close(fd);
+        }
+        mkdir("/sys/fs/cgroup/sandbox", 0755);
+        fd = open("/sys/fs/cgroup/sandbox/pids.max", O_WRONLY | O_CLOEXEC);
+        if (fd < 0 || write(fd, pids, strlen(pids)) < 0) {
+            fprintf(stderr, "ak-agent: pids.max: %s\n", strerror(errno));
+            return 125;
+        }
+        close(fd);
+        sv[nsv++] = "--cgroup";
+        sv[nsv++] = "/sys/fs/cgroup/sandbox";
+    }
+    if (workdir) { /* the commands' working directory exists and belongs to their user */
+        char *w = strdup(workdir);
+        mkdir_p(w, 0755);
+        free(w);
+        unsigned u = 0, g = 0;
+        if (user && sscanf(user, "%u:%u", &u, &g) == 2 && chown(workdir, u, g) < 0)
+            fprintf(stderr, "ak-agent: chown %s: %s\n", workdir, strerror(errno));
+    }
     sethostname(host, strlen(host));
     vm_loopback_up();
     setenv("PATH", DEFAULT_PATH, 1);
