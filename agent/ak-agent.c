@@ -1731,7 +1731,7 @@ static int serve_loop(void) {
     }
 }
 
-static char *device_path;
+static char *device_path, *vsock_port;
 
 static int serve_main(int argc, char **argv) {
     int ready_fd = -1;
@@ -1739,6 +1739,7 @@ static int serve_main(int argc, char **argv) {
     for (int i = 0; i < argc; i++) {
         if (!strcmp(argv[i], "--stdio")) stdio_mode = 1;
         else if (!strcmp(argv[i], "--listen") && i + 1 < argc) listen_path = argv[++i];
+        else if (!strcmp(argv[i], "--vsock") && i + 1 < argc) vsock_port = argv[++i];
         else if (!strcmp(argv[i], "--ready-fd") && i + 1 < argc) ready_fd = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--socket-mode") && i + 1 < argc) sock_mode = strtol(argv[++i], NULL, 8);
         else if (!strcmp(argv[i], "--device") && i + 1 < argc) device_path = argv[++i];
@@ -1758,9 +1759,9 @@ static int serve_main(int argc, char **argv) {
             return 125;
         }
     }
-    if (stdio_mode + !!listen_path + !!device_path != 1) {
+    if (stdio_mode + !!listen_path + !!device_path + !!vsock_port != 1) {
         fprintf(stderr, "usage: ak-agent serve (--listen PATH [--ready-fd N] [--socket-mode OCTAL] | --stdio | "
-                        "--device PATH)\n");
+                        "--device PATH | --vsock PORT)\n");
         return 125;
     }
     static const int handled[] = {SIGTERM, SIGINT};
@@ -1790,6 +1791,18 @@ static int serve_main(int argc, char **argv) {
             if (n > 2) close(n);
         }
         conn_new(in, out);
+    } else if (vsock_port) {
+        /* Firecracker: the host reaches us through its vsock UDS ("CONNECT <port>") */
+        struct {
+            unsigned short family, reserved1;
+            unsigned int port, cid;
+            unsigned char zero[4];
+        } sv = {40 /* AF_VSOCK */, 0, (unsigned)atoi(vsock_port), 0xFFFFFFFFu /* VMADDR_CID_ANY */, {0}};
+        listen_fd = socket(40, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (listen_fd < 0 || bind(listen_fd, (struct sockaddr *)&sv, sizeof sv) < 0 || listen(listen_fd, 128) < 0) {
+            fprintf(stderr, "ak-agent: listen on vsock port %s: %s\n", vsock_port, strerror(errno));
+            return 125;
+        }
     } else if (device_path) {
         /* opened once, read-write, for the agent's whole life: the host side comes and goes */
         device_fd = open(device_path, O_RDWR | O_NOCTTY | O_CLOEXEC | O_NONBLOCK);
@@ -2001,10 +2014,11 @@ static int vminit_main(int argc, char **argv) {
     const char *root = NULL, *dev = NULL, *mods = "/ak/modules", *fstype = "ext4", *host = "agentkernel";
     char *sv[12];
     int nsv = 2;
-    const char *pids = NULL, *workdir = NULL, *user = NULL;
+    const char *pids = NULL, *workdir = NULL, *user = NULL, *vport = NULL;
     for (int i = 0; i < argc; i++) {
         if (!strcmp(argv[i], "--root") && i + 1 < argc) root = argv[++i];
         else if (!strcmp(argv[i], "--device") && i + 1 < argc) dev = argv[++i];
+        else if (!strcmp(argv[i], "--vsock") && i + 1 < argc) vport = argv[++i];
         else if (!strcmp(argv[i], "--modules") && i + 1 < argc) mods = argv[++i];
         else if (!strcmp(argv[i], "--fstype") && i + 1 < argc) fstype = argv[++i];
         else if (!strcmp(argv[i], "--hostname") && i + 1 < argc) host = argv[++i];
@@ -2022,8 +2036,9 @@ static int vminit_main(int argc, char **argv) {
             return 125;
         }
     }
-    if (!dev) {
-        fprintf(stderr, "usage: ak-agent vm-init --device PATH [--root DEV] [--fstype T] [--modules DIR]\n");
+    if (!dev == !vport) {
+        fprintf(stderr, "usage: ak-agent vm-init (--device PATH|name:PORT | --vsock PORT) [--root DEV] [--fstype T] "
+                        "[--modules DIR]\n");
         return 125;
     }
     vm_mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
@@ -2085,6 +2100,11 @@ static int vminit_main(int argc, char **argv) {
     vm_loopback_up();
     setenv("PATH", DEFAULT_PATH, 1);
     static char port[300];
+    if (vport) {
+        sv[0] = "--vsock";
+        sv[1] = (char *)vport;
+        return serve_main(nsv, sv);
+    }
     if (!strncmp(dev, "name:", 5)) {
         if (find_port(dev + 5, port, sizeof port, 10000) < 0) {
             fprintf(stderr, "ak-agent: no virtio-serial port named %s appeared\n", dev + 5);
@@ -2118,8 +2138,8 @@ int main(int argc, char **argv) {
     fprintf(stderr,
             "usage: ak-agent serve --listen PATH [--ready-fd N] [--socket-mode OCTAL]\n"
             "       ak-agent serve --stdio\n"
-            "       ak-agent serve --device PATH\n"
-            "       ak-agent vm-init --device PATH|name:PORT [--root DEV] [--fstype T] [--modules DIR] [--hostname H]\n"
+            "       ak-agent serve --device PATH | --vsock PORT\n"
+            "       ak-agent vm-init --device PATH|name:PORT|--vsock PORT [--root DEV] [--fstype T] [--modules DIR] [--hostname H]\n"
             "       ak-agent exec [--status-file PATH] -- ARGV...\n"
             "       ak-agent --version\n");
     return 125;

@@ -82,7 +82,12 @@ def sandboxes_dir() -> str:
 
 
 def templates_dir() -> str:
-    return _data_dir("templates")
+    """Snapshots are derived data, keyed by content: they live in the cache, shared by every store."""
+    from ..vm.guestimage import vm_dir
+
+    d = os.path.join(vm_dir(), "templates")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    return d
 
 
 def _inside(path: str, base: str) -> bool:

@@ -30,10 +30,11 @@ import time
 from .. import paths
 from ..errors import BackendUnavailable, SandboxError
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 # dependency order: virtio_ring before virtio, the transports and drivers after them
-MODULES = ("virtio_ring", "virtio", "virtio_mmio", "virtio_console", "virtio_blk")
+MODULES = ("virtio_ring", "virtio", "virtio_mmio", "virtio_console", "virtio_blk",
+           "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport")  # vsock: Firecracker
 ROOT_FREE_MB = 1024  # writable space left in a root filesystem (sparse: costs nothing until used)
 AGENT_PORT = "name:ak.agent"  # the virtio-serial port the agent serves (found by name in sysfs)
 SECCOMP_PROFILES = ("default", "restrictive")
@@ -130,7 +131,7 @@ def ensure_kernel(*, quiet: bool = False) -> dict:
     if deb is None:
         with _Step(f"fetching the guest kernel ({KERNEL_PACKAGE})", quiet):
             deb = _download_kernel_deb()
-    key = _sha256_file(deb)[:16]
+    key = hashlib.sha256(f"{_sha256_file(deb)}|{BUILDER_VERSION}|{','.join(MODULES)}".encode()).hexdigest()[:16]
     out = os.path.join(vm_dir(), f"kernel-{key}")
     meta_path = os.path.join(out, "meta.json")
     if os.path.exists(meta_path):
@@ -202,7 +203,8 @@ def ensure_vmlinux(kernel: dict) -> str:
 
         elf = lzma.decompress(payload)
     elif payload[:4] in (b"\x02\x21\x4c\x18", b"\x04\x22\x4d\x18"):
-        elf = _run(["lz4", "-dc"], input=payload).stdout
+        # the kernel build appends the uncompressed size (le32) after the lz4 stream: not a block
+        elf = _run(["lz4", "-dc"], input=payload[:-4]).stdout
     elif payload[:4] == b"\x28\xb5\x2f\xfd":
         elf = _run(["zstd", "-dc"], input=payload).stdout
     else:
