@@ -448,8 +448,11 @@ static conn_t *conns;
 static int listen_fd = -1;
 static char *listen_path;
 static int stdio_mode;
-/* serve --device: one long-lived port (virtio-serial) whose host side connects and disconnects; the fd
- * stays open, a connection object is made for each host session */
+/* serve --device: one long-lived port (virtio-serial) whose host side connects and disconnects. The
+ * guest learns of (dis)connections on a control queue that is not ordered with the data queue, so a
+ * hang-up cannot delimit sessions: a session starts with the host's HELLO (which resets the previous
+ * one: its commands are killed, its unsent output dropped), and a hang-up only means "the host is
+ * away" (the port reports POLLHUP until it is back: it is polled every DEVICE_RETRY_US meanwhile) */
 static int device_fd = -1;
 static conn_t *device_conn;
 static uint64_t device_retry_at;
@@ -1505,6 +1508,10 @@ static void conn_read(conn_t *c) {
     uint8_t *d = buf_reserve(&c->in, 256 * 1024);
     ssize_t n = read(c->in_fd, d, 256 * 1024);
     if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    if (n == 0 && c == device_conn) {
+        device_retry_at = now_us() + DEVICE_RETRY_US; /* the host is away, not gone for good */
+        return;
+    }
     if (n <= 0) {
         c->dead = 1; /* peer closed or reset: conn_abort kills what it started */
         return;
@@ -1624,6 +1631,11 @@ static int serve_loop(void) {
             else timeout = (int64_t)((device_retry_at - now + 999) / 1000);
         }
         for (conn_t *c = conns; c; c = c->next) {
+            if (c == device_conn && now < device_retry_at) {
+                int64_t ms = (int64_t)((device_retry_at - now + 999) / 1000);
+                if (timeout < 0 || ms < timeout) timeout = ms;
+                goto streams;
+            }
             if (c->out_paused && c->out.len <= OUT_LOW) c->out_paused = 0;
             if (c->out.len >= OUT_HIGH) c->out_paused = 1;
             short in_ev = conn_in_paused(c) ? 0 : POLLIN;
@@ -1636,6 +1648,7 @@ static int serve_loop(void) {
                 pf_add(c->in_fd, in_ev, W_CIN, c);
                 if (out_ev) pf_add(c->out_fd, out_ev, W_COUT, c);
             }
+        streams:
             for (stream_t *s = c->streams; s; s = s->next) {
                 if (s->kind != K_EXEC || s->done) continue;
                 if (!c->out_paused) {
@@ -1690,6 +1703,10 @@ static int serve_loop(void) {
             } else if (pr->what == W_CIN || pr->what == W_COUT) {
                 conn_t *c = pr->obj;
                 if (c->dead) continue;
+                if (c == device_conn && (re & POLLHUP) && !(re & POLLIN)) {
+                    device_retry_at = now_us() + DEVICE_RETRY_US;
+                    continue;
+                }
                 if (re & POLLOUT) conn_flush(c);
                 if (pr->what == W_CIN && (re & (POLLIN | POLLHUP | POLLERR)) && !conn_in_paused(c))
                     conn_read(c);
@@ -1810,6 +1827,7 @@ static int serve_main(int argc, char **argv) {
             fprintf(stderr, "ak-agent: open %s: %s\n", device_path, strerror(errno));
             return 125;
         }
+        device_conn = conn_new(device_fd, device_fd);
     } else {
         struct sockaddr_un sa = {.sun_family = AF_UNIX};
         if (strlen(listen_path) >= sizeof sa.sun_path) {

@@ -31,6 +31,7 @@ import shutil
 import signal
 import time
 
+from ..agent.transport import Transport
 from ..errors import BackendUnavailable, ConfigError, NotFound, SandboxError
 from .base import (
     LABEL_NAME,
@@ -121,7 +122,7 @@ async def api_ok(sock: str, method: str, path: str, body: dict | None = None) ->
     return reply
 
 
-class VsockTransport:
+class VsockTransport(Transport):
     """The agent over Firecracker's vsock: connect to the host-side UDS, ``CONNECT <port>\\n``,
     expect ``OK <n>\\n``; afterwards the stream is the guest's vsock connection."""
 
@@ -169,13 +170,10 @@ class VMM:
         """Start the VMM; returns ms until its API answered."""
         t0 = time.perf_counter()
         open(os.path.join(self.run_dir, "fc.log"), "a").close()
-        log = open(os.path.join(self.run_dir, "vmm.out"), "ab")
-        try:
+        with open(os.path.join(self.run_dir, "vmm.out"), "ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv(), cwd=self.run_dir, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True)
-        finally:
-            log.close()
         with open(os.path.join(self.run_dir, "vmm.pid"), "w") as f:
             f.write(f"{self.proc.pid}\n")
         deadline = time.monotonic() + timeout
@@ -239,7 +237,7 @@ def vmm_pid(run_dir: str) -> int | None:
             state = f.read().rsplit(b")", 1)[1].split()[0]
     except (OSError, ValueError, IndexError):
         return None
-    if state in (b"Z", b"X") or b"firecracker" not in cmd and b"jailer" not in cmd:
+    if state in (b"Z", b"X") or (b"firecracker" not in cmd and b"jailer" not in cmd):
         return None
     return pid
 
@@ -365,7 +363,7 @@ class FirecrackerBackend(Backend):
                 try:
                     client = await AgentClient.connect(VsockTransport(os.path.join(run_dir, "v.sock")), timeout=2.0)
                     break
-                except (OSError, asyncio.TimeoutError):
+                except (TimeoutError, OSError):
                     if time.monotonic() > deadline or vmm_pid(run_dir) is None:
                         raise SandboxError(f"the guest agent did not answer: {_tail(run_dir)}") from None
                     await asyncio.sleep(0.01)
@@ -380,7 +378,7 @@ class FirecrackerBackend(Backend):
 
         try:
             return await AgentClient.connect(VsockTransport(os.path.join(self._dir(ref), "v.sock")), timeout=5.0)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             raise NotFound(f"sandbox {ref.spec.name or ref.id} is not running in firecracker") from None
 
     async def exec(self, ref: SandboxRef, req: ExecRequest) -> ExecResult:

@@ -30,6 +30,7 @@ import shutil
 import signal
 import time
 
+from ..agent.transport import Transport
 from ..errors import BackendUnavailable, ConfigError, NotFound, PolicyNotEnforceable, SandboxError
 from .base import (
     CONTROLS,
@@ -177,7 +178,8 @@ class GuestPlan:
             init += ["--pids", str(int(res.pids))]
         self.cmdline = " ".join([
             "console=ttyS0", "reboot=k", "panic=-1", "quiet", "loglevel=4", "i8042.nokbd", "i8042.noaux",
-            "i8042.nopnp", "i8042.dumbkbd", "pci=off", "tsc_early_khz=2600000", "tsc=reliable", "random.trust_cpu=on", "rdinit=/init", "--", *init,
+            "i8042.nopnp", "i8042.dumbkbd", "pci=off", "tsc_early_khz=2600000", "tsc=reliable",
+            "random.trust_cpu=on", "rdinit=/init", "--", *init,
         ])
         env = {}
         for kv in self.guest["rootfs"]["env"]:
@@ -235,6 +237,14 @@ def _qemu_stamp() -> str:
     return _QEMU_STAMP
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
 def _tail(path: str, n: int = 800) -> str:
     try:
         with open(path, "rb") as f:
@@ -243,6 +253,50 @@ def _tail(path: str, n: int = 800) -> str:
             return f.read().decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+class PortTransport(Transport):
+    """The agent's virtio-serial port through QEMU's chardev socket. A new host session may find bytes
+    the agent wrote for the previous one still in flight, so ``connect`` first syncs: it sends a HELLO
+    and drops everything up to the agent's HELLO reply; the client's own HELLO then starts a clean
+    session (the agent treats every HELLO as a session start)."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.path, self.timeout = path, timeout
+
+    async def connect(self):
+        from ..agent import protocol as P
+
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(self.path, limit=1 << 20),
+                                                self.timeout)
+        try:
+            writer.write(P.encode_hello())
+            buf = b""
+            marker = bytes([P.R_HELLO, 0]) + P.MAGIC
+            deadline = time.monotonic() + self.timeout
+            while True:
+                i = buf.find(marker)
+                if i >= 8 and buf[i - 4:i] == b"\0\0\0\0":
+                    end = i + 2 + int.from_bytes(buf[i - 8:i - 4], "big")
+                    if len(buf) >= end:
+                        break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the guest agent did not answer HELLO")
+                data = await asyncio.wait_for(reader.read(65536), left)
+                if not data:
+                    raise ConnectionResetError("QEMU closed the agent port connection")
+                buf = buf[-(1 << 16):] + data
+        except BaseException:
+            writer.close()
+            raise
+        return reader, writer
+
+    async def aclose(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return f"virtio-serial:{self.path}"
 
 
 class QemuBackend(Backend):
@@ -308,7 +362,8 @@ class QemuBackend(Backend):
                 hints.append("copy files in with cp instead of mount_cwd")
             if "network_full" in missing or "network_allowlist" in missing:
                 hints.append("qemu sandboxes have no network device: use network = false")
-            raise PolicyNotEnforceable("backend 'qemu' cannot enforce: " + "; ".join(f"{c} ({why[c]})" for c in missing),
+            raise PolicyNotEnforceable("backend 'qemu' cannot enforce: "
+                                       + "; ".join(f"{c} ({why[c]})" for c in missing),
                                        hint="; ".join(hints) or "choose another backend or relax the spec")
 
     # -- lifecycle --
@@ -365,21 +420,22 @@ class QemuBackend(Backend):
             except FileNotFoundError:
                 pass
         t0 = time.perf_counter()
-        log = open(os.path.join(run_dir, "qemu.log"), "ab")
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *plan.argv(run_dir, disk, incoming), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True)
-        finally:
-            log.close()
+        # QEMU is not our child (a shell starts it in the background and exits): it belongs to no event
+        # loop and leaves no zombie in a long-lived owner; the pid it prints is checked while booting
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/sh", "-c", '"$@" </dev/null >>"$0" 2>&1 & echo $!', os.path.join(run_dir, "qemu.log"),
+            *plan.argv(run_dir, disk, incoming), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+        out, _ = await proc.communicate()
+        qpid = int(out.strip() or 0)
         sock = os.path.join(run_dir, "agent.sock")
         deadline = time.monotonic() + BOOT_TIMEOUT
         t_proc = None
         client = None
         try:
             while client is None:
-                if proc.returncode is not None:
-                    raise SandboxError(f"QEMU exited with {proc.returncode} while starting: "
+                if not _alive(qpid):
+                    raise SandboxError("QEMU exited while starting: "
                                        f"{_tail(os.path.join(run_dir, 'qemu.log'))} "
                                        f"{_tail(os.path.join(run_dir, 'console.log'), 400)}".strip())
                 if time.monotonic() > deadline:
@@ -392,8 +448,10 @@ class QemuBackend(Backend):
                         await asyncio.sleep(0.002)
                     continue
                 try:
-                    client = await AgentClient.connect(sock, timeout=max(0.5, deadline - time.monotonic()))
-                except (OSError, asyncio.TimeoutError):
+                    left = max(0.5, deadline - time.monotonic())
+                    client = await AgentClient.connect(PortTransport(sock, timeout=left),
+                                                       timeout=10.0)
+                except (TimeoutError, OSError):
                     await asyncio.sleep(0.01)
             t_boot = time.perf_counter()
             if incoming:  # a restored clone: fresh entropy and the real time before anything runs
@@ -415,7 +473,7 @@ class QemuBackend(Backend):
         tdir = os.path.join(templates_dir(), plan.template_key)
         if os.path.exists(os.path.join(tdir, "state")):
             return tdir
-        lock = open(os.path.join(templates_dir(), f"{plan.template_key}.lock"), "w")
+        lock = open(os.path.join(templates_dir(), f"{plan.template_key}.lock"), "w")  # noqa: SIM115
         try:
             while True:
                 try:
@@ -485,8 +543,8 @@ class QemuBackend(Backend):
 
         run_dir = self._dir(ref)
         try:
-            return await AgentClient.connect(os.path.join(run_dir, "agent.sock"), timeout=10.0)
-        except (OSError, asyncio.TimeoutError):
+            return await AgentClient.connect(PortTransport(os.path.join(run_dir, "agent.sock")), timeout=10.0)
+        except (TimeoutError, OSError):
             state = await self.status(ref)
             if state == "missing":
                 raise NotFound(f"sandbox {ref.spec.name or ref.id} no longer exists in qemu") from None
@@ -548,8 +606,9 @@ class QemuBackend(Backend):
         from ..agent.client import AgentClient
 
         try:
-            client = await AgentClient.connect(os.path.join(self._dir(ref), "agent.sock"), timeout=2.0)
-        except (OSError, asyncio.TimeoutError):
+            client = await AgentClient.connect(PortTransport(os.path.join(self._dir(ref), "agent.sock"), 2.0),
+                                               timeout=2.0)
+        except (TimeoutError, OSError):
             return False
         try:
             await client.ping()
@@ -606,7 +665,8 @@ class QemuBackend(Backend):
                                            {"agentkernel.managed": "true", "agentkernel.sandbox-id": sid}))
                 continue
             labels = dict(meta.get("labels") or {})
-            status = "running" if vm_pid(d) is not None else ("created" if meta.get("state") == "created" else "stopped")
+            status = "running" if vm_pid(d) is not None else (
+                "created" if meta.get("state") == "created" else "stopped")
             out.append(SandboxInfo(self.name, sid, labels.get(LABEL_NAME), status, {"dir": d}, labels))
         return out
 

@@ -157,7 +157,8 @@ def ensure_kernel(*, quiet: bool = False) -> dict:
             for fn in files:
                 if fn.endswith(".ko") and fn[:-3] in MODULES:
                     kos[fn[:-3]] = os.path.join(root, fn)
-        config = open(os.path.join(tmp, "config")).read()
+        with open(os.path.join(tmp, "config")) as f:
+            config = f.read()
         order = []
         for m in MODULES:
             if m in kos:
@@ -346,8 +347,9 @@ def build_cli(images: list[str]) -> int:
         for image in images:
             t0 = time.monotonic()
             g = build(image)
+            progs = ", ".join(g["initramfs"]["seccomp"]) or "none"
             _say(f"{image}: guest image {g['key']} ready in {time.monotonic() - t0:.1f} s "
-                 f"(kernel {g['kernel']['version']}, seccomp programs: {', '.join(g['initramfs']['seccomp']) or 'none'})")
+                 f"(kernel {g['kernel']['version']}, seccomp programs: {progs})")
     except AgentKernelError as exc:
         print(f"agentkernel: error: {exc}", file=sys.stderr)
         if exc.hint:
