@@ -153,17 +153,18 @@ class VMM:
         self.run_dir = run_dir
         self.binary = binary
         self.jailer = jailer
-        self.id = sandbox_id or os.path.basename(run_dir)
+        raw = sandbox_id or os.path.basename(run_dir)  # firecracker ids: alphanumerics and '-' only
+        self.id = "".join(ch if ch.isascii() and (ch.isalnum() or ch == "-") else "-" for ch in raw)[:60]
         self.sock = os.path.join(run_dir, "fc.sock")
         self.proc: asyncio.subprocess.Process | None = None
 
     def argv(self) -> list[str]:
-        fc = [self.binary, "--api-sock", self.sock, "--id", self.id[:60], "--level", "Warn",
+        fc = [self.binary, "--api-sock", self.sock, "--id", self.id, "--level", "Warn",
               "--log-path", os.path.join(self.run_dir, "fc.log")]
         if not self.jailer:
             return fc
         # the jailer: chroot under <run dir>/jail, its own uid/gid, then exec firecracker
-        return [self.jailer, "--id", self.id[:60], "--exec-file", self.binary, "--uid", "65534", "--gid", "65534",
+        return [self.jailer, "--id", self.id, "--exec-file", self.binary, "--uid", "65534", "--gid", "65534",
                 "--chroot-base-dir", os.path.join(self.run_dir, "jail"), "--", "--api-sock", "fc.sock"]
 
     async def spawn(self, timeout: float = 5.0) -> float:
