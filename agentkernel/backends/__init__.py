@@ -72,6 +72,9 @@ REGISTRY: dict[str, BackendEntry] = dict([
     _entry("oci", "agentkernel.backends.oci:OCIBackend", image_store="podman", gc=True,
            variants=({"runtime": "runc"}, {"runtime": "runsc"})),
     _entry("wasm", "agentkernel.backends.wasm:WasmBackend", extra="wasm", isolation="wasm"),
+    _entry("qemu", "agentkernel.backends.qemu:QemuBackend", image_store="podman", gc=True, isolation="vm"),
+    _entry("firecracker", "agentkernel.backends.firecracker:FirecrackerBackend", image_store="podman", gc=True,
+           isolation="vm"),
     _entry("apple", "agentkernel.backends.apple:AppleBackend", platform="darwin", isolation="vm"),
 ])
 

@@ -330,6 +330,9 @@ class FirecrackerBackend(Backend):
             json.dump(meta, f)
         return SandboxRef(self.name, sandbox_id, {"dir": run_dir}, spec)
 
+    def planned_handle(self, sandbox_id: str) -> dict[str, Any]:
+        return {"dir": os.path.join(sandboxes_dir(), sandbox_id)}
+
     def _dir(self, ref: SandboxRef) -> str:
         d = ref.handle.get("dir") or os.path.join(sandboxes_dir(), ref.id)
         if os.path.dirname(os.path.realpath(d)) != os.path.realpath(sandboxes_dir()):

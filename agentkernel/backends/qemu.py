@@ -35,6 +35,7 @@ from ..errors import BackendUnavailable, ConfigError, NotFound, PolicyNotEnforce
 from .base import (
     CONTROLS,
     LABEL_NAME,
+    AgentAccess,
     Availability,
     Backend,
     Capabilities,
@@ -179,7 +180,7 @@ class GuestPlan:
         self.cmdline = " ".join([
             "console=ttyS0", "reboot=k", "panic=-1", "quiet", "loglevel=4", "i8042.nokbd", "i8042.noaux",
             "i8042.nopnp", "i8042.dumbkbd", "pci=off", "tsc_early_khz=2600000", "tsc=reliable",
-            "random.trust_cpu=on", "rdinit=/init", "--", *init,
+            "random.trust_cpu=on", "init_on_free=1", "rdinit=/init", "--", *init,
         ])
         env = {}
         for kv in self.guest["rootfs"]["env"]:
@@ -299,7 +300,7 @@ class PortTransport(Transport):
         return f"virtio-serial:{self.path}"
 
 
-class QemuBackend(Backend):
+class QemuBackend(Backend, AgentAccess):
     name = "qemu"
     capabilities = Capabilities(QEMU_CONTROLS, {"exec", "files", "agent", "pool", "snapshot", "oneshot"},
                                 isolation="microVM (QEMU microvm, own guest kernel)")
@@ -316,6 +317,18 @@ class QemuBackend(Backend):
         self.accel_opt = self.options.get("accel", "auto")
         if self.accel_opt not in ("auto", "kvm", "tcg"):
             raise ConfigError(f"qemu option accel must be auto, kvm or tcg, got {self.accel_opt!r}")
+        self._plans: dict[str, tuple[float, GuestPlan]] = {}
+
+    async def _plan(self, spec) -> GuestPlan:
+        """The guest plan of ``spec``, made once per backend object for a few seconds (a pool's refills
+        and a run's create + start need the same one; a rebuilt image is seen after the TTL)."""
+        key = json.dumps(spec.replace(name=None).to_dict(), sort_keys=True)
+        hit = self._plans.get(key)
+        if hit is not None and time.monotonic() - hit[0] < 30.0:
+            return hit[1]
+        plan = await asyncio.to_thread(GuestPlan, spec, self.accel())
+        self._plans[key] = (time.monotonic(), plan)
+        return plan
 
     # -- host checks --
     @classmethod
@@ -372,7 +385,7 @@ class QemuBackend(Backend):
     # -- lifecycle --
     async def create(self, spec, *, sandbox_id: str, owner: dict[str, Any]) -> SandboxRef:
         self.check(spec)
-        plan = await asyncio.to_thread(GuestPlan, spec, self.accel())
+        plan = await self._plan(spec)
         run_dir = os.path.join(sandboxes_dir(), sandbox_id)
         if len(os.path.join(run_dir, "agent.sock")) > 100:
             raise SandboxError(f"run dir path too long for a unix socket: {run_dir}")
@@ -395,7 +408,7 @@ class QemuBackend(Backend):
             raise NotFound(f"sandbox {ref.spec.name or ref.id} no longer exists in qemu")
         if vm_pid(run_dir) is not None:
             return
-        plan = await asyncio.to_thread(GuestPlan, ref.spec, self.accel())
+        plan = await self._plan(ref.spec)
         disk = os.path.join(run_dir, "disk.qcow2")
         incoming = None
         from ..vm import guestimage
@@ -627,10 +640,18 @@ class QemuBackend(Backend):
         finally:
             await client.close()
 
-    async def lease_info(self, ref: SandboxRef) -> dict[str, Any]:
+    # -- AgentAccess --
+    async def agent_endpoint(self, ref: SandboxRef) -> dict[str, Any]:
         """A client runs one command through the VM's agent port itself (the policy is the agent's own)."""
         return {"socket": os.path.join(self._dir(ref), "agent.sock"), "env": self._env(ref) or {},
                 "cwd": ref.spec.workdir}
+
+    async def open_agent(self, ref: SandboxRef):
+        return await self._client(ref)
+
+    def planned_handle(self, sandbox_id: str) -> dict[str, Any]:
+        """Everything of a sandbox is in its run dir, named by its id (claimed before it exists)."""
+        return {"dir": os.path.join(sandboxes_dir(), sandbox_id)}
 
     async def stop(self, ref: SandboxRef) -> None:
         run_dir = self._dir(ref)

@@ -125,13 +125,31 @@ def _download_kernel_deb() -> str:
     return found
 
 
+def _deb_digest(deb: str) -> str:
+    """sha256 of the .deb, remembered by (path, size, mtime) so a start does not hash 26 MB each time."""
+    st = os.stat(deb)
+    stamp = hashlib.sha256(f"{os.path.realpath(deb)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    memo = os.path.join(vm_dir(), f"deb-{stamp}.sha256")
+    try:
+        with open(memo) as f:
+            return f.read().strip()
+    except OSError:
+        pass
+    digest = _sha256_file(deb)
+    tmp = f"{memo}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(digest)
+    os.replace(tmp, memo)
+    return digest
+
+
 def ensure_kernel(*, quiet: bool = False) -> dict:
     """The unpacked guest kernel: {"dir", "vmlinuz", "modules", "version", "key"}."""
     deb = _find_kernel_deb()
     if deb is None:
         with _Step(f"fetching the guest kernel ({KERNEL_PACKAGE})", quiet):
             deb = _download_kernel_deb()
-    key = hashlib.sha256(f"{_sha256_file(deb)}|{BUILDER_VERSION}|{','.join(MODULES)}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{_deb_digest(deb)}|{BUILDER_VERSION}|{','.join(MODULES)}".encode()).hexdigest()[:16]
     out = os.path.join(vm_dir(), f"kernel-{key}")
     meta_path = os.path.join(out, "meta.json")
     if os.path.exists(meta_path):
