@@ -452,11 +452,44 @@ static int stdio_mode;
  * guest learns of (dis)connections on a control queue that is not ordered with the data queue, so a
  * hang-up cannot delimit sessions: a session starts with the host's HELLO (which resets the previous
  * one: its commands are killed, its unsent output dropped), and a hang-up only means "the host is
- * away" (the port reports POLLHUP until it is back: it is polled every DEVICE_RETRY_US meanwhile) */
+ * away" (the port reports POLLHUP until it is back: SIGIO says when, see device_away) */
 static int device_fd = -1;
 static conn_t *device_conn;
 static uint64_t device_retry_at;
-#define DEVICE_RETRY_US 2000
+/* while the host is away the port raises SIGIO when data arrives (virtio_console's fasync), but not
+ * reliably for every reconnection: so the port is also re-polled, every 2 ms for the first 200 ms (a
+ * client reconnecting between operations) and every 25 ms after that (an idle VM stays quiet) */
+#define DEVICE_FAST_US 2000
+#define DEVICE_FAST_FOR_US 200000
+#define DEVICE_SLOW_US 25000
+static int device_async;
+static uint64_t device_away_since;
+
+/* the host side of the port is away: sleep until SIGIO (armed here; data or a reconnection raises it),
+ * re-checking once after arming so a reconnection that came first is not missed */
+static void device_away(void) {
+    if (!device_async) {
+        fcntl(device_fd, F_SETFL, fcntl(device_fd, F_GETFL) | O_ASYNC);
+        device_async = 1;
+    }
+    struct pollfd p = {.fd = device_fd, .events = POLLIN};
+    if (poll(&p, 1, 0) == 1 && !(p.revents & POLLHUP)) {
+        device_retry_at = 0;
+        return;
+    }
+    uint64_t now = now_us();
+    if (!device_away_since) device_away_since = now;
+    device_retry_at = now + (now - device_away_since < DEVICE_FAST_FOR_US ? DEVICE_FAST_US : DEVICE_SLOW_US);
+}
+
+/* the host is back: no SIGIO per incoming frame while it is */
+static void device_present(void) {
+    device_away_since = 0;
+    if (device_async) {
+        fcntl(device_fd, F_SETFL, fcntl(device_fd, F_GETFL) & ~O_ASYNC);
+        device_async = 0;
+    }
+}
 static uint64_t accept_paused_until; /* out of fds: retry accept() later, not in a busy loop */
 
 static int conn_in_paused(conn_t *c) {
@@ -1325,6 +1358,9 @@ static void send_info(conn_t *c, uint32_t sid) {
 #ifndef RNDADDENTROPY
 #define RNDADDENTROPY 0x40085203 /* _IOW('R', 0x03, int[2]) */
 #endif
+#ifndef RNDRESEEDCRNG
+#define RNDRESEEDCRNG 0x5207 /* _IO('R', 0x07) */
+#endif
 
 /* RESEED: after a VM snapshot is restored every clone has the same RNG state and a stale clock. The
  * host sends fresh entropy (credited with RNDADDENTROPY when permitted, else mixed in by a plain write)
@@ -1359,6 +1395,14 @@ static void reseed(conn_t *c, uint32_t sid, rd_t *r) {
         memcpy(e.buf, r->p, m);
         if (ioctl(fd, RNDADDENTROPY, &e) == 0) {
             credited = m;
+            /* entropy added to the input pool reaches /dev/urandom only at the next reseed (a minute
+             * away): reseed now, or every clone keeps producing the snapshot's byte stream */
+            if (ioctl(fd, RNDRESEEDCRNG) < 0) {
+                int err = errno;
+                close(fd);
+                send_error(c, sid, err, "RNDRESEEDCRNG: %s", strerror(err));
+                return;
+            }
         } else if (write(fd, e.buf, m) != (ssize_t)m) {
             int err = errno;
             close(fd);
@@ -1509,9 +1553,10 @@ static void conn_read(conn_t *c) {
     ssize_t n = read(c->in_fd, d, 256 * 1024);
     if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) return;
     if (n == 0 && c == device_conn) {
-        device_retry_at = now_us() + DEVICE_RETRY_US; /* the host is away, not gone for good */
+        device_away(); /* the host is away, not gone for good */
         return;
     }
+    if (c == device_conn) device_present();
     if (n <= 0) {
         c->dead = 1; /* peer closed or reset: conn_abort kills what it started */
         return;
@@ -1599,7 +1644,7 @@ static void sweep(void) {
             *cp = c->next;
             if (c == device_conn) {
                 device_conn = NULL; /* the port stays open: wait for the host's next session */
-                device_retry_at = now_us() + DEVICE_RETRY_US;
+                device_away();
             } else {
                 close(c->in_fd);
                 if (c->out_fd != c->in_fd) close(c->out_fd);
@@ -1626,7 +1671,7 @@ static int serve_loop(void) {
         if (accept_paused_until) timeout = (int64_t)((accept_paused_until - now + 999) / 1000);
         if (device_fd >= 0 && !device_conn) {
             /* no host session: a virtio port reports POLLHUP until the host connects, so poll it only
-             * every DEVICE_RETRY_US instead of spinning */
+             * when SIGIO or the safety-net timer says so, instead of spinning */
             if (now >= device_retry_at) pf_add(device_fd, POLLIN, W_DEV, NULL);
             else timeout = (int64_t)((device_retry_at - now + 999) / 1000);
         }
@@ -1679,16 +1724,19 @@ static int serve_loop(void) {
                 ssize_t n;
                 int term = 0;
                 while ((n = read(sig_pipe[0], b, sizeof b)) > 0)
-                    for (ssize_t k = 0; k < n; k++)
+                    for (ssize_t k = 0; k < n; k++) {
                         if (b[k] == SIGTERM || b[k] == SIGINT) term = 1;
+                        if (b[k] == SIGIO) device_retry_at = 0; /* the port's host side changed */
+                    }
                 reap_children();
                 if (term) shutdown_all(0);
             } else if (pr->what == W_DEV) {
                 if (re & POLLIN) {
                     device_conn = conn_new(device_fd, device_fd);
+        fcntl(device_fd, F_SETOWN, getpid()); /* SIGIO (when armed) on a host (dis)connection or data */
                     conn_read(device_conn);
                 } else {
-                    device_retry_at = now_us() + DEVICE_RETRY_US;
+                    device_away();
                 }
             } else if (pr->what == W_LISTEN) {
                 for (int k = 0; k < 16; k++) {
@@ -1704,7 +1752,7 @@ static int serve_loop(void) {
                 conn_t *c = pr->obj;
                 if (c->dead) continue;
                 if (c == device_conn && (re & POLLHUP) && !(re & POLLIN)) {
-                    device_retry_at = now_us() + DEVICE_RETRY_US;
+                    device_away();
                     continue;
                 }
                 if (re & POLLOUT) conn_flush(c);
@@ -1781,8 +1829,8 @@ static int serve_main(int argc, char **argv) {
                         "--device PATH | --vsock PORT)\n");
         return 125;
     }
-    static const int handled[] = {SIGTERM, SIGINT};
-    setup_signals(handled, 2);
+    static const int handled[] = {SIGTERM, SIGINT, SIGIO};
+    setup_signals(handled, device_path ? 3 : 2);
     prctl(PR_SET_CHILD_SUBREAPER, 1);
     oom_detect();
     /* children must never see a closed 0..2 (pipes could land there); keep them open */

@@ -168,14 +168,17 @@ def test_one_shot_runs_restore_a_snapshot_and_share_nothing(tmp_path):
     """Two CLI runs: each a fresh clone of the snapshot (a file written in one is absent in the next),
     re-seeded (different random bytes), and nothing of either left behind."""
     cmd = ["run", "-B", "qemu", "--", "sh", "-c",
-           "ls /workspace/marker 2>/dev/null; echo x > /workspace/marker; head -c 16 /dev/urandom | od -An -tx1"]
+           "ls /workspace/marker 2>/dev/null; echo x > /workspace/marker; head -c 16 /dev/urandom | od -An -tx1; "
+           "date +%s"]
     outs = []
-    for _ in range(2):
+    for _ in range(3):
         r = ak(*cmd, timeout=180)
         assert r.returncode == 0, r.stderr.decode()
-        outs.append(r.stdout.decode())
-    assert "marker" not in outs[0] and "marker" not in outs[1]
-    assert outs[0] != outs[1]  # the RNG was re-seeded per clone
+        rnd, clock = r.stdout.decode().rsplit("\n", 2)[:2]
+        assert abs(int(clock) - time.time()) < 30  # the clone's clock was set, not the snapshot's
+        outs.append(rnd)
+    assert not any("marker" in o for o in outs)
+    assert len(set(outs)) == 3  # the RNG was re-seeded (and the crng reseeded) per clone
     r = ak("run", "-B", "qemu", "--", "sh", "-c", "exit 7", timeout=180)
     assert r.returncode == 7
     r = ak("run", "-B", "qemu", "-t", "1", "--", "sleep", "30", timeout=180)
