@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 AGENT_VSOCK_PORT = 52000  # the reference's agent port
 GUEST_CID = 3
+JAIL_UID = 65534  # the jailed VMM's uid and gid
 INSTALL_DIR = "/usr/local/lib/agentkernel/firecracker"
 # the reference's boot arguments; the agent is the initramfs's /init
 BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off quiet loglevel=4 i8042.nokbd i8042.noaux"
@@ -155,7 +156,10 @@ class VMM:
         self.jailer = jailer
         raw = sandbox_id or os.path.basename(run_dir)  # firecracker ids: alphanumerics and '-' only
         self.id = "".join(ch if ch.isascii() and (ch.isalnum() or ch == "-") else "-" for ch in raw)[:60]
-        self.sock = os.path.join(run_dir, "fc.sock")
+        # with the jailer the VMM lives in <run dir>/jail/firecracker/<id>/root (its chroot)
+        self.root = os.path.join(run_dir, "jail", os.path.basename(binary or "firecracker"), self.id, "root") \
+            if jailer else run_dir
+        self.sock = os.path.join(self.root, "fc.sock")
         self.proc: asyncio.subprocess.Process | None = None
 
     def argv(self) -> list[str]:
@@ -164,13 +168,16 @@ class VMM:
         if not self.jailer:
             return fc
         # the jailer: chroot under <run dir>/jail, its own uid/gid, then exec firecracker
-        return [self.jailer, "--id", self.id, "--exec-file", self.binary, "--uid", "65534", "--gid", "65534",
-                "--chroot-base-dir", os.path.join(self.run_dir, "jail"), "--", "--api-sock", "fc.sock"]
+        return [self.jailer, "--id", self.id, "--exec-file", self.binary, "--uid", str(JAIL_UID),
+                "--gid", str(JAIL_UID), "--chroot-base-dir", os.path.join(self.run_dir, "jail"),
+                "--", "--api-sock", "fc.sock"]
 
     async def spawn(self, timeout: float = 5.0) -> float:
         """Start the VMM; returns ms until its API answered."""
         t0 = time.perf_counter()
         open(os.path.join(self.run_dir, "fc.log"), "a").close()
+        if self.jailer:
+            os.makedirs(os.path.join(self.run_dir, "jail"), exist_ok=True)
         with open(os.path.join(self.run_dir, "vmm.out"), "ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv(), cwd=self.run_dir, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
@@ -199,6 +206,23 @@ class VMM:
             await api_ok(self.sock, "PUT", f"/drives/{d['drive_id']}", d)
         await api_ok(self.sock, "PUT", "/vsock", cfg["vsock"])
 
+    def stage(self, kernel: str, initrd: str, disk: str) -> tuple[str, str, str]:
+        """The boot files as the VMM sees them. Jailed: hard-linked (or copied) into its chroot, the disk
+        owned by the jail's uid; the API then gets names relative to the chroot."""
+        if not self.jailer:
+            return kernel, initrd, os.path.relpath(disk, self.run_dir)
+        out = []
+        for src, name in ((kernel, "vmlinux"), (initrd, "initrd.cpio"), (disk, "rootfs.ext4")):
+            dst = os.path.join(self.root, name)
+            if not os.path.exists(dst):
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copyfile(src, dst)
+            out.append(name)
+        os.chown(os.path.join(self.root, "rootfs.ext4"), JAIL_UID, JAIL_UID)
+        return out[0], out[1], out[2]
+
     async def start(self) -> None:
         await api_ok(self.sock, "PUT", "/actions", {"action_type": "InstanceStart"})
 
@@ -226,6 +250,14 @@ class VMM:
                 pass
         if self.proc is not None:
             await self.proc.wait()
+
+
+def vsock_path(run_dir: str) -> str:
+    """The host side of the sandbox's vsock: in the run dir, or in the jail's chroot."""
+    import glob
+
+    jailed = glob.glob(os.path.join(run_dir, "jail", "*", "*", "root", "v.sock"))
+    return jailed[0] if jailed else os.path.join(run_dir, "v.sock")
 
 
 def vmm_pid(run_dir: str) -> int | None:
@@ -360,12 +392,13 @@ class FirecrackerBackend(Backend):
         t0 = time.perf_counter()
         api_ms = await vmm.spawn()
         try:
-            await vmm.configure(machine_config(ref.spec, kernel=kernel, initrd=g["initramfs"]["path"]))
+            k, i, d = vmm.stage(kernel, g["initramfs"]["path"], disk)
+            await vmm.configure(machine_config(ref.spec, kernel=k, initrd=i, disk=d))
             await vmm.start()
             deadline = time.monotonic() + BOOT_TIMEOUT
             while True:
                 try:
-                    client = await AgentClient.connect(VsockTransport(os.path.join(run_dir, "v.sock")), timeout=2.0)
+                    client = await AgentClient.connect(VsockTransport(vsock_path(run_dir)), timeout=2.0)
                     break
                 except (TimeoutError, OSError):
                     if time.monotonic() > deadline or vmm_pid(run_dir) is None:
@@ -381,7 +414,7 @@ class FirecrackerBackend(Backend):
         from ..agent.client import AgentClient
 
         try:
-            return await AgentClient.connect(VsockTransport(os.path.join(self._dir(ref), "v.sock")), timeout=5.0)
+            return await AgentClient.connect(VsockTransport(vsock_path(self._dir(ref))), timeout=5.0)
         except (TimeoutError, OSError):
             raise NotFound(f"sandbox {ref.spec.name or ref.id} is not running in firecracker") from None
 

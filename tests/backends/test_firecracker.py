@@ -71,6 +71,30 @@ def test_vmm_accepts_the_full_configuration(binary, tmp_path):
     assert got["network-interfaces"] == []
 
 
+def test_jailed_vmm_accepts_the_configuration_with_files_in_its_chroot(binary, tmp_path):
+    jailer = find_binary("jailer")
+    _need(jailer is not None, "no jailer binary next to firecracker")
+    g = guestimage.build(SPEC.image, quiet=True)
+    kernel = guestimage.ensure_vmlinux(g["kernel"])
+    disk = tmp_path / "rootfs.ext4"
+    disk.write_bytes(b"")
+
+    async def go():
+        vmm = VMM(str(tmp_path), binary, jailer=jailer, sandbox_id="tf-jail-1")
+        try:
+            await vmm.spawn()
+            k, i, d = vmm.stage(kernel, g["initramfs"]["path"], str(disk))
+            await vmm.configure(machine_config(SPEC, kernel=k, initrd=i, disk=d))
+            return vmm.root, await vmm.config()
+        finally:
+            await vmm.kill()
+
+    root, got = asyncio.run(go())
+    assert root.startswith(str(tmp_path / "jail")) and os.path.isfile(os.path.join(root, "vmlinux"))
+    assert got["boot-source"]["kernel_image_path"] == "vmlinux"  # relative to the chroot
+    assert os.stat(os.path.join(root, "rootfs.ext4")).st_uid == 65534
+
+
 def test_api_rejects_a_bad_configuration_clearly(binary, tmp_path):
     from agentkernel.backends.firecracker import api_ok
     from agentkernel.errors import SandboxError
