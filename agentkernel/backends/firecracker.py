@@ -12,10 +12,11 @@
   (the sandbox's own sparse copy of the image's ext4), ``/vsock`` (guest CID 3), ``/actions`` InstanceStart.
 - Agent: ``ak-agent vm-init --vsock 52000`` in the guest; the host connects to the vsock UDS and sends
   ``CONNECT 52000\\n`` (Firecracker answers ``OK <port>``), then speaks the agent protocol.
-- Snapshots (option ``snapshot=on``): a template VM is paused and saved (``PUT /snapshot/create``); each
-  sandbox loads it (``PUT /snapshot/load`` with ``resume_vm``) in its own run dir. Paths inside the
-  snapshot are relative (the VMM runs with the run dir as cwd), so every clone gets its own disk and
-  vsock socket. RNG re-seeded and clock set through the agent after each load.
+- Snapshots: ``VMM.snapshot_create`` (``PATCH /vm`` Paused + ``PUT /snapshot/create``) and
+  ``VMM.snapshot_load`` (``PUT /snapshot/load`` with ``resume_vm``) speak the API; paths are relative
+  (the VMM's cwd is the run dir), so a snapshot loaded in another run dir uses that sandbox's own disk
+  and vsock socket. ``start`` does not restore from snapshots yet: that needs a host with hardware KVM
+  to build and test on (the qemu backend's snapshot pools are the working path here).
 
 Kernel: Firecracker boots an uncompressed ELF with virtio-mmio devices described on the command line
 (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES). Debian's cloud kernel lacks that option, so a Firecracker-ready
@@ -309,16 +310,14 @@ def machine_config(spec, *, kernel: str, initrd: str, disk: str = "rootfs.ext4",
 
 class FirecrackerBackend(Backend):
     name = "firecracker"
-    capabilities = Capabilities(FC_CONTROLS, {"exec", "files", "agent", "snapshot"},
+    capabilities = Capabilities(FC_CONTROLS, {"exec", "files", "agent"},
                                 isolation="microVM (Firecracker, own guest kernel, needs hardware KVM)")
-    options_allowed: ClassVar[tuple[str, ...]] = ("binary", "jailer", "kernel", "snapshot")
+    options_allowed: ClassVar[tuple[str, ...]] = ("binary", "jailer", "kernel")
 
     def __init__(self, options: dict[str, str] | None = None) -> None:
         super().__init__(options)
         if self.options.get("jailer", "off") not in ("on", "off"):
             raise ConfigError("firecracker option jailer must be on or off")
-        if self.options.get("snapshot", "off") not in ("on", "off"):
-            raise ConfigError("firecracker option snapshot must be on or off")
 
     @classmethod
     def probe(cls) -> Availability:
