@@ -281,13 +281,13 @@ class Service:
 
 
 def check_image(spec: SandboxSpec) -> None:
-    """Refuse an image the engine does not have before anything is created (no registry is pulled from,
-    and a pool for a missing image would only retry and fail)."""
-    from ..imagesel import _ENGINE_OF, image_present, missing_image_error
+    """Make the image available before anything is created (pulled per the pull policy: a pool for a
+    missing image would only retry and fail)."""
+    from ..images.pull import ensure
+    from ..images.settings import load_user_config, pull_policy
 
-    engine = _ENGINE_OF.get(spec.backend)
-    if engine and not image_present(engine, spec.image):
-        raise missing_image_error(engine, spec.image)
+    cfg = load_user_config()
+    ensure(spec.backend, spec.image, pull_policy(None, cfg), config=cfg, progress=False)
 
 
 def refuse_unsupported(**fields: Any) -> None:
