@@ -119,6 +119,11 @@ def docker_pull(image: str, *, config: dict | None = None, progress: bool | None
                 continue
             if msg.get("error"):
                 raise diagnose("docker", image, msg["error"], config)
+            if str(msg.get("status", "")).startswith("Retrying in"):
+                # the registry went away mid-download: dockerd would retry for ~50 s; report it now (the
+                # layers it finished are kept, so the next pull resumes) and cancel the pull by hanging up
+                raise PullError("unreachable", f"docker: the registry of {image!r} went away during the pull "
+                                f"(dockerd: {msg.get('status')})")
             lid, detail = msg.get("id"), msg.get("progressDetail") or {}
             if lid and detail.get("total") and msg.get("status") == "Downloading":
                 layers[lid] = (int(detail.get("current") or 0), int(detail["total"]))
