@@ -145,7 +145,8 @@ def build(b: BuildSpec, *, backend: str | None = None, quiet: bool | None = None
         raise AgentKernelError(f"{engine} is not installed", hint="apt-get install -y podman (or buildah)") from None
     if r.returncode != 0:
         out = (r.stdout or "").strip()[-1500:]
-        raise AgentKernelError(f"{engine} build of {b.dockerfile} failed (exit {r.returncode})" + (f":\n{out}" if out else ""),
+        what = f"{engine} build of {b.dockerfile} failed (exit {r.returncode})"
+        raise AgentKernelError(what + (f":\n{out}" if out else ""),
                                hint="the builder's output is above" if show else None)
     return tag
 

@@ -13,7 +13,7 @@ import tempfile
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from loopback_registry import LoopbackRegistry  # noqa: E402
+from loopback_registry import LoopbackRegistry
 
 BUSYBOX = "containers-storage:localhost/agentkernel/busybox:latest"
 

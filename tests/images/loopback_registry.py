@@ -84,10 +84,9 @@ class LoopbackRegistry:
                 os.makedirs(d, exist_ok=True)
                 shutil.copy(self.ca, os.path.join(d, "ca.crt"))
                 self._trusted.append(d)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(["docker-registry", "serve", os.path.join(self.dir, "config.yml")],
-                                     stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(["docker-registry", "serve", os.path.join(self.dir, "config.yml")],
+                                         stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -152,9 +151,9 @@ class LoopbackRegistry:
         """Completed GET requests for blobs (optionally one digest), from the registry's access log."""
         n = 0
         for line in self.read_log().splitlines():
-            if '"GET /v2/' in line and "/blobs/" in line and (digest is None or digest in line):
-                if '" 200 ' in line or '" 307 ' in line:
-                    n += 1
+            if ('"GET /v2/' in line and "/blobs/" in line and (digest is None or digest in line)
+                    and ('" 200 ' in line or '" 307 ' in line)):
+                n += 1
         return n
 
     def auth_file(self, path: str) -> str:

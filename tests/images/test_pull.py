@@ -267,11 +267,11 @@ def test_pull_policy_never_and_always(registry, env):
     r = env.ak("run", "-B", "oci", "-i", ref, "--", "echo", "x")
     assert r.returncode == 0, r.stderr
     gets = registry.blob_gets()
-    manifests = registry.read_log().count(f'"GET /v2/library/busybox/manifests/1 ')
+    manifests = registry.read_log().count('"GET /v2/library/busybox/manifests/1 ')
     r = env.ak("run", "-B", "oci", "--pull", "always", "-i", ref, "--", "echo", "y", AGENTKERNEL_PULL="never")
     assert r.returncode == 0 and r.stdout == "y\n", r.stderr
     time.sleep(0.2)
-    assert registry.read_log().count(f'"GET /v2/library/busybox/manifests/1 ') > manifests  # asked again
+    assert registry.read_log().count('"GET /v2/library/busybox/manifests/1 ') > manifests  # asked again
     assert registry.blob_gets() == gets  # nothing downloaded again: unchanged
     r = env.ak("run", "-B", "oci", "-i", ref, "--", "echo", "z", AGENTKERNEL_PULL="never")
     assert r.returncode == 0, r.stderr  # present now: never is fine

@@ -116,5 +116,6 @@ def test_agent_dockerfiles_present_and_parameterised():
 
     assert sorted(os.listdir(AGENTS_DIR)) == ["claude-code", "codex", "gemini", "opencode"]
     for name in os.listdir(AGENTS_DIR):
-        text = open(os.path.join(AGENTS_DIR, name, "Dockerfile")).read()
+        with open(os.path.join(AGENTS_DIR, name, "Dockerfile")) as f:
+            text = f.read()
         assert "ARG BASE=" in text and "FROM ${BASE}" in text and "npm install -g" in text
