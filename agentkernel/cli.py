@@ -166,10 +166,11 @@ def resolve(args, argv: list[str] | None):
     if not explicit_image and argv:
         from .imagesel import choose_image
 
-        return spec.replace(image=choose_image(spec.backend, argv, cwd=cwd, policy=policy, config=cfg))
+        return spec.replace(image=choose_image(spec.backend, argv, spec.options, cwd=cwd, policy=policy,
+                                               config=cfg))
     from .images.pull import ensure
 
-    ensure(spec.backend, spec.image, policy, config=cfg)
+    ensure(spec.backend, spec.image, policy, config=cfg, options=spec.options)
     return spec
 
 
@@ -198,7 +199,8 @@ def explain_run(args, argv: list[str]) -> int:
               f"of {cfg_path} (rebuilt only when the context or args change)")
         return 0
     print(explain(spec.backend, argv, image=spec.image if source else None, image_source=source,
-                  cwd=os.getcwd() if spec.policy.mount_cwd else None, policy=policy, config=cfg))
+                  cwd=os.getcwd() if spec.policy.mount_cwd else None, policy=policy, config=cfg,
+                  options=spec.options))
     return 0
 
 

@@ -13,7 +13,7 @@
    is used (the failure is remembered, so later runs do not wait for it again).
 
 ``explain()`` reports the decision without pulling or running anything (``agentkernel run --explain``).
-Which store a backend reads is ``images.pull.store_of`` (registry metadata may replace that table).
+Which store a backend reads is its registry entry's ``image_store`` (``images.pull.store_of``).
 """
 
 from __future__ import annotations
@@ -132,13 +132,18 @@ def _registry_of(image: str) -> str | None:
     return first if sep and ("." in first or ":" in first or first == "localhost") else None
 
 
-def select(backend: str, argv: list[str] | None, *, cwd: str | None = None, policy: str = "missing",
-           config: dict | None = None) -> Selection:
+def image_store(backend: str, options: dict[str, str] | None = None) -> str | None:
+    """The image store ``backend`` runs images from (its registry entry's ``image_store``), or None."""
+    return store_of(backend, options)
+
+
+def select(backend: str, argv: list[str] | None, options: dict[str, str] | None = None, *, cwd: str | None = None,
+           policy: str = "missing", config: dict | None = None) -> Selection:
     """The decision alone (no pull): what ``choose_image`` will try first, and its fallback."""
     from .images.pull import present
 
     rt, why = detect_runtime(argv, cwd)
-    store = store_of(backend)
+    store = store_of(backend, options)
     if store is None:
         return Selection(rt.local or DEFAULT_IMAGE, f"{why}; backend {backend!r} has no image store", runtime=rt.name)
     public = _public_name(rt, config)
@@ -162,18 +167,19 @@ def select(backend: str, argv: list[str] | None, *, cwd: str | None = None, poli
                      fallback=local if local_ok else None, runtime=rt.name)
 
 
-def choose_image(backend: str, argv: list[str] | None, *, cwd: str | None = None, policy: str = "missing",
-                 config: dict | None = None, progress: bool | None = None) -> str:
+def choose_image(backend: str, argv: list[str] | None, options: dict[str, str] | None = None, *,
+                 cwd: str | None = None, policy: str = "missing", config: dict | None = None,
+                 progress: bool | None = None) -> str:
     """Select, then make the image available (pulling per ``policy``; the local fallback when the
     registry is unreachable)."""
     from .images.pull import ensure
     from .images.pullerrors import PullError
 
-    sel = select(backend, argv, cwd=cwd, policy=policy, config=config)
-    if store_of(backend) is None:
+    sel = select(backend, argv, options, cwd=cwd, policy=policy, config=config)
+    if store_of(backend, options) is None:
         return sel.image
     try:
-        ensure(backend, sel.image, policy, config=config, progress=progress)
+        ensure(backend, sel.image, policy, config=config, progress=progress, options=options)
         if sel.fallback:
             mark_unreachable(_registry_of(sel.image), reachable=True)
         return sel.image
@@ -189,16 +195,16 @@ def choose_image(backend: str, argv: list[str] | None, *, cwd: str | None = None
 
 
 def explain(backend: str, argv: list[str] | None, *, image: str | None, image_source: str | None,
-            cwd: str | None, policy: str, config: dict | None) -> str:
+            cwd: str | None, policy: str, config: dict | None, options: dict[str, str] | None = None) -> str:
     from .images.pull import present
 
-    store = store_of(backend)
+    store = store_of(backend, options)
     lines = [f"backend: {backend} (image store: {store or 'none'})", f"pull policy: {policy}"]
     if image:
         lines += [f"image: {image}", f"why: explicit ({image_source})"]
         target = image
     else:
-        sel = select(backend, argv, cwd=cwd, policy=policy, config=config)
+        sel = select(backend, argv, options, cwd=cwd, policy=policy, config=config)
         lines += [f"image: {sel.image}", f"why: {sel.reason}"]
         if sel.fallback:
             lines.append(f"fallback: {sel.fallback} (if the registry is unreachable)")
@@ -210,9 +216,7 @@ def explain(backend: str, argv: list[str] | None, *, image: str | None, image_so
     return "\n".join(lines)
 
 
-# ---- compatibility for callers of the earlier API ---------------------------------------------------------
-
-_ENGINE_OF = {"podman": "podman", "gvisor": "podman", "oci": "podman", "docker": "docker"}
+# ---- presence (doctor, the API service) ----------------------------------------------------------------
 
 
 def local_images(engine: str) -> set[str] | None:

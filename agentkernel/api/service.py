@@ -287,7 +287,7 @@ def check_image(spec: SandboxSpec) -> None:
     from ..images.settings import load_user_config, pull_policy
 
     cfg = load_user_config()
-    ensure(spec.backend, spec.image, pull_policy(None, cfg), config=cfg, progress=False)
+    ensure(spec.backend, spec.image, pull_policy(None, cfg), config=cfg, progress=False, options=spec.options)
 
 
 def refuse_unsupported(**fields: Any) -> None:

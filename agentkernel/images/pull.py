@@ -6,9 +6,9 @@
   engine's own image index file (no engine round trip, no json import): ~1 ms on the run path.
 - ``always``: ask the registry every time (an unchanged image is not downloaded again).
 
-Which store a backend uses: ``store_of(backend)`` (podman and gVisor-on-podman: podman; docker and
-gVisor-on-docker: docker; oci: its own rootfs cache, which may also unpack from podman's or docker's
-store; backends without images: None).
+Which store a backend uses: its registry entry's ``image_store`` (podman and gVisor-on-podman: podman;
+docker and gVisor-on-docker: docker; oci: its own rootfs cache, which may also unpack from podman's or
+docker's store; backends without images: None).
 """
 
 from __future__ import annotations
@@ -24,8 +24,14 @@ _STORE_OF = {"podman": "podman", "gvisor": "podman", "gvisor-podman": "podman", 
              "gvisor-docker": "docker", "oci": "oci"}
 
 
-def store_of(backend: str) -> str | None:
-    return _STORE_OF.get(backend)
+def store_of(backend: str, options: dict | None = None) -> str | None:
+    """The image store ``backend`` (with ``options``) runs images from: its registry entry says."""
+    try:
+        from ..backends import entry
+
+        return entry(backend, options).image_store
+    except Exception:  # an unknown backend: the run reports it, with the known names
+        return _STORE_OF.get(backend)
 
 
 def spellings(image: str) -> set[str]:
@@ -109,9 +115,9 @@ def pull(store: str, image: str, *, policy: str = "missing", config: dict | None
 
 
 def ensure(backend: str, image: str, policy: str, *, config: dict | None = None,
-           progress: bool | None = None) -> bool:
+           progress: bool | None = None, options: dict | None = None) -> bool:
     """Make ``image`` usable by ``backend`` under ``policy``; True when something was pulled."""
-    store = store_of(backend)
+    store = store_of(backend, options)
     if store is None or not image:
         return False
     if policy == "always":
