@@ -8,7 +8,8 @@
    one built offline by agentkernel (``agentkernel/debian`` has python3; ``agentkernel/busybox`` a shell).
    The public image is used when it is already in the backend's store, or when it can be pulled: the
    pull policy allows it and its registry was not found unreachable in the last ``UNREACHABLE_TTL``
-   seconds. ``AGENTKERNEL_REGISTRY`` / ``[images] registry`` makes public names come from that registry
+   seconds. Runtimes that need no toolchain (``LOCAL_FIRST``: plain commands, ``sh``) use their local
+   image unless the public one is present or a registry is configured: they never probe a registry. ``AGENTKERNEL_REGISTRY`` / ``[images] registry`` makes public names come from that registry
    (a mirror). Otherwise, and when the pull fails because the registry is unreachable, the local image
    is used (the failure is remembered, so later runs do not wait for it again).
 
@@ -56,6 +57,9 @@ RUNTIMES = (
 )
 DEFAULT = Runtime("default", "alpine:3.20", "agentkernel/busybox", (), ())
 DEFAULT_IMAGE = "agentkernel/busybox"  # what backends without an image store get
+# runtimes that need no particular toolchain: their local image is used unless the public one is present or
+# a registry is configured (so `agentkernel run -- echo hi` never probes a registry)
+LOCAL_FIRST = ("default", "shell")
 
 
 class Selection:
@@ -153,6 +157,10 @@ def select(backend: str, argv: list[str] | None, options: dict[str, str] | None 
     if present(store, public):
         return Selection(public, f"{why} -> {rt.name}: {public} is already in {store}", runtime=rt.name)
     local_ok = bool(local) and present(store, local)
+    if rt.name in LOCAL_FIRST and local_ok and _public_name(rt, config) == rt.public:
+        # no runtime-specific tools needed: never wait on an unconfigured registry for a plain shell
+        return Selection(local, f"{why} -> {rt.name}: the local {local} ({rt.public} is not in {store}; it is "
+                         "used when present or when a registry is configured)", runtime=rt.name)
     if policy == "never":
         if local_ok:
             return Selection(local, f"{why} -> {rt.name}: {public} is not in {store} and the pull policy is "
@@ -184,7 +192,7 @@ def choose_image(backend: str, argv: list[str] | None, options: dict[str, str] |
             mark_unreachable(_registry_of(sel.image), reachable=True)
         return sel.image
     except PullError as exc:
-        if exc.kind not in ("unreachable", "insecure") or not sel.fallback:
+        if exc.kind not in ("unreachable", "insecure", "short-name") or not sel.fallback:
             raise
         mark_unreachable(_registry_of(sel.image))
         import sys

@@ -68,7 +68,7 @@ def qualify(ref: Reference, config: dict | None) -> Reference:
         return ref
     reg = settings.default_registry(config)
     if not reg:
-        raise PullError("unreachable", f"{ref} is a short name and no registry is configured for short names",
+        raise PullError("short-name", f"{ref} is a short name and no registry is configured for short names",
                         hint="use a full reference (HOST/REPOSITORY:TAG), or set AGENTKERNEL_REGISTRY / [images] "
                         "registry, or unqualified-search-registries in /etc/containers/registries.conf")
     return ref.with_registry(reg)

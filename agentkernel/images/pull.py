@@ -74,11 +74,7 @@ def present(store: str, image: str) -> bool:
     if store == "oci":
         from ..oci import rootfs
 
-        if rootfs.lookup_cached(image) is not None:
-            return True
-        from . import oci_pull
-
-        if oci_pull.cached(image) is not None:
+        if rootfs.lookup_cached(image) is not None:  # unpacked from an engine, or pulled (stamps "registry")
             return True
         return any(present(s, image) for s in ("podman", "docker"))
     names = _index_names(store)
@@ -132,7 +128,12 @@ def ensure(backend: str, image: str, policy: str, *, config: dict | None = None,
     with pull_lock(store, image):
         if present(store, image):  # a concurrent run pulled it while we waited: one download
             return False
-        pull(store, image, policy=policy, config=config, progress=progress)
+        try:
+            pull(store, image, policy=policy, config=config, progress=progress)
+        except PullError as exc:
+            exc.message = f"image {image!r} is not present in {store} and pulling it failed: {exc.message}"
+            exc.args = (exc.message,)
+            raise
     return True
 
 

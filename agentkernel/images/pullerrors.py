@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from ..errors import AgentKernelError
 
-KINDS = ("unknown-image", "unknown-tag", "auth-refused", "unreachable", "digest-mismatch", "disk-full",
+KINDS = ("short-name", "unknown-image", "unknown-tag", "auth-refused", "unreachable", "digest-mismatch", "disk-full",
          "insecure", "unsafe-layer", "unsupported", "failed")
 
 _HINTS = {
+    "short-name": "use a fully qualified name (HOST/REPOSITORY:TAG), or configure unqualified-search-registries "
+    "in /etc/containers/registries.conf (or AGENTKERNEL_REGISTRY); agentkernel's own images: agentkernel images "
+    "build",
+    "failed": "the engine's message is above; agentkernel images pull IMAGE shows it again",
     "unknown-image": "check the repository name (and the registry it is looked up in)",
     "unknown-tag": "check the tag; list them with: skopeo list-tags docker://REGISTRY/REPOSITORY",
     "auth-refused": "log in first (podman login / docker login write the credentials agentkernel reads), or "
@@ -43,6 +47,8 @@ def classify(text: str) -> str:
     if ("unauthorized" in low or "authentication required" in low or "401" in low or "denied" in low
             or "incorrect username or password" in low or "no basic auth credentials" in low):
         return "auth-refused"
+    if "did not resolve to an alias" in low or "unqualified-search registries" in low:
+        return "short-name"
     if "manifest unknown" in low or "manifest_unknown" in low or ("not found" in low and "manifest" in low):
         return "unknown-tag"
     if ("name unknown" in low or "name_unknown" in low or "repository does not exist" in low
@@ -59,6 +65,7 @@ def classify(text: str) -> str:
 def from_engine(engine: str, image: str, text: str) -> PullError:
     kind = classify(text)
     what = {
+        "short-name": f"{image!r} is a short name that no registry is configured for",
         "unknown-image": f"image {image!r} does not exist in its registry",
         "unknown-tag": f"image {image!r}: no such tag or digest in the registry",
         "auth-refused": f"the registry refused access to {image!r} (credentials missing or wrong)",

@@ -26,7 +26,9 @@ def test_explain_by_command_and_project_files(registry, env):
         r = env.ak("run", "--explain", "--mount-cwd", "--", "ls", cwd=proj)
         assert f"image: {image}" in r.stdout and f"project file '{fname}'" in r.stdout, r.stdout
         r = env.ak("run", "--explain", "--", "ls", cwd=proj)  # not mounted: project files do not count
-        assert "image: alpine:3.20" in r.stdout, r.stdout
+        assert "image: agentkernel/busybox" in r.stdout and "no runtime detected" in r.stdout, r.stdout
+        r = env.ak("run", "--explain", "--", "ls", cwd=proj, AGENTKERNEL_REGISTRY=registry.host)
+        assert f"image: {registry.host}/library/alpine:3.20" in r.stdout, r.stdout  # configured: the public one
         os.unlink(os.path.join(proj, fname))
     r = env.ak("run", "--explain", "-i", "agentkernel/busybox", "--", "python3")
     assert "why: explicit (--image)" in r.stdout and "present in podman: yes" in r.stdout
