@@ -10,8 +10,9 @@
    pull policy allows it and its registry was not found unreachable in the last ``UNREACHABLE_TTL``
    seconds. Runtimes that need no toolchain (``LOCAL_FIRST``: plain commands, ``sh``) use their local
    image unless the public one is present or a registry is configured: they never probe a registry.
-   ``AGENTKERNEL_REGISTRY`` / ``[images] registry`` makes public names come from that registry (a mirror). Otherwise, and when the pull fails because the registry is unreachable, the local image
-   is used (the failure is remembered, so later runs do not wait for it again).
+   ``AGENTKERNEL_REGISTRY`` / ``[images] registry`` makes public names come from that registry (a mirror).
+   Otherwise, and when the pull fails because the registry is unreachable, the local image is used (the
+   failure is remembered, so later runs do not wait for it again).
 
 ``explain()`` reports the decision without pulling or running anything (``agentkernel run --explain``).
 Which store a backend reads is its registry entry's ``image_store`` (``images.pull.store_of``).
