@@ -177,8 +177,6 @@ def pull_cmd(args) -> int:
 
         parse(image)  # a malformed reference is refused before anything runs
         ensure(backend, image, "always" if args.always else "missing", config=cfg)
-        if not sys.stderr.isatty():
-            sys.stderr.write(f"pulled {image} into {store}\n")
     return 0
 
 

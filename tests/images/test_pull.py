@@ -330,3 +330,37 @@ def test_images_list_rm_prune(registry, env):
     assert set(row["stores"]) == {"podman"}
     if docker_ok():
         assert shutil.which("docker")
+
+
+def test_progress_on_a_terminal_quiet_otherwise(fresh_registry, env):
+    import pty
+    import sys
+
+    reg = fresh_registry
+    push_layers(reg, "library/progress:1", [tar_bytes(busybox_entries(2_000_000))])
+    env.login(reg)
+    ref = reg.ref("library/progress:1")
+    r = env.ak("images", "pull", "-B", "oci", ref)
+    assert r.returncode == 0 and r.stderr == "" and r.stdout == ""  # not a terminal: quiet
+    e = dict(os.environ)
+    e.update({k: v for k, v in env.vars.items() if v})
+    e["AGENTKERNEL_CACHE"] = os.path.join(env.root, "cache2")
+    for k in [k for k, v in env.vars.items() if not v]:
+        e.pop(k, None)
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "agentkernel", "images", "pull", "-B", "oci", ref], env=e,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave, cwd=env.root)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert p.wait(timeout=60) == 0
+    text = out.decode(errors="replace")
+    assert "layers 0/1" in text and "MB/s" in text and f"pulled {ref}" in text, text
