@@ -22,7 +22,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "images"))
-from loopback_registry import LoopbackRegistry, write_layout  # noqa: E402
+from loopback_registry import LoopbackRegistry, write_layout
 
 
 def unique_layer(base_tar: str) -> bytes:
