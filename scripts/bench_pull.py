@@ -62,11 +62,9 @@ def main() -> int:
             rows = []
             for backend in a.backends.split(","):
                 layout = os.path.join(root, f"layout-{backend}")
-                t0 = time.monotonic()
                 write_layout(layout, [unique_layer(tars[-1])])
                 blob_mb = sum(os.path.getsize(p) for p in glob.glob(f"{layout}/blobs/sha256/*")) / 1e6
                 reg.push(f"oci:{layout}", f"bench/debian-{backend}:1")
-                prep = time.monotonic() - t0
                 ref = reg.ref(f"bench/debian-{backend}:1")
                 pulled.append(ref)
 
@@ -87,7 +85,8 @@ def main() -> int:
         print(f"{'backend':8} {'image MB':>9} {'cold pull s':>12} {'1st run s':>10} {'cached run ms (median/min)':>28}"
               f" {'local agentkernel/debian run ms (median)':>42}")
         for b, mb, cold, first, med, mn, base in rows:
-            print(f"{b:8} {mb:9.1f} {cold:12.2f} {first:10.2f} {med * 1000:18.0f} / {mn * 1000:<7.0f} {base * 1000:>34.0f}")
+            print(f"{b:8} {mb:9.1f} {cold:12.2f} {first:10.2f} {med * 1000:18.0f} / {mn * 1000:<7.0f} "
+                  f"{base * 1000:>34.0f}")
     finally:
         for ref in pulled:
             subprocess.run(["podman", "rmi", "-f", ref], capture_output=True)
