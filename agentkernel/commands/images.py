@@ -184,8 +184,11 @@ def pull_cmd(args) -> int:
 
 def build_cmd(args) -> int:
     if args.vm is not None:
-        from ..vm.guestimage import build_cli  # the microVM guest image builder (agentkernel.vm)
-
+        try:
+            from ..vm.guestimage import build_cli  # the microVM guest image builder (agentkernel.vm)
+        except ImportError:
+            raise AgentKernelError("microVM guest images cannot be built: this agentkernel has no agentkernel.vm "
+                                   "module") from None
         return build_cli(args.vm + args.names)
     from .. import config
     from ..images import dockerbuild

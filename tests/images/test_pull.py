@@ -364,3 +364,15 @@ def test_progress_on_a_terminal_quiet_otherwise(fresh_registry, env):
     assert p.wait(timeout=60) == 0
     text = out.decode(errors="replace")
     assert "layers 0/1" in text and "MB/s" in text and f"pulled {ref}" in text, text
+
+
+@pytest.mark.parametrize("backend", ["gvisor", "gvisor-docker"])
+def test_gvisor_backends_pull_into_their_engine(registry, env, backend):
+    if backend == "gvisor-docker" and not docker_ok():
+        pytest.fail("dockerd is not running") if os.environ.get("CI") == "true" else pytest.skip("no dockerd")
+    env.login(registry)
+    ref = registry.ref("library/busybox:1")
+    env.track(ref)
+    r = env.ak("run", "-B", backend, "-i", ref, "--", "echo", f"hi-{backend}")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"hi-{backend}\n"
