@@ -45,8 +45,11 @@ def add_parser(sub) -> None:
     rm = a.add_parser("rm", help="remove images from every store that has them")
     rm.add_argument("images", nargs="+", metavar="IMAGE")
     rm.add_argument("-B", "--backend", default=None, help="only this backend's store")
-    pr = a.add_parser("prune", help="remove unused data: dangling engine images, unreferenced oci cache entries")
+    pr = a.add_parser("prune", help="remove unused oci cache entries (and, with --engines, dangling engine images)")
     pr.add_argument("--dry-run", action="store_true")
+    pr.add_argument("--engines", action="store_true", help="also remove podman's and docker's dangling images")
+    pr.add_argument("--older-than", type=float, default=3600.0, metavar="SECONDS",
+                    help="oci cache: only what is at least this old (default 3600: pulls in progress are safe)")
 
 
 def images_cmd(args) -> int:
@@ -286,10 +289,10 @@ def _oci_forget(image: str) -> bool:
 def prune_cmd(args) -> int:
     from ..images.oci_pull import prune as oci_prune
 
-    freed = oci_prune(dry_run=args.dry_run)
+    freed = oci_prune(dry_run=args.dry_run, min_age_s=args.older_than)
     for path, size in freed:
         print(f"{'would remove' if args.dry_run else 'removed'} {path} ({_size(size)})")
-    if not args.dry_run:
+    if args.engines and not args.dry_run:
         if shutil.which("podman"):
             subprocess.run(["podman", "image", "prune", "-f"], capture_output=True, stdin=subprocess.DEVNULL)
         try:

@@ -232,9 +232,29 @@ def _unpack(image: str, image_id: str, cfg: dict, layers: list[tuple[str, str]],
         os.close(lock_fd)
 
 
+def _in_use(path: str) -> bool:
+    """Whether a running sandbox (of any session) uses the root under ``path``: an overlay whose lower dir
+    it is, or a process whose root is inside it."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            if path in f.read():
+                return True
+    except OSError:
+        pass
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if os.readlink(f"/proc/{pid}/root").startswith(path):
+                    return True
+            except OSError:
+                continue
+    return False
+
+
 def prune(*, dry_run: bool = False, min_age_s: float = 3600.0) -> list[tuple[str, int]]:
-    """Remove what no reference needs: blobs no pulled image lists, unpacked roots no name refers to,
-    and temporaries of pulls that died more than ``min_age_s`` ago. Returns (path, bytes) removed."""
+    """Remove what no reference needs: blobs no pulled image lists, unpacked roots no name refers to and no
+    running sandbox uses, and temporaries of pulls that died. Only what is older than ``min_age_s`` (a pull in
+    progress writes its blobs before its reference). Returns (path, bytes) removed."""
     import time
 
     refs = rfs._read_refs()
@@ -242,6 +262,12 @@ def prune(*, dry_run: bool = False, min_age_s: float = 3600.0) -> list[tuple[str
     used_roots = {(ent.get("rootfs") or {}).get("id") for ent in refs.values()}
     out: list[tuple[str, int]] = []
     now = time.time()
+
+    def old(p: str) -> bool:
+        try:
+            return now - os.lstat(p).st_mtime >= min_age_s
+        except OSError:
+            return False
 
     def drop(path: str) -> None:
         size = sum(os.lstat(os.path.join(dp, n)).st_blocks * 512 for dp, _, ns in os.walk(path) for n in ns) \
@@ -253,17 +279,12 @@ def prune(*, dry_run: bool = False, min_age_s: float = 3600.0) -> list[tuple[str
     bdir = blobs_dir()
     for n in os.listdir(bdir):
         p = os.path.join(bdir, n)
-        if n.startswith(".tmp-"):
-            if now - os.lstat(p).st_mtime > min_age_s:
-                drop(p)
-        elif n not in used_blobs:
+        if (n.startswith(".tmp-") or n not in used_blobs) and old(p):
             drop(p)
     base = rfs.rootfs_dir()
     for n in os.listdir(base):
         p = os.path.join(base, n)
-        if n.startswith(".tmp-"):
-            if now - os.lstat(p).st_mtime > min_age_s:
-                drop(p)
-        elif not n.startswith(".") and n not in used_roots:
+        stale_tmp = n.startswith(".tmp-") and old(p)
+        if stale_tmp or (not n.startswith(".") and n not in used_roots and old(p) and not _in_use(p)):
             drop(p)
     return out

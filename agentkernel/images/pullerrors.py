@@ -32,8 +32,9 @@ class PullError(AgentKernelError):
     def __init__(self, kind: str, message: str, *, hint: str | None = None) -> None:
         super().__init__(message, hint=hint if hint is not None else _HINTS.get(kind))
         self.kind = kind
-        self.http_status = {"unknown-image": 404, "unknown-tag": 404, "auth-refused": 401,
-                            "unreachable": 502, "digest-mismatch": 502, "disk-full": 507}.get(kind, 500)
+        self.http_status = {"short-name": 404, "unknown-image": 404, "unknown-tag": 404, "auth-refused": 502,
+                            "unreachable": 502, "digest-mismatch": 502, "insecure": 502, "unsafe-layer": 502,
+                            "disk-full": 507}.get(kind, 502)
 
 
 def classify(text: str) -> str:
