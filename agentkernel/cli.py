@@ -154,24 +154,11 @@ def resolve(args, argv: list[str] | None):
     cfg_path = config.find_config(args.config, os.getcwd())
     cfg = config.load_config(cfg_path)
     spec = config.resolve_spec(spec_flags(args), config=cfg)
-    from .images.settings import pull_policy
-
-    policy = pull_policy(getattr(args, "pull", None), cfg)
     explicit_image = bool(args.image or os.environ.get("AGENTKERNEL_IMAGE") or cfg.get("sandbox", {}).get("image"))
-    cwd = os.getcwd() if spec.policy.mount_cwd else None
-    if not explicit_image and cfg.get("build") and (cfg["build"].get("dockerfile") or cfg["build"].get("context")):
-        from .images.dockerbuild import build_from_config
+    from .imagesel import image_for_spec
 
-        return spec.replace(image=build_from_config(cfg, cfg_path, backend=spec.backend))
-    if not explicit_image and argv:
-        from .imagesel import choose_image
-
-        return spec.replace(image=choose_image(spec.backend, argv, spec.options, cwd=cwd, policy=policy,
-                                               config=cfg))
-    from .images.pull import ensure
-
-    ensure(spec.backend, spec.image, policy, config=cfg, options=spec.options)
-    return spec
+    return image_for_spec(spec, argv, config=cfg, config_path=cfg_path, explicit=explicit_image,
+                          pull=getattr(args, "pull", None))
 
 
 def explain_run(args, argv: list[str]) -> int:
@@ -191,8 +178,7 @@ def explain_run(args, argv: list[str]) -> int:
         source = "AGENTKERNEL_IMAGE"
     elif cfg.get("sandbox", {}).get("image"):
         source = f"[sandbox] image in {cfg_path}"
-    build = cfg.get("build") or {}
-    if source is None and (build.get("dockerfile") or build.get("context")):
+    if source is None and cfg.get("build"):
         from .images.dockerbuild import planned_tag
 
         print(f"backend: {spec.backend}\nimage: {planned_tag(cfg, cfg_path)}\nwhy: built from the [build] table "

@@ -203,6 +203,30 @@ def choose_image(backend: str, argv: list[str] | None, options: dict[str, str] |
         return sel.fallback
 
 
+def image_for_spec(spec, argv: list[str] | None, *, config: dict | None, config_path: str | None = None,
+                   explicit: bool, pull: str | None = None, progress: bool | None = None):
+    """The one place a spec gets its image, for every entry point: an explicit image is pulled per the
+    policy; otherwise ``[build]`` builds one (cached by content), else one is chosen for ``argv`` (and
+    pulled, with the local fallback). ``pull`` is the --pull flag (None: environment / config / default)."""
+    import os
+
+    from .images.settings import pull_policy
+
+    policy = pull_policy(pull, config)
+    if not explicit and (config or {}).get("build"):
+        from .images.dockerbuild import build_from_config
+
+        return spec.replace(image=build_from_config(config, config_path, backend=spec.backend))
+    if not explicit and argv:
+        cwd = os.getcwd() if spec.policy.mount_cwd else None
+        return spec.replace(image=choose_image(spec.backend, argv, spec.options, cwd=cwd, policy=policy,
+                                               config=config, progress=progress))
+    from .images.pull import ensure
+
+    ensure(spec.backend, spec.image, policy, config=config, progress=progress, options=spec.options)
+    return spec
+
+
 def explain(backend: str, argv: list[str] | None, *, image: str | None, image_source: str | None,
             cwd: str | None, policy: str, config: dict | None, options: dict[str, str] | None = None) -> str:
     from .images.pull import present
