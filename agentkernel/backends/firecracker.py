@@ -196,6 +196,7 @@ class VMM:
                 except OSError:
                     pass
             if time.monotonic() > deadline:
+                await self.kill()  # never leave a VMM behind that nobody can configure
                 raise SandboxError(f"the Firecracker API did not come up within {timeout:.0f} s")
             await asyncio.sleep(0.002)
 
