@@ -78,7 +78,7 @@ def attach(spec: SandboxSpec, sandbox_id: str) -> Attachment:
     reg = {"id": sandbox_id, "name": spec.name, "ip": ip, "mode": mode, "allow": list(spec.policy.network_allow),
            "block": list(spec.policy.network_block), "secrets": secrets, "netns": netns.netns_path(sandbox_id)}
     try:
-        always = [*ALWAYS_BLOCKED_V4, *ALWAYS_BLOCKED_V6, *netns.host_blocked_nets(), net["subnet"]]
+        always = [*ALWAYS_BLOCKED_V4, *ALWAYS_BLOCKED_V6, *netns.host_blocked_nets_cached(), net["subnet"]]
         ruleset = netns.sandbox_ruleset(mode, net["gateway"], rules.networks("allow"),
                                         [str(e.net) for e in rules.networks("block")], always)
         path = netns.create_netns(sandbox_id, ip, net, ruleset)

@@ -62,6 +62,27 @@ def host_interfaces() -> list[dict[str, Any]]:
     return json.loads(_run(["ip", "-j", "-d", "addr", "show"]).stdout or "[]")
 
 
+HOST_NETS_TTL = 10.0  # seconds a computed host address list is reused by attach (one `ip` call saved)
+
+
+def host_blocked_nets_cached() -> list[str]:
+    import time
+
+    path = os.path.join(state_dir(), "hostnets.json")
+    try:
+        if time.time() - os.stat(path).st_mtime < HOST_NETS_TTL:
+            with open(path) as f:
+                return json.load(f)
+    except (OSError, ValueError):
+        pass
+    nets = host_blocked_nets()
+    tmp = f"{path}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(nets, f)
+    os.replace(tmp, path)
+    return nets
+
+
 def host_blocked_nets(ifaces: list[dict[str, Any]] | None = None) -> list[str]:
     """The host's own addresses (every interface) and the subnets of its bridges (other container
     networks, our egress bridge): never reachable from a sandbox."""
@@ -316,16 +337,15 @@ def denied_in_netns(sandbox_id: str) -> list[tuple[str, int]]:
     if not os.path.exists(path):
         return []
     out: list[tuple[str, int]] = []
-    for s in ("denied4", "denied6"):
-        r = _run(["nsenter", f"--net={path}", "nft", "-j", "list", "set", "inet", "agentkernel", s], check=False)
-        if r.returncode != 0:
-            continue
-        try:
-            data = json.loads(r.stdout)
-        except ValueError:
-            continue
-        for item in data.get("nftables", []):
-            for el in (item.get("set") or {}).get("elem", []) or []:
+    r = _run(["nsenter", f"--net={path}", "nft", "-j", "list", "table", "inet", "agentkernel"], check=False)
+    try:
+        data = json.loads(r.stdout) if r.returncode == 0 else {}
+    except ValueError:
+        data = {}
+    for item in data.get("nftables", []):
+        st = item.get("set") or {}
+        if st.get("name") in ("denied4", "denied6"):
+            for el in st.get("elem", []) or []:
                 val = el.get("elem", {}).get("val", el) if isinstance(el, dict) else el
                 concat = val.get("concat") if isinstance(val, dict) else None
                 if concat and len(concat) == 2:
@@ -336,7 +356,8 @@ def denied_in_netns(sandbox_id: str) -> list[tuple[str, int]]:
 def delete_netns(sandbox_id: str) -> None:
     name = netns_name(sandbox_id)
     if os.path.exists(os.path.join(NETNS_DIR, name)):
-        _run(["ip", "netns", "del", name], check=False)
-    veth = f"akv{short_id(sandbox_id)}"
-    if os.path.exists(f"/sys/class/net/{veth}"):
-        _run(["ip", "link", "del", veth], check=False)
+        _run(["ip", "netns", "del", name], check=False)  # the veth pair goes with the namespace
+    else:
+        veth = f"akv{short_id(sandbox_id)}"
+        if os.path.exists(f"/sys/class/net/{veth}"):
+            _run(["ip", "link", "del", veth], check=False)

@@ -52,6 +52,10 @@ class TestNet:
 
 @pytest.fixture(scope="session")
 def testnet():
+    yield from make_testnet()
+
+
+def make_testnet():
     if os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("ip"):
         if os.environ.get("CI") == "true":
             pytest.fail("egress tests need root, ip and nft")

@@ -108,7 +108,7 @@ def test_open_mode_excludes_host_sandboxes_and_metadata(testnet, backend):
     # another sandbox, listening on 9000
     other = subprocess.Popen(
         [sys.executable, "-m", "agentkernel", "run", "--no-daemon", "-B", backend, "--network", "--", "sh", "-c",
-         "ip -4 -o addr show eth0; nc -l -p 9000 & sleep 20; kill %1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+         "ip -4 -o addr show eth0; nc -l -p 9000 & sleep 6; kill %1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         line = other.stdout.readline().decode()
         other_ip = line.split("inet ")[1].split("/")[0]
@@ -124,8 +124,11 @@ def test_open_mode_excludes_host_sandboxes_and_metadata(testnet, backend):
             with pytest.raises(BlockingIOError):
                 s.accept()
     finally:
-        other.kill()
-        other.wait()
+        try:
+            other.wait(30)  # let it finish and clean up after itself
+        except subprocess.TimeoutExpired:
+            other.kill()
+            other.wait()
         for s in ls:
             s.close()
 
