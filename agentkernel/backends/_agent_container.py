@@ -37,6 +37,9 @@ class AgentContainerBackend(Backend, AgentAccess):
 
     # networked sandboxes get a namespace behind the egress gateway (egress/), which the engine joins
     uses_egress = False
+    # the engine cannot join a namespace path: the sandbox's init waits until the host moved the network
+    # into the namespace the engine made (egress.attach.complete after start)
+    egress_deferred = False
 
     # -- engine operations (subclass) --
     async def _engine_create(self, plan: _container.ContainerPlan) -> str:
@@ -82,7 +85,7 @@ class AgentContainerBackend(Backend, AgentAccess):
             if self.uses_egress and spec.policy.network:
                 import asyncio
 
-                net = await asyncio.to_thread(_container.attach_network, spec, sandbox_id)
+                net = await asyncio.to_thread(_container.attach_network, spec, sandbox_id, self.egress_deferred)
             p = _container.plan(spec, sandbox_id=sandbox_id, owner=owner, container_name=name,
                                 agent_bin=agent, run_dir=run_dir, pids_overhead=self.pids_overhead, net=net)
             cid = await (self._engine_run_detached(p) if start else self._engine_create(p))

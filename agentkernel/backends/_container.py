@@ -50,6 +50,7 @@ class ContainerPlan:
         "network",
         "netns",
         "dns",
+        "resolv",
         "pids",
         "read_only",
         "seccomp_file",
@@ -95,13 +96,16 @@ def remove_run_dir(sandbox_id: str) -> None:
     remove_flat_dir(sandbox_run_dir(sandbox_id))
 
 
-def attach_network(spec: SandboxSpec, sandbox_id: str) -> Any:
+NET_READY_IN = f"{AGENT_RUN_IN}/net-ready"  # engines that make the namespace themselves: see egress.attach.complete
+
+
+def attach_network(spec: SandboxSpec, sandbox_id: str, deferred: bool = False) -> Any:
     """The sandbox's egress attachment (network modes allowlist/open), or None for network none."""
     if not spec.policy.network:
         return None
     from ..egress.attach import attach
 
-    return attach(spec, sandbox_id)
+    return attach(spec, sandbox_id, deferred=deferred)
 
 
 def release_network(sandbox_id: str) -> None:
@@ -216,6 +220,7 @@ def plan(
         network="netns" if net is not None else ("default" if pol.network else "none"),
         netns=net.netns if net is not None else None,
         dns=net.dns if net is not None else None,
+        resolv=net.resolv if net is not None else None,
         read_only=pol.read_only_root,
         tmpfs=tmpfs,
         binds=binds,

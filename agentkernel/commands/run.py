@@ -116,7 +116,7 @@ def _prepare(backend, spec, command: list[str], interactive: bool):
     net = None
     if getattr(backend, "uses_egress", False) and spec.policy.network:
         try:
-            net = _container.attach_network(spec, sid)
+            net = _container.attach_network(spec, sid, getattr(backend, "egress_deferred", False))
         except BaseException:
             _finish(spec, sid, run_dir, command, 125, False)
             raise

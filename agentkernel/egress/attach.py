@@ -27,10 +27,13 @@ PLACEHOLDER_PREFIX = "AGENTKERNEL_SECRET_PLACEHOLDER"
 
 
 class Attachment:
-    __slots__ = ("dns", "env", "gateway", "ip", "netns")
+    """``netns``: the namespace path to join (None when deferred: the engine makes the namespace and
+    ``complete`` moves the network into it); ``resolv``: a resolv.conf naming the gateway."""
 
-    def __init__(self, netns_path: str, ip: str, gateway: str, env: dict[str, str]) -> None:
-        self.netns, self.ip, self.gateway, self.env = netns_path, ip, gateway, env
+    __slots__ = ("dns", "env", "gateway", "ip", "netns", "resolv")
+
+    def __init__(self, netns_path: str | None, ip: str, gateway: str, env: dict[str, str], resolv: str) -> None:
+        self.netns, self.ip, self.gateway, self.env, self.resolv = netns_path, ip, gateway, env, resolv
         self.dns = gateway
 
     def to_dict(self) -> dict[str, Any]:
@@ -64,7 +67,7 @@ def _secret_entries(spec: SandboxSpec, sandbox_id: str) -> list[dict[str, Any]]:
     return out
 
 
-def attach(spec: SandboxSpec, sandbox_id: str) -> Attachment:
+def attach(spec: SandboxSpec, sandbox_id: str, *, deferred: bool = False) -> Attachment:
     from ..spec import network_mode
     from . import gateway_ctl
     from .rules import ALWAYS_BLOCKED_V4, ALWAYS_BLOCKED_V6, Rules
@@ -81,9 +84,15 @@ def attach(spec: SandboxSpec, sandbox_id: str) -> Attachment:
         always = [*ALWAYS_BLOCKED_V4, *ALWAYS_BLOCKED_V6, *netns.host_blocked_nets_cached(), net["subnet"]]
         ruleset = netns.sandbox_ruleset(mode, net["gateway"], rules.networks("allow"),
                                         [str(e.net) for e in rules.networks("block")], always)
-        path = netns.create_netns(sandbox_id, ip, net, ruleset)
+        path = None if deferred else netns.create_netns(sandbox_id, ip, net, ruleset)
         _write_private(os.path.join(d, "sb", f"{ip}.json"), json.dumps(reg))
-        _write_private(os.path.join(d, "by-id", netns.short_id(sandbox_id)), json.dumps({"id": sandbox_id, "ip": ip}))
+        _write_private(os.path.join(d, "by-id", netns.short_id(sandbox_id)),
+                       json.dumps({"id": sandbox_id, "ip": ip, "ruleset": ruleset if deferred else None}))
+        resolv = os.path.join(d, "resolv", netns.short_id(sandbox_id))
+        os.makedirs(os.path.dirname(resolv), mode=0o755, exist_ok=True)
+        with open(resolv, "w") as f:
+            f.write(f"nameserver {net['gateway']}\n")
+        os.chmod(resolv, 0o644)
         gateway_ctl.ensure(net)
     except BaseException:
         release(sandbox_id, ip=ip)
@@ -100,7 +109,33 @@ def attach(spec: SandboxSpec, sandbox_id: str) -> Attachment:
     audit.log("network.attach", id=sandbox_id, sandbox=spec.name or sandbox_id, mode=mode, ip=ip,
               allow=list(spec.policy.network_allow), block=list(spec.policy.network_block),
               secrets=sorted({s["name"] for s in secrets}))
-    return Attachment(path, ip, gw, env)
+    return Attachment(path, ip, gw, env, resolv)
+
+
+def is_deferred(sandbox_id: str) -> bool:
+    from .. import paths
+
+    try:
+        with open(os.path.join(paths.runtime_dir(), "egress", "by-id", netns.short_id(sandbox_id))) as f:
+            return bool(json.load(f).get("ruleset"))
+    except (OSError, ValueError):
+        return False
+
+
+def complete(sandbox_id: str, pid: int, ready_file: str | None) -> None:
+    """A deferred attachment: give the running (waiting) process ``pid``'s namespace its veth, address,
+    route and firewall, then create ``ready_file`` so the sandbox's init goes on. Called after every
+    start (a restarted container has a fresh namespace)."""
+    from .. import paths
+
+    idfile = os.path.join(paths.runtime_dir(), "egress", "by-id", netns.short_id(sandbox_id))
+    with open(idfile) as f:
+        info = json.load(f)
+    netns.delete_netns(sandbox_id)
+    netns.create_netns(sandbox_id, info["ip"], netns.network(), info["ruleset"], pid=pid)
+    if ready_file:
+        fd = os.open(ready_file, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        os.close(fd)
 
 
 def _write_private(path: str, text: str) -> None:
@@ -140,7 +175,9 @@ def release(sandbox_id: str, ip: str | None = None) -> None:
     except Exception:  # noqa: BLE001 - logging must not keep the namespace alive
         pass
     netns.delete_netns(sandbox_id)
-    for path in ([os.path.join(base, "sb", f"{ip}.json"), os.path.join(base, "leases", ip)] if ip else []) + [idfile]:
+    resolv = os.path.join(base, "resolv", netns.short_id(sandbox_id))
+    for path in ([os.path.join(base, "sb", f"{ip}.json"), os.path.join(base, "leases", ip)] if ip else []) + [
+            idfile, resolv]:
         try:
             os.unlink(path)
         except OSError:

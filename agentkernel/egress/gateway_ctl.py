@@ -81,3 +81,29 @@ def _start(d: str, net: dict[str, Any]) -> None:
                                hint=f"see {d}/gateway.log")
     finally:
         os.close(r)
+
+
+def stop() -> None:
+    """Stop this installation's gateway if it runs (tests, `gc`); sandboxes still attached lose egress."""
+    import signal
+    import time
+
+    from . import netns
+
+    d = netns.state_dir()
+    if not _running(d):
+        return
+    try:
+        with open(os.path.join(d, "gateway.lock")) as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return
+    if pid > 1:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        for _ in range(50):
+            if not _running(d):
+                return
+            time.sleep(0.02)

@@ -305,14 +305,18 @@ def sandbox_ruleset(mode: str, gw: str, allow_nets: list[Any], block_nets: list[
     return "\n".join(lines) + "\n"
 
 
-def create_netns(sandbox_id: str, ip: str, net: dict[str, Any], ruleset: str) -> str:
-    """The sandbox's namespace with its veth, address, route and firewall; returns its path."""
+def create_netns(sandbox_id: str, ip: str, net: dict[str, Any], ruleset: str, pid: int | None = None) -> str:
+    """The sandbox's namespace with its veth, address, route and firewall; returns its path. With
+    ``pid``: the namespace of that (already running, still waiting) process, named the same way."""
     import ipaddress
 
     name = netns_name(sandbox_id)
     veth = f"akv{short_id(sandbox_id)}"
     prefix = ipaddress.ip_network(net["subnet"]).prefixlen
-    _run(["ip", "netns", "add", name])
+    if pid is None:
+        _run(["ip", "netns", "add", name])
+    else:
+        _run(["ip", "netns", "attach", name, str(pid)])
     try:
         _run(["ip", "-batch", "-"], stdin=(
             f"link add {veth} type veth peer name eth0 netns {name}\n"

@@ -10,11 +10,9 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
@@ -95,18 +93,7 @@ def make_testnet():
 
 
 def _stop_gateway() -> None:
-    from agentkernel.egress import netns
+    from agentkernel.egress import gateway_ctl, netns
 
-    d = netns.state_dir()
-    try:
-        with open(os.path.join(d, "gateway.lock")) as f:
-            pid = int(f.read().strip() or 0)
-    except (OSError, ValueError):
-        pid = 0
-    if pid:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        time.sleep(0.2)
+    gateway_ctl.stop()
     netns.remove_bridge()

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import ak
 
-ENFORCING = ["podman", "oci"]
+ENFORCING = ["podman", "oci", "docker"]
 
 
 IMAGE = "agentkernel/debian"
