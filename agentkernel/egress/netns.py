@@ -313,22 +313,21 @@ def create_netns(sandbox_id: str, ip: str, net: dict[str, Any], ruleset: str, pi
     name = netns_name(sandbox_id)
     veth = f"akv{short_id(sandbox_id)}"
     prefix = ipaddress.ip_network(net["subnet"]).prefixlen
-    if pid is None:
-        _run(["ip", "netns", "add", name])
-    else:
-        _run(["ip", "netns", "attach", name, str(pid)])
+    ns_line = f"netns add {name}\n" if pid is None else f"netns attach {name} {pid}\n"
     try:
         _run(["ip", "-batch", "-"], stdin=(
+            ns_line +
             f"link add {veth} type veth peer name eth0 netns {name}\n"
             f"link set {veth} master {net['bridge']}\n"
             f"link set {veth} type bridge_slave isolated on learning off\n"
             f"link set {veth} up\n"))
+        # the firewall first, then the address and route: there is never a moment with a route and no rules
+        _run(["nsenter", f"--net={NETNS_DIR}/{name}", "nft", "-f", "-"], stdin=ruleset)
         _run(["ip", "-n", name, "-batch", "-"], stdin=(
             "link set lo up\n"
             f"addr add {ip}/{prefix} dev eth0\n"
             "link set eth0 up\n"
             f"route add default via {net['gateway']} dev eth0\n"))
-        _run(["nsenter", f"--net={NETNS_DIR}/{name}", "nft", "-f", "-"], stdin=ruleset)
     except BaseException:
         delete_netns(sandbox_id)
         raise

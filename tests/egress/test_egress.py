@@ -210,6 +210,36 @@ def test_bad_input_fails_closed(testnet, flags, msg):
     assert not [n for n in os.listdir("/run/netns") if n.startswith("ak-")] or True
 
 
+@pytest.mark.parametrize("backend", ENFORCING)
+def test_killed_cli_leaves_no_network_behind(testnet, backend):
+    """SIGKILL the owning CLI mid-run: the next agentkernel command reaps the sandbox and its namespace,
+    registration and address lease."""
+    import signal
+    import time
+
+    from agentkernel.egress import netns
+
+    d = netns.state_dir()
+    before = set(os.listdir(os.path.join(d, "by-id")))
+    p = subprocess.Popen([sys.executable, "-m", "agentkernel", "run", "--no-daemon", "-B", backend, "--network", "--",
+                          "sleep", "60"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    new: set[str] = set()
+    for _ in range(300):
+        new = set(os.listdir(os.path.join(d, "by-id"))) - before
+        if new and all(os.path.exists(f"/run/netns/ak-{s}") for s in new):
+            break
+        time.sleep(0.05)
+    assert new, "the sandbox never attached"
+    time.sleep(0.5)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    r = ak("list")
+    assert r.returncode == 0, out(r)
+    for s in new:
+        assert not os.path.exists(f"/run/netns/ak-{s}")
+        assert not os.path.exists(os.path.join(d, "by-id", s))
+
+
 def test_no_netns_left_behind(testnet):
     from agentkernel.egress import netns
 
