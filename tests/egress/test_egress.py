@@ -246,3 +246,30 @@ def test_no_netns_left_behind(testnet):
     d = netns.state_dir()
     assert os.listdir(os.path.join(d, "sb")) == []
     assert os.listdir(os.path.join(d, "leases")) == []
+
+
+def test_allowlist_through_the_daemon(testnet):
+    """The daemon's path (pool members created by the daemon, the CLI running the command through the
+    member's agent) enforces the same rules; the daemon's installation has its own bridge and gateway."""
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="ak-egress-daemon-")
+    env = {"AGENTKERNEL_RUNTIME_DIR": os.path.join(root, "run"), "AGENTKERNEL_HOME": os.path.join(root, "home"),
+           "AGENTKERNEL_NO_DAEMON": "0"}
+    r = ak("daemon", "start", "--pool-min", "0", "--pool-max", "2", env=env)
+    assert r.returncode == 0, out(r)
+    try:
+        for _ in range(2):  # the second run may be served by a member the first one's demand warmed
+            r = ak("run", "-i", IMAGE, "--allow-host", "allowed.test", "--", "python3", "-c", CLIENT,
+                   "get:http://allowed.test/daemon", "get:http://other.test/", f"tcp:{testnet.addr}:80", env=env,
+                   timeout=90)
+            text = out(r)
+            assert r.returncode == 0, text
+            assert "GET-OK get:http://allowed.test/daemon" in text, text
+            assert "GET-FAIL get:http://other.test/" in text and f"CLOSED tcp:{testnet.addr}:80" in text, text
+        st = json.loads(ak("daemon", "status", "--json", env=env).stdout)
+        assert any(p["metrics"].get("hits", 0) + p["metrics"].get("misses", 0) for p in st["pools"]), st
+    finally:
+        ak("daemon", "stop", env=env)
+        subprocess.run([sys.executable, "-c", "from agentkernel.egress import gateway_ctl, netns; "
+                        "gateway_ctl.stop(); netns.remove_bridge()"], env=dict(os.environ, **env), check=False)
