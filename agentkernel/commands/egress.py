@@ -33,7 +33,8 @@ def secret_cmd(args) -> int:
         if value.endswith("\n"):
             value = value[:-1]
         where = secrets.set(args.name, value)
-        sys.stderr.write(f"agentkernel: secret {args.name} stored ({'OS keyring' if where == 'keyring' else 'file, 0600, plain text'})\n")
+        how = "OS keyring" if where == "keyring" else "file, 0600, plain text"
+        sys.stderr.write(f"agentkernel: secret {args.name} stored ({how})\n")
         return 0
     if args.action == "get":
         sys.stdout.write(secrets.get(args.name) + "\n")

@@ -172,7 +172,7 @@ def release(sandbox_id: str, ip: str | None = None) -> None:
         for addr, port in netns.denied_in_netns(sandbox_id):
             audit.log("network.denied", id=sandbox_id, sandbox=name or sandbox_id, dest=addr, port=port,
                       via="firewall", rule="direct connection outside the gateway or to a blocked address")
-    except Exception:  # noqa: BLE001 - logging must not keep the namespace alive
+    except Exception:
         pass
     netns.delete_netns(sandbox_id)
     resolv = os.path.join(base, "resolv", netns.short_id(sandbox_id))

@@ -38,7 +38,8 @@ def check_network_key(path: str, key: str, value: Any) -> None:
         raise ConfigError(f"{path}: [security.domains] must be a table")
     for k, v in value.items():
         if k not in _DOMAIN_KEYS:
-            raise ConfigError(f"{path}: unknown key {k!r} in [security.domains] (known keys: {', '.join(_DOMAIN_KEYS)})")
+            raise ConfigError(f"{path}: unknown key {k!r} in [security.domains] "
+                              f"(known keys: {', '.join(_DOMAIN_KEYS)})")
         if k == "allowlist_only":
             if not isinstance(v, bool):
                 raise ConfigError(f"{path}: [security.domains] allowlist_only must be true or false, got {v!r}")
@@ -68,7 +69,8 @@ def _bindings_of(name: str, value: Any, label: str) -> list[str]:
     from .rules import parse_binding
 
     if not isinstance(value, dict):
-        raise ValidationError(f"{label} must be a table like {{host = \"api.example.com\", header = \"Authorization\"}}")
+        raise ValidationError(f"{label} must be a table like "
+                              "{host = \"api.example.com\", header = \"Authorization\"}")
     bad = set(value) - {"host", "hosts", "header"}
     if bad:
         raise ValidationError(f"{label}: unknown key {sorted(bad)[0]!r} (known: host, hosts, header)")

@@ -92,7 +92,7 @@ class Gateway:
                 extra = netns.host_blocked_nets()
                 with open(os.path.join(self.state, "net.json")) as f:
                     extra.append(json.load(f)["subnet"])
-            except Exception:  # noqa: BLE001 - keep the last good list
+            except Exception:
                 extra = None
             if extra is not None:
                 self.blocked = always_blocked(extra)
@@ -189,7 +189,7 @@ class Gateway:
         if len(head) > HEAD_MAX:
             return
         lines = head[:-4].decode("latin-1").split("\r\n")
-        method, target, version = (lines[0].split(" ", 2) + ["", ""])[:3]
+        method, target, version = [*lines[0].split(" ", 2), "", ""][:3]
         headers = [tuple(h.split(":", 1)) for h in lines[1:] if ":" in h]
         if method == "CONNECT" and not transparent:
             host, port = split_hostport(target, 443)
@@ -272,7 +272,8 @@ class Gateway:
         for port in netns.GATEWAY_TCP_PORTS:
             servers.append(await asyncio.start_server(
                 lambda r, w, p=port: self.handle(r, w, p), self.listen, port, reuse_address=True, backlog=512))
-        transport, _ = await loop.create_datagram_endpoint(lambda: DNSProtocol(self), local_addr=(self.listen, netns.DNS_PORT))
+        transport, _ = await loop.create_datagram_endpoint(lambda: DNSProtocol(self),
+                                                           local_addr=(self.listen, netns.DNS_PORT))
         if ready_fd is not None:
             os.write(ready_fd, b"ok\n")
             os.close(ready_fd)
@@ -312,7 +313,7 @@ class DNSProtocol(asyncio.DatagramProtocol):
 
     async def _answer(self, data: bytes, addr) -> None:
         try:
-            qid, flags, qd = struct.unpack(">HHH", data[:6])
+            qid, flags = struct.unpack(">HH", data[:4])
             name, qtype, end = parse_question(data)
         except (ValueError, struct.error, IndexError):
             return

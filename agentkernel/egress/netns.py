@@ -265,7 +265,8 @@ def sandbox_ruleset(mode: str, gw: str, allow_nets: list[Any], block_nets: list[
         f"  set blocked4 {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {', '.join(v4)} }} }}",
     ]
     if v6:
-        lines.append(f"  set blocked6 {{ type ipv6_addr; flags interval; auto-merge; elements = {{ {', '.join(v6)} }} }}")
+        lines.append("  set blocked6 { type ipv6_addr; flags interval; auto-merge; "
+                     f"elements = {{ {', '.join(v6)} }} }}")
     lines += [
         "  chain output {",
         "    type filter hook output priority filter; policy drop;",

@@ -156,7 +156,8 @@ def parse_binding(text: str, label: str = "--secret") -> Binding:
     name, host = parts[0], parts[1].strip().lower()
     header = parts[2] if len(parts) == 3 else None
     if not is_env_name(name):
-        raise ValidationError(f"{label}: invalid secret name {name!r} (letters, digits, '_'; not starting with a digit)")
+        raise ValidationError(f"{label}: invalid secret name {name!r} "
+                              "(letters, digits, '_'; not starting with a digit)")
     if not host:
         raise ValidationError(f"{label}: secret {name} is bound to no host: name the destination it is for")
     if host in ("*", "*.*") or host.startswith("*"):

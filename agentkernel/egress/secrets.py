@@ -91,7 +91,7 @@ def _names_in_index() -> list[str]:
         return []
 
 
-def set(name: str, value: str) -> str:  # noqa: A001 - the CLI verb
+def set(name: str, value: str) -> str:
     _check_name(name)
     if not value:
         raise ValidationError(f"secret {name}: empty value (pipe it on stdin)")
@@ -128,13 +128,10 @@ def get(name: str) -> str:
 
 
 def names() -> list[str]:
-    out = set_of = []
-    d = secrets_dir()
-    set_of = {n for n in os.listdir(d) if not n.startswith(".") and n != "index"}
+    found = {n for n in os.listdir(secrets_dir()) if not n.startswith(".") and n != "index"}
     if _keyring() is not None:
-        set_of |= {n for n in _names_in_index()}
-    out = sorted(set_of)
-    return out
+        found.update(_names_in_index())
+    return sorted(found)
 
 
 def remove(name: str) -> None:
@@ -145,7 +142,7 @@ def remove(name: str) -> None:
         try:
             kr.delete_password(SERVICE, name)
             found = True
-        except Exception:  # noqa: BLE001 - keyring raises its own PasswordDeleteError
+        except Exception:
             pass
         names_ = [n for n in _names_in_index() if n != name]
         _write_file(_index_path(), ("\n".join(names_) + "\n").encode() if names_ else b"")

@@ -45,6 +45,6 @@ for probe in sys.argv[1:]:
         elif kind == "env":
             import os
             print(f"ENV {tag} {os.environ.get(rest, '')}", flush=True)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         word = {"tcp": "CLOSED", "dns": "NXDOMAIN"}.get(kind, "GET-FAIL")
         print(f"{word} {tag} {type(exc).__name__}: {exc}", flush=True)
