@@ -32,7 +32,7 @@ def secret_cmd(args) -> int:
         value = sys.stdin.read()
         if value.endswith("\n"):
             value = value[:-1]
-        where = secrets.set(args.name, value)
+        where = secrets.put(args.name, value)
         how = "OS keyring" if where == "keyring" else "file, 0600, plain text"
         sys.stderr.write(f"agentkernel: secret {args.name} stored ({how})\n")
         return 0

@@ -91,7 +91,7 @@ def _names_in_index() -> list[str]:
         return []
 
 
-def set(name: str, value: str) -> str:
+def put(name: str, value: str) -> str:
     _check_name(name)
     if not value:
         raise ValidationError(f"secret {name}: empty value (pipe it on stdin)")
