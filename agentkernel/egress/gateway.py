@@ -59,6 +59,7 @@ class Gateway:
     def __init__(self, state: str, listen: str) -> None:
         self.state, self.listen = state, listen
         self.cache: dict[str, Sandbox] = {}
+        self.tls_ctx = None
         self.blocked = always_blocked()
         self.blocked_at = 0.0
         up = os.environ.get("AGENTKERNEL_EGRESS_DNS")
@@ -159,6 +160,19 @@ class Gateway:
             return False, "always blocked (metadata, link-local, loopback, host or sandbox address)"
         return sb.rules.decide_ip(addr, port)
 
+    def tls_context(self):
+        """Verifying client context for gateway-originated TLS (system CAs, plus
+        AGENTKERNEL_EGRESS_CA_FILE when set, e.g. a corporate CA)."""
+        import ssl
+
+        if self.tls_ctx is None:
+            ctx = ssl.create_default_context()
+            extra = os.environ.get("AGENTKERNEL_EGRESS_CA_FILE")
+            if extra:
+                ctx.load_verify_locations(cafile=extra)
+            self.tls_ctx = ctx
+        return self.tls_ctx
+
     # -- TCP entry points --
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, entry: int) -> None:
         peer = writer.get_extra_info("peername")[0]
@@ -213,7 +227,11 @@ class Gateway:
         headers = self._substitute(sb, host, headers)
         out = f"{method} {path} {version}\r\n" + "".join(f"{k}:{v}\r\n" for k, v in headers)
         out += "Connection: close\r\n\r\n"
-        ok = await self._forward(sb, host, port, out.encode("latin-1"), reader, writer, via="http")
+        # plain HTTP addressed to port 443 through the proxy: the gateway speaks TLS to the destination
+        # itself (verifying its certificate), so bound secrets can be substituted for HTTPS APIs without
+        # intercepting any TLS the sandbox makes
+        ok = await self._forward(sb, host, port, out.encode("latin-1"), reader, writer, via="http",
+                                 tls_upstream=port == 443 and not transparent)
         if ok is False:
             writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nX-Agentkernel: egress denied\r\n\r\n")
 
@@ -243,7 +261,7 @@ class Gateway:
         return out
 
     async def _forward(self, sb: Sandbox, host: str, port: int, first: bytes, reader, writer, *, via: str,
-                       connect_reply: bool = False) -> bool | None:
+                       connect_reply: bool = False, tls_upstream: bool = False) -> bool | None:
         host = host.lower().rstrip(".")
         ok, rule = self.decide(sb, host, port)
         if not ok:
@@ -253,10 +271,14 @@ class Gateway:
         if addr is None:
             self.deny(sb, host, port, why, via)
             return False
+        tls = self.tls_context() if tls_upstream else None
         try:
-            ur, uw = await asyncio.wait_for(asyncio.open_connection(addr, port), CONNECT_TIMEOUT)
-        except (OSError, TimeoutError):
-            if connect_reply:
+            ur, uw = await asyncio.wait_for(
+                asyncio.open_connection(addr, port, ssl=tls, server_hostname=host if tls else None), CONNECT_TIMEOUT)
+        except (OSError, TimeoutError) as exc:
+            if connect_reply or tls:
+                if tls:
+                    self.deny(sb, host, port, f"TLS to the destination failed: {exc}", "https-origin")
                 writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
             return None
         if connect_reply:

@@ -66,7 +66,7 @@ def make_testnet():
     log = os.path.join(work, "server.jsonl")
     cert, key = os.path.join(work, "cert.pem"), os.path.join(work, "key.pem")
     _sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1",
-        "-subj", "/CN=allowed.test", "-addext", "subjectAltName=DNS:allowed.test,DNS:other.test")
+        "-subj", "/CN=allowed.test", "-addext", "subjectAltName=" + ",".join(f"DNS:{n}" for n in NAMES))
     _sh("ip", "netns", "add", ns)
     proc = None
     try:
@@ -82,6 +82,7 @@ def make_testnet():
         os.environ["AGENTKERNEL_EGRESS_DNS"] = f"{addr}:53"
         os.environ["AGENTKERNEL_SECRETS_DIR"] = os.path.join(work, "secrets")
         os.environ["AGENTKERNEL_SECRETS_BACKEND"] = "file"
+        os.environ["AGENTKERNEL_EGRESS_CA_FILE"] = cert  # the gateway verifies the test host's TLS
         yield TestNet(ns, host_ip, addr, log)
     finally:
         if proc is not None:

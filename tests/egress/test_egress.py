@@ -145,7 +145,9 @@ def test_secret_placeholder_substituted_only_on_bound_host(testnet, backend):
     ph = "AGENTKERNEL_SECRET_PLACEHOLDER_API_TOKEN_"
     probes = ["env:API_TOKEN", "get:http://bound.test/a|H=Authorization=Bearer $T",
               "get:http://unbound.test/b|H=Authorization=Bearer $T", "get:http://unbound.test/c|noproxy|H=X-Key=$T",
-              "get:https://bound.test/tls|H=Authorization=Bearer $T"]
+              "get:https://bound.test/tls|H=Authorization=Bearer $T",
+              "get:http://bound.test:443/originated|H=Authorization=Bearer $T",
+              "get:http://unbound.test:443/originated2|H=Authorization=Bearer $T"]
     script = 'T="$API_TOKEN"; exec python3 -c "$0" ' + " ".join(f'"{p}"' for p in probes)
     r = ak("run", "--no-daemon", "-B", backend, "-i", IMAGE, "--allow-host", "bound.test", "--allow-host",
            "unbound.test", "--secret", "API_TOKEN:bound.test:Authorization", "--", "sh", "-c", script, CLIENT,
@@ -159,6 +161,10 @@ def test_secret_placeholder_substituted_only_on_bound_host(testnet, backend):
     for path in ("/b", "/c"):
         assert value not in heads[path] and ph in heads[path], heads
     assert value not in heads.get("/tls", ""), heads  # TLS is never intercepted: no substitution there
+    # plain HTTP to :443 through the proxy: the gateway originates TLS (verified) and substitutes
+    assert f"Bearer {value}" in heads.get("/originated", ""), (heads, text)
+    assert value not in heads["/originated2"] and ph in heads["/originated2"], heads
+    assert "GET-OK get:http://bound.test:443/originated" in text, text
     subs = audit_events("network.secret")
     assert subs and subs[-1]["host"] == "bound.test" and subs[-1]["secret"] == "API_TOKEN", subs
     from agentkernel import paths
