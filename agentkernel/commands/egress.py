@@ -19,7 +19,15 @@ def add_parsers(sub, want) -> None:
 
 
 def secret_cmd(args) -> int:
+    import os
+
+    from .. import config
     from ..egress import secrets
+
+    cfg = config.load_config(config.find_config(None, os.getcwd()))
+    backend = cfg.get("secrets", {}).get("backend")
+    if backend and backend != "auto" and "AGENTKERNEL_SECRETS_BACKEND" not in os.environ:
+        os.environ["AGENTKERNEL_SECRETS_BACKEND"] = backend
 
     if args.action == "list":
         for n in secrets.names():
