@@ -74,6 +74,8 @@ def attach(spec: SandboxSpec, sandbox_id: str, *, deferred: bool = False) -> Att
 
     mode = network_mode(spec.policy)
     rules = Rules.from_lists(mode, spec.policy.network_allow, spec.policy.network_block)
+    if mode == "open" or rules.networks("allow"):
+        _check_forwarding()
     secrets = _secret_entries(spec, sandbox_id)
     net = netns.network()
     ip = netns.lease_ip(sandbox_id, net["subnet"])
@@ -136,6 +138,21 @@ def complete(sandbox_id: str, pid: int, ready_file: str | None) -> None:
     if ready_file:
         fd = os.open(ready_file, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         os.close(fd)
+
+
+def _check_forwarding() -> None:
+    """Routed destinations (open mode, CIDR entries) need the host to forward IPv4; we never turn that
+    host-wide switch on ourselves."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_forward") as f:
+            on = f.read().strip() == "1"
+    except OSError:
+        on = True
+    if not on:
+        from ..errors import BackendUnavailable
+
+        raise BackendUnavailable("network mode open (and CIDR allow entries) need IPv4 forwarding on this host",
+                                 hint="sysctl -w net.ipv4.ip_forward=1, or allow names only (allowlist)")
 
 
 def _write_private(path: str, text: str) -> None:

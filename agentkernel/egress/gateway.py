@@ -39,6 +39,7 @@ from .rules import Rules, always_blocked, is_blocked
 IDLE_EXIT = 30.0  # seconds without any registered sandbox before the gateway exits
 HEAD_MAX = 64 * 1024
 CONNECT_TIMEOUT = 10.0
+MAX_CONNECTIONS = 256  # concurrent connections per sandbox (the gateway is shared by every sandbox)
 
 
 class Sandbox:
@@ -60,6 +61,7 @@ class Gateway:
         self.state, self.listen = state, listen
         self.cache: dict[str, Sandbox] = {}
         self.tls_ctx = None
+        self.open_conns: dict[str, int] = {}
         self.blocked = always_blocked()
         self.blocked_at = 0.0
         up = os.environ.get("AGENTKERNEL_EGRESS_DNS")
@@ -177,9 +179,13 @@ class Gateway:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, entry: int) -> None:
         peer = writer.get_extra_info("peername")[0]
         sb = self.sandbox(peer)
+        self.open_conns[peer] = self.open_conns.get(peer, 0) + 1
         try:
             if sb is None:
                 self.deny(None, peer, None, "unknown source address", "gateway")
+                return
+            if self.open_conns[peer] > MAX_CONNECTIONS:
+                self.deny(sb, "(gateway)", entry, f"more than {MAX_CONNECTIONS} concurrent connections", "gateway")
                 return
             if entry == 443:
                 await self._tls(sb, reader, writer)
@@ -188,6 +194,9 @@ class Gateway:
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, TimeoutError):
             pass
         finally:
+            self.open_conns[peer] -= 1
+            if not self.open_conns[peer]:
+                del self.open_conns[peer]
             writer.close()
 
     async def _tls(self, sb: Sandbox, reader, writer) -> None:
