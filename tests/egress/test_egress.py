@@ -279,3 +279,21 @@ def test_allowlist_through_the_daemon(testnet):
         ak("daemon", "stop", env=env)
         subprocess.run([sys.executable, "-c", "from agentkernel.egress import gateway_ctl, netns; "
                         "gateway_ctl.stop(); netns.remove_bridge()"], env=dict(os.environ, **env), check=False)
+
+
+@pytest.mark.parametrize("backend", ENFORCING)
+def test_sandbox_cannot_rewire_its_network(testnet, backend, tmp_path):
+    """Even as uid 0 inside (capabilities dropped), the sandbox cannot add addresses (spoof), change
+    routes, or take its interface down; a new user+network namespace of its own is empty."""
+    (tmp_path / "agentkernel.toml").write_text('[security]\nuser = "0"\n')
+    script = ("ip addr add 10.99.99.99/32 dev eth0 2>/dev/null && echo ADDR-CHANGED; "
+              "ip route replace default dev eth0 2>/dev/null && echo ROUTE-CHANGED; "
+              "ip link set eth0 down 2>/dev/null && echo LINK-CHANGED; "
+              "unshare -rn sh -c 'ip -o link | grep -v lo: ; ip route' 2>/dev/null | grep . && echo NS-HAS-NET; "
+              "id -u; echo DONE")
+    r = ak("run", "--no-daemon", "-B", backend, "--config", str(tmp_path / "agentkernel.toml"), "--allow-host",
+           "allowed.test", "--", "sh", "-c", script)
+    text = out(r)
+    assert "DONE" in text and "\n0\n" in "\n" + r.stdout.decode(), text
+    for bad in ("ADDR-CHANGED", "ROUTE-CHANGED", "LINK-CHANGED", "NS-HAS-NET"):
+        assert bad not in text, text
