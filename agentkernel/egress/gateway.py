@@ -63,7 +63,6 @@ class Gateway:
         self.tls_ctx = None
         self.open_conns: dict[str, int] = {}
         self.blocked = always_blocked()
-        self.blocked_at = 0.0
         up = os.environ.get("AGENTKERNEL_EGRESS_DNS")
         self.upstream: tuple[str, int] | None = None
         if up:
@@ -89,18 +88,18 @@ class Gateway:
         return sb
 
     def blocked_nets(self) -> list:
-        now = time.monotonic()
-        if now - self.blocked_at > 5.0:
-            try:
-                extra = netns.host_blocked_nets()
-                with open(os.path.join(self.state, "net.json")) as f:
-                    extra.append(json.load(f)["subnet"])
-            except Exception:
-                extra = None
-            if extra is not None:
-                self.blocked = always_blocked(extra)
-                self.blocked_at = now
         return self.blocked
+
+    def refresh_blocked(self) -> None:
+        """The host's addresses and bridge subnets change rarely: re-read them every 2 s, off the event
+        loop (idle_watch), so no request waits for `ip`. On failure the last good list stays."""
+        try:
+            extra = netns.host_blocked_nets()
+            with open(os.path.join(self.state, "net.json")) as f:
+                extra.append(json.load(f)["subnet"])
+        except Exception:
+            return
+        self.blocked = always_blocked(extra)
 
     def deny(self, sb: Sandbox | None, dest: str, port: int | None, rule: str, via: str) -> None:
         audit.log("network.denied", id=sb.id if sb else None, sandbox=sb.label if sb else None, dest=dest, port=port,
@@ -303,6 +302,7 @@ class Gateway:
         for port in netns.GATEWAY_TCP_PORTS:
             servers.append(await asyncio.start_server(
                 lambda r, w, p=port: self.handle(r, w, p), self.listen, port, reuse_address=True, backlog=512))
+        await asyncio.to_thread(self.refresh_blocked)
         transport, _ = await loop.create_datagram_endpoint(lambda: DNSProtocol(self),
                                                            local_addr=(self.listen, netns.DNS_PORT))
         if ready_fd is not None:
@@ -319,6 +319,7 @@ class Gateway:
         idle_since = time.monotonic()
         while True:
             await asyncio.sleep(2.0)
+            await asyncio.to_thread(self.refresh_blocked)
             if os.listdir(os.path.join(self.state, "sb")):
                 idle_since = time.monotonic()
                 continue
