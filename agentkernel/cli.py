@@ -142,6 +142,8 @@ def spec_flags(args) -> dict:
         "vcpus": args.vcpus, "pids": args.pids, "disk_mb": args.disk_mb, "workdir": args.workdir,
         "env": dict(args.env), "options": dict(args.option),
     }
+    if getattr(args, "tls_intercept", None):
+        flags["tls_intercept"] = True
     for dest in ("allow_host", "block_host", "secret"):
         if getattr(args, dest, None):
             flags[dest] = list(getattr(args, dest))

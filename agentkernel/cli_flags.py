@@ -35,6 +35,9 @@ SPEC_FLAGS = (
          "allow egress to HOST[:PORT], *.DOMAIN or CIDR[:PORT] (repeatable; implies --network allowlist)",
          "HOST[:PORT]"),
     Flag(("--block-host",), "block_host", "list", "refuse egress to HOST, *.DOMAIN or CIDR (repeatable)", "HOST"),
+    Flag(("--tls-intercept",), "tls_intercept", "true",
+         "let the egress gateway terminate TLS to secret-bound hosts (CONNECT) with a per-sandbox CA, so "
+         "secrets reach HTTPS APIs"),
     Flag(("--secret",), "secret", "list",
          "bind stored secret NAME to HOST: the sandbox sees a placeholder, the egress gateway puts the real "
          "value into HTTP requests to HOST only (repeatable)", "NAME:HOST[:HEADER]"),

@@ -43,7 +43,8 @@ SCHEMA: dict[str, dict[str, str]] = {
                 "options": "table"},
     "resources": {"vcpus": "number", "memory_mb": "int", "pids": "int", "disk_mb": "int"},
     "security": {"profile": "str", "network": "network", "network_allow": "list", "read_only": "bool",
-                 "mount_cwd": "bool", "pass_env": "list", "user": "str", "seccomp": "str", "domains": "domains"},
+                 "mount_cwd": "bool", "pass_env": "list", "user": "str", "seccomp": "str", "domains": "domains",
+                 "tls_intercept": "bool"},
     "secrets": {},  # NAME = {host = "h" | hosts = [...], header = "H"}; backend = "file" | "keyring" (egress.secrets)
     "env": {},  # free-form KEY = "value"
     "pool": {"min": "int", "max": "int", "max_age_s": "number", "max_concurrent_starts": "int",
@@ -58,7 +59,8 @@ WARM_KEYS = {"backend", "image", "profile", "network", "read_only", "memory_mb",
 
 # [security] key -> Policy field
 _SECURITY_FIELDS = {"network": "network", "network_allow": "network_allow", "read_only": "read_only_root",
-                    "mount_cwd": "mount_cwd", "pass_env": "pass_env", "user": "user", "seccomp": "seccomp"}
+                    "mount_cwd": "mount_cwd", "pass_env": "pass_env", "user": "user", "seccomp": "seccomp",
+                    "tls_intercept": "tls_intercept"}
 
 
 def find_config(explicit: str | None, cwd: str) -> str | None:
@@ -181,7 +183,9 @@ def resolve_spec(
                         ("user", "user"), ("seccomp", "seccomp"), ("network_allow", "network_allow")):
         if flag in flags and not (flag == "network" and isinstance(flags[flag], str)):
             pol[field] = flags[flag]
-    if "_mode" in pol or isinstance(flags.get("network"), str) or any(
+    if flags.get("tls_intercept"):
+        pol["tls_intercept"] = True
+    if "_mode" in pol or pol.get("tls_intercept") or isinstance(flags.get("network"), str) or any(
             k in flags for k in ("allow_host", "block_host", "secret")):
         from .egress.config import apply_flags, finalize
 

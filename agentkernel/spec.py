@@ -143,6 +143,7 @@ class Policy(Model):
     network_block = Field("strlist", (), check=_check_net_entries, doc="destinations refused whatever the mode")
     secrets = Field("strlist", (), check=_check_secret_bindings,
                     doc="secrets bound to hosts (NAME:HOST[:HEADER]); the sandbox sees a placeholder")
+    tls_intercept = Field("bool", False, doc="the gateway terminates TLS to secret-bound hosts with a per-sandbox CA")
     read_only_root = Field("bool", False)
     mount_cwd = Field("bool", False, doc="bind the caller's working directory at /workspace")
     pass_env = Field("strlist", (), check=_check_env_names, doc="host variables passed through")

@@ -180,6 +180,8 @@ def plan(
             tmpfs.append((path, f"rw,nosuid,nodev,size={size}m,mode={mode}{owned}"))
     entrypoint: list[str] | None
     cmd: list[str]
+    if net is not None:
+        binds.extend(net.binds)
     if agent_bin:
         binds.append((agent_bin, AGENT_BIN_IN, True))
         if run_dir:

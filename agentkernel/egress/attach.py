@@ -30,11 +30,13 @@ class Attachment:
     """``netns``: the namespace path to join (None when deferred: the engine makes the namespace and
     ``complete`` moves the network into it); ``resolv``: a resolv.conf naming the gateway."""
 
-    __slots__ = ("dns", "env", "gateway", "ip", "netns", "resolv")
+    __slots__ = ("binds", "dns", "env", "gateway", "ip", "netns", "resolv")
 
-    def __init__(self, netns_path: str | None, ip: str, gateway: str, env: dict[str, str], resolv: str) -> None:
+    def __init__(self, netns_path: str | None, ip: str, gateway: str, env: dict[str, str], resolv: str,
+                 binds: list[tuple[str, str, bool]] | None = None) -> None:
         self.netns, self.ip, self.gateway, self.env, self.resolv = netns_path, ip, gateway, env, resolv
         self.dns = gateway
+        self.binds = binds or []  # (host path, sandbox path, read-only): the interception CA
 
     def to_dict(self) -> dict[str, Any]:
         return {"netns": self.netns, "ip": self.ip, "gateway": self.gateway}
@@ -82,6 +84,16 @@ def attach(spec: SandboxSpec, sandbox_id: str, *, deferred: bool = False) -> Att
     d = netns.state_dir()
     reg = {"id": sandbox_id, "name": spec.name, "ip": ip, "mode": mode, "allow": list(spec.policy.network_allow),
            "block": list(spec.policy.network_block), "secrets": secrets, "netns": netns.netns_path(sandbox_id)}
+    binds: list[tuple[str, str, bool]] = []
+    tls_env: dict[str, str] = {}
+    if spec.policy.tls_intercept:
+        from . import tls
+
+        ca_pem, key_pem = tls.make_ca(sandbox_id, sorted({s["host"] for s in secrets}))
+        reg["tls"] = {"ca": ca_pem, "key": key_pem}
+        ca, bundle = tls.write_ca_files(os.path.join(d, "ca", netns.short_id(sandbox_id)), ca_pem)
+        binds = [(ca, tls.CA_IN, True), (bundle, tls.BUNDLE_IN, True)]
+        tls_env = tls.env()
     try:
         always = [*ALWAYS_BLOCKED_V4, *ALWAYS_BLOCKED_V6, *netns.host_blocked_nets_cached(), net["subnet"]]
         ruleset = netns.sandbox_ruleset(mode, net["gateway"], rules.networks("allow"),
@@ -108,10 +120,11 @@ def attach(spec: SandboxSpec, sandbox_id: str, *, deferred: bool = False) -> Att
         env["NO_PROXY"] = env["no_proxy"] = "localhost,127.0.0.1,::1"
     for s in secrets:
         env[s["name"]] = s["placeholder"]
+    env.update(tls_env)
     audit.log("network.attach", id=sandbox_id, sandbox=spec.name or sandbox_id, mode=mode, ip=ip,
               allow=list(spec.policy.network_allow), block=list(spec.policy.network_block),
               secrets=sorted({s["name"] for s in secrets}))
-    return Attachment(path, ip, gw, env, resolv)
+    return Attachment(path, ip, gw, env, resolv, binds)
 
 
 def is_deferred(sandbox_id: str) -> bool:
@@ -193,6 +206,11 @@ def release(sandbox_id: str, ip: str | None = None) -> None:
         pass
     netns.delete_netns(sandbox_id)
     resolv = os.path.join(base, "resolv", netns.short_id(sandbox_id))
+    ca_dir = os.path.join(base, "ca", netns.short_id(sandbox_id))
+    if os.path.isdir(ca_dir):
+        import shutil
+
+        shutil.rmtree(ca_dir, ignore_errors=True)
     for path in ([os.path.join(base, "sb", f"{ip}.json"), os.path.join(base, "leases", ip)] if ip else []) + [
             idfile, resolv]:
         try:

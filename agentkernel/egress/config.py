@@ -172,6 +172,9 @@ def finalize(pol: dict[str, Any]) -> None:
     if allow and mode not in ("none", "open"):
         pol["network"] = True
     secrets = list(pol.get("secrets") or ())
+    if pol.get("tls_intercept") and not secrets:
+        raise ConfigError("tls_intercept without a secret binding: only secret-bound hosts are ever intercepted",
+                          hint="add --secret NAME:HOST, or drop --tls-intercept")
     if secrets:
         from .rules import Rules, parse_binding
 

@@ -43,12 +43,13 @@ MAX_CONNECTIONS = 256  # concurrent connections per sandbox (the gateway is shar
 
 
 class Sandbox:
-    __slots__ = ("id", "ip", "mode", "mtime", "name", "rules", "secrets")
+    __slots__ = ("id", "ip", "mode", "mtime", "name", "rules", "secrets", "tls")
 
     def __init__(self, reg: dict, mtime: float) -> None:
         self.id, self.name, self.ip, self.mode = reg["id"], reg.get("name"), reg["ip"], reg["mode"]
         self.rules = Rules.from_lists(reg["mode"], reg.get("allow", ()), reg.get("block", ()))
         self.secrets = reg.get("secrets", [])
+        self.tls = reg.get("tls")  # {"ca", "key"} with --tls-intercept
         self.mtime = mtime
 
     @property
@@ -61,6 +62,7 @@ class Gateway:
         self.state, self.listen = state, listen
         self.cache: dict[str, Sandbox] = {}
         self.tls_ctx = None
+        self.leaves = None
         self.open_conns: dict[str, int] = {}
         self.blocked = always_blocked()
         up = os.environ.get("AGENTKERNEL_EGRESS_DNS")
@@ -215,6 +217,9 @@ class Gateway:
         headers = [tuple(h.split(":", 1)) for h in lines[1:] if ":" in h]
         if method == "CONNECT" and not transparent:
             host, port = split_hostport(target, 443)
+            if sb.tls and port == 443 and any(s["host"] == host.lower().rstrip(".") for s in sb.secrets):
+                await self._intercept(sb, host.lower().rstrip("."), reader, writer)
+                return
             ok = await self._forward(sb, host, port, b"", reader, writer, via="connect", connect_reply=True)
             if ok is False:
                 writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
@@ -242,6 +247,36 @@ class Gateway:
                                  tls_upstream=port == 443 and not transparent)
         if ok is False:
             writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nX-Agentkernel: egress denied\r\n\r\n")
+
+    async def _intercept(self, sb: Sandbox, host: str, reader, writer) -> None:
+        """--tls-intercept, CONNECT to a secret-bound host: TLS with the sandbox's CA toward the sandbox,
+        the request's headers substituted, verified TLS toward the host."""
+        ok, rule = self.decide(sb, host, 443)
+        if not ok:
+            self.deny(sb, host, 443, rule, "connect")
+            writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+            return
+        from .tls import LeafCache
+
+        if self.leaves is None:
+            self.leaves = LeafCache()
+        ctx = self.leaves.context(sb.id, sb.tls["ca"], sb.tls["key"], host)
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await writer.drain()
+        await writer.start_tls(ctx)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30.0)
+        lines = head[:-4].decode("latin-1").split("\r\n")
+        method, target, version = [*lines[0].split(" ", 2), "", ""][:3]
+        headers = [tuple(h.split(":", 1)) for h in lines[1:] if ":" in h]
+        headers = [(k, v) for k, v in headers if k.strip().lower() not in ("connection", "keep-alive")]
+        headers = self._substitute(sb, host, headers)
+        out = f"{method} {target} {version}\r\n" + "".join(f"{k}:{v}\r\n" for k, v in headers)
+        out += "Connection: close\r\n\r\n"
+        audit.log("network.tls_intercepted", id=sb.id, sandbox=sb.label, host=host)
+        ok2 = await self._forward(sb, host, 443, out.encode("latin-1"), reader, writer, via="tls-intercept",
+                                  tls_upstream=True)
+        if ok2 is False:
+            writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
 
     def _substitute(self, sb: Sandbox, host: str, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
         host = host.lower().rstrip(".")

@@ -14,10 +14,11 @@ for probe in sys.argv[1:]:
     kind, _, rest = probe.partition(":")
     tag = probe[:80]
     try:
-        if kind == "get":
+        if kind in ("get", "getv"):  # getv: verify the server's certificate (default trust, SSL_CERT_FILE)
             parts = rest.split("|")
             url, opts = parts[0], parts[1:]
-            handlers = [urllib.request.HTTPSHandler(context=ssl._create_unverified_context())]
+            ctx = ssl.create_default_context() if kind == "getv" else ssl._create_unverified_context()
+            handlers = [urllib.request.HTTPSHandler(context=ctx)]
             if "noproxy" in opts:
                 handlers.append(urllib.request.ProxyHandler({}))
             req = urllib.request.Request(url)
@@ -42,9 +43,12 @@ for probe in sys.argv[1:]:
         elif kind == "dns":
             addrs = sorted({a[4][0] for a in socket.getaddrinfo(rest, 80, socket.AF_INET)})
             print(f"RESOLVED {tag} {addrs}", flush=True)
+        elif kind == "file":
+            with open(rest) as f:
+                print(f"FILE {tag} {f.read().count('BEGIN CERTIFICATE')}", flush=True)
         elif kind == "env":
             import os
             print(f"ENV {tag} {os.environ.get(rest, '')}", flush=True)
     except Exception as exc:
-        word = {"tcp": "CLOSED", "dns": "NXDOMAIN"}.get(kind, "GET-FAIL")
+        word = {"tcp": "CLOSED", "dns": "NXDOMAIN", "file": "NOFILE"}.get(kind, "GET-FAIL")
         print(f"{word} {tag} {type(exc).__name__}: {exc}", flush=True)

@@ -203,7 +203,10 @@ BAD = [
     (["--allow-host", "a.test", "--secret", "TOK:"], "bound to no host"),
     (["--allow-host", "a.test", "--secret", "TOK:b.test"], "may not reach"),
     (["--allow-host", "a.test", "--secret", "NOPE_NOT_SET:a.test"], "no secret named 'NOPE_NOT_SET'"),
+    (["--allow-host", "a.test", "--tls-intercept"], "tls_intercept without a secret binding"),
     (["-B", "gvisor", "--allow-host", "a.test"], "cannot enforce: network_allowlist"),
+    (["-B", "gvisor", "--network", "open"], "cannot enforce: network_full"),
+    (["-B", "oci", "-o", "runtime=runsc", "--network", "open"], "no network"),
     (["-B", "wasm", "--allow-host", "a.test"], "network_allowlist"),
 ]
 
@@ -297,3 +300,34 @@ def test_sandbox_cannot_rewire_its_network(testnet, backend, tmp_path):
     assert "DONE" in text and "\n0\n" in "\n" + r.stdout.decode(), text
     for bad in ("ADDR-CHANGED", "ROUTE-CHANGED", "LINK-CHANGED", "NS-HAS-NET"):
         assert bad not in text, text
+
+
+@pytest.mark.parametrize("backend", ENFORCING)
+def test_tls_intercept_substitutes_only_for_the_bound_host(testnet, backend):
+    """--tls-intercept: the sandbox verifies the gateway's certificate for the bound host against its
+    own per-sandbox CA (name-constrained to that host), the bound host gets the value over verified TLS;
+    TLS to any other host passes through untouched (placeholder only)."""
+    if os.environ.get("CI") != "true":
+        pytest.importorskip("cryptography")
+    value = "tls-secret-" + os.urandom(4).hex()
+    assert ak("secret", "set", "TLS_TOKEN", input=value.encode()).returncode == 0
+    testnet.clear()
+    probes = ["getv:https://bound.test/intercepted|H=Authorization=Bearer $T",
+              "get:https://unbound.test/passthrough|H=Authorization=Bearer $T",
+              "getv:https://unbound.test/verify-other",  # the sandbox CA cannot vouch for unbound.test
+              "file:/.ak/egress-ca.pem"]
+    script = 'T="$TLS_TOKEN"; exec python3 -c "$0" ' + " ".join(f'"{p}"' for p in probes)
+    r = ak("run", "--no-daemon", "-B", backend, "-i", IMAGE, "--allow-host", "bound.test", "--allow-host",
+           "unbound.test", "--secret", "TLS_TOKEN:bound.test", "--tls-intercept", "--", "sh", "-c", script, CLIENT,
+           timeout=90)
+    text = out(r)
+    assert r.returncode == 0, text
+    assert "GET-OK getv:https://bound.test/intercepted" in text, text
+    assert "GET-OK get:https://unbound.test/passthrough" in text, text
+    assert "GET-FAIL getv:https://unbound.test/verify-other" in text, text  # the test host's own cert: untrusted
+    assert "FILE file:/.ak/egress-ca.pem 1" in text, text
+    assert value not in text
+    heads = {e["head"].split(" ")[1]: e["head"] for e in testnet.events() if e["kind"] == "http"}
+    assert f"Bearer {value}" in heads["/intercepted"], heads
+    assert value not in heads["/passthrough"], heads
+    assert any(e.get("host") == "bound.test" for e in audit_events("network.tls_intercepted"))
