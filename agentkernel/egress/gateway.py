@@ -235,8 +235,10 @@ class Gateway:
             writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
             return
         host, port = split_hostport(hostport, 80)
+        # the Host header is the name that was checked (no second, unchecked name for a shared server)
         headers = [(k, v) for k, v in headers if k.strip().lower() not in (
-            "proxy-connection", "proxy-authorization", "connection", "keep-alive")]
+            "proxy-connection", "proxy-authorization", "connection", "keep-alive", "host")]
+        headers.insert(0, ("Host", " " + hostport.strip()))
         headers = self._substitute(sb, host, headers)
         out = f"{method} {path} {version}\r\n" + "".join(f"{k}:{v}\r\n" for k, v in headers)
         out += "Connection: close\r\n\r\n"

@@ -56,7 +56,8 @@ def audit_events(kind: str) -> list[dict]:
 def test_allowlist_http_https_and_refusals(testnet, backend):
     testnet.clear()
     ok = ["get:http://allowed.test/via-proxy", "get:http://allowed.test/transparent|noproxy",
-          "get:https://allowed.test/tls-connect", "get:https://allowed.test/tls-sni|noproxy", "dns:allowed.test"]
+          "get:https://allowed.test/tls-connect", "get:https://allowed.test/tls-sni|noproxy", "dns:allowed.test",
+          "get:http://allowed.test/fronted|H=Host=other.test"]  # HTTP fronting: Host is rewritten
     refused = ["get:http://other.test/", "get:https://other.test/", "get:https://other.test/x|noproxy",
                "get:http://allowed.test:8080/", f"get:http://{testnet.addr}/", f"get:http://{testnet.addr}/|noproxy",
                f"tcp:{testnet.addr}:80", f"tcp:{testnet.addr}:443", f"tcp:{testnet.host_ip}:22", "dns:other.test",
@@ -67,7 +68,7 @@ def test_allowlist_http_https_and_refusals(testnet, backend):
     for p in refused:
         assert res[p].startswith(("GET-FAIL", "CLOSED", "NXDOMAIN")), (p, text)
     heads = [e for e in testnet.events() if e["kind"] == "http"]
-    assert len(heads) == 4, heads
+    assert len(heads) == 5, heads  # the allowed fetches (the fronting attempt arrives as allowed.test)
     assert all("other.test" not in e["head"] and e["port"] != 8080 for e in heads), heads
     # a denied name is never even looked up upstream
     assert not [e for e in testnet.events() if e["kind"] == "dns" and e["name"] == "other.test"]
