@@ -357,3 +357,19 @@ def test_named_sandbox_keeps_its_rules_across_stop_start(testnet, backend):
     d = netns.state_dir()
     assert os.listdir(os.path.join(d, "sb")) == [] and os.listdir(os.path.join(d, "by-id")) == []
     assert not os.path.exists(f"/run/netns/ak-{netns.short_id(sid)}")
+
+
+def test_in_process_sandbox_api(testnet):
+    """The Python API takes the same network settings (allow_hosts implies allowlist)."""
+    import asyncio
+
+    from agentkernel.sandbox import Sandbox
+
+    async def main():
+        async with Sandbox(backend="podman", image=IMAGE, allow_hosts=["allowed.test"]) as sb:
+            return await sb.exec(["python3", "-c", CLIENT, "get:http://allowed.test/inproc", "get:http://other.test/"])
+
+    r = asyncio.run(main())
+    text = r.stdout.decode()
+    assert r.exit_code == 0 and "GET-OK get:http://allowed.test/inproc" in text, text
+    assert "GET-FAIL get:http://other.test/" in text, text
