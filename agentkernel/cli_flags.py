@@ -176,6 +176,8 @@ def fast_parse(argv: list[str], flags, positionals: tuple[str, ...] = ()):
                 elif i + 1 < n and argv[i + 1] in NETWORK_MODES:
                     values["network"] = argv[i + 1]
                     i += 1
+                elif i + 1 < n and not argv[i + 1].startswith("-") and "--" in argv[i + 2:]:
+                    return None  # `--network WORD ... -- CMD`: WORD was meant as a mode; argparse names it
                 else:
                     values["network"] = "open"
                 i += 1

@@ -96,3 +96,4 @@ def test_cli_network_forms():
     ns = fast_parse(["--allow-host", "a.io:8443", "--allow-host", "b.io", "--secret", "T:a.io", "x"], RUN_FLAGS)
     assert ns.allow_host == ["a.io:8443", "b.io"] and ns.secret == ["T:a.io"] and ns.command == ["x"]
     assert fast_parse(["--network", "echo", "hi"], RUN_FLAGS).command == ["echo", "hi"]  # old form still works
+    assert fast_parse(["--network", "bogus", "--", "x"], RUN_FLAGS) is None  # argparse reports the bad mode
