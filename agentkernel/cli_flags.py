@@ -53,6 +53,7 @@ SPEC_FLAGS = (
     Flag(("--module",), "module", "str", "wasm: the module to run"),
     Flag(("--func",), "func", "str", "wasm: exported function to call"),
     Flag(("-c", "--config"), "config", "str", "agentkernel.toml to use (default ./agentkernel.toml)"),
+    Flag(("--pull",), "pull", "str", "pull policy: missing (default), always or never", "POLICY"),
 )
 TIMEOUT = Flag(("-t", "--timeout"), "timeout", "pfloat", "kill the sandbox after this many seconds (exit 124)",
                "SECONDS")
@@ -62,6 +63,7 @@ RUN_FLAGS = (
     Flag(("-k", "--keep"), "keep", "true", "keep the sandbox afterwards (named, running)"),
     Flag(("-n", "--name"), "name", "str", "name for a kept sandbox (with --keep)"),
     Flag(("--no-daemon",), "no_daemon", "true", "do not use the daemon's warm pools"),
+    Flag(("--explain",), "explain", "true", "print which image would be used and why, then exit (runs nothing)"),
 )
 EXEC_FLAGS = (
     TIMEOUT,
@@ -75,7 +77,7 @@ def defaults(flags) -> dict:
     for f in flags:
         if f.kind in ("kv", "list"):
             out[f.dest] = []
-        elif f.kind == "true" and f.dest in ("keep", "no_daemon"):
+        elif f.kind == "true" and f.dest in ("keep", "no_daemon", "explain"):
             out[f.dest] = False
         else:
             out.setdefault(f.dest, None)
@@ -122,7 +124,7 @@ def add_to_argparse(group, flags) -> None:
     for f in flags:
         if f.kind in ("true", "false"):
             kw = {"action": "store_true" if f.kind == "true" else "store_false",
-                  "default": False if f.dest in ("keep", "no_daemon") else None}
+                  "default": False if f.dest in ("keep", "no_daemon", "explain") else None}
             if f.dest == "network":
                 net = net or group.add_mutually_exclusive_group()
                 net.add_argument(*f.names, dest=f.dest, help=f.help, **kw)

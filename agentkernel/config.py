@@ -9,7 +9,10 @@ Unknown tables and keys are rejected with the known ones named (the reference si
 
 Schema::
 
-    [sandbox]   name, image, backend, hostname, workdir, options = {key = "value"}
+    [sandbox]   name, image, backend, hostname, workdir, options = {key = "value"},
+                pull = "missing" | "always" | "never"
+    [images]    registry, insecure_registries = [...], setuid = "strip" | "keep"   (docs/images.md)
+    [build]     dockerfile, context, target, args = {K = "v"}, no_cache, tag, engine  (docs/images.md)
     [resources] vcpus, memory_mb, pids, disk_mb
     [security]  profile, network (true | false | "none" | "allowlist" | "open"), network_allow = [...],
                 read_only, mount_cwd, pass_env = [...], user, seccomp
@@ -44,7 +47,10 @@ CONFIG_FILENAME = "agentkernel.toml"
 
 SCHEMA: dict[str, dict[str, str]] = {
     "sandbox": {"name": "str", "image": "str", "backend": "str", "hostname": "str", "workdir": "str",
-                "options": "table"},
+                "options": "table", "pull": "str"},
+    "images": {"registry": "str", "insecure_registries": "list", "setuid": "str"},
+    "build": {"dockerfile": "str", "context": "str", "target": "str", "args": "table", "no_cache": "bool",
+              "tag": "str", "engine": "str"},
     "resources": {"vcpus": "number", "memory_mb": "int", "pids": "int", "disk_mb": "int"},
     "security": {"profile": "str", "network": "network", "network_allow": "list", "read_only": "bool",
                  "mount_cwd": "bool", "pass_env": "list", "user": "str", "seccomp": "str", "domains": "domains",

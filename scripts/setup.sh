@@ -32,6 +32,7 @@ APT_PACKAGES=(
   qemu-system-x86
   clang lld wasi-libc libclang-rt-14-dev-wasm32
   hyperfine
+  docker-registry skopeo buildah
 )
 
 install_packages() {
