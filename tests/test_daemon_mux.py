@@ -151,7 +151,7 @@ def test_bad_runs_fail_alone(daemon):
 
 def test_client_raises_the_runs_error(daemon):
     _, sock = daemon
-    spec = resolve_spec({"backend": "oci", "network": True})  # oci refuses network: a policy error
+    spec = resolve_spec({"backend": "wasm", "network": True})  # wasm has no network: a policy error
 
     async def go():
         async with await MuxClient.connect(sock) as c:

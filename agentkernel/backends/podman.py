@@ -22,10 +22,16 @@ if TYPE_CHECKING:
 
 
 
+# Network modes open and allowlist: the sandbox joins a namespace made by agentkernel.egress (one route,
+# to the egress gateway; firewall inside the namespace), never podman's own bridge.
+PODMAN_CONTROLS = CONTAINER_CONTROLS | {"network_allowlist", "secret_injection"}
+
+
 class PodmanBackend(AgentContainerBackend, OneShot):
     name = "podman"
     binary = "podman"
-    capabilities = Capabilities(CONTAINER_CONTROLS, {"exec", "files", "agent", "oneshot", "tty", "pool"},
+    uses_egress = True
+    capabilities = Capabilities(PODMAN_CONTROLS, {"exec", "files", "agent", "oneshot", "tty", "pool"},
                                 isolation="container (shared kernel)")
     options_allowed: ClassVar[tuple[str, ...]] = ()
 
@@ -133,8 +139,15 @@ class PodmanBackend(AgentContainerBackend, OneShot):
         from .._proc import Proc, WaitTimeout, which
 
         interactive = stdio.forward_stdin
-        run_dir, plan = _container.oneshot_plan(spec, argv, sandbox_id=sandbox_id, owner=owner,
-                                                interactive=interactive, pids_overhead=self.pids_overhead)
+        net = _container.oneshot_network(spec, sandbox_id, uses_egress=self.uses_egress,
+                                         deferred=self.egress_deferred)
+        try:
+            run_dir, plan = _container.oneshot_plan(spec, argv, sandbox_id=sandbox_id, owner=owner,
+                                                    interactive=interactive, pids_overhead=self.pids_overhead, net=net)
+        except BaseException:
+            if net is not None:
+                _container.release_network(sandbox_id)
+            raise
         try:
             cmd = self.oneshot_command(plan)
             exe = which(cmd[0])
@@ -168,6 +181,8 @@ class PodmanBackend(AgentContainerBackend, OneShot):
         finally:
             if run_dir:
                 _container.remove_flat_dir(run_dir)
+            if net is not None:
+                _container.release_network(sandbox_id)
 
     def _engine_failure(self, spec, name: str, rc: int, with_agent: bool) -> int:
         """No status file: the engine failed before/around the command (or there is no agent)."""

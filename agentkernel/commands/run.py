@@ -19,8 +19,6 @@ def run(args, command: list[str]) -> int:
 
     spec = spec_from_args(args, command)
     spec = spec.replace(backend=canonical(spec.backend))
-    if getattr(args, "explain", False):
-        return _explain(args, spec)
     if args.keep:
         return _run_keep(args, spec, command)
     if not args.no_daemon and os.environ.get("AGENTKERNEL_NO_DAEMON", "") in ("", "0"):
@@ -60,17 +58,3 @@ def _run_keep(args, spec, command: list[str]) -> int:
     termio.note(f"sandbox kept: {name}  (agentkernel exec {name} -- CMD; agentkernel rm {name})")
     return render(from_result(result), timeout=args.timeout, memory_mb=spec.resources.memory_mb)
 
-
-def _explain(args, spec) -> int:
-    """``run --explain``: which backend (and why: explicit, or what auto chose on this host) and image."""
-    if args.backend or os.environ.get("AGENTKERNEL_BACKEND"):
-        print(f"backend {spec.backend} (named by {'--backend' if args.backend else 'AGENTKERNEL_BACKEND'})")
-    else:
-        from ..backends.auto import decide, explain_lines
-
-        if decide()[0] != spec.backend:
-            print(f"backend {spec.backend} (named by the config file's [sandbox] backend)")
-        else:
-            print("\n".join(explain_lines()))
-    print(f"image {spec.image}")
-    return 0
