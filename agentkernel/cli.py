@@ -170,6 +170,8 @@ def explain_run(args, argv: list[str]) -> int:
 
 
 def _explain_backend(args, spec, cfg: dict, cfg_path) -> None:
+    from . import config
+
     named = cfg.get("sandbox", {}).get("backend")
     if args.backend and args.backend != "auto":
         print(f"backend {spec.backend} (named by --backend)")
@@ -178,9 +180,9 @@ def _explain_backend(args, spec, cfg: dict, cfg_path) -> None:
     elif named and named != "auto":
         print(f"backend {spec.backend} (named by [sandbox] backend in {cfg_path})")
     else:
-        from .backends.auto import explain_lines
+        from .backends.auto import decide, explain_lines
 
-        print("\n".join(explain_lines()))
+        print("\n".join(explain_lines(decide(config.default_spec_for))))
 
 
 # ---- main ---------------------------------------------------------------------------------------------

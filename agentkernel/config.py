@@ -182,7 +182,12 @@ def _backend_choice(named: str | None) -> str:
         return named
     from .backends.auto import resolve
 
-    return resolve()
+    return resolve(default_spec_for)
+
+
+def default_spec_for(backend: str) -> SandboxSpec:
+    """The built-in default spec (default profile, full policy) on ``backend``: what ``auto`` checks."""
+    return resolve_spec({"backend": backend}, config={}, environ={})
 
 
 def resolve_spec(

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from agentkernel.backends import auto
-from agentkernel.config import resolve_spec
+from agentkernel.config import default_spec_for, resolve_spec
 from agentkernel.errors import BackendUnavailable
 from tests.conftest import ak, require_backend
 
@@ -45,7 +45,7 @@ def test_root_with_crun_picks_oci(host):
     require_backend("oci")
     assert os.geteuid() == 0, "this host runs the suite as root"
     host("crun", "runc", "podman", "docker")
-    chosen, rows = auto.choose()
+    chosen, rows = auto.choose(default_spec_for)
     assert chosen == "oci", rows
     assert rows[0] == {"backend": "oci", "ok": True, "reason": rows[0]["reason"]}
     assert all(r["ok"] is None for r in rows[1:])  # later candidates are not probed
@@ -54,7 +54,7 @@ def test_root_with_crun_picks_oci(host):
 def test_without_crun_picks_podman(host):
     require_backend("podman")
     host("runc", "podman", "docker")
-    chosen, rows = auto.choose()
+    chosen, rows = auto.choose(default_spec_for)
     assert chosen == "podman", rows
     assert rows[0] == {"backend": "oci", "ok": False, "reason": "crun is not on PATH"}
 
@@ -62,7 +62,7 @@ def test_without_crun_picks_podman(host):
 def test_without_crun_and_podman_picks_docker(host):
     require_backend("docker")
     host("runc")
-    chosen, rows = auto.choose()
+    chosen, rows = auto.choose(default_spec_for)
     assert chosen == "docker", rows
     assert [r["ok"] for r in rows] == [False, False, True]
     assert rows[1]["reason"] == "podman is not on PATH"
@@ -71,7 +71,7 @@ def test_without_crun_and_podman_picks_docker(host):
 def test_nothing_works_is_a_clear_error(host):
     host(docker=False)
     with pytest.raises(BackendUnavailable) as ei:
-        auto.decide()
+        auto.decide(default_spec_for)
     msg = ei.value.message
     assert "crun is not on PATH" in msg and "podman is not on PATH" in msg and "no Docker socket" in msg
     assert "--backend" in ei.value.hint
@@ -87,11 +87,11 @@ def test_choice_is_cached_and_rechosen_when_the_host_changes(host):
     require_backend("oci")
     require_backend("podman")
     host("crun", "runc", "podman")
-    assert auto.decide()[::2] == ("oci", False)
-    assert auto.decide()[::2] == ("oci", True)  # cached: no probe
+    assert auto.decide(default_spec_for)[::2] == ("oci", False)
+    assert auto.decide(default_spec_for)[::2] == ("oci", True)  # cached: no probe
     host("runc", "podman")  # crun went away: the fingerprint changed
-    assert auto.decide()[::2] == ("podman", False)
-    assert auto.decide()[::2] == ("podman", True)
+    assert auto.decide(default_spec_for)[::2] == ("podman", False)
+    assert auto.decide(default_spec_for)[::2] == ("podman", True)
 
 
 def test_explicit_backend_always_wins(host, monkeypatch):

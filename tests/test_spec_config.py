@@ -12,7 +12,10 @@ from agentkernel.spec import PROFILES, Policy, Resources, SandboxSpec, check_san
 
 def test_defaults_are_moderate_and_hardened():
     spec = resolve_spec({}, environ={})
-    assert spec.backend == "podman"
+    from agentkernel.backends import auto
+    from agentkernel.config import default_spec_for
+
+    assert spec.backend == auto.resolve(default_spec_for)  # the default is "auto": what it picks on this host
     assert spec.policy.profile == "moderate"
     assert spec.policy.network is False
     assert spec.policy.user == "1000:1000"

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 
-from .. import __version__, paths
+from .. import paths
 
 ORDER = ("oci", "podman", "docker")
 BINARIES = ("crun", "runc", "podman", "docker", "dockerd")
@@ -55,7 +55,11 @@ def facts() -> dict:
 def fingerprint(f: dict | None = None) -> str:
     f = f or facts()
     sock = f["docker_socket"]
-    parts = [f"v={__version__}", f"euid={f['euid']}", f"docker={sock}:{os.path.exists(sock)}"]
+    try:
+        here = os.stat(__file__).st_mtime_ns  # an agentkernel upgrade rewrites this file
+    except OSError:
+        here = 0
+    parts = [f"ak={here}", f"euid={f['euid']}", f"docker={sock}:{os.path.exists(sock)}"]
     for b in BINARIES:
         p = f["binaries"].get(b)
         if p:
@@ -85,9 +89,9 @@ def preconditions(name: str, f: dict) -> str | None:
     return "not an auto candidate"
 
 
-def choose() -> tuple[str | None, list[dict]]:
-    """Probe the candidates in order: (the chosen backend or None, one verdict row per candidate)."""
-    from ..config import resolve_spec
+def choose(spec_for) -> tuple[str | None, list[dict]]:
+    """Probe the candidates in order: (the chosen backend or None, one verdict row per candidate).
+    ``spec_for(name)``: the default spec on backend ``name`` (``config.default_spec_for``)."""
     from ..errors import AgentKernelError
     from . import get_backend
 
@@ -108,7 +112,7 @@ def choose() -> tuple[str | None, list[dict]]:
             if not avail.available:
                 rows.append({"backend": name, "ok": False, "reason": avail.reason})
                 continue
-            backend.check(resolve_spec({"backend": name}))  # the full default policy, fail closed
+            backend.check(spec_for(name))  # the full default policy, fail closed
         except AgentKernelError as exc:
             rows.append({"backend": name, "ok": False, "reason": exc.message})
             continue
@@ -152,19 +156,19 @@ def _write_cache(fp: str, chosen: str, rows: list[dict]) -> None:
         pass
 
 
-def resolve(*, refresh: bool = False) -> str:
+def resolve(spec_for, *, refresh: bool = False) -> str:
     """The backend ``auto`` stands for on this host (cached; re-chosen when the host changed)."""
-    return decide(refresh=refresh)[0]
+    return decide(spec_for, refresh=refresh)[0]
 
 
-def decide(*, refresh: bool = False) -> tuple[str, list[dict], bool]:
+def decide(spec_for, *, refresh: bool = False) -> tuple[str, list[dict], bool]:
     """(chosen backend, verdict rows, whether it came from the cache). Raises when nothing works."""
     fp = fingerprint()
     if not refresh:
         cached = _read_cache(fp)
         if cached is not None:
             return cached[0], cached[1], True
-    chosen, rows = choose()
+    chosen, rows = choose(spec_for)
     if chosen is None:
         from ..errors import BackendUnavailable
 
@@ -176,9 +180,9 @@ def decide(*, refresh: bool = False) -> tuple[str, list[dict], bool]:
     return chosen, rows, False
 
 
-def explain_lines(decision: tuple[str, list[dict], bool] | None = None) -> list[str]:
+def explain_lines(decision: tuple[str, list[dict], bool]) -> list[str]:
     """Human-readable: which backend auto picks here and why (for doctor and run --explain)."""
-    chosen, rows, cached = decision or decide()
+    chosen, rows, cached = decision
     out = [f"backend auto -> {chosen} (order: {', '.join(ORDER)}; {'cached' if cached else 'probed now'}, "
            f"re-chosen when the uid or an engine binary changes)"]
     for r in rows:

@@ -36,9 +36,10 @@ def probe_all() -> list[dict]:
 def auto_choice() -> dict:
     """What ``backend = "auto"`` picks on this host and why (probed afresh: doctor refreshes the cache)."""
     from ..backends import auto
+    from ..config import default_spec_for
 
     try:
-        decision = auto.decide(refresh=True)
+        decision = auto.decide(default_spec_for, refresh=True)
         return {"backend": decision[0], "order": list(auto.ORDER), "candidates": decision[1],
                 "lines": auto.explain_lines(decision)}
     except AgentKernelError as exc:

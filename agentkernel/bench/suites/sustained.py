@@ -29,8 +29,9 @@ def _env_num(name: str, default: float) -> float:
 
 def _default_backend(ctx: BenchContext) -> str:
     from ...backends.auto import resolve
+    from ...config import default_spec_for
 
-    return resolve()
+    return resolve(default_spec_for)
 
 
 def run_speed(ctx: BenchContext) -> None:
