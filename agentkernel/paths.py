@@ -13,12 +13,17 @@ import os
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+_made: set[str] = set()  # data dirs this process already created (the audit log asks on every event)
+
+
 def data_dir() -> str:
     d = os.environ.get("AGENTKERNEL_HOME")
     if not d:
         base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
         d = os.path.join(base, "agentkernel")
-    os.makedirs(d, mode=0o700, exist_ok=True)
+    if d not in _made:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        _made.add(d)
     return d
 
 
