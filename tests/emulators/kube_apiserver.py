@@ -174,6 +174,8 @@ class Emulator:
             Route("/apis", self.api_groups),
             Route("/api/v1", self.resource_list),
             Route("/apis/{group}/{version}", self.resource_list),
+            Route("/openapi/v3", self.openapi_index),
+            Route("/openapi/v3/{gv:path}", self.openapi_doc),
             WebSocketRoute("/api/v1/namespaces/{ns}/pods/{name}/exec", self.exec_ws),
             Route("/api/v1/namespaces/{ns}/pods/{name}/exec", self.exec_not_upgraded, methods=["GET", "POST"]),
             Route("/api/v1/namespaces/{ns}/{resource}", self.collection, methods=["GET", "POST"]),
@@ -209,6 +211,33 @@ class Emulator:
         return JSONResponse({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": f"{g}/{v}" if g else v,
                              "resources": res})
 
+    # kubectl asks the OpenAPI v3 documents whether the server validates fields itself (it then sends
+    # fieldValidation=Strict instead of validating client-side); only that much of them is served
+    async def openapi_index(self, request: Request) -> Response:
+        paths = {}
+        for g, v in self.resources:
+            gv = f"apis/{g}/{v}" if g else f"api/{v}"
+            paths[gv] = {"serverRelativeURL": f"/openapi/v3/{gv}?hash=emulator"}
+        return JSONResponse({"paths": paths})
+
+    async def openapi_doc(self, request: Request) -> Response:
+        gv = request.path_params["gv"]
+        param = {"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": True}}
+        paths = {}
+        for (g, v), res in self.resources.items():
+            if gv == (f"apis/{g}/{v}" if g else f"api/{v}"):
+                for r, kind, _ in res:
+                    if "/" not in r:
+                        op = {"parameters": [param], "x-kubernetes-group-version-kind": {"group": g, "version": v,
+                                                                                          "kind": kind}}
+                        base = f"/{gv}/namespaces/{{namespace}}/{r}"
+                        paths[base] = {"post": op}
+                        paths[base + "/{name}"] = {"patch": op, "put": op}
+        if not paths:
+            return status(404, "NotFound", "the server could not find the requested resource")
+        return JSONResponse({"openapi": "3.0.0", "info": {"title": "Kubernetes (agentkernel emulator)",
+                                                          "version": "v1.33.0"}, "paths": paths})
+
     def _resolve(self, request: Request) -> tuple[str, str, str] | None:
         g, v = request.path_params.get("group", ""), request.path_params.get("version", "v1")
         resource = request.path_params["resource"]
@@ -233,7 +262,8 @@ class Emulator:
         lsel, fsel = parse_selector(q.get("labelSelector")), parse_selector(q.get("fieldSelector"))
         if watching:
             return StreamingResponse(self.watch_stream(resource, ns, lsel, fsel, q.get("resourceVersion"),
-                                                       float(q.get("timeoutSeconds") or 1800)),
+                                                       float(q.get("timeoutSeconds") or 1800),
+                                                       q.get("sendInitialEvents") == "true"),
                                      media_type="application/json")
         items = [copy.deepcopy(o) for (res, ons, _), o in sorted(self.objects.items())
                  if res == resource and ons == ns and self._selected(o, lsel, fsel)]
@@ -243,16 +273,24 @@ class Emulator:
     def _selected(self, obj: dict[str, Any], lsel, fsel) -> bool:
         return matches(obj["metadata"].get("labels") or {}, lsel) and matches(field_values(obj), fsel)
 
-    async def watch_stream(self, resource: str, ns: str, lsel, fsel, since: str | None, timeout: float):
+    async def watch_stream(self, resource: str, ns: str, lsel, fsel, since: str | None, timeout: float,
+                           initial_events: bool = False):
         q: asyncio.Queue = asyncio.Queue()
         entry = (resource, q)
         self.watchers.append(entry)
         try:
             seen = self.rv
-            if not since or since == "0":
+            if not since or since == "0" or initial_events:
                 for (res, ons, _), o in sorted(self.objects.items()):
                     if res == resource and ons == ns and self._selected(o, lsel, fsel):
                         yield json.dumps({"type": "ADDED", "object": o}).encode() + b"\n"
+                if initial_events:  # streaming list (KEP-3157): a bookmark marks the end of the initial state
+                    g = self.group_of[resource]
+                    mark = {"kind": self.kinds[resource], "apiVersion": f"{g}/v1beta1" if g.startswith("agents")
+                            or g.startswith("extensions") else (f"{g}/v1" if g else "v1"),
+                            "metadata": {"resourceVersion": str(seen),
+                                         "annotations": {"k8s.io/initial-events-end": "true"}}}
+                    yield json.dumps({"type": "BOOKMARK", "object": mark}).encode() + b"\n"
             else:
                 replay = [h for h in self.history if h[0] > int(since)]
                 seen = max([int(since)] + [h[0] for h in replay])
@@ -654,6 +692,17 @@ class Emulator:
     def close(self) -> None:
         self.runner.remove_all_sync()
 
+    async def drain(self) -> None:
+        """After the server stopped: let pod starts finish, remove every container, end the watchers."""
+        starting = [t for t in self.tasks if "start_pod" in repr(t.get_coro())]
+        if starting:
+            await asyncio.wait(starting, timeout=60)
+        await asyncio.to_thread(self.runner.remove_all_sync)
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=20)
+        for t in list(self.tasks):
+            t.cancel()
+
 
 class ServerThread:
     """uvicorn on 127.0.0.1:<free port> in a daemon thread with its own event loop."""
@@ -686,6 +735,7 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
         self.loop.run_until_complete(self.server.serve(sockets=[sock]))
+        self.loop.run_until_complete(self.emu.drain())
 
     def call(self, coro, timeout: float = 60):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
