@@ -97,7 +97,8 @@ def load_connection(kubeconfig: str | None = None, context: str | None = None) -
             except OSError:
                 pass
         else:
-            path = os.path.expanduser(kubeconfig) if kubeconfig else None
+            # $KUBECONFIG read now (the client reads it once, at its import)
+            path = os.path.expanduser(kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config")
             kconfig.load_kube_config(config_file=path, context=context, client_configuration=cfg)
             try:
                 _, active = kconfig.list_kube_config_contexts(config_file=path)

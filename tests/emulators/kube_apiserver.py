@@ -324,6 +324,9 @@ class Emulator:
         if err := self.authorize(request, g, resource, verb):
             return err
         key = (resource, ns, name)
+        # the body is read before the object: no await between reading the object and replacing it, so
+        # the resourceVersion check and the update are atomic
+        body = await request.json() if verb in ("patch", "update") else None
         obj = self.objects.get(key)
         if obj is None:
             return status(404, "NotFound", f'{resource}{"." + g if g else ""} "{name}" not found',
@@ -333,7 +336,6 @@ class Emulator:
         if verb == "delete":
             self.log.append(("delete", resource, name))
             return JSONResponse(await self.delete(resource, ns, name))
-        body = await request.json()
         if verb == "patch":
             ctype = request.headers.get("content-type", "").split(";")[0]
             if ctype not in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
