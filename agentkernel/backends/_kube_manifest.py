@@ -234,5 +234,6 @@ def sandbox_claim(*, name: str, namespace: str, warm_pool: str, labels: dict[str
         "apiVersion": f"{EXTENSIONS_GROUP}/{AGENTS_VERSION}",
         "kind": "SandboxClaim",
         "metadata": {"name": name, "namespace": namespace, "labels": dict(labels), "annotations": dict(annotations)},
-        "spec": {"warmPoolRef": {"name": warm_pool}, "additionalPodMetadata": {"labels": dict(labels)}},
+        "spec": {"warmPoolRef": {"name": warm_pool},
+                 "additionalPodMetadata": {"labels": dict(labels), "annotations": dict(annotations)}},
     }

@@ -661,6 +661,7 @@ class Emulator:
             self._sandbox_pod(ns, pool, f"{name[:40]}-{os.urandom(3).hex()}")
 
     async def bind_claim(self, ns: str, name: str) -> None:
+        await asyncio.sleep(0.3)  # a controller reconciles after the claim is stored, not within the request
         claim = self.objects.get(("sandboxclaims", ns, name))
         if claim is None:
             return
@@ -677,6 +678,13 @@ class Emulator:
             sb_name = f"{pool_name[:40]}-{os.urandom(3).hex()}"
             self._sandbox_pod(ns, pool, sb_name)
             sb = self.objects[("sandboxes", ns, sb_name)]
+        extra = claim["spec"].get("additionalPodMetadata") or {}
+        pod = self.objects.get(("pods", ns, sb["metadata"]["name"]))
+        if pod is not None:  # the claim's pod metadata goes onto the adopted pod
+            pod["metadata"].setdefault("labels", {}).update(extra.get("labels") or {})
+            pod["metadata"].setdefault("annotations", {}).update(extra.get("annotations") or {})
+            pod["metadata"]["resourceVersion"] = self._bump()
+            self._emit("pods", "MODIFIED", pod)
         sb["metadata"]["labels"]["agents.x-k8s.io/claimed"] = name
         sb["metadata"]["resourceVersion"] = self._bump()
         self._emit("sandboxes", "MODIFIED", sb)
