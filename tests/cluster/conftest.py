@@ -48,3 +48,37 @@ def kube(tmp_path_factory):
         yield KubeTarget(path, K8S_NAMESPACE, emu, server)
     finally:
         server.stop()
+
+
+class NomadTarget:
+    def __init__(self, addr: str, token: str | None, namespace: str, emulator=None) -> None:
+        self.addr = addr
+        self.token = token
+        self.namespace = namespace
+        self.emulator = emulator
+
+    def options(self, **extra: str) -> dict[str, str]:
+        o = {"nomad_addr": self.addr, "namespace": self.namespace, **extra}
+        if self.token:
+            o["nomad_token"] = self.token
+        return o
+
+
+NOMAD_TEST_TOKEN = "emulator-nomad-acl-token"
+
+
+@pytest.fixture(scope="session")
+def nomad():
+    if REAL_NOMAD:
+        yield NomadTarget(os.environ["NOMAD_ADDR"], os.environ.get("NOMAD_TOKEN"),
+                          os.environ.get("NOMAD_NAMESPACE", "default"))
+        return
+    _need_podman()
+    from tests.emulators.nomad_agent import NomadEmulator
+
+    emu = NomadEmulator(token=NOMAD_TEST_TOKEN)
+    server = emu.serve_in_thread()
+    try:
+        yield NomadTarget(server.url, NOMAD_TEST_TOKEN, "default", emu)
+    finally:
+        server.stop()
