@@ -116,6 +116,11 @@ class KubernetesBackend(Backend):
                 f"backend 'kubernetes' cannot enforce pids={spec.resources.pids}: the cluster's podPidsLimit "
                 f"is {limit}", hint=f"ask for pids >= {limit} or unlimited")
 
+    def planned_handle(self, sandbox_id: str) -> dict[str, Any]:
+        # no pod name: a create may claim a warm pod of any name; remove() then finds the sandbox's
+        # objects by its id label (and the name derived from the id)
+        return {"namespace": self.namespace}
+
     # -- plumbing -------------------------------------------------------------------------------------------
     def _api(self):
         loop = asyncio.get_running_loop()

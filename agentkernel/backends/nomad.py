@@ -100,6 +100,9 @@ class NomadBackend(Backend):
     def check(self, spec: SandboxSpec) -> None:
         check_policy(spec, Capabilities(self.controls()), self.name)
 
+    def planned_handle(self, sandbox_id: str) -> dict[str, Any]:
+        return {}  # remove() by id alone finds its job, or the pool member it claimed
+
     def _api(self):
         from ._nomad_api import NomadClient
 
