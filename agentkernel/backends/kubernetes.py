@@ -109,7 +109,20 @@ class KubernetesBackend(Backend):
         return c
 
     def check(self, spec: SandboxSpec) -> None:
-        check_policy(spec, Capabilities(self.controls()), self.name)
+        try:
+            check_policy(spec, Capabilities(self.controls()), self.name)
+        except PolicyNotEnforceable as exc:
+            hints = []
+            if "pids (" in str(exc):
+                # the Pod API has no pids limit: only the kubelet's podPidsLimit (node-wide setting) has one
+                hints.append("Kubernetes limits processes per pod only through the kubelet's podPidsLimit: set "
+                             "[orchestrator] pod_pids_limit (or -o pod_pids_limit=N) to your nodes' value")
+            if "seccomp_restrictive" in str(exc):
+                hints.append("install a seccomp profile on the nodes and name it in [orchestrator] "
+                             "seccomp_localhost_profile")
+            if hints:
+                exc.hint = "; ".join(hints)
+            raise
         limit = self.settings.get("pod_pids_limit")
         if limit and spec.resources.pids is not None and int(limit) > spec.resources.pids:
             raise PolicyNotEnforceable(

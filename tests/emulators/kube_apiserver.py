@@ -110,7 +110,7 @@ def merge_patch(target: Any, patch: Any) -> Any:
 class Emulator:
     def __init__(self, *, role_rules: list[dict[str, Any]] | None = None, agent_sandbox: bool = False,
                  protocols: tuple[str, ...] = ("v5.channel.k8s.io", "v4.channel.k8s.io"),
-                 node_labels: dict[str, str] | None = None, pod_pids_limit: int = 1024) -> None:
+                 node_labels: dict[str, str] | None = None, pod_pids_limit: int = 256) -> None:
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}  # (resource, ns, name) -> object
         self.rv = 1000
         self.history: list[tuple[int, str, str, dict[str, Any]]] = []  # (rv, resource, type, object)
