@@ -42,6 +42,20 @@ class ApiError(SandboxError):
         self.api_message = message
 
 
+def _load_chain_from_data(ctx: ssl.SSLContext, cert: bytes, key: bytes) -> None:
+    """ssl loads client certificates only from files: a private temporary file, removed at once."""
+    import os
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="ak-kube-", suffix=".pem")
+    try:
+        os.write(fd, cert + b"\n" + key)
+        os.close(fd)
+        ctx.load_cert_chain(path)
+    finally:
+        os.unlink(path)
+
+
 class ApiNotFound(ApiError, NotFound):
     """404 from the API server."""
 
@@ -59,64 +73,154 @@ class Connection:
         self.key_file = key_file
         self.verify = verify
         self.namespace = namespace  # the kubeconfig context's namespace, if it sets one
+        self.ca_data: bytes | None = None  # PEM from *-data kubeconfig fields
+        self.cert_data: bytes | None = None
+        self.key_data: bytes | None = None
+        self._ssl: ssl.SSLContext | None = None
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if not self.host.startswith("https"):
             return None
-        ctx = ssl.create_default_context(cafile=self.ca_file) if self.verify else ssl._create_unverified_context()
+        if self._ssl is not None:
+            return self._ssl
+        if not self.verify:
+            ctx = ssl._create_unverified_context()
+        else:
+            ctx = ssl.create_default_context(cafile=self.ca_file,
+                                             cadata=self.ca_data.decode() if self.ca_data else None)
         if self.cert_file:
             ctx.load_cert_chain(self.cert_file, self.key_file)
+        elif self.cert_data:
+            _load_chain_from_data(ctx, self.cert_data, self.key_data or b"")
+        self._ssl = ctx
         return ctx
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
 
+IN_CLUSTER_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
 def load_connection(kubeconfig: str | None = None, context: str | None = None) -> Connection:
     """In-cluster service account when running in a pod (and no kubeconfig is named), else kubeconfig
-    ($KUBECONFIG or ~/.kube/config, or the path given) with the given or current context."""
+    ($KUBECONFIG or ~/.kube/config, or the path given) with the given or current context.
+
+    Tokens, token files, client certificates, CA files/data and insecure-skip-tls-verify are read here
+    directly (importing the official client costs ~1 s, on every CLI run); users authenticated by an exec
+    plugin or an auth provider go through the official client's loader."""
     import os
 
+    if not kubeconfig and not os.environ.get("KUBECONFIG") and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return _in_cluster()
+    paths = [os.path.expanduser(p) for p in (kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config")
+             .split(os.pathsep) if p]
+    cfg = _merged_kubeconfig(paths)
+    ctx_name = context or cfg.get("current-context")
+    ctxs = {c.get("name"): c.get("context") or {} for c in cfg.get("contexts") or []}
+    if ctx_name not in ctxs:
+        raise BackendUnavailable(f"kubeconfig {os.pathsep.join(paths)} has no context {ctx_name!r} "
+                                 f"(contexts: {', '.join(sorted(filter(None, ctxs))) or 'none'})",
+                                 hint="set [orchestrator] context, or `kubectl config use-context NAME`")
+    ctx = ctxs[ctx_name]
+    cluster = next((c.get("cluster") or {} for c in cfg.get("clusters") or [] if c.get("name") == ctx.get("cluster")),
+                   None)
+    user = next((u.get("user") or {} for u in cfg.get("users") or [] if u.get("name") == ctx.get("user")), {})
+    if cluster is None or not cluster.get("server"):
+        raise BackendUnavailable(f"kubeconfig context {ctx_name!r} names no usable cluster")
+    if user.get("exec") or user.get("auth-provider"):
+        return _via_official_client(paths[0], ctx_name, ctx.get("namespace"))
+    base = os.path.dirname(paths[0])
+
+    def path_of(key: str) -> str | None:
+        v = cluster.get(key) if key.startswith("certificate-authority") else user.get(key)
+        return os.path.join(base, v) if v and not os.path.isabs(v) else v
+
+    token = user.get("token")
+    if not token and user.get("tokenFile"):
+        with open(path_of("tokenFile")) as f:
+            token = f.read().strip()
+    conn = Connection(cluster["server"], token=token, ca_file=path_of("certificate-authority"),
+                      cert_file=path_of("client-certificate"), key_file=path_of("client-key"),
+                      verify=not cluster.get("insecure-skip-tls-verify"), namespace=ctx.get("namespace"))
+    conn.ca_data = _b64(cluster.get("certificate-authority-data"))
+    conn.cert_data = _b64(user.get("client-certificate-data"))
+    conn.key_data = _b64(user.get("client-key-data"))
+    return conn
+
+
+def _b64(v: str | None) -> bytes | None:
+    import base64
+
+    return base64.b64decode(v) if v else None
+
+
+def _merged_kubeconfig(paths: list[str]) -> dict[str, Any]:
+    """KUBECONFIG files merged as kubectl does: the first file to set a value (or a named entry) wins."""
+    import yaml
+
+    out: dict[str, Any] = {"clusters": [], "users": [], "contexts": []}
+    seen: dict[str, set] = {"clusters": set(), "users": set(), "contexts": set()}
+    found = False
+    for p in paths:
+        try:
+            with open(p) as f:
+                doc = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            continue
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read the kubeconfig {p}: {exc}") from None
+        found = True
+        if not out.get("current-context"):
+            out["current-context"] = doc.get("current-context")
+        for key in ("clusters", "users", "contexts"):
+            for item in doc.get(key) or []:
+                if item.get("name") not in seen[key]:
+                    seen[key].add(item.get("name"))
+                    out[key].append(item)
+    if not found:
+        raise BackendUnavailable(f"no kubeconfig at {', '.join(paths)}",
+                                 hint="set KUBECONFIG (or [orchestrator] kubeconfig/context), or run in a pod")
+    return out
+
+
+def _in_cluster() -> Connection:
+    import os
+
+    host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        with open(f"{IN_CLUSTER_DIR}/token") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise BackendUnavailable(f"in a pod, but no service-account token: {exc}",
+                                 hint="the deployment must mount its service account token") from None
+    namespace = None
+    try:
+        with open(f"{IN_CLUSTER_DIR}/namespace") as f:
+            namespace = f.read().strip() or None
+    except OSError:
+        pass
+    return Connection(f"https://{host}:{port}", token=token, ca_file=f"{IN_CLUSTER_DIR}/ca.crt", namespace=namespace)
+
+
+def _via_official_client(path: str, context: str, namespace: str | None) -> Connection:
     try:
         from kubernetes import client as kclient
         from kubernetes import config as kconfig
     except ModuleNotFoundError as exc:
         from ..errors import MissingExtra
 
-        raise MissingExtra("the kubernetes backend needs the Python package 'kubernetes'",
-                           hint="pip install 'agentkernel[k8s]'") from exc
+        raise MissingExtra("this kubeconfig user authenticates through a plugin, which needs the Python "
+                           "package 'kubernetes'", hint="pip install 'agentkernel[k8s]'") from exc
     cfg = kclient.Configuration()
-    namespace = None
-    in_cluster = not kubeconfig and not os.environ.get("KUBECONFIG") and os.environ.get("KUBERNETES_SERVICE_HOST")
     try:
-        if in_cluster:
-            kconfig.load_incluster_config(client_configuration=cfg)
-            try:
-                with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
-                    namespace = f.read().strip() or None
-            except OSError:
-                pass
-        else:
-            # $KUBECONFIG read now (the client reads it once, at its import)
-            path = os.path.expanduser(kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config")
-            kconfig.load_kube_config(config_file=path, context=context, client_configuration=cfg)
-            try:
-                _, active = kconfig.list_kube_config_contexts(config_file=path)
-                if context:
-                    active = next((c for c in kconfig.list_kube_config_contexts(config_file=path)[0]
-                                   if c["name"] == context), active)
-                namespace = (active or {}).get("context", {}).get("namespace")
-            except Exception:
-                namespace = None
+        kconfig.load_kube_config(config_file=path, context=context, client_configuration=cfg)
     except kconfig.ConfigException as exc:
-        raise BackendUnavailable(f"no usable Kubernetes configuration: {exc}",
-                                 hint="set KUBECONFIG (or [orchestrator] kubeconfig/context), or run in a pod") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read the kubeconfig: {exc}") from None
-    token = None
-    auth = (cfg.api_key or {}).get("authorization") or (cfg.api_key or {}).get("BearerToken")
-    if auth:
-        token = auth.split(" ", 1)[1] if auth.lower().startswith("bearer ") else auth
+        raise BackendUnavailable(f"no usable Kubernetes configuration: {exc}") from None
+    auth = (cfg.api_key or {}).get("authorization") or (cfg.api_key or {}).get("BearerToken") or ""
+    token = auth.split(" ", 1)[1] if auth.lower().startswith("bearer ") else (auth or None)
     return Connection(cfg.host, token=token, ca_file=cfg.ssl_ca_cert, cert_file=cfg.cert_file,
                       key_file=cfg.key_file, verify=bool(cfg.verify_ssl), namespace=namespace)
 
