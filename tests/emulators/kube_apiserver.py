@@ -696,8 +696,8 @@ class Emulator:
         await self.reconcile_pool(ns, pool_name)
 
     # ---- running it -------------------------------------------------------------------------------------------
-    def serve_in_thread(self) -> ServerThread:
-        return ServerThread(self)
+    def serve_in_thread(self, **tls) -> ServerThread:
+        return ServerThread(self, **tls)
 
     def close(self) -> None:
         self.runner.remove_all_sync()
@@ -717,7 +717,7 @@ class Emulator:
 class ServerThread:
     """uvicorn on 127.0.0.1:<free port> in a daemon thread with its own event loop."""
 
-    def __init__(self, emu: Emulator) -> None:
+    def __init__(self, emu, *, certfile: str | None = None, keyfile: str | None = None) -> None:
         import socket
 
         import uvicorn
@@ -726,9 +726,10 @@ class ServerThread:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if certfile else 'http'}://127.0.0.1:{self.port}"
+        self.ca_data: bytes | None = None
         config = uvicorn.Config(emu.app, log_level="warning", ws="websockets-sansio", lifespan="off",
-                                ws_ping_interval=None)
+                                ws_ping_interval=None, ssl_certfile=certfile, ssl_keyfile=keyfile)
         self.server = uvicorn.Server(config)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread = threading.Thread(target=self._run, args=(sock,), daemon=True)
@@ -758,7 +759,9 @@ class ServerThread:
     def kubeconfig(self, path: str, token: str = ADMIN_TOKEN, namespace: str = "agentkernel") -> str:
         cfg = {
             "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-            "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
+            "clusters": [{"name": "emulator", "cluster": {"server": self.url, **(
+                {"certificate-authority-data": __import__("base64").b64encode(self.ca_data).decode()}
+                if self.ca_data else {})}}],
             "users": [{"name": "emulator", "user": {"token": token}}],
             "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "emulator",
                                                           "namespace": namespace}}],

@@ -365,8 +365,8 @@ class NomadEmulator:
             feeder.cancel()
 
     # ---- running it ------------------------------------------------------------------------------------------
-    def serve_in_thread(self) -> ServerThread:
-        return ServerThread(self)
+    def serve_in_thread(self, **tls) -> ServerThread:
+        return ServerThread(self, **tls)
 
     def close(self) -> None:
         self.runner.remove_all_sync()
