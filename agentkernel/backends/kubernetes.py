@@ -62,7 +62,8 @@ _FATAL_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrIm
 class KubernetesBackend(Backend):
     name = "kubernetes"
     capabilities = Capabilities(K8S_CONTROLS, {"exec", "files", "pool", "tty", "remote"},
-                                isolation="pod (node kernel shared; a RuntimeClass such as gVisor or Kata adds a boundary)")
+                                isolation="pod (node kernel shared; a RuntimeClass such as gVisor or Kata "
+                                          "adds a boundary)")
     options_allowed: ClassVar[tuple[str, ...]] = tuple(ORCHESTRATOR_KEYS)
 
     def __init__(self, options: dict[str, str] | None = None) -> None:

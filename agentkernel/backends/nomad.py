@@ -81,7 +81,8 @@ class NomadBackend(Backend):
             import httpx
             import websockets  # noqa: F401
         except ModuleNotFoundError as exc:
-            return Availability(False, f"the Python package {exc.name!r} is missing", fix="pip install 'agentkernel[nomad]'")
+            return Availability(False, f"the Python package {exc.name!r} is missing",
+                                fix="pip install 'agentkernel[nomad]'")
         s = orchestrator_settings(backend="nomad")
         headers = {"X-Nomad-Token": s["nomad_token"]} if s.get("nomad_token") else {}
         try:
@@ -183,7 +184,8 @@ class NomadBackend(Backend):
             if ref is not None:
                 return ref
         jid = job_id(sandbox_id)
-        await self._api().request("PUT", "/v1/jobs", body={"Job": self.job(spec, jid, self._meta(spec, sandbox_id, owner))})
+        job = self.job(spec, jid, self._meta(spec, sandbox_id, owner))
+        await self._api().request("PUT", "/v1/jobs", body={"Job": job})
         return SandboxRef(self.name, sandbox_id, {"job": jid}, spec)
 
     async def _check_capacity(self) -> None:
@@ -276,7 +278,8 @@ class NomadBackend(Backend):
                          mode: int = 0o644) -> int:
         if not isinstance(data, bytes | bytearray):
             data = b"".join([bytes(c) async for c in data])
-        res = await self.exec(ref, ExecRequest(_tarstream.extract_argv(), stdin=_tarstream.pack(path, bytes(data), mode),
+        archive = _tarstream.pack(path, bytes(data), mode)
+        res = await self.exec(ref, ExecRequest(_tarstream.extract_argv(), stdin=archive,
                                                cwd="/"))
         if res.exit_code != 0:
             raise SandboxError(f"writing {path} failed: {res.stderr.decode(errors='replace').strip()[-300:]}")

@@ -133,7 +133,7 @@ def test_owner_death_is_reaped(kube, tmp_path, monkeypatch):
     called directly) removes the pod and its NetworkPolicy."""
     proc = subprocess.Popen([sys.executable, "-c", CHILD, kube.kubeconfig, kube.namespace, IMAGE],
                             stdout=subprocess.PIPE, text=True)
-    sid, pod = proc.stdout.readline().split()
+    sid, _pod = proc.stdout.readline().split()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     monkeypatch.setenv("KUBECONFIG", kube.kubeconfig)

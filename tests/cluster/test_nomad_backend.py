@@ -24,7 +24,8 @@ EXIT_CODES = list(range(256)) if os.environ.get("AGENTKERNEL_TEST_ALL_EXIT_CODES
 
 
 def spec(**policy) -> SandboxSpec:
-    return SandboxSpec(backend="nomad", image=IMAGE, resources=Resources(memory_mb=64, vcpus=0.5), policy=Policy(**policy))
+    return SandboxSpec(backend="nomad", image=IMAGE, resources=Resources(memory_mb=64, vcpus=0.5),
+                       policy=Policy(**policy))
 
 
 def test_lifecycle_exec_files(nomad):

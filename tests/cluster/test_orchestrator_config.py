@@ -108,7 +108,8 @@ def test_nomad_settings_reach_the_job(monkeypatch, tmp_path):
             await b.aclose()
 
     job, api = asyncio.run(go())
-    assert (api.addr, api.token, api.namespace, api.region) == ("http://nomad.internal:4646", "secret", "sandboxes", "eu")
+    assert (api.addr, api.token, api.namespace, api.region) == \
+        ("http://nomad.internal:4646", "secret", "sandboxes", "eu")
     assert job["Datacenters"] == ["dc2"] and job["Namespace"] == "sandboxes" and job["Region"] == "eu"
     assert job["TaskGroups"][0]["Tasks"][0]["Driver"] == "exec"
     assert job["TaskGroups"][0]["Networks"] == [{"Mode": "none"}]

@@ -63,7 +63,7 @@ def test_kubernetes_over_tls(pki, tmp_path):
                 await b.aclose()
 
         assert asyncio.run(go(good)) == 4
-        with pytest.raises(AgentKernelError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+        with pytest.raises(AgentKernelError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
             asyncio.run(go(bad))
     finally:
         server.stop()
@@ -77,7 +77,8 @@ def test_nomad_over_tls(pki):
     spec = SandboxSpec(backend="nomad", image=IMAGE, resources=Resources(memory_mb=64))
     try:
         async def go(ca: str) -> int:
-            b = NomadBackend({"nomad_addr": server.url, "nomad_token": "t", "nomad_ca_cert": ca, "namespace": "default"})
+            b = NomadBackend({"nomad_addr": server.url, "nomad_token": "t", "nomad_ca_cert": ca,
+                              "namespace": "default"})
             try:
                 ref = await b.create(spec, sandbox_id=new_id("tls"), owner=current_owner())
                 try:
@@ -89,7 +90,7 @@ def test_nomad_over_tls(pki):
                 await b.aclose()
 
         assert asyncio.run(go(str(pki / "ca.crt"))) == 6
-        with pytest.raises(AgentKernelError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+        with pytest.raises(AgentKernelError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
             asyncio.run(go(str(pki / "other.crt")))
     finally:
         server.stop()

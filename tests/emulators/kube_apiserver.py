@@ -318,7 +318,7 @@ class Emulator:
         r = self._resolve(request)
         if r is None:
             return status(404, "NotFound", "the server could not find the requested resource")
-        g, v, resource = r
+        g, _, resource = r
         ns, name = request.path_params["ns"], request.path_params["name"]
         verb = {"GET": "get", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}[request.method]
         if err := self.authorize(request, g, resource, verb):
@@ -499,10 +499,12 @@ class Emulator:
         mem, cpu = parse_quantity(limits.get("memory")), parse_quantity(limits.get("cpu"))
         try:
             cid = await self.runner.run(
-                f"akemu-{pod['metadata']['uid'][:13]}", c["image"], command=(c.get("command") or []) + (c.get("args") or []),
+                f"akemu-{pod['metadata']['uid'][:13]}", c["image"],
+                command=(c.get("command") or []) + (c.get("args") or []),
                 user=f"{uid}:{gid if gid is not None else uid}" if uid is not None else None,
                 env={e["name"]: e.get("value", "") for e in c.get("env") or []}, workdir=c.get("workingDir"),
-                hostname=spec.get("hostname"), cap_drop_all="ALL" in ((csc.get("capabilities") or {}).get("drop") or []),
+                hostname=spec.get("hostname"),
+                cap_drop_all="ALL" in ((csc.get("capabilities") or {}).get("drop") or []),
                 no_new_privs=csc.get("allowPrivilegeEscalation") is False,
                 read_only=bool(csc.get("readOnlyRootFilesystem")), tmpfs=tmpfs,
                 memory_bytes=int(mem) if mem else None, cpus=cpu, pids=self.pod_pids_limit,
@@ -628,8 +630,8 @@ class Emulator:
         if tmpl is None:
             return
         pt = tmpl["spec"]["podTemplate"]
-        labels = dict((pt.get("metadata") or {}).get("labels") or {}, **{"agents.x-k8s.io/pool": pool["metadata"]["name"],
-                                                                        "agents.x-k8s.io/sandbox": name})
+        labels = dict((pt.get("metadata") or {}).get("labels") or {})
+        labels.update({"agents.x-k8s.io/pool": pool["metadata"]["name"], "agents.x-k8s.io/sandbox": name})
         self._put("sandboxes", ns, {"apiVersion": "agents.x-k8s.io/v1beta1", "kind": "Sandbox",
                                     "metadata": {"name": name, "namespace": ns, "labels": labels},
                                     "spec": {"podTemplate": pt}})
@@ -638,7 +640,8 @@ class Emulator:
             types = ["Ingress"] + (["Egress"] if "egress" in npspec else [])
             self._put("networkpolicies", ns, {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
                                               "metadata": {"name": name, "namespace": ns, "labels": labels},
-                                              "spec": {"podSelector": {"matchLabels": {"agents.x-k8s.io/sandbox": name}},
+                                              "spec": {"podSelector": {"matchLabels": {
+                                                  "agents.x-k8s.io/sandbox": name}},
                                                        "policyTypes": types, **npspec}})
         self._put("pods", ns, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns,
                                                                                "labels": labels},

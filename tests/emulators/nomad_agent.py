@@ -116,7 +116,7 @@ class NomadEmulator:
         idx = self._bump()
         job.update(Namespace=ns, CreateIndex=old["CreateIndex"] if old else idx, ModifyIndex=idx,
                    JobModifyIndex=idx, Version=(old["Version"] + 1) if old else 0, Stop=bool(job.get("Stop")),
-                   Status="running" if not job.get("ParameterizedJob") else "running")
+                   Status="running")
         self.jobs[(ns, job["ID"])] = job
         self.log.append(("register", job["ID"]))
         eval_id = str(uuid.uuid4())
@@ -240,8 +240,8 @@ class NomadEmulator:
             allowed = set(job["ParameterizedJob"].get("MetaOptional") or []) | \
                 set(job["ParameterizedJob"].get("MetaRequired") or [])
             if set(meta) - allowed:
-                return PlainTextResponse(f"Dispatch did not provide the allowed meta keys: {sorted(set(meta) - allowed)}",
-                                         status_code=400)
+                bad = sorted(set(meta) - allowed)
+                return PlainTextResponse(f"Dispatch did not provide the allowed meta keys: {bad}", status_code=400)
             child = copy.deepcopy(job)
             child.pop("ParameterizedJob")
             child["ID"] = child["Name"] = f"{jid}/dispatch-{int(time.time())}-{os.urandom(4).hex()}"
