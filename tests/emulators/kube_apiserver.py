@@ -531,13 +531,18 @@ class Emulator:
 
     async def _watch_container(self, ns: str, name: str, cid: str) -> None:
         """Report a container that died by itself (e.g. OOM-killed) as the kubelet would."""
-        proc = await asyncio.create_subprocess_exec("podman", "wait", cid, stdout=asyncio.subprocess.PIPE,
-                                                    stderr=asyncio.subprocess.DEVNULL)
-        out, _ = await proc.communicate()
-        pod = self.objects.get(("pods", ns, name))
-        if pod is None or pod["metadata"].get("deletionTimestamp"):
-            return
-        st = await self.runner.state(cid)
+        while True:
+            proc = await asyncio.create_subprocess_exec("podman", "wait", cid, stdout=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.DEVNULL)
+            out, _ = await proc.communicate()
+            pod = self.objects.get(("pods", ns, name))
+            if pod is None or pod["metadata"].get("deletionTimestamp") or self.containers.get(
+                    pod["metadata"]["uid"]) != cid:
+                return
+            st = await self.runner.state(cid)
+            if not st.get("Running"):  # `podman wait` can return early under load: only a stopped one counts
+                break
+            await asyncio.sleep(0.5)
         code = int(out.strip() or st.get("ExitCode") or 0)
         reason = "OOMKilled" if st.get("OOMKilled") else ("Completed" if code == 0 else "Error")
         status_ = copy.deepcopy(pod["status"])
