@@ -61,7 +61,7 @@ _FATAL_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrIm
 
 class KubernetesBackend(Backend):
     name = "kubernetes"
-    capabilities = Capabilities(K8S_CONTROLS, {"exec", "files", "pool", "tty", "remote"},
+    capabilities = Capabilities(K8S_CONTROLS, {"exec", "files", "warm_pool", "remote"},
                                 isolation="pod (node kernel shared; a RuntimeClass such as gVisor or Kata "
                                           "adds a boundary)")
     options_allowed: ClassVar[tuple[str, ...]] = tuple(ORCHESTRATOR_KEYS)

@@ -64,7 +64,7 @@ def job_id(sandbox_id: str) -> str:
 
 class NomadBackend(Backend):
     name = "nomad"
-    capabilities = Capabilities(DOCKER_CONTROLS, {"exec", "files", "pool", "tty", "remote"},
+    capabilities = Capabilities(DOCKER_CONTROLS, {"exec", "files", "warm_pool", "remote"},
                                 isolation="container on a Nomad client (docker driver) or chroot+cgroups (exec driver)")
     options_allowed: ClassVar[tuple[str, ...]] = tuple(ORCHESTRATOR_KEYS)
 
