@@ -197,3 +197,34 @@ def test_readiness_errors_are_clear(kube):
     with pytest.raises(SandboxError, match="cannot be scheduled"):
         run(attempt(spec(), node_selector="agentkernel.test/none=here"))
     del b
+
+
+def test_streaming_output_and_streamed_stdin(sandbox):
+    """Output reaches on_output while the command still runs; stdin can be an async stream (v5 closes it)."""
+    b, ref = sandbox
+    seen: list[tuple[float, int, bytes]] = []
+
+    async def feed():
+        for part in (b"one ", b"two ", b"three"):
+            yield part
+            await asyncio.sleep(0.05)
+
+    async def go():
+        try:
+            t0 = asyncio.get_running_loop().time()
+
+            def on_output(fd: int, data: bytes) -> None:
+                seen.append((asyncio.get_running_loop().time() - t0, fd, data))
+
+            r = await b.exec(ref, ExecRequest(["sh", "-c", "echo first; sleep 1.5; cat; echo; echo last >&2"],
+                                              on_output=on_output, stdin=feed()))
+            return r, asyncio.get_running_loop().time() - t0
+        finally:
+            await b.aclose()
+
+    r, total = run(go())
+    assert r.exit_code == 0 and r.stdout == b""  # streamed, not kept
+    out = b"".join(d for _, fd, d in seen if fd == 1)
+    assert out == b"first\none two three\n" and b"".join(d for _, fd, d in seen if fd == 2) == b"last\n"
+    first = next(t for t, fd, d in seen if fd == 1 and d.startswith(b"first"))
+    assert first < total - 1.0  # arrived before the command finished
