@@ -500,15 +500,29 @@ class KubernetesBackend(Backend):
         labels[km.LABEL_POOL_STATE] = "claimed"
         for p in pods:
             meta = p["metadata"]
-            patch = {"metadata": {"resourceVersion": meta["resourceVersion"], "labels": labels,
-                                  "annotations": annotations}}
-            try:
-                await api.request("PATCH", self._path("pods", meta["name"], ns), body=patch,
-                                  content_type="application/merge-patch+json")
-            except ApiError as exc:
-                if exc.status in (409, 404):
-                    continue  # someone else claimed (or removed) it first
-                raise
+            won = False
+            for _ in range(5):
+                patch = {"metadata": {"resourceVersion": meta["resourceVersion"], "labels": labels,
+                                      "annotations": annotations}}
+                try:
+                    await api.request("PATCH", self._path("pods", meta["name"], ns), body=patch,
+                                      content_type="application/merge-patch+json")
+                    won = True
+                    break
+                except ApiError as exc:
+                    if exc.status == 404:
+                        break
+                    if exc.status != 409:
+                        raise
+                # the pod changed since we read it: a claim by someone else, or only its status (the
+                # kubelet's updates bump resourceVersion too). Re-read; still free -> try again.
+                fresh = await api.request("GET", self._path("pods", meta["name"], ns), allow=(404,))
+                if fresh is None or fresh["metadata"].get("deletionTimestamp") or \
+                        (fresh["metadata"].get("labels") or {}).get(km.LABEL_POOL_STATE) != "free":
+                    break
+                meta = fresh["metadata"]
+            if not won:
+                continue
             # the policy's labels follow, so list() and reaping see the new owner
             await api.request("PATCH", self._path("networkpolicies", meta["name"], ns),
                               body={"metadata": {"labels": labels, "annotations": annotations}},
