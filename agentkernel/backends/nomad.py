@@ -262,17 +262,33 @@ class NomadBackend(Backend):
         collector = OutputCollector(req.output_limit)
         argv = _remote_exec.wrap(req.argv, cwd=req.cwd or ref.spec.workdir, env=req.env, timeout=req.timeout)
         t0 = time.perf_counter()
+        code: int | None = None
         try:
-            async with asyncio.timeout(req.timeout):
+            # past the deadline the in-sandbox killer ends the command; waiting for that (bounded) means
+            # nothing of it is left running when this returns
+            async with asyncio.timeout(req.timeout + _remote_exec.KILL_GRACE_S if req.timeout else None):
                 code = await self._api().exec(alloc, TASK, argv, stdin=req.stdin, on_output=req.on_output or collector,
                                               tty=req.tty, tty_size=req.tty_size)
-            timed_out = False
         except TimeoutError:
-            code, timed_out = 124, True
-        res = ExecResult(code, timed_out=timed_out, truncated=collector.truncated, stdout=bytes(collector.buf[1]),
-                         stderr=bytes(collector.buf[2]))
+            code = None
+        code, sig, timed_out = _remote_exec.outcome(code, time.perf_counter() - t0, req.timeout)
+        res = ExecResult(code, signal=sig, timed_out=timed_out, truncated=collector.truncated,
+                         stdout=bytes(collector.buf[1]), stderr=bytes(collector.buf[2]))
         res.timings["exec_ms"] = (time.perf_counter() - t0) * 1e3
+        if code == 137 and not timed_out:
+            res.oom_killed = await self._oom_killed(ref)
         return res
+
+    async def _oom_killed(self, ref: SandboxRef) -> bool:
+        try:
+            probe = await self.exec(ref, ExecRequest(list(_remote_exec.OOM_COUNT_ARGV), cwd="/", timeout=30))
+        except Exception:
+            return False
+        n = _remote_exec.oom_kills(probe.stdout)
+        if n is None or n <= int(ref.handle.get("oom_kills") or 0):
+            return False
+        ref.handle["oom_kills"] = n
+        return True
 
     async def write_file(self, ref: SandboxRef, path: str, data: bytes | AsyncIterator[bytes],
                          mode: int = 0o644) -> int:

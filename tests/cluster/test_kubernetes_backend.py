@@ -228,3 +228,25 @@ def test_streaming_output_and_streamed_stdin(sandbox):
     assert out == b"first\none two three\n" and b"".join(d for _, fd, d in seen if fd == 2) == b"last\n"
     first = next(t for t, fd, d in seen if fd == 1 and d.startswith(b"first"))
     assert first < total - 1.0  # arrived before the command finished
+
+
+def test_timeout_kills_the_tree_signals_and_oom(sandbox):
+    b, ref = sandbox
+
+    async def go():
+        try:
+            r = await b.exec(ref, ExecRequest(["sh", "-c", "sleep 60 & echo $! > /tmp/bg; sleep 60"], timeout=1.0))
+            assert r.timed_out and r.exit_code == 124
+            alive = "kill -0 $(cat /tmp/bg) 2>/dev/null && echo alive || echo dead"
+            r = await b.exec(ref, ExecRequest(["sh", "-c", alive]))
+            assert r.stdout == b"dead\n"  # the background child went with the command
+            r = await b.exec(ref, ExecRequest(["sh", "-c", "cat; kill -TERM $$"], stdin=b"x", timeout=30))
+            assert (r.exit_code, r.signal, r.stdout) == (143, 15, b"x")
+            r = await b.exec(ref, ExecRequest(["sh", "-c", "a=xxxxxxxxxxxxxxxx; while :; do a=$a$a; done"]))
+            assert (r.exit_code, r.oom_killed) == (137, True)  # memory limit 128 MiB
+            r = await b.exec(ref, ExecRequest(["sh", "-c", "kill -KILL $$"]))
+            assert (r.exit_code, r.signal, r.oom_killed) == (137, 9, False)
+        finally:
+            await b.aclose()
+
+    run(go())
