@@ -7,8 +7,9 @@
   cluster's reason on image pull errors, unschedulable pods, OOM kills or a failed container.
 - exec: the exec websocket (v5 with stdin EOF, v4 fallback), exact exit codes from the status channel;
   cwd/env/timeout through ``_remote_exec.wrap`` (argv only, no shell strings); files as tar streams.
-- stop deletes the pod and keeps the NetworkPolicy (the record of a stopped sandbox; a restarted
-  sandbox gets a fresh pod and filesystem); remove deletes both, pod first.
+- stop kills every process of the sandbox but the pod's idle PID 1 and marks the pod stopped (its
+  files stay; start clears the mark); a pod that is gone is re-created under the kept NetworkPolicy
+  (the sandbox's record) by start; remove deletes both, pod first.
 - warm pools (``warm_pool_size``): pre-created pods labelled ``agentkernel.pool=<spec key>``; a claim is a
   merge patch carrying the observed ``resourceVersion``, so of many concurrent claimers of one pod
   exactly one wins (the others get 409 Conflict and try the next pod).
@@ -54,6 +55,7 @@ K8S_CONTROLS = {
 }
 ANNOTATION_SPEC = km.ANNOTATION_PREFIX + "spec"
 ANNOTATION_ID = km.ANNOTATION_PREFIX + "sandbox-id"
+ANNOTATION_STOPPED = km.ANNOTATION_PREFIX + "stopped"
 # container waiting reasons that will not resolve by waiting
 _FATAL_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
                   "CreateContainerConfigError", "CreateContainerError", "RunContainerError", "CrashLoopBackOff"}
@@ -257,6 +259,10 @@ class KubernetesBackend(Backend):
             body = km.pod(ref.spec, self.settings, name=pod_name, namespace=ns, labels=meta.get("labels", {}),
                           annotations=meta.get("annotations", {}), owner_refs=self._owner_refs(ns))
             pod = await api.request("POST", self._path("pods", ns=ns), body=body)
+        elif (pod["metadata"].get("annotations") or {}).get(ANNOTATION_STOPPED):
+            pod = await api.request("PATCH", self._path("pods", pod_name, ns),
+                                    body={"metadata": {"annotations": {ANNOTATION_STOPPED: None}}},
+                                    content_type="application/merge-patch+json")
         await self._wait_ready(ns, pod_name, pod)
 
     async def _wait_ready(self, ns: str, name: str, pod: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -408,13 +414,20 @@ class KubernetesBackend(Backend):
 
     # -- stop / remove / status / list ---------------------------------------------------------------------
     async def stop(self, ref: SandboxRef) -> None:
+        """Every process of the sandbox but the pod's idle PID 1 is killed and the pod is marked stopped;
+        the pod and its filesystem stay (a pod cannot be paused), so start resumes with the files kept."""
         if ref.handle.get("claim"):
             raise InvalidState("a sandbox claimed from an agent-sandbox warm pool cannot be stopped, only removed")
         ns, name = ref.handle.get("namespace") or self.namespace, ref.handle.get("pod") or km.pod_name(ref.id)
-        gone = await self._api().request("DELETE", self._path("pods", name, ns), body={"gracePeriodSeconds": 0},
-                                         allow=(404,))
-        if gone is not None:
-            await self._wait_gone(ns, name)
+        pod = await self._api().request("GET", self._path("pods", name, ns), allow=(404,))
+        if pod is None or pod["metadata"].get("deletionTimestamp"):
+            return  # gone already: start makes a fresh pod under the kept NetworkPolicy
+        if _pod_state(pod) == "running":
+            # kill(-1) reaches every process of the sandbox's user except PID 1 and the caller
+            await self.exec(ref, ExecRequest(["sh", "-c", "kill -KILL -1"], cwd="/", timeout=30))
+        await self._api().request("PATCH", self._path("pods", name, ns),
+                                  body={"metadata": {"annotations": {ANNOTATION_STOPPED: "true"}}},
+                                  content_type="application/merge-patch+json")
 
     async def remove(self, ref: SandboxRef) -> None:
         api = self._api()
@@ -610,7 +623,7 @@ class KubernetesBackend(Backend):
 
 
 def _pod_state(pod: dict[str, Any]) -> str:
-    if pod["metadata"].get("deletionTimestamp"):
+    if pod["metadata"].get("deletionTimestamp") or (pod["metadata"].get("annotations") or {}).get(ANNOTATION_STOPPED):
         return "stopped"
     phase = (pod.get("status") or {}).get("phase", "Pending")
     return {"Pending": "created", "Running": "running"}.get(phase, "stopped")

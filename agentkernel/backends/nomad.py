@@ -10,8 +10,8 @@
 - create registers the job; start waits for its allocation to run (blocking queries, bounded), failing
   with Nomad's own reason (placement failures, driver errors such as image pulls).
 - exec through ``/v1/client/allocation/:id/exec``; cwd/env/timeout via ``_remote_exec.wrap``; files as
-  tar streams through exec. stop deregisters the job (kept, status dead: a restart re-registers it with
-  a fresh allocation); remove deregisters with ``purge=true``.
+  tar streams through exec. stop kills the task's processes but its idle PID 1 and marks the sandbox
+  stopped (a Nomad variable; files kept, start clears it); remove deregisters with ``purge=true``.
 - pools (``warm_pool_size`` > 0): a parameterized job per spec is the pool's template; members are
   dispatched children, kept warm; a claim is a Nomad Variable created with check-and-set index 0
   (``cas=0``), so of many concurrent claimers of one member exactly one wins.
@@ -202,6 +202,7 @@ class NomadBackend(Backend):
         if job.get("Stop"):
             job["Stop"] = False
             await api.request("PUT", f"/v1/job/{jid}", body={"Job": job})
+        await api.request("DELETE", f"/v1/var/{stopped_var(jid)}", allow=(404,))
         ref.handle["alloc"] = await self._wait_running(jid)
 
     async def _wait_running(self, jid: str) -> str:
@@ -333,14 +334,19 @@ class NomadBackend(Backend):
 
     # -- stop / remove / status / list ---------------------------------------------------------------------
     async def stop(self, ref: SandboxRef) -> None:
+        """Every process of the task but its idle PID 1 is killed and the sandbox is marked stopped (a
+        Nomad variable); the allocation and its files stay, so start resumes with the files kept."""
         jid = ref.handle.get("job") or job_id(ref.id)
-        await self._api().request("DELETE", f"/v1/job/{jid}", allow=(404,))
-        ref.handle.pop("alloc", None)
+        if await self.status(ref) == "running":
+            await self.exec(ref, ExecRequest(["sh", "-c", "kill -KILL -1"], cwd="/", timeout=30))
+            path = stopped_var(jid)
+            await self._api().request("PUT", f"/v1/var/{path}", body={"Path": path, "Items": {"stopped": "true"}})
 
     async def remove(self, ref: SandboxRef) -> None:
         api = self._api()
         jid = ref.handle.get("job") or job_id(ref.id)
         await api.request("DELETE", f"/v1/job/{jid}", params={"purge": "true"}, allow=(404,))
+        await api.request("DELETE", f"/v1/var/{stopped_var(jid)}", allow=(404,))
         if ref.handle.get("claim_var"):
             await api.request("DELETE", f"/v1/var/{ref.handle['claim_var']}", allow=(404,))
         elif not ref.handle.get("job"):  # known by id only (reaping): a pool member it may have claimed
@@ -360,7 +366,8 @@ class NomadBackend(Backend):
             return "stopped"
         allocs, _ = await api.request("GET", f"/v1/job/{jid}/allocations")
         if any(a.get("ClientStatus") == "running" for a in allocs or []):
-            return "running"
+            mark, _ = await api.request("GET", f"/v1/var/{stopped_var(jid)}", allow=(404,))
+            return "stopped" if mark is not None else "running"
         return "created"
 
     async def list(self) -> list[SandboxInfo]:
@@ -458,6 +465,10 @@ class NomadBackend(Backend):
             if self._client_loop is asyncio.get_running_loop():
                 await self._client.aclose()
             self._client = None
+
+
+def stopped_var(job: str) -> str:
+    return f"agentkernel/stopped/{job.replace('/', '.')}"
 
 
 def claim_var(job: str) -> str:

@@ -117,6 +117,8 @@ def exercise(kubeconfig: str, namespace: str, agent_sandbox: bool) -> None:
                 await b.stop(ref)
                 await b.start(ref)
             await b.remove(ref)
+            if not agent_sandbox:
+                assert await b.status(ref) == "missing"  # no pod: the policy (the record) is asked too
             await b.aclose()  # the pool refill
             plain = await b.create(s.__class__.from_dict(dict(s.to_dict(), env={"X": "1"})),
                                    sandbox_id=new_id("rbac"), owner=current_owner())
