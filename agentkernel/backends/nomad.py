@@ -373,6 +373,8 @@ class NomadBackend(Backend):
     async def list(self) -> list[SandboxInfo]:
         api = self._api()
         stubs, _ = await api.request("GET", "/v1/jobs", params={"prefix": "ak-", "meta": "true"})
+        marks, _ = await api.request("GET", "/v1/vars", params={"prefix": "agentkernel/stopped/"})
+        stopped = {m.get("Path") for m in marks or []}
         out = []
         for stub in stubs or []:
             if stub.get("ParameterizedJob"):
@@ -384,8 +386,8 @@ class NomadBackend(Backend):
             if meta.get(LABEL_MANAGED) != "true":
                 continue
             labels = {k: v for k, v in meta.items() if k != META_SPEC}
-            state = "stopped" if stub.get("Stop") or stub.get("Status") == "dead" else \
-                ("running" if stub.get("Status") == "running" else "created")
+            state = "stopped" if stub.get("Stop") or stub.get("Status") == "dead" or \
+                stopped_var(stub["ID"]) in stopped else ("running" if stub.get("Status") == "running" else "created")
             # a claimed pool member belongs to its claimer: the claim variable names it
             if meta.get(META_POOL):
                 var, _ = await api.request("GET", f"/v1/var/{claim_var(stub['ID'])}", allow=(404,))

@@ -49,6 +49,7 @@ class NomadEmulator:
             Route("/v1/jobs", self.jobs_route, methods=["GET", "PUT", "POST"]),
             Route("/v1/job/{rest:path}", self.job_route, methods=["GET", "PUT", "POST", "DELETE"]),
             Route("/v1/allocation/{id}", self.alloc_route),
+            Route("/v1/vars", self.vars_list),
             Route("/v1/var/{path:path}", self.var_route, methods=["GET", "PUT", "DELETE"]),
             WebSocketRoute("/v1/client/allocation/{id}/exec", self.exec_ws),
         ])
@@ -292,6 +293,13 @@ class NomadEmulator:
             return d
         a = self.allocs.get(request.path_params["id"])
         return self.json(a) if a else PlainTextResponse("alloc not found", status_code=404)
+
+    async def vars_list(self, request: Request) -> Response:
+        if d := self.denied(request.headers):
+            return d
+        ns, prefix = self.ns(request), request.query_params.get("prefix", "")
+        return self.json([{k: v for k, v in var.items() if k != "Items"}
+                          for (vns, path), var in sorted(self.vars.items()) if vns == ns and path.startswith(prefix)])
 
     async def var_route(self, request: Request) -> Response:
         if d := self.denied(request.headers):
