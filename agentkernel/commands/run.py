@@ -81,11 +81,12 @@ def read_status(run_dir: str | None) -> dict | None:
     """The status file ``ak-agent exec --status-file`` writes: exact exit code, signal, OOM."""
     if not run_dir:
         return None
-    try:
-        with open(os.path.join(run_dir, "status")) as f:
-            text = f.read()
-    except OSError:
+    from ..safefs import read_regular_or_none  # the sandbox can write its run dir: no links/FIFOs/huge
+
+    data = read_regular_or_none(run_dir, "status", 4096)
+    if data is None:
         return None
+    text = data.decode("ascii", "replace")
     out: dict[str, int] = {}
     for part in text.split():
         k, _, v = part.partition("=")

@@ -13,7 +13,7 @@ import pytest
 
 from agentkernel.backends import _container
 from agentkernel.errors import ValidationError
-from agentkernel.spec import SandboxSpec, validate_timeout
+from agentkernel.spec import SandboxSpec
 from tests.conftest import ak
 
 BACKENDS = ("podman", "docker", "oci")
@@ -40,6 +40,8 @@ def test_toml_vcpus_nan_refused(tmp_path):
 
 
 def test_spec_layer_is_the_one_check():
+    from agentkernel.spec import validate_timeout
+
     with pytest.raises(ValidationError):
         SandboxSpec.from_dict({"resources": {"vcpus": float("nan")}})
     for bad in (float("inf"), float("nan"), 1e12, 0, -1, True, "5"):
