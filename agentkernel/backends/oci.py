@@ -198,9 +198,8 @@ class OCIBackend(AgentContainerBackend):
             bdir, overlay = self._prepare_bundle(spec, p, sandbox_id, named=False)
             watch = rt.MemoryWatch(sandbox_id, p.memory_bytes, watch=True)
             pre = rt.Preexec(overlay, pdeathsig=True)
-            # The command gets our fds 0/1/2 as they are (no copies), except: a terminal is never handed
-            # to the sandbox (TIOCSTI could type into the user's shell), and gVisor may lose output
-            # written to a regular file; those go through pipes we pump.
+            # The command gets our fds 0/1/2 as they are only when they are pipes or /dev/null; regular
+            # files, terminals, sockets and devices go through pipes we pump (see _Pumps).
             pumps = _Pumps(gvisor=self.runtime == "runsc")
             stdin = pumps.stdin() if forward_stdin else -1  # -1: /dev/null
             stdout, stderr = pumps.out(1), pumps.out(2)
@@ -563,8 +562,11 @@ def host_problems(runtime: str) -> list[tuple[str, str]]:
 
 
 class _Pumps:
-    """Pipes between the runtime and our stdio where passing the fd itself is wrong: terminals (never
-    given to the sandbox) and, for gVisor, anything that is not already a pipe."""
+    """Pipes between the runtime and our stdio. The runtime chowns the container's fds 0-2 to the sandbox
+    user, and the sandbox can reopen them through /proc/1/fd/N: so only a pipe (FIFO) or /dev/null of the
+    caller is handed over as is. A regular file (it would be chowned, reopened, read and truncated), a
+    terminal (TIOCSTI could type into the user's shell), a socket or any other device goes through a pipe
+    of ours that a thread pumps."""
 
     def __init__(self, gvisor: bool) -> None:
         self.gvisor = gvisor
@@ -572,16 +574,17 @@ class _Pumps:
         self.threads: list = []
         self.started = False
 
-    def _needs_pipe(self, fd: int) -> bool:
+    @staticmethod
+    def _needs_pipe(fd: int) -> bool:
         import stat
 
         try:
-            mode = os.fstat(fd).st_mode
+            st = os.fstat(fd)
         except OSError:
+            return False  # closed: nothing to hand over
+        if stat.S_ISFIFO(st.st_mode):
             return False
-        if os.isatty(fd):
-            return True
-        return self.gvisor and not stat.S_ISFIFO(mode)
+        return not (stat.S_ISCHR(st.st_mode) and st.st_rdev == _DEV_NULL)
 
     def out(self, target: int) -> int | None:
         if not self._needs_pipe(target):
@@ -591,7 +594,7 @@ class _Pumps:
         return w
 
     def stdin(self) -> int | None:
-        if not os.isatty(0):
+        if not self._needs_pipe(0):
             return None
         r, w = os.pipe()
         self.jobs.append((0, w, r))
@@ -626,6 +629,9 @@ class _Pumps:
                 except OSError:
                     pass
         self.jobs.clear()
+
+
+_DEV_NULL = os.makedev(1, 3)
 
 
 def _copy_fd(src: int, dst: int, close_dst: bool) -> None:
