@@ -174,12 +174,13 @@ class OCIBackend(AgentContainerBackend):
     ) -> tuple[int, str | None]:
         """Run ``argv`` in a fresh sandbox with our stdio, then remove everything. Returns (exit status,
         note for the user or None). 124 on timeout (every process of the sandbox killed)."""
+        from .. import deathwatch, paths
         from .. import owner as ownermod
-        from .. import paths
 
         self.check(spec)
         exe = rt.require_binary(self.runtime)
         ownermod.claim(self.name, sandbox_id, {"container": sandbox_id, "runtime": self.runtime}, owner)
+        deathwatch.arm(self.name, sandbox_id)  # a SIGKILLed caller takes its sandbox with it
         watch = None
         proc = None
         pumps = None
@@ -245,6 +246,7 @@ class OCIBackend(AgentContainerBackend):
                 watch.close()
             self._cleanup_oneshot(sandbox_id, clean)
             ownermod.release(self.name, sandbox_id)
+            deathwatch.disarm(self.name, sandbox_id)
 
     def _wait(self, proc: rt.Proc, sandbox_id: str, timeout: float | None) -> tuple[int, str | None]:
         import _signal as signal  # `signal` imports enum: start-up time

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .. import audit, owner, paths
+from .. import audit, deathwatch, owner, paths
 from ..backends import canonical, get_backend_class
 from ..errors import AgentKernelError
 
@@ -112,6 +112,7 @@ def _prepare(backend, spec, command: list[str], interactive: bool):
     name = f"agentkernel-{sid}"
     o = owner.current_owner()
     owner.claim(spec.backend, sid, {"container": name, "run_dir": _container.sandbox_run_dir(sid)}, o)
+    deathwatch.arm(spec.backend, sid)  # a SIGKILLed CLI takes its sandbox with it
     agent = paths.agent_binary()
     run_dir = _container.prepare_run_dir(sid, _container.resolve_user(spec)) if agent else None
     plan = _container.plan(spec, sandbox_id=sid, owner=o, container_name=name, argv=command, agent_bin=agent,
@@ -126,6 +127,7 @@ def _finish(spec, sid: str, run_dir: str | None, command: list[str], rc: int, ti
 
         remove_flat_dir(run_dir)
     owner.release(spec.backend, sid)
+    deathwatch.disarm(spec.backend, sid)
     audit.log("run", id=sid, backend=spec.backend, image=spec.image, argv=command, exit_code=rc,
               timed_out=timed_out)
 

@@ -25,6 +25,7 @@ from ..backends.base import Backend, ExecRequest, ExecResult
 from ..errors import AgentKernelError
 from ..pool import PoolConfig, WarmPool
 from ..spec import SandboxSpec
+from . import leases
 from . import protocol as P
 
 log = logging.getLogger("agentkernel.daemon")
@@ -301,6 +302,7 @@ class Daemon:
         pool = self.pool_for(spec)
         member, hit = await pool.acquire()
         try:
+            leases.hand_to_client(spec.backend, member.ref, writer)  # a dead daemon's reaper must spare it
             info = await pool.backend.lease_info(member.ref)
             info.update({"mode": "lease", "sandbox": member.ref.id, "hit": hit,
                          "acquire_ms": round((time.perf_counter() - t0) * 1e3, 3)})
