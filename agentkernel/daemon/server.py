@@ -22,7 +22,7 @@ from typing import Any
 from .. import audit, owner, paths
 from ..backends import canonical, get_backend
 from ..backends.base import Backend, ExecRequest, ExecResult
-from ..errors import AgentKernelError
+from ..errors import AgentKernelError, ValidationError
 from ..pool import PoolConfig, WarmPool
 from ..spec import SandboxSpec
 from . import leases
@@ -286,6 +286,10 @@ class Daemon:
                    fr: P.FrameReader) -> None:
         spec = SandboxSpec.from_dict(req["spec"])
         spec = spec.replace(backend=canonical(spec.backend), name=None)
+        if spec.policy.mount_cwd and not spec.policy.mount_source:
+            # never the daemon's own directory: the client names the directory it means (its cwd)
+            raise ValidationError("mount_cwd through the daemon needs policy.mount_source (the caller's directory)",
+                                  hint="upgrade the client, or run with --no-daemon")
         argv = req["argv"]
         self.active += 1
         self.runs += 1
