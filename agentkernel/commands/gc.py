@@ -12,7 +12,7 @@ from ..backends import get_backend_class
 from ..backends.base import LABEL_NAME, LABEL_STORE, SandboxRef, owner_from_labels
 from ..spec import SandboxSpec
 
-SCANNED = ("podman", "docker", "oci")
+SCANNED = ("podman", "docker", "oci", "wasm")  # wasm: scratch dirs of dead processes, named sandboxes
 
 
 def _store_has(store_path: str, sandbox_id: str) -> bool:
