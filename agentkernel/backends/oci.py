@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 OCI_CONTROLS = {
     "network_none",
+    "disk_rootfs",  # the writable layer on a tmpfs of disk_mb (see _prepare_bundle)
     "read_only_root",
     "memory",
     "cpu",
@@ -123,8 +124,23 @@ class OCIBackend(AgentContainerBackend):
         overlay = None
         mh = rt.memory_hierarchy()  # v1: the limit sits on the parent cgroup, the container's is above it
         slack = bundle.MEMORY_SLACK if mh and mh[1] == 1 else 0
+        layer_cap = None
+        # gVisor keeps /tmp in its own (unsized) memory tmpfs unless the spec mounts one: size it
+        if (self.runtime == "runsc" and not p.read_only and spec.resources.disk_mb is not None
+                and not any(dst == "/tmp" for dst, _ in p.tmpfs or ())):
+            p.tmpfs = [*(p.tmpfs or ()), ("/tmp", f"rw,nosuid,nodev,size={spec.resources.disk_mb}m,mode=1777")]
         if bundle.needs_overlay(p, rf.path):
-            upper, work, mnt = (os.path.join(bdir, d) for d in ("upper", "work", "rootfs"))
+            if not p.read_only and spec.resources.disk_mb is not None:
+                # the writable layer lives on a tmpfs of disk_mb (its pages also count against the
+                # sandbox's memory cgroup): a full layer is ENOSPC for the sandbox, never the host's disk
+                layer_cap = spec.resources.disk_mb
+                layer = os.path.join(bdir, "layer")
+                os.mkdir(layer, 0o700)
+                rt.mount_tmpfs(layer, f"size={layer_cap}m,mode=0755")
+                upper, work = os.path.join(layer, "upper"), os.path.join(layer, "work")
+            else:
+                upper, work = os.path.join(bdir, "upper"), os.path.join(bdir, "work")
+            mnt = os.path.join(bdir, "rootfs")
             for d in (upper, work, mnt):
                 os.mkdir(d, 0o755)
             _make_workdir(upper, rf.path, p)
@@ -154,6 +170,7 @@ class OCIBackend(AgentContainerBackend):
                 "image_id": rf.id,
                 "overlay": list(overlay or ()),
                 "memory_bytes": p.memory_bytes,
+                "layer_cap_mb": layer_cap,
                 "named": named,
                 "labels": p.labels,
             },
@@ -299,7 +316,10 @@ class OCIBackend(AgentContainerBackend):
         parts remain (parent cgroups, bundle). Anything unusual: the full clean-up."""
         if clean and not rt.state_entries(self.runtime, sandbox_id):
             rt.remove_parent_cgroups(sandbox_id)
-            rt.rmtree(rt.bundle_dir(sandbox_id))
+            bdir = rt.bundle_dir(sandbox_id)
+            if os.path.isdir(os.path.join(bdir, "layer")):
+                rt.umount_all(bdir)  # the capped writable layer's tmpfs
+            rt.rmtree(bdir)
             return
         rt.destroy(sandbox_id, self.runtime)
 

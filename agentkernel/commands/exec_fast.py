@@ -24,7 +24,6 @@ def try_exec_fast(args, command: list[str]) -> int | None:
         return None
     sock = os.path.join(run_dir, "agent.sock")
     from ..agent.sync_client import SyncAgentClient
-
     from ..safefs import UnsafeFile
 
     try:
