@@ -23,7 +23,12 @@ _ARMED: dict[tuple[str, str], tuple[int, int]] = {}  # (backend, sandbox id) -> 
 def arm(backend: str, sandbox_id: str) -> None:
     """Start watching this process on behalf of the journalled resource ``backend:sandbox_id``."""
     r, w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:  # e.g. EAGAIN at a pids limit: the journal still lets the next command reap it
+        os.close(r)
+        os.close(w)
+        return
     if pid == 0:  # the watcher
         try:
             os.close(w)
