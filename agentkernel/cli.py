@@ -31,7 +31,7 @@ def _add_spec_flags(p, *, run: bool) -> None:
 
 
 COMMANDS = ("run", "create", "start", "stop", "rm", "remove", "exec", "cp", "list", "ls", "doctor", "gc",
-            "images", "audit", "daemon", "serve", "attach", "replay", "mcp", "bench")
+            "images", "audit", "daemon", "serve", "attach", "replay", "mcp", "bench", "secret", "logs")
 
 
 def build_parser(only: str | None = None):
@@ -87,9 +87,9 @@ def build_parser(only: str | None = None):
         p = sub.add_parser("gc", help="remove every agentkernel resource whose owner is provably dead")
         p.add_argument("--dry-run", action="store_true")
     if want("images"):
-        p = sub.add_parser("images", help="build the local images (offline)")
-        p.add_argument("action", choices=["build", "list"])
-        p.add_argument("names", nargs="*")
+        from .commands.images import add_parser as _add_images
+
+        _add_images(sub)
     if want("audit"):
         p = sub.add_parser("audit", help="show the audit log")
         p.add_argument("-s", "--sandbox")
@@ -101,6 +101,10 @@ def build_parser(only: str | None = None):
         from .commands.serve import add_parsers
 
         add_parsers(sub, want)
+    if want("secret", "logs"):
+        from .commands.egress import add_parsers as _add_egress
+
+        _add_egress(sub, want)
     if want("bench"):
         from .commands.bench import add_parser as _add_bench
 
@@ -138,6 +142,11 @@ def spec_flags(args) -> dict:
         "vcpus": args.vcpus, "pids": args.pids, "disk_mb": args.disk_mb, "workdir": args.workdir,
         "env": dict(args.env), "options": dict(args.option),
     }
+    if getattr(args, "tls_intercept", None):
+        flags["tls_intercept"] = True
+    for dest in ("allow_host", "block_host", "secret"):
+        if getattr(args, dest, None):
+            flags[dest] = list(getattr(args, dest))
     if args.module:
         flags["options"]["module"] = os.path.abspath(args.module)
     if args.func:
@@ -154,12 +163,43 @@ def resolve(args, argv: list[str] | None):
     cfg_path = config.find_config(args.config, os.getcwd())
     cfg = config.load_config(cfg_path)
     spec = config.resolve_spec(spec_flags(args), config=cfg)
+    if spec.policy.mount_cwd and not spec.policy.mount_source:
+        # the caller's directory, fixed now: a daemon or pool that creates the sandbox elsewhere binds it
+        spec = spec.replace(policy=spec.policy.replace(mount_source=os.path.realpath(os.getcwd())))
     explicit_image = bool(args.image or os.environ.get("AGENTKERNEL_IMAGE") or cfg.get("sandbox", {}).get("image"))
-    if not explicit_image and argv:
-        from .imagesel import choose_image
+    from .imagesel import image_for_spec
 
-        spec = spec.replace(image=choose_image(spec.backend, argv))
-    return spec
+    return image_for_spec(spec, argv, config=cfg, config_path=cfg_path, explicit=explicit_image,
+                          pull=getattr(args, "pull", None))
+
+
+def explain_run(args, argv: list[str]) -> int:
+    """``run --explain``: which image, from where, and why; nothing is pulled, built or run."""
+    from . import config
+    from .images.settings import pull_policy
+    from .imagesel import explain
+
+    cfg_path = config.find_config(args.config, os.getcwd())
+    cfg = config.load_config(cfg_path)
+    spec = config.resolve_spec(spec_flags(args), config=cfg)
+    policy = pull_policy(getattr(args, "pull", None), cfg)
+    source = None
+    if args.image:
+        source = "--image"
+    elif os.environ.get("AGENTKERNEL_IMAGE"):
+        source = "AGENTKERNEL_IMAGE"
+    elif cfg.get("sandbox", {}).get("image"):
+        source = f"[sandbox] image in {cfg_path}"
+    if source is None and cfg.get("build"):
+        from .images.dockerbuild import planned_tag
+
+        print(f"backend: {spec.backend}\nimage: {planned_tag(cfg, cfg_path)}\nwhy: built from the [build] table "
+              f"of {cfg_path} (rebuilt only when the context or args change)")
+        return 0
+    print(explain(spec.backend, argv, image=spec.image if source else None, image_source=source,
+                  cwd=os.getcwd() if spec.policy.mount_cwd else None, policy=policy, config=cfg,
+                  options=spec.options))
+    return 0
 
 
 # ---- main ---------------------------------------------------------------------------------------------
@@ -207,7 +247,7 @@ def _main(args) -> int:
     from .errors import AgentKernelError
 
     try:
-        if args.cmd not in ("doctor", "images", "audit"):
+        if args.cmd not in ("doctor", "images", "audit", "secret", "logs"):
             from .owner import reap_dead
 
             reap_dead()
@@ -230,6 +270,8 @@ def _dispatch(args) -> int:
         if not command:
             _err("no command given", "agentkernel run -- echo hello")
             return 2
+        if getattr(args, "explain", False):
+            return explain_run(args, command)
         from .commands.run import run
 
         return run(args, command)
@@ -259,14 +301,9 @@ def _dispatch(args) -> int:
 
         return gc(args)
     if cmd == "images":
-        from .images.build import build_all
+        from .commands.images import images_cmd
 
-        if args.action == "build":
-            build_all(args.names or None)
-            return 0
-        from .commands.doctor import list_images
-
-        return list_images()
+        return images_cmd(args)
     if cmd == "audit":
         from .commands.sandbox import audit_cmd
 
@@ -279,6 +316,10 @@ def _dispatch(args) -> int:
         from .commands import serve
 
         return getattr(serve, cmd)(args)
+    if cmd in ("secret", "logs"):
+        from .commands import egress
+
+        return egress.secret_cmd(args) if cmd == "secret" else egress.logs_cmd(args)
     if cmd == "bench":
         from .commands.bench import bench_cmd
 

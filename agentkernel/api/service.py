@@ -26,7 +26,7 @@ from .. import audit
 from ..backends.base import ExecRequest, ExecResult
 from ..errors import AgentKernelError, NotFound, PolicyNotEnforceable, ValidationError
 from ..manager import SandboxManager
-from ..spec import SandboxSpec, check_sandbox_path, validate_name
+from ..spec import SandboxSpec, check_sandbox_path, validate_name, validate_timeout
 from .admission import Admission
 from .metrics import Metrics
 from .policy import ServerPolicy
@@ -195,7 +195,7 @@ class Service:
             raise ValidationError("command arguments must not contain NUL bytes")
         return ExecRequest(argv, env=env_dict(env), cwd=check_cwd(cwd),
                            stdin=stdin.encode() if stdin else None,
-                           timeout=timeout or self.default_timeout, on_output=on_output,
+                           timeout=validate_timeout(timeout or self.default_timeout), on_output=on_output,
                            output_limit=DEFAULT_OUTPUT_LIMIT if output_limit is None else output_limit)
 
     # -- one-shot runs --
@@ -363,13 +363,13 @@ class Service:
 
 
 def check_image(spec: SandboxSpec) -> None:
-    """Refuse an image the engine does not have before anything is created (no registry is pulled from,
-    and a pool for a missing image would only retry and fail)."""
-    from ..imagesel import image_present, image_store, missing_image_error
+    """Make the image available before anything is created (pulled per the pull policy: a pool for a
+    missing image would only retry and fail)."""
+    from ..images.pull import ensure
+    from ..images.settings import load_user_config, pull_policy
 
-    engine = image_store(spec.backend, spec.options)
-    if engine and not image_present(engine, spec.image):
-        raise missing_image_error(engine, spec.image)
+    cfg = load_user_config()
+    ensure(spec.backend, spec.image, pull_policy(None, cfg), config=cfg, progress=False, options=spec.options)
 
 
 def refuse_unsupported(**fields: Any) -> None:
