@@ -97,8 +97,14 @@ def convert(f: Flag, text: str):
         return int(text)
     if f.kind in ("float", "pfloat"):
         v = float(text)
-        if f.kind == "pfloat" and not v > 0:
-            raise ValueError(f"must be positive, got {text!r}")
+        if f.kind == "pfloat":
+            from .errors import ValidationError
+            from .spec import validate_timeout
+
+            try:
+                return validate_timeout(v, f.names[-1])
+            except ValidationError as exc:
+                raise ValueError(exc.message) from None
         return v
     if f.kind == "kv":
         k, sep, v = text.partition("=")
@@ -253,5 +259,8 @@ def spec_from_args(args, argv: list[str] | None):
     cfg = config.load_config(cfg_path)
     flags = spec_flags(args)
     spec = config.resolve_spec(flags, config=cfg)
+    if spec.policy.mount_cwd and not spec.policy.mount_source:
+        # the caller's directory, fixed now: a daemon or pool that creates the sandbox elsewhere binds it
+        spec = spec.replace(policy=spec.policy.replace(mount_source=os.path.realpath(os.getcwd())))
     return image_for_spec(spec, argv, config=cfg, config_path=cfg_path, explicit=config.explicit_image(flags, cfg),
                           pull=getattr(args, "pull", None))

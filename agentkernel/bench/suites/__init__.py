@@ -11,6 +11,7 @@ SUITES = {
     "stress": "agentkernel.bench.suites.stress:run",
     "lifecycle": "agentkernel.bench.suites.lifecycle:run",
     "wasm": "agentkernel.bench.suites.wasm:run",
+    "orchestration": "agentkernel.bench.suites.orchestration:run",
     "speed": "agentkernel.bench.suites.sustained:run_speed",
     "soak": "agentkernel.bench.suites.sustained:run_soak",
 }
