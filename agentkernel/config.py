@@ -281,19 +281,6 @@ def explicit_image(flags: dict[str, Any] | None, config: dict[str, dict[str, Any
                 or (config or {}).get("sandbox", {}).get("image"))
 
 
-def resolve_for_command(flags: dict[str, Any] | None, argv: list[str] | None, *,
-                        config: dict[str, dict[str, Any]] | None = None,
-                        environ: dict[str, str] | None = None) -> SandboxSpec:
-    """``resolve_spec`` plus the one image rule every entry point uses (CLI, Python API, HTTP/MCP): an
-    image named by the flags, ``AGENTKERNEL_IMAGE`` or the config file is used as is; otherwise the
-    image is chosen for ``argv`` among the local images of the backend's image store."""
-    spec = resolve_spec(flags, config=config, environ=environ)
-    if argv and not explicit_image(flags, config):
-        from .imagesel import choose_image
-
-        spec = spec.replace(image=choose_image(spec.backend, argv, spec.options))
-    return spec
-
 
 # ---- [orchestrator]: the kubernetes and nomad backends ------------------------------------------------
 # The reference's keys (provider .. max_sandboxes) plus what a real cluster needs beyond them. Every key

@@ -270,3 +270,17 @@ def missing_image_error(engine: str, image: str) -> NotFound:
         hint=f"pull it: agentkernel images pull {image} (or --pull missing); build agentkernel's local images: "
         "agentkernel images build",
     )
+
+
+def resolve_for_command(flags: dict | None, argv: list[str] | None, *,
+                        config: dict | None = None,
+                        environ: dict[str, str] | None = None):
+    """``resolve_spec`` plus the one image rule every entry point uses (CLI, Python API, HTTP/MCP): an
+    image named by the flags, ``AGENTKERNEL_IMAGE`` or the config file is used as is; otherwise the
+    image is chosen for ``argv`` among the local images of the backend's image store."""
+    from .config import explicit_image, resolve_spec
+
+    spec = resolve_spec(flags, config=config, environ=environ)
+    if argv and not explicit_image(flags, config):
+        spec = spec.replace(image=choose_image(spec.backend, argv, spec.options))
+    return spec

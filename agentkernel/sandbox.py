@@ -60,9 +60,10 @@ class Sandbox:
         import os
 
         from . import config as cfgmod
+        from .imagesel import resolve_for_command
 
         cfg = config if config is not None else cfgmod.load_config(cfgmod.find_config(None, os.getcwd()))
-        return cfgmod.resolve_for_command({k: v for k, v in flags.items() if v is not None}, argv, config=cfg)
+        return resolve_for_command({k: v for k, v in flags.items() if v is not None}, argv, config=cfg)
 
     @staticmethod
     async def _ensure_image(spec, config: dict | None) -> None:

@@ -152,7 +152,7 @@ class Service:
 
     # -- requests -> specs (one place for HTTP and MCP) --
     def _spec(self, tenant: str, argv: list[str] | None, flags: dict[str, Any]) -> SandboxSpec:
-        from ..config import resolve_for_command
+        from ..imagesel import resolve_for_command
 
         caller = self.policy.for_tenant(tenant)
         f = {**flags, "mount_cwd": False}  # never the server's directory on behalf of a remote caller
