@@ -360,3 +360,43 @@ def test_doctor_reports_every_backend():
     assert not rows["apple"]["available"] and "macOS" in rows["apple"]["reason"]
     text = ak("doctor").stdout.decode()
     assert "apple" in text and "gvisor-docker" in text
+
+
+# ---- images without the working directory -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image_without_workdir(tmp_path_factory):
+    """A tiny image (busybox only, no /workspace, no WORKDIR), imported into podman and docker."""
+    import io
+    import shutil
+    import tarfile
+
+    busybox = shutil.which("busybox")
+    assert busybox and b"statically linked" in subprocess.run(["file", "-L", busybox], capture_output=True).stdout
+    tar = tmp_path_factory.mktemp("img") / "rootfs.tar"
+    with tarfile.open(tar, "w") as t:
+        t.add(busybox, "bin/busybox")
+        for name in ("sh", "echo", "pwd", "touch"):
+            ti = tarfile.TarInfo(f"bin/{name}")
+            ti.type, ti.linkname = tarfile.SYMTYPE, "busybox"
+            t.addfile(ti)
+        ti = tarfile.TarInfo("tmp")
+        ti.type, ti.mode = tarfile.DIRTYPE, 0o1777
+        t.addfile(ti, io.BytesIO())
+    names = {"podman": "localhost/ak-test-noworkdir:latest", "docker": "ak-test-noworkdir:latest"}
+    for engine, ref in names.items():
+        r = subprocess.run([engine, "import", "--change", "ENV PATH=/bin", str(tar), ref], capture_output=True)
+        assert r.returncode == 0, r.stderr
+    yield names
+    for engine, ref in names.items():
+        subprocess.run([engine, "rmi", "-f", ref], capture_output=True)
+
+
+def test_image_without_the_workdir_runs(backend, image_without_workdir):
+    img = image_without_workdir["docker" if backend == "docker" else "podman"]
+    r = run(backend, "sh", "-c", "echo hi; pwd", flags=("--image", img))
+    assert (r.returncode, r.stdout) == (0, b"hi\n/workspace\n"), r.stderr
+    if backend != "docker":  # docker makes a missing WORKDIR root's (as `docker run` does): exists, not writable
+        r = run(backend, "sh", "-c", "touch mine && echo wrote", flags=("--image", img))
+        assert (r.returncode, r.stdout) == (0, b"wrote\n"), r.stderr

@@ -98,7 +98,7 @@ class PodmanBackend(AgentContainerBackend):
         await self._podman("stop", "-t", "2", name)
 
     async def _engine_remove(self, name: str) -> None:
-        await self._podman("rm", "-f", "-t", "0", "--ignore", name)
+        await self._podman("rm", "-f", "-v", "-t", "0", "--ignore", name)
 
     async def _engine_state(self, name: str) -> tuple[str, dict[str, Any]]:
         rc, out, _ = await self._podman("inspect", "--type", "container", "--format", "json", name, check=False)
@@ -130,7 +130,7 @@ class PodmanBackend(AgentContainerBackend):
     def force_remove_sync(self, name: str) -> None:
         import subprocess
 
-        subprocess.run([self.binary, "rm", "-f", "-t", "0", "--ignore", name], stdin=subprocess.DEVNULL,
+        subprocess.run([self.binary, "rm", "-f", "-v", "-t", "0", "--ignore", name], stdin=subprocess.DEVNULL,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
 
 
