@@ -400,3 +400,23 @@ def test_image_without_the_workdir_runs(backend, image_without_workdir):
     if backend != "docker":  # docker makes a missing WORKDIR root's (as `docker run` does): exists, not writable
         r = run(backend, "sh", "-c", "touch mine && echo wrote", flags=("--image", img))
         assert (r.returncode, r.stdout) == (0, b"wrote\n"), r.stderr
+
+
+@pytest.mark.parametrize("engine_backend", ["podman", "gvisor"])
+def test_oom_kill_leaves_nothing_in_the_callers_directory(engine_backend, tmp_path):
+    """conmon writes a file named `oom` into the podman client's working directory on an OOM kill."""
+    oom = ("dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1")
+    r = ak("run", "--backend", engine_backend, "--memory", "32", "--", *oom, cwd=str(tmp_path))
+    assert r.returncode == 137, r.stderr
+    if engine_backend == "gvisor":  # an OOM kill inside a long-lived gVisor sandbox takes the sandbox down
+        assert os.listdir(tmp_path) == []
+        return
+    name = f"t-oom-{engine_backend}-{os.getpid()}"
+    r = ak("create", name, "--backend", engine_backend, "--memory", "64", "--start", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    try:
+        r = ak("exec", name, "--", *oom, cwd=str(tmp_path))
+        assert r.returncode == 137, r.stderr
+    finally:
+        assert ak("rm", name, cwd=str(tmp_path)).returncode == 0
+    assert os.listdir(tmp_path) == []

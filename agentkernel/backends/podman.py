@@ -65,7 +65,7 @@ class PodmanBackend(AgentContainerBackend):
         try:
             proc = await asyncio.create_subprocess_exec(
                 self.binary, *args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                preexec_fn=_lower_priority if self.background else None,
+                preexec_fn=_lower_priority if self.background else None, cwd=_engine_cwd(),
             )
         except FileNotFoundError:
             raise BackendUnavailable("podman is not installed", hint="bash scripts/setup.sh") from None
@@ -132,6 +132,15 @@ class PodmanBackend(AgentContainerBackend):
 
         subprocess.run([self.binary, "rm", "-f", "-v", "-t", "0", "--ignore", name], stdin=subprocess.DEVNULL,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+
+
+def _engine_cwd() -> str:
+    """The podman client's working directory: conmon writes a file named `oom` there on an OOM kill."""
+    from .. import paths
+
+    d = os.path.join(paths.runtime_dir(), "engine")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    return d
 
 
 def _lower_priority() -> None:
