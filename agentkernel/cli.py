@@ -31,7 +31,7 @@ def _add_spec_flags(p, *, run: bool) -> None:
 
 
 COMMANDS = ("run", "create", "start", "stop", "rm", "remove", "exec", "cp", "list", "ls", "doctor", "gc",
-            "images", "audit", "daemon", "serve", "attach", "replay", "mcp", "bench")
+            "images", "audit", "daemon", "serve", "attach", "replay", "mcp", "bench", "secret", "logs")
 
 
 def build_parser(only: str | None = None):
@@ -101,6 +101,10 @@ def build_parser(only: str | None = None):
         from .commands.serve import add_parsers
 
         add_parsers(sub, want)
+    if want("secret", "logs"):
+        from .commands.egress import add_parsers as _add_egress
+
+        _add_egress(sub, want)
     if want("bench"):
         from .commands.bench import add_parser as _add_bench
 
@@ -138,6 +142,11 @@ def spec_flags(args) -> dict:
         "vcpus": args.vcpus, "pids": args.pids, "disk_mb": args.disk_mb, "workdir": args.workdir,
         "env": dict(args.env), "options": dict(args.option),
     }
+    if getattr(args, "tls_intercept", None):
+        flags["tls_intercept"] = True
+    for dest in ("allow_host", "block_host", "secret"):
+        if getattr(args, dest, None):
+            flags[dest] = list(getattr(args, dest))
     if args.module:
         flags["options"]["module"] = os.path.abspath(args.module)
     if args.func:
@@ -235,7 +244,7 @@ def _main(args) -> int:
     from .errors import AgentKernelError
 
     try:
-        if args.cmd not in ("doctor", "images", "audit"):
+        if args.cmd not in ("doctor", "images", "audit", "secret", "logs"):
             from .owner import reap_dead
 
             reap_dead()
@@ -304,6 +313,10 @@ def _dispatch(args) -> int:
         from .commands import serve
 
         return getattr(serve, cmd)(args)
+    if cmd in ("secret", "logs"):
+        from .commands import egress
+
+        return egress.secret_cmd(args) if cmd == "secret" else egress.logs_cmd(args)
     if cmd == "bench":
         from .commands.bench import bench_cmd
 

@@ -14,8 +14,10 @@ Schema::
     [images]    registry, insecure_registries = [...], setuid = "strip" | "keep"   (docs/images.md)
     [build]     dockerfile, context, target, args = {K = "v"}, no_cache, tag, engine  (docs/images.md)
     [resources] vcpus, memory_mb, pids, disk_mb
-    [security]  profile, network, network_allow = [...], read_only, mount_cwd, pass_env = [...],
-                user, seccomp
+    [security]  profile, network (true | false | "none" | "allowlist" | "open"), network_allow = [...],
+                read_only, mount_cwd, pass_env = [...], user, seccomp
+    [security.domains]  allow = [...], block = [...], allowlist_only   (egress rules: docs/network.md)
+    [secrets]   NAME = {host = "api.example.com", header = "Authorization"}  (bind stored secrets to hosts)
     [env]       KEY = "value" ...
     [pool]      min, max, max_age_s, max_concurrent_starts, wait_s   (daemon pool defaults)
     [[pool.warm]] backend, image, profile, ..., min, max         (pools the daemon keeps warm)
@@ -50,8 +52,10 @@ SCHEMA: dict[str, dict[str, str]] = {
     "build": {"dockerfile": "str", "context": "str", "target": "str", "args": "table", "no_cache": "bool",
               "tag": "str", "engine": "str"},
     "resources": {"vcpus": "number", "memory_mb": "int", "pids": "int", "disk_mb": "int"},
-    "security": {"profile": "str", "network": "bool", "network_allow": "list", "read_only": "bool",
-                 "mount_cwd": "bool", "pass_env": "list", "user": "str", "seccomp": "str"},
+    "security": {"profile": "str", "network": "network", "network_allow": "list", "read_only": "bool",
+                 "mount_cwd": "bool", "pass_env": "list", "user": "str", "seccomp": "str", "domains": "domains",
+                 "tls_intercept": "bool"},
+    "secrets": {},  # NAME = {host = "h" | hosts = [...], header = "H"}; backend = "file" | "keyring" (egress.secrets)
     "env": {},  # free-form KEY = "value"
     "pool": {"min": "int", "max": "int", "max_age_s": "number", "max_concurrent_starts": "int",
              "wait_s": "number", "warm": "tables"},
@@ -73,7 +77,8 @@ TABLE_KEYS = {("pool", "warm"): WARM_KEYS, ("api", "tenant"): TENANT_KEYS}
 
 # [security] key -> Policy field
 _SECURITY_FIELDS = {"network": "network", "network_allow": "network_allow", "read_only": "read_only_root",
-                    "mount_cwd": "mount_cwd", "pass_env": "pass_env", "user": "user", "seccomp": "seccomp"}
+                    "mount_cwd": "mount_cwd", "pass_env": "pass_env", "user": "user", "seccomp": "seccomp",
+                    "tls_intercept": "tls_intercept"}
 
 
 def find_config(explicit: str | None, cwd: str) -> str | None:
@@ -114,6 +119,11 @@ def load_config(path: str | None) -> dict[str, dict[str, Any]]:
                 if not isinstance(value, str):
                     raise ConfigError(f"{path}: [env] {key} must be a string")
                 continue
+            if table == "secrets":
+                from .egress.config import check_secret_table
+
+                check_secret_table(path, key, value)
+                continue
             if key not in known:
                 raise ConfigError(
                     f"{path}: unknown key {key!r} in [{table}] (known keys: {', '.join(known)})"
@@ -123,6 +133,11 @@ def load_config(path: str | None) -> dict[str, dict[str, Any]]:
 
 
 def _check_type(path: str, table: str, key: str, value: Any, kind: str) -> None:
+    if kind in ("network", "domains"):
+        from .egress.config import check_network_key
+
+        check_network_key(path, key, value)
+        return
     ok = {
         "str": isinstance(value, str),
         "bool": isinstance(value, bool),
@@ -177,12 +192,24 @@ def resolve_spec(
     for key, field in _SECURITY_FIELDS.items():
         if key in sec:
             pol[field] = sec[key]
+    if "domains" in sec or isinstance(sec.get("network"), str) or cfg.get("secrets"):
+        from .egress.config import apply_config
+
+        apply_config(pol, sec, cfg.get("secrets", {}))
     res.update({k: res_cfg[k] for k in ("vcpus", "memory_mb", "pids", "disk_mb") if k in res_cfg})
 
     for flag, field in (("network", "network"), ("read_only", "read_only_root"), ("mount_cwd", "mount_cwd"),
                         ("user", "user"), ("seccomp", "seccomp"), ("network_allow", "network_allow")):
-        if flag in flags:
+        if flag in flags and not (flag == "network" and isinstance(flags[flag], str)):
             pol[field] = flags[flag]
+    if flags.get("tls_intercept"):
+        pol["tls_intercept"] = True
+    if "_mode" in pol or pol.get("tls_intercept") or isinstance(flags.get("network"), str) or any(
+            k in flags for k in ("allow_host", "block_host", "secret")):
+        from .egress.config import apply_flags, finalize
+
+        apply_flags(pol, flags)
+        finalize(pol)
     for k in ("vcpus", "memory_mb", "pids", "disk_mb"):
         if k in flags:
             res[k] = flags[k] if flags[k] != "unlimited" else None

@@ -113,9 +113,16 @@ def _prepare(backend, spec, command: list[str], interactive: bool):
     owner.claim(spec.backend, sid, {"container": name, "run_dir": _container.sandbox_run_dir(sid)}, o)
     agent = paths.agent_binary()
     run_dir = _container.prepare_run_dir(sid, _container.resolve_user(spec)) if agent else None
+    net = None
+    if getattr(backend, "uses_egress", False) and spec.policy.network:
+        try:
+            net = _container.attach_network(spec, sid, getattr(backend, "egress_deferred", False))
+        except BaseException:
+            _finish(spec, sid, run_dir, command, 125, False)
+            raise
     plan = _container.plan(spec, sandbox_id=sid, owner=o, container_name=name, argv=command, agent_bin=agent,
                            run_dir=run_dir, cwd=os.getcwd(), interactive=interactive,
-                           pids_overhead=backend.pids_overhead)
+                           pids_overhead=backend.pids_overhead, net=net)
     return sid, name, run_dir, plan
 
 
@@ -124,6 +131,10 @@ def _finish(spec, sid: str, run_dir: str | None, command: list[str], rc: int, ti
         from ..backends._container import remove_flat_dir
 
         remove_flat_dir(run_dir)
+    if spec.policy.network:
+        from ..backends._container import release_network
+
+        release_network(sid)
     owner.release(spec.backend, sid)
     audit.log("run", id=sid, backend=spec.backend, image=spec.image, argv=command, exit_code=rc,
               timed_out=timed_out)
