@@ -163,6 +163,9 @@ def resolve(args, argv: list[str] | None):
     cfg_path = config.find_config(args.config, os.getcwd())
     cfg = config.load_config(cfg_path)
     spec = config.resolve_spec(spec_flags(args), config=cfg)
+    if spec.policy.mount_cwd and not spec.policy.mount_source:
+        # the caller's directory, fixed now: a daemon or pool that creates the sandbox elsewhere binds it
+        spec = spec.replace(policy=spec.policy.replace(mount_source=os.path.realpath(os.getcwd())))
     explicit_image = bool(args.image or os.environ.get("AGENTKERNEL_IMAGE") or cfg.get("sandbox", {}).get("image"))
     from .imagesel import image_for_spec
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from .. import paths
-from ..spec import DEFAULT_TMPFS_MB, SandboxSpec
+from ..spec import DEFAULT_TMPFS_MB, SandboxSpec, check_engine_path, mount_source_of
 from .base import owner_labels
 
 TYPE_CHECKING = False
@@ -167,7 +167,7 @@ def plan(
     binds: list[tuple[str, str, bool]] = []
     tmpfs: list[tuple[str, str]] = []
     if pol.mount_cwd:
-        binds.append((os.path.realpath(cwd or os.getcwd()), "/workspace", False))
+        binds.append((mount_source_of(spec, cwd), "/workspace", False))
     if pol.read_only_root:
         size = res.disk_mb or DEFAULT_TMPFS_MB
         uid, _, gid = user.partition(":")
@@ -206,6 +206,11 @@ def plan(
             )
         entrypoint = [AGENT_BIN_IN, "serve", "--listen", AGENT_SOCK_IN]
         cmd = []
+    for path, _opts in tmpfs:
+        check_engine_path(path, "tmpfs mount point")
+    for src, dst, _ro in binds:
+        check_engine_path(src, "bind mount source")
+        check_engine_path(dst, "bind mount target")
     env = dict(spec.env)
     if net is not None:  # an egress.attach.Attachment: proxy variables and secret placeholders
         env.update(net.env)
