@@ -151,7 +151,10 @@ def test_create_body_renders_the_plan():
     default = _container.plan(_spec("agentkernel/busybox"), sandbox_id="x2", owner=current_owner(),
                               container_name="n", argv=["true"])
     b2 = create_body(default, network="none", oneshot=False)
-    assert b2["HostConfig"]["SecurityOpt"] == ["no-new-privileges"]  # the engine's default seccomp filter
+    # the default filter: the engine's own plus no namespace creation (issue 11 item 8)
+    opts = b2["HostConfig"]["SecurityOpt"]
+    assert opts[0] == "no-new-privileges" and opts[1].startswith("seccomp={")
+    assert any("unshare" in r["names"] for r in json.loads(opts[1][8:])["syscalls"] if r["action"] != "SCMP_ACT_ALLOW")
     assert b2["Cmd"] == [] and not b2["OpenStdin"] and "LogConfig" not in b2["HostConfig"]
     assert b2["NetworkDisabled"] is True and b2["HostConfig"]["NetworkMode"] == "none"
     assert b["NetworkDisabled"] is False
