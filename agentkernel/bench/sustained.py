@@ -26,6 +26,20 @@ HELLO = b"hello\n"
 FLOOR = ["-S", "-I", "-c", "pass"]
 
 
+def launcher_argv() -> list[str]:
+    """The CLI exactly as the installed launcher starts it (``python -S``, two sys.path entries), but for
+    the agentkernel package that is running this code (a worktree's launcher may point elsewhere)."""
+    import sys
+    import sysconfig
+
+    import agentkernel
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(agentkernel.__file__)))
+    site = sysconfig.get_paths()["purelib"]
+    return [sys.executable, "-S", "-c", f"import sys; sys.path[0:0] = [{repo!r}, {site!r}]; "
+            "from agentkernel.cli import main; sys.exit(main())"]
+
+
 def _pct(xs: list[float], p: float) -> float | None:
     if not xs:
         return None
