@@ -30,7 +30,7 @@ def _add_spec_flags(p, *, run: bool) -> None:
 
 
 COMMANDS = ("run", "create", "start", "stop", "rm", "remove", "exec", "cp", "list", "ls", "doctor", "gc",
-            "images", "audit", "daemon", "serve", "attach", "replay", "mcp", "bench")
+            "images", "audit", "daemon", "serve", "attach", "replay", "mcp", "bench", "secret", "logs")
 
 
 def build_parser(only: str | None = None):
@@ -86,9 +86,9 @@ def build_parser(only: str | None = None):
         p = sub.add_parser("gc", help="remove every agentkernel resource whose owner is provably dead")
         p.add_argument("--dry-run", action="store_true")
     if want("images"):
-        p = sub.add_parser("images", help="build the local images (offline)")
-        p.add_argument("action", choices=["build", "list"])
-        p.add_argument("names", nargs="*")
+        from .commands.images import add_parser as _add_images
+
+        _add_images(sub)
     if want("audit"):
         p = sub.add_parser("audit", help="show the audit log")
         p.add_argument("-s", "--sandbox")
@@ -100,6 +100,10 @@ def build_parser(only: str | None = None):
         from .commands.serve import add_parsers
 
         add_parsers(sub, want)
+    if want("secret", "logs"):
+        from .commands.egress import add_parsers as _add_egress
+
+        _add_egress(sub, want)
     if want("bench"):
         from .commands.bench import add_parser as _add_bench
 
@@ -128,6 +132,36 @@ def _add_daemon(sub) -> None:
 
 def _strip_dashdash(cmd: list[str]) -> list[str]:
     return cmd[1:] if cmd and cmd[0] == "--" else cmd
+
+
+def explain_run(args, argv: list[str]) -> int:
+    """``run --explain``: which image, from where, and why; nothing is pulled, built or run."""
+    from . import config
+    from .cli_flags import spec_flags
+    from .images.settings import pull_policy
+    from .imagesel import explain
+
+    cfg_path = config.find_config(args.config, os.getcwd())
+    cfg = config.load_config(cfg_path)
+    spec = config.resolve_spec(spec_flags(args), config=cfg)
+    policy = pull_policy(getattr(args, "pull", None), cfg)
+    source = None
+    if args.image:
+        source = "--image"
+    elif os.environ.get("AGENTKERNEL_IMAGE"):
+        source = "AGENTKERNEL_IMAGE"
+    elif cfg.get("sandbox", {}).get("image"):
+        source = f"[sandbox] image in {cfg_path}"
+    if source is None and cfg.get("build"):
+        from .images.dockerbuild import planned_tag
+
+        print(f"backend: {spec.backend}\nimage: {planned_tag(cfg, cfg_path)}\nwhy: built from the [build] table "
+              f"of {cfg_path} (rebuilt only when the context or args change)")
+        return 0
+    print(explain(spec.backend, argv, image=spec.image if source else None, image_source=source,
+                  cwd=os.getcwd() if spec.policy.mount_cwd else None, policy=policy, config=cfg,
+                  options=spec.options))
+    return 0
 
 
 # ---- main ---------------------------------------------------------------------------------------------
@@ -175,7 +209,7 @@ def _main(args) -> int:
     from .errors import AgentKernelError
 
     try:
-        if args.cmd not in ("doctor", "images", "audit"):
+        if args.cmd not in ("doctor", "images", "audit", "secret", "logs"):
             from .owner import reap_dead
 
             reap_dead()
@@ -198,6 +232,8 @@ def _dispatch(args) -> int:
         if not command:
             _err("no command given", "agentkernel run -- echo hello")
             return 2
+        if getattr(args, "explain", False):
+            return explain_run(args, command)
         from .commands.run import run
 
         return run(args, command)
@@ -227,14 +263,9 @@ def _dispatch(args) -> int:
 
         return gc(args)
     if cmd == "images":
-        from .images.build import build_all
+        from .commands.images import images_cmd
 
-        if args.action == "build":
-            build_all(args.names or None)
-            return 0
-        from .commands.doctor import list_images
-
-        return list_images()
+        return images_cmd(args)
     if cmd == "audit":
         from .commands.sandbox import audit_cmd
 
@@ -247,6 +278,10 @@ def _dispatch(args) -> int:
         from .commands import serve
 
         return getattr(serve, cmd)(args)
+    if cmd in ("secret", "logs"):
+        from .commands import egress
+
+        return egress.secret_cmd(args) if cmd == "secret" else egress.logs_cmd(args)
     if cmd == "bench":
         from .commands.bench import bench_cmd
 

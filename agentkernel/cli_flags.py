@@ -9,6 +9,8 @@ so users get argparse's messages.
 
 from __future__ import annotations
 
+NETWORK_MODES = ("none", "allowlist", "open")
+
 
 class Flag:
     __slots__ = ("dest", "help", "kind", "metavar", "names")
@@ -16,7 +18,7 @@ class Flag:
     def __init__(self, names: tuple[str, ...], dest: str, kind: str, help: str, metavar: str | None = None):
         self.names = names
         self.dest = dest
-        self.kind = kind  # str int float pfloat kv true false
+        self.kind = kind  # str int float pfloat kv list true false netmode
         self.help = help
         self.metavar = metavar
 
@@ -26,7 +28,19 @@ SPEC_FLAGS = (
     Flag(("-i", "--image"), "image", "str", "image (default: chosen from the command among local images)"),
     Flag(("-p", "--profile"), "profile", "str", "permissive, moderate (default) or restrictive"),
     Flag(("--no-network",), "network", "false", "no network except loopback (default unless the profile allows it)"),
-    Flag(("--network",), "network", "true", "allow network"),
+    Flag(("--network",), "network", "netmode",
+         "network mode: none, allowlist (only --allow-host destinations) or open (the outside world, never "
+         "the host or other sandboxes); --network alone means open", "MODE"),
+    Flag(("--allow-host",), "allow_host", "list",
+         "allow egress to HOST[:PORT], *.DOMAIN or CIDR[:PORT] (repeatable; implies --network allowlist)",
+         "HOST[:PORT]"),
+    Flag(("--block-host",), "block_host", "list", "refuse egress to HOST, *.DOMAIN or CIDR (repeatable)", "HOST"),
+    Flag(("--tls-intercept",), "tls_intercept", "true",
+         "let the egress gateway terminate TLS to secret-bound hosts (CONNECT) with a per-sandbox CA, so "
+         "secrets reach HTTPS APIs"),
+    Flag(("--secret",), "secret", "list",
+         "bind stored secret NAME to HOST: the sandbox sees a placeholder, the egress gateway puts the real "
+         "value into HTTP requests to HOST only (repeatable)", "NAME:HOST[:HEADER]"),
     Flag(("--read-only",), "read_only", "true", "read-only root filesystem (writable tmpfs at /tmp and the workdir)"),
     Flag(("--mount-cwd",), "mount_cwd", "true", "bind the current directory at /workspace"),
     Flag(("--memory",), "memory_mb", "int", "memory limit in MiB", "MB"),
@@ -39,6 +53,7 @@ SPEC_FLAGS = (
     Flag(("--module",), "module", "str", "wasm: the module to run"),
     Flag(("--func",), "func", "str", "wasm: exported function to call"),
     Flag(("-c", "--config"), "config", "str", "agentkernel.toml to use (default ./agentkernel.toml)"),
+    Flag(("--pull",), "pull", "str", "pull policy: missing (default), always or never", "POLICY"),
 )
 TIMEOUT = Flag(("-t", "--timeout"), "timeout", "pfloat", "kill the sandbox after this many seconds (exit 124)",
                "SECONDS")
@@ -48,6 +63,7 @@ RUN_FLAGS = (
     Flag(("-k", "--keep"), "keep", "true", "keep the sandbox afterwards (named, running)"),
     Flag(("-n", "--name"), "name", "str", "name for a kept sandbox (with --keep)"),
     Flag(("--no-daemon",), "no_daemon", "true", "do not use the daemon's warm pools"),
+    Flag(("--explain",), "explain", "true", "print which image would be used and why, then exit (runs nothing)"),
 )
 EXEC_FLAGS = (
     TIMEOUT,
@@ -59,9 +75,9 @@ EXEC_FLAGS = (
 def defaults(flags) -> dict:
     out: dict = {}
     for f in flags:
-        if f.kind == "kv":
+        if f.kind in ("kv", "list"):
             out[f.dest] = []
-        elif f.kind == "true" and f.dest in ("keep", "no_daemon"):
+        elif f.kind == "true" and f.dest in ("keep", "no_daemon", "explain"):
             out[f.dest] = False
         else:
             out.setdefault(f.dest, None)
@@ -70,7 +86,11 @@ def defaults(flags) -> dict:
 
 def convert(f: Flag, text: str):
     """Value of one flag, or raise ValueError with argparse-like wording."""
-    if f.kind == "str":
+    if f.kind in ("str", "list"):
+        return text
+    if f.kind == "netmode":
+        if text not in NETWORK_MODES:
+            raise ValueError(f"invalid network mode {text!r} (choose none, allowlist or open)")
         return text
     if f.kind == "int":
         return int(text)
@@ -104,15 +124,19 @@ def add_to_argparse(group, flags) -> None:
     for f in flags:
         if f.kind in ("true", "false"):
             kw = {"action": "store_true" if f.kind == "true" else "store_false",
-                  "default": False if f.dest in ("keep", "no_daemon") else None}
+                  "default": False if f.dest in ("keep", "no_daemon", "explain") else None}
             if f.dest == "network":
                 net = net or group.add_mutually_exclusive_group()
                 net.add_argument(*f.names, dest=f.dest, help=f.help, **kw)
                 continue
             group.add_argument(*f.names, dest=f.dest, help=f.help, **kw)
-        elif f.kind == "kv":
+        elif f.kind in ("kv", "list"):
             group.add_argument(*f.names, dest=f.dest, action="append", type=typed(f), default=[],
                                metavar=f.metavar, help=f.help)
+        elif f.kind == "netmode":
+            net = net or group.add_mutually_exclusive_group()
+            net.add_argument(*f.names, dest=f.dest, nargs="?", const="open", default=None, type=typed(f),
+                             metavar=f.metavar, help=f.help)
         else:
             group.add_argument(*f.names, dest=f.dest, type=typed(f), metavar=f.metavar, help=f.help)
 
@@ -144,6 +168,22 @@ def fast_parse(argv: list[str], flags, positionals: tuple[str, ...] = ()):
                 values[f.dest] = f.kind == "true"
                 i += 1
                 continue
+            if f.kind == "netmode":
+                if values["network"] is not None:
+                    return None
+                if eq:
+                    if inline not in NETWORK_MODES:
+                        return None
+                    values["network"] = inline
+                elif i + 1 < n and argv[i + 1] in NETWORK_MODES:
+                    values["network"] = argv[i + 1]
+                    i += 1
+                elif i + 1 < n and not argv[i + 1].startswith("-") and "--" in argv[i + 2:]:
+                    return None  # `--network WORD ... -- CMD`: WORD was meant as a mode; argparse names it
+                else:
+                    values["network"] = "open"
+                i += 1
+                continue
             if not eq:
                 i += 1
                 if i >= n:
@@ -153,7 +193,7 @@ def fast_parse(argv: list[str], flags, positionals: tuple[str, ...] = ()):
                 v = convert(f, inline)
             except ValueError:
                 return None
-            if f.kind == "kv":
+            if f.kind in ("kv", "list"):
                 values[f.dest].append(v)
             else:
                 values[f.dest] = v
@@ -186,6 +226,11 @@ def spec_flags(args) -> dict:
         "vcpus": args.vcpus, "pids": args.pids, "disk_mb": args.disk_mb, "workdir": args.workdir,
         "env": dict(args.env), "options": dict(args.option),
     }
+    if getattr(args, "tls_intercept", None):
+        flags["tls_intercept"] = True
+    for dest in ("allow_host", "block_host", "secret"):
+        if getattr(args, dest, None):
+            flags[dest] = list(getattr(args, dest))
     if args.module:
         flags["options"]["module"] = os.path.abspath(args.module)
     if args.func:
@@ -196,10 +241,14 @@ def spec_flags(args) -> dict:
 
 
 def spec_from_args(args, argv: list[str] | None):
-    """Flags + env + config file -> SandboxSpec, the image chosen by ``config.resolve_for_command``."""
+    """Flags + env + config file -> SandboxSpec, the image by ``imagesel.resolve_for_command``."""
     import os
 
     from . import config
 
-    cfg = config.load_config(config.find_config(args.config, os.getcwd()))
-    return config.resolve_for_command(spec_flags(args), argv, config=cfg)
+    cfg_path = config.find_config(args.config, os.getcwd())
+    cfg = config.load_config(cfg_path)
+    from .imagesel import resolve_for_command
+
+    return resolve_for_command(spec_flags(args), argv, config=cfg, config_path=cfg_path,
+                                      pull=getattr(args, "pull", None))

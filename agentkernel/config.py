@@ -9,10 +9,15 @@ Unknown tables and keys are rejected with the known ones named (the reference si
 
 Schema::
 
-    [sandbox]   name, image, backend, hostname, workdir, options = {key = "value"}
+    [sandbox]   name, image, backend, hostname, workdir, options = {key = "value"},
+                pull = "missing" | "always" | "never"
+    [images]    registry, insecure_registries = [...], setuid = "strip" | "keep"   (docs/images.md)
+    [build]     dockerfile, context, target, args = {K = "v"}, no_cache, tag, engine  (docs/images.md)
     [resources] vcpus, memory_mb, pids, disk_mb
-    [security]  profile, network, network_allow = [...], read_only, mount_cwd, pass_env = [...],
-                user, seccomp
+    [security]  profile, network (true | false | "none" | "allowlist" | "open"), network_allow = [...],
+                read_only, mount_cwd, pass_env = [...], user, seccomp
+    [security.domains]  allow = [...], block = [...], allowlist_only   (egress rules: docs/network.md)
+    [secrets]   NAME = {host = "api.example.com", header = "Authorization"}  (bind stored secrets to hosts)
     [env]       KEY = "value" ...
     [pool]      min, max, max_age_s, max_concurrent_starts, wait_s   (daemon pool defaults)
     [[pool.warm]] backend, image, profile, ..., min, max         (pools the daemon keeps warm)
@@ -43,10 +48,15 @@ CONFIG_FILENAME = "agentkernel.toml"
 
 SCHEMA: dict[str, dict[str, str]] = {
     "sandbox": {"name": "str", "image": "str", "backend": "str", "hostname": "str", "workdir": "str",
-                "options": "table"},
+                "options": "table", "pull": "str"},
+    "images": {"registry": "str", "insecure_registries": "list", "setuid": "str"},
+    "build": {"dockerfile": "str", "context": "str", "target": "str", "args": "table", "no_cache": "bool",
+              "tag": "str", "engine": "str"},
     "resources": {"vcpus": "number", "memory_mb": "int", "pids": "int", "disk_mb": "int"},
-    "security": {"profile": "str", "network": "bool", "network_allow": "list", "read_only": "bool",
-                 "mount_cwd": "bool", "pass_env": "list", "user": "str", "seccomp": "str"},
+    "security": {"profile": "str", "network": "network", "network_allow": "list", "read_only": "bool",
+                 "mount_cwd": "bool", "pass_env": "list", "user": "str", "seccomp": "str", "domains": "domains",
+                 "tls_intercept": "bool"},
+    "secrets": {},  # NAME = {host = "h" | hosts = [...], header = "H"}; backend = "file" | "keyring" (egress.secrets)
     "env": {},  # free-form KEY = "value"
     "pool": {"min": "int", "max": "int", "max_age_s": "number", "max_concurrent_starts": "int",
              "wait_s": "number", "warm": "tables"},
@@ -68,7 +78,8 @@ TABLE_KEYS = {("pool", "warm"): WARM_KEYS, ("api", "tenant"): TENANT_KEYS}
 
 # [security] key -> Policy field
 _SECURITY_FIELDS = {"network": "network", "network_allow": "network_allow", "read_only": "read_only_root",
-                    "mount_cwd": "mount_cwd", "pass_env": "pass_env", "user": "user", "seccomp": "seccomp"}
+                    "mount_cwd": "mount_cwd", "pass_env": "pass_env", "user": "user", "seccomp": "seccomp",
+                    "tls_intercept": "tls_intercept"}
 
 
 def find_config(explicit: str | None, cwd: str) -> str | None:
@@ -109,6 +120,11 @@ def load_config(path: str | None) -> dict[str, dict[str, Any]]:
                 if not isinstance(value, str):
                     raise ConfigError(f"{path}: [env] {key} must be a string")
                 continue
+            if table == "secrets":
+                from .egress.config import check_secret_table
+
+                check_secret_table(path, key, value)
+                continue
             if key not in known:
                 raise ConfigError(
                     f"{path}: unknown key {key!r} in [{table}] (known keys: {', '.join(known)})"
@@ -127,6 +143,11 @@ def load_config(path: str | None) -> dict[str, dict[str, Any]]:
 
 
 def _check_type(path: str, table: str, key: str, value: Any, kind: str) -> None:
+    if kind in ("network", "domains"):
+        from .egress.config import check_network_key
+
+        check_network_key(path, key, value)
+        return
     ok = {
         "str": isinstance(value, str),
         "bool": isinstance(value, bool),
@@ -181,12 +202,24 @@ def resolve_spec(
     for key, field in _SECURITY_FIELDS.items():
         if key in sec:
             pol[field] = sec[key]
+    if "domains" in sec or isinstance(sec.get("network"), str) or cfg.get("secrets"):
+        from .egress.config import apply_config
+
+        apply_config(pol, sec, cfg.get("secrets", {}))
     res.update({k: res_cfg[k] for k in ("vcpus", "memory_mb", "pids", "disk_mb") if k in res_cfg})
 
     for flag, field in (("network", "network"), ("read_only", "read_only_root"), ("mount_cwd", "mount_cwd"),
                         ("user", "user"), ("seccomp", "seccomp"), ("network_allow", "network_allow")):
-        if flag in flags:
+        if flag in flags and not (flag == "network" and isinstance(flags[flag], str)):
             pol[field] = flags[flag]
+    if flags.get("tls_intercept"):
+        pol["tls_intercept"] = True
+    if "_mode" in pol or pol.get("tls_intercept") or isinstance(flags.get("network"), str) or any(
+            k in flags for k in ("allow_host", "block_host", "secret")):
+        from .egress.config import apply_flags, finalize
+
+        apply_flags(pol, flags)
+        finalize(pol)
     for k in ("vcpus", "memory_mb", "pids", "disk_mb"):
         if k in flags:
             res[k] = flags[k] if flags[k] != "unlimited" else None
@@ -223,24 +256,3 @@ def resolve_spec(
         )
     except ValidationError as exc:
         raise ConfigError(str(exc)) from None
-
-
-def explicit_image(flags: dict[str, Any] | None, config: dict[str, dict[str, Any]] | None) -> bool:
-    """Whether the image is named (flags, AGENTKERNEL_IMAGE, or the config's [sandbox] image) rather than
-    left to be chosen for the command."""
-    return bool((flags or {}).get("image") or _env_choice("AGENTKERNEL_IMAGE")
-                or (config or {}).get("sandbox", {}).get("image"))
-
-
-def resolve_for_command(flags: dict[str, Any] | None, argv: list[str] | None, *,
-                        config: dict[str, dict[str, Any]] | None = None,
-                        environ: dict[str, str] | None = None) -> SandboxSpec:
-    """``resolve_spec`` plus the one image rule every entry point uses (CLI, Python API, HTTP/MCP): an
-    image named by the flags, ``AGENTKERNEL_IMAGE`` or the config file is used as is; otherwise the
-    image is chosen for ``argv`` among the local images of the backend's image store."""
-    spec = resolve_spec(flags, config=config, environ=environ)
-    if argv and not explicit_image(flags, config):
-        from .imagesel import choose_image
-
-        spec = spec.replace(image=choose_image(spec.backend, argv, spec.options))
-    return spec

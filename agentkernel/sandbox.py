@@ -17,7 +17,7 @@ the local user like the CLI's; pass ``keep=True`` to leave it running after the 
 
 from __future__ import annotations
 
-import secrets
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,12 +30,18 @@ class Sandbox:
                  vcpus: float | None = None, pids: int | None = None, disk_mb: int | None = None,
                  read_only: bool | None = None, env: dict[str, str] | None = None, workdir: str | None = None,
                  options: dict[str, str] | None = None, keep: bool = False, tenant: str = "local",
-                 config: dict | None = None) -> None:
-        self.name = name or f"sb-{secrets.token_hex(5)}"
+                 config: dict | None = None, allow_hosts: list[str] | None = None,
+                 block_hosts: list[str] | None = None, secrets: list[str] | None = None,
+                 tls_intercept: bool | None = None) -> None:
+        """``network``: False/"none", True/"open" or "allowlist"; ``allow_hosts`` (HOST[:PORT], *.DOMAIN,
+        CIDR[:PORT]) implies allowlist; ``secrets``: "NAME:HOST[:HEADER]" bindings (docs/network.md)."""
+        self.name = name or f"sb-{os.urandom(5).hex()}"
         self._flags = {"image": image, "backend": backend, "profile": profile, "network": network,
                        "memory_mb": memory_mb, "vcpus": vcpus, "pids": pids, "disk_mb": disk_mb,
                        "read_only": read_only, "env": env, "workdir": workdir, "options": options,
-                       "name": self.name}
+                       "name": self.name, "allow_host": list(allow_hosts) if allow_hosts else None,
+                       "block_host": list(block_hosts) if block_hosts else None,
+                       "secret": list(secrets) if secrets else None, "tls_intercept": tls_intercept}
         self.keep = keep
         self.tenant = tenant
         self._config = config
@@ -56,11 +62,16 @@ class Sandbox:
         from . import config as cfgmod
 
         cfg = config if config is not None else cfgmod.load_config(cfgmod.find_config(None, os.getcwd()))
-        return cfgmod.resolve_for_command({k: v for k, v in flags.items() if v is not None}, argv, config=cfg)
+        from .imagesel import resolve_for_command
+
+        return resolve_for_command({k: v for k, v in flags.items() if v is not None}, argv, config=cfg,
+                                         progress=False)
 
     # -- lifecycle --
     async def create(self, *, start: bool = True) -> Sandbox:
-        spec = self._resolve(self._flags, self._config)
+        import asyncio
+
+        spec = await asyncio.to_thread(self._resolve, self._flags, self._config)  # may pull: off the loop
         await self._manager().create(spec, start=start, tenant=self.tenant)
         self._created = True
         return self
@@ -134,9 +145,11 @@ class Sandbox:
                   timeout: float | None = None, stdin: bytes | None = None, on_output: OutputCallback | None = None,
                   config: dict | None = None, **spec_flags: Any) -> ExecResult:
         """One command in a fresh sandbox, destroyed afterwards (owned by this process meanwhile)."""
+        import asyncio
+
         from .manager import SandboxManager
 
-        spec = cls._resolve(spec_flags, config, argv)
+        spec = await asyncio.to_thread(cls._resolve, spec_flags, config, argv)  # may pull: off the loop
         mgr = SandboxManager()
         try:
             return await mgr.run(spec, ExecRequest(argv, env=env, cwd=cwd, timeout=timeout, stdin=stdin,

@@ -10,7 +10,7 @@ Standard library only: this module is imported on the CLI's hot path.
 
 from __future__ import annotations
 
-from ._model import Field, Model
+from ._model import Field, Model, is_env_name
 from .errors import ValidationError
 
 TYPE_CHECKING = False  # typing costs ~2 ms at start-up; annotations here are never evaluated
@@ -25,15 +25,11 @@ _ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01234567
 _NAME_CHARS = _ALNUM | frozenset("-_")
 # Image references: registry/path:tag@digest characters only.
 _IMAGE_CHARS = _ALNUM | frozenset("._/:@-")
-_ENV_CHARS = _ALNUM | frozenset("_")
 
 
 def _is_name(s: str) -> bool:
     return (0 < len(s) <= 63 and s[0] in _ALNUM and s[-1] in _ALNUM and set(s) <= _NAME_CHARS)
 
-
-def is_env_name(s: str) -> bool:
-    return bool(s) and s[0] not in "0123456789" and set(s) <= _ENV_CHARS
 
 PROFILE_NAMES = ("permissive", "moderate", "restrictive")
 SECCOMP_PROFILES = ("default", "restrictive")
@@ -99,12 +95,29 @@ def _check_user(value: str, label: str) -> None:
         raise ValidationError(f"{label} must be numeric 'uid' or 'uid:gid', got {value!r}")
 
 
-def _check_hosts(value: tuple[str, ...], label: str) -> None:
-    import re
+def _check_net_entries(value: tuple[str, ...], label: str) -> None:
+    if value:
+        from .egress.rules import check_allow
 
-    for h in value:
-        if not re.match(r"^(\*\.)?[A-Za-z0-9.-]+(:\d+)?$|^[0-9a-fA-F:.]+(/\d+)?$", h):
-            raise ValidationError(f"{label}: invalid host pattern {h!r}")
+        check_allow(value, label)
+
+
+def _check_secret_bindings(value: tuple[str, ...], label: str) -> None:
+    if value:
+        from .egress.rules import check_bindings
+
+        check_bindings(value, label)
+
+
+NETWORK_MODES = ("none", "allowlist", "open")
+
+
+def network_mode(policy: Policy) -> str:
+    """none (only loopback), allowlist (only what network_allow names, through the egress gateway) or
+    open (the outside world, never the host, other sandboxes or metadata addresses)."""
+    if policy.network_allow:
+        return "allowlist"
+    return "open" if policy.network else "none"
 
 
 class Resources(Model):
@@ -121,7 +134,12 @@ class Policy(Model):
 
     profile = Field("str", "moderate", choices=PROFILE_NAMES)
     network = Field("bool", False, doc="any network at all (loopback is always there)")
-    network_allow = Field("strlist", (), check=_check_hosts, doc="egress allowlist (host[:port])")
+    network_allow = Field("strlist", (), check=_check_net_entries,
+                          doc="egress allowlist: host, *.domain, CIDR, each with an optional :port")
+    network_block = Field("strlist", (), check=_check_net_entries, doc="destinations refused whatever the mode")
+    secrets = Field("strlist", (), check=_check_secret_bindings,
+                    doc="secrets bound to hosts (NAME:HOST[:HEADER]); the sandbox sees a placeholder")
+    tls_intercept = Field("bool", False, doc="the gateway terminates TLS to secret-bound hosts with a per-sandbox CA")
     read_only_root = Field("bool", False)
     mount_cwd = Field("bool", False, doc="bind the caller's working directory at /workspace")
     pass_env = Field("strlist", (), check=_check_env_names, doc="host variables passed through")

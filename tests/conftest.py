@@ -97,3 +97,15 @@ def pytest_runtest_makereport(item, call):
         rep.longrepr = (f"required backend {backend!r} is unavailable in CI "
                         f"(AGENTKERNEL_REQUIRED_BACKENDS={os.environ.get('AGENTKERNEL_REQUIRED_BACKENDS')!r}): "
                         f"{reason}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Networked sandboxes of this session used its own egress bridge and gateway: remove them."""
+    from agentkernel import paths
+
+    if not os.path.exists(os.path.join(paths.runtime_dir(), "egress", "net.json")):
+        return
+    from agentkernel.egress import gateway_ctl, netns
+
+    gateway_ctl.stop()
+    netns.remove_bridge()

@@ -32,6 +32,12 @@ AGENT_READY_TIMEOUT = 30.0
 class AgentContainerBackend(Backend, AgentAccess):
     """Backend base for agent-in-container engines. Subclasses implement the ``_engine_*`` methods."""
 
+    # networked sandboxes get a namespace behind the egress gateway (egress/), which the engine joins
+    uses_egress = False
+    # the engine cannot join a namespace path: the sandbox's init waits until the host moved the network
+    # into the namespace the engine made (egress.attach.complete after start)
+    egress_deferred = False
+
     # -- engine operations (subclass) --
     async def _engine_create(self, plan: _container.ContainerPlan) -> str:
         """Create (not start) the container; return the engine's id for it."""
@@ -71,12 +77,19 @@ class AgentContainerBackend(Backend, AgentAccess):
             )
         run_dir = _container.prepare_run_dir(sandbox_id, _container.resolve_user(spec))
         name = container_name(sandbox_id)
-        p = _container.plan(spec, sandbox_id=sandbox_id, owner=owner, container_name=name,
-                            agent_bin=agent, run_dir=run_dir, pids_overhead=self.pids_overhead)
         try:
+            net = None
+            if self.uses_egress and spec.policy.network:
+                import asyncio
+
+                net = await asyncio.to_thread(_container.attach_network, spec, sandbox_id, self.egress_deferred)
+            p = _container.plan(spec, sandbox_id=sandbox_id, owner=owner, container_name=name,
+                                agent_bin=agent, run_dir=run_dir, pids_overhead=self.pids_overhead, net=net)
             cid = await (self._engine_run_detached(p) if start else self._engine_create(p))
         except BaseException:
             _container.remove_run_dir(sandbox_id)
+            if self.uses_egress:
+                _container.release_network(sandbox_id)
             raise
         ref = SandboxRef(self.name, sandbox_id, {"container": name, "container_id": cid, "run_dir": run_dir}, spec)
         if start:
@@ -221,6 +234,8 @@ class AgentContainerBackend(Backend, AgentAccess):
     async def remove(self, ref: SandboxRef) -> None:
         await self._engine_remove(ref.handle.get("container") or container_name(ref.id))
         _container.remove_run_dir(ref.id)
+        if self.uses_egress:
+            _container.release_network(ref.id)
 
     async def status(self, ref: SandboxRef) -> str:
         state, _ = await self._engine_state(ref.handle["container"])

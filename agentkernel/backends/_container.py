@@ -16,6 +16,10 @@ from .. import paths
 from ..spec import DEFAULT_TMPFS_MB, SandboxSpec
 from .base import owner_labels
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 # The controls every container engine here enforces (podman, docker; gVisor and Apple subtract).
 CONTAINER_CONTROLS = {
     "network_none", "network_full", "read_only_root", "memory", "cpu", "pids", "disk_tmpfs",
@@ -35,6 +39,7 @@ class ContainerPlan:
         "binds",
         "cmd",
         "cpus",
+        "dns",
         "entrypoint",
         "env",
         "hostname",
@@ -43,9 +48,11 @@ class ContainerPlan:
         "labels",
         "memory_bytes",
         "name",
+        "netns",
         "network",
         "pids",
         "read_only",
+        "resolv",
         "seccomp_file",
         "tmpfs",
         "user",
@@ -94,6 +101,25 @@ def remove_run_dir(sandbox_id: str) -> None:
     remove_flat_dir(sandbox_run_dir(sandbox_id))
 
 
+NET_READY_IN = f"{AGENT_RUN_IN}/net-ready"  # engines that make the namespace themselves: see egress.attach.complete
+
+
+def attach_network(spec: SandboxSpec, sandbox_id: str, deferred: bool = False) -> Any:
+    """The sandbox's egress attachment (network modes allowlist/open), or None for network none."""
+    if not spec.policy.network:
+        return None
+    from ..egress.attach import attach
+
+    return attach(spec, sandbox_id, deferred=deferred)
+
+
+def release_network(sandbox_id: str) -> None:
+    """Undo attach_network (no-op, one stat, when there is nothing)."""
+    from ..egress.attach import release
+
+    release(sandbox_id)
+
+
 def remove_flat_dir(path: str) -> None:
     """Remove a run dir, which the sandbox's user can write into: the usual content (sockets, status
     files, links) goes with unlinks relative to the directory's own fd (never following a link); anything
@@ -136,6 +162,7 @@ def plan(
     cwd: str | None = None,
     interactive: bool = False,
     pids_overhead: int = 0,
+    net: Any = None,
 ) -> ContainerPlan:
     """``argv`` given: a one-shot container running argv (under ``ak-agent exec`` when the agent is
     available: signal forwarding, zombie reaping, exact status and OOM report). ``argv`` None: a
@@ -158,6 +185,8 @@ def plan(
             tmpfs.append((path, f"rw,nosuid,nodev,size={size}m,mode={mode}{owned}"))
     entrypoint: list[str] | None
     cmd: list[str]
+    if net is not None:
+        binds.extend(net.binds)
     if agent_bin:
         binds.append((agent_bin, AGENT_BIN_IN, True))
         if run_dir:
@@ -183,6 +212,8 @@ def plan(
         entrypoint = [AGENT_BIN_IN, "serve", "--listen", AGENT_SOCK_IN]
         cmd = []
     env = dict(spec.env)
+    if net is not None:  # an egress.attach.Attachment: proxy variables and secret placeholders
+        env.update(net.env)
     from ..seccomp import profile_path
 
     return ContainerPlan(
@@ -193,7 +224,10 @@ def plan(
         env=env,
         workdir=spec.workdir,
         hostname=spec.hostname,
-        network="default" if pol.network else "none",
+        network="netns" if net is not None else ("default" if pol.network else "none"),
+        netns=net.netns if net is not None else None,
+        dns=net.dns if net is not None else None,
+        resolv=net.resolv if net is not None else None,
         read_only=pol.read_only_root,
         tmpfs=tmpfs,
         binds=binds,
@@ -217,6 +251,8 @@ def podman_args(p: ContainerPlan, *, network_default: str | None = None) -> list
         a += ["--security-opt", f"seccomp={p.seccomp_file}"]
     if p.network == "none":
         a += ["--network", "none"]
+    elif p.network == "netns":  # the namespace the egress gateway made (egress/netns.py)
+        a += ["--network", f"ns:{p.netns}", "--dns", p.dns]
     elif network_default:
         a += ["--network", network_default]
     if p.memory_bytes is not None:
@@ -259,15 +295,32 @@ STATUS_MAX = 4096  # the agent writes one short line
 
 
 def oneshot_plan(spec, argv: list[str], *, sandbox_id: str, owner: dict, interactive: bool,
-                 pids_overhead: int = 0) -> tuple[str | None, ContainerPlan]:
+                 pids_overhead: int = 0, egress: bool = False,
+                 egress_deferred: bool = False) -> tuple[str | None, ContainerPlan]:
     """The run dir (None without the agent) and plan of a one-shot container: ``ak-agent exec`` as init
-    reports the exact status into the run dir's ``status`` file."""
+    reports the exact status into the run dir's ``status`` file. ``egress``: the backend joins network
+    modes through ``agentkernel.egress`` (attached here; ``oneshot_cleanup`` releases it)."""
     agent = paths.agent_binary()
     run_dir = prepare_run_dir(sandbox_id, resolve_user(spec)) if agent else None
+    net = None
+    if egress and spec.policy.network:
+        try:
+            net = attach_network(spec, sandbox_id, egress_deferred)
+        except BaseException:
+            oneshot_cleanup(spec, sandbox_id, run_dir)
+            raise
     p = plan(spec, sandbox_id=sandbox_id, owner=owner, container_name=container_name(sandbox_id), argv=argv,
              agent_bin=agent, run_dir=run_dir, cwd=os.getcwd(), interactive=interactive,
-             pids_overhead=pids_overhead)
+             pids_overhead=pids_overhead, net=net)
     return run_dir, p
+
+
+def oneshot_cleanup(spec, sandbox_id: str, run_dir: str | None) -> None:
+    """What ``oneshot_plan`` made on the host: the run dir and the sandbox's egress network."""
+    if run_dir:
+        remove_flat_dir(run_dir)
+    if spec.policy.network:
+        release_network(sandbox_id)
 
 
 def read_status(run_dir: str | None) -> dict[str, int] | None:

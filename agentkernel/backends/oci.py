@@ -39,6 +39,11 @@ if TYPE_CHECKING:
 
 OCI_CONTROLS = {
     "network_none",
+    # network modes open/allowlist with crun/runc: the bundle joins the namespace agentkernel.egress made
+    # (one route, to the egress gateway; firewall inside it). runsc is refused in check().
+    "network_full",
+    "network_allowlist",
+    "secret_injection",
     "read_only_root",
     "memory",
     "cpu",
@@ -98,14 +103,13 @@ class OCIBackend(AgentContainerBackend, OneShot):
         )
 
     def check(self, spec) -> None:
-        if spec.policy.network:
+        if spec.policy.network and self.runtime == "runsc":
             ctl = "network_allowlist" if spec.policy.network_allow else "network_full"
             raise PolicyNotEnforceable(
-                f"backend 'oci' cannot enforce {ctl} ({CONTROLS[ctl]}): it gives sandboxes no "
-                "network, a fresh network namespace with only loopback (policy.network = true is refused "
-                "rather than sharing the host's network)",
-                hint="use --no-network (profile moderate or restrictive), or --backend podman/docker "
-                "for network",
+                f"backend 'oci' with runtime runsc cannot enforce {ctl} ({CONTROLS[ctl]}): it gives sandboxes "
+                "no network (gVisor's own network stack would send packets past the firewall inside the "
+                "sandbox's namespace; not proven here)",
+                hint="use --network none, or -o runtime=crun / runc for network",
             )
         super().check(spec)
         if self.runtime == "crun" and rt.binary("crun") is None and rt.binary("runc") is not None:
@@ -160,6 +164,13 @@ class OCIBackend(AgentContainerBackend, OneShot):
                 "labels": p.labels,
             },
         )
+        if p.network == "netns":  # the resolver is the egress gateway
+            resolv = os.path.join(bdir, "resolv.conf")
+            with open(resolv, "w") as f:
+                f.write(f"nameserver {p.dns}\n")
+            os.chmod(resolv, 0o644)
+            cfg["mounts"].append({"destination": "/etc/resolv.conf", "type": "bind", "source": resolv,
+                                  "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]})
         rt.write_json(os.path.join(bdir, "config.json"), cfg)
         return bdir, overlay
 
@@ -177,7 +188,8 @@ class OCIBackend(AgentContainerBackend, OneShot):
         pumps = None
         clean = False
         try:
-            p = _plan(spec, sandbox_id, owner, paths.agent_binary(), None, argv)
+            net = _container.attach_network(spec, sandbox_id)
+            p = _plan(spec, sandbox_id, owner, paths.agent_binary(), None, argv, net)
             bdir, overlay = self._prepare_bundle(spec, p, sandbox_id, named=False)
             watch = rt.MemoryWatch(sandbox_id, p.memory_bytes, watch=True)
             pre = rt.Preexec(overlay, pdeathsig=True)
@@ -222,6 +234,8 @@ class OCIBackend(AgentContainerBackend, OneShot):
             if watch is not None:
                 watch.close()
             self._cleanup_oneshot(sandbox_id, clean)
+            if spec.policy.network:
+                _container.release_network(sandbox_id)
 
     def _wait(self, proc: rt.Proc, sandbox_id: str, timeout: float | None) -> tuple[int, bool]:
         """(exit status, timed out). SIGTERM/SIGHUP are passed to the runtime (and on to the command)."""
@@ -290,11 +304,13 @@ class OCIBackend(AgentContainerBackend, OneShot):
             )
         rt.require_binary(self.runtime)
         run_dir = _container.prepare_run_dir(sandbox_id, _container.resolve_user(spec))
-        p = _plan(spec, sandbox_id, owner, agent, run_dir)
         try:
+            net = await asyncio.to_thread(_container.attach_network, spec, sandbox_id)
+            p = _plan(spec, sandbox_id, owner, agent, run_dir, None, net)
             bdir, _ = await asyncio.to_thread(self._prepare_bundle, spec, p, sandbox_id, named=True)
         except BaseException:
             await asyncio.to_thread(rt.destroy, sandbox_id, self.runtime)
+            await asyncio.to_thread(_container.release_network, sandbox_id)
             raise
         return SandboxRef(
             self.name,
@@ -427,6 +443,7 @@ class OCIBackend(AgentContainerBackend, OneShot):
         await asyncio.to_thread(
             rt.destroy, ref.id, ref.handle.get("runtime") or rt.read_meta(ref.id).get("runtime")
         )
+        await asyncio.to_thread(_container.release_network, ref.id)
 
     async def status(self, ref: SandboxRef) -> str:
         state, _ = await self._engine_state(ref.id)
@@ -471,10 +488,10 @@ class OCIBackend(AgentContainerBackend, OneShot):
 
 
 def _plan(spec, sandbox_id: str, owner: dict[str, Any], agent: str | None, run_dir: str | None,
-          argv: list[str] | None = None) -> _container.ContainerPlan:
+          argv: list[str] | None = None, net: Any = None) -> _container.ContainerPlan:
     """The container plan of an oci sandbox (its runtime container is named by the sandbox id)."""
     return _container.plan(spec, sandbox_id=sandbox_id, owner=owner, container_name=sandbox_id, argv=argv,
-                           agent_bin=agent, run_dir=run_dir, cwd=os.getcwd())
+                           agent_bin=agent, run_dir=run_dir, cwd=os.getcwd(), net=net)
 
 
 def _make_workdir(upper: str, lower: str, p) -> None:

@@ -22,10 +22,16 @@ if TYPE_CHECKING:
 
 
 
+# Network modes open and allowlist: the sandbox joins a namespace made by agentkernel.egress (one route,
+# to the egress gateway; firewall inside the namespace), never podman's own bridge.
+PODMAN_CONTROLS = CONTAINER_CONTROLS | {"network_allowlist", "secret_injection"}
+
+
 class PodmanBackend(AgentContainerBackend, OneShot):
     name = "podman"
     binary = "podman"
-    capabilities = Capabilities(CONTAINER_CONTROLS, {"exec", "files", "agent", "oneshot", "tty", "pool"},
+    uses_egress = True
+    capabilities = Capabilities(PODMAN_CONTROLS, {"exec", "files", "agent", "oneshot", "tty", "pool"},
                                 isolation="container (shared kernel)")
     options_allowed: ClassVar[tuple[str, ...]] = ()
 
@@ -134,7 +140,8 @@ class PodmanBackend(AgentContainerBackend, OneShot):
 
         interactive = stdio.forward_stdin
         run_dir, plan = _container.oneshot_plan(spec, argv, sandbox_id=sandbox_id, owner=owner,
-                                                interactive=interactive, pids_overhead=self.pids_overhead)
+                                                interactive=interactive, pids_overhead=self.pids_overhead,
+                                                egress=self.uses_egress, egress_deferred=self.egress_deferred)
         try:
             cmd = self.oneshot_command(plan)
             exe = which(cmd[0])
@@ -166,8 +173,7 @@ class PodmanBackend(AgentContainerBackend, OneShot):
                 return _container.status_outcome(status)
             return Outcome(self._engine_failure(spec, plan.name, rc, run_dir is not None))
         finally:
-            if run_dir:
-                _container.remove_flat_dir(run_dir)
+            _container.oneshot_cleanup(spec, sandbox_id, run_dir)
 
     def _engine_failure(self, spec, name: str, rc: int, with_agent: bool) -> int:
         """No status file: the engine failed before/around the command (or there is no agent)."""
