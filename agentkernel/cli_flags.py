@@ -96,8 +96,14 @@ def convert(f: Flag, text: str):
         return int(text)
     if f.kind in ("float", "pfloat"):
         v = float(text)
-        if f.kind == "pfloat" and not v > 0:
-            raise ValueError(f"must be positive, got {text!r}")
+        if f.kind == "pfloat":
+            from .errors import ValidationError
+            from .spec import validate_timeout
+
+            try:
+                return validate_timeout(v, f.names[-1])
+            except ValidationError as exc:
+                raise ValueError(exc.message) from None
         return v
     if f.kind == "kv":
         k, sep, v = text.partition("=")

@@ -246,6 +246,11 @@ def resolve_for_command(flags: dict | None, argv: list[str] | None, *,
     from .config import resolve_spec
 
     spec = resolve_spec(flags, config=config, environ=environ)
+    if spec.policy.mount_cwd and not spec.policy.mount_source:
+        import os
+
+        # the caller's directory, fixed now: a daemon or pool that creates the sandbox elsewhere binds it
+        spec = spec.replace(policy=spec.policy.replace(mount_source=os.path.realpath(os.getcwd())))
     return image_for_spec(spec, argv, config=config, config_path=config_path,
                           explicit=explicit_image(flags, config), pull=pull, progress=progress)
 

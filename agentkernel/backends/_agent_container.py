@@ -14,6 +14,7 @@ import time
 
 from .. import paths
 from ..errors import BackendUnavailable, InvalidState, NotFound, SandboxError
+from ..safefs import UnsafeFile
 from ..spec import SandboxSpec
 from . import _container
 from ._agentexec import parse_environ
@@ -178,6 +179,10 @@ class AgentContainerBackend(Backend, AgentAccess):
         sock = self._socket(ref)
         try:
             return await AgentClient.connect(sock)
+        except UnsafeFile as exc:
+            raise SandboxError(f"sandbox {ref.spec.name or ref.id}: refusing to connect to its agent: {exc} "
+                               "(something inside the sandbox replaced it)",
+                               hint=f"agentkernel rm {ref.spec.name or ref.id}") from None
         except OSError:
             state, _ = await self._engine_state(ref.handle["container"])
             if state == "missing":

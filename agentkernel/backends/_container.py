@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from .. import paths
-from ..spec import DEFAULT_TMPFS_MB, SandboxSpec
+from ..spec import DEFAULT_TMPFS_MB, SandboxSpec, check_engine_path, mount_source_of
 from .base import owner_labels
 
 TYPE_CHECKING = False
@@ -172,7 +172,7 @@ def plan(
     binds: list[tuple[str, str, bool]] = []
     tmpfs: list[tuple[str, str]] = []
     if pol.mount_cwd:
-        binds.append((os.path.realpath(cwd or os.getcwd()), "/workspace", False))
+        binds.append((mount_source_of(spec, cwd), "/workspace", False))
     if pol.read_only_root:
         size = res.disk_mb or DEFAULT_TMPFS_MB
         uid, _, gid = user.partition(":")
@@ -211,6 +211,11 @@ def plan(
             )
         entrypoint = [AGENT_BIN_IN, "serve", "--listen", AGENT_SOCK_IN]
         cmd = []
+    for path, _opts in tmpfs:
+        check_engine_path(path, "tmpfs mount point")
+    for src, dst, _ro in binds:
+        check_engine_path(src, "bind mount source")
+        check_engine_path(dst, "bind mount target")
     env = dict(spec.env)
     if net is not None:  # an egress.attach.Attachment: proxy variables and secret placeholders
         env.update(net.env)
@@ -325,24 +330,16 @@ def oneshot_cleanup(spec, sandbox_id: str, run_dir: str | None) -> None:
 
 def read_status(run_dir: str | None) -> dict[str, int] | None:
     """The status file ``ak-agent exec --status-file`` writes: exact exit code, signal, OOM. The sandbox
-    can write its run dir, so the file is opened without following links or blocking on a FIFO, must be
-    a regular file, and is read up to ``STATUS_MAX`` bytes."""
+    can write its run dir: ``safefs`` reads it without following links or blocking on a FIFO, bounded."""
     if not run_dir:
         return None
-    try:
-        fd = os.open(os.path.join(run_dir, "status"), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+    from ..safefs import read_regular_or_none
+
+    data = read_regular_or_none(run_dir, "status", STATUS_MAX)
+    if data is None:
         return None
-    try:
-        if (os.fstat(fd).st_mode & 0o170000) != 0o100000:
-            return None
-        text = os.read(fd, STATUS_MAX).decode("ascii", "replace")
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
     out: dict[str, int] = {}
-    for part in text.split():
+    for part in data.decode("ascii", "replace").split():
         k, _, v = part.partition("=")
         if v.lstrip("-").isdigit() and len(v) < 12:
             out[k] = int(v)

@@ -44,6 +44,7 @@ OCI_CONTROLS = {
     "network_full",
     "network_allowlist",
     "secret_injection",
+    "disk_rootfs",  # the writable layer on a tmpfs of disk_mb (see _prepare_bundle)
     "read_only_root",
     "memory",
     "cpu",
@@ -129,8 +130,23 @@ class OCIBackend(AgentContainerBackend, OneShot):
         overlay = None
         mh = rt.memory_hierarchy()  # v1: the limit sits on the parent cgroup, the container's is above it
         slack = bundle.MEMORY_SLACK if mh and mh[1] == 1 else 0
+        layer_cap = None
+        # gVisor keeps /tmp in its own (unsized) memory tmpfs unless the spec mounts one: size it
+        if (self.runtime == "runsc" and not p.read_only and spec.resources.disk_mb is not None
+                and not any(dst == "/tmp" for dst, _ in p.tmpfs or ())):
+            p.tmpfs = [*(p.tmpfs or ()), ("/tmp", f"rw,nosuid,nodev,size={spec.resources.disk_mb}m,mode=1777")]
         if bundle.needs_overlay(p, rf.path):
-            upper, work, mnt = (os.path.join(bdir, d) for d in ("upper", "work", "rootfs"))
+            if not p.read_only and spec.resources.disk_mb is not None:
+                # the writable layer lives on a tmpfs of disk_mb (its pages also count against the
+                # sandbox's memory cgroup): a full layer is ENOSPC for the sandbox, never the host's disk
+                layer_cap = spec.resources.disk_mb
+                layer = os.path.join(bdir, "layer")
+                os.mkdir(layer, 0o700)
+                rt.mount_tmpfs(layer, f"size={layer_cap}m,mode=0755")
+                upper, work = os.path.join(layer, "upper"), os.path.join(layer, "work")
+            else:
+                upper, work = os.path.join(bdir, "upper"), os.path.join(bdir, "work")
+            mnt = os.path.join(bdir, "rootfs")
             for d in (upper, work, mnt):
                 os.mkdir(d, 0o755)
             _make_workdir(upper, rf.path, p)
@@ -160,6 +176,7 @@ class OCIBackend(AgentContainerBackend, OneShot):
                 "image_id": rf.id,
                 "overlay": list(overlay or ()),
                 "memory_bytes": p.memory_bytes,
+                "layer_cap_mb": layer_cap,
                 "named": named,
                 "labels": p.labels,
             },
@@ -193,9 +210,8 @@ class OCIBackend(AgentContainerBackend, OneShot):
             bdir, overlay = self._prepare_bundle(spec, p, sandbox_id, named=False)
             watch = rt.MemoryWatch(sandbox_id, p.memory_bytes, watch=True)
             pre = rt.Preexec(overlay, pdeathsig=True)
-            # The command gets our fds 0/1/2 as they are (no copies), except: a terminal is never handed
-            # to the sandbox (TIOCSTI could type into the user's shell), and gVisor may lose output
-            # written to a regular file; those go through pipes we pump.
+            # The command gets our fds 0/1/2 as they are only when they are pipes or /dev/null; regular
+            # files, terminals, sockets and devices go through pipes we pump (see _Pumps).
             pumps = _Pumps(gvisor=self.runtime == "runsc")
             stdin = pumps.stdin(stdio.stdin) if stdio.forward_stdin else -1  # -1: /dev/null
             stdout, stderr = pumps.out(stdio.stdout), pumps.out(stdio.stderr)
@@ -285,7 +301,10 @@ class OCIBackend(AgentContainerBackend, OneShot):
         parts remain (parent cgroups, bundle). Anything unusual: the full clean-up."""
         if clean and not rt.state_entries(self.runtime, sandbox_id):
             rt.remove_parent_cgroups(sandbox_id)
-            rt.rmtree(rt.bundle_dir(sandbox_id))
+            bdir = rt.bundle_dir(sandbox_id)
+            if os.path.isdir(os.path.join(bdir, "layer")):
+                rt.umount_all(bdir)  # the capped writable layer's tmpfs
+            rt.rmtree(bdir)
             return
         rt.destroy(sandbox_id, self.runtime)
 
@@ -560,8 +579,11 @@ def host_problems(runtime: str) -> list[tuple[str, str]]:
 
 
 class _Pumps:
-    """Pipes between the runtime and our stdio where passing the fd itself is wrong: terminals (never
-    given to the sandbox) and, for gVisor, anything that is not already a pipe."""
+    """Pipes between the runtime and our stdio. The runtime chowns the container's fds 0-2 to the sandbox
+    user, and the sandbox can reopen them through /proc/1/fd/N: so only a pipe (FIFO) or /dev/null of the
+    caller is handed over as is. A regular file (it would be chowned, reopened, read and truncated), a
+    terminal (TIOCSTI could type into the user's shell), a socket or any other device goes through a pipe
+    of ours that a thread pumps."""
 
     def __init__(self, gvisor: bool) -> None:
         self.gvisor = gvisor
@@ -570,16 +592,17 @@ class _Pumps:
         self.started = False
         self.stdin_src = -1
 
-    def _needs_pipe(self, fd: int) -> bool:
+    @staticmethod
+    def _needs_pipe(fd: int) -> bool:
         import stat
 
         try:
-            mode = os.fstat(fd).st_mode
+            st = os.fstat(fd)
         except OSError:
+            return False  # closed: nothing to hand over
+        if stat.S_ISFIFO(st.st_mode):
             return False
-        if os.isatty(fd):
-            return True
-        return self.gvisor and not stat.S_ISFIFO(mode)
+        return not (stat.S_ISCHR(st.st_mode) and st.st_rdev == _DEV_NULL)
 
     def out(self, target: int) -> int | None:
         if not self._needs_pipe(target):
@@ -589,7 +612,7 @@ class _Pumps:
         return w
 
     def stdin(self, fd: int = 0) -> int | None:
-        if not os.isatty(fd):
+        if not self._needs_pipe(fd):
             return None
         r, w = os.pipe()
         self.jobs.append((fd, w, r))
@@ -625,6 +648,9 @@ class _Pumps:
                 except OSError:
                     pass
         self.jobs.clear()
+
+
+_DEV_NULL = os.makedev(1, 3)
 
 
 def _copy_fd(src: int, dst: int, close_dst: bool) -> None:
