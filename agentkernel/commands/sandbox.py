@@ -12,7 +12,7 @@ from ..backends.base import ExecRequest
 from ..errors import AgentKernelError, ValidationError
 from ..manager import SandboxManager
 from ..spec import validate_name
-from .run import _result_code, _write_all, stdin_chunks
+from ..termio import stdin_chunks, stdin_forwardable, write_all
 
 
 def _with_manager(fn):
@@ -27,10 +27,10 @@ def _with_manager(fn):
 
 
 def create(args) -> int:
-    from ..cli import resolve
+    from ..cli_flags import spec_from_args
 
     validate_name(args.name)
-    spec = resolve(args, None).replace(name=args.name)
+    spec = spec_from_args(args, None).replace(name=args.name)
 
     async def go(mgr):
         rec = await mgr.create(spec, start=args.start)
@@ -69,22 +69,17 @@ def rm(args) -> int:
 def exec_cmd(args, command: list[str]) -> int:
     async def go(mgr):
         rec = mgr.get(args.name)
-        forward = _stdin_attached()
+        forward = stdin_forwardable()
         req = ExecRequest(command, env=dict(args.env), cwd=args.workdir,
                           stdin=stdin_chunks() if forward else None, timeout=args.timeout,
-                          on_output=lambda fd, data: _write_all(fd, data))
+                          on_output=write_all)
         result = await mgr.exec(args.name, req)
-        from ..spec import SandboxSpec
+        from ..outcome import from_result, render
 
-        return _result_code(result, args.timeout, SandboxSpec.from_dict(rec.spec))
+        return render(from_result(result), timeout=args.timeout,
+                      memory_mb=(rec.spec.get("resources") or {}).get("memory_mb"))
 
     return _with_manager(go)
-
-
-def _stdin_attached() -> bool:
-    from .run import _forward_stdin
-
-    return _forward_stdin()
 
 
 def _parse_cp(arg: str) -> tuple[str | None, str]:
