@@ -248,19 +248,14 @@ def spec_flags(args) -> dict:
 
 
 def spec_from_args(args, argv: list[str] | None):
-    """Flags + env + config file -> SandboxSpec, its image from ``imagesel.image_for_spec`` (explicit ->
-    pulled per policy, [build] -> built, else chosen for the command among local images)."""
+    """Flags + env + config file -> SandboxSpec, the image by ``imagesel.resolve_for_command``."""
     import os
 
     from . import config
-    from .imagesel import image_for_spec
 
     cfg_path = config.find_config(args.config, os.getcwd())
     cfg = config.load_config(cfg_path)
-    flags = spec_flags(args)
-    spec = config.resolve_spec(flags, config=cfg)
-    if spec.policy.mount_cwd and not spec.policy.mount_source:
-        # the caller's directory, fixed now: a daemon or pool that creates the sandbox elsewhere binds it
-        spec = spec.replace(policy=spec.policy.replace(mount_source=os.path.realpath(os.getcwd())))
-    return image_for_spec(spec, argv, config=cfg, config_path=cfg_path, explicit=config.explicit_image(flags, cfg),
-                          pull=getattr(args, "pull", None))
+    from .imagesel import resolve_for_command
+
+    return resolve_for_command(spec_flags(args), argv, config=cfg, config_path=cfg_path,
+                                      pull=getattr(args, "pull", None))

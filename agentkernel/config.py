@@ -274,14 +274,6 @@ def resolve_spec(
         raise ConfigError(str(exc)) from None
 
 
-def explicit_image(flags: dict[str, Any] | None, config: dict[str, dict[str, Any]] | None) -> bool:
-    """Whether the image is named (flags, AGENTKERNEL_IMAGE, or the config's [sandbox] image) rather than
-    left to be chosen for the command."""
-    return bool((flags or {}).get("image") or _env_choice("AGENTKERNEL_IMAGE")
-                or (config or {}).get("sandbox", {}).get("image"))
-
-
-
 # ---- [orchestrator]: the kubernetes and nomad backends ------------------------------------------------
 # The reference's keys (provider .. max_sandboxes) plus what a real cluster needs beyond them. Every key
 # is also a backend option (``[sandbox] options`` / ``--option``), which wins over this table. Environment:

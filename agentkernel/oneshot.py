@@ -8,12 +8,13 @@ path); every other backend goes through its asyncio ``run``.
 
 The claim is released once the backend has destroyed what it made (normally, or after an error it
 reported as ``AgentKernelError``). On anything else the claim stays: this process is about to exit,
-and the next agentkernel command reaps whatever is left.
+and the next agentkernel command reaps whatever is left. The synchronous (CLI) path also arms a
+``deathwatch``: if this process is SIGKILLed, a watcher removes the sandbox at once.
 """
 
 from __future__ import annotations
 
-from . import audit, owner
+from . import audit, deathwatch, owner
 from .backends.base import OneShot
 from .errors import AgentKernelError
 
@@ -133,11 +134,16 @@ class _Claim:
 
     def __enter__(self) -> _Claim:
         owner.claim(self.backend.name, self.sid, self.backend.planned_handle(self.sid), self.owner)
+        if self.keep_on_error:  # this process is the CLI: a SIGKILL must not leave the sandbox running
+            deathwatch.arm(self.backend.name, self.sid)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None or not self.keep_on_error or issubclass(exc_type, AgentKernelError):
             owner.release(self.backend.name, self.sid)
+            if self.keep_on_error:
+                deathwatch.disarm(self.backend.name, self.sid)
+        # else: the claim stays, and the armed watcher removes the sandbox as soon as this process exits
 
 
 def _audit(backend: Backend, spec: SandboxSpec, sid: str, argv: list[str], exit_code: int, timed_out: bool,

@@ -311,45 +311,46 @@ STATUS_MAX = 4096  # the agent writes one short line
 
 
 def oneshot_plan(spec, argv: list[str], *, sandbox_id: str, owner: dict, interactive: bool,
-                 pids_overhead: int = 0, net: Any = None) -> tuple[str | None, ContainerPlan]:
+                 pids_overhead: int = 0, egress: bool = False,
+                 egress_deferred: bool = False) -> tuple[str | None, ContainerPlan]:
     """The run dir (None without the agent) and plan of a one-shot container: ``ak-agent exec`` as init
-    reports the exact status into the run dir's ``status`` file. ``net``: from ``oneshot_network``."""
+    reports the exact status into the run dir's ``status`` file. ``egress``: the backend joins network
+    modes through ``agentkernel.egress`` (attached here; ``oneshot_cleanup`` releases it)."""
     agent = paths.agent_binary()
     run_dir = prepare_run_dir(sandbox_id, resolve_user(spec)) if agent else None
+    net = None
+    if egress and spec.policy.network:
+        try:
+            net = attach_network(spec, sandbox_id, egress_deferred)
+        except BaseException:
+            oneshot_cleanup(spec, sandbox_id, run_dir)
+            raise
     p = plan(spec, sandbox_id=sandbox_id, owner=owner, container_name=container_name(sandbox_id), argv=argv,
              agent_bin=agent, run_dir=run_dir, cwd=os.getcwd(), interactive=interactive,
              pids_overhead=pids_overhead, net=net)
     return run_dir, p
 
 
-def oneshot_network(spec, sandbox_id: str, *, uses_egress: bool, deferred: bool) -> Any:
-    """The egress network of a one-shot container whose spec asks for network (agentkernel.egress), or
-    None; the caller releases it with ``release_network`` when the run is over."""
-    if uses_egress and spec.policy.network:
-        return attach_network(spec, sandbox_id, deferred)
-    return None
+def oneshot_cleanup(spec, sandbox_id: str, run_dir: str | None) -> None:
+    """What ``oneshot_plan`` made on the host: the run dir and the sandbox's egress network."""
+    if run_dir:
+        remove_flat_dir(run_dir)
+    if spec.policy.network:
+        release_network(sandbox_id)
 
 
 def read_status(run_dir: str | None) -> dict[str, int] | None:
     """The status file ``ak-agent exec --status-file`` writes: exact exit code, signal, OOM. The sandbox
-    can write its run dir, so the file is opened without following links or blocking on a FIFO, must be
-    a regular file, and is read up to ``STATUS_MAX`` bytes."""
+    can write its run dir: ``safefs`` reads it without following links or blocking on a FIFO, bounded."""
     if not run_dir:
         return None
-    try:
-        fd = os.open(os.path.join(run_dir, "status"), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+    from ..safefs import read_regular_or_none
+
+    data = read_regular_or_none(run_dir, "status", STATUS_MAX)
+    if data is None:
         return None
-    try:
-        if (os.fstat(fd).st_mode & 0o170000) != 0o100000:
-            return None
-        text = os.read(fd, STATUS_MAX).decode("ascii", "replace")
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
     out: dict[str, int] = {}
-    for part in text.split():
+    for part in data.decode("ascii", "replace").split():
         k, _, v = part.partition("=")
         if v.lstrip("-").isdigit() and len(v) < 12:
             out[k] = int(v)

@@ -265,16 +265,9 @@ class DockerBackend(AgentContainerBackend, OneShot):
     def run_oneshot(self, spec, argv: list[str], stdio, timeout: float | None, *, sandbox_id: str,
                     owner: dict[str, Any]) -> Outcome:
         """The Engine API's create/attach/start/wait over its socket, synchronously, with ``stdio``."""
-        net = _container.oneshot_network(spec, sandbox_id, uses_egress=self.uses_egress,
-                                         deferred=self.egress_deferred)
-        try:
-            run_dir, plan = _container.oneshot_plan(spec, argv, sandbox_id=sandbox_id, owner=owner,
-                                                    interactive=stdio.forward_stdin, pids_overhead=self.pids_overhead,
-                                                    net=net)
-        except BaseException:
-            if net is not None:
-                _container.release_network(sandbox_id)
-            raise
+        run_dir, plan = _container.oneshot_plan(spec, argv, sandbox_id=sandbox_id, owner=owner,
+                                                interactive=stdio.forward_stdin, pids_overhead=self.pids_overhead,
+                                                egress=self.uses_egress, egress_deferred=self.egress_deferred)
         try:
             code = self.run_attached_sync(plan, timeout=timeout, stdio=stdio)
             if code is None:
@@ -282,10 +275,7 @@ class DockerBackend(AgentContainerBackend, OneShot):
             status = _container.read_status(run_dir)
             return _container.status_outcome(status) if status else Outcome(code)
         finally:
-            if run_dir:
-                _container.remove_flat_dir(run_dir)
-            if net is not None:
-                _container.release_network(sandbox_id)
+            _container.oneshot_cleanup(spec, sandbox_id, run_dir)
 
     def run_attached_sync(self, plan: _container.ContainerPlan, *, timeout: float | None, stdio) -> int | None:
         """Run ``plan`` (a one-shot plan) to completion with the caller's stdio: container stdout to

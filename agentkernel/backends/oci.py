@@ -30,7 +30,7 @@ from ..errors import BackendUnavailable, ConfigError, PolicyNotEnforceable, Sand
 from ..oci import runtime as rt
 from . import _container
 from ._agent_container import AgentContainerBackend
-from .base import Availability, Backend, Capabilities, OneShot, Outcome, SandboxInfo, SandboxRef
+from .base import CONTROLS, Availability, Backend, Capabilities, OneShot, Outcome, SandboxInfo, SandboxRef
 
 TYPE_CHECKING = False  # typing costs ~2-7 ms at start-up; annotations are never evaluated here
 if TYPE_CHECKING:
@@ -105,9 +105,11 @@ class OCIBackend(AgentContainerBackend, OneShot):
 
     def check(self, spec) -> None:
         if spec.policy.network and self.runtime == "runsc":
+            ctl = "network_allowlist" if spec.policy.network_allow else "network_full"
             raise PolicyNotEnforceable(
-                "backend 'oci' with runtime runsc gives sandboxes no network (gVisor's own network stack "
-                "would send packets past the firewall inside the sandbox's namespace; not proven here)",
+                f"backend 'oci' with runtime runsc cannot enforce {ctl} ({CONTROLS[ctl]}): it gives sandboxes "
+                "no network (gVisor's own network stack would send packets past the firewall inside the "
+                "sandbox's namespace; not proven here)",
                 hint="use --network none, or -o runtime=crun / runc for network",
             )
         super().check(spec)
@@ -193,8 +195,7 @@ class OCIBackend(AgentContainerBackend, OneShot):
     def run_oneshot(self, spec, argv: list[str], stdio, timeout: float | None, *, sandbox_id: str,
                     owner: dict[str, Any]) -> Outcome:
         """Run ``argv`` in a fresh sandbox with ``stdio``, then remove everything (the caller claimed
-        ``sandbox_id`` under ``planned_handle`` and armed its deathwatch). Timeout: every process of the
-        sandbox killed."""
+        ``sandbox_id`` under ``planned_handle``). Timeout: every process of the sandbox killed."""
         from .. import paths
 
         self.check(spec)
@@ -205,7 +206,7 @@ class OCIBackend(AgentContainerBackend, OneShot):
         clean = False
         try:
             net = _container.attach_network(spec, sandbox_id)
-            p = _plan(spec, sandbox_id, owner, paths.agent_binary(), None, argv, net=net)
+            p = _plan(spec, sandbox_id, owner, paths.agent_binary(), None, argv, net)
             bdir, overlay = self._prepare_bundle(spec, p, sandbox_id, named=False)
             watch = rt.MemoryWatch(sandbox_id, p.memory_bytes, watch=True)
             pre = rt.Preexec(overlay, pdeathsig=True)
@@ -324,7 +325,7 @@ class OCIBackend(AgentContainerBackend, OneShot):
         run_dir = _container.prepare_run_dir(sandbox_id, _container.resolve_user(spec))
         try:
             net = await asyncio.to_thread(_container.attach_network, spec, sandbox_id)
-            p = _plan(spec, sandbox_id, owner, agent, run_dir, net=net)
+            p = _plan(spec, sandbox_id, owner, agent, run_dir, None, net)
             bdir, _ = await asyncio.to_thread(self._prepare_bundle, spec, p, sandbox_id, named=True)
         except BaseException:
             await asyncio.to_thread(rt.destroy, sandbox_id, self.runtime)
@@ -506,7 +507,7 @@ class OCIBackend(AgentContainerBackend, OneShot):
 
 
 def _plan(spec, sandbox_id: str, owner: dict[str, Any], agent: str | None, run_dir: str | None,
-          argv: list[str] | None = None, net=None) -> _container.ContainerPlan:
+          argv: list[str] | None = None, net: Any = None) -> _container.ContainerPlan:
     """The container plan of an oci sandbox (its runtime container is named by the sandbox id)."""
     return _container.plan(spec, sandbox_id=sandbox_id, owner=owner, container_name=sandbox_id, argv=argv,
                            agent_bin=agent, run_dir=run_dir, cwd=os.getcwd(), net=net)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from .. import _fastjson
+from .. import _fastjson, paths
 from ..errors import BackendUnavailable, SandboxError
 from . import _container
 from ._agent_container import AgentContainerBackend
@@ -139,24 +139,15 @@ class PodmanBackend(AgentContainerBackend, OneShot):
         from .._proc import Proc, WaitTimeout, which
 
         interactive = stdio.forward_stdin
-        net = _container.oneshot_network(spec, sandbox_id, uses_egress=self.uses_egress,
-                                         deferred=self.egress_deferred)
-        try:
-            run_dir, plan = _container.oneshot_plan(spec, argv, sandbox_id=sandbox_id, owner=owner,
-                                                    interactive=interactive, pids_overhead=self.pids_overhead, net=net)
-        except BaseException:
-            if net is not None:
-                _container.release_network(sandbox_id)
-            raise
+        run_dir, plan = _container.oneshot_plan(spec, argv, sandbox_id=sandbox_id, owner=owner,
+                                                interactive=interactive, pids_overhead=self.pids_overhead,
+                                                egress=self.uses_egress, egress_deferred=self.egress_deferred)
         try:
             cmd = self.oneshot_command(plan)
             exe = which(cmd[0])
             if exe is None:
                 raise BackendUnavailable(f"{self.binary} is not installed", hint="bash scripts/setup.sh")
-            # conmon writes a file named `oom` into the client's working directory on an OOM kill: not the
-            # caller's
-            from .. import paths
-
+            # conmon writes a file named `oom` into the client's working directory on an OOM kill: not the caller's
             proc = Proc([exe, *cmd[1:]], stdin=stdio.stdin if interactive else -1, stdout=stdio.stdout,
                         stderr=stdio.stderr, cwd=run_dir or paths.runtime_dir())
             try:
@@ -183,10 +174,7 @@ class PodmanBackend(AgentContainerBackend, OneShot):
                 return _container.status_outcome(status)
             return Outcome(self._engine_failure(spec, plan.name, rc, run_dir is not None))
         finally:
-            if run_dir:
-                _container.remove_flat_dir(run_dir)
-            if net is not None:
-                _container.release_network(sandbox_id)
+            _container.oneshot_cleanup(spec, sandbox_id, run_dir)
 
     def _engine_failure(self, spec, name: str, rc: int, with_agent: bool) -> int:
         """No status file: the engine failed before/around the command (or there is no agent)."""
@@ -210,8 +198,6 @@ class PodmanBackend(AgentContainerBackend, OneShot):
 
 def _engine_cwd() -> str:
     """The podman client's working directory: conmon writes a file named `oom` there on an OOM kill."""
-    from .. import paths
-
     d = os.path.join(paths.runtime_dir(), "engine")
     os.makedirs(d, mode=0o700, exist_ok=True)
     return d

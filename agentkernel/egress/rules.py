@@ -147,12 +147,8 @@ class Binding:
         self.name, self.host, self.header = name, host, header
 
 
-def is_env_name(s: str) -> bool:
-    """An environment variable name (as ``spec.is_env_name``; not imported: spec imports this module)."""
-    return bool(s) and s[0] not in "0123456789" and all(c.isascii() and (c.isalnum() or c == "_") for c in s)
-
-
 def parse_binding(text: str, label: str = "--secret") -> Binding:
+    from .._model import is_env_name
 
     parts = text.split(":") if isinstance(text, str) else []
     if len(parts) not in (2, 3):
