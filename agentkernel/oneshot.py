@@ -44,16 +44,7 @@ def run_outcome(backend: Backend, spec: SandboxSpec, argv: list[str], stdio: Std
     sid = sandbox_id or owner.new_id("run")
     me = owner.current_owner()
     with _Claim(backend, sid, me):
-        watch = not backend.in_process
-        if watch:  # a SIGKILLed caller takes its sandbox with it (agentkernel.deathwatch)
-            from . import deathwatch
-
-            deathwatch.arm(backend.name, sid)
-        try:
-            outcome = backend.run_oneshot(spec, argv, stdio, timeout, sandbox_id=sid, owner=me)
-        finally:
-            if watch:
-                deathwatch.disarm(backend.name, sid)
+        outcome = backend.run_oneshot(spec, argv, stdio, timeout, sandbox_id=sid, owner=me)
     _audit(backend, spec, sid, argv, outcome.exit_code, outcome.timed_out, outcome.oom)
     return outcome
 

@@ -57,4 +57,3 @@ def _run_keep(args, spec, command: list[str]) -> int:
     result = asyncio.run(go())
     termio.note(f"sandbox kept: {name}  (agentkernel exec {name} -- CMD; agentkernel rm {name})")
     return render(from_result(result), timeout=args.timeout, memory_mb=spec.resources.memory_mb)
-
