@@ -48,6 +48,7 @@ RUN_FLAGS = (
     Flag(("-k", "--keep"), "keep", "true", "keep the sandbox afterwards (named, running)"),
     Flag(("-n", "--name"), "name", "str", "name for a kept sandbox (with --keep)"),
     Flag(("--no-daemon",), "no_daemon", "true", "do not use the daemon's warm pools"),
+    Flag(("-F", "--fast"), "fast", "true", "use a warm pooled sandbox (the default whenever the daemon runs)"),
 )
 EXEC_FLAGS = (
     TIMEOUT,
@@ -56,12 +57,40 @@ EXEC_FLAGS = (
 )
 
 
+SWITCHES = ("keep", "no_daemon", "fast")  # store_true flags that default to False (others default to None)
+
+
+def split_command(argv: list[str], flags, npos: int = 1):
+    """``exec``'s argv after the subcommand -> (options and NAME, the command or None).
+
+    Everything after NAME is the command, verbatim (``exec box python -m pytest``); ``--`` right after
+    NAME is dropped. The older form with options after NAME (``exec box --timeout 1 -- cmd``) is still
+    read when a ``--`` follows those options."""
+    takes_value = {n for f in flags if f.kind not in ("true", "false") for n in f.names}
+    i, pos, n = 0, 0, len(argv)
+    while i < n:
+        a = argv[i]
+        if a == "--":
+            return argv[:i], argv[i + 1 :]
+        if pos >= npos:
+            if a.startswith("-") and "--" in argv[i:]:
+                j = argv.index("--", i)
+                return argv[:j], argv[j + 1 :]
+            return argv[:i], argv[i:]
+        if a.startswith("-") and a != "-":
+            i += 2 if (a in takes_value) else 1
+            continue
+        pos += 1
+        i += 1
+    return argv, None
+
+
 def defaults(flags) -> dict:
     out: dict = {}
     for f in flags:
         if f.kind == "kv":
             out[f.dest] = []
-        elif f.kind == "true" and f.dest in ("keep", "no_daemon"):
+        elif f.kind == "true" and f.dest in SWITCHES:
             out[f.dest] = False
         else:
             out.setdefault(f.dest, None)
@@ -104,7 +133,7 @@ def add_to_argparse(group, flags) -> None:
     for f in flags:
         if f.kind in ("true", "false"):
             kw = {"action": "store_true" if f.kind == "true" else "store_false",
-                  "default": False if f.dest in ("keep", "no_daemon") else None}
+                  "default": False if f.dest in SWITCHES else None}
             if f.dest == "network":
                 net = net or group.add_mutually_exclusive_group()
                 net.add_argument(*f.names, dest=f.dest, help=f.help, **kw)
@@ -163,8 +192,6 @@ def fast_parse(argv: list[str], flags, positionals: tuple[str, ...] = ()):
             pos.append(a)
             i += 1
             continue
-        if positionals:  # exec NAME CMD... without "--": argparse decides
-            return None
         command = argv[i:]
         break
     if len(pos) < len(positionals):

@@ -18,7 +18,12 @@ Schema::
     [[pool.warm]] backend, image, profile, ..., min, max         (pools the daemon keeps warm)
     [daemon]    socket                                           (used by the daemon)
     [api]       tokens = ["name=token", ...]   (HTTP API bearer tokens; also AGENTKERNEL_API_TOKENS /
-                AGENTKERNEL_API_KEY)
+                AGENTKERNEL_API_KEY), allow_sudo_exec
+
+The reference system's keys are read too and mapped by refconfig.py: [sandbox] base_image/runtime,
+[agent], [[files]], [security] mount_home / pass_env = true|false / seccomp names / [security.domains] /
+[security.commands], [network] vsock_cid, [build], [orchestrator], [secrets], [api] api_key(_env).
+Keys understood but not honoured here make resolve_spec fail closed with the reason.
 
 Environment: AGENTKERNEL_BACKEND, AGENTKERNEL_IMAGE, AGENTKERNEL_PROFILE, AGENTKERNEL_CONFIG.
 """
@@ -38,16 +43,25 @@ CONFIG_FILENAME = "agentkernel.toml"
 
 SCHEMA: dict[str, dict[str, str]] = {
     "sandbox": {"name": "str", "image": "str", "backend": "str", "hostname": "str", "workdir": "str",
-                "options": "table"},
+                "options": "table", "base_image": "str", "runtime": "str"},
     "resources": {"vcpus": "number", "memory_mb": "int", "pids": "int", "disk_mb": "int"},
     "security": {"profile": "str", "network": "bool", "network_allow": "list", "read_only": "bool",
-                 "mount_cwd": "bool", "pass_env": "list", "user": "str", "seccomp": "str"},
+                 "mount_cwd": "bool", "pass_env": "list|bool", "user": "str", "seccomp": "str",
+                 "mount_home": "bool", "domains": "any", "commands": "any"},
     "env": {},  # free-form KEY = "value"
     "pool": {"min": "int", "max": "int", "max_age_s": "number", "max_concurrent_starts": "int",
              "wait_s": "number", "warm": "tables"},
     "daemon": {"socket": "str"},
-    "api": {"tokens": "list"},
+    "api": {"tokens": "list", "api_key": "str", "api_key_env": "str", "allow_sudo_exec": "bool"},
+    # the reference's tables (refconfig.py maps them onto the above, or refuses with the reason)
+    "agent": {"preferred": "str", "compatibility_mode": "str"},
+    "network": {"vsock_cid": "int"},
+    "files": {},  # [[files]] source, dest, mode
+    "build": {},  # dockerfile, context, target, no_cache, args
+    "orchestrator": {},
+    "secrets": {},
 }
+_FREE_TABLES = ("env", "files", "build", "orchestrator", "secrets")  # keys checked elsewhere (or free-form)
 
 # keys of a [[pool.warm]] entry: which spec to keep warm, and its pool sizes
 WARM_KEYS = {"backend", "image", "profile", "network", "read_only", "memory_mb", "vcpus", "pids", "disk_mb",
@@ -85,9 +99,14 @@ def load_config(path: str | None) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    from . import refconfig
+
     for table, body in data.items():
         if table not in SCHEMA:
-            raise ConfigError(f"{path}: unknown table [{table}] (known: {', '.join('[' + t + ']' for t in SCHEMA)})")
+            raise ConfigError(f"{path}: unknown table [{table}]{refconfig.nearest(table, SCHEMA)} "
+                              f"(known: {', '.join('[' + t + ']' for t in SCHEMA)})")
+        if table == "files":
+            continue
         if not isinstance(body, dict):
             raise ConfigError(f"{path}: {table} must be a table")
         known = SCHEMA[table]
@@ -96,16 +115,22 @@ def load_config(path: str | None) -> dict[str, dict[str, Any]]:
                 if not isinstance(value, str):
                     raise ConfigError(f"{path}: [env] {key} must be a string")
                 continue
+            if table in _FREE_TABLES:
+                continue
             if key not in known:
                 raise ConfigError(
-                    f"{path}: unknown key {key!r} in [{table}] (known keys: {', '.join(known)})"
+                    f"{path}: unknown key {key!r} in [{table}]{refconfig.nearest(key, known)} "
+                    f"(known keys: {', '.join(known)})"
                 )
             _check_type(path, table, key, value, known[key])
-    return data
+    return refconfig.normalize(data, path)
 
 
 def _check_type(path: str, table: str, key: str, value: Any, kind: str) -> None:
     ok = {
+        "any": True,
+        "list|bool": isinstance(value, bool) or (isinstance(value, list)
+                                                 and all(isinstance(v, str) for v in value)),
         "str": isinstance(value, str),
         "bool": isinstance(value, bool),
         "int": isinstance(value, int) and not isinstance(value, bool),
@@ -121,7 +146,7 @@ def _check_type(path: str, table: str, key: str, value: Any, kind: str) -> None:
                 raise ConfigError(f"{path}: unknown key {sorted(bad)[0]!r} in [[{table}.{key}]] "
                                   f"(known keys: {', '.join(sorted(WARM_KEYS))})")
     if not ok:
-        want = {"tables": "a list of tables", "str": "a string", "bool": "true or false", "int": "an integer",
+        want = {"list|bool": "true, false or a list of strings", "tables": "a list of tables", "str": "a string", "bool": "true or false", "int": "an integer",
                 "number": "a number",
                 "list": "a list of strings", "table": "a table of strings"}[kind]
         raise ConfigError(f"{path}: [{table}] {key} must be {want}, got {value!r}")
@@ -154,6 +179,10 @@ def resolve_spec(
         pol, res = profile_defaults(profile)
     except ValidationError as exc:
         raise ConfigError(str(exc)) from None
+    if cfg.get("_refused"):
+        from .refconfig import check_honourable
+
+        check_honourable(cfg, flags.get("backend") or sb.get("backend") or "podman")
 
     for key, field in _SECURITY_FIELDS.items():
         if key in sec:
