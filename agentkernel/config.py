@@ -146,7 +146,8 @@ def _check_type(path: str, table: str, key: str, value: Any, kind: str) -> None:
                 raise ConfigError(f"{path}: unknown key {sorted(bad)[0]!r} in [[{table}.{key}]] "
                                   f"(known keys: {', '.join(sorted(WARM_KEYS))})")
     if not ok:
-        want = {"list|bool": "true, false or a list of strings", "tables": "a list of tables", "str": "a string", "bool": "true or false", "int": "an integer",
+        want = {"list|bool": "true, false or a list of strings",
+                "tables": "a list of tables", "str": "a string", "bool": "true or false", "int": "an integer",
                 "number": "a number",
                 "list": "a list of strings", "table": "a table of strings"}[kind]
         raise ConfigError(f"{path}: [{table}] {key} must be {want}, got {value!r}")
