@@ -61,6 +61,8 @@ def build_parser(only: str | None = None):
         p.add_argument("--start", action="store_true", help="start it right away")
         p.add_argument("-a", "--agent", choices=["claude", "codex", "gemini", "opencode"],
                        help="the coding agent this sandbox is for (its agent image when one is built)")
+        p.add_argument("-v", "--volume", action="append", metavar="NAME:/PATH[:ro]",
+                       help="mount a named volume (agentkernel volume create NAME); repeatable")
         p.add_argument("-d", "--dir", help="the project directory: read its agentkernel.toml and bind it "
                        "at /workspace with --mount-cwd (default: the current directory)")
     for name, helptext in (("start", "start a named sandbox"), ("stop", "stop a named sandbox")):

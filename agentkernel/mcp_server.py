@@ -23,8 +23,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
+from .api import refops, reftools
 from .api.auth import LOCAL_TENANT, TokenSet, bearer
-from .errors import AgentKernelError, PolicyNotEnforceable
+from .errors import AgentKernelError
 
 OUTPUT_CAP = 16_000  # bytes per stream: the first and last OUTPUT_CAP/2 are kept
 DEFAULT_TIMEOUT_MS = 30_000
@@ -49,6 +50,9 @@ class RunArgs(_Args):
     profile: Profile | None = Field(None, description="security profile (default moderate)")
     network: bool | None = Field(None, description="network access (default: the profile's; moderate: off)")
     backend: str | None = Field(None, description="backend (default podman)")
+    compatibility_mode: Literal["native", "claude", "claude-code", "codex", "gemini", "opencode"] | None = Field(
+        None, description="the calling agent (reference argument): commands get the engine's default seccomp "
+        "filter with every capability dropped; network stays as the profile says")
 
 
 class CreateArgs(_Args):
@@ -63,8 +67,9 @@ class CreateArgs(_Args):
     workdir: str | None = Field(None, description="default working directory")
     # reference arguments nothing here implements: refused when set
     ports: list[str] | None = None
-    source_url: str | None = None
+    source_url: str | None = Field(None, description="a remote git repository cloned into the working directory")
     source_ref: str | None = None
+    ttl: str | int | None = Field(None, description='remove the sandbox after this long: "30m", "2h"')
 
 
 class ExecArgs(_Args):
@@ -74,7 +79,8 @@ class ExecArgs(_Args):
     workdir: str | None = Field(None, description="working directory inside the sandbox")
     cwd: str | None = Field(None, description="alias of workdir")
     timeout_ms: int = Field(DEFAULT_TIMEOUT_MS, gt=0, le=86_400_000, description="kill after this many ms (124)")
-    sudo: bool | None = Field(None, description="refused when true: commands run as the sandbox's non-root user")
+    sudo: bool | None = Field(None, description="run as root (only where the server allows it and the sandbox "
+                              "runs as uid 0)")
 
 
 class NameArgs(_Args):
@@ -109,6 +115,7 @@ TOOLS: dict[str, tuple[type[_Args], str]] = {
     "sandbox_start": (NameArgs, "Start a stopped sandbox."),
     "sandbox_stop": (NameArgs, "Stop a running sandbox (its files are kept)."),
 }
+TOOLS.update(reftools.TOOLS)  # TTL, batch write, detached commands, snapshots
 
 
 class HeadTail:
@@ -181,6 +188,8 @@ class Tools:
         model, _ = TOOLS[name]
         a = model.model_validate(args)
         svc = self.svc
+        if name in reftools.TOOLS:
+            return await reftools.call(svc, name, a, tenant)
         if isinstance(a, RunArgs):
             out, err = HeadTail(), HeadTail()
             spec = svc.spec(image=a.image, profile=a.profile, backend=a.backend, network=a.network, argv=a.command)
@@ -188,7 +197,7 @@ class Tools:
             return _result_payload(r, out, err)
         if isinstance(a, ExecArgs):
             if a.sudo:
-                raise PolicyNotEnforceable("sudo is not supported: commands run as the sandbox's non-root user")
+                refops.check_sudo(svc, tenant, a.name)
             out, err = HeadTail(), HeadTail()
             r = await svc.exec(tenant, a.name, self._req(a.command, a.env, a.workdir or a.cwd, a.timeout_ms, out, err))
             return _result_payload(r, out, err)
@@ -196,12 +205,19 @@ class Tools:
             from .api.service import check_cwd, env_dict, refuse_unsupported
             from .spec import validate_name
 
-            refuse_unsupported(ports=a.ports, source_url=a.source_url, source_ref=a.source_ref)
+            refuse_unsupported(ports=a.ports)
             validate_name(a.name)
+            if a.source_url:
+                refops.check_source_url(a.source_url)
+                refops.check_source_ref(a.source_ref)
+            if a.ttl is not None:
+                refops.parse_ttl(a.ttl)
             spec = svc.spec(image=a.image, profile=a.profile, backend=a.backend, network=a.network,
                             memory_mb=a.memory_mb, vcpus=a.vcpus, env=env_dict(a.env), workdir=check_cwd(a.workdir),
                             name=a.name)
             info = await svc.create(tenant, spec, start=True)
+            info |= await refops.after_create(svc, tenant, a.name, source_url=a.source_url, source_ref=a.source_ref,
+                                              ttl=a.ttl)
             return f"created sandbox {a.name} ({info['backend']}, {info['image']}): {info['state']}", info
         if isinstance(a, ListArgs):
             items = await svc.list(tenant)

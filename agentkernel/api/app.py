@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import AgentKernelError, ValidationError
 from . import models as M
+from . import refops
 from .auth import LOCAL_TENANT, TokenSet, bearer
 from .service import (
     STREAM_OUTPUT_LIMIT,
@@ -207,6 +208,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await svc.start()
+        await refops.startup(svc)
         try:
             if mcp_manager is not None:
                 async with mcp_manager.run():
@@ -214,6 +216,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
             else:
                 yield
         finally:
+            await refops.shutdown(svc)
             await svc.close()
 
     app = FastAPI(
@@ -353,18 +356,26 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     @app.post("/sandboxes", tags=["sandboxes"], status_code=201, response_model=M.Envelope[M.SandboxInfo])
     async def create_sandbox(body: M.CreateSandboxRequest, tenant: Tenant):
         """Create a named, long-lived sandbox (started unless ``start`` is false)."""
-        refuse_unsupported(source_url=body.source_url, source_ref=body.source_ref, volumes=body.volumes,
-                           secrets=body.secrets, secret_files=body.secret_files)
+        refuse_unsupported(secrets=body.secrets, secret_files=body.secret_files)
         from ..spec import validate_name
 
         validate_name(body.name)
+        if body.source_url:
+            refops.check_source_url(body.source_url)
+            refops.check_source_ref(body.source_ref)
+        if body.ttl is not None:
+            refops.parse_ttl(body.ttl)
         from .service import check_cwd, env_dict
 
         spec = svc.spec(image=body.image, profile=body.profile, backend=body.backend, network=body.network,
                         read_only=body.read_only, memory_mb=body.memory_mb, vcpus=body.vcpus, pids=body.pids,
                         disk_mb=body.disk_mb, env=env_dict(body.env), workdir=check_cwd(body.workdir),
-                        name=body.name)
-        return M.envelope(await svc.create(tenant, spec, start=body.start))
+                        name=body.name, options=refops.volume_option(body.volumes))
+        info = await svc.create(tenant, spec, start=body.start)
+        if body.source_url or body.ttl is not None or svc.config.get("files"):
+            info |= await refops.after_create(svc, tenant, body.name, source_url=body.source_url,
+                                              source_ref=body.source_ref, ttl=body.ttl)
+        return M.envelope(info)
 
     @app.get("/sandboxes/{name}", tags=["sandboxes"], response_model=M.Envelope[M.SandboxInfo])
     async def get_sandbox(name: str, tenant: Tenant):
@@ -384,7 +395,6 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         return M.envelope(await svc.stop_sandbox(tenant, name))
 
     def _exec_req(body: M.ExecRequestBody, on_output=None, output_limit=None):
-        refuse_unsupported(sudo=body.sudo)
         return svc.exec_request(body.command, env=body.env, cwd=body.workdir or body.cwd, timeout=body.timeout,
                                 stdin=body.stdin, on_output=on_output,
                                 output_limit=output_limit if output_limit is not None else body.output_limit)
@@ -392,6 +402,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     @app.post("/sandboxes/{name}/exec", tags=["sandboxes"], response_model=M.Envelope[M.RunResult])
     async def exec_in_sandbox(name: str, body: M.ExecRequestBody, tenant: Tenant, request: Request):
         """Run a command in a running named sandbox. A non-zero exit is a successful request."""
+        if body.sudo:
+            refops.check_sudo(svc, tenant, name)
         req = _exec_req(body)
         return M.envelope(result_dict(await _unless_disconnected(request, svc, svc.exec(tenant, name, req))))
 
@@ -400,6 +412,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     async def exec_stream(name: str, body: M.ExecRequestBody, tenant: Tenant, compat: bool = True,
                           encoding: Annotated[str, Query(pattern="^(text|base64)$")] = "text"):
         """Stream an exec as server-sent events; disconnecting kills the command."""
+        if body.sudo:
+            refops.check_sudo(svc, tenant, name)
         _exec_req(body)  # validate before the stream starts (errors are plain HTTP errors)
         rec = svc.manager.get(_checked_name(name), tenant)
         started = {"command": body.command, "sandbox": name, "backend": rec.backend}
@@ -495,6 +509,10 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
                 await websocket.close(code=1008, reason="unauthorized")
                 return
         await serve_websocket(websocket, svc, tenant, name)
+
+    from .refroutes import build_router
+
+    app.include_router(build_router(svc, tenant_of))  # the reference clients' later routes
 
     if mcp_app is not None:
         app.mount("/mcp", _mcp_auth(mcp_app, settings, svc))

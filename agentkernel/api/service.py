@@ -100,7 +100,13 @@ def sandbox_info(d: dict[str, Any], spec: dict[str, Any] | None = None) -> dict[
     return {"name": d["name"], "uuid": d.get("id"), "status": status, "state": state, "backend": d.get("backend"),
             "image": d.get("image") or (spec or {}).get("image"), "profile": d.get("profile"),
             "vcpus": math.ceil(cpus) if cpus else None, "cpus": cpus, "memory_mb": res.get("memory_mb"),
-            "created_at": iso(d.get("created_at"))}
+            "created_at": iso(d.get("created_at")), "expires_at": _expiry(d.get("id"))}
+
+
+def _expiry(sandbox_id: str | None) -> str | None:
+    from .refops import expiry_of
+
+    return expiry_of(sandbox_id)
 
 
 class Service:

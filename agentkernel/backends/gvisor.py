@@ -69,7 +69,7 @@ class GVisorBackend(PodmanBackend):
     pids_overhead = 64
     capabilities = Capabilities(GVISOR_CONTROLS, {"exec", "files", "agent", "oneshot", "pool"},
                                 isolation="user-space kernel (gVisor, ptrace platform)")
-    options_allowed = ("engine",)
+    options_allowed = ("engine", "volumes")
 
     def __new__(cls, options: dict[str, str] | None = None):
         if cls is GVisorBackend and (options or {}).get("engine") == "docker":
@@ -112,7 +112,7 @@ class GVisorDockerBackend:
         class _GVisorDocker(DockerBackend):
             name = "gvisor"
             capabilities = GVisorBackend.capabilities
-            options_allowed = ("engine",)
+            options_allowed = ("engine", "volumes")
             docker_runtime = "runsc"
             pids_overhead = GVisorBackend.pids_overhead
 

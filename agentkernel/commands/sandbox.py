@@ -37,6 +37,11 @@ def create(args) -> int:
         os.chdir(args.dir)
     spec = resolve(args, None).replace(name=args.name)
     cfg = config.load_config(config.find_config(args.config, os.getcwd()))
+    if getattr(args, "volume", None):
+        from ..volumes import parse_mounts
+
+        parse_mounts(args.volume)
+        spec = spec.replace(options={**spec.options, "volumes": ",".join(args.volume)})
     if getattr(args, "agent", None):
         from ..refcompat import agent_spec
 
