@@ -245,7 +245,8 @@ async def start_detached(svc, tenant: str, name: str, argv: list[str], *, env=No
 
 def _get_detached(svc, tenant: str, name: str, cmd_id: str) -> Detached:
     det = state(svc).detached.get(cmd_id)
-    if det is None or det.tenant != tenant or det.sandbox != name:
+    rec = svc.manager.store.find(name, tenant) if det is not None else None
+    if det is None or det.tenant != tenant or det.sandbox != name or rec is None or rec.id != det.sandbox_id:
         raise NotFound(f"no detached command {cmd_id!r} in sandbox {name}")
     return det
 
