@@ -56,7 +56,7 @@ def get_backend_class(name: str) -> type:
         if exc.name and not exc.name.startswith("agentkernel"):
             raise MissingExtra(
                 f"backend {name!r} needs the Python package {exc.name!r}",
-                hint=f"pip install 'agentkernel[{extra}]'" if extra else "reinstall agentkernel",
+                hint=f"pip install 'agentkernel-sandbox[{extra}]'" if extra else "reinstall agentkernel",
             ) from exc
         if exc.name == mod_name:
             raise NotFound(f"backend {name!r} is not built into this version of agentkernel") from exc
