@@ -144,6 +144,7 @@ def volume():
 PY_SCRIPT = textwrap.dedent("""
     import json, sys, time
     from agentkernel import AgentKernel, AsyncAgentKernel, AgentKernelError
+    WRITE_TEST = "(echo x > /data/g) 2>/dev/null && echo rw || echo ro"
     name, git_url, vol = sys.argv[1], sys.argv[2], sys.argv[3]
     out = {}
 
@@ -196,7 +197,7 @@ PY_SCRIPT = textwrap.dedent("""
         c.remove_sandbox(v1)
         c.create_sandbox(v2, volumes=[vol + ":/data:ro"])
         out["volume"] = [c.exec_in_sandbox(v2, ["cat", "/data/f"]).output,
-                         c.exec_in_sandbox(v2, ["sh", "-c", "(echo x > /data/g) 2>/dev/null && echo rw || echo ro"]).output]
+                         c.exec_in_sandbox(v2, ["sh", "-c", WRITE_TEST]).output]
         c.remove_sandbox(v2)
         with c.sandbox(name + "-s") as sb:
             out["session_write_files"] = sb.write_files({"/tmp/s.txt": "s"}).written
@@ -286,9 +287,14 @@ NODE_SCRIPT = textwrap.dedent("""
       out.sudo = await err(() => c.execInSandbox(name, ["id"], { sudo: true }));
       const d = await c.execDetached(name, ["sh", "-c", "echo o; echo e >&2; exit 2"]);
       let st;
-      for (let i = 0; i < 100; i++) { st = await c.detachedStatus(name, d.id); if (st.status !== "running") break; await sleep(100); }
+      for (let i = 0; i < 100; i++) {
+        st = await c.detachedStatus(name, d.id);
+        if (st.status !== "running") break;
+        await sleep(100);
+      }
       out.detached = [st.status, st.exit_code];
-      out.detachedLogs = [(await c.detachedLogs(name, d.id)).stdout, (await c.detachedLogs(name, d.id, "stderr")).stderr];
+      out.detachedLogs = [(await c.detachedLogs(name, d.id)).stdout,
+                          (await c.detachedLogs(name, d.id, "stderr")).stderr];
       out.detachedList = (await c.detachedList(name)).map((x) => x.id).includes(d.id);
       const k = await c.execDetached(name, ["sleep", "300"]);
       out.detachedKill = await c.detachedKill(name, k.id);
