@@ -12,7 +12,13 @@ from .images import DEFAULT_IMAGE, candidates_for_command
 
 PODMAN_INDEX = "/var/lib/containers/storage/overlay-images/images.json"
 DOCKER_INDEX = "/var/lib/docker/image/overlay2/repositories.json"
-_ENGINE_OF = {"podman": "podman", "gvisor": "podman", "oci": "podman", "docker": "docker"}
+
+
+def image_store(backend: str, options: dict[str, str] | None = None) -> str | None:
+    """The engine whose image store ``backend`` runs images from (the registry entry says), or None."""
+    from .backends import entry
+
+    return entry(backend, options).image_store
 
 
 def _normalize(ref: str) -> set[str]:
@@ -50,9 +56,9 @@ def image_present(engine: str, image: str) -> bool:
     return r.returncode == 0
 
 
-def choose_image(backend: str, argv: list[str]) -> str:
+def choose_image(backend: str, argv: list[str], options: dict[str, str] | None = None) -> str:
     cands = candidates_for_command(argv)
-    engine = _ENGINE_OF.get(backend)
+    engine = image_store(backend, options)
     if engine is None or len(cands) == 1:
         # nothing to choose between: a missing image is reported by the run itself, with a hint
         return cands[0] if cands else DEFAULT_IMAGE

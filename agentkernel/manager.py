@@ -66,18 +66,18 @@ class SandboxManager:
         sid = new_id(spec.name)
         self.store.reserve(spec.name, sid, spec.backend, spec.to_dict(), tenant)
         # Until the store row says "created", this process owns whatever the engine makes.
-        owner.claim(spec.backend, sid, {"container": f"agentkernel-{sid}"})
+        owner.claim(backend.name, sid, backend.planned_handle(sid))
         try:
             ref = await backend.create(spec, sandbox_id=sid, owner=self._owner())
         except BaseException:
             self.store.delete(sid)
             try:
-                await backend.remove(SandboxRef(spec.backend, sid, {"container": f"agentkernel-{sid}"}, spec))
+                await backend.remove(SandboxRef(spec.backend, sid, backend.planned_handle(sid), spec))
             finally:
-                owner.release(spec.backend, sid)
+                owner.release(backend.name, sid)
             raise
         self.store.update(sid, state="created", handle=ref.handle)
-        owner.release(spec.backend, sid)
+        owner.release(backend.name, sid)
         audit.log("sandbox_created", sandbox=spec.name, id=sid, backend=spec.backend, image=spec.image,
                   profile=spec.policy.profile, tenant=tenant)
         if start:
@@ -166,11 +166,11 @@ class SandboxManager:
         backend = self.backend_for(spec.backend, spec.options)
         backend.check(spec)
         sid = new_id("run")
-        owner.claim(spec.backend, sid, {"container": f"agentkernel-{sid}"})
+        owner.claim(backend.name, sid, backend.planned_handle(sid))
         try:
             result = await backend.run(spec, req, sandbox_id=sid, owner=self._owner(named=False))
         finally:
-            owner.release(spec.backend, sid)
+            owner.release(backend.name, sid)
         audit.log("run", id=sid, backend=spec.backend, image=spec.image, argv=req.argv,
                   exit_code=result.exit_code, timed_out=result.timed_out, oom_killed=result.oom_killed)
         return result

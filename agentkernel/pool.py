@@ -229,16 +229,17 @@ class WarmPool:
                     self._starting -= 1
                 raise PoolClosed()
         sid = owner.new_id("pool")
-        owner.claim(self.spec.backend, sid, {"container": f"agentkernel-{sid}"}, self._owner)
+        owner.claim(self.backend.name, sid, self.backend.planned_handle(sid), self._owner)
         t0 = time.perf_counter()
         try:
-            ref = await self._create_and_start(sid)
+            ref = await self.backend.create_started(self.spec, sandbox_id=sid, owner=self._owner)
+            owner.claim(self.backend.name, sid, ref.handle, self._owner)
         except BaseException:
             try:
-                await self.backend.remove(SandboxRef(self.spec.backend, sid, {"container": f"agentkernel-{sid}"},
+                await self.backend.remove(SandboxRef(self.backend.name, sid, self.backend.planned_handle(sid),
                                                      self.spec))
             finally:
-                owner.release(self.spec.backend, sid)
+                owner.release(self.backend.name, sid)
                 if counted:
                     self._starting -= 1
                 if use_semaphore:
@@ -254,27 +255,11 @@ class WarmPool:
         self.stats["refill_ms_last"] = round(ms, 1)
         return Member(ref, ms)
 
-    async def _create_and_start(self, sid: str) -> SandboxRef:
-        from .backends._agent_container import AgentContainerBackend
-
-        # one engine call where the engine has one (backends that override create() keep two steps)
-        if type(self.backend).create is AgentContainerBackend.create:
-            ref = await self.backend.create(self.spec, sandbox_id=sid, owner=self._owner, start=True)
-            owner.claim(self.spec.backend, sid, ref.handle, self._owner)
-            return ref
-        ref = await self.backend.create(self.spec, sandbox_id=sid, owner=self._owner)
-        owner.claim(self.spec.backend, sid, ref.handle, self._owner)
-        await self.backend.start(ref)
-        return ref
-
     async def _healthy(self, m: Member) -> bool:
         if time.monotonic() - m.created > self.cfg.max_age_s:
             return False
-        check = getattr(self.backend, "healthy", None)
-        if check is None:
-            return True
         try:
-            return bool(await asyncio.wait_for(check(m.ref), 2.0))
+            return bool(await asyncio.wait_for(self.backend.healthy(m.ref), 2.0))
         except Exception:
             return False
 

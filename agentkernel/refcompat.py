@@ -47,9 +47,9 @@ def agent_spec(spec, agent: str, *, explicit_image: bool):
         raise ValidationError(f"unknown agent {agent!r} (known: {', '.join(AGENTS)})")
     if explicit_image:
         return spec
-    from .imagesel import _ENGINE_OF, image_present
+    from .imagesel import image_present, image_store
 
-    engine = _ENGINE_OF.get(spec.backend)
+    engine = image_store(spec.backend, spec.options)
     if engine and image_present(engine, agent_image(agent)):
         return spec.replace(image=agent_image(agent))
     return spec

@@ -359,4 +359,4 @@ def test_doctor_reports_every_backend():
         assert rows[name]["available"], rows[name]
     assert not rows["apple"]["available"] and "macOS" in rows["apple"]["reason"]
     text = ak("doctor").stdout.decode()
-    assert "apple" in text and "kubernetes" in text
+    assert "apple" in text and "gvisor-docker" in text

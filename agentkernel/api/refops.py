@@ -43,7 +43,7 @@ MAX_TTL_S = 30 * 24 * 3600
 MAINTENANCE_INTERVAL_S = 2.0
 SOURCE_MAX_BYTES = 256 << 20
 SOURCE_MAX_FILES = 20000
-SNAPSHOT_ENGINES = {"podman": "podman", "docker": "docker", "gvisor": "podman"}
+SNAPSHOT_ENGINES = {"podman": "podman", "docker": "docker", "gvisor": "podman", "gvisor-docker": "docker"}
 
 
 def iso(ts: float) -> str:
@@ -551,8 +551,6 @@ async def _engine(engine: str, *args: str) -> tuple[int, str]:
 
 def _snap_engine(rec) -> str:
     engine = SNAPSHOT_ENGINES.get(rec.backend)
-    if rec.backend == "gvisor" and (rec.spec.get("options") or {}).get("engine") == "docker":
-        engine = "docker"
     if engine is None or "container" not in (rec.handle or {}):
         raise PolicyNotEnforceable(f"snapshots are not available on backend {rec.backend!r}",
                                    hint="snapshots are committed images: use podman, docker or gvisor")

@@ -289,9 +289,9 @@ class Service:
 def check_image(spec: SandboxSpec) -> None:
     """Refuse an image the engine does not have before anything is created (no registry is pulled from,
     and a pool for a missing image would only retry and fail)."""
-    from ..imagesel import _ENGINE_OF, image_present, missing_image_error
+    from ..imagesel import image_present, image_store, missing_image_error
 
-    engine = _ENGINE_OF.get(spec.backend)
+    engine = image_store(spec.backend, spec.options)
     if engine and not image_present(engine, spec.image):
         raise missing_image_error(engine, spec.image)
 

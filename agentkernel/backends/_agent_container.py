@@ -17,7 +17,7 @@ from ..errors import BackendUnavailable, InvalidState, NotFound, SandboxError
 from ..spec import SandboxSpec
 from . import _container
 from ._agentexec import parse_environ
-from .base import Backend, ExecRequest, ExecResult, SandboxRef
+from .base import AgentAccess, Backend, ExecRequest, ExecResult, SandboxRef
 
 TYPE_CHECKING = False  # typing costs ~2-7 ms at start-up; annotations are never evaluated here
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ def container_name(sandbox_id: str) -> str:
     return f"agentkernel-{sandbox_id}"
 
 
-class AgentContainerBackend(Backend):
+class AgentContainerBackend(Backend, AgentAccess):
     """Backend base for agent-in-container engines. Subclasses implement the ``_engine_*`` methods."""
 
     # -- engine operations (subclass) --
@@ -56,6 +56,12 @@ class AgentContainerBackend(Backend):
         raise NotImplementedError
 
     # -- Backend interface --
+    def planned_handle(self, sandbox_id: str) -> dict[str, Any]:
+        return {"container": container_name(sandbox_id), "run_dir": _container.sandbox_run_dir(sandbox_id)}
+
+    async def create_started(self, spec: SandboxSpec, *, sandbox_id: str, owner: dict[str, Any]) -> SandboxRef:
+        return await self.create(spec, sandbox_id=sandbox_id, owner=owner, start=True)
+
     async def create(self, spec: SandboxSpec, *, sandbox_id: str, owner: dict[str, Any],
                      start: bool = False) -> SandboxRef:
         """Create the container; with ``start`` also start it (one engine call where the engine has one,
@@ -145,14 +151,14 @@ class AgentContainerBackend(Backend):
         finally:
             await client.close()
 
-    async def lease_info(self, ref: SandboxRef) -> dict[str, Any]:
+    async def agent_endpoint(self, ref: SandboxRef) -> dict[str, Any]:
         """What a client needs to run one command through this sandbox's agent itself."""
         from ._agentexec import exec_env
 
         return {"socket": self._socket(ref), "env": exec_env(ref.handle.get("env"), ref.spec.env, {}),
                 "cwd": ref.spec.workdir}
 
-    async def open_client(self, ref: SandboxRef):
+    async def open_agent(self, ref: SandboxRef):
         """A connection to the sandbox's agent (for attach and other direct use); the caller closes it."""
         return await self._client(ref)
 

@@ -1,14 +1,25 @@
-"""The backend interface: a tiny base class, one module per backend (like httpx's transports).
+"""The backend contract: a narrow required core, optional protocols checked with ``isinstance``.
 
 A backend turns a ``SandboxSpec`` into a live, isolated sandbox on one engine and runs commands in it.
 It declares what it can enforce (``Capabilities``); ``check_policy`` refuses a spec that asks for a
 control the backend cannot honour (fail closed), naming every missing control at once.
 
-Lifecycle: ``create`` (resources exist, nothing runs) -> ``start`` -> ``exec``/files ... -> ``stop`` ->
-``remove``. ``run`` is the one-shot path (create+start+exec+remove as one operation where the engine
-has a faster native form, e.g. ``podman run``).
+Required core (``Backend``, abstract): ``probe`` (classmethod), ``create`` -> ``start`` -> ``exec`` /
+``write_file`` / ``read_file`` -> ``stop`` -> ``remove``, plus ``status`` and ``list``. Every backend gets,
+with defaults it may override: ``check`` (fail-closed policy), ``planned_handle`` (names a sandbox's
+resources before they exist, so the one owner can claim them first), ``create_started`` (create + start,
+one engine call where the engine has one), ``healthy`` (pool hand-out check), ``run`` (the asyncio
+one-shot), ``aclose``.
 
-This module is imported on the CLI's hot path: standard library only, no asyncio at import time.
+Optional protocols, declared by inheriting them and checked with ``isinstance`` (never ``hasattr``):
+- ``OneShot``: a synchronous one-shot with the caller's stdio (``run_oneshot(spec, argv, stdio, timeout,
+  sandbox_id=, owner=) -> Outcome``), used by the CLI without asyncio. The caller (``agentkernel.oneshot``)
+  owns claim -> run -> notes -> release -> audit; the backend only runs and reports.
+- ``AgentAccess``: a live sandbox's agent is reachable from the host (``agent_endpoint`` for a lease,
+  ``open_agent`` for a connection): the daemon lends such sandboxes to clients straight from its pools.
+- ``InstancePool``: the backend keeps its own in-process pools of instances (wasm).
+
+This module is imported on the CLI's hot path: standard library only, no asyncio/typing at import time.
 """
 
 from __future__ import annotations
@@ -272,6 +283,41 @@ class SandboxInfo:
                 "handle": self.handle, "labels": self.labels}
 
 
+class Outcome:
+    """How one one-shot command ended (``OneShot.run_oneshot``). ``exit_code`` is the command's status
+    (128+N when killed by signal N); ``timed_out`` means the sandbox was killed at the deadline (the
+    renderer turns it into exit 124); ``oom`` means the out-of-memory killer struck; ``note`` is a
+    backend-specific line for the user, or None."""
+
+    __slots__ = ("exit_code", "note", "oom", "signal", "timed_out")
+
+    def __init__(self, exit_code: int, *, signal: int | None = None, timed_out: bool = False, oom: bool = False,
+                 note: str | None = None) -> None:
+        self.exit_code = exit_code
+        self.signal = signal
+        self.timed_out = timed_out
+        self.oom = oom
+        self.note = note
+
+    def __repr__(self) -> str:
+        return (f"Outcome(exit_code={self.exit_code}, signal={self.signal}, timed_out={self.timed_out}, "
+                f"oom={self.oom}, note={self.note!r})")
+
+
+class Stdio:
+    """The caller's standard streams for a one-shot: file descriptors to read stdin from and write
+    stdout/stderr to (byte-exact, separate), and whether stdin is forwarded at all (False: the command
+    sees an empty stdin). ``agentkernel.termio.caller_stdio()`` builds the CLI's."""
+
+    __slots__ = ("forward_stdin", "stderr", "stdin", "stdout")
+
+    def __init__(self, stdin: int = 0, stdout: int = 1, stderr: int = 2, *, forward_stdin: bool = True) -> None:
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self.forward_stdin = forward_stdin
+
+
 class Availability:
     """Doctor's verdict on one backend on this host."""
 
@@ -364,6 +410,28 @@ class Backend(ABC):
     async def list(self) -> list[SandboxInfo]:
         """Every resource on this engine that agentkernel manages (labelled), whoever owns it."""
 
+    # -- provided, overridable --
+    def planned_handle(self, sandbox_id: str) -> dict[str, Any]:
+        """The handle of sandbox ``sandbox_id`` before anything of it exists: what the owner claims in the
+        ownership journal before ``create``. ``remove(SandboxRef(name, sandbox_id, planned_handle(id), spec))``
+        must find and destroy everything a crashed create/run of that id may have left. Only the backend
+        names its resources; nothing outside it invents them."""
+        return {}
+
+    async def create_started(self, spec: SandboxSpec, *, sandbox_id: str, owner: dict[str, Any]) -> SandboxRef:
+        """``create`` + ``start`` (pools use it); engines with one call for both override it."""
+        ref = await self.create(spec, sandbox_id=sandbox_id, owner=owner)
+        try:
+            await self.start(ref)
+        except BaseException:
+            await self.remove(ref)
+            raise
+        return ref
+
+    async def healthy(self, ref: SandboxRef) -> bool:
+        """Pool hand-out check: can this started sandbox serve a command now?"""
+        return await self.status(ref) == "running"
+
     async def run(self, spec: SandboxSpec, req: ExecRequest, *, sandbox_id: str,
                   owner: dict[str, Any]) -> ExecResult:
         """One-shot: a fresh sandbox for one command, destroyed afterwards whatever happens."""
@@ -387,6 +455,55 @@ class Backend(ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, a no-op for most backends
         """Release connections held by this backend object."""
+
+
+# ---- optional protocols (inherit to declare; callers test with isinstance) ----------------------------
+
+
+class OneShot:
+    """A synchronous one-shot without asyncio: the CLI's daemon-less ``run``."""
+
+    __slots__ = ()
+
+    def run_oneshot(self, spec: SandboxSpec, argv: list[str], stdio: Stdio, timeout: float | None, *,
+                    sandbox_id: str, owner: dict[str, Any]) -> Outcome:
+        """Run ``argv`` in a fresh sandbox named ``sandbox_id`` (already claimed by the caller under
+        ``planned_handle(sandbox_id)``) with ``stdio``; destroy everything of it before returning, whatever
+        happens. On timeout kill the whole sandbox and return ``Outcome(..., timed_out=True)``. Report
+        the exact status (128+N for signal N) and OOM kills; do not print notes (the caller renders them).
+        Raise ``AgentKernelError`` when the sandbox could not run the command at all."""
+        raise NotImplementedError
+
+
+class AgentAccess:
+    """A live sandbox's in-sandbox agent is reachable from this host: the daemon leases pooled members
+    to clients, which then talk to the agent directly."""
+
+    __slots__ = ()
+
+    async def agent_endpoint(self, ref: SandboxRef) -> dict[str, Any]:
+        """What a client needs to run one command through the agent itself: ``socket`` (a unix socket
+        path), ``env`` (the command's environment), ``cwd``."""
+        raise NotImplementedError
+
+    async def open_agent(self, ref: SandboxRef) -> Any:
+        """A connected ``agent.client.AgentClient`` for this sandbox; the caller closes it."""
+        raise NotImplementedError
+
+
+class InstancePool:
+    """The backend keeps pools of ready instances in this process (``in_process`` backends, e.g. wasm):
+    after ``start_pool`` its ``run`` takes instances from the matching pool."""
+
+    __slots__ = ()
+
+    async def start_pool(self, spec: SandboxSpec, size: int = 8, command: str = "sh") -> Any:
+        """Start (or return) the pool serving one-shot runs of ``spec`` for ``command``."""
+        raise NotImplementedError
+
+    def pools(self) -> list[Any]:
+        """The pools started so far (each has ``status() -> dict``)."""
+        raise NotImplementedError
 
 
 # Labels put on every engine resource we create (one definition for all backends).

@@ -1,4 +1,4 @@
-"""gVisor backend: runsc as the OCI runtime under podman (default) or docker (``-o engine=docker``).
+"""gVisor backend: runsc as the OCI runtime under podman (``-o engine=docker`` is ``gvisor_docker``).
 
 Every sandbox gets a user-space kernel (the Sentry) between its processes and the host kernel, on
 the ptrace platform (``--platform=kvm`` hangs on the PVM hosts we have; systrap is not in Debian's
@@ -62,27 +62,27 @@ def runtime_wrapper() -> str:
     return path
 
 
+# The Sentry and gofer are host processes/threads in the sandbox's pids cgroup (~45 at start-up on
+# the ptrace platform): the spec's pids limit counts the command's processes, so add their share.
+GVISOR_PIDS_OVERHEAD = 64
+GVISOR_CAPABILITIES = Capabilities(GVISOR_CONTROLS, {"exec", "files", "agent", "oneshot", "pool"},
+                                   isolation="user-space kernel (gVisor, ptrace platform)")
+
+
 class GVisorBackend(PodmanBackend):
     name = "gvisor"
-    # The Sentry and gofer are host processes/threads in the sandbox's pids cgroup (~45 at start-up on
-    # the ptrace platform): the spec's pids limit counts the command's processes, so add their share.
-    pids_overhead = 64
-    capabilities = Capabilities(GVISOR_CONTROLS, {"exec", "files", "agent", "oneshot", "pool"},
-                                isolation="user-space kernel (gVisor, ptrace platform)")
+    pids_overhead = GVISOR_PIDS_OVERHEAD
+    capabilities = GVISOR_CAPABILITIES
     options_allowed = ("engine", "volumes")
-
-    def __new__(cls, options: dict[str, str] | None = None):
-        if cls is GVisorBackend and (options or {}).get("engine") == "docker":
-            return super().__new__(GVisorDockerBackend.resolve())
-        return super().__new__(cls)
 
     def __init__(self, options: dict[str, str] | None = None) -> None:
         super().__init__(options)
         engine = self.options.get("engine", "podman")
-        if engine not in ("podman", "docker"):
+        if engine != "podman":
             from ..errors import ConfigError
 
-            raise ConfigError(f"gvisor option engine must be podman or docker, got {engine!r}")
+            raise ConfigError(f"gvisor option engine must be podman or docker, got {engine!r}",
+                              hint="engine=docker is the gvisor-docker backend (the registry routes it there)")
 
     def runtime_args(self) -> list[str]:
         return ["--runtime", runtime_wrapper()]
@@ -100,20 +100,3 @@ class GVisorBackend(PodmanBackend):
         out = subprocess.run([exe, "--version"], capture_output=True, text=True)
         ver = out.stdout.splitlines()[0] if out.returncode == 0 and out.stdout else "runsc"
         return Availability(True, f"{ver} (ptrace platform) under {base.reason}", details={"runsc": exe})
-
-
-class GVisorDockerBackend:
-    """Resolved lazily so importing this module does not import the docker backend."""
-
-    @staticmethod
-    def resolve():
-        from .docker import DockerBackend
-
-        class _GVisorDocker(DockerBackend):
-            name = "gvisor"
-            capabilities = GVisorBackend.capabilities
-            options_allowed = ("engine", "volumes")
-            docker_runtime = "runsc"
-            pids_overhead = GVisorBackend.pids_overhead
-
-        return _GVisorDocker

@@ -338,6 +338,18 @@ class OCIBackend(AgentContainerBackend):
             spec,
         )
 
+    def planned_handle(self, sandbox_id: str) -> dict[str, Any]:
+        return {"container": sandbox_id, "runtime": self.runtime}
+
+    async def create_started(self, spec, *, sandbox_id: str, owner: dict[str, Any]) -> SandboxRef:
+        ref = await self.create(spec, sandbox_id=sandbox_id, owner=owner)
+        try:
+            await self.start(ref)
+        except BaseException:
+            await self.remove(ref)
+            raise
+        return ref
+
     def _runtime_of(self, sandbox_id: str) -> str:
         return rt.read_meta(sandbox_id).get("runtime") or self.runtime
 

@@ -41,7 +41,8 @@ from .base import (
     Capabilities,
     ExecRequest,
     ExecResult,
-        SandboxInfo,
+    InstancePool,
+    SandboxInfo,
     SandboxRef,
     owner_labels,
     required_controls,
@@ -192,7 +193,7 @@ def _sandboxes_dir() -> str:
     return d
 
 
-class WasmBackend(Backend):
+class WasmBackend(Backend, InstancePool):
     name = "wasm"
     capabilities = Capabilities(WASM_CONTROLS, {"exec", "files", "oneshot", "pool", "module", "func", "fuel"},
                                 isolation="wasm sandbox (wasmtime, in-process)")
@@ -597,6 +598,9 @@ class WasmBackend(Backend):
                 "labels": owner_labels(sandbox_id, owner, spec.name), "spec": spec.to_dict()}
         self._write_meta(d, meta)
         return SandboxRef(self.name, sandbox_id, {"dir": d}, spec)
+
+    def planned_handle(self, sandbox_id: str) -> dict[str, Any]:
+        return {"dir": os.path.join(_sandboxes_dir(), sandbox_id)}
 
     async def start(self, ref: SandboxRef) -> None:
         d = self._dir(ref)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from .. import paths
 from ..backends import REGISTRY, get_backend_class
@@ -12,11 +13,17 @@ from ..errors import AgentKernelError
 
 def probe_all() -> list[dict]:
     rows = []
-    for name in REGISTRY:
+    for name, ent in REGISTRY.items():
+        if ent.platform != sys.platform:
+            rows.append({"backend": name, "available": False, "fix": None, "details": {},
+                         "reason": f"runs on {_OS.get(ent.platform, ent.platform)} only (this host: {sys.platform})",
+                         "registry": ent.to_dict()})
+            continue
         try:
             cls = get_backend_class(name)
             a = cls.probe()
-            row = {"backend": name, **a.to_dict(), "isolation": cls.capabilities.isolation}
+            row = {"backend": name, **a.to_dict(), "isolation": cls.capabilities.isolation,
+                   "registry": REGISTRY[name].to_dict()}
         except AgentKernelError as exc:
             row = {"backend": name, "available": False, "reason": exc.message, "fix": exc.hint, "details": {}}
         except Exception as exc:  # a probe must never take doctor down
@@ -26,13 +33,21 @@ def probe_all() -> list[dict]:
     return rows
 
 
+_OS = {"darwin": "macOS", "linux": "Linux"}
+
+
+def image_stores() -> list[str]:
+    """Every image store a registered backend uses (registry metadata), in registry order."""
+    return list(dict.fromkeys(e.image_store for e in REGISTRY.values() if e.image_store))
+
+
 def host_checks() -> list[dict]:
     agent = paths.agent_binary()
     checks = [{"check": "agent binary", "ok": agent is not None,
                "detail": agent or "missing: make -C agent (bash scripts/setup.sh)"}]
     from ..imagesel import image_present
 
-    for engine in ("podman", "docker"):
+    for engine in image_stores():
         for image in ("agentkernel/busybox", "agentkernel/debian"):
             try:
                 ok = image_present(engine, image)
@@ -67,7 +82,7 @@ def doctor(args) -> int:
 def list_images() -> int:
     from ..imagesel import local_images
 
-    for engine in ("podman", "docker"):
+    for engine in image_stores():
         names = local_images(engine)
         print(f"{engine}: " + (", ".join(sorted(names)) if names is not None else "(index not readable)"))
     return 0

@@ -8,11 +8,14 @@ import asyncio
 import os
 
 from .. import owner
-from ..backends import get_backend_class
+from ..backends import REGISTRY, get_backend_class
 from ..backends.base import LABEL_NAME, LABEL_STORE, SandboxRef, owner_from_labels
 from ..spec import SandboxSpec
 
-SCANNED = ("podman", "docker", "oci")
+
+def scanned() -> list[str]:
+    """The backends whose resource listings the full scan reads (registry metadata ``gc``)."""
+    return [name for name, e in REGISTRY.items() if e.gc]
 
 
 def _store_has(store_path: str, sandbox_id: str) -> bool:
@@ -30,7 +33,7 @@ def _store_has(store_path: str, sandbox_id: str) -> bool:
 
 async def collect_orphans() -> list[tuple[str, object]]:
     orphans = []
-    for name in SCANNED:
+    for name in scanned():
         try:
             cls = get_backend_class(name)
             if not cls.probe().available:

@@ -142,7 +142,7 @@ def agents_cmd(args) -> int:
 def _checks(backends: list[str]) -> list[dict]:
     """What the chosen backends need, each with whether it is there and the action that provides it."""
     from ..backends import get_backend_class
-    from ..imagesel import _ENGINE_OF, image_present
+    from ..imagesel import image_present
 
     out: list[dict] = []
     for name in backends:
@@ -156,7 +156,7 @@ def _checks(backends: list[str]) -> list[dict]:
     out.append({"check": "in-sandbox agent binary", "ok": agent is not None,
                 "detail": agent or "missing", "fix": "make -C agent",
                 "action": ["make", "-C", os.path.join(paths.repo_root(), "agent")] if agent is None else None})
-    for engine in sorted({_ENGINE_OF[b] for b in backends if b in _ENGINE_OF}):
+    for engine in sorted({e for e in (_store_of(b) for b in backends) if e}):
         if shutil.which(engine) is None:
             continue
         for image in ("agentkernel/busybox", "agentkernel/debian"):
@@ -171,6 +171,15 @@ def _checks(backends: list[str]) -> list[dict]:
     d = paths.data_dir()
     out.append({"check": "data directory", "ok": os.access(d, os.W_OK), "detail": d, "fix": None, "action": None})
     return out
+
+
+def _store_of(backend: str) -> str | None:
+    from ..imagesel import image_store
+
+    try:
+        return image_store(backend)
+    except AgentKernelError:
+        return None
 
 
 def status_cmd(args) -> int:

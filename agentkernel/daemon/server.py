@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import audit, owner, paths
 from ..backends import canonical, get_backend
-from ..backends.base import Backend, ExecRequest, ExecResult
+from ..backends.base import AgentAccess, Backend, ExecRequest, ExecResult, InstancePool
 from ..errors import AgentKernelError
 from ..pool import PoolConfig, WarmPool
 from ..spec import SandboxSpec
@@ -76,7 +76,7 @@ class Daemon:
 
     def poolable(self, spec: SandboxSpec) -> bool:
         backend = self.backend(spec)
-        return "pool" in backend.capabilities.features and hasattr(backend, "lease_info")
+        return "pool" in backend.capabilities.features and isinstance(backend, AgentAccess)
 
     # -- lifecycle --
     async def listen(self) -> str:
@@ -134,7 +134,7 @@ class Daemon:
             try:
                 if self.poolable(spec):
                     self.pool_for(spec, cfg)
-                elif hasattr(self.backend(spec), "start_pool"):  # wasm: its in-process instance pool
+                elif isinstance(self.backend(spec), InstancePool):  # wasm: its in-process instance pool
                     size = max(cfg.min_size, 8)
                     task = asyncio.get_running_loop().create_task(self._inproc_backend(spec, "sh", size))
                     self._bg_tasks.add(task)
@@ -152,7 +152,7 @@ class Daemon:
         instance pool for ``spec`` and ``command``'s module started on first use."""
         backend = self.backend(spec)
         backend.check(spec)
-        if hasattr(backend, "start_pool"):
+        if isinstance(backend, InstancePool):
             key = (spec.pool_key(), command)
             if key not in self._inproc_pools:
                 self._inproc_pools.add(key)
@@ -164,12 +164,12 @@ class Daemon:
         (unless the backend runs in this process: nothing of it could outlive a crash)."""
         sid = owner.new_id("run")
         if not backend.in_process:
-            owner.claim(spec.backend, sid, {"container": f"agentkernel-{sid}"}, self.owner)
+            owner.claim(backend.name, sid, backend.planned_handle(sid), self.owner)
         try:
             return await backend.run(spec, req, sandbox_id=sid, owner=self.owner)
         finally:
             if not backend.in_process:
-                owner.release(spec.backend, sid)
+                owner.release(backend.name, sid)
 
     async def _reap_orphans(self) -> None:
         from ..commands.gc import reap
@@ -198,7 +198,7 @@ class Daemon:
                 "uptime_s": round(time.time() - self.started_at, 1),
                 "active_runs": self.active, "runs": self.runs,
                 "pools": [p.status() for p in self.pools.values()]
-                + [p.status() for b in self._backends.values() if hasattr(b, "pools") for p in b.pools()]}
+                + [p.status() for b in self._backends.values() if isinstance(b, InstancePool) for p in b.pools()]}
 
     # -- in-process use (the HTTP API and MCP server run inside the daemon's process: one owner) --
     async def run(self, spec: SandboxSpec, req: ExecRequest) -> ExecResult:
@@ -301,7 +301,7 @@ class Daemon:
         pool = self.pool_for(spec)
         member, hit = await pool.acquire()
         try:
-            info = await pool.backend.lease_info(member.ref)
+            info = await pool.backend.agent_endpoint(member.ref)
             info.update({"mode": "lease", "sandbox": member.ref.id, "hit": hit,
                          "acquire_ms": round((time.perf_counter() - t0) * 1e3, 3)})
             writer.write(P.oframe(P.REPLY, info))
