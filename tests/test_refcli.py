@@ -116,7 +116,8 @@ def test_lifecycle_as_the_reference_docs_write_it(tmp_path):
         assert ak("exec", name, "--timeout", "5", "--", "echo", "old-form").stdout == b"old-form\n"
         assert ak("stop", name).returncode == 0
     finally:
-        assert ak("remove", name).returncode == 0
+        p = ak("remove", name)
+        assert p.returncode == 0, p.stderr
     p = ak("run", "--fast", "echo", "fast")
     assert (p.returncode, p.stdout) == (0, b"fast\n")
     p = ak("run", "-F", "--", "echo", "F")
