@@ -128,3 +128,10 @@ def test_files_are_copied_in_at_create(tmp_path):
         assert ak("exec", name, "cat", "/tmp/app/.env").stdout == b"TOKEN=abc\n"
     finally:
         ak("rm", name)
+
+
+def test_run_with_files_fails_closed(tmp_path):
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "agentkernel.toml").write_text('[[files]]\nsource = "a.txt"\ndest = "/tmp/a.txt"\n')
+    p = ak("run", "--", "true", cwd=str(tmp_path))
+    assert p.returncode == 125 and b"[[files]] are copied in when a named sandbox is created" in p.stderr
