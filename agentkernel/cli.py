@@ -173,13 +173,13 @@ def resolve(args, argv: list[str] | None):
 
     cfg_path = config.find_config(args.config, os.getcwd())
     cfg = config.load_config(cfg_path)
+    spec = config.resolve_spec(spec_flags(args), config=cfg)
     if argv is not None and cfg.get("files"):
         from .errors import PolicyNotEnforceable
 
         raise PolicyNotEnforceable(f"{cfg_path}: [[files]] are copied in when a named sandbox is created, not "
                                    "for one-shot runs", hint="agentkernel create NAME --start, then exec; or "
                                    "--mount-cwd to share the project directory")
-    spec = config.resolve_spec(spec_flags(args), config=cfg)
     explicit_image = bool(args.image or os.environ.get("AGENTKERNEL_IMAGE") or cfg.get("sandbox", {}).get("image"))
     if not explicit_image and argv:
         from .imagesel import choose_image
