@@ -63,19 +63,21 @@ SWITCHES = ("keep", "no_daemon", "fast")  # store_true flags that default to Fal
 def split_command(argv: list[str], flags, npos: int = 1):
     """``exec``'s argv after the subcommand -> (options and NAME, the command or None).
 
-    Everything after NAME is the command, verbatim (``exec box python -m pytest``); ``--`` right after
-    NAME is dropped. The older form with options after NAME (``exec box --timeout 1 -- cmd``) is still
-    read when a ``--`` follows those options."""
+    Everything after NAME is the command, verbatim (``exec box python -m pytest``); ``--`` ends the
+    options. As with the reference's parser, exec's own flags right after NAME are still options
+    (``exec box -e K=V -- ./script.sh``, ``exec box --timeout 1 cmd``); the first other word starts the
+    command."""
     takes_value = {n for f in flags if f.kind not in ("true", "false") for n in f.names}
+    known = {n for f in flags for n in f.names}
     i, pos, n = 0, 0, len(argv)
     while i < n:
         a = argv[i]
         if a == "--":
             return argv[:i], argv[i + 1 :]
         if pos >= npos:
-            if a.startswith("-") and "--" in argv[i:]:
-                j = argv.index("--", i)
-                return argv[:j], argv[j + 1 :]
+            if a.partition("=")[0] in known:
+                i += 2 if (a in takes_value) else 1
+                continue
             return argv[:i], argv[i:]
         if a.startswith("-") and a != "-":
             i += 2 if (a in takes_value) else 1

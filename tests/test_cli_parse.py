@@ -68,6 +68,9 @@ def test_exec_without_name_goes_to_argparse():
     (["box", "--", "echo", "--"], ["box"], ["echo", "--"]),
     (["box", "--timeout", "1", "--", "sleep", "5"], ["box", "--timeout", "1"], ["sleep", "5"]),
     (["box", "sh", "-c", "a -- b"], ["box"], ["sh", "-c", "a -- b"]),
+    (["box", "-e", "K=V", "./s.sh", "-e"], ["box", "-e", "K=V"], ["./s.sh", "-e"]),
+    (["box", "--timeout=2", "ls", "--timeout"], ["box", "--timeout=2"], ["ls", "--timeout"]),
+    (["box", "-la"], ["box"], ["-la"]),
     (["box"], ["box"], None),
 ])
 def test_exec_takes_everything_after_name_as_the_command(argv, head, command):
