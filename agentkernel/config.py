@@ -17,8 +17,13 @@ Schema::
     [pool]      min, max, max_age_s, max_concurrent_starts, wait_s   (daemon pool defaults)
     [[pool.warm]] backend, image, profile, ..., min, max         (pools the daemon keeps warm)
     [daemon]    socket                                           (used by the daemon)
-    [api]       tokens = ["name=token", ...]   (HTTP API bearer tokens; also AGENTKERNEL_API_TOKENS /
-                AGENTKERNEL_API_KEY), allow_sudo_exec
+    [api]       tokens = ["name=token", ...], token_file   (HTTP API bearer tokens; also
+                AGENTKERNEL_API_TOKENS / AGENTKERNEL_API_KEY / AGENTKERNEL_API_TOKEN_FILE),
+                allowed_origins = [...], admins = [...], server_max_sandboxes, server_max_runs,
+                and the remote callers' policy: backends, profiles, network, max_memory_mb, max_vcpus,
+                max_pids, max_disk_mb, max_sandboxes, max_runs, max_batch  (api/policy.py)
+    [[api.tenant]] name (a token's name) + the policy keys above, for that token only
+                allow_sudo_exec (sudo on exec: refops.check_sudo)
 
 The reference system's keys are read too and mapped by refconfig.py: [sandbox] base_image/runtime,
 [agent], [[files]], [security] mount_home / pass_env = true|false / seccomp names / [security.domains] /
@@ -52,7 +57,6 @@ SCHEMA: dict[str, dict[str, str]] = {
     "pool": {"min": "int", "max": "int", "max_age_s": "number", "max_concurrent_starts": "int",
              "wait_s": "number", "warm": "tables"},
     "daemon": {"socket": "str"},
-    "api": {"tokens": "list", "api_key": "str", "api_key_env": "str", "allow_sudo_exec": "bool"},
     # the reference's tables (refconfig.py maps them onto the above, or refuses with the reason)
     "agent": {"preferred": "str", "compatibility_mode": "str"},
     "network": {"vsock_cid": "int"},
@@ -60,12 +64,23 @@ SCHEMA: dict[str, dict[str, str]] = {
     "build": {},  # dockerfile, context, target, no_cache, args
     "orchestrator": {},
     "secrets": {},
+    "api": {"tokens": "list", "token_file": "str", "allowed_origins": "list", "admins": "list",
+            "server_max_sandboxes": "int", "server_max_runs": "int", "tenant": "tables",
+            # the policy of remote callers (api/policy.py POLICY_KEYS)
+            "backends": "list", "profiles": "list", "network": "bool", "max_memory_mb": "int", "max_vcpus": "number",
+            "max_pids": "int", "max_disk_mb": "int", "max_sandboxes": "int", "max_runs": "int", "max_batch": "int",
+            # the reference's keys (refconfig.py)
+            "api_key": "str", "api_key_env": "str", "allow_sudo_exec": "bool"},
 }
 _FREE_TABLES = ("env", "files", "build", "orchestrator", "secrets")  # keys checked elsewhere (or free-form)
 
 # keys of a [[pool.warm]] entry: which spec to keep warm, and its pool sizes
 WARM_KEYS = {"backend", "image", "profile", "network", "read_only", "memory_mb", "vcpus", "pids", "disk_mb",
              "min", "max", "max_age_s", "wait_s"}
+# keys of an [[api.tenant]] entry: a token name and its policy (api/policy.py TENANT_KEYS)
+TENANT_KEYS = {"name", "backends", "profiles", "network", "max_memory_mb", "max_vcpus", "max_pids", "max_disk_mb",
+               "max_sandboxes", "max_runs", "max_batch"}
+TABLE_KEYS = {("pool", "warm"): WARM_KEYS, ("api", "tenant"): TENANT_KEYS}
 
 # [security] key -> Policy field
 _SECURITY_FIELDS = {"network": "network", "network_allow": "network_allow", "read_only": "read_only_root",
@@ -140,11 +155,12 @@ def _check_type(path: str, table: str, key: str, value: Any, kind: str) -> None:
         "tables": isinstance(value, list) and all(isinstance(v, dict) for v in value),
     }[kind]
     if ok and kind == "tables":
+        allowed = TABLE_KEYS[(table, key)]
         for entry in value:
-            bad = set(entry) - WARM_KEYS
+            bad = set(entry) - allowed
             if bad:
                 raise ConfigError(f"{path}: unknown key {sorted(bad)[0]!r} in [[{table}.{key}]] "
-                                  f"(known keys: {', '.join(sorted(WARM_KEYS))})")
+                                  f"(known keys: {', '.join(sorted(allowed))})")
     if not ok:
         want = {"list|bool": "true, false or a list of strings",
                 "tables": "a list of tables", "str": "a string", "bool": "true or false", "int": "an integer",
@@ -230,7 +246,3 @@ def resolve_spec(
         )
     except ValidationError as exc:
         raise ConfigError(str(exc)) from None
-
-
-def pool_settings(cfg: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return dict(cfg.get("pool", {}))

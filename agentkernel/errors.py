@@ -66,9 +66,21 @@ class PolicyNotEnforceable(AgentKernelError):
     http_status = 422
 
 
+class NotPermitted(AgentKernelError):
+    """The server's policy does not let this caller ask for that (a backend, profile, network, resources)."""
+
+    http_status = 403
+
+
+class TooManyRequests(AgentKernelError):
+    """A limit on live sandboxes, concurrent runs or batch size: try again after ``retry_after`` seconds."""
+
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after: int = 1, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after = retry_after
+
+
 class SandboxError(AgentKernelError):
     """The engine failed while doing what we asked."""
-
-
-class ExecTimeout(AgentKernelError):
-    exit_code = 124

@@ -7,7 +7,8 @@ Rules (DESIGN.md "Use once"):
   most ``max_concurrent_starts`` starts at once across all pools (a shared semaphore);
 - members older than ``max_age_s`` are replaced;
 - an empty pool makes the caller wait up to ``wait_s`` for a member being started, then cold-starts
-  one for it: acquire never fails because the pool is exhausted.
+  one for it (through the same start semaphore as refills): acquire never fails because the pool is
+  exhausted.
 Pool members are owned by the daemon process (ownership journal + labels), so a SIGKILLed daemon's
 members are reaped by the next agentkernel command.
 """
@@ -121,7 +122,7 @@ class WarmPool:
                     self._in_use += 1
                     return fut.result(), False
         self.stats["cold_starts"] += 1
-        m = await self._start_member(use_semaphore=False)
+        m = await self._start_member(use_semaphore=True)  # cold starts share the refills' start limiter
         self._in_use += 1
         return m, False
 

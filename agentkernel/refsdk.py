@@ -11,9 +11,10 @@ result types, over this project's HTTP API (``agentkernel serve``).
 
 Results are the reference's types (pydantic models) with this server's extra fields kept
 (``RunOutput.exit_code``, ``stdout``, ``stderr``; ``SandboxInfo.state``, ``expires_at``, ...). Errors are
-``agentkernel.client``'s: ``AuthError`` (401), ``NotFoundError`` (404), ``ValidationError`` (400),
-``ConflictError`` (409), ``PolicyError`` (422), ``ServerError`` (5xx), ``NetworkError``. The native
-client with raw-byte files and exit codes first is ``agentkernel.client``.
+``agentkernel.sdk``'s, under the reference's names: ``AgentKernelError`` (= ``APIError``), ``AuthError``
+(401), ``NotFoundError`` (404), ``ValidationError`` (400, = ``BadRequestError``), ``ConflictError`` (409),
+``PolicyError`` (422), ``RateLimitedError`` (429), ``ServerError`` (5xx), ``NetworkError``. The native
+client with raw-byte files and exit codes first is ``agentkernel.sdk``.
 
 Every method is written once: ``_do`` returns the value (sync client) or a coroutine (async client).
 """
@@ -27,21 +28,10 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ConfigDict
 
-from .client import (
-    _SSE,
-    AgentKernelError,
-    AuthError,
-    ConflictError,
-    NetworkError,
-    NotFoundError,
-    PolicyError,
-    ServerError,
-    StreamError,
-    ValidationError,
-    _config,
-    _error,
-    _unwrap,
-)
+from .sdk import _SSE, AuthError, ConflictError, NetworkError, NotFoundError, PolicyError, RateLimitedError
+from .sdk import APIError as AgentKernelError
+from .sdk import BadRequestError as ValidationError
+from .sdk import ServerError, StreamError, _config, _error, _unwrap
 
 SecurityProfile = Literal["permissive", "moderate", "restrictive"]
 SandboxStatus = Literal["running", "paused", "stopped", "dormant", "archived"]
@@ -53,7 +43,8 @@ __all__ = [
     "AgentKernel", "AgentKernelError", "AsyncAgentKernel", "AsyncSandboxSession", "AuthError",
     "BatchCommand", "BatchFileWriteResponse", "BatchResult", "BatchRunResponse", "ConflictError",
     "CreateSandboxOptions", "DetachedCommand", "DetachedLogsResponse", "DetachedStatus", "ExecOptions",
-    "ExtendTtlResponse", "FileReadResponse", "NetworkError", "NotFoundError", "PolicyError", "RunOptions",
+    "ExtendTtlResponse", "FileReadResponse", "NetworkError", "NotFoundError", "PolicyError", "RateLimitedError",
+    "RunOptions",
     "RunOutput", "SandboxInfo", "SandboxSession", "SandboxStatus", "SecurityProfile", "ServerError",
     "SnapshotMeta", "StreamError", "StreamEvent", "StreamEventType", "ValidationError",
 ]
@@ -458,5 +449,5 @@ class AsyncAgentKernel(_Methods):
         return AsyncSandboxSession(name, self)
 
 
-_ = (AuthError, ConflictError, NotFoundError, PolicyError, ServerError, StreamError, ValidationError,
-     AgentKernelError)
+_ = (AuthError, ConflictError, NotFoundError, PolicyError, RateLimitedError, ServerError, StreamError,
+     ValidationError, AgentKernelError)

@@ -1,4 +1,4 @@
-"""Durable state: named sandboxes, their spec, engine handle, state and owner (SQLite, WAL).
+"""Durable state: named sandboxes, their spec, engine handle, state and tenant (SQLite, WAL).
 
 A name is reserved (state ``creating``) before any engine resource exists, so two concurrent creates
 of one name cannot both succeed, and a crash mid-create leaves a row the next command can see and
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes_v2 (
-    owner       TEXT NOT NULL DEFAULT 'local',
+    tenant      TEXT NOT NULL DEFAULT 'local',
     name        TEXT NOT NULL,
     id          TEXT NOT NULL UNIQUE,
     backend     TEXT NOT NULL,
@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS sandboxes_v2 (
     state       TEXT NOT NULL,
     created_at  REAL NOT NULL,
     updated_at  REAL NOT NULL,
-    PRIMARY KEY (owner, name)
+    PRIMARY KEY (tenant, name)
 );
 """
 
@@ -41,7 +41,7 @@ LOCAL = "local"  # the tenant of everything created through the CLI and the in-p
 
 
 class SandboxRecord:
-    __slots__ = ("backend", "created_at", "handle", "id", "name", "owner", "spec", "state", "updated_at")
+    __slots__ = ("backend", "created_at", "handle", "id", "name", "spec", "state", "tenant", "updated_at")
 
     def __init__(self, row: sqlite3.Row) -> None:
         self.name = row["name"]
@@ -50,7 +50,7 @@ class SandboxRecord:
         self.spec = loads(row["spec"])
         self.handle = loads(row["handle"])
         self.state = row["state"]
-        self.owner = row["owner"]
+        self.tenant = row["tenant"]
         self.created_at = row["created_at"]
         self.updated_at = row["updated_at"]
 
@@ -72,6 +72,7 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        _migrate(self._db)
         try:
             os.chmod(self.path, 0o600)
         except OSError:
@@ -85,13 +86,13 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
-    def reserve(self, name: str, sandbox_id: str, backend: str, spec: dict, owner: str = LOCAL) -> None:
+    def reserve(self, name: str, sandbox_id: str, backend: str, spec: dict, tenant: str = LOCAL) -> None:
         now = time.time()
         try:
             self._db.execute(
-                "INSERT INTO sandboxes_v2(name, id, backend, spec, state, owner, created_at, updated_at) "
+                "INSERT INTO sandboxes_v2(name, id, backend, spec, state, tenant, created_at, updated_at) "
                 "VALUES (?, ?, ?, ?, 'creating', ?, ?, ?)",
-                (name, sandbox_id, backend, dumps(spec, sort_keys=True), owner, now, now),
+                (name, sandbox_id, backend, dumps(spec, sort_keys=True), tenant, now, now),
             )
         except sqlite3.IntegrityError:
             raise AlreadyExists(f"a sandbox named {name!r} already exists",
@@ -108,24 +109,24 @@ class Store:
         args.append(sandbox_id)
         self._db.execute(f"UPDATE sandboxes_v2 SET {', '.join(sets)} WHERE id = ?", args)
 
-    def get(self, name: str, owner: str | None = None) -> SandboxRecord:
-        rec = self.find(name, owner)
+    def get(self, name: str, tenant: str | None = None) -> SandboxRecord:
+        rec = self.find(name, tenant)
         if rec is None:
             raise NotFound(f"no sandbox named {name!r}", hint="agentkernel list shows the sandboxes")
         return rec
 
-    def find(self, name: str, owner: str | None = None) -> SandboxRecord | None:
-        row = self._db.execute("SELECT * FROM sandboxes_v2 WHERE owner = ? AND name = ?",
-                               (owner or LOCAL, name)).fetchone()
+    def find(self, name: str, tenant: str | None = None) -> SandboxRecord | None:
+        row = self._db.execute("SELECT * FROM sandboxes_v2 WHERE tenant = ? AND name = ?",
+                               (tenant or LOCAL, name)).fetchone()
         return SandboxRecord(row) if row else None
 
     def delete(self, sandbox_id: str) -> None:
         self._db.execute("DELETE FROM sandboxes_v2 WHERE id = ?", (sandbox_id,))
 
-    def list(self, owner: str | None = None) -> list[SandboxRecord]:
+    def list(self, tenant: str | None = None) -> list[SandboxRecord]:
         """One tenant's sandboxes (default: the local CLI's)."""
-        rows = self._db.execute("SELECT * FROM sandboxes_v2 WHERE owner = ? ORDER BY created_at",
-                                (owner or LOCAL,)).fetchall()
+        rows = self._db.execute("SELECT * FROM sandboxes_v2 WHERE tenant = ? ORDER BY created_at",
+                                (tenant or LOCAL,)).fetchall()
         return [SandboxRecord(r) for r in rows]
 
     def list_all(self) -> list[SandboxRecord]:
@@ -135,3 +136,16 @@ class Store:
     def ids(self) -> set[str]:
         """Every tenant's sandbox ids (for garbage collection)."""
         return {r[0] for r in self._db.execute("SELECT id FROM sandboxes_v2").fetchall()}
+
+    def count(self, tenant: str | None = None) -> int:
+        """How many named sandboxes one tenant holds (every tenant's when ``tenant`` is None)."""
+        if tenant is None:
+            return self._db.execute("SELECT COUNT(*) FROM sandboxes_v2").fetchone()[0]
+        return self._db.execute("SELECT COUNT(*) FROM sandboxes_v2 WHERE tenant = ?", (tenant,)).fetchone()[0]
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Stores written before the column was named for what it holds called the tenant ``owner``."""
+    cols = {r[1] for r in db.execute("PRAGMA table_info(sandboxes_v2)")}
+    if "owner" in cols and "tenant" not in cols:
+        db.execute("ALTER TABLE sandboxes_v2 RENAME COLUMN owner TO tenant")

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from agentkernel import _fastjson
-from agentkernel.backends._http1 import MAX_HEAD, ProtocolError, ResponseParser, request_bytes
+from agentkernel.backends._http1 import MAX_HEAD, HTTPProtocolError, ResponseParser, request_bytes
 
 
 def parse(raw: bytes, method: str = "GET", *, bytewise: bool = False, eof: bool = False):
@@ -94,16 +94,16 @@ def test_extra_bytes_after_the_response_make_the_connection_unusable():
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhiXX",
 ])
 def test_malformed_responses_raise(raw):
-    with pytest.raises(ProtocolError):
+    with pytest.raises(HTTPProtocolError):
         parse(raw)
 
 
 def test_oversized_head_and_early_close_raise():
-    with pytest.raises(ProtocolError, match="larger than"):
+    with pytest.raises(HTTPProtocolError, match="larger than"):
         parse(b"HTTP/1.1 200 OK\r\nX: " + b"a" * (MAX_HEAD + 10))
-    with pytest.raises(ProtocolError, match="closed"):
+    with pytest.raises(HTTPProtocolError, match="closed"):
         parse(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", eof=True)
-    with pytest.raises(ProtocolError, match="closed"):
+    with pytest.raises(HTTPProtocolError, match="closed"):
         parse(b"", eof=True)
 
 

@@ -7,46 +7,25 @@ transports (``agentkernel.agent.transport``) are imported by whoever needs them.
 
 from __future__ import annotations
 
-import os
-
 from .protocol import (
     AgentConnectionLost,
     AgentError,
+    AgentExecResult,
     AgentInfo,
-    ExecResult,
+    AgentProtocolError,
     ExitStatus,
-    ProtocolError,
     StatResult,
     exit_code_for,
 )
 
-AGENT_GUEST_PATH = "/.ak/ak-agent"  # where backends mount the agent binary inside a sandbox
-
 __all__ = [
-    "AGENT_GUEST_PATH",
     "AgentConnectionLost",
     "AgentError",
+    "AgentExecResult",
     "AgentInfo",
-    "ExecResult",
+    "AgentProtocolError",
     "ExitStatus",
-    "ProtocolError",
     "StatResult",
-    "agent_binary",
     "exit_code_for",
 ]
-
-
-def agent_binary() -> str:
-    """Path of the static agent binary on the host: $AGENTKERNEL_AGENT_BINARY, else <repo>/build/ak-agent,
-    else a copy shipped inside the package (agentkernel/agent/bin/ak-agent)."""
-    env = os.environ.get("AGENTKERNEL_AGENT_BINARY")
-    if env:
-        return env
-    here = os.path.dirname(os.path.abspath(__file__))
-    for cand in (os.path.join(os.path.dirname(os.path.dirname(here)), "build", "ak-agent"),
-                 os.path.join(here, "bin", "ak-agent")):
-        if os.path.exists(cand):
-            return cand
-    raise FileNotFoundError("ak-agent binary not found: run `make -C agent` in the source checkout "
-                            "or set AGENTKERNEL_AGENT_BINARY")
 

@@ -19,10 +19,10 @@ import os
 import time
 
 from . import protocol as P
-from .protocol import AgentConnectionLost, AgentError, ExecResult, ProtocolError
+from .protocol import AgentConnectionLost, AgentError, AgentExecResult, AgentProtocolError
 from .transport import Transport, UnixSocketTransport
 
-__all__ = ["AgentClient", "AgentConnectionLost", "AgentError", "ExecProcess", "ExecResult"]
+__all__ = ["AgentClient", "AgentConnectionLost", "AgentError", "AgentExecResult", "ExecProcess"]
 
 
 class _Chunks:
@@ -120,7 +120,7 @@ class _Download:
         elif ftype == P.R_ERROR:
             self.q.finish(P.decode_error(payload))
         else:
-            self.q.finish(ProtocolError(f"unexpected frame 0x{ftype:02x} in a file download"))
+            self.q.finish(AgentProtocolError(f"unexpected frame 0x{ftype:02x} in a file download"))
         return True
 
     def fail(self, exc: BaseException) -> None:
@@ -165,7 +165,7 @@ class ExecProcess:
                 self._started.set_result(self.pid)
             return False
         if ftype == P.R_EXIT:
-            res = P.decode_exit(payload, cls=ExecResult, stdout=b"".join(self._out[1]),
+            res = P.decode_exit(payload, cls=AgentExecResult, stdout=b"".join(self._out[1]),
                                 stderr=b"".join(self._out[2]), pid=self.pid or 0)
             self._out = [[], [], []]
             if not self._started.done():
@@ -196,7 +196,7 @@ class ExecProcess:
         """Wait for the STARTED event; returns the pid (inside the sandbox's pid namespace)."""
         return await self._started
 
-    async def wait(self) -> ExecResult:
+    async def wait(self) -> AgentExecResult:
         return await asyncio.shield(self._exit)
 
     def __aiter__(self):
@@ -298,7 +298,7 @@ class AgentClient:
         if ftype == P.R_ERROR:
             raise P.decode_error(payload)
         if ftype != P.R_HELLO or stream != 0:
-            raise ProtocolError(f"expected HELLO from the agent, got frame type 0x{ftype:02x}")
+            raise AgentProtocolError(f"expected HELLO from the agent, got frame type 0x{ftype:02x}")
         self.protocol_version, self.max_payload, self.agent_version = P.decode_hello(payload)
         self._pending_frames = frames[1:]
 
@@ -323,7 +323,7 @@ class AgentClient:
                 frames = self._decoder.feed(data)
         except asyncio.CancelledError:
             exc = AgentConnectionLost("the client closed the connection")
-        except ProtocolError as e:
+        except AgentProtocolError as e:
             exc = AgentConnectionLost(f"protocol error from the agent: {e}")
         except OSError as e:
             exc = AgentConnectionLost(f"connection to the agent lost: {e}")
@@ -402,7 +402,7 @@ class AgentClient:
         t = time.perf_counter()
         _, reply = await self._request(P.PING, payload, (P.R_PONG,))
         if reply != payload:
-            raise ProtocolError("PONG payload differs from PING")
+            raise AgentProtocolError("PONG payload differs from PING")
         return time.perf_counter() - t
 
     async def info(self) -> P.AgentInfo:
@@ -441,7 +441,7 @@ class AgentClient:
     async def exec(self, argv, *, env=None, cwd=None, stdin=None, timeout: float | None = None,
                    tty: bool = False, tty_size: tuple[int, int] | None = None, on_output=None,
                    uid: int | None = None, gid: int | None = None, output_limit: int = 0,
-                   kill_group_on_exit: bool = False) -> ExecResult:
+                   kill_group_on_exit: bool = False) -> AgentExecResult:
         """Run a command to completion. ``env`` is the complete environment (nothing is inherited).
         stdin: None (closed at once), bytes, or an (async) iterable of bytes. Output is captured in
         the result unless ``on_output(fd, data)`` is given. Cancelling this coroutine kills the command."""

@@ -107,7 +107,7 @@ _RESIZE = struct.Struct(">HH")
 # errors
 
 
-class ProtocolError(Exception):
+class AgentProtocolError(Exception):
     """The peer sent bytes that are not a valid frame (or the agent reported a protocol error)."""
 
 
@@ -181,9 +181,9 @@ class FrameDecoder:
         while end - pos >= HEADER_LEN:
             n, stream, ftype, flags = HEADER.unpack_from(buf, pos)
             if n > MAX_PAYLOAD:
-                raise ProtocolError(f"frame of {n} bytes exceeds the maximum payload of {MAX_PAYLOAD}")
+                raise AgentProtocolError(f"frame of {n} bytes exceeds the maximum payload of {MAX_PAYLOAD}")
             if flags:
-                raise ProtocolError("reserved header byte is not zero")
+                raise AgentProtocolError("reserved header byte is not zero")
             if end - pos - HEADER_LEN < n:
                 break
             start = pos + HEADER_LEN
@@ -206,11 +206,11 @@ def _str(b: bytes | str) -> bytes:
 
 def _read_str(payload: bytes, pos: int) -> tuple[bytes, int]:
     if pos + 4 > len(payload):
-        raise ProtocolError("truncated string field")
+        raise AgentProtocolError("truncated string field")
     (n,) = _U32.unpack_from(payload, pos)
     pos += 4
     if pos + n > len(payload):
-        raise ProtocolError("truncated string field")
+        raise AgentProtocolError("truncated string field")
     return payload[pos:pos + n], pos + n
 
 
@@ -232,9 +232,9 @@ def decode_hello(payload: bytes) -> tuple[int, int, str]:
         magic, version, max_payload = _HELLO_REP.unpack_from(payload, 0)
         agent_version, _ = _read_str(payload, _HELLO_REP.size)
     except struct.error as e:
-        raise ProtocolError(f"malformed HELLO reply: {e}") from None
+        raise AgentProtocolError(f"malformed HELLO reply: {e}") from None
     if magic != MAGIC:
-        raise ProtocolError("HELLO reply has a wrong magic: not an agentkernel agent")
+        raise AgentProtocolError("HELLO reply has a wrong magic: not an agentkernel agent")
     return version, max_payload, _text(agent_version)
 
 
@@ -316,7 +316,7 @@ def decode_error(payload: bytes) -> AgentError:
     try:
         (err,) = _U32.unpack_from(payload, 0)
         msg, _ = _read_str(payload, 4)
-    except (struct.error, ProtocolError):
+    except (struct.error, AgentProtocolError):
         return AgentError(_errno.EPROTO, "malformed ERROR frame from the agent")
     return agent_error(err, _text(msg))
 
@@ -381,7 +381,7 @@ class ExitStatus:
                 f"{extra}{err} duration={self.duration:.6f}>")
 
 
-class ExecResult(ExitStatus):
+class AgentExecResult(ExitStatus):
     """ExitStatus plus what the command printed (when captured) and its pid."""
 
     __slots__ = ("pid", "stderr", "stdout")
@@ -398,7 +398,7 @@ def decode_exit(payload: bytes, cls=ExitStatus, **extra):
         flags, code, sig, _, err, dur_us = _EXIT_FIXED.unpack_from(payload, 0)
         msg, _ = _read_str(payload, _EXIT_FIXED.size)
     except struct.error:
-        raise ProtocolError("malformed EXIT event") from None
+        raise AgentProtocolError("malformed EXIT event") from None
     return cls(code, sig if flags & E_SIGNALED else 0, timed_out=bool(flags & E_TIMED_OUT),
                oom=bool(flags & E_OOM), start_failed=bool(flags & E_START_FAILED),
                core_dumped=bool(flags & E_CORE), errno=err, error=_text(msg) or None,
@@ -437,7 +437,7 @@ def decode_stat(payload: bytes) -> StatResult:
     try:
         t, mode, size, mtime_ns, uid, gid = _STAT.unpack_from(payload, 0)
     except struct.error:
-        raise ProtocolError("malformed STAT reply") from None
+        raise AgentProtocolError("malformed STAT reply") from None
     return StatResult(FILE_TYPES.get(t, "other"), mode, size, mtime_ns, uid, gid)
 
 
@@ -458,7 +458,7 @@ def decode_info(payload: bytes) -> AgentInfo:
         proto, flags, oom, pid, uid, gid, max_payload = _INFO_FIXED.unpack_from(payload, 0)
         ver, _ = _read_str(payload, _INFO_FIXED.size)
     except struct.error:
-        raise ProtocolError("malformed INFO reply") from None
+        raise AgentProtocolError("malformed INFO reply") from None
     return AgentInfo(protocol_version=proto, is_pid1=bool(flags & 1), stdio=bool(flags & 2),
                      oom_source={0: None, 1: "cgroup-v1", 2: "cgroup-v2"}.get(oom), pid=pid, uid=uid,
                      gid=gid, max_payload=max_payload, agent_version=_text(ver))

@@ -19,7 +19,7 @@ import os
 import select
 
 from . import protocol as P
-from .protocol import AgentConnectionLost, ExecResult, ProtocolError
+from .protocol import AgentConnectionLost, AgentExecResult, AgentProtocolError
 
 __all__ = ["SyncAgentClient"]
 
@@ -224,7 +224,7 @@ class SyncAgentClient:
     def ping(self, payload: bytes = b"", timeout: float | None = 10.0) -> None:
         ft, pl = self._request(P.PING, payload, timeout)
         if ft != P.R_PONG or pl != payload:
-            raise ProtocolError("bad PONG")
+            raise AgentProtocolError("bad PONG")
 
     def info(self, timeout: float | None = 10.0) -> P.AgentInfo:
         return P.decode_info(self._request(P.INFO, b"", timeout)[1])
@@ -345,13 +345,13 @@ class SyncAgentClient:
 
     def exec(self, argv, env=None, cwd=None, timeout: float | None = None, *, stdin: bytes | None = None,
              tty: bool = False, tty_size: tuple[int, int] | None = None, uid: int | None = None,
-             gid: int | None = None, output_limit: int = 0, kill_group_on_exit: bool = False) -> ExecResult:
+             gid: int | None = None, output_limit: int = 0, kill_group_on_exit: bool = False) -> AgentExecResult:
         """Run ``argv`` to completion and capture its output in the result."""
         out: list[list[bytes]] = [[], [], []]
         st = self.exec_stream(argv, env, cwd, timeout, stdin_fd=stdin, tty=tty, tty_size=tty_size, uid=uid,
                               gid=gid, output_limit=output_limit, kill_group_on_exit=kill_group_on_exit,
                               on_output=lambda fd, data: out[fd].append(data))
-        r = ExecResult(st.code, st.signal, timed_out=st.timed_out, oom=st.oom, start_failed=st.start_failed,
+        r = AgentExecResult(st.code, st.signal, timed_out=st.timed_out, oom=st.oom, start_failed=st.start_failed,
                        core_dumped=st.core_dumped, errno=st.errno, error=st.error, duration=st.duration,
                        stdout_truncated=st.stdout_truncated, stderr_truncated=st.stderr_truncated,
                        stdout=b"".join(out[1]), stderr=b"".join(out[2]))

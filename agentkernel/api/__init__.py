@@ -1,4 +1,6 @@
-"""The HTTP API (``agentkernel serve``): FastAPI app in ``app.py``, the shared service in ``service.py``.
+"""The HTTP API (``agentkernel serve``) and the MCP server: the app's assembly in ``app.py``, its routes in
+``routes/``, the request guard in ``guard.py``, the MCP server in ``mcp.py``, and the ``Service`` they
+share (one daemon, one manager, the policy for remote callers: ``service.py``, ``policy.py``).
 
 Importing this package imports nothing heavy; ``create_app`` pulls in FastAPI on first use."""
 

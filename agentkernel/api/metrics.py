@@ -1,5 +1,9 @@
 """Prometheus text exposition (format 0.0.4) without a client library: a few counters, one histogram
-family, and gauges read from the daemon's pools and the store at scrape time."""
+family, and gauges read from the daemon's pools and the store at scrape time.
+
+Runs are counted per tenant. An admin (or the local user when no token is configured) sees the whole
+server; any other caller sees only its own tenant's runs and sandboxes (no pools, no request counts:
+they would show what other tenants do)."""
 
 from __future__ import annotations
 
@@ -55,30 +59,46 @@ class Metrics:
             self.requests[(method, route, str(status))] += 1
 
     def run(self, kind: str, backend: str, pooled: bool | None, seconds: float, exit_code: int | None,
-            error: bool = False) -> None:
-        key = (kind, backend, "" if pooled is None else ("true" if pooled else "false"))
+            error: bool = False, tenant: str = "") -> None:
+        key = (tenant, kind, backend, "" if pooled is None else ("true" if pooled else "false"))
         with self._lock:
             h = self.latency.get(key)
             if h is None:
                 h = self.latency[key] = Histogram()
             h.observe(seconds)
             outcome = "error" if error else ("ok" if exit_code == 0 else "nonzero")
-            self.runs[(kind, backend, outcome)] += 1
+            self.runs[(tenant, kind, backend, outcome)] += 1
 
-    def render(self, pools: list[dict[str, Any]], sandboxes: list[dict[str, Any]], active: int) -> str:
+    def render(self, pools: list[dict[str, Any]], sandboxes: list[dict[str, Any]], active: int,
+               tenant: str | None = None) -> str:
+        """The whole server (``tenant`` None), or one tenant's runs and sandboxes only."""
         out: list[str] = []
+        whole = tenant is None
 
         def family(name: str, kind: str, helptext: str) -> None:
             out.append(f"# HELP {name} {helptext}")
             out.append(f"# TYPE {name} {kind}")
 
         with self._lock:
-            family("agentkernel_http_requests_total", "counter", "HTTP requests by route template and status")
-            for (m, r, s), n in sorted(self.requests.items()):
-                out.append(f"agentkernel_http_requests_total{_labels({'method': m, 'route': r, 'status': s})} {n}")
+            if whole:
+                family("agentkernel_http_requests_total", "counter", "HTTP requests by route template and status")
+                for (m, r, st), n in sorted(self.requests.items()):
+                    lbl = _labels({'method': m, 'route': r, 'status': st})
+                    out.append(f"agentkernel_http_requests_total{lbl} {n}")
+            latency: dict[tuple, Histogram] = {}
+            for (t, kind, backend, pooled), h in self.latency.items():
+                if whole or t == tenant:
+                    agg = latency.setdefault((kind, backend, pooled), Histogram())
+                    agg.counts = [a + b for a, b in zip(agg.counts, h.counts, strict=True)]
+                    agg.sum += h.sum
+                    agg.n += h.n
+            runs: dict[tuple, int] = defaultdict(int)
+            for (t, kind, backend, outcome), n in self.runs.items():
+                if whole or t == tenant:
+                    runs[(kind, backend, outcome)] += n
             family("agentkernel_run_duration_seconds", "histogram",
                    "end-to-end duration of runs and execs served by the API (pooled: from a warm pool)")
-            for (kind, backend, pooled), h in sorted(self.latency.items()):
+            for (kind, backend, pooled), h in sorted(latency.items()):
                 base = {"kind": kind, "backend": backend}
                 if pooled:
                     base["pooled"] = pooled
@@ -89,17 +109,20 @@ class Metrics:
                 out.append(f"agentkernel_run_duration_seconds_sum{_labels(base)} {_num(round(h.sum, 6))}")
                 out.append(f"agentkernel_run_duration_seconds_count{_labels(base)} {h.n}")
             family("agentkernel_runs_total", "counter", "runs and execs by outcome (ok, nonzero exit, error)")
-            for (kind, backend, outcome), n in sorted(self.runs.items()):
+            for (kind, backend, outcome), n in sorted(runs.items()):
                 lbl = _labels({"kind": kind, "backend": backend, "outcome": outcome})
                 out.append(f"agentkernel_runs_total{lbl} {n}")
-            family("agentkernel_stream_disconnects_total", "counter",
-                   "streams whose client went away before the command ended (the command was killed)")
-            out.append(f"agentkernel_stream_disconnects_total {self.disconnects}")
-            family("agentkernel_auth_failures_total", "counter", "requests refused with 401")
-            out.append(f"agentkernel_auth_failures_total {self.auth_failures}")
+            if whole:
+                family("agentkernel_stream_disconnects_total", "counter",
+                       "streams whose client went away before the command ended (the command was killed)")
+                out.append(f"agentkernel_stream_disconnects_total {self.disconnects}")
+                family("agentkernel_auth_failures_total", "counter", "requests refused with 401")
+                out.append(f"agentkernel_auth_failures_total {self.auth_failures}")
 
         family("agentkernel_runs_active", "gauge", "runs in progress")
         out.append(f"agentkernel_runs_active {active}")
+        if not whole:
+            pools = []
         gauges = (("ready", "warm members ready"), ("starting", "members starting"), ("in_use", "members in use"))
         for field, helptext in gauges:
             family(f"agentkernel_pool_{field}", "gauge", f"pool: {helptext}")

@@ -11,7 +11,7 @@ Compatibility with the reference system's published clients (``agentkernel-sdk``
   ``secrets``, ...) are accepted when null/empty and refused with 422 otherwise (fail closed);
 - run/exec results keep ``output`` (what the reference returns) and add ``exit_code``, ``stdout``,
   ``stderr``, ``signal``, ``timed_out``, ``oom_killed``, ``truncated`` and ``timings``;
-- ``SandboxInfo.status`` stays within the clients' literal (``running``/``stopped``/``paused``); the
+- ``SandboxBody.status`` stays within the clients' literal (``running``/``stopped``/``paused``); the
   exact engine state is in ``state``; ``vcpus`` is an integer there (rounded up), the exact quota in
   ``cpus``.
 """
@@ -124,7 +124,8 @@ class BatchCommand(Strict):
 
 
 class BatchRunRequest(Strict):
-    commands: list[BatchCommand] = Field(min_length=1, max_length=256)
+    commands: list[BatchCommand] = Field(min_length=1, max_length=256, description="at most the caller's "
+                                         "max_batch (429 beyond it)")
 
 
 class FileWriteRequest(Strict):
@@ -136,7 +137,7 @@ class FileWriteRequest(Strict):
 # ---- responses -----------------------------------------------------------------------------------------
 
 
-class RunResult(BaseModel):
+class CommandResultBody(BaseModel):
     output: str = Field(description="stdout then stderr, as text (what the reference API returned)")
     exit_code: int = Field(description="0-255; 128+N when killed by signal N; 124 on timeout")
     signal: int | None = None
@@ -150,7 +151,7 @@ class RunResult(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict, description="milliseconds per phase")
 
 
-class SandboxInfo(BaseModel):
+class SandboxBody(BaseModel):
     name: str
     uuid: str | None = Field(None, description="the sandbox's stable id")
     status: Literal["running", "stopped", "paused"] = Field(description="reference-compatible status")

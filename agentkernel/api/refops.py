@@ -391,7 +391,7 @@ async def enforce_ttls(svc) -> None:
         if exp is not None and exp <= now:
             log.info("sandbox %s reached its TTL: removing it", rec.name)
             try:
-                await svc.manager.remove(rec.name, rec.owner)
+                await svc.manager.remove(rec.name, rec.tenant)
                 from .. import audit
 
                 audit.log("sandbox_expired", sandbox=rec.name, id=rec.id)
@@ -619,6 +619,18 @@ async def restore_snapshot(svc, tenant: str, name: str, as_name: str | None) -> 
 # ---- create-time extras -------------------------------------------------------------------------------------
 
 
+def check_create(source_url: str | None, source_ref: str | None, ttl: str | int | None) -> None:
+    """Validate the create-time extras before anything is created."""
+    if source_url:
+        check_source_url(source_url)
+    if source_ref is not None:
+        if not source_url:
+            raise ValidationError("source_ref needs source_url")
+        check_source_ref(source_ref)
+    if ttl is not None:
+        parse_ttl(ttl)
+
+
 def volume_option(volumes: list[str] | None) -> dict[str, str]:
     """``volumes: ["name:/path[:ro]"]`` -> the backend option that mounts them (each volume must exist)."""
     if not volumes:
@@ -633,6 +645,8 @@ async def after_create(svc, tenant: str, name: str, *, source_url: str | None, s
                        ttl: str | int | None) -> dict[str, Any]:
     """[[files]], the git source and the TTL of a sandbox just created; on failure it is removed."""
     extra: dict[str, Any] = {}
+    if not (svc.config.get("files") or source_url or ttl is not None):
+        return extra
     try:
         if svc.config.get("files"):
             from ..refinject import copy_files

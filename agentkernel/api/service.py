@@ -1,13 +1,19 @@
 """What the HTTP API and the MCP server serve: ONE embedded ``Daemon`` (warm pools) and ONE
 ``SandboxManager`` (named sandboxes, the store) per server process. Nothing here is built per request.
 
-Every method that touches a named sandbox takes the caller's tenant; the store's owner column scopes
+Every method that touches a named sandbox takes the caller's tenant; the store's tenant column scopes
 it, so another tenant's sandbox is simply not found.
+
+The service owns, once for HTTP and MCP, the turning of a request into a spec or an exec request: the
+checks of names, paths, environment and arguments, the server's policy for remote callers
+(``policy.py``: allowed backends/profiles/network, resource ceilings, no host mounts) and the admission
+limits (``admission.py``: live sandboxes, concurrent runs, batch size: 429 beyond them).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import math
 import os
@@ -21,7 +27,9 @@ from ..backends.base import ExecRequest, ExecResult
 from ..errors import AgentKernelError, NotFound, PolicyNotEnforceable, ValidationError
 from ..manager import SandboxManager
 from ..spec import SandboxSpec, check_sandbox_path, validate_name
+from .admission import Admission
 from .metrics import Metrics
+from .policy import ServerPolicy
 
 log = logging.getLogger("agentkernel.api")
 
@@ -112,10 +120,13 @@ def _expiry(sandbox_id: str | None) -> str | None:
 class Service:
     def __init__(self, *, config: dict[str, Any] | None = None, pool_min: int | None = None,
                  pool_max: int | None = None, warm: list[str] | None = None, store=None,
-                 default_timeout: float = DEFAULT_TIMEOUT_S, with_daemon: bool = True) -> None:
+                 default_timeout: float = DEFAULT_TIMEOUT_S, with_daemon: bool = True,
+                 policy: ServerPolicy | None = None) -> None:
         self.config = config or {}
         self.manager = SandboxManager(store)
         self.metrics = Metrics()
+        self.policy = policy or ServerPolicy()
+        self.admission = Admission(self.policy, lambda: self.manager.store)
         self.daemon = None
         self.default_timeout = default_timeout
         self._pool_args = {"min": pool_min, "max": pool_max}
@@ -144,22 +155,49 @@ class Service:
             await self.daemon.close()
         await self.manager.aclose()
 
-    # -- specs --
-    def spec(self, *, image: str | None = None, profile: str | None = None, backend: str | None = None,
-             network: bool | None = None, argv: list[str] | None = None, **flags: Any) -> SandboxSpec:
+    # -- requests -> specs (one place for HTTP and MCP) --
+    def _spec(self, tenant: str, argv: list[str] | None, flags: dict[str, Any]) -> SandboxSpec:
         from ..config import resolve_spec
 
-        f = {"image": image, "profile": profile, "backend": backend, "network": network, **flags}
+        caller = self.policy.for_tenant(tenant)
+        f = {**flags, "mount_cwd": False}  # never the server's directory on behalf of a remote caller
         spec = resolve_spec(f, config=self.config)
-        explicit = bool(image or os.environ.get("AGENTKERNEL_IMAGE") or (self.config.get("sandbox") or {}).get("image"))
+        explicit = bool(flags.get("image") or os.environ.get("AGENTKERNEL_IMAGE")
+                        or (self.config.get("sandbox") or {}).get("image"))
         if not explicit and argv:
             from ..imagesel import choose_image
 
             spec = spec.replace(image=choose_image(spec.backend, argv))
-        return spec
+        from ..backends import canonical
+
+        caller.check_request(backend=canonical(spec.backend), profile=spec.policy.profile,
+                             network=flags.get("network"),
+                             resources={k: flags.get(k) for k in ("memory_mb", "vcpus", "pids", "disk_mb")})
+        return caller.confine(spec)
+
+    def run_spec(self, tenant: str, argv: list[str], *, image: str | None = None, profile: str | None = None,
+                 backend: str | None = None, network: bool | None = None) -> SandboxSpec:
+        """The spec of a one-shot run a caller asked for, within its policy."""
+        return self._spec(tenant, argv, {"image": image, "profile": profile, "backend": backend, "network": network})
+
+    def sandbox_spec(self, tenant: str, name: str, *, image: str | None = None, profile: str | None = None,
+                     backend: str | None = None, network: bool | None = None, read_only: bool | None = None,
+                     memory_mb: int | None = None, vcpus: float | None = None, pids: int | None = None,
+                     disk_mb: int | None = None, env=None, workdir: str | None = None,
+                     options: dict[str, str] | None = None,
+                     unsupported: dict[str, Any] | None = None) -> SandboxSpec:
+        """The spec of a named sandbox a caller asked for, within its policy; fields this server does not
+        implement (``unsupported``) are refused when set."""
+        refuse_unsupported(**(unsupported or {}))
+        validate_name(name)
+        return self._spec(tenant, None, {"image": image, "profile": profile, "backend": backend, "network": network,
+                                         "read_only": read_only, "memory_mb": memory_mb, "vcpus": vcpus,
+                                         "pids": pids, "disk_mb": disk_mb, "env": env_dict(env),
+                                         "workdir": check_cwd(workdir), "name": name, "options": options or {}})
 
     def exec_request(self, argv: list[str], *, env=None, cwd=None, timeout=None, stdin: str | None = None,
-                     on_output=None, output_limit: int | None = None) -> ExecRequest:
+                     on_output=None, output_limit: int | None = None, sudo: bool | None = None) -> ExecRequest:
+        refuse_unsupported(sudo=sudo)
         if any("\0" in a for a in argv):
             raise ValidationError("command arguments must not contain NUL bytes")
         return ExecRequest(argv, env=env_dict(env), cwd=check_cwd(cwd),
@@ -168,14 +206,38 @@ class Service:
                            output_limit=DEFAULT_OUTPUT_LIMIT if output_limit is None else output_limit)
 
     # -- one-shot runs --
-    async def run(self, spec: SandboxSpec, req: ExecRequest, *, fast: bool = True) -> ExecResult:
-        """One command in a fresh sandbox: from the daemon's warm pool (fast), else created cold.
-        Cancelling this kills the command and destroys the sandbox."""
+    async def run(self, tenant: str, spec: SandboxSpec, req: ExecRequest, *, fast: bool = True,
+                  admitted: bool = False) -> ExecResult:
+        """One command in a fresh sandbox: from the daemon's warm pool (fast), else created cold (through
+        the same start limiter as pool refills). Cancelling this kills the command and destroys the
+        sandbox. ``admitted``: the caller already holds an admission for it (a batch)."""
         check_image(spec)
-        runner = self.daemon if fast and self.daemon is not None else self.manager
-        return await self._counted("run", spec.backend, runner.run(spec, req))
+        ticket = None if admitted else self.admission.runs(tenant, 1, oneshot=True)
+        try:
+            if fast and self.daemon is not None:
+                work = self.daemon.run(spec, req)
+            else:
+                work = self.manager.run(spec, req, start_gate=self.start_gate())
+            return await self._counted("run", spec.backend, work, tenant)
+        finally:
+            if ticket is not None:
+                ticket.release()
 
-    async def _counted(self, kind: str, backend: str, work: Awaitable[ExecResult]) -> ExecResult:
+    async def batch(self, tenant: str, jobs: list[tuple[SandboxSpec, ExecRequest]]) -> list[ExecResult | Exception]:
+        """Several one-shot runs in parallel, admitted all at once (or refused with 429)."""
+        import asyncio
+
+        async def one(spec: SandboxSpec, req: ExecRequest) -> ExecResult:
+            return await self.run(tenant, spec, req, admitted=True)
+
+        with self.admission.runs(tenant, len(jobs), oneshot=True, batch=True):
+            return await asyncio.gather(*(one(s, r) for s, r in jobs), return_exceptions=True)
+
+    def start_gate(self):
+        """The semaphore that bounds concurrent sandbox starts: the daemon's, shared with pool refills."""
+        return self.daemon.start_sem if self.daemon is not None else None
+
+    async def _counted(self, kind: str, backend: str, work: Awaitable[ExecResult], tenant: str) -> ExecResult:
         """Await one run or exec, counted in ``active`` and the metrics, with ``server_ms`` in its timings."""
         t0 = time.perf_counter()
         self.active += 1
@@ -191,13 +253,28 @@ class Service:
                 result.timings["server_ms"] = round(dt * 1e3, 3)
                 if kind == "run":
                     pooled = bool(result.timings.get("pooled"))
-            self.metrics.run(kind, backend, pooled, dt, result.exit_code if result else None, error=result is None)
+            self.metrics.run(kind, backend, pooled, dt, result.exit_code if result else None, error=result is None,
+                             tenant=tenant)
 
     # -- named sandboxes --
     async def create(self, tenant: str, spec: SandboxSpec, *, start: bool = True) -> dict[str, Any]:
+        """Create (and start) a named sandbox. A start that fails removes it again: no ``created`` record
+        is left behind for a sandbox the caller was told failed."""
         validate_name(spec.name or "")
         check_image(spec)
-        rec = await self.manager.create(spec, start=start, tenant=tenant)
+        with self.admission.creating(tenant):
+            gate = self.start_gate()
+            async with gate if gate is not None else contextlib.nullcontext():
+                rec = await self.manager.create(spec, start=False, tenant=tenant)
+                if start:
+                    try:
+                        await self.manager.start(rec.name, tenant)
+                    except BaseException:
+                        try:
+                            await self.manager.remove(rec.name, tenant)
+                        except Exception as exc:  # the start error is the one to report
+                            log.warning("removing %s after its failed start: %s", rec.name, exc)
+                        raise
         return await self.info(tenant, rec.name)
 
     async def info(self, tenant: str, name: str) -> dict[str, Any]:
@@ -227,10 +304,16 @@ class Service:
         await self.manager.stop(name, tenant)
         return await self.info(tenant, name)
 
-    async def exec(self, tenant: str, name: str, req: ExecRequest) -> ExecResult:
+    async def exec(self, tenant: str, name: str, req: ExecRequest, *, admitted: bool = False) -> ExecResult:
+        """``admitted``: the caller already holds an admission for it (a stream)."""
         validate_name(name)
         rec = self.manager.get(name, tenant)
-        return await self._counted("exec", rec.backend, self.manager.exec(name, req, tenant))
+        ticket = None if admitted else self.admission.runs(tenant, 1, oneshot=False)
+        try:
+            return await self._counted("exec", rec.backend, self.manager.exec(name, req, tenant), tenant)
+        finally:
+            if ticket is not None:
+                ticket.release()
 
     async def write_file(self, tenant: str, name: str, path: str, data: bytes | AsyncIterator[bytes],
                          mode: int | None = None) -> int:

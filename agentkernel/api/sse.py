@@ -35,13 +35,22 @@ def encode_event(event: str, data: Any) -> bytes:
 class EventStream(Response):
     media_type = "text/event-stream"
 
-    def __init__(self, producer: Producer, on_disconnect: Callable[[], None] | None = None) -> None:
+    def __init__(self, producer: Producer, on_disconnect: Callable[[], None] | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
         self.producer = producer
         self.on_disconnect = on_disconnect
+        self.on_close = on_close  # called once the response is over, however it ended
         self.status_code = 200
         self.background = None
 
     async def __call__(self, scope, receive, send) -> None:
+        try:
+            await self._serve(scope, receive, send)
+        finally:
+            if self.on_close is not None:
+                self.on_close()
+
+    async def _serve(self, scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no")]})

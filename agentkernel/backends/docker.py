@@ -350,19 +350,9 @@ class DockerBackend(AgentContainerBackend):
             self._api = None
 
     # -- synchronous helpers for the CLI (no asyncio) --
-    def list_sync(self) -> list[SandboxInfo]:
-        with SyncClient() as c:
-            cs = c.json("GET", "/containers/json",
-                        params={"all": True, "filters": {"label": [f"{LABEL_MANAGED}=true"]}})
-        return [_info(self.name, x) for x in cs or []]
-
     def force_remove_sync(self, name: str) -> None:
         with SyncClient() as c:
             _remove_sync(c, name)
-
-    def image_exists_sync(self, image: str) -> bool:
-        with SyncClient() as c:
-            return c.request("GET", f"/images/{quote(image)}/json", ok=(404,)).status == 200
 
     # -- one-shot, synchronous (the CLI's daemon-less path) --
     def run_attached_sync(self, plan: _container.ContainerPlan, *, timeout: float | None,

@@ -179,7 +179,7 @@ class Call:
         self.received += len(data)
         try:
             self._parser.feed(data)
-        except _http1.ProtocolError as exc:
+        except _http1.HTTPProtocolError as exc:
             if not data:
                 raise SandboxError(f"dockerd closed the connection during {self.method} "
                                    f"{self.path.split('?')[0]}") from None

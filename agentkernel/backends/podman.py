@@ -133,13 +133,6 @@ class PodmanBackend(AgentContainerBackend):
         subprocess.run([self.binary, "rm", "-f", "-t", "0", "--ignore", name], stdin=subprocess.DEVNULL,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
 
-    def image_exists_sync(self, image: str) -> bool:
-        import subprocess
-
-        r = subprocess.run([self.binary, "image", "exists", image], stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
-        return r.returncode == 0
-
 
 def _lower_priority() -> None:
     os.nice(10)

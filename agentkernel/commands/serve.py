@@ -47,22 +47,36 @@ def add_parsers(sub, want) -> None:
         p.add_argument("-c", "--config", help="agentkernel.toml to use")
 
 
+def _server_setup(args, host: str, *, with_tokens: bool = True):
+    """config, tokens and the policy for remote callers, checked before anything listens (``with_tokens``
+    False: MCP over stdio, where the caller is the local user and no token is used)."""
+    from .. import config
+    from ..api.auth import TokenSet, admin_names, check_bind, load_tokens, tenants
+    from ..api.policy import ServerPolicy
+
+    cfg_path = config.find_config(getattr(args, "config", None), os.getcwd())
+    cfg = config.load_config(cfg_path)
+    if not with_tokens:
+        return cfg, TokenSet(), ServerPolicy.from_config(cfg, admin_names=admin_names(), local_tenant="local")
+    tokens = load_tokens(config=cfg, config_path=cfg_path, cwd=os.getcwd())
+    check_bind(host, tokens)
+    policy = ServerPolicy.from_config(cfg, token_tenants=tenants(tokens) if tokens else None,
+                                      admin_names=admin_names(), local_tenant=None if tokens else "local")
+    return cfg, tokens, policy
+
+
 def serve(args) -> int:
     import logging
 
     import uvicorn
 
-    from .. import config
     from ..api.app import Settings, create_app
-    from ..api.auth import check_bind, load_tokens
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = config.load_config(config.find_config(args.config, os.getcwd()))
-    tokens = load_tokens(config=cfg)
-    check_bind(args.host, tokens)
+    cfg, tokens, policy = _server_setup(args, args.host)
     os.environ["AGENTKERNEL_NO_DAEMON"] = "1"  # this process is the owner of its pools
     settings = Settings(tokens=tokens, config=cfg, pool_min=args.pool_min, pool_max=args.pool_max,
-                        warm=args.warm, mcp=not args.no_mcp, bind_host=args.host)
+                        warm=args.warm, mcp=not args.no_mcp, bind_host=args.host, policy=policy)
     app = create_app(settings)
     sys.stderr.write(f"agentkernel: serving on http://{args.host}:{args.port} "
                      f"({'token auth' if tokens else 'loopback only, no token'})\n")
@@ -99,6 +113,31 @@ def replay(args) -> int:
 
 
 def mcp(args) -> int:
-    from ..mcp_server import mcp_main
+    """``agentkernel mcp``: the MCP server over stdio (the local user), or streamable HTTP at /mcp."""
+    import asyncio
+    import logging
 
-    return mcp_main(args)
+    from ..api.mcp import http_app, serve_stdio
+    from ..api.service import Service
+
+    logging.basicConfig(level=os.environ.get("AGENTKERNEL_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg, tokens, policy = _server_setup(args, args.host, with_tokens=args.transport == "http")
+    svc = Service(config=cfg, pool_min=args.pool_min, pool_max=args.pool_max, warm=args.warm, policy=policy)
+    if args.transport == "stdio":
+        asyncio.run(serve_stdio(svc))
+        return 0
+    import uvicorn
+
+    app = http_app(svc, tokens, args.host)
+
+    async def go() -> None:
+        await svc.start()
+        try:
+            cfg_u = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="on")
+            await quiet_exit_server(uvicorn)(cfg_u).serve()
+        finally:
+            await svc.close()
+
+    asyncio.run(go())
+    return 0

@@ -398,8 +398,3 @@ def _rmtree(path: str) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
-
-
-def remove_image(image_id: str) -> None:
-    """Drop one unpacked image from the cache (sandboxes using it must be gone)."""
-    _rmtree(os.path.join(rootfs_dir(), image_id))

@@ -175,10 +175,3 @@ def default_cache() -> ModuleCache:
         if _DEFAULT is None:
             _DEFAULT = ModuleCache.default()
         return _DEFAULT
-
-
-def reset_default_cache() -> None:
-    """Forget the process-wide cache object (tests change AGENTKERNEL_WASM_CACHE)."""
-    global _DEFAULT
-    with _LOCK:
-        _DEFAULT = None

@@ -306,7 +306,7 @@ def test_frame_codec_roundtrip():
     assert got == [(P.R_STDOUT, 7, bytes(range(256))), (P.R_EXIT, 7, b"")]
     with pytest.raises(ValueError):
         P.encode_frame(P.STDIN, 1, b"x" * (P.MAX_PAYLOAD + 1))
-    with pytest.raises(P.ProtocolError):
+    with pytest.raises(P.AgentProtocolError):
         P.FrameDecoder().feed(struct.pack(">IIBB", P.MAX_PAYLOAD + 1, 1, 1, 0))
 
 

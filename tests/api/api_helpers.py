@@ -24,6 +24,7 @@ TOKENS = {
     "alice": "alice-token-0123456789abcdef",
     "bob": "bob-token-0123456789abcdef00",
     "fuzz": "fuzz-token-0123456789abcdef0",
+    "ops": "ops-token-0123456789abcdef000",  # an admin (AGENTKERNEL_API_ADMINS): sees the whole /metrics
 }
 
 
@@ -72,6 +73,7 @@ def start_server(tmp_dir: str, *, tokens: dict[str, str] | None = None, pool_min
     env.pop("AGENTKERNEL_API_KEY", None)
     env["AGENTKERNEL_API_TOKENS"] = ",".join(f"{k}={v}" for k, v in (tokens or {}).items())
     env["AGENTKERNEL_LOG_LEVEL"] = "warning"
+    env["AGENTKERNEL_API_ADMINS"] = "ops"
     env.update(extra_env or {})
     os.makedirs(tmp_dir, exist_ok=True)
     log_path = os.path.join(tmp_dir, f"serve-{port}.log")

@@ -9,10 +9,10 @@ from api_helpers import TOKENS, auth, containers, start_server, unique, wait_poo
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    """The session's `agentkernel serve` (tokens for alice, bob and fuzz; a warm pool of 1)."""
+    """The session's `agentkernel serve` (tokens for alice, bob, fuzz and the admin ops; a warm pool of 1)."""
     srv = start_server(str(tmp_path_factory.mktemp("serve")), tokens=TOKENS, pool_min=1, pool_max=4)
     try:
-        wait_pool_ready(srv.url, TOKENS["alice"])
+        wait_pool_ready(srv.url, TOKENS["ops"])
         yield srv
     finally:
         # remove whatever sandboxes the tests left, then stop: pool members go with the server

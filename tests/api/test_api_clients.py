@@ -13,15 +13,15 @@ import textwrap
 import pytest
 from api_helpers import TOKENS, unique
 
-from agentkernel.client import (
+from agentkernel.sdk import (
     AgentKernel,
     AsyncAgentKernel,
     AuthError,
+    BadRequestError,
     CommandError,
     ConflictError,
     NotFoundError,
     PolicyError,
-    ValidationError,
 )
 
 pytestmark = pytest.mark.engine("podman")
@@ -67,7 +67,7 @@ def test_sdk_sync(server, monkeypatch):
             assert any(e["event"] == "file_written" for e in ak.logs(name))
         with pytest.raises(NotFoundError):
             ak.get_sandbox(name)
-        with pytest.raises(ValidationError):
+        with pytest.raises(BadRequestError):
             ak.create_sandbox("bad name!")
         with pytest.raises(PolicyError):
             ak._request("POST", "/sandboxes", json={"name": unique("v"), "secrets": ["K:host"]})

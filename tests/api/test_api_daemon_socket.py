@@ -24,4 +24,4 @@ def test_cli_runs_go_through_the_servers_pools(server):
     r = _ak("run", "--", "echo", "via-serve")
     assert (r.returncode, r.stdout) == (0, b"via-serve\n"), r.stderr
     assert json.loads(_ak("daemon", "status", "--json").stdout)["runs"] == before + 1
-    wait_pool_ready(server.url, TOKENS["alice"])  # leave the pool warm for the tests that expect a hit
+    wait_pool_ready(server.url, TOKENS["ops"])  # leave the pool warm for the tests that expect a hit

@@ -156,7 +156,7 @@ def test_run_stream_disconnect_kills_command_and_destroys_sandbox(server, alice)
     # the response is closed: the client went away mid-stream
     assert wait_until(lambda: not host_processes(f"sleep {marker}"), 20), host_processes(f"sleep {marker}")
     assert wait_until(lambda: cname not in containers(), 30), f"{cname} was not destroyed"
-    m = httpx.get(server.url + "/metrics", headers=auth()).text
+    m = httpx.get(server.url + "/metrics", headers=auth("ops")).text
     assert "agentkernel_stream_disconnects_total 0" not in m
 
 
@@ -412,7 +412,10 @@ def test_missing_image_and_backend(alice):
 
 def test_metrics(server, alice, sandbox):
     alice.post("/run", json={"command": ["true"]})
-    r = alice.get("/metrics")
+    mine = alice.get("/metrics").text  # a tenant sees its own runs and sandboxes
+    assert 'agentkernel_run_duration_seconds_bucket{backend="podman",kind="run",le="+Inf",pooled="true"}' in mine
+    assert 'agentkernel_sandboxes{backend="podman",state="running"}' in mine
+    r = httpx.get(server.url + "/metrics", headers=auth("ops"))  # an admin sees the whole server
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     t = r.text
     for needle in ("agentkernel_pool_ready{", "agentkernel_pool_hits_total{", "agentkernel_pool_misses_total{",

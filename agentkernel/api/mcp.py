@@ -10,8 +10,8 @@ and the cap is stated in the text whenever it applied. ``structuredContent`` hol
 JSON.
 
 Commands run through the same ``Service`` as the HTTP API: one embedded daemon (warm pools) per
-process. Over stdio the caller is the local user (tenant ``local``, like the CLI); over HTTP the
-bearer token's tenant.
+process, the same request checks, the same policy for remote callers and the same limits. Over stdio
+the caller is the local user (tenant ``local``, like the CLI); over HTTP the bearer token's tenant.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
-from .api import refops, reftools
-from .api.auth import LOCAL_TENANT, TokenSet, bearer
-from .errors import AgentKernelError
+from ..errors import AgentKernelError
+from . import refops, reftools
+from .auth import LOCAL_TENANT, TokenSet, bearer
+from .service import file_path
 
 OUTPUT_CAP = 16_000  # bytes per stream: the first and last OUTPUT_CAP/2 are kept
 DEFAULT_TIMEOUT_MS = 30_000
@@ -65,11 +66,11 @@ class CreateArgs(_Args):
     backend: str | None = None
     env: dict[str, str] | None = Field(None, description="environment variables of the sandbox")
     workdir: str | None = Field(None, description="default working directory")
+    source_url: str | None = Field(None, description="a remote git repository cloned into the working directory")
+    source_ref: str | None = Field(None, description="branch, tag or commit of source_url")
+    ttl: str | int | None = Field(None, description='remove the sandbox after this long: "30m", "2h"')
     # reference arguments nothing here implements: refused when set
     ports: list[str] | None = None
-    source_url: str | None = Field(None, description="a remote git repository cloned into the working directory")
-    source_ref: str | None = None
-    ttl: str | int | None = Field(None, description='remove the sandbox after this long: "30m", "2h"')
 
 
 class ExecArgs(_Args):
@@ -178,11 +179,12 @@ class Tools:
     def __init__(self, svc) -> None:
         self.svc = svc
 
-    def _req(self, argv, env, cwd, timeout_ms, out: HeadTail, err: HeadTail):
+    def _req(self, argv, env, cwd, timeout_ms, out: HeadTail, err: HeadTail, sudo: bool | None = None):
         def on_output(fd: int, data: bytes) -> None:
             (out if fd == 1 else err).feed(data)
 
-        return self.svc.exec_request(argv, env=env, cwd=cwd, timeout=timeout_ms / 1000.0, on_output=on_output)
+        return self.svc.exec_request(argv, env=env, cwd=cwd, timeout=timeout_ms / 1000.0, on_output=on_output,
+                                     sudo=sudo)
 
     async def call(self, name: str, args: dict[str, Any], tenant: str) -> tuple[str, Any]:
         model, _ = TOOLS[name]
@@ -192,29 +194,22 @@ class Tools:
             return await reftools.call(svc, name, a, tenant)
         if isinstance(a, RunArgs):
             out, err = HeadTail(), HeadTail()
-            spec = svc.spec(image=a.image, profile=a.profile, backend=a.backend, network=a.network, argv=a.command)
-            r = await svc.run(spec, self._req(a.command, a.env, a.cwd, a.timeout_ms, out, err), fast=a.fast)
+            spec = svc.run_spec(tenant, a.command, image=a.image, profile=a.profile, backend=a.backend,
+                                network=a.network)
+            r = await svc.run(tenant, spec, self._req(a.command, a.env, a.cwd, a.timeout_ms, out, err), fast=a.fast)
             return _result_payload(r, out, err)
         if isinstance(a, ExecArgs):
-            if a.sudo:
-                refops.check_sudo(svc, tenant, a.name)
             out, err = HeadTail(), HeadTail()
-            r = await svc.exec(tenant, a.name, self._req(a.command, a.env, a.workdir or a.cwd, a.timeout_ms, out, err))
+            if a.sudo:
+                refops.check_sudo(svc, tenant, a.name)  # allowed: the sandbox's commands already run as root
+            req = self._req(a.command, a.env, a.workdir or a.cwd, a.timeout_ms, out, err)
+            r = await svc.exec(tenant, a.name, req)
             return _result_payload(r, out, err)
         if isinstance(a, CreateArgs):
-            from .api.service import check_cwd, env_dict, refuse_unsupported
-            from .spec import validate_name
-
-            refuse_unsupported(ports=a.ports)
-            validate_name(a.name)
-            if a.source_url:
-                refops.check_source_url(a.source_url)
-                refops.check_source_ref(a.source_ref)
-            if a.ttl is not None:
-                refops.parse_ttl(a.ttl)
-            spec = svc.spec(image=a.image, profile=a.profile, backend=a.backend, network=a.network,
-                            memory_mb=a.memory_mb, vcpus=a.vcpus, env=env_dict(a.env), workdir=check_cwd(a.workdir),
-                            name=a.name)
+            refops.check_create(a.source_url, a.source_ref, a.ttl)
+            spec = svc.sandbox_spec(tenant, a.name, image=a.image, profile=a.profile, backend=a.backend,
+                                    network=a.network, memory_mb=a.memory_mb, vcpus=a.vcpus, env=a.env,
+                                    workdir=a.workdir, unsupported={"ports": a.ports})
             info = await svc.create(tenant, spec, start=True)
             info |= await refops.after_create(svc, tenant, a.name, source_url=a.source_url, source_ref=a.source_ref,
                                               ttl=a.ttl)
@@ -233,15 +228,11 @@ class Tools:
             info = await svc.stop_sandbox(tenant, a.name)
             return f"sandbox {a.name}: {info['state']}", info
         if isinstance(a, FileWriteArgs):
-            from .api.service import file_path
-
             p = file_path(a.path)
             data = base64.b64decode(a.content, validate=True) if a.encoding == "base64" else a.content.encode()
             n = await svc.write_file(tenant, a.name, p, data)
             return f"wrote {n} bytes to {p}", {"path": p, "size": n}
         if isinstance(a, FileReadArgs):
-            from .api.service import file_path
-
             p = file_path(a.path)
             buf = bytearray()
             async for chunk in svc.read_file(tenant, a.name, p):
@@ -276,7 +267,7 @@ def build_server(svc, tokens: TokenSet | None = None):
     import mcp.types as types
     from mcp.server import Server
 
-    from . import __version__
+    from .. import __version__
 
     tools = Tools(svc)
     tokens = tokens or TokenSet()
@@ -332,52 +323,38 @@ async def serve_stdio(svc) -> None:
         await svc.close()
 
 
-def mcp_main(args) -> int:
-    """CLI glue for ``agentkernel mcp``."""
-    import asyncio
-    import logging
-    import os
+def mcp_auth(mcp_app, tokens: TokenSet, svc=None):
+    """An MCP streamable-HTTP app behind the same bearer tokens as the REST routes."""
+    from starlette.responses import JSONResponse
 
-    from . import config
-    from .api.service import Service
+    async def app(scope, receive, send):
+        if scope["type"] == "http" and tokens:
+            hdr = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            if tokens.tenant_for(bearer(hdr)) is None:
+                if svc is not None:
+                    svc.metrics.auth_failures += 1
+                resp = JSONResponse({"success": False, "error": "unauthorized"}, status_code=401,
+                                    headers={"WWW-Authenticate": "Bearer"})
+                await resp(scope, receive, send)
+                return
+        await mcp_app(scope, receive, send)
 
-    logging.basicConfig(level=os.environ.get("AGENTKERNEL_LOG_LEVEL", "WARNING"),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = config.load_config(config.find_config(getattr(args, "config", None), os.getcwd()))
-    svc = Service(config=cfg, pool_min=args.pool_min, pool_max=args.pool_max, warm=args.warm)
-    if args.transport == "stdio":
-        asyncio.run(serve_stdio(svc))
-        return 0
-    import uvicorn
+    return app
 
-    from .api.auth import check_bind, load_tokens
 
-    tokens = load_tokens(config=cfg)
-    check_bind(args.host, tokens)
-    server = build_server(svc, tokens)
-    inner = server.streamable_http_app(streamable_http_path="/mcp", stateless_http=True, host=args.host)
+def http_app(svc, tokens: TokenSet, host: str):
+    """The standalone MCP streamable-HTTP app (``agentkernel mcp --transport http``) at ``/mcp``, behind the
+    bearer tokens and the same request guard (Origin, loopback) as ``agentkernel serve``."""
+    from .guard import RequestGuard
+
+    inner = build_server(svc, tokens).streamable_http_app(streamable_http_path="/mcp", stateless_http=True,
+                                                           host=host)
+    guarded = RequestGuard(mcp_auth(inner, tokens, svc), tokens=tokens, allowed_origins=svc.policy.allowed_origins,
+                           metrics=svc.metrics)
 
     async def app(scope, receive, send):
         if scope["type"] == "lifespan":
             return await inner(scope, receive, send)
-        if scope["type"] == "http" and tokens:
-            hdr = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-            if tokens.tenant_for(bearer(hdr)) is None:
-                from starlette.responses import JSONResponse
+        await guarded(scope, receive, send)
 
-                await JSONResponse({"success": False, "error": "unauthorized"}, status_code=401)(scope, receive, send)
-                return
-        await inner(scope, receive, send)
-
-    async def go() -> None:
-        await svc.start()
-        try:
-            cfg_u = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="on")
-            from .commands.serve import quiet_exit_server
-
-            await quiet_exit_server(uvicorn)(cfg_u).serve()
-        finally:
-            await svc.close()
-
-    asyncio.run(go())
-    return 0
+    return app

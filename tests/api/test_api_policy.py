@@ -1,0 +1,104 @@
+"""The server policy for remote callers and its configuration, without a server (api/policy.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from agentkernel import config
+from agentkernel.api import policy
+from agentkernel.api.policy import CallerPolicy, ServerPolicy, check_origin
+from agentkernel.api.service import Service
+from agentkernel.errors import ConfigError, NotPermitted, TooManyRequests
+
+
+def test_config_schema_knows_every_policy_key():
+    assert set(policy.POLICY_KEYS) <= set(config.SCHEMA["api"])
+    assert policy.TENANT_KEYS == config.TENANT_KEYS
+
+
+def _load(tmp_path, text: str) -> dict:
+    p = tmp_path / "agentkernel.toml"
+    p.write_text(text)
+    return config.load_config(str(p))
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'tokenz' in \[\[api\.tenant\]\]"):
+        _load(tmp_path, '[[api.tenant]]\nname = "ci"\ntokenz = "x"\n')
+    with pytest.raises(ConfigError, match="'null' cannot be allowed"):
+        ServerPolicy.from_config(_load(tmp_path, '[api]\nallowed_origins = ["null"]\n'))
+    with pytest.raises(ConfigError, match="no configured token is named 'ci'"):
+        ServerPolicy.from_config(_load(tmp_path, '[[api.tenant]]\nname = "ci"\n'), token_tenants={"api:other"})
+    with pytest.raises(ConfigError, match="unknown profile 'yolo'"):
+        ServerPolicy.from_config(_load(tmp_path, '[api]\nprofiles = ["yolo"]\n'))
+    with pytest.raises(ConfigError, match="unknown backend 'nope'"):
+        ServerPolicy.from_config(_load(tmp_path, '[api]\nbackends = ["nope"]\n'))
+    with pytest.raises(ConfigError, match="max_runs must be positive"):
+        ServerPolicy.from_config(_load(tmp_path, '[api]\nmax_runs = 0\n'))
+
+
+def test_tenant_table_inherits_the_default(tmp_path):
+    sp = ServerPolicy.from_config(_load(tmp_path, '[api]\nmax_runs = 3\nnetwork = false\n'
+                                                  '[[api.tenant]]\nname = "ci"\nnetwork = true\n'))
+    ci, other = sp.for_tenant("api:ci"), sp.for_tenant("api:x")
+    assert ci.network and ci.max_runs == 3 and not other.network
+
+
+def test_default_policy_is_safe(monkeypatch):
+    monkeypatch.delenv("AGENTKERNEL_PROFILE", raising=False)
+    svc = Service(with_daemon=False, config={"security": {"mount_cwd": True}, "resources": {"memory_mb": 100000}})
+    spec = svc.run_spec("api:x", ["true"])
+    assert spec.policy.mount_cwd is False and spec.policy.network is False  # the server's config is not enough
+    assert spec.resources.memory_mb == CallerPolicy().max_memory_mb
+    for kw, why in (({"profile": "permissive"}, "profile"), ({"network": True}, "network"),
+                    ({"backend": "docker"}, None)):
+        if why is None:
+            svc.run_spec("api:x", ["true"], **kw)  # every registered backend by default
+            continue
+        with pytest.raises(NotPermitted, match=why):
+            svc.run_spec("api:x", ["true"], **kw)
+    with pytest.raises(NotPermitted, match="vcpus 64"):
+        svc.sandbox_spec("api:x", "box", vcpus=64)
+
+
+def test_server_credentials_never_passed_into_a_sandbox(monkeypatch):
+    monkeypatch.setenv("AGENTKERNEL_API_TOKENS", "a=0123456789abcdef0123")
+    monkeypatch.setenv("LANG", "C.UTF-8")
+    svc = Service(with_daemon=False, config={"security": {"pass_env": ["AGENTKERNEL_API_TOKENS", "LANG"]}})
+    spec = svc.run_spec("api:x", ["true"])
+    assert "AGENTKERNEL_API_TOKENS" not in spec.env and spec.env["LANG"] == "C.UTF-8"
+
+
+def test_wasm_preopen_refused_for_remote_callers():
+    svc = Service(with_daemon=False, config={"sandbox": {"options": {"preopen": "/:/host"}}})
+    with pytest.raises(NotPermitted, match="preopen"):
+        svc.run_spec("api:x", ["true"], backend="wasm")
+
+
+def test_origin_rules():
+    allowed = frozenset({"https://app.example"})
+    assert check_origin(None, allowed) is None
+    assert check_origin("https://app.example/", allowed) is None
+    assert "null" in check_origin("null", allowed)
+    assert check_origin("https://evil.example", allowed)
+    assert check_origin("http://localhost:3000", frozenset())
+
+
+def test_admission_counts_and_releases():
+    sp = ServerPolicy(default=CallerPolicy(max_runs=2, max_batch=2, max_sandboxes=3), server_max_runs=3)
+    svc = Service(with_daemon=False, policy=sp)
+    adm = svc.admission
+    t1 = adm.runs("a", 2, oneshot=True)
+    with pytest.raises(TooManyRequests, match="concurrent runs for this caller") as exc:
+        adm.runs("a", 1, oneshot=False)
+    assert exc.value.retry_after >= 1 and exc.value.http_status == 429
+    with pytest.raises(TooManyRequests, match="on this server"):
+        adm.runs("b", 2, oneshot=False)
+    with pytest.raises(TooManyRequests, match="batch of 3"):
+        adm.runs("b", 3, oneshot=True, batch=True)
+    t1.release()
+    t1.release()  # idempotent
+    assert adm.runs_by["a"] == 0 and adm.oneshots_by["a"] == 0
+    with adm.runs("b", 2, oneshot=False):
+        assert adm.runs_by["b"] == 2
+    assert adm.runs_by["b"] == 0
