@@ -7,7 +7,8 @@ __version__ = "0.1.0"
 _REFSDK = frozenset((
     "AgentKernel", "AsyncAgentKernel", "SandboxSession", "AsyncSandboxSession", "AgentKernelError", "AuthError",
     "NotFoundError", "ValidationError", "ServerError", "NetworkError", "StreamError", "ConflictError",
-    "PolicyError", "RateLimitedError", "RunOutput", "SandboxInfo", "RunOptions", "CreateSandboxOptions", "ExecOptions", "StreamEvent",
+    "PolicyError", "RateLimitedError", "RunOutput", "SandboxInfo", "RunOptions", "CreateSandboxOptions",
+    "ExecOptions", "StreamEvent",
     "FileReadResponse", "BatchCommand", "BatchResult", "BatchRunResponse", "BatchFileWriteResponse",
     "DetachedCommand", "DetachedLogsResponse", "DetachedStatus", "ExtendTtlResponse", "SnapshotMeta",
     "SecurityProfile", "SandboxStatus", "StreamEventType",

@@ -28,10 +28,22 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ConfigDict
 
-from .sdk import _SSE, AuthError, ConflictError, NetworkError, NotFoundError, PolicyError, RateLimitedError
+from .sdk import (
+    _SSE,
+    AuthError,
+    ConflictError,
+    NetworkError,
+    NotFoundError,
+    PolicyError,
+    RateLimitedError,
+    ServerError,
+    StreamError,
+    _config,
+    _error,
+    _unwrap,
+)
 from .sdk import APIError as AgentKernelError
 from .sdk import BadRequestError as ValidationError
-from .sdk import ServerError, StreamError, _config, _error, _unwrap
 
 SecurityProfile = Literal["permissive", "moderate", "restrictive"]
 SandboxStatus = Literal["running", "paused", "stopped", "dormant", "archived"]

@@ -1,5 +1,5 @@
 """MCP tools matching the reference system's later ones: TTL, batch file write, detached commands and
-snapshots. Registered into mcp_server.TOOLS; the work is in refops.py."""
+snapshots. Registered into api.mcp.TOOLS; the work is in refops.py."""
 
 from __future__ import annotations
 
