@@ -24,8 +24,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <net/if.h>
 #include <sys/ioctl.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/reboot.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -51,7 +54,7 @@
 
 /* client -> agent */
 enum {
-    RQ_HELLO = 0x01, RQ_PING = 0x02, RQ_INFO = 0x03, RQ_CANCEL = 0x04,
+    RQ_HELLO = 0x01, RQ_PING = 0x02, RQ_INFO = 0x03, RQ_CANCEL = 0x04, RQ_RESEED = 0x05,
     RQ_EXEC = 0x10, RQ_STDIN = 0x11, RQ_STDIN_EOF = 0x12, RQ_SIGNAL = 0x13, RQ_RESIZE = 0x14,
     RQ_PUT = 0x20, RQ_PUT_DATA = 0x21, RQ_PUT_END = 0x22, RQ_GET = 0x23, RQ_STAT = 0x24, RQ_MKDIR = 0x25,
     RQ_REMOVE = 0x26,
@@ -68,6 +71,8 @@ enum {
 #define X_SET_UID 0x04u
 #define X_SET_GID 0x08u
 #define X_KILL_GROUP_ON_EXIT 0x10u
+#define X_RESTRICT 0x20u /* no_new_privs + every capability dropped (bounding, ambient, effective...) */
+#define X_SECCOMP 0x40u  /* a trailing str: a classic BPF program installed as a seccomp filter */
 /* EXIT flags */
 #define E_SIGNALED 0x01u
 #define E_TIMED_OUT 0x02u
@@ -443,6 +448,48 @@ static conn_t *conns;
 static int listen_fd = -1;
 static char *listen_path;
 static int stdio_mode;
+/* serve --device: one long-lived port (virtio-serial) whose host side connects and disconnects. The
+ * guest learns of (dis)connections on a control queue that is not ordered with the data queue, so a
+ * hang-up cannot delimit sessions: a session starts with the host's HELLO (which resets the previous
+ * one: its commands are killed, its unsent output dropped), and a hang-up only means "the host is
+ * away" (the port reports POLLHUP until it is back: SIGIO says when, see device_away) */
+static int device_fd = -1;
+static conn_t *device_conn;
+static uint64_t device_retry_at;
+/* while the host is away the port raises SIGIO when data arrives (virtio_console's fasync), but not
+ * reliably for every reconnection: so the port is also re-polled, every 2 ms for the first 200 ms (a
+ * client reconnecting between operations) and every 25 ms after that (an idle VM stays quiet) */
+#define DEVICE_FAST_US 2000
+#define DEVICE_FAST_FOR_US 200000
+#define DEVICE_SLOW_US 25000
+static int device_async;
+static uint64_t device_away_since;
+
+/* the host side of the port is away: sleep until SIGIO (armed here; data or a reconnection raises it),
+ * re-checking once after arming so a reconnection that came first is not missed */
+static void device_away(void) {
+    if (!device_async) {
+        fcntl(device_fd, F_SETFL, fcntl(device_fd, F_GETFL) | O_ASYNC);
+        device_async = 1;
+    }
+    struct pollfd p = {.fd = device_fd, .events = POLLIN};
+    if (poll(&p, 1, 0) == 1 && !(p.revents & POLLHUP)) {
+        device_retry_at = 0;
+        return;
+    }
+    uint64_t now = now_us();
+    if (!device_away_since) device_away_since = now;
+    device_retry_at = now + (now - device_away_since < DEVICE_FAST_FOR_US ? DEVICE_FAST_US : DEVICE_SLOW_US);
+}
+
+/* the host is back: no SIGIO per incoming frame while it is */
+static void device_present(void) {
+    device_away_since = 0;
+    if (device_async) {
+        fcntl(device_fd, F_SETFL, fcntl(device_fd, F_GETFL) & ~O_ASYNC);
+        device_async = 0;
+    }
+}
 static uint64_t accept_paused_until; /* out of fds: retry accept() later, not in a busy loop */
 
 static int conn_in_paused(conn_t *c) {
@@ -571,7 +618,8 @@ static stream_t *new_stream(conn_t *c, uint32_t sid, int kind) {
 /* ------------------------------------------------------------------------------------------------ */
 /* exec */
 
-enum { STAGE_EXEC = 1, STAGE_CHDIR, STAGE_SETGROUPS, STAGE_SETGID, STAGE_SETUID, STAGE_TTY, STAGE_DUP };
+enum { STAGE_EXEC = 1, STAGE_CHDIR, STAGE_SETGROUPS, STAGE_SETGID, STAGE_SETUID, STAGE_TTY, STAGE_DUP,
+       STAGE_RESTRICT };
 
 static void child_fail(int errfd, int stage) {
     int v[2] = {stage, errno};
@@ -628,6 +676,10 @@ static void send_exit(stream_t *s) {
         case STAGE_SETGROUPS:
             code = 126;
             snprintf(msg, sizeof msg, "cannot switch to uid %u: %s", s->uid, es);
+            break;
+        case STAGE_RESTRICT:
+            code = 126;
+            snprintf(msg, sizeof msg, "cannot drop privileges / install the seccomp filter: %s", es);
             break;
         default:
             code = 126;
@@ -722,6 +774,49 @@ static void exec_finish(stream_t *s) {
     s->done = 1;
 }
 
+static int def_restrict, def_user;
+static const char *def_cgroup; /* serve --cgroup DIR: every command joins it (e.g. a pids.max limit) */
+static uint32_t def_uid, def_gid;
+static uint8_t *def_bpf;
+static uint32_t def_bpf_len;
+
+static int load_bpf(const char *path) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) < 0 || st.st_size <= 0 || st.st_size % 8 || st.st_size > 4096 * 8) {
+        fprintf(stderr, "ak-agent: seccomp program %s: %s\n", path, fd < 0 ? strerror(errno) : "bad size");
+        if (fd >= 0) close(fd);
+        return -1;
+    }
+    def_bpf = xrealloc(NULL, (size_t)st.st_size);
+    ssize_t n = read(fd, def_bpf, (size_t)st.st_size);
+    close(fd);
+    if (n != st.st_size) return -1;
+    def_bpf_len = (uint32_t)n;
+    return 0;
+}
+
+/* drop every capability for good: bounding set, ambient set, then effective/permitted/inheritable
+ * (a root command keeps uid 0 but gains nothing back on execve: its bounding set is empty) */
+static int drop_bounding(void) {
+    for (int cap = 0; cap < 64; cap++)
+        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL) return -1;
+    return 0;
+}
+
+static int restrict_caps(void) {
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+    struct {
+        uint32_t version;
+        int pid;
+    } hdr = {0x20080522 /* _LINUX_CAPABILITY_VERSION_3 */, 0};
+    struct {
+        uint32_t effective, permitted, inheritable;
+    } data[2];
+    memset(data, 0, sizeof data);
+    return (int)syscall(SYS_capset, &hdr, data);
+}
+
 static void exec_start(conn_t *c, uint32_t sid, rd_t *r) {
     uint32_t flags = rd_u32(r), timeout_ms = rd_u32(r);
     uint16_t rows = rd_u16(r), cols = rd_u16(r);
@@ -758,7 +853,20 @@ static void exec_start(conn_t *c, uint32_t sid, rd_t *r) {
         }
         envp[j] = NULL;
     }
+    const uint8_t *bpf = NULL;
+    uint32_t bpf_len = 0;
+    if ((flags & X_SECCOMP) && !r->bad && i == argc && j == envc) {
+        bpf = rd_str(r, &bpf_len);
+        if (bpf_len % 8 || bpf_len == 0 || bpf_len / 8 > 4096) r->bad = 1;
+    }
     int malformed = r->bad || i != argc || j != envc || r->n != 0;
+    /* the agent's own policy (serve --restrict / --seccomp / --user) applies to every command */
+    if (def_restrict) flags |= X_RESTRICT;
+    if (!bpf && def_bpf) bpf = def_bpf, bpf_len = def_bpf_len;
+    if (def_user && !(flags & X_SET_UID)) {
+        flags |= X_SET_UID | X_SET_GID;
+        uid = def_uid, gid = def_gid;
+    }
     stream_t *s = NULL;
     int pfd_in[2] = {-1, -1}, pfd_out[2] = {-1, -1}, pfd_err[2] = {-1, -1}, pfd_e[2] = {-1, -1};
     int master = -1, slave = -1;
@@ -829,6 +937,15 @@ static void exec_start(conn_t *c, uint32_t sid, rd_t *r) {
             ef = 3;
         }
         close_from(4);
+        if (def_cgroup) {
+            char cp[512];
+            snprintf(cp, sizeof cp, "%s/cgroup.procs", def_cgroup);
+            int cfd = open(cp, O_WRONLY | O_CLOEXEC);
+            if (cfd < 0 || write(cfd, "0", 1) != 1) child_fail(ef, STAGE_RESTRICT);
+            close(cfd);
+        }
+        /* the bounding set needs CAP_SETPCAP: drop it before switching users */
+        if ((flags & X_RESTRICT) && drop_bounding() < 0) child_fail(ef, STAGE_RESTRICT);
         if (flags & X_SET_GID) {
             gid_t g = gid;
             if (setgroups(1, &g) < 0 && errno != EPERM) child_fail(ef, STAGE_SETGROUPS);
@@ -836,6 +953,16 @@ static void exec_start(conn_t *c, uint32_t sid, rd_t *r) {
         }
         if ((flags & X_SET_UID) && setuid(uid) < 0) child_fail(ef, STAGE_SETUID);
         if (cwd && *cwd && chdir(cwd) < 0) child_fail(ef, STAGE_CHDIR);
+        if ((flags & (X_RESTRICT | X_SECCOMP)) && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+            child_fail(ef, STAGE_RESTRICT);
+        if ((flags & X_RESTRICT) && restrict_caps() < 0) child_fail(ef, STAGE_RESTRICT);
+        if (bpf) {
+            struct {
+                unsigned short len;
+                const void *filter;
+            } prog = {(unsigned short)(bpf_len / 8), bpf};
+            if (prctl(PR_SET_SECCOMP, 2 /* SECCOMP_MODE_FILTER */, &prog, 0, 0) < 0) child_fail(ef, STAGE_RESTRICT);
+        }
         exec_search(argv, envp, env_path(envp));
         child_fail(ef, STAGE_EXEC);
     }
@@ -1228,8 +1355,73 @@ static void send_info(conn_t *c, uint32_t sid) {
     send_pb(c, RS_INFO, sid, &w);
 }
 
+#ifndef RNDADDENTROPY
+#define RNDADDENTROPY 0x40085203 /* _IOW('R', 0x03, int[2]) */
+#endif
+#ifndef RNDRESEEDCRNG
+#define RNDRESEEDCRNG 0x5207 /* _IO('R', 0x07) */
+#endif
+
+/* RESEED: after a VM snapshot is restored every clone has the same RNG state and a stale clock. The
+ * host sends fresh entropy (credited with RNDADDENTROPY when permitted, else mixed in by a plain write)
+ * and the wall-clock time. OK carries the number of entropy bytes credited. */
+static void reseed(conn_t *c, uint32_t sid, rd_t *r) {
+    uint64_t ns = rd_u64(r);
+    if (r->bad || r->n > 1024) {
+        send_error(c, sid, EINVAL, "RESEED payload: u64 time_ns + at most 1024 entropy bytes");
+        return;
+    }
+    if (ns) {
+        struct timespec ts = {.tv_sec = (time_t)(ns / 1000000000u), .tv_nsec = (long)(ns % 1000000000u)};
+        if (clock_settime(CLOCK_REALTIME, &ts) < 0) {
+            send_error(c, sid, errno, "clock_settime: %s", strerror(errno));
+            return;
+        }
+    }
+    size_t m = r->n;
+    uint64_t credited = 0;
+    if (m) {
+        int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+        if (fd < 0) {
+            send_error(c, sid, errno, "/dev/urandom: %s", strerror(errno));
+            return;
+        }
+        struct {
+            int entropy_count, buf_size;
+            unsigned char buf[1024];
+        } e;
+        e.entropy_count = (int)(m * 8);
+        e.buf_size = (int)m;
+        memcpy(e.buf, r->p, m);
+        if (ioctl(fd, RNDADDENTROPY, &e) == 0) {
+            credited = m;
+            /* entropy added to the input pool reaches /dev/urandom only at the next reseed (a minute
+             * away): reseed now, or every clone keeps producing the snapshot's byte stream */
+            if (ioctl(fd, RNDRESEEDCRNG) < 0) {
+                int err = errno;
+                close(fd);
+                send_error(c, sid, err, "RNDRESEEDCRNG: %s", strerror(err));
+                return;
+            }
+        } else if (write(fd, e.buf, m) != (ssize_t)m) {
+            int err = errno;
+            close(fd);
+            send_error(c, sid, err, "/dev/urandom: %s", strerror(err));
+            return;
+        }
+        close(fd);
+    }
+    send_ok(c, sid, credited);
+}
+
 static void handle_frame(conn_t *c, uint8_t type, uint32_t sid, const uint8_t *p, uint32_t n) {
     rd_t r = {p, n, 0};
+    if (c->hello && type == RQ_HELLO && sid == 0 && c->in_fd == device_fd) {
+        /* a new host session on the device whose end the agent has not seen yet: forget the old one */
+        conn_abort(c);
+        c->out.off = c->out.len = 0;
+        c->hello = 0;
+    }
     if (!c->hello) {
         if (type != RQ_HELLO || sid != 0 || n < 8 || memcmp(p, PROTO_MAGIC, 4)) {
             conn_fail(c, "the first frame must be HELLO on stream 0");
@@ -1268,6 +1460,7 @@ static void handle_frame(conn_t *c, uint8_t type, uint32_t sid, const uint8_t *p
     case RQ_STAT:
     case RQ_MKDIR:
     case RQ_REMOVE:
+    case RQ_RESEED:
         if (s) {
             conn_fail(c, "stream id already in use");
             return;
@@ -1302,6 +1495,9 @@ static void handle_frame(conn_t *c, uint8_t type, uint32_t sid, const uint8_t *p
         return;
     case RQ_REMOVE:
         file_remove(c, sid, &r);
+        return;
+    case RQ_RESEED:
+        reseed(c, sid, &r);
         return;
     case RQ_STDIN:
     case RQ_STDIN_EOF:
@@ -1356,6 +1552,11 @@ static void conn_read(conn_t *c) {
     uint8_t *d = buf_reserve(&c->in, 256 * 1024);
     ssize_t n = read(c->in_fd, d, 256 * 1024);
     if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    if (n == 0 && c == device_conn) {
+        device_away(); /* the host is away, not gone for good */
+        return;
+    }
+    if (c == device_conn) device_present();
     if (n <= 0) {
         c->dead = 1; /* peer closed or reset: conn_abort kills what it started */
         return;
@@ -1394,7 +1595,7 @@ static conn_t *conn_new(int in_fd, int out_fd) {
 /* ------------------------------------------------------------------------------------------------ */
 /* serve: the event loop */
 
-enum { W_SIG = 1, W_LISTEN, W_CIN, W_COUT, W_XOUT, W_XERR, W_XIN };
+enum { W_SIG = 1, W_LISTEN, W_CIN, W_COUT, W_XOUT, W_XERR, W_XIN, W_DEV };
 
 typedef struct {
     int what;
@@ -1441,8 +1642,13 @@ static void sweep(void) {
         }
         if (c->dead) {
             *cp = c->next;
-            close(c->in_fd);
-            if (c->out_fd != c->in_fd) close(c->out_fd);
+            if (c == device_conn) {
+                device_conn = NULL; /* the port stays open: wait for the host's next session */
+                device_away();
+            } else {
+                close(c->in_fd);
+                if (c->out_fd != c->in_fd) close(c->out_fd);
+            }
             buf_free(&c->in);
             buf_free(&c->out);
             free(c);
@@ -1463,7 +1669,18 @@ static int serve_loop(void) {
         if (accept_paused_until && now >= accept_paused_until) accept_paused_until = 0;
         if (listen_fd >= 0 && !accept_paused_until) pf_add(listen_fd, POLLIN, W_LISTEN, NULL);
         if (accept_paused_until) timeout = (int64_t)((accept_paused_until - now + 999) / 1000);
+        if (device_fd >= 0 && !device_conn) {
+            /* no host session: a virtio port reports POLLHUP until the host connects, so poll it only
+             * when SIGIO or the safety-net timer says so, instead of spinning */
+            if (now >= device_retry_at) pf_add(device_fd, POLLIN, W_DEV, NULL);
+            else timeout = (int64_t)((device_retry_at - now + 999) / 1000);
+        }
         for (conn_t *c = conns; c; c = c->next) {
+            if (c == device_conn && now < device_retry_at) {
+                int64_t ms = (int64_t)((device_retry_at - now + 999) / 1000);
+                if (timeout < 0 || ms < timeout) timeout = ms;
+                goto streams;
+            }
             if (c->out_paused && c->out.len <= OUT_LOW) c->out_paused = 0;
             if (c->out.len >= OUT_HIGH) c->out_paused = 1;
             short in_ev = conn_in_paused(c) ? 0 : POLLIN;
@@ -1476,6 +1693,7 @@ static int serve_loop(void) {
                 pf_add(c->in_fd, in_ev, W_CIN, c);
                 if (out_ev) pf_add(c->out_fd, out_ev, W_COUT, c);
             }
+        streams:
             for (stream_t *s = c->streams; s; s = s->next) {
                 if (s->kind != K_EXEC || s->done) continue;
                 if (!c->out_paused) {
@@ -1506,10 +1724,20 @@ static int serve_loop(void) {
                 ssize_t n;
                 int term = 0;
                 while ((n = read(sig_pipe[0], b, sizeof b)) > 0)
-                    for (ssize_t k = 0; k < n; k++)
+                    for (ssize_t k = 0; k < n; k++) {
                         if (b[k] == SIGTERM || b[k] == SIGINT) term = 1;
+                        if (b[k] == SIGIO) device_retry_at = 0; /* the port's host side changed */
+                    }
                 reap_children();
                 if (term) shutdown_all(0);
+            } else if (pr->what == W_DEV) {
+                if (re & POLLIN) {
+                    device_conn = conn_new(device_fd, device_fd);
+        fcntl(device_fd, F_SETOWN, getpid()); /* SIGIO (when armed) on a host (dis)connection or data */
+                    conn_read(device_conn);
+                } else {
+                    device_away();
+                }
             } else if (pr->what == W_LISTEN) {
                 for (int k = 0; k < 16; k++) {
                     int fd = accept4(listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -1523,6 +1751,10 @@ static int serve_loop(void) {
             } else if (pr->what == W_CIN || pr->what == W_COUT) {
                 conn_t *c = pr->obj;
                 if (c->dead) continue;
+                if (c == device_conn && (re & POLLHUP) && !(re & POLLIN)) {
+                    device_away();
+                    continue;
+                }
                 if (re & POLLOUT) conn_flush(c);
                 if (pr->what == W_CIN && (re & (POLLIN | POLLHUP | POLLERR)) && !conn_in_paused(c))
                     conn_read(c);
@@ -1564,25 +1796,41 @@ static int serve_loop(void) {
     }
 }
 
+static char *device_path, *vsock_port;
+
 static int serve_main(int argc, char **argv) {
     int ready_fd = -1;
     long sock_mode = -1;
     for (int i = 0; i < argc; i++) {
         if (!strcmp(argv[i], "--stdio")) stdio_mode = 1;
         else if (!strcmp(argv[i], "--listen") && i + 1 < argc) listen_path = argv[++i];
+        else if (!strcmp(argv[i], "--vsock") && i + 1 < argc) vsock_port = argv[++i];
         else if (!strcmp(argv[i], "--ready-fd") && i + 1 < argc) ready_fd = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--socket-mode") && i + 1 < argc) sock_mode = strtol(argv[++i], NULL, 8);
-        else {
+        else if (!strcmp(argv[i], "--device") && i + 1 < argc) device_path = argv[++i];
+        else if (!strcmp(argv[i], "--restrict")) def_restrict = 1;
+        else if (!strcmp(argv[i], "--cgroup") && i + 1 < argc) def_cgroup = argv[++i];
+        else if (!strcmp(argv[i], "--seccomp") && i + 1 < argc) {
+            if (load_bpf(argv[++i]) < 0) return 125;
+        } else if (!strcmp(argv[i], "--user") && i + 1 < argc) {
+            unsigned u, g;
+            if (sscanf(argv[++i], "%u:%u", &u, &g) != 2) {
+                fprintf(stderr, "ak-agent: --user wants UID:GID\n");
+                return 125;
+            }
+            def_user = 1, def_uid = u, def_gid = g;
+        } else {
             fprintf(stderr, "ak-agent: serve: unknown argument %s\n", argv[i]);
             return 125;
         }
     }
-    if (stdio_mode == !!listen_path) {
-        fprintf(stderr, "usage: ak-agent serve (--listen PATH [--ready-fd N] [--socket-mode OCTAL] | --stdio)\n");
+    if (stdio_mode + !!listen_path + !!device_path + !!vsock_port != 1) {
+        fprintf(stderr, "usage: ak-agent serve (--listen PATH [--ready-fd N] [--socket-mode OCTAL] | --stdio | "
+                        "--device PATH | --vsock PORT)\n");
         return 125;
     }
-    static const int handled[] = {SIGTERM, SIGINT};
-    setup_signals(handled, 2);
+    static const int handled[] = {SIGTERM, SIGINT, SIGIO};
+    setup_signals(handled, device_path ? 3 : 2);
     prctl(PR_SET_CHILD_SUBREAPER, 1);
     oom_detect();
     /* children must never see a closed 0..2 (pipes could land there); keep them open */
@@ -1608,6 +1856,26 @@ static int serve_main(int argc, char **argv) {
             if (n > 2) close(n);
         }
         conn_new(in, out);
+    } else if (vsock_port) {
+        /* Firecracker: the host reaches us through its vsock UDS ("CONNECT <port>") */
+        struct {
+            unsigned short family, reserved1;
+            unsigned int port, cid;
+            unsigned char zero[4];
+        } sv = {40 /* AF_VSOCK */, 0, (unsigned)atoi(vsock_port), 0xFFFFFFFFu /* VMADDR_CID_ANY */, {0}};
+        listen_fd = socket(40, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (listen_fd < 0 || bind(listen_fd, (struct sockaddr *)&sv, sizeof sv) < 0 || listen(listen_fd, 128) < 0) {
+            fprintf(stderr, "ak-agent: listen on vsock port %s: %s\n", vsock_port, strerror(errno));
+            return 125;
+        }
+    } else if (device_path) {
+        /* opened once, read-write, for the agent's whole life: the host side comes and goes */
+        device_fd = open(device_path, O_RDWR | O_NOCTTY | O_CLOEXEC | O_NONBLOCK);
+        if (device_fd < 0) {
+            fprintf(stderr, "ak-agent: open %s: %s\n", device_path, strerror(errno));
+            return 125;
+        }
+        device_conn = conn_new(device_fd, device_fd);
     } else {
         struct sockaddr_un sa = {.sun_family = AF_UNIX};
         if (strlen(listen_path) >= sizeof sa.sun_path) {
@@ -1724,6 +1992,200 @@ static int exec_main(int argc, char **argv) {
     }
 }
 
+
+/* ------------------------------------------------------------------------------------------------ */
+/* vm-init: PID 1 of a microVM (the initramfs's /init). Mounts the pseudo filesystems, loads the kernel
+ * modules the initramfs carries (in the order of DIR/order), switches to the root disk, brings up
+ * loopback, then serves the agent protocol on the virtio-serial port. */
+
+static void vm_mount(const char *src, const char *dst, const char *type, unsigned long fl, const char *opt) {
+    mkdir(dst, 0755);
+    if (mount(src, dst, type, fl, opt) < 0 && errno != EBUSY)
+        fprintf(stderr, "ak-agent: mount %s on %s: %s\n", type, dst, strerror(errno));
+}
+
+static int wait_path(const char *path, int ms) {
+    struct stat st;
+    for (int i = 0; i < ms; i++) {
+        if (stat(path, &st) == 0) return 0;
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+    return stat(path, &st);
+}
+
+/* the /dev node of the virtio-serial port called NAME (its vportNpM number depends on device order) */
+static int find_port(const char *name, char *out, size_t outlen, int ms) {
+    for (int i = 0; i <= ms; i++) {
+        DIR *d = opendir("/sys/class/virtio-ports");
+        struct dirent *e;
+        while (d && (e = readdir(d))) {
+            if (e->d_name[0] == '.') continue;
+            char p[300], buf[128];
+            snprintf(p, sizeof p, "/sys/class/virtio-ports/%s/name", e->d_name);
+            int fd = open(p, O_RDONLY | O_CLOEXEC);
+            if (fd < 0) continue;
+            ssize_t n = read(fd, buf, sizeof buf - 1);
+            close(fd);
+            if (n <= 0) continue;
+            buf[n] = 0;
+            buf[strcspn(buf, "\n")] = 0;
+            if (!strcmp(buf, name)) {
+                snprintf(out, outlen, "/dev/%s", e->d_name);
+                closedir(d);
+                struct stat st;
+                if (stat(out, &st) == 0) return 0;
+                d = NULL;
+                break;
+            }
+        }
+        if (d) closedir(d);
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+    return -1;
+}
+
+static void vm_load_modules(const char *dir) {
+    char path[512], line[256];
+    snprintf(path, sizeof path, "%s/order", dir);
+    FILE *f = fopen(path, "re");
+    if (!f) return;
+    while (fgets(line, sizeof line, f)) {
+        line[strcspn(line, "\r\n")] = 0;
+        if (!line[0]) continue;
+        snprintf(path, sizeof path, "%s/%s", dir, line);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0 || (syscall(SYS_finit_module, fd, "", 0) < 0 && errno != EEXIST))
+            fprintf(stderr, "ak-agent: module %s: %s\n", line, strerror(errno));
+        if (fd >= 0) close(fd);
+    }
+    fclose(f);
+}
+
+static void vm_loopback_up(void) {
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0) return;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strcpy(ifr.ifr_name, "lo");
+    if (ioctl(s, SIOCGIFFLAGS, &ifr) == 0) {
+        ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+        ioctl(s, SIOCSIFFLAGS, &ifr);
+    }
+    close(s);
+}
+
+static int vminit_main(int argc, char **argv) {
+    const char *root = NULL, *dev = NULL, *mods = "/ak/modules", *fstype = "ext4", *host = "agentkernel";
+    char *sv[12];
+    int nsv = 2;
+    const char *pids = NULL, *workdir = NULL, *user = NULL, *vport = NULL;
+    for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "--root") && i + 1 < argc) root = argv[++i];
+        else if (!strcmp(argv[i], "--device") && i + 1 < argc) dev = argv[++i];
+        else if (!strcmp(argv[i], "--vsock") && i + 1 < argc) vport = argv[++i];
+        else if (!strcmp(argv[i], "--modules") && i + 1 < argc) mods = argv[++i];
+        else if (!strcmp(argv[i], "--fstype") && i + 1 < argc) fstype = argv[++i];
+        else if (!strcmp(argv[i], "--hostname") && i + 1 < argc) host = argv[++i];
+        else if (!strcmp(argv[i], "--restrict")) sv[nsv++] = argv[i];
+        else if (!strcmp(argv[i], "--pids") && i + 1 < argc) pids = argv[++i];
+        else if (!strcmp(argv[i], "--workdir") && i + 1 < argc) workdir = argv[++i];
+        else if (!strcmp(argv[i], "--seccomp") && i + 1 < argc) {
+            if (load_bpf(argv[++i]) < 0) return 125; /* read now: the initramfs is left behind below */
+        } else if (!strcmp(argv[i], "--user") && i + 1 < argc && nsv < 10) {
+            sv[nsv++] = argv[i];
+            user = argv[++i];
+            sv[nsv++] = argv[i];
+        } else {
+            fprintf(stderr, "ak-agent: vm-init: unknown argument %s\n", argv[i]);
+            return 125;
+        }
+    }
+    if (!dev == !vport) {
+        fprintf(stderr, "usage: ak-agent vm-init (--device PATH|name:PORT | --vsock PORT) [--root DEV] [--fstype T] "
+                        "[--modules DIR]\n");
+        return 125;
+    }
+    vm_mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+    vm_mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    vm_mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    vm_load_modules(mods);
+    if (root) {
+        if (wait_path(root, 10000) < 0) {
+            fprintf(stderr, "ak-agent: root device %s did not appear\n", root);
+            return 125;
+        }
+        mkdir("/newroot", 0755);
+        if (mount(root, "/newroot", fstype, 0, NULL) < 0) {
+            fprintf(stderr, "ak-agent: mount %s: %s\n", root, strerror(errno));
+            return 125;
+        }
+        static const char *const moved[] = {"/dev", "/proc", "/sys"};
+        char dst[64];
+        for (int i = 0; i < 3; i++) {
+            snprintf(dst, sizeof dst, "/newroot%s", moved[i]);
+            mkdir(dst, 0755);
+            if (mount(moved[i], dst, NULL, MS_MOVE, NULL) < 0)
+                fprintf(stderr, "ak-agent: move %s: %s\n", moved[i], strerror(errno));
+        }
+        if (chdir("/newroot") < 0 || mount(".", "/", NULL, MS_MOVE, NULL) < 0 || chroot(".") < 0 || chdir("/") < 0) {
+            fprintf(stderr, "ak-agent: switch root: %s\n", strerror(errno));
+            return 125;
+        }
+    }
+    vm_mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "mode=0620,ptmxmode=0666");
+    vm_mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+    vm_mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
+    if (pids) { /* commands run in a cgroup with pids.max: a fork bomb stops there */
+        vm_mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+        int fd = open("/sys/fs/cgroup/cgroup.subtree_control", O_WRONLY | O_CLOEXEC);
+        if (fd >= 0) {
+            if (write(fd, "+pids", 5) < 0) perror("ak-agent: enable pids controller");
+            close(fd);
+        }
+        mkdir("/sys/fs/cgroup/sandbox", 0755);
+        fd = open("/sys/fs/cgroup/sandbox/pids.max", O_WRONLY | O_CLOEXEC);
+        if (fd < 0 || write(fd, pids, strlen(pids)) < 0) {
+            fprintf(stderr, "ak-agent: pids.max: %s\n", strerror(errno));
+            return 125;
+        }
+        close(fd);
+        sv[nsv++] = "--cgroup";
+        sv[nsv++] = "/sys/fs/cgroup/sandbox";
+    }
+    if (workdir) { /* the commands' working directory exists and belongs to their user */
+        char *w = strdup(workdir);
+        mkdir_p(w, 0755);
+        free(w);
+        unsigned u = 0, g = 0;
+        if (user && sscanf(user, "%u:%u", &u, &g) == 2 && chown(workdir, u, g) < 0)
+            fprintf(stderr, "ak-agent: chown %s: %s\n", workdir, strerror(errno));
+    }
+    sethostname(host, strlen(host));
+    vm_loopback_up();
+    setenv("PATH", DEFAULT_PATH, 1);
+    static char port[300];
+    if (vport) {
+        sv[0] = "--vsock";
+        sv[1] = (char *)vport;
+        return serve_main(nsv, sv);
+    }
+    if (!strncmp(dev, "name:", 5)) {
+        if (find_port(dev + 5, port, sizeof port, 10000) < 0) {
+            fprintf(stderr, "ak-agent: no virtio-serial port named %s appeared\n", dev + 5);
+            return 125;
+        }
+        dev = port;
+    } else if (wait_path(dev, 10000) < 0) {
+        fprintf(stderr, "ak-agent: agent port %s did not appear\n", dev);
+        return 125;
+    }
+    sv[0] = "--device";
+    sv[1] = (char *)dev;
+    return serve_main(nsv, sv);
+}
+
 int main(int argc, char **argv) {
     if (argc >= 2 && (!strcmp(argv[1], "--version") || !strcmp(argv[1], "version"))) {
         printf("ak-agent %s (protocol %d)\n", AK_AGENT_VERSION, PROTO_VERSION);
@@ -1731,9 +2193,19 @@ int main(int argc, char **argv) {
     }
     if (argc >= 2 && !strcmp(argv[1], "serve")) return serve_main(argc - 2, argv + 2);
     if (argc >= 2 && !strcmp(argv[1], "exec")) return exec_main(argc - 2, argv + 2);
+    if (argc >= 2 && !strcmp(argv[1], "vm-init")) {
+        int rc = vminit_main(argc - 2, argv + 2);
+        if (getpid() == 1) { /* PID 1 must not exit: the kernel would panic; power off instead */
+            sync();
+            reboot(RB_POWER_OFF);
+        }
+        return rc;
+    }
     fprintf(stderr,
             "usage: ak-agent serve --listen PATH [--ready-fd N] [--socket-mode OCTAL]\n"
             "       ak-agent serve --stdio\n"
+            "       ak-agent serve --device PATH | --vsock PORT\n"
+            "       ak-agent vm-init --device PATH|name:PORT|--vsock PORT [--root DEV] [--fstype T] [--modules DIR] [--hostname H]\n"
             "       ak-agent exec [--status-file PATH] -- ARGV...\n"
             "       ak-agent --version\n");
     return 125;

@@ -96,9 +96,9 @@ def build_parser(only: str | None = None):
         p = sub.add_parser("gc", help="remove every agentkernel resource whose owner is provably dead")
         p.add_argument("--dry-run", action="store_true")
     if want("images"):
-        p = sub.add_parser("images", help="build the local images (offline)")
-        p.add_argument("action", choices=["build", "list"])
-        p.add_argument("names", nargs="*")
+        from .commands.images import add_parser as _add_images
+
+        _add_images(sub)
     if want("audit"):
         p = sub.add_parser("audit", help="show the audit log")
         p.add_argument("-s", "--sandbox")
@@ -181,11 +181,39 @@ def resolve(args, argv: list[str] | None):
                                    "for one-shot runs", hint="agentkernel create NAME --start, then exec; or "
                                    "--mount-cwd to share the project directory")
     explicit_image = bool(args.image or os.environ.get("AGENTKERNEL_IMAGE") or cfg.get("sandbox", {}).get("image"))
-    if not explicit_image and argv:
-        from .imagesel import choose_image
+    from .imagesel import image_for_spec
 
-        spec = spec.replace(image=choose_image(spec.backend, argv))
-    return spec
+    return image_for_spec(spec, argv, config=cfg, config_path=cfg_path, explicit=explicit_image,
+                          pull=getattr(args, "pull", None))
+
+
+def explain_run(args, argv: list[str]) -> int:
+    """``run --explain``: which image, from where, and why; nothing is pulled, built or run."""
+    from . import config
+    from .images.settings import pull_policy
+    from .imagesel import explain
+
+    cfg_path = config.find_config(args.config, os.getcwd())
+    cfg = config.load_config(cfg_path)
+    spec = config.resolve_spec(spec_flags(args), config=cfg)
+    policy = pull_policy(getattr(args, "pull", None), cfg)
+    source = None
+    if args.image:
+        source = "--image"
+    elif os.environ.get("AGENTKERNEL_IMAGE"):
+        source = "AGENTKERNEL_IMAGE"
+    elif cfg.get("sandbox", {}).get("image"):
+        source = f"[sandbox] image in {cfg_path}"
+    if source is None and cfg.get("build"):
+        from .images.dockerbuild import planned_tag
+
+        print(f"backend: {spec.backend}\nimage: {planned_tag(cfg, cfg_path)}\nwhy: built from the [build] table "
+              f"of {cfg_path} (rebuilt only when the context or args change)")
+        return 0
+    print(explain(spec.backend, argv, image=spec.image if source else None, image_source=source,
+                  cwd=os.getcwd() if spec.policy.mount_cwd else None, policy=policy, config=cfg,
+                  options=spec.options))
+    return 0
 
 
 # ---- main ---------------------------------------------------------------------------------------------
@@ -263,6 +291,8 @@ def _dispatch(args) -> int:
         if not command:
             _err("no command given", "agentkernel run -- echo hello")
             return 2
+        if getattr(args, "explain", False):
+            return explain_run(args, command)
         from .commands.run import run
 
         return run(args, command)
@@ -292,14 +322,9 @@ def _dispatch(args) -> int:
 
         return gc(args)
     if cmd == "images":
-        from .images.build import build_all
+        from .commands.images import images_cmd
 
-        if args.action == "build":
-            build_all(args.names or None)
-            return 0
-        from .commands.doctor import list_images
-
-        return list_images()
+        return images_cmd(args)
     if cmd == "audit":
         from .commands.sandbox import audit_cmd
 

@@ -39,6 +39,7 @@ SPEC_FLAGS = (
     Flag(("--module",), "module", "str", "wasm: the module to run"),
     Flag(("--func",), "func", "str", "wasm: exported function to call"),
     Flag(("-c", "--config"), "config", "str", "agentkernel.toml to use (default ./agentkernel.toml)"),
+    Flag(("--pull",), "pull", "str", "pull policy: missing (default), always or never", "POLICY"),
 )
 TIMEOUT = Flag(("-t", "--timeout"), "timeout", "pfloat", "kill the sandbox after this many seconds (exit 124)",
                "SECONDS")
@@ -48,6 +49,7 @@ RUN_FLAGS = (
     Flag(("-k", "--keep"), "keep", "true", "keep the sandbox afterwards (named, running)"),
     Flag(("-n", "--name"), "name", "str", "name for a kept sandbox (with --keep)"),
     Flag(("--no-daemon",), "no_daemon", "true", "do not use the daemon's warm pools"),
+    Flag(("--explain",), "explain", "true", "print which image would be used and why, then exit (runs nothing)"),
     Flag(("-F", "--fast"), "fast", "true", "use a warm pooled sandbox (the default whenever the daemon runs)"),
 )
 EXEC_FLAGS = (
@@ -57,7 +59,7 @@ EXEC_FLAGS = (
 )
 
 
-SWITCHES = ("keep", "no_daemon", "fast")  # store_true flags that default to False (others default to None)
+SWITCHES = ("keep", "no_daemon", "explain", "fast")  # store_true flags that default to False (others default to None)
 
 
 def split_command(argv: list[str], flags, npos: int = 1):

@@ -9,7 +9,10 @@ Unknown tables and keys are rejected with the known ones named (the reference si
 
 Schema::
 
-    [sandbox]   name, image, backend, hostname, workdir, options = {key = "value"}
+    [sandbox]   name, image, backend, hostname, workdir, options = {key = "value"},
+                pull = "missing" | "always" | "never"
+    [images]    registry, insecure_registries = [...], setuid = "strip" | "keep"   (docs/images.md)
+    [build]     dockerfile, context, target, args = {K = "v"}, no_cache, tag, engine  (docs/images.md)
     [resources] vcpus, memory_mb, pids, disk_mb
     [security]  profile, network, network_allow = [...], read_only, mount_cwd, pass_env = [...],
                 user, seccomp
@@ -27,7 +30,7 @@ Schema::
 
 The reference system's keys are read too and mapped by refconfig.py: [sandbox] base_image/runtime,
 [agent], [[files]], [security] mount_home / pass_env = true|false / seccomp names / [security.domains] /
-[security.commands], [network] vsock_cid, [build], [orchestrator], [secrets], [api] api_key(_env).
+[security.commands], [network] vsock_cid, [orchestrator], [secrets], [api] api_key(_env).
 Keys understood but not honoured here make resolve_spec fail closed with the reason.
 
 Environment: AGENTKERNEL_BACKEND, AGENTKERNEL_IMAGE, AGENTKERNEL_PROFILE, AGENTKERNEL_CONFIG.
@@ -48,7 +51,10 @@ CONFIG_FILENAME = "agentkernel.toml"
 
 SCHEMA: dict[str, dict[str, str]] = {
     "sandbox": {"name": "str", "image": "str", "backend": "str", "hostname": "str", "workdir": "str",
-                "options": "table", "base_image": "str", "runtime": "str"},
+                "options": "table", "pull": "str", "base_image": "str", "runtime": "str"},
+    "images": {"registry": "str", "insecure_registries": "list", "setuid": "str"},
+    "build": {"dockerfile": "str", "context": "str", "target": "str", "args": "table", "no_cache": "bool",
+              "tag": "str", "engine": "str"},
     "resources": {"vcpus": "number", "memory_mb": "int", "pids": "int", "disk_mb": "int"},
     "security": {"profile": "str", "network": "bool", "network_allow": "list", "read_only": "bool",
                  "mount_cwd": "bool", "pass_env": "list|bool", "user": "str", "seccomp": "str",
@@ -61,7 +67,6 @@ SCHEMA: dict[str, dict[str, str]] = {
     "agent": {"preferred": "str", "compatibility_mode": "str"},
     "network": {"vsock_cid": "int"},
     "files": {},  # [[files]] source, dest, mode
-    "build": {},  # dockerfile, context, target, no_cache, args
     "orchestrator": {},
     "secrets": {},
     "api": {"tokens": "list", "token_file": "str", "allowed_origins": "list", "admins": "list",
@@ -72,7 +77,7 @@ SCHEMA: dict[str, dict[str, str]] = {
             # the reference's keys (refconfig.py)
             "api_key": "str", "api_key_env": "str", "allow_sudo_exec": "bool"},
 }
-_FREE_TABLES = ("env", "files", "build", "orchestrator", "secrets")  # keys checked elsewhere (or free-form)
+_FREE_TABLES = ("env", "files", "orchestrator", "secrets")  # keys checked elsewhere (or free-form)
 
 # keys of a [[pool.warm]] entry: which spec to keep warm, and its pool sizes
 WARM_KEYS = {"backend", "image", "profile", "network", "read_only", "memory_mb", "vcpus", "pids", "disk_mb",

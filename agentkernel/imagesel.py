@@ -1,80 +1,272 @@
-"""Pick an image for a command among the images that exist locally (no registry here).
+"""Which image a sandbox gets: the one rule, in one place (CLI, API, Python SDK, bench all call here).
 
-Presence is read from the engines' own image indexes on disk (podman's containers/storage
-``images.json``, dockerd's ``repositories.json``): ~1 ms instead of an engine round trip. When an index
-cannot be read, the engine is asked.
+1. An explicit image (``--image``, ``AGENTKERNEL_IMAGE``, ``[sandbox] image``, an API/SDK argument) wins.
+2. Otherwise the runtime is detected from the command (``RUNTIMES[...].commands``), else, when the
+   working directory is mounted, from its project files (``pyproject.toml`` -> python, ``package.json``
+   -> node, ...); otherwise the default.
+3. A runtime has a public image (the reference's choice, e.g. ``python:3.12-alpine``) and maybe a local
+   one built offline by agentkernel (``agentkernel/debian`` has python3; ``agentkernel/busybox`` a shell).
+   The public image is used when it is already in the backend's store, or when it can be pulled: the
+   pull policy allows it and its registry was not found unreachable in the last ``UNREACHABLE_TTL``
+   seconds. Runtimes that need no toolchain (``LOCAL_FIRST``: plain commands, ``sh``) use their local
+   image unless the public one is present or a registry is configured: they never probe a registry.
+   ``AGENTKERNEL_REGISTRY`` / ``[images] registry`` makes public names come from that registry (a mirror).
+   Otherwise, and when the pull fails because the registry is unreachable, the local image is used (the
+   failure is remembered, so later runs do not wait for it again).
+
+``explain()`` reports the decision without pulling or running anything (``agentkernel run --explain``).
+Which store a backend reads is its registry entry's ``image_store`` (``images.pull.store_of``).
 """
 
 from __future__ import annotations
 
-from .errors import NotFound
-from .images import DEFAULT_IMAGE, candidates_for_command
+import os
+import time
 
-PODMAN_INDEX = "/var/lib/containers/storage/overlay-images/images.json"
-DOCKER_INDEX = "/var/lib/docker/image/overlay2/repositories.json"
+from .errors import NotFound
+from .images.pull import store_of
+
+UNREACHABLE_TTL = 600.0
+
+
+class Runtime:
+    __slots__ = ("commands", "files", "local", "name", "public")
+
+    def __init__(self, name: str, public: str, local: str | None, commands: tuple[str, ...],
+                 files: tuple[str, ...]) -> None:
+        self.name, self.public, self.local, self.commands, self.files = name, public, local, commands, files
+
+
+RUNTIMES = (
+    Runtime("python", "python:3.12-alpine", "agentkernel/debian",
+            ("python", "python3", "pip", "pip3", "poetry", "uv", "pytest", "ruff"),
+            ("pyproject.toml", "requirements.txt", "setup.py", "setup.cfg", "Pipfile", "poetry.lock", "uv.lock")),
+    Runtime("node", "node:22-alpine", None, ("node", "npm", "npx", "yarn", "pnpm", "bun", "tsx", "ts-node"),
+            ("package.json", "package-lock.json", "yarn.lock", "pnpm-lock.yaml", "bun.lockb")),
+    Runtime("rust", "rust:1.85-alpine", None, ("cargo", "rustc", "rustup", "rustfmt", "clippy"),
+            ("Cargo.toml", "Cargo.lock")),
+    Runtime("go", "golang:1.23-alpine", None, ("go", "gofmt"), ("go.mod", "go.sum")),
+    Runtime("ruby", "ruby:3.3-alpine", None, ("ruby", "gem", "bundle", "bundler", "rake", "rails"),
+            ("Gemfile", "Gemfile.lock", "*.gemspec")),
+    Runtime("java", "eclipse-temurin:21-alpine", None, ("java", "javac", "mvn", "gradle", "gradlew"),
+            ("pom.xml", "build.gradle", "build.gradle.kts", "settings.gradle")),
+    Runtime("c", "gcc:14-bookworm", None, ("gcc", "g++", "make", "cmake", "cc"), ("Makefile", "CMakeLists.txt")),
+    Runtime("php", "php:8.3-alpine", None, ("php", "composer"), ("composer.json", "composer.lock")),
+    Runtime("elixir", "elixir:1.16-alpine", None, ("elixir", "mix", "iex"), ("mix.exs", "mix.lock")),
+    Runtime("debian", "agentkernel/debian", "agentkernel/debian", ("apt-get", "apt", "dpkg", "bash", "perl"), ()),
+    Runtime("shell", "alpine:3.20", "agentkernel/busybox", ("sh", "ash", "busybox"), ("*.sh",)),
+)
+DEFAULT = Runtime("default", "alpine:3.20", "agentkernel/busybox", (), ())
+DEFAULT_IMAGE = "agentkernel/busybox"  # what backends without an image store get
+# runtimes that need no particular toolchain: their local image is used unless the public one is present or
+# a registry is configured (so `agentkernel run -- echo hi` never probes a registry)
+LOCAL_FIRST = ("default", "shell")
+
+
+class Selection:
+    __slots__ = ("fallback", "image", "reason", "runtime")
+
+    def __init__(self, image: str, reason: str, *, fallback: str | None = None, runtime: str = "") -> None:
+        self.image, self.reason, self.fallback, self.runtime = image, reason, fallback, runtime
+
+    def to_dict(self) -> dict:
+        return {"image": self.image, "reason": self.reason, "fallback": self.fallback, "runtime": self.runtime}
+
+
+def detect_runtime(argv: list[str] | None, cwd: str | None = None) -> tuple[Runtime, str]:
+    """(runtime, why) from the command, then the project files of ``cwd`` (when given: it is mounted)."""
+    prog = argv[0].rsplit("/", 1)[-1] if argv else ""
+    for rt in RUNTIMES:
+        if prog in rt.commands:
+            return rt, f"command {prog!r}"
+    if prog.startswith("python3.") or prog.startswith("python2"):
+        return RUNTIMES[0], f"command {prog!r}"
+    if cwd:
+        try:
+            names = os.listdir(cwd)
+        except OSError:
+            names = []
+        for rt in RUNTIMES:
+            for pat in rt.files:
+                hit = [n for n in names if n.endswith(pat[1:])] if pat.startswith("*") else \
+                    ([pat] if pat in names else [])
+                if hit:
+                    return rt, f"project file {hit[0]!r} in the mounted directory"
+    return DEFAULT, "no runtime detected from the command" + (" or the project files" if cwd else "")
+
+
+def _marker(registry: str | None) -> str:
+    from . import paths
+
+    d = os.path.join(paths.cache_dir(), "images")
+    os.makedirs(d, exist_ok=True)
+    return os.path.join(d, f"unreachable-{(registry or 'default').replace('/', '_')}")
+
+
+def registry_unreachable_since(registry: str | None) -> float | None:
+    try:
+        t = os.stat(_marker(registry)).st_mtime
+    except OSError:
+        return None
+    return t if time.time() - t < UNREACHABLE_TTL else None
+
+
+def mark_unreachable(registry: str | None, reachable: bool = False) -> None:
+    path = _marker(registry)
+    if reachable:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return
+    with open(path, "w") as f:
+        f.write(f"{time.time():.0f}\n")
+
+
+def _public_name(rt: Runtime, config: dict | None) -> str:
+    from .images.settings import configured_registry
+
+    reg = configured_registry(config)
+    if reg and rt.public != rt.local and "/" not in rt.public.split(":")[0]:
+        return f"{reg}/library/{rt.public}"
+    return rt.public
+
+
+def _registry_of(image: str) -> str | None:
+    first, sep, _ = image.partition("/")
+    return first if sep and ("." in first or ":" in first or first == "localhost") else None
 
 
 def image_store(backend: str, options: dict[str, str] | None = None) -> str | None:
-    """The engine whose image store ``backend`` runs images from (the registry entry says), or None."""
-    from .backends import entry
-
-    return entry(backend, options).image_store
+    """The image store ``backend`` runs images from (its registry entry's ``image_store``), or None."""
+    return store_of(backend, options)
 
 
-def _normalize(ref: str) -> set[str]:
-    """Spellings one reference may have in an index (implicit :latest, localhost/, docker.io/library/)."""
-    name = ref if ":" in ref.rsplit("/", 1)[-1] or "@" in ref else f"{ref}:latest"
-    out = {name, f"localhost/{name}"}
-    if "/" not in ref.split(":")[0]:
-        out.add(f"docker.io/library/{name}")
-    return out
+def select(backend: str, argv: list[str] | None, options: dict[str, str] | None = None, *, cwd: str | None = None,
+           policy: str = "missing", config: dict | None = None) -> Selection:
+    """The decision alone (no pull): what ``choose_image`` will try first, and its fallback."""
+    from .images.pull import present
+
+    rt, why = detect_runtime(argv, cwd)
+    store = store_of(backend, options)
+    if store is None:
+        return Selection(rt.local or DEFAULT_IMAGE, f"{why}; backend {backend!r} has no image store", runtime=rt.name)
+    public = _public_name(rt, config)
+    local = rt.local
+    if public == local:
+        return Selection(local, f"{why} -> {rt.name}: agentkernel's local image", runtime=rt.name)
+    if present(store, public):
+        return Selection(public, f"{why} -> {rt.name}: {public} is already in {store}", runtime=rt.name)
+    local_ok = bool(local) and present(store, local)
+    if rt.name in LOCAL_FIRST and local_ok and _public_name(rt, config) == rt.public:
+        # no runtime-specific tools needed: never wait on an unconfigured registry for a plain shell
+        return Selection(local, f"{why} -> {rt.name}: the local {local} ({rt.public} is not in {store}; it is "
+                         "used when present or when a registry is configured)", runtime=rt.name)
+    if policy == "never":
+        if local_ok:
+            return Selection(local, f"{why} -> {rt.name}: {public} is not in {store} and the pull policy is "
+                             f"'never'; using the local {local}", runtime=rt.name)
+        return Selection(public, f"{why} -> {rt.name}: {public} (not in {store}; pull policy 'never')",
+                         runtime=rt.name)
+    since = registry_unreachable_since(_registry_of(public))
+    if since is not None and local_ok:
+        return Selection(local, f"{why} -> {rt.name}: the registry for {public} was unreachable "
+                         f"{time.time() - since:.0f} s ago; using the local {local}", runtime=rt.name)
+    return Selection(public, f"{why} -> {rt.name}: {public}, pulled into {store} (not present)",
+                     fallback=local if local_ok else None, runtime=rt.name)
+
+
+def choose_image(backend: str, argv: list[str] | None, options: dict[str, str] | None = None, *,
+                 cwd: str | None = None, policy: str = "missing", config: dict | None = None,
+                 progress: bool | None = None) -> str:
+    """Select, then make the image available (pulling per ``policy``; the local fallback when the
+    registry is unreachable)."""
+    from .images.pull import ensure
+    from .images.pullerrors import PullError
+
+    sel = select(backend, argv, options, cwd=cwd, policy=policy, config=config)
+    if store_of(backend, options) is None:
+        return sel.image
+    try:
+        ensure(backend, sel.image, policy, config=config, progress=progress, options=options)
+        if sel.fallback:
+            mark_unreachable(_registry_of(sel.image), reachable=True)
+        return sel.image
+    except PullError as exc:
+        if exc.kind not in ("unreachable", "insecure", "short-name") or not sel.fallback:
+            raise
+        mark_unreachable(_registry_of(sel.image))
+        import sys
+
+        if sys.stderr.isatty():  # quiet otherwise: --explain says it, and callers' stderr stays the command's
+            sys.stderr.write(f"agentkernel: {exc.message}; using the local image {sel.fallback} instead\n")
+        return sel.fallback
+
+
+def image_for_spec(spec, argv: list[str] | None, *, config: dict | None, config_path: str | None = None,
+                   explicit: bool, pull: str | None = None, progress: bool | None = None):
+    """The one place a spec gets its image, for every entry point: an explicit image is pulled per the
+    policy; otherwise ``[build]`` builds one (cached by content), else one is chosen for ``argv`` (and
+    pulled, with the local fallback). ``pull`` is the --pull flag (None: environment / config / default)."""
+    import os
+
+    from .images.settings import pull_policy
+
+    policy = pull_policy(pull, config)
+    if not explicit and (config or {}).get("build"):
+        from .images.dockerbuild import build_from_config
+
+        return spec.replace(image=build_from_config(config, config_path, backend=spec.backend))
+    if not explicit and argv:
+        cwd = os.getcwd() if spec.policy.mount_cwd else None
+        return spec.replace(image=choose_image(spec.backend, argv, spec.options, cwd=cwd, policy=policy,
+                                               config=config, progress=progress))
+    from .images.pull import ensure
+
+    ensure(spec.backend, spec.image, policy, config=config, progress=progress, options=spec.options)
+    return spec
+
+
+def explain(backend: str, argv: list[str] | None, *, image: str | None, image_source: str | None,
+            cwd: str | None, policy: str, config: dict | None, options: dict[str, str] | None = None) -> str:
+    from .images.pull import present
+
+    store = store_of(backend, options)
+    lines = [f"backend: {backend} (image store: {store or 'none'})", f"pull policy: {policy}"]
+    if image:
+        lines += [f"image: {image}", f"why: explicit ({image_source})"]
+        target = image
+    else:
+        sel = select(backend, argv, options, cwd=cwd, policy=policy, config=config)
+        lines += [f"image: {sel.image}", f"why: {sel.reason}"]
+        if sel.fallback:
+            lines.append(f"fallback: {sel.fallback} (if the registry is unreachable)")
+        target = sel.image
+    if store:
+        have = present(store, target)
+        lines.append(f"present in {store}: {'yes' if have else 'no'}"
+                     + ("" if have else (" (would be pulled)" if policy != "never" else " (would fail: policy never)")))
+    return "\n".join(lines)
+
+
+# ---- presence (doctor, the API service) ----------------------------------------------------------------
 
 
 def local_images(engine: str) -> set[str] | None:
-    import json
+    from .images.pull import _index_names
 
-    try:
-        if engine == "podman":
-            with open(PODMAN_INDEX) as f:
-                return {n for img in json.load(f) for n in (img.get("names") or [])}
-        if engine == "docker":
-            with open(DOCKER_INDEX) as f:
-                return {t for repo in json.load(f).get("Repositories", {}).values() for t in repo}
-    except (OSError, ValueError, AttributeError):
-        return None
-    return None
+    return _index_names(engine)
 
 
 def image_present(engine: str, image: str) -> bool:
-    names = local_images(engine)
-    if names is not None:
-        return bool(_normalize(image) & names)
-    import subprocess
+    from .images.pull import present
 
-    r = subprocess.run([engine, "image", "inspect", image], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
-    return r.returncode == 0
-
-
-def choose_image(backend: str, argv: list[str], options: dict[str, str] | None = None) -> str:
-    cands = candidates_for_command(argv)
-    engine = image_store(backend, options)
-    if engine is None or len(cands) == 1:
-        # nothing to choose between: a missing image is reported by the run itself, with a hint
-        return cands[0] if cands else DEFAULT_IMAGE
-    for c in cands:
-        if image_present(engine, c):
-            return c
-    raise NotFound(
-        f"no local image for {argv[0]!r} in {engine} (looked for: {', '.join(cands)}); no registry is "
-        "reachable, so images must be built or imported locally",
-        hint="bash scripts/setup.sh builds agentkernel/busybox and agentkernel/debian; or pass --image",
-    )
+    return present(engine, image)
 
 
 def missing_image_error(engine: str, image: str) -> NotFound:
     return NotFound(
-        f"image {image!r} is not present in {engine} (no registry is reachable: nothing is pulled)",
-        hint="build the local images: agentkernel images build (or bash scripts/setup.sh), "
-        f"or import one: {engine} import ROOTFS.tar NAME",
+        f"image {image!r} is not present in {engine}",
+        hint=f"pull it: agentkernel images pull {image} (or --pull missing); build agentkernel's local images: "
+        "agentkernel images build",
     )

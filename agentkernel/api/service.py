@@ -370,13 +370,13 @@ class Service:
 
 
 def check_image(spec: SandboxSpec) -> None:
-    """Refuse an image the engine does not have before anything is created (no registry is pulled from,
-    and a pool for a missing image would only retry and fail)."""
-    from ..imagesel import image_present, image_store, missing_image_error
+    """Make the image available before anything is created (pulled per the pull policy: a pool for a
+    missing image would only retry and fail)."""
+    from ..images.pull import ensure
+    from ..images.settings import load_user_config, pull_policy
 
-    engine = image_store(spec.backend, spec.options)
-    if engine and not image_present(engine, spec.image):
-        raise missing_image_error(engine, spec.image)
+    cfg = load_user_config()
+    ensure(spec.backend, spec.image, pull_policy(None, cfg), config=cfg, progress=False, options=spec.options)
 
 
 def refuse_unsupported(**fields: Any) -> None:

@@ -25,7 +25,8 @@ class BackendEntry:
 
     - ``target``: "module:Class", imported on first use;
     - ``extra``: the pip extra providing its Python dependencies (None: none needed);
-    - ``image_store``: where its images live ("podman", "docker"; None: it does not run OCI images) -
+    - ``image_store``: where its images live ("podman", "docker", "oci": the oci backend's own cache, which
+      also unpacks from podman's and docker's stores; None: it does not run OCI images) -
       image selection and doctor's image checks read it;
     - ``gc``: ``agentkernel gc`` and the daemon's start-up scan list this backend's resources (False when
       another entry's scan already covers them, e.g. gVisor's containers are podman's);
@@ -69,9 +70,12 @@ REGISTRY: dict[str, BackendEntry] = dict([
            isolation="user-space kernel", routes={("engine", "docker"): "gvisor-docker"}),
     _entry("gvisor-docker", "agentkernel.backends.gvisor_docker:GVisorDockerBackend", image_store="docker",
            isolation="user-space kernel"),
-    _entry("oci", "agentkernel.backends.oci:OCIBackend", image_store="podman", gc=True,
+    _entry("oci", "agentkernel.backends.oci:OCIBackend", image_store="oci", gc=True,
            variants=({"runtime": "runc"}, {"runtime": "runsc"})),
     _entry("wasm", "agentkernel.backends.wasm:WasmBackend", extra="wasm", isolation="wasm"),
+    _entry("qemu", "agentkernel.backends.qemu:QemuBackend", image_store="podman", gc=True, isolation="vm"),
+    _entry("firecracker", "agentkernel.backends.firecracker:FirecrackerBackend", image_store="podman", gc=True,
+           isolation="vm"),
     _entry("apple", "agentkernel.backends.apple:AppleBackend", platform="darwin", isolation="vm"),
 ])
 

@@ -128,7 +128,8 @@ def _write_refs(update: dict) -> None:
 def lookup_cached(image: str) -> ImageRootfs | None:
     """The hot path: the cached rootfs for ``image`` if the engines' image indexes did not change."""
     ent = _read_refs().get(image)
-    if not ent or ent.get("stamps") != _index_stamps():
+    # entries unpacked from an engine's store are valid while its index is unchanged; pulled ones always
+    if not ent or (ent.get("stamps") != _index_stamps() and ent.get("stamps") != "registry"):
         return None
     rf = ImageRootfs.from_dict(ent["rootfs"])
     if not os.path.isdir(rf.path):
@@ -152,9 +153,9 @@ def resolve(image: str, *, quiet: bool = False) -> ImageRootfs:
             else f"import it into podman first: podman import ROOTFS.tar {image}"
         )
         raise NotFound(
-            f"image {image!r} is in neither podman's nor docker's store and agentkernel cannot build "
-            "it (no registry is reachable: nothing is pulled)",
-            hint=hint,
+            f"image {image!r} is not in the oci cache nor in podman's or docker's store, and agentkernel "
+            "cannot build it",
+            hint=f"pull it: agentkernel images pull --backend oci {image}; or {hint}",
         )
     kind, image_id, cfg = src
     rf = _ensure_unpacked(image, kind, image_id, cfg, quiet=quiet)

@@ -84,6 +84,9 @@ def _probe() -> tuple[bool, str, dict[str, Any]]:
     modules = [m for m in ("kvm_intel", "kvm_amd", "kvm_pvm") if os.path.isdir(f"/sys/module/{m}")]
     details.update({"cpu_flag": hw_flag, "kvm_modules": modules, "pvm": "CONFIG_KVM_PVM=y" in cfg})
     if "kvm_pvm" in modules or ("CONFIG_KVM_PVM=y" in cfg and not ({"kvm_intel", "kvm_amd"} & set(modules))):
+        from ..vm import kvmprobe
+
+        details["kvm_probe"] = kvmprobe.probe().to_dict()
         return False, ("/dev/kvm is PVM (CONFIG_KVM_PVM=y, no kvm_intel/kvm_amd): a paravirtualized KVM that only "
                        "runs PVM-aware guests; Hyperlight's micro-guest fails there with 'Unknown KVM VCPU exit: "
                        "InternalError'. hyperlight mode needs hardware KVM (VT-x/AMD-V) or /dev/mshv"), details
@@ -93,7 +96,14 @@ def _probe() -> tuple[bool, str, dict[str, Any]]:
     if not ({"kvm_intel", "kvm_amd"} & set(modules)) and cfg and "CONFIG_KVM_INTEL=y" not in cfg \
             and "CONFIG_KVM_AMD=y" not in cfg:
         return False, "/dev/kvm exists but neither kvm_intel nor kvm_amd is loaded", details
-    return True, f"hardware KVM ({hw_flag}) is usable", details
+    # the flags can lie (a nested or paravirtualized KVM): the shared probe runs a real test guest
+    from ..vm import kvmprobe
+
+    v = kvmprobe.probe()
+    details["kvm_probe"] = v.to_dict()
+    if not v.ok:
+        return False, f"/dev/kvm cannot run Hyperlight's micro-guest: {v.reason}", details
+    return True, f"hardware KVM ({hw_flag}) is usable ({v.reason})", details
 
 
 def require_available() -> None:

@@ -7,8 +7,9 @@ untimed, until the daemon's pool is full and idle, so no run pays for (or is dis
 the background. Ratios = ours p50 / raw p50 from the same block.
 
 Snapshot-restore mode: measured for backends whose class declares the ``snapshot`` feature and a
-``bench_snapshot_args`` list (the CLI arguments that select restore-from-snapshot); the qemu and
-firecracker rows say why they are unavailable.
+``bench_snapshot_args`` list (the CLI arguments that select restore-from-snapshot; qemu: ``-o
+snapshot=on``); such a backend's ``bench_cold_args`` select a real cold start for the cold row (qemu:
+``-o snapshot=off``, a full kernel boot). Backends without them say why the row is unavailable.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ RATIO_PAIRS = {
 
 
 def ours_cold(ctx: BenchContext, backend: str) -> Cmd:
-    return Cmd("cold", ctx.ak("run", "--backend", backend, "--no-daemon", "--", "echo", "hello"),
+    # backends whose default start is not a cold one (qemu restores a snapshot) name their cold mode
+    cold_args = tuple(getattr(_cls(backend), "bench_cold_args", ()))
+    return Cmd("cold", ctx.ak("run", "--backend", backend, "--no-daemon", *cold_args, "--", "echo", "hello"),
                label=f"agentkernel run --backend {backend} --no-daemon", backend=backend, mode="cold",
                image=ctx.image(backend))
 

@@ -1,0 +1,54 @@
+"""A minimal asyncio client for QEMU's machine protocol (QMP) on a unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from ..errors import SandboxError
+
+
+class QMP:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.events: list[dict] = []
+
+    @classmethod
+    async def connect(cls, path: str, timeout: float = 10.0) -> QMP:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path, limit=1 << 22), timeout)
+        self = cls(reader, writer)
+        greeting = await asyncio.wait_for(self._read(), timeout)
+        if "QMP" not in greeting:
+            writer.close()
+            raise SandboxError(f"not a QMP greeting: {greeting}")
+        await self.cmd("qmp_capabilities")
+        return self
+
+    async def _read(self) -> dict:
+        line = await self.reader.readline()
+        if not line:
+            raise ConnectionResetError("QEMU closed the QMP connection")
+        return json.loads(line)
+
+    async def cmd(self, name: str, **arguments) -> object:
+        msg: dict = {"execute": name}
+        if arguments:
+            msg["arguments"] = arguments
+        self.writer.write(json.dumps(msg).encode() + b"\n")
+        await self.writer.drain()
+        while True:
+            reply = await self._read()
+            if "event" in reply:
+                self.events.append(reply)
+                continue
+            if "error" in reply:
+                raise SandboxError(f"QEMU {name}: {reply['error'].get('desc', reply['error'])}")
+            return reply.get("return")
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except OSError:
+            pass
