@@ -5,7 +5,7 @@
  * agent protocol (docs/agent-protocol.md) over a unix socket or over stdin/stdout. One thread, one
  * poll() loop, non-blocking fds, bounded buffers with backpressure.
  *
- *   ak-agent serve --listen PATH [--ready-fd N] [--socket-mode OCTAL]
+ *   ak-agent serve [--wait-file PATH] --listen PATH [--ready-fd N] [--socket-mode OCTAL]
  *   ak-agent serve --stdio
  *   ak-agent exec -- ARGV...        tini-like init for one-shot runs
  *   ak-agent --version
@@ -1798,11 +1798,25 @@ static int serve_loop(void) {
 
 static char *device_path, *vsock_port;
 
+/* --wait-file: the host finishes setting the sandbox up (e.g. moves its network interface in) after the
+ * engine started it; nothing of the user's runs before this file exists. Gives up after 30 s. */
+static int wait_for_file(const char *path) {
+    struct timespec ts = {0, 1000000};
+    for (int i = 0; i < 30000; i++) {
+        if (access(path, F_OK) == 0) return 0;
+        nanosleep(&ts, NULL);
+    }
+    fprintf(stderr, "ak-agent: %s did not appear within 30 s (sandbox set-up failed)\n", path);
+    return -1;
+}
+
 static int serve_main(int argc, char **argv) {
     int ready_fd = -1;
     long sock_mode = -1;
+    const char *wait_file = NULL;
     for (int i = 0; i < argc; i++) {
-        if (!strcmp(argv[i], "--stdio")) stdio_mode = 1;
+        if (!strcmp(argv[i], "--wait-file") && i + 1 < argc) wait_file = argv[++i];
+        else if (!strcmp(argv[i], "--stdio")) stdio_mode = 1;
         else if (!strcmp(argv[i], "--listen") && i + 1 < argc) listen_path = argv[++i];
         else if (!strcmp(argv[i], "--vsock") && i + 1 < argc) vsock_port = argv[++i];
         else if (!strcmp(argv[i], "--ready-fd") && i + 1 < argc) ready_fd = atoi(argv[++i]);
@@ -1825,10 +1839,11 @@ static int serve_main(int argc, char **argv) {
         }
     }
     if (stdio_mode + !!listen_path + !!device_path + !!vsock_port != 1) {
-        fprintf(stderr, "usage: ak-agent serve (--listen PATH [--ready-fd N] [--socket-mode OCTAL] | --stdio | "
-                        "--device PATH | --vsock PORT)\n");
+        fprintf(stderr, "usage: ak-agent serve [--wait-file PATH] (--listen PATH [--ready-fd N] [--socket-mode OCTAL] | "
+                        "--stdio | --device PATH | --vsock PORT)\n");
         return 125;
     }
+    if (wait_file && wait_for_file(wait_file) < 0) return 125;
     static const int handled[] = {SIGTERM, SIGINT, SIGIO};
     setup_signals(handled, device_path ? 3 : 2);
     prctl(PR_SET_CHILD_SUBREAPER, 1);
@@ -1920,10 +1935,13 @@ static void write_status(const char *path, int code, int sig, int oom) {
 }
 
 static int exec_main(int argc, char **argv) {
-    const char *status_file = NULL;
+    const char *status_file = NULL, *wait_file = NULL;
     while (argc > 0 && strcmp(argv[0], "--")) {
         if (!strcmp(argv[0], "--status-file") && argc > 1) {
             status_file = argv[1];
+            argv += 2, argc -= 2;
+        } else if (!strcmp(argv[0], "--wait-file") && argc > 1) {
+            wait_file = argv[1];
             argv += 2, argc -= 2;
         } else {
             break;
@@ -1931,9 +1949,10 @@ static int exec_main(int argc, char **argv) {
     }
     if (argc > 0 && !strcmp(argv[0], "--")) argv++, argc--;
     if (argc < 1) {
-        fprintf(stderr, "usage: ak-agent exec [--status-file PATH] -- ARGV...\n");
+        fprintf(stderr, "usage: ak-agent exec [--status-file PATH] [--wait-file PATH] -- ARGV...\n");
         return 125;
     }
+    if (wait_file && wait_for_file(wait_file) < 0) return 125;
     oom_detect();
     long long oom_before = oom_count();
     static const int fwd[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH};
@@ -2206,7 +2225,7 @@ int main(int argc, char **argv) {
             "       ak-agent serve --stdio\n"
             "       ak-agent serve --device PATH | --vsock PORT\n"
             "       ak-agent vm-init --device PATH|name:PORT|--vsock PORT [--root DEV] [--fstype T] [--modules DIR] [--hostname H]\n"
-            "       ak-agent exec [--status-file PATH] -- ARGV...\n"
+            "       ak-agent exec [--status-file PATH] [--wait-file PATH] -- ARGV...\n"
             "       ak-agent --version\n");
     return 125;
 }

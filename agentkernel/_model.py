@@ -67,6 +67,8 @@ class Field:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValidationError(f"{label} must be a number, got {value!r}")
             value = float(value)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValidationError(f"{label} must be a finite number, got {value!r}")
         elif kind == "str":
             if not isinstance(value, str):
                 raise ValidationError(f"{label} must be a string, got {value!r}")

@@ -31,8 +31,8 @@ def _add_spec_flags(p, *, run: bool) -> None:
 
 
 COMMANDS = ("run", "create", "start", "stop", "rm", "remove", "exec", "cp", "list", "ls", "doctor", "gc",
-            "images", "audit", "daemon", "serve", "attach", "replay", "mcp", "bench", "mcp-server",
-            "setup", "status", "init", "agents", "plugin", "volume")
+            "images", "audit", "daemon", "serve", "attach", "replay", "mcp", "bench", "secret", "logs",
+            "mcp-server", "setup", "status", "init", "agents", "plugin", "volume")
 
 
 def build_parser(only: str | None = None):
@@ -111,6 +111,10 @@ def build_parser(only: str | None = None):
         from .commands.serve import add_parsers
 
         add_parsers(sub, want)
+    if want("secret", "logs"):
+        from .commands.egress import add_parsers as _add_egress
+
+        _add_egress(sub, want)
     if want("setup", "status", "init", "agents", "plugin", "volume"):
         from .commands.refcli import add_parsers as _add_ref
 
@@ -158,6 +162,11 @@ def spec_flags(args) -> dict:
         "vcpus": args.vcpus, "pids": args.pids, "disk_mb": args.disk_mb, "workdir": args.workdir,
         "env": dict(args.env), "options": dict(args.option),
     }
+    if getattr(args, "tls_intercept", None):
+        flags["tls_intercept"] = True
+    for dest in ("allow_host", "block_host", "secret"):
+        if getattr(args, dest, None):
+            flags[dest] = list(getattr(args, dest))
     if args.module:
         flags["options"]["module"] = os.path.abspath(args.module)
     if args.func:
@@ -180,6 +189,9 @@ def resolve(args, argv: list[str] | None):
         raise PolicyNotEnforceable(f"{cfg_path}: [[files]] are copied in when a named sandbox is created, not "
                                    "for one-shot runs", hint="agentkernel create NAME --start, then exec; or "
                                    "--mount-cwd to share the project directory")
+    if spec.policy.mount_cwd and not spec.policy.mount_source:
+        # the caller's directory, fixed now: a daemon or pool that creates the sandbox elsewhere binds it
+        spec = spec.replace(policy=spec.policy.replace(mount_source=os.path.realpath(os.getcwd())))
     explicit_image = bool(args.image or os.environ.get("AGENTKERNEL_IMAGE") or cfg.get("sandbox", {}).get("image"))
     from .imagesel import image_for_spec
 
@@ -268,7 +280,7 @@ def _main(args) -> int:
     from .errors import AgentKernelError
 
     try:
-        if args.cmd not in ("doctor", "images", "audit"):
+        if args.cmd not in ("doctor", "images", "audit", "secret", "logs"):
             from .owner import reap_dead
 
             reap_dead()
@@ -337,6 +349,10 @@ def _dispatch(args) -> int:
         from .commands import serve
 
         return getattr(serve, "mcp" if cmd == "mcp-server" else cmd)(args)
+    if cmd in ("secret", "logs"):
+        from .commands import egress
+
+        return egress.secret_cmd(args) if cmd == "secret" else egress.logs_cmd(args)
     if cmd in ("setup", "status", "init", "agents", "plugin", "volume"):
         from .commands import refcli
 

@@ -9,6 +9,8 @@ so users get argparse's messages.
 
 from __future__ import annotations
 
+NETWORK_MODES = ("none", "allowlist", "open")
+
 
 class Flag:
     __slots__ = ("dest", "help", "kind", "metavar", "names")
@@ -16,7 +18,7 @@ class Flag:
     def __init__(self, names: tuple[str, ...], dest: str, kind: str, help: str, metavar: str | None = None):
         self.names = names
         self.dest = dest
-        self.kind = kind  # str int float pfloat kv true false
+        self.kind = kind  # str int float pfloat kv list true false netmode
         self.help = help
         self.metavar = metavar
 
@@ -26,7 +28,19 @@ SPEC_FLAGS = (
     Flag(("-i", "--image"), "image", "str", "image (default: chosen from the command among local images)"),
     Flag(("-p", "--profile"), "profile", "str", "permissive, moderate (default) or restrictive"),
     Flag(("--no-network",), "network", "false", "no network except loopback (default unless the profile allows it)"),
-    Flag(("--network",), "network", "true", "allow network"),
+    Flag(("--network",), "network", "netmode",
+         "network mode: none, allowlist (only --allow-host destinations) or open (the outside world, never "
+         "the host or other sandboxes); --network alone means open", "MODE"),
+    Flag(("--allow-host",), "allow_host", "list",
+         "allow egress to HOST[:PORT], *.DOMAIN or CIDR[:PORT] (repeatable; implies --network allowlist)",
+         "HOST[:PORT]"),
+    Flag(("--block-host",), "block_host", "list", "refuse egress to HOST, *.DOMAIN or CIDR (repeatable)", "HOST"),
+    Flag(("--tls-intercept",), "tls_intercept", "true",
+         "let the egress gateway terminate TLS to secret-bound hosts (CONNECT) with a per-sandbox CA, so "
+         "secrets reach HTTPS APIs"),
+    Flag(("--secret",), "secret", "list",
+         "bind stored secret NAME to HOST: the sandbox sees a placeholder, the egress gateway puts the real "
+         "value into HTTP requests to HOST only (repeatable)", "NAME:HOST[:HEADER]"),
     Flag(("--read-only",), "read_only", "true", "read-only root filesystem (writable tmpfs at /tmp and the workdir)"),
     Flag(("--mount-cwd",), "mount_cwd", "true", "bind the current directory at /workspace"),
     Flag(("--memory",), "memory_mb", "int", "memory limit in MiB", "MB"),
@@ -92,7 +106,7 @@ def split_command(argv: list[str], flags, npos: int = 1):
 def defaults(flags) -> dict:
     out: dict = {}
     for f in flags:
-        if f.kind == "kv":
+        if f.kind in ("kv", "list"):
             out[f.dest] = []
         elif f.kind == "true" and f.dest in SWITCHES:
             out[f.dest] = False
@@ -103,14 +117,24 @@ def defaults(flags) -> dict:
 
 def convert(f: Flag, text: str):
     """Value of one flag, or raise ValueError with argparse-like wording."""
-    if f.kind == "str":
+    if f.kind in ("str", "list"):
+        return text
+    if f.kind == "netmode":
+        if text not in NETWORK_MODES:
+            raise ValueError(f"invalid network mode {text!r} (choose none, allowlist or open)")
         return text
     if f.kind == "int":
         return int(text)
     if f.kind in ("float", "pfloat"):
         v = float(text)
-        if f.kind == "pfloat" and not v > 0:
-            raise ValueError(f"must be positive, got {text!r}")
+        if f.kind == "pfloat":
+            from .errors import ValidationError
+            from .spec import validate_timeout
+
+            try:
+                return validate_timeout(v, f.names[-1])
+            except ValidationError as exc:
+                raise ValueError(exc.message) from None
         return v
     if f.kind == "kv":
         k, sep, v = text.partition("=")
@@ -143,9 +167,13 @@ def add_to_argparse(group, flags) -> None:
                 net.add_argument(*f.names, dest=f.dest, help=f.help, **kw)
                 continue
             group.add_argument(*f.names, dest=f.dest, help=f.help, **kw)
-        elif f.kind == "kv":
+        elif f.kind in ("kv", "list"):
             group.add_argument(*f.names, dest=f.dest, action="append", type=typed(f), default=[],
                                metavar=f.metavar, help=f.help)
+        elif f.kind == "netmode":
+            net = net or group.add_mutually_exclusive_group()
+            net.add_argument(*f.names, dest=f.dest, nargs="?", const="open", default=None, type=typed(f),
+                             metavar=f.metavar, help=f.help)
         else:
             group.add_argument(*f.names, dest=f.dest, type=typed(f), metavar=f.metavar, help=f.help)
 
@@ -177,6 +205,22 @@ def fast_parse(argv: list[str], flags, positionals: tuple[str, ...] = ()):
                 values[f.dest] = f.kind == "true"
                 i += 1
                 continue
+            if f.kind == "netmode":
+                if values["network"] is not None:
+                    return None
+                if eq:
+                    if inline not in NETWORK_MODES:
+                        return None
+                    values["network"] = inline
+                elif i + 1 < n and argv[i + 1] in NETWORK_MODES:
+                    values["network"] = argv[i + 1]
+                    i += 1
+                elif i + 1 < n and not argv[i + 1].startswith("-") and "--" in argv[i + 2:]:
+                    return None  # `--network WORD ... -- CMD`: WORD was meant as a mode; argparse names it
+                else:
+                    values["network"] = "open"
+                i += 1
+                continue
             if not eq:
                 i += 1
                 if i >= n:
@@ -186,7 +230,7 @@ def fast_parse(argv: list[str], flags, positionals: tuple[str, ...] = ()):
                 v = convert(f, inline)
             except ValueError:
                 return None
-            if f.kind == "kv":
+            if f.kind in ("kv", "list"):
                 values[f.dest].append(v)
             else:
                 values[f.dest] = v

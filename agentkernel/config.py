@@ -14,8 +14,10 @@ Schema::
     [images]    registry, insecure_registries = [...], setuid = "strip" | "keep"   (docs/images.md)
     [build]     dockerfile, context, target, args = {K = "v"}, no_cache, tag, engine  (docs/images.md)
     [resources] vcpus, memory_mb, pids, disk_mb
-    [security]  profile, network, network_allow = [...], read_only, mount_cwd, pass_env = [...],
-                user, seccomp
+    [security]  profile, network (true | false | "none" | "allowlist" | "open"), network_allow = [...],
+                read_only, mount_cwd, pass_env = [...], user, seccomp
+    [security.domains]  allow = [...], block = [...], allowlist_only   (egress rules: docs/network.md)
+    [secrets]   NAME = {host = "api.example.com", header = "Authorization"}  (bind stored secrets to hosts)
     [env]       KEY = "value" ...
     [pool]      min, max, max_age_s, max_concurrent_starts, wait_s   (daemon pool defaults)
     [[pool.warm]] backend, image, profile, ..., min, max         (pools the daemon keeps warm)
@@ -29,8 +31,8 @@ Schema::
                 allow_sudo_exec (sudo on exec: refops.check_sudo)
 
 The reference system's keys are read too and mapped by refconfig.py: [sandbox] base_image/runtime,
-[agent], [[files]], [security] mount_home / pass_env = true|false / seccomp names / [security.domains] /
-[security.commands], [network] vsock_cid, [orchestrator], [secrets], [api] api_key(_env).
+[agent], [[files]], [security] mount_home / pass_env = true|false / seccomp names /
+[security.commands], [network] vsock_cid, [orchestrator], [api] api_key(_env).
 Keys understood but not honoured here make resolve_spec fail closed with the reason.
 
 Environment: AGENTKERNEL_BACKEND, AGENTKERNEL_IMAGE, AGENTKERNEL_PROFILE, AGENTKERNEL_CONFIG.
@@ -56,9 +58,12 @@ SCHEMA: dict[str, dict[str, str]] = {
     "build": {"dockerfile": "str", "context": "str", "target": "str", "args": "table", "no_cache": "bool",
               "tag": "str", "engine": "str"},
     "resources": {"vcpus": "number", "memory_mb": "int", "pids": "int", "disk_mb": "int"},
-    "security": {"profile": "str", "network": "bool", "network_allow": "list", "read_only": "bool",
-                 "mount_cwd": "bool", "pass_env": "list|bool", "user": "str", "seccomp": "str",
-                 "mount_home": "bool", "domains": "any", "commands": "any"},
+    "security": {"profile": "str", "network": "network", "network_allow": "list", "read_only": "bool",
+                 "mount_cwd": "bool", "pass_env": "list|bool", "user": "str", "seccomp": "str", "domains": "domains",
+                 "tls_intercept": "bool",
+                 # the reference's keys (refconfig.py)
+                 "mount_home": "bool", "commands": "any"},
+    "secrets": {},  # NAME = {host = "h" | hosts = [...], header = "H"}; backend = "file" | "keyring" (egress.secrets)
     "env": {},  # free-form KEY = "value"
     "pool": {"min": "int", "max": "int", "max_age_s": "number", "max_concurrent_starts": "int",
              "wait_s": "number", "warm": "tables"},
@@ -68,7 +73,6 @@ SCHEMA: dict[str, dict[str, str]] = {
     "network": {"vsock_cid": "int"},
     "files": {},  # [[files]] source, dest, mode
     "orchestrator": {},
-    "secrets": {},
     "api": {"tokens": "list", "token_file": "str", "allowed_origins": "list", "admins": "list",
             "server_max_sandboxes": "int", "server_max_runs": "int", "tenant": "tables",
             # the policy of remote callers (api/policy.py POLICY_KEYS)
@@ -77,7 +81,7 @@ SCHEMA: dict[str, dict[str, str]] = {
             # the reference's keys (refconfig.py)
             "api_key": "str", "api_key_env": "str", "allow_sudo_exec": "bool"},
 }
-_FREE_TABLES = ("env", "files", "orchestrator", "secrets")  # keys checked elsewhere (or free-form)
+_FREE_TABLES = ("env", "files", "orchestrator")  # keys checked elsewhere (or free-form)
 
 # keys of a [[pool.warm]] entry: which spec to keep warm, and its pool sizes
 WARM_KEYS = {"backend", "image", "profile", "network", "read_only", "memory_mb", "vcpus", "pids", "disk_mb",
@@ -89,7 +93,8 @@ TABLE_KEYS = {("pool", "warm"): WARM_KEYS, ("api", "tenant"): TENANT_KEYS}
 
 # [security] key -> Policy field
 _SECURITY_FIELDS = {"network": "network", "network_allow": "network_allow", "read_only": "read_only_root",
-                    "mount_cwd": "mount_cwd", "pass_env": "pass_env", "user": "user", "seccomp": "seccomp"}
+                    "mount_cwd": "mount_cwd", "pass_env": "pass_env", "user": "user", "seccomp": "seccomp",
+                    "tls_intercept": "tls_intercept"}
 
 
 def find_config(explicit: str | None, cwd: str) -> str | None:
@@ -135,6 +140,11 @@ def load_config(path: str | None) -> dict[str, dict[str, Any]]:
                 if not isinstance(value, str):
                     raise ConfigError(f"{path}: [env] {key} must be a string")
                 continue
+            if table == "secrets":
+                from .egress.config import check_secret_table
+
+                check_secret_table(path, key, value)
+                continue
             if table in _FREE_TABLES:
                 continue
             if key not in known:
@@ -147,6 +157,11 @@ def load_config(path: str | None) -> dict[str, dict[str, Any]]:
 
 
 def _check_type(path: str, table: str, key: str, value: Any, kind: str) -> None:
+    if kind in ("network", "domains"):
+        from .egress.config import check_network_key
+
+        check_network_key(path, key, value)
+        return
     ok = {
         "any": True,
         "list|bool": isinstance(value, bool) or (isinstance(value, list)
@@ -209,12 +224,24 @@ def resolve_spec(
     for key, field in _SECURITY_FIELDS.items():
         if key in sec:
             pol[field] = sec[key]
+    if "domains" in sec or isinstance(sec.get("network"), str) or cfg.get("secrets"):
+        from .egress.config import apply_config
+
+        apply_config(pol, sec, cfg.get("secrets", {}))
     res.update({k: res_cfg[k] for k in ("vcpus", "memory_mb", "pids", "disk_mb") if k in res_cfg})
 
     for flag, field in (("network", "network"), ("read_only", "read_only_root"), ("mount_cwd", "mount_cwd"),
                         ("user", "user"), ("seccomp", "seccomp"), ("network_allow", "network_allow")):
-        if flag in flags:
+        if flag in flags and not (flag == "network" and isinstance(flags[flag], str)):
             pol[field] = flags[flag]
+    if flags.get("tls_intercept"):
+        pol["tls_intercept"] = True
+    if "_mode" in pol or pol.get("tls_intercept") or isinstance(flags.get("network"), str) or any(
+            k in flags for k in ("allow_host", "block_host", "secret")):
+        from .egress.config import apply_flags, finalize
+
+        apply_flags(pol, flags)
+        finalize(pol)
     for k in ("vcpus", "memory_mb", "pids", "disk_mb"):
         if k in flags:
             res[k] = flags[k] if flags[k] != "unlimited" else None

@@ -217,6 +217,25 @@ def reap_dead(verbose: bool = False) -> int:
     dead = dead_entries()
     if not dead:
         return 0
+    return _remove_entries(dead, verbose)
+
+
+def reap_one(backend: str, sandbox_id: str, verbose: bool = False) -> int:
+    """Remove one journalled resource now, whoever owns it (the death watcher of an owner that just died:
+    its owner may still be a zombie, which ``is_dead`` cannot yet tell from a live process)."""
+    import json
+
+    found = []
+    for path in _find(backend, sandbox_id):
+        try:
+            with open(path) as f:
+                found.append(json.load(f))
+        except (OSError, ValueError):
+            continue
+    return _remove_entries(found[:1], verbose) if found else 0
+
+
+def _remove_entries(dead: list[dict], verbose: bool) -> int:
     import asyncio
 
     from .backends import get_backend_class

@@ -38,7 +38,6 @@ PASS_ENV_TRUE = ("USER", "LANG", "LC_ALL", "TERM")
 
 # Sub-table keys (type-checked here; config.SCHEMA marks these keys "any").
 SUBKEYS = {
-    "security.domains": {"allow": "list", "block": "list", "allowlist_only": "bool"},
     "security.commands": {"allow": "list", "block": "list", "allowlist_only": "bool"},
     "files": {"source": "str", "dest": "str", "mode": "mode"},
     "orchestrator": {"provider": "str", "namespace": "str", "kubeconfig": "str", "context": "str",
@@ -149,20 +148,8 @@ def normalize(data: dict[str, Any], path: str) -> dict[str, Any]:
     if sec.pop("mount_home", False):
         refused.append("[security] mount_home = true: the host home directory (with its credentials) is never "
                        "mounted; copy what the sandbox needs in with [[files]]")
-    for sub in ("domains", "commands"):
-        if sub in sec:
-            _check_table(path, f"security.{sub}", sec[sub])
-    domains = sec.pop("domains", None) or {}
-    if domains.get("block"):
-        refused.append("[security.domains] block: a domain blocklist cannot be enforced (names resolve to "
-                       "shared addresses); use an allowlist (allow = [...] with allowlist_only = true)")
-    if domains.get("allow"):
-        if domains.get("allowlist_only"):
-            sec["network_allow"] = [*sec.get("network_allow", []), *domains["allow"]]
-            sec.setdefault("network", True)
-        else:
-            _warn_once(path, "security.domains.allow",
-                       "[security.domains] allow without allowlist_only = true restricts nothing: ignored")
+    if "commands" in sec:
+        _check_table(path, "security.commands", sec["commands"])
     commands = sec.pop("commands", None) or {}
     if commands.get("allow") or commands.get("block"):
         refused.append("[security.commands]: filtering commands by name is not a security boundary "
@@ -201,10 +188,6 @@ def normalize(data: dict[str, Any], path: str) -> dict[str, Any]:
         if prov:
             refused.append(f"[orchestrator] provider = {prov!r}: choose the cluster backend with "
                            f"[sandbox] backend = \"{prov}\" instead")
-    if data.get("secrets"):
-        refused.append("[secrets]: secret injection is not available in this build; pass values with "
-                       "-e KEY=VALUE")
-
     api = data.get("api") or {}
     key = api.pop("api_key", None)
     key_env = api.pop("api_key_env", None)

@@ -17,7 +17,7 @@ the local user like the CLI's; pass ``keep=True`` to leave it running after the 
 
 from __future__ import annotations
 
-import secrets
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,12 +30,18 @@ class Sandbox:
                  vcpus: float | None = None, pids: int | None = None, disk_mb: int | None = None,
                  read_only: bool | None = None, env: dict[str, str] | None = None, workdir: str | None = None,
                  options: dict[str, str] | None = None, keep: bool = False, tenant: str = "local",
-                 config: dict | None = None) -> None:
-        self.name = name or f"sb-{secrets.token_hex(5)}"
+                 config: dict | None = None, allow_hosts: list[str] | None = None,
+                 block_hosts: list[str] | None = None, secrets: list[str] | None = None,
+                 tls_intercept: bool | None = None) -> None:
+        """``network``: False/"none", True/"open" or "allowlist"; ``allow_hosts`` (HOST[:PORT], *.DOMAIN,
+        CIDR[:PORT]) implies allowlist; ``secrets``: "NAME:HOST[:HEADER]" bindings (docs/network.md)."""
+        self.name = name or f"sb-{os.urandom(5).hex()}"
         self._flags = {"image": image, "backend": backend, "profile": profile, "network": network,
                        "memory_mb": memory_mb, "vcpus": vcpus, "pids": pids, "disk_mb": disk_mb,
                        "read_only": read_only, "env": env, "workdir": workdir, "options": options,
-                       "name": self.name}
+                       "name": self.name, "allow_host": list(allow_hosts) if allow_hosts else None,
+                       "block_host": list(block_hosts) if block_hosts else None,
+                       "secret": list(secrets) if secrets else None, "tls_intercept": tls_intercept}
         self.keep = keep
         self.tenant = tenant
         self._config = config

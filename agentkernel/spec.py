@@ -78,6 +78,51 @@ def _check_abs_path(value: str, label: str) -> None:
         raise ValidationError(f"{label} must be an absolute path without '..', got {value!r}")
 
 
+# Engines take mount paths inside option strings: podman's ``--tmpfs PATH:OPTS`` and ``-v SRC:DST:MODE``,
+# docker's ``Binds`` ("SRC:DST:MODE") and ``Tmpfs`` options, overlayfs' ``lowerdir=...,upperdir=...``.
+# None of them has an escape for these characters, so a path carrying one is refused, not spliced.
+ENGINE_PATH_FORBIDDEN = frozenset(":,\\") | frozenset(chr(c) for c in range(32)) | {"\x7f"}
+
+
+def check_engine_path(value: str, label: str) -> str:
+    """A host or sandbox path that is placed inside an engine's option syntax (see ENGINE_PATH_FORBIDDEN)."""
+    bad = sorted(set(value) & ENGINE_PATH_FORBIDDEN)
+    if bad:
+        raise ValidationError(
+            f"{label} {value!r} contains {', '.join(repr(c) for c in bad)}: engines' mount options cannot "
+            "carry these characters",
+            hint="use a path made of letters, digits, '/', '.', '-', '_' (and other plain characters)",
+        )
+    return value
+
+
+def _check_workdir(value: str, label: str) -> None:
+    _check_abs_path(value, label)
+    check_engine_path(value, label)
+
+
+def _check_mount_source(value: str, label: str) -> None:
+    _check_abs_path(value, label)
+    check_engine_path(value, label)
+
+
+# Longest --timeout / API timeout accepted (one day): also rejects inf/nan/1e12, which engines and
+# monotonic-clock deadlines cannot represent sensibly.
+MAX_TIMEOUT_S = 24 * 3600.0
+
+
+def validate_timeout(value, label: str = "timeout") -> float | None:
+    """The one check every entry point (CLI flags, config, HTTP/MCP) applies to a command timeout."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValidationError(f"{label} must be a number of seconds, got {value!r}")
+    v = float(value)
+    if v != v or not 0 < v <= MAX_TIMEOUT_S:
+        raise ValidationError(f"{label} must be more than 0 and at most {MAX_TIMEOUT_S:g} seconds, got {value!r}")
+    return v
+
+
 def _check_env(value: dict[str, str], label: str) -> None:
     for k, v in value.items():
         if not is_env_name(k):
@@ -99,12 +144,29 @@ def _check_user(value: str, label: str) -> None:
         raise ValidationError(f"{label} must be numeric 'uid' or 'uid:gid', got {value!r}")
 
 
-def _check_hosts(value: tuple[str, ...], label: str) -> None:
-    import re
+def _check_net_entries(value: tuple[str, ...], label: str) -> None:
+    if value:
+        from .egress.rules import check_allow
 
-    for h in value:
-        if not re.match(r"^(\*\.)?[A-Za-z0-9.-]+(:\d+)?$|^[0-9a-fA-F:.]+(/\d+)?$", h):
-            raise ValidationError(f"{label}: invalid host pattern {h!r}")
+        check_allow(value, label)
+
+
+def _check_secret_bindings(value: tuple[str, ...], label: str) -> None:
+    if value:
+        from .egress.rules import check_bindings
+
+        check_bindings(value, label)
+
+
+NETWORK_MODES = ("none", "allowlist", "open")
+
+
+def network_mode(policy: Policy) -> str:
+    """none (only loopback), allowlist (only what network_allow names, through the egress gateway) or
+    open (the outside world, never the host, other sandboxes or metadata addresses)."""
+    if policy.network_allow:
+        return "allowlist"
+    return "open" if policy.network else "none"
 
 
 class Resources(Model):
@@ -121,9 +183,16 @@ class Policy(Model):
 
     profile = Field("str", "moderate", choices=PROFILE_NAMES)
     network = Field("bool", False, doc="any network at all (loopback is always there)")
-    network_allow = Field("strlist", (), check=_check_hosts, doc="egress allowlist (host[:port])")
+    network_allow = Field("strlist", (), check=_check_net_entries,
+                          doc="egress allowlist: host, *.domain, CIDR, each with an optional :port")
+    network_block = Field("strlist", (), check=_check_net_entries, doc="destinations refused whatever the mode")
+    secrets = Field("strlist", (), check=_check_secret_bindings,
+                    doc="secrets bound to hosts (NAME:HOST[:HEADER]); the sandbox sees a placeholder")
+    tls_intercept = Field("bool", False, doc="the gateway terminates TLS to secret-bound hosts with a per-sandbox CA")
     read_only_root = Field("bool", False)
     mount_cwd = Field("bool", False, doc="bind the caller's working directory at /workspace")
+    mount_source = Field("str", None, optional=True, check=_check_mount_source,
+                         doc="the host directory mount_cwd binds (the caller's cwd, filled in by the caller)")
     pass_env = Field("strlist", (), check=_check_env_names, doc="host variables passed through")
     user = Field("str", "1000:1000", check=_check_user, doc="uid[:gid] commands run as")
     seccomp = Field("str", "default", choices=SECCOMP_PROFILES)
@@ -138,7 +207,7 @@ class SandboxSpec(Model):
     resources = Field(Resources, Resources)
     policy = Field(Policy, Policy)
     env = Field("strdict", dict, check=_check_env)
-    workdir = Field("str", "/workspace", check=_check_abs_path)
+    workdir = Field("str", "/workspace", check=_check_workdir)
     hostname = Field("str", "sandbox", check=_check_name)
     options = Field("strdict", dict, doc="backend-specific options (e.g. runtime=runsc)")
 
@@ -162,6 +231,15 @@ class SandboxSpec(Model):
         data.pop("name", None)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def mount_source_of(spec: SandboxSpec, cwd: str | None = None) -> str:
+    """The host directory ``policy.mount_cwd`` binds: the one the spec names (the caller's cwd, sent by
+    the CLI), else ``cwd``/this process's cwd; checked for the engines' option syntax either way."""
+    import os
+
+    src = spec.policy.mount_source or os.path.realpath(cwd or os.getcwd())
+    return check_engine_path(src, "the directory to mount (policy.mount_source)")
 
 
 # The three profiles. Shape as in the reference system (network, cwd mount, read-only root, memory,

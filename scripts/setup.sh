@@ -28,7 +28,7 @@ APT_PACKAGES=(
   busybox-static debootstrap
   python3 python3-venv python3-dev
   musl-tools make gcc
-  iproute2 nftables util-linux procps
+  iproute2 nftables util-linux procps openssl
   qemu-system-x86 qemu-utils e2fsprogs lz4 zstd
   clang lld wasi-libc libclang-rt-14-dev-wasm32
   hyperfine

@@ -32,3 +32,15 @@ def ak(*args: str, input: bytes | None = None, timeout: float = 120, env: dict |
 @pytest.fixture
 def run_ak():
     return ak
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Networked sandboxes of this session used its own egress bridge and gateway: remove them."""
+    from agentkernel import paths
+
+    if not os.path.exists(os.path.join(paths.runtime_dir(), "egress", "net.json")):
+        return
+    from agentkernel.egress import gateway_ctl, netns
+
+    gateway_ctl.stop()
+    netns.remove_bridge()

@@ -188,11 +188,15 @@ def test_network_off_really_off(backend, host_listener):
     assert hits == []
 
 
-def test_network_on_when_asked(host_listener):
+def test_network_on_never_reaches_the_host(host_listener):
+    """Issue 11 item 6: "network on" (mode open) means the outside world, never the host's own listeners
+    (tests/egress/ covers other sandboxes, metadata and allowlists)."""
     ip, port, hits = host_listener
-    r = run("podman", "sh", "-c", f"nc -w 5 {ip} {port} </dev/null", flags=("--network",))
-    assert r.stdout == b"pong\n", r.stderr
-    assert len(hits) == 1
+    r = run("podman", "sh", "-c", f"ip -o link | cut -d: -f2; nc -w 3 {ip} {port} </dev/null && echo CONNECTED",
+            flags=("--network",))
+    assert b"CONNECTED" not in r.stdout and b"pong" not in r.stdout, r.stderr
+    assert b"eth0" in r.stdout, r.stdout  # it does have a network
+    assert hits == []
 
 
 def test_gvisor_refuses_network_fail_closed():

@@ -75,10 +75,13 @@ class SyncAgentClient:
 
     @classmethod
     def connect_unix(cls, path: str, timeout: float = 5.0) -> SyncAgentClient:
+        from ..safefs import socket_path  # never through a link the sandbox planted at the socket's name
+
         s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             s.settimeout(timeout)
-            s.connect(path)
+            with socket_path(path) as p:
+                s.connect(p)
         except BaseException:
             s.close()
             raise

@@ -46,14 +46,20 @@ class UnixSocketTransport(Transport):
     async def connect(self):
         import asyncio
 
-        return await asyncio.wait_for(asyncio.open_unix_connection(self.path, limit=1 << 20),
-                                      self.connect_timeout)
+        from ..safefs import socket_path  # never through a link the sandbox planted at the socket's name
+
+        with socket_path(self.path) as path:
+            return await asyncio.wait_for(asyncio.open_unix_connection(path, limit=1 << 20),
+                                          self.connect_timeout)
 
     def connect_sync(self) -> socket.socket:
+        from ..safefs import socket_path
+
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             s.settimeout(self.connect_timeout)
-            s.connect(self.path)
+            with socket_path(self.path) as path:
+                s.connect(path)
             s.settimeout(None)
         except BaseException:
             s.close()

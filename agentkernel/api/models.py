@@ -22,12 +22,13 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..spec import MAX_TIMEOUT_S  # one limit for every entry point (spec.validate_timeout)
+
 T = TypeVar("T")
 
 Profile = Literal["permissive", "moderate", "restrictive"]
 
 MAX_ARGS = 4096
-MAX_TIMEOUT_S = 24 * 3600.0
 
 
 class Strict(BaseModel):

@@ -26,7 +26,7 @@ from .. import audit
 from ..backends.base import ExecRequest, ExecResult
 from ..errors import AgentKernelError, NotFound, PolicyNotEnforceable, ValidationError
 from ..manager import SandboxManager
-from ..spec import SandboxSpec, check_sandbox_path, validate_name
+from ..spec import SandboxSpec, check_sandbox_path, validate_name, validate_timeout
 from .admission import Admission
 from .metrics import Metrics
 from .policy import ServerPolicy
@@ -202,7 +202,7 @@ class Service:
             raise ValidationError("command arguments must not contain NUL bytes")
         return ExecRequest(argv, env=env_dict(env), cwd=check_cwd(cwd),
                            stdin=stdin.encode() if stdin else None,
-                           timeout=timeout or self.default_timeout, on_output=on_output,
+                           timeout=validate_timeout(timeout or self.default_timeout), on_output=on_output,
                            output_limit=DEFAULT_OUTPUT_LIMIT if output_limit is None else output_limit)
 
     # -- one-shot runs --

@@ -72,7 +72,8 @@ REGISTRY: dict[str, BackendEntry] = dict([
            isolation="user-space kernel"),
     _entry("oci", "agentkernel.backends.oci:OCIBackend", image_store="oci", gc=True,
            variants=({"runtime": "runc"}, {"runtime": "runsc"})),
-    _entry("wasm", "agentkernel.backends.wasm:WasmBackend", extra="wasm", isolation="wasm"),
+    # gc: scratch directories of dead processes and named sandboxes (issue 12 item 6)
+    _entry("wasm", "agentkernel.backends.wasm:WasmBackend", extra="wasm", isolation="wasm", gc=True),
     _entry("qemu", "agentkernel.backends.qemu:QemuBackend", image_store="podman", gc=True, isolation="vm"),
     _entry("firecracker", "agentkernel.backends.firecracker:FirecrackerBackend", image_store="podman", gc=True,
            isolation="vm"),

@@ -14,6 +14,7 @@ import time
 
 from .. import paths
 from ..errors import BackendUnavailable, InvalidState, NotFound, SandboxError
+from ..safefs import UnsafeFile
 from ..spec import SandboxSpec
 from . import _container
 from ._agentexec import parse_environ
@@ -34,6 +35,12 @@ def container_name(sandbox_id: str) -> str:
 
 class AgentContainerBackend(Backend, AgentAccess):
     """Backend base for agent-in-container engines. Subclasses implement the ``_engine_*`` methods."""
+
+    # networked sandboxes get a namespace behind the egress gateway (egress/), which the engine joins
+    uses_egress = False
+    # the engine cannot join a namespace path: the sandbox's init waits until the host moved the network
+    # into the namespace the engine made (egress.attach.complete after start)
+    egress_deferred = False
 
     # -- engine operations (subclass) --
     async def _engine_create(self, plan: _container.ContainerPlan) -> str:
@@ -74,12 +81,19 @@ class AgentContainerBackend(Backend, AgentAccess):
             )
         run_dir = _container.prepare_run_dir(sandbox_id, _container.resolve_user(spec))
         name = container_name(sandbox_id)
-        p = _container.plan(spec, sandbox_id=sandbox_id, owner=owner, container_name=name,
-                            agent_bin=agent, run_dir=run_dir, pids_overhead=self.pids_overhead)
         try:
+            net = None
+            if self.uses_egress and spec.policy.network:
+                import asyncio
+
+                net = await asyncio.to_thread(_container.attach_network, spec, sandbox_id, self.egress_deferred)
+            p = _container.plan(spec, sandbox_id=sandbox_id, owner=owner, container_name=name,
+                                agent_bin=agent, run_dir=run_dir, pids_overhead=self.pids_overhead, net=net)
             cid = await (self._engine_run_detached(p) if start else self._engine_create(p))
         except BaseException:
             _container.remove_run_dir(sandbox_id)
+            if self.uses_egress:
+                _container.release_network(sandbox_id)
             raise
         ref = SandboxRef(self.name, sandbox_id, {"container": name, "container_id": cid, "run_dir": run_dir}, spec)
         if start:
@@ -168,6 +182,10 @@ class AgentContainerBackend(Backend, AgentAccess):
         sock = self._socket(ref)
         try:
             return await AgentClient.connect(sock)
+        except UnsafeFile as exc:
+            raise SandboxError(f"sandbox {ref.spec.name or ref.id}: refusing to connect to its agent: {exc} "
+                               "(something inside the sandbox replaced it)",
+                               hint=f"agentkernel rm {ref.spec.name or ref.id}") from None
         except OSError:
             state, _ = await self._engine_state(ref.handle["container"])
             if state == "missing":
@@ -224,6 +242,8 @@ class AgentContainerBackend(Backend, AgentAccess):
     async def remove(self, ref: SandboxRef) -> None:
         await self._engine_remove(ref.handle.get("container") or container_name(ref.id))
         _container.remove_run_dir(ref.id)
+        if self.uses_egress:
+            _container.release_network(ref.id)
 
     async def status(self, ref: SandboxRef) -> str:
         state, _ = await self._engine_state(ref.handle["container"])

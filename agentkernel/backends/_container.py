@@ -13,8 +13,12 @@ from __future__ import annotations
 import os
 
 from .. import paths
-from ..spec import DEFAULT_TMPFS_MB, SandboxSpec
+from ..spec import DEFAULT_TMPFS_MB, SandboxSpec, check_engine_path, mount_source_of
 from .base import owner_labels
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 # The controls every container engine here enforces (podman, docker; gVisor and Apple subtract).
 CONTAINER_CONTROLS = {
@@ -35,6 +39,7 @@ class ContainerPlan:
         "binds",
         "cmd",
         "cpus",
+        "dns",
         "entrypoint",
         "env",
         "hostname",
@@ -43,9 +48,11 @@ class ContainerPlan:
         "labels",
         "memory_bytes",
         "name",
+        "netns",
         "network",
         "pids",
         "read_only",
+        "resolv",
         "seccomp_file",
         "tmpfs",
         "user",
@@ -87,6 +94,25 @@ def prepare_run_dir(sandbox_id: str, user: str) -> str:
 
 def remove_run_dir(sandbox_id: str) -> None:
     remove_flat_dir(sandbox_run_dir(sandbox_id))
+
+
+NET_READY_IN = f"{AGENT_RUN_IN}/net-ready"  # engines that make the namespace themselves: see egress.attach.complete
+
+
+def attach_network(spec: SandboxSpec, sandbox_id: str, deferred: bool = False) -> Any:
+    """The sandbox's egress attachment (network modes allowlist/open), or None for network none."""
+    if not spec.policy.network:
+        return None
+    from ..egress.attach import attach
+
+    return attach(spec, sandbox_id, deferred=deferred)
+
+
+def release_network(sandbox_id: str) -> None:
+    """Undo attach_network (no-op, one stat, when there is nothing)."""
+    from ..egress.attach import release
+
+    release(sandbox_id)
 
 
 def remove_flat_dir(path: str) -> None:
@@ -131,6 +157,7 @@ def plan(
     cwd: str | None = None,
     interactive: bool = False,
     pids_overhead: int = 0,
+    net: Any = None,
 ) -> ContainerPlan:
     """``argv`` given: a one-shot container running argv (under ``ak-agent exec`` when the agent is
     available: signal forwarding, zombie reaping, exact status and OOM report). ``argv`` None: a
@@ -140,7 +167,7 @@ def plan(
     binds: list[tuple[str, str, bool]] = []
     tmpfs: list[tuple[str, str]] = []
     if pol.mount_cwd:
-        binds.append((os.path.realpath(cwd or os.getcwd()), "/workspace", False))
+        binds.append((mount_source_of(spec, cwd), "/workspace", False))
     if spec.options.get("volumes"):  # named volumes only (never an arbitrary host path): volumes.py
         from ..volumes import parse_mounts
 
@@ -157,6 +184,8 @@ def plan(
             tmpfs.append((path, f"rw,nosuid,nodev,size={size}m,mode={mode}{owned}"))
     entrypoint: list[str] | None
     cmd: list[str]
+    if net is not None:
+        binds.extend(net.binds)
     if agent_bin:
         binds.append((agent_bin, AGENT_BIN_IN, True))
         if run_dir:
@@ -181,7 +210,14 @@ def plan(
             )
         entrypoint = [AGENT_BIN_IN, "serve", "--listen", AGENT_SOCK_IN]
         cmd = []
+    for path, _opts in tmpfs:
+        check_engine_path(path, "tmpfs mount point")
+    for src, dst, _ro in binds:
+        check_engine_path(src, "bind mount source")
+        check_engine_path(dst, "bind mount target")
     env = dict(spec.env)
+    if net is not None:  # an egress.attach.Attachment: proxy variables and secret placeholders
+        env.update(net.env)
     from ..seccomp import profile_path
 
     return ContainerPlan(
@@ -192,7 +228,10 @@ def plan(
         env=env,
         workdir=spec.workdir,
         hostname=spec.hostname,
-        network="default" if pol.network else "none",
+        network="netns" if net is not None else ("default" if pol.network else "none"),
+        netns=net.netns if net is not None else None,
+        dns=net.dns if net is not None else None,
+        resolv=net.resolv if net is not None else None,
         read_only=pol.read_only_root,
         tmpfs=tmpfs,
         binds=binds,
@@ -216,6 +255,8 @@ def podman_args(p: ContainerPlan, *, network_default: str | None = None) -> list
         a += ["--security-opt", f"seccomp={p.seccomp_file}"]
     if p.network == "none":
         a += ["--network", "none"]
+    elif p.network == "netns":  # the namespace the egress gateway made (egress/netns.py)
+        a += ["--network", f"ns:{p.netns}", "--dns", p.dns]
     elif network_default:
         a += ["--network", network_default]
     if p.memory_bytes is not None:

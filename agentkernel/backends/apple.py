@@ -30,7 +30,9 @@ if TYPE_CHECKING:
     from typing import Any
 
 
-APPLE_CONTROLS = {"memory", "cpu", "env", "mount_cwd", "non_root", "network_full"}
+# No network_full: "open" means never the host, other sandboxes or metadata addresses (docs/network.md), and
+# nothing here proves that for Apple's vmnet networking, so networked specs are refused (fail closed).
+APPLE_CONTROLS = {"memory", "cpu", "env", "mount_cwd", "non_root"}
 MIN_MACOS = 26
 
 

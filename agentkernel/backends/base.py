@@ -40,9 +40,10 @@ if TYPE_CHECKING:
 
 # Controls a backend may declare it enforces. Each maps to a part of the spec (see required_controls).
 CONTROLS = {
-    "network_none": "no network except loopback (policy.network = false)",
-    "network_full": "full network access (policy.network = true)",
-    "network_allowlist": "egress limited to policy.network_allow",
+    "network_none": "no network except loopback (network mode none)",
+    "network_full": "network mode open: the outside world, never the host, other sandboxes or metadata addresses",
+    "network_allowlist": "network mode allowlist: egress only to policy.network_allow, enforced at the network layer",
+    "secret_injection": "secrets substituted by the egress gateway on the bound hosts only (policy.secrets)",
     "read_only_root": "read-only root filesystem (policy.read_only_root)",
     "memory": "memory limit (resources.memory_mb)",
     "cpu": "CPU quota (resources.vcpus)",
@@ -81,12 +82,11 @@ def required_controls(spec: SandboxSpec) -> list[str]:
     """The controls a spec needs, derived from the spec alone (one place for this rule)."""
     pol, res = spec.policy, spec.resources
     need = ["cap_drop_all", "no_new_privileges"]
-    if pol.network:
-        need.append("network_allowlist" if pol.network_allow else "network_full")
-    else:
-        if pol.network_allow:
-            need.append("network_allowlist")
-        need.append("network_none")
+    from ..spec import network_mode
+
+    need.append({"none": "network_none", "open": "network_full", "allowlist": "network_allowlist"}[network_mode(pol)])
+    if pol.secrets:
+        need.append("secret_injection")
     if pol.read_only_root:
         need.append("read_only_root")
     if res.memory_mb is not None:
@@ -109,8 +109,10 @@ def required_controls(spec: SandboxSpec) -> list[str]:
 
 _FIXES = {
     "disk_rootfs": "set read_only_root = true (writable paths become tmpfs capped at disk_mb) or unset disk_mb",
-    "network_allowlist": "use network = false, or network = true without an allowlist, or a backend that "
-    "supports allowlists",
+    "network_allowlist": "use a backend that enforces allowlists (podman, docker, oci: see docs/network.md) or "
+    "--network none",
+    "network_full": "use a backend that isolates open networking (podman, docker, oci) or --network none",
+    "secret_injection": "use a backend behind the egress gateway (podman, docker, oci)",
 }
 
 

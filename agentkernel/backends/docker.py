@@ -12,24 +12,13 @@ network sandbox at all (it spawns a helper process for one even for ``none``: ~1
 Create-time warnings from the engine (e.g. "limit discarded") make creation fail: we never run with a
 silently dropped control.
 
-Full network (``policy.network = true``). dockerd here runs with ``"bridge": "none"`` and
-``"iptables": false`` (scripts/setup.sh), so there is no default ``bridge`` network and the engine
-never programs NAT. On first use the backend creates a user-defined bridge network ``agentkernel``
-(Linux bridge ``ak-docker0``, subnet chosen by dockerd's address pools) and installs one nftables
-ruleset of its own, replaced atomically each time (tables ``ip agentkernel_docker`` and ``inet
-agentkernel_docker``; a process applies it once, on its first networked sandbox):
-
-- ``masquerade`` for the network's subnet leaving through any other interface (the sandbox reaches
-  what the host reaches; ``net.ipv4.ip_forward`` is already 1, dockerd sets it);
-- sandboxes cannot open connections to the host itself (input from ``ak-docker0`` is dropped except
-  replies), so host-local services (the agentkernel API, anything on 0.0.0.0) are not exposed.
-
-Networked sandboxes share the one bridge and can reach each other, as on Docker's default bridge and
-podman's default network: isolating bridge ports needs ``meta ibrname`` (nft_meta_bridge), which this
-kernel lacks, and Docker's own ``enable_icc=false`` needs its iptables support, which is off here.
-
-Name resolution works through dockerd's embedded DNS (127.0.0.11 in the container), which forwards to
-the host's resolvers. The ``host`` network was rejected: it would share the host's loopback.
+Network modes open and allowlist (docs/network.md): dockerd cannot join a namespace path, so the
+container is created with no network (the runtime makes an empty namespace), the agent (PID 1) is told
+to wait for ``/.ak/run/net-ready``, and right after start ``egress.attach.complete`` names the
+container's namespace (``ip netns attach``), moves a veth of the egress bridge into it, sets its
+address, route and firewall, and creates the ready file. The only route out is the egress gateway;
+the host, other sandboxes and metadata addresses are never reachable. ``/etc/resolv.conf`` is a
+read-only bind of a file naming the gateway. (Docker's own bridges and NAT are not used at all.)
 
 One-shot runs (``run_attached_sync``, the CLI's daemon-less ``agentkernel run --backend docker``)
 are synchronous and never import asyncio: create -> attach (hijacked HTTP, multiplexed stdout/stderr)
@@ -40,7 +29,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import AgentKernelError, BackendUnavailable, NotFound, PolicyNotEnforceable, SandboxError
+from ..errors import AgentKernelError, BackendUnavailable, PolicyNotEnforceable, SandboxError
 from . import _container
 from ._agent_container import AgentContainerBackend
 from ._container import CONTAINER_CONTROLS
@@ -52,30 +41,9 @@ if TYPE_CHECKING:
     from typing import Any, ClassVar
 
 
-NETWORK_NAME = "agentkernel"
-BRIDGE_IF = "ak-docker0"
-NFT_TABLE = "agentkernel_docker"
 MIN_API = (1, 41)
 STOP_TIMEOUT = 2
 EXIT_GRACE = 5.0  # seconds to drain output after the exit status is known
-
-NAT_REFRESH = 60.0  # seconds: a long-lived process re-applies the NAT rules this often (cheap, atomic)
-
-# (subnet, monotonic time) of the NAT rules this process last installed for the "agentkernel" network.
-_nat_state: tuple[str, float] | None = None
-
-
-def _nat_stale(subnet: str) -> bool:
-    import time
-
-    return _nat_state is None or _nat_state[0] != subnet or time.monotonic() - _nat_state[1] > NAT_REFRESH
-
-
-def _nat_applied(subnet: str) -> None:
-    global _nat_state
-    import time
-
-    _nat_state = (subnet, time.monotonic())
 
 
 def _normalize_state(s: str) -> str:
@@ -95,65 +63,6 @@ def _check_warnings(resp: Any) -> list[str]:
     return [str(w) for w in warnings if str(w).strip()]
 
 
-def network_create_body() -> dict[str, Any]:
-    return {
-        "Name": NETWORK_NAME,
-        "CheckDuplicate": True,
-        "Driver": "bridge",
-        "Options": {
-            "com.docker.network.bridge.name": BRIDGE_IF,
-            "com.docker.network.bridge.enable_ip_masquerade": "true",
-        },
-        "Labels": {"agentkernel.network": "full"},
-    }
-
-
-def nft_ruleset(subnet: str) -> str:
-    t, br = NFT_TABLE, BRIDGE_IF
-    return f"""
-table ip {t}
-delete table ip {t}
-table ip {t} {{
-  chain postrouting {{
-    type nat hook postrouting priority srcnat; policy accept;
-    ip saddr {subnet} oifname != "{br}" masquerade
-  }}
-}}
-table inet {t}
-delete table inet {t}
-table inet {t} {{
-  chain input {{
-    type filter hook input priority filter; policy accept;
-    iifname "{br}" ct state established,related accept
-    iifname "{br}" drop
-  }}
-}}
-"""
-
-
-def _apply_nft(subnet: str) -> None:
-    import shutil
-    import subprocess
-
-    nft = shutil.which("nft") or ("/usr/sbin/nft" if os.path.exists("/usr/sbin/nft") else None)
-    if nft is None:
-        raise BackendUnavailable("docker's full network needs nftables (NAT for the agentkernel bridge)",
-                                 hint="apt-get install -y nftables (bash scripts/setup.sh does)")
-    r = subprocess.run([nft, "-f", "-"], input=nft_ruleset(subnet).encode(), capture_output=True, timeout=30)
-    if r.returncode != 0:
-        raise BackendUnavailable(
-            f"could not install the NAT rules for docker's agentkernel network: "
-            f"{r.stderr.decode(errors='replace').strip()[:300]}",
-            hint="run as root on a kernel with nf_tables NAT, or use network = false")
-
-
-def _subnet(info: dict[str, Any]) -> str:
-    for cfg in (info.get("IPAM") or {}).get("Config") or []:
-        if cfg.get("Subnet") and ":" not in cfg["Subnet"]:
-            return cfg["Subnet"]
-    raise SandboxError(f"docker network {NETWORK_NAME!r} has no IPv4 subnet")
-
-
 def create_body(plan: _container.ContainerPlan, *, network: str, oneshot: bool,
                 runtime: str | None = None) -> dict[str, Any]:
     """The plan as the body of ``POST /containers/create``."""
@@ -165,6 +74,15 @@ def create_body(plan: _container.ContainerPlan, *, network: str, oneshot: bool,
         "Binds": [f"{src}:{dst}:{'ro' if ro else 'rw'}" for src, dst, ro in plan.binds],
         "NetworkMode": network,
     }
+    entrypoint = list(plan.entrypoint) if plan.entrypoint is not None else None
+    if plan.network == "netns":
+        # the runtime makes an empty namespace; egress.attach.complete moves the network in after start,
+        # and the agent waits for that before anything of the user's runs
+        if not entrypoint or entrypoint[0] != _container.AGENT_BIN_IN:
+            raise PolicyNotEnforceable("docker network modes open/allowlist need the in-sandbox agent",
+                                       hint="build it: make -C agent, or use --network none")
+        entrypoint[2:2] = ["--wait-file", _container.NET_READY_IN]
+        hc["Binds"].append(f"{plan.resolv}:/etc/resolv.conf:ro")
     if plan.seccomp_file:
         with open(plan.seccomp_file) as f:
             hc["SecurityOpt"].append("seccomp=" + f.read())
@@ -199,14 +117,21 @@ def create_body(plan: _container.ContainerPlan, *, network: str, oneshot: bool,
         "StdinOnce": interactive,
         "HostConfig": hc,
     }
-    if plan.entrypoint is not None:
-        body["Entrypoint"] = list(plan.entrypoint)
+    if entrypoint is not None:
+        body["Entrypoint"] = entrypoint
     return body
+
+
+# Network modes open and allowlist: the container's own (empty) namespace gets the egress network moved in
+# after start (agentkernel.egress), never a docker bridge.
+DOCKER_CONTROLS = CONTAINER_CONTROLS | {"network_allowlist", "secret_injection"}
 
 
 class DockerBackend(AgentContainerBackend):
     name = "docker"
-    capabilities = Capabilities(CONTAINER_CONTROLS, {"exec", "files", "agent", "oneshot", "pool"},
+    uses_egress = True
+    egress_deferred = True
+    capabilities = Capabilities(DOCKER_CONTROLS, {"exec", "files", "agent", "oneshot", "pool"},
                                 isolation="container (shared kernel)")
     options_allowed: ClassVar[tuple[str, ...]] = ("volumes",)
     docker_runtime: ClassVar[str | None] = None  # an OCI runtime registered in dockerd (e.g. "runsc")
@@ -256,40 +181,10 @@ class DockerBackend(AgentContainerBackend):
                             details={"socket": path, "version": ver.get("Version"), "api_version": api,
                                      "runtime": cls.docker_runtime or "default"})
 
-    # -- the network for policy.network = true --
     def _network_mode(self, plan: _container.ContainerPlan) -> str:
-        return "none" if plan.network == "none" else NETWORK_NAME
-
-    def _ensure_network_sync(self, cli: SyncClient) -> None:
-        try:
-            info = cli.json("GET", f"/networks/{NETWORK_NAME}")
-        except NotFound:
-            try:
-                cli.request("POST", "/networks/create", body=network_create_body(), ok=(409,))
-            except AgentKernelError as exc:
-                raise BackendUnavailable(f"cannot create docker network {NETWORK_NAME!r}: {exc}") from None
-            info = cli.json("GET", f"/networks/{NETWORK_NAME}")
-        subnet = _subnet(info)
-        if _nat_stale(subnet):
-            _apply_nft(subnet)
-            _nat_applied(subnet)
-
-    async def _ensure_network(self) -> None:
-        import asyncio
-
-        api = self._docker()
-        try:
-            info = await api.json("GET", f"/networks/{NETWORK_NAME}")
-        except NotFound:
-            try:
-                await api.request("POST", "/networks/create", body=network_create_body(), ok=(409,))
-            except AgentKernelError as exc:
-                raise BackendUnavailable(f"cannot create docker network {NETWORK_NAME!r}: {exc}") from None
-            info = await api.json("GET", f"/networks/{NETWORK_NAME}")
-        subnet = _subnet(info)
-        if _nat_stale(subnet):
-            await asyncio.to_thread(_apply_nft, subnet)
-            _nat_applied(subnet)
+        if plan.network not in ("none", "netns"):  # every network mode goes through the egress namespace
+            raise AssertionError(f"docker renders only network none or the egress namespace, got {plan.network!r}")
+        return "none"
 
     # -- engine operations (asyncio) --
     def _docker(self):
@@ -301,8 +196,6 @@ class DockerBackend(AgentContainerBackend):
 
     async def _engine_create(self, plan: _container.ContainerPlan) -> str:
         api = self._docker()
-        if plan.network != "none":
-            await self._ensure_network()
         body = create_body(plan, network=self._network_mode(plan), oneshot=False, runtime=self.docker_runtime)
         resp = await api.json("POST", "/containers/create", params={"name": plan.name}, body=body)
         warnings = _check_warnings(resp)
@@ -314,6 +207,17 @@ class DockerBackend(AgentContainerBackend):
 
     async def _engine_start(self, name: str) -> None:
         await self._docker().request("POST", f"/containers/{quote(name)}/start", ok=(304,))
+        sid = name.removeprefix("agentkernel-")
+        from ..egress.attach import is_deferred
+
+        if is_deferred(sid):
+            import asyncio
+
+            from ..egress.attach import complete
+
+            info = await self._docker().json("GET", f"/containers/{quote(name)}/json")
+            ready = os.path.join(_container.sandbox_run_dir(sid), "net-ready")
+            await asyncio.to_thread(complete, sid, int(info["State"]["Pid"]), ready)
 
     async def _engine_stop(self, name: str) -> None:
         await self._docker().request("POST", f"/containers/{quote(name)}/stop", params={"t": STOP_TIMEOUT},
@@ -371,8 +275,6 @@ class DockerBackend(AgentContainerBackend):
         sig = _SignalForwarder()
         try:
             sig.install()
-            if plan.network != "none":
-                self._ensure_network_sync(cli)
             body = create_body(plan, network=self._network_mode(plan), oneshot=True,
                                runtime=self.docker_runtime)
             created = "maybe"
@@ -402,6 +304,13 @@ class DockerBackend(AgentContainerBackend):
                 _write_all(2, f"agentkernel: {exc}\n".encode())
                 done = True
                 return code
+            if plan.network == "netns":
+                from ..egress.attach import complete
+
+                pid = int(cli.json("GET", f"/containers/{quote(name)}/json")["State"]["Pid"])
+                run_dir = next(src for src, dst, _ro in plan.binds if dst == _container.AGENT_RUN_IN)
+                complete(plan.labels.get("agentkernel.sandbox-id") or name.removeprefix("agentkernel-"), pid,
+                         os.path.join(run_dir, "net-ready"))
             rc = _pump(cli, name, stream, waiter, sig, timeout, stdin_on and forward_stdin)
             done = True
             return rc

@@ -39,6 +39,12 @@ if TYPE_CHECKING:
 
 OCI_CONTROLS = {
     "network_none",
+    # network modes open/allowlist with crun/runc: the bundle joins the namespace agentkernel.egress made
+    # (one route, to the egress gateway; firewall inside it). runsc is refused in check().
+    "network_full",
+    "network_allowlist",
+    "secret_injection",
+    "disk_rootfs",  # the writable layer on a tmpfs of disk_mb (see _prepare_bundle)
     "read_only_root",
     "memory",
     "cpu",
@@ -98,12 +104,11 @@ class OCIBackend(AgentContainerBackend):
         )
 
     def check(self, spec) -> None:
-        if spec.policy.network:
+        if spec.policy.network and self.runtime == "runsc":
             raise PolicyNotEnforceable(
-                "backend 'oci' gives sandboxes no network: a fresh network namespace with only loopback "
-                "(policy.network = true is refused rather than sharing the host's network)",
-                hint="use --no-network (profile moderate or restrictive), or --backend podman/docker "
-                "for network",
+                "backend 'oci' with runtime runsc gives sandboxes no network (gVisor's own network stack "
+                "would send packets past the firewall inside the sandbox's namespace; not proven here)",
+                hint="use --network none, or -o runtime=crun / runc for network",
             )
         super().check(spec)
         if self.runtime == "crun" and rt.binary("crun") is None and rt.binary("runc") is not None:
@@ -123,8 +128,23 @@ class OCIBackend(AgentContainerBackend):
         overlay = None
         mh = rt.memory_hierarchy()  # v1: the limit sits on the parent cgroup, the container's is above it
         slack = bundle.MEMORY_SLACK if mh and mh[1] == 1 else 0
+        layer_cap = None
+        # gVisor keeps /tmp in its own (unsized) memory tmpfs unless the spec mounts one: size it
+        if (self.runtime == "runsc" and not p.read_only and spec.resources.disk_mb is not None
+                and not any(dst == "/tmp" for dst, _ in p.tmpfs or ())):
+            p.tmpfs = [*(p.tmpfs or ()), ("/tmp", f"rw,nosuid,nodev,size={spec.resources.disk_mb}m,mode=1777")]
         if bundle.needs_overlay(p, rf.path):
-            upper, work, mnt = (os.path.join(bdir, d) for d in ("upper", "work", "rootfs"))
+            if not p.read_only and spec.resources.disk_mb is not None:
+                # the writable layer lives on a tmpfs of disk_mb (its pages also count against the
+                # sandbox's memory cgroup): a full layer is ENOSPC for the sandbox, never the host's disk
+                layer_cap = spec.resources.disk_mb
+                layer = os.path.join(bdir, "layer")
+                os.mkdir(layer, 0o700)
+                rt.mount_tmpfs(layer, f"size={layer_cap}m,mode=0755")
+                upper, work = os.path.join(layer, "upper"), os.path.join(layer, "work")
+            else:
+                upper, work = os.path.join(bdir, "upper"), os.path.join(bdir, "work")
+            mnt = os.path.join(bdir, "rootfs")
             for d in (upper, work, mnt):
                 os.mkdir(d, 0o755)
             _make_workdir(upper, rf.path, p)
@@ -154,10 +174,18 @@ class OCIBackend(AgentContainerBackend):
                 "image_id": rf.id,
                 "overlay": list(overlay or ()),
                 "memory_bytes": p.memory_bytes,
+                "layer_cap_mb": layer_cap,
                 "named": named,
                 "labels": p.labels,
             },
         )
+        if p.network == "netns":  # the resolver is the egress gateway
+            resolv = os.path.join(bdir, "resolv.conf")
+            with open(resolv, "w") as f:
+                f.write(f"nameserver {p.dns}\n")
+            os.chmod(resolv, 0o644)
+            cfg["mounts"].append({"destination": "/etc/resolv.conf", "type": "bind", "source": resolv,
+                                  "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]})
         rt.write_json(os.path.join(bdir, "config.json"), cfg)
         return bdir, overlay
 
@@ -174,17 +202,19 @@ class OCIBackend(AgentContainerBackend):
     ) -> tuple[int, str | None]:
         """Run ``argv`` in a fresh sandbox with our stdio, then remove everything. Returns (exit status,
         note for the user or None). 124 on timeout (every process of the sandbox killed)."""
+        from .. import deathwatch, paths
         from .. import owner as ownermod
-        from .. import paths
 
         self.check(spec)
         exe = rt.require_binary(self.runtime)
         ownermod.claim(self.name, sandbox_id, {"container": sandbox_id, "runtime": self.runtime}, owner)
+        deathwatch.arm(self.name, sandbox_id)  # a SIGKILLed caller takes its sandbox with it
         watch = None
         proc = None
         pumps = None
         clean = False
         try:
+            net = _container.attach_network(spec, sandbox_id)
             p = _container.plan(
                 spec,
                 sandbox_id=sandbox_id,
@@ -194,13 +224,13 @@ class OCIBackend(AgentContainerBackend):
                 agent_bin=paths.agent_binary(),
                 run_dir=None,
                 cwd=os.getcwd(),
+                net=net,
             )
             bdir, overlay = self._prepare_bundle(spec, p, sandbox_id, named=False)
             watch = rt.MemoryWatch(sandbox_id, p.memory_bytes, watch=True)
             pre = rt.Preexec(overlay, pdeathsig=True)
-            # The command gets our fds 0/1/2 as they are (no copies), except: a terminal is never handed
-            # to the sandbox (TIOCSTI could type into the user's shell), and gVisor may lose output
-            # written to a regular file; those go through pipes we pump.
+            # The command gets our fds 0/1/2 as they are only when they are pipes or /dev/null; regular
+            # files, terminals, sockets and devices go through pipes we pump (see _Pumps).
             pumps = _Pumps(gvisor=self.runtime == "runsc")
             stdin = pumps.stdin() if forward_stdin else -1  # -1: /dev/null
             stdout, stderr = pumps.out(1), pumps.out(2)
@@ -245,7 +275,10 @@ class OCIBackend(AgentContainerBackend):
             if watch is not None:
                 watch.close()
             self._cleanup_oneshot(sandbox_id, clean)
+            if spec.policy.network:
+                _container.release_network(sandbox_id)
             ownermod.release(self.name, sandbox_id)
+            deathwatch.disarm(self.name, sandbox_id)
 
     def _wait(self, proc: rt.Proc, sandbox_id: str, timeout: float | None) -> tuple[int, str | None]:
         import _signal as signal  # `signal` imports enum: start-up time
@@ -298,7 +331,10 @@ class OCIBackend(AgentContainerBackend):
         parts remain (parent cgroups, bundle). Anything unusual: the full clean-up."""
         if clean and not rt.state_entries(self.runtime, sandbox_id):
             rt.remove_parent_cgroups(sandbox_id)
-            rt.rmtree(rt.bundle_dir(sandbox_id))
+            bdir = rt.bundle_dir(sandbox_id)
+            if os.path.isdir(os.path.join(bdir, "layer")):
+                rt.umount_all(bdir)  # the capped writable layer's tmpfs
+            rt.rmtree(bdir)
             return
         rt.destroy(sandbox_id, self.runtime)
 
@@ -317,19 +353,22 @@ class OCIBackend(AgentContainerBackend):
             )
         rt.require_binary(self.runtime)
         run_dir = _container.prepare_run_dir(sandbox_id, _container.resolve_user(spec))
-        p = _container.plan(
-            spec,
-            sandbox_id=sandbox_id,
-            owner=owner,
-            container_name=sandbox_id,
-            agent_bin=agent,
-            run_dir=run_dir,
-            cwd=os.getcwd(),
-        )
         try:
+            net = await asyncio.to_thread(_container.attach_network, spec, sandbox_id)
+            p = _container.plan(
+                spec,
+                sandbox_id=sandbox_id,
+                owner=owner,
+                container_name=sandbox_id,
+                agent_bin=agent,
+                run_dir=run_dir,
+                cwd=os.getcwd(),
+                net=net,
+            )
             bdir, _ = await asyncio.to_thread(self._prepare_bundle, spec, p, sandbox_id, named=True)
         except BaseException:
             await asyncio.to_thread(rt.destroy, sandbox_id, self.runtime)
+            await asyncio.to_thread(_container.release_network, sandbox_id)
             raise
         return SandboxRef(
             self.name,
@@ -468,6 +507,7 @@ class OCIBackend(AgentContainerBackend):
         await asyncio.to_thread(
             rt.destroy, ref.id, ref.handle.get("runtime") or rt.read_meta(ref.id).get("runtime")
         )
+        await asyncio.to_thread(_container.release_network, ref.id)
 
     async def status(self, ref: SandboxRef) -> str:
         state, _ = await self._engine_state(ref.id)
@@ -575,8 +615,11 @@ def host_problems(runtime: str) -> list[tuple[str, str]]:
 
 
 class _Pumps:
-    """Pipes between the runtime and our stdio where passing the fd itself is wrong: terminals (never
-    given to the sandbox) and, for gVisor, anything that is not already a pipe."""
+    """Pipes between the runtime and our stdio. The runtime chowns the container's fds 0-2 to the sandbox
+    user, and the sandbox can reopen them through /proc/1/fd/N: so only a pipe (FIFO) or /dev/null of the
+    caller is handed over as is. A regular file (it would be chowned, reopened, read and truncated), a
+    terminal (TIOCSTI could type into the user's shell), a socket or any other device goes through a pipe
+    of ours that a thread pumps."""
 
     def __init__(self, gvisor: bool) -> None:
         self.gvisor = gvisor
@@ -584,16 +627,17 @@ class _Pumps:
         self.threads: list = []
         self.started = False
 
-    def _needs_pipe(self, fd: int) -> bool:
+    @staticmethod
+    def _needs_pipe(fd: int) -> bool:
         import stat
 
         try:
-            mode = os.fstat(fd).st_mode
+            st = os.fstat(fd)
         except OSError:
+            return False  # closed: nothing to hand over
+        if stat.S_ISFIFO(st.st_mode):
             return False
-        if os.isatty(fd):
-            return True
-        return self.gvisor and not stat.S_ISFIFO(mode)
+        return not (stat.S_ISCHR(st.st_mode) and st.st_rdev == _DEV_NULL)
 
     def out(self, target: int) -> int | None:
         if not self._needs_pipe(target):
@@ -603,7 +647,7 @@ class _Pumps:
         return w
 
     def stdin(self) -> int | None:
-        if not os.isatty(0):
+        if not self._needs_pipe(0):
             return None
         r, w = os.pipe()
         self.jobs.append((0, w, r))
@@ -638,6 +682,9 @@ class _Pumps:
                 except OSError:
                     pass
         self.jobs.clear()
+
+
+_DEV_NULL = os.makedev(1, 3)
 
 
 def _copy_fd(src: int, dst: int, close_dst: bool) -> None:

@@ -22,10 +22,16 @@ if TYPE_CHECKING:
 
 
 
+# Network modes open and allowlist: the sandbox joins a namespace made by agentkernel.egress (one route,
+# to the egress gateway; firewall inside the namespace), never podman's own bridge.
+PODMAN_CONTROLS = CONTAINER_CONTROLS | {"network_allowlist", "secret_injection"}
+
+
 class PodmanBackend(AgentContainerBackend):
     name = "podman"
     binary = "podman"
-    capabilities = Capabilities(CONTAINER_CONTROLS, {"exec", "files", "agent", "oneshot", "tty", "pool"},
+    uses_egress = True
+    capabilities = Capabilities(PODMAN_CONTROLS, {"exec", "files", "agent", "oneshot", "tty", "pool"},
                                 isolation="container (shared kernel)")
     options_allowed: ClassVar[tuple[str, ...]] = ("volumes",)
 

@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncIterator
 
 from ..errors import ConfigError, InvalidState, NotFound, PolicyNotEnforceable, ValidationError
-from ..spec import SandboxSpec
+from ..spec import SandboxSpec, mount_source_of
 from .base import (
     CONTROLS,
     LABEL_ID,
@@ -303,7 +303,7 @@ class WasmBackend(Backend, InstancePool):
         plan.memory_bytes = spec.resources.memory_mb * MIB if spec.resources.memory_mb is not None else None
         preopens = _parse_preopens(opts["preopen"]) if opts.get("preopen") else ()
         if spec.policy.mount_cwd:
-            preopens = (*preopens, (os.path.realpath(os.getcwd()), "/workspace", False))
+            preopens = (*preopens, (mount_source_of(spec), "/workspace", False))
         env = dict(spec.env)
         env.update(req.env)
         cwd = req.cwd or spec.workdir
@@ -660,7 +660,7 @@ class WasmBackend(Backend, InstancePool):
             path = spec.workdir.rstrip("/") + "/" + path
         preopens = _parse_preopens(opts["preopen"]) if opts.get("preopen") else ()
         if spec.policy.mount_cwd:
-            preopens = (*preopens, (os.path.realpath(os.getcwd()), "/workspace", False))
+            preopens = (*preopens, (mount_source_of(spec), "/workspace", False))
         if spec.policy.read_only_root:
             preopens = (*preopens, (os.path.join(d, "tmp"), "/tmp", False))
             if spec.workdir != "/":

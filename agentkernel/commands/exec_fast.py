@@ -24,9 +24,15 @@ def try_exec_fast(args, command: list[str]) -> int | None:
         return None
     sock = os.path.join(run_dir, "agent.sock")
     from ..agent.sync_client import SyncAgentClient
+    from ..safefs import UnsafeFile
 
     try:
         client = SyncAgentClient.connect_unix(sock)
+    except UnsafeFile as exc:  # the sandbox replaced its socket: never connect through it
+        from ..errors import SandboxError
+
+        raise SandboxError(f"sandbox {args.name}: refusing to connect to its agent: {exc} (something inside "
+                           "the sandbox replaced it)", hint=f"agentkernel rm {args.name}") from None
     except OSError:
         return None
     from ..backends._agentexec import exec_env

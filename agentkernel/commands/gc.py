@@ -33,6 +33,9 @@ def _store_has(store_path: str, sandbox_id: str) -> bool:
 
 async def collect_orphans() -> list[tuple[str, object]]:
     orphans = []
+    # a journal entry with a live owner wins over the labels (e.g. a pool member leased to a client that
+    # outlived the daemon named in the member's labels)
+    claimed = {(e.get("backend"), e.get("id")) for e in owner.entries() if not owner.is_dead(e.get("owner") or {})}
     for name in scanned():
         try:
             cls = get_backend_class(name)
@@ -45,6 +48,8 @@ async def collect_orphans() -> list[tuple[str, object]]:
         for info in infos:
             labels = info.labels
             if labels.get(LABEL_NAME) and _store_has(labels.get(LABEL_STORE, ""), info.id):
+                continue
+            if (name, info.id) in claimed:
                 continue
             if owner.is_dead(owner_from_labels(labels)):
                 orphans.append((name, info))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .. import audit, owner, paths
+from .. import audit, deathwatch, owner, paths
 from ..backends import canonical, get_backend_class
 from ..errors import AgentKernelError
 
@@ -81,11 +81,12 @@ def read_status(run_dir: str | None) -> dict | None:
     """The status file ``ak-agent exec --status-file`` writes: exact exit code, signal, OOM."""
     if not run_dir:
         return None
-    try:
-        with open(os.path.join(run_dir, "status")) as f:
-            text = f.read()
-    except OSError:
+    from ..safefs import read_regular_or_none  # the sandbox can write its run dir: no links/FIFOs/huge
+
+    data = read_regular_or_none(run_dir, "status", 4096)
+    if data is None:
         return None
+    text = data.decode("ascii", "replace")
     out: dict[str, int] = {}
     for part in text.split():
         k, _, v = part.partition("=")
@@ -111,11 +112,19 @@ def _prepare(backend, spec, command: list[str], interactive: bool):
     name = f"agentkernel-{sid}"
     o = owner.current_owner()
     owner.claim(spec.backend, sid, {"container": name, "run_dir": _container.sandbox_run_dir(sid)}, o)
+    deathwatch.arm(spec.backend, sid)  # a SIGKILLed CLI takes its sandbox with it
     agent = paths.agent_binary()
     run_dir = _container.prepare_run_dir(sid, _container.resolve_user(spec)) if agent else None
+    net = None
+    if getattr(backend, "uses_egress", False) and spec.policy.network:
+        try:
+            net = _container.attach_network(spec, sid, getattr(backend, "egress_deferred", False))
+        except BaseException:
+            _finish(spec, sid, run_dir, command, 125, False)
+            raise
     plan = _container.plan(spec, sandbox_id=sid, owner=o, container_name=name, argv=command, agent_bin=agent,
                            run_dir=run_dir, cwd=os.getcwd(), interactive=interactive,
-                           pids_overhead=backend.pids_overhead)
+                           pids_overhead=backend.pids_overhead, net=net)
     return sid, name, run_dir, plan
 
 
@@ -124,7 +133,12 @@ def _finish(spec, sid: str, run_dir: str | None, command: list[str], rc: int, ti
         from ..backends._container import remove_flat_dir
 
         remove_flat_dir(run_dir)
+    if spec.policy.network:
+        from ..backends._container import release_network
+
+        release_network(sid)
     owner.release(spec.backend, sid)
+    deathwatch.disarm(spec.backend, sid)
     audit.log("run", id=sid, backend=spec.backend, image=spec.image, argv=command, exit_code=rc,
               timed_out=timed_out)
 

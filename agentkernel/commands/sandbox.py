@@ -162,15 +162,24 @@ def cp(args) -> int:
         target = dst
         if os.path.isdir(target):
             target = os.path.join(target, os.path.basename(src))
-        tmp = f"{target}.agentkernel-{os.getpid()}.part"
+        from ..safefs import exclusive_temp
+
+        # a random name created O_EXCL|O_NOFOLLOW next to the target: nothing another user planted is
+        # written through; renamed over the target when complete
+        fd, tmp = exclusive_temp(target)
         try:
-            with open(tmp, "wb") as f:
+            with os.fdopen(fd, "wb") as f:
                 async for chunk in mgr.read_file(src_name, src):
                     f.write(chunk)
+                umask = os.umask(0o022)
+                os.umask(umask)
+                os.fchmod(f.fileno(), 0o666 & ~umask)
             os.replace(tmp, target)
         finally:
-            if os.path.exists(tmp):
+            try:
                 os.unlink(tmp)
+            except FileNotFoundError:
+                pass
 
     _with_manager(upload if dst_name else download)
     return 0

@@ -22,9 +22,10 @@ from typing import Any
 from .. import audit, owner, paths
 from ..backends import canonical, get_backend
 from ..backends.base import AgentAccess, Backend, ExecRequest, ExecResult, InstancePool
-from ..errors import AgentKernelError
+from ..errors import AgentKernelError, ValidationError
 from ..pool import PoolConfig, WarmPool
 from ..spec import SandboxSpec
+from . import leases
 from . import protocol as P
 
 log = logging.getLogger("agentkernel.daemon")
@@ -285,6 +286,10 @@ class Daemon:
                    fr: P.FrameReader) -> None:
         spec = SandboxSpec.from_dict(req["spec"])
         spec = spec.replace(backend=canonical(spec.backend), name=None)
+        if spec.policy.mount_cwd and not spec.policy.mount_source:
+            # never the daemon's own directory: the client names the directory it means (its cwd)
+            raise ValidationError("mount_cwd through the daemon needs policy.mount_source (the caller's directory)",
+                                  hint="upgrade the client, or run with --no-daemon")
         argv = req["argv"]
         self.active += 1
         self.runs += 1
@@ -301,6 +306,7 @@ class Daemon:
         pool = self.pool_for(spec)
         member, hit = await pool.acquire()
         try:
+            leases.hand_to_client(spec.backend, member.ref, writer)  # a dead daemon's reaper must spare it
             info = await pool.backend.agent_endpoint(member.ref)
             info.update({"mode": "lease", "sandbox": member.ref.id, "hit": hit,
                          "acquire_ms": round((time.perf_counter() - t0) * 1e3, 3)})

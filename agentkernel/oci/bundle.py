@@ -224,8 +224,10 @@ def render(
     namespaces = [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]
     if plan.network == "none":
         namespaces.append({"type": "network"})
-    else:  # the backend refuses network=true before we get here; never silently share the host's
-        raise AssertionError("the oci backend only renders network-less sandboxes")
+    elif plan.network == "netns":  # made by agentkernel.egress: one route, to the egress gateway
+        namespaces.append({"type": "network", "path": plan.netns})
+    else:  # never silently share the host's network
+        raise AssertionError("the oci backend renders only network-less or egress-namespace sandboxes")
     linux: dict = {
         "namespaces": namespaces,
         "resources": resources,

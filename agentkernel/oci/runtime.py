@@ -498,6 +498,19 @@ def host_mounts_under(prefix: str) -> list[str]:
     return out
 
 
+MS_NOSUID, MS_NODEV = 2, 4
+
+
+def mount_tmpfs(target: str, options: str) -> None:
+    """A tmpfs at ``target`` in this (the host's) mount namespace; ``destroy`` unmounts it (umount_all)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"tmpfs", target.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options.encode()) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"mounting a tmpfs at {target}: {os.strerror(e)}")
+
+
 def umount_all(prefix: str) -> None:
     mounts = host_mounts_under(prefix)
     if not mounts:

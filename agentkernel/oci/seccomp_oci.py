@@ -121,7 +121,7 @@ def profile_key(name: str) -> str:
 
     if name not in ("default", "restrictive"):
         raise ValueError(f"unknown seccomp profile {name!r}")
-    parts = [CONVERTER_VERSION, name, os.uname().release, os.uname().machine]
+    parts = [CONVERTER_VERSION, seccomp.PROFILE_VERSION, name, os.uname().release, os.uname().machine]
     for src in seccomp.DEFAULT_PROFILE_SOURCES:
         try:
             st = os.stat(src)
@@ -161,7 +161,7 @@ def oci_seccomp(name: str) -> dict:
         pass
     from .. import seccomp
 
-    prof = seccomp.load_default_profile() if name == "default" else seccomp.restrictive_profile()
+    prof = seccomp.default_profile() if name == "default" else seccomp.restrictive_profile()
     result = convert(prof)
     _atomic_write(path, json.dumps(result, separators=(",", ":")).encode())
     return result

@@ -500,7 +500,10 @@ def scratch_base() -> str:
     global _SCRATCH
     env = os.environ.get("AGENTKERNEL_WASM_SCRATCH")
     if env:
-        os.makedirs(env, mode=0o700, exist_ok=True)
+        if env not in _REAPED:
+            os.makedirs(env, mode=0o700, exist_ok=True)
+            _REAPED.add(env)
+            reap_stale_scratch(env)
         return env
     if _SCRATCH is None:
         parent = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
@@ -508,10 +511,38 @@ def scratch_base() -> str:
         os.makedirs(base, mode=0o700, exist_ok=True)
         _check_private_dir(base)
         _SCRATCH = base
+        reap_stale_scratch(base)  # once per process: what SIGKILLed runs before us left behind
     return _SCRATCH
 
 
+def reap_stale_scratch(base: str | None = None) -> list[str]:
+    """Remove scratch directories (``ak-<pid>-...`` and their .tmp/.work siblings) whose process is gone.
+    A wasm guest runs inside the process that created its scratch, so a dead pid means nobody uses it.
+    One listdir; runs once per process (first use of the scratch base), in ``gc`` and at daemon start."""
+    from ..owner import process_start_time
+
+    base = base or scratch_base()
+    removed = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    me = os.getpid()
+    for name in names:
+        parts = name.split("-")
+        if len(parts) < 3 or parts[0] != "ak" or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if pid == me or process_start_time(pid) is not None:
+            continue
+        path = os.path.join(base, name)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 _SCRATCH: str | None = None
+_REAPED: set[str] = set()
 _SCRATCH_SEQ = itertools.count()
 
 

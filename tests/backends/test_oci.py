@@ -259,10 +259,10 @@ def test_no_network(runtime, tmp_path):
 
 def test_network_true_refused(runtime):
     b = OCIBackend({"runtime": runtime})
-    with pytest.raises(PolicyNotEnforceable, match="no network"):
-        b.check(_spec(runtime, network=True))
-    with pytest.raises(PolicyNotEnforceable, match="disk_rootfs"):
-        b.check(_spec(runtime, disk_mb=10))
+    if runtime == "runsc":  # crun/runc join the egress namespace (tests/egress/)
+        with pytest.raises(PolicyNotEnforceable, match="no network"):
+            b.check(_spec(runtime, network=True))
+    b.check(_spec(runtime, disk_mb=10))  # a writable root is capped on oci (tmpfs layer: issue 11 item 11)
 
 
 def test_read_only_root_and_tmpfs(runtime, tmp_path):
@@ -363,8 +363,12 @@ def test_sigkill_of_the_cli_then_reap_leaves_nothing(runtime, tmp_path):
     time.sleep(0.3)
     child.kill()
     child.wait()
-    assert rt.cgroup_pids(sid), "the sandbox should outlive its killed owner until reaped"
-    assert owner.reap_dead() >= 1
+    # the owner's death watcher removes the sandbox at once (issue 11 item 14), before any other command
+    deadline = time.monotonic() + 30
+    while (rt.cgroup_pids(sid) or [e for e in owner.entries() if e["id"] == sid]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not rt.cgroup_pids(sid), "the sandbox outlived its killed owner"
+    owner.reap_dead()
     assert_no_leftovers(sid)
     with open("/proc/self/mountinfo") as f:
         assert rt.oci_dir() not in f.read()

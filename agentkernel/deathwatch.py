@@ -1,0 +1,78 @@
+"""A sandbox dies with the process that owns it, even when that process is SIGKILLed.
+
+A daemon-less ``agentkernel run`` owns its sandbox. If the CLI is killed with SIGKILL it cannot clean
+up: the container (podman's conmon, the Docker daemon, or the OCI runtime's orphaned init) keeps running
+until the next agentkernel command reaps it from the ownership journal. ``arm`` closes that window: it
+forks a small watcher (its own session, stdio on /dev/null, no other fds) that blocks reading a pipe
+whose only write end the CLI holds. The kernel closes that end whenever the CLI exits, however it exits:
+
+- ``disarm`` (the normal end) writes one byte first: the watcher exits without doing anything;
+- EOF without that byte: the owner died abnormally; the watcher removes the journalled resource right
+  away (the same removal the reaper does), then exits.
+
+Costs one fork (~1 ms) and one pipe per run; no thread, no polling. Standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+
+_ARMED: dict[tuple[str, str], tuple[int, int]] = {}  # (backend, sandbox id) -> (write end, watcher pid)
+
+
+def arm(backend: str, sandbox_id: str) -> None:
+    """Start watching this process on behalf of the journalled resource ``backend:sandbox_id``."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = os.fork()
+    except OSError:  # e.g. EAGAIN at a pids limit: the journal still lets the next command reap it
+        os.close(r)
+        os.close(w)
+        return
+    if pid == 0:  # the watcher
+        try:
+            os.close(w)
+            for fd in list(_ARMED.values()):
+                try:
+                    os.close(fd[0])  # other watchers' write ends: they must see our parent's death only
+                except OSError:
+                    pass
+            os.setsid()  # a terminal's Ctrl-C or hangup for the CLI's process group is not ours
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.closerange(3, r)
+            os.closerange(r + 1, 1 << 16)
+            try:
+                data = os.read(r, 1)
+            except OSError:
+                data = b""
+            if not data:
+                _reap(backend, sandbox_id)
+        finally:
+            os._exit(0)
+    os.close(r)
+    _ARMED[(backend, sandbox_id)] = (w, pid)
+
+
+def disarm(backend: str, sandbox_id: str) -> None:
+    """The owner finished normally (and cleaned up itself): let the watcher go."""
+    entry = _ARMED.pop((backend, sandbox_id), None)
+    if entry is None:
+        return
+    w, pid = entry
+    try:
+        os.write(w, b"x")
+    except OSError:
+        pass
+    os.close(w)
+    try:
+        os.waitpid(pid, 0)  # it exits as soon as it reads the byte: no zombie left behind
+    except ChildProcessError:
+        pass
+
+
+def _reap(backend: str, sandbox_id: str) -> None:
+    from . import owner
+
+    owner.reap_one(backend, sandbox_id)
