@@ -38,7 +38,7 @@ from ..spec import check_sandbox_path, validate_name
 log = logging.getLogger("agentkernel.api")
 
 DETACHED_OUTPUT_LIMIT = 8 << 20  # bytes kept on disk per stream of a detached command
-DETACHED_TIMEOUT_S = 7 * 24 * 3600.0
+DETACHED_TIMEOUT_S = 24 * 3600.0  # the longest a command may run (ExecRequest limit)
 MAX_TTL_S = 30 * 24 * 3600
 MAINTENANCE_INTERVAL_S = 2.0
 SOURCE_MAX_BYTES = 256 << 20
