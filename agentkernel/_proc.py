@@ -29,7 +29,8 @@ class Proc:
     (wait/poll/send_signal/kill/returncode), except that ``wait(timeout)`` raises ``WaitTimeout``."""
 
     def __init__(
-        self, argv: list[str], *, stdin: int | None, stdout: int | None, stderr: int | None, preexec=None
+        self, argv: list[str], *, stdin: int | None, stdout: int | None, stderr: int | None, preexec=None,
+        cwd: str | None = None,
     ) -> None:
         self.returncode: int | None = None
         r, w = os.pipe2(os.O_CLOEXEC)
@@ -47,6 +48,8 @@ class Proc:
                     signal.signal(sig, signal.SIG_DFL)
                 if preexec is not None:
                     preexec()
+                if cwd is not None:
+                    os.chdir(cwd)
                 os.execv(argv[0], argv)
             except BaseException as exc:
                 err = getattr(exc, "errno", None) or 2

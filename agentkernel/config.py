@@ -29,10 +29,11 @@ Schema::
                 max_pids, max_disk_mb, max_sandboxes, max_runs, max_batch  (api/policy.py)
     [[api.tenant]] name (a token's name) + the policy keys above, for that token only
                 allow_sudo_exec (sudo on exec: refops.check_sudo)
+    [orchestrator]  the kubernetes and nomad backends (the reference's keys; see orchestrator_settings)
 
-The reference system's keys are read too and mapped by refconfig.py: [sandbox] base_image/runtime,
+The reference system's other keys are read too and mapped by refconfig.py: [sandbox] base_image/runtime,
 [agent], [[files]], [security] mount_home / pass_env = true|false / seccomp names /
-[security.commands], [network] vsock_cid, [orchestrator], [api] api_key(_env).
+[security.commands], [network] vsock_cid, [api] api_key(_env).
 Keys understood but not honoured here make resolve_spec fail closed with the reason.
 
 Environment: AGENTKERNEL_BACKEND, AGENTKERNEL_IMAGE, AGENTKERNEL_PROFILE, AGENTKERNEL_CONFIG.
@@ -72,7 +73,6 @@ SCHEMA: dict[str, dict[str, str]] = {
     "agent": {"preferred": "str", "compatibility_mode": "str"},
     "network": {"vsock_cid": "int"},
     "files": {},  # [[files]] source, dest, mode
-    "orchestrator": {},
     "api": {"tokens": "list", "token_file": "str", "allowed_origins": "list", "admins": "list",
             "server_max_sandboxes": "int", "server_max_runs": "int", "tenant": "tables",
             # the policy of remote callers (api/policy.py POLICY_KEYS)
@@ -80,8 +80,9 @@ SCHEMA: dict[str, dict[str, str]] = {
             "max_pids": "int", "max_disk_mb": "int", "max_sandboxes": "int", "max_runs": "int", "max_batch": "int",
             # the reference's keys (refconfig.py)
             "api_key": "str", "api_key_env": "str", "allow_sudo_exec": "bool"},
+    "orchestrator": {},  # filled in by the [orchestrator] block below
 }
-_FREE_TABLES = ("env", "files", "orchestrator")  # keys checked elsewhere (or free-form)
+_FREE_TABLES = ("env", "files")  # keys checked elsewhere (or free-form)
 
 # keys of a [[pool.warm]] entry: which spec to keep warm, and its pool sizes
 WARM_KEYS = {"backend", "image", "profile", "network", "read_only", "memory_mb", "vcpus", "pids", "disk_mb",
@@ -278,3 +279,103 @@ def resolve_spec(
         )
     except ValidationError as exc:
         raise ConfigError(str(exc)) from None
+
+
+# ---- [orchestrator]: the kubernetes and nomad backends ------------------------------------------------
+# The reference's keys (provider .. max_sandboxes) plus what a real cluster needs beyond them. Every key
+# is also a backend option (``[sandbox] options`` / ``--option``), which wins over this table. Environment:
+# NOMAD_ADDR, NOMAD_TOKEN, NOMAD_REGION, NOMAD_NAMESPACE, NOMAD_CACERT, NOMAD_CLIENT_CERT,
+# NOMAD_CLIENT_KEY (as the nomad CLI reads them) override the file; KUBECONFIG is used when
+# ``kubeconfig`` is not set (then in-cluster service-account credentials when running in a pod).
+ORCHESTRATOR_KEYS: dict[str, str] = {
+    "provider": "str",            # "kubernetes" or "nomad": the backend `--backend cluster` resolves to
+    "namespace": "str",           # Kubernetes namespace / Nomad namespace ("agentkernel")
+    "kubeconfig": "str",
+    "context": "str",
+    "runtime_class": "str",       # RuntimeClass for sandbox pods (gvisor, kata)
+    "service_account": "str",     # service account of sandbox pods (its token is never mounted)
+    "node_selector": "table",
+    "tolerations": "list",        # "key=value:Effect", "key:Effect" or "key=value" (Effect NoSchedule)
+    "pod_pids_limit": "int",      # the cluster's kubelet podPidsLimit, if it sets one (see docs)
+    "ready_timeout_s": "number",  # bound on waiting for a pod / allocation to run (120)
+    "nomad_addr": "str",
+    "nomad_token": "str",
+    "nomad_driver": "str",        # docker (default) or exec
+    "nomad_datacenter": "str",
+    "nomad_region": "str",
+    "nomad_ca_cert": "str",
+    "nomad_client_cert": "str",
+    "nomad_client_key": "str",
+    "warm_pool_size": "int",      # pre-created sandboxes per spec (0 = none)
+    "max_pool_size": "int",
+    "warm_pool_images": "list",
+    "max_sandboxes": "int",       # cap on live sandboxes this backend manages in the namespace
+    "seccomp_localhost_profile": "str",  # node-installed profile used for seccomp = "restrictive"
+    "agent_sandbox": "str",       # auto (use the agent-sandbox CRDs when installed), on, off
+}
+SCHEMA["orchestrator"] = ORCHESTRATOR_KEYS
+
+ORCHESTRATOR_DEFAULTS: dict[str, Any] = {
+    "provider": "kubernetes", "namespace": "agentkernel", "nomad_addr": "http://127.0.0.1:4646",
+    "nomad_driver": "docker", "nomad_datacenter": "dc1", "warm_pool_size": 0, "max_pool_size": 50,
+    "max_sandboxes": 200, "ready_timeout_s": 120, "node_selector": {}, "tolerations": [],
+    "warm_pool_images": [], "agent_sandbox": "auto",
+}
+_ORCHESTRATOR_ENV = {"NOMAD_ADDR": "nomad_addr", "NOMAD_TOKEN": "nomad_token", "NOMAD_REGION": "nomad_region",
+                     "NOMAD_CACERT": "nomad_ca_cert", "NOMAD_CLIENT_CERT": "nomad_client_cert",
+                     "NOMAD_CLIENT_KEY": "nomad_client_key"}
+
+
+def orchestrator_settings(options: dict[str, str] | None = None, *, config: dict[str, Any] | None = None,
+                          environ: dict[str, str] | None = None, backend: str = "kubernetes") -> dict[str, Any]:
+    """The effective [orchestrator] settings: backend options > environment > file > defaults.
+    ``config`` defaults to the file found from the current directory (or $AGENTKERNEL_CONFIG)."""
+    environ = os.environ if environ is None else environ
+    if config is None:
+        config = load_config(find_config(None, os.getcwd()))
+    out = dict(ORCHESTRATOR_DEFAULTS)
+    out.update(config.get("orchestrator", {}))
+    for var, key in _ORCHESTRATOR_ENV.items():
+        if environ.get(var):
+            out[key] = environ[var]
+    if backend == "nomad" and environ.get("NOMAD_NAMESPACE"):
+        out["namespace"] = environ["NOMAD_NAMESPACE"]
+    for key, raw in (options or {}).items():
+        kind = ORCHESTRATOR_KEYS.get(key)
+        if kind is None:
+            raise ConfigError(f"unknown orchestrator option {key!r} (known: {', '.join(ORCHESTRATOR_KEYS)})")
+        out[key] = _option_value(key, raw, kind)
+    if out["provider"] not in ("kubernetes", "nomad"):
+        raise ConfigError(f"[orchestrator] provider must be 'kubernetes' or 'nomad', got {out['provider']!r}")
+    if out["nomad_driver"] not in ("docker", "exec"):
+        raise ConfigError(f"[orchestrator] nomad_driver must be 'docker' or 'exec', got {out['nomad_driver']!r}",
+                          hint="raw_exec runs commands unisolated on the client node; agentkernel refuses it")
+    if out["agent_sandbox"] not in ("auto", "on", "off"):
+        raise ConfigError(f"[orchestrator] agent_sandbox must be auto, on or off, got {out['agent_sandbox']!r}")
+    for key in ("warm_pool_size", "max_pool_size", "max_sandboxes"):
+        if int(out[key]) < 0:
+            raise ConfigError(f"[orchestrator] {key} must be >= 0, got {out[key]}")
+    if out["warm_pool_size"] > out["max_pool_size"]:
+        raise ConfigError(f"[orchestrator] warm_pool_size ({out['warm_pool_size']}) exceeds max_pool_size "
+                          f"({out['max_pool_size']})")
+    return out
+
+
+def _option_value(key: str, raw: Any, kind: str) -> Any:
+    if not isinstance(raw, str):
+        return raw
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "number":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"option {key} must be a number, got {raw!r}") from None
+    if kind == "table":  # "k=v,k2=v2"
+        pairs = [p.partition("=") for p in raw.split(",") if p]
+        if any(not sep for _, sep, _ in pairs):
+            raise ConfigError(f"option {key} must be key=value[,key=value...], got {raw!r}")
+        return {k: v for k, _, v in pairs}
+    if kind == "list":
+        return [p for p in raw.split(",") if p]
+    return raw

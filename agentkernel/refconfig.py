@@ -40,11 +40,6 @@ PASS_ENV_TRUE = ("USER", "LANG", "LC_ALL", "TERM")
 SUBKEYS = {
     "security.commands": {"allow": "list", "block": "list", "allowlist_only": "bool"},
     "files": {"source": "str", "dest": "str", "mode": "mode"},
-    "orchestrator": {"provider": "str", "namespace": "str", "kubeconfig": "str", "context": "str",
-                     "runtime_class": "str", "service_account": "str", "node_selector": "table",
-                     "nomad_addr": "str", "nomad_token": "str", "nomad_driver": "str",
-                     "nomad_datacenter": "str", "warm_pool_size": "int", "max_pool_size": "int",
-                     "warm_pool_images": "list", "max_sandboxes": "int"},
 }
 
 
@@ -182,12 +177,6 @@ def normalize(data: dict[str, Any], path: str) -> dict[str, Any]:
         data["files"] = out
 
     # tables other parts give meaning to
-    if "orchestrator" in data:
-        _check_table(path, "orchestrator", data["orchestrator"])
-        prov = data["orchestrator"].get("provider")
-        if prov:
-            refused.append(f"[orchestrator] provider = {prov!r}: choose the cluster backend with "
-                           f"[sandbox] backend = \"{prov}\" instead")
     api = data.get("api") or {}
     key = api.pop("api_key", None)
     key_env = api.pop("api_key_env", None)

@@ -364,3 +364,63 @@ def test_doctor_reports_every_backend():
     assert not rows["apple"]["available"] and "macOS" in rows["apple"]["reason"]
     text = ak("doctor").stdout.decode()
     assert "apple" in text and "gvisor-docker" in text
+
+
+# ---- images without the working directory -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image_without_workdir(tmp_path_factory):
+    """A tiny image (busybox only, no /workspace, no WORKDIR), imported into podman and docker."""
+    import io
+    import shutil
+    import tarfile
+
+    busybox = shutil.which("busybox")
+    assert busybox and b"statically linked" in subprocess.run(["file", "-L", busybox], capture_output=True).stdout
+    tar = tmp_path_factory.mktemp("img") / "rootfs.tar"
+    with tarfile.open(tar, "w") as t:
+        t.add(busybox, "bin/busybox")
+        for name in ("sh", "echo", "pwd", "touch"):
+            ti = tarfile.TarInfo(f"bin/{name}")
+            ti.type, ti.linkname = tarfile.SYMTYPE, "busybox"
+            t.addfile(ti)
+        ti = tarfile.TarInfo("tmp")
+        ti.type, ti.mode = tarfile.DIRTYPE, 0o1777
+        t.addfile(ti, io.BytesIO())
+    names = {"podman": "localhost/ak-test-noworkdir:latest", "docker": "ak-test-noworkdir:latest"}
+    for engine, ref in names.items():
+        r = subprocess.run([engine, "import", "--change", "ENV PATH=/bin", str(tar), ref], capture_output=True)
+        assert r.returncode == 0, r.stderr
+    yield names
+    for engine, ref in names.items():
+        subprocess.run([engine, "rmi", "-f", ref], capture_output=True)
+
+
+def test_image_without_the_workdir_runs(backend, image_without_workdir):
+    img = image_without_workdir["docker" if backend == "docker" else "podman"]
+    r = run(backend, "sh", "-c", "echo hi; pwd", flags=("--image", img))
+    assert (r.returncode, r.stdout) == (0, b"hi\n/workspace\n"), r.stderr
+    if backend != "docker":  # docker makes a missing WORKDIR root's (as `docker run` does): exists, not writable
+        r = run(backend, "sh", "-c", "touch mine && echo wrote", flags=("--image", img))
+        assert (r.returncode, r.stdout) == (0, b"wrote\n"), r.stderr
+
+
+@pytest.mark.parametrize("engine_backend", ["podman", "gvisor"])
+def test_oom_kill_leaves_nothing_in_the_callers_directory(engine_backend, tmp_path):
+    """conmon writes a file named `oom` into the podman client's working directory on an OOM kill."""
+    oom = ("dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1")
+    r = ak("run", "--backend", engine_backend, "--memory", "32", "--", *oom, cwd=str(tmp_path))
+    assert r.returncode == 137, r.stderr
+    if engine_backend == "gvisor":  # an OOM kill inside a long-lived gVisor sandbox takes the sandbox down
+        assert os.listdir(tmp_path) == []
+        return
+    name = f"t-oom-{engine_backend}-{os.getpid()}"
+    r = ak("create", name, "--backend", engine_backend, "--memory", "64", "--start", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    try:
+        r = ak("exec", name, "--", *oom, cwd=str(tmp_path))
+        assert r.returncode == 137, r.stderr
+    finally:
+        assert ak("rm", name, cwd=str(tmp_path)).returncode == 0
+    assert os.listdir(tmp_path) == []

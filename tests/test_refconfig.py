@@ -54,7 +54,6 @@ def test_keys_map_onto_ours(tmp_path):
     ('[security]\nmount_home = true\n', "mount_home"),
     ('[security]\nseccomp = "/etc/custom-seccomp.json"\n', "custom seccomp"),
     ('[security.commands]\nblock = ["curl"]\n', "not a security boundary"),
-    ('[orchestrator]\nprovider = "kubernetes"\n', "orchestrator"),
 ])
 def test_understood_but_not_honoured_fails_closed(tmp_path, text, reason):
     cfg = _cfg(tmp_path, text)

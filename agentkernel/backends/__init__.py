@@ -78,9 +78,14 @@ REGISTRY: dict[str, BackendEntry] = dict([
     _entry("firecracker", "agentkernel.backends.firecracker:FirecrackerBackend", image_store="podman", gc=True,
            isolation="vm"),
     _entry("apple", "agentkernel.backends.apple:AppleBackend", platform="darwin", isolation="vm"),
+    # clusters: images are the cluster's (no local image store); gc scans them when one is configured
+    _entry("kubernetes", "agentkernel.backends.kubernetes:KubernetesBackend", extra="k8s", gc=True,
+           isolation="container (pod)"),
+    _entry("nomad", "agentkernel.backends.nomad:NomadBackend", extra="nomad", gc=True,
+           isolation="container (nomad allocation)"),
 ])
 
-ALIASES = {"runsc": "gvisor", "hyperlight": "wasm"}
+ALIASES = {"runsc": "gvisor", "hyperlight": "wasm", "k8s": "kubernetes"}
 
 _loaded: dict[str, type] = {}
 

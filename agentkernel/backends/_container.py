@@ -271,6 +271,11 @@ def podman_args(p: ContainerPlan, *, network_default: str | None = None) -> list
         a += ["--tmpfs", f"{path}:{_podman_tmpfs_opts(opts)}"]
     for src, dst, ro in p.binds:
         a += ["-v", f"{src}:{dst}:{'ro' if ro else 'rw'}"]
+    if not _on_mount(p, p.workdir):
+        # podman refuses --workdir when the image lacks that directory: an anonymous volume there always exists;
+        # podman fills it from the image's directory (content, owner) or gives it to the sandbox user, and
+        # `run --rm` / `rm -v` remove it with the container
+        a += ["--mount", f"type=volume,dst={p.workdir}"]
     a += ["--workdir", p.workdir]
     for k, v in p.env.items():
         a += ["--env", f"{k}={v}"]
@@ -281,6 +286,12 @@ def podman_args(p: ContainerPlan, *, network_default: str | None = None) -> list
 
         a += ["--entrypoint", dumps(p.entrypoint)]
     return a
+
+
+def _on_mount(p: ContainerPlan, path: str) -> bool:
+    """``path`` is "/" or at/under a tmpfs or bind of the plan (the runtime makes those directories)."""
+    dests = [d for d, _ in p.tmpfs or ()] + [d for _, d, _ in p.binds or ()]
+    return path == "/" or any(path == d or path.startswith(d.rstrip("/") + "/") for d in dests)
 
 
 def _podman_tmpfs_opts(opts: str) -> str:

@@ -71,7 +71,7 @@ class PodmanBackend(AgentContainerBackend):
         try:
             proc = await asyncio.create_subprocess_exec(
                 self.binary, *args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                preexec_fn=_lower_priority if self.background else None,
+                preexec_fn=_lower_priority if self.background else None, cwd=_engine_cwd(),
             )
         except FileNotFoundError:
             raise BackendUnavailable("podman is not installed", hint="bash scripts/setup.sh") from None
@@ -104,7 +104,7 @@ class PodmanBackend(AgentContainerBackend):
         await self._podman("stop", "-t", "2", name)
 
     async def _engine_remove(self, name: str) -> None:
-        await self._podman("rm", "-f", "-t", "0", "--ignore", name)
+        await self._podman("rm", "-f", "-v", "-t", "0", "--ignore", name)
 
     async def _engine_state(self, name: str) -> tuple[str, dict[str, Any]]:
         rc, out, _ = await self._podman("inspect", "--type", "container", "--format", "json", name, check=False)
@@ -136,8 +136,17 @@ class PodmanBackend(AgentContainerBackend):
     def force_remove_sync(self, name: str) -> None:
         import subprocess
 
-        subprocess.run([self.binary, "rm", "-f", "-t", "0", "--ignore", name], stdin=subprocess.DEVNULL,
+        subprocess.run([self.binary, "rm", "-f", "-v", "-t", "0", "--ignore", name], stdin=subprocess.DEVNULL,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+
+
+def _engine_cwd() -> str:
+    """The podman client's working directory: conmon writes a file named `oom` there on an OOM kill."""
+    from .. import paths
+
+    d = os.path.join(paths.runtime_dir(), "engine")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    return d
 
 
 def _lower_priority() -> None:

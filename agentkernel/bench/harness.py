@@ -35,7 +35,7 @@ BENCH_LABEL = "agentkernel.bench-run"
 RUN_TIMEOUT_S = 120.0
 
 ALL_SUITES = ("headline", "phases", "baselines", "daemon", "throughput", "concurrency", "stress", "lifecycle",
-              "wasm")
+              "wasm", "orchestration")
 
 
 # ---- configuration ------------------------------------------------------------------------------------

@@ -157,7 +157,9 @@ def _run_engine_cli(backend, spec, command: list[str], timeout: float | None) ->
             from ..errors import BackendUnavailable
 
             raise BackendUnavailable(f"{backend.binary} is not installed", hint="bash scripts/setup.sh")
-        proc = Proc([exe, *argv[1:]], stdin=None if interactive else -1, stdout=None, stderr=None)
+        # conmon writes a file named `oom` into the client's working directory on an OOM kill: not the caller's
+        proc = Proc([exe, *argv[1:]], stdin=None if interactive else -1, stdout=None, stderr=None,
+                    cwd=run_dir or paths.runtime_dir())
         while True:
             try:
                 rc = proc.wait(timeout)

@@ -159,6 +159,16 @@ def _states(stat_lines: bytes) -> list[tuple[int, str, str]]:
     return out
 
 
+def _states_ppid(stat_lines: bytes) -> list[tuple[int, str, str, int]]:
+    out = []
+    for line in stat_lines.decode().splitlines():
+        pid, rest = line.split(" (", 1)
+        comm, tail = rest.rsplit(") ", 1)
+        state, ppid = tail.split()[:2]
+        out.append((int(pid), comm, state, int(ppid)))
+    return out
+
+
 @needs_unshare
 def test_pid1_reaps_orphans(agent_bin, tmp_path):
     sock = str(tmp_path / "pid1.sock")
@@ -167,19 +177,25 @@ def test_pid1_reaps_orphans(agent_bin, tmp_path):
         with SyncAgentClient.connect_unix(sock) as c:
             info = c.info()
             assert info.is_pid1 and info.pid == 1
-            # 10 orphaned grandchildren: their parent exits at once, they are re-parented to PID 1
-            r = c.exec(["sh", "-c", "for i in 1 2 3 4 5 6 7 8 9 10; do sh -c 'sleep 0.2 &'; done; exit 0"], ENV)
+            # 10 orphaned grandchildren: their parent exits at once, they are re-parented to PID 1. They sleep
+            # until killed, so a slow machine cannot make them exit before they are seen (polled with a deadline).
+            r = c.exec(["sh", "-c", "for i in 1 2 3 4 5 6 7 8 9 10; do sh -c 'sleep 600 &'; done; exit 0"], ENV)
             assert r.exit_code == 0
-            time.sleep(0.1)
-            procs = _states(c.exec(["sh", "-c", ZOMBIE_SCAN], ENV).stdout)
-            orphans = [p for p in procs if p[1] == "sleep"]
-            assert len(orphans) == 10, procs  # alive, children of PID 1 now
+
+            def sleepers() -> list[tuple[int, int, str]]:
+                out = c.exec(["sh", "-c", ZOMBIE_SCAN], ENV).stdout
+                return [(p, ppid, st) for p, comm, st, ppid in _states_ppid(out) if comm == "sleep"]
+
+            assert wait_until(lambda: len(sleepers()) == 10, 30), sleepers()
+            assert all(ppid == 1 and st != "Z" for _, ppid, st in sleepers()), sleepers()  # alive, PID 1's now
+            pids = " ".join(str(p) for p, _, _ in sleepers())
+            assert c.exec(["sh", "-c", f"kill {pids}"], ENV).exit_code == 0
 
             def no_zombies_no_sleepers():
                 procs = _states(c.exec(["sh", "-c", ZOMBIE_SCAN], ENV).stdout)
                 return not [p for p in procs if p[2] == "Z" or p[1] == "sleep"]
 
-            assert wait_until(no_zombies_no_sleepers, 5)
+            assert wait_until(no_zombies_no_sleepers, 30)
             # a timed-out tree inside the namespace is gone too
             r = c.exec(["sh", "-c", "sleep 100 & sleep 100"], ENV, timeout=0.3)
             assert r.timed_out
@@ -191,7 +207,7 @@ def test_pid1_reaps_orphans(agent_bin, tmp_path):
                     (len(procs) == 2 and {p[1] for p in procs} == {"ak-agent", "sh"}
                      and all(p[2] != "Z" for p in procs))
 
-            assert wait_until(only_agent_left, 3)
+            assert wait_until(only_agent_left, 30)
         # PID 1 ignores signals it does not handle (sent from the parent namespace they would still
         # be delivered to a handler-less PID 1 only if they were SIGKILL/SIGSTOP)
         with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:

@@ -11,4 +11,5 @@ SUITES = {
     "stress": "agentkernel.bench.suites.stress:run",
     "lifecycle": "agentkernel.bench.suites.lifecycle:run",
     "wasm": "agentkernel.bench.suites.wasm:run",
+    "orchestration": "agentkernel.bench.suites.orchestration:run",
 }

@@ -1,0 +1,252 @@
+"""The kubernetes backend end to end: against the emulator here, unchanged against a real cluster when
+KUBECONFIG is set. Lifecycle, exec (exit codes, stdin EOF, binary output, timeouts), files as tar streams,
+NetworkPolicy before the pod, warm-pool claim races, readiness errors, cleanup after the owner dies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from agentkernel.backends.base import ExecRequest
+from agentkernel.backends.kubernetes import KubernetesBackend
+from agentkernel.errors import NotFound, SandboxError
+from agentkernel.owner import current_owner, new_id
+from agentkernel.spec import Policy, Resources, SandboxSpec
+
+from .conftest import IMAGE
+
+pytestmark = [pytest.mark.wire, pytest.mark.timeout(180)]
+
+
+def spec(**policy) -> SandboxSpec:
+    return SandboxSpec(backend="kubernetes", image=IMAGE, resources=Resources(pids=None, memory_mb=128, vcpus=0.5),
+                       policy=Policy(**policy))
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="module")
+def sandbox(kube):
+    """One running sandbox shared by the exec/file tests (pods are slow to make)."""
+    b = KubernetesBackend(kube.options())
+
+    async def up():
+        ref = await b.create(spec(), sandbox_id=new_id("kt"), owner=current_owner())
+        await b.start(ref)
+        await b.aclose()
+        return ref
+
+    ref = run(up())
+    yield b, ref
+
+    async def down():
+        await b.remove(ref)
+        await b.aclose()
+
+    run(down())
+
+
+def ex(b, ref, argv, **kw):
+    async def go():
+        try:
+            return await b.exec(ref, ExecRequest(argv, **kw))
+        finally:
+            await b.aclose()
+    return run(go())
+
+
+# every code through the status channel costs one exec (~0.1-0.3 s here): a spread by default, all 256
+# with AGENTKERNEL_TEST_ALL_EXIT_CODES=1
+EXIT_CODES = list(range(256)) if os.environ.get("AGENTKERNEL_TEST_ALL_EXIT_CODES") else \
+    [0, 1, 2, 3, 7, 42, 64, 100, 125, 126, 127, 128, 129, 137, 143, 200, 254, 255]
+
+
+def test_exec_exit_codes(sandbox):
+    b, ref = sandbox
+    script = 'exit "$1"'
+
+    async def go():
+        try:
+            codes = EXIT_CODES
+            sem = asyncio.Semaphore(8)
+
+            async def one(c):
+                async with sem:
+                    return (await b.exec(ref, ExecRequest(["sh", "-c", script, "sh", str(c)]))).exit_code
+
+            return await asyncio.gather(*(one(c) for c in codes))
+        finally:
+            await b.aclose()
+
+    assert run(go()) == EXIT_CODES
+
+
+def test_stdin_eof_and_binary_output(sandbox):
+    b, ref = sandbox
+    blob = bytes(range(256)) * 1024
+    r = ex(b, ref, ["cat"], stdin=blob)
+    assert r.exit_code == 0 and r.stdout == blob
+    r = ex(b, ref, ["wc", "-c"])  # no stdin: EOF at once, not a hang
+    assert r.exit_code == 0 and r.stdout.strip() == b"0"
+    r = ex(b, ref, ["sh", "-c", "printf 'o\\0ut'; printf 'e\\377rr' >&2; exit 3"])
+    assert (r.exit_code, r.stdout, r.stderr) == (3, b"o\0ut", b"e\xffrr")
+
+
+def test_env_cwd_and_missing_command(sandbox):
+    b, ref = sandbox
+    r = ex(b, ref, ["sh", "-c", 'echo "$A|$B|$(pwd)"'], env={"A": "x y", "B": "$(id)"}, cwd="/tmp")
+    assert r.stdout == b"x y|$(id)|/tmp\n"
+    r = ex(b, ref, ["/no/such/cmd"])
+    assert r.exit_code == 127
+
+
+def test_timeout_kills(sandbox):
+    b, ref = sandbox
+    r = ex(b, ref, ["sh", "-c", "echo start; sleep 30"], timeout=1.5)
+    assert r.timed_out and r.exit_code == 124
+
+
+def test_files_round_trip(sandbox):
+    b, ref = sandbox
+    data = os.urandom(300_000)
+
+    async def go():
+        try:
+            n = await b.write_file(ref, "/workspace/sub dir/f'il\"e.bin", data, mode=0o600)
+            got = b"".join([c async for c in b.read_file(ref, "/workspace/sub dir/f'il\"e.bin")])
+            mode = await b.exec(ref, ExecRequest(["stat", "-c", "%a", "/workspace/sub dir/f'il\"e.bin"]))
+            with pytest.raises(NotFound):
+                [c async for c in b.read_file(ref, "/workspace/missing")]
+            return n, got, mode.stdout.strip()
+        finally:
+            await b.aclose()
+
+    n, got, mode = run(go())
+    assert n == len(data) and got == data and mode == b"600"
+
+
+def test_lifecycle_stop_start_remove_and_policy_first(kube):
+    calls: list[tuple[str, str]] = []
+    b = KubernetesBackend(kube.options())
+    b.on_request = lambda m, p: calls.append((m, p))
+    sid = new_id("life")
+
+    async def go():
+        try:
+            ref = await b.create(spec(), sandbox_id=sid, owner=current_owner())
+            posts = [p for m, p in calls if m == "POST"]
+            assert posts[0].endswith("/networkpolicies") and posts[1].endswith("/pods")
+            npol = await b._api().request("GET", b._path("networkpolicies", ref.handle["pod"]))
+            assert npol["spec"]["policyTypes"] == ["Ingress", "Egress"] and npol["spec"]["egress"] == []
+            await b.start(ref)
+            assert await b.status(ref) == "running"
+            r = await b.exec(ref, ExecRequest(["sh", "-c", "id -u; cat /proc/self/status | grep CapEff"]))
+            assert r.stdout.split(b"\n")[0] == b"1000" and b"0000000000000000" in r.stdout
+            if kube.emulator is not None:  # the emulator gives a deny-egress pod no network at all
+                r = await b.exec(ref, ExecRequest(["ls", "/sys/class/net"]))
+                assert r.stdout.split() == [b"lo"]
+            assert sid in {i.id for i in await b.list()}
+            await b.stop(ref)
+            assert await b.status(ref) == "stopped"
+            await b.start(ref)
+            assert (await b.exec(ref, ExecRequest(["true"]))).exit_code == 0
+            await b.remove(ref)
+            assert await b.status(ref) == "missing"
+            await b.remove(ref)  # idempotent
+            assert sid not in {i.id for i in await b.list()}
+        finally:
+            await b.aclose()
+
+    run(go())
+
+
+def test_network_allowed_has_no_egress_rule(kube):
+    b = KubernetesBackend(kube.options())
+
+    async def go():
+        try:
+            ref = await b.create(spec(network=True), sandbox_id=new_id("net"), owner=current_owner())
+            npol = await b._api().request("GET", b._path("networkpolicies", ref.handle["pod"]))
+            await b.remove(ref)
+            return npol
+        finally:
+            await b.aclose()
+
+    assert run(go())["spec"]["policyTypes"] == ["Ingress"]
+
+
+def test_readiness_errors_are_clear(kube):
+    b = KubernetesBackend(kube.options(ready_timeout_s="60"))
+
+    async def attempt(s, **opts):
+        bb = KubernetesBackend(kube.options(ready_timeout_s="60", **opts))
+        ref = await bb.create(s, sandbox_id=new_id("bad"), owner=current_owner())
+        try:
+            await bb.start(ref)
+        finally:
+            await bb.remove(ref)
+            await bb.aclose()
+
+    s = SandboxSpec(backend="kubernetes", image="agentkernel/no-such-image", resources=Resources(pids=None))
+    with pytest.raises(SandboxError, match="image cannot be pulled"):
+        run(attempt(s))
+    with pytest.raises(SandboxError, match="cannot be scheduled"):
+        run(attempt(spec(), node_selector="agentkernel.test/none=here"))
+    del b
+
+
+def test_streaming_output_and_streamed_stdin(sandbox):
+    """Output reaches on_output while the command still runs; stdin can be an async stream (v5 closes it)."""
+    b, ref = sandbox
+    seen: list[tuple[float, int, bytes]] = []
+
+    async def feed():
+        for part in (b"one ", b"two ", b"three"):
+            yield part
+            await asyncio.sleep(0.05)
+
+    async def go():
+        try:
+            t0 = asyncio.get_running_loop().time()
+
+            def on_output(fd: int, data: bytes) -> None:
+                seen.append((asyncio.get_running_loop().time() - t0, fd, data))
+
+            r = await b.exec(ref, ExecRequest(["sh", "-c", "echo first; sleep 1.5; cat; echo; echo last >&2"],
+                                              on_output=on_output, stdin=feed()))
+            return r, asyncio.get_running_loop().time() - t0
+        finally:
+            await b.aclose()
+
+    r, total = run(go())
+    assert r.exit_code == 0 and r.stdout == b""  # streamed, not kept
+    out = b"".join(d for _, fd, d in seen if fd == 1)
+    assert out == b"first\none two three\n" and b"".join(d for _, fd, d in seen if fd == 2) == b"last\n"
+    first = next(t for t, fd, d in seen if fd == 1 and d.startswith(b"first"))
+    assert first < total - 1.0  # arrived before the command finished
+
+
+def test_timeout_kills_the_tree_signals_and_oom(sandbox):
+    b, ref = sandbox
+
+    async def go():
+        try:
+            r = await b.exec(ref, ExecRequest(["sh", "-c", "sleep 60 & echo $! > /tmp/bg; sleep 60"], timeout=1.0))
+            assert r.timed_out and r.exit_code == 124
+            alive = "kill -0 $(cat /tmp/bg) 2>/dev/null && echo alive || echo dead"
+            r = await b.exec(ref, ExecRequest(["sh", "-c", alive]))
+            assert r.stdout == b"dead\n"  # the background child went with the command
+            r = await b.exec(ref, ExecRequest(["sh", "-c", "cat; kill -TERM $$"], stdin=b"x", timeout=30))
+            assert (r.exit_code, r.signal, r.stdout) == (143, 15, b"x")
+            r = await b.exec(ref, ExecRequest(["sh", "-c", "a=xxxxxxxxxxxxxxxx; while :; do a=$a$a; done"]))
+            assert (r.exit_code, r.oom_killed) == (137, True)  # memory limit 128 MiB
+            r = await b.exec(ref, ExecRequest(["sh", "-c", "kill -KILL $$"]))
+            assert (r.exit_code, r.signal, r.oom_killed) == (137, 9, False)
+        finally:
+            await b.aclose()
+
+    run(go())
