@@ -174,3 +174,12 @@ class Model(metaclass=_ModelMeta):
     def __repr__(self) -> str:
         inner = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in self._fields)
         return f"{type(self).__name__}({inner})"
+
+
+_ENV_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+def is_env_name(s: str) -> bool:
+    """An environment variable name (letters, digits, underscore; not starting with a digit). Here, not in
+    spec.py, so that the egress rules and secrets can check names without importing the spec module."""
+    return bool(s) and s[0] not in "0123456789" and set(s) <= _ENV_CHARS

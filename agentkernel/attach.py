@@ -29,23 +29,6 @@ DEFAULT_TERM = "xterm-256color"
 # ---- the sandbox side ----------------------------------------------------------------------------------
 
 
-async def agent_client_for(rec):
-    """An AgentClient connected to a named sandbox's in-sandbox agent, or None for backends without an
-    agent socket. (Until the backend base exposes a public ``open_client(ref)``, the socket path comes
-    from the handle: ``run_dir/agent.sock``.)"""
-    from .agent.client import AgentClient
-    from .errors import InvalidState
-
-    run_dir = (rec.handle or {}).get("run_dir")
-    if not run_dir:
-        return None
-    sock = os.path.join(run_dir, "agent.sock")
-    try:
-        return await AgentClient.connect(sock, timeout=5.0)
-    except (OSError, TimeoutError):
-        raise InvalidState(f"sandbox {rec.name!r} is not running", hint=f"agentkernel start {rec.name}") from None
-
-
 async def open_tty(manager, name: str, tenant: str | None, argv: list[str] | None = None, *, rows: int = 24,
                    cols: int = 80, term: str | None = None, env: dict[str, str] | None = None):
     """Start ``argv`` (default: a shell) on a PTY inside sandbox ``name``. Returns (client, process)."""
@@ -54,7 +37,7 @@ async def open_tty(manager, name: str, tenant: str | None, argv: list[str] | Non
     from .spec import SandboxSpec
 
     rec = manager.get(name, tenant)
-    client = await agent_client_for(rec)
+    client = await manager.open_agent(name, tenant)
     if client is None:
         raise PolicyNotEnforceable(f"backend {rec.backend!r} has no interactive attach (no in-sandbox agent)")
     spec = SandboxSpec.from_dict(rec.spec)

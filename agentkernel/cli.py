@@ -12,7 +12,6 @@ import os
 import sys
 
 EXIT_ERROR = 125
-EXIT_TIMEOUT = 124
 
 
 def _err(msg: str, hint: str | None = None) -> None:
@@ -155,53 +154,10 @@ def _strip_dashdash(cmd: list[str]) -> list[str]:
     return cmd[1:] if cmd and cmd[0] == "--" else cmd
 
 
-def spec_flags(args) -> dict:
-    flags = {
-        "backend": args.backend, "image": args.image, "profile": args.profile, "network": args.network,
-        "read_only": args.read_only, "mount_cwd": args.mount_cwd, "memory_mb": args.memory_mb,
-        "vcpus": args.vcpus, "pids": args.pids, "disk_mb": args.disk_mb, "workdir": args.workdir,
-        "env": dict(args.env), "options": dict(args.option),
-    }
-    if getattr(args, "tls_intercept", None):
-        flags["tls_intercept"] = True
-    for dest in ("allow_host", "block_host", "secret"):
-        if getattr(args, dest, None):
-            flags[dest] = list(getattr(args, dest))
-    if args.module:
-        flags["options"]["module"] = os.path.abspath(args.module)
-    if args.func:
-        flags["options"]["func"] = args.func
-    if getattr(args, "name", None):
-        flags["name"] = args.name
-    return flags
-
-
-def resolve(args, argv: list[str] | None):
-    """Flags + env + config -> SandboxSpec, with the image auto-detected from the command."""
-    from . import config
-
-    cfg_path = config.find_config(args.config, os.getcwd())
-    cfg = config.load_config(cfg_path)
-    spec = config.resolve_spec(spec_flags(args), config=cfg)
-    if argv is not None and cfg.get("files"):
-        from .errors import PolicyNotEnforceable
-
-        raise PolicyNotEnforceable(f"{cfg_path}: [[files]] are copied in when a named sandbox is created, not "
-                                   "for one-shot runs", hint="agentkernel create NAME --start, then exec; or "
-                                   "--mount-cwd to share the project directory")
-    if spec.policy.mount_cwd and not spec.policy.mount_source:
-        # the caller's directory, fixed now: a daemon or pool that creates the sandbox elsewhere binds it
-        spec = spec.replace(policy=spec.policy.replace(mount_source=os.path.realpath(os.getcwd())))
-    explicit_image = bool(args.image or os.environ.get("AGENTKERNEL_IMAGE") or cfg.get("sandbox", {}).get("image"))
-    from .imagesel import image_for_spec
-
-    return image_for_spec(spec, argv, config=cfg, config_path=cfg_path, explicit=explicit_image,
-                          pull=getattr(args, "pull", None))
-
-
 def explain_run(args, argv: list[str]) -> int:
     """``run --explain``: which image, from where, and why; nothing is pulled, built or run."""
     from . import config
+    from .cli_flags import spec_flags
     from .images.settings import pull_policy
     from .imagesel import explain
 

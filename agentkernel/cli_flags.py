@@ -247,3 +247,50 @@ def fast_parse(argv: list[str], flags, positionals: tuple[str, ...] = ()):
     values.update(zip(positionals, pos, strict=True))
     values["command"] = command
     return SimpleNamespace(**values)
+
+
+# ---- flags -> spec (every CLI command that makes a sandbox) ------------------------------------------
+
+
+def spec_flags(args) -> dict:
+    import os
+
+    flags = {
+        "backend": args.backend, "image": args.image, "profile": args.profile, "network": args.network,
+        "read_only": args.read_only, "mount_cwd": args.mount_cwd, "memory_mb": args.memory_mb,
+        "vcpus": args.vcpus, "pids": args.pids, "disk_mb": args.disk_mb, "workdir": args.workdir,
+        "env": dict(args.env), "options": dict(args.option),
+    }
+    if getattr(args, "tls_intercept", None):
+        flags["tls_intercept"] = True
+    for dest in ("allow_host", "block_host", "secret"):
+        if getattr(args, dest, None):
+            flags[dest] = list(getattr(args, dest))
+    if args.module:
+        flags["options"]["module"] = os.path.abspath(args.module)
+    if args.func:
+        flags["options"]["func"] = args.func
+    if getattr(args, "name", None):
+        flags["name"] = args.name
+    return flags
+
+
+def spec_from_args(args, argv: list[str] | None):
+    """Flags + env + config file -> SandboxSpec, the image by ``imagesel.resolve_for_command``."""
+    import os
+
+    from . import config
+
+    cfg_path = config.find_config(args.config, os.getcwd())
+    cfg = config.load_config(cfg_path)
+    if argv is not None and cfg.get("files"):
+        config.resolve_spec(spec_flags(args), config=cfg)  # its refusals first ([build] and the rest)
+        from .errors import PolicyNotEnforceable
+
+        raise PolicyNotEnforceable(f"{cfg_path}: [[files]] are copied in when a named sandbox is created, not "
+                                   "for one-shot runs", hint="agentkernel create NAME --start, then exec; or "
+                                   "--mount-cwd to share the project directory")
+    from .imagesel import resolve_for_command
+
+    return resolve_for_command(spec_flags(args), argv, config=cfg, config_path=cfg_path,
+                                      pull=getattr(args, "pull", None))

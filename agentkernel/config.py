@@ -21,7 +21,8 @@ Schema::
     [env]       KEY = "value" ...
     [pool]      min, max, max_age_s, max_concurrent_starts, wait_s   (daemon pool defaults)
     [[pool.warm]] backend, image, profile, ..., min, max         (pools the daemon keeps warm)
-    [daemon]    socket                                           (used by the daemon)
+    [daemon]    socket                 (the daemon's unix socket: the daemon, serve and the CLI's run/daemon
+                                        commands of a process that read this file use it)
     [api]       tokens = ["name=token", ...], token_file   (HTTP API bearer tokens; also
                 AGENTKERNEL_API_TOKENS / AGENTKERNEL_API_KEY / AGENTKERNEL_API_TOKEN_FILE),
                 allowed_origins = [...], admins = [...], server_max_sandboxes, server_max_runs,
@@ -154,6 +155,15 @@ def load_config(path: str | None) -> dict[str, dict[str, Any]]:
                     f"(known keys: {', '.join(known)})"
                 )
             _check_type(path, table, key, value, known[key])
+    sock = data.get("daemon", {}).get("socket")
+    if sock is not None:
+        sock = os.path.expanduser(sock)
+        if not os.path.isabs(sock) or len(sock) > 107:
+            raise ConfigError(f"{path}: [daemon] socket must be an absolute path of at most 107 bytes "
+                              f"(a unix socket), got {data['daemon']['socket']!r}")
+        from . import paths
+
+        paths.configure_daemon_socket(sock)
     return refconfig.normalize(data, path)
 
 

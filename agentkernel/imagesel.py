@@ -227,6 +227,34 @@ def image_for_spec(spec, argv: list[str] | None, *, config: dict | None, config_
     return spec
 
 
+def explicit_image(flags: dict | None, config: dict | None) -> bool:
+    """Whether the image is named (flags, AGENTKERNEL_IMAGE, or the config's [sandbox] image) rather than
+    left to be chosen for the command."""
+    import os
+
+    return bool((flags or {}).get("image") or os.environ.get("AGENTKERNEL_IMAGE")
+                or (config or {}).get("sandbox", {}).get("image"))
+
+
+def resolve_for_command(flags: dict | None, argv: list[str] | None, *,
+                        config: dict | None = None, config_path: str | None = None,
+                        environ: dict[str, str] | None = None, pull: str | None = None,
+                        progress: bool | None = None):
+    """``config.resolve_spec`` plus the image, by one rule for every entry point (CLI, Python API, HTTP/MCP):
+    ``image_for_spec`` with the image counted as explicit when the flags, ``AGENTKERNEL_IMAGE``
+    or the config file name it (pulled per policy), else built from ``[build]`` or chosen for ``argv``."""
+    from .config import resolve_spec
+
+    spec = resolve_spec(flags, config=config, environ=environ)
+    if spec.policy.mount_cwd and not spec.policy.mount_source:
+        import os
+
+        # the caller's directory, fixed now: a daemon or pool that creates the sandbox elsewhere binds it
+        spec = spec.replace(policy=spec.policy.replace(mount_source=os.path.realpath(os.getcwd())))
+    return image_for_spec(spec, argv, config=config, config_path=config_path,
+                          explicit=explicit_image(flags, config), pull=pull, progress=progress)
+
+
 def explain(backend: str, argv: list[str] | None, *, image: str | None, image_source: str | None,
             cwd: str | None, policy: str, config: dict | None, options: dict[str, str] | None = None) -> str:
     from .images.pull import present

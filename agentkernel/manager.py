@@ -119,6 +119,17 @@ class SandboxManager:
         async for chunk in self._backend_of(rec).read_file(self._ref(rec), path):
             yield chunk
 
+    async def open_agent(self, name: str, tenant: str | None = None):
+        """A connected agent client for named sandbox ``name`` (the caller closes it), or None when its
+        backend has no host-reachable agent (``AgentAccess``)."""
+        from .backends.base import AgentAccess
+
+        rec = self.store.get(name, tenant)
+        backend = self._backend_of(rec)
+        if not isinstance(backend, AgentAccess):
+            return None
+        return await backend.open_agent(self._ref(rec))
+
     async def stop(self, name: str, tenant: str | None = None) -> None:
         rec = self.store.get(name, tenant)
         await self._backend_of(rec).stop(self._ref(rec))
@@ -164,40 +175,7 @@ class SandboxManager:
         """A fresh sandbox for one command, destroyed afterwards; owned by this process meanwhile.
         ``start_gate`` (a semaphore: the daemon's start limiter) bounds its create+start, not its command."""
         spec = spec.replace(backend=canonical(spec.backend))
-        backend = self.backend_for(spec.backend, spec.options)
-        backend.check(spec)
-        sid = new_id("run")
-        owner.claim(backend.name, sid, backend.planned_handle(sid))
-        try:
-            if start_gate is None or backend.in_process:
-                result = await backend.run(spec, req, sandbox_id=sid, owner=self._owner(named=False))
-            else:
-                result = await _gated_run(backend, spec, req, sid, self._owner(named=False), start_gate)
-        finally:
-            owner.release(backend.name, sid)
-        audit.log("run", id=sid, backend=spec.backend, image=spec.image, argv=req.argv,
-                  exit_code=result.exit_code, timed_out=result.timed_out, oom_killed=result.oom_killed)
-        return result
+        from .oneshot import run_async
 
-
-async def _gated_run(backend: Backend, spec: SandboxSpec, req: ExecRequest, sid: str, who: dict[str, Any],
-                     gate) -> ExecResult:
-    """``Backend.run`` with its ``create_started`` (create + start, one engine call where the engine has
-    one) inside ``gate``; ``create_ms`` in the timings covers both, ``start_wait_ms`` the wait for the gate."""
-    import time
-
-    t0 = time.perf_counter()
-    async with gate:
-        t_gate = time.perf_counter()
-        ref = await backend.create_started(spec, sandbox_id=sid, owner=who)
-    t_started = time.perf_counter()
-    try:
-        result = await backend.exec(ref, req)
-    finally:
-        t_exec = time.perf_counter()
-        await backend.remove(ref)
-    t_end = time.perf_counter()
-    result.timings.update({"start_wait_ms": (t_gate - t0) * 1e3, "create_ms": (t_started - t_gate) * 1e3,
-                           "exec_ms": (t_exec - t_started) * 1e3, "remove_ms": (t_end - t_exec) * 1e3,
-                           "total_ms": (t_end - t0) * 1e3})
-    return result
+        return await run_async(self.backend_for(spec.backend, spec.options), spec, req, self._owner(named=False),
+                               start_gate=start_gate)

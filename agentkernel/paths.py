@@ -43,8 +43,19 @@ def audit_path() -> str:
     return os.environ.get("AGENTKERNEL_AUDIT_LOG") or os.path.join(data_dir(), "audit.jsonl")
 
 
+_configured_daemon_socket: str | None = None
+
+
+def configure_daemon_socket(path: str | None) -> None:
+    """The config file's ``[daemon] socket`` (``config.load_config`` calls this): every command of this
+    process that talks to or serves the daemon then uses it, unless AGENTKERNEL_DAEMON_SOCKET is set."""
+    global _configured_daemon_socket
+    _configured_daemon_socket = path
+
+
 def daemon_socket() -> str:
-    return os.environ.get("AGENTKERNEL_DAEMON_SOCKET") or os.path.join(runtime_dir(), "daemon.sock")
+    return (os.environ.get("AGENTKERNEL_DAEMON_SOCKET") or _configured_daemon_socket
+            or os.path.join(runtime_dir(), "daemon.sock"))
 
 
 def cache_dir() -> str:
@@ -73,7 +84,8 @@ def agent_binary() -> str | None:
     for cand in (
         os.environ.get("AGENTKERNEL_AGENT_BIN"),
         os.path.join(_REPO_ROOT, "build", "ak-agent"),
-        prebuilt("ak-agent"),
+        prebuilt("ak-agent"),  # a wheel's packaged copy (hatch_build.py)
+        os.path.join(_REPO_ROOT, "agentkernel", "agent", "bin", "ak-agent"),
         "/usr/local/lib/agentkernel/ak-agent",
     ):
         if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):

@@ -56,29 +56,22 @@ class Sandbox:
         return self._mgr
 
     @staticmethod
-    def _resolve(flags: dict[str, Any], config: dict | None):
+    def _resolve(flags: dict[str, Any], config: dict | None, argv: list[str] | None = None):
         import os
 
         from . import config as cfgmod
 
         cfg = config if config is not None else cfgmod.load_config(cfgmod.find_config(None, os.getcwd()))
-        return cfgmod.resolve_spec({k: v for k, v in flags.items() if v is not None}, config=cfg)
+        from .imagesel import resolve_for_command
 
-    @staticmethod
-    async def _ensure_image(spec, config: dict | None) -> None:
-        """Pull the image per the pull policy (in a thread: a pull may take a while)."""
-        import asyncio
-
-        from .images.pull import ensure
-        from .images.settings import load_user_config, pull_policy
-
-        cfg = config if config is not None else load_user_config()
-        await asyncio.to_thread(ensure, spec.backend, spec.image, pull_policy(None, cfg), config=cfg, progress=False)
+        return resolve_for_command({k: v for k, v in flags.items() if v is not None}, argv, config=cfg,
+                                         progress=False)
 
     # -- lifecycle --
     async def create(self, *, start: bool = True) -> Sandbox:
-        spec = self._resolve(self._flags, self._config)
-        await self._ensure_image(spec, self._config)
+        import asyncio
+
+        spec = await asyncio.to_thread(self._resolve, self._flags, self._config)  # may pull: off the loop
         await self._manager().create(spec, start=start, tenant=self.tenant)
         self._created = True
         return self
@@ -152,17 +145,11 @@ class Sandbox:
                   timeout: float | None = None, stdin: bytes | None = None, on_output: OutputCallback | None = None,
                   config: dict | None = None, **spec_flags: Any) -> ExecResult:
         """One command in a fresh sandbox, destroyed afterwards (owned by this process meanwhile)."""
+        import asyncio
+
         from .manager import SandboxManager
 
-        spec = cls._resolve(spec_flags, config)
-        if not spec_flags.get("image"):
-            import asyncio
-
-            from .imagesel import choose_image
-
-            spec = spec.replace(image=await asyncio.to_thread(choose_image, spec.backend, argv, progress=False))
-        else:
-            await cls._ensure_image(spec, config)
+        spec = await asyncio.to_thread(cls._resolve, spec_flags, config, argv)  # may pull: off the loop
         mgr = SandboxManager()
         try:
             return await mgr.run(spec, ExecRequest(argv, env=env, cwd=cwd, timeout=timeout, stdin=stdin,

@@ -10,7 +10,7 @@ Standard library only: this module is imported on the CLI's hot path.
 
 from __future__ import annotations
 
-from ._model import Field, Model
+from ._model import Field, Model, is_env_name
 from .errors import ValidationError
 
 TYPE_CHECKING = False  # typing costs ~2 ms at start-up; annotations here are never evaluated
@@ -25,15 +25,11 @@ _ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01234567
 _NAME_CHARS = _ALNUM | frozenset("-_")
 # Image references: registry/path:tag@digest characters only.
 _IMAGE_CHARS = _ALNUM | frozenset("._/:@-")
-_ENV_CHARS = _ALNUM | frozenset("_")
 
 
 def _is_name(s: str) -> bool:
     return (0 < len(s) <= 63 and s[0] in _ALNUM and s[-1] in _ALNUM and set(s) <= _NAME_CHARS)
 
-
-def is_env_name(s: str) -> bool:
-    return bool(s) and s[0] not in "0123456789" and set(s) <= _ENV_CHARS
 
 PROFILE_NAMES = ("permissive", "moderate", "restrictive")
 SECCOMP_PROFILES = ("default", "restrictive")

@@ -88,11 +88,19 @@ start_dockerd() {
   "default-ulimits": {"nofile": {"Name": "nofile", "Hard": $nofile, "Soft": $nofile}},
   "runtimes": {
     "crun": {"path": "/usr/bin/crun"},
-    "runsc": {"path": "/usr/bin/runsc", "runtimeArgs": ["--network=none", "--platform=ptrace"]}
+    "runsc": {"path": "/usr/bin/runsc", "runtimeArgs": ["--network=none", "--platform=ptrace"]},
+    "runsc-agentkernel": {"path": "/usr/bin/runsc",
+      "runtimeArgs": ["--network=none", "--platform=ptrace", "--oci-seccomp", "--host-uds=create"]}
   }
 }
 EOF
-  if docker_up; then info "dockerd already answering"; return; fi
+  # runsc-agentkernel is the gvisor-docker backend's runtime: --oci-seccomp applies the sandbox's seccomp
+  # profile (runsc ignores it otherwise), --host-uds=create lets the host reach the agent's socket.
+  if docker_up; then
+    # runtimes are reloadable: SIGHUP makes a running dockerd re-read them
+    if [ -f /var/run/docker.pid ]; then kill -HUP "$(cat /var/run/docker.pid)" 2>/dev/null || true; fi
+    info "dockerd already answering (runtimes reloaded)"; return
+  fi
   rm -f /var/run/docker.pid
   info "starting dockerd (log: $LOG_DIR/dockerd.log)"
   setsid nohup /usr/sbin/dockerd --config-file /etc/agentkernel/dockerd.json \

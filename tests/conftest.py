@@ -34,6 +34,71 @@ def run_ak():
     return ak
 
 
+# ---- backends that must be available here ---------------------------------------------------------------
+# .ci/run sets AGENTKERNEL_REQUIRED_BACKENDS (and CI sets CI=true): a test skipped because one of those
+# backends is unavailable is then a failure, so a broken set-up cannot hide behind skips.
+
+UNAVAILABLE = "backend unavailable: "
+_probes: dict[str, tuple[bool, str]] = {}
+
+
+def required_backends() -> set[str]:
+    return set((os.environ.get("AGENTKERNEL_REQUIRED_BACKENDS") or "").split())
+
+
+def _in_ci() -> bool:
+    return (os.environ.get("CI") or "").lower() in ("1", "true", "yes")
+
+
+def _is_required(backend: str) -> bool:
+    req = required_backends()
+    return backend in req or backend.split("-")[0] in req
+
+
+def skip_unavailable(backend: str, reason: str):
+    """Skip because ``backend`` cannot run here (a failure in CI when the backend is required)."""
+    pytest.skip(f"{UNAVAILABLE}{backend}: {reason}")
+
+
+def probe_backend(backend: str) -> tuple[bool, str]:
+    """doctor's verdict on a registry entry, cached for the session."""
+    if backend not in _probes:
+        from agentkernel.backends import get_backend_class
+        from agentkernel.errors import AgentKernelError
+
+        try:
+            a = get_backend_class(backend).probe()
+            _probes[backend] = (a.available, a.reason + (f" (fix: {a.fix})" if a.fix else ""))
+        except AgentKernelError as exc:
+            _probes[backend] = (False, exc.message)
+    return _probes[backend]
+
+
+def require_backend(backend: str) -> None:
+    ok, reason = probe_backend(backend)
+    if not ok:
+        skip_unavailable(backend, reason)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if not rep.skipped or not _in_ci() or not isinstance(rep.longrepr, tuple):
+        return
+    reason = str(rep.longrepr[2])
+    if reason.startswith("Skipped: "):
+        reason = reason[len("Skipped: "):]
+    if not reason.startswith(UNAVAILABLE):
+        return
+    backend = reason[len(UNAVAILABLE):].split(":", 1)[0]
+    if _is_required(backend):
+        rep.outcome = "failed"
+        rep.longrepr = (f"required backend {backend!r} is unavailable in CI "
+                        f"(AGENTKERNEL_REQUIRED_BACKENDS={os.environ.get('AGENTKERNEL_REQUIRED_BACKENDS')!r}): "
+                        f"{reason}")
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Networked sandboxes of this session used its own egress bridge and gateway: remove them."""
     from agentkernel import paths

@@ -2,7 +2,8 @@
 
 Light on purpose: importing ``agentkernel.agent`` pulls in only the protocol module. The asyncio client
 (``agentkernel.agent.client``), the blocking client (``agentkernel.agent.sync_client``) and the
-transports (``agentkernel.agent.transport``) are imported by whoever needs them.
+transports (``agentkernel.agent.transport``) are imported by whoever needs them. The host's agent binary
+is found by ``agentkernel.paths.agent_binary`` (one place, one environment variable).
 """
 
 from __future__ import annotations
@@ -28,4 +29,3 @@ __all__ = [
     "StatResult",
     "exit_code_for",
 ]
-

@@ -18,6 +18,7 @@ import errno
 import os
 import select
 
+from ..termio import write_all as _write_all
 from . import protocol as P
 from .protocol import AgentConnectionLost, AgentExecResult, AgentProtocolError
 
@@ -26,20 +27,6 @@ __all__ = ["SyncAgentClient"]
 _OUT_HIGH = 1 << 20  # stop reading the stdin fd while this much is queued for the agent
 _POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
 _SIGPIPE = 13  # Linux
-
-
-def _write_all(fd: int, data) -> None:
-    """os.write everything, also to a non-blocking fd."""
-    mv = memoryview(data)
-    while mv:
-        try:
-            n = os.write(fd, mv)
-        except BlockingIOError:
-            p = select.poll()
-            p.register(fd, select.POLLOUT)
-            p.poll()
-            continue
-        mv = mv[n:]
 
 
 class SyncAgentClient:

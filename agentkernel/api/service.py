@@ -16,7 +16,6 @@ import base64
 import contextlib
 import logging
 import math
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime
@@ -123,6 +122,7 @@ class Service:
                  default_timeout: float = DEFAULT_TIMEOUT_S, with_daemon: bool = True,
                  policy: ServerPolicy | None = None) -> None:
         self.config = config or {}
+        self._config_given = config is not None
         self.manager = SandboxManager(store)
         self.metrics = Metrics()
         self.policy = policy or ServerPolicy()
@@ -140,7 +140,8 @@ class Service:
         if self._with_daemon:
             from ..daemon.server import Daemon, load_daemon_config
 
-            defaults, warm = load_daemon_config(self._pool_args, self._warm)
+            defaults, warm = load_daemon_config(self._pool_args, self._warm,
+                                                self.config if self._config_given else None)
             self.daemon = Daemon(pool_defaults=defaults, warm=warm)
             await self.daemon.start_background()
             # One owner: the CLI's `agentkernel run` goes through this process's pools too.
@@ -157,17 +158,11 @@ class Service:
 
     # -- requests -> specs (one place for HTTP and MCP) --
     def _spec(self, tenant: str, argv: list[str] | None, flags: dict[str, Any]) -> SandboxSpec:
-        from ..config import resolve_spec
+        from ..imagesel import resolve_for_command
 
         caller = self.policy.for_tenant(tenant)
         f = {**flags, "mount_cwd": False}  # never the server's directory on behalf of a remote caller
-        spec = resolve_spec(f, config=self.config)
-        explicit = bool(flags.get("image") or os.environ.get("AGENTKERNEL_IMAGE")
-                        or (self.config.get("sandbox") or {}).get("image"))
-        if not explicit and argv:
-            from ..imagesel import choose_image
-
-            spec = spec.replace(image=choose_image(spec.backend, argv))
+        spec = resolve_for_command(f, argv, config=self.config)  # the one image rule
         from ..backends import canonical
 
         caller.check_request(backend=canonical(spec.backend), profile=spec.policy.profile,
@@ -339,9 +334,7 @@ class Service:
         validate_name(name)
         check_sandbox_path(path)
         rec = self.manager.get(name, tenant)
-        from ..attach import agent_client_for
-
-        client = await agent_client_for(rec)
+        client = await self.manager.open_agent(name, tenant)
         if client is None:
             r = await self.manager.exec(name, ExecRequest(["rm", "-f", "--", path], timeout=30), tenant)
             if r.exit_code != 0:

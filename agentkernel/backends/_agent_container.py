@@ -18,6 +18,7 @@ from ..safefs import UnsafeFile
 from ..spec import SandboxSpec
 from . import _container
 from ._agentexec import parse_environ
+from ._container import container_name
 from .base import AgentAccess, Backend, ExecRequest, ExecResult, SandboxRef
 
 TYPE_CHECKING = False  # typing costs ~2-7 ms at start-up; annotations are never evaluated here
@@ -27,10 +28,6 @@ if TYPE_CHECKING:
 
 
 AGENT_READY_TIMEOUT = 30.0
-
-
-def container_name(sandbox_id: str) -> str:
-    return f"agentkernel-{sandbox_id}"
 
 
 class AgentContainerBackend(Backend, AgentAccess):

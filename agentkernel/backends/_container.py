@@ -69,6 +69,11 @@ class ContainerPlan:
 SOCKET_PATH_MAX = 107
 
 
+def container_name(sandbox_id: str) -> str:
+    """The engine's name for sandbox ``sandbox_id``'s container (only container backends use it)."""
+    return f"agentkernel-{sandbox_id}"
+
+
 def sandbox_run_dir(sandbox_id: str) -> str:
     """Host directory bind-mounted at /.ak/run: the agent's socket and status files live there."""
     prefix, _, suffix = sandbox_id.rpartition("-")
@@ -302,3 +307,61 @@ def _podman_tmpfs_opts(opts: str) -> str:
         return opts
     parts = [o for o in parts if not o.startswith(("uid=", "gid=", "mode="))]
     return ",".join([*parts, "mode=1777"])
+
+
+# ---- one-shot runs (podman, docker, gVisor under either): the pieces their run_oneshot share --------
+
+STATUS_MAX = 4096  # the agent writes one short line
+
+
+def oneshot_plan(spec, argv: list[str], *, sandbox_id: str, owner: dict, interactive: bool,
+                 pids_overhead: int = 0, egress: bool = False,
+                 egress_deferred: bool = False) -> tuple[str | None, ContainerPlan]:
+    """The run dir (None without the agent) and plan of a one-shot container: ``ak-agent exec`` as init
+    reports the exact status into the run dir's ``status`` file. ``egress``: the backend joins network
+    modes through ``agentkernel.egress`` (attached here; ``oneshot_cleanup`` releases it)."""
+    agent = paths.agent_binary()
+    run_dir = prepare_run_dir(sandbox_id, resolve_user(spec)) if agent else None
+    net = None
+    if egress and spec.policy.network:
+        try:
+            net = attach_network(spec, sandbox_id, egress_deferred)
+        except BaseException:
+            oneshot_cleanup(spec, sandbox_id, run_dir)
+            raise
+    p = plan(spec, sandbox_id=sandbox_id, owner=owner, container_name=container_name(sandbox_id), argv=argv,
+             agent_bin=agent, run_dir=run_dir, cwd=os.getcwd(), interactive=interactive,
+             pids_overhead=pids_overhead, net=net)
+    return run_dir, p
+
+
+def oneshot_cleanup(spec, sandbox_id: str, run_dir: str | None) -> None:
+    """What ``oneshot_plan`` made on the host: the run dir and the sandbox's egress network."""
+    if run_dir:
+        remove_flat_dir(run_dir)
+    if spec.policy.network:
+        release_network(sandbox_id)
+
+
+def read_status(run_dir: str | None) -> dict[str, int] | None:
+    """The status file ``ak-agent exec --status-file`` writes: exact exit code, signal, OOM. The sandbox
+    can write its run dir: ``safefs`` reads it without following links or blocking on a FIFO, bounded."""
+    if not run_dir:
+        return None
+    from ..safefs import read_regular_or_none
+
+    data = read_regular_or_none(run_dir, "status", STATUS_MAX)
+    if data is None:
+        return None
+    out: dict[str, int] = {}
+    for part in data.decode("ascii", "replace").split():
+        k, _, v = part.partition("=")
+        if v.lstrip("-").isdigit() and len(v) < 12:
+            out[k] = int(v)
+    return out if "exit" in out else None
+
+
+def status_outcome(status: dict[str, int]):
+    from .base import Outcome
+
+    return Outcome(status["exit"], signal=status.get("signal") or None, oom=bool(status.get("oom")))

@@ -28,7 +28,9 @@ import time
 from abc import ABC, abstractmethod
 
 from ..errors import PolicyNotEnforceable
+from ..outcome import Outcome  # defined there, part of this contract (OneShot.run_oneshot returns it)
 from ..spec import SandboxSpec
+from ..termio import Stdio  # defined there, part of this contract (OneShot.run_oneshot takes it)
 
 TYPE_CHECKING = False  # typing costs ~2-7 ms at start-up; annotations are never evaluated here
 if TYPE_CHECKING:
@@ -283,41 +285,6 @@ class SandboxInfo:
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "id": self.id, "name": self.name, "status": self.status,
                 "handle": self.handle, "labels": self.labels}
-
-
-class Outcome:
-    """How one one-shot command ended (``OneShot.run_oneshot``). ``exit_code`` is the command's status
-    (128+N when killed by signal N); ``timed_out`` means the sandbox was killed at the deadline (the
-    renderer turns it into exit 124); ``oom`` means the out-of-memory killer struck; ``note`` is a
-    backend-specific line for the user, or None."""
-
-    __slots__ = ("exit_code", "note", "oom", "signal", "timed_out")
-
-    def __init__(self, exit_code: int, *, signal: int | None = None, timed_out: bool = False, oom: bool = False,
-                 note: str | None = None) -> None:
-        self.exit_code = exit_code
-        self.signal = signal
-        self.timed_out = timed_out
-        self.oom = oom
-        self.note = note
-
-    def __repr__(self) -> str:
-        return (f"Outcome(exit_code={self.exit_code}, signal={self.signal}, timed_out={self.timed_out}, "
-                f"oom={self.oom}, note={self.note!r})")
-
-
-class Stdio:
-    """The caller's standard streams for a one-shot: file descriptors to read stdin from and write
-    stdout/stderr to (byte-exact, separate), and whether stdin is forwarded at all (False: the command
-    sees an empty stdin). ``agentkernel.termio.caller_stdio()`` builds the CLI's."""
-
-    __slots__ = ("forward_stdin", "stderr", "stdin", "stdout")
-
-    def __init__(self, stdin: int = 0, stdout: int = 1, stderr: int = 2, *, forward_stdin: bool = True) -> None:
-        self.stdin = stdin
-        self.stdout = stdout
-        self.stderr = stderr
-        self.forward_stdin = forward_stdin
 
 
 class Availability:

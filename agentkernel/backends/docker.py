@@ -27,13 +27,15 @@ are synchronous and never import asyncio: create -> attach (hijacked HTTP, multi
 
 from __future__ import annotations
 
+import _signal
 import os
 
 from ..errors import AgentKernelError, BackendUnavailable, PolicyNotEnforceable, SandboxError
+from ..termio import SignalForwarder, write_all
 from . import _container
 from ._agent_container import AgentContainerBackend
 from ._container import CONTAINER_CONTROLS
-from .base import LABEL_MANAGED, Availability, Capabilities, SandboxInfo
+from .base import LABEL_MANAGED, Availability, Capabilities, OneShot, Outcome, SandboxInfo
 from .docker_api import START_HINT, SyncClient, quote, socket_path
 
 TYPE_CHECKING = False  # typing costs ~2-7 ms at start-up; annotations are never evaluated here
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
 MIN_API = (1, 41)
 STOP_TIMEOUT = 2
 EXIT_GRACE = 5.0  # seconds to drain output after the exit status is known
+DOCKER_FORWARDED = (_signal.SIGINT, _signal.SIGTERM)  # passed on to a one-shot container while it runs
 
 
 def _normalize_state(s: str) -> str:
@@ -127,7 +130,7 @@ def create_body(plan: _container.ContainerPlan, *, network: str, oneshot: bool,
 DOCKER_CONTROLS = CONTAINER_CONTROLS | {"network_allowlist", "secret_injection"}
 
 
-class DockerBackend(AgentContainerBackend):
+class DockerBackend(AgentContainerBackend, OneShot):
     name = "docker"
     uses_egress = True
     egress_deferred = True
@@ -259,12 +262,27 @@ class DockerBackend(AgentContainerBackend):
             _remove_sync(c, name)
 
     # -- one-shot, synchronous (the CLI's daemon-less path) --
-    def run_attached_sync(self, plan: _container.ContainerPlan, *, timeout: float | None,
-                          forward_stdin: bool) -> int | None:
+    def run_oneshot(self, spec, argv: list[str], stdio, timeout: float | None, *, sandbox_id: str,
+                    owner: dict[str, Any]) -> Outcome:
+        """The Engine API's create/attach/start/wait over its socket, synchronously, with ``stdio``."""
+        run_dir, plan = _container.oneshot_plan(spec, argv, sandbox_id=sandbox_id, owner=owner,
+                                                interactive=stdio.forward_stdin, pids_overhead=self.pids_overhead,
+                                                egress=self.uses_egress, egress_deferred=self.egress_deferred)
+        try:
+            code = self.run_attached_sync(plan, timeout=timeout, stdio=stdio)
+            if code is None:
+                return Outcome(124, timed_out=True)
+            status = _container.read_status(run_dir)
+            return _container.status_outcome(status) if status else Outcome(code)
+        finally:
+            _container.oneshot_cleanup(spec, sandbox_id, run_dir)
+
+    def run_attached_sync(self, plan: _container.ContainerPlan, *, timeout: float | None, stdio) -> int | None:
         """Run ``plan`` (a one-shot plan) to completion with the caller's stdio: container stdout to
         fd 1 and stderr to fd 2 as it arrives (byte-exact), fd 0 to its stdin when ``forward_stdin``
         and ``plan.interactive`` (EOF closes it). SIGINT/SIGTERM received meanwhile are forwarded to
-        the container. Returns its exit status (128+N when killed by signal N), or None when
+        the container. Output goes to ``stdio.stdout``/``stdio.stderr``, input comes from ``stdio.stdin``.
+        Returns its exit status (128+N when killed by signal N), or None when
         ``timeout`` seconds passed after start (it was killed). The container is removed before
         this returns, whatever happens."""
         cli = SyncClient()
@@ -272,7 +290,8 @@ class DockerBackend(AgentContainerBackend):
         done = False  # True once a result is ready: a failing removal is then the error to report
         created = "no"  # no | maybe | yes
         stream = waiter = None
-        sig = _SignalForwarder()
+        sig = SignalForwarder(wakeup=True, signals=DOCKER_FORWARDED)
+        forward_stdin = stdio.forward_stdin
         try:
             sig.install()
             body = create_body(plan, network=self._network_mode(plan), oneshot=True,
@@ -301,7 +320,7 @@ class DockerBackend(AgentContainerBackend):
                 code = _start_failure_status(str(exc))
                 if code is None:
                     raise
-                _write_all(2, f"agentkernel: {exc}\n".encode())
+                write_all(stdio.stderr, f"agentkernel: {exc}\n".encode())
                 done = True
                 return code
             if plan.network == "netns":
@@ -311,7 +330,7 @@ class DockerBackend(AgentContainerBackend):
                 run_dir = next(src for src, dst, _ro in plan.binds if dst == _container.AGENT_RUN_IN)
                 complete(plan.labels.get("agentkernel.sandbox-id") or name.removeprefix("agentkernel-"), pid,
                          os.path.join(run_dir, "net-ready"))
-            rc = _pump(cli, name, stream, waiter, sig, timeout, stdin_on and forward_stdin)
+            rc = _pump(cli, name, stream, waiter, sig, timeout, stdin_on and forward_stdin, stdio)
             done = True
             return rc
         finally:
@@ -362,84 +381,26 @@ def _start_failure_status(msg: str) -> int | None:
     return None
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-class _SignalForwarder:
-    """While installed (main thread only), SIGINT and SIGTERM are recorded instead of raising, and wake
-    the select loop through a pipe; the loop forwards them to the container."""
-
-    FORWARDED = ("SIGINT", "SIGTERM")
-
-    def __init__(self) -> None:
-        self.pending: list[int] = []
-        self.rfd = self.wfd = -1
-        self._old: dict[int, Any] = {}
-        self._old_wakeup: int | None = None
-
-    def install(self) -> None:
-        import _signal  # not ``signal``: its enum wrappers cost ~3 ms of imports on the one-shot path
-
-        self.rfd, self.wfd = os.pipe()
-        os.set_blocking(self.rfd, False)
-        os.set_blocking(self.wfd, False)
-        try:
-            self._old_wakeup = _signal.set_wakeup_fd(self.wfd, warn_on_full_buffer=False)
-        except ValueError:  # not the main thread: signals stay with whoever handles them there
-            self.restore()
-            return
-        for nm in self.FORWARDED:
-            s = getattr(_signal, nm)
-            self._old[s] = _signal.signal(s, self._on_signal)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self.pending.append(signum)
-
-    def drain(self) -> None:
-        try:
-            while os.read(self.rfd, 512):
-                pass
-        except (BlockingIOError, OSError):
-            pass
-
-    def restore(self) -> None:
-        import _signal
-
-        for s, h in self._old.items():
-            _signal.signal(s, h)
-        self._old.clear()
-        if self._old_wakeup is not None:
-            _signal.set_wakeup_fd(self._old_wakeup)
-            self._old_wakeup = None
-        for fd in (self.rfd, self.wfd):
-            if fd >= 0:
-                os.close(fd)
-        self.rfd = self.wfd = -1
-
-
 def _kill(cli: SyncClient, name: str, signame: str) -> None:
     # 404/409: the container is already gone or no longer running; nothing to signal.
     cli.request("POST", f"/containers/{quote(name)}/kill", params={"signal": signame}, ok=(404, 409))
 
 
-def _pump(cli: SyncClient, name: str, stream, waiter, sig: _SignalForwarder, timeout: float | None,
-          forward_stdin: bool) -> int | None:
-    import _signal
+def _pump(cli: SyncClient, name: str, stream, waiter, sig: SignalForwarder, timeout: float | None,
+          forward_stdin: bool, stdio) -> int | None:
     import select
     import time
 
     out_open = {1: True, 2: True}
+    out_fd = {1: stdio.stdout, 2: stdio.stderr}
+    in_fd = stdio.stdin
 
     def emit(frames: list[tuple[int, bytes]]) -> None:
         for fd, data in frames:
             fd = 1 if fd == 1 else 2
             if out_open[fd] and data:
                 try:
-                    _write_all(fd, data)
+                    write_all(out_fd[fd], data)
                 except BrokenPipeError:
                     out_open[fd] = False  # the reader went away: discard the rest of that stream
 
@@ -458,7 +419,7 @@ def _pump(cli: SyncClient, name: str, stream, waiter, sig: _SignalForwarder, tim
         if sig.pending:
             pend, sig.pending = sig.pending, []
             for s in pend:
-                _kill(cli, name, next(nm for nm in sig.FORWARDED if getattr(_signal, nm) == s))
+                _kill(cli, name, "SIGINT" if s == _signal.SIGINT else "SIGTERM")
         now = time.monotonic()
         if waiter.done and (not attach_open or (hard_stop is not None and now >= hard_stop)):
             break
@@ -478,7 +439,7 @@ def _pump(cli: SyncClient, name: str, stream, waiter, sig: _SignalForwarder, tim
         if not waiter.done:
             rl.append(wsock)
         if stdin_open and not stdin_eof and not stdin_buf and attach_open:
-            rl.append(0)
+            rl.append(in_fd)
         if stdin_buf and attach_open:
             wl.append(asock)
         wait_s = None
@@ -508,9 +469,9 @@ def _pump(cli: SyncClient, name: str, stream, waiter, sig: _SignalForwarder, tim
             if finished:
                 grace = time.monotonic() + EXIT_GRACE
                 hard_stop = min(hard_stop, grace) if hard_stop else grace
-        if 0 in r:
+        if in_fd in r:
             try:
-                data = os.read(0, 65536)
+                data = os.read(in_fd, 65536)
             except BlockingIOError:
                 data = None
             except OSError:

@@ -45,17 +45,17 @@ class GVisorDockerBackend(DockerBackend):
         base = super().probe()
         if not base.available:
             return base
-        missing = [f"--{f}" for f in RUNSC_FLAGS if f"--{f}" not in runtime_args()]
+        missing = [f"--{f}" for f in RUNSC_FLAGS if f"--{f}" not in runtime_args(cls.docker_runtime)]
         if missing:
-            return Availability(False, f"dockerd's runtime {RUNTIME!r} lacks {' '.join(missing)} (a declared "
-                                "control would not be enforced)",
+            return Availability(False, f"dockerd's runtime {cls.docker_runtime!r} lacks {' '.join(missing)} "
+                                "(a declared control would not be enforced)",
                                 fix="register it in /etc/agentkernel/dockerd.json (bash scripts/setup.sh) and "
                                 "reload dockerd (kill -HUP)")
         return Availability(True, f"runsc (ptrace platform) under {base.reason}", details=base.details)
 
 
-def runtime_args() -> list[str]:
-    """The runtimeArgs dockerd has registered for ``RUNTIME`` ([] when it has none or dockerd is down)."""
+def runtime_args(runtime: str | None = RUNTIME) -> list[str]:
+    """The runtimeArgs dockerd has registered for ``runtime`` ([] when it has none or dockerd is down)."""
     from .docker_api import SyncClient
 
     try:
@@ -63,4 +63,4 @@ def runtime_args() -> list[str]:
             runtimes = c.json("GET", "/info").get("Runtimes") or {}
     except Exception:
         return []
-    return list((runtimes.get(RUNTIME) or {}).get("runtimeArgs") or [])
+    return list((runtimes.get(runtime or "") or {}).get("runtimeArgs") or [])

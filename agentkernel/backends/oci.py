@@ -8,7 +8,7 @@ layer: an overlay (image lower, sandbox upper) mounted in a private mount namesp
 container sees, or, for a read-only root, the cached root itself plus sized tmpfs.
 
 Two paths:
-- one-shot (``run_oneshot_sync``, the CLI without the daemon): a single ``crun run`` with the caller's
+- one-shot (``run_oneshot``, the CLI without the daemon): a single ``crun run`` with the caller's
   stdio passed straight through, ``ak-agent exec`` as the container's init when the agent is built;
   exit status from the runtime, OOM from an eventfd on the sandbox's memory cgroup, timeout by killing
   every process in the sandbox's cgroups (exit 124). Synchronous, no asyncio.
@@ -30,7 +30,7 @@ from ..errors import BackendUnavailable, ConfigError, PolicyNotEnforceable, Sand
 from ..oci import runtime as rt
 from . import _container
 from ._agent_container import AgentContainerBackend
-from .base import LABEL_ID, LABEL_MANAGED, LABEL_NAME, Availability, Capabilities, SandboxInfo, SandboxRef
+from .base import CONTROLS, Availability, Backend, Capabilities, OneShot, Outcome, SandboxInfo, SandboxRef
 
 TYPE_CHECKING = False  # typing costs ~2-7 ms at start-up; annotations are never evaluated here
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ OCI_CONTROLS = {
 EXIT_TIMEOUT = 124
 
 
-class OCIBackend(AgentContainerBackend):
+class OCIBackend(AgentContainerBackend, OneShot):
     name = "oci"
     capabilities = Capabilities(
         OCI_CONTROLS,
@@ -105,9 +105,11 @@ class OCIBackend(AgentContainerBackend):
 
     def check(self, spec) -> None:
         if spec.policy.network and self.runtime == "runsc":
+            ctl = "network_allowlist" if spec.policy.network_allow else "network_full"
             raise PolicyNotEnforceable(
-                "backend 'oci' with runtime runsc gives sandboxes no network (gVisor's own network stack "
-                "would send packets past the firewall inside the sandbox's namespace; not proven here)",
+                f"backend 'oci' with runtime runsc cannot enforce {ctl} ({CONTROLS[ctl]}): it gives sandboxes "
+                "no network (gVisor's own network stack would send packets past the firewall inside the "
+                "sandbox's namespace; not proven here)",
                 hint="use --network none, or -o runtime=crun / runc for network",
             )
         super().check(spec)
@@ -190,50 +192,29 @@ class OCIBackend(AgentContainerBackend):
         return bdir, overlay
 
     # -- one-shot, synchronous (the CLI's daemon-less path) --
-    def run_oneshot_sync(
-        self,
-        spec,
-        argv: list[str],
-        *,
-        sandbox_id: str,
-        owner: dict[str, Any],
-        timeout: float | None = None,
-        forward_stdin: bool = False,
-    ) -> tuple[int, str | None]:
-        """Run ``argv`` in a fresh sandbox with our stdio, then remove everything. Returns (exit status,
-        note for the user or None). 124 on timeout (every process of the sandbox killed)."""
-        from .. import deathwatch, paths
-        from .. import owner as ownermod
+    def run_oneshot(self, spec, argv: list[str], stdio, timeout: float | None, *, sandbox_id: str,
+                    owner: dict[str, Any]) -> Outcome:
+        """Run ``argv`` in a fresh sandbox with ``stdio``, then remove everything (the caller claimed
+        ``sandbox_id`` under ``planned_handle``). Timeout: every process of the sandbox killed."""
+        from .. import paths
 
         self.check(spec)
         exe = rt.require_binary(self.runtime)
-        ownermod.claim(self.name, sandbox_id, {"container": sandbox_id, "runtime": self.runtime}, owner)
-        deathwatch.arm(self.name, sandbox_id)  # a SIGKILLed caller takes its sandbox with it
         watch = None
         proc = None
         pumps = None
         clean = False
         try:
             net = _container.attach_network(spec, sandbox_id)
-            p = _container.plan(
-                spec,
-                sandbox_id=sandbox_id,
-                owner=owner,
-                container_name=sandbox_id,
-                argv=argv,
-                agent_bin=paths.agent_binary(),
-                run_dir=None,
-                cwd=os.getcwd(),
-                net=net,
-            )
+            p = _plan(spec, sandbox_id, owner, paths.agent_binary(), None, argv, net)
             bdir, overlay = self._prepare_bundle(spec, p, sandbox_id, named=False)
             watch = rt.MemoryWatch(sandbox_id, p.memory_bytes, watch=True)
             pre = rt.Preexec(overlay, pdeathsig=True)
             # The command gets our fds 0/1/2 as they are only when they are pipes or /dev/null; regular
             # files, terminals, sockets and devices go through pipes we pump (see _Pumps).
             pumps = _Pumps(gvisor=self.runtime == "runsc")
-            stdin = pumps.stdin() if forward_stdin else -1  # -1: /dev/null
-            stdout, stderr = pumps.out(1), pumps.out(2)
+            stdin = pumps.stdin(stdio.stdin) if stdio.forward_stdin else -1  # -1: /dev/null
+            stdout, stderr = pumps.out(stdio.stdout), pumps.out(stdio.stderr)
             cmd = [
                 *rt.base_cmd(self.runtime, exe),
                 "run",
@@ -248,21 +229,15 @@ class OCIBackend(AgentContainerBackend):
             except OSError as exc:
                 raise SandboxError(f"{self.runtime} could not be started: {exc}") from None
             pumps.start()
-            rc, note = self._wait(proc, sandbox_id, timeout)
+            rc, timed_out = self._wait(proc, sandbox_id, timeout)
             pumps.join()
-            if note is None:
-                started = os.path.exists(os.path.join(bdir, "init.pid"))
-                if not started and rc != 0:
-                    raise SandboxError(
-                        f"{self.runtime} could not start the sandbox (exit {rc}; its message is above)"
-                    )
-                if watch.oom_killed():
-                    note = (
-                        "the command was killed by the out-of-memory killer "
-                        f"(memory limit {spec.resources.memory_mb} MiB)"
-                    )
-                clean = True
-            return rc, note
+            if timed_out:
+                return Outcome(EXIT_TIMEOUT, timed_out=True)
+            started = os.path.exists(os.path.join(bdir, "init.pid"))
+            if not started and rc != 0:
+                raise SandboxError(f"{self.runtime} could not start the sandbox (exit {rc}; its message is above)")
+            clean = True
+            return Outcome(rc, signal=rc - 128 if 128 < rc < 160 else None, oom=watch.oom_killed())
         finally:
             if proc is not None and proc.poll() is None:
                 rt.kill_cgroups(sandbox_id)
@@ -277,54 +252,49 @@ class OCIBackend(AgentContainerBackend):
             self._cleanup_oneshot(sandbox_id, clean)
             if spec.policy.network:
                 _container.release_network(sandbox_id)
-            ownermod.release(self.name, sandbox_id)
-            deathwatch.disarm(self.name, sandbox_id)
 
-    def _wait(self, proc: rt.Proc, sandbox_id: str, timeout: float | None) -> tuple[int, str | None]:
+    def _wait(self, proc: rt.Proc, sandbox_id: str, timeout: float | None) -> tuple[int, bool]:
+        """(exit status, timed out). SIGTERM/SIGHUP are passed to the runtime (and on to the command)."""
         import _signal as signal  # `signal` imports enum: start-up time
         import time
 
-        deadline = None if timeout is None else time.monotonic() + timeout
-        forwarded: list[int] = []
+        from ..termio import SignalForwarder
 
-        def forward(signum, _frame):
-            forwarded.append(signum)
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def forward(signum: int) -> None:
             try:
                 proc.send_signal(signum)  # the runtime passes it on to the container's init
             except ProcessLookupError:
                 pass
 
-        old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)}
+        fwd = SignalForwarder(forward, signals=(signal.SIGTERM, signal.SIGHUP)).install()
+        forwarded = fwd.pending
         interrupted = False
         try:
             while True:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
-                    return proc.wait(left), None
+                    return proc.wait(left), False
                 except rt.WaitTimeout:
-                    if interrupted or forwarded:
-                        rt.kill_cgroups(sandbox_id)
-                        proc.wait()
-                        return 128 + (forwarded[0] if forwarded else signal.SIGINT), None
                     rt.kill_cgroups(sandbox_id)
                     proc.wait()
-                    return EXIT_TIMEOUT, (
-                        f"timed out after {timeout:g} s: the sandbox and every process in it were killed"
-                    )
+                    if interrupted or forwarded:
+                        return 128 + (forwarded[0] if forwarded else signal.SIGINT), False
+                    return EXIT_TIMEOUT, True
                 except KeyboardInterrupt:
                     # The runtime is in our process group: it got the SIGINT too and passes it to the
                     # command. Give it 5 s to react; a second Ctrl-C kills the sandbox.
                     if interrupted:
                         rt.kill_cgroups(sandbox_id)
                         proc.wait()
-                        return 130, None
+                        return 130, False
                     interrupted = True
                     deadline = time.monotonic() + 5.0
                 if forwarded and deadline is None:
                     deadline = time.monotonic() + 5.0
         finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+            fwd.restore()
 
     def _cleanup_oneshot(self, sandbox_id: str, clean: bool) -> None:
         """After a normal exit the runtime already deleted the container and its cgroup: only our own
@@ -355,16 +325,7 @@ class OCIBackend(AgentContainerBackend):
         run_dir = _container.prepare_run_dir(sandbox_id, _container.resolve_user(spec))
         try:
             net = await asyncio.to_thread(_container.attach_network, spec, sandbox_id)
-            p = _container.plan(
-                spec,
-                sandbox_id=sandbox_id,
-                owner=owner,
-                container_name=sandbox_id,
-                agent_bin=agent,
-                run_dir=run_dir,
-                cwd=os.getcwd(),
-                net=net,
-            )
+            p = _plan(spec, sandbox_id, owner, agent, run_dir, None, net)
             bdir, _ = await asyncio.to_thread(self._prepare_bundle, spec, p, sandbox_id, named=True)
         except BaseException:
             await asyncio.to_thread(rt.destroy, sandbox_id, self.runtime)
@@ -380,14 +341,8 @@ class OCIBackend(AgentContainerBackend):
     def planned_handle(self, sandbox_id: str) -> dict[str, Any]:
         return {"container": sandbox_id, "runtime": self.runtime}
 
-    async def create_started(self, spec, *, sandbox_id: str, owner: dict[str, Any]) -> SandboxRef:
-        ref = await self.create(spec, sandbox_id=sandbox_id, owner=owner)
-        try:
-            await self.start(ref)
-        except BaseException:
-            await self.remove(ref)
-            raise
-        return ref
+    # create and start are two steps here (the base's create_started, not the one-call engine variant)
+    create_started = Backend.create_started
 
     def _runtime_of(self, sandbox_id: str) -> str:
         return rt.read_meta(sandbox_id).get("runtime") or self.runtime
@@ -519,6 +474,8 @@ class OCIBackend(AgentContainerBackend):
         return await asyncio.to_thread(self._list_sync)
 
     def _list_sync(self) -> list[SandboxInfo]:
+        from .base import LABEL_ID, LABEL_MANAGED, LABEL_NAME
+
         try:
             ids = sorted(os.listdir(rt.bundles_dir()))
         except OSError:
@@ -547,6 +504,13 @@ class OCIBackend(AgentContainerBackend):
                 )
             )
         return infos
+
+
+def _plan(spec, sandbox_id: str, owner: dict[str, Any], agent: str | None, run_dir: str | None,
+          argv: list[str] | None = None, net: Any = None) -> _container.ContainerPlan:
+    """The container plan of an oci sandbox (its runtime container is named by the sandbox id)."""
+    return _container.plan(spec, sandbox_id=sandbox_id, owner=owner, container_name=sandbox_id, argv=argv,
+                           agent_bin=agent, run_dir=run_dir, cwd=os.getcwd(), net=net)
 
 
 def _make_workdir(upper: str, lower: str, p) -> None:
@@ -626,6 +590,7 @@ class _Pumps:
         self.jobs: list[tuple[int, int, int]] = []  # (read end, write end, the end the child gets)
         self.threads: list = []
         self.started = False
+        self.stdin_src = -1
 
     @staticmethod
     def _needs_pipe(fd: int) -> bool:
@@ -646,11 +611,12 @@ class _Pumps:
         self.jobs.append((r, target, w))
         return w
 
-    def stdin(self) -> int | None:
-        if not self._needs_pipe(0):
+    def stdin(self, fd: int = 0) -> int | None:
+        if not self._needs_pipe(fd):
             return None
         r, w = os.pipe()
-        self.jobs.append((0, w, r))
+        self.jobs.append((fd, w, r))
+        self.stdin_src = fd
         return r
 
     def start(self) -> None:
@@ -663,7 +629,7 @@ class _Pumps:
             os.close(child_end)
             t = threading.Thread(target=_copy_fd, args=(src, dst, dst != 1 and dst != 2), daemon=True)
             t.start()
-            if src != 0:  # the stdin pump may block on the terminal: never waited for
+            if src != self.stdin_src:  # the stdin pump may block on the terminal: never waited for
                 self.threads.append(t)
 
     def join(self) -> None:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 
-from .. import _fastjson
+from .. import _fastjson, paths
 from ..errors import BackendUnavailable, SandboxError
 from . import _container
 from ._agent_container import AgentContainerBackend
 from ._container import CONTAINER_CONTROLS
-from .base import LABEL_MANAGED, Availability, Capabilities, SandboxInfo
+from .base import LABEL_MANAGED, Availability, Capabilities, OneShot, Outcome, SandboxInfo
 
 TYPE_CHECKING = False  # typing costs ~2-7 ms at start-up; annotations are never evaluated here
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 PODMAN_CONTROLS = CONTAINER_CONTROLS | {"network_allowlist", "secret_injection"}
 
 
-class PodmanBackend(AgentContainerBackend):
+class PodmanBackend(AgentContainerBackend, OneShot):
     name = "podman"
     binary = "podman"
     uses_egress = True
@@ -133,6 +133,62 @@ class PodmanBackend(AgentContainerBackend):
         return [self.binary, "run", "--rm", *self.runtime_args(), *_container.podman_args(plan), plan.image,
                 *plan.cmd]
 
+    def run_oneshot(self, spec, argv: list[str], stdio, timeout: float | None, *, sandbox_id: str,
+                    owner: dict[str, Any]) -> Outcome:
+        """One ``podman run --rm`` with the caller's fds (inherited: byte-exact, no copies)."""
+        from .._proc import Proc, WaitTimeout, which
+
+        interactive = stdio.forward_stdin
+        run_dir, plan = _container.oneshot_plan(spec, argv, sandbox_id=sandbox_id, owner=owner,
+                                                interactive=interactive, pids_overhead=self.pids_overhead,
+                                                egress=self.uses_egress, egress_deferred=self.egress_deferred)
+        try:
+            cmd = self.oneshot_command(plan)
+            exe = which(cmd[0])
+            if exe is None:
+                raise BackendUnavailable(f"{self.binary} is not installed", hint="bash scripts/setup.sh")
+            # conmon writes a file named `oom` into the client's working directory on an OOM kill: not the caller's
+            proc = Proc([exe, *cmd[1:]], stdin=stdio.stdin if interactive else -1, stdout=stdio.stdout,
+                        stderr=stdio.stderr, cwd=run_dir or paths.runtime_dir())
+            try:
+                while True:
+                    try:
+                        rc = proc.wait(timeout)
+                        break
+                    except WaitTimeout:
+                        self.force_remove_sync(plan.name)
+                        proc.wait()
+                        return Outcome(124, timed_out=True)
+                    except KeyboardInterrupt:
+                        # The engine client is in our process group: it got the SIGINT too and proxies it
+                        # to the sandbox. Wait for the command to react; a second Ctrl-C kills the sandbox.
+                        timeout = 5.0
+            finally:
+                if proc.poll() is None:
+                    self.force_remove_sync(plan.name)
+                    proc.kill()
+                    proc.wait()
+                proc.close()
+            status = _container.read_status(run_dir)
+            if status is not None:
+                return _container.status_outcome(status)
+            return Outcome(self._engine_failure(spec, plan.name, rc, run_dir is not None))
+        finally:
+            _container.oneshot_cleanup(spec, sandbox_id, run_dir)
+
+    def _engine_failure(self, spec, name: str, rc: int, with_agent: bool) -> int:
+        """No status file: the engine failed before/around the command (or there is no agent)."""
+        if not with_agent:
+            return rc  # the command ran without the agent: the engine's code is all we have
+        self.force_remove_sync(name)
+        if rc in (125, 126, 127):
+            from ..imagesel import image_present, missing_image_error
+
+            if not image_present(self.binary, spec.image):
+                raise missing_image_error(self.binary, spec.image)
+            raise SandboxError(f"{self.binary} could not run the sandbox (exit {rc}; its message is above)")
+        return rc
+
     def force_remove_sync(self, name: str) -> None:
         import subprocess
 
@@ -142,8 +198,6 @@ class PodmanBackend(AgentContainerBackend):
 
 def _engine_cwd() -> str:
     """The podman client's working directory: conmon writes a file named `oom` there on an OOM kill."""
-    from .. import paths
-
     d = os.path.join(paths.runtime_dir(), "engine")
     os.makedirs(d, mode=0o700, exist_ok=True)
     return d

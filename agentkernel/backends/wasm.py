@@ -42,6 +42,8 @@ from .base import (
     ExecRequest,
     ExecResult,
     InstancePool,
+    OneShot,
+    Outcome,
     SandboxInfo,
     SandboxRef,
     owner_labels,
@@ -105,14 +107,16 @@ class _Workers:
             threading.Thread(target=self._loop, name=f"ak-wasm-run-{i}", daemon=True).start()
 
     def _loop(self) -> None:
+        from ..wasm.pool import set_future
+
         while True:
             fn, loop, fut = self.q.get()
             try:
                 res = fn()
             except BaseException as exc:
-                loop.call_soon_threadsafe(_resolve, fut, None, exc)
+                loop.call_soon_threadsafe(set_future, fut, None, exc)
             else:
-                loop.call_soon_threadsafe(_resolve, fut, res, None)
+                loop.call_soon_threadsafe(set_future, fut, res, None)
 
     def submit(self, fn: Any) -> Any:
         import asyncio
@@ -121,15 +125,6 @@ class _Workers:
         fut = loop.create_future()
         self.q.put((fn, loop, fut))
         return fut
-
-
-def _resolve(fut: Any, value: Any, exc: BaseException | None) -> None:
-    if fut.done():
-        return
-    if exc is not None:
-        fut.set_exception(exc)
-    else:
-        fut.set_result(value)
 
 
 _WORKERS: _Workers | None = None
@@ -193,7 +188,7 @@ def _sandboxes_dir() -> str:
     return d
 
 
-class WasmBackend(Backend, InstancePool):
+class WasmBackend(Backend, OneShot, InstancePool):
     name = "wasm"
     capabilities = Capabilities(WASM_CONTROLS, {"exec", "files", "oneshot", "pool", "module", "func", "fuel"},
                                 isolation="wasm sandbox (wasmtime, in-process)")
@@ -489,22 +484,24 @@ class WasmBackend(Backend, InstancePool):
         return ExecResult(raw.exit_code, timed_out=raw.timed_out, oom_killed=raw.oom_killed, stdout=raw.stdout,
                           stderr=raw.stderr, truncated=raw.truncated, timings=raw.timings)
 
-    def run_oneshot_sync(self, spec: SandboxSpec, argv: list[str], *, sandbox_id: str, owner: dict[str, Any],
-                         timeout: float | None = None, forward_stdin: bool = False) -> tuple[int, str | None]:
-        """The CLI's daemon-less one-shot (no asyncio): output streamed to our fds 1/2 as the guest writes
+    def run_oneshot(self, spec: SandboxSpec, argv: list[str], stdio: Any, timeout: float | None, *,
+                    sandbox_id: str, owner: dict[str, Any]) -> Outcome:
+        """The CLI's daemon-less one-shot (no asyncio): output streamed to ``stdio`` as the guest writes
         it, stdin read fully first when it is a pipe or file (a terminal gives empty stdin: a wasm guest
-        cannot be interactive). Returns (exit status, note or None); 124 on timeout."""
+        cannot be interactive). Traps and limits are also explained on the guest's stderr."""
         import stat
 
+        from ..termio import write_all
+
         stdin = b""
-        if forward_stdin:
+        if stdio.forward_stdin:
             try:
-                st = os.fstat(0)
-                if not (stat.S_ISCHR(st.st_mode) and os.isatty(0)):
+                st = os.fstat(stdio.stdin)
+                if not (stat.S_ISCHR(st.st_mode) and os.isatty(stdio.stdin)):
                     chunks = []
                     total = 0
                     while True:
-                        b = os.read(0, 1 << 16)
+                        b = os.read(stdio.stdin, 1 << 16)
                         if not b:
                             break
                         total += len(b)
@@ -514,20 +511,19 @@ class WasmBackend(Backend, InstancePool):
                     stdin = b"".join(chunks)
             except OSError:
                 stdin = b""
+        fds = {1: stdio.stdout, 2: stdio.stderr}
+        closed: set[int] = set()
 
         def out(fd: int, data: bytes) -> None:
-            view = memoryview(data)
-            while view:
-                try:
-                    n = os.write(fd, view)
-                except BlockingIOError:
-                    continue
-                except OSError:  # a closed pipe: drop the rest, like a killed reader
-                    return
-                view = view[n:]
+            if fd in closed:
+                return
+            try:
+                write_all(fds[fd], data)
+            except OSError:  # a closed pipe: drop the rest, like a killed reader
+                closed.add(fd)
 
         r = self.run_sync(spec, ExecRequest(list(argv), stdin=stdin, timeout=timeout, on_output=out))
-        return r.exit_code, None  # timeouts, traps and OOM are already explained on stderr
+        return Outcome(r.exit_code, signal=r.signal, timed_out=r.timed_out, oom=r.oom_killed)
 
     # -- pools ------------------------------------------------------------------------------------------
     async def start_pool(self, spec: SandboxSpec, size: int = 8, command: str = "sh") -> Any:

@@ -130,4 +130,7 @@ def status(args) -> int:
 
 
 def daemon_cmd(args) -> int:
+    from .. import config
+
+    config.load_config(config.find_config(None, os.getcwd()))  # its [daemon] socket, if any
     return {"start": start, "stop": stop, "status": status}[args.action](args)

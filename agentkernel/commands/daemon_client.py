@@ -11,8 +11,6 @@ from .. import paths
 from ..daemon import protocol as P
 from ..errors import AgentKernelError
 
-EXIT_TIMEOUT = 124
-
 
 def connect(timeout: float = 2.0):
     """A connection to the daemon, or None when none answers (no socket, stale socket, refused)."""
@@ -76,9 +74,9 @@ def try_run(spec, command: list[str], timeout: float | None) -> int | None:
     s = connect()
     if s is None:
         return None
-    from .run import _forward_stdin
+    from ..termio import stdin_forwardable
 
-    forward = _forward_stdin()
+    forward = stdin_forwardable()
     try:
         s.settimeout(None)
         request = {"v": P.PROTOCOL_VERSION, "op": "run", "spec": spec.to_dict(), "argv": command,
@@ -115,21 +113,14 @@ def sandbox_died(name: str) -> AgentKernelError:
                         hint="agentkernel doctor; if it repeats, see the engine's logs")
 
 
-def _note(msg: str) -> None:
-    sys.stderr.write(f"agentkernel: {msg}\n")
-
-
 def exit_code_of(code: int, sig: int, timed_out: bool, oom: bool, error: str | None, timeout,
                  memory_mb: int | None) -> int:
-    """Shell-style exit code from an agent exit event, with the notes a user must see."""
-    if timed_out:
-        _note(f"timed out after {timeout:g} s: every process of the command was killed")
-        return EXIT_TIMEOUT
-    if oom:
-        _note(f"the command was killed by the out-of-memory killer (memory limit {memory_mb} MiB)")
-    if error and code in (126, 127):
-        sys.stderr.write(f"agentkernel: {error}\n")
-    return code  # already shell-style: 128+N for a signal
+    """Shell-style exit code from an agent exit event, with the notes a user must see (the one renderer)."""
+    from ..outcome import Outcome, render
+
+    note = error if error and code in (126, 127) else None
+    return render(Outcome(code, signal=sig or None, timed_out=bool(timed_out), oom=bool(oom), note=note),
+                  timeout=timeout, memory_mb=memory_mb)
 
 
 def exec_via_agent_socket(client, command: list[str], *, env, cwd, timeout, forward_stdin: bool, sandbox: str):
@@ -178,7 +169,7 @@ def _run_proxy(s, fr: P.FrameReader, pending, forward: bool, timeout, spec) -> i
     """The daemon runs the command and streams its output (backends without an agent socket)."""
     import select
 
-    from ..agent.sync_client import _write_all
+    from ..termio import write_all
 
     poller = select.poll()
     poller.register(s.fileno(), select.POLLIN)
@@ -189,12 +180,13 @@ def _run_proxy(s, fr: P.FrameReader, pending, forward: bool, timeout, spec) -> i
     while True:
         for t, payload in frames:
             if t == P.STDOUT:
-                _write_all(1, payload)
+                write_all(1, payload)
             elif t == P.STDERR:
-                _write_all(2, payload)
+                write_all(2, payload)
             elif t == P.EXIT:
                 r = P.decode(payload)
-                return exit_code_of(r["exit_code"], 0, r.get("timed_out"), r.get("oom_killed"), None, timeout,
+                return exit_code_of(r["exit_code"], r.get("signal") or 0, r.get("timed_out"), r.get("oom_killed"), None,
+                                    timeout,
                                     spec.resources.memory_mb)
             elif t == P.ERROR:
                 _raise_error(payload)

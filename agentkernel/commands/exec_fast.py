@@ -36,13 +36,13 @@ def try_exec_fast(args, command: list[str]) -> int | None:
     except OSError:
         return None
     from ..backends._agentexec import exec_env
+    from ..termio import stdin_forwardable
     from .daemon_client import exec_via_agent_socket, exit_code_of
-    from .run import _forward_stdin
 
     spec = rec.spec
     code, sig, timed_out, oom, error = exec_via_agent_socket(
         client, command, env=exec_env(rec.handle.get("env"), spec.get("env") or {}, dict(args.env)),
-        cwd=args.workdir or spec.get("workdir"), timeout=args.timeout, forward_stdin=_forward_stdin(),
+        cwd=args.workdir or spec.get("workdir"), timeout=args.timeout, forward_stdin=stdin_forwardable(),
         sandbox=args.name)
     from .. import audit
 

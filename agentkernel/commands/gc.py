@@ -1,72 +1,11 @@
 """``agentkernel gc``: a full scan of every engine for agentkernel resources whose owner is provably
-dead (the journal covers the common case cheaply; this catches everything else, e.g. after the
-runtime dir was wiped by a reboot)."""
+dead (``agentkernel.reap``)."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 
-from .. import owner
-from ..backends import REGISTRY, get_backend_class
-from ..backends.base import LABEL_NAME, LABEL_STORE, SandboxRef, owner_from_labels
-from ..spec import SandboxSpec
-
-
-def scanned() -> list[str]:
-    """The backends whose resource listings the full scan reads (registry metadata ``gc``)."""
-    return [name for name, e in REGISTRY.items() if e.gc]
-
-
-def _store_has(store_path: str, sandbox_id: str) -> bool:
-    """A named sandbox is kept while the store it belongs to still lists it."""
-    if not store_path or not os.path.exists(store_path):
-        return False
-    from ..store import Store
-
-    st = Store(store_path)
-    try:
-        return sandbox_id in st.ids()
-    finally:
-        st.close()
-
-
-async def collect_orphans() -> list[tuple[str, object]]:
-    orphans = []
-    # a journal entry with a live owner wins over the labels (e.g. a pool member leased to a client that
-    # outlived the daemon named in the member's labels)
-    claimed = {(e.get("backend"), e.get("id")) for e in owner.entries() if not owner.is_dead(e.get("owner") or {})}
-    for name in scanned():
-        try:
-            cls = get_backend_class(name)
-            if not cls.probe().available:
-                continue
-            backend = cls()
-            infos = await backend.list()
-        except Exception:
-            continue
-        for info in infos:
-            labels = info.labels
-            if labels.get(LABEL_NAME) and _store_has(labels.get(LABEL_STORE, ""), info.id):
-                continue
-            if (name, info.id) in claimed:
-                continue
-            if owner.is_dead(owner_from_labels(labels)):
-                orphans.append((name, info))
-    return orphans
-
-
-async def reap(dry_run: bool = False) -> list[str]:
-    removed = []
-    owner.reap_dead()
-    for name, info in await collect_orphans():
-        removed.append(f"{name}:{info.id}")
-        if dry_run:
-            continue
-        backend = get_backend_class(name)()
-        await backend.remove(SandboxRef(name, info.id, info.handle, SandboxSpec(backend=name)))
-        await backend.aclose()
-    return removed
+from ..reap import reap
 
 
 def gc(args) -> int:

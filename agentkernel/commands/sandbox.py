@@ -12,7 +12,7 @@ from ..backends.base import ExecRequest
 from ..errors import AgentKernelError, ValidationError
 from ..manager import SandboxManager
 from ..spec import validate_name
-from .run import _result_code, _write_all, stdin_chunks
+from ..termio import stdin_chunks, stdin_forwardable, write_all
 
 
 def _with_manager(fn):
@@ -28,14 +28,14 @@ def _with_manager(fn):
 
 def create(args) -> int:
     from .. import config
-    from ..cli import resolve
+    from ..cli_flags import spec_from_args
 
     validate_name(args.name)
     if getattr(args, "dir", None):  # the project directory: its agentkernel.toml, and /workspace with --mount-cwd
         if not os.path.isdir(args.dir):
             raise ValidationError(f"--dir {args.dir!r} is not a directory")
         os.chdir(args.dir)
-    spec = resolve(args, None).replace(name=args.name)
+    spec = spec_from_args(args, None).replace(name=args.name)
     cfg = config.load_config(config.find_config(args.config, os.getcwd()))
     if getattr(args, "volume", None):
         from ..volumes import parse_mounts
@@ -100,22 +100,17 @@ def rm(args) -> int:
 def exec_cmd(args, command: list[str]) -> int:
     async def go(mgr):
         rec = mgr.get(args.name)
-        forward = _stdin_attached()
+        forward = stdin_forwardable()
         req = ExecRequest(command, env=dict(args.env), cwd=args.workdir,
                           stdin=stdin_chunks() if forward else None, timeout=args.timeout,
-                          on_output=lambda fd, data: _write_all(fd, data))
+                          on_output=write_all)
         result = await mgr.exec(args.name, req)
-        from ..spec import SandboxSpec
+        from ..outcome import from_result, render
 
-        return _result_code(result, args.timeout, SandboxSpec.from_dict(rec.spec))
+        return render(from_result(result), timeout=args.timeout,
+                      memory_mb=(rec.spec.get("resources") or {}).get("memory_mb"))
 
     return _with_manager(go)
-
-
-def _stdin_attached() -> bool:
-    from .run import _forward_stdin
-
-    return _forward_stdin()
 
 
 def _parse_cp(arg: str) -> tuple[str | None, str]:

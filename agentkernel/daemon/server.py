@@ -161,19 +161,14 @@ class Daemon:
         return backend
 
     async def _run_unpooled(self, backend: Backend, spec: SandboxSpec, req: ExecRequest) -> ExecResult:
-        """``backend.run`` of a fresh one-shot sandbox, claimed in the ownership journal while it runs
-        (unless the backend runs in this process: nothing of it could outlive a crash)."""
-        sid = owner.new_id("run")
-        if not backend.in_process:
-            owner.claim(backend.name, sid, backend.planned_handle(sid), self.owner)
-        try:
-            return await backend.run(spec, req, sandbox_id=sid, owner=self.owner)
-        finally:
-            if not backend.in_process:
-                owner.release(backend.name, sid)
+        """A fresh one-shot sandbox through the one-shot runner (claimed in the ownership journal while it
+        runs, unless the backend runs in this process: nothing of it could outlive a crash)."""
+        from ..oneshot import run_async
+
+        return await run_async(backend, spec, req, self.owner, journal=not backend.in_process, via="daemon")
 
     async def _reap_orphans(self) -> None:
-        from ..commands.gc import reap
+        from ..reap import reap
 
         try:
             removed = await reap()
@@ -407,11 +402,14 @@ def _remove_stale_socket(sock: str) -> None:
     raise AgentKernelError(f"a daemon is already running on {sock}", hint="agentkernel daemon status")
 
 
-def load_daemon_config(args_pool: dict[str, Any] | None = None, warm_flags: list[str] | None = None):
-    """[pool] defaults + [[pool.warm]] entries from agentkernel.toml, overridden by flags."""
+def load_daemon_config(args_pool: dict[str, Any] | None = None, warm_flags: list[str] | None = None,
+                       cfg: dict[str, Any] | None = None):
+    """[pool] defaults + [[pool.warm]] entries from ``cfg`` (the caller's loaded config file; None: the
+    working directory's agentkernel.toml), overridden by flags."""
     from .. import config
 
-    cfg = config.load_config(config.find_config(None, os.getcwd()))
+    if cfg is None:
+        cfg = config.load_config(config.find_config(None, os.getcwd()))
     pool = dict(cfg.get("pool", {}))
     warm_entries = pool.pop("warm", [])
     pool.update({k: v for k, v in (args_pool or {}).items() if v is not None})

@@ -148,7 +148,7 @@ class Binding:
 
 
 def parse_binding(text: str, label: str = "--secret") -> Binding:
-    from ..spec import is_env_name
+    from .._model import is_env_name
 
     parts = text.split(":") if isinstance(text, str) else []
     if len(parts) not in (2, 3):

@@ -36,7 +36,7 @@ def secrets_dir() -> str:
 
 
 def _check_name(name: str) -> str:
-    from ..spec import is_env_name
+    from .._model import is_env_name
 
     if not is_env_name(name) or len(name) > 128:
         raise ValidationError(f"invalid secret name {name!r}: letters, digits and '_', not starting with a digit")

@@ -87,9 +87,9 @@ class InstancePool:
         def work() -> None:
             try:
                 self.start_sync()
-                loop.call_soon_threadsafe(_set, fut, None, None)
+                loop.call_soon_threadsafe(set_future, fut, None, None)
             except BaseException as exc:  # report to the awaiting coroutine
-                loop.call_soon_threadsafe(_set, fut, None, exc)
+                loop.call_soon_threadsafe(set_future, fut, None, exc)
 
         threading.Thread(target=work, name="ak-wasm-pool-start", daemon=True).start()
         await fut
@@ -227,7 +227,8 @@ def _shorten_gil_slices() -> None:
         sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
-def _set(fut: Any, value: Any, exc: BaseException | None) -> None:
+def set_future(fut: Any, value: Any, exc: BaseException | None) -> None:
+    """Complete ``fut`` with ``value`` or ``exc`` unless it is already done (called on its loop)."""
     if fut.done():
         return
     if exc is not None:

@@ -15,6 +15,7 @@ from akagent_helpers import run, wait_until
 from agentkernel.agent.client import AgentClient
 from agentkernel.agent.sync_client import SyncAgentClient
 from agentkernel.agent.transport import StdioProcessTransport, UnixSocketTransport
+from tests.conftest import skip_unavailable
 
 pytestmark = [pytest.mark.engine("podman")]
 
@@ -29,14 +30,14 @@ def _podman(*args, check=True, timeout=60):
 @pytest.fixture(scope="module")
 def image():
     if not shutil.which("podman"):
-        pytest.skip("podman is not installed")
+        skip_unavailable("podman", "podman is not installed")
     if _podman("image", "exists", "agentkernel/busybox", check=False).returncode == 0:
         return "agentkernel/busybox"
     if _podman("image", "exists", TEST_IMAGE, check=False).returncode == 0:
         return TEST_IMAGE
     busybox = shutil.which("busybox") or "/bin/busybox"
     if not os.path.exists(busybox):
-        pytest.skip("no agentkernel/busybox image and no busybox binary to build one")
+        skip_unavailable("podman", "no agentkernel/busybox image and no busybox binary to build one")
     _build_test_image(busybox)
     return TEST_IMAGE
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+import time
 
 import pytest
 from akagent_helpers import ENV, start_agent, stop_agent
@@ -84,6 +85,20 @@ def test_agent_policy_applies_to_every_command(agent_bin, tmp_path):
         stop_agent(proc)
 
 
+def _holds(pid: int, path: str) -> bool:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def test_serve_device_survives_the_peer_coming_and_going(agent_bin, tmp_path):
     """A pty's master plays the host: sessions start with HELLO, a hang-up in between is not fatal."""
     import subprocess
@@ -95,6 +110,11 @@ def test_serve_device_survives_the_peer_coming_and_going(agent_bin, tmp_path):
     path = os.ttyname(slave)
     proc = subprocess.Popen([agent_bin, "serve", "--device", path], stdin=subprocess.DEVNULL)
     try:
+        # the master reads EIO while no one holds the slave open: close ours only once the agent has it
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not _holds(proc.pid, path):
+            time.sleep(0.01)
+        assert _holds(proc.pid, path), "the agent never opened its device"
         os.close(slave)
 
         def session(n: int) -> None:

@@ -16,7 +16,8 @@ import sys
 import time
 
 import httpx
-import pytest
+
+from tests.conftest import skip_unavailable
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,7 +31,7 @@ TOKENS = {
 
 def _need_podman() -> None:
     if shutil.which("podman") is None:
-        pytest.skip("podman is not installed")
+        skip_unavailable("podman", "podman is not installed")
 
 
 def free_port() -> int:

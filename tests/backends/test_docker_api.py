@@ -19,6 +19,7 @@ import pytest
 from agentkernel.backends import docker_api
 from agentkernel.backends.docker_api import AsyncClient, Demuxer, SyncClient
 from agentkernel.errors import AlreadyExists, BackendUnavailable, InvalidState, NotFound, SandboxError
+from tests.conftest import skip_unavailable
 
 pytestmark = [pytest.mark.engine("docker"), pytest.mark.timeout(60)]
 
@@ -43,7 +44,7 @@ def ensure_image() -> str:
                 return image
     bb = "/bin/busybox"
     if not os.path.exists(bb):
-        pytest.skip("no image: neither agentkernel/busybox nor busybox-static to build one")
+        skip_unavailable("docker", "no image: neither agentkernel/busybox nor busybox-static to build one")
     with tempfile.TemporaryDirectory() as d:
         os.makedirs(f"{d}/bin")
         os.makedirs(f"{d}/tmp", mode=0o1777)
@@ -63,12 +64,16 @@ def ensure_image() -> str:
     return TEST_IMAGE
 
 
-@pytest.fixture(scope="session")
-def image():
+def docker_image_or_skip() -> str:
     why = _docker_up()
     if why:
-        pytest.skip(f"dockerd is not reachable ({why}); start it: bash scripts/setup.sh")
+        skip_unavailable("docker", f"dockerd is not reachable ({why}); start it: bash scripts/setup.sh")
     return ensure_image()
+
+
+@pytest.fixture(scope="session")
+def image():
+    return docker_image_or_skip()
 
 
 def _mine() -> list[str]:

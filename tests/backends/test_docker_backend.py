@@ -22,13 +22,14 @@ import pytest
 
 from agentkernel.backends import _container
 from agentkernel.backends._container import CONTAINER_CONTROLS
-from agentkernel.backends.base import check_policy
+from agentkernel.backends.base import Stdio, check_policy
 from agentkernel.backends.docker import DockerBackend, create_body
 from agentkernel.backends.docker_api import SyncClient
 from agentkernel.errors import AlreadyExists, NotFound
 from agentkernel.owner import current_owner
 from agentkernel.spec import SandboxSpec
-from tests.backends.test_docker_api import _docker_up, ensure_image
+from tests.backends.test_docker_api import _docker_up, docker_image_or_skip
+from tests.conftest import skip_unavailable
 
 pytestmark = [pytest.mark.engine("docker"), pytest.mark.timeout(60)]
 
@@ -41,6 +42,7 @@ HELPER = r"""
 import json, os, sys, time
 job = json.loads(sys.argv[1])
 from agentkernel.backends import _container
+from agentkernel.backends.base import Stdio
 from agentkernel.backends.docker import DockerBackend
 from agentkernel.owner import current_owner
 from agentkernel.spec import SandboxSpec
@@ -48,7 +50,7 @@ spec = SandboxSpec.from_dict(job["spec"])
 plan = _container.plan(spec, sandbox_id=job["id"], owner=current_owner(), container_name=job["name"],
                        argv=job["argv"], agent_bin=None, cwd=job.get("cwd"), interactive=job["interactive"])
 t0 = time.monotonic()
-rc = DockerBackend().run_attached_sync(plan, timeout=job["timeout"], forward_stdin=job["forward_stdin"])
+rc = DockerBackend().run_attached_sync(plan, timeout=job["timeout"], stdio=Stdio(forward_stdin=job["forward_stdin"]))
 with open(job["report"], "w") as f:
     json.dump({"rc": rc, "asyncio": "asyncio" in sys.modules, "seconds": time.monotonic() - t0}, f)
 sys.exit(124 if rc is None else rc)
@@ -57,10 +59,7 @@ sys.exit(124 if rc is None else rc)
 
 @pytest.fixture(scope="session")
 def image():
-    why = _docker_up()
-    if why:
-        pytest.skip(f"dockerd is not reachable ({why}); start it: bash scripts/setup.sh")
-    return ensure_image()
+    return docker_image_or_skip()
 
 
 def _mine() -> list[dict]:
@@ -152,7 +151,10 @@ def test_create_body_renders_the_plan():
     default = _container.plan(_spec("agentkernel/busybox"), sandbox_id="x2", owner=current_owner(),
                               container_name="n", argv=["true"])
     b2 = create_body(default, network="none", oneshot=False)
-    assert b2["HostConfig"]["SecurityOpt"] == ["no-new-privileges"]  # the engine's default seccomp filter
+    # the default filter: the engine's own plus no namespace creation (issue 11 item 8)
+    opts = b2["HostConfig"]["SecurityOpt"]
+    assert opts[0] == "no-new-privileges" and opts[1].startswith("seccomp={")
+    assert any("unshare" in r["names"] for r in json.loads(opts[1][8:])["syscalls"] if r["action"] != "SCMP_ACT_ALLOW")
     assert b2["Cmd"] == [] and not b2["OpenStdin"] and "LogConfig" not in b2["HostConfig"]
     assert b2["NetworkDisabled"] is True and b2["HostConfig"]["NetworkMode"] == "none"
     assert b["NetworkDisabled"] is False
@@ -262,7 +264,7 @@ def test_oneshot_name_conflict_leaves_the_other_container(image, tmp_path):
         p = _container.plan(_spec(image), sandbox_id=sid, owner=current_owner(), container_name=name,
                             argv=["true"])
         with pytest.raises(AlreadyExists):
-            DockerBackend().run_attached_sync(p, timeout=None, forward_stdin=False)
+            DockerBackend().run_attached_sync(p, timeout=None, stdio=Stdio(forward_stdin=False))
         with SyncClient() as c:
             assert c.request("GET", f"/containers/{name}/json").status == 200  # not ours: not removed
     finally:
@@ -271,11 +273,11 @@ def test_oneshot_name_conflict_leaves_the_other_container(image, tmp_path):
 
 def test_oneshot_unknown_image_is_not_found():
     if _docker_up():
-        pytest.skip("dockerd is not reachable")
+        skip_unavailable("docker", "dockerd is not reachable")
     p = _container.plan(_spec("agentkernel/no-such-image"), sandbox_id=f"{PREFIX}img", owner=current_owner(),
                         container_name=f"agentkernel-{PREFIX}img", argv=["true"])
     with pytest.raises(NotFound, match="No such image"):
-        DockerBackend().run_attached_sync(p, timeout=None, forward_stdin=False)
+        DockerBackend().run_attached_sync(p, timeout=None, stdio=Stdio(forward_stdin=False))
 
 
 # ---- hardening, observed from inside a running container -------------------------------------------------
@@ -446,7 +448,7 @@ def test_agent_sandbox_lifecycle_with_full_network(image):
     from agentkernel import paths
 
     if paths.agent_binary() is None:
-        pytest.skip("the in-sandbox agent is not built (make -C agent)")
+        skip_unavailable("docker", "the in-sandbox agent is not built (make -C agent)")
     pytest.importorskip("agentkernel.backends._agentexec")
     from agentkernel.backends.base import ExecRequest
 

@@ -1,7 +1,7 @@
 """The ``oci`` backend against the real runtimes (crun, runc, runsc): nothing is mocked.
 
 Every behaviour test is parametrized over the runtimes installed here. One-shot runs
-(``run_oneshot_sync``, the CLI's daemon-less path) write straight to fds 0/1/2, so each runs in a fresh
+(``run_oneshot``, the CLI's daemon-less path) write straight to fds 0/1/2, so each runs in a fresh
 Python process with pipes for stdio, as the CLI would; that process also proves the path never imports
 asyncio. Named sandboxes go through the backend's async API (agent as PID 1, exec and files through it).
 After every test nothing of the test's sandboxes may be left: no runtime state, cgroups, mounts, bundles.
@@ -23,7 +23,7 @@ import uuid
 import pytest
 
 from agentkernel import owner, paths
-from agentkernel.backends.base import ExecRequest
+from agentkernel.backends.base import ExecRequest, Stdio
 from agentkernel.backends.oci import OCIBackend, host_problems
 from agentkernel.errors import (
     BackendUnavailable,
@@ -35,6 +35,7 @@ from agentkernel.errors import (
 from agentkernel.oci import bundle, rootfs, seccomp_oci
 from agentkernel.oci import runtime as rt
 from agentkernel.spec import SandboxSpec
+from tests.conftest import skip_unavailable
 
 pytestmark = [pytest.mark.engine("oci"), pytest.mark.timeout(90)]
 
@@ -48,12 +49,15 @@ HELPER = r"""
 import json, os, sys
 job = json.loads(sys.argv[1])
 from agentkernel.backends.oci import OCIBackend, host_problems
-from agentkernel.owner import current_owner
+from agentkernel.backends.base import Stdio
+from agentkernel.oneshot import run_outcome
+from agentkernel.outcome import exit_code, notes
 from agentkernel.spec import SandboxSpec
 spec = SandboxSpec.from_dict(job["spec"])
 b = OCIBackend(spec.options)
-rc, note = b.run_oneshot_sync(spec, job["argv"], sandbox_id=job["id"], owner=current_owner(),
-                              timeout=job["timeout"], forward_stdin=job["stdin"])
+out = run_outcome(b, spec, job["argv"], Stdio(forward_stdin=job["stdin"]), job["timeout"], sandbox_id=job["id"])
+rc = exit_code(out)
+note = "; ".join(notes(out, timeout=job["timeout"], memory_mb=spec.resources.memory_mb)) or None
 with open(job["report"], "w") as f:
     json.dump({"rc": rc, "note": note, "asyncio": "asyncio" in sys.modules}, f)
 sys.exit(rc)
@@ -137,14 +141,14 @@ def _ours() -> list[str]:
 @pytest.fixture(scope="session", autouse=True)
 def image_ready():
     if not RUNTIMES:
-        pytest.skip("no OCI runtime installed (bash scripts/setup.sh)")
+        skip_unavailable("oci", "no OCI runtime installed (bash scripts/setup.sh)")
     problems = host_problems(RUNTIMES[0])
     if problems:
-        pytest.skip(f"host not prepared: {problems[0][0]} ({problems[0][1]})")
+        skip_unavailable("oci", f"host not prepared: {problems[0][0]} ({problems[0][1]})")
     try:
         rootfs.resolve(IMAGE, quiet=True)
     except NotFound as exc:
-        pytest.skip(f"{exc} ({exc.hint})")
+        skip_unavailable("oci", f"{exc} ({exc.hint})")
 
 
 @pytest.fixture(autouse=True)
@@ -163,7 +167,7 @@ def runtime(request):
 
 def _agent_or_skip() -> None:
     if paths.agent_binary() is None:
-        pytest.skip("the agent is not built (make -C agent)")
+        skip_unavailable("oci", "the agent is not built (make -C agent)")
 
 
 def run(coro):
@@ -186,7 +190,9 @@ def test_exit_codes_and_signals(runtime, tmp_path):
     ):
         r = oneshot(runtime, ["sh", "-c", f"kill -{int(sig)} $$"], tmp_path=tmp_path)
         assert r.rc == code, (sig, r.stderr)
-        assert r.report["note"] is None
+        # the one renderer names a signal death unless the user sent it on purpose (INT, TERM)
+        quiet = sig in (signal.SIGTERM, signal.SIGINT)
+        assert r.report["note"] == (None if quiet else f"the command was killed by signal {int(sig)}")
         assert_no_leftovers(r.sid)
 
 
@@ -394,7 +400,8 @@ def test_runtime_failing_mid_start_leaves_nothing(runtime, tmp_path, monkeypatch
     os.dup2(fd, 2)
     try:
         with pytest.raises(SandboxError, match="could not start"):
-            b.run_oneshot_sync(_spec(runtime), ["true"], sandbox_id=sid, owner=owner.current_owner())
+            b.run_oneshot(_spec(runtime), ["true"], Stdio(forward_stdin=False), None, sandbox_id=sid,
+                         owner=owner.current_owner())
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -408,7 +415,8 @@ def test_missing_runtime_binary(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     b = OCIBackend({"runtime": "runc"})
     with pytest.raises(BackendUnavailable, match="runc") as ei:
-        b.run_oneshot_sync(_spec("runc"), ["true"], sandbox_id=_sid("nobin"), owner=owner.current_owner())
+        b.run_oneshot(_spec("runc"), ["true"], Stdio(forward_stdin=False), None, sandbox_id=_sid("nobin"),
+                     owner=owner.current_owner())
     assert "apt-get install" in (ei.value.hint or "")
 
 

@@ -26,6 +26,7 @@ from agentkernel.errors import (
     ValidationError,
 )
 from agentkernel.spec import SandboxSpec
+from tests.conftest import skip_unavailable
 
 wasmtime = pytest.importorskip("wasmtime")
 
@@ -47,7 +48,8 @@ ALL_BYTES = bytes(range(256))
 @pytest.fixture(scope="session")
 def aksh() -> str:
     if not shutil.which("clang"):
-        pytest.skip("clang is not installed (apt-get install -y clang lld wasi-libc libclang-rt-14-dev-wasm32)")
+        skip_unavailable("wasm",
+                         "clang is not installed (apt-get install -y clang lld wasi-libc libclang-rt-14-dev-wasm32)")
     subprocess.run(["make", "-s", "-C", os.path.join(REPO, "wasm")], check=True)
     path = os.path.join(REPO, "build", "wasm", "aksh.wasm")
     assert os.path.isfile(path)
@@ -57,7 +59,7 @@ def aksh() -> str:
 @pytest.fixture(scope="session")
 def probe_wasm(tmp_path_factory) -> str:
     if not shutil.which("clang"):
-        pytest.skip("clang is not installed")
+        skip_unavailable("wasm", "clang is not installed")
     out = str(tmp_path_factory.mktemp("cwasm") / "probe.wasm")
     subprocess.run(["clang", "--target=wasm32-wasi", "-O2", "-Wl,-z,stack-size=1048576", "-o", out,
                     os.path.join(FIX, "probe.c")], check=True)
@@ -500,14 +502,16 @@ def test_run_sync_without_asyncio(aksh):
     assert (p.returncode, p.stdout, p.stderr) == (201, b"piped", b"")
 
 
-def test_run_oneshot_sync_uses_our_stdio(aksh):
+def test_run_oneshot_uses_our_stdio(aksh):
     code = (
         "import os, sys\n"
+        "from agentkernel.backends.base import Stdio\n"
         "from agentkernel.backends.wasm import WasmBackend\n"
+        "from agentkernel.outcome import exit_code\n"
         "from agentkernel.spec import SandboxSpec\n"
-        "rc, note = WasmBackend().run_oneshot_sync(SandboxSpec(backend='wasm'), sys.argv[1:], sandbox_id='t',"
-        " owner={}, timeout=float(os.environ.get('T', '5')), forward_stdin=True)\n"
-        "sys.exit(rc if note is None and 'asyncio' not in sys.modules else 99)\n")
+        "out = WasmBackend().run_oneshot(SandboxSpec(backend='wasm'), sys.argv[1:], Stdio(),"
+        " float(os.environ.get('T', '5')), sandbox_id='t', owner={})\n"
+        "sys.exit(exit_code(out) if out.note is None and 'asyncio' not in sys.modules else 99)\n")
     p = subprocess.run([sys.executable, "-c", code, "sh", "-c", "cat; echo e >&2; exit 130"], input=b"x\x00y",
                        capture_output=True)
     assert (p.returncode, p.stdout, p.stderr) == (130, b"x\x00y", b"e\n")

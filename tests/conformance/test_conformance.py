@@ -1,0 +1,392 @@
+"""The backend conformance suite: every registry entry (and variant) that can run here, tested the same
+way through the declared contract and the real CLI. A new backend is done when this file is green for
+it. Entries that cannot run here skip with doctor's exact reason (a failure in CI for a required backend,
+see tests/conftest.py).
+
+One named sandbox per backend is shared by the tests that allow it (exit codes, signals, timeouts,
+files); one-shot runs, the lifecycle, the owner-SIGKILL reaping and the pool each make their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from agentkernel.backends import REGISTRY, get_backend
+from agentkernel.backends.base import CONTROLS, AgentAccess, ExecRequest, InstancePool, OneShot, Stdio
+from agentkernel.config import resolve_spec
+from agentkernel.errors import NotFound, PolicyNotEnforceable, ValidationError
+from tests.conftest import SESSION_LABEL, ak, require_backend
+
+pytestmark = [pytest.mark.timeout(240)]
+
+IMAGE = "agentkernel/busybox"
+RUN = f"cf{uuid.uuid4().hex[:6]}"
+BINARY = bytes(range(256)) * 2048  # 512 KiB, every byte value
+
+
+def _targets() -> list:
+    out = []
+    for name, entry in REGISTRY.items():
+        for opts in ({}, *entry.variants):
+            tag = name + "".join(f"-{v}" for v in opts.values())
+            out.append(pytest.param((name, dict(opts)), id=tag))
+    return out
+
+
+class Target:
+    def __init__(self, name: str, options: dict[str, str]) -> None:
+        self.name, self.options = name, options
+        self.entry = REGISTRY[name]
+        self.tag = name + "".join(f"-{v}" for v in options.values())
+        self.backend = get_backend(name, options)
+        self.posix = self.entry.isolation != "wasm"  # WASI guests: no signals, no background processes
+
+    def flags(self) -> list[str]:
+        out = ["-B", self.name]
+        for k, v in self.options.items():
+            out += ["-o", f"{k}={v}"]
+        if self.entry.image_store:
+            out += ["--image", IMAGE]
+        return out
+
+    def spec(self, **flags):
+        base = {"backend": self.name, "options": dict(self.options), "profile": "moderate"}
+        if self.entry.image_store:
+            base["image"] = IMAGE
+        return resolve_spec({**base, **flags})
+
+    def run(self, *argv: str, input: bytes | None = None, extra: tuple[str, ...] = (), timeout: float = 120):
+        return ak("run", *self.flags(), *extra, "--", *argv, input=input, timeout=timeout,
+                  env={"AGENTKERNEL_NO_DAEMON": "1"})
+
+    def listing(self) -> list:
+        """This backend's own resource listing (not another engine's)."""
+        async def go():
+            b = get_backend(self.name, self.options)
+            try:
+                return await b.list()
+            finally:
+                await b.aclose()
+
+        return asyncio.run(go())
+
+    def need_posix(self, what: str) -> None:
+        if not self.posix:
+            pytest.skip(f"{self.tag}: WASI guests have {what}")
+
+
+@pytest.fixture(scope="module", params=_targets())
+def target(request) -> Target:
+    name, opts = request.param
+    entry = REGISTRY[name]
+    if entry.platform != sys.platform:
+        pytest.skip(f"{name} runs on {entry.platform} only (this host: {sys.platform})")
+    require_backend(name)
+    return Target(name, opts)
+
+
+def _mgr():
+    from agentkernel.manager import SandboxManager
+
+    return SandboxManager()
+
+
+def _arun(coro_fn):
+    from agentkernel.commands.sandbox import _with_manager  # asyncio.run with a manager, closed afterwards
+
+    return _with_manager(coro_fn)
+
+
+@pytest.fixture(scope="module")
+def box(target):
+    """One started named sandbox per backend, shared by the tests that allow it."""
+    name = f"{RUN}-{target.tag}"
+    r = ak("create", *target.flags(), "--start", name)
+    assert r.returncode == 0, r
+    yield name
+    ak("rm", name)
+
+
+def _exec(box: str, argv: list[str], **kw):
+    return _arun(lambda mgr: mgr.exec(box, ExecRequest(argv, **kw)))
+
+
+# ---- the contract itself ------------------------------------------------------------------------------
+
+
+def test_declares_the_contract(target):
+    b = target.backend
+    assert b.name == target.name and type(b).probe().available
+    for ctl in b.capabilities.controls:
+        assert ctl in CONTROLS
+    if "pool" in b.capabilities.features:
+        assert isinstance(b, AgentAccess | InstancePool)
+    if isinstance(b, OneShot):  # the synchronous path is optional: the runner falls back to asyncio run()
+        assert callable(b.run_oneshot)
+    h = b.planned_handle("conf-0123456789")
+    assert isinstance(h, dict)
+
+
+# ---- exit status ------------------------------------------------------------------------------------------
+
+
+def test_exit_codes_0_to_255_exact(target, box):
+    async def go(mgr):
+        out = {}
+        for code in range(256):
+            r = await mgr.exec(box, ExecRequest(["sh", "-c", f"exit {code}"]))
+            out[code] = r.exit_code
+        return out
+
+    got = _arun(go)
+    assert got == {c: c for c in range(256)}
+
+
+@pytest.mark.parametrize("code", [0, 1, 42, 255])
+def test_one_shot_exit_code(target, code):
+    r = target.run("sh", "-c", f"exit {code}")
+    assert r.returncode == code, r
+
+
+def test_signals_are_128_plus_n(target, box):
+    target.need_posix("no signals")
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        r = _exec(box, ["sh", "-c", f"kill -{int(sig)} $$"])
+        assert (r.exit_code, r.signal) == (128 + sig, sig), r
+    r = target.run("sh", "-c", "kill -TERM $$")
+    assert r.returncode == 128 + signal.SIGTERM, r
+
+
+# ---- streams --------------------------------------------------------------------------------------------
+
+
+def test_stdin_to_eof_and_binary_streams_kept_separate(target):
+    r = target.run("sh", "-c", "cat > data; cat data; printf E >&2; cat data >&2", input=BINARY)
+    assert r.returncode == 0, r.stderr[-500:]
+    assert r.stdout == BINARY
+    assert r.stderr == b"E" + BINARY
+
+
+def test_exec_stdin_and_binary_output(target, box):
+    r = _exec(box, ["sh", "-c", "cat; printf E >&2"], stdin=BINARY)
+    assert (r.exit_code, r.stdout, r.stderr) == (0, BINARY, b"E")
+
+
+# ---- limits -------------------------------------------------------------------------------------------
+
+
+def test_timeout_is_124_and_kills_the_tree(target, box):
+    t0 = time.monotonic()
+    if target.posix:
+        r = target.run("sh", "-c", "sleep 60 & sleep 60", extra=("--timeout", "1"))
+    else:
+        r = target.run("sleep", "60", extra=("--timeout", "1"))
+    assert r.returncode == 124 and time.monotonic() - t0 < 30, r
+    assert b"timed out after 1 s" in r.stderr
+    if not target.posix:
+        return
+    r = _exec(box, ["sh", "-c", "sleep 60 & echo $! > bgpid; sleep 60"], timeout=1.0)
+    assert r.timed_out and r.exit_code == 124, r
+    r = _exec(box, ["sh", "-c", "kill -0 $(cat bgpid) 2>/dev/null && echo alive || echo dead"])
+    assert r.stdout == b"dead\n", r  # the background child went with the command
+
+
+def test_oom_is_reported(target):
+    if target.name.startswith("gvisor") or target.options.get("runtime") == "runsc":
+        pytest.xfail("gVisor's Sentry enforces memory itself and kills with SIGKILL: the host sees no cgroup "
+                     "OOM kill, so the OOM is reported as a plain signal 9 (known gap)")
+    if target.name == "qemu":
+        pytest.xfail("qemu: an OOM kill inside the guest comes back as a plain signal 9 (the in-guest agent does "
+                     "not report the guest's OOM killer yet; found by this suite, for the microVM backend's owner)")
+    memory = "256" if target.entry.isolation == "vm" else "64"  # a guest kernel needs room to boot
+    if target.posix:
+        r = target.run("sh", "-c", "a=xxxxxxxxxxxxxxxx; while :; do a=$a$a; done", extra=("--memory", memory))
+    else:
+        r = target.run("sh", "-c", "seq 1 100000000 | sort | tail -1", extra=("--memory", "64"))
+    assert r.returncode == 137, r
+    assert b"out-of-memory" in r.stderr or b"out of memory" in r.stderr, r.stderr[-500:]
+
+
+# ---- files ----------------------------------------------------------------------------------------------
+
+
+def test_files_both_ways(target, box, tmp_path):
+    async def go(mgr):
+        n = await mgr.write_file(box, "/workspace/up.bin", BINARY)
+        back = b"".join([c async for c in mgr.read_file(box, "/workspace/up.bin")])
+        return n, back
+
+    n, back = _arun(go)
+    assert (n, back) == (len(BINARY), BINARY)
+    r = _exec(box, ["sh", "-c", "wc -c < /workspace/up.bin"])
+    assert r.stdout.strip() == str(len(BINARY)).encode()
+    # and through the CLI, both directions
+    src = tmp_path / "in.bin"
+    src.write_bytes(BINARY[::-1])
+    assert ak("cp", str(src), f"{box}:/workspace/in.bin").returncode == 0
+    out = tmp_path / "out.bin"
+    r = ak("cp", f"{box}:/workspace/in.bin", str(out))
+    assert r.returncode == 0, r
+    assert out.read_bytes() == BINARY[::-1]
+
+
+def test_file_paths_cannot_escape(target, box, tmp_path):
+    with pytest.raises(ValidationError):
+        _arun(lambda mgr: mgr.write_file(box, "/workspace/../../etc/x", b"no"))
+    # a symlink made inside the sandbox pointing at "/" resolves inside the sandbox, never on the host
+    secret = tmp_path / f"host-only-{uuid.uuid4().hex[:8]}"
+    secret.write_bytes(b"host secret")
+    r = _exec(box, ["sh", "-c", "ln -s / /workspace/esc"])
+    if r.exit_code == 127:  # no ln in this guest: plant the link where the guest's files live on the host
+        rec = _mgr().get(box)
+        root = rec.handle.get("dir")
+        assert root, f"{target.tag}: cannot make a symlink inside the sandbox"
+        os.symlink("/", os.path.join(root, "root", "workspace", "esc"))
+    else:
+        assert r.exit_code == 0, r
+    with pytest.raises((NotFound, ValidationError)):
+        _arun(lambda mgr: _read(mgr, box, f"/workspace/esc{secret}"))
+    planted = f"/tmp/ak-planted-{uuid.uuid4().hex[:8]}"
+    try:
+        _arun(lambda mgr: mgr.write_file(box, f"/workspace/esc{planted}", b"x"))
+    except (NotFound, ValidationError, Exception):
+        pass
+    assert not os.path.exists(planted), "a write through a sandbox symlink landed on the host"
+
+
+async def _read(mgr, box, path):
+    return b"".join([c async for c in mgr.read_file(box, path)])
+
+
+# ---- lifecycle ---------------------------------------------------------------------------------------
+
+
+def test_lifecycle_create_exec_list_stop_start_rm(target):
+    import json
+
+    name = f"{RUN}-lc-{target.tag}"
+    assert ak("create", *target.flags(), name).returncode == 0
+    try:
+        assert ak("start", name).returncode == 0
+        r = ak("exec", name, "--", "sh", "-c", "echo kept > mark; echo hi")
+        assert (r.returncode, r.stdout) == (0, b"hi\n"), r
+        rows = {x["name"]: x for x in json.loads(ak("list", "--json").stdout)}
+        assert rows[name]["state"] == "running"
+        sid = rows[name]["id"]
+        assert sid in {i.id for i in target.listing()}  # in the backend's own listing
+        assert ak("stop", name).returncode == 0
+        rows = {x["name"]: x for x in json.loads(ak("list", "--json").stdout)}
+        assert rows[name]["state"] == "stopped"
+        assert ak("start", name).returncode == 0
+        r = ak("exec", name, "--", "cat", "mark")
+        assert (r.returncode, r.stdout) == (0, b"kept\n"), r  # files survive stop/start
+    finally:
+        assert ak("rm", name).returncode == 0
+    assert name not in {x["name"] for x in __import__("json").loads(ak("list", "--json").stdout)}
+    assert sid not in {i.id for i in target.listing()}
+
+
+# ---- ownership: a SIGKILLed owner's sandbox is reaped by the next command ------------------------------
+
+
+def test_sigkilled_owner_is_reaped_by_the_next_command(target):
+    if target.entry.isolation == "wasm":
+        pytest.xfail("a SIGKILLed wasm one-shot leaves scratch that the full scan (gc, daemon start-up) reaps, not the "
+                    "journal sweep every command runs (in-process runs are not journalled)")
+    env = {**os.environ, "AGENTKERNEL_NO_DAEMON": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "agentkernel", "run", *target.flags(), "--", "sleep", "120"],
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        mine = []
+        deadline = time.monotonic() + 60
+        while not mine and time.monotonic() < deadline:
+            time.sleep(0.2)
+            mine = [i for i in target.listing() if i.labels.get("agentkernel.owner.pid") == str(proc.pid)]
+        assert mine, f"{target.tag}: the run never appeared in the backend's own listing"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        r = ak("list")  # any next command reaps what a dead owner left
+        assert r.returncode == 0, r
+        left = [i for i in target.listing() if i.labels.get("agentkernel.owner.pid") == str(proc.pid)]
+        assert left == [], f"{target.tag}: still there after the next command: {[i.id for i in left]}"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the engine client the CLI had started, if still around
+        except ProcessLookupError:
+            pass
+
+
+# ---- fail closed ---------------------------------------------------------------------------------------
+
+_NEEDS = {  # a spec change that needs exactly this control
+    "network_allowlist": {"network": True, "network_allow": ["example.invalid"]},
+    "network_full": {"network": True},
+    "disk_rootfs": {"read_only": False, "disk_mb": 64},
+    "disk_tmpfs": {"read_only": True, "disk_mb": 64},
+}
+
+
+def test_refuses_a_control_it_cannot_enforce(target):
+    from agentkernel import oneshot, owner
+
+    missing = [c for c in _NEEDS if c not in target.backend.capabilities.controls]
+    if not missing:
+        pytest.skip(f"{target.tag} enforces every control this test knows how to ask for")
+    ctl = missing[0]
+    spec = target.spec(**_NEEDS[ctl])
+    before = {e["id"] for e in owner.entries()}
+    listed = {i.id for i in target.listing()}
+    from agentkernel.backends.base import required_controls
+
+    unenforced = [c for c in required_controls(spec) if c not in target.backend.capabilities.controls]
+    assert ctl in unenforced
+    with pytest.raises(PolicyNotEnforceable, match="|".join(unenforced)):  # it names what it cannot do
+        oneshot.run(target.backend, spec, ["true"], Stdio(forward_stdin=False), None)
+    assert {e["id"] for e in owner.entries()} == before  # nothing claimed
+    key, _, value = SESSION_LABEL.partition("=")
+    new = [i.id for i in target.listing() if i.id not in listed and i.labels.get(key) == value]
+    assert new == []  # nothing created
+
+
+# ---- pools: every member serves exactly one run ----------------------------------------------------------
+
+
+def test_pooled_members_are_used_once(target):
+    from agentkernel.daemon.server import Daemon
+    from agentkernel.pool import PoolConfig
+
+    spec = target.spec()
+
+    async def go():
+        d = Daemon(pool_defaults=PoolConfig(min_size=1, max_size=3), warm=[])
+        try:
+            first = await d.run(spec, ExecRequest(["sh", "-c", "echo used > marker; echo one"]))
+            second = await d.run(spec, ExecRequest(["sh", "-c", "cat marker 2>/dev/null || echo fresh"]))
+            third = await d.run(spec, ExecRequest(["sh", "-c", "cat marker 2>/dev/null || echo fresh"]))
+            pools = d.status()["pools"]
+            if d.poolable(spec):
+                pool = d.pool_for(spec)
+                deadline = time.monotonic() + 30
+                while pool.stats["destroyed"] < 3 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                pools = d.status()["pools"]
+            return first, second, third, pools, d.poolable(spec)
+        finally:
+            await d.close()
+
+    first, second, third, pools, poolable = asyncio.run(go())
+    assert first.stdout == b"one\n", first
+    assert second.stdout == b"fresh\n" and third.stdout == b"fresh\n"
+    assert pools, "no pool was used"
+    if poolable:
+        m = pools[0]["metrics"]
+        assert m["destroyed"] >= 3 and m["hits"] + m["misses"] == 3, m

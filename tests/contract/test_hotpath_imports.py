@@ -1,0 +1,77 @@
+"""The CLI's hot paths import nothing from a deny-list (deterministic: the interpreter's own import log,
+not a timing). The one-shot path of every container backend, the daemon's warm path (lease) and the
+exec fast path are each run for real, through the installed launcher's exact start-up (python -S, two
+sys.path entries), with ``-X importtime``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+
+from tests.conftest import ak, require_backend
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SITE = sysconfig.get_paths()["purelib"]
+
+# Start-up work that must never come back on these paths (each costs 1-30 ms of imports).
+DENY = frozenset({
+    "asyncio", "json", "subprocess", "typing", "argparse", "h11", "enum", "re", "threading", "hashlib",
+    "shutil", "selectors", "socket", "signal", "logging", "tomllib", "dataclasses", "inspect", "uuid",
+    "pydantic", "fastapi", "starlette", "uvicorn", "anyio", "wasmtime", "sqlite3", "_sqlite3",
+})
+LAUNCHER = ("import sys; sys.path[0:0] = [{repo!r}, {site!r}]; from agentkernel.cli import main; "
+            "sys.exit(main())")
+
+
+def imported(*args: str, env: dict | None = None, allow: frozenset[str] = frozenset()) -> set[str]:
+    """Run the CLI as the launcher does; return the deny-listed top-level modules it imported."""
+    e = {**os.environ, "AGENTKERNEL_NO_DAEMON": "1", **(env or {})}
+    e.pop("PYTHONPATH", None)  # the launcher sets sys.path itself
+    code = LAUNCHER.format(repo=REPO, site=SITE)
+    r = subprocess.run([sys.executable, "-S", "-X", "importtime", "-c", code, *args], capture_output=True,
+                       env=e, timeout=120, stdin=subprocess.DEVNULL)
+    lines = r.stderr.decode(errors="replace").splitlines()
+    assert r.returncode == 0, "\n".join(line for line in lines if not line.startswith("import time"))[-2000:]
+    mods = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
+    return {m for m in mods if m.split(".")[0] in DENY - allow}
+
+
+@pytest.mark.parametrize("backend", ["oci", "podman", "docker", "gvisor", "gvisor-docker"])
+def test_one_shot_path_imports_nothing_denied(backend):
+    require_backend(backend)
+    imported("run", "-B", backend, "--", "true")  # first use: may fill this session's image/rootfs caches
+    assert imported("run", "-B", backend, "--", "true") == set()
+
+
+@pytest.fixture(scope="module")
+def warm_daemon(tmp_path_factory):
+    require_backend("oci")
+    sock = str(tmp_path_factory.mktemp("d") / "d.sock")
+    env = {"AGENTKERNEL_DAEMON_SOCKET": sock, "AGENTKERNEL_NO_DAEMON": ""}
+    r = ak("daemon", "start", "--warm", "oci", "--pool-min", "1", env=env)
+    assert r.returncode == 0, r
+    yield env
+    ak("daemon", "stop", env=env)
+
+
+def test_warm_path_imports_nothing_denied(warm_daemon):
+    assert imported("run", "-B", "oci", "--", "true", env=warm_daemon) == set()
+    st = json.loads(ak("daemon", "status", "--json", env=warm_daemon).stdout)
+    assert st["runs"] >= 1  # it really went through the daemon
+
+
+def test_exec_fast_path_imports_nothing_denied():
+    require_backend("oci")
+    name = f"hot{os.getpid()}"
+    r = ak("create", "-B", "oci", "--start", name)
+    assert r.returncode == 0, r
+    try:
+        # the store is SQLite: the exec fast path reads it (allowed there, nowhere else)
+        assert imported("exec", name, "--", "true", allow=frozenset({"sqlite3", "_sqlite3"})) == set()
+    finally:
+        ak("rm", name)
