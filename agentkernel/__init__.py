@@ -22,7 +22,9 @@ def __getattr__(name: str):
 
         return Sandbox
     if name in _REFSDK:
-        from . import refsdk
+        # by name, on first use only: refsdk -> sdk -> this package (for __version__) is no import-time
+        # cycle, since this module has finished loading before anyone asks for these names
+        import importlib
 
-        return getattr(refsdk, name)
+        return getattr(importlib.import_module(f"{__name__}.refsdk"), name)
     raise AttributeError(f"module 'agentkernel' has no attribute {name!r}")
