@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import tempfile
 
 import pytest
 
@@ -24,13 +25,16 @@ DENY = frozenset({
     "shutil", "selectors", "socket", "signal", "logging", "tomllib", "dataclasses", "inspect", "uuid",
     "pydantic", "fastapi", "starlette", "uvicorn", "anyio", "wasmtime", "sqlite3", "_sqlite3",
 })
+# A runtime dir of our own: another test's SIGKILLed owner in the shared journal would make the next command
+# reap it (which legitimately imports asyncio), and that is not what these tests measure.
+_RUNTIME = tempfile.mkdtemp(prefix="ak-hotpath-")
 LAUNCHER = ("import sys; sys.path[0:0] = [{repo!r}, {site!r}]; from agentkernel.cli import main; "
             "sys.exit(main())")
 
 
 def imported(*args: str, env: dict | None = None, allow: frozenset[str] = frozenset()) -> set[str]:
     """Run the CLI as the launcher does; return the deny-listed top-level modules it imported."""
-    e = {**os.environ, "AGENTKERNEL_NO_DAEMON": "1", **(env or {})}
+    e = {**os.environ, "AGENTKERNEL_NO_DAEMON": "1", "AGENTKERNEL_RUNTIME_DIR": _RUNTIME, **(env or {})}
     e.pop("PYTHONPATH", None)  # the launcher sets sys.path itself
     code = LAUNCHER.format(repo=REPO, site=SITE)
     r = subprocess.run([sys.executable, "-S", "-X", "importtime", "-c", code, *args], capture_output=True,
