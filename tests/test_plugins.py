@@ -10,7 +10,8 @@ import os
 import tomllib
 
 import pytest
-from conftest import ak
+
+from tests.conftest import ak
 
 
 @pytest.fixture

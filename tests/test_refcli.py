@@ -6,10 +6,10 @@ import json
 import os
 
 import pytest
-from conftest import ak
 
 from agentkernel import __version__
 from agentkernel.cli import build_parser
+from tests.conftest import ak
 
 
 def test_version_and_help_forms():

@@ -7,10 +7,10 @@ import glob
 import os
 
 import pytest
-from conftest import ak
 
 from agentkernel.config import load_config, resolve_spec
 from agentkernel.errors import ConfigError, PolicyNotEnforceable
+from tests.conftest import ak
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "reference-configs")
 ALL = sorted(glob.glob(os.path.join(FIXTURES, "*.toml")) + glob.glob(os.path.join(FIXTURES, "examples", "*.toml")))
