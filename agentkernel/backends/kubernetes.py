@@ -26,19 +26,19 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+from typing import Any
 
-from ..config import ORCHESTRATOR_KEYS, orchestrator_settings
+from ..config import orchestrator_settings
 from ..errors import BackendUnavailable, InvalidState, PolicyNotEnforceable, SandboxError, ValidationError
 from ..spec import SandboxSpec
 from . import _kube_manifest as km
 from . import _remote_exec, _tarstream
+from ._orchestrator import OrchestratorBackend
 from .base import (
     LABEL_ID,
     LABEL_MANAGED,
     LABEL_NAME,
     Availability,
-    Backend,
     Capabilities,
     ExecRequest,
     ExecResult,
@@ -61,20 +61,15 @@ _FATAL_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrIm
                   "CreateContainerConfigError", "CreateContainerError", "RunContainerError", "CrashLoopBackOff"}
 
 
-class KubernetesBackend(Backend):
+class KubernetesBackend(OrchestratorBackend):
     name = "kubernetes"
     capabilities = Capabilities(K8S_CONTROLS, {"exec", "files", "warm_pool", "remote"},
                                 isolation="pod (node kernel shared; a RuntimeClass such as gVisor or Kata "
                                           "adds a boundary)")
-    options_allowed: ClassVar[tuple[str, ...]] = tuple(ORCHESTRATOR_KEYS)
 
     def __init__(self, options: dict[str, str] | None = None) -> None:
         super().__init__(options)
-        self.settings = orchestrator_settings(self.options, backend="kubernetes")
-        self._client = None
-        self._client_loop = None
         self._agent_sandbox: bool | None = None
-        self._bg: set[asyncio.Task] = set()
         self.on_request = None  # tests: called with (method, path) for every API call, in order
 
     # -- host checks --------------------------------------------------------------------------------------
@@ -497,11 +492,6 @@ class KubernetesBackend(Backend):
             return SandboxRef(self.name, sandbox_id, {"namespace": ns, "pod": meta["name"]}, spec)
         return None
 
-    def _background(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
-
     # -- agent-sandbox CRDs ----------------------------------------------------------------------------------
     async def _claim_create(self, spec: SandboxSpec, sandbox_id: str, owner: dict[str, Any]) -> SandboxRef:
         api, ns = self._api(), self.namespace
@@ -551,13 +541,6 @@ class KubernetesBackend(Backend):
             return await self._claim_pod(ref)
         return ref.handle.get("pod") or km.pod_name(ref.id)
 
-    async def aclose(self) -> None:
-        if self._bg:
-            await asyncio.gather(*list(self._bg), return_exceptions=True)
-        if self._client is not None:
-            if self._client_loop is asyncio.get_running_loop():
-                await self._client.aclose()
-            self._client = None
 
 
 def _pod_state(pod: dict[str, Any]) -> str:

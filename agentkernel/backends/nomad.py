@@ -24,18 +24,18 @@ import math
 import os
 import time
 from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+from typing import Any
 
-from ..config import ORCHESTRATOR_KEYS, orchestrator_settings
+from ..config import orchestrator_settings
 from ..errors import InvalidState, SandboxError, ValidationError
 from ..spec import DEFAULT_TMPFS_MB, SandboxSpec
 from . import _remote_exec, _tarstream
+from ._orchestrator import OrchestratorBackend
 from .base import (
     LABEL_ID,
     LABEL_MANAGED,
     LABEL_NAME,
     Availability,
-    Backend,
     Capabilities,
     ExecRequest,
     ExecResult,
@@ -62,18 +62,10 @@ def job_id(sandbox_id: str) -> str:
     return "ak-" + sandbox_id
 
 
-class NomadBackend(Backend):
+class NomadBackend(OrchestratorBackend):
     name = "nomad"
     capabilities = Capabilities(DOCKER_CONTROLS, {"exec", "files", "warm_pool", "remote"},
                                 isolation="container on a Nomad client (docker driver) or chroot+cgroups (exec driver)")
-    options_allowed: ClassVar[tuple[str, ...]] = tuple(ORCHESTRATOR_KEYS)
-
-    def __init__(self, options: dict[str, str] | None = None) -> None:
-        super().__init__(options)
-        self.settings = orchestrator_settings(self.options, backend="nomad")
-        self._client = None
-        self._client_loop = None
-        self._bg: set[asyncio.Task] = set()
 
     @classmethod
     def probe(cls) -> Availability:
@@ -398,18 +390,6 @@ class NomadBackend(Backend):
             return SandboxRef(self.name, sandbox_id, {"job": m["ID"], "claim_var": path}, spec)
         return None
 
-    def _background(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
-
-    async def aclose(self) -> None:
-        if self._bg:
-            await asyncio.gather(*list(self._bg), return_exceptions=True)
-        if self._client is not None:
-            if self._client_loop is asyncio.get_running_loop():
-                await self._client.aclose()
-            self._client = None
 
 
 def stopped_var(job: str) -> str:
