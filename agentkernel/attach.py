@@ -30,7 +30,7 @@ DEFAULT_TERM = "xterm-256color"
 
 
 async def open_tty(manager, name: str, tenant: str | None, argv: list[str] | None = None, *, rows: int = 24,
-                   cols: int = 80, term: str | None = None):
+                   cols: int = 80, term: str | None = None, env: dict[str, str] | None = None):
     """Start ``argv`` (default: a shell) on a PTY inside sandbox ``name``. Returns (client, process)."""
     from .backends._agentexec import exec_env
     from .errors import PolicyNotEnforceable
@@ -41,7 +41,7 @@ async def open_tty(manager, name: str, tenant: str | None, argv: list[str] | Non
     if client is None:
         raise PolicyNotEnforceable(f"backend {rec.backend!r} has no interactive attach (no in-sandbox agent)")
     spec = SandboxSpec.from_dict(rec.spec)
-    env = exec_env((rec.handle or {}).get("env"), spec.env, {"TERM": term or DEFAULT_TERM})
+    env = exec_env((rec.handle or {}).get("env"), spec.env, {"TERM": term or DEFAULT_TERM, **(env or {})})
     try:
         proc = await client.start(list(argv or DEFAULT_SHELL), env=env, cwd=spec.workdir, tty=True,
                                   tty_size=(max(1, rows), max(1, cols)))
@@ -302,14 +302,15 @@ async def run_terminal(channel: _Channel, *, recorder=None, stdin_fd: int = 0, s
     return int(code) if code is not None else 125
 
 
-async def attach_local(name: str, argv: list[str] | None = None, *, recorder=None, term: str | None = None) -> int:
+async def attach_local(name: str, argv: list[str] | None = None, *, recorder=None, term: str | None = None,
+                       env: dict[str, str] | None = None) -> int:
     from .manager import SandboxManager
 
     mgr = SandboxManager()
     try:
         rows, cols = terminal_size(1 if os.isatty(1) else 0)
         client, proc = await open_tty(mgr, name, None, argv, rows=rows, cols=cols,
-                                      term=term or os.environ.get("TERM"))
+                                      term=term or os.environ.get("TERM"), env=env)
         return await run_terminal(_AgentChannel(client, proc), recorder=recorder)
     finally:
         await mgr.aclose()
@@ -346,11 +347,16 @@ def attach_main(args) -> int:
         recorder = Recorder(args.record, width=cols, height=rows, command=" ".join(argv or DEFAULT_SHELL),
                             title=f"agentkernel attach {args.name}", record_input=args.record_input)
     url = args.url or None
+    env = dict(getattr(args, "env", None) or [])
+    if url and env:
+        from .errors import ValidationError
+
+        raise ValidationError("attach --url does not pass -e/--env variables; set them at create instead")
     if url:
         token = os.environ.get("AGENTKERNEL_API_KEY") or None
         coro = attach_remote(url, args.name, argv or None, token=token, recorder=recorder)
     else:
-        coro = attach_local(args.name, argv or None, recorder=recorder)
+        coro = attach_local(args.name, argv or None, recorder=recorder, env=env)
     try:
         return asyncio.run(coro)
     finally:

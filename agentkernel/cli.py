@@ -30,7 +30,8 @@ def _add_spec_flags(p, *, run: bool) -> None:
 
 
 COMMANDS = ("run", "create", "start", "stop", "rm", "remove", "exec", "cp", "list", "ls", "doctor", "gc",
-            "images", "audit", "daemon", "serve", "attach", "replay", "mcp", "bench", "secret", "logs")
+            "images", "audit", "daemon", "serve", "attach", "replay", "mcp", "bench", "secret", "logs",
+            "mcp-server", "setup", "status", "init", "agents", "plugin", "volume")
 
 
 def build_parser(only: str | None = None):
@@ -44,7 +45,7 @@ def build_parser(only: str | None = None):
         epilog="Exit status: the command's own (128+N if killed by signal N), 124 on timeout, "
         "125 when agentkernel itself fails.",
     )
-    parser.add_argument("--version", action="store_true", help="print the version")
+    parser.add_argument("-V", "--version", action="store_true", help="print the version")
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
 
     def want(*names: str) -> bool:
@@ -57,10 +58,18 @@ def build_parser(only: str | None = None):
         p.add_argument("name")
         _add_spec_flags(p, run=False)
         p.add_argument("--start", action="store_true", help="start it right away")
+        p.add_argument("-a", "--agent", choices=["claude", "codex", "gemini", "opencode"],
+                       help="the coding agent this sandbox is for (its agent image when one is built)")
+        p.add_argument("-v", "--volume", action="append", metavar="NAME:/PATH[:ro]",
+                       help="mount a named volume (agentkernel volume create NAME); repeatable")
+        p.add_argument("-d", "--dir", help="the project directory: read its agentkernel.toml and bind it "
+                       "at /workspace with --mount-cwd (default: the current directory)")
     for name, helptext in (("start", "start a named sandbox"), ("stop", "stop a named sandbox")):
         if want(name):
             p = sub.add_parser(name, help=helptext)
             p.add_argument("name")
+            if name == "start":
+                p.add_argument("-B", "--backend", help="the backend the sandbox was created on (checked)")
     if want("rm", "remove"):
         p = sub.add_parser("rm", aliases=["remove"], help="remove a named sandbox and everything it holds")
         p.add_argument("names", nargs="+", metavar="name")
@@ -94,9 +103,10 @@ def build_parser(only: str | None = None):
         p.add_argument("-s", "--sandbox")
         p.add_argument("-l", "--last", type=int, default=20)
         p.add_argument("--json", action="store_true")
+        p.add_argument("--path", action="store_true", help="print where the audit log is, and exit")
     if want("daemon"):
         _add_daemon(sub)
-    if want("serve", "attach", "replay", "mcp"):
+    if want("serve", "attach", "replay", "mcp", "mcp-server"):
         from .commands.serve import add_parsers
 
         add_parsers(sub, want)
@@ -104,6 +114,10 @@ def build_parser(only: str | None = None):
         from .commands.egress import add_parsers as _add_egress
 
         _add_egress(sub, want)
+    if want("setup", "status", "init", "agents", "plugin", "volume"):
+        from .commands.refcli import add_parsers as _add_ref
+
+        _add_ref(sub, want)
     if want("bench"):
         from .commands.bench import add_parser as _add_bench
 
@@ -128,6 +142,12 @@ def _add_daemon(sub) -> None:
     p.add_argument("--warm", action="append", metavar="BACKEND[:IMAGE[:PROFILE]]",
                    help="start: keep a pool warm for this spec (repeatable; default: the default spec)")
     p.add_argument("--json", action="store_true", help="status: machine-readable")
+
+
+def _exec_flags():
+    from .cli_flags import EXEC_FLAGS
+
+    return EXEC_FLAGS
 
 
 def _strip_dashdash(cmd: list[str]) -> list[str]:
@@ -169,24 +189,31 @@ def explain_run(args, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv == ["--version"]:  # no argparse (~8 ms) to print one line
+    if argv in (["--version"], ["-V"]):  # no argparse (~8 ms) to print one line
         from . import __version__
 
         print(f"agentkernel {__version__}")
         return 0
     cmd = argv[0] if argv and argv[0] in COMMANDS else None
+    command: list[str] | None = None
+    if cmd == "exec":  # everything after NAME is the command (options go before NAME)
+        from .cli_flags import split_command
+
+        head, command = split_command(argv[1:], _exec_flags())
+        argv = [cmd, *head]
     if cmd in ("run", "exec"):  # the hot paths: no argparse unless something is unusual
         from .cli_flags import EXEC_FLAGS, RUN_FLAGS, fast_parse
 
         ns = fast_parse(argv[1:], RUN_FLAGS if cmd == "run" else EXEC_FLAGS, () if cmd == "run" else ("name",))
+        if ns is not None and cmd == "exec" and command:
+            ns.command = command
         if ns is not None and (ns.command or cmd == "run"):
             ns.cmd, ns.version = cmd, False
             return _main(ns)
     parser = build_parser(cmd)
     # Everything after the first "--" is the command, verbatim: split before argparse sees it (its
     # REMAINDER after a positional would otherwise swallow options such as `exec NAME --timeout 1 --`).
-    command: list[str] | None = None
-    if cmd in ("run", "exec") and "--" in argv:
+    if cmd == "run" and "--" in argv:
         i = argv.index("--")
         argv, command = argv[:i], argv[i + 1 :]
     args = parser.parse_args(argv)
@@ -274,14 +301,18 @@ def _dispatch(args) -> int:
         from .commands.daemon import daemon_cmd
 
         return daemon_cmd(args)
-    if cmd in ("serve", "attach", "replay", "mcp"):
+    if cmd in ("serve", "attach", "replay", "mcp", "mcp-server"):
         from .commands import serve
 
-        return getattr(serve, cmd)(args)
+        return getattr(serve, "mcp" if cmd == "mcp-server" else cmd)(args)
     if cmd in ("secret", "logs"):
         from .commands import egress
 
         return egress.secret_cmd(args) if cmd == "secret" else egress.logs_cmd(args)
+    if cmd in ("setup", "status", "init", "agents", "plugin", "volume"):
+        from .commands import refcli
+
+        return getattr(refcli, cmd + "_cmd")(args)
     if cmd == "bench":
         from .commands.bench import bench_cmd
 

@@ -64,6 +64,7 @@ RUN_FLAGS = (
     Flag(("-n", "--name"), "name", "str", "name for a kept sandbox (with --keep)"),
     Flag(("--no-daemon",), "no_daemon", "true", "do not use the daemon's warm pools"),
     Flag(("--explain",), "explain", "true", "print which image would be used and why, then exit (runs nothing)"),
+    Flag(("-F", "--fast"), "fast", "true", "use a warm pooled sandbox (the default whenever the daemon runs)"),
 )
 EXEC_FLAGS = (
     TIMEOUT,
@@ -72,12 +73,42 @@ EXEC_FLAGS = (
 )
 
 
+SWITCHES = ("keep", "no_daemon", "explain", "fast")  # store_true flags that default to False (others default to None)
+
+
+def split_command(argv: list[str], flags, npos: int = 1):
+    """``exec``'s argv after the subcommand -> (options and NAME, the command or None).
+
+    Everything after NAME is the command, verbatim (``exec box python -m pytest``); ``--`` ends the
+    options. As with the reference's parser, exec's own flags right after NAME are still options
+    (``exec box -e K=V -- ./script.sh``, ``exec box --timeout 1 cmd``); the first other word starts the
+    command."""
+    takes_value = {n for f in flags if f.kind not in ("true", "false") for n in f.names}
+    known = {n for f in flags for n in f.names}
+    i, pos, n = 0, 0, len(argv)
+    while i < n:
+        a = argv[i]
+        if a == "--":
+            return argv[:i], argv[i + 1 :]
+        if pos >= npos:
+            if a.partition("=")[0] in known:
+                i += 2 if (a in takes_value) else 1
+                continue
+            return argv[:i], argv[i:]
+        if a.startswith("-") and a != "-":
+            i += 2 if (a in takes_value) else 1
+            continue
+        pos += 1
+        i += 1
+    return argv, None
+
+
 def defaults(flags) -> dict:
     out: dict = {}
     for f in flags:
         if f.kind in ("kv", "list"):
             out[f.dest] = []
-        elif f.kind == "true" and f.dest in ("keep", "no_daemon", "explain"):
+        elif f.kind == "true" and f.dest in SWITCHES:
             out[f.dest] = False
         else:
             out.setdefault(f.dest, None)
@@ -130,7 +161,7 @@ def add_to_argparse(group, flags) -> None:
     for f in flags:
         if f.kind in ("true", "false"):
             kw = {"action": "store_true" if f.kind == "true" else "store_false",
-                  "default": False if f.dest in ("keep", "no_daemon", "explain") else None}
+                  "default": False if f.dest in SWITCHES else None}
             if f.dest == "network":
                 net = net or group.add_mutually_exclusive_group()
                 net.add_argument(*f.names, dest=f.dest, help=f.help, **kw)
@@ -209,8 +240,6 @@ def fast_parse(argv: list[str], flags, positionals: tuple[str, ...] = ()):
             pos.append(a)
             i += 1
             continue
-        if positionals:  # exec NAME CMD... without "--": argparse decides
-            return None
         command = argv[i:]
         break
     if len(pos) < len(positionals):
@@ -254,6 +283,13 @@ def spec_from_args(args, argv: list[str] | None):
 
     cfg_path = config.find_config(args.config, os.getcwd())
     cfg = config.load_config(cfg_path)
+    if argv is not None and cfg.get("files"):
+        config.resolve_spec(spec_flags(args), config=cfg)  # its refusals first ([build] and the rest)
+        from .errors import PolicyNotEnforceable
+
+        raise PolicyNotEnforceable(f"{cfg_path}: [[files]] are copied in when a named sandbox is created, not "
+                                   "for one-shot runs", hint="agentkernel create NAME --start, then exec; or "
+                                   "--mount-cwd to share the project directory")
     from .imagesel import resolve_for_command
 
     return resolve_for_command(spec_flags(args), argv, config=cfg, config_path=cfg_path,

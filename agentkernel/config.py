@@ -29,7 +29,13 @@ Schema::
                 and the remote callers' policy: backends, profiles, network, max_memory_mb, max_vcpus,
                 max_pids, max_disk_mb, max_sandboxes, max_runs, max_batch  (api/policy.py)
     [[api.tenant]] name (a token's name) + the policy keys above, for that token only
+                allow_sudo_exec (sudo on exec: refops.check_sudo)
     [orchestrator]  the kubernetes and nomad backends (the reference's keys; see orchestrator_settings)
+
+The reference system's other keys are read too and mapped by refconfig.py: [sandbox] base_image/runtime,
+[agent], [[files]], [security] mount_home / pass_env = true|false / seccomp names /
+[security.commands], [network] vsock_cid, [api] api_key(_env).
+Keys understood but not honoured here make resolve_spec fail closed with the reason.
 
 Environment: AGENTKERNEL_BACKEND, AGENTKERNEL_IMAGE, AGENTKERNEL_PROFILE, AGENTKERNEL_CONFIG.
 """
@@ -49,26 +55,35 @@ CONFIG_FILENAME = "agentkernel.toml"
 
 SCHEMA: dict[str, dict[str, str]] = {
     "sandbox": {"name": "str", "image": "str", "backend": "str", "hostname": "str", "workdir": "str",
-                "options": "table", "pull": "str"},
+                "options": "table", "pull": "str", "base_image": "str", "runtime": "str"},
     "images": {"registry": "str", "insecure_registries": "list", "setuid": "str"},
     "build": {"dockerfile": "str", "context": "str", "target": "str", "args": "table", "no_cache": "bool",
               "tag": "str", "engine": "str"},
     "resources": {"vcpus": "number", "memory_mb": "int", "pids": "int", "disk_mb": "int"},
     "security": {"profile": "str", "network": "network", "network_allow": "list", "read_only": "bool",
-                 "mount_cwd": "bool", "pass_env": "list", "user": "str", "seccomp": "str", "domains": "domains",
-                 "tls_intercept": "bool"},
+                 "mount_cwd": "bool", "pass_env": "list|bool", "user": "str", "seccomp": "str", "domains": "domains",
+                 "tls_intercept": "bool",
+                 # the reference's keys (refconfig.py)
+                 "mount_home": "bool", "commands": "any"},
     "secrets": {},  # NAME = {host = "h" | hosts = [...], header = "H"}; backend = "file" | "keyring" (egress.secrets)
     "env": {},  # free-form KEY = "value"
     "pool": {"min": "int", "max": "int", "max_age_s": "number", "max_concurrent_starts": "int",
              "wait_s": "number", "warm": "tables"},
     "daemon": {"socket": "str"},
+    # the reference's tables (refconfig.py maps them onto the above, or refuses with the reason)
+    "agent": {"preferred": "str", "compatibility_mode": "str"},
+    "network": {"vsock_cid": "int"},
+    "files": {},  # [[files]] source, dest, mode
     "api": {"tokens": "list", "token_file": "str", "allowed_origins": "list", "admins": "list",
             "server_max_sandboxes": "int", "server_max_runs": "int", "tenant": "tables",
             # the policy of remote callers (api/policy.py POLICY_KEYS)
             "backends": "list", "profiles": "list", "network": "bool", "max_memory_mb": "int", "max_vcpus": "number",
-            "max_pids": "int", "max_disk_mb": "int", "max_sandboxes": "int", "max_runs": "int", "max_batch": "int"},
+            "max_pids": "int", "max_disk_mb": "int", "max_sandboxes": "int", "max_runs": "int", "max_batch": "int",
+            # the reference's keys (refconfig.py)
+            "api_key": "str", "api_key_env": "str", "allow_sudo_exec": "bool"},
     "orchestrator": {},  # filled in by the [orchestrator] block below
 }
+_FREE_TABLES = ("env", "files")  # keys checked elsewhere (or free-form)
 
 # keys of a [[pool.warm]] entry: which spec to keep warm, and its pool sizes
 WARM_KEYS = {"backend", "image", "profile", "network", "read_only", "memory_mb", "vcpus", "pids", "disk_mb",
@@ -111,9 +126,14 @@ def load_config(path: str | None) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    from . import refconfig
+
     for table, body in data.items():
         if table not in SCHEMA:
-            raise ConfigError(f"{path}: unknown table [{table}] (known: {', '.join('[' + t + ']' for t in SCHEMA)})")
+            raise ConfigError(f"{path}: unknown table [{table}]{refconfig.nearest(table, SCHEMA)} "
+                              f"(known: {', '.join('[' + t + ']' for t in SCHEMA)})")
+        if table == "files":
+            continue
         if not isinstance(body, dict):
             raise ConfigError(f"{path}: {table} must be a table")
         known = SCHEMA[table]
@@ -127,9 +147,12 @@ def load_config(path: str | None) -> dict[str, dict[str, Any]]:
 
                 check_secret_table(path, key, value)
                 continue
+            if table in _FREE_TABLES:
+                continue
             if key not in known:
                 raise ConfigError(
-                    f"{path}: unknown key {key!r} in [{table}] (known keys: {', '.join(known)})"
+                    f"{path}: unknown key {key!r} in [{table}]{refconfig.nearest(key, known)} "
+                    f"(known keys: {', '.join(known)})"
                 )
             _check_type(path, table, key, value, known[key])
     sock = data.get("daemon", {}).get("socket")
@@ -141,7 +164,7 @@ def load_config(path: str | None) -> dict[str, dict[str, Any]]:
         from . import paths
 
         paths.configure_daemon_socket(sock)
-    return data
+    return refconfig.normalize(data, path)
 
 
 def _check_type(path: str, table: str, key: str, value: Any, kind: str) -> None:
@@ -151,6 +174,9 @@ def _check_type(path: str, table: str, key: str, value: Any, kind: str) -> None:
         check_network_key(path, key, value)
         return
     ok = {
+        "any": True,
+        "list|bool": isinstance(value, bool) or (isinstance(value, list)
+                                                 and all(isinstance(v, str) for v in value)),
         "str": isinstance(value, str),
         "bool": isinstance(value, bool),
         "int": isinstance(value, int) and not isinstance(value, bool),
@@ -167,7 +193,8 @@ def _check_type(path: str, table: str, key: str, value: Any, kind: str) -> None:
                 raise ConfigError(f"{path}: unknown key {sorted(bad)[0]!r} in [[{table}.{key}]] "
                                   f"(known keys: {', '.join(sorted(allowed))})")
     if not ok:
-        want = {"tables": "a list of tables", "str": "a string", "bool": "true or false", "int": "an integer",
+        want = {"list|bool": "true, false or a list of strings",
+                "tables": "a list of tables", "str": "a string", "bool": "true or false", "int": "an integer",
                 "number": "a number",
                 "list": "a list of strings", "table": "a table of strings"}[kind]
         raise ConfigError(f"{path}: [{table}] {key} must be {want}, got {value!r}")
@@ -200,6 +227,10 @@ def resolve_spec(
         pol, res = profile_defaults(profile)
     except ValidationError as exc:
         raise ConfigError(str(exc)) from None
+    if cfg.get("_refused"):
+        from .refconfig import check_honourable
+
+        check_honourable(cfg, flags.get("backend") or sb.get("backend") or "podman")
 
     for key, field in _SECURITY_FIELDS.items():
         if key in sec:

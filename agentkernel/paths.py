@@ -71,6 +71,11 @@ def repo_root() -> str:
     return _REPO_ROOT
 
 
+def prebuilt(name: str) -> str:
+    """A binary shipped inside the wheel (hatch_build.py): agentkernel/_prebuilt/NAME."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "_prebuilt", name)
+
+
 def agent_binary() -> str | None:
     """The static in-sandbox agent: $AGENTKERNEL_AGENT_BIN, else <repo>/build/ak-agent.
     AGENTKERNEL_AGENT_BIN=none runs without it (engine exec, no exact status file)."""
@@ -79,7 +84,8 @@ def agent_binary() -> str | None:
     for cand in (
         os.environ.get("AGENTKERNEL_AGENT_BIN"),
         os.path.join(_REPO_ROOT, "build", "ak-agent"),
-        os.path.join(_REPO_ROOT, "agentkernel", "agent", "bin", "ak-agent"),  # a wheel's packaged copy
+        prebuilt("ak-agent"),  # a wheel's packaged copy (hatch_build.py)
+        os.path.join(_REPO_ROOT, "agentkernel", "agent", "bin", "ak-agent"),
         "/usr/local/lib/agentkernel/ak-agent",
     ):
         if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):

@@ -120,6 +120,8 @@ python_env() {
   if [ "$want" != "$have" ]; then
     info "installing agentkernel and its dependencies"
     "$VENV/bin/pip" install -q --upgrade pip >"$LOG_DIR/pip.log" 2>&1 || true
+    # the distribution was renamed to agentkernel-sandbox (same import name): drop the old editable one
+    "$VENV/bin/pip" uninstall -q -y agentkernel >>"$LOG_DIR/pip.log" 2>&1 || true
     "$VENV/bin/pip" install -q -e "$REPO[all,dev]" >>"$LOG_DIR/pip.log" 2>&1 \
       || { tail -30 "$LOG_DIR/pip.log" >&2; die "pip install failed (log: $LOG_DIR/pip.log)"; }
     echo "$want" >"$VENV/.agentkernel-installed"
@@ -176,6 +178,30 @@ prepare_oci() {
     || { tail -20 "$LOG_DIR/oci-prepare.log" >&2; die "oci prepare failed (log: $LOG_DIR/oci-prepare.log)"; }
 }
 
+reference_clients() {
+  # The reference system's published clients, for the compatibility tests (tests/api/test_api_refclients.py):
+  # npm agentkernel 0.18.1 and PyPI agentkernel-sdk 0.21.0, each in its own directory under build/
+  # (the Python SDK's import name is ours too, so it never goes into the venv).
+  step "reference clients (compatibility tests)"
+  local npm_dir="$REPO/build/refnode" sdk_dir="$REPO/build/refsdk-0.21.0"
+  if [ -f "$npm_dir/node_modules/agentkernel/package.json" ] \
+      && grep -q '"version": "0.18.1"' "$npm_dir/node_modules/agentkernel/package.json"; then
+    info "npm agentkernel 0.18.1 present"
+  elif command -v npm >/dev/null 2>&1; then
+    mkdir -p "$npm_dir"
+    npm install --no-audit --no-fund --prefix "$npm_dir" agentkernel@0.18.1 >"$LOG_DIR/npm-refclient.log" 2>&1 \
+      || info "npm agentkernel 0.18.1 not installed (log: $LOG_DIR/npm-refclient.log)"
+  else
+    info "npm missing: the npm reference client tests will be skipped"
+  fi
+  if [ -d "$sdk_dir/agentkernel" ]; then
+    info "agentkernel-sdk 0.21.0 present"
+  else
+    "$VENV/bin/pip" install -q --no-deps --target "$sdk_dir" agentkernel-sdk==0.21.0 \
+      >"$LOG_DIR/pip-refsdk.log" 2>&1 || info "agentkernel-sdk 0.21.0 not installed (log: $LOG_DIR/pip-refsdk.log)"
+  fi
+}
+
 build_images() {
   step "local images"
   "$VENV/bin/python" -m agentkernel.images build-all ${AGENTKERNEL_SETUP_IMAGES:-}
@@ -211,4 +237,5 @@ build_images
 prepare_oci
 build_vm_images
 install_firecracker
+reference_clients
 step "setup complete"

@@ -344,9 +344,9 @@ def test_duplicate_create_is_refused_and_loses_nothing():
 
 
 def test_malformed_config_file(tmp_path):
-    (tmp_path / "agentkernel.toml").write_text("[security]\nmount_home = true\n")
+    (tmp_path / "agentkernel.toml").write_text("[security]\nmount_hom = true\n")
     r = ak("run", "--", "true", cwd=str(tmp_path))
-    assert r.returncode == 125 and b"unknown key 'mount_home'" in r.stderr
+    assert r.returncode == 125 and b"unknown key 'mount_hom'" in r.stderr and b"did you mean 'mount_home'" in r.stderr
 
 
 def test_engine_not_running_says_how_to_start_it():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agentkernel.cli import build_parser
-from agentkernel.cli_flags import EXEC_FLAGS, RUN_FLAGS, fast_parse
+from agentkernel.cli_flags import EXEC_FLAGS, RUN_FLAGS, fast_parse, split_command
 
 RUN_CASES = [
     ["--", "echo", "hello"],
@@ -57,9 +57,28 @@ def test_unusual_input_goes_to_argparse(argv):
     assert fast_parse(argv, RUN_FLAGS) is None
 
 
-def test_exec_without_dashdash_goes_to_argparse():
-    assert fast_parse(["box", "ls"], EXEC_FLAGS, ("name",)) is None
+def test_exec_without_name_goes_to_argparse():
     assert fast_parse([], EXEC_FLAGS, ("name",)) is None
+
+
+@pytest.mark.parametrize(("argv", "head", "command"), [
+    (["box", "python3", "--version"], ["box"], ["python3", "--version"]),
+    (["box", "python", "-m", "pytest", "-x"], ["box"], ["python", "-m", "pytest", "-x"]),
+    (["-e", "K=V", "-t", "3", "box", "ls", "-la"], ["-e", "K=V", "-t", "3", "box"], ["ls", "-la"]),
+    (["box", "--", "echo", "--"], ["box"], ["echo", "--"]),
+    (["box", "--timeout", "1", "--", "sleep", "5"], ["box", "--timeout", "1"], ["sleep", "5"]),
+    (["box", "sh", "-c", "a -- b"], ["box"], ["sh", "-c", "a -- b"]),
+    (["box", "-e", "K=V", "./s.sh", "-e"], ["box", "-e", "K=V"], ["./s.sh", "-e"]),
+    (["box", "--timeout=2", "ls", "--timeout"], ["box", "--timeout=2"], ["ls", "--timeout"]),
+    (["box", "-la"], ["box"], ["-la"]),
+    (["box"], ["box"], None),
+])
+def test_exec_takes_everything_after_name_as_the_command(argv, head, command):
+    """The reference's form: `exec NAME CMD...` (options before NAME; `--` still accepted)."""
+    assert split_command(argv, EXEC_FLAGS) == (head, command)
+    if command is not None:
+        ns = fast_parse(head, EXEC_FLAGS, ("name",))
+        assert ns is not None and ns.name == "box" and ns.command == []
 
 
 def test_version_fast_path_matches_argparse(capsys):

@@ -57,11 +57,12 @@ def test_pass_env_takes_values_from_the_caller():
 
 def test_unknown_config_keys_are_rejected(tmp_path):
     p = tmp_path / "agentkernel.toml"
-    p.write_text('[security]\nmount_home = true\n')
-    with pytest.raises(ConfigError, match=r"unknown key 'mount_home' in \[security\].*known keys"):
+    p.write_text('[security]\nmount_hme = true\n')
+    with pytest.raises(ConfigError,
+                       match=r"unknown key 'mount_hme' in \[security\] \(did you mean 'mount_home'\?\).*known keys"):
         load_config(str(p))
     p.write_text('[sandboxx]\nname = "a"\n')
-    with pytest.raises(ConfigError, match=r"unknown table \[sandboxx\]"):
+    with pytest.raises(ConfigError, match=r"unknown table \[sandboxx\] \(did you mean 'sandbox'\?\)"):
         load_config(str(p))
 
 

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import AgentKernelError, TooManyRequests
 from . import models as M
+from . import refops, refroutes
 from .auth import TokenSet
 from .deps import UNAUTHORIZED, ClientGone, Unauthorized, describe_validation
 from .guard import JSON_BODY_LIMIT, RAW_FILE_LIMIT, RequestGuard
@@ -80,6 +81,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await svc.start()
+        await refops.startup(svc)
         try:
             if mcp_manager is not None:
                 async with mcp_manager.run():
@@ -87,6 +89,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
             else:
                 yield
         finally:
+            await refops.shutdown(svc)
             await svc.close()
 
     app = FastAPI(
@@ -105,6 +108,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     _error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(refroutes.router)  # the reference clients' later routes
     if mcp_app is not None:
         app.mount("/mcp", mcp_auth(mcp_app, settings.tokens, svc))
     app.openapi = _openapi(app)

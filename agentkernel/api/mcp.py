@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
 from ..errors import AgentKernelError
+from . import refops, reftools
 from .auth import LOCAL_TENANT, TokenSet, bearer
 from .service import file_path
 
@@ -50,6 +51,9 @@ class RunArgs(_Args):
     profile: Profile | None = Field(None, description="security profile (default moderate)")
     network: bool | None = Field(None, description="network access (default: the profile's; moderate: off)")
     backend: str | None = Field(None, description="backend (default podman)")
+    compatibility_mode: Literal["native", "claude", "claude-code", "codex", "gemini", "opencode"] | None = Field(
+        None, description="the calling agent (reference argument): commands get the engine's default seccomp "
+        "filter with every capability dropped; network stays as the profile says")
 
 
 class CreateArgs(_Args):
@@ -62,10 +66,11 @@ class CreateArgs(_Args):
     backend: str | None = None
     env: dict[str, str] | None = Field(None, description="environment variables of the sandbox")
     workdir: str | None = Field(None, description="default working directory")
+    source_url: str | None = Field(None, description="a remote git repository cloned into the working directory")
+    source_ref: str | None = Field(None, description="branch, tag or commit of source_url")
+    ttl: str | int | None = Field(None, description='remove the sandbox after this long: "30m", "2h"')
     # reference arguments nothing here implements: refused when set
     ports: list[str] | None = None
-    source_url: str | None = None
-    source_ref: str | None = None
 
 
 class ExecArgs(_Args):
@@ -75,7 +80,8 @@ class ExecArgs(_Args):
     workdir: str | None = Field(None, description="working directory inside the sandbox")
     cwd: str | None = Field(None, description="alias of workdir")
     timeout_ms: int = Field(DEFAULT_TIMEOUT_MS, gt=0, le=86_400_000, description="kill after this many ms (124)")
-    sudo: bool | None = Field(None, description="refused when true: commands run as the sandbox's non-root user")
+    sudo: bool | None = Field(None, description="run as root (only where the server allows it and the sandbox "
+                              "runs as uid 0)")
 
 
 class NameArgs(_Args):
@@ -110,6 +116,7 @@ TOOLS: dict[str, tuple[type[_Args], str]] = {
     "sandbox_start": (NameArgs, "Start a stopped sandbox."),
     "sandbox_stop": (NameArgs, "Stop a running sandbox (its files are kept)."),
 }
+TOOLS.update(reftools.TOOLS)  # TTL, batch write, detached commands, snapshots
 
 
 class HeadTail:
@@ -183,6 +190,8 @@ class Tools:
         model, _ = TOOLS[name]
         a = model.model_validate(args)
         svc = self.svc
+        if name in reftools.TOOLS:
+            return await reftools.call(svc, name, a, tenant)
         if isinstance(a, RunArgs):
             out, err = HeadTail(), HeadTail()
             spec = svc.run_spec(tenant, a.command, image=a.image, profile=a.profile, backend=a.backend,
@@ -191,15 +200,19 @@ class Tools:
             return _result_payload(r, out, err)
         if isinstance(a, ExecArgs):
             out, err = HeadTail(), HeadTail()
-            req = self._req(a.command, a.env, a.workdir or a.cwd, a.timeout_ms, out, err, sudo=a.sudo)
+            if a.sudo:
+                refops.check_sudo(svc, tenant, a.name)  # allowed: the sandbox's commands already run as root
+            req = self._req(a.command, a.env, a.workdir or a.cwd, a.timeout_ms, out, err)
             r = await svc.exec(tenant, a.name, req)
             return _result_payload(r, out, err)
         if isinstance(a, CreateArgs):
+            refops.check_create(a.source_url, a.source_ref, a.ttl)
             spec = svc.sandbox_spec(tenant, a.name, image=a.image, profile=a.profile, backend=a.backend,
                                     network=a.network, memory_mb=a.memory_mb, vcpus=a.vcpus, env=a.env,
-                                    workdir=a.workdir, unsupported={"ports": a.ports, "source_url": a.source_url,
-                                                                    "source_ref": a.source_ref})
+                                    workdir=a.workdir, unsupported={"ports": a.ports})
             info = await svc.create(tenant, spec, start=True)
+            info |= await refops.after_create(svc, tenant, a.name, source_url=a.source_url, source_ref=a.source_ref,
+                                              ttl=a.ttl)
             return f"created sandbox {a.name} ({info['backend']}, {info['image']}): {info['state']}", info
         if isinstance(a, ListArgs):
             items = await svc.list(tenant)

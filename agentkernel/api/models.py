@@ -81,8 +81,8 @@ class ExecRequestBody(Strict):
     env: dict[str, str] | list[str] | None = None
     workdir: str | None = None
     cwd: str | None = Field(None, description="alias of workdir")
-    sudo: bool | None = Field(None, description="refused (422) when true: commands run as the sandbox's "
-                              "non-root user, with every capability dropped")
+    sudo: bool | None = Field(None, description="run as root: allowed only with [api] allow_sudo_exec = true "
+                              "and a sandbox whose commands run as uid 0 (refused with 422 otherwise)")
     timeout: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S)
     stdin: str | None = None
     output_limit: int | None = Field(None, ge=0, le=1 << 26)
@@ -104,10 +104,13 @@ class CreateSandboxRequest(Strict):
     env: dict[str, str] | list[str] | None = None
     workdir: str | None = None
     start: bool = Field(True, description="start it right away (the reference always does)")
+    source_url: str | None = Field(None, description="a remote git repository, cloned on the server and copied "
+                                   "into the working directory (file:// and local paths are refused)")
+    source_ref: str | None = Field(None, description="branch, tag or commit of source_url")
+    volumes: list[str] | None = Field(None, description='named volumes: ["name:/path", "name:/path:ro"] '
+                                      "(agentkernel volume create NAME)")
+    ttl: str | int | None = Field(None, description='remove the sandbox after this long: "30m", "2h", seconds')
     # accepted for client compatibility; refused (422) when set, because nothing here implements them
-    source_url: str | None = None
-    source_ref: str | None = None
-    volumes: list[str] | None = None
     secrets: list[str] | None = None
     secret_files: list[str] | None = None
 
@@ -161,6 +164,7 @@ class SandboxBody(BaseModel):
     cpus: float | None = Field(None, description="exact CPU quota in cores")
     memory_mb: int | None = None
     created_at: str | None = Field(None, description="ISO 8601, UTC")
+    expires_at: str | None = Field(None, description="when the server removes it (TTL), ISO 8601, UTC")
 
 
 class FileReadResponse(BaseModel):

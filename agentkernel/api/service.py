@@ -107,7 +107,13 @@ def sandbox_info(d: dict[str, Any], spec: dict[str, Any] | None = None) -> dict[
     return {"name": d["name"], "uuid": d.get("id"), "status": status, "state": state, "backend": d.get("backend"),
             "image": d.get("image") or (spec or {}).get("image"), "profile": d.get("profile"),
             "vcpus": math.ceil(cpus) if cpus else None, "cpus": cpus, "memory_mb": res.get("memory_mb"),
-            "created_at": iso(d.get("created_at"))}
+            "created_at": iso(d.get("created_at")), "expires_at": _expiry(d.get("id"))}
+
+
+def _expiry(sandbox_id: str | None) -> str | None:
+    from .refops import expiry_of
+
+    return expiry_of(sandbox_id)
 
 
 class Service:
@@ -173,6 +179,7 @@ class Service:
                      backend: str | None = None, network: bool | None = None, read_only: bool | None = None,
                      memory_mb: int | None = None, vcpus: float | None = None, pids: int | None = None,
                      disk_mb: int | None = None, env=None, workdir: str | None = None,
+                     options: dict[str, str] | None = None,
                      unsupported: dict[str, Any] | None = None) -> SandboxSpec:
         """The spec of a named sandbox a caller asked for, within its policy; fields this server does not
         implement (``unsupported``) are refused when set."""
@@ -181,7 +188,7 @@ class Service:
         return self._spec(tenant, None, {"image": image, "profile": profile, "backend": backend, "network": network,
                                          "read_only": read_only, "memory_mb": memory_mb, "vcpus": vcpus,
                                          "pids": pids, "disk_mb": disk_mb, "env": env_dict(env),
-                                         "workdir": check_cwd(workdir), "name": name})
+                                         "workdir": check_cwd(workdir), "name": name, "options": options or {}})
 
     def exec_request(self, argv: list[str], *, env=None, cwd=None, timeout=None, stdin: str | None = None,
                      on_output=None, output_limit: int | None = None, sudo: bool | None = None) -> ExecRequest:

@@ -127,7 +127,7 @@ def get_backend_class(name: str, options: dict[str, str] | None = None) -> type:
         if exc.name and not exc.name.startswith("agentkernel"):
             raise MissingExtra(
                 f"backend {e.name!r} needs the Python package {exc.name!r}",
-                hint=f"pip install 'agentkernel[{e.extra}]'" if e.extra else "reinstall agentkernel",
+                hint=f"pip install 'agentkernel-sandbox[{e.extra}]'" if e.extra else "reinstall agentkernel",
             ) from exc
         if exc.name == mod_name:
             raise NotFound(f"backend {e.name!r} is not built into this version of agentkernel") from exc

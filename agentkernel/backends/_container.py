@@ -173,6 +173,10 @@ def plan(
     tmpfs: list[tuple[str, str]] = []
     if pol.mount_cwd:
         binds.append((mount_source_of(spec, cwd), "/workspace", False))
+    if spec.options.get("volumes"):  # named volumes only (never an arbitrary host path): volumes.py
+        from ..volumes import parse_mounts
+
+        binds += parse_mounts(spec.options["volumes"].split(","))
     if pol.read_only_root:
         size = res.disk_mb or DEFAULT_TMPFS_MB
         uid, _, gid = user.partition(":")

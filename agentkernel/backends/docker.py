@@ -136,7 +136,7 @@ class DockerBackend(AgentContainerBackend, OneShot):
     egress_deferred = True
     capabilities = Capabilities(DOCKER_CONTROLS, {"exec", "files", "agent", "oneshot", "pool"},
                                 isolation="container (shared kernel)")
-    options_allowed: ClassVar[tuple[str, ...]] = ()
+    options_allowed: ClassVar[tuple[str, ...]] = ("volumes",)
     docker_runtime: ClassVar[str | None] = None  # an OCI runtime registered in dockerd (e.g. "runsc")
 
     def __init__(self, options: dict[str, str] | None = None) -> None:

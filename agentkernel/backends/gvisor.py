@@ -73,7 +73,7 @@ class GVisorBackend(PodmanBackend):
     name = "gvisor"
     pids_overhead = GVISOR_PIDS_OVERHEAD
     capabilities = GVISOR_CAPABILITIES
-    options_allowed = ("engine",)
+    options_allowed = ("engine", "volumes")
 
     def __init__(self, options: dict[str, str] | None = None) -> None:
         super().__init__(options)

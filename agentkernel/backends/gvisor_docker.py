@@ -25,7 +25,7 @@ class GVisorDockerBackend(DockerBackend):
     name = "gvisor-docker"
     capabilities = GVISOR_CAPABILITIES
     pids_overhead = GVISOR_PIDS_OVERHEAD
-    options_allowed: ClassVar[tuple[str, ...]] = ("engine",)
+    options_allowed: ClassVar[tuple[str, ...]] = ("engine", "volumes")
     docker_runtime: ClassVar[str | None] = RUNTIME
 
     def __init__(self, options: dict[str, str] | None = None) -> None:

@@ -33,7 +33,7 @@ class PodmanBackend(AgentContainerBackend, OneShot):
     uses_egress = True
     capabilities = Capabilities(PODMAN_CONTROLS, {"exec", "files", "agent", "oneshot", "tty", "pool"},
                                 isolation="container (shared kernel)")
-    options_allowed: ClassVar[tuple[str, ...]] = ()
+    options_allowed: ClassVar[tuple[str, ...]] = ("volumes",)
 
     # extra flags for every create/run (the gVisor subclass adds its runtime here)
     def runtime_args(self) -> list[str]:

@@ -215,7 +215,7 @@ class WasmBackend(Backend, OneShot, InstancePool):
             wt = wasmtime_version().split("-")[0]
         except Exception as exc:
             return Availability(False, f"the Python package 'wasmtime' is not usable: {exc}",
-                                fix="pip install 'agentkernel[wasm]'")
+                                fix="pip install 'agentkernel-sandbox[wasm]'")
         from ..wasm import hyperlight
         from ..wasm.shell import aksh_path
 

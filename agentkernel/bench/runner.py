@@ -118,11 +118,11 @@ def _charts(doc: dict[str, Any], prefix: str, progress) -> dict[str, str]:
         from . import charts
     except ImportError as exc:
         if progress:
-            progress.note(f"no charts: {exc} (pip install 'agentkernel[bench]')")
+            progress.note(f"no charts: {exc} (pip install 'agentkernel-sandbox[bench]')")
         return {}
     try:
         return charts.render_all(doc, prefix)
     except ImportError as exc:
         if progress:
-            progress.note(f"no charts: {exc} (pip install 'agentkernel[bench]')")
+            progress.note(f"no charts: {exc} (pip install 'agentkernel-sandbox[bench]')")
         return {}

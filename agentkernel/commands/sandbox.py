@@ -27,13 +27,36 @@ def _with_manager(fn):
 
 
 def create(args) -> int:
+    from .. import config
     from ..cli_flags import spec_from_args
 
     validate_name(args.name)
+    if getattr(args, "dir", None):  # the project directory: its agentkernel.toml, and /workspace with --mount-cwd
+        if not os.path.isdir(args.dir):
+            raise ValidationError(f"--dir {args.dir!r} is not a directory")
+        os.chdir(args.dir)
     spec = spec_from_args(args, None).replace(name=args.name)
+    cfg = config.load_config(config.find_config(args.config, os.getcwd()))
+    if getattr(args, "volume", None):
+        from ..volumes import parse_mounts
+
+        parse_mounts(args.volume)
+        spec = spec.replace(options={**spec.options, "volumes": ",".join(args.volume)})
+    if getattr(args, "agent", None):
+        from ..refcompat import agent_spec
+
+        spec = agent_spec(spec, args.agent, explicit_image=bool(args.image or cfg.get("sandbox", {}).get("image")))
 
     async def go(mgr):
         rec = await mgr.create(spec, start=args.start)
+        if cfg.get("files"):
+            from ..refinject import after_create
+
+            try:
+                await after_create(mgr, rec.name, cfg, started=args.start)
+            except BaseException:
+                await mgr.remove(rec.name)
+                raise
         print(rec.name)
 
     _with_manager(go)
@@ -41,7 +64,15 @@ def create(args) -> int:
 
 
 def start(args) -> int:
-    _with_manager(lambda mgr: mgr.start(args.name))
+    async def go(mgr):
+        if getattr(args, "backend", None):
+            rec = mgr.get(args.name)
+            if rec.backend != args.backend:
+                raise ValidationError(f"sandbox {args.name} was created on backend {rec.backend!r}, "
+                                      f"not {args.backend!r}", hint="a sandbox's backend is fixed at create")
+        await mgr.start(args.name)
+
+    _with_manager(go)
     return 0
 
 
@@ -171,6 +202,11 @@ def list_cmd(args) -> int:
 def audit_cmd(args) -> int:
     from .. import audit
 
+    if getattr(args, "path", False):
+        from ..paths import audit_path
+
+        print(audit_path())
+        return 0
     events = audit.read(args.sandbox, args.last)
     for e in events:
         if args.json:

@@ -10,9 +10,9 @@ import sys
 def add_parsers(sub, want) -> None:
     if want("serve"):
         p = sub.add_parser("serve", help="serve the HTTP API (and MCP at /mcp) with warm pools")
-        p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; anything "
+        p.add_argument("-H", "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; anything "
                        "beyond loopback needs a token: AGENTKERNEL_API_TOKENS)")
-        p.add_argument("--port", type=int, default=18888)
+        p.add_argument("-p", "--port", type=int, default=18888)
         p.add_argument("--pool-min", type=int, metavar="N", help="warm members per pool")
         p.add_argument("--pool-max", type=int, metavar="N", help="members alive per pool, at most")
         p.add_argument("--warm", action="append", metavar="BACKEND[:IMAGE[:PROFILE]]",
@@ -25,16 +25,19 @@ def add_parsers(sub, want) -> None:
         p.add_argument("name")
         p.add_argument("--record", metavar="FILE", help="record the session as an asciicast v2 file")
         p.add_argument("--record-input", action="store_true", help="also record keystrokes (may contain secrets)")
+        from ..cli_flags import Flag, add_to_argparse
+
+        add_to_argparse(p, (Flag(("-e", "--env"), "env", "kv", "environment variable (repeatable)", "K=V"),))
         p.add_argument("--url", help="attach through a remote `agentkernel serve` (token: AGENTKERNEL_API_KEY)")
         p.add_argument("command", nargs="*", metavar="-- COMMAND...", help="what to run (default /bin/sh)")
     if want("replay"):
         p = sub.add_parser("replay", help="play an asciicast recording in this terminal")
         p.add_argument("file")
-        p.add_argument("--speed", type=float, default=1.0)
+        p.add_argument("-s", "--speed", type=float, default=1.0)
         p.add_argument("--max-idle", type=float, default=2.0, metavar="SECONDS",
                        help="cap every pause at this many seconds (0: no cap)")
-    if want("mcp"):
-        p = sub.add_parser("mcp", help="MCP server (stdio by default)")
+    if want("mcp", "mcp-server"):
+        p = sub.add_parser("mcp", aliases=["mcp-server"], help="MCP server (stdio by default)")
         p.add_argument("--transport", choices=["stdio", "http"], default="stdio")
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=18889)

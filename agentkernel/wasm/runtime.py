@@ -59,7 +59,7 @@ def require_wasmtime() -> Any:
         import wasmtime
     except ImportError as exc:
         raise MissingExtra("the wasm backend needs the Python package 'wasmtime'",
-                           hint="pip install 'agentkernel[wasm]'") from exc
+                           hint="pip install 'agentkernel-sandbox[wasm]'") from exc
     return wasmtime
 
 

@@ -25,6 +25,7 @@ def aksh_path() -> str:
     for cand in (
         os.environ.get("AGENTKERNEL_AKSH_WASM"),
         os.path.join(paths.repo_root(), "build", "wasm", "aksh.wasm"),
+        paths.prebuilt("aksh.wasm"),
         "/usr/local/lib/agentkernel/aksh.wasm",
     ):
         if cand and os.path.isfile(cand):

@@ -218,7 +218,9 @@ def test_exec_sudo_and_unsupported_fields_fail_closed(alice, sandbox):
     r = alice.post(f"/sandboxes/{sandbox}/exec", json={"command": ["id", "-u"], "sudo": False})
     assert r.json()["data"]["stdout"] == "1000\n"
     r = alice.post("/sandboxes", json={"name": unique("v"), "volumes": ["x:/y"]})
-    assert r.status_code == 422 and "volumes" in r.json()["error"]
+    assert r.status_code == 404 and "no such volume: x" in r.json()["error"]
+    r = alice.post("/sandboxes", json={"name": unique("v"), "secrets": ["K:host"]})
+    assert r.status_code == 422 and "secrets" in r.json()["error"]
 
 
 # ---- files -----------------------------------------------------------------------------------------------

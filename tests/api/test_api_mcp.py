@@ -13,7 +13,11 @@ from api_helpers import TOKENS, unique
 pytestmark = pytest.mark.engine("podman")
 
 EXPECTED_TOOLS = {"sandbox_run", "sandbox_create", "sandbox_exec", "sandbox_list", "sandbox_remove",
-                  "sandbox_file_write", "sandbox_file_read", "sandbox_start", "sandbox_stop"}
+                  "sandbox_file_write", "sandbox_file_read", "sandbox_start", "sandbox_stop",
+                  # the reference's later tools (api/reftools.py)
+                  "sandbox_extend_ttl", "sandbox_write_files", "sandbox_exec_detach", "sandbox_exec_status",
+                  "sandbox_exec_logs", "sandbox_exec_kill", "sandbox_exec_list", "snapshot_list", "snapshot_take",
+                  "snapshot_get", "snapshot_delete", "snapshot_restore"}
 
 
 def text_of(result) -> str:
@@ -59,6 +63,20 @@ async def exercise(session, name: str) -> None:
     assert r.structured_content["stdout"] == "1\n/tmp\n"
     r = await session.call_tool("sandbox_exec", {"name": name, "command": ["id"], "sudo": True})
     assert r.is_error and "sudo" in text_of(r)
+    r = await session.call_tool("sandbox_write_files", {"name": name, "files": {"/tmp/w/a": "A", "/tmp/w/b": "B"}})
+    assert not r.is_error and r.structured_content["written"] == 2, text_of(r)
+    r = await session.call_tool("sandbox_exec_detach", {"name": name, "command": ["sh", "-c", "cat /tmp/w/a /tmp/w/b"]})
+    cmd_id = r.structured_content["id"]
+    for _ in range(100):
+        r = await session.call_tool("sandbox_exec_status", {"name": name, "id": cmd_id})
+        if r.structured_content["status"] != "running":
+            break
+        await asyncio.sleep(0.1)
+    assert r.structured_content["exit_code"] == 0
+    r = await session.call_tool("sandbox_exec_logs", {"name": name, "id": cmd_id})
+    assert r.structured_content["stdout"] == "AB"
+    r = await session.call_tool("sandbox_extend_ttl", {"name": name, "by": "1h"})
+    assert not r.is_error and r.structured_content["expires_at"].endswith("Z")
     r = await session.call_tool("sandbox_file_read", {"name": name, "path": "/../etc/passwd"})
     assert r.is_error
     r = await session.call_tool("sandbox_stop", {"name": name})
