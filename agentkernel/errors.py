@@ -22,6 +22,15 @@ class AgentKernelError(Exception):
         return self.message
 
 
+def print_error(exc: AgentKernelError) -> None:
+    """``agentkernel: error: <message>`` and its hint on stderr (entry points outside the CLI)."""
+    import sys
+
+    print(f"agentkernel: error: {exc}", file=sys.stderr)
+    if exc.hint:
+        print(f"  hint: {exc.hint}", file=sys.stderr)
+
+
 class ConfigError(AgentKernelError):
     """Malformed agentkernel.toml, unknown keys, bad flag or environment values."""
 

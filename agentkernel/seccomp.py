@@ -99,18 +99,24 @@ def restrictive_profile() -> dict:
     return prof
 
 
-def profile_path(name: str) -> str:
-    """Path of the Docker-format profile file for ``name`` (generated once, then one stat per call)."""
-    if name not in ("default", "restrictive"):
-        raise ValueError(f"unknown seccomp profile {name!r}")
-    parts = [PROFILE_VERSION, name, ",".join(RESTRICTIVE_DENY) if name == "restrictive" else ""]
+def source_stamp() -> list[str]:
+    """Path, mtime (ns) and size of the first default profile source that exists ([] when none): what
+    cache keys of generated profiles depend on, for one stat and no parsing."""
     for src in DEFAULT_PROFILE_SOURCES:
         try:
             st = os.stat(src)
         except OSError:
             continue
-        parts += [src, str(st.st_mtime_ns), str(st.st_size)]
-        break
+        return [src, str(st.st_mtime_ns), str(st.st_size)]
+    return []
+
+
+def profile_path(name: str) -> str:
+    """Path of the Docker-format profile file for ``name`` (generated once, then one stat per call)."""
+    if name not in ("default", "restrictive"):
+        raise ValueError(f"unknown seccomp profile {name!r}")
+    parts = [PROFILE_VERSION, name, ",".join(RESTRICTIVE_DENY) if name == "restrictive" else ""]
+    parts += source_stamp()
     from _sha256 import sha256  # hashlib's OpenSSL import costs milliseconds on the hot path
 
     digest = sha256("|".join(parts).encode()).hexdigest()[:16]

@@ -74,6 +74,14 @@ def probe_backend(backend: str) -> tuple[bool, str]:
     return _probes[backend]
 
 
+def need(cond: bool, why: str) -> None:
+    """Skip unless ``cond``; with CI=true a missing prerequisite is a failure, not a skip."""
+    if not cond:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"required for CI: {why}")
+        pytest.skip(why)
+
+
 def require_backend(backend: str) -> None:
     ok, reason = probe_backend(backend)
     if not ok:

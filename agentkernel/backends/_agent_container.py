@@ -23,7 +23,7 @@ from .base import AgentAccess, Backend, ExecRequest, ExecResult, SandboxRef
 
 TYPE_CHECKING = False  # typing costs ~2-7 ms at start-up; annotations are never evaluated here
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable, Callable
     from typing import Any
 
 
@@ -209,29 +209,10 @@ class AgentContainerBackend(Backend, AgentAccess):
 
     async def write_file(self, ref: SandboxRef, path: str, data: bytes | AsyncIterator[bytes],
                          mode: int = 0o644) -> int:
-        from ..spec import check_sandbox_path
+        return await agent_write_file(lambda: self._client(ref), ref, path, data, mode)
 
-        check_sandbox_path(path)
-        client = await self._client(ref)
-        try:
-            return await client.put_file(path, data, mode=mode, make_parents=True)
-        except OSError as exc:
-            raise _file_error(ref, path, exc) from None
-        finally:
-            await client.close()
-
-    async def read_file(self, ref: SandboxRef, path: str) -> AsyncIterator[bytes]:
-        from ..spec import check_sandbox_path
-
-        check_sandbox_path(path)
-        client = await self._client(ref)
-        try:
-            async for chunk in client.get_file(path):
-                yield chunk
-        except OSError as exc:
-            raise _file_error(ref, path, exc) from None
-        finally:
-            await client.close()
+    def read_file(self, ref: SandboxRef, path: str) -> AsyncIterator[bytes]:
+        return agent_read_file(lambda: self._client(ref), ref, path)
 
     async def stop(self, ref: SandboxRef) -> None:
         await self._engine_stop(ref.handle["container"])
@@ -245,6 +226,37 @@ class AgentContainerBackend(Backend, AgentAccess):
     async def status(self, ref: SandboxRef) -> str:
         state, _ = await self._engine_state(ref.handle["container"])
         return state
+
+
+async def agent_write_file(connect: Callable[[], Awaitable[Any]], ref: SandboxRef, path: str,
+                           data: bytes | AsyncIterator[bytes], mode: int = 0o644, **put_options: Any) -> int:
+    """Write a file through the sandbox's agent (``connect()`` gives a connected client, closed here);
+    ``put_options`` go to ``put_file`` (e.g. ``owner``). Errors name the file and the sandbox."""
+    from ..spec import check_sandbox_path
+
+    check_sandbox_path(path)
+    client = await connect()
+    try:
+        return await client.put_file(path, data, mode=mode, make_parents=True, **put_options)
+    except OSError as exc:
+        raise _file_error(ref, path, exc) from None
+    finally:
+        await client.close()
+
+
+async def agent_read_file(connect: Callable[[], Awaitable[Any]], ref: SandboxRef, path: str) -> AsyncIterator[bytes]:
+    """Stream a file from the sandbox's agent (see ``agent_write_file``)."""
+    from ..spec import check_sandbox_path
+
+    check_sandbox_path(path)
+    client = await connect()
+    try:
+        async for chunk in client.get_file(path):
+            yield chunk
+    except OSError as exc:
+        raise _file_error(ref, path, exc) from None
+    finally:
+        await client.close()
 
 
 def _file_error(ref: SandboxRef, path: str, exc: OSError) -> Exception:

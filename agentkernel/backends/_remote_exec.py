@@ -9,7 +9,12 @@ The exit status is the command's (126/127 when it cannot be run, as in a shell).
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
+from collections.abc import Awaitable, Callable
+
+from .base import ExecRequest, ExecResult, OutputCollector, SandboxRef
 
 # $1 = directory, $2 = number of NAME=VALUE words that follow, then the words, then the timeout in
 # seconds (0 = none), then the stdin length for protocols without stdin EOF (-1 = stream as is), then
@@ -60,6 +65,30 @@ def outcome(code: int | None, elapsed: float, timeout: float | None) -> tuple[in
     return code, (code - 128 if 128 < code <= 192 else None), False
 
 
+async def run(start: Callable[[], Awaitable[int | None]], req: ExecRequest, collector: OutputCollector,
+              exec_fn: Callable[[ExecRequest], Awaitable[ExecResult]], ref: SandboxRef) -> ExecResult:
+    """Await ``start()`` (the engine's exec of a ``wrap``ped argv, returning its exit status) under the
+    request's timeout plus ``KILL_GRACE_S``, and make the ExecResult: exit code, signal, timeout, the
+    collected output, and, for a SIGKILL that was not the timeout, whether the OOM killer did it (probed
+    with ``exec_fn``, which runs a command in the same sandbox)."""
+    t0 = time.perf_counter()
+    code: int | None = None
+    try:
+        # past the deadline the in-sandbox killer ends the command; waiting for that (bounded) means
+        # nothing of it is left running when this returns
+        async with asyncio.timeout(req.timeout + KILL_GRACE_S if req.timeout else None):
+            code = await start()
+    except TimeoutError:
+        code = None
+    code, sig, timed_out = outcome(code, time.perf_counter() - t0, req.timeout)
+    res = ExecResult(code, signal=sig, timed_out=timed_out, truncated=collector.truncated,
+                     stdout=bytes(collector.buf[1]), stderr=bytes(collector.buf[2]))
+    res.timings["exec_ms"] = (time.perf_counter() - t0) * 1e3
+    if code == 137 and not timed_out:
+        res.oom_killed = await oom_killed(exec_fn, ref)
+    return res
+
+
 # The sandbox's own cgroup counts OOM kills (cgroup v2 memory.events, v1 memory.oom_control): read after
 # a command died of SIGKILL, a higher count than last seen means the out-of-memory killer did it.
 OOM_COUNT_ARGV = ["cat", "/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"]
@@ -71,3 +100,16 @@ def oom_kills(text: bytes) -> int | None:
         if key == "oom_kill" and value.strip().isdigit():
             return int(value)
     return None
+
+
+async def oom_killed(exec_fn: Callable[[ExecRequest], Awaitable[ExecResult]], ref: SandboxRef) -> bool:
+    """Whether the sandbox's OOM kill count rose since last seen (kept in ``ref.handle["oom_kills"]``)."""
+    try:
+        probe = await exec_fn(ExecRequest(list(OOM_COUNT_ARGV), cwd="/", timeout=30))
+    except Exception:
+        return False
+    n = oom_kills(probe.stdout)
+    if n is None or n <= int(ref.handle.get("oom_kills") or 0):
+        return False
+    ref.handle["oom_kills"] = n
+    return True

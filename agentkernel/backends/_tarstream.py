@@ -8,13 +8,19 @@ the file's bytes as they arrive (no buffering of the whole file).
 
 from __future__ import annotations
 
+import asyncio
 import io
 import posixpath
 import tarfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from ..errors import NotFound, SandboxError, ValidationError
 from ..spec import check_sandbox_path
+from .base import ExecRequest, ExecResult
+
+# runs one request in the sandbox (a backend's exec, bound to its sandbox)
+ExecFn = Callable[[ExecRequest], Awaitable[ExecResult]]
 
 
 def split(path: str) -> tuple[str, str]:
@@ -108,3 +114,47 @@ def read_error(path: str, exit_code: int, stderr: bytes) -> Exception:
     if "No such file" in msg or "not found" in msg.lower() or "can't stat" in msg or "Cannot stat" in msg:
         return NotFound(f"no such file in the sandbox: {path}")
     return SandboxError(f"reading {path} failed (tar exit {exit_code}): {msg[-300:]}")
+
+
+async def write_file(exec_fn: ExecFn, path: str, data: bytes | AsyncIterator[bytes], mode: int = 0o644) -> int:
+    """Write ``data`` to ``path`` in the sandbox: one archive piped into an exec'd ``tar x``."""
+    if not isinstance(data, bytes | bytearray):
+        data = b"".join([bytes(c) async for c in data])
+    archive = pack(path, bytes(data), mode)
+    res = await exec_fn(ExecRequest(extract_argv(), stdin=archive, cwd="/"))
+    if res.exit_code != 0:
+        raise SandboxError(f"writing {path} failed: {res.stderr.decode(errors='replace').strip()[-300:]}")
+    return len(data)
+
+
+async def read_file(exec_fn: ExecFn, path: str) -> AsyncIterator[bytes]:
+    """The bytes of ``path`` in the sandbox, streamed from an exec'd ``tar c`` as they arrive."""
+    argv = create_argv(path)
+    parser = FileFromTar()
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=16)
+    stderr = bytearray()
+
+    async def on_output(fd: int, data: bytes) -> None:
+        if fd == 2:
+            stderr.extend(data[:4096])
+        elif chunk := parser.feed(data):
+            await queue.put(chunk)
+
+    async def run() -> ExecResult:
+        try:
+            return await exec_fn(ExecRequest(argv, cwd="/", on_output=on_output))
+        finally:
+            await queue.put(None)
+
+    task = asyncio.create_task(run())
+    try:
+        while (chunk := await queue.get()) is not None:
+            yield chunk
+        res = await task
+    finally:
+        if not task.done():
+            task.cancel()
+    if res.exit_code != 0:
+        raise read_error(path, res.exit_code, bytes(stderr))
+    if not parser.done:
+        raise SandboxError(f"reading {path}: the archive from the sandbox ended early")

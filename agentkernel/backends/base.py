@@ -404,6 +404,12 @@ class Backend(ABC):
     async def run(self, spec: SandboxSpec, req: ExecRequest, *, sandbox_id: str,
                   owner: dict[str, Any]) -> ExecResult:
         """One-shot: a fresh sandbox for one command, destroyed afterwards whatever happens."""
+        return (await self.run_timed(spec, req, sandbox_id=sandbox_id, owner=owner))[1]
+
+    async def run_timed(self, spec: SandboxSpec, req: ExecRequest, *, sandbox_id: str,
+                        owner: dict[str, Any]) -> tuple[SandboxRef, ExecResult]:
+        """``run``'s work, also returning the (removed) sandbox's ref, for backends that add timings
+        from its handle; the result's timings hold each phase (create, start, exec, remove, total)."""
         t0 = time.perf_counter()
         ref = await self.create(spec, sandbox_id=sandbox_id, owner=owner)
         try:
@@ -420,7 +426,7 @@ class Backend(ABC):
             "create_ms": (t1 - t0) * 1e3, "start_ms": (t2 - t1) * 1e3, "exec_ms": (t3 - t2) * 1e3,
             "remove_ms": (t5 - t4) * 1e3, "total_ms": (t5 - t0) * 1e3,
         })
-        return result
+        return ref, result
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, a no-op for most backends
         """Release connections held by this backend object."""

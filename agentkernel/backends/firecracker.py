@@ -263,18 +263,9 @@ def vsock_path(run_dir: str) -> str:
 
 
 def vmm_pid(run_dir: str) -> int | None:
-    try:
-        with open(os.path.join(run_dir, "vmm.pid")) as f:
-            pid = int(f.read().strip() or 0)
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read()
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, ValueError, IndexError):
-        return None
-    if state in (b"Z", b"X") or (b"firecracker" not in cmd and b"jailer" not in cmd):
-        return None
-    return pid
+    from ..vm.pidfile import live_pid
+
+    return live_pid(os.path.join(run_dir, "vmm.pid"), lambda cmd: b"firecracker" in cmd or b"jailer" in cmd)
 
 
 def _tail(run_dir: str) -> str:

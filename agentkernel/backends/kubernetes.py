@@ -26,19 +26,19 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+from typing import Any
 
-from ..config import ORCHESTRATOR_KEYS, orchestrator_settings
+from ..config import orchestrator_settings
 from ..errors import BackendUnavailable, InvalidState, PolicyNotEnforceable, SandboxError, ValidationError
 from ..spec import SandboxSpec
 from . import _kube_manifest as km
 from . import _remote_exec, _tarstream
+from ._orchestrator import OrchestratorBackend
 from .base import (
     LABEL_ID,
     LABEL_MANAGED,
     LABEL_NAME,
     Availability,
-    Backend,
     Capabilities,
     ExecRequest,
     ExecResult,
@@ -61,20 +61,15 @@ _FATAL_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrIm
                   "CreateContainerConfigError", "CreateContainerError", "RunContainerError", "CrashLoopBackOff"}
 
 
-class KubernetesBackend(Backend):
+class KubernetesBackend(OrchestratorBackend):
     name = "kubernetes"
     capabilities = Capabilities(K8S_CONTROLS, {"exec", "files", "warm_pool", "remote"},
                                 isolation="pod (node kernel shared; a RuntimeClass such as gVisor or Kata "
                                           "adds a boundary)")
-    options_allowed: ClassVar[tuple[str, ...]] = tuple(ORCHESTRATOR_KEYS)
 
     def __init__(self, options: dict[str, str] | None = None) -> None:
         super().__init__(options)
-        self.settings = orchestrator_settings(self.options, backend="kubernetes")
-        self._client = None
-        self._client_loop = None
         self._agent_sandbox: bool | None = None
-        self._bg: set[asyncio.Task] = set()
         self.on_request = None  # tests: called with (method, path) for every API call, in order
 
     # -- host checks --------------------------------------------------------------------------------------
@@ -336,81 +331,19 @@ class KubernetesBackend(Backend):
             return _remote_exec.wrap(req.argv, cwd=req.cwd or ref.spec.workdir, env=req.env, timeout=req.timeout,
                                      stdin_length=length)
 
-        t0 = time.perf_counter()
-        code: int | None = None
-        try:
-            # past the deadline the in-sandbox killer ends the command; waiting for that (bounded) means
-            # nothing of it is left running when this returns
-            async with asyncio.timeout(req.timeout + _remote_exec.KILL_GRACE_S if req.timeout else None):
-                code = await api.exec(ns, pod, km.CONTAINER, argv_for, stdin=stdin, on_output=sink, tty=req.tty,
-                                      tty_size=req.tty_size)
-        except TimeoutError:
-            code = None
-        code, sig, timed_out = _remote_exec.outcome(code, time.perf_counter() - t0, req.timeout)
-        res = ExecResult(code, signal=sig, timed_out=timed_out, truncated=collector.truncated,
-                         stdout=bytes(collector.buf[1]), stderr=bytes(collector.buf[2]))
-        res.timings["exec_ms"] = (time.perf_counter() - t0) * 1e3
-        if code == 137 and not timed_out:
-            res.oom_killed = await self._oom_killed(ref)
-        return res
+        async def start() -> int | None:
+            return await api.exec(ns, pod, km.CONTAINER, argv_for, stdin=stdin, on_output=sink, tty=req.tty,
+                                  tty_size=req.tty_size)
 
-    async def _oom_killed(self, ref: SandboxRef) -> bool:
-        try:
-            probe = await self.exec(ref, ExecRequest(list(_remote_exec.OOM_COUNT_ARGV), cwd="/", timeout=30))
-        except Exception:
-            return False
-        n = _remote_exec.oom_kills(probe.stdout)
-        if n is None or n <= int(ref.handle.get("oom_kills") or 0):
-            return False
-        ref.handle["oom_kills"] = n
-        return True
-
-    async def _exec_simple(self, ref: SandboxRef, argv: list[str], stdin: bytes | None = None) -> ExecResult:
-        return await self.exec(ref, ExecRequest(argv, stdin=stdin, cwd="/"))
+        return await _remote_exec.run(start, req, collector, lambda r: self.exec(ref, r), ref)
 
     # -- files ---------------------------------------------------------------------------------------------------
     async def write_file(self, ref: SandboxRef, path: str, data: bytes | AsyncIterator[bytes],
                          mode: int = 0o644) -> int:
-        if not isinstance(data, bytes | bytearray):
-            data = b"".join([bytes(c) async for c in data])
-        archive = _tarstream.pack(path, bytes(data), mode)
-        res = await self._exec_simple(ref, _tarstream.extract_argv(), archive)
-        if res.exit_code != 0:
-            raise SandboxError(f"writing {path} failed: {res.stderr.decode(errors='replace').strip()[-300:]}")
-        return len(data)
+        return await _tarstream.write_file(lambda r: self.exec(ref, r), path, data, mode)
 
-    async def read_file(self, ref: SandboxRef, path: str) -> AsyncIterator[bytes]:
-        argv = _tarstream.create_argv(path)
-        parser = _tarstream.FileFromTar()
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=16)
-        stderr = bytearray()
-
-        async def on_output(fd: int, data: bytes) -> None:
-            if fd == 2:
-                stderr.extend(data[:4096])
-                return
-            chunk = parser.feed(data)
-            if chunk:
-                await queue.put(chunk)
-
-        async def run() -> ExecResult:
-            try:
-                return await self.exec(ref, ExecRequest(argv, cwd="/", on_output=on_output))
-            finally:
-                await queue.put(None)
-
-        task = asyncio.create_task(run())
-        try:
-            while (chunk := await queue.get()) is not None:
-                yield chunk
-            res = await task
-        finally:
-            if not task.done():
-                task.cancel()
-        if res.exit_code != 0:
-            raise _tarstream.read_error(path, res.exit_code, bytes(stderr))
-        if not parser.done:
-            raise SandboxError(f"reading {path}: the archive from the sandbox ended early")
+    def read_file(self, ref: SandboxRef, path: str) -> AsyncIterator[bytes]:
+        return _tarstream.read_file(lambda r: self.exec(ref, r), path)
 
     # -- stop / remove / status / list ---------------------------------------------------------------------
     async def stop(self, ref: SandboxRef) -> None:
@@ -559,11 +492,6 @@ class KubernetesBackend(Backend):
             return SandboxRef(self.name, sandbox_id, {"namespace": ns, "pod": meta["name"]}, spec)
         return None
 
-    def _background(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
-
     # -- agent-sandbox CRDs ----------------------------------------------------------------------------------
     async def _claim_create(self, spec: SandboxSpec, sandbox_id: str, owner: dict[str, Any]) -> SandboxRef:
         api, ns = self._api(), self.namespace
@@ -613,13 +541,6 @@ class KubernetesBackend(Backend):
             return await self._claim_pod(ref)
         return ref.handle.get("pod") or km.pod_name(ref.id)
 
-    async def aclose(self) -> None:
-        if self._bg:
-            await asyncio.gather(*list(self._bg), return_exceptions=True)
-        if self._client is not None:
-            if self._client_loop is asyncio.get_running_loop():
-                await self._client.aclose()
-            self._client = None
 
 
 def _pod_state(pod: dict[str, Any]) -> str:

@@ -24,18 +24,18 @@ import math
 import os
 import time
 from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+from typing import Any
 
-from ..config import ORCHESTRATOR_KEYS, orchestrator_settings
+from ..config import orchestrator_settings
 from ..errors import InvalidState, SandboxError, ValidationError
 from ..spec import DEFAULT_TMPFS_MB, SandboxSpec
 from . import _remote_exec, _tarstream
+from ._orchestrator import OrchestratorBackend
 from .base import (
     LABEL_ID,
     LABEL_MANAGED,
     LABEL_NAME,
     Availability,
-    Backend,
     Capabilities,
     ExecRequest,
     ExecResult,
@@ -62,18 +62,10 @@ def job_id(sandbox_id: str) -> str:
     return "ak-" + sandbox_id
 
 
-class NomadBackend(Backend):
+class NomadBackend(OrchestratorBackend):
     name = "nomad"
     capabilities = Capabilities(DOCKER_CONTROLS, {"exec", "files", "warm_pool", "remote"},
                                 isolation="container on a Nomad client (docker driver) or chroot+cgroups (exec driver)")
-    options_allowed: ClassVar[tuple[str, ...]] = tuple(ORCHESTRATOR_KEYS)
-
-    def __init__(self, options: dict[str, str] | None = None) -> None:
-        super().__init__(options)
-        self.settings = orchestrator_settings(self.options, backend="nomad")
-        self._client = None
-        self._client_loop = None
-        self._bg: set[asyncio.Task] = set()
 
     @classmethod
     def probe(cls) -> Availability:
@@ -262,75 +254,18 @@ class NomadBackend(Backend):
         alloc = await self._alloc_of(ref)
         collector = OutputCollector(req.output_limit)
         argv = _remote_exec.wrap(req.argv, cwd=req.cwd or ref.spec.workdir, env=req.env, timeout=req.timeout)
-        t0 = time.perf_counter()
-        code: int | None = None
-        try:
-            # past the deadline the in-sandbox killer ends the command; waiting for that (bounded) means
-            # nothing of it is left running when this returns
-            async with asyncio.timeout(req.timeout + _remote_exec.KILL_GRACE_S if req.timeout else None):
-                code = await self._api().exec(alloc, TASK, argv, stdin=req.stdin, on_output=req.on_output or collector,
-                                              tty=req.tty, tty_size=req.tty_size)
-        except TimeoutError:
-            code = None
-        code, sig, timed_out = _remote_exec.outcome(code, time.perf_counter() - t0, req.timeout)
-        res = ExecResult(code, signal=sig, timed_out=timed_out, truncated=collector.truncated,
-                         stdout=bytes(collector.buf[1]), stderr=bytes(collector.buf[2]))
-        res.timings["exec_ms"] = (time.perf_counter() - t0) * 1e3
-        if code == 137 and not timed_out:
-            res.oom_killed = await self._oom_killed(ref)
-        return res
+        async def start() -> int | None:
+            return await self._api().exec(alloc, TASK, argv, stdin=req.stdin, on_output=req.on_output or collector,
+                                          tty=req.tty, tty_size=req.tty_size)
 
-    async def _oom_killed(self, ref: SandboxRef) -> bool:
-        try:
-            probe = await self.exec(ref, ExecRequest(list(_remote_exec.OOM_COUNT_ARGV), cwd="/", timeout=30))
-        except Exception:
-            return False
-        n = _remote_exec.oom_kills(probe.stdout)
-        if n is None or n <= int(ref.handle.get("oom_kills") or 0):
-            return False
-        ref.handle["oom_kills"] = n
-        return True
+        return await _remote_exec.run(start, req, collector, lambda r: self.exec(ref, r), ref)
 
     async def write_file(self, ref: SandboxRef, path: str, data: bytes | AsyncIterator[bytes],
                          mode: int = 0o644) -> int:
-        if not isinstance(data, bytes | bytearray):
-            data = b"".join([bytes(c) async for c in data])
-        archive = _tarstream.pack(path, bytes(data), mode)
-        res = await self.exec(ref, ExecRequest(_tarstream.extract_argv(), stdin=archive,
-                                               cwd="/"))
-        if res.exit_code != 0:
-            raise SandboxError(f"writing {path} failed: {res.stderr.decode(errors='replace').strip()[-300:]}")
-        return len(data)
+        return await _tarstream.write_file(lambda r: self.exec(ref, r), path, data, mode)
 
-    async def read_file(self, ref: SandboxRef, path: str) -> AsyncIterator[bytes]:
-        parser = _tarstream.FileFromTar()
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=16)
-        stderr = bytearray()
-
-        async def on_output(fd: int, data: bytes) -> None:
-            if fd == 2:
-                stderr.extend(data[:4096])
-            elif chunk := parser.feed(data):
-                await queue.put(chunk)
-
-        async def run() -> ExecResult:
-            try:
-                return await self.exec(ref, ExecRequest(_tarstream.create_argv(path), cwd="/", on_output=on_output))
-            finally:
-                await queue.put(None)
-
-        task = asyncio.create_task(run())
-        try:
-            while (chunk := await queue.get()) is not None:
-                yield chunk
-            res = await task
-        finally:
-            if not task.done():
-                task.cancel()
-        if res.exit_code != 0:
-            raise _tarstream.read_error(path, res.exit_code, bytes(stderr))
-        if not parser.done:
-            raise SandboxError(f"reading {path}: the archive from the sandbox ended early")
+    def read_file(self, ref: SandboxRef, path: str) -> AsyncIterator[bytes]:
+        return _tarstream.read_file(lambda r: self.exec(ref, r), path)
 
     # -- stop / remove / status / list ---------------------------------------------------------------------
     async def stop(self, ref: SandboxRef) -> None:
@@ -455,18 +390,6 @@ class NomadBackend(Backend):
             return SandboxRef(self.name, sandbox_id, {"job": m["ID"], "claim_var": path}, spec)
         return None
 
-    def _background(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
-
-    async def aclose(self) -> None:
-        if self._bg:
-            await asyncio.gather(*list(self._bg), return_exceptions=True)
-        if self._client is not None:
-            if self._client_loop is asyncio.get_running_loop():
-                await self._client.aclose()
-            self._client = None
 
 
 def stopped_var(job: str) -> str:

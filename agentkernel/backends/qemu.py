@@ -115,18 +115,10 @@ def _write_json(path: str, data: dict) -> None:
 def vm_pid(run_dir: str) -> int | None:
     """The live QEMU of this run dir: its pidfile, checked against the process's command line (a
     recycled pid never gets killed)."""
-    try:
-        with open(os.path.join(run_dir, "qemu.pid")) as f:
-            pid = int(f.read().strip() or 0)
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read()
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, ValueError, IndexError):
-        return None
-    if state in (b"Z", b"X") or os.path.realpath(run_dir).encode() not in cmd:
-        return None
-    return pid
+    from ..vm.pidfile import live_pid
+
+    marker = os.path.realpath(run_dir).encode()
+    return live_pid(os.path.join(run_dir, "qemu.pid"), lambda cmd: marker in cmd)
 
 
 async def kill_vm(run_dir: str, *, grace: float = 0.0) -> float:
@@ -598,31 +590,14 @@ class QemuBackend(Backend, AgentAccess):
 
     async def write_file(self, ref: SandboxRef, path: str, data: bytes | AsyncIterator[bytes],
                          mode: int = 0o644) -> int:
-        from ..spec import check_sandbox_path
-        from ._agent_container import _file_error
+        from ._agent_container import agent_write_file
 
-        check_sandbox_path(path)
-        client = await self._client(ref)
-        try:
-            return await client.put_file(path, data, mode=mode, make_parents=True, owner=self._owner(ref))
-        except OSError as exc:
-            raise _file_error(ref, path, exc) from None
-        finally:
-            await client.close()
+        return await agent_write_file(lambda: self._client(ref), ref, path, data, mode, owner=self._owner(ref))
 
-    async def read_file(self, ref: SandboxRef, path: str) -> AsyncIterator[bytes]:
-        from ..spec import check_sandbox_path
-        from ._agent_container import _file_error
+    def read_file(self, ref: SandboxRef, path: str) -> AsyncIterator[bytes]:
+        from ._agent_container import agent_read_file
 
-        check_sandbox_path(path)
-        client = await self._client(ref)
-        try:
-            async for chunk in client.get_file(path):
-                yield chunk
-        except OSError as exc:
-            raise _file_error(ref, path, exc) from None
-        finally:
-            await client.close()
+        return agent_read_file(lambda: self._client(ref), ref, path)
 
     async def healthy(self, ref: SandboxRef) -> bool:
         """Pool hand-out check: the agent answers a HELLO on its port (one round trip)."""
@@ -695,27 +670,15 @@ class QemuBackend(Backend, AgentAccess):
 
     async def run(self, spec, req: ExecRequest, *, sandbox_id: str, owner: dict[str, Any]) -> ExecResult:
         """One-shot, with the VM's phase timings (process, boot, ready, exec, shutdown) in the result."""
-        t0 = time.perf_counter()
-        ref = await self.create(spec, sandbox_id=sandbox_id, owner=owner)
-        try:
-            t1 = time.perf_counter()
-            await self.start(ref)
-            t2 = time.perf_counter()
-            result = await self.exec(ref, req)
-            t3 = time.perf_counter()
-        finally:
-            t4 = time.perf_counter()
-            await self.remove(ref)
-        t5 = time.perf_counter()
+        ref, result = await self.run_timed(spec, req, sandbox_id=sandbox_id, owner=owner)
+        t = result.timings
         phases = ref.handle.get("timings") or {}
         agent_ms = float(phases.get("agent_ms", 0.0))
-        result.timings.update({
+        t.update({
             # the reference's phase table: boot = until the guest's agent answers (create, disk overlay,
             # QEMU start, kernel boot or snapshot restore), ready = the agent made usable (re-seeded),
             # exec = the command, shutdown = the VM killed and its run dir deleted
-            "boot_ms": (t2 - t0) * 1e3 - agent_ms, "ready_ms": agent_ms, "shutdown_ms": (t5 - t4) * 1e3,
-            "create_ms": (t1 - t0) * 1e3, "start_ms": (t2 - t1) * 1e3, "exec_ms": (t3 - t2) * 1e3,
-            "remove_ms": (t5 - t4) * 1e3, "total_ms": (t5 - t0) * 1e3,
+            "boot_ms": t["create_ms"] + t["start_ms"] - agent_ms, "ready_ms": agent_ms, "shutdown_ms": t["remove_ms"],
             **{f"vm_{k}": v for k, v in phases.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
             "vm_restored": 1.0 if phases.get("restored") else 0.0, "vm_shutdown_ms": ref.handle.get("shutdown_ms", 0.0),
         })

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..errors import AgentKernelError
+from ..errors import AgentKernelError, print_error
 from .build import build_all
 
 
@@ -15,9 +15,7 @@ def main(argv: list[str]) -> int:
     try:
         build_all(argv[1:] or None)
     except AgentKernelError as exc:
-        print(f"agentkernel: error: {exc}", file=sys.stderr)
-        if exc.hint:
-            print(f"  hint: {exc.hint}", file=sys.stderr)
+        print_error(exc)
         return 1
     return 0
 

@@ -14,6 +14,10 @@ import json
 import os
 import subprocess
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
 
 def auth_files() -> list[str]:
     out = []
@@ -52,14 +56,7 @@ def _helper(name: str, registry: str) -> tuple[str, str] | None:
 
 def credentials(registry: str) -> tuple[str, str] | None:
     """(user, password) for ``registry`` (``host[:port]``), or None."""
-    for path in auth_files():
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if not isinstance(data, dict):
-            continue
+    for _, data in _auth_configs():
         auths = data.get("auths") or {}
         for key in _keys_for(registry):
             ent = auths.get(key)
@@ -82,12 +79,19 @@ def credentials(registry: str) -> tuple[str, str] | None:
 
 def first_auth_file_with(registry: str) -> str | None:
     """The auth file that holds ``registry``'s credentials (handed to podman with --authfile)."""
+    for path, data in _auth_configs():
+        if any(k in (data.get("auths") or {}) for k in _keys_for(registry)):
+            return path
+    return None
+
+
+def _auth_configs() -> Iterator[tuple[str, dict]]:
+    """(path, content) of each readable auth file holding a JSON object, in ``auth_files`` order."""
     for path in auth_files():
         try:
             with open(path) as f:
                 data = json.load(f)
         except (OSError, ValueError):
             continue
-        if isinstance(data, dict) and any(k in (data.get("auths") or {}) for k in _keys_for(registry)):
-            return path
-    return None
+        if isinstance(data, dict):
+            yield path, data

@@ -192,44 +192,23 @@ def _ensure_blob(client: RegistryClient, ref: Reference, desc: dict, prog: PullP
 
 
 def _unpack(image: str, image_id: str, cfg: dict, layers: list[tuple[str, str]], config: dict | None):
-    base = rfs.rootfs_dir()
-    final = os.path.join(base, image_id)
-    meta_path = os.path.join(final, "image.json")
-    lock_fd = os.open(os.path.join(base, f".lock-{image_id}"), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    def fill(root: str, final_root: str) -> rfs.ImageRootfs:
+        ex = Extractor(root, keep_setuid=settings.keep_setuid(config))
+        for hx, diff_id in layers:
+            ex.layer(os.path.join(blobs_dir(), hx), diff_id)
+        rfs._add_mountpoints(root)
+        c = cfg.get("config") or {}
+        return rfs.ImageRootfs(image, image_id, final_root, rfs._image_env(c), c.get("WorkingDir") or "/",
+                               rfs._homes(root), REGISTRY_STAMP)
+
     try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX)
-        if os.path.exists(meta_path):
-            with open(meta_path) as f:
-                rf = rfs.ImageRootfs.from_dict(json.load(f))
-            rf.image = image
-            return rf
-        tmp = os.path.join(base, f".tmp-{image_id}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        root = os.path.join(tmp, "rootfs")
-        os.makedirs(root)
-        os.chmod(root, 0o755)
-        try:
-            ex = Extractor(root, keep_setuid=settings.keep_setuid(config))
-            for hx, diff_id in layers:
-                ex.layer(os.path.join(blobs_dir(), hx), diff_id)
-            rfs._add_mountpoints(root)
-            c = cfg.get("config") or {}
-            rf = rfs.ImageRootfs(image, image_id, os.path.join(final, "rootfs"), rfs._image_env(c),
-                                 c.get("WorkingDir") or "/", rfs._homes(root), REGISTRY_STAMP)
-            with open(os.path.join(tmp, "image.json"), "w") as f:
-                json.dump(rf.to_dict(), f)
-            os.rename(tmp, final)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if enospc(exc):
-                raise PullError("disk-full", f"{image}: no space left unpacking into {base}") from None
-            raise
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return rf
-    finally:
-        os.close(lock_fd)
+        rf = rfs.unpack_once(image_id, fill)
+    except OSError as exc:
+        if enospc(exc):
+            raise PullError("disk-full", f"{image}: no space left unpacking into {rfs.rootfs_dir()}") from None
+        raise
+    rf.image = image
+    return rf
 
 
 def _in_use(path: str) -> bool:

@@ -20,6 +20,10 @@ import os
 
 from ..errors import NotFound, SandboxError
 
+TYPE_CHECKING = False  # annotations are never evaluated here
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 PODMAN_INDEX = "/var/lib/containers/storage/overlay-images/images.json"
 DOCKER_INDEX = "/var/lib/docker/image/overlay2/repositories.json"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -225,6 +229,26 @@ def _find_source(image: str) -> tuple[str, str, dict] | None:
 
 
 def _ensure_unpacked(image: str, kind: str, image_id: str, cfg: dict, *, quiet: bool) -> ImageRootfs:
+    def fill(root: str, final_root: str) -> ImageRootfs:
+        from ..images.build import Progress
+
+        label = f"agentkernel: unpacking {image} ({image_id[:12]}, from {kind}) for the oci backend"
+        if quiet:
+            _unpack(kind, image, image_id, cfg, root)
+        else:
+            with Progress(label):
+                _unpack(kind, image, image_id, cfg, root)
+        _add_mountpoints(root)
+        return ImageRootfs(image, image_id, final_root, _image_env(cfg), cfg.get("WorkingDir") or "/", _homes(root),
+                           kind)
+
+    return unpack_once(image_id, fill)
+
+
+def unpack_once(image_id: str, fill: Callable[[str, str], ImageRootfs]) -> ImageRootfs:
+    """The unpacked rootfs of ``image_id``: the cached one, else the one ``fill(root, final_root)`` makes
+    under the image's lock in ``root`` (a fresh 0755 directory in a temporary dir) and returns; it is
+    renamed into place (``final_root``) with its image.json. A failed fill leaves nothing behind."""
     import fcntl
     import json
 
@@ -240,29 +264,11 @@ def _ensure_unpacked(image: str, kind: str, image_id: str, cfg: dict, *, quiet: 
             return ImageRootfs.from_dict(load(meta_path))
         tmp = os.path.join(base, f".tmp-{image_id}-{os.getpid()}")
         _rmtree(tmp)
-        os.makedirs(tmp)
         root = os.path.join(tmp, "rootfs")
         os.makedirs(root)
         os.chmod(root, 0o755)
         try:
-            from ..images.build import Progress
-
-            label = f"agentkernel: unpacking {image} ({image_id[:12]}, from {kind}) for the oci backend"
-            if quiet:
-                _unpack(kind, image, image_id, cfg, root)
-            else:
-                with Progress(label):
-                    _unpack(kind, image, image_id, cfg, root)
-            _add_mountpoints(root)
-            rf = ImageRootfs(
-                image,
-                image_id,
-                os.path.join(final, "rootfs"),
-                _image_env(cfg),
-                cfg.get("WorkingDir") or "/",
-                _homes(root),
-                kind,
-            )
+            rf = fill(root, os.path.join(final, "rootfs"))
             with open(os.path.join(tmp, "image.json"), "w") as f:
                 json.dump(rf.to_dict(), f)
             os.rename(tmp, final)

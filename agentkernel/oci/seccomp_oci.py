@@ -122,13 +122,7 @@ def profile_key(name: str) -> str:
     if name not in ("default", "restrictive"):
         raise ValueError(f"unknown seccomp profile {name!r}")
     parts = [CONVERTER_VERSION, seccomp.PROFILE_VERSION, name, os.uname().release, os.uname().machine]
-    for src in seccomp.DEFAULT_PROFILE_SOURCES:
-        try:
-            st = os.stat(src)
-        except OSError:
-            continue
-        parts += [src, str(st.st_mtime_ns), str(st.st_size)]
-        break
+    parts += seccomp.source_stamp()
     if name == "restrictive":
         parts.append(",".join(seccomp.RESTRICTIVE_DENY))
     return _digest("|".join(parts))

@@ -358,7 +358,7 @@ def overlay(base: str, dest: str, *, backing_format: str = "raw") -> None:
 
 def build_cli(images: list[str]) -> int:
     """``agentkernel images build --vm [IMAGE ...]``."""
-    from ..errors import AgentKernelError
+    from ..errors import AgentKernelError, print_error
 
     images = images or ["agentkernel/busybox"]
     try:
@@ -369,8 +369,6 @@ def build_cli(images: list[str]) -> int:
             _say(f"{image}: guest image {g['key']} ready in {time.monotonic() - t0:.1f} s "
                  f"(kernel {g['kernel']['version']}, seccomp programs: {progs})")
     except AgentKernelError as exc:
-        print(f"agentkernel: error: {exc}", file=sys.stderr)
-        if exc.hint:
-            print(f"  hint: {exc.hint}", file=sys.stderr)
+        print_error(exc)
         return 1
     return 0

@@ -21,23 +21,17 @@ from agentkernel.backends.firecracker import VMM, FirecrackerBackend, find_binar
 from agentkernel.errors import BackendUnavailable
 from agentkernel.spec import SandboxSpec
 from agentkernel.vm import guestimage, kvmprobe
+from tests.conftest import need
 
 pytestmark = [pytest.mark.engine("firecracker"), pytest.mark.timeout(120)]
 
 SPEC = SandboxSpec(backend="firecracker", image="agentkernel/busybox")
 
 
-def _need(cond: bool, why: str) -> None:
-    if not cond:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"required for CI: {why}")
-        pytest.skip(why)
-
-
 @pytest.fixture(scope="module")
 def binary():
     exe = find_binary()
-    _need(exe is not None, "no firecracker binary (AGENTKERNEL_SETUP_FIRECRACKER=1 bash scripts/setup.sh)")
+    need(exe is not None, "no firecracker binary (AGENTKERNEL_SETUP_FIRECRACKER=1 bash scripts/setup.sh)")
     return exe
 
 
@@ -73,7 +67,7 @@ def test_vmm_accepts_the_full_configuration(binary, tmp_path):
 
 def test_jailed_vmm_accepts_the_configuration_with_files_in_its_chroot(binary, tmp_path):
     jailer = find_binary("jailer")
-    _need(jailer is not None, "no jailer binary next to firecracker")
+    need(jailer is not None, "no jailer binary next to firecracker")
     g = guestimage.build(SPEC.image, quiet=True)
     kernel = guestimage.ensure_vmlinux(g["kernel"])
     disk = tmp_path / "rootfs.ext4"
@@ -135,7 +129,7 @@ def e2e(binary):
     if not v.ok:
         pytest.skip(f"no hardware KVM here: {v.reason}")
     kernel = os.environ.get("AGENTKERNEL_FC_KERNEL")
-    _need(bool(kernel), "AGENTKERNEL_FC_KERNEL: a vmlinux with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES")
+    need(bool(kernel), "AGENTKERNEL_FC_KERNEL: a vmlinux with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES")
     return get_backend("firecracker", {"kernel": kernel})
 
 

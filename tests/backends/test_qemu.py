@@ -23,7 +23,7 @@ from agentkernel.backends.qemu import QemuBackend, sandboxes_dir, vm_pid
 from agentkernel.errors import PolicyNotEnforceable
 from agentkernel.spec import SandboxSpec
 from agentkernel.vm import kvmprobe
-from tests.conftest import ak
+from tests.conftest import ak, need
 
 pytestmark = [pytest.mark.engine("qemu"), pytest.mark.timeout(240)]
 
@@ -31,17 +31,10 @@ SPEC = SandboxSpec(backend="qemu", image="agentkernel/busybox")
 ALL = bytes(range(256))
 
 
-def _need(cond: bool, why: str) -> None:
-    if not cond:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"required for CI: {why}")
-        pytest.skip(why)
-
-
 @pytest.fixture(scope="module")
 def backend():
     avail = QemuBackend.probe()
-    _need(avail.available, f"qemu backend unavailable: {avail.reason} ({avail.fix})")
+    need(avail.available, f"qemu backend unavailable: {avail.reason} ({avail.fix})")
     return get_backend("qemu")
 
 

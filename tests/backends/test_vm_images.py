@@ -12,23 +12,16 @@ import pytest
 
 from agentkernel import paths
 from agentkernel.vm import guestimage
-from tests.conftest import ak
+from tests.conftest import ak, need
 
 pytestmark = [pytest.mark.engine("qemu"), pytest.mark.timeout(300)]
 
 IMAGE = "agentkernel/busybox"
 
 
-def _need(cond: bool, why: str) -> None:
-    if not cond:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"required for CI: {why}")
-        pytest.skip(why)
-
-
 @pytest.fixture(scope="module")
 def built():
-    _need(all(shutil.which(t) for t in ("mkfs.ext4", "qemu-img", "dpkg-deb")), "mkfs.ext4/qemu-img/dpkg-deb missing")
+    need(all(shutil.which(t) for t in ("mkfs.ext4", "qemu-img", "dpkg-deb")), "mkfs.ext4/qemu-img/dpkg-deb missing")
     r = ak("images", "build", "--vm", IMAGE, timeout=280)
     assert r.returncode == 0, r.stderr.decode()
     return r, guestimage.build(IMAGE, quiet=True)

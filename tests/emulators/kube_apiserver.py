@@ -107,7 +107,36 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return out
 
 
-class Emulator:
+class Served:
+    """Running an emulator whose workloads are podman containers (``self.runner``, a PodmanRunner) started
+    by background tasks (``self.tasks``). ``START`` names the coroutine that starts one workload; drain
+    waits for those, and then ``SETTLE_S`` for the other tasks (watchers) before cancelling them."""
+
+    START = ""
+    SETTLE_S = 0.0
+
+    def serve_in_thread(self, **tls) -> ServerThread:
+        return ServerThread(self, **tls)
+
+    def close(self) -> None:
+        self.runner.remove_all_sync()
+
+    async def drain(self) -> None:
+        """After the server stopped: let workload starts finish, remove every container, end the tasks."""
+        starting = [t for t in self.tasks if self.START in repr(t.get_coro())]
+        if starting:
+            await asyncio.wait(starting, timeout=60)
+        await asyncio.to_thread(self.runner.remove_all_sync)
+        if self.SETTLE_S and self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=self.SETTLE_S)
+        for t in list(self.tasks):
+            t.cancel()
+
+
+class Emulator(Served):
+    START = "start_pod"
+    SETTLE_S = 20.0
+
     def __init__(self, *, role_rules: list[dict[str, Any]] | None = None, agent_sandbox: bool = False,
                  protocols: tuple[str, ...] = ("v5.channel.k8s.io", "v4.channel.k8s.io"),
                  node_labels: dict[str, str] | None = None, pod_pids_limit: int = 256) -> None:
@@ -703,23 +732,6 @@ class Emulator:
         self._emit("sandboxclaims", "MODIFIED", claim)
         await self.reconcile_pool(ns, pool_name)
 
-    # ---- running it -------------------------------------------------------------------------------------------
-    def serve_in_thread(self, **tls) -> ServerThread:
-        return ServerThread(self, **tls)
-
-    def close(self) -> None:
-        self.runner.remove_all_sync()
-
-    async def drain(self) -> None:
-        """After the server stopped: let pod starts finish, remove every container, end the watchers."""
-        starting = [t for t in self.tasks if "start_pod" in repr(t.get_coro())]
-        if starting:
-            await asyncio.wait(starting, timeout=60)
-        await asyncio.to_thread(self.runner.remove_all_sync)
-        if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=20)
-        for t in list(self.tasks):
-            t.cancel()
 
 
 class ServerThread:

@@ -26,11 +26,13 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from .kube_apiserver import ServerThread
+from .kube_apiserver import Served
 from .podman_pods import ContainerError, PodmanRunner, instance_id
 
 
-class NomadEmulator:
+class NomadEmulator(Served):
+    START = "_run_alloc"
+
     def __init__(self, *, token: str | None = None, datacenter: str = "dc1") -> None:
         self.token = token
         self.datacenter = datacenter
@@ -371,18 +373,3 @@ class NomadEmulator:
                 proc.kill()
         finally:
             feeder.cancel()
-
-    # ---- running it ------------------------------------------------------------------------------------------
-    def serve_in_thread(self, **tls) -> ServerThread:
-        return ServerThread(self, **tls)
-
-    def close(self) -> None:
-        self.runner.remove_all_sync()
-
-    async def drain(self) -> None:
-        starting = [t for t in self.tasks if "_run_alloc" in repr(t.get_coro())]
-        if starting:
-            await asyncio.wait(starting, timeout=60)
-        await asyncio.to_thread(self.runner.remove_all_sync)
-        for t in list(self.tasks):
-            t.cancel()
