@@ -75,6 +75,8 @@ def start_server(tmp_dir: str, *, tokens: dict[str, str] | None = None, pool_min
     env["AGENTKERNEL_API_TOKENS"] = ",".join(f"{k}={v}" for k, v in (tokens or {}).items())
     env["AGENTKERNEL_LOG_LEVEL"] = "warning"
     env["AGENTKERNEL_API_ADMINS"] = "ops"
+    # these tests inspect podman containers (leaks, snapshots as committed images): backend auto may pick oci
+    env.setdefault("AGENTKERNEL_BACKEND", "podman")
     env.update(extra_env or {})
     os.makedirs(tmp_dir, exist_ok=True)
     log_path = os.path.join(tmp_dir, f"serve-{port}.log")

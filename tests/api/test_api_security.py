@@ -287,6 +287,7 @@ def test_create_whose_start_fails_leaves_no_record(tmp_path, monkeypatch):
         raise SandboxError("start failed (test)")
 
     monkeypatch.setattr(PodmanBackend, "start", failing_start)
+    monkeypatch.setenv("AGENTKERNEL_BACKEND", "podman")  # backend auto may pick oci
     store = Store(str(tmp_path / "state.db"))
     svc = Service(store=store, with_daemon=False)
     name = unique("failstart")
