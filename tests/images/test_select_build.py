@@ -30,7 +30,7 @@ def test_explain_by_command_and_project_files(registry, env):
         r = env.ak("run", "--explain", "--", "ls", cwd=proj, AGENTKERNEL_REGISTRY=registry.host)
         assert f"image: {registry.host}/library/alpine:3.20" in r.stdout, r.stdout  # configured: the public one
         os.unlink(os.path.join(proj, fname))
-    r = env.ak("run", "--explain", "-i", "agentkernel/busybox", "--", "python3")
+    r = env.ak("run", "--explain", "-B", "podman", "-i", "agentkernel/busybox", "--", "python3")
     assert "why: explicit (--image)" in r.stdout and "present in podman: yes" in r.stdout
 
 
