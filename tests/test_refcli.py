@@ -94,9 +94,15 @@ def test_setup_says_what_it_will_change_before_changing_it(tmp_path):
     """A missing image: setup --check names the fix; setup without -y and without a terminal refuses."""
     env = {"AGENTKERNEL_AGENT_BIN": "none"}
     p = ak("setup", "--check", "-B", "wasm", env=env)
-    assert p.returncode == 1 and b"in-sandbox agent binary: missing" in p.stdout and b"make -C agent" in p.stdout
+    agent_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "agent")
+    assert p.returncode == 1 and b"in-sandbox agent binary: missing" in p.stdout, p.stdout
+    assert f"make -C {agent_dir}".encode() in p.stdout
     p = ak("setup", "-B", "wasm", env=env, input=b"")
     assert b"setup will run:" in p.stdout and p.returncode == 125 and b"pass -y" in p.stderr
+    p = ak("setup", "--dry-run", "-B", "wasm", env=env)  # the plan, and a zero exit: nothing changed
+    assert p.returncode == 0 and b"setup will run:" in p.stdout and b"==> " not in p.stdout
+    p = ak("setup", "--check", "--image", "alpine")
+    assert p.returncode == 125 and b"unknown local image 'alpine'" in p.stderr
 
 
 @pytest.mark.engine("podman")

@@ -5,23 +5,33 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import subprocess
 import sys
+import time
 
 from .. import paths
 from ..errors import AgentKernelError, ValidationError
+from ..hostsetup import BACKENDS as BACKEND_CHOICES
 from ..refcompat import AGENTS, agent_status
-
-BACKEND_CHOICES = ("podman", "docker", "gvisor", "oci", "wasm")
 
 
 def add_parsers(sub, want) -> None:
     if want("setup"):
         p = sub.add_parser("setup", help="check, and install, what the chosen backends need")
         p.add_argument("--check", action="store_true", help="only report (exit 1 when something is missing)")
+        p.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")
         p.add_argument("-y", "--yes", action="store_true", help="do it without asking")
+        p.add_argument("-q", "--quiet", action="store_true", help="do not list what is already in place")
         p.add_argument("-B", "--backend", action="append", metavar="NAME",
-                       help="a backend to prepare (repeatable; default: podman)")
+                       help=f"a backend to prepare (repeatable; {', '.join(BACKEND_CHOICES)}; default: podman)")
+        p.add_argument("--all", action="store_true", help="every backend that runs here (all but firecracker)")
+        p.add_argument("--image", action="append", metavar="IMAGE",
+                       help="only these local images (busybox, debian; default: both)")
+        p.add_argument("--vm-image", action="append", metavar="IMAGE", help="microVM guest images to build "
+                       "(default: agentkernel/busybox)")
+        p.add_argument("--dev", action="store_true", help="also the development and test tools")
+        p.add_argument("--reference-clients", action="store_true",
+                       help="also the reference system's published clients under build/ (compatibility tests)")
     if want("status"):
         p = sub.add_parser("status", help="installation status: backends, agent binary, images, daemon")
         p.add_argument("--json", action="store_true")
@@ -139,55 +149,48 @@ def agents_cmd(args) -> int:
 # ---- status and setup -----------------------------------------------------------------------------------
 
 
-def _checks(backends: list[str]) -> list[dict]:
-    """What the chosen backends need, each with whether it is there and the action that provides it."""
+def _backend_rows(backends: list[str]) -> list[dict]:
     from ..backends import get_backend_class
-    from ..imagesel import image_present
 
-    out: list[dict] = []
+    out = []
     for name in backends:
         try:
             a = get_backend_class(name).probe()
             ok, detail, fix = a.available, a.reason, getattr(a, "fix", None)
         except AgentKernelError as exc:
             ok, detail, fix = False, exc.message, exc.hint
-        out.append({"check": f"backend {name}", "ok": ok, "detail": detail, "fix": fix, "action": None})
-    agent = paths.agent_binary()
-    out.append({"check": "in-sandbox agent binary", "ok": agent is not None,
-                "detail": agent or "missing", "fix": "make -C agent",
-                "action": ["make", "-C", os.path.join(paths.repo_root(), "agent")] if agent is None else None})
-    for engine in sorted({e for e in (_store_of(b) for b in backends) if e}):
-        if shutil.which(engine) is None:
-            continue
-        for image in ("agentkernel/busybox", "agentkernel/debian"):
-            try:
-                ok = image_present(engine, image)
-            except OSError:
-                ok = False
-            out.append({"check": f"image {image} ({engine})", "ok": ok, "detail": "present" if ok else "missing",
-                        "fix": f"agentkernel images build {image.split('/')[-1]}",
-                        "action": None if ok else [sys.executable, "-m", "agentkernel", "images", "build",
-                                                   image.split("/")[-1]]})
-    d = paths.data_dir()
-    out.append({"check": "data directory", "ok": os.access(d, os.W_OK), "detail": d, "fix": None, "action": None})
+        out.append({"check": f"backend {name}", "ok": ok, "detail": detail, "fix": fix})
     return out
 
 
-def _store_of(backend: str) -> str | None:
-    from ..imagesel import image_store
+def _setup_options(args):
+    from ..hostsetup import ALL_BACKENDS, Options
 
-    try:
-        return image_store(backend)
-    except AgentKernelError:
-        return None
+    backends = list(args.backend or [])
+    for b in backends:
+        if b not in BACKEND_CHOICES:
+            raise ValidationError(f"setup: unknown backend {b!r} (known: {', '.join(BACKEND_CHOICES)})")
+    if args.all:
+        backends = [*ALL_BACKENDS, *(b for b in backends if b not in ALL_BACKENDS)]
+    known = {"busybox", "debian", "agentkernel/busybox", "agentkernel/debian"}
+    for i in args.image or []:
+        if i not in known:
+            raise ValidationError(f"setup: unknown local image {i!r} (known: busybox, debian)")
+    opts = Options(backends=backends or ["podman"], images=list(args.image or []), dev=args.dev,
+                   reference_clients=args.reference_clients)
+    if args.vm_image:
+        opts.vm_images = list(args.vm_image)
+    return opts
 
 
 def status_cmd(args) -> int:
     from .. import __version__
+    from ..hostsetup import Options, check_all
     from .doctor import probe_all
 
     rows = probe_all()
-    checks = _checks(["podman", "docker"])
+    checks = [{"check": s.name, "ok": f.ok, "detail": f.detail, "fix": "; ".join(f.plan) or f.manual}
+              for s, f in check_all(Options(backends=["podman", "docker"]))]
     sock = paths.daemon_socket()
     daemon = os.path.exists(sock)
     data = {"version": __version__, "backends": {r["backend"]: r["available"] for r in rows},
@@ -199,8 +202,7 @@ def status_cmd(args) -> int:
     print(f"agentkernel {__version__}")
     print("Backends: " + ", ".join(f"{b} {'ok' if ok else '--'}" for b, ok in data["backends"].items()))
     for c in checks:
-        if not c["check"].startswith("backend "):
-            print(f"  {'ok' if c['ok'] else '--'}  {c['check']}: {c['detail']}")
+        print(f"  {'ok' if c['ok'] else '--'}  {c['check']}: {c['detail']}")
     print(f"Daemon: {'running (' + sock + ')' if daemon else 'not running'}")
     print("Agents: " + ", ".join(f"{a['agent']} {'installed' if a['installed'] else 'missing'}"
                                  for a in data["agents"]))
@@ -208,47 +210,72 @@ def status_cmd(args) -> int:
 
 
 def setup_cmd(args) -> int:
-    import subprocess
+    """Check every step the chosen backends need, say what would change, then (with consent) do it."""
+    from ..hostsetup import SetupError, check_all
 
-    backends = args.backend or ["podman"]
-    for b in backends:
-        if b not in BACKEND_CHOICES:
-            raise ValidationError(f"setup: unknown backend {b!r} (known: {', '.join(BACKEND_CHOICES)})")
-    checks = _checks(backends)
-    todo = [c for c in checks if not c["ok"]]
-    for c in checks:
-        print(f"  {'ok' if c['ok'] else '--'}  {c['check']}: {c['detail']}")
+    opts = _setup_options(args)
+    print(f"setup for: {', '.join(opts.backends)}")
+    found = check_all(opts)
+    todo = [(s, f) for s, f in found if not f.ok]
+    for s, f in found:
+        if not (f.ok and args.quiet):
+            print(f"  {'ok' if f.ok else '--'}  {s.name}: {f.detail}")
     if not todo:
-        print("setup: everything the chosen backends need is here")
-        return 0
-    if args.check:
-        for c in todo:
-            if c["fix"]:
-                print(f"  to fix {c['check']}: {c['fix']}")
-        return 1
-    actions = [c for c in todo if c["action"]]
-    manual = [c for c in todo if not c["action"]]
-    if actions:
-        print("setup will run:")
-        for c in actions:
-            print("  " + " ".join(c["action"]))
-    for c in manual:
-        print(f"  cannot fix {c['check']} automatically: {c['fix'] or c['detail']}")
-    if not actions:
-        return 1
+        probes = _backend_rows(opts.backends)
+        for r in probes:
+            if not (r["ok"] and args.quiet):
+                print(f"  {'ok' if r['ok'] else '--'}  {r['check']}: {r['detail']}")
+        bad = [r for r in probes if not r["ok"]]
+        for r in bad:
+            print(f"  to fix {r['check']}: {r['fix'] or r['detail']}")
+        if not bad:
+            print("setup: everything the chosen backends need is here")
+        return 1 if bad else 0
+    print("setup will run:" if not args.check else "setup would run:")
+    for s, f in todo:
+        print(f"  {s.name}:")
+        for line in f.plan:
+            print(f"    {line}")
+        if f.manual:
+            print(f"    cannot do it here: {f.manual}")
+    if args.check or args.dry_run:
+        return 1 if args.check else 0
     if not args.yes:
         if not sys.stdin.isatty():
             raise ValidationError("setup needs confirmation", hint="run it in a terminal, or pass -y")
         if input("Proceed? [y/N] ").strip().lower() not in ("y", "yes"):
             print("setup: nothing changed")
             return 1
-    failed = 0
-    for c in actions:
-        print(f"==> {c['check']}")
-        if subprocess.run(c["action"]).returncode != 0:
-            failed += 1
-    return 1 if failed or manual else 0
-
+    skipped = 0
+    for s, f in todo:
+        if f.manual:
+            print(f"==> {s.name}: skipped ({f.manual})")
+            skipped += 1
+            continue
+        now = s.check()  # an earlier step may have provided it
+        if now.ok:
+            print(f"==> {s.name}: {now.detail}")
+            continue
+        if now.manual:
+            print(f"==> {s.name}: skipped ({now.manual})")
+            skipped += 1
+            continue
+        print(f"==> {s.name}", flush=True)
+        t0 = time.monotonic()
+        try:
+            done = s.apply()
+        except (SetupError, AgentKernelError, OSError, subprocess.CalledProcessError) as exc:
+            msg = exc.message if isinstance(exc, AgentKernelError) else str(exc)
+            print(f"setup: error: {s.name}: {msg}", file=sys.stderr)
+            return 1
+        print(f"    {done} ({time.monotonic() - t0:.1f} s)", flush=True)
+    bad = [r for r in _backend_rows(opts.backends) if not r["ok"]]
+    for r in bad:
+        print(f"  --  {r['check']}: {r['detail']}" + (f" (fix: {r['fix']})" if r["fix"] else ""))
+    if skipped or bad:
+        return 1
+    print("setup: done")
+    return 0
 
 # ---- plugin -------------------------------------------------------------------------------------------
 
