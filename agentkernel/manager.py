@@ -6,6 +6,7 @@ rules (name reservation, fail-closed policy check, ownership, audit) live in one
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -140,6 +141,10 @@ class SandboxManager:
         rec = self.store.get(name, tenant)
         await self._backend_of(rec).remove(self._ref(rec))
         self.store.delete(rec.id)
+        from . import detached
+
+        if os.path.isdir(detached.sandbox_dir(self.store.path, rec.id)):  # its detached commands go with it
+            detached.reap(self.store.path, rec.id)
         audit.log("sandbox_removed", sandbox=name, id=rec.id)
 
     async def status(self, name: str, tenant: str | None = None) -> str:

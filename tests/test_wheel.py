@@ -66,6 +66,10 @@ def test_installed_wheel_runs_doctor_run_and_serve(wheel, tmp_path):
     assert mod.startswith(str(venv)) and agent.startswith(str(venv)) and agent.endswith("_prebuilt/ak-agent")
     p = ak("doctor")
     assert p.returncode == 0 and "podman" in p.stdout, p.stderr
+    # setup from the wheel: no source checkout, the wheel's agent; this machine has everything podman needs
+    p = ak("setup", "--check", "-B", "podman")
+    assert p.returncode == 0 and "_prebuilt/ak-agent" in p.stdout, p.stdout + p.stderr
+    assert "everything the chosen backends need is here" in p.stdout
     p = ak("run", "--", "sh", "-c", "echo from-the-wheel; test -x /.ak/ak-agent && echo agent-inside")
     assert (p.returncode, p.stdout) == (0, "from-the-wheel\nagent-inside\n"), p.stderr
     port = _free_port()

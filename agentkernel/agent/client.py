@@ -450,10 +450,11 @@ class AgentClient:
                    tty: bool = False, tty_size: tuple[int, int] | None = None, on_output=None,
                    uid: int | None = None, gid: int | None = None, output_limit: int = 0,
                    kill_group_on_exit: bool = False, restrict: bool = False,
-                   seccomp_bpf: bytes | None = None) -> AgentExecResult:
+                   seccomp_bpf: bytes | None = None, on_start=None) -> AgentExecResult:
         """Run a command to completion. ``env`` is the complete environment (nothing is inherited).
         stdin: None (closed at once), bytes, or an (async) iterable of bytes. Output is captured in
-        the result unless ``on_output(fd, data)`` is given. Cancelling this coroutine kills the command."""
+        the result unless ``on_output(fd, data)`` is given. ``on_start(pid)`` is called once it runs.
+        Cancelling this coroutine kills the command."""
         proc = await self.start(argv, env=env, cwd=cwd, timeout=timeout, tty=tty, tty_size=tty_size,
                                 stdin_closed=stdin is None, uid=uid, gid=gid, output_limit=output_limit,
                                 kill_group_on_exit=kill_group_on_exit, on_output=on_output,
@@ -462,6 +463,10 @@ class AgentClient:
         if stdin is not None:
             feeder = asyncio.get_running_loop().create_task(proc.feed_stdin(stdin))
         try:
+            if on_start is not None:
+                pid = await proc.started()
+                if pid:
+                    on_start(pid)
             return await proc.wait()
         except asyncio.CancelledError:
             if not proc.done and not self.closed:

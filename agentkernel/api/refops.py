@@ -1,10 +1,10 @@
 """The operations behind the reference clients' later routes (refroutes.py) and MCP tools (reftools.py):
 batch file writes, sudo, detached commands, TTLs, lookup by UUID, git sources, named volumes, snapshots.
 
-The serving process is the owner: detached commands are its tasks (they survive the client, and end
-with the sandbox or the server), TTLs are enforced by its maintenance loop, and snapshots are images
-committed by the sandbox's engine. State that must outlive the process (TTLs, snapshot metadata,
-detached output) lives under the data directory.
+Detached commands run under supervisor processes of their own (agentkernel.detached: they survive the
+client and a restart of the server, and end with the sandbox); TTLs are enforced by the serving process's
+maintenance loop; snapshots are images committed by the sandbox's engine. State that must outlive the
+process (TTLs, snapshot metadata, detached state and output) lives on disk.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ import re
 import shutil
 import tempfile
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from .. import paths
+from .. import detached, paths
 from ..errors import (
     AgentKernelError,
     AlreadyExists,
@@ -37,8 +36,6 @@ from ..spec import check_sandbox_path, validate_name
 
 log = logging.getLogger("agentkernel.api")
 
-DETACHED_OUTPUT_LIMIT = 8 << 20  # bytes kept on disk per stream of a detached command
-DETACHED_TIMEOUT_S = 24 * 3600.0  # the longest a command may run (ExecRequest limit)
 MAX_TTL_S = 30 * 24 * 3600
 MAINTENANCE_INTERVAL_S = 2.0
 SOURCE_MAX_BYTES = 256 << 20
@@ -60,7 +57,6 @@ def _tenant_key(tenant: str) -> str:
 class RefState:
     def __init__(self, svc) -> None:
         self.svc = svc
-        self.detached: dict[str, Detached] = {}
         self.loop_task: asyncio.Task | None = None
 
     def ensure_loop(self) -> None:
@@ -79,9 +75,7 @@ class RefState:
             await asyncio.sleep(MAINTENANCE_INTERVAL_S)
 
     async def close(self) -> None:
-        tasks = [d.task for d in self.detached.values() if d.task and not d.task.done()]
-        if self.loop_task is not None:
-            tasks.append(self.loop_task)
+        tasks = [self.loop_task] if self.loop_task is not None else []
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -98,8 +92,9 @@ def state(svc) -> RefState:
 
 
 async def startup(svc) -> None:
-    """Called when the server starts: enforce TTLs set by earlier runs of it."""
-    if os.path.isdir(_ttl_dir()):
+    """Called when the server starts: enforce TTLs set by earlier runs of it, reap detached commands of
+    sandboxes removed while it was down."""
+    if os.path.isdir(_ttl_dir()) or os.path.isdir(detached.root(svc.manager.store.path)):
         state(svc).ensure_loop()
 
 
@@ -155,151 +150,76 @@ async def write_files(svc, tenant: str, name: str, files: dict[str, str]) -> dic
 
 
 # ---- detached commands --------------------------------------------------------------------------------------
+# Each runs under a supervisor process of its own with state and bounded output beside the store
+# (agentkernel.detached): it survives the client and a restart of this server, and goes with the sandbox.
 
 
-class Detached:
-    def __init__(self, *, cmd_id: str, sandbox: str, sandbox_id: str, tenant: str, command: list[str],
-                 directory: str) -> None:
-        self.id, self.sandbox, self.sandbox_id, self.tenant, self.command = cmd_id, sandbox, sandbox_id, tenant, command
-        self.dir = directory
-        self.started_at = time.time()
-        self.status = "running"
-        self.exit_code: int | None = None
-        self.signal: int | None = None
-        self.error: str | None = None
-        self.task: asyncio.Task | None = None
-        self.sizes = {1: 0, 2: 0}
-        self.truncated = {1: False, 2: False}
-        self.files = {fd: open(self.path(fd), "wb") for fd in (1, 2)}  # noqa: SIM115 (closed when it ends)
-
-    def path(self, fd: int) -> str:
-        return os.path.join(self.dir, f"{self.id}.{'stdout' if fd == 1 else 'stderr'}")
-
-    def on_output(self, fd: int, data: bytes) -> None:
-        room = DETACHED_OUTPUT_LIMIT - self.sizes[fd]
-        if room <= 0:
-            self.truncated[fd] = True
-            return
-        if len(data) > room:
-            data, self.truncated[fd] = data[:room], True
-        f = self.files.get(fd)
-        if f is not None and not f.closed:
-            f.write(data)
-            f.flush()
-        self.sizes[fd] += len(data)
-
-    def close_files(self) -> None:
-        for f in self.files.values():
-            with contextlib.suppress(OSError):
-                f.close()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "sandbox": self.sandbox, "command": self.command, "pid": 0, "status": self.status,
-                "exit_code": self.exit_code, "signal": self.signal, "error": self.error,
-                "started_at": iso(self.started_at), "stdout_bytes": self.sizes[1], "stderr_bytes": self.sizes[2],
-                "truncated": self.truncated[1] or self.truncated[2]}
-
-
-def _detached_dir(sandbox_id: str) -> str:
-    return os.path.join(paths.data_dir(), "detached", sandbox_id)
+def _detached_dir(svc, sandbox_id: str) -> str:
+    return detached.sandbox_dir(svc.manager.store.path, sandbox_id)
 
 
 async def start_detached(svc, tenant: str, name: str, argv: list[str], *, env=None, cwd=None) -> dict[str, Any]:
-    st = state(svc)
     rec = svc.manager.get(validate_name(name), tenant)
     status = await svc.manager.status(name, tenant)
     if status != "running":
         raise InvalidState(f"sandbox {name} is {status}, not running", hint=f"start it: POST /sandboxes/{name}/start")
-    d_dir = _detached_dir(rec.id)
-    os.makedirs(d_dir, exist_ok=True)
-    det = Detached(cmd_id=uuid.uuid4().hex[:16], sandbox=name, sandbox_id=rec.id, tenant=tenant, command=list(argv),
-                   directory=d_dir)
-    req = svc.exec_request(argv, env=env, cwd=cwd, timeout=DETACHED_TIMEOUT_S, on_output=det.on_output,
-                           output_limit=0)
-
-    async def run() -> None:
-        try:
-            r = await svc.exec(tenant, name, req)
-            det.exit_code, det.signal = r.exit_code, r.signal
-            det.status = "completed" if r.exit_code == 0 else "failed"
-        except asyncio.CancelledError:
-            det.status, det.exit_code, det.signal = "failed", 137, 9
-            det.error = det.error or "killed"
-            raise
-        except AgentKernelError as exc:
-            det.status, det.error = "failed", exc.message
-        except Exception as exc:  # the task must record why it ended
-            log.exception("detached command failed")
-            det.status, det.error = "failed", f"internal error: {exc!r}"
-        finally:
-            det.close_files()
-
-    det.task = asyncio.get_running_loop().create_task(run())
-    st.detached[det.id] = det
-    st.ensure_loop()
+    req = svc.exec_request(argv, env=env, cwd=cwd, timeout=detached.TIMEOUT_S, output_limit=0)  # validates
+    st = await asyncio.to_thread(detached.start, svc.manager.store.path, tenant=tenant, sandbox=name,
+                                 sandbox_id=rec.id, argv=req.argv, env=req.env, cwd=req.cwd, timeout=req.timeout)
     from .. import audit
 
-    audit.log("detached_started", sandbox=name, id=rec.id, cmd_id=det.id, argv=list(argv))
-    return det.to_dict()
+    audit.log("detached_started", sandbox=name, id=rec.id, cmd_id=st["id"], argv=list(argv))
+    state(svc).ensure_loop()  # reaps the output of sandboxes removed behind this server's back
+    return detached.view(_detached_dir(svc, rec.id), st)
 
 
-def _get_detached(svc, tenant: str, name: str, cmd_id: str) -> Detached:
-    det = state(svc).detached.get(cmd_id)
-    rec = svc.manager.store.find(name, tenant) if det is not None else None
-    if det is None or det.tenant != tenant or det.sandbox != name or rec is None or rec.id != det.sandbox_id:
+def _get_detached(svc, tenant: str, name: str, cmd_id: str) -> tuple[str, dict[str, Any]]:
+    rec = svc.manager.store.find(validate_name(name), tenant)
+    d = _detached_dir(svc, rec.id) if rec is not None else None
+    st = detached.read_state(d, cmd_id) if d else None
+    if st is None or st.get("tenant") != tenant or st.get("sandbox") != name:
         raise NotFound(f"no detached command {cmd_id!r} in sandbox {name}")
-    return det
+    return d, st
 
 
 def detached_status(svc, tenant: str, name: str, cmd_id: str) -> dict[str, Any]:
-    return _get_detached(svc, tenant, name, cmd_id).to_dict()
+    return detached.view(*_get_detached(svc, tenant, name, cmd_id))
 
 
 def detached_list(svc, tenant: str, name: str) -> list[dict[str, Any]]:
-    svc.manager.get(validate_name(name), tenant)
-    return [d.to_dict() for d in state(svc).detached.values() if d.tenant == tenant and d.sandbox == name]
+    rec = svc.manager.get(validate_name(name), tenant)
+    d = _detached_dir(svc, rec.id)
+    return [detached.view(d, st) for st in detached.list_states(d) if st.get("tenant") == tenant]
 
 
 def detached_logs(svc, tenant: str, name: str, cmd_id: str, stream: str | None) -> dict[str, Any]:
-    det = _get_detached(svc, tenant, name, cmd_id)
+    d, st = _get_detached(svc, tenant, name, cmd_id)
     out: dict[str, Any] = {}
-    for fd, key in ((1, "stdout"), (2, "stderr")):
+    for key in ("stdout", "stderr"):
         if stream in (None, key):
             try:
-                with open(det.path(fd), "rb") as f:
+                with open(detached.output_path(d, cmd_id, key), "rb") as f:
                     out[key] = f.read().decode("utf-8", "replace")
             except FileNotFoundError:
                 out[key] = ""
-    out["truncated"] = {k: det.truncated[fd] for fd, k in ((1, "stdout"), (2, "stderr")) if k in out}
-    out["status"] = det.status
+    out["truncated"] = {k: bool(st["truncated"].get(k)) for k in ("stdout", "stderr") if k in out}
+    out["status"] = st["status"]
     return out
 
 
 async def detached_kill(svc, tenant: str, name: str, cmd_id: str) -> str:
-    det = _get_detached(svc, tenant, name, cmd_id)
-    if det.task is not None and not det.task.done():
-        det.error = "killed on request"
-        det.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await det.task
+    d, st = _get_detached(svc, tenant, name, cmd_id)
+    if await asyncio.to_thread(detached.kill, d, cmd_id):
         return f"Killed detached command {cmd_id}"
-    return f"Detached command {cmd_id} had already ended ({det.status})"
+    st = detached.read_state(d, cmd_id) or st
+    return f"Detached command {cmd_id} had already ended ({st['status']})"
 
 
 async def reap_detached(st: RefState) -> None:
-    """Commands of sandboxes that no longer exist: kill, forget, delete their output."""
-    if not st.detached:
-        return
-    live = st.svc.manager.store.ids()
-    for cmd_id, det in list(st.detached.items()):
-        if det.sandbox_id in live:
-            continue
-        if det.task is not None and not det.task.done():
-            det.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await det.task
-        st.detached.pop(cmd_id, None)
-        shutil.rmtree(det.dir, ignore_errors=True)
+    """Commands of sandboxes that no longer exist: kill, delete their state and output."""
+    store = st.svc.manager.store
+    if os.path.isdir(detached.root(store.path)):
+        await asyncio.to_thread(detached.reap_orphans, store.path, store.ids())
 
 
 # ---- TTL ----------------------------------------------------------------------------------------------------

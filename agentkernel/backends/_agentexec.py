@@ -43,7 +43,8 @@ async def exec_via_agent(client, spec: SandboxSpec, req: ExecRequest, base_env: 
     t0 = time.perf_counter()
     r = await client.exec(req.argv, env=exec_env(base_env, spec.env, req.env), cwd=req.cwd or spec.workdir,
                           stdin=req.stdin, timeout=req.timeout, tty=req.tty, tty_size=req.tty_size,
-                          on_output=on_output, output_limit=req.output_limit if collector else 0)
+                          on_output=on_output, output_limit=req.output_limit if collector else 0,
+                          on_start=req.on_start)
     ms = (time.perf_counter() - t0) * 1e3
     if r.error and r.start_failed:
         msg = f"{r.error}\n".encode()

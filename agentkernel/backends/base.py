@@ -131,15 +131,19 @@ def check_policy(spec: SandboxSpec, caps: Capabilities, backend: str) -> None:
 # ---- exec requests and results ----------------------------------------------------------------------
 
 OutputCallback = "Callable[[int, bytes], Any]"  # (fd 1 or 2, chunk); may return an awaitable
+StartCallback = "Callable[[int], None]"  # the command's pid inside the sandbox
 
 DEFAULT_OUTPUT_LIMIT = 16 * 1024 * 1024  # bytes kept per stream when output is captured
 
 
 class ExecRequest:
     """One command. ``argv`` is exec'd directly (no shell). ``stdin`` is bytes, an async iterator of
-    bytes, or None (empty stdin). With ``on_output`` set, output is streamed to it and not kept."""
+    bytes, or None (empty stdin). With ``on_output`` set, output is streamed to it and not kept.
+    ``on_start(pid)``: called once the command runs, with its pid inside the sandbox (backends that run
+    commands through the in-sandbox agent; others never call it)."""
 
-    __slots__ = ("argv", "cwd", "env", "on_output", "output_limit", "stdin", "timeout", "tty", "tty_size", "user")
+    __slots__ = ("argv", "cwd", "env", "on_output", "on_start", "output_limit", "stdin", "timeout", "tty",
+                 "tty_size", "user")
 
     def __init__(
         self,
@@ -154,6 +158,7 @@ class ExecRequest:
         on_output: OutputCallback | None = None,
         output_limit: int = DEFAULT_OUTPUT_LIMIT,
         user: str | None = None,
+        on_start: StartCallback | None = None,
     ) -> None:
         if not argv or not all(isinstance(a, str) for a in argv):
             from ..errors import ValidationError
@@ -173,6 +178,7 @@ class ExecRequest:
         self.on_output = on_output
         self.output_limit = output_limit
         self.user = user
+        self.on_start = on_start
 
 
 class ExecResult:

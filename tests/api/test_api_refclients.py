@@ -6,6 +6,7 @@ volumes, snapshots. Then the bad input of each."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -416,6 +417,58 @@ def test_detached_output_is_bounded_and_survives_the_client(compat_server):
         assert c.delete(f"/sandboxes/{name}").status_code == 200
         assert c.get(f"/sandboxes/{name}/exec/detached/{sleeper}").status_code == 404
         assert c.get(f"/sandboxes/{name}/exec/detached").status_code == 404
+
+
+def _proc_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_detached_survives_a_server_restart(tmp_path):
+    """State and output are on disk beside the store and the command runs under its own supervisor: a
+    detached command started through one server finishes while no server runs, and the next server
+    reports it (status, exit code, output, the command's real pid inside the sandbox). Kill ends it;
+    removing the sandbox kills its running commands' supervisors and deletes their state."""
+    h = auth("alice")
+    env = {"AGENTKERNEL_STORE": str(tmp_path / "store" / "state.db")}
+    srv = start_server(str(tmp_path), tokens=TOKENS, pool_min=0, pool_max=1, extra_env=env)
+    name = unique("restart")
+    try:
+        with httpx.Client(base_url=srv.url, headers=h, timeout=120) as c:
+            assert c.post("/sandboxes", json={"name": name}).status_code == 201
+            d = c.post(f"/sandboxes/{name}/exec/detach",
+                       json={"command": ["sh", "-c", "echo pid=$$; sleep 12; echo after; exit 4"]}).json()["data"]
+            assert d["status"] == "running" and d["pid"] > 0 and d["supervisor_pid"] > 0, d
+            sleeper = c.post(f"/sandboxes/{name}/exec/detach", json={"command": ["sleep", "300"]}).json()["data"]
+        assert srv.stop() == 0, srv.log()
+        assert _proc_alive(d["supervisor_pid"])  # no server now: the command goes on
+        srv = start_server(str(tmp_path), tokens=TOKENS, pool_min=0, pool_max=1, extra_env=env)
+        with httpx.Client(base_url=srv.url, headers=h, timeout=120) as c:
+            url = f"/sandboxes/{name}/exec/detached/{d['id']}"
+            assert wait_until(lambda: c.get(url).json()["data"]["status"] != "running", timeout=30)
+            st = c.get(url).json()["data"]
+            assert (st["status"], st["exit_code"]) == ("failed", 4), st
+            logs = c.get(url + "/logs").json()["data"]
+            assert logs["stdout"] == f"pid={d['pid']}\nafter\n", logs
+            assert not _proc_alive(d["supervisor_pid"])
+            ids = [x["id"] for x in c.get(f"/sandboxes/{name}/exec/detached").json()["data"]]
+            assert set(ids) == {d["id"], sleeper["id"]}
+            assert c.get(f"/sandboxes/{name}/exec/detached/{sleeper['id']}").json()["data"]["status"] == "running"
+            assert "Killed" in c.delete(f"/sandboxes/{name}/exec/detached/{sleeper['id']}").json()["data"]
+            st = c.get(f"/sandboxes/{name}/exec/detached/{sleeper['id']}").json()["data"]
+            assert (st["status"], st["signal"]) == ("failed", 9) and not _proc_alive(sleeper["supervisor_pid"])
+            again = c.post(f"/sandboxes/{name}/exec/detach", json={"command": ["sleep", "300"]}).json()["data"]
+            assert c.delete(f"/sandboxes/{name}").status_code == 200
+            assert wait_until(lambda: not _proc_alive(again["supervisor_pid"]), timeout=15)
+            assert not os.path.exists(tmp_path / "store" / "detached" / d["id"])
+            assert os.listdir(tmp_path / "store" / "detached") == []
+    finally:
+        with contextlib.suppress(Exception):
+            httpx.delete(f"{srv.url}/sandboxes/{name}", headers=h, timeout=60)
+        assert srv.stop() == 0, srv.log()
 
 
 def test_ttl_is_enforced_and_bad_ttls_are_refused(compat_server):
