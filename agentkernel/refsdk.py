@@ -25,11 +25,10 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal
 from urllib.parse import quote
 
-import httpx
 from pydantic import BaseModel, ConfigDict
 
+from .sdk import APIError as AgentKernelError
 from .sdk import (
-    _SSE,
     AuthError,
     ConflictError,
     NetworkError,
@@ -38,18 +37,15 @@ from .sdk import (
     RateLimitedError,
     ServerError,
     StreamError,
-    _config,
-    _error,
-    _unwrap,
+    _AsyncHTTP,
+    _SyncHTTP,
 )
-from .sdk import APIError as AgentKernelError
 from .sdk import BadRequestError as ValidationError
 
 SecurityProfile = Literal["permissive", "moderate", "restrictive"]
 SandboxStatus = Literal["running", "paused", "stopped", "dormant", "archived"]
 StreamEventType = Literal["started", "progress", "output", "done", "error"]
 DetachedStatus = Literal["running", "completed", "failed"]
-_REF_EVENTS = ("started", "progress", "output", "done", "error")
 
 __all__ = [
     "AgentKernel", "AgentKernelError", "AsyncAgentKernel", "AsyncSandboxSession", "AuthError",
@@ -289,35 +285,46 @@ class _Methods:
                         lambda d: SandboxInfo(**d))
 
 
-def _ref_event(ev) -> StreamEvent | None:
-    return StreamEvent(type=ev.type, data=ev.data) if ev.type in _REF_EVENTS else None
+def _ref_event(ev) -> StreamEvent:
+    return StreamEvent(type=ev.type, data=ev.data)
 
 
-# ---- sync ----------------------------------------------------------------------------------------------
+def _run_stream_body(command, image, profile, fast) -> dict[str, Any]:
+    return {"command": command, "image": image, "profile": profile, "fast": fast}
 
 
-class SandboxSession:
-    """A sandbox removed when the ``with`` block ends."""
+class _SessionMethods:
+    """A sandbox removed when the ``with`` block ends; each method returns the client's value (sync) or
+    coroutine (async)."""
 
-    def __init__(self, name: str, client: AgentKernel) -> None:
+    def __init__(self, name: str, client) -> None:
         self.name = name
         self._client = client
         self._removed = False
 
     def run(self, command: list[str], *, env: list[str] | None = None, workdir: str | None = None,
-            sudo: bool | None = None) -> RunOutput:
+            sudo: bool | None = None):
         return self._client.exec_in_sandbox(self.name, command, env=env, workdir=workdir, sudo=sudo)
 
-    def info(self) -> SandboxInfo:
+    def info(self):
         return self._client.get_sandbox(self.name)
 
-    def write_files(self, files: dict[str, str]) -> BatchFileWriteResponse:
+    def write_files(self, files: dict[str, str]):
         return self._client.write_files(self.name, files)
 
+    def _remove_once(self):
+        if self._removed:
+            return None
+        self._removed = True
+        return self._client.remove_sandbox(self.name)
+
+
+# ---- sync ----------------------------------------------------------------------------------------------
+
+
+class SandboxSession(_SessionMethods):
     def remove(self) -> None:
-        if not self._removed:
-            self._removed = True
-            self._client.remove_sandbox(self.name)
+        self._remove_once()
 
     def __enter__(self) -> SandboxSession:
         return self
@@ -326,49 +333,20 @@ class SandboxSession:
         self.remove()
 
 
-class AgentKernel(_Methods):
+class AgentKernel(_Methods, _SyncHTTP):
     """Synchronous client with the reference SDK's interface."""
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float | None = None) -> None:
-        url, headers, t = _config(base_url, api_key, timeout)
-        self.base_url = url
-        self._http = httpx.Client(base_url=url, headers=headers, timeout=t)
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> AgentKernel:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        super().__init__(base_url, api_key, timeout)
 
     def _do(self, method: str, path: str, body: Any = None, conv=None):
-        try:
-            r = self._http.request(method, path, json=body) if body is not None else self._http.request(method, path)
-        except httpx.TransportError as exc:
-            raise NetworkError(f"cannot reach {self.base_url}: {exc}") from exc
-        data = _unwrap(r)
+        data = self._request(method, path, json=body) if body is not None else self._request(method, path)
         return conv(data) if conv else data
 
     def run_stream(self, command: list[str], *, image: str | None = None, profile: SecurityProfile | None = None,
                    fast: bool = True) -> Iterator[StreamEvent]:
-        body = {"command": command, "image": image, "profile": profile, "fast": fast}
-        try:
-            with self._http.stream("POST", "/run/stream", json=body) as r:
-                if r.status_code >= 400:
-                    r.read()
-                    raise _error(r.status_code, r.text)
-                sse = _SSE()
-                for line in r.iter_lines():
-                    ev = sse.line(line)
-                    out = _ref_event(ev) if ev else None
-                    if out:
-                        yield out
-                        if out.type in ("done", "error"):
-                            return
-        except httpx.TransportError as exc:
-            raise NetworkError(f"cannot reach {self.base_url}: {exc}") from exc
+        for ev in self._stream("/run/stream", _run_stream_body(command, image, profile, fast), native=False):
+            yield _ref_event(ev)
 
     def sandbox(self, name: str, *, image: str | None = None, vcpus: int | None = None,
                 memory_mb: int | None = None, profile: SecurityProfile | None = None, **create_kw) -> SandboxSession:
@@ -379,26 +357,11 @@ class AgentKernel(_Methods):
 # ---- async ---------------------------------------------------------------------------------------------
 
 
-class AsyncSandboxSession:
-    def __init__(self, name: str, client: AsyncAgentKernel) -> None:
-        self.name = name
-        self._client = client
-        self._removed = False
-
-    async def run(self, command: list[str], *, env: list[str] | None = None, workdir: str | None = None,
-                  sudo: bool | None = None) -> RunOutput:
-        return await self._client.exec_in_sandbox(self.name, command, env=env, workdir=workdir, sudo=sudo)
-
-    async def info(self) -> SandboxInfo:
-        return await self._client.get_sandbox(self.name)
-
-    async def write_files(self, files: dict[str, str]) -> BatchFileWriteResponse:
-        return await self._client.write_files(self.name, files)
-
+class AsyncSandboxSession(_SessionMethods):
     async def remove(self) -> None:
-        if not self._removed:
-            self._removed = True
-            await self._client.remove_sandbox(self.name)
+        call = self._remove_once()
+        if call is not None:
+            await call
 
     async def __aenter__(self) -> AsyncSandboxSession:
         return self
@@ -407,52 +370,20 @@ class AsyncSandboxSession:
         await self.remove()
 
 
-class AsyncAgentKernel(_Methods):
+class AsyncAgentKernel(_Methods, _AsyncHTTP):
     """Asynchronous client with the reference SDK's interface (every method is awaited)."""
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float | None = None) -> None:
-        url, headers, t = _config(base_url, api_key, timeout)
-        self.base_url = url
-        self._http = httpx.AsyncClient(base_url=url, headers=headers, timeout=t)
-
-    async def close(self) -> None:
-        await self._http.aclose()
-
-    async def __aenter__(self) -> AsyncAgentKernel:
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.close()
+        super().__init__(base_url, api_key, timeout)
 
     async def _do(self, method: str, path: str, body: Any = None, conv=None):
-        try:
-            if body is not None:
-                r = await self._http.request(method, path, json=body)
-            else:
-                r = await self._http.request(method, path)
-        except httpx.TransportError as exc:
-            raise NetworkError(f"cannot reach {self.base_url}: {exc}") from exc
-        data = _unwrap(r)
+        data = await (self._request(method, path, json=body) if body is not None else self._request(method, path))
         return conv(data) if conv else data
 
     async def run_stream(self, command: list[str], *, image: str | None = None,
                          profile: SecurityProfile | None = None, fast: bool = True) -> AsyncIterator[StreamEvent]:
-        body = {"command": command, "image": image, "profile": profile, "fast": fast}
-        try:
-            async with self._http.stream("POST", "/run/stream", json=body) as r:
-                if r.status_code >= 400:
-                    await r.aread()
-                    raise _error(r.status_code, r.text)
-                sse = _SSE()
-                async for line in r.aiter_lines():
-                    ev = sse.line(line)
-                    out = _ref_event(ev) if ev else None
-                    if out:
-                        yield out
-                        if out.type in ("done", "error"):
-                            return
-        except httpx.TransportError as exc:
-            raise NetworkError(f"cannot reach {self.base_url}: {exc}") from exc
+        async for ev in self._stream("/run/stream", _run_stream_body(command, image, profile, fast), native=False):
+            yield _ref_event(ev)
 
     async def sandbox(self, name: str, *, image: str | None = None, vcpus: int | None = None,
                       memory_mb: int | None = None, profile: SecurityProfile | None = None,

@@ -274,6 +274,7 @@ class _SSE:
 
 
 _NATIVE = {"started", "stdout", "stderr", "exit", "error"}
+_COMPAT = {"started", "progress", "output", "done", "error"}  # the reference clients' events
 
 
 def _config(base_url: str | None, api_key: str | None, timeout: float | None) -> tuple[str, dict[str, str], float]:
@@ -290,7 +291,10 @@ def _config(base_url: str | None, api_key: str | None, timeout: float | None) ->
 # ---- sync ----------------------------------------------------------------------------------------------
 
 
-class AgentKernel:
+class _SyncHTTP:
+    """One HTTP client's life cycle, calls and event streams: shared by ``AgentKernel`` and the reference
+    system's drop-in (``agentkernel.refsdk``)."""
+
     def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float | None = None,
                  *, transport: httpx.BaseTransport | None = None) -> None:
         url, headers, t = _config(base_url, api_key, timeout)
@@ -300,7 +304,7 @@ class AgentKernel:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> AgentKernel:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
@@ -315,6 +319,31 @@ class AgentKernel:
             raise NetworkError(f"cannot reach {self.base_url}: {exc}") from exc
         return _unwrap(r)
 
+    def _stream(self, path: str, body: dict[str, Any], *, native: bool = True) -> Iterator[StreamEvent]:
+        """Server-sent events of ``path``: ours (``native``), or the reference's (started, progress,
+        output, done, error), which the server sends unless asked for ours."""
+        kinds, last = (_NATIVE, ("exit", "error")) if native else (_COMPAT, ("done", "error"))
+        try:
+            with self._http.stream("POST", path, json=body, params={"compat": "false"} if native else None,
+                                   timeout=httpx.Timeout(self._http.timeout.connect, read=None)) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    raise _error(r.status_code, r.text, r.headers.get("retry-after"))
+                p = _SSE()
+                for line in r.iter_lines():
+                    ev = p.line(line)
+                    if ev is None or ev.type not in kinds:
+                        continue
+                    yield ev
+                    if ev.type in last:
+                        return
+                if native:
+                    raise StreamError("the stream ended without an exit event")
+        except httpx.TransportError as exc:
+            raise NetworkError(f"cannot reach {self.base_url}: {exc}") from exc
+
+
+class AgentKernel(_SyncHTTP):
     def health(self) -> str:
         return self._request("GET", "/health")
 
@@ -339,25 +368,6 @@ class AgentKernel:
         """Events as they happen: started, stdout/stderr chunks, then exit (or error). Closing the
         iterator early disconnects, which kills the command."""
         return self._stream("/run/stream", _run_body(command, **kw))
-
-    def _stream(self, path: str, body: dict[str, Any]) -> Iterator[StreamEvent]:
-        try:
-            with self._http.stream("POST", path, json=body, params={"compat": "false"},
-                                   timeout=httpx.Timeout(self._http.timeout.connect, read=None)) as r:
-                if r.status_code >= 400:
-                    r.read()
-                    raise _error(r.status_code, r.text, r.headers.get("retry-after"))
-                p = _SSE()
-                for line in r.iter_lines():
-                    ev = p.line(line)
-                    if ev is None or ev.type not in _NATIVE:
-                        continue
-                    yield ev
-                    if ev.type in ("exit", "error"):
-                        return
-                raise StreamError("the stream ended without an exit event")
-        except httpx.TransportError as exc:
-            raise NetworkError(str(exc)) from exc
 
     def batch_run(self, commands: list[list[str]]) -> list[CommandResult | APIError]:
         data = self._request("POST", "/batch/run", json={"commands": [{"command": c} for c in commands]})
@@ -481,7 +491,9 @@ class SandboxSession:
 # ---- async ---------------------------------------------------------------------------------------------
 
 
-class AsyncAgentKernel:
+class _AsyncHTTP:
+    """``_SyncHTTP`` for asyncio."""
+
     def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float | None = None,
                  *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         url, headers, t = _config(base_url, api_key, timeout)
@@ -491,9 +503,10 @@ class AsyncAgentKernel:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    close = aclose
+    async def close(self) -> None:
+        await self.aclose()
 
-    async def __aenter__(self) -> AsyncAgentKernel:
+    async def __aenter__(self):
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -508,6 +521,29 @@ class AsyncAgentKernel:
             raise NetworkError(f"cannot reach {self.base_url}: {exc}") from exc
         return _unwrap(r)
 
+    async def _stream(self, path: str, body: dict[str, Any], *, native: bool = True) -> AsyncIterator[StreamEvent]:
+        kinds, last = (_NATIVE, ("exit", "error")) if native else (_COMPAT, ("done", "error"))
+        try:
+            async with self._http.stream("POST", path, json=body, params={"compat": "false"} if native else None,
+                                         timeout=httpx.Timeout(self._http.timeout.connect, read=None)) as r:
+                if r.status_code >= 400:
+                    await r.aread()
+                    raise _error(r.status_code, r.text, r.headers.get("retry-after"))
+                p = _SSE()
+                async for line in r.aiter_lines():
+                    ev = p.line(line)
+                    if ev is None or ev.type not in kinds:
+                        continue
+                    yield ev
+                    if ev.type in last:
+                        return
+                if native:
+                    raise StreamError("the stream ended without an exit event")
+        except httpx.TransportError as exc:
+            raise NetworkError(f"cannot reach {self.base_url}: {exc}") from exc
+
+
+class AsyncAgentKernel(_AsyncHTTP):
     async def health(self) -> str:
         return await self._request("GET", "/health")
 
@@ -521,25 +557,6 @@ class AsyncAgentKernel:
 
     def run_stream(self, command: list[str], **kw) -> AsyncIterator[StreamEvent]:
         return self._stream("/run/stream", _run_body(command, **kw))
-
-    async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[StreamEvent]:
-        try:
-            async with self._http.stream("POST", path, json=body, params={"compat": "false"},
-                                         timeout=httpx.Timeout(self._http.timeout.connect, read=None)) as r:
-                if r.status_code >= 400:
-                    await r.aread()
-                    raise _error(r.status_code, r.text, r.headers.get("retry-after"))
-                p = _SSE()
-                async for line in r.aiter_lines():
-                    ev = p.line(line)
-                    if ev is None or ev.type not in _NATIVE:
-                        continue
-                    yield ev
-                    if ev.type in ("exit", "error"):
-                        return
-                raise StreamError("the stream ended without an exit event")
-        except httpx.TransportError as exc:
-            raise NetworkError(str(exc)) from exc
 
     async def batch_run(self, commands: list[list[str]]) -> list[CommandResult | APIError]:
         data = await self._request("POST", "/batch/run", json={"commands": [{"command": c} for c in commands]})

@@ -13,10 +13,11 @@ from tests.conftest import ak
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # scripts/setup.sh's package list before `agentkernel setup` took the steps over: --all --dev installs these
-SETUP_SH_PACKAGES = """podman crun runc uidmap slirp4netns containernetworking-plugins iptables docker.io containerd runsc
+SETUP_SH_PACKAGES = """
+  podman crun runc uidmap slirp4netns containernetworking-plugins iptables docker.io containerd runsc
   busybox-static debootstrap python3 python3-venv python3-dev musl-tools make gcc
   iproute2 nftables util-linux procps openssl qemu-system-x86 qemu-utils e2fsprogs lz4 zstd
-  clang lld wasi-libc libclang-rt-14-dev-wasm32 hyperfine docker-registry skopeo buildah""".split()
+  clang lld wasi-libc libclang-rt-14-dev-wasm32 hyperfine docker-registry skopeo buildah""".split()  # noqa: SIM905
 
 
 def test_all_dev_installs_exactly_what_setup_sh_installed():
@@ -28,7 +29,8 @@ def test_all_dev_installs_exactly_what_setup_sh_installed():
 
 
 def test_setup_sh_bootstraps_then_calls_agentkernel_setup():
-    text = open(os.path.join(REPO, "scripts", "setup.sh")).read()
+    with open(os.path.join(REPO, "scripts", "setup.sh")) as f:
+        text = f.read()
     assert "local args=(setup -y --all --dev --reference-clients)" in text
     assert '"$VENV/bin/python" -m agentkernel "${args[@]}"' in text
     assert "BOOTSTRAP_PACKAGES=(python3 python3-venv python3-dev)" in text
@@ -56,7 +58,8 @@ def test_engine_config_steps_write_only_when_different(tmp_path, monkeypatch):
         assert not f.ok and "differs" in f.detail
     import json
 
-    conf = json.loads(open(hostsetup.DOCKERD_CONF).read().split("# a user's")[0])
+    with open(hostsetup.DOCKERD_CONF) as f:
+        conf = json.loads(f.read().split("# a user's")[0])
     assert conf["runtimes"]["runsc-agentkernel"]["runtimeArgs"][-2:] == ["--oci-seccomp", "--host-uds=create"]
 
 
