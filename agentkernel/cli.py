@@ -134,7 +134,10 @@ def _add_run(sub, argparse) -> None:
 def _add_daemon(sub) -> None:
     p = sub.add_parser("daemon", help="the warm-pool daemon")
     p.add_argument("action", choices=["start", "stop", "status"])
-    p.add_argument("--foreground", action="store_true", help="start: run in this process")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--foreground", action="store_true", help="start: run in this process")
+    where.add_argument("-b", "--background", action="store_true",
+                       help="start: in the background (the default; the reference system's flag)")
     p.add_argument("--pool-min", type=int, metavar="N", help="start: warm members per pool")
     p.add_argument("--pool-max", type=int, metavar="N",
                    help="start: members alive per pool, at most (default 32); the ready target adapts to demand "

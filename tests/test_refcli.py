@@ -155,3 +155,11 @@ def test_create_with_a_named_volume(tmp_path):
         ak("volume", "rm", vol)
     p = ak("create", a, "-v", "no-such-volume:/data")
     assert p.returncode == 125 and b"no such volume" in p.stderr
+
+
+def test_daemon_start_background_flag_parses():
+    """The reference's `daemon start -b` (it bailed there): accepted, and the default here."""
+    args = build_parser().parse_args(["daemon", "start", "-b"])
+    assert args.background and not args.foreground
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["daemon", "start", "-b", "--foreground"])
