@@ -278,20 +278,19 @@ def spec_flags(args) -> dict:
 
 def spec_from_args(args, argv: list[str] | None):
     """Flags + env + config file -> SandboxSpec, the image by ``imagesel.resolve_for_command``."""
+    return spec_and_files_from_args(args, argv)[0]
+
+
+def spec_and_files_from_args(args, argv: list[str] | None):
+    """``spec_from_args`` and the config file's ``[[files]]`` (``[{source, dest, mode}]``, may be empty)."""
     import os
 
     from . import config
 
     cfg_path = config.find_config(args.config, os.getcwd())
     cfg = config.load_config(cfg_path)
-    if argv is not None and cfg.get("files"):
-        config.resolve_spec(spec_flags(args), config=cfg)  # its refusals first ([build] and the rest)
-        from .errors import PolicyNotEnforceable
-
-        raise PolicyNotEnforceable(f"{cfg_path}: [[files]] are copied in when a named sandbox is created, not "
-                                   "for one-shot runs", hint="agentkernel create NAME --start, then exec; or "
-                                   "--mount-cwd to share the project directory")
     from .imagesel import resolve_for_command
 
-    return resolve_for_command(spec_flags(args), argv, config=cfg, config_path=cfg_path,
-                                      pull=getattr(args, "pull", None))
+    spec = resolve_for_command(spec_flags(args), argv, config=cfg, config_path=cfg_path,
+                               pull=getattr(args, "pull", None))
+    return spec, cfg.get("files") or []

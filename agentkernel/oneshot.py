@@ -4,7 +4,8 @@ One place owns the sequence for every backend: check the policy -> claim the san
 journal under the name the backend gives it before it exists (``planned_handle``) -> run -> render the
 outcome (exit code + notes, ``agentkernel.outcome``) -> release the claim -> audit. Backends that
 implement ``OneShot`` run synchronously with the caller's stdio (no asyncio import: the CLI's cold
-path); every other backend goes through its asyncio ``run``.
+path); every other backend goes through its asyncio ``run``. A run with ``files`` (agentkernel.toml's
+``[[files]]``) goes the asyncio way on every backend: create+start, copy the files in, run, remove.
 
 The claim is released once the backend has destroyed what it made (normally, or after an error it
 reported as ``AgentKernelError``). On anything else the claim stays: this process is about to exit,
@@ -26,21 +27,23 @@ if TYPE_CHECKING:
     from .spec import SandboxSpec
 
 
-def run(backend: Backend, spec: SandboxSpec, argv: list[str], stdio: Stdio, timeout: float | None) -> int:
-    """Run ``argv`` once with ``stdio``; returns the CLI's exit code (notes already written)."""
+def run(backend: Backend, spec: SandboxSpec, argv: list[str], stdio: Stdio, timeout: float | None,
+        files: list[dict[str, Any]] | None = None) -> int:
+    """Run ``argv`` once with ``stdio``; returns the CLI's exit code (notes already written).
+    ``files``: ``[{source, dest, mode}]`` copied in before the command runs."""
     from .outcome import render
 
-    outcome = run_outcome(backend, spec, argv, stdio, timeout)
+    outcome = run_outcome(backend, spec, argv, stdio, timeout, files=files)
     return render(outcome, timeout=timeout, memory_mb=spec.resources.memory_mb)
 
 
 def run_outcome(backend: Backend, spec: SandboxSpec, argv: list[str], stdio: Stdio, timeout: float | None,
-                *, sandbox_id: str | None = None) -> Outcome:
+                *, sandbox_id: str | None = None, files: list[dict[str, Any]] | None = None) -> Outcome:
     """``run`` without rendering: the ``Outcome`` (for callers that render it themselves).
     ``sandbox_id``: a chosen id (tests watch its resources), else a fresh one."""
     backend.check(spec)
-    if not isinstance(backend, OneShot):
-        return _run_async(backend, spec, argv, stdio, timeout)
+    if files or not isinstance(backend, OneShot):
+        return _run_async(backend, spec, argv, stdio, timeout, files)
     sid = sandbox_id or owner.new_id("run")
     me = owner.current_owner()
     with _Claim(backend, sid, me):
@@ -50,14 +53,17 @@ def run_outcome(backend: Backend, spec: SandboxSpec, argv: list[str], stdio: Std
 
 
 async def run_async(backend: Backend, spec: SandboxSpec, req: ExecRequest, own: dict[str, Any],
-                    *, journal: bool = True, via: str | None = None, start_gate: Any = None) -> ExecResult:
+                    *, journal: bool = True, via: str | None = None, start_gate: Any = None,
+                    files: list[dict[str, Any]] | None = None) -> ExecResult:
     """The asyncio one-shot (manager, daemon, in-process API): the same claim -> run -> release ->
     audit around ``backend.run``. ``journal=False`` for backends whose runs live in this process only.
     ``start_gate`` (a semaphore: the daemon's start limiter) bounds the sandbox's create+start, not its
-    command."""
+    command. ``files`` are copied in between start and the command."""
     backend.check(spec)
     sid = owner.new_id("run")
-    if start_gate is None or backend.in_process:
+    if files:
+        work = _run_with_files(backend, spec, req, sid, own, files)
+    elif start_gate is None or backend.in_process:
         work = backend.run(spec, req, sandbox_id=sid, owner=own)
     else:
         work = _gated_run(backend, spec, req, sid, own, start_gate)
@@ -93,7 +99,21 @@ async def _gated_run(backend: Backend, spec: SandboxSpec, req: ExecRequest, sid:
     return result
 
 
-def _run_async(backend: Backend, spec: SandboxSpec, argv: list[str], stdio: Stdio, timeout: float | None) -> Outcome:
+async def _run_with_files(backend: Backend, spec: SandboxSpec, req: ExecRequest, sid: str, who: dict[str, Any],
+                          files: list[dict[str, Any]]) -> ExecResult:
+    """create+start -> copy ``files`` in -> the command -> remove (also when any of it fails)."""
+    from .refinject import copy_files_ref
+
+    ref = await backend.create_started(spec, sandbox_id=sid, owner=who)
+    try:
+        await copy_files_ref(backend, ref, files)
+        return await backend.exec(ref, req)
+    finally:
+        await backend.remove(ref)
+
+
+def _run_async(backend: Backend, spec: SandboxSpec, argv: list[str], stdio: Stdio, timeout: float | None,
+               files: list[dict[str, Any]] | None = None) -> Outcome:
     import asyncio
 
     from .backends.base import ExecRequest
@@ -106,7 +126,8 @@ def _run_async(backend: Backend, spec: SandboxSpec, argv: list[str], stdio: Stdi
         req = ExecRequest(argv, stdin=stdin_chunks(stdio.stdin) if stdio.forward_stdin else None, timeout=timeout,
                           on_output=lambda fd, data: write_all(fds[fd], data))
         try:
-            return await run_async(backend, spec, req, owner.current_owner(), journal=not backend.in_process)
+            return await run_async(backend, spec, req, owner.current_owner(), journal=not backend.in_process,
+                                   files=files)
         finally:
             await backend.aclose()
 

@@ -10,7 +10,7 @@ import pytest
 
 from agentkernel.config import load_config, resolve_spec
 from agentkernel.errors import ConfigError, PolicyNotEnforceable
-from tests.conftest import ak
+from tests.conftest import ak, require_backend
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "reference-configs")
 ALL = sorted(glob.glob(os.path.join(FIXTURES, "*.toml")) + glob.glob(os.path.join(FIXTURES, "examples", "*.toml")))
@@ -93,8 +93,11 @@ def test_every_reference_config_runs(path, tmp_path):
     machine are refused by name (nothing is pulled); with a local image (-i) every config runs."""
     name = os.path.basename(path)
     p = ak("run", "--config", path, "--", "echo", "ok", cwd=str(tmp_path))
-    if name == "config-toml-full.toml":  # [build] and [[files]]: a one-shot run refuses the files
-        assert p.returncode == 125 and b"[[files]]" in p.stderr, p.stderr
+    if name == "config-toml-full.toml":  # [build] and [[files]]: built; its /app/.env is not writable by the
+        # sandbox's user (commands never run as root here, the reference's did): refused before the command runs
+        p = ak("run", "--config", path, "--", "echo", "ran", cwd=str(tmp_path))
+        assert p.returncode == 125 and b"[[files]]: cannot create /app" in p.stderr, p.stderr
+        assert b"ran" not in p.stdout and b"must be able to write there" in p.stderr
         return
     if name in NEEDS_BUILD:  # built from the fixture's Dockerfile (images/dockerbuild.py), then run
         assert (p.returncode, p.stdout) == (0, b"ok\n"), p.stderr
@@ -123,8 +126,19 @@ def test_files_are_copied_in_at_create(tmp_path):
         ak("rm", name)
 
 
-def test_run_with_files_fails_closed(tmp_path):
-    (tmp_path / "a.txt").write_text("a")
-    (tmp_path / "agentkernel.toml").write_text('[[files]]\nsource = "a.txt"\ndest = "/tmp/a.txt"\n')
-    p = ak("run", "--", "true", cwd=str(tmp_path))
-    assert p.returncode == 125 and b"[[files]] are copied in when a named sandbox is created" in p.stderr
+@pytest.mark.parametrize("backend", ["podman", "docker", "gvisor", "oci", "wasm"])
+def test_run_copies_files_in(tmp_path, backend):
+    """A one-shot run with [[files]] gets them (content and mode) before its command runs, on every container
+    backend and wasm; a source that went missing after loading fails before anything runs."""
+    require_backend(backend)
+    (tmp_path / "secret.env").write_text("TOKEN=abc\n")
+    (tmp_path / "agentkernel.toml").write_text(
+        '[[files]]\nsource = "secret.env"\ndest = "/tmp/app/.env"\nmode = "0600"\n'
+        '[[files]]\nsource = "secret.env"\ndest = "/tmp/copy.env"\n')
+    p = ak("run", "-B", backend, "--", "cat", "/tmp/app/.env", "/tmp/copy.env", cwd=str(tmp_path))
+    assert (p.returncode, p.stdout) == (0, b"TOKEN=abc\nTOKEN=abc\n"), p.stderr
+    if backend != "wasm":  # the WASI shell has no stat
+        p = ak("run", "-B", backend, "--", "stat", "-c", "%a", "/tmp/app/.env", "/tmp/copy.env", cwd=str(tmp_path))
+        assert (p.returncode, p.stdout) == (0, b"600\n644\n"), p.stderr
+    p = ak("run", "-B", backend, "--", "sh", "-c", "exit 3", cwd=str(tmp_path))
+    assert p.returncode == 3, p.stderr

@@ -15,13 +15,14 @@ from ..backends import canonical, get_backend
 
 
 def run(args, command: list[str]) -> int:
-    from ..cli_flags import spec_from_args
+    from ..cli_flags import spec_and_files_from_args
 
-    spec = spec_from_args(args, command)
+    spec, files = spec_and_files_from_args(args, command)
     spec = spec.replace(backend=canonical(spec.backend))
     if args.keep:
-        return _run_keep(args, spec, command)
-    if not args.no_daemon and os.environ.get("AGENTKERNEL_NO_DAEMON", "") in ("", "0"):
+        return _run_keep(args, spec, command, files)
+    # agentkernel.toml's [[files]] are copied into a fresh sandbox (a pooled one was made before this run)
+    if not files and not args.no_daemon and os.environ.get("AGENTKERNEL_NO_DAEMON", "") in ("", "0"):
         from . import daemon_client
 
         rc = daemon_client.try_run(spec, command, args.timeout)
@@ -29,10 +30,11 @@ def run(args, command: list[str]) -> int:
             return rc
     from .. import oneshot
 
-    return oneshot.run(get_backend(spec.backend, spec.options), spec, command, termio.caller_stdio(), args.timeout)
+    return oneshot.run(get_backend(spec.backend, spec.options), spec, command, termio.caller_stdio(), args.timeout,
+                       files=files)
 
 
-def _run_keep(args, spec, command: list[str]) -> int:
+def _run_keep(args, spec, command: list[str], files: list) -> int:
     """--keep: a named sandbox that outlives the command (left running)."""
     import asyncio
 
@@ -48,6 +50,10 @@ def _run_keep(args, spec, command: list[str]) -> int:
         mgr = SandboxManager()
         try:
             await mgr.create(spec, start=True)
+            if files:
+                from ..refinject import copy_files
+
+                await copy_files(mgr, name, files)
             req = ExecRequest(command, stdin=termio.stdin_chunks() if termio.stdin_forwardable() else None,
                               timeout=args.timeout, on_output=termio.write_all)
             return await mgr.exec(name, req)
