@@ -51,6 +51,9 @@ DOCKER_SOCK = "unix:///var/run/docker.sock"
 DOCKER_PID = "/var/run/docker.pid"
 REFNODE_VERSION = "0.18.1"
 REFSDK_VERSION = "0.21.0"
+# the coding agents whose own loaders read what `agentkernel plugin install` writes (tests/test_plugins.py)
+AGENT_CLIS = {"@anthropic-ai/claude-code": "2.1.197", "@openai/codex": "0.171.0", "@google/gemini-cli": "0.61.0",
+              "opencode-ai": "1.18.33"}
 
 
 @dataclass
@@ -562,6 +565,47 @@ def reference_clients_step() -> Step:
     return Step("reference clients (compatibility tests)", check, apply)
 
 
+def agent_clis_dir() -> str:
+    return os.path.join(paths.repo_root(), "build", "agentclis")
+
+
+def agent_clis_step() -> Step:
+    """Claude Code, Codex, Gemini CLI and OpenCode (npm), under build/agentclis: the plugin tests load the
+    files `plugin install` writes with each agent's own configuration loader (`<agent> mcp list`)."""
+    d = agent_clis_dir()
+
+    def missing() -> list[str]:
+        out = []
+        for pkg, version in AGENT_CLIS.items():
+            text = _read(os.path.join(d, "node_modules", pkg, "package.json")) or "{}"
+            try:
+                ok = json.loads(text).get("version") == version
+            except ValueError:
+                ok = False
+            if not ok:
+                out.append(f"{pkg}@{version}")
+        return out
+
+    def check() -> Finding:
+        miss = missing()
+        if not miss:
+            return Finding(True, "Claude Code, Codex, Gemini CLI, OpenCode present")
+        if shutil.which("npm") is None:
+            return Finding(False, "agent CLIs missing", manual="npm is not installed (the plugin loader tests "
+                           "will be skipped)")
+        return Finding(False, f"missing: {' '.join(miss)}",
+                       plan=[f"npm install --prefix {d} {' '.join(miss)} (~1 GB)"])
+
+    def apply() -> str:
+        miss = missing()
+        os.makedirs(d, exist_ok=True)
+        _run_logged(["npm", "install", "--no-audit", "--no-fund", "--prefix", d, *miss], "npm-agentclis.log",
+                    "npm install of the agent CLIs")
+        return f"installed {' '.join(miss)}"
+
+    return Step("coding agent CLIs (plugin tests)", check, apply)
+
+
 # ---- the plan -----------------------------------------------------------------------------------------
 
 
@@ -585,7 +629,7 @@ def steps(opts: Options) -> list[Step]:
     if "firecracker" in b:
         out.append(firecracker_step())
     if opts.reference_clients:
-        out.append(reference_clients_step())
+        out += [reference_clients_step(), agent_clis_step()]
     return out
 
 
