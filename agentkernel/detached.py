@@ -8,7 +8,7 @@ Layout (one directory per sandbox, beside the store's database)::
     <store dir>/detached/<sandbox id>/<cmd id>.stdout    first OUTPUT_LIMIT bytes of each stream
     <store dir>/detached/<sandbox id>/<cmd id>.stderr
 
-The supervisor (``python -m agentkernel.detached supervise STATE``, a session of its own) runs the command
+The supervisor (``python -m agentkernel.detachedrun STATE``, a session of its own) runs the command
 through the manager like any exec, records the command's pid inside the sandbox (from the in-sandbox agent)
 and its own, and when it ends its exit code or signal. SIGTERM to the supervisor kills the command. A
 state that says "running" whose supervisor is provably gone (``owner.is_dead``) reads as failed.
@@ -50,14 +50,14 @@ def output_path(d: str, cmd_id: str, stream: str) -> str:
     return os.path.join(d, f"{cmd_id}.{stream}")
 
 
-def _save(path: str, st: dict[str, Any]) -> None:
+def save(path: str, st: dict[str, Any]) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(st, f)
     os.replace(tmp, path)
 
 
-def _load(path: str) -> dict[str, Any] | None:
+def load(path: str) -> dict[str, Any] | None:
     try:
         with open(path) as f:
             return json.load(f)
@@ -95,14 +95,14 @@ def read_state(d: str, cmd_id: str) -> dict[str, Any] | None:
     if not cmd_id or not set(cmd_id) <= _ID_CHARS or len(cmd_id) > 32:
         return None
     path = _state_path(d, cmd_id)
-    st = _load(path)
+    st = load(path)
     if st is None:
         return None
     if st["status"] in ("starting", "running") and st.get("supervisor") and not _alive(st):
         st["status"] = "failed"
         st["error"] = st.get("error") or "its supervisor ended without recording an exit (host restart or kill)"
         st["ended_at"] = st.get("ended_at") or time.time()
-        _save(path, st)
+        save(path, st)
     return st
 
 
@@ -125,13 +125,13 @@ def start(store_path: str, *, tenant: str, sandbox: str, sandbox_id: str, argv: 
     os.makedirs(d, mode=0o700, exist_ok=True)
     cmd_id = uuid.uuid4().hex[:16]
     path = _state_path(d, cmd_id)
-    _save(path, {"id": cmd_id, "sandbox": sandbox, "sandbox_id": sandbox_id, "tenant": tenant,
+    save(path, {"id": cmd_id, "sandbox": sandbox, "sandbox_id": sandbox_id, "tenant": tenant,
                  "command": list(argv), "env": dict(env or {}), "cwd": cwd, "timeout": timeout,
                  "store": os.path.abspath(store_path), "status": "starting", "started_at": time.time(),
                  "truncated": {"stdout": False, "stderr": False}})
     with open(os.path.join(d, f"{cmd_id}.log"), "wb") as log:
         # the launcher forks the supervisor into a session of its own and exits at once (no zombie here)
-        subprocess.run([sys.executable, "-m", "agentkernel.detached", "supervise", path], stdin=subprocess.DEVNULL,
+        subprocess.run([sys.executable, "-m", "agentkernel.detachedrun", path], stdin=subprocess.DEVNULL,
                        stdout=log, stderr=log, check=True, timeout=30)
     deadline = time.monotonic() + wait_s
     while True:
@@ -179,110 +179,3 @@ def reap_orphans(store_path: str, live_ids: set[str]) -> int:
     except FileNotFoundError:
         return 0
     return sum(reap(store_path, sid) for sid in ids if sid not in live_ids)
-
-
-# ---- the supervisor ---------------------------------------------------------------------------------------
-
-
-def _supervise(path: str) -> int:
-    import asyncio
-
-    from .backends.base import ExecRequest
-    from .errors import AgentKernelError
-    from .manager import SandboxManager
-    from .store import Store
-
-    st = _load(path)
-    if st is None:
-        return 1
-    d = os.path.dirname(path)
-    st["supervisor"] = owner.current_owner()
-    _save(path, st)
-    files = {1: open(output_path(d, st["id"], "stdout"), "wb"),  # noqa: SIM115 (closed at the end)
-             2: open(output_path(d, st["id"], "stderr"), "wb")}  # noqa: SIM115
-    sizes = {1: 0, 2: 0}
-
-    def on_output(fd: int, data: bytes) -> None:
-        room = OUTPUT_LIMIT - sizes[fd]
-        if len(data) > room:
-            data = data[:max(room, 0)]
-            key = "stdout" if fd == 1 else "stderr"
-            if not st["truncated"][key]:
-                st["truncated"][key] = True
-                _save(path, st)
-        if data:
-            files[fd].write(data)
-            files[fd].flush()
-            sizes[fd] += len(data)
-
-    def on_start(pid: int) -> None:
-        st["pid"], st["status"] = pid, "running"
-        _save(path, st)
-
-    def running_without_pid() -> None:  # a backend that runs commands without the agent reports no pid
-        if st["status"] == "starting":
-            st["status"] = "running"
-            _save(path, st)
-
-    async def main() -> None:
-        mgr = SandboxManager(Store(st["store"]))
-        req = ExecRequest(st["command"], env=st.get("env") or None, cwd=st.get("cwd"), timeout=st.get("timeout"),
-                          on_output=on_output, output_limit=0, on_start=on_start)
-        task = asyncio.get_running_loop().create_task(mgr.exec(st["sandbox"], req, st["tenant"]))
-
-        def killed() -> None:
-            st["error"] = "killed on request"
-            task.cancel()
-
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, killed)
-        asyncio.get_running_loop().call_later(2.0, running_without_pid)
-        try:
-            r = await task
-            st["exit_code"], st["signal"] = r.exit_code, r.signal
-            st["timed_out"] = r.timed_out
-            st["status"] = "completed" if r.exit_code == 0 else "failed"
-        except asyncio.CancelledError:
-            st["status"], st["exit_code"], st["signal"] = "failed", 137, 9
-        except AgentKernelError as exc:
-            st["status"], st["error"] = "failed", exc.message
-        except Exception as exc:  # the state must say why it ended
-            st["status"], st["error"] = "failed", f"internal error: {exc!r}"
-        finally:
-            await mgr.aclose()
-
-    try:
-        asyncio.run(main())
-    finally:
-        for f in files.values():
-            f.close()
-        st["ended_at"] = time.time()
-        if st["status"] in ("starting", "running"):
-            st["status"] = "failed"
-        _save(path, st)
-    return 0
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] != "supervise":
-        print("usage: python -m agentkernel.detached supervise STATE.json", file=sys.stderr)
-        return 2
-    if os.fork():
-        return 0  # the launcher: its caller waits for it, the supervisor lives on
-    os.setsid()
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    code = 1
-    try:
-        code = _supervise(argv[1])
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
