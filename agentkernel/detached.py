@@ -157,19 +157,28 @@ def kill(d: str, cmd_id: str, wait_s: float = 10.0) -> bool:
     return True
 
 
-def reap(store_path: str, sandbox_id: str) -> int:
-    """The sandbox is gone: kill its detached commands, delete their state and output. Returns how many."""
+def reap(store_path: str, sandbox_id: str, wait_s: float = 10.0) -> int:
+    """The sandbox is gone: kill its detached commands, wait for their supervisors to end (they write their
+    final state), then delete the state and output. Returns how many commands there were."""
     d = sandbox_dir(store_path, sandbox_id)
-    n = 0
-    for st in list_states(d):
-        if st["status"] in ("starting", "running") and _alive(st):
+    states = list_states(d)
+    live = [st for st in states if _alive(st)]
+    for st in live:
+        if st["status"] in ("starting", "running"):
             try:
                 os.kill(int(st["supervisor"]["pid"]), signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        n += 1
-    shutil.rmtree(d, ignore_errors=True)
-    return n
+    deadline = time.monotonic() + wait_s
+    while live and time.monotonic() < deadline:
+        time.sleep(0.02)
+        live = [st for st in live if _alive(st)]
+    for _ in range(3):  # a supervisor still ending may write once more: remove until it is gone
+        shutil.rmtree(d, ignore_errors=True)
+        if not os.path.exists(d):
+            break
+        time.sleep(0.1)
+    return len(states)
 
 
 def reap_orphans(store_path: str, live_ids: set[str]) -> int:

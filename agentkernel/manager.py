@@ -144,7 +144,9 @@ class SandboxManager:
         from . import detached
 
         if os.path.isdir(detached.sandbox_dir(self.store.path, rec.id)):  # its detached commands go with it
-            detached.reap(self.store.path, rec.id)
+            import asyncio
+
+            await asyncio.to_thread(detached.reap, self.store.path, rec.id)
         audit.log("sandbox_removed", sandbox=name, id=rec.id)
 
     async def status(self, name: str, tenant: str | None = None) -> str:
