@@ -26,6 +26,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import time
@@ -67,7 +68,7 @@ QEMU_CONTROLS = {
     "env",
 }
 BOOT_TIMEOUT = 90.0  # TCG on a busy 2-core host: a cold boot takes ~3 s, allow for contention
-TEMPLATE_VERSION = "1"
+TEMPLATE_VERSION = "2"  # 2: RAM in a file mapped by the clones, warmed before the save
 DEFAULT_MEMORY_MB = 256
 
 
@@ -187,7 +188,10 @@ class GuestPlan:
             [TEMPLATE_VERSION, self.guest["key"], self.accel, self.memory_mb, self.vcpus, self.cmdline,
              _qemu_stamp()]).encode()).hexdigest()[:16]
 
-    def argv(self, run_dir: str, disk: str, incoming: str | None = None) -> list[str]:
+    def argv(self, run_dir: str, disk: str, *, ram: str | None = None, incoming: bool = False) -> list[str]:
+        """QEMU's command line. ``ram``: the guest RAM is that file (a template's RAM: mapped shared while
+        the template is made, privately = copy-on-write by every clone restored from it, so a restore maps
+        the RAM instead of copying it). ``incoming``: restore the device state from fd 3."""
         from ..vm import guestimage
 
         k = self.guest["kernel"]
@@ -195,7 +199,7 @@ class GuestPlan:
         argv = [
             _qemu_binary(), "-name", f"agentkernel,process=ak-qemu-{os.path.basename(run_dir)}",
             "-M", "microvm,pit=on,pic=on,rtc=on,isa-serial=on", *cpu,
-            "-m", str(self.memory_mb), "-smp", str(self.vcpus),
+            "-m", f"{self.memory_mb}M", "-smp", str(self.vcpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", k["vmlinuz"], "-initrd", self.guest["initramfs"]["path"], "-append", self.cmdline,
             "-drive", f"id=root,file={disk},format=qcow2,if=none,cache=writeback,discard=unmap",
@@ -207,8 +211,12 @@ class GuestPlan:
             "-serial", f"file:{os.path.join(run_dir, 'console.log')}",
             "-pidfile", os.path.join(run_dir, "qemu.pid"),
         ]
-        if incoming:
-            argv += ["-incoming", f"exec:cat {incoming}"]
+        if ram:
+            argv += ["-object", f"memory-backend-file,id=ram,size={self.memory_mb}M,mem-path={ram},"
+                                f"share={'off' if incoming else 'on'}",
+                     "-machine", "memory-backend=ram"]
+        if incoming:  # started over QMP (migration capabilities first): see QemuBackend._restore
+            argv += ["-incoming", "defer"]
         return argv
 
 
@@ -246,6 +254,15 @@ def _tail(path: str, n: int = 800) -> str:
             return f.read().decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+def _dig_holes(path: str) -> None:
+    """Punch a hole (``fallocate -d``) wherever ``path`` holds only zeros."""
+    import subprocess
+
+    r = subprocess.run(["fallocate", "--dig-holes", path], capture_output=True)
+    if r.returncode != 0:
+        raise SandboxError(f"fallocate --dig-holes {path}: {r.stderr.decode(errors='replace').strip()}")
 
 
 class PortTransport(Transport):
@@ -402,7 +419,7 @@ class QemuBackend(Backend, AgentAccess):
             return
         plan = await self._plan(ref.spec)
         disk = os.path.join(run_dir, "disk.qcow2")
-        incoming = None
+        tdir = None
         from ..vm import guestimage
 
         if not os.path.exists(disk):
@@ -410,16 +427,18 @@ class QemuBackend(Backend, AgentAccess):
                 tdir = await self._template(plan)
                 await asyncio.to_thread(guestimage.overlay, os.path.join(tdir, "disk.qcow2"), disk,
                                         backing_format="qcow2")
-                incoming = os.path.join(tdir, "state")
             else:
                 await asyncio.to_thread(guestimage.overlay, plan.guest["rootfs"]["path"], disk)
-        timings = await self._boot(plan, run_dir, disk, incoming)
+        timings = await self._boot(plan, run_dir, disk, tdir)
         meta.update({"state": "running", "timings": timings, "env": plan.env})
         _write_json(os.path.join(run_dir, "meta.json"), meta)
         ref.handle["timings"] = timings
 
-    async def _boot(self, plan: GuestPlan, run_dir: str, disk: str, incoming: str | None) -> dict:
-        """Start QEMU and wait for the agent; returns the phase timings (ms)."""
+    async def _boot(self, plan: GuestPlan, run_dir: str, disk: str, template: str | None, *,
+                    ram: str | None = None) -> dict:
+        """Start QEMU and wait for the agent; returns the phase timings (ms). ``template``: restore the
+        snapshot in that dir (its device state, its RAM file mapped copy-on-write) instead of booting;
+        ``ram``: the guest RAM is that (shared) file (a template being made)."""
         from ..agent.client import AgentClient
 
         for f in ("agent.sock", "qmp.sock", "qemu.pid"):
@@ -430,12 +449,22 @@ class QemuBackend(Backend, AgentAccess):
         t0 = time.perf_counter()
         # QEMU is not our child (a shell starts it in the background and exits): it belongs to no event
         # loop and leaves no zombie in a long-lived owner; the pid it prints is checked while booting
+        incoming = template is not None
+        if incoming:
+            ram = os.path.join(template, "ram")
+            if not os.path.exists(ram):
+                ram = None  # a template made before RAM files: its RAM is in the state stream
+        script = '"$@" </dev/null >>"$0" 2>&1 & echo $!'
+        if incoming:  # the device state on fd 3 (no cat, no pipe)
+            script = f'"$@" </dev/null >>"$0" 2>&1 3<{shlex.quote(os.path.join(template, "state"))} & echo $!'
         proc = await asyncio.create_subprocess_exec(
-            "/bin/sh", "-c", '"$@" </dev/null >>"$0" 2>&1 & echo $!', os.path.join(run_dir, "qemu.log"),
-            *plan.argv(run_dir, disk, incoming), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+            "/bin/sh", "-c", script, os.path.join(run_dir, "qemu.log"),
+            *plan.argv(run_dir, disk, ram=ram, incoming=incoming), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
         out, _ = await proc.communicate()
         qpid = int(out.strip() or 0)
+        if incoming:
+            await self._restore(run_dir, qpid, shared_ram=ram is not None)
         sock = os.path.join(run_dir, "agent.sock")
         deadline = time.monotonic() + BOOT_TIMEOUT
         t_proc = None
@@ -502,6 +531,41 @@ class QemuBackend(Backend, AgentAccess):
         finally:
             lock.close()
 
+    async def _restore(self, run_dir: str, qpid: int, *, shared_ram: bool) -> None:
+        """Load a template's device state (fd 3 of QEMU) into a QEMU started with ``-incoming defer``. With
+        the template's RAM file mapped, the stream holds no RAM (capability x-ignore-shared, which has to
+        match the side that saved it)."""
+        from ..vm.qmp import QMP
+
+        path = os.path.join(run_dir, "qmp.sock")
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while not os.path.exists(path):
+            if not _alive(qpid):
+                raise SandboxError(f"QEMU exited while starting: {_tail(os.path.join(run_dir, 'qemu.log'))}")
+            if time.monotonic() > deadline:
+                raise SandboxError("QEMU did not open its QMP socket")
+            await asyncio.sleep(0.001)
+        qmp = await QMP.connect(path)
+        try:
+            if shared_ram:
+                await qmp.cmd("migrate-set-capabilities",
+                              capabilities=[{"capability": "x-ignore-shared", "state": True}])
+            await qmp.cmd("migrate-incoming", uri="fd:3")
+        finally:
+            await qmp.close()
+
+    async def _warm_template(self, plan: GuestPlan, run_dir: str) -> None:
+        """Before the save: run what every clone's first command runs (the agent's fork/exec path, the
+        shell, echo) so that the guest's page cache, dentries and slabs in the snapshot already hold them."""
+        from ..agent.client import AgentClient
+
+        client = await AgentClient.connect(PortTransport(os.path.join(run_dir, "agent.sock")), timeout=10.0)
+        try:
+            for argv in (["true"], ["echo", "hello"], ["sh", "-c", "echo hello; cat /proc/self/stat >/dev/null"]):
+                await client.exec(argv, env=plan.env, cwd=plan.spec.workdir)
+        finally:
+            await client.close()
+
     async def _make_template(self, plan: GuestPlan, tdir: str) -> None:
         from ..vm import guestimage
         from ..vm.qmp import QMP
@@ -514,12 +578,16 @@ class QemuBackend(Backend, AgentAccess):
         try:
             disk = os.path.join(work, "disk.qcow2")
             await asyncio.to_thread(guestimage.overlay, plan.guest["rootfs"]["path"], disk)
-            timings = await self._boot(plan, work, disk, None)
+            timings = await self._boot(plan, work, disk, None, ram=os.path.join(work, "ram"))
+            await self._warm_template(plan, work)
             await asyncio.sleep(0.02)  # let the guest see the host session end before the save
             t0 = time.perf_counter()
             qmp = await QMP.connect(os.path.join(work, "qmp.sock"))
             try:
                 state = os.path.join(work, "state")
+                # the RAM stays in its file (shared mapping): the stream holds only the device state
+                await qmp.cmd("migrate-set-capabilities",
+                              capabilities=[{"capability": "x-ignore-shared", "state": True}])
                 await qmp.cmd("migrate", uri=f"exec:cat > {state}.part")
                 while True:
                     st = await qmp.cmd("query-migrate")
@@ -535,11 +603,16 @@ class QemuBackend(Backend, AgentAccess):
             finally:
                 await qmp.close()
             await kill_vm(work, grace=2.0)
+            ram = os.path.join(work, "ram")
+            # the guest zeroes what it frees (init_on_free): make those pages holes, so the file holds only
+            # the guest's live memory and a clone's read of a free page costs no disk read
+            await asyncio.to_thread(_dig_holes, ram)
             os.rename(f"{state}.part", state)
             os.chmod(disk, 0o444)
             _write_json(os.path.join(work, "meta.json"), {
                 "key": plan.template_key, "image": plan.spec.image, "boot": timings,
-                "save_ms": round((time.perf_counter() - t0) * 1e3, 1), "state_bytes": os.path.getsize(state)})
+                "save_ms": round((time.perf_counter() - t0) * 1e3, 1), "state_bytes": os.path.getsize(state),
+                "ram_bytes_allocated": os.stat(ram).st_blocks * 512})
             for f in ("agent.sock", "qmp.sock", "qemu.pid"):
                 try:
                     os.unlink(os.path.join(work, f))
