@@ -375,14 +375,18 @@ static const char *env_path(char *const envp[]) {
 
 static int exec_errno_code(int e) { return (e == ENOENT) ? 127 : 126; }
 
-/* cgroup OOM-kill counter: v2 memory.events or v1 memory.oom_control, line "oom_kill N" */
+/* OOM-kill counter, a line "oom_kill N": the cgroup's (v2 memory.events or v1 memory.oom_control) or,
+ * in a microVM (vm-init: the whole kernel is the sandbox's), the guest kernel's own /proc/vmstat */
 static const char *oom_file;
-static int oom_source; /* 0 none, 1 cgroup v1, 2 cgroup v2 */
+static int oom_source; /* 0 none, 1 cgroup v1, 2 cgroup v2, 3 the (guest) kernel */
+static int vm_guest;   /* set by vm-init */
 
 static void oom_detect(void) {
     static const char *v2 = "/sys/fs/cgroup/memory.events";
     static const char *v1 = "/sys/fs/cgroup/memory/memory.oom_control";
-    if (access(v2, R_OK) == 0) oom_file = v2, oom_source = 2;
+    static const char *vm = "/proc/vmstat";
+    if (vm_guest && access(vm, R_OK) == 0) oom_file = vm, oom_source = 3;
+    else if (access(v2, R_OK) == 0) oom_file = v2, oom_source = 2;
     else if (access(v1, R_OK) == 0) oom_file = v1, oom_source = 1;
 }
 
@@ -390,8 +394,9 @@ static long long oom_count(void) {
     if (!oom_file) return -1;
     int fd = open(oom_file, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return -1;
-    char b[1024];
-    ssize_t n = read(fd, b, sizeof b - 1);
+    char b[8192]; /* /proc/vmstat is ~4 KiB; oom_kill is near its end */
+    ssize_t n = 0, r;
+    while (n < (ssize_t)sizeof b - 1 && (r = read(fd, b + n, sizeof b - 1 - (size_t)n)) > 0) n += r;
     close(fd);
     if (n <= 0) return -1;
     b[n] = 0;
@@ -2126,6 +2131,7 @@ static int vminit_main(int argc, char **argv) {
                         "[--modules DIR]\n");
         return 125;
     }
+    vm_guest = 1;
     vm_mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
     vm_mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
     vm_mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
