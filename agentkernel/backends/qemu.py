@@ -93,6 +93,13 @@ def templates_dir() -> str:
     return d
 
 
+def snapshot_dir(snapshot_id: str) -> str:
+    """Where the memory snapshot ``snapshot_id`` (taken of a running sandbox) lives."""
+    if not snapshot_id or len(snapshot_id) > 64 or not all(c in "0123456789abcdef" for c in snapshot_id):
+        raise ConfigError(f"qemu option restore must be a snapshot id (hex), got {snapshot_id!r}")
+    return os.path.join(_data_dir("snapshots"), snapshot_id)
+
+
 def _inside(path: str, base: str) -> bool:
     p, b = os.path.realpath(path), os.path.realpath(base)
     return os.path.dirname(p) == b and os.path.basename(p) not in ("", ".", "..")
@@ -211,10 +218,13 @@ class GuestPlan:
             "-serial", f"file:{os.path.join(run_dir, 'console.log')}",
             "-pidfile", os.path.join(run_dir, "qemu.pid"),
         ]
+        # the RAM is always the memory backend "ram", so that a snapshot of any VM restores into any other
         if ram:
             argv += ["-object", f"memory-backend-file,id=ram,size={self.memory_mb}M,mem-path={ram},"
-                                f"share={'off' if incoming else 'on'}",
-                     "-machine", "memory-backend=ram"]
+                                f"share={'off' if incoming else 'on'}"]
+        else:
+            argv += ["-object", f"memory-backend-ram,id=ram,size={self.memory_mb}M"]
+        argv += ["-machine", "memory-backend=ram"]
         if incoming:  # started over QMP (migration capabilities first): see QemuBackend._restore
             argv += ["-incoming", "defer"]
         return argv
@@ -313,7 +323,8 @@ class QemuBackend(Backend, AgentAccess):
     name = "qemu"
     capabilities = Capabilities(QEMU_CONTROLS, {"exec", "files", "agent", "pool", "snapshot", "oneshot"},
                                 isolation="microVM (QEMU microvm, own guest kernel)")
-    options_allowed: ClassVar[tuple[str, ...]] = ("snapshot", "accel")
+    # restore=ID: start from the memory snapshot ID (take_memory_snapshot) instead of the image's template
+    options_allowed: ClassVar[tuple[str, ...]] = ("snapshot", "accel", "restore")
     # the benchmark's modes (suites/headline.py): a cold boot, and a restore from the snapshot
     bench_cold_args: ClassVar[tuple[str, ...]] = ("-o", "snapshot=off")
     bench_snapshot_args: ClassVar[tuple[str, ...]] = ("-o", "snapshot=on")
@@ -327,6 +338,9 @@ class QemuBackend(Backend, AgentAccess):
         if self.accel_opt not in ("auto", "kvm", "tcg"):
             raise ConfigError(f"qemu option accel must be auto, kvm or tcg, got {self.accel_opt!r}")
         self._plans: dict[str, tuple[float, GuestPlan]] = {}
+        self.restore_from = self.options.get("restore")
+        if self.restore_from is not None:
+            snapshot_dir(self.restore_from)  # a well-formed id
 
     async def _plan(self, spec) -> GuestPlan:
         """The guest plan of ``spec``, made once per backend object for a few seconds (a pool's refills
@@ -423,7 +437,13 @@ class QemuBackend(Backend, AgentAccess):
         from ..vm import guestimage
 
         if not os.path.exists(disk):
-            if self.snapshot == "on":
+            if self.restore_from is not None:
+                tdir = snapshot_dir(self.restore_from)
+                if not os.path.exists(os.path.join(tdir, "state")):
+                    raise NotFound(f"no qemu memory snapshot {self.restore_from}")
+                await asyncio.to_thread(guestimage.overlay, os.path.join(tdir, "disk.qcow2"), disk,
+                                        backing_format="qcow2")
+            elif self.snapshot == "on":
                 tdir = await self._template(plan)
                 await asyncio.to_thread(guestimage.overlay, os.path.join(tdir, "disk.qcow2"), disk,
                                         backing_format="qcow2")
@@ -453,7 +473,7 @@ class QemuBackend(Backend, AgentAccess):
         if incoming:
             ram = os.path.join(template, "ram")
             if not os.path.exists(ram):
-                ram = None  # a template made before RAM files: its RAM is in the state stream
+                ram = None  # a snapshot of a running sandbox: its RAM is in the state stream
         script = '"$@" </dev/null >>"$0" 2>&1 & echo $!'
         if incoming:  # the device state on fd 3 (no cat, no pipe)
             script = f'"$@" </dev/null >>"$0" 2>&1 3<{shlex.quote(os.path.join(template, "state"))} & echo $!'
@@ -623,6 +643,64 @@ class QemuBackend(Backend, AgentAccess):
             await kill_vm(work)
             shutil.rmtree(work, ignore_errors=True)
             raise
+
+    # -- memory snapshots of running sandboxes --
+    async def take_memory_snapshot(self, ref: SandboxRef) -> dict[str, Any]:
+        """Save the running VM (RAM + device state, with its disk as it is at that instant) as a new
+        snapshot; the VM goes on running. Returns ``{id, state_bytes, disk_bytes, pause_ms}``; a sandbox
+        started with option ``restore=<id>`` is a new VM with that memory: its processes still running."""
+        import uuid
+
+        from ..vm.qmp import QMP
+
+        run_dir = self._dir(ref)
+        if vm_pid(run_dir) is None:
+            from ..errors import InvalidState
+
+            raise InvalidState(f"sandbox {ref.spec.name or ref.id} is not running: a memory snapshot needs a "
+                               "running VM", hint=f"agentkernel start {ref.spec.name or ref.id}")
+        snap_id = uuid.uuid4().hex
+        final = snapshot_dir(snap_id)
+        work = f"{final}.part"
+        os.mkdir(work, 0o700)
+        try:
+            qmp = await QMP.connect(os.path.join(run_dir, "qmp.sock"))
+            try:
+                state = os.path.join(work, "state")
+                # the RAM goes into the stream (a clone's RAM is a private mapping, never a shared file)
+                await qmp.cmd("migrate-set-capabilities",
+                              capabilities=[{"capability": "x-ignore-shared", "state": False}])
+                t0 = time.perf_counter()
+                await qmp.cmd("migrate", uri=f"exec:cat > {shlex.quote(state)}")
+                while True:
+                    st = await qmp.cmd("query-migrate")
+                    if st.get("status") == "completed":
+                        break
+                    if st.get("status") in ("failed", "cancelled"):
+                        raise SandboxError(f"saving the VM snapshot failed: {st.get('error-desc', st)}")
+                    await asyncio.sleep(0.005)
+                try:  # paused with its disk flushed and closed: the disk as the RAM knows it
+                    await asyncio.to_thread(shutil.copyfile, os.path.join(run_dir, "disk.qcow2"),
+                                            os.path.join(work, "disk.qcow2"))
+                finally:
+                    await qmp.cmd("cont")
+                pause_ms = (time.perf_counter() - t0) * 1e3
+            finally:
+                await qmp.close()
+            os.chmod(os.path.join(work, "disk.qcow2"), 0o444)
+            info = {"id": snap_id, "state_bytes": os.path.getsize(state),
+                    "disk_bytes": os.stat(os.path.join(work, "disk.qcow2")).st_blocks * 512,
+                    "pause_ms": round(pause_ms, 1)}
+            _write_json(os.path.join(work, "meta.json"), {**info, "spec": ref.spec.to_dict(), "created": time.time()})
+            os.rename(work, final)
+            return info
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+    @staticmethod
+    def delete_memory_snapshot(snapshot_id: str) -> None:
+        shutil.rmtree(snapshot_dir(snapshot_id), ignore_errors=True)
 
     # -- agent access --
     async def _client(self, ref: SandboxRef):

@@ -231,3 +231,64 @@ def test_sigkill_of_the_owner_is_reaped_by_the_next_command(tmp_path):
     assert r.returncode == 0, r.stderr.decode()
     assert not any(os.path.exists(os.path.join(sandboxes_dir(), d)) for d in left)
     assert not any(vm_pid(os.path.join(sandboxes_dir(), d)) for d in left)
+
+
+def test_api_snapshots_hold_the_running_memory(tmp_path):
+    """The API's snapshot routes on qemu: take = RAM + device state + disk of the running VM (which goes on
+    running), restore = a new VM from it with the processes still running. A background counter started
+    before the snapshot is alive in the restored sandbox and keeps counting there, while the original goes
+    on counting on its own; each has its own disk."""
+    import httpx
+
+    from tests.api.api_helpers import start_server
+
+    srv = start_server(str(tmp_path), tokens={"t": "qemu-snap-token-0123456789ab"}, pool_min=0, pool_max=1,
+                       extra_env={"AGENTKERNEL_BACKEND": "qemu"})
+    h = {"Authorization": "Bearer qemu-snap-token-0123456789ab"}
+
+    def call(method, path, **kw):
+        r = httpx.request(method, srv.url + path, headers=h, timeout=180, **kw)
+        assert r.status_code < 300, (r.status_code, r.text, srv.log())
+        return r.json()["data"]
+
+    def sh(name, script):
+        return call("POST", f"/sandboxes/{name}/exec", json={"command": ["sh", "-c", script]})
+
+    def count(name):
+        return int(sh(name, "cat /workspace/counter")["stdout"].strip())
+
+    try:
+        call("POST", "/sandboxes", json={"name": "snapsrc", "backend": "qemu"})
+        sh("snapsrc", "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /workspace/counter; sleep 0.1; done' "
+           ">/dev/null 2>&1 </dev/null & echo $! > /workspace/counter.pid; echo before > /workspace/mark")
+        deadline = time.monotonic() + 60
+        while count("snapsrc") < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        snap = call("POST", "/snapshots", json={"sandbox": "snapsrc", "name": "live"})
+        assert snap["kind"] == "memory" and snap["backend"] == "qemu" and snap["state_bytes"] > 0, snap
+        assert {s["name"] for s in call("GET", "/snapshots")} == {"live"}
+        at_snapshot = count("snapsrc")
+        sh("snapsrc", "echo after > /workspace/mark")  # the original goes on, apart from the snapshot
+        restored = call("POST", "/snapshots/live/restore", json={"as_name": "snapcopy"})
+        assert restored["name"] == "snapcopy"
+        # the counter process is there, the same pid, and still counting in the new VM
+        pid = sh("snapcopy", "cat /workspace/counter.pid")["stdout"].strip()
+        assert sh("snapcopy", f"kill -0 {pid} && echo alive")["stdout"] == "alive\n"
+        first = count("snapcopy")
+        assert first >= at_snapshot - 1
+        time.sleep(1.0)
+        assert count("snapcopy") > first
+        assert sh("snapcopy", "cat /workspace/mark")["stdout"] == "before\n"  # the disk as it was
+        assert sh("snapsrc", "cat /workspace/mark")["stdout"] == "after\n"
+        assert count("snapsrc") > at_snapshot  # the original kept running
+        call("DELETE", "/sandboxes/snapcopy")
+        call("DELETE", "/snapshots/live")
+        assert call("GET", "/snapshots") == []
+        from agentkernel.backends.qemu import _data_dir
+
+        assert os.listdir(_data_dir("snapshots")) == []
+    finally:
+        for name in ("snapsrc", "snapcopy"):
+            httpx.delete(f"{srv.url}/sandboxes/{name}", headers=h, timeout=120)
+        httpx.delete(f"{srv.url}/snapshots/live", headers=h, timeout=60)
+        srv.stop()
