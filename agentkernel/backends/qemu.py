@@ -329,6 +329,17 @@ class QemuBackend(Backend, AgentAccess):
     bench_cold_args: ClassVar[tuple[str, ...]] = ("-o", "snapshot=off")
     bench_snapshot_args: ClassVar[tuple[str, ...]] = ("-o", "snapshot=on")
 
+    @classmethod
+    def bench_baselines(cls) -> list[dict[str, Any]]:
+        """The benchmark's raw row: QEMU restoring the same template by itself (``vm.rawrestore``)."""
+        from ..vm import rawrestore
+
+        label = "raw QEMU restore of the same template to a running guest (no CLI, no agent)"
+        avail = cls.probe()
+        if not avail.available:
+            return [{"name": "raw_qemu_restore", "label": label, "reason": avail.reason}]
+        return [{"name": "raw_qemu_restore", "label": label, "argv": rawrestore.baseline_argv()}]
+
     def __init__(self, options: dict[str, str] | None = None) -> None:
         super().__init__(options)
         self.snapshot = self.options.get("snapshot", "on")
