@@ -32,7 +32,7 @@ def baseline_argv(spec=None) -> list[str]:
     backend = QemuBackend()
     plan = GuestPlan(spec, backend.accel())
     tdir = asyncio.run(backend._template(plan))
-    work = tempfile.mkdtemp(prefix="ak-rawqemu-")
+    work = os.path.join(tempfile.gettempdir(), f"ak-rawqemu-{os.getpid()}")  # made and removed by each run
     argv = plan.argv(work, os.path.join(tdir, "disk.qcow2"), ram=os.path.join(tdir, "ram"), incoming=True)
     # no pidfile, no QMP socket (QMP is on stdio here), the template disk read through a temporary overlay
     i = argv.index("-qmp")
@@ -41,7 +41,7 @@ def baseline_argv(spec=None) -> list[str]:
     del argv[i:i + 2]
     argv.append("-snapshot")
     script = (
-        f"rm -f {shlex.quote(work)}/*.sock; "
+        f"mkdir -p -m 700 {shlex.quote(work)}; trap 'rm -rf {shlex.quote(work)}' EXIT; "
         f"coproc Q {{ exec {shlex.join(argv)} 3<{shlex.quote(os.path.join(tdir, 'state'))} 2>/dev/null; }}; "
         f"printf %s {shlex.quote(_QMP_START)} >&${{Q[1]}}; "
         'while IFS= read -r line <&${Q[0]}; do case $line in *\\"RESUME\\"*) break;; esac; done; '
