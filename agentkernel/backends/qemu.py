@@ -282,6 +282,25 @@ def _clone_overlay(snap_dir: str, dest: str) -> None:
     os.chmod(dest, 0o600)
 
 
+def _rebase_onto_template(disk: str) -> None:
+    """Make ``disk`` (a qcow2 overlay) depend on nothing but the first template disk in its backing chain
+    (``qemu-img rebase`` copies in whatever the layers in between hold)."""
+    import subprocess
+
+    r = subprocess.run(["qemu-img", "info", "--backing-chain", "--output=json", "-U", disk], capture_output=True)
+    if r.returncode != 0:
+        raise SandboxError(f"qemu-img info {disk}: {r.stderr.decode(errors='replace').strip()}")
+    chain = json.loads(r.stdout)
+    tdir = os.path.realpath(templates_dir())
+    base = next((c["filename"] for c in chain[1:] if os.path.realpath(c["filename"]).startswith(tdir + os.sep)),
+                None)
+    if base is None or base == chain[0].get("backing-filename"):
+        return
+    r = subprocess.run(["qemu-img", "rebase", "-f", "qcow2", "-F", "qcow2", "-b", base, disk], capture_output=True)
+    if r.returncode != 0:
+        raise SandboxError(f"qemu-img rebase {disk}: {r.stderr.decode(errors='replace').strip()}")
+
+
 def _dig_holes(path: str) -> None:
     """Punch a hole (``fallocate -d``) wherever ``path`` holds only zeros."""
     import subprocess
@@ -712,6 +731,10 @@ class QemuBackend(Backend, AgentAccess):
                 pause_ms = (time.perf_counter() - t0) * 1e3
             finally:
                 await qmp.close()
+            if self.restore_from is not None or ref.spec.options.get("restore"):
+                # a copy of a restored sandbox: its disk sits on the other snapshot's disk; rebase it onto
+                # the template's, so that deleting that snapshot never breaks this one
+                await asyncio.to_thread(_rebase_onto_template, os.path.join(work, "disk.qcow2"))
             os.chmod(os.path.join(work, "disk.qcow2"), 0o444)
             info = {"id": snap_id, "state_bytes": os.path.getsize(state),
                     "disk_bytes": os.stat(os.path.join(work, "disk.qcow2")).st_blocks * 512,

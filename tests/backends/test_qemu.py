@@ -281,14 +281,25 @@ def test_api_snapshots_hold_the_running_memory(tmp_path):
         assert sh("snapcopy", "cat /workspace/mark")["stdout"] == "before\n"  # the disk as it was
         assert sh("snapsrc", "cat /workspace/mark")["stdout"] == "after\n"
         assert count("snapsrc") > at_snapshot  # the original kept running
+        # a snapshot of the copy outlives the snapshot the copy came from (its disk is rebased)
+        sh("snapcopy", "echo second > /workspace/mark2")
+        call("POST", "/snapshots", json={"sandbox": "snapcopy", "name": "live2"})
         call("DELETE", "/sandboxes/snapcopy")
         call("DELETE", "/snapshots/live")
+        call("POST", "/snapshots/live2/restore", json={"as_name": "snapcopy2"})
+        assert sh("snapcopy2", "cat /workspace/mark /workspace/mark2")["stdout"] == "before\nsecond\n"
+        first = count("snapcopy2")
+        time.sleep(1.0)
+        assert count("snapcopy2") > first
+        call("DELETE", "/sandboxes/snapcopy2")
+        call("DELETE", "/snapshots/live2")
         assert call("GET", "/snapshots") == []
         from agentkernel.backends.qemu import _data_dir
 
         assert os.listdir(_data_dir("snapshots")) == []
     finally:
-        for name in ("snapsrc", "snapcopy"):
+        for name in ("snapsrc", "snapcopy", "snapcopy2"):
             httpx.delete(f"{srv.url}/sandboxes/{name}", headers=h, timeout=120)
-        httpx.delete(f"{srv.url}/snapshots/live", headers=h, timeout=60)
+        for snap in ("live", "live2"):
+            httpx.delete(f"{srv.url}/snapshots/{snap}", headers=h, timeout=60)
         srv.stop()
