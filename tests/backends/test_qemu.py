@@ -233,6 +233,7 @@ def test_sigkill_of_the_owner_is_reaped_by_the_next_command(tmp_path):
     assert not any(vm_pid(os.path.join(sandboxes_dir(), d)) for d in left)
 
 
+@pytest.mark.timeout(900)  # a server start-up (orphan scan of every engine), four VMs, two snapshots
 def test_api_snapshots_hold_the_running_memory(tmp_path):
     """The API's snapshot routes on qemu: take = RAM + device state + disk of the running VM (which goes on
     running), restore = a new VM from it with the processes still running. A background counter started
@@ -243,7 +244,7 @@ def test_api_snapshots_hold_the_running_memory(tmp_path):
     from tests.api.api_helpers import start_server
 
     srv = start_server(str(tmp_path), tokens={"t": "qemu-snap-token-0123456789ab"}, pool_min=0, pool_max=1,
-                       extra_env={"AGENTKERNEL_BACKEND": "qemu"})
+                       extra_env={"AGENTKERNEL_BACKEND": "qemu"}, ready_timeout=300)
     h = {"Authorization": "Bearer qemu-snap-token-0123456789ab"}
 
     def call(method, path, **kw):
