@@ -2104,7 +2104,7 @@ static int vminit_main(int argc, char **argv) {
     const char *root = NULL, *dev = NULL, *mods = "/ak/modules", *fstype = "ext4", *host = "agentkernel";
     char *sv[12];
     int nsv = 2;
-    const char *pids = NULL, *workdir = NULL, *user = NULL, *vport = NULL;
+    const char *pids = NULL, *workdir = NULL, *user = NULL, *vport = NULL, *ro_mb = NULL;
     for (int i = 0; i < argc; i++) {
         if (!strcmp(argv[i], "--root") && i + 1 < argc) root = argv[++i];
         else if (!strcmp(argv[i], "--device") && i + 1 < argc) dev = argv[++i];
@@ -2115,6 +2115,7 @@ static int vminit_main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--restrict")) sv[nsv++] = argv[i];
         else if (!strcmp(argv[i], "--pids") && i + 1 < argc) pids = argv[++i];
         else if (!strcmp(argv[i], "--workdir") && i + 1 < argc) workdir = argv[++i];
+        else if (!strcmp(argv[i], "--readonly") && i + 1 < argc) ro_mb = argv[++i];
         else if (!strcmp(argv[i], "--seccomp") && i + 1 < argc) {
             if (load_bpf(argv[++i]) < 0) return 125; /* read now: the initramfs is left behind below */
         } else if (!strcmp(argv[i], "--user") && i + 1 < argc && nsv < 10) {
@@ -2186,6 +2187,24 @@ static int vminit_main(int argc, char **argv) {
         unsigned u = 0, g = 0;
         if (user && sscanf(user, "%u:%u", &u, &g) == 2 && chown(workdir, u, g) < 0)
             fprintf(stderr, "ak-agent: chown %s: %s\n", workdir, strerror(errno));
+    }
+    if (ro_mb) { /* read-only root: writable /tmp and workdir are tmpfs of ro_mb MiB each */
+        mkdir("/tmp", 01777);
+        if (mount(NULL, "/", NULL, MS_REMOUNT | MS_RDONLY, NULL) < 0) {
+            fprintf(stderr, "ak-agent: remount / read-only: %s\n", strerror(errno));
+            return 125;
+        }
+        char opt[128];
+        snprintf(opt, sizeof opt, "size=%sm,mode=1777", ro_mb);
+        if (mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opt) < 0)
+            fprintf(stderr, "ak-agent: tmpfs on /tmp: %s\n", strerror(errno));
+        if (workdir && strcmp(workdir, "/tmp")) {
+            unsigned u = 0, g = 0;
+            if (user) sscanf(user, "%u:%u", &u, &g);
+            snprintf(opt, sizeof opt, "size=%sm,mode=0755,uid=%u,gid=%u", ro_mb, u, g);
+            if (mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, opt) < 0)
+                fprintf(stderr, "ak-agent: tmpfs on %s: %s\n", workdir, strerror(errno));
+        }
     }
     sethostname(host, strlen(host));
     vm_loopback_up();

@@ -66,6 +66,8 @@ QEMU_CONTROLS = {
     "no_new_privileges",
     "non_root",            # the agent switches to policy.user per command
     "env",
+    "read_only_root",      # the guest remounts its root read-only; /tmp and the workdir become tmpfs
+    "disk_tmpfs",          # ... of disk_mb MiB each (default DEFAULT_TMPFS_MB)
 }
 BOOT_TIMEOUT = 90.0  # TCG on a busy 2-core host: a cold boot takes ~3 s, allow for contention
 TEMPLATE_VERSION = "2"  # 2: RAM in a file mapped by the clones, warmed before the save
@@ -177,6 +179,10 @@ class GuestPlan:
             init += ["--user", f"{self.uid}:{self.gid}"]
         if res.pids is not None:
             init += ["--pids", str(int(res.pids))]
+        if pol.read_only_root:
+            from ..spec import DEFAULT_TMPFS_MB
+
+            init += ["--readonly", str(int(res.disk_mb or DEFAULT_TMPFS_MB))]
         self.cmdline = " ".join([
             "console=ttyS0", "reboot=k", "panic=-1", "quiet", "loglevel=4", "i8042.nokbd", "i8042.noaux",
             "i8042.nopnp", "i8042.dumbkbd", "pci=off", "tsc_early_khz=2600000", "tsc=reliable",
@@ -441,8 +447,8 @@ class QemuBackend(Backend, AgentAccess):
             hints = []
             if "cpu" in missing:
                 hints.append("use a whole number of vcpus")
-            if "disk_rootfs" in missing or "disk_tmpfs" in missing:
-                hints.append("unset disk_mb (the VM's disk has a fixed size)")
+            if "disk_rootfs" in missing:
+                hints.append("set read_only_root (writable paths become tmpfs capped at disk_mb) or unset disk_mb")
             if "mount_cwd" in missing:
                 hints.append("copy files in with cp instead of mount_cwd")
             if "network_full" in missing or "network_allowlist" in missing:
