@@ -293,7 +293,9 @@ def test_api_snapshots_hold_the_running_memory(tmp_path):
 
     try:
         call("POST", "/sandboxes", json={"name": "snapsrc", "backend": "qemu"})
-        sh("snapsrc", "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /workspace/counter; sleep 0.1; done' "
+        # the counter is replaced atomically (rename), so a reader never sees it truncated
+        sh("snapsrc", "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /workspace/c.tmp; "
+           "mv /workspace/c.tmp /workspace/counter; sleep 0.1; done' "
            ">/dev/null 2>&1 </dev/null & echo $! > /workspace/counter.pid; echo before > /workspace/mark")
         deadline = time.monotonic() + 60
         while count("snapsrc") < 3 and time.monotonic() < deadline:
