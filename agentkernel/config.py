@@ -59,7 +59,7 @@ SCHEMA: dict[str, dict[str, str]] = {
     "images": {"registry": "str", "insecure_registries": "list", "setuid": "str"},
     "build": {"dockerfile": "str", "context": "str", "target": "str", "args": "table", "no_cache": "bool",
               "tag": "str", "engine": "str"},
-    "resources": {"vcpus": "number", "memory_mb": "int", "pids": "int", "disk_mb": "int"},
+    "resources": {"vcpus": "number", "memory_mb": "int", "pids": "int", "disk_mb": "int|unlimited"},
     "security": {"profile": "str", "network": "network", "network_allow": "list", "read_only": "bool",
                  "mount_cwd": "bool", "pass_env": "list|bool", "user": "str", "seccomp": "str", "domains": "domains",
                  "tls_intercept": "bool",
@@ -98,6 +98,9 @@ _SECURITY_FIELDS = {"network": "network", "network_allow": "network_allow", "rea
                     "mount_cwd": "mount_cwd", "pass_env": "pass_env", "user": "user", "seccomp": "seccomp",
                     "tls_intercept": "tls_intercept"}
 
+
+# spellings of the explicit opt-out of a limit (`--disk unlimited`, `disk_mb = "unlimited"`)
+UNLIMITED = ("unlimited", "unbounded")
 
 def find_config(explicit: str | None, cwd: str) -> str | None:
     if explicit:
@@ -180,6 +183,7 @@ def _check_type(path: str, table: str, key: str, value: Any, kind: str) -> None:
         "str": isinstance(value, str),
         "bool": isinstance(value, bool),
         "int": isinstance(value, int) and not isinstance(value, bool),
+        "int|unlimited": (isinstance(value, int) and not isinstance(value, bool)) or value in UNLIMITED,
         "number": isinstance(value, int | float) and not isinstance(value, bool),
         "list": isinstance(value, list) and all(isinstance(v, str) for v in value),
         "table": isinstance(value, dict) and all(isinstance(v, str) for v in value.values()),
@@ -195,6 +199,7 @@ def _check_type(path: str, table: str, key: str, value: Any, kind: str) -> None:
     if not ok:
         want = {"list|bool": "true, false or a list of strings",
                 "tables": "a list of tables", "str": "a string", "bool": "true or false", "int": "an integer",
+                "int|unlimited": 'an integer or "unlimited"',
                 "number": "a number",
                 "list": "a list of strings", "table": "a table of strings"}[kind]
         raise ConfigError(f"{path}: [{table}] {key} must be {want}, got {value!r}")
@@ -254,6 +259,8 @@ def resolve_spec(
 
         apply_config(pol, sec, cfg.get("secrets", {}))
     res.update({k: res_cfg[k] for k in ("vcpus", "memory_mb", "pids", "disk_mb") if k in res_cfg})
+    if res.get("disk_mb") in UNLIMITED:  # the explicit opt-out of the profile's storage cap
+        res["disk_mb"] = None
 
     for flag, field in (("network", "network"), ("read_only", "read_only_root"), ("mount_cwd", "mount_cwd"),
                         ("user", "user"), ("seccomp", "seccomp"), ("network_allow", "network_allow")):
@@ -269,7 +276,7 @@ def resolve_spec(
         finalize(pol)
     for k in ("vcpus", "memory_mb", "pids", "disk_mb"):
         if k in flags:
-            res[k] = flags[k] if flags[k] != "unlimited" else None
+            res[k] = flags[k] if flags[k] not in UNLIMITED else None
 
     env: dict[str, str] = {}
     for name in pol.get("pass_env", ()):

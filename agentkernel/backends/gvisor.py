@@ -25,7 +25,8 @@ from .podman import PodmanBackend
 RUNSC = "/usr/bin/runsc"
 RUNSC_FLAGS = ("network=none", "platform=ptrace", "oci-seccomp", "host-uds=create")
 
-GVISOR_CONTROLS = CONTAINER_CONTROLS - {"network_full"}
+# disk_rootfs: as podman (gvisor-docker: as docker); the Sentry's own /tmp is replaced by a sized tmpfs
+GVISOR_CONTROLS = (CONTAINER_CONTROLS | {"disk_rootfs"}) - {"network_full"}
 
 
 def runsc_path() -> str | None:
@@ -74,6 +75,7 @@ class GVisorBackend(PodmanBackend):
     pids_overhead = GVISOR_PIDS_OVERHEAD
     capabilities = GVISOR_CAPABILITIES
     options_allowed = ("engine", "volumes")
+    sized_tmp = True
 
     def __init__(self, options: dict[str, str] | None = None) -> None:
         super().__init__(options)

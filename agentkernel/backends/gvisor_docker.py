@@ -27,6 +27,7 @@ class GVisorDockerBackend(DockerBackend):
     pids_overhead = GVISOR_PIDS_OVERHEAD
     options_allowed: ClassVar[tuple[str, ...]] = ("engine", "volumes")
     docker_runtime: ClassVar[str | None] = RUNTIME
+    sized_tmp = True
 
     def __init__(self, options: dict[str, str] | None = None) -> None:
         super().__init__(options)

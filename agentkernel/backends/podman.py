@@ -24,13 +24,68 @@ if TYPE_CHECKING:
 
 # Network modes open and allowlist: the sandbox joins a namespace made by agentkernel.egress (one route,
 # to the egress gateway; firewall inside the namespace), never podman's own bridge.
-PODMAN_CONTROLS = CONTAINER_CONTROLS | {"network_allowlist", "secret_injection"}
+# disk_rootfs: the container's root is a btrfs subvolume capped by a prestart hook (diskquota.py) and its
+# workdir a capped directory of ours, where podman's storage is on the quota-enabled volume (check()).
+PODMAN_CONTROLS = CONTAINER_CONTROLS | {"network_allowlist", "secret_injection", "disk_rootfs"}
+
+
+def podman_storage() -> tuple[str, str]:
+    """(driver, graphroot) of rootful podman's storage from its storage.conf ($CONTAINERS_STORAGE_CONF,
+    else /etc/containers/storage.conf), podman's defaults where it says nothing. A line reader, not a TOML
+    parser: setup.sh writes the file with one plain ``key = "value"`` per line."""
+    conf = os.environ.get("CONTAINERS_STORAGE_CONF") or "/etc/containers/storage.conf"
+    driver, graphroot, section = "overlay", "/var/lib/containers/storage", ""
+    try:
+        with open(conf) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("["):
+            section = line.strip("[] ")
+        elif section == "storage" and "=" in line:
+            key, _, val = line.partition("=")
+            key, val = key.strip(), val.strip().strip('"').strip("'")
+            if key == "driver" and val:
+                driver = val
+            elif key == "graphroot" and val:
+                graphroot = val
+    return driver, graphroot
+
+
+_STORAGE_STATUS: dict[tuple, tuple[bool, str]] = {}
+
+
+def storage_cap_status() -> tuple[bool, str]:
+    """(can podman cap a writable root, why): rootful, btrfs storage driver, graphroot and the sandboxes'
+    capped directories on a btrfs volume with quota groups. Cached per process and configuration."""
+    from .. import diskquota
+
+    key = (os.environ.get("CONTAINERS_STORAGE_CONF"), diskquota.volume(), os.geteuid())
+    hit = _STORAGE_STATUS.get(key)
+    if hit is not None:
+        return hit
+    driver, graphroot = podman_storage()
+    if os.geteuid() != 0:
+        res = (False, "rootless podman cannot set btrfs quota limits (they need root)")
+    elif driver != "btrfs":
+        res = (False, f"podman's storage driver is {driver!r} on {graphroot} (per-container caps need the btrfs "
+                      "driver on the quota-enabled storage volume: this kernel has no XFS/ext4 project quotas)")
+    else:
+        ok, why = diskquota.quota_status(graphroot)
+        if ok:
+            ok, why = diskquota.quota_status(diskquota.volume())
+        res = (ok, why if not ok else f"btrfs quota groups on {graphroot}")
+    _STORAGE_STATUS[key] = res
+    return res
 
 
 class PodmanBackend(AgentContainerBackend, OneShot):
     name = "podman"
     binary = "podman"
     uses_egress = True
+    capped_workdir = True
     capabilities = Capabilities(PODMAN_CONTROLS, {"exec", "files", "agent", "oneshot", "tty", "pool"},
                                 isolation="container (shared kernel)")
     options_allowed: ClassVar[tuple[str, ...]] = ("volumes",)
@@ -62,6 +117,19 @@ class PodmanBackend(AgentContainerBackend, OneShot):
         if out.returncode != 0:
             return Availability(False, f"podman fails: {out.stderr.strip()[:300]}")
         return Availability(True, f"podman {out.stdout.strip()}", details={"binary": exe})
+
+    def check(self, spec) -> None:
+        super().check(spec)
+        cap = _container.rootfs_cap_mb(spec)
+        if cap is not None:
+            ok, why = storage_cap_status()
+            if not ok:
+                from .. import diskquota
+                from ..errors import PolicyNotEnforceable
+
+                raise PolicyNotEnforceable(
+                    f"backend {self.name!r} cannot cap the writable root at {cap} MiB (disk_rootfs): {why}",
+                    hint=diskquota.FIX)
 
     # -- engine operations --
     async def _podman(self, *args: str, check: bool = True, timeout: float = 120) -> tuple[int, str, str]:
@@ -141,7 +209,8 @@ class PodmanBackend(AgentContainerBackend, OneShot):
         interactive = stdio.forward_stdin
         run_dir, plan = _container.oneshot_plan(spec, argv, sandbox_id=sandbox_id, owner=owner,
                                                 interactive=interactive, pids_overhead=self.pids_overhead,
-                                                egress=self.uses_egress, egress_deferred=self.egress_deferred)
+                                                egress=self.uses_egress, egress_deferred=self.egress_deferred,
+                                                capped_workdir=self.capped_workdir, sized_tmp=self.sized_tmp)
         try:
             cmd = self.oneshot_command(plan)
             exe = which(cmd[0])
