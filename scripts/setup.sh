@@ -12,6 +12,10 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${AGENTKERNEL_CACHE:-/var/cache/agentkernel}
 STATE=${AGENTKERNEL_SETUP_STATE:-/var/lib/agentkernel-setup}
 VENV="$REPO/.venv"
+# per-sandbox disk caps: loop-file btrfs volumes with quota groups (this kernel has no XFS/ext4 project
+# quotas); podman's graphroot and dockerd's data-root live on them (docs/security.md, "Storage")
+STORAGE_DIR=${AGENTKERNEL_STORAGE_DIR:-/var/lib/agentkernel}
+STORAGE_SIZE=${AGENTKERNEL_STORAGE_SIZE:-64G}
 LOG_DIR=/var/log/agentkernel
 QUIET=0
 [ "${1:-}" = "--quiet" ] && QUIET=1
@@ -33,6 +37,7 @@ APT_PACKAGES=(
   clang lld wasi-libc libclang-rt-14-dev-wasm32
   hyperfine
   docker-registry skopeo buildah
+  btrfs-progs
 )
 
 install_packages() {
@@ -47,6 +52,33 @@ install_packages() {
   apt-get update -qq
   apt-get install -y -qq "${missing[@]}" >"$LOG_DIR/apt.log" 2>&1 \
     || { tail -20 "$LOG_DIR/apt.log" >&2; die "apt-get install failed (log: $LOG_DIR/apt.log)"; }
+}
+
+btrfs_volume() {
+  # a sparse loop file formatted btrfs, mounted, with quota groups enabled (idempotent)
+  local img=$1 mnt=$2 label=$3
+  mkdir -p "$mnt"
+  if ! mountpoint -q "$mnt"; then
+    if [ ! -s "$img" ]; then
+      truncate -s "$STORAGE_SIZE" "$img"
+      mkfs.btrfs -q -L "$label" "$img" >/dev/null 2>&1 || die "mkfs.btrfs $img failed"
+      info "created $img ($STORAGE_SIZE sparse, btrfs)"
+    fi
+    mount -o loop "$img" "$mnt" || die "cannot mount $img at $mnt (loop devices and btrfs are needed)"
+    info "mounted $img at $mnt"
+  fi
+  [ "$(findmnt -no FSTYPE "$mnt")" = btrfs ] || die "$mnt is mounted but is not btrfs"
+  if ! btrfs qgroup show "$mnt" >/dev/null 2>&1; then
+    btrfs quota enable "$mnt" && info "quota groups enabled on $mnt"
+  fi
+}
+
+storage_volumes() {
+  step "storage volumes (btrfs + quota groups for per-sandbox disk caps)"
+  # one for podman (graphroot), the wasm scratch and the sandboxes' capped workdirs; one for dockerd alone,
+  # because dockerd's btrfs driver switches quotas off on its whole filesystem when it shuts down
+  btrfs_volume "$STORAGE_DIR/storage.img" "$STORAGE_DIR/storage" agentkernel
+  btrfs_volume "$STORAGE_DIR/docker.img" "$STORAGE_DIR/docker" agentkernel-docker
 }
 
 configure_podman() {
@@ -64,6 +96,17 @@ cgroup_manager = "cgroupfs"
 events_logger = "file"
 EOF
   mv /etc/containers/containers.conf.d/50-agentkernel.conf.tmp /etc/containers/containers.conf.d/50-agentkernel.conf
+  # storage: the btrfs driver on the quota volume, so each container's root is a subvolume the podman
+  # backend caps (prestart hook); a machine whose images were in the old graphroot gets them re-imported
+  # by the "local images" step
+  cat >/etc/containers/storage.conf.tmp <<EOF
+# written by agentkernel scripts/setup.sh (per-sandbox disk caps need the btrfs driver on this volume)
+[storage]
+driver = "btrfs"
+graphroot = "$STORAGE_DIR/storage/containers"
+runroot = "/run/containers/storage-btrfs"
+EOF
+  mv /etc/containers/storage.conf.tmp /etc/containers/storage.conf
   # crun refuses a hybrid cgroup layout until hugetlb is mounted as a v1 controller.
   if [ -d /sys/fs/cgroup/unified ] && ! mountpoint -q /sys/fs/cgroup/hugetlb; then
     mkdir -p /sys/fs/cgroup/hugetlb
@@ -79,7 +122,8 @@ start_dockerd() {
   local nofile; nofile=$(ulimit -Hn)
   cat >/etc/agentkernel/dockerd.json <<EOF
 {
-  "storage-driver": "overlay2",
+  "storage-driver": "btrfs",
+  "data-root": "$STORAGE_DIR/docker/data",
   "iptables": false,
   "ip6tables": false,
   "ip-masq": false,
@@ -96,6 +140,14 @@ start_dockerd() {
 EOF
   # runsc-agentkernel is the gvisor-docker backend's runtime: --oci-seccomp applies the sandbox's seccomp
   # profile (runsc ignores it otherwise), --host-uds=create lets the host reach the agent's socket.
+  if docker_up && [ "$(docker -H unix:///var/run/docker.sock info --format '{{.Driver}} {{.DockerRootDir}}' 2>/dev/null)" \
+      != "btrfs $STORAGE_DIR/docker/data" ]; then
+    # storage driver and data-root are not reloadable: restart a dockerd that runs with other ones
+    info "restarting dockerd (storage moves to $STORAGE_DIR/docker/data, btrfs driver)"
+    if [ -f /var/run/docker.pid ]; then kill "$(cat /var/run/docker.pid)" 2>/dev/null || true; fi
+    for _ in $(seq 1 300); do docker_up || break; sleep 0.1; done
+    if docker_up; then die "dockerd did not stop within 30 s"; fi
+  fi
   if docker_up; then
     # runtimes are reloadable: SIGHUP makes a running dockerd re-read them
     if [ -f /var/run/docker.pid ]; then kill -HUP "$(cat /var/run/docker.pid)" 2>/dev/null || true; fi
@@ -228,6 +280,7 @@ install_firecracker() {
 }
 
 install_packages
+storage_volumes
 configure_podman
 start_dockerd
 python_env
