@@ -247,11 +247,11 @@ def mount_source_of(spec: SandboxSpec, cwd: str | None = None) -> str:
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "permissive": {
         "policy": {"network": True, "mount_cwd": True, "read_only_root": False, "seccomp": "default"},
-        "resources": {"vcpus": None, "memory_mb": None, "pids": 4096, "disk_mb": 4096},
+        "resources": {"vcpus": None, "memory_mb": None, "pids": 4096, "disk_mb": 8192},
     },
     "moderate": {
         "policy": {"network": False, "mount_cwd": False, "read_only_root": False, "seccomp": "default"},
-        "resources": {"vcpus": 1.0, "memory_mb": 512, "pids": 256, "disk_mb": 1024},
+        "resources": {"vcpus": 1.0, "memory_mb": 512, "pids": 256, "disk_mb": 2048},
     },
     "restrictive": {
         "policy": {"network": False, "mount_cwd": False, "read_only_root": True, "seccomp": "restrictive"},

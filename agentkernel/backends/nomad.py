@@ -49,8 +49,10 @@ from .base import (
 TASK = "sandbox"
 GROUP = "sandbox"
 IDLE_ARGS = ["-c", "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"]
+# disk_rootfs: the docker driver's storage_opt size (the client's dockerd enforces it: btrfs, or overlay2
+# on XFS with pquota; a dockerd that cannot refuses the task, so the start fails closed)
 DOCKER_CONTROLS = {"network_none", "network_full", "read_only_root", "memory", "cpu", "pids", "disk_tmpfs",
-                   "seccomp_default", "cap_drop_all", "no_new_privileges", "non_root", "env"}
+                   "disk_rootfs", "seccomp_default", "cap_drop_all", "no_new_privileges", "non_root", "env"}
 EXEC_CONTROLS = {"network_none", "network_full", "memory", "cpu", "cap_drop_all", "no_new_privileges", "non_root",
                  "env", "seccomp_default"}
 META_SPEC = "agentkernel.spec"
@@ -125,6 +127,8 @@ class NomadBackend(OrchestratorBackend):
             }
             if res.pids is not None:
                 cfg["pids_limit"] = res.pids
+            if res.disk_mb is not None and not pol.read_only_root:
+                cfg["storage_opt"] = {"size": f"{res.disk_mb}M"}
             size = (res.disk_mb or DEFAULT_TMPFS_MB) * 1024 * 1024
             cfg["mount"] = [{"type": "tmpfs", "target": path, "readonly": False,
                              "tmpfs_options": {"size": size, "mode": 0o1777}}

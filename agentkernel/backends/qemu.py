@@ -65,6 +65,11 @@ QEMU_CONTROLS = {
     "no_new_privileges",
     "non_root",            # the agent switches to policy.user per command
     "env",
+    # the guest writes only to its root disk, whose size is fixed when the image is built (an ext4 file
+    # system: files + 20% + 64 MiB + ROOT_FREE_MB) and to tmpfs in its own RAM; the host stores at most that
+    # size in the sandbox's qcow2 overlay. A cap at or above the disk's size holds; a smaller one is refused
+    # (_plan: checked against the real file system size)
+    "disk_rootfs",
 }
 BOOT_TIMEOUT = 90.0  # TCG on a busy 2-core host: a cold boot takes ~3 s, allow for contention
 TEMPLATE_VERSION = "1"
@@ -292,6 +297,19 @@ class PortTransport(Transport):
         return f"virtio-serial:{self.path}"
 
 
+def check_disk_size(spec, rootfs: str, backend: str) -> None:
+    """A VM's writable storage is its fixed-size root disk: refuse a disk_mb cap below that size."""
+    cap = spec.resources.disk_mb
+    if cap is None:
+        return
+    size_mb = -(-os.stat(rootfs).st_size // (1 << 20))
+    if size_mb > cap:
+        raise PolicyNotEnforceable(
+            f"backend {backend!r} cannot cap writable storage at {cap} MiB: the VM's root disk of {spec.image} is "
+            f"{size_mb} MiB (its size is fixed when the image is built)",
+            hint=f"ask for --disk {size_mb} or more, or use a container backend for smaller caps")
+
+
 class QemuBackend(Backend, AgentAccess):
     name = "qemu"
     capabilities = Capabilities(QEMU_CONTROLS, {"exec", "files", "agent", "pool", "snapshot", "oneshot"},
@@ -319,6 +337,7 @@ class QemuBackend(Backend, AgentAccess):
         if hit is not None and time.monotonic() - hit[0] < 30.0:
             return hit[1]
         plan = await asyncio.to_thread(GuestPlan, spec, self.accel())
+        check_disk_size(spec, plan.guest["rootfs"]["path"], self.name)
         self._plans[key] = (time.monotonic(), plan)
         return plan
 
@@ -364,8 +383,8 @@ class QemuBackend(Backend, AgentAccess):
             hints = []
             if "cpu" in missing:
                 hints.append("use a whole number of vcpus")
-            if "disk_rootfs" in missing or "disk_tmpfs" in missing:
-                hints.append("unset disk_mb (the VM's disk has a fixed size)")
+            if "disk_tmpfs" in missing:
+                hints.append("unset disk_mb (--disk unlimited) or use a writable root: the VM's disk has a fixed size")
             if "mount_cwd" in missing:
                 hints.append("copy files in with cp instead of mount_cwd")
             if "network_full" in missing or "network_allowlist" in missing:
