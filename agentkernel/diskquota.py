@@ -37,6 +37,14 @@ BTRFS_IOC_FS_INFO = _ioc(_IOC_READ, 31, 1024)
 BTRFS_IOC_QGROUP_LIMIT = _ioc(_IOC_READ, 43, 48)  # declared _IOR in the kernel's uapi, though it writes
 BTRFS_IOC_SUBVOL_CREATE = _ioc(_IOC_WRITE, 14, 4096)
 BTRFS_IOC_SNAP_DESTROY = _ioc(_IOC_WRITE, 15, 4096)
+BTRFS_IOC_QUOTA_RESCAN = _ioc(_IOC_WRITE, 44, 64)
+BTRFS_IOC_QUOTA_CTL = _ioc(_IOC_READ | _IOC_WRITE, 40, 16)
+_QUOTA_CTL_ENABLE = 1
+# Deleting a subvolume whose tree is this deep or deeper makes the kernel mark quota accounting
+# inconsistent instead of accounting the drop (default 3), and an inconsistent accounting enforces no
+# limits until a rescan: the highest level (8) makes every drop accounted.
+DROP_SUBTREE_THRESHOLD = 8
+RESCAN_WAIT_S = 30.0
 _LIMIT_MAX_EXCL = 1 << 1
 
 
@@ -71,17 +79,85 @@ def fs_uuid(path: str) -> str | None:
     return f"{raw[:8]}-{raw[8:12]}-{raw[12:16]}-{raw[16:20]}-{raw[20:]}"
 
 
-def quota_status(path: str) -> tuple[bool, str]:
-    """(can cap, why) for engine storage at ``path``: on btrfs with quota groups enabled."""
+def quota_status(path: str, enable: bool = False) -> tuple[bool, str]:
+    """(can cap, why) for engine storage at ``path``: on btrfs with quota groups enabled (``enable``: switch
+    them on when they are off, as root; dockerd's btrfs driver switches them off whenever it stops)."""
     probe = path
     while probe and not os.path.exists(probe):
         probe = os.path.dirname(probe)
     uuid = fs_uuid(probe or "/")
     if uuid is None:
         return False, f"{path} is not on a btrfs volume with quotas (per-sandbox disk caps need one)"
-    if not os.path.isdir(f"/sys/fs/btrfs/{uuid}/qgroups"):
+    q = f"/sys/fs/btrfs/{uuid}/qgroups"
+    if not os.path.isdir(q) and enable and os.geteuid() == 0:
+        _enable(probe or "/")
+    if not os.path.isdir(q):
         return False, f"quotas are not enabled on the btrfs volume holding {path}"
+    if os.geteuid() == 0:
+        _raise_threshold(q)
+    if _read(f"{q}/inconsistent") == "1" and not _rescan(probe, q):
+        return False, (f"quota accounting on the btrfs volume holding {path} is inconsistent (limits are not "
+                       f"enforced until a rescan finishes: btrfs quota rescan -w {probe})")
     return True, f"{path} is on btrfs with quota groups"
+
+
+def _enable(path: str) -> None:
+    import fcntl
+    import struct
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.ioctl(fd, BTRFS_IOC_QUOTA_CTL, bytearray(struct.pack("<QQ", _QUOTA_CTL_ENABLE, 0)))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _raise_threshold(q: str) -> None:
+    try:
+        if int(_read(f"{q}/drop_subtree_threshold") or DROP_SUBTREE_THRESHOLD) < DROP_SUBTREE_THRESHOLD:
+            with open(f"{q}/drop_subtree_threshold", "w") as f:
+                f.write(str(DROP_SUBTREE_THRESHOLD))
+    except (OSError, ValueError):
+        pass
+
+
+def _rescan(path: str, q: str) -> bool:
+    """Start a quota rescan (or join the running one) and wait until the accounting is consistent."""
+    import fcntl
+    import time
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.ioctl(fd, BTRFS_IOC_QUOTA_RESCAN, bytearray(64))
+    except OSError as exc:
+        import errno
+
+        if exc.errno != errno.EINPROGRESS:
+            return False
+    finally:
+        os.close(fd)
+    deadline = time.monotonic() + RESCAN_WAIT_S
+    while time.monotonic() < deadline:
+        if _read(f"{q}/inconsistent") != "1":
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def limit(path: str, mb: int) -> None:

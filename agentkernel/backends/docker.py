@@ -151,7 +151,10 @@ def storage_cap_status() -> tuple[bool, str]:
         return False, f"dockerd does not answer: {exc.message}"
     driver, root = info.get("Driver"), info.get("DockerRootDir")
     if driver == "btrfs":
-        res = (True, f"dockerd's btrfs storage driver on {root}")
+        from ..diskquota import quota_status
+
+        ok, why = quota_status(str(root), enable=True)
+        res = (True, f"dockerd's btrfs storage driver on {root}") if ok else (False, why)
     else:
         res = (False, f"dockerd's storage driver is {driver!r} on {root} (per-container caps need the btrfs driver "
                       "on a quota-capable volume: this kernel has no XFS/ext4 project quotas)")
