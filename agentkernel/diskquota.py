@@ -252,16 +252,16 @@ def remove_capped_dir(path: str) -> bool:
 def hooks_dir(state_dir: str, python: str) -> str:
     """A directory holding the one OCI hook definition podman needs (``--hooks-dir``): the prestart hook
     above, run by ``python`` for containers carrying the HOOK_ANNOTATION. Rewritten only when it changes."""
-    import json
-
     d = os.path.join(state_dir, "oci-hooks")
     path = os.path.join(d, "agentkernel-disk.json")
-    body = json.dumps({
-        "version": "1.0.0",
-        "hook": {"path": python, "args": ["python", "-I", "-S", os.path.abspath(__file__), "hook"], "timeout": 10},
-        "when": {"annotations": {"^" + HOOK_ANNOTATION.replace(".", "\\.") + "$": "^[0-9]+$"}},
-        "stages": ["prestart"],
-    }, indent=1) + "\n"
+    # written by hand: json costs milliseconds to import on the podman one-shot path
+    def q(v: str) -> str:
+        return '"' + "".join(c if c not in '"\\' and ord(c) >= 32 else f"\\u{ord(c):04x}" for c in v) + '"'
+
+    when = q("^" + HOOK_ANNOTATION.replace(".", "\\.") + "$")
+    body = ('{"version": "1.0.0", "hook": {"path": ' + q(python) + ', "args": ["python", "-I", "-S", '
+            + q(os.path.abspath(__file__)) + ', "hook"], "timeout": 10}, "when": {"annotations": {' + when
+            + ': "^[0-9]+$"}}, "stages": ["prestart"]}\n')
     try:
         with open(path) as f:
             if f.read() == body:
