@@ -205,10 +205,16 @@ def test_gvisor_refuses_network_fail_closed():
     assert b"cannot enforce" in r.stderr and b"network_full" in r.stderr
 
 
-def test_disk_cap_on_writable_root_is_refused_not_ignored():
-    r = run("podman", "true", flags=("--disk", "100"))
+def test_disk_cap_on_writable_root_is_enforced_or_refused_not_ignored(tmp_path):
+    """Enforced where podman's storage can cap (tests/security/test_storage_attacks.py); refused otherwise."""
+    r = run("podman", "sh", "-c", "dd if=/dev/zero of=/workspace/f bs=1M count=30 2>/dev/null; wc -c < /workspace/f",
+            flags=("--disk", "10"))
+    assert r.returncode == 0 and int(r.stdout) <= 10 << 20, (r.stdout, r.stderr)
+    conf = tmp_path / "storage.conf"
+    conf.write_text('[storage]\ndriver = "overlay"\n')
+    r = ak("run", "--backend", "podman", "--disk", "100", "--", "true", env={"CONTAINERS_STORAGE_CONF": str(conf)})
     assert r.returncode == 125
-    assert b"disk_rootfs" in r.stderr and b"read_only_root" in r.stderr
+    assert b"disk_rootfs" in r.stderr and b"setup.sh" in r.stderr
 
 
 # ---- named sandboxes ----------------------------------------------------------------------------------

@@ -162,7 +162,7 @@ def test_create_body_renders_the_plan():
 
 def test_capabilities_are_the_container_controls():
     assert DockerBackend.capabilities.controls == frozenset(CONTAINER_CONTROLS) | {"network_allowlist",
-                                                                                  "secret_injection"}
+                                                                                  "secret_injection", "disk_rootfs"}
     check_policy(_spec("x", read_only_root=True, seccomp="restrictive", disk_mb=10, network=True),
                  DockerBackend.capabilities, "docker")
 
