@@ -166,7 +166,13 @@ class PodmanBackend(AgentContainerBackend, OneShot):
         return out.strip()
 
     async def _engine_start(self, name: str) -> None:
-        await self._podman("start", name)
+        # podman picks OCI hooks when it starts a container, from the hooks dirs of *that* podman process: a
+        # container created with the disk-cap annotation gets its cap from the hook only if start names them
+        import sys
+
+        from .. import diskquota
+
+        await self._podman("start", "--hooks-dir", diskquota.hooks_dir(paths.cache_dir(), sys.executable), name)
 
     async def _engine_stop(self, name: str) -> None:
         await self._podman("stop", "-t", "2", name)

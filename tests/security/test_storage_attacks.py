@@ -154,3 +154,20 @@ def test_vm_backends_refuse_a_cap_below_their_fixed_disk():
     r = ak("run", "-B", "qemu", "--disk", "50", "--", "true", timeout=300)
     assert r.returncode == 125, (r.stdout, r.stderr)
     assert b"root disk" in r.stderr and b"fixed" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("backend", ["podman", "docker", "gvisor"])
+def test_named_sandbox_stays_capped_across_stop_and_start(backend):
+    """podman picks OCI hooks when a container starts: a named sandbox's cap must hold on every start."""
+    name = f"cap-{backend}-{os.getpid()}"
+    fill = "dd if=/dev/zero of=$HOME/f bs=1M count=60 2>/dev/null; wc -c < $HOME/f; rm -f $HOME/f"
+    try:
+        assert ak("create", name, "-B", backend, "--disk", "30", timeout=300).returncode == 0
+        for _ in range(2):
+            r = ak("start", name, timeout=300)
+            assert r.returncode == 0, r.stderr
+            r = ak("exec", name, "--", "sh", "-c", fill, timeout=300)
+            assert 20 << 20 <= int(r.stdout) <= 30 << 20, (r.stdout, r.stderr)
+            assert ak("stop", name, timeout=300).returncode == 0
+    finally:
+        ak("rm", name, timeout=300)
