@@ -85,13 +85,14 @@ def stale_disk_dirs(live: set[str]) -> list[str]:
     except OSError:
         return []
     now = time.time()
+    grace = float(os.environ.get("AGENTKERNEL_DISK_DIR_GRACE_S") or DISK_DIR_GRACE_S)
     out = []
     for name in names:
         if name in live:
             continue
         path = os.path.join(base, name)
         try:
-            if now - os.lstat(path).st_ctime < DISK_DIR_GRACE_S:
+            if now - os.lstat(path).st_ctime < grace:
                 continue
         except OSError:
             continue

@@ -171,3 +171,28 @@ def test_named_sandbox_stays_capped_across_stop_and_start(backend):
             assert ak("stop", name, timeout=300).returncode == 0
     finally:
         ak("rm", name, timeout=300)
+
+
+def test_gc_reaps_capped_directories_of_sandboxes_that_are_gone():
+    """A capped workdir whose sandbox no engine lists any more (its owner and the death watcher both gone
+    before they could remove it) is removed by ``gc``; a live sandbox's is kept."""
+    from agentkernel import diskquota
+
+    base = diskquota.sandboxes_dir()
+    os.makedirs(base, exist_ok=True)
+    stale = os.path.join(base, f"run-{os.getpid():010x}"[-14:])
+    diskquota.make_capped_dir(stale, 10)
+    with open(os.path.join(stale, "junk"), "wb") as f:
+        f.write(b"x" * (1 << 20))
+    name = f"keep-{os.getpid()}"
+    try:
+        assert ak("create", name, "-B", "podman", "--disk", "30", timeout=300).returncode == 0
+        live = [n for n in os.listdir(base) if n.startswith(name)]
+        assert live, os.listdir(base)
+        r = ak("gc", env={"AGENTKERNEL_DISK_DIR_GRACE_S": "0.01"}, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert not os.path.exists(stale), r.stdout
+        assert all(os.path.isdir(os.path.join(base, n)) for n in live), r.stdout
+    finally:
+        ak("rm", name, timeout=300)
+        diskquota.remove_capped_dir(stale)
