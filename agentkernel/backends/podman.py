@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from .. import _fastjson, paths
+from ..enginestore import podman_storage
 from ..errors import BackendUnavailable, SandboxError
 from . import _container
 from ._agent_container import AgentContainerBackend
@@ -27,31 +28,6 @@ if TYPE_CHECKING:
 # disk_rootfs: the container's root is a btrfs subvolume capped by a prestart hook (diskquota.py) and its
 # workdir a capped directory of ours, where podman's storage is on the quota-enabled volume (check()).
 PODMAN_CONTROLS = CONTAINER_CONTROLS | {"network_allowlist", "secret_injection", "disk_rootfs"}
-
-
-def podman_storage() -> tuple[str, str]:
-    """(driver, graphroot) of rootful podman's storage from its storage.conf ($CONTAINERS_STORAGE_CONF,
-    else /etc/containers/storage.conf), podman's defaults where it says nothing. A line reader, not a TOML
-    parser: setup.sh writes the file with one plain ``key = "value"`` per line."""
-    conf = os.environ.get("CONTAINERS_STORAGE_CONF") or "/etc/containers/storage.conf"
-    driver, graphroot, section = "overlay", "/var/lib/containers/storage", ""
-    try:
-        with open(conf) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        line = line.split("#", 1)[0].strip()
-        if line.startswith("["):
-            section = line.strip("[] ")
-        elif section == "storage" and "=" in line:
-            key, _, val = line.partition("=")
-            key, val = key.strip(), val.strip().strip('"').strip("'")
-            if key == "driver" and val:
-                driver = val
-            elif key == "graphroot" and val:
-                graphroot = val
-    return driver, graphroot
 
 
 _STORAGE_STATUS: dict[tuple, tuple[bool, str]] = {}
