@@ -386,6 +386,10 @@ def image_without_workdir(tmp_path_factory):
     assert busybox and b"statically linked" in subprocess.run(["file", "-L", busybox], capture_output=True).stdout
     tar = tmp_path_factory.mktemp("img") / "rootfs.tar"
     with tarfile.open(tar, "w") as t:
+        # an explicit directory entry: dockerd's btrfs driver makes implicit parents of `docker import` 0600
+        ti = tarfile.TarInfo("bin")
+        ti.type, ti.mode = tarfile.DIRTYPE, 0o755
+        t.addfile(ti, io.BytesIO())
         t.add(busybox, "bin/busybox")
         for name in ("sh", "echo", "pwd", "touch"):
             ti = tarfile.TarInfo(f"bin/{name}")
