@@ -45,13 +45,15 @@ def podman_index() -> str:
 
 
 def docker_storage() -> tuple[str, str] | None:
-    """(driver, data-root) of the local dockerd from its config file; None when DOCKER_HOST names another
-    daemon (its storage is not knowable without asking it)."""
+    """(driver, data-root) of the local dockerd from its config file ($AGENTKERNEL_DOCKERD_CONFIG names the
+    config of the daemon DOCKER_HOST points at); None when DOCKER_HOST names another daemon whose config is
+    not named (its storage is not knowable without asking it)."""
     host = os.environ.get("DOCKER_HOST", "")
-    if host and host not in ("unix://" + DEFAULT_DOCKER_SOCKET, "unix:///run/docker.sock"):
+    named = os.environ.get("AGENTKERNEL_DOCKERD_CONFIG")
+    if not named and host and host not in ("unix://" + DEFAULT_DOCKER_SOCKET, "unix:///run/docker.sock"):
         return None
     driver, root = "overlay2", "/var/lib/docker"
-    for path in DOCKER_CONFIGS:
+    for path in (named,) if named else DOCKER_CONFIGS:
         try:
             with open(path, "rb") as f:
                 from ._fastjson import loads
