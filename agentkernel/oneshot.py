@@ -72,25 +72,8 @@ async def run_async(backend: Backend, spec: SandboxSpec, req: ExecRequest, own: 
 
 async def _gated_run(backend: Backend, spec: SandboxSpec, req: ExecRequest, sid: str, who: dict[str, Any],
                      gate: Any) -> ExecResult:
-    """``Backend.run`` with its ``create_started`` (create + start, one engine call where the engine has
-    one) inside ``gate``; ``create_ms`` in the timings covers both, ``start_wait_ms`` the wait for the gate."""
-    import time
-
-    t0 = time.perf_counter()
-    async with gate:
-        t_gate = time.perf_counter()
-        ref = await backend.create_started(spec, sandbox_id=sid, owner=who)
-    t_started = time.perf_counter()
-    try:
-        result = await backend.exec(ref, req)
-    finally:
-        t_exec = time.perf_counter()
-        await backend.remove(ref)
-    t_end = time.perf_counter()
-    result.timings.update({"start_wait_ms": (t_gate - t0) * 1e3, "create_ms": (t_started - t_gate) * 1e3,
-                           "exec_ms": (t_exec - t_started) * 1e3, "remove_ms": (t_end - t_exec) * 1e3,
-                           "total_ms": (t_end - t0) * 1e3})
-    return result
+    """``Backend.run`` with its create + start inside ``gate`` (``run_timed`` owns the sequence and timings)."""
+    return (await backend.run_timed(spec, req, sandbox_id=sid, owner=who, start_gate=gate))[1]
 
 
 def _run_async(backend: Backend, spec: SandboxSpec, argv: list[str], stdio: Stdio, timeout: float | None) -> Outcome:
