@@ -214,7 +214,7 @@ class OCIBackend(AgentContainerBackend, OneShot):
             # files, terminals, sockets and devices go through pipes we pump (see _Pumps).
             pumps = _Pumps(gvisor=self.runtime == "runsc")
             stdin = pumps.stdin(stdio.stdin) if stdio.forward_stdin else -1  # -1: /dev/null
-            stdout, stderr = pumps.out(stdio.stdout), pumps.out(stdio.stderr)
+            stdout, stderr = pumps.out(stdio.stdout, 1), pumps.out(stdio.stderr, 2)
             cmd = [
                 *rt.base_cmd(self.runtime, exe),
                 "run",
@@ -604,16 +604,18 @@ class _Pumps:
             return False
         return not (stat.S_ISCHR(st.st_mode) and st.st_rdev == _DEV_NULL)
 
-    def out(self, target: int) -> int | None:
+    def out(self, target: int, std: int) -> int | None:
+        """The fd the child gets as its fd ``std`` for output to ``target``: None (inherit ours) when
+        ``target`` is our own fd ``std`` and can be handed over as is."""
         if not self._needs_pipe(target):
-            return None  # inherited as is
+            return None if target == std else target  # handed over as is
         r, w = os.pipe()
         self.jobs.append((r, target, w))
         return w
 
     def stdin(self, fd: int = 0) -> int | None:
         if not self._needs_pipe(fd):
-            return None
+            return None if fd == 0 else fd
         r, w = os.pipe()
         self.jobs.append((fd, w, r))
         self.stdin_src = fd
