@@ -133,7 +133,7 @@ async def _run_oneshot_threaded(backend: Backend, spec: SandboxSpec, req: ExecRe
             while not work.done():
                 try:
                     await backend.remove(ref)
-                except Exception:  # noqa: BLE001 - the worker's own clean-up still runs
+                except Exception:  # the worker's own clean-up still runs
                     pass
                 await asyncio.wait([work], timeout=1.0)
             await asyncio.gather(work, return_exceptions=True)  # its error (killed while starting) is moot
