@@ -121,11 +121,12 @@ async def _run_oneshot_threaded(backend: Backend, spec: SandboxSpec, req: ExecRe
         stdin_r = -1
         if req.stdin is not None:
             stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+            os.set_blocking(stdin_w, False)  # our end only (the command's end is another open file)
             fds += [stdin_r]
-            feeder = asyncio.ensure_future(_feed(stdin_w, req.stdin))
+            feeder = asyncio.ensure_future(_feed(loop, stdin_w, req.stdin))
         stdio = Stdio(stdin_r, out_w[1], out_w[2], forward_stdin=req.stdin is not None)
-        work = asyncio.ensure_future(asyncio.to_thread(
-            run_outcome, backend, spec, req.argv, stdio, req.timeout, sandbox_id=sid, own=own, cli=False, via=via))
+        work = _in_thread(loop, lambda: run_outcome(backend, spec, req.argv, stdio, req.timeout, sandbox_id=sid,
+                                                    own=own, cli=False, via=via))
         try:
             outcome = await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -187,22 +188,63 @@ def _close_reader(loop: Any, fd: int) -> None:
         pass
 
 
-async def _feed(w: int, stdin: Any) -> None:
-    """Write the request's stdin (bytes or an async iterator of bytes) into pipe ``w``, then close it."""
-    import asyncio
+def _in_thread(loop: Any, fn: Any) -> Any:
+    """A future of ``fn()`` run on a thread of its own (not the loop's executor: a one-shot may run for
+    hours, and the executor's few workers would cap how many run at once)."""
+    import threading
 
-    from .termio import write_all
+    fut = loop.create_future()
 
+    def settle(ok: bool, value: Any) -> None:
+        if not fut.done():
+            (fut.set_result if ok else fut.set_exception)(value)
+
+    def work() -> None:
+        try:
+            value, ok = fn(), True
+        except BaseException as exc:  # handed to the awaiting task
+            value, ok = exc, False
+        try:
+            loop.call_soon_threadsafe(settle, ok, value)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    threading.Thread(target=work, name="agentkernel-oneshot", daemon=True).start()
+    return fut
+
+
+async def _feed(loop: Any, w: int, stdin: Any) -> None:
+    """Write the request's stdin (bytes or an async iterator of bytes) into the non-blocking pipe ``w``
+    on the loop, then close it (EOF for the command)."""
     try:
         if isinstance(stdin, (bytes, bytearray)):
-            await asyncio.to_thread(write_all, w, bytes(stdin))
+            await _write(loop, w, bytes(stdin))
         else:
             async for chunk in stdin:
-                await asyncio.to_thread(write_all, w, chunk)
+                await _write(loop, w, chunk)
     except OSError:
-        pass  # the command closed its stdin
+        pass  # the command closed its stdin (EPIPE), or the run is over
     finally:
         os.close(w)
+
+
+def _settle(fut: Any) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _write(loop: Any, w: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(w, view):]
+        except BlockingIOError:
+            ready = loop.create_future()
+            loop.add_writer(w, _settle, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_writer(w)
 
 
 def _run_async(backend: Backend, spec: SandboxSpec, argv: list[str], stdio: Stdio, timeout: float | None) -> Outcome:
