@@ -5,6 +5,7 @@ of create/start/exec/remove. Against the real engines; nothing is mocked."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -19,9 +20,10 @@ BACKENDS = ["oci", "podman"]
 
 
 async def _managed_ids(backend: str) -> set[str]:
+    """The engine's managed sandboxes owned by this process (other test sessions share the engines)."""
     b = get_backend(backend)
     try:
-        return {i.id for i in await b.list()}
+        return {i.id for i in await b.list() if i.labels.get("agentkernel.owner.pid") == str(os.getpid())}
     finally:
         await b.aclose()
 
