@@ -132,9 +132,8 @@ def sweep(listed: set[str], answered: set[str], all_answered: bool, dry_run: boo
     """Remove what no live sandbox uses; returns what was (or would be) removed. ``listed``: sandbox ids
     some backend listed; ``answered``: backends whose listing succeeded; ``all_answered``: every scanned
     backend answered (records without a backend name are only released then)."""
-    from . import attach, gateway_ctl
-
     from .. import paths
+    from . import attach, gateway_ctl
 
     if os.geteuid() != 0 or not (os.path.isdir(os.path.join(paths.runtime_dir(), "egress"))
                                  or os.path.isdir(INSTALLATIONS)):

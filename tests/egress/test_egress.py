@@ -235,8 +235,8 @@ def test_killed_cli_leaves_no_network_behind(testnet, backend):
 
     d = netns.state_dir()
     before = set(os.listdir(os.path.join(d, "by-id")))
-    p = subprocess.Popen([sys.executable, "-m", "agentkernel", "run", "--no-daemon", *bflags(backend), "--network", "--",
-                          "sleep", "60"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen([sys.executable, "-m", "agentkernel", "run", "--no-daemon", *bflags(backend), "--network",
+                          "--", "sleep", "60"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     new: set[str] = set()
     for _ in range(300):
         new = set(os.listdir(os.path.join(d, "by-id"))) - before
