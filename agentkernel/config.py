@@ -79,6 +79,7 @@ SCHEMA: dict[str, dict[str, str]] = {
             # the policy of remote callers (api/policy.py POLICY_KEYS)
             "backends": "list", "profiles": "list", "network": "bool", "max_memory_mb": "int", "max_vcpus": "number",
             "max_pids": "int", "max_disk_mb": "int", "max_sandboxes": "int", "max_runs": "int", "max_batch": "int",
+            "network_modes": "list", "allow_hosts": "list", "secrets": "list",
             # the reference's keys (refconfig.py)
             "api_key": "str", "api_key_env": "str", "allow_sudo_exec": "bool"},
     "orchestrator": {},  # filled in by the [orchestrator] block below
@@ -90,7 +91,7 @@ WARM_KEYS = {"backend", "image", "profile", "network", "read_only", "memory_mb",
              "min", "max", "max_age_s", "wait_s"}
 # keys of an [[api.tenant]] entry: a token name and its policy (api/policy.py TENANT_KEYS)
 TENANT_KEYS = {"name", "backends", "profiles", "network", "max_memory_mb", "max_vcpus", "max_pids", "max_disk_mb",
-               "max_sandboxes", "max_runs", "max_batch"}
+               "max_sandboxes", "max_runs", "max_batch", "network_modes", "allow_hosts", "secrets"}
 TABLE_KEYS = {("pool", "warm"): WARM_KEYS, ("api", "tenant"): TENANT_KEYS}
 
 # [security] key -> Policy field
