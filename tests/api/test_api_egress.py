@@ -162,26 +162,26 @@ def test_mcp_over_http_network_policy_and_secrets(srv, testnet, secret_value):
     from mcp.client.streamable_http import streamable_http_client
 
     async def go():
-        async with httpx.AsyncClient(headers=auth("alice"), timeout=180) as http, \
-                streamable_http_client(srv.url + "/mcp/", http_client=http) as streams:
-            async with ClientSession(streams[0], streams[1]) as session:
-                await session.initialize()
-                tools = {t.name: t for t in (await session.list_tools()).tools}
-                props = tools["sandbox_run"].input_schema["properties"]
-                assert {"network", "allow_hosts", "block_hosts", "secrets"} <= set(props)
-                r = await session.call_tool("sandbox_run", {
-                    "command": _probe_cmd("get:http://allowed.test/mcp", "get:http://other.test/", "env:API_TOK"),
-                    "image": IMAGE, "fast": False, "allow_hosts": ["allowed.test", "bound.test"],
-                    "secrets": ["API_TOK:bound.test"], "timeout_ms": 120_000})
-                assert not r.is_error, r.content
-                out = r.structured_content["stdout"]
-                assert "GET-OK get:http://allowed.test/mcp" in out and "GET-FAIL get:http://other.test/" in out, out
-                assert secret_value not in str(r.content) and "PLACEHOLDER_API_TOK" in out
-                r = await session.call_tool("sandbox_run", {"command": ["true"], "allow_hosts": ["bad..name"]})
-                assert r.is_error and "allow_hosts[0]" in r.content[0].text, r.content
-                r = await session.call_tool("sandbox_run", {"command": ["true"], "network": "open"})
-                assert r.is_error and "network mode 'open' is not allowed" in r.content[0].text, r.content
-                r = await session.call_tool("sandbox_create", {"name": unique("m"), "allow_hosts": ["other.test"]})
-                assert r.is_error and "allow_hosts" in r.content[0].text, r.content
+        async with (httpx.AsyncClient(headers=auth("alice"), timeout=180) as http,
+                    streamable_http_client(srv.url + "/mcp/", http_client=http) as streams,
+                    ClientSession(streams[0], streams[1]) as session):
+            await session.initialize()
+            tools = {t.name: t for t in (await session.list_tools()).tools}
+            props = tools["sandbox_run"].input_schema["properties"]
+            assert {"network", "allow_hosts", "block_hosts", "secrets"} <= set(props)
+            r = await session.call_tool("sandbox_run", {
+                "command": _probe_cmd("get:http://allowed.test/mcp", "get:http://other.test/", "env:API_TOK"),
+                "image": IMAGE, "fast": False, "allow_hosts": ["allowed.test", "bound.test"],
+                "secrets": ["API_TOK:bound.test"], "timeout_ms": 120_000})
+            assert not r.is_error, r.content
+            out = r.structured_content["stdout"]
+            assert "GET-OK get:http://allowed.test/mcp" in out and "GET-FAIL get:http://other.test/" in out, out
+            assert secret_value not in str(r.content) and "PLACEHOLDER_API_TOK" in out
+            r = await session.call_tool("sandbox_run", {"command": ["true"], "allow_hosts": ["bad..name"]})
+            assert r.is_error and "allow_hosts[0]" in r.content[0].text, r.content
+            r = await session.call_tool("sandbox_run", {"command": ["true"], "network": "open"})
+            assert r.is_error and "network mode 'open' is not allowed" in r.content[0].text, r.content
+            r = await session.call_tool("sandbox_create", {"name": unique("m"), "allow_hosts": ["other.test"]})
+            assert r.is_error and "allow_hosts" in r.content[0].text, r.content
 
     asyncio.run(go())
