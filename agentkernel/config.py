@@ -337,6 +337,9 @@ ORCHESTRATOR_KEYS: dict[str, str] = {
     "max_sandboxes": "int",       # cap on live sandboxes this backend manages in the namespace
     "seccomp_localhost_profile": "str",  # node-installed profile used for seccomp = "restrictive"
     "agent_sandbox": "str",       # auto (use the agent-sandbox CRDs when installed), on, off
+    "cluster_cidrs": "list",      # pod/service/node ranges open-mode pods never reach (default: private ranges)
+    "cluster_dns_namespace": "str",  # where the cluster resolver runs (kube-system)
+    "cluster_dns_labels": "table",   # its pods' labels (k8s-app=kube-dns)
 }
 SCHEMA["orchestrator"] = ORCHESTRATOR_KEYS
 
@@ -380,6 +383,14 @@ def orchestrator_settings(options: dict[str, str] | None = None, *, config: dict
     for key in ("warm_pool_size", "max_pool_size", "max_sandboxes"):
         if int(out[key]) < 0:
             raise ConfigError(f"[orchestrator] {key} must be >= 0, got {out[key]}")
+    if out.get("cluster_cidrs") is not None:
+        import ipaddress
+
+        for c in out["cluster_cidrs"]:
+            try:
+                ipaddress.ip_network(c)
+            except ValueError as exc:
+                raise ConfigError(f"[orchestrator] cluster_cidrs: invalid network {c!r}: {exc}") from None
     if out["warm_pool_size"] > out["max_pool_size"]:
         raise ConfigError(f"[orchestrator] warm_pool_size ({out['warm_pool_size']}) exceeds max_pool_size "
                           f"({out['max_pool_size']})")
