@@ -98,8 +98,6 @@ def network_flags(network: NetworkField, allow_hosts: list[str] | None, block_ho
                            "allowlist: send network \"allowlist\" or true, or leave it out)")
     mode = ("allowlist" if allow else network if isinstance(network, str)
             else None if network is None else "open" if network else "none")
-    if mode is None and (block or binds):
-        mode = None  # the profile's or config's mode decides; finalize checks what it means
     flags: dict[str, Any] = {}
     if mode is not None:
         flags["network"] = mode
