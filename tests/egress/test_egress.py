@@ -23,6 +23,12 @@ def bflags(backend: str) -> tuple[str, ...]:
     return _BACKEND_FLAGS.get(backend, ("-B", backend))
 
 
+def run_timeout(backend: str) -> float:
+    """gVisor's ptrace platform makes python3 start-up slow (every syscall trapped): more time on a
+    loaded machine."""
+    return 240 if backend in ("gvisor", "oci-runsc") else 90
+
+
 IMAGE = "agentkernel/debian"
 with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "client_prog.py")) as _f:
     CLIENT = _f.read()
@@ -35,7 +41,7 @@ def out(r) -> str:
 def probe(backend: str, probes: list[str], *flags: str) -> tuple[dict[str, str], str]:
     """Run the probes in a fresh sandbox; {probe: result word + details}, and the whole output."""
     r = ak("run", "--no-daemon", *bflags(backend), "-i", IMAGE, *flags, "--", "python3", "-c", CLIENT, *probes,
-           timeout=90)
+           timeout=run_timeout(backend))
     text = out(r)
     assert r.returncode == 0, text
     res = {}
@@ -158,7 +164,7 @@ def test_secret_placeholder_substituted_only_on_bound_host(testnet, backend):
     script = 'T="$API_TOKEN"; exec python3 -c "$0" ' + " ".join(f'"{p}"' for p in probes)
     r = ak("run", "--no-daemon", *bflags(backend), "-i", IMAGE, "--allow-host", "bound.test", "--allow-host",
            "unbound.test", "--secret", "API_TOKEN:bound.test:Authorization", "--", "sh", "-c", script, CLIENT,
-           timeout=90)
+           timeout=run_timeout(backend))
     text = out(r)
     assert r.returncode == 0, text
     assert value not in text, text
@@ -324,7 +330,7 @@ def test_tls_intercept_substitutes_only_for_the_bound_host(testnet, backend):
     script = 'T="$TLS_TOKEN"; exec python3 -c "$0" ' + " ".join(f'"{p}"' for p in probes)
     r = ak("run", "--no-daemon", *bflags(backend), "-i", IMAGE, "--allow-host", "bound.test", "--allow-host",
            "unbound.test", "--secret", "TLS_TOKEN:bound.test", "--tls-intercept", "--", "sh", "-c", script, CLIENT,
-           timeout=90)
+           timeout=run_timeout(backend))
     text = out(r)
     assert r.returncode == 0, text
     assert "GET-OK getv:https://bound.test/intercepted" in text, text
