@@ -36,9 +36,9 @@ def _store_has(store_path: str, sandbox_id: str) -> bool:
         return True  # a store we cannot read (busy, another schema): keep its sandboxes
 
 
-async def collect_orphans(listed: set[str] | None = None) -> list[tuple[str, object]]:
-    """Resources whose owner is dead. ``listed`` (when given) receives the id of every resource seen, plus
-    every id the journal says a live owner holds."""
+async def collect_orphans(seen: dict[str, set[str]] | None = None) -> list[tuple[str, object]]:
+    """Listed sandboxes whose owner is dead. ``seen`` (optional) gets {backend: ids it listed} for every
+    backend whose listing answered."""
     orphans = []
     # a journal entry with a live owner wins over the labels (e.g. a pool member leased to a client that
     # outlived the daemon named in the member's labels)
@@ -52,11 +52,9 @@ async def collect_orphans(listed: set[str] | None = None) -> list[tuple[str, obj
             infos = await backend.list()
         except Exception:
             continue
-        if listed is not None:
-            listed.add(f"backend:{name}")  # this engine's listing is complete
+        if seen is not None:
+            seen[name] = {i.id for i in infos}
         for info in infos:
-            if listed is not None:
-                listed.add(info.id)
             labels = info.labels
             if labels.get(LABEL_NAME) and _store_has(labels.get(LABEL_STORE, ""), info.id):
                 continue
@@ -64,9 +62,24 @@ async def collect_orphans(listed: set[str] | None = None) -> list[tuple[str, obj
                 continue
             if owner.is_dead(owner_from_labels(labels)):
                 orphans.append((name, info))
-    if listed is not None:
-        listed.update(i for _, i in claimed)
     return orphans
+
+
+async def reap(dry_run: bool = False) -> list[str]:
+    removed = []
+    owner.reap_dead()
+    seen: dict[str, set[str]] = {}
+    orphans = await collect_orphans(seen)
+    for name, info in orphans:
+        removed.append(f"{name}:{info.id}")
+        if dry_run:
+            continue
+        backend = get_backend_class(name)()
+        await backend.remove(SandboxRef(name, info.id, info.handle, SandboxSpec(backend=name)))
+        await backend.aclose()
+    removed += await _sweep_egress(seen, {i.id for _, i in orphans}, dry_run)
+    removed += _sweep_disk_dirs(seen, set() if dry_run else {i.id for _, i in orphans}, dry_run)
+    return removed
 
 
 # a capped directory is made a moment before its container: younger ones may belong to a create in progress
@@ -100,26 +113,36 @@ def stale_disk_dirs(live: set[str]) -> list[str]:
     return out
 
 
-async def reap(dry_run: bool = False) -> list[str]:
-    removed = []
-    owner.reap_dead()
-    listed: set[str] = set()
-    orphans = await collect_orphans(listed)
-    for name, info in orphans:
-        removed.append(f"{name}:{info.id}")
-        if dry_run:
-            continue
-        backend = get_backend_class(name)()
-        await backend.remove(SandboxRef(name, info.id, info.handle, SandboxSpec(backend=name)))
-        await backend.aclose()
-    if not dry_run:  # the removals above took their own capped directories
-        listed -= {info.id for _, info in orphans}
+def _sweep_disk_dirs(seen: dict[str, set[str]], reaped: set[str], dry_run: bool) -> list[str]:
+    """Capped workdirs (podman, gvisor) of sandboxes no engine lists: only when podman's listing answered (a
+    failed listing is not "gone"; gvisor's containers are podman's)."""
+    if "podman" not in seen:
+        return []
     from .diskquota import remove_capped_dir
 
-    # only when every engine that binds capped directories was listed (a failed listing is not "gone")
-    complete = all(f"backend:{n}" in listed for n in ("podman", "gvisor") if n in scanned())
-    for path in stale_disk_dirs(listed) if complete else ():
-        removed.append(f"disk:{os.path.basename(path)}")
+    claimed = {e.get("id") for e in owner.entries() if not owner.is_dead(e.get("owner") or {})}
+    live = (set().union(*seen.values()) - reaped) | claimed
+    out = []
+    for path in stale_disk_dirs(live):
+        out.append(f"disk:{os.path.basename(path)}")
         if not dry_run:
             remove_capped_dir(path)
-    return removed
+    return out
+
+
+async def _sweep_egress(seen: dict[str, set[str]], reaped: set[str], dry_run: bool) -> list[str]:
+    """Egress namespaces, veths, bridges and host tables no live sandbox uses (``egress.sweep``)."""
+    import asyncio
+
+    from .egress.sweep import sweep
+
+    claimed = {e.get("id") for e in owner.entries() if not owner.is_dead(e.get("owner") or {})}
+    listed = set().union(*seen.values()) - reaped if seen else set()
+    listed |= claimed
+    all_answered = set(seen) >= set(scanned())  # records made before they named their backend: only then
+    # backends listed through another one's scan (gvisor's containers are podman's, gvisor-docker's docker's)
+    answered = set(seen) | {n for n, e in REGISTRY.items() if not e.gc and e.image_store in seen}
+    try:
+        return await asyncio.to_thread(sweep, listed, answered, all_answered, dry_run)
+    except Exception as exc:  # the engines' sweep above is done; report, never fail gc on this
+        return [f"egress sweep failed: {exc}"]
