@@ -491,9 +491,14 @@ LABEL_OWNER_BOOT = "agentkernel.owner.boot"
 LABEL_OWNER_PID = "agentkernel.owner.pid"
 LABEL_OWNER_START = "agentkernel.owner.start"
 LABEL_STORE = "agentkernel.store"
+# The ownership journal of the process that made the resource (``owner.journal_path()``): a reaper working
+# from another runtime dir reads that journal before it judges the resource (``reap.collect_orphans``).
+LABEL_JOURNAL = "agentkernel.journal"
 
 
 def owner_labels(sandbox_id: str, owner: dict[str, Any], name: str | None = None) -> dict[str, str]:
+    from ..owner import journal_path
+
     labels = {
         LABEL_MANAGED: "true",
         LABEL_ID: sandbox_id,
@@ -501,6 +506,7 @@ def owner_labels(sandbox_id: str, owner: dict[str, Any], name: str | None = None
         LABEL_OWNER_BOOT: str(owner.get("boot", "")),
         LABEL_OWNER_PID: str(owner.get("pid", "")),
         LABEL_OWNER_START: str(owner.get("start", "")),
+        LABEL_JOURNAL: journal_path(),
     }
     if name:
         labels[LABEL_NAME] = name

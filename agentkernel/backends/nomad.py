@@ -402,6 +402,7 @@ def claim_var(job: str) -> str:
 
 def meta_keys() -> list[str]:
     from .base import (
+        LABEL_JOURNAL,
         LABEL_OWNER_BOOT,
         LABEL_OWNER_HOST,
         LABEL_OWNER_PID,
@@ -411,4 +412,4 @@ def meta_keys() -> list[str]:
     )
 
     return [LABEL_MANAGED, LABEL_ID, LABEL_NAME, LABEL_OWNER_HOST, LABEL_OWNER_BOOT, LABEL_OWNER_PID, LABEL_OWNER_START,
-            LABEL_STORE, META_POOL, *extra_labels()]
+            LABEL_STORE, LABEL_JOURNAL, META_POOL, *extra_labels()]
