@@ -66,9 +66,15 @@ async def collect_orphans() -> list[tuple[str, object]]:
 
 
 async def reap(dry_run: bool = False) -> list[str]:
+    """Remove every orphan (journal and full scan); ``dry_run`` only names them and removes nothing."""
     removed = []
-    owner.reap_dead()
+    if dry_run:
+        removed += [f"{e.get('backend')}:{e.get('id')}" for e in owner.dead_entries()]
+    else:
+        owner.reap_dead()
     for name, info in await collect_orphans():
+        if f"{name}:{info.id}" in removed:
+            continue
         removed.append(f"{name}:{info.id}")
         if dry_run:
             continue
