@@ -38,9 +38,9 @@ def run_outcome(backend: Backend, spec: SandboxSpec, argv: list[str], stdio: Std
                 *, sandbox_id: str | None = None) -> Outcome:
     """``run`` without rendering: the ``Outcome`` (for callers that render it themselves).
     ``sandbox_id``: a chosen id (tests watch its resources), else a fresh one."""
-    backend.check(spec)
     if not isinstance(backend, OneShot):
         return _run_async(backend, spec, argv, stdio, timeout)
+    backend.check(spec)
     sid = sandbox_id or owner.new_id("run")
     me = owner.current_owner()
     with _Claim(backend, sid, me):

@@ -342,7 +342,9 @@ class Backend(ABC):
         """Synchronous, quick: can this backend work on this host, and if not, exactly why."""
 
     def check(self, spec: SandboxSpec) -> None:
-        """Refuse specs this backend cannot honour (fail closed). Override to add backend rules."""
+        """Refuse specs this backend cannot honour (fail closed). Override to add backend rules. The core
+        runs it once, before anything of a spec is made (``manager`` for named sandboxes, ``oneshot`` for
+        runs, the daemon for pools); ``create``/``run``/``run_oneshot``/``start_pool`` do not repeat it."""
         check_policy(spec, self.capabilities, self.name)
 
     # -- lifecycle --

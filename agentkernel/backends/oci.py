@@ -198,7 +198,6 @@ class OCIBackend(AgentContainerBackend, OneShot):
         ``sandbox_id`` under ``planned_handle``). Timeout: every process of the sandbox killed."""
         from .. import paths
 
-        self.check(spec)
         exe = rt.require_binary(self.runtime)
         watch = None
         proc = None
@@ -314,7 +313,6 @@ class OCIBackend(AgentContainerBackend, OneShot):
 
         from .. import paths
 
-        self.check(spec)
         agent = paths.agent_binary()
         if agent is None:
             raise BackendUnavailable(
