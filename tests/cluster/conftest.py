@@ -82,3 +82,15 @@ def nomad():
         yield NomadTarget(server.url, NOMAD_TEST_TOKEN, "default", emu)
     finally:
         server.stop()
+
+
+async def create_and_start(backend, spec) -> None:
+    """create + start one sandbox (for start-time errors); removed and the backend closed whatever happens."""
+    from agentkernel.owner import current_owner, new_id
+
+    ref = await backend.create(spec, sandbox_id=new_id("bad"), owner=current_owner())
+    try:
+        await backend.start(ref)
+    finally:
+        await backend.remove(ref)
+        await backend.aclose()

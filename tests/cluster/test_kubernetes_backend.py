@@ -15,7 +15,7 @@ from agentkernel.errors import NotFound, SandboxError
 from agentkernel.owner import current_owner, new_id
 from agentkernel.spec import Policy, Resources, SandboxSpec
 
-from .conftest import IMAGE
+from .conftest import IMAGE, create_and_start
 
 pytestmark = [pytest.mark.wire, pytest.mark.timeout(180)]
 
@@ -180,23 +180,14 @@ def test_network_allowed_has_no_egress_rule(kube):
 
 
 def test_readiness_errors_are_clear(kube):
-    b = KubernetesBackend(kube.options(ready_timeout_s="60"))
-
-    async def attempt(s, **opts):
-        bb = KubernetesBackend(kube.options(ready_timeout_s="60", **opts))
-        ref = await bb.create(s, sandbox_id=new_id("bad"), owner=current_owner())
-        try:
-            await bb.start(ref)
-        finally:
-            await bb.remove(ref)
-            await bb.aclose()
+    def attempt(s, **opts):
+        run(create_and_start(KubernetesBackend(kube.options(ready_timeout_s="60", **opts)), s))
 
     s = SandboxSpec(backend="kubernetes", image="agentkernel/no-such-image", resources=Resources(pids=None))
     with pytest.raises(SandboxError, match="image cannot be pulled"):
-        run(attempt(s))
+        attempt(s)
     with pytest.raises(SandboxError, match="cannot be scheduled"):
-        run(attempt(spec(), node_selector="agentkernel.test/none=here"))
-    del b
+        attempt(spec(), node_selector="agentkernel.test/none=here")
 
 
 def test_streaming_output_and_streamed_stdin(sandbox):
