@@ -165,6 +165,6 @@ def test_read_only_store(tmp_path):
     _wal_store(store, ["keep-0123456789"])
     code = ("import sys; from agentkernel import reap; "
             f"sys.exit(10 * reap._store_has({store!r}, 'keep-0123456789') + reap._store_has({store!r}, 'x-1'))")
-    r = subprocess.run(["unshare", "-m", "sh", "-c", f'mount --bind -o ro "$0" "$0" && exec "$1" -c "$2"', str(d),
+    r = subprocess.run(["unshare", "-m", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$1" -c "$2"', str(d),
                         sys.executable, code], capture_output=True, text=True)
     assert r.returncode == 10, r.stderr
