@@ -92,9 +92,7 @@ def is_dead(owner: dict) -> bool:
 # ---- the journal ----------------------------------------------------------------------------------
 
 
-def journal_path() -> str:
-    """This process's journal directory, absolute (named on every resource's labels)."""
-    return os.path.abspath(os.path.join(paths.runtime_dir(), "owned"))
+journal_path = paths.journal_path  # this process's journal directory (named on every resource's labels)
 
 
 def journal_dir() -> str:

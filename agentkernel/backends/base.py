@@ -493,13 +493,13 @@ LABEL_OWNER_BOOT = "agentkernel.owner.boot"
 LABEL_OWNER_PID = "agentkernel.owner.pid"
 LABEL_OWNER_START = "agentkernel.owner.start"
 LABEL_STORE = "agentkernel.store"
-# The ownership journal of the process that made the resource (``owner.journal_path()``): a reaper working
+# The ownership journal of the process that made the resource (``paths.journal_path()``): a reaper working
 # from another runtime dir reads that journal before it judges the resource (``reap.collect_orphans``).
 LABEL_JOURNAL = "agentkernel.journal"
 
 
 def owner_labels(sandbox_id: str, owner: dict[str, Any], name: str | None = None) -> dict[str, str]:
-    from ..owner import journal_path
+    from ..paths import journal_path
 
     labels = {
         LABEL_MANAGED: "true",

@@ -28,7 +28,7 @@ from agentkernel.backends import REGISTRY, get_backend
 from agentkernel.backends.base import CONTROLS, AgentAccess, ExecRequest, InstancePool, OneShot, Stdio
 from agentkernel.config import resolve_spec
 from agentkernel.errors import NotFound, PolicyNotEnforceable, ValidationError
-from tests.conftest import SESSION_LABEL, _probes, ak, require_backend
+from tests.conftest import SESSION_LABEL, _probes, ak, probe_backend, require_backend
 
 pytestmark = [pytest.mark.timeout(240)]
 
@@ -108,6 +108,9 @@ def _cluster(name: str, workdir_factory):
         os.environ.update(env)
         _probes.pop(name, None)
         try:
+            ok, reason = probe_backend(name)
+            if not ok:  # we started it: an emulator that does not answer is a failure, never a skip
+                pytest.fail(f"the {name} emulator does not answer: {reason}")
             yield
         finally:
             for k, v in saved.items():
