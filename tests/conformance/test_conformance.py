@@ -177,6 +177,7 @@ def test_declares_the_contract(target):
 # ---- exit status ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(900)  # 256 execs: on the cluster emulators each is an exec websocket plus a podman exec
 def test_exit_codes_0_to_255_exact(target, box):
     async def go(mgr):
         out = {}
