@@ -94,3 +94,17 @@ async def create_and_start(backend, spec) -> None:
     finally:
         await backend.remove(ref)
         await backend.aclose()
+
+
+async def stop_start_remove(backend, ref) -> None:
+    """The end of a lifecycle: stop, start again and run, remove (final, idempotent, gone from the listing)."""
+    from agentkernel.backends.base import ExecRequest
+
+    await backend.stop(ref)
+    assert await backend.status(ref) == "stopped"
+    await backend.start(ref)
+    assert (await backend.exec(ref, ExecRequest(["true"]))).exit_code == 0
+    await backend.remove(ref)
+    assert await backend.status(ref) == "missing"
+    await backend.remove(ref)  # idempotent
+    assert ref.id not in {i.id for i in await backend.list()}

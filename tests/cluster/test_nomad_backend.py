@@ -15,7 +15,7 @@ from agentkernel.errors import NotFound, SandboxError
 from agentkernel.owner import current_owner, new_id
 from agentkernel.spec import Policy, Resources, SandboxSpec
 
-from .conftest import IMAGE, create_and_start
+from .conftest import IMAGE, create_and_start, stop_start_remove
 
 pytestmark = [pytest.mark.wire, pytest.mark.timeout(180)]
 
@@ -61,14 +61,7 @@ def test_lifecycle_exec_files(nomad):
             with pytest.raises(NotFound):
                 [c async for c in b.read_file(ref, "/workspace/nope")]
             assert sid in {i.id for i in await b.list()}
-            await b.stop(ref)
-            assert await b.status(ref) == "stopped"
-            await b.start(ref)
-            assert (await b.exec(ref, ExecRequest(["true"]))).exit_code == 0
-            await b.remove(ref)
-            assert await b.status(ref) == "missing"
-            await b.remove(ref)
-            assert sid not in {i.id for i in await b.list()}
+            await stop_start_remove(b, ref)
         finally:
             await b.aclose()
 
