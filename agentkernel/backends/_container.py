@@ -130,15 +130,17 @@ def prepare_disk_dir(spec: SandboxSpec, sandbox_id: str) -> str | None:
     d = disk_dir(sandbox_id)
     if os.path.isdir(d):  # a named sandbox started again
         return d
+    from ..errors import PolicyNotEnforceable
+
+    ok, why = diskquota.quota_status(diskquota.volume())
+    if not ok:
+        raise PolicyNotEnforceable(f"cannot cap the sandbox's workdir at {cap} MiB: {why}", hint=diskquota.FIX)
     uid, _, gid = resolve_user(spec).partition(":")
     os.makedirs(os.path.dirname(d), mode=0o711, exist_ok=True)
     try:
         return diskquota.make_capped_dir(d, cap, (int(uid), int(gid or uid)))
     except diskquota.QuotaError as exc:
-        from ..errors import PolicyNotEnforceable
-
-        raise PolicyNotEnforceable(f"cannot cap the sandbox's workdir: {exc}",
-                                   hint=diskquota.FIX) from None
+        raise PolicyNotEnforceable(f"cannot cap the sandbox's workdir: {exc}", hint=diskquota.FIX) from None
 
 
 def remove_disk_dir(sandbox_id: str) -> None:
