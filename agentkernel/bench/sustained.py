@@ -7,8 +7,9 @@ same run so ratios survive a noisy machine:
 - ``cold``: ``run --no-daemon -B BACKEND`` (new process, no daemon): median ms;
 - ``live``: a daemon holding COUNT live pooled sandboxes: daemon RSS and fds, PSS per idle member;
 - ``soak``: DURATION seconds of mixed load at C concurrent (runs over one multiplexed daemon connection,
-  exec and file copy in one named sandbox): success rate, p50/p95/p99, a per-second series of
-  throughput, latency and pool hit rate, daemon RSS/fds before/after (the suite adds the leak check).
+  exec and file copy in one named sandbox): success rate, p50/p95/p99, a time series (one sample a
+  second, at most ~600) of throughput, latency, pool hit rate, daemon RSS/fds and machine load, each one's
+  trend (first vs last tenth), daemon and client RSS/fds before/after (the suite adds the leak check).
 
 Standard library + the package; every function takes the CLI argv prefix and returns plain dicts.
 """
@@ -207,11 +208,39 @@ def live(count: int, wait_s: float = 300.0) -> dict[str, Any]:
 # ---- soak ---------------------------------------------------------------------------------------------
 
 
+def soak_bucket_s(duration_s: float) -> float:
+    """Series resolution: one sample a second, at most ~600 samples (an hour: one per 6 s)."""
+    return max(1.0, round(duration_s / 600, 1))
+
+
 def soak(spec, duration_s: float, concurrency: int = 10, *, exec_share: float = 0.2, cp_share: float = 0.1,
-         bucket_s: float = 1.0) -> dict[str, Any]:
+         bucket_s: float | None = None) -> dict[str, Any]:
     """Mixed sustained load for ``duration_s``: each of ``concurrency`` workers loops over run (one shared
     multiplexed daemon connection), exec and cp (write + read back) in one named sandbox of ``spec``."""
-    return asyncio.run(_soak(spec, duration_s, concurrency, exec_share, cp_share, bucket_s))
+    b = bucket_s or soak_bucket_s(duration_s)
+    return asyncio.run(_soak(spec, duration_s, concurrency, exec_share, cp_share, b))
+
+
+def _load1() -> float | None:
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def trend(series: list[dict[str, Any]], key: str, share: float = 0.1) -> dict[str, Any] | None:
+    """Is ``key`` flat over the series: the median of its first and last ``share`` of samples, the growth
+    between them (absolute and per hour) and the range."""
+    xs = [(x["t"], x[key]) for x in series if x.get(key) is not None]
+    if len(xs) < 4:
+        return None
+    k = max(1, int(len(xs) * share))
+    head = statistics.median(v for _, v in xs[:k])
+    tail = statistics.median(v for _, v in xs[-k:])
+    span_h = max(1e-9, (xs[-1][0] - xs[0][0]) / 3600)
+    return {"first": head, "last": tail, "growth": tail - head, "growth_per_h": round((tail - head) / span_h, 1),
+            "min": min(v for _, v in xs), "max": max(v for _, v in xs), "samples": len(xs)}
 
 
 async def _soak(spec, duration_s, concurrency, exec_share, cp_share, bucket_s) -> dict[str, Any]:
@@ -222,6 +251,8 @@ async def _soak(spec, duration_s, concurrency, exec_share, cp_share, bucket_s) -
     st0 = daemon_status()
     pid = (st0 or {}).get("pid")
     before = proc_usage(pid) if pid else None
+    client_before = proc_usage(os.getpid())
+    load_before = _load1()
     mgr = SandboxManager()
     name = f"aksoak{os.getpid()}"
     await mgr.create(spec.replace(name=name), start=True)
@@ -273,13 +304,15 @@ async def _soak(spec, duration_s, concurrency, exec_share, cp_share, bucket_s) -
                     await asyncio.sleep(bucket_s)
                     b, bucket = bucket, {"ops": 0, "errors": 0, "lat": []}
                     st = await asyncio.to_thread(daemon_status)
+                    du = proc_usage(pid) if pid else {}
                     h, m = _pool_counts(st)
                     dh, dm = h - h_prev, m - m_prev
                     h_prev, m_prev = h, m
                     series.append({"t": round(time.monotonic() - t_start, 2), "ops_per_s": b["ops"] / bucket_s,
                                    "errors": b["errors"], "p50_ms": _pct(b["lat"], 50), "p99_ms": _pct(b["lat"], 99),
                                    "hit_rate": round(dh / (dh + dm), 3) if dh + dm else None,
-                                   "daemon_rss_kib": proc_usage(pid).get("vmrss") if pid else None})
+                                   "daemon_rss_kib": du.get("vmrss"), "daemon_fds": du.get("fds"),
+                                   "client_fds": len(os.listdir("/proc/self/fd")), "load1": _load1()})
 
             samp = asyncio.create_task(sampler())
             await asyncio.gather(*(worker(i) for i in range(concurrency)))
@@ -289,8 +322,10 @@ async def _soak(spec, duration_s, concurrency, exec_share, cp_share, bucket_s) -
             await mgr.remove(name)
         finally:
             await mgr.aclose()
+    pools_end = pool_view(daemon_status())
     await asyncio.sleep(1.0)
     after = proc_usage(pid) if pid else None
+    client_after = proc_usage(os.getpid())
     total = sum(counts.values())
     ok_n = sum(len(v) for v in lat.values())
     all_lat = [x for v in lat.values() for x in v]
@@ -298,4 +333,8 @@ async def _soak(spec, duration_s, concurrency, exec_share, cp_share, bucket_s) -
             "success_rate": round(ok_n / total, 5) if total else None, "by_kind": counts,
             "latency": summary(all_lat), "latency_by_kind": {k: summary(v) for k, v in lat.items()},
             "ops_per_s": round(total / duration_s, 2), "series": series, "errors": errors,
-            "daemon_before": before, "daemon_after": after}
+            "bucket_s": bucket_s, "daemon_before": before, "daemon_after": after,
+            "client_before": client_before, "client_after": client_after,
+            "trends": {k: trend(series, k) for k in ("daemon_rss_kib", "daemon_fds", "client_fds", "p50_ms", "p99_ms",
+                                                      "ops_per_s", "hit_rate", "load1")},
+            "load1_before": load_before, "load1_after": _load1(), "pools_end": pools_end}
