@@ -170,7 +170,8 @@ def _pss(pid: int) -> int | None:
     return None
 
 
-def _member_processes(marker: str) -> list[int]:
+def processes_with(marker: str) -> list[int]:
+    """Pids of the processes whose raw command line (NUL-separated argv) contains ``marker``."""
     pids = []
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -196,7 +197,7 @@ def live(count: int, wait_s: float = 300.0) -> dict[str, Any]:
         time.sleep(1.0)
     ready = sum(p.get("ready", 0) for p in (st or {}).get("pools", []))
     pid = (st or {}).get("pid")
-    agents = _member_processes("ak-agent\x00serve")
+    agents = processes_with("ak-agent\x00serve")
     pss = [p for p in (_pss(a) for a in agents) if p is not None]
     return {"asked": count, "ready": ready, "daemon": proc_usage(pid) if pid else None,
             "agents": len(agents), "agent_pss_kib_total": sum(pss),
