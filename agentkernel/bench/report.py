@@ -688,6 +688,64 @@ def _speed(d: _Doc) -> list[str]:
             *(["Errors: " + "; ".join(f"`{e[:200]}`" for e in errs), ""] if errs else [])]
 
 
+def _live(d: _Doc) -> list[str]:
+    rows = []
+    for b, r in sorted((d.res.get("live") or {}).items()):
+        if not r.get("available"):
+            rows.append([b, f"unavailable: {r.get('reason')}"] + [NA] * 6)
+            continue
+        if r.get("error"):
+            rows.append([b, f"failed: `{r['error'][:200]}`"] + [NA] * 6)
+            continue
+        dm, pss = r.get("daemon") or {}, r.get("pss_mib_per_member")
+        eng = ", ".join(f"{k} x{v}" for k, v in sorted((r.get("engine_processes") or {}).items())) or "none"
+        lc = r.get("leak_check") or {}
+        rows.append([b, f"{r.get('ready')}/{r.get('asked')} ready ({r.get('agents')} agents measured)",
+                     f"{round((dm.get('vmrss') or 0) / 1024, 1)} MiB, {dm.get('fds', NA)} fds, "
+                     f"{dm.get('threads', NA)} threads",
+                     f"{pss if pss is not None else NA} MiB ({eng} above the agent)",
+                     f"{r.get('agent_pss_mib_per_member', NA)} MiB",
+                     f"{r.get('cgroup_mib_per_member', NA)} MiB",
+                     str(lc.get("leak_count", NA)),
+                     "\u2013" if pss is None else ("**pass**" if pss <= 2 else "**miss**")])
+    if not rows:
+        return []
+    return ["## Daemon with live pooled sandboxes", "",
+            "A daemon asked to hold N warm members (`--pool-min N --pool-max N`), idle. PSS per member: the "
+            "member's agent (`ak-agent serve`) plus the engine's per-container processes above it (podman's "
+            "conmon; crun exits after start). Cgroup memory: what the kernel charges the container (page "
+            "cache, kernel memory), not in PSS. Goal: <= 2 MiB PSS per idle member.", "",
+            *_table(["Backend", "Members", "Daemon", "PSS per member", "Agent PSS", "Cgroup memory", "Leaked",
+                     "Goal"], rows), ""]
+
+
+def _soak_trends(r: dict[str, Any]) -> list[str]:
+    """Flat or growing: each series' median over its first and last tenth, and the machine's load."""
+    tr = r.get("trends") or {}
+    names = {"daemon_rss_kib": ("daemon RSS", 1 / 1024, "MiB"), "daemon_fds": ("daemon fds", 1, ""),
+             "client_fds": ("client fds", 1, ""), "p50_ms": ("p50", 1, "ms"), "p99_ms": ("p99", 1, "ms"),
+             "ops_per_s": ("ops/s", 1, ""), "hit_rate": ("hit rate", 1, ""), "load1": ("machine load (1 min)", 1, "")}
+    rows = []
+    for key, (label, k, unit) in names.items():
+        t = tr.get(key)
+        if not t:
+            continue
+
+        def f(v: float, k: float = k) -> str:
+            return f"{v * k:.3g}"
+
+        rows.append([label, f"{f(t['first'])} -> {f(t['last'])} {unit}".rstrip(),
+                     f"{f(t['min'])}-{f(t['max'])} {unit}".rstrip()])
+    out = []
+    if rows:
+        out += [f"Trends (median of the first and last tenth of the {r.get('bucket_s', 1):g} s samples):", "",
+                *_table(["Series", "First -> last tenth", "Range"], rows), ""]
+    for pv in r.get("pools_end") or []:
+        if pv.get("cannot_keep_up"):
+            out += [f"The {pv.get('backend')} pool at the end: cannot keep up: {pv['cannot_keep_up']}", ""]
+    return out
+
+
 def _soak(d: _Doc) -> list[str]:
     out = []
     for b, r in sorted((d.res.get("soak") or {}).items()):
@@ -707,6 +765,7 @@ def _soak(d: _Doc) -> list[str]:
                  f"{before.get('fds', NA)} -> {after.get('fds', NA)} fds"]]
         out += [f"### {b}", "", *_table(["Duration", "Concurrent", "Ops", "Success", "p50 / p95 / p99",
                                          "Hit rate (per s)", "Leaked", "Daemon RSS, fds"], rows), ""]
+        out += _soak_trends(r)
         if r.get("errors"):
             out += ["First errors: " + "; ".join(f"`{e[:160]}`" for e in r["errors"][:3]), ""]
     if not out:
@@ -809,6 +868,7 @@ def render(doc: dict[str, Any], charts: dict[str, str] | None = None, *, json_na
     parts += _daemon(d)
     parts += _stress(d)
     parts += _soak(d)
+    parts += _live(d)
     parts += _lifecycle(d)
     parts += _one_shot(d)
     parts += _exec50(d)

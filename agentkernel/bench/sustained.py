@@ -17,6 +17,7 @@ Standard library + the package; every function takes the CLI argv prefix and ret
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import statistics
 import subprocess
@@ -185,25 +186,120 @@ def processes_with(marker: str) -> list[int]:
     return pids
 
 
-def live(count: int, wait_s: float = 300.0) -> dict[str, Any]:
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def member_chain(agent: int, stop: set[int]) -> list[int]:
+    """The processes one pooled container costs: its agent and the agent's ancestors up to (not including)
+    pid 1, a pid in ``stop`` (the daemon, this process) or a process shared by other members (podman's
+    conmon and docker's shim are per container and counted; crun exits after start)."""
+    chain, pid = [agent], _ppid(agent)
+    while pid and pid > 1 and pid not in stop and pid not in chain:
+        chain.append(pid)
+        pid = _ppid(pid)
+    return chain
+
+
+def cgroup_memory_bytes(pid: int) -> int | None:
+    """The memory charged to ``pid``'s cgroup (v1 ``memory.usage_in_bytes`` or v2 ``memory.current``):
+    unlike PSS it includes the page cache and kernel memory the container caused."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            lines = [ln.strip().split(":", 2) for ln in f if ln.strip()]
+    except OSError:
+        return None
+    for _hid, ctrls, path in lines:
+        if "memory" in ctrls.split(","):
+            return _read_int(f"/sys/fs/cgroup/memory{path}/memory.usage_in_bytes")
+    for hid, ctrls, path in lines:
+        if hid == "0" and ctrls == "":
+            return _read_int(f"/sys/fs/cgroup{path}/memory.current")
+    return None
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _mib(kib_or_none: float | None, div: float = 1024) -> float | None:
+    return None if kib_or_none is None else round(kib_or_none / div, 3)
+
+
+def mounts_from(pid: int, root: str) -> bool:
+    """Does ``pid`` see a bind mount of something under ``root`` (a member's run dir: its agent socket)?"""
+    try:
+        with open(f"/proc/{pid}/mountinfo") as f:
+            return any(len(p) > 3 and p[3].startswith(root) for p in (ln.split() for ln in f))
+    except OSError:
+        return False
+
+
+def live(count: int, wait_s: float = 300.0, *, backend: str | None = None,
+         runtime_dir: str | None = None) -> dict[str, Any]:
     """The running daemon (its pools already asked to hold ``count`` members): wait until they are ready,
-    then its RSS/fds and the PSS of every pooled member's agent (``ak-agent serve``) per member."""
+    then its RSS/fds and, per pooled member, the PSS of the member's processes (its agent ``ak-agent
+    serve`` and the engine's per-container processes above it) and the memory charged to its cgroup.
+    ``runtime_dir``: count only the agents whose run dir is under it (the daemon's own members, not other
+    sandboxes on a shared machine)."""
     deadline = time.monotonic() + wait_s
+    t0 = time.monotonic()
     st = daemon_status()
     while time.monotonic() < deadline:
         st = daemon_status()
         if st and sum(p.get("ready", 0) for p in st["pools"]) >= count:
             break
         time.sleep(1.0)
-    ready = sum(p.get("ready", 0) for p in (st or {}).get("pools", []))
+    fill_s = round(time.monotonic() - t0, 1)
+    pools = [p for p in (st or {}).get("pools", []) if backend is None or p.get("backend") == backend]
+    ready = sum(p.get("ready", 0) for p in pools)
     pid = (st or {}).get("pid")
+    stop = {os.getpid(), *([pid] if pid else [])}
     agents = processes_with("ak-agent\x00serve")
-    pss = [p for p in (_pss(a) for a in agents) if p is not None]
-    return {"asked": count, "ready": ready, "daemon": proc_usage(pid) if pid else None,
-            "agents": len(agents), "agent_pss_kib_total": sum(pss),
-            "pss_mib_per_member": round(sum(pss) / 1024 / len(pss), 3) if pss else None,
-            "note": "PSS of each member's in-sandbox agent process (the engine's per-container cost is "
-                    "not in it: crun exits after start; podman's conmon is per container)"}
+    if runtime_dir:
+        root = os.path.realpath(runtime_dir).rstrip("/") + "/"
+        agents = [a for a in agents if mounts_from(a, root)]
+    agent_pss, chain_pss, cg, extra = [], [], [], collections.Counter()
+    for a in agents:
+        chain = member_chain(a, stop)
+        pss = [_pss(x) for x in chain]
+        if pss[0] is None:
+            continue
+        agent_pss.append(pss[0])
+        chain_pss.append(sum(x or 0 for x in pss))
+        for x in chain[1:]:
+            extra[_comm(x)] += 1
+        m = cgroup_memory_bytes(a)
+        if m is not None:
+            cg.append(m)
+
+    def per(xs: list[int], div: float) -> float | None:
+        return round(sum(xs) / div / len(xs), 3) if xs else None
+
+    return {"asked": count, "ready": ready, "fill_s": fill_s, "daemon": proc_usage(pid) if pid else None,
+            "agents": len(agents), "agent_pss_kib_total": sum(agent_pss),
+            "pss_mib_per_member": per(chain_pss, 1024), "agent_pss_mib_per_member": per(agent_pss, 1024),
+            "cgroup_mib_per_member": per(cg, 1024 * 1024), "cgroups_read": len(cg),
+            "engine_processes": dict(extra),
+            "note": "PSS per member = its agent plus the engine's per-container processes above it (e.g. "
+                    "conmon); cgroup memory = what the kernel charges the container (page cache, kernel "
+                    "memory) and is not in PSS"}
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
 
 
 # ---- soak ---------------------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("--backends", "-b", help="comma-separated backends (default: every backend; unavailable ones "
                    "are reported with the doctor's reason)")
     p.add_argument("--suite", "--suites", dest="suites", help="comma-separated suites: headline, phases, baselines, "
-                   "daemon, throughput, concurrency, stress, lifecycle, wasm, orchestration, speed, soak "
-                   "(default: all but soak)")
+                   "daemon, throughput, concurrency, stress, lifecycle, wasm, orchestration, speed, soak, live "
+                   "(default: all but soak and live)")
     p.add_argument("--iterations", "-n", type=int, help="measured runs per command (default 20; --quick 3)")
     p.add_argument("--warmup", type=int, help="warm-up runs per command, not measured (default 3; --quick 1)")
     p.add_argument("--quick", action="store_true", help="small sizes everywhere (a smoke run in about a minute)")
@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
     p.add_argument("--soak-s", type=float, metavar="S",
                    help="soak suite: duration in seconds (default 3600, --quick 20; env SOAK_S)")
     p.add_argument("--live", type=int, metavar="N",
-                   help="speed suite: live pooled sandboxes held by the daemon (default 200, --quick 10)")
+                   help="speed and live suites: live pooled sandboxes held by the daemon (default 200, --quick 10)")
     p.add_argument("--runs-total", type=int, metavar="N", help="throughput suite: runs (default 100)")
     p.add_argument("--runs-concurrency", type=int, metavar="C", help="throughput suite: concurrency (default 10)")
     p.add_argument("--concurrent", type=int, metavar="N", help="concurrency suite: runs at once (default 100)")

@@ -14,4 +14,5 @@ SUITES = {
     "orchestration": "agentkernel.bench.suites.orchestration:run",
     "speed": "agentkernel.bench.suites.sustained:run_speed",
     "soak": "agentkernel.bench.suites.sustained:run_soak",
+    "live": "agentkernel.bench.suites.sustained:run_live",
 }
