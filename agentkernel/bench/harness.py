@@ -261,6 +261,7 @@ class BenchContext:
         self.cli = _cli_argv()
         self.progress = Progress(cfg.progress)
         self.spawned: set[int] = {os.getpid()}
+        self.spawn_starts: dict[int, int] = {}  # pid -> start time: a reused pid is not ours
         self._lock = threading.Lock()
         self._doctor: dict[str, dict] | None = None
         self._specs: dict[str, Any] = {}
@@ -346,8 +347,13 @@ class BenchContext:
 
     # -- running things --
     def track(self, pid: int) -> None:
+        from ..owner import process_start_time
+
+        start = process_start_time(pid)
         with self._lock:
             self.spawned.add(pid)
+            if start is not None:
+                self.spawn_starts[pid] = start
 
     def time_command(self, argv: list[str], *, expect: bytes = HELLO, check: Callable[[bytes], bool] | None = None,
                      env: dict[str, str] | None = None, timeout: float = RUN_TIMEOUT_S) -> Sample:

@@ -138,7 +138,7 @@ def run_live(ctx: BenchContext) -> None:
         st.finish()
         rep = leaks.check(scope, base, settle_s=ctx.cfg.settle_s, label=f"live {backend}")
         rep["suite"], rep["backend"] = "live", backend
-        rep["removed"] = leaks.cleanup(rep)
+        rep["removed"] = leaks.cleanup(rep, scope)
         ctx.doc["leak_checks"].append(rep)
         result["leak_check"] = {"clean": rep["clean"], "leak_count": rep["leak_count"]}
         ctx.set_result("live", backend, result)
@@ -165,5 +165,5 @@ def run_soak(ctx: BenchContext) -> None:
     result["leak_check"] = {"clean": rep["clean"], "leak_count": rep["leak_count"],
                             "categories": sorted({x.get("category", "?") for x in rep["leaks"]})}
     if rep["leaks"]:
-        leaks.cleanup(rep)
+        leaks.cleanup(rep, scope)
     ctx.set_result("soak", backend, result)
