@@ -520,14 +520,32 @@ def _unique(items: list[str]) -> list[str]:
 
 
 def _cli_argv() -> list[str]:
-    """The installed console script next to this interpreter (what a user runs), else ``python -m``."""
+    """The installed console script next to this interpreter (what a user runs), else ``python -m``. A
+    launcher written for another checkout (a shared virtualenv) would time that checkout's code: then the
+    same launcher form (``python -S``) for the package that is running this code."""
     cand = os.path.join(os.path.dirname(sys.executable), "agentkernel")
     if os.path.isfile(cand) and os.access(cand, os.X_OK):
+        if _launches_other_checkout(cand):
+            from .sustained import launcher_argv
+
+            return launcher_argv()
         return [cand]
     found = shutil.which("agentkernel")
     if found:
         return [found]
     return [sys.executable, "-m", "agentkernel"]
+
+
+def _launches_other_checkout(path: str) -> bool:
+    import agentkernel
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(agentkernel.__file__)))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1024).decode("utf-8", "replace")
+    except OSError:
+        return False
+    return "sys.path[0:0]" in head and repr(repo) not in head and f'"{repo}"' not in head
 
 
 # ---- the bench's own daemon ---------------------------------------------------------------------------
