@@ -25,9 +25,9 @@ behind, by category:
   its start time is the one recorded at spawn: pids are reused on a busy machine), a name or path with the
   bench's run id / temp dir, anything in the bench's own runtime dir or store;
 - **foreign**: its owner labels name a process that is alive and not ours (someone else's running
-  sandbox), a temp dir that a live process outside this run names in its command line or environment
-  (another bench run), a cgroup whose processes do not use this run's runtime dir: listed in ``foreign``,
-  never counted as a leak;
+  sandbox), a resource labelled with another bench run's id, a temp dir that a live process outside this
+  run names in its command line or environment (another bench run), a cgroup whose processes do not use
+  this run's runtime dir: listed in ``foreign``, never counted as a leak;
 - **unattributed**: new since the baseline but with no owner we can tie to anyone (no owner labels,
   a dead owner that is not ours, a cgroup): counted as a leak. On a busy shared machine another user's
   leak can show up here; the report says which kind each leak is.
@@ -321,6 +321,9 @@ def classify(category: str, key: str, info: dict, scope: LeakScope) -> str:
     if scope.names_us(key) or scope.names_us(json.dumps(info, default=str)):
         return "ours"
     labels = info.get("labels") or {}
+    other_run = labels.get("agentkernel.bench-run")
+    if other_run and other_run != scope.run_id:
+        return "foreign"  # another bench run's resource: that run's own leak check answers for it
     pid_s = labels.get("agentkernel.owner.pid") or ""
     if pid_s.isdigit():
         pid = int(pid_s)

@@ -6,6 +6,7 @@ Standard library only; renders from the results document alone (``agentkernel be
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 from .machine import short_label
@@ -172,6 +173,15 @@ def _header(d: _Doc, for_docs: bool, json_name: str | None) -> list[str]:
             "- Latencies are medians (p50) of per-run samples, each a new process from spawn to exit with its "
             "output checked; the reference column is the reference's published number on its own hardware "
             "(AMD EPYC 16 cores / M3 Pro): compare ratios, not absolutes."]
+    runs = cfg.get("merged_from") or []
+    if runs:
+        out.append(f"- **Combined from {len(runs)} runs** on this machine (each figure below comes from the run "
+                   "that measured its suite; the load is the 1/5/15-minute load average at its start and end):")
+        for r in runs:
+            out.append(f"  - `{r['run_id']}`: {r['date']}, {r.get('duration_s') or 0:.0f} s, suites "
+                       f"{', '.join(r.get('suites') or [])}, backends {', '.join(r.get('backends') or []) or 'all'}; "
+                       f"load {r.get('loadavg_start')} -> {r.get('loadavg_end')}; git `{(r.get('commit') or '?')[:12]}`"
+                       f"{' (dirty)' if r.get('dirty') else ''}")
     if json_name:
         out.append(f"- Raw data: `{json_name}`")
     out.append("")
@@ -455,6 +465,22 @@ def _daemon(d: _Doc) -> list[str]:
             "full again; the 10 sequential runs do not (misses show there).", "", *out]
 
 
+def leak_cell(d: _Doc, label: str, summary: dict[str, Any]) -> str:
+    """A leak check in one cell: leaks attributed to the run, and the unattributed rest by category (on a
+    shared machine, mostly other users' resources that came and went)."""
+    lc = next((x for x in d.doc.get("leak_checks", []) if x.get("label") == label), None)
+    if lc is None:
+        return "clean" if summary.get("clean") else f"{summary.get('leak_count', NA)} leaked"
+    if lc["clean"]:
+        return "clean"
+    ours = [x for x in lc["leaks"] if x.get("attributed")]
+    rest = collections.Counter(x["category"] for x in lc["leaks"] if not x.get("attributed"))
+    head = f"**{len(ours)} leaked by this run**" if ours else "0 leaked by this run"
+    if rest:
+        head += "; unattributed: " + ", ".join(f"{k} {v}" for k, v in sorted(rest.items()))
+    return head
+
+
 def _stress(d: _Doc) -> list[str]:
     out = []
     for b in d.ordered():
@@ -471,16 +497,19 @@ def _stress(d: _Doc) -> list[str]:
         for op in ("create", "start", "exec", "stop", "remove"):
             rows.append([f"{op.capitalize()} (avg)", fmt_ms(r.get(f"avg_{op}_ms")), REF_STRESS10[op]])
         rows.append(["Max start", fmt_ms(r.get("max_start_ms")), "\u2013"])
+        rows.append(["Lifecycle p50 / p95 / p99", f"{fmt_ms(r.get('p50_ms'))} / {fmt_ms(r.get('p95_ms'))} / "
+                     f"{fmt_ms(r.get('p99_ms'))}", "\u2013"])
         p = r.get("pooled") or {}
         if p.get("total"):
-            rows.append([f"Pooled `run` x{p['total']}: avg / p95, commands/s",
-                         f"{fmt_ms(p.get('avg_ms'))} / {fmt_ms(p.get('p95_ms'))}, {fmt_rate(p.get('commands_per_s'))} "
-                         f"({p.get('successful')}/{p.get('total')} ok, {p.get('pool_hits')} hits)", "\u2013"])
+            hits, misses = p.get("pool_hits") or 0, p.get("pool_misses") or 0
+            rows.append([f"Pooled `run` x{p['total']}: wall, commands/s",
+                         f"{fmt_ms(p.get('wall_ms'))}, {fmt_rate(p.get('commands_per_s'))} "
+                         f"({p.get('successful')}/{p.get('total')} ok, {hits} hits, {misses} misses)", "\u2013"])
+            rows.append(["Pooled `run` p50 / p95 / p99", f"{fmt_ms(p.get('p50_ms'))} / {fmt_ms(p.get('p95_ms'))} / "
+                         f"{fmt_ms(p.get('p99_ms'))}", "\u2013"])
         elif p.get("error"):
             rows.append(["Pooled phase", f"failed: {p['error']}", "\u2013"])
-        rows.append(["Leak check", "clean" if lc.get("clean") else
-                     f"**{lc.get('leak_count')} leaked** ({lc.get('attributed_count')} attributed to this run)",
-                     NA])
+        rows.append(["Leak check", leak_cell(d, f"stress {b}", lc), NA])
         errs = r.get("errors") or []
         out += [f"### {b}: {r.get('count')} parallel sandboxes (at most {r.get('max_concurrent')} at once)", "",
                 *_table(["Metric", "Value", "Reference (Docker macOS, 10 parallel)"], rows), ""]
@@ -699,14 +728,13 @@ def _live(d: _Doc) -> list[str]:
             continue
         dm, pss = r.get("daemon") or {}, r.get("pss_mib_per_member")
         eng = ", ".join(f"{k} x{v}" for k, v in sorted((r.get("engine_processes") or {}).items())) or "none"
-        lc = r.get("leak_check") or {}
+        lc = leak_cell(d, f"live {b}", r.get("leak_check") or {})
         rows.append([b, f"{r.get('ready')}/{r.get('asked')} ready ({r.get('agents')} agents measured)",
                      f"{round((dm.get('vmrss') or 0) / 1024, 1)} MiB, {dm.get('fds', NA)} fds, "
                      f"{dm.get('threads', NA)} threads",
                      f"{pss if pss is not None else NA} MiB ({eng} above the agent)",
                      f"{r.get('agent_pss_mib_per_member', NA)} MiB",
-                     f"{r.get('cgroup_mib_per_member', NA)} MiB",
-                     str(lc.get("leak_count", NA)),
+                     f"{r.get('cgroup_mib_per_member', NA)} MiB", lc,
                      "\u2013" if pss is None else ("**pass**" if pss <= 2 else "**miss**")])
     if not rows:
         return []
@@ -759,8 +787,7 @@ def _soak(d: _Doc) -> list[str]:
                  fmt_pct(r.get("success_rate")), f"{fmt_ms(lt.get('median_ms'))} / {fmt_ms(lt.get('p95_ms'))} / "
                  f"{fmt_ms(lt.get('p99_ms'))}",
                  f"{min(hits):.2f}-{max(hits):.2f}" if hits else NA,
-                 f"{lc.get('leak_count', NA)}" + (f" ({', '.join(lc.get('categories') or [])})"
-                                                  if lc.get("leak_count") else ""),
+                 leak_cell(d, f"soak {b}", lc),
                  f"{round((before.get('vmrss') or 0) / 1024, 1)} -> {round((after.get('vmrss') or 0) / 1024, 1)} MiB, "
                  f"{before.get('fds', NA)} -> {after.get('fds', NA)} fds"]]
         out += [f"### {b}", "", *_table(["Duration", "Concurrent", "Ops", "Success", "p50 / p95 / p99",

@@ -61,8 +61,9 @@ def add_parser(sub) -> None:
     c.add_argument("--threshold", type=float, default=10.0, metavar="PCT", help="flag changes of PCT%% or more")
     c.add_argument("--only-changes", action="store_true", help="list only flagged changes")
     c.add_argument("--json", action="store_true")
-    r = bsub.add_parser("report", help="re-render the Markdown report and charts from a result file")
-    r.add_argument("result")
+    r = bsub.add_parser("report", help="re-render the Markdown report and charts from result files (several: "
+                        "one combined report, later runs winning for the same suite and backend)")
+    r.add_argument("result", nargs="+")
     r.add_argument("--out", dest="report_out", help="directory (default: next to the result file)")
     r.add_argument("--docs", dest="report_docs", nargs="?", const="docs", default=None, metavar="DIR")
     r.add_argument("--no-charts", dest="report_no_charts", action="store_true")
@@ -154,14 +155,15 @@ def _report(args) -> int:
     import os
 
     from ..bench.compare import CompareError, load
+    from ..bench.merge import MergeError, merge
     from ..bench.runner import write_outputs
 
     try:
-        doc = load(args.result)
-    except CompareError as exc:
+        doc = merge([load(p) for p in args.result])
+    except (CompareError, MergeError) as exc:
         print(f"agentkernel bench report: {exc}", file=sys.stderr)
         return 2
-    out = args.report_out or os.path.dirname(os.path.abspath(args.result))
+    out = args.report_out or os.path.dirname(os.path.abspath(args.result[0]))
     res = write_outputs(doc, out, charts=not args.report_no_charts, docs_dir=args.report_docs)
     print(f"report:   {res['markdown']}")
     for p in res.get("charts", []):

@@ -145,3 +145,9 @@ def test_a_cgroup_with_processes_of_another_installation_is_foreign(tmp_path):
     empty.mkdir()
     (empty / "cgroup.procs").write_text("")
     assert leaks.classify("cgroups", "y", {"paths": [str(empty)]}, scope) == "unattributed"
+
+
+def test_another_bench_runs_resource_is_foreign(tmp_path):
+    scope = leaks.LeakScope(tmp_root=str(tmp_path), run_id="20990101T000000Z-abcdef")
+    other = {"agentkernel.bench-run": "20990101T000000Z-999999", "agentkernel.owner.pid": "999999999"}
+    assert leaks.classify("podman_containers", "c6", {"labels": other}, scope) == "foreign"

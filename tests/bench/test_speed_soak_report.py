@@ -146,3 +146,15 @@ def test_a_launcher_of_another_checkout_is_not_what_the_bench_times(tmp_path):
     mine.write_text(f'#!/x/python -S\nimport sys\nsys.path[0:0] = ["{repo}", "/x/site"]\n')
     assert _launches_other_checkout(str(other)) and not _launches_other_checkout(str(mine))
     assert not _launches_other_checkout(str(tmp_path / "absent"))
+
+
+def test_leak_cells_split_this_runs_leaks_from_the_unattributed_rest():
+    doc = _doc()
+    doc["leak_checks"] = [{"label": "soak oci", "clean": False, "leak_count": 3, "attributed_count": 0, "leaks": [
+        {"category": "cgroups", "key": "pool-1", "info": {}, "attributed": False, "kind": "unattributed"},
+        {"category": "cgroups", "key": "pool-2", "info": {}, "attributed": False, "kind": "unattributed"},
+        {"category": "runsc", "key": "pid:1", "info": {}, "attributed": False, "kind": "unattributed"}]}]
+    md = report.render(doc)
+    assert "0 leaked by this run; unattributed: cgroups 2, runsc 1" in md
+    doc["leak_checks"][0]["leaks"][0]["attributed"] = True
+    assert "**1 leaked by this run**; unattributed: cgroups 1, runsc 1" in report.render(doc)
