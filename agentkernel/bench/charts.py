@@ -171,8 +171,12 @@ def soak(doc: dict[str, Any], path: str) -> str | None:
         if any(x.get("daemon_fds") is not None for x in s):
             axes[3].plot(t, [x.get("daemon_fds") for x in s], label=f"{b} daemon fds", linestyle=":")
         if any(x.get("load1") is not None for x in s):
-            axes[0].plot(t, [x.get("load1") for x in s], label="machine load (1 min)", color="#7f7f7f",
+            load_ax = axes[0].twinx()  # its own scale: a load of 100 would flatten the ops/s line
+            load_ax.plot(t, [x.get("load1") for x in s], label="machine load (1 min)", color="#7f7f7f",
                          linewidth=0.8)
+            load_ax.set_ylabel("load (1 min)", color="#7f7f7f")
+            load_ax.set_ylim(bottom=0)
+            load_ax.legend(fontsize=7, loc="upper right")
     bucket = runs[0][1].get("bucket_s") or 1
     axes[0].set_ylabel(f"ops/s (per {bucket:g} s)")
     axes[1].set_ylabel("latency, ms")
