@@ -557,6 +557,8 @@ class BenchDaemon:
     def __init__(self, ctx: BenchContext, backends: Sequence[str], pool_min: int = 2, pool_max: int = 4) -> None:
         self.ctx, self.backends, self.pool_min, self.pool_max = ctx, list(backends), pool_min, pool_max
         self.started = False
+        self.exited: bool | None = None
+        self.stop_s: float | None = None
         self.start_ms: float | None = None
         self.ready_ms: float | None = None
         self.pid: int | None = None
@@ -634,13 +636,18 @@ class BenchDaemon:
             return
         if settle:
             self.wait_ready(timeout=30)
+        t0 = time.monotonic()
         self.ctx.run_quiet(self.ctx.ak("daemon", "stop"), timeout=120)
         self.started = False
-        # the pool members are destroyed by the daemon's shutdown; wait for its process to be gone
+        # the pool members are destroyed by the daemon's shutdown; wait for its process to be gone (a
+        # daemon holding hundreds of members on a loaded machine takes minutes: the leak check must not
+        # start while it is still removing them)
         if self.pid:
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + min(900, 30 + 2 * self.pool_max * len(self.backends))
             while time.monotonic() < deadline and os.path.exists(f"/proc/{self.pid}"):
                 time.sleep(0.05)
+            self.exited = not os.path.exists(f"/proc/{self.pid}")
+        self.stop_s = round(time.monotonic() - t0, 3)
 
     def __enter__(self) -> BenchDaemon:
         self.start()

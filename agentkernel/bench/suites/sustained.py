@@ -125,12 +125,14 @@ def run_live(ctx: BenchContext) -> None:
         scope = leaks.LeakScope.for_context(ctx)
         base = leaks.snapshot(scope)
         st = ctx.progress.stage(f"live {backend} ({n} pooled sandboxes)", 1)
+        d = BenchDaemon(ctx, [backend], pool_min=n, pool_max=n)
         try:
-            with BenchDaemon(ctx, [backend], pool_min=n, pool_max=n) as d:
+            with d:
                 d.wait_ready(timeout=900)
                 result = {"available": True, **sustained.live(n, wait_s=60, backend=backend,
                                                               runtime_dir=ctx.runtime_dir)}
                 result["daemon_start_to_ready_ms"] = d.ready_ms
+            result["daemon_stop_s"], result["daemon_exited"] = d.stop_s, d.exited
         except Exception as exc:
             ctx.error("live", backend, f"{type(exc).__name__}: {exc}")
             result = {"available": True, "error": f"{type(exc).__name__}: {exc}"}
