@@ -375,14 +375,18 @@ static const char *env_path(char *const envp[]) {
 
 static int exec_errno_code(int e) { return (e == ENOENT) ? 127 : 126; }
 
-/* cgroup OOM-kill counter: v2 memory.events or v1 memory.oom_control, line "oom_kill N" */
+/* OOM-kill counter, a line "oom_kill N": the cgroup's (v2 memory.events or v1 memory.oom_control) or,
+ * in a microVM (vm-init: the whole kernel is the sandbox's), the guest kernel's own /proc/vmstat */
 static const char *oom_file;
-static int oom_source; /* 0 none, 1 cgroup v1, 2 cgroup v2 */
+static int oom_source; /* 0 none, 1 cgroup v1, 2 cgroup v2, 3 the (guest) kernel */
+static int vm_guest;   /* set by vm-init */
 
 static void oom_detect(void) {
     static const char *v2 = "/sys/fs/cgroup/memory.events";
     static const char *v1 = "/sys/fs/cgroup/memory/memory.oom_control";
-    if (access(v2, R_OK) == 0) oom_file = v2, oom_source = 2;
+    static const char *vm = "/proc/vmstat";
+    if (vm_guest && access(vm, R_OK) == 0) oom_file = vm, oom_source = 3;
+    else if (access(v2, R_OK) == 0) oom_file = v2, oom_source = 2;
     else if (access(v1, R_OK) == 0) oom_file = v1, oom_source = 1;
 }
 
@@ -390,8 +394,9 @@ static long long oom_count(void) {
     if (!oom_file) return -1;
     int fd = open(oom_file, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return -1;
-    char b[1024];
-    ssize_t n = read(fd, b, sizeof b - 1);
+    char b[8192]; /* /proc/vmstat is ~4 KiB; oom_kill is near its end */
+    ssize_t n = 0, r;
+    while (n < (ssize_t)sizeof b - 1 && (r = read(fd, b + n, sizeof b - 1 - (size_t)n)) > 0) n += r;
     close(fd);
     if (n <= 0) return -1;
     b[n] = 0;
@@ -2099,7 +2104,7 @@ static int vminit_main(int argc, char **argv) {
     const char *root = NULL, *dev = NULL, *mods = "/ak/modules", *fstype = "ext4", *host = "agentkernel";
     char *sv[12];
     int nsv = 2;
-    const char *pids = NULL, *workdir = NULL, *user = NULL, *vport = NULL;
+    const char *pids = NULL, *workdir = NULL, *user = NULL, *vport = NULL, *ro_mb = NULL;
     for (int i = 0; i < argc; i++) {
         if (!strcmp(argv[i], "--root") && i + 1 < argc) root = argv[++i];
         else if (!strcmp(argv[i], "--device") && i + 1 < argc) dev = argv[++i];
@@ -2110,6 +2115,7 @@ static int vminit_main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--restrict")) sv[nsv++] = argv[i];
         else if (!strcmp(argv[i], "--pids") && i + 1 < argc) pids = argv[++i];
         else if (!strcmp(argv[i], "--workdir") && i + 1 < argc) workdir = argv[++i];
+        else if (!strcmp(argv[i], "--readonly") && i + 1 < argc) ro_mb = argv[++i];
         else if (!strcmp(argv[i], "--seccomp") && i + 1 < argc) {
             if (load_bpf(argv[++i]) < 0) return 125; /* read now: the initramfs is left behind below */
         } else if (!strcmp(argv[i], "--user") && i + 1 < argc && nsv < 10) {
@@ -2126,6 +2132,7 @@ static int vminit_main(int argc, char **argv) {
                         "[--modules DIR]\n");
         return 125;
     }
+    vm_guest = 1;
     vm_mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
     vm_mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
     vm_mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
@@ -2180,6 +2187,24 @@ static int vminit_main(int argc, char **argv) {
         unsigned u = 0, g = 0;
         if (user && sscanf(user, "%u:%u", &u, &g) == 2 && chown(workdir, u, g) < 0)
             fprintf(stderr, "ak-agent: chown %s: %s\n", workdir, strerror(errno));
+    }
+    if (ro_mb) { /* read-only root: writable /tmp and workdir are tmpfs of ro_mb MiB each */
+        mkdir("/tmp", 01777);
+        if (mount(NULL, "/", NULL, MS_REMOUNT | MS_RDONLY, NULL) < 0) {
+            fprintf(stderr, "ak-agent: remount / read-only: %s\n", strerror(errno));
+            return 125;
+        }
+        char opt[128];
+        snprintf(opt, sizeof opt, "size=%sm,mode=1777", ro_mb);
+        if (mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opt) < 0)
+            fprintf(stderr, "ak-agent: tmpfs on /tmp: %s\n", strerror(errno));
+        if (workdir && strcmp(workdir, "/tmp")) {
+            unsigned u = 0, g = 0;
+            if (user) sscanf(user, "%u:%u", &u, &g);
+            snprintf(opt, sizeof opt, "size=%sm,mode=0755,uid=%u,gid=%u", ro_mb, u, g);
+            if (mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, opt) < 0)
+                fprintf(stderr, "ak-agent: tmpfs on %s: %s\n", workdir, strerror(errno));
+        }
     }
     sethostname(host, strlen(host));
     vm_loopback_up();

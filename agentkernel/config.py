@@ -79,6 +79,7 @@ SCHEMA: dict[str, dict[str, str]] = {
             # the policy of remote callers (api/policy.py POLICY_KEYS)
             "backends": "list", "profiles": "list", "network": "bool", "max_memory_mb": "int", "max_vcpus": "number",
             "max_pids": "int", "max_disk_mb": "int", "max_sandboxes": "int", "max_runs": "int", "max_batch": "int",
+            "network_modes": "list", "allow_hosts": "list", "secrets": "list",
             # the reference's keys (refconfig.py)
             "api_key": "str", "api_key_env": "str", "allow_sudo_exec": "bool"},
     "orchestrator": {},  # filled in by the [orchestrator] block below
@@ -90,7 +91,7 @@ WARM_KEYS = {"backend", "image", "profile", "network", "read_only", "memory_mb",
              "min", "max", "max_age_s", "wait_s"}
 # keys of an [[api.tenant]] entry: a token name and its policy (api/policy.py TENANT_KEYS)
 TENANT_KEYS = {"name", "backends", "profiles", "network", "max_memory_mb", "max_vcpus", "max_pids", "max_disk_mb",
-               "max_sandboxes", "max_runs", "max_batch"}
+               "max_sandboxes", "max_runs", "max_batch", "network_modes", "allow_hosts", "secrets"}
 TABLE_KEYS = {("pool", "warm"): WARM_KEYS, ("api", "tenant"): TENANT_KEYS}
 
 # [security] key -> Policy field
@@ -336,6 +337,9 @@ ORCHESTRATOR_KEYS: dict[str, str] = {
     "max_sandboxes": "int",       # cap on live sandboxes this backend manages in the namespace
     "seccomp_localhost_profile": "str",  # node-installed profile used for seccomp = "restrictive"
     "agent_sandbox": "str",       # auto (use the agent-sandbox CRDs when installed), on, off
+    "cluster_cidrs": "list",      # pod/service/node ranges open-mode pods never reach (default: private ranges)
+    "cluster_dns_namespace": "str",  # where the cluster resolver runs (kube-system)
+    "cluster_dns_labels": "table",   # its pods' labels (k8s-app=kube-dns)
 }
 SCHEMA["orchestrator"] = ORCHESTRATOR_KEYS
 
@@ -379,6 +383,14 @@ def orchestrator_settings(options: dict[str, str] | None = None, *, config: dict
     for key in ("warm_pool_size", "max_pool_size", "max_sandboxes"):
         if int(out[key]) < 0:
             raise ConfigError(f"[orchestrator] {key} must be >= 0, got {out[key]}")
+    if out.get("cluster_cidrs") is not None:
+        import ipaddress
+
+        for c in out["cluster_cidrs"]:
+            try:
+                ipaddress.ip_network(c)
+            except ValueError as exc:
+                raise ConfigError(f"[orchestrator] cluster_cidrs: invalid network {c!r}: {exc}") from None
     if out["warm_pool_size"] > out["max_pool_size"]:
         raise ConfigError(f"[orchestrator] warm_pool_size ({out['warm_pool_size']}) exceeds max_pool_size "
                           f"({out['max_pool_size']})")

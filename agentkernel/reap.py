@@ -36,7 +36,9 @@ def _store_has(store_path: str, sandbox_id: str) -> bool:
         return True  # a store we cannot read (busy, another schema): keep its sandboxes
 
 
-async def collect_orphans() -> list[tuple[str, object]]:
+async def collect_orphans(seen: dict[str, set[str]] | None = None) -> list[tuple[str, object]]:
+    """Listed sandboxes whose owner is dead. ``seen`` (optional) gets {backend: ids it listed} for every
+    backend whose listing answered."""
     orphans = []
     # a journal entry with a live owner wins over the labels (e.g. a pool member leased to a client that
     # outlived the daemon named in the member's labels)
@@ -50,6 +52,8 @@ async def collect_orphans() -> list[tuple[str, object]]:
             infos = await backend.list()
         except Exception:
             continue
+        if seen is not None:
+            seen[name] = {i.id for i in infos}
         for info in infos:
             labels = info.labels
             if labels.get(LABEL_NAME) and _store_has(labels.get(LABEL_STORE, ""), info.id):
@@ -64,11 +68,32 @@ async def collect_orphans() -> list[tuple[str, object]]:
 async def reap(dry_run: bool = False) -> list[str]:
     removed = []
     owner.reap_dead()
-    for name, info in await collect_orphans():
+    seen: dict[str, set[str]] = {}
+    orphans = await collect_orphans(seen)
+    for name, info in orphans:
         removed.append(f"{name}:{info.id}")
         if dry_run:
             continue
         backend = get_backend_class(name)()
         await backend.remove(SandboxRef(name, info.id, info.handle, SandboxSpec(backend=name)))
         await backend.aclose()
+    removed += await _sweep_egress(seen, {i.id for _, i in orphans}, dry_run)
     return removed
+
+
+async def _sweep_egress(seen: dict[str, set[str]], reaped: set[str], dry_run: bool) -> list[str]:
+    """Egress namespaces, veths, bridges and host tables no live sandbox uses (``egress.sweep``)."""
+    import asyncio
+
+    from .egress.sweep import sweep
+
+    claimed = {e.get("id") for e in owner.entries() if not owner.is_dead(e.get("owner") or {})}
+    listed = set().union(*seen.values()) - reaped if seen else set()
+    listed |= claimed
+    all_answered = set(seen) >= set(scanned())  # records made before they named their backend: only then
+    # backends listed through another one's scan (gvisor's containers are podman's, gvisor-docker's docker's)
+    answered = set(seen) | {n for n, e in REGISTRY.items() if not e.gc and e.image_store in seen}
+    try:
+        return await asyncio.to_thread(sweep, listed, answered, all_answered, dry_run)
+    except Exception as exc:  # the engines' sweep above is done; report, never fail gc on this
+        return [f"egress sweep failed: {exc}"]

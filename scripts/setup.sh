@@ -146,8 +146,8 @@ write_launcher() {
 # agentkernel launcher, written by scripts/setup.sh (python -S: no site processing on the hot path)
 import sys
 sys.path[0:0] = ["$REPO", "$site"]
-from agentkernel.cli import main
-sys.exit(main())
+from agentkernel.cli import entry
+entry()
 LAUNCHER
   chmod 755 "$VENV/bin/agentkernel.tmp"
   mv "$VENV/bin/agentkernel.tmp" "$VENV/bin/agentkernel"

@@ -481,5 +481,5 @@ def decode_info(payload: bytes) -> AgentInfo:
     except struct.error:
         raise AgentProtocolError("malformed INFO reply") from None
     return AgentInfo(protocol_version=proto, is_pid1=bool(flags & 1), stdio=bool(flags & 2),
-                     oom_source={0: None, 1: "cgroup-v1", 2: "cgroup-v2"}.get(oom), pid=pid, uid=uid,
+                     oom_source={0: None, 1: "cgroup-v1", 2: "cgroup-v2", 3: "kernel"}.get(oom), pid=pid, uid=uid,
                      gid=gid, max_payload=max_payload, agent_version=_text(ver))

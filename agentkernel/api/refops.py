@@ -44,6 +44,9 @@ MAINTENANCE_INTERVAL_S = 2.0
 SOURCE_MAX_BYTES = 256 << 20
 SOURCE_MAX_FILES = 20000
 SNAPSHOT_ENGINES = {"podman": "podman", "docker": "docker", "gvisor": "podman", "gvisor-docker": "docker"}
+# backends whose snapshots hold the running sandbox's memory (RAM + device state + disk): a restore is a new
+# sandbox whose processes are still running
+MEMORY_SNAPSHOT_BACKENDS = ("qemu",)
 
 
 def iso(ts: float) -> str:
@@ -553,17 +556,43 @@ def _snap_engine(rec) -> str:
     engine = SNAPSHOT_ENGINES.get(rec.backend)
     if engine is None or "container" not in (rec.handle or {}):
         raise PolicyNotEnforceable(f"snapshots are not available on backend {rec.backend!r}",
-                                   hint="snapshots are committed images: use podman, docker or gvisor")
+                                   hint="snapshots are committed images (podman, docker, gvisor) or VM memory "
+                                        "snapshots (qemu)")
     return engine
+
+
+async def _take_memory_snapshot(svc, rec, snap: str) -> dict[str, Any]:
+    from ..backends.base import SandboxRef
+    from ..spec import SandboxSpec
+
+    backend = svc.manager.backend_for(rec.backend, rec.spec.get("options") or {})
+    info = await backend.take_memory_snapshot(SandboxRef(rec.backend, rec.id, rec.handle,
+                                                         SandboxSpec.from_dict(rec.spec)))
+    res = rec.spec.get("resources") or {}
+    meta = {"name": snap, "sandbox": rec.name, "image_tag": None, "backend": rec.backend,
+            "base_image": rec.spec.get("image"), "vcpus": int(res["vcpus"] + 0.999) if res.get("vcpus") else None,
+            "memory_mb": res.get("memory_mb"), "created_at": iso(time.time()), "kind": "memory",
+            "memory_snapshot": info["id"], "state_bytes": info["state_bytes"], "disk_bytes": info["disk_bytes"],
+            "pause_ms": info["pause_ms"], "spec": rec.spec}
+    return meta
 
 
 async def take_snapshot(svc, tenant: str, sandbox: str, name: str | None) -> dict[str, Any]:
     rec = svc.manager.get(validate_name(sandbox), tenant)
-    engine = _snap_engine(rec)
     snap = validate_name(name or f"{sandbox}-{time.strftime('%Y%m%d%H%M%S')}", "snapshot name")
     path = _snap_path(tenant, snap)
     if os.path.exists(path):
         raise AlreadyExists(f"snapshot {snap!r} already exists", hint="delete it first or choose another name")
+    if rec.backend in MEMORY_SNAPSHOT_BACKENDS:
+        meta = await _take_memory_snapshot(svc, rec, snap)
+        os.makedirs(_snap_dir(tenant), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(meta, f)
+        from .. import audit
+
+        audit.log("snapshot_taken", sandbox=sandbox, id=rec.id, snapshot=snap, memory_snapshot=meta["memory_snapshot"])
+        return _public(meta)
+    engine = _snap_engine(rec)
     tag = f"localhost/agentkernel-snap/{_tenant_key(tenant)}-{snap.lower()}:latest"
     rc, out = await _engine(engine, "commit", rec.handle["container"], tag)
     if rc != 0:
@@ -599,6 +628,12 @@ def get_snapshot(tenant: str, name: str) -> dict[str, Any]:
 
 async def delete_snapshot(tenant: str, name: str) -> None:
     meta = _load_snap(tenant, name)
+    if meta.get("kind") == "memory":
+        from ..backends.qemu import QemuBackend
+
+        await asyncio.to_thread(QemuBackend.delete_memory_snapshot, meta["memory_snapshot"])
+        os.unlink(_snap_path(tenant, name))
+        return
     rc, out = await _engine(meta["engine"], "rmi", "-f", meta["image_tag"])
     if rc != 0 and "no such image" not in out.lower() and "image not known" not in out.lower():
         raise SandboxError(f"cannot delete the snapshot image {meta['image_tag']}: {out[-300:]}")
@@ -612,7 +647,11 @@ async def restore_snapshot(svc, tenant: str, name: str, as_name: str | None) -> 
     new = validate_name(as_name or name)
     if svc.manager.store.find(new, tenant) is not None:
         raise AlreadyExists(f"a sandbox named {new!r} exists", hint='restore under another name: {"as_name": "..."}')
-    spec = SandboxSpec.from_dict(meta["spec"]).replace(name=new, image=meta["image_tag"])
+    spec = SandboxSpec.from_dict(meta["spec"])
+    if meta.get("kind") == "memory":  # the same VM (spec) with the snapshot's memory: a new VM from it
+        spec = spec.replace(name=new, options={**spec.options, "restore": meta["memory_snapshot"]})
+    else:
+        spec = spec.replace(name=new, image=meta["image_tag"])
     return await svc.create(tenant, spec, start=True)
 
 

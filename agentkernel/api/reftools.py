@@ -71,7 +71,8 @@ TOOLS: dict[str, tuple[type[_Args], str]] = {
     "sandbox_exec_kill": (DetachedArgs, "Kill a detached command."),
     "sandbox_exec_list": (SandboxNameArgs, "List a sandbox's detached commands."),
     "snapshot_list": (NoArgs, "List snapshots."),
-    "snapshot_take": (SnapshotTakeArgs, "Snapshot a sandbox's filesystem."),
+    "snapshot_take": (SnapshotTakeArgs, "Snapshot a sandbox: its filesystem (containers) or, on qemu, its whole "
+                      "running memory, devices and disk."),
     "snapshot_get": (SnapshotNameArgs, "Details of one snapshot."),
     "snapshot_delete": (SnapshotNameArgs, "Delete a snapshot."),
     "snapshot_restore": (SnapshotRestoreArgs, "Create a new running sandbox from a snapshot."),

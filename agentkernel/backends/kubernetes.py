@@ -2,9 +2,11 @@
 
 - Connection: kubeconfig (``[orchestrator] kubeconfig`` / ``context``, else $KUBECONFIG / ~/.kube/config)
   or the in-cluster service account; namespace from ``[orchestrator] namespace``.
-- create: the sandbox's NetworkPolicy first (ingress denied; egress denied unless the policy allows
-  network), then the pod (``_kube_manifest``); start: wait for Ready with a bound, failing fast with the
-  cluster's reason on image pull errors, unschedulable pods, OOM kills or a failed container.
+- create: the sandbox's NetworkPolicy first (ingress denied; egress: none denies all, open allows every
+  address but metadata, link-local and the cluster's ranges plus DNS to kube-dns; allowlists are refused:
+  a NetworkPolicy cannot name hosts), then the pod (``_kube_manifest``); start: wait for Ready with a
+  bound, failing fast with the cluster's reason on image pull errors, unschedulable pods, OOM kills or a
+  failed container.
 - exec: the exec websocket (v5 with stdin EOF, v4 fallback), exact exit codes from the status channel;
   cwd/env/timeout through ``_remote_exec.wrap`` (argv only, no shell strings); files as tar streams.
 - stop kills every process of the sandbox but the pod's idle PID 1 and marks the pod stopped (its
@@ -118,6 +120,10 @@ class KubernetesBackend(OrchestratorBackend):
             if "seccomp_restrictive" in str(exc):
                 hints.append("install a seccomp profile on the nodes and name it in [orchestrator] "
                              "seccomp_localhost_profile")
+            if "network_allowlist" in str(exc) or "secret_injection" in str(exc):
+                hints.append("a NetworkPolicy cannot name hosts, and no in-cluster egress gateway checks names "
+                             "per sandbox yet: use --network none, or open (never metadata, link-local or "
+                             "[orchestrator] cluster_cidrs)")
             if hints:
                 exc.hint = "; ".join(hints)
             raise
@@ -215,8 +221,10 @@ class KubernetesBackend(OrchestratorBackend):
         api = self._api()
         refs = self._owner_refs(ns)
         # the NetworkPolicy exists before the pod does, so the pod never has a moment without it
-        npol = km.network_policy(name=name, namespace=ns, network=spec.policy.network, labels=labels,
-                                 annotations=annotations, owner_refs=refs)
+        from ..spec import network_mode
+
+        npol = km.network_policy(name=name, namespace=ns, mode=network_mode(spec.policy), labels=labels,
+                                 annotations=annotations, owner_refs=refs, settings=self.settings)
         await api.request("POST", self._path("networkpolicies", ns=ns), body=npol)
         try:
             body = km.pod(spec, self.settings, name=name, namespace=ns, labels=labels, annotations=annotations,

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ..config import orchestrator_settings
-from ..errors import InvalidState, SandboxError, ValidationError
+from ..errors import InvalidState, PolicyNotEnforceable, SandboxError, ValidationError
 from ..spec import DEFAULT_TMPFS_MB, SandboxSpec
 from . import _remote_exec, _tarstream
 from ._orchestrator import OrchestratorBackend
@@ -49,10 +49,16 @@ from .base import (
 TASK = "sandbox"
 GROUP = "sandbox"
 IDLE_ARGS = ["-c", "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"]
-DOCKER_CONTROLS = {"network_none", "network_full", "read_only_root", "memory", "cpu", "pids", "disk_tmpfs",
+# Network: only ``none`` (group network mode none, docker network_mode none). Nomad's bridge/host modes
+# filter nothing on the way out, so a task could reach cloud metadata, the node and other allocations:
+# open and allowlist are refused (fail closed) until a CNI egress filter joined to the gateway exists.
+DOCKER_CONTROLS = {"network_none", "read_only_root", "memory", "cpu", "pids", "disk_tmpfs",
                    "seccomp_default", "cap_drop_all", "no_new_privileges", "non_root", "env"}
-EXEC_CONTROLS = {"network_none", "network_full", "memory", "cpu", "cap_drop_all", "no_new_privileges", "non_root",
+EXEC_CONTROLS = {"network_none", "memory", "cpu", "cap_drop_all", "no_new_privileges", "non_root",
                  "env", "seccomp_default"}
+NETWORK_HINT = ("Nomad's bridge and host networks filter no egress (cloud metadata, the node and other "
+                "allocations would be reachable): use --network none, or a backend that enforces egress "
+                "(podman, docker, oci, gvisor; kubernetes for open)")
 META_SPEC = "agentkernel.spec"
 META_POOL = "agentkernel.pool"
 VAR_PREFIX = "agentkernel/claims"
@@ -91,7 +97,12 @@ class NomadBackend(OrchestratorBackend):
         return set(DOCKER_CONTROLS if self.settings["nomad_driver"] == "docker" else EXEC_CONTROLS)
 
     def check(self, spec: SandboxSpec) -> None:
-        check_policy(spec, Capabilities(self.controls()), self.name)
+        try:
+            check_policy(spec, Capabilities(self.controls()), self.name)
+        except PolicyNotEnforceable as exc:
+            if "network_" in str(exc) or "secret_injection" in str(exc):
+                exc.hint = NETWORK_HINT
+            raise
 
     def planned_handle(self, sandbox_id: str) -> dict[str, Any]:
         return {}  # remove() by id alone finds its job, or the pool member it claimed

@@ -36,7 +36,7 @@ class PodmanBackend(AgentContainerBackend, OneShot):
     options_allowed: ClassVar[tuple[str, ...]] = ("volumes",)
 
     # extra flags for every create/run (the gVisor subclass adds its runtime here)
-    def runtime_args(self) -> list[str]:
+    def runtime_args(self, plan: Any = None) -> list[str]:
         return []
 
     # -- host checks --
@@ -87,13 +87,13 @@ class PodmanBackend(AgentContainerBackend, OneShot):
         return proc.returncode or 0, o, e
 
     async def _engine_create(self, plan: _container.ContainerPlan) -> str:
-        args = ["create", *self.runtime_args(), *_container.podman_args(plan), plan.image, *plan.cmd]
+        args = ["create", *self.runtime_args(plan), *_container.podman_args(plan), plan.image, *plan.cmd]
         _, out, _ = await self._podman(*args)
         return out.strip()
 
     async def _engine_run_detached(self, plan: _container.ContainerPlan) -> str:
         # one podman process instead of two (create + start): a podman CLI start costs ~50 ms of CPU
-        args = ["run", "-d", *self.runtime_args(), *_container.podman_args(plan), plan.image, *plan.cmd]
+        args = ["run", "-d", *self.runtime_args(plan), *_container.podman_args(plan), plan.image, *plan.cmd]
         _, out, _ = await self._podman(*args)
         return out.strip()
 
@@ -130,7 +130,7 @@ class PodmanBackend(AgentContainerBackend, OneShot):
 
     # -- one-shot, synchronous (the CLI's daemon-less path) --
     def oneshot_command(self, plan: _container.ContainerPlan) -> list[str]:
-        return [self.binary, "run", "--rm", *self.runtime_args(), *_container.podman_args(plan), plan.image,
+        return [self.binary, "run", "--rm", *self.runtime_args(plan), *_container.podman_args(plan), plan.image,
                 *plan.cmd]
 
     def run_oneshot(self, spec, argv: list[str], stdio, timeout: float | None, *, sandbox_id: str,

@@ -26,6 +26,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import time
@@ -65,9 +66,11 @@ QEMU_CONTROLS = {
     "no_new_privileges",
     "non_root",            # the agent switches to policy.user per command
     "env",
+    "read_only_root",      # the guest remounts its root read-only; /tmp and the workdir become tmpfs
+    "disk_tmpfs",          # ... of disk_mb MiB each (default DEFAULT_TMPFS_MB)
 }
 BOOT_TIMEOUT = 90.0  # TCG on a busy 2-core host: a cold boot takes ~3 s, allow for contention
-TEMPLATE_VERSION = "1"
+TEMPLATE_VERSION = "2"  # 2: RAM in a file mapped by the clones, warmed before the save
 DEFAULT_MEMORY_MB = 256
 
 
@@ -90,6 +93,13 @@ def templates_dir() -> str:
     d = os.path.join(vm_dir(), "templates")
     os.makedirs(d, mode=0o700, exist_ok=True)
     return d
+
+
+def snapshot_dir(snapshot_id: str) -> str:
+    """Where the memory snapshot ``snapshot_id`` (taken of a running sandbox) lives."""
+    if not snapshot_id or len(snapshot_id) > 64 or not all(c in "0123456789abcdef" for c in snapshot_id):
+        raise ConfigError(f"qemu option restore must be a snapshot id (hex), got {snapshot_id!r}")
+    return os.path.join(_data_dir("snapshots"), snapshot_id)
 
 
 def _inside(path: str, base: str) -> bool:
@@ -169,6 +179,10 @@ class GuestPlan:
             init += ["--user", f"{self.uid}:{self.gid}"]
         if res.pids is not None:
             init += ["--pids", str(int(res.pids))]
+        if pol.read_only_root:
+            from ..spec import DEFAULT_TMPFS_MB
+
+            init += ["--readonly", str(int(res.disk_mb or DEFAULT_TMPFS_MB))]
         self.cmdline = " ".join([
             "console=ttyS0", "reboot=k", "panic=-1", "quiet", "loglevel=4", "i8042.nokbd", "i8042.noaux",
             "i8042.nopnp", "i8042.dumbkbd", "pci=off", "tsc_early_khz=2600000", "tsc=reliable",
@@ -187,7 +201,10 @@ class GuestPlan:
             [TEMPLATE_VERSION, self.guest["key"], self.accel, self.memory_mb, self.vcpus, self.cmdline,
              _qemu_stamp()]).encode()).hexdigest()[:16]
 
-    def argv(self, run_dir: str, disk: str, incoming: str | None = None) -> list[str]:
+    def argv(self, run_dir: str, disk: str, *, ram: str | None = None, incoming: bool = False) -> list[str]:
+        """QEMU's command line. ``ram``: the guest RAM is that file (a template's RAM: mapped shared while
+        the template is made, privately = copy-on-write by every clone restored from it, so a restore maps
+        the RAM instead of copying it). ``incoming``: restore the device state from fd 3."""
         from ..vm import guestimage
 
         k = self.guest["kernel"]
@@ -195,7 +212,7 @@ class GuestPlan:
         argv = [
             _qemu_binary(), "-name", f"agentkernel,process=ak-qemu-{os.path.basename(run_dir)}",
             "-M", "microvm,pit=on,pic=on,rtc=on,isa-serial=on", *cpu,
-            "-m", str(self.memory_mb), "-smp", str(self.vcpus),
+            "-m", f"{self.memory_mb}M", "-smp", str(self.vcpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", k["vmlinuz"], "-initrd", self.guest["initramfs"]["path"], "-append", self.cmdline,
             "-drive", f"id=root,file={disk},format=qcow2,if=none,cache=writeback,discard=unmap",
@@ -207,8 +224,15 @@ class GuestPlan:
             "-serial", f"file:{os.path.join(run_dir, 'console.log')}",
             "-pidfile", os.path.join(run_dir, "qemu.pid"),
         ]
-        if incoming:
-            argv += ["-incoming", f"exec:cat {incoming}"]
+        # the RAM is always the memory backend "ram", so that a snapshot of any VM restores into any other
+        if ram:
+            argv += ["-object", f"memory-backend-file,id=ram,size={self.memory_mb}M,mem-path={ram},"
+                                f"share={'off' if incoming else 'on'}"]
+        else:
+            argv += ["-object", f"memory-backend-ram,id=ram,size={self.memory_mb}M"]
+        argv += ["-machine", "memory-backend=ram"]
+        if incoming:  # started over QMP (migration capabilities first): see QemuBackend._restore
+            argv += ["-incoming", "defer"]
         return argv
 
 
@@ -246,6 +270,50 @@ def _tail(path: str, n: int = 800) -> str:
             return f.read().decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+def _clone_overlay(snap_dir: str, dest: str) -> None:
+    """A new, empty qcow2 overlay of ``snap_dir``'s frozen disk at ``dest``: a copy of a pristine overlay
+    made once per snapshot (``qemu-img create`` costs a process start, 70-190 ms on a busy host; a copy of
+    its ~200 KB result well under a millisecond). Overlays do not depend on their own path."""
+    from ..vm import guestimage
+
+    pristine = os.path.join(snap_dir, "overlay.qcow2")
+    if not os.path.exists(pristine):
+        tmp = f"{pristine}.{os.getpid()}.tmp"
+        guestimage.overlay(os.path.join(snap_dir, "disk.qcow2"), tmp, backing_format="qcow2")
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, pristine)
+    shutil.copyfile(pristine, dest)
+    os.chmod(dest, 0o600)
+
+
+def _rebase_onto_template(disk: str) -> None:
+    """Make ``disk`` (a qcow2 overlay) depend on nothing but the first template disk in its backing chain
+    (``qemu-img rebase`` copies in whatever the layers in between hold)."""
+    import subprocess
+
+    r = subprocess.run(["qemu-img", "info", "--backing-chain", "--output=json", "-U", disk], capture_output=True)
+    if r.returncode != 0:
+        raise SandboxError(f"qemu-img info {disk}: {r.stderr.decode(errors='replace').strip()}")
+    chain = json.loads(r.stdout)
+    tdir = os.path.realpath(templates_dir())
+    base = next((c["filename"] for c in chain[1:] if os.path.realpath(c["filename"]).startswith(tdir + os.sep)),
+                None)
+    if base is None or base == chain[0].get("backing-filename"):
+        return
+    r = subprocess.run(["qemu-img", "rebase", "-f", "qcow2", "-F", "qcow2", "-b", base, disk], capture_output=True)
+    if r.returncode != 0:
+        raise SandboxError(f"qemu-img rebase {disk}: {r.stderr.decode(errors='replace').strip()}")
+
+
+def _dig_holes(path: str) -> None:
+    """Punch a hole (``fallocate -d``) wherever ``path`` holds only zeros."""
+    import subprocess
+
+    r = subprocess.run(["fallocate", "--dig-holes", path], capture_output=True)
+    if r.returncode != 0:
+        raise SandboxError(f"fallocate --dig-holes {path}: {r.stderr.decode(errors='replace').strip()}")
 
 
 class PortTransport(Transport):
@@ -296,10 +364,22 @@ class QemuBackend(Backend, AgentAccess):
     name = "qemu"
     capabilities = Capabilities(QEMU_CONTROLS, {"exec", "files", "agent", "pool", "snapshot", "oneshot"},
                                 isolation="microVM (QEMU microvm, own guest kernel)")
-    options_allowed: ClassVar[tuple[str, ...]] = ("snapshot", "accel")
+    # restore=ID: start from the memory snapshot ID (take_memory_snapshot) instead of the image's template
+    options_allowed: ClassVar[tuple[str, ...]] = ("snapshot", "accel", "restore")
     # the benchmark's modes (suites/headline.py): a cold boot, and a restore from the snapshot
     bench_cold_args: ClassVar[tuple[str, ...]] = ("-o", "snapshot=off")
     bench_snapshot_args: ClassVar[tuple[str, ...]] = ("-o", "snapshot=on")
+
+    @classmethod
+    def bench_baselines(cls) -> list[dict[str, Any]]:
+        """The benchmark's raw row: QEMU restoring the same template by itself (``vm.rawrestore``)."""
+        from ..vm import rawrestore
+
+        label = "raw QEMU restore of the same template to a running guest (no CLI, no agent)"
+        avail = cls.probe()
+        if not avail.available:
+            return [{"name": "raw_qemu_restore", "label": label, "reason": avail.reason}]
+        return [{"name": "raw_qemu_restore", "label": label, "argv": rawrestore.baseline_argv()}]
 
     def __init__(self, options: dict[str, str] | None = None) -> None:
         super().__init__(options)
@@ -310,6 +390,9 @@ class QemuBackend(Backend, AgentAccess):
         if self.accel_opt not in ("auto", "kvm", "tcg"):
             raise ConfigError(f"qemu option accel must be auto, kvm or tcg, got {self.accel_opt!r}")
         self._plans: dict[str, tuple[float, GuestPlan]] = {}
+        self.restore_from = self.options.get("restore")
+        if self.restore_from is not None:
+            snapshot_dir(self.restore_from)  # a well-formed id
 
     async def _plan(self, spec) -> GuestPlan:
         """The guest plan of ``spec``, made once per backend object for a few seconds (a pool's refills
@@ -364,8 +447,8 @@ class QemuBackend(Backend, AgentAccess):
             hints = []
             if "cpu" in missing:
                 hints.append("use a whole number of vcpus")
-            if "disk_rootfs" in missing or "disk_tmpfs" in missing:
-                hints.append("unset disk_mb (the VM's disk has a fixed size)")
+            if "disk_rootfs" in missing:
+                hints.append("set read_only_root (writable paths become tmpfs capped at disk_mb) or unset disk_mb")
             if "mount_cwd" in missing:
                 hints.append("copy files in with cp instead of mount_cwd")
             if "network_full" in missing or "network_allowlist" in missing:
@@ -402,24 +485,30 @@ class QemuBackend(Backend, AgentAccess):
             return
         plan = await self._plan(ref.spec)
         disk = os.path.join(run_dir, "disk.qcow2")
-        incoming = None
+        tdir = None
         from ..vm import guestimage
 
         if not os.path.exists(disk):
-            if self.snapshot == "on":
+            if self.restore_from is not None:
+                tdir = snapshot_dir(self.restore_from)
+                if not os.path.exists(os.path.join(tdir, "state")):
+                    raise NotFound(f"no qemu memory snapshot {self.restore_from}")
+                _clone_overlay(tdir, disk)
+            elif self.snapshot == "on":
                 tdir = await self._template(plan)
-                await asyncio.to_thread(guestimage.overlay, os.path.join(tdir, "disk.qcow2"), disk,
-                                        backing_format="qcow2")
-                incoming = os.path.join(tdir, "state")
+                _clone_overlay(tdir, disk)
             else:
                 await asyncio.to_thread(guestimage.overlay, plan.guest["rootfs"]["path"], disk)
-        timings = await self._boot(plan, run_dir, disk, incoming)
+        timings = await self._boot(plan, run_dir, disk, tdir)
         meta.update({"state": "running", "timings": timings, "env": plan.env})
         _write_json(os.path.join(run_dir, "meta.json"), meta)
         ref.handle["timings"] = timings
 
-    async def _boot(self, plan: GuestPlan, run_dir: str, disk: str, incoming: str | None) -> dict:
-        """Start QEMU and wait for the agent; returns the phase timings (ms)."""
+    async def _boot(self, plan: GuestPlan, run_dir: str, disk: str, template: str | None, *,
+                    ram: str | None = None) -> dict:
+        """Start QEMU and wait for the agent; returns the phase timings (ms). ``template``: restore the
+        snapshot in that dir (its device state, its RAM file mapped copy-on-write) instead of booting;
+        ``ram``: the guest RAM is that (shared) file (a template being made)."""
         from ..agent.client import AgentClient
 
         for f in ("agent.sock", "qmp.sock", "qemu.pid"):
@@ -430,12 +519,22 @@ class QemuBackend(Backend, AgentAccess):
         t0 = time.perf_counter()
         # QEMU is not our child (a shell starts it in the background and exits): it belongs to no event
         # loop and leaves no zombie in a long-lived owner; the pid it prints is checked while booting
+        incoming = template is not None
+        if incoming:
+            ram = os.path.join(template, "ram")
+            if not os.path.exists(ram):
+                ram = None  # a snapshot of a running sandbox: its RAM is in the state stream
+        script = '"$@" </dev/null >>"$0" 2>&1 & echo $!'
+        if incoming:  # the device state on fd 3 (no cat, no pipe)
+            script = f'"$@" </dev/null >>"$0" 2>&1 3<{shlex.quote(os.path.join(template, "state"))} & echo $!'
         proc = await asyncio.create_subprocess_exec(
-            "/bin/sh", "-c", '"$@" </dev/null >>"$0" 2>&1 & echo $!', os.path.join(run_dir, "qemu.log"),
-            *plan.argv(run_dir, disk, incoming), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+            "/bin/sh", "-c", script, os.path.join(run_dir, "qemu.log"),
+            *plan.argv(run_dir, disk, ram=ram, incoming=incoming), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
         out, _ = await proc.communicate()
         qpid = int(out.strip() or 0)
+        if incoming:
+            await self._restore(run_dir, qpid, shared_ram=ram is not None)
         sock = os.path.join(run_dir, "agent.sock")
         deadline = time.monotonic() + BOOT_TIMEOUT
         t_proc = None
@@ -502,6 +601,41 @@ class QemuBackend(Backend, AgentAccess):
         finally:
             lock.close()
 
+    async def _restore(self, run_dir: str, qpid: int, *, shared_ram: bool) -> None:
+        """Load a template's device state (fd 3 of QEMU) into a QEMU started with ``-incoming defer``. With
+        the template's RAM file mapped, the stream holds no RAM (capability x-ignore-shared, which has to
+        match the side that saved it)."""
+        from ..vm.qmp import QMP
+
+        path = os.path.join(run_dir, "qmp.sock")
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while not os.path.exists(path):
+            if not _alive(qpid):
+                raise SandboxError(f"QEMU exited while starting: {_tail(os.path.join(run_dir, 'qemu.log'))}")
+            if time.monotonic() > deadline:
+                raise SandboxError("QEMU did not open its QMP socket")
+            await asyncio.sleep(0.001)
+        qmp = await QMP.connect(path)
+        try:
+            if shared_ram:
+                await qmp.cmd("migrate-set-capabilities",
+                              capabilities=[{"capability": "x-ignore-shared", "state": True}])
+            await qmp.cmd("migrate-incoming", uri="fd:3")
+        finally:
+            await qmp.close()
+
+    async def _warm_template(self, plan: GuestPlan, run_dir: str) -> None:
+        """Before the save: run what every clone's first command runs (the agent's fork/exec path, the
+        shell, echo) so that the guest's page cache, dentries and slabs in the snapshot already hold them."""
+        from ..agent.client import AgentClient
+
+        client = await AgentClient.connect(PortTransport(os.path.join(run_dir, "agent.sock")), timeout=10.0)
+        try:
+            for argv in (["true"], ["echo", "hello"], ["sh", "-c", "echo hello; cat /proc/self/stat >/dev/null"]):
+                await client.exec(argv, env=plan.env, cwd=plan.spec.workdir)
+        finally:
+            await client.close()
+
     async def _make_template(self, plan: GuestPlan, tdir: str) -> None:
         from ..vm import guestimage
         from ..vm.qmp import QMP
@@ -514,12 +648,16 @@ class QemuBackend(Backend, AgentAccess):
         try:
             disk = os.path.join(work, "disk.qcow2")
             await asyncio.to_thread(guestimage.overlay, plan.guest["rootfs"]["path"], disk)
-            timings = await self._boot(plan, work, disk, None)
+            timings = await self._boot(plan, work, disk, None, ram=os.path.join(work, "ram"))
+            await self._warm_template(plan, work)
             await asyncio.sleep(0.02)  # let the guest see the host session end before the save
             t0 = time.perf_counter()
             qmp = await QMP.connect(os.path.join(work, "qmp.sock"))
             try:
                 state = os.path.join(work, "state")
+                # the RAM stays in its file (shared mapping): the stream holds only the device state
+                await qmp.cmd("migrate-set-capabilities",
+                              capabilities=[{"capability": "x-ignore-shared", "state": True}])
                 await qmp.cmd("migrate", uri=f"exec:cat > {state}.part")
                 while True:
                     st = await qmp.cmd("query-migrate")
@@ -535,11 +673,16 @@ class QemuBackend(Backend, AgentAccess):
             finally:
                 await qmp.close()
             await kill_vm(work, grace=2.0)
+            ram = os.path.join(work, "ram")
+            # the guest zeroes what it frees (init_on_free): make those pages holes, so the file holds only
+            # the guest's live memory and a clone's read of a free page costs no disk read
+            await asyncio.to_thread(_dig_holes, ram)
             os.rename(f"{state}.part", state)
             os.chmod(disk, 0o444)
             _write_json(os.path.join(work, "meta.json"), {
                 "key": plan.template_key, "image": plan.spec.image, "boot": timings,
-                "save_ms": round((time.perf_counter() - t0) * 1e3, 1), "state_bytes": os.path.getsize(state)})
+                "save_ms": round((time.perf_counter() - t0) * 1e3, 1), "state_bytes": os.path.getsize(state),
+                "ram_bytes_allocated": os.stat(ram).st_blocks * 512})
             for f in ("agent.sock", "qmp.sock", "qemu.pid"):
                 try:
                     os.unlink(os.path.join(work, f))
@@ -550,6 +693,68 @@ class QemuBackend(Backend, AgentAccess):
             await kill_vm(work)
             shutil.rmtree(work, ignore_errors=True)
             raise
+
+    # -- memory snapshots of running sandboxes --
+    async def take_memory_snapshot(self, ref: SandboxRef) -> dict[str, Any]:
+        """Save the running VM (RAM + device state, with its disk as it is at that instant) as a new
+        snapshot; the VM goes on running. Returns ``{id, state_bytes, disk_bytes, pause_ms}``; a sandbox
+        started with option ``restore=<id>`` is a new VM with that memory: its processes still running."""
+        import uuid
+
+        from ..vm.qmp import QMP
+
+        run_dir = self._dir(ref)
+        if vm_pid(run_dir) is None:
+            from ..errors import InvalidState
+
+            raise InvalidState(f"sandbox {ref.spec.name or ref.id} is not running: a memory snapshot needs a "
+                               "running VM", hint=f"agentkernel start {ref.spec.name or ref.id}")
+        snap_id = uuid.uuid4().hex
+        final = snapshot_dir(snap_id)
+        work = f"{final}.part"
+        os.mkdir(work, 0o700)
+        try:
+            qmp = await QMP.connect(os.path.join(run_dir, "qmp.sock"))
+            try:
+                state = os.path.join(work, "state")
+                # the RAM goes into the stream (a clone's RAM is a private mapping, never a shared file)
+                await qmp.cmd("migrate-set-capabilities",
+                              capabilities=[{"capability": "x-ignore-shared", "state": False}])
+                t0 = time.perf_counter()
+                await qmp.cmd("migrate", uri=f"exec:cat > {shlex.quote(state)}")
+                while True:
+                    st = await qmp.cmd("query-migrate")
+                    if st.get("status") == "completed":
+                        break
+                    if st.get("status") in ("failed", "cancelled"):
+                        raise SandboxError(f"saving the VM snapshot failed: {st.get('error-desc', st)}")
+                    await asyncio.sleep(0.005)
+                try:  # paused with its disk flushed and closed: the disk as the RAM knows it
+                    await asyncio.to_thread(shutil.copyfile, os.path.join(run_dir, "disk.qcow2"),
+                                            os.path.join(work, "disk.qcow2"))
+                finally:
+                    await qmp.cmd("cont")
+                pause_ms = (time.perf_counter() - t0) * 1e3
+            finally:
+                await qmp.close()
+            if self.restore_from is not None or ref.spec.options.get("restore"):
+                # a copy of a restored sandbox: its disk sits on the other snapshot's disk; rebase it onto
+                # the template's, so that deleting that snapshot never breaks this one
+                await asyncio.to_thread(_rebase_onto_template, os.path.join(work, "disk.qcow2"))
+            os.chmod(os.path.join(work, "disk.qcow2"), 0o444)
+            info = {"id": snap_id, "state_bytes": os.path.getsize(state),
+                    "disk_bytes": os.stat(os.path.join(work, "disk.qcow2")).st_blocks * 512,
+                    "pause_ms": round(pause_ms, 1)}
+            _write_json(os.path.join(work, "meta.json"), {**info, "spec": ref.spec.to_dict(), "created": time.time()})
+            os.rename(work, final)
+            return info
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+    @staticmethod
+    def delete_memory_snapshot(snapshot_id: str) -> None:
+        shutil.rmtree(snapshot_dir(snapshot_id), ignore_errors=True)
 
     # -- agent access --
     async def _client(self, ref: SandboxRef):

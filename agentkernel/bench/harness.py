@@ -35,7 +35,7 @@ BENCH_LABEL = "agentkernel.bench-run"
 RUN_TIMEOUT_S = 120.0
 
 ALL_SUITES = ("headline", "phases", "baselines", "daemon", "throughput", "concurrency", "stress", "lifecycle",
-              "wasm", "orchestration", "speed", "soak", "live")
+              "wasm", "orchestration", "egress", "speed", "soak", "live")
 # a full run without --suite: everything but the soak (an hour by default: ask for it with --suite soak) and
 # live (N live sandboxes per backend; the speed suite measures it on the default backend)
 DEFAULT_SUITES = tuple(s for s in ALL_SUITES if s not in ("soak", "live"))
@@ -520,32 +520,28 @@ def _unique(items: list[str]) -> list[str]:
 
 
 def _cli_argv() -> list[str]:
-    """The installed console script next to this interpreter (what a user runs), else ``python -m``. A
-    launcher written for another checkout (a shared virtualenv) would time that checkout's code: then the
-    same launcher form (``python -S``) for the package that is running this code."""
+    """The installed console script next to this interpreter (what a user runs), else ``python -m``."""
     cand = os.path.join(os.path.dirname(sys.executable), "agentkernel")
-    if os.path.isfile(cand) and os.access(cand, os.X_OK):
-        if _launches_other_checkout(cand):
-            from .sustained import launcher_argv
-
-            return launcher_argv()
+    if os.path.isfile(cand) and os.access(cand, os.X_OK) and _runs_this_checkout(cand):
         return [cand]
     found = shutil.which("agentkernel")
-    if found:
+    if found and _runs_this_checkout(found):
         return [found]
     return [sys.executable, "-m", "agentkernel"]
 
 
-def _launches_other_checkout(path: str) -> bool:
-    import agentkernel
-
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(agentkernel.__file__)))
+def _runs_this_checkout(launcher: str) -> bool:
+    """A launcher written by scripts/setup.sh pins one checkout on sys.path; another worktree's bench
+    must not time that checkout's code (a shared virtualenv)."""
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        with open(path, "rb") as f:
-            head = f.read(1024).decode("utf-8", "replace")
+        with open(launcher, "rb") as f:
+            head = f.read(4096).decode(errors="replace")
     except OSError:
         return False
-    return "sys.path[0:0]" in head and repr(repo) not in head and f'"{repo}"' not in head
+    if "sys.path[0:0]" not in head:
+        return True
+    return f'"{here}"' in head or f"'{here}'" in head
 
 
 # ---- the bench's own daemon ---------------------------------------------------------------------------

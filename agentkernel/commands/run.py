@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from .. import termio
+from .. import paths, termio
 from ..backends import canonical, get_backend
 
 
@@ -21,7 +21,8 @@ def run(args, command: list[str]) -> int:
     spec = spec.replace(backend=canonical(spec.backend))
     if args.keep:
         return _run_keep(args, spec, command)
-    if not args.no_daemon and os.environ.get("AGENTKERNEL_NO_DAEMON", "") in ("", "0"):
+    if (not args.no_daemon and os.environ.get("AGENTKERNEL_NO_DAEMON", "") in ("", "0")
+            and os.path.exists(paths.daemon_socket())):  # no socket: no daemon (and no protocol imports)
         from . import daemon_client
 
         rc = daemon_client.try_run(spec, command, args.timeout)

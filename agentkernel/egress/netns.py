@@ -167,7 +167,11 @@ def _create_bridge(old: dict[str, Any] | None) -> dict[str, Any]:
     _run(["ip", "-batch", "-"], stdin=f"addr replace {gw}/{net.prefixlen} dev {bridge}\n"
                                        f"link set {bridge} up\n")
     _run(["nft", "-f", "-"], stdin=host_ruleset(tag, bridge, subnet, gw))
-    return {"bridge": bridge, "subnet": subnet, "gateway": gw, "tag": tag}
+    out = {"bridge": bridge, "subnet": subnet, "gateway": gw, "tag": tag}
+    from .sweep import register_installation
+
+    register_installation(out)
+    return out
 
 
 def host_ruleset(tag: str, bridge: str, subnet: str, gw: str) -> str:
@@ -213,6 +217,12 @@ def remove_bridge() -> None:
     _run(["nft", "delete", "table", "ip", t], check=False)
     _run(["nft", "delete", "table", "inet", t], check=False)
     os.unlink(path)
+    from .sweep import INSTALLATIONS
+
+    try:
+        os.unlink(os.path.join(INSTALLATIONS, f"{net['tag']}.json"))
+    except OSError:
+        pass
 
 
 # ---- per sandbox ------------------------------------------------------------------------------------

@@ -105,8 +105,29 @@ def _find_kernel_deb() -> str | None:
             raise BackendUnavailable(f"AGENTKERNEL_VM_KERNEL_DEB={env} is not a file")
         return env
     pat = "linux-image-[0-9]*-cloud-amd64_*_amd64.deb"
-    return _newest(glob.glob(os.path.join(vm_dir(), "debs", pat))) or _newest(
-        glob.glob(os.path.join("/var/cache/apt/archives", pat)))
+    own = _newest(glob.glob(os.path.join(vm_dir(), "debs", pat)))
+    if own:
+        return own
+    # apt's cache holds thousands of files: remember the answer until that directory changes
+    apt = "/var/cache/apt/archives"
+    try:
+        stamp = str(os.stat(apt).st_mtime_ns)
+    except OSError:
+        return None
+    memo = os.path.join(vm_dir(), "apt-kernel-deb.memo")
+    try:
+        with open(memo) as f:
+            seen, path = f.read().split("\n", 1)
+        if seen == stamp and (path == "" or os.path.isfile(path)):
+            return path or None
+    except (OSError, ValueError):
+        pass
+    path = _newest(glob.glob(os.path.join(apt, pat)))
+    tmp = f"{memo}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{stamp}\n{path or ''}")
+    os.replace(tmp, memo)
+    return path
 
 
 def _download_kernel_deb() -> str:

@@ -67,7 +67,7 @@ class Server:
 
 def start_server(tmp_dir: str, *, tokens: dict[str, str] | None = None, pool_min: int = 1, pool_max: int = 3,
                  extra_env: dict[str, str] | None = None, args: list[str] | None = None,
-                 port: int | None = None) -> Server:
+                 port: int | None = None, ready_timeout: float = 60) -> Server:
     _need_podman()
     port = port or free_port()
     env = dict(os.environ)
@@ -85,7 +85,7 @@ def start_server(tmp_dir: str, *, tokens: dict[str, str] | None = None, pool_min
                              "--pool-min", str(pool_min), "--pool-max", str(pool_max), *(args or [])],
                             stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=tmp_dir)
     srv = Server(proc, port, log_path)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + ready_timeout  # start-up scans every engine for orphans: slow on a busy host
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{srv.log()}")

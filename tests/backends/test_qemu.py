@@ -152,9 +152,42 @@ def test_policy_is_enforced_inside_the_guest(backend, vm):
 def test_fail_closed_for_what_it_cannot_enforce(backend):
     for spec, control in ((SPEC.replace(policy=SPEC.policy.replace(network=True)), "network_full"),
                           (SPEC.replace(policy=SPEC.policy.replace(mount_cwd=True)), "mount_cwd"),
-                          (SPEC.replace(resources=SPEC.resources.replace(vcpus=0.5)), "cpu")):
+                          (SPEC.replace(resources=SPEC.resources.replace(vcpus=0.5)), "cpu"),
+                          (SPEC.replace(resources=SPEC.resources.replace(disk_mb=64)), "disk_rootfs")):
         with pytest.raises(PolicyNotEnforceable, match=control):
             backend.check(spec)
+
+
+def test_read_only_root_with_tmpfs_capped_at_disk_mb(backend):
+    """read_only_root: the guest's root is remounted read-only (root inside the guest cannot write it
+    either); /tmp and the workdir are tmpfs of disk_mb MiB, the workdir owned by the sandbox's user."""
+    spec = SPEC.replace(policy=SPEC.policy.replace(read_only_root=True), resources=SPEC.resources.replace(disk_mb=8))
+    backend.check(spec)
+
+    async def go():
+        ref = await backend.create(spec, sandbox_id=owner.new_id("tq"), owner=owner.current_owner())
+        try:
+            await backend.start(ref)
+            out = []
+            for argv in (["sh", "-c", "touch /etc/x 2>&1; echo rc=$?"],
+                         ["sh", "-c", "echo a > /tmp/a && echo b > /workspace/b && cat /tmp/a /workspace/b"],
+                         ["sh", "-c", "stat -c '%U %a' /workspace; df -k /tmp /workspace | tail -2 | tr -s ' ' | "
+                                      "cut -d' ' -f2"],
+                         ["sh", "-c", "head -c 9000000 /dev/zero > /workspace/big 2>/dev/null; echo rc=$?"],
+                         ["sh", "-c", "grep ' / ' /proc/mounts | cut -d' ' -f4 | cut -d, -f1"]):
+                out.append((await backend.exec(ref, ExecRequest(argv))).stdout.decode())
+            return out
+        finally:
+            await backend.remove(ref)
+
+    ro, rw, sizes, big, opts = asyncio.run(go())
+    assert "Read-only file system" in ro and "rc=1" in ro, ro
+    assert rw == "a\nb\n"
+    owner_mode, tmp_kb, work_kb = sizes.split("\n")[:3]
+    assert owner_mode.split()[1] == "755" and owner_mode.split()[0] != "root", sizes
+    assert tmp_kb == work_kb == str(8 * 1024), sizes
+    assert big.strip() == "rc=1"  # the cap holds
+    assert opts.strip() == "ro"
 
 
 def test_one_shot_runs_restore_a_snapshot_and_share_nothing(tmp_path):
@@ -231,3 +264,78 @@ def test_sigkill_of_the_owner_is_reaped_by_the_next_command(tmp_path):
     assert r.returncode == 0, r.stderr.decode()
     assert not any(os.path.exists(os.path.join(sandboxes_dir(), d)) for d in left)
     assert not any(vm_pid(os.path.join(sandboxes_dir(), d)) for d in left)
+
+
+@pytest.mark.timeout(900)  # a server start-up (orphan scan of every engine), four VMs, two snapshots
+def test_api_snapshots_hold_the_running_memory(tmp_path):
+    """The API's snapshot routes on qemu: take = RAM + device state + disk of the running VM (which goes on
+    running), restore = a new VM from it with the processes still running. A background counter started
+    before the snapshot is alive in the restored sandbox and keeps counting there, while the original goes
+    on counting on its own; each has its own disk."""
+    import httpx
+
+    from tests.api.api_helpers import start_server
+
+    srv = start_server(str(tmp_path), tokens={"t": "qemu-snap-token-0123456789ab"}, pool_min=0, pool_max=1,
+                       extra_env={"AGENTKERNEL_BACKEND": "qemu"}, ready_timeout=300)
+    h = {"Authorization": "Bearer qemu-snap-token-0123456789ab"}
+
+    def call(method, path, **kw):
+        r = httpx.request(method, srv.url + path, headers=h, timeout=180, **kw)
+        assert r.status_code < 300, (r.status_code, r.text, srv.log())
+        return r.json()["data"]
+
+    def sh(name, script):
+        return call("POST", f"/sandboxes/{name}/exec", json={"command": ["sh", "-c", script]})
+
+    def count(name):
+        return int(sh(name, "cat /workspace/counter")["stdout"].strip())
+
+    try:
+        call("POST", "/sandboxes", json={"name": "snapsrc", "backend": "qemu"})
+        # the counter is replaced atomically (rename), so a reader never sees it truncated
+        sh("snapsrc", "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /workspace/c.tmp; "
+           "mv /workspace/c.tmp /workspace/counter; sleep 0.1; done' "
+           ">/dev/null 2>&1 </dev/null & echo $! > /workspace/counter.pid; echo before > /workspace/mark")
+        deadline = time.monotonic() + 60
+        while count("snapsrc") < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        before_snapshot = count("snapsrc")
+        snap = call("POST", "/snapshots", json={"sandbox": "snapsrc", "name": "live"})
+        assert snap["kind"] == "memory" and snap["backend"] == "qemu" and snap["state_bytes"] > 0, snap
+        assert {s["name"] for s in call("GET", "/snapshots")} == {"live"}
+        sh("snapsrc", "echo after > /workspace/mark")  # the original goes on, apart from the snapshot
+        restored = call("POST", "/snapshots/live/restore", json={"as_name": "snapcopy"})
+        assert restored["name"] == "snapcopy"
+        # the counter process is there, the same pid, and still counting in the new VM
+        pid = sh("snapcopy", "cat /workspace/counter.pid")["stdout"].strip()
+        assert sh("snapcopy", f"kill -0 {pid} && echo alive")["stdout"] == "alive\n"
+        first = count("snapcopy")
+        assert first >= before_snapshot
+        time.sleep(1.0)
+        assert count("snapcopy") > first
+        assert sh("snapcopy", "cat /workspace/mark")["stdout"] == "before\n"  # the disk as it was
+        assert sh("snapsrc", "cat /workspace/mark")["stdout"] == "after\n"
+        assert count("snapsrc") > before_snapshot  # the original kept running
+        # a snapshot of the copy outlives the snapshot the copy came from (its disk is rebased)
+        sh("snapcopy", "echo second > /workspace/mark2")
+        call("POST", "/snapshots", json={"sandbox": "snapcopy", "name": "live2"})
+        call("DELETE", "/sandboxes/snapcopy")
+        call("DELETE", "/snapshots/live")
+        call("POST", "/snapshots/live2/restore", json={"as_name": "snapcopy2"})
+        assert sh("snapcopy2", "cat /workspace/mark /workspace/mark2")["stdout"] == "before\nsecond\n"
+        first = count("snapcopy2")
+        time.sleep(1.0)
+        assert count("snapcopy2") > first
+        call("DELETE", "/sandboxes/snapcopy2")
+        call("DELETE", "/snapshots/live2")
+        assert call("GET", "/snapshots") == []
+        from agentkernel.backends.qemu import _data_dir
+
+        assert os.listdir(_data_dir("snapshots")) == []
+    finally:
+        for name in ("snapsrc", "snapcopy", "snapcopy2"):
+            httpx.delete(f"{srv.url}/sandboxes/{name}", headers=h, timeout=120)
+        for snap in ("live", "live2"):
+            httpx.delete(f"{srv.url}/snapshots/{snap}", headers=h, timeout=60)
+        srv.stop()

@@ -134,20 +134,6 @@ def test_member_chain_and_mounts_from(tmp_path):
         outer.wait()
 
 
-def test_a_launcher_of_another_checkout_is_not_what_the_bench_times(tmp_path):
-    import os
-
-    import agentkernel
-    from agentkernel.bench.harness import _launches_other_checkout
-
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(agentkernel.__file__)))
-    other, mine = tmp_path / "other", tmp_path / "mine"
-    other.write_text('#!/x/python -S\nimport sys\nsys.path[0:0] = ["/elsewhere", "/x/site"]\n')
-    mine.write_text(f'#!/x/python -S\nimport sys\nsys.path[0:0] = ["{repo}", "/x/site"]\n')
-    assert _launches_other_checkout(str(other)) and not _launches_other_checkout(str(mine))
-    assert not _launches_other_checkout(str(tmp_path / "absent"))
-
-
 def test_leak_cells_split_this_runs_leaks_from_the_unattributed_rest():
     doc = _doc()
     doc["leak_checks"] = [{"label": "soak oci", "clean": False, "leak_count": 3, "attributed_count": 0, "leaks": [

@@ -164,8 +164,18 @@ def test_lifecycle_stop_start_remove_and_policy_first(kube):
     run(go())
 
 
-def test_network_allowed_has_no_egress_rule(kube):
-    b = KubernetesBackend(kube.options())
+def _validate(obj: dict) -> None:
+    """The real Kubernetes OpenAPI schema, strict (unknown fields are errors)."""
+    from .test_deploy_manifests import validate
+
+    validate(obj)
+
+
+def test_open_network_maps_to_networkpolicy_without_metadata_or_cluster(kube):
+    """Open mode: egress to every address except metadata, link-local, loopback, multicast and the cluster's
+    ranges, plus DNS to kube-dns; ingress denied. The object the cluster (or emulator) stored is checked
+    against the real schema."""
+    b = KubernetesBackend(kube.options(cluster_cidrs="10.0.0.0/8,172.16.0.0/12,fd00:10::/64"))
 
     async def go():
         try:
@@ -176,8 +186,51 @@ def test_network_allowed_has_no_egress_rule(kube):
         finally:
             await b.aclose()
 
-    assert run(go())["spec"]["policyTypes"] == ["Ingress"]
+    npol = run(go())
+    for k in ("resourceVersion", "uid", "creationTimestamp", "managedFields", "generation"):
+        npol["metadata"].pop(k, None)
+    npol.pop("status", None)
+    _validate(npol)
+    sp = npol["spec"]
+    assert sp["policyTypes"] == ["Ingress", "Egress"] and sp["ingress"] == []
+    v4, v6 = (r["ipBlock"] for r in sp["egress"][0]["to"])
+    assert v4["cidr"] == "0.0.0.0/0" and v6["cidr"] == "::/0"
+    for net in ("169.254.0.0/16", "168.63.129.16/32", "100.100.100.200/32", "127.0.0.0/8", "10.0.0.0/8",
+                "172.16.0.0/12"):
+        assert net in v4["except"], v4
+    assert "fd00:ec2::254/128" in v6["except"] and "fe80::/10" in v6["except"] and "fd00:10::/64" in v6["except"]
+    assert "192.168.0.0/16" not in v4["except"]  # cluster_cidrs replaces the default private ranges
+    dns = sp["egress"][1]
+    assert dns["ports"] == [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
+    assert dns["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
 
+
+def test_network_policy_objects_validate_for_every_mode():
+    """The mapping itself, per mode, against the real schema (no cluster needed); allowlist has none."""
+    from agentkernel.backends import _kube_manifest as km
+
+    for mode, settings in (("none", {}), ("open", {}), ("open", {"cluster_cidrs": []})):
+        obj = km.network_policy(name="ak-x", namespace="agentkernel", mode=mode, labels={"a": "b"},
+                                settings=settings)
+        _validate(obj)
+    assert km.network_policy(name="ak-x", namespace="ns", mode="none", labels={})["spec"]["egress"] == []
+    default = km.egress_rules("open", {})[0]["to"][0]["ipBlock"]["except"]
+    assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"} <= set(default)
+    assert km.egress_rules("allowlist", {}) is None
+    with pytest.raises(ValueError, match="allowlist"):
+        km.network_policy(name="ak-x", namespace="ns", mode="allowlist", labels={})
+
+
+def test_allowlist_and_secrets_refused_with_the_reason(kube):
+    from agentkernel.errors import ConfigError, PolicyNotEnforceable
+
+    b = KubernetesBackend(kube.options())
+    for pol in ({"network": True, "network_allow": ["api.example.com"]},):
+        with pytest.raises(PolicyNotEnforceable, match="network_allowlist") as ei:
+            b.check(spec(**pol))
+        assert "NetworkPolicy cannot name hosts" in (ei.value.hint or "")
+    with pytest.raises(ConfigError, match="cluster_cidrs"):
+        KubernetesBackend(kube.options(cluster_cidrs="10.0.0.1/8"))
 
 def test_readiness_errors_are_clear(kube):
     b = KubernetesBackend(kube.options(ready_timeout_s="60"))

@@ -129,3 +129,16 @@ def test_pool_dispatch_and_claim_race(nomad):
             await b.aclose()
 
     asyncio.run(go())
+
+
+def test_network_open_and_allowlist_refused_fail_closed(nomad):
+    """Nomad's networks filter no egress: open and allowlist are refused with the reason, nothing is created."""
+    from agentkernel.errors import PolicyNotEnforceable
+
+    b = NomadBackend(nomad.options())
+    for pol, ctl in (({"network": True}, "network_full"),
+                     ({"network": True, "network_allow": ["api.example.com"]}, "network_allowlist")):
+        s = SandboxSpec(backend="nomad", image=IMAGE, policy=Policy(**pol))
+        with pytest.raises(PolicyNotEnforceable, match=ctl) as ei:
+            b.check(s)
+        assert "filter no egress" in (ei.value.hint or "")

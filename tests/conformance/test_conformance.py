@@ -203,9 +203,6 @@ def test_oom_is_reported(target):
     if target.name.startswith("gvisor") or target.options.get("runtime") == "runsc":
         pytest.xfail("gVisor's Sentry enforces memory itself and kills with SIGKILL: the host sees no cgroup "
                      "OOM kill, so the OOM is reported as a plain signal 9 (known gap)")
-    if target.name == "qemu":
-        pytest.xfail("qemu: an OOM kill inside the guest comes back as a plain signal 9 (the in-guest agent does "
-                     "not report the guest's OOM killer yet; found by this suite, for the microVM backend's owner)")
     memory = "256" if target.entry.isolation == "vm" else "64"  # a guest kernel needs room to boot
     if target.posix:
         r = target.run("sh", "-c", "a=xxxxxxxxxxxxxxxx; while :; do a=$a$a; done", extra=("--memory", memory))

@@ -28,8 +28,8 @@ DENY = frozenset({
 # A runtime dir of our own: another test's SIGKILLed owner in the shared journal would make the next command
 # reap it (which legitimately imports asyncio), and that is not what these tests measure.
 _RUNTIME = tempfile.mkdtemp(prefix="ak-hotpath-")
-LAUNCHER = ("import sys; sys.path[0:0] = [{repo!r}, {site!r}]; from agentkernel.cli import main; "
-            "sys.exit(main())")
+LAUNCHER = ("import sys; sys.path[0:0] = [{repo!r}, {site!r}]; from agentkernel.cli import entry; "
+            "entry()")
 
 
 def imported(*args: str, env: dict | None = None, allow: frozenset[str] = frozenset()) -> set[str]:
