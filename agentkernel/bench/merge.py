@@ -63,6 +63,7 @@ def merge(docs: list[dict[str, Any]]) -> dict[str, Any]:
     out["run_id"] = f"{docs[0]['run_id']}+{len(docs) - 1}"
     out["date"] = docs[0]["date"]
     out["duration_s"] = round(sum(d.get("duration_s") or 0 for d in docs), 3)
+    out["machine"] = copy.deepcopy(docs[-1]["machine"])  # the newest description of the machine
     out["machine"]["loadavg_start"] = docs[0]["machine"].get("loadavg_start")
     out["machine"]["loadavg_end"] = docs[-1]["machine"].get("loadavg_end")
     out["git"] = {"commit": docs[-1]["git"].get("commit"), "dirty": any(d["git"].get("dirty") for d in docs)}

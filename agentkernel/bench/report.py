@@ -161,19 +161,25 @@ def _header(d: _Doc, for_docs: bool, json_name: str | None) -> list[str]:
                 "same run; a JSON copy of the run lands in `benchmark-results/`. How each number is measured: "
                 "[benchmark-method.md](benchmark-method.md).)", ""]
     commit = (git.get("commit") or "unknown")[:12] + (" (dirty)" if git.get("dirty") else "")
+    runs = cfg.get("merged_from") or []
+    if runs:
+        when = (f"- **Dates**: {runs[0]['date']} to {runs[-1]['date']} ({len(runs)} runs, listed below with each "
+                f"one's duration, load and commit); newest commit `{commit}`")
+        load = ("- **Load average**: per run, below (a shared or busy machine makes every absolute number noisy; "
+                "the ratios are measured interleaved and hold up better)")
+    else:
+        when = f"- **Date**: {doc['date']}; run `{doc['run_id']}`; {doc.get('duration_s') or 0:.0f} s; git `{commit}`"
+        load = (f"- **Load average** at start {mach.get('loadavg_start')}, at end {mach.get('loadavg_end')} "
+                f"(a shared or busy machine makes every absolute number noisy; the ratios are measured interleaved "
+                "and hold up better)")
     out += [f"- **Machine**: {short_label(mach)}; {mach.get('os')}; virtualization: {mach.get('virtualization')}; "
-            f"cgroups {mach.get('cgroup')}",
-            f"- **Date**: {doc['date']}; run `{doc['run_id']}`; {doc.get('duration_s') or 0:.0f} s; git `{commit}`",
-            f"- **Load average** at start {mach.get('loadavg_start')}, at end {mach.get('loadavg_end')} "
-            f"(a shared or busy machine makes every absolute number noisy; the ratios are measured interleaved "
-            "and hold up better)",
+            f"cgroups {mach.get('cgroup')}", when, load,
             "- **Versions**: " + ", ".join(f"{k} {v}" for k, v in ver.items() if v and k != "python_executable"),
             f"- **Settings**: {cfg.get('iterations')} measured runs per command after {cfg.get('warmup')} warm-up "
             f"runs{' (--quick)' if cfg.get('quick') else ''}; suites: {', '.join(cfg.get('suites', []))}",
             "- Latencies are medians (p50) of per-run samples, each a new process from spawn to exit with its "
             "output checked; the reference column is the reference's published number on its own hardware "
             "(AMD EPYC 16 cores / M3 Pro): compare ratios, not absolutes."]
-    runs = cfg.get("merged_from") or []
     if runs:
         out.append(f"- **Combined from {len(runs)} runs** on this machine (each figure below comes from the run "
                    "that measured its suite; the load is the 1/5/15-minute load average at its start and end):")
@@ -468,7 +474,8 @@ def _daemon(d: _Doc) -> list[str]:
 def leak_cell(d: _Doc, label: str, summary: dict[str, Any]) -> str:
     """A leak check in one cell: leaks attributed to the run, and the unattributed rest by category (on a
     shared machine, mostly other users' resources that came and went)."""
-    lc = next((x for x in d.doc.get("leak_checks", []) if x.get("label") == label), None)
+    # the newest check of that label (results from several runs: the later run's result is the one shown)
+    lc = next((x for x in reversed(d.doc.get("leak_checks", [])) if x.get("label") == label), None)
     if lc is None:
         return "clean" if summary.get("clean") else f"{summary.get('leak_count', NA)} leaked"
     if lc["clean"]:
@@ -760,7 +767,7 @@ def _soak_trends(r: dict[str, Any]) -> list[str]:
             continue
 
         def f(v: float, k: float = k) -> str:
-            return f"{v * k:.3g}"
+            return f"{v * k:,.0f}" if abs(v * k) >= 100 else f"{v * k:.3g}"
 
         rows.append([label, f"{f(t['first'])} -> {f(t['last'])} {unit}".rstrip(),
                      f"{f(t['min'])}-{f(t['max'])} {unit}".rstrip()])
@@ -791,7 +798,7 @@ def _soak(d: _Doc) -> list[str]:
                  f"{round((before.get('vmrss') or 0) / 1024, 1)} -> {round((after.get('vmrss') or 0) / 1024, 1)} MiB, "
                  f"{before.get('fds', NA)} -> {after.get('fds', NA)} fds"]]
         out += [f"### {b}", "", *_table(["Duration", "Concurrent", "Ops", "Success", "p50 / p95 / p99",
-                                         "Hit rate (per s)", "Leaked", "Daemon RSS, fds"], rows), ""]
+                                         "Hit rate (per sample)", "Leaked", "Daemon RSS, fds"], rows), ""]
         out += _soak_trends(r)
         if r.get("errors"):
             out += ["First errors: " + "; ".join(f"`{e[:160]}`" for e in r["errors"][:3]), ""]
@@ -800,8 +807,8 @@ def _soak(d: _Doc) -> list[str]:
     return ["## Soak: mixed run/exec/cp under sustained load", "",
             "Runs over one multiplexed daemon connection, exec and file copy (write + read back) in one named "
             "sandbox; the leak check covers containers, runtime state, cgroups, mounts, processes, journal "
-            "entries, run dirs, store rows and temp dirs. The chart `soak` plots throughput, latency and the "
-            "pool's hit rate per second.", "", *out]
+            "entries, run dirs, store rows and temp dirs. The chart `soak` plots throughput, latency, the "
+            "pool's hit rate, the daemon's RSS and fds and the machine's load over time.", "", *out]
 
 
 def _floors(d: _Doc) -> list[str]:

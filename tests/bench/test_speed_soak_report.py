@@ -53,6 +53,7 @@ def test_speed_and_soak_sections():
     assert "45.0 runs/s, hit rate 0.95" in md
     assert md.count("**pass**") >= 4 and "**miss**" in md  # exec 900/s and oci cold 35 ms miss their goals
     assert "## Soak: mixed run/exec/cp under sustained load" in md and "0.97-0.97" in md
+    assert "Hit rate (per sample)" in md
     assert "48.8 -> 48.9 MiB, 12 -> 12 fds" in md
 
 
