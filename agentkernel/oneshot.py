@@ -43,9 +43,9 @@ def run_outcome(backend: Backend, spec: SandboxSpec, argv: list[str], stdio: Std
     ``sandbox_id``: a chosen id (tests watch its resources), else a fresh one. ``cli=False``: the caller is
     a long-lived process running this on a worker thread (``run_async``): no death watcher is forked
     (the claim is always released; a killed process's sandbox is reaped from the journal)."""
-    backend.check(spec)
     if not isinstance(backend, OneShot):
         return _run_async(backend, spec, argv, stdio, timeout)
+    backend.check(spec)
     sid = sandbox_id or owner.new_id("run")
     me = own or owner.current_owner()
     with _Claim(backend, sid, me, keep_on_error=cli):
@@ -60,9 +60,9 @@ async def run_async(backend: Backend, spec: SandboxSpec, req: ExecRequest, own: 
     audit around ``backend.run``. ``journal=False`` for backends whose runs live in this process only.
     ``start_gate`` (a semaphore: the daemon's start limiter) bounds the sandbox's create+start, not its
     command."""
-    backend.check(spec)
     if start_gate is None and journal and _fits_oneshot(backend, req):
-        return await _run_oneshot_threaded(backend, spec, req, own, via)
+        return await _run_oneshot_threaded(backend, spec, req, own, via)  # run_outcome checks the spec
+    backend.check(spec)
     sid = owner.new_id("run")
     if start_gate is None or backend.in_process:
         work = backend.run(spec, req, sandbox_id=sid, owner=own)

@@ -9,7 +9,7 @@ import os
 
 from . import owner
 from .backends import REGISTRY, get_backend_class
-from .backends.base import LABEL_NAME, LABEL_STORE, SandboxRef, owner_from_labels
+from .backends.base import LABEL_JOURNAL, LABEL_NAME, LABEL_STORE, SandboxRef, owner_from_labels
 from .spec import SandboxSpec
 
 
@@ -19,21 +19,24 @@ def scanned() -> list[str]:
 
 
 def _store_has(store_path: str, sandbox_id: str) -> bool:
-    """A named sandbox is kept while the store it belongs to still lists it."""
+    """A named sandbox is kept while the store it belongs to still lists it, or when that store cannot be
+    read without writing to it (another process's store is never created, migrated or touched)."""
     if not store_path or not os.path.exists(store_path):
         return False
-    import sqlite3
+    from .store import foreign_ids
 
-    from .store import Store
+    ids = foreign_ids(store_path)
+    return ids is None or sandbox_id in ids
 
-    try:
-        st = Store(store_path, readonly=True)  # never create or migrate another process's store
-        try:
-            return sandbox_id in st.ids()
-        finally:
-            st.close()
-    except sqlite3.Error:
-        return True  # a store we cannot read (busy, another schema): keep its sandboxes
+
+def _claimed_elsewhere(labels: dict[str, str], sandbox_id: str, own_journal: str) -> bool:
+    """Made from another runtime dir (another daemon, user or test session): its owner's journal, named on
+    the labels, decides. A live claim there wins over the labels; a journal we cannot read means the
+    resource is not ours to judge."""
+    journal = labels.get(LABEL_JOURNAL)
+    if not journal or os.path.abspath(journal) == own_journal:
+        return False
+    return owner.claimed_alive(journal, sandbox_id) is not False
 
 
 async def collect_orphans(seen: dict[str, set[str]] | None = None) -> list[tuple[str, object]]:
@@ -43,6 +46,7 @@ async def collect_orphans(seen: dict[str, set[str]] | None = None) -> list[tuple
     # a journal entry with a live owner wins over the labels (e.g. a pool member leased to a client that
     # outlived the daemon named in the member's labels)
     claimed = {(e.get("backend"), e.get("id")) for e in owner.entries() if not owner.is_dead(e.get("owner") or {})}
+    own_journal = owner.journal_path()
     for name in scanned():
         try:
             cls = get_backend_class(name)
@@ -60,17 +64,23 @@ async def collect_orphans(seen: dict[str, set[str]] | None = None) -> list[tuple
                 continue
             if (name, info.id) in claimed:
                 continue
-            if owner.is_dead(owner_from_labels(labels)):
+            if owner.is_dead(owner_from_labels(labels)) and not _claimed_elsewhere(labels, info.id, own_journal):
                 orphans.append((name, info))
     return orphans
 
 
 async def reap(dry_run: bool = False) -> list[str]:
+    """Remove every orphan (journal and full scan); ``dry_run`` only names them and removes nothing."""
     removed = []
-    owner.reap_dead()
+    if dry_run:
+        removed += [f"{e.get('backend')}:{e.get('id')}" for e in owner.dead_entries()]
+    else:
+        owner.reap_dead()
     seen: dict[str, set[str]] = {}
     orphans = await collect_orphans(seen)
     for name, info in orphans:
+        if f"{name}:{info.id}" in removed:
+            continue
         removed.append(f"{name}:{info.id}")
         if dry_run:
             continue

@@ -70,7 +70,6 @@ class AgentContainerBackend(Backend, AgentAccess):
                      start: bool = False) -> SandboxRef:
         """Create the container; with ``start`` also start it (one engine call where the engine has one,
         e.g. ``podman run -d``: the pool's refills use it) and wait for its agent."""
-        self.check(spec)
         agent = paths.agent_binary()
         if agent is None:
             raise BackendUnavailable(

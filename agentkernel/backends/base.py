@@ -342,7 +342,9 @@ class Backend(ABC):
         """Synchronous, quick: can this backend work on this host, and if not, exactly why."""
 
     def check(self, spec: SandboxSpec) -> None:
-        """Refuse specs this backend cannot honour (fail closed). Override to add backend rules."""
+        """Refuse specs this backend cannot honour (fail closed). Override to add backend rules. The core
+        runs it once, before anything of a spec is made (``manager`` for named sandboxes, ``oneshot`` for
+        runs, the daemon for pools); ``create``/``run``/``run_oneshot``/``start_pool`` do not repeat it."""
         check_policy(spec, self.capabilities, self.name)
 
     # -- lifecycle --
@@ -505,9 +507,14 @@ LABEL_OWNER_BOOT = "agentkernel.owner.boot"
 LABEL_OWNER_PID = "agentkernel.owner.pid"
 LABEL_OWNER_START = "agentkernel.owner.start"
 LABEL_STORE = "agentkernel.store"
+# The ownership journal of the process that made the resource (``paths.journal_path()``): a reaper working
+# from another runtime dir reads that journal before it judges the resource (``reap.collect_orphans``).
+LABEL_JOURNAL = "agentkernel.journal"
 
 
 def owner_labels(sandbox_id: str, owner: dict[str, Any], name: str | None = None) -> dict[str, str]:
+    from ..paths import journal_path
+
     labels = {
         LABEL_MANAGED: "true",
         LABEL_ID: sandbox_id,
@@ -515,6 +522,7 @@ def owner_labels(sandbox_id: str, owner: dict[str, Any], name: str | None = None
         LABEL_OWNER_BOOT: str(owner.get("boot", "")),
         LABEL_OWNER_PID: str(owner.get("pid", "")),
         LABEL_OWNER_START: str(owner.get("start", "")),
+        LABEL_JOURNAL: journal_path(),
     }
     if name:
         labels[LABEL_NAME] = name

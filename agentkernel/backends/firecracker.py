@@ -343,7 +343,6 @@ class FirecrackerBackend(Backend):
         if not v.ok:
             raise BackendUnavailable(f"firecracker cannot run a guest on this host: {v.reason}",
                                      hint="use --backend qemu (TCG) here, or a host with hardware KVM")
-        self.check(spec)
         self._binary()
         run_dir = os.path.join(sandboxes_dir(), sandbox_id)
         os.mkdir(run_dir, 0o700)

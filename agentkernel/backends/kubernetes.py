@@ -27,14 +27,13 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from ..config import orchestrator_settings
-from ..errors import BackendUnavailable, InvalidState, PolicyNotEnforceable, SandboxError, ValidationError
+from ..errors import BackendUnavailable, InvalidState, PolicyNotEnforceable, SandboxError
 from ..spec import SandboxSpec
 from . import _kube_manifest as km
-from . import _remote_exec, _tarstream
+from . import _remote_exec
 from ._orchestrator import OrchestratorBackend
 from .base import (
     LABEL_ID,
@@ -201,7 +200,6 @@ class KubernetesBackend(OrchestratorBackend):
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     async def create(self, spec: SandboxSpec, *, sandbox_id: str, owner: dict[str, Any]) -> SandboxRef:
-        self.check(spec)
         api, ns = self._api(), self.namespace
         await self._check_capacity()
         if await self._agent_sandbox_installed():
@@ -320,9 +318,7 @@ class KubernetesBackend(OrchestratorBackend):
     async def exec(self, ref: SandboxRef, req: ExecRequest) -> ExecResult:
         from ._kube_api import V4
 
-        if req.user and req.user != ref.spec.policy.user:
-            raise ValidationError(f"the kubernetes backend runs every command as the pod's user "
-                                  f"{ref.spec.policy.user}; cannot exec as {req.user}")
+        self._check_exec_user(ref, req, "the pod's")
         api = self._api()
         ns, pod = ref.handle.get("namespace") or self.namespace, await self._pod_of(ref)
         collector = OutputCollector(req.output_limit)
@@ -344,14 +340,6 @@ class KubernetesBackend(OrchestratorBackend):
                                   tty_size=req.tty_size)
 
         return await _remote_exec.run(start, req, collector, lambda r: self.exec(ref, r), ref)
-
-    # -- files ---------------------------------------------------------------------------------------------------
-    async def write_file(self, ref: SandboxRef, path: str, data: bytes | AsyncIterator[bytes],
-                         mode: int = 0o644) -> int:
-        return await _tarstream.write_file(lambda r: self.exec(ref, r), path, data, mode)
-
-    def read_file(self, ref: SandboxRef, path: str) -> AsyncIterator[bytes]:
-        return _tarstream.read_file(lambda r: self.exec(ref, r), path)
 
     # -- stop / remove / status / list ---------------------------------------------------------------------
     async def stop(self, ref: SandboxRef) -> None:
@@ -436,7 +424,6 @@ class KubernetesBackend(OrchestratorBackend):
     async def fill_pool(self, spec: SandboxSpec, size: int | None = None) -> int:
         """Create free pods until the spec's pool has ``size`` (default warm_pool_size); returns how many
         were created. Bounded by max_pool_size pods per pool."""
-        self.check(spec)
         api, ns = self._api(), self.namespace
         want = int(self.settings["warm_pool_size"] if size is None else size)
         key = spec.pool_key()

@@ -23,13 +23,12 @@ import asyncio
 import math
 import os
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from ..config import orchestrator_settings
-from ..errors import InvalidState, PolicyNotEnforceable, SandboxError, ValidationError
+from ..errors import InvalidState, PolicyNotEnforceable, SandboxError
 from ..spec import DEFAULT_TMPFS_MB, SandboxSpec
-from . import _remote_exec, _tarstream
+from . import _remote_exec
 from ._orchestrator import OrchestratorBackend
 from .base import (
     LABEL_ID,
@@ -179,7 +178,6 @@ class NomadBackend(OrchestratorBackend):
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     async def create(self, spec: SandboxSpec, *, sandbox_id: str, owner: dict[str, Any]) -> SandboxRef:
-        self.check(spec)
         await self._check_capacity()
         if int(self.settings["warm_pool_size"]) > 0:
             ref = await self.claim(spec, sandbox_id=sandbox_id, owner=owner)
@@ -259,9 +257,7 @@ class NomadBackend(OrchestratorBackend):
 
     # -- exec / files ---------------------------------------------------------------------------------------
     async def exec(self, ref: SandboxRef, req: ExecRequest) -> ExecResult:
-        if req.user and req.user != ref.spec.policy.user:
-            raise ValidationError(f"the nomad backend runs every command as the task's user {ref.spec.policy.user}; "
-                                  f"cannot exec as {req.user}")
+        self._check_exec_user(ref, req, "the task's")
         alloc = await self._alloc_of(ref)
         collector = OutputCollector(req.output_limit)
         argv = _remote_exec.wrap(req.argv, cwd=req.cwd or ref.spec.workdir, env=req.env, timeout=req.timeout)
@@ -270,13 +266,6 @@ class NomadBackend(OrchestratorBackend):
                                           tty=req.tty, tty_size=req.tty_size)
 
         return await _remote_exec.run(start, req, collector, lambda r: self.exec(ref, r), ref)
-
-    async def write_file(self, ref: SandboxRef, path: str, data: bytes | AsyncIterator[bytes],
-                         mode: int = 0o644) -> int:
-        return await _tarstream.write_file(lambda r: self.exec(ref, r), path, data, mode)
-
-    def read_file(self, ref: SandboxRef, path: str) -> AsyncIterator[bytes]:
-        return _tarstream.read_file(lambda r: self.exec(ref, r), path)
 
     # -- stop / remove / status / list ---------------------------------------------------------------------
     async def stop(self, ref: SandboxRef) -> None:
@@ -363,7 +352,6 @@ class NomadBackend(OrchestratorBackend):
         """Dispatch members until ``size`` (default warm_pool_size) are unclaimed; bounded by max_pool_size."""
         from ..owner import current_owner
 
-        self.check(spec)
         api = self._api()
         want = int(self.settings["warm_pool_size"] if size is None else size)
         pid = await self._ensure_template(spec)
@@ -413,6 +401,7 @@ def claim_var(job: str) -> str:
 
 def meta_keys() -> list[str]:
     from .base import (
+        LABEL_JOURNAL,
         LABEL_OWNER_BOOT,
         LABEL_OWNER_HOST,
         LABEL_OWNER_PID,
@@ -422,4 +411,4 @@ def meta_keys() -> list[str]:
     )
 
     return [LABEL_MANAGED, LABEL_ID, LABEL_NAME, LABEL_OWNER_HOST, LABEL_OWNER_BOOT, LABEL_OWNER_PID, LABEL_OWNER_START,
-            LABEL_STORE, META_POOL, *extra_labels()]
+            LABEL_STORE, LABEL_JOURNAL, META_POOL, *extra_labels()]

@@ -192,7 +192,6 @@ class OCIBackend(AgentContainerBackend, OneShot):
         ``sandbox_id`` under ``planned_handle``). Timeout: every process of the sandbox killed."""
         from .. import paths
 
-        self.check(spec)
         exe = rt.require_binary(self.runtime)
         watch = None
         proc = None
@@ -308,7 +307,6 @@ class OCIBackend(AgentContainerBackend, OneShot):
 
         from .. import paths
 
-        self.check(spec)
         agent = paths.agent_binary()
         if agent is None:
             raise BackendUnavailable(

@@ -459,7 +459,6 @@ class QemuBackend(Backend, AgentAccess):
 
     # -- lifecycle --
     async def create(self, spec, *, sandbox_id: str, owner: dict[str, Any]) -> SandboxRef:
-        self.check(spec)
         plan = await self._plan(spec)
         run_dir = os.path.join(sandboxes_dir(), sandbox_id)
         if len(os.path.join(run_dir, "agent.sock")) > 100:

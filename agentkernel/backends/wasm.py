@@ -504,7 +504,6 @@ class WasmBackend(Backend, OneShot, InstancePool):
                   owner: dict[str, Any]) -> ExecResult:
         """One-shot, in-process: a fresh (or pooled, never-used) instance, destroyed after the run."""
         t0 = time.perf_counter()
-        self.check(spec)
         if self._opts(spec).get("mode") == "hyperlight":
             return await self._run_hyperlight(req)
         plan = self._plan(spec, req, None)
@@ -519,7 +518,6 @@ class WasmBackend(Backend, OneShot, InstancePool):
         from ..wasm import runtime as rt
 
         t0 = time.perf_counter()
-        self.check(spec)
         if self._opts(spec).get("mode") == "hyperlight":
             raise ValidationError("mode=hyperlight has no synchronous path: use run()")
         if req.stdin is not None and not isinstance(req.stdin, bytes | bytearray | memoryview):
@@ -586,7 +584,6 @@ class WasmBackend(Backend, OneShot, InstancePool):
         module). ``run()`` then takes its instances from the pool."""
         from ..wasm.pool import InstancePool
 
-        self.check(spec)
         plan = self._plan(spec, ExecRequest([command]), None)
         key = plan.key()
         pool = self._pools.get(key)
@@ -630,7 +627,6 @@ class WasmBackend(Backend, OneShot, InstancePool):
     async def create(self, spec: SandboxSpec, *, sandbox_id: str, owner: dict[str, Any]) -> SandboxRef:
         from ..spec import validate_name
 
-        self.check(spec)
         validate_name(sandbox_id, "sandbox id")
         d = os.path.join(_sandboxes_dir(), sandbox_id)
         try:

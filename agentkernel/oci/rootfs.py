@@ -118,15 +118,11 @@ def _read_refs() -> dict:
 
 
 def _write_refs(update: dict) -> None:
-    import json
+    from .._fastjson import save
 
     refs = _read_refs()
     refs.update(update)
-    path = _refs_path()
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(refs, f)
-    os.replace(tmp, path)
+    save(_refs_path(), refs)  # with its marshal sidecar: the next run's lookup parses nothing
 
 
 def lookup_cached(image: str) -> ImageRootfs | None:

@@ -262,8 +262,13 @@ class MemoryWatch:
 
 
 def _v2_oom_kills(path: str) -> int:
+    return _oom_kill_line(os.path.join(path, "memory.events"))
+
+
+def _oom_kill_line(path: str) -> int:
+    """The ``oom_kill N`` line of a cgroup file (v2 memory.events, v1 memory.oom_control); 0 without one."""
     try:
-        with open(os.path.join(path, "memory.events")) as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith("oom_kill "):
                     return int(line.split()[1])
@@ -280,16 +285,7 @@ def container_oom_kills(sandbox_id: str) -> int:
     from .bundle import cgroup_rel
 
     path = os.path.join(mh[0], cgroup_rel(sandbox_id), "ctr")
-    if mh[1] == 2:
-        return _v2_oom_kills(path)
-    try:
-        with open(os.path.join(path, "memory.oom_control")) as f:
-            for line in f:
-                if line.startswith("oom_kill "):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
+    return _oom_kill_line(os.path.join(path, "memory.events" if mh[1] == 2 else "memory.oom_control"))
 
 
 def _write(path: str, text: str) -> None:

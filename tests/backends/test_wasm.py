@@ -723,8 +723,11 @@ def test_default_spec_accepted_and_restrictive_refused():
 
 
 def test_network_refused_on_run(aksh):
-    with pytest.raises(PolicyNotEnforceable):
-        run(["echo", "x"], spec=spec_of(policy={"network": True}))
+    from agentkernel import oneshot
+
+    with pytest.raises(PolicyNotEnforceable):  # the core checks, before the backend runs anything
+        asyncio.run(oneshot.run_async(WasmBackend(), spec_of(policy={"network": True}), ExecRequest(["echo", "x"]),
+                                      {}, journal=False))
 
 
 def test_read_only_root(aksh):

@@ -15,7 +15,7 @@ from agentkernel.errors import NotFound, SandboxError
 from agentkernel.owner import current_owner, new_id
 from agentkernel.spec import Policy, Resources, SandboxSpec
 
-from .conftest import IMAGE
+from .conftest import IMAGE, create_and_start, stop_start_remove
 
 pytestmark = [pytest.mark.wire, pytest.mark.timeout(180)]
 
@@ -150,14 +150,7 @@ def test_lifecycle_stop_start_remove_and_policy_first(kube):
                 r = await b.exec(ref, ExecRequest(["ls", "/sys/class/net"]))
                 assert r.stdout.split() == [b"lo"]
             assert sid in {i.id for i in await b.list()}
-            await b.stop(ref)
-            assert await b.status(ref) == "stopped"
-            await b.start(ref)
-            assert (await b.exec(ref, ExecRequest(["true"]))).exit_code == 0
-            await b.remove(ref)
-            assert await b.status(ref) == "missing"
-            await b.remove(ref)  # idempotent
-            assert sid not in {i.id for i in await b.list()}
+            await stop_start_remove(b, ref)
         finally:
             await b.aclose()
 
@@ -233,23 +226,14 @@ def test_allowlist_and_secrets_refused_with_the_reason(kube):
         KubernetesBackend(kube.options(cluster_cidrs="10.0.0.1/8"))
 
 def test_readiness_errors_are_clear(kube):
-    b = KubernetesBackend(kube.options(ready_timeout_s="60"))
-
-    async def attempt(s, **opts):
-        bb = KubernetesBackend(kube.options(ready_timeout_s="60", **opts))
-        ref = await bb.create(s, sandbox_id=new_id("bad"), owner=current_owner())
-        try:
-            await bb.start(ref)
-        finally:
-            await bb.remove(ref)
-            await bb.aclose()
+    def attempt(s, **opts):
+        run(create_and_start(KubernetesBackend(kube.options(ready_timeout_s="60", **opts)), s))
 
     s = SandboxSpec(backend="kubernetes", image="agentkernel/no-such-image", resources=Resources(pids=None))
     with pytest.raises(SandboxError, match="image cannot be pulled"):
-        run(attempt(s))
+        attempt(s)
     with pytest.raises(SandboxError, match="cannot be scheduled"):
-        run(attempt(spec(), node_selector="agentkernel.test/none=here"))
-    del b
+        attempt(spec(), node_selector="agentkernel.test/none=here")
 
 
 def test_streaming_output_and_streamed_stdin(sandbox):
