@@ -55,12 +55,13 @@ def run_outcome(backend: Backend, spec: SandboxSpec, argv: list[str], stdio: Std
 
 
 async def run_async(backend: Backend, spec: SandboxSpec, req: ExecRequest, own: dict[str, Any],
-                    *, journal: bool = True, via: str | None = None, start_gate: Any = None) -> ExecResult:
+                    *, journal: bool = True, via: str | None = None, start_gate: Any = None,
+                    phased: bool = False) -> ExecResult:
     """The asyncio one-shot (manager, daemon, in-process API): the same claim -> run -> release ->
     audit around ``backend.run``. ``journal=False`` for backends whose runs live in this process only.
     ``start_gate`` (a semaphore: the daemon's start limiter) bounds the sandbox's create+start, not its
-    command."""
-    if start_gate is None and journal and _fits_oneshot(backend, req):
+    command. ``phased``: never the one-shot path (the result carries each step's timing)."""
+    if start_gate is None and journal and not phased and _fits_oneshot(backend, req):
         return await _run_oneshot_threaded(backend, spec, req, own, via)  # run_outcome checks the spec
     backend.check(spec)
     sid = owner.new_id("run")

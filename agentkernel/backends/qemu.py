@@ -397,7 +397,12 @@ class QemuBackend(Backend, AgentAccess):
         avail = cls.probe()
         if not avail.available:
             return [{"name": "raw_qemu_restore", "label": label, "reason": avail.reason}]
-        return [{"name": "raw_qemu_restore", "label": label, "argv": rawrestore.baseline_argv()}]
+        from ..config import default_spec_for
+
+        backend = cls()
+        plan = GuestPlan(default_spec_for("qemu"), backend.accel())
+        tdir = asyncio.run(backend._template(plan))
+        return [{"name": "raw_qemu_restore", "label": label, "argv": rawrestore.baseline_argv(plan, tdir)}]
 
     def __init__(self, options: dict[str, str] | None = None) -> None:
         super().__init__(options)

@@ -79,9 +79,7 @@ def attach(spec: SandboxSpec, sandbox_id: str, *, deferred: bool = False) -> Att
     if mode == "open" or rules.networks("allow"):
         _check_forwarding()
     secrets = _secret_entries(spec, sandbox_id)
-    from .sweep import in_use
-
-    with in_use():  # gc never removes the bridge between these two steps
+    with netns.in_use():  # gc never removes the bridge between these two steps
         net = netns.network()
         ip = netns.lease_ip(sandbox_id, net["subnet"])
     d = netns.state_dir()

@@ -19,57 +19,18 @@ Rules, all fail-safe (anything in doubt is kept):
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
 
 from . import netns
+from .netns import INSTALLATIONS, Use
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
 GRACE = 60.0  # seconds: younger records may belong to an attach whose engine has not listed it yet
-INSTALLATIONS = "/run/agentkernel-egress"  # host-wide: one file per installation's bridge
-
-
-def register_installation(net: dict) -> None:
-    """Remember which runtime dir a bridge belongs to, so a gc elsewhere can tell when it is orphaned."""
-    from .. import paths
-
-    os.makedirs(INSTALLATIONS, mode=0o700, exist_ok=True)
-    path = os.path.join(INSTALLATIONS, f"{net['tag']}.json")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"tag": net["tag"], "bridge": net["bridge"], "runtime_dir": os.path.realpath(paths.runtime_dir())},
-                  f)
-    os.replace(tmp, path)
-
-
-class _Use:
-    """``use.lock``: attach holds it shared while it makes sure of the bridge and leases an address; the
-    sweep takes it exclusively (without waiting) before removing the bridge."""
-
-    def __init__(self, exclusive: bool) -> None:
-        self.exclusive, self.fd = exclusive, -1
-
-    def __enter__(self) -> bool:
-        self.fd = os.open(os.path.join(netns.state_dir(), "use.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self.fd, (fcntl.LOCK_EX | fcntl.LOCK_NB) if self.exclusive else fcntl.LOCK_SH)
-        except BlockingIOError:
-            return False
-        return True
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)
-
-
-def in_use() -> _Use:
-    return _Use(exclusive=False)
-
-
 def _records(d: str) -> Iterator[tuple[str, dict, float]]:
     base = os.path.join(d, "by-id")
     for short in os.listdir(base):
@@ -161,7 +122,7 @@ def sweep(listed: set[str], answered: set[str], all_answered: bool, dry_run: boo
                 if short not in kept and _age(os.path.join(d, "by-id", short)) > GRACE \
                         and not _netns_has_processes(f"ak-{short}"):
                     _drop_sandbox_plumbing(short, dry_run, out)
-        with _Use(exclusive=True) as free:
+        with Use(exclusive=True) as free:
             if free and not dry_run:
                 leases = os.listdir(os.path.join(d, "leases"))
                 if not kept and not leases and not list(_records(d)):

@@ -15,4 +15,5 @@ SUITES = {
     "egress": "agentkernel.bench.suites.egress:run",
     "speed": "agentkernel.bench.suites.sustained:run_speed",
     "soak": "agentkernel.bench.suites.sustained:run_soak",
+    "live": "agentkernel.bench.suites.sustained:run_live",
 }
