@@ -58,8 +58,9 @@ def _encode(o: object, w, sort_keys: bool = False) -> None:
 
 def load(path: str):
     """``json.load`` of a small, rarely changing file, through a ``marshal`` sidecar (``PATH.m``) kept
-    next to it, so a hot path can read it without importing ``json``. The sidecar is used only while it
-    is at least as new as the JSON file; otherwise the JSON is parsed and the sidecar rewritten."""
+    next to it, so a hot path reads it with one unmarshal. The sidecar is used only while it is at least as
+    new as the JSON file; otherwise the JSON is parsed (``loads``: still no ``json`` import) and the
+    sidecar rewritten. ``save`` writes both."""
     import marshal
     import os
 
@@ -70,10 +71,28 @@ def load(path: str):
                 return marshal.load(f)
     except (OSError, EOFError, ValueError, TypeError):
         pass
-    import json
+    with open(path, "rb") as f:
+        data = loads(f.read())
+    _write_sidecar(side, data)
+    return data
 
-    with open(path) as f:
-        data = json.load(f)
+
+def save(path: str, data: object) -> None:
+    """Write ``data`` as JSON to ``path`` (atomically) and its ``marshal`` sidecar after it, so the next
+    ``load`` of the file does not parse it again."""
+    import os
+
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(dumps(data))
+    os.replace(tmp, path)
+    _write_sidecar(path + ".m", data)
+
+
+def _write_sidecar(side: str, data: object) -> None:
+    import marshal
+    import os
+
     try:
         tmp = f"{side}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
@@ -81,7 +100,6 @@ def load(path: str):
         os.replace(tmp, side)
     except (OSError, ValueError):
         pass
-    return data
 
 
 class _ScannerContext:

@@ -46,7 +46,8 @@ SPEC_FLAGS = (
     Flag(("--memory",), "memory_mb", "int", "memory limit in MiB", "MB"),
     Flag(("--cpus",), "vcpus", "float", "CPU quota in cores", "N"),
     Flag(("--pids",), "pids", "int", "max processes", "N"),
-    Flag(("--disk",), "disk_mb", "int", "writable storage cap in MiB", "MB"),
+    Flag(("--disk",), "disk_mb", "int|unlimited",
+         "writable storage cap in MiB (every profile sets one; 'unlimited' opts out)", "MB"),
     Flag(("-e", "--env"), "env", "kv", "environment variable (repeatable)", "K=V"),
     Flag(("-w", "--workdir"), "workdir", "str", "working directory inside the sandbox (default /workspace)"),
     Flag(("-o", "--option"), "option", "kv", "backend option, e.g. runtime=runsc (repeatable)", "K=V"),
@@ -126,6 +127,8 @@ def convert(f: Flag, text: str):
         return text
     if f.kind == "int":
         return int(text)
+    if f.kind == "int|unlimited":
+        return "unlimited" if text in ("unlimited", "unbounded") else int(text)
     if f.kind in ("float", "pfloat"):
         v = float(text)
         if f.kind == "pfloat":

@@ -59,7 +59,7 @@ SCHEMA: dict[str, dict[str, str]] = {
     "images": {"registry": "str", "insecure_registries": "list", "setuid": "str"},
     "build": {"dockerfile": "str", "context": "str", "target": "str", "args": "table", "no_cache": "bool",
               "tag": "str", "engine": "str"},
-    "resources": {"vcpus": "number", "memory_mb": "int", "pids": "int", "disk_mb": "int"},
+    "resources": {"vcpus": "number", "memory_mb": "int", "pids": "int", "disk_mb": "int|unlimited"},
     "security": {"profile": "str", "network": "network", "network_allow": "list", "read_only": "bool",
                  "mount_cwd": "bool", "pass_env": "list|bool", "user": "str", "seccomp": "str", "domains": "domains",
                  "tls_intercept": "bool",
@@ -79,6 +79,7 @@ SCHEMA: dict[str, dict[str, str]] = {
             # the policy of remote callers (api/policy.py POLICY_KEYS)
             "backends": "list", "profiles": "list", "network": "bool", "max_memory_mb": "int", "max_vcpus": "number",
             "max_pids": "int", "max_disk_mb": "int", "max_sandboxes": "int", "max_runs": "int", "max_batch": "int",
+            "network_modes": "list", "allow_hosts": "list", "secrets": "list",
             # the reference's keys (refconfig.py)
             "api_key": "str", "api_key_env": "str", "allow_sudo_exec": "bool"},
     "orchestrator": {},  # filled in by the [orchestrator] block below
@@ -90,7 +91,7 @@ WARM_KEYS = {"backend", "image", "profile", "network", "read_only", "memory_mb",
              "min", "max", "max_age_s", "wait_s"}
 # keys of an [[api.tenant]] entry: a token name and its policy (api/policy.py TENANT_KEYS)
 TENANT_KEYS = {"name", "backends", "profiles", "network", "max_memory_mb", "max_vcpus", "max_pids", "max_disk_mb",
-               "max_sandboxes", "max_runs", "max_batch"}
+               "max_sandboxes", "max_runs", "max_batch", "network_modes", "allow_hosts", "secrets"}
 TABLE_KEYS = {("pool", "warm"): WARM_KEYS, ("api", "tenant"): TENANT_KEYS}
 
 # [security] key -> Policy field
@@ -98,6 +99,9 @@ _SECURITY_FIELDS = {"network": "network", "network_allow": "network_allow", "rea
                     "mount_cwd": "mount_cwd", "pass_env": "pass_env", "user": "user", "seccomp": "seccomp",
                     "tls_intercept": "tls_intercept"}
 
+
+# spellings of the explicit opt-out of a limit (`--disk unlimited`, `disk_mb = "unlimited"`)
+UNLIMITED = ("unlimited", "unbounded")
 
 def find_config(explicit: str | None, cwd: str) -> str | None:
     if explicit:
@@ -180,6 +184,7 @@ def _check_type(path: str, table: str, key: str, value: Any, kind: str) -> None:
         "str": isinstance(value, str),
         "bool": isinstance(value, bool),
         "int": isinstance(value, int) and not isinstance(value, bool),
+        "int|unlimited": (isinstance(value, int) and not isinstance(value, bool)) or value in UNLIMITED,
         "number": isinstance(value, int | float) and not isinstance(value, bool),
         "list": isinstance(value, list) and all(isinstance(v, str) for v in value),
         "table": isinstance(value, dict) and all(isinstance(v, str) for v in value.values()),
@@ -195,6 +200,7 @@ def _check_type(path: str, table: str, key: str, value: Any, kind: str) -> None:
     if not ok:
         want = {"list|bool": "true, false or a list of strings",
                 "tables": "a list of tables", "str": "a string", "bool": "true or false", "int": "an integer",
+                "int|unlimited": 'an integer or "unlimited"',
                 "number": "a number",
                 "list": "a list of strings", "table": "a table of strings"}[kind]
         raise ConfigError(f"{path}: [{table}] {key} must be {want}, got {value!r}")
@@ -254,6 +260,8 @@ def resolve_spec(
 
         apply_config(pol, sec, cfg.get("secrets", {}))
     res.update({k: res_cfg[k] for k in ("vcpus", "memory_mb", "pids", "disk_mb") if k in res_cfg})
+    if res.get("disk_mb") in UNLIMITED:  # the explicit opt-out of the profile's storage cap
+        res["disk_mb"] = None
 
     for flag, field in (("network", "network"), ("read_only", "read_only_root"), ("mount_cwd", "mount_cwd"),
                         ("user", "user"), ("seccomp", "seccomp"), ("network_allow", "network_allow")):
@@ -269,7 +277,7 @@ def resolve_spec(
         finalize(pol)
     for k in ("vcpus", "memory_mb", "pids", "disk_mb"):
         if k in flags:
-            res[k] = flags[k] if flags[k] != "unlimited" else None
+            res[k] = flags[k] if flags[k] not in UNLIMITED else None
 
     env: dict[str, str] = {}
     for name in pol.get("pass_env", ()):
@@ -336,6 +344,9 @@ ORCHESTRATOR_KEYS: dict[str, str] = {
     "max_sandboxes": "int",       # cap on live sandboxes this backend manages in the namespace
     "seccomp_localhost_profile": "str",  # node-installed profile used for seccomp = "restrictive"
     "agent_sandbox": "str",       # auto (use the agent-sandbox CRDs when installed), on, off
+    "cluster_cidrs": "list",      # pod/service/node ranges open-mode pods never reach (default: private ranges)
+    "cluster_dns_namespace": "str",  # where the cluster resolver runs (kube-system)
+    "cluster_dns_labels": "table",   # its pods' labels (k8s-app=kube-dns)
 }
 SCHEMA["orchestrator"] = ORCHESTRATOR_KEYS
 
@@ -379,6 +390,14 @@ def orchestrator_settings(options: dict[str, str] | None = None, *, config: dict
     for key in ("warm_pool_size", "max_pool_size", "max_sandboxes"):
         if int(out[key]) < 0:
             raise ConfigError(f"[orchestrator] {key} must be >= 0, got {out[key]}")
+    if out.get("cluster_cidrs") is not None:
+        import ipaddress
+
+        for c in out["cluster_cidrs"]:
+            try:
+                ipaddress.ip_network(c)
+            except ValueError as exc:
+                raise ConfigError(f"[orchestrator] cluster_cidrs: invalid network {c!r}: {exc}") from None
     if out["warm_pool_size"] > out["max_pool_size"]:
         raise ConfigError(f"[orchestrator] warm_pool_size ({out['warm_pool_size']}) exceeds max_pool_size "
                           f"({out['max_pool_size']})")

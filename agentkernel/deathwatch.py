@@ -66,10 +66,24 @@ def disarm(backend: str, sandbox_id: str) -> None:
     except OSError:
         pass
     os.close(w)
-    try:
-        os.waitpid(pid, 0)  # it exits as soon as it reads the byte: no zombie left behind
-    except ChildProcessError:
-        pass
+    _reap_exited(pid)
+
+
+_EXITING: list[int] = []  # disarmed watchers not yet reaped
+
+
+def _reap_exited(pid: int) -> None:
+    """Reap disarmed watchers that have exited, without waiting for ``pid`` (it exits as soon as it reads
+    the byte; waiting for it to be scheduled costs the CLI's one-shot its wake-up latency). One still
+    running is reaped by a later call, or by init once this process exits (the CLI does right after)."""
+    _EXITING.append(pid)
+    for p in list(_EXITING):
+        try:
+            done, _ = os.waitpid(p, os.WNOHANG)
+        except ChildProcessError:
+            done = p
+        if done:
+            _EXITING.remove(p)
 
 
 def _reap(backend: str, sandbox_id: str) -> None:

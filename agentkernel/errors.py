@@ -43,6 +43,13 @@ class ValidationError(AgentKernelError):
     http_status = 400
 
 
+class InvalidField(ValidationError):
+    """A request field (HTTP API, MCP) is well-formed JSON but its value is not acceptable; the message
+    starts with the field's name."""
+
+    http_status = 422
+
+
 class NotFound(AgentKernelError):
     """An unknown sandbox, backend, image or file."""
 

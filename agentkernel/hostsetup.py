@@ -32,7 +32,8 @@ ALL_BACKENDS = ("podman", "docker", "gvisor", "oci", "wasm", "qemu")  # --all (f
 
 # Debian packages, by what needs them. --all --dev installs exactly the union (scripts/setup.sh's list).
 PACKAGES: dict[str, tuple[str, ...]] = {
-    "base": ("busybox-static", "debootstrap", "iproute2", "nftables", "util-linux", "procps", "openssl"),
+    "base": ("busybox-static", "debootstrap", "iproute2", "nftables", "util-linux", "procps", "openssl",
+             "btrfs-progs"),
     "podman": ("podman", "crun", "runc", "uidmap", "slirp4netns", "containernetworking-plugins", "iptables"),
     "docker": ("docker.io", "containerd"),
     "gvisor": ("runsc",),
@@ -46,6 +47,11 @@ PACKAGES: dict[str, tuple[str, ...]] = {
 IMAGE_ENGINES = {"podman": "podman", "gvisor": "podman", "oci": "podman", "qemu": "podman", "docker": "docker"}
 
 PODMAN_CONF = "/etc/containers/containers.conf.d/50-agentkernel.conf"
+PODMAN_STORAGE_CONF = "/etc/containers/storage.conf"
+# per-sandbox disk caps: loop-file btrfs volumes with quota groups (this kernel has no XFS/ext4 project
+# quotas); podman's graphroot and dockerd's data-root live on them (docs/security.md, "Storage")
+STORAGE_DIR = os.environ.get("AGENTKERNEL_STORAGE_DIR") or "/var/lib/agentkernel"
+STORAGE_SIZE = os.environ.get("AGENTKERNEL_STORAGE_SIZE") or "64G"
 DOCKERD_CONF = "/etc/agentkernel/dockerd.json"
 DOCKER_SOCK = "unix:///var/run/docker.sock"
 DOCKER_PID = "/var/run/docker.pid"
@@ -184,6 +190,52 @@ def packages_step(opts: Options) -> Step:
     return Step("system packages", check, apply)
 
 
+# ---- storage volumes ----------------------------------------------------------------------------------
+# one for podman (graphroot), the wasm scratch and the sandboxes' capped workdirs; one for dockerd alone,
+# because dockerd's btrfs driver switches quotas off on its whole filesystem when it shuts down
+
+
+def _volumes() -> list[tuple[str, str, str]]:
+    return [(f"{STORAGE_DIR}/storage.img", f"{STORAGE_DIR}/storage", "agentkernel"),
+            (f"{STORAGE_DIR}/docker.img", f"{STORAGE_DIR}/docker", "agentkernel-docker")]
+
+
+def _volume_ok(mnt: str) -> bool:
+    if not os.path.ismount(mnt):
+        return False
+    fs = subprocess.run(["findmnt", "-no", "FSTYPE", mnt], capture_output=True, text=True).stdout.strip()
+    return fs == "btrfs" and subprocess.run(["btrfs", "qgroup", "show", mnt], capture_output=True).returncode == 0
+
+
+def storage_step() -> Step:
+    def check() -> Finding:
+        bad = [(img, mnt) for img, mnt, _ in _volumes() if not _volume_ok(mnt)]
+        if not bad:
+            return Finding(True, f"btrfs volumes with quota groups at {', '.join(m for _, m, _ in _volumes())}")
+        return Finding(False, f"not a btrfs volume with quotas: {', '.join(m for _, m in bad)}",
+                       plan=[f"{img} ({STORAGE_SIZE} sparse, btrfs) mounted at {mnt}, quota groups enabled"
+                             for img, mnt in bad], manual=_not_root("mounting the storage volumes"))
+
+    def apply() -> str:
+        for img, mnt, label in _volumes():
+            os.makedirs(mnt, exist_ok=True)
+            if not os.path.ismount(mnt):
+                if not os.path.exists(img) or os.path.getsize(img) == 0:
+                    subprocess.run(["truncate", "-s", STORAGE_SIZE, img], check=True)
+                    _run_logged(["mkfs.btrfs", "-q", "-L", label, img], "storage.log", f"mkfs.btrfs {img}")
+                _run_logged(["mount", "-o", "loop", img, mnt], "storage.log",
+                            f"mounting {img} at {mnt} (loop devices and btrfs are needed)", append=True)
+            fs = subprocess.run(["findmnt", "-no", "FSTYPE", mnt], capture_output=True, text=True).stdout.strip()
+            if fs != "btrfs":
+                raise SetupError(f"{mnt} is mounted but is not btrfs")
+            if subprocess.run(["btrfs", "qgroup", "show", mnt], capture_output=True).returncode != 0:
+                _run_logged(["btrfs", "quota", "enable", mnt], "storage.log", f"enabling quotas on {mnt}",
+                            append=True)
+        return "storage volumes ready"
+
+    return Step("storage volumes (btrfs + quota groups for per-sandbox disk caps)", check, apply)
+
+
 # ---- podman -------------------------------------------------------------------------------------------
 
 
@@ -210,6 +262,30 @@ def podman_conf_step() -> Step:
         return f"wrote {PODMAN_CONF}"
 
     return Step("podman configuration", check, apply)
+
+
+def podman_storage_text() -> str:
+    return ("# written by agentkernel scripts/setup.sh (per-sandbox disk caps need the btrfs driver on this volume)\n"
+            f'[storage]\ndriver = "btrfs"\ngraphroot = "{STORAGE_DIR}/storage/containers"\n'
+            'runroot = "/run/containers/storage-btrfs"\n')
+
+
+def podman_storage_step() -> Step:
+    # the btrfs driver on the quota volume, so each container's root is a subvolume the podman backend caps
+    # (prestart hook); a machine whose images were in the old graphroot gets them re-imported by "local images"
+    def check() -> Finding:
+        have = _read(PODMAN_STORAGE_CONF)
+        if have == podman_storage_text():
+            return Finding(True, PODMAN_STORAGE_CONF)
+        return Finding(False, f"{PODMAN_STORAGE_CONF} {'differs' if have is not None else 'missing'}",
+                       plan=[f"write {PODMAN_STORAGE_CONF} (btrfs driver, graphroot {STORAGE_DIR}/storage/containers)"],
+                       manual=_not_root(f"writing {PODMAN_STORAGE_CONF}"))
+
+    def apply() -> str:
+        _write_atomic(PODMAN_STORAGE_CONF, podman_storage_text())
+        return f"wrote {PODMAN_STORAGE_CONF}"
+
+    return Step("podman storage", check, apply)
 
 
 def _hugetlb_needed() -> bool:
@@ -241,7 +317,8 @@ def dockerd_conf_text() -> str:
     # runsc-agentkernel is the gvisor-docker backend's runtime: --oci-seccomp applies the sandbox's seccomp
     # profile (runsc ignores it otherwise), --host-uds=create lets the host reach the agent's socket.
     return f"""{{
-  "storage-driver": "overlay2",
+  "storage-driver": "btrfs",
+  "data-root": "{STORAGE_DIR}/docker/data",
   "iptables": false,
   "ip6tables": false,
   "ip-masq": false,
@@ -297,6 +374,40 @@ def dockerd_conf_step() -> Step:
         return f"wrote {DOCKERD_CONF}"
 
     return Step("docker engine configuration", check, apply)
+
+
+def _docker_storage() -> str:
+    r = subprocess.run(["docker", "-H", DOCKER_SOCK, "info", "--format", "{{.Driver}} {{.DockerRootDir}}"],
+                       capture_output=True, text=True, timeout=60)
+    return r.stdout.strip()
+
+
+def dockerd_storage_step() -> Step:
+    """Storage driver and data-root are not reloadable: a dockerd running with other ones is restarted (the
+    only restart set-up ever does, and only when its storage must move)."""
+    want = f"btrfs {STORAGE_DIR}/docker/data"
+
+    def check() -> Finding:
+        if not docker_up():
+            return Finding(True, "dockerd not running (started with the right storage below)")
+        have = _docker_storage()
+        if have == want:
+            return Finding(True, f"dockerd storage: {have}")
+        return Finding(False, f"dockerd storage is {have!r}, not {want!r}",
+                       plan=[f"restart dockerd (pid {_dockerd_pid()}): its storage moves to {STORAGE_DIR}/docker/data "
+                             "(btrfs driver); its containers stop"], manual=_not_root("restarting dockerd"))
+
+    def apply() -> str:
+        pid = _dockerd_pid()
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+        for _ in range(300):
+            if not docker_up():
+                return "dockerd stopped (started again below with the new storage)"
+            time.sleep(0.1)
+        raise SetupError("dockerd did not stop within 30 s")
+
+    return Step("docker engine storage", check, apply)
 
 
 def dockerd_step() -> Step:
@@ -614,10 +725,12 @@ def steps(opts: Options) -> list[Step]:
     """The steps the chosen backends need, in the order they must run."""
     b = set(opts.backends)
     out = [packages_step(opts)]
+    if b & {"podman", "docker", "gvisor", "oci", "wasm", "qemu"}:
+        out.append(storage_step())
     if b & {"podman", "gvisor", "oci", "qemu"}:
-        out += [podman_conf_step(), hugetlb_step()]
+        out += [podman_conf_step(), podman_storage_step(), hugetlb_step()]
     if "docker" in b:
-        out += [dockerd_conf_step(), dockerd_step()]
+        out += [dockerd_conf_step(), dockerd_storage_step(), dockerd_step()]
     out.append(agent_step())
     if "wasm" in b:
         out.append(wasm_step())

@@ -178,11 +178,13 @@ class SandboxManager:
         return out
 
     # -- one-shot --
-    async def run(self, spec: SandboxSpec, req: ExecRequest, *, start_gate=None) -> ExecResult:
+    async def run(self, spec: SandboxSpec, req: ExecRequest, *, start_gate=None, phased: bool = False) -> ExecResult:
         """A fresh sandbox for one command, destroyed afterwards; owned by this process meanwhile.
-        ``start_gate`` (a semaphore: the daemon's start limiter) bounds its create+start, not its command."""
+        ``start_gate`` (a semaphore: the daemon's start limiter) bounds its create+start, not its command.
+        ``phased``: create, start, exec and remove as separate steps, each timed in the result's timings (the
+        benchmark's phase table), instead of the one-shot path."""
         spec = spec.replace(backend=canonical(spec.backend))
         from .oneshot import run_async
 
         return await run_async(self.backend_for(spec.backend, spec.options), spec, req, self._owner(named=False),
-                               start_gate=start_gate)
+                               start_gate=start_gate, phased=phased)

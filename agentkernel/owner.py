@@ -92,8 +92,11 @@ def is_dead(owner: dict) -> bool:
 # ---- the journal ----------------------------------------------------------------------------------
 
 
+journal_path = paths.journal_path  # this process's journal directory (named on every resource's labels)
+
+
 def journal_dir() -> str:
-    d = os.path.join(paths.runtime_dir(), "owned")
+    d = journal_path()
     os.makedirs(d, mode=0o700, exist_ok=True)
     return d
 
@@ -167,6 +170,20 @@ def _alive_by_name(fn: str) -> bool:
     except (IndexError, ValueError):
         return False
     return pid > 0 and process_start_time(pid) == start
+
+
+def claimed_alive(journal: str, sandbox_id: str) -> bool | None:
+    """Does a live process claim ``sandbox_id`` in ``journal`` (another runtime dir's journal, named on a
+    resource's labels)? None when that journal exists but cannot be read: then its resources are not ours
+    to judge. A journal that is gone (e.g. a runtime dir wiped by a reboot) holds no live claim."""
+    try:
+        names = os.listdir(journal)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    mid = f"--{sandbox_id}--"
+    return any(mid in fn and fn.endswith(".json") and _alive_by_name(fn) for fn in names)
 
 
 def entries() -> list[dict]:

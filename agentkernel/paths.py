@@ -40,6 +40,11 @@ def runtime_dir() -> str:
     return d
 
 
+def journal_path() -> str:
+    """The ownership journal's directory (``owner.py``), absolute: resources' labels name it."""
+    return os.path.abspath(os.path.join(runtime_dir(), "owned"))
+
+
 def store_path() -> str:
     return os.environ.get("AGENTKERNEL_STORE") or os.path.join(data_dir(), "state.db")
 

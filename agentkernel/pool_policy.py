@@ -19,12 +19,14 @@ import collections
 import math
 
 WINDOW_S = 10.0  # demand is measured over this trailing window
+FAST_S = 2.0  # ... and over this short one: a step up in demand is seen within seconds, a fall over WINDOW_S
 HEADROOM = 1.5  # ready members above the Little's-law estimate (bursts, start-time jitter)
 IDLE_S = 60.0  # no acquire for this long: shrink to min_size
 START_GUESS_S = 0.5  # start time assumed before the first start is observed
 EWMA = 0.3  # weight of the newest start time
 BUSY_RATE = 2.0  # acquires/s above which replacements start at once (no refill delay)
 HIT_WINDOW = 50  # hit rate over the last N acquires
+HIT_RECENT_S = 30.0  # ... that happened within this many seconds (an overload long past says nothing now)
 
 
 class Decision:
@@ -54,7 +56,7 @@ class PoolPolicy:
         self.refill_delay_s = refill_delay_s
         self.idle_s = idle_s
         self._acquires: collections.deque[float] = collections.deque()
-        self._hits: collections.deque[bool] = collections.deque(maxlen=HIT_WINDOW)
+        self._hits: collections.deque[tuple[float, bool]] = collections.deque(maxlen=HIT_WINDOW)
         self._starts: collections.deque[float] = collections.deque()
         self.start_s: float | None = None
         self.last_acquire: float | None = None
@@ -63,7 +65,7 @@ class PoolPolicy:
     # -- observations --
     def on_acquire(self, now: float, hit: bool, in_use: int) -> None:
         self._acquires.append(now)
-        self._hits.append(hit)
+        self._hits.append((now, hit))
         self.last_acquire = now
         self.peak_in_use = max(self.peak_in_use, in_use)
         self._trim(now)
@@ -80,12 +82,19 @@ class PoolPolicy:
 
     # -- measures --
     def demand(self, now: float) -> float:
-        """Acquires per second over the trailing window."""
+        """Acquires per second: the higher of the rate over the trailing window and over its last FAST_S
+        seconds (fast attack, slow decay: a burst is answered at once, a lull does not shrink the pool)."""
         self._trim(now)
         if not self._acquires:
             return 0.0
         span = max(1.0, min(WINDOW_S, now - self._acquires[0]))
-        return len(self._acquires) / span
+        recent = 0
+        for t in reversed(self._acquires):
+            if now - t > FAST_S:
+                break
+            recent += 1
+        fast_span = max(1.0, min(FAST_S, now - self._acquires[-recent])) if recent else FAST_S
+        return max(len(self._acquires) / span, recent / fast_span)
 
     def refill_rate(self, now: float) -> float:
         """Members started per second over the trailing window."""
@@ -94,8 +103,13 @@ class PoolPolicy:
             return 0.0
         return len(self._starts) / max(1.0, min(WINDOW_S, now - self._starts[0]))
 
-    def hit_rate(self) -> float | None:
-        return round(sum(self._hits) / len(self._hits), 3) if self._hits else None
+    def hit_rate(self, now: float | None = None) -> float | None:
+        """Over the last HIT_WINDOW acquires (with ``now``: only those of the last HIT_RECENT_S seconds)."""
+        hs = [h for t, h in self._hits if now is None or now - t <= HIT_RECENT_S]
+        return round(sum(hs) / len(hs), 3) if hs else None
+
+    def _recent_hits(self, now: float) -> int:
+        return sum(1 for t, _ in self._hits if now - t <= HIT_RECENT_S)
 
     def capacity(self) -> float:
         """Starts per second the engine can sustain within max_starts (at the observed start time)."""
@@ -130,8 +144,8 @@ class PoolPolicy:
             elif need_alive > self.max_size:
                 note = (f"demand {rate:.1f}/s with up to {max(in_use, self.peak_in_use)} in use needs about "
                         f"{need_alive} members alive; --pool-max is {self.max_size}")
-            elif len(self._hits) >= HIT_WINDOW // 2 and (self.hit_rate() or 0) < 0.9:
-                note = (f"recent hit rate {self.hit_rate()}: members are consumed faster than the engine starts "
+            elif self._recent_hits(now) >= HIT_WINDOW // 2 and (self.hit_rate(now) or 0) < 0.9:
+                note = (f"recent hit rate {self.hit_rate(now)}: members are consumed faster than the engine starts "
                         f"them ({self.max_starts} concurrent starts of {start_s * 1e3:.0f} ms: "
                         f"{self.capacity():.1f}/s); raise --max-starts or use a faster backend")
         return Decision(target, concurrency, launch, shrink, delay, note is None, note)
@@ -139,4 +153,4 @@ class PoolPolicy:
     def status(self, now: float) -> dict:
         return {"demand_per_s": round(self.demand(now), 2), "refill_per_s": round(self.refill_rate(now), 2),
                 "start_ms_avg": round(self.start_s * 1e3, 1) if self.start_s is not None else None,
-                "capacity_per_s": round(self.capacity(), 2), "recent_hit_rate": self.hit_rate()}
+                "capacity_per_s": round(self.capacity(), 2), "recent_hit_rate": self.hit_rate(now)}

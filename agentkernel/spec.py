@@ -171,7 +171,8 @@ class Resources(Model):
     vcpus = Field("float", 1.0, optional=True, min=0.01, max=1024, doc="CPU quota in cores")
     memory_mb = Field("int", 512, optional=True, min=6, max=1 << 24, doc="memory limit (no swap)")
     pids = Field("int", 256, optional=True, min=8, max=1 << 22, doc="max processes/threads")
-    disk_mb = Field("int", None, optional=True, min=1, max=1 << 24, doc="writable storage cap")
+    disk_mb = Field("int", None, optional=True, min=1, max=1 << 24,
+                    doc="writable storage cap in MiB (each profile sets one; None: unlimited, an explicit opt-out)")
 
 
 class Policy(Model):
@@ -239,16 +240,18 @@ def mount_source_of(spec: SandboxSpec, cwd: str | None = None) -> str:
 
 
 # The three profiles. Shape as in the reference system (network, cwd mount, read-only root, memory,
-# cpu); two deliberate differences, both toward safety: `moderate` has network OFF (DESIGN.md: network
-# off unless asked), and every profile has a pids limit (the reference has none, so a fork bomb wins).
+# cpu); three deliberate differences, all toward safety: `moderate` has network OFF (DESIGN.md: network
+# off unless asked), every profile has a pids limit (the reference has none, so a fork bomb wins), and
+# every profile caps writable storage (disk_mb; the reference has none, so a sandbox can fill the host's
+# disk). A backend that cannot enforce the cap refuses; `--disk unlimited` is the explicit opt-out.
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "permissive": {
         "policy": {"network": True, "mount_cwd": True, "read_only_root": False, "seccomp": "default"},
-        "resources": {"vcpus": None, "memory_mb": None, "pids": 4096, "disk_mb": None},
+        "resources": {"vcpus": None, "memory_mb": None, "pids": 4096, "disk_mb": 8192},
     },
     "moderate": {
         "policy": {"network": False, "mount_cwd": False, "read_only_root": False, "seccomp": "default"},
-        "resources": {"vcpus": 1.0, "memory_mb": 512, "pids": 256, "disk_mb": None},
+        "resources": {"vcpus": 1.0, "memory_mb": 512, "pids": 256, "disk_mb": 2048},
     },
     "restrictive": {
         "policy": {"network": False, "mount_cwd": False, "read_only_root": True, "seccomp": "restrictive"},

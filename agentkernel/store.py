@@ -144,6 +144,31 @@ class Store:
         return self._db.execute("SELECT COUNT(*) FROM sandboxes_v2 WHERE tenant = ?", (tenant,)).fetchone()[0]
 
 
+def foreign_ids(path: str) -> set[str] | None:
+    """Every sandbox id in another process's store, read without writing anything: no schema, no
+    migration, and no ``-wal``/``-shm`` files left next to it (a plain read-only connection to a WAL
+    database creates both). None when it cannot be read that way (missing table, unreadable, a WAL
+    without its index): the caller then keeps that store's sandboxes.
+
+    A store with a ``-wal`` file has a live (or crashed) writer whose rows may be only in the WAL, so it
+    is read through the existing ``-wal``/``-shm``; without one every committed row is in the main file,
+    which is then read as immutable (nothing else is opened)."""
+    from urllib.parse import quote
+
+    wal, shm = os.path.exists(path + "-wal"), os.path.exists(path + "-shm")
+    if wal and not shm:
+        return None
+    uri = f"file:{quote(os.path.abspath(path))}?mode=ro" + ("" if wal else "&immutable=1")
+    try:
+        db = sqlite3.connect(uri, uri=True, timeout=5, isolation_level=None)
+        try:
+            return {r[0] for r in db.execute("SELECT id FROM sandboxes_v2").fetchall()}
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None
+
+
 def _migrate(db: sqlite3.Connection) -> None:
     """Stores written before the column was named for what it holds called the tenant ``owner``."""
     cols = {r[1] for r in db.execute("PRAGMA table_info(sandboxes_v2)")}

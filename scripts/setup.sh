@@ -11,6 +11,7 @@
 #   AGENTKERNEL_SETUP_IMAGES="busybox"     only these local images (default: busybox and debian)
 #   AGENTKERNEL_SETUP_VM_IMAGES="IMAGE"    microVM guest images (default: agentkernel/busybox)
 #   AGENTKERNEL_SETUP_FIRECRACKER=1        also install Firecracker (opt-in)
+#   AGENTKERNEL_STORAGE_DIR, AGENTKERNEL_STORAGE_SIZE   the btrfs quota volumes (default /var/lib/agentkernel, 64G)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -80,8 +81,8 @@ write_launcher() {
 # agentkernel launcher, written by scripts/setup.sh (python -S: no site processing on the hot path)
 import sys
 sys.path[0:0] = ["$REPO", "$site"]
-from agentkernel.cli import main
-sys.exit(main())
+from agentkernel.cli import entry
+entry()
 LAUNCHER
   chmod 755 "$VENV/bin/agentkernel.tmp"
   mv "$VENV/bin/agentkernel.tmp" "$VENV/bin/agentkernel"

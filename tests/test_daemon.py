@@ -124,14 +124,20 @@ def test_pool_exhaustion_waits_then_cold_starts_never_fails(daemon):
     assert sorted(o[0] for o in outs) == sorted(f"run{i}\n".encode() for i in range(8))
 
 
-def test_client_killed_mid_command_kills_it_and_destroys_the_sandbox(daemon):
+def _leased_sleep(daemon: Daemon, out=subprocess.DEVNULL) -> subprocess.Popen:
+    """A client running ``sleep 300`` in a leased pool member (returns once the daemon counts the lease)."""
     daemon.wait_ready(2)
     proc = subprocess.Popen([sys.executable, "-m", "agentkernel", "run", "--", "sleep", "300"],
-                            env={**os.environ, **daemon.env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env={**os.environ, **daemon.env}, stdout=out, stderr=out)
     deadline = time.monotonic() + 30
     while daemon.pool()["in_use"] < 1 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert daemon.pool()["in_use"] == 1
+    return proc
+
+
+def test_client_killed_mid_command_kills_it_and_destroys_the_sandbox(daemon):
+    proc = _leased_sleep(daemon)
     before = set(_containers(f"agentkernel.owner.pid={daemon.pid()}"))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -148,13 +154,40 @@ def test_client_killed_mid_command_kills_it_and_destroys_the_sandbox(daemon):
     assert gone, "the leased sandbox was destroyed"
 
 
+def _claimed_by(daemon: Daemon, pid: int) -> list[str]:
+    """Sandbox ids the daemon's journal says ``pid`` owns (entries are BACKEND--ID--PID.START.json)."""
+    out = []
+    for fn in os.listdir(os.path.join(daemon.env["AGENTKERNEL_RUNTIME_DIR"], "owned")):
+        if fn.endswith(".json"):
+            head, who = fn[: -len(".json")].rsplit("--", 1)
+            if who.split(".")[0] == str(pid):
+                out.append(head.split("--", 1)[1])
+    return out
+
+
+def test_gc_from_another_runtime_dir_spares_a_lease_whose_daemon_died(daemon, tmp_path):
+    """The member's labels name the SIGKILLed daemon; its journal (named on the labels) names the live client.
+    A scan from another installation (runtime dir) must read that journal, not reap the running command."""
+    proc = _leased_sleep(daemon)
+    try:
+        (leased,) = _claimed_by(daemon, proc.pid)  # the lease's journal entry names the client
+        os.kill(daemon.pid(), signal.SIGKILL)
+        time.sleep(0.5)
+        other = {"AGENTKERNEL_RUNTIME_DIR": str(tmp_path / "other-run"), "AGENTKERNEL_HOME": str(tmp_path / "other")}
+        r = ak("gc", "--dry-run", env=other)
+        assert r.returncode == 0, r.stderr
+        listed = r.stdout.decode()
+        assert f":{leased}\n" not in listed, f"gc from another runtime dir would reap the live lease {leased}"
+        # (not asserted: that the command lives on. On a shared machine any other installation's full scan
+        # that predates the journal label still reaps it, which is the bug this test pins down for ours.)
+    finally:
+        proc.kill()
+        proc.wait()
+    daemon.ak("list")  # the daemon's own runtime dir: its members (the lease's too, client gone) are reaped
+
+
 def test_sandbox_killed_from_outside_is_a_clear_error(daemon):
-    daemon.wait_ready(2)
-    proc = subprocess.Popen([sys.executable, "-m", "agentkernel", "run", "--", "sleep", "300"],
-                            env={**os.environ, **daemon.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while daemon.pool()["in_use"] < 1 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    proc = _leased_sleep(daemon, out=subprocess.PIPE)
     ids = {c for c in _containers(f"agentkernel.owner.pid={daemon.pid()}")}
     # kill every member: the one in use is among them
     subprocess.run(["podman", "kill", *ids], capture_output=True)

@@ -178,3 +178,67 @@ def test_pooled_runs_are_multiplexed_too(daemon):
     assert [r["stdout"] for r in rs] == [f"oci{i}\n".encode() for i in range(6)]
     pools = [p for p in status(env)["pools"] if p.get("backend") == "oci"]
     assert pools and pools[0]["metrics"]["hits"] + pools[0]["metrics"]["misses"] >= 6
+
+
+def test_cancelled_pooled_run_destroys_its_member(daemon):
+    """MCANCEL of a run on a pooled (oci) member kills its command and destroys that member (never handed
+    out again); the connection and the other runs on it carry on."""
+    require_backend("oci")
+    env, sock = daemon
+    spec = resolve_spec({"backend": "oci"})
+
+    def oci_pool() -> dict:
+        return next(p for p in status(env)["pools"] if p.get("backend") == "oci")
+
+    async def go():
+        async with await MuxClient.connect(sock) as c:
+            await c.run(["true"], spec)  # the pool exists and is warm
+            destroyed = oci_pool()["metrics"]["destroyed"]
+            long = asyncio.ensure_future(c.run(["sh", "-c", "echo started; sleep 60"], spec))
+            other = asyncio.ensure_future(c.run(["sh", "-c", "sleep 1; echo other"], spec))
+            deadline = time.monotonic() + 30
+            while oci_pool()["in_use"] < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            t0 = time.monotonic()
+            long.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await long
+            r = await other
+            after = await c.run(["echo", "after"], spec)
+            return destroyed, time.monotonic() - t0, r, after
+
+    destroyed, took, other, after = asyncio.run(go())
+    assert other["stdout"] == b"other\n" and after["stdout"] == b"after\n" and took < 30
+    deadline = time.monotonic() + 30
+    while (status(env)["active_runs"] or oci_pool()["metrics"]["destroyed"] < destroyed + 3) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert status(env)["active_runs"] == 0
+    assert oci_pool()["metrics"]["destroyed"] >= destroyed + 3  # the cancelled member too, not only the used ones
+
+
+def test_stray_cancel_and_duplicate_ids(daemon):
+    """MCANCEL of an id not in flight is ignored; a second MRUN with an id still in flight is refused alone
+    (the first run answers normally)."""
+    _, sock = daemon
+
+    async def go():
+        reader, writer = await asyncio.open_unix_connection(sock)
+        writer.write(P.oframe(P.REQUEST, {"v": P.PROTOCOL_VERSION, "op": "mux"}))
+        writer.write(P.oframe(P.MCANCEL, {"id": 77}))
+        writer.write(P.oframe(P.MRUN, {"id": 5, "argv": ["sh", "-c", "sleep 0.5; echo five"], "spec_id": 1,
+                                       "spec": WASM.to_dict()}))
+        writer.write(P.oframe(P.MRUN, {"id": 5, "argv": ["echo", "dup"], "spec_id": 1}))
+        fr = P.FrameReader()
+        got: list = []
+        while len(got) < 3:
+            data = await asyncio.wait_for(reader.read(65536), 30)
+            assert data, f"the daemon closed the connection; so far {got}"
+            got += [(t, P.decode(p)) for t, p in fr.feed(data)]
+        writer.close()
+        return got
+
+    got = asyncio.run(go())
+    assert got[0][0] == P.REPLY
+    assert got[1][0] == P.MERROR and got[1][1]["id"] == 5 and "already in flight" in got[1][1]["message"]
+    assert got[2][0] == P.MRESULT and got[2][1]["id"] == 5 and got[2][1]["stdout"] == b"five\n"

@@ -1,4 +1,5 @@
-"""_fastjson.dumps produces what json.loads reads back, for any plain data."""
+"""_fastjson: dumps produces what json.loads reads back, for any plain data; load/save keep a marshal sidecar
+so a hot path never imports json."""
 
 from __future__ import annotations
 
@@ -31,3 +32,34 @@ def test_compact_and_equal_to_json_for_ascii():
 def test_rejects_what_json_cannot_carry(bad):
     with pytest.raises((TypeError, ValueError)):
         dumps(bad)
+
+
+def _load_in_fresh_interpreter(path: str) -> tuple[object, bool]:
+    import subprocess
+    import sys
+
+    code = ("import sys, marshal; from agentkernel._fastjson import load; d = load(sys.argv[1]); "
+            "sys.stdout.buffer.write(marshal.dumps((d, 'json' in sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, check=True)
+    import marshal
+
+    return marshal.loads(r.stdout)
+
+
+def test_load_never_imports_json_and_save_leaves_a_fresh_sidecar(tmp_path):
+    from agentkernel._fastjson import save
+
+    path = str(tmp_path / "refs.json")
+    data = {"agentkernel/busybox": {"stamps": ["1", 2], "rootfs": {"path": "/x", "env": ["A=b"]}}}
+    with open(path, "w") as f:  # written by someone else: no sidecar
+        json.dump(data, f)
+    assert _load_in_fresh_interpreter(path) == (data, False)
+    data["other"] = {"stamps": "registry"}
+    save(path, data)
+    assert (tmp_path / "refs.json.m").stat().st_mtime_ns >= (tmp_path / "refs.json").stat().st_mtime_ns
+    assert json.loads((tmp_path / "refs.json").read_text()) == data
+    with open(path + ".m", "rb") as f:  # the sidecar already holds what was saved
+        import marshal
+
+        assert marshal.load(f) == data
+    assert _load_in_fresh_interpreter(path) == (data, False)

@@ -17,7 +17,7 @@ SETUP_SH_PACKAGES = """
   podman crun runc uidmap slirp4netns containernetworking-plugins iptables docker.io containerd runsc
   busybox-static debootstrap python3 python3-venv python3-dev musl-tools make gcc
   iproute2 nftables util-linux procps openssl qemu-system-x86 qemu-utils e2fsprogs lz4 zstd
-  clang lld wasi-libc libclang-rt-14-dev-wasm32 hyperfine docker-registry skopeo buildah""".split()  # noqa: SIM905
+  clang lld wasi-libc libclang-rt-14-dev-wasm32 hyperfine docker-registry skopeo buildah btrfs-progs""".split()  # noqa: SIM905
 
 
 def test_all_dev_installs_exactly_what_setup_sh_installed():

@@ -163,3 +163,46 @@ def test_no_demand_keeps_min_size_warm():
     s = Sim(p, start_s=0.2)
     s.idle(5.0)
     assert s.ready == 3 and not s.starts
+
+
+def test_demand_steps_up_and_down_and_the_pool_follows():
+    # a trace with phases: one client, then a burst of 10, then one again; 100 ms starts, 8 at once
+    p = PoolPolicy(min_size=2, max_size=32, max_starts=8, idle_s=30.0)
+    s = Sim(p, start_s=0.1)
+    s.run(clients=1, run_s=0.05, until=10.0)
+    quiet_target = max(d.target_ready for t, d in s.decisions if 5.0 <= t < 10.0)
+    s.run(clients=10, run_s=0.2, until=25.0)
+    burst = [d for t, d in s.decisions if 15.0 <= t < 25.0]
+    s.run(clients=1, run_s=0.05, until=45.0)
+    after = [d for t, d in s.decisions if 40.0 <= t < 45.0]
+    assert s.hit_rate(since=5.0) >= 0.9  # over the whole trace, step changes included
+    assert max(d.target_ready for d in burst) > quiet_target  # grew for the burst
+    assert max(d.target_ready for d in after) < max(d.target_ready for d in burst)  # and came back down
+    assert all(d.keeping_up for d in burst[len(burst) // 2:] + after)
+
+
+def test_overload_is_reported_and_clears_when_demand_falls():
+    # 300 ms starts, 2 at once (6.7/s): 5 clients at 10 ms runs overload it; then 1 client paced at 1 run/s
+    p = PoolPolicy(min_size=2, max_size=32, max_starts=2)
+    s = Sim(p, start_s=0.3)
+    s.run(clients=5, run_s=0.01, until=10.0)
+    assert not s.decisions[-1][1].keeping_up and "--max-starts" in s.decisions[-1][1].note
+    s.run(clients=1, run_s=0.01, until=40.0, think_s=1.0)
+    d = s.decisions[-1][1]
+    assert d.keeping_up and d.note is None
+    assert s.hit_rate(since=30.0) == 1.0
+
+
+def test_a_slowing_engine_raises_the_target():
+    # the engine's start time doubles mid-trace (a loaded host): the policy's estimate follows and it keeps
+    # more members ready to cover the longer lead time
+    p = PoolPolicy(min_size=2, max_size=64, max_starts=16)
+    s = Sim(p, start_s=0.1)
+    s.run(clients=4, run_s=0.1, until=10.0)
+    before = [d.target_ready for t, d in s.decisions if 5.0 <= t < 10.0]
+    s.start_s = 0.3
+    s.run(clients=4, run_s=0.1, until=25.0)
+    after = [d.target_ready for t, d in s.decisions if 20.0 <= t < 25.0]
+    assert p.start_s is not None and p.start_s > 0.25
+    assert max(after) > max(before)
+    assert s.hit_rate(since=20.0) >= 0.9

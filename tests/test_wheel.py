@@ -35,7 +35,7 @@ def test_wheel_carries_the_prebuilt_binaries(wheel):
             assert name in infos
         assert (infos["agentkernel/_prebuilt/ak-agent"].external_attr >> 16) & 0o111  # executable
         entry = z.read(next(n for n in infos if n.endswith("entry_points.txt"))).decode()
-        assert "agentkernel = agentkernel.cli:main" in entry
+        assert "agentkernel = agentkernel.cli:entry" in entry
 
 
 def _free_port() -> int:

@@ -26,6 +26,7 @@ from pydantic import ValidationError as PydanticValidationError
 from ..errors import AgentKernelError
 from . import refops, reftools
 from .auth import LOCAL_TENANT, TokenSet, bearer
+from .models import ALLOW_DOC, BLOCK_DOC, NETWORK_DOC, SECRETS_DOC
 from .service import file_path
 
 OUTPUT_CAP = 16_000  # bytes per stream: the first and last OUTPUT_CAP/2 are kept
@@ -49,7 +50,11 @@ class RunArgs(_Args):
     timeout_ms: int = Field(DEFAULT_TIMEOUT_MS, gt=0, le=86_400_000,
                             description="kill the command after this many milliseconds (exit code 124)")
     profile: Profile | None = Field(None, description="security profile (default moderate)")
-    network: bool | None = Field(None, description="network access (default: the profile's; moderate: off)")
+    network: bool | str | None = Field(None, description="network access (default: the profile's; moderate: "
+                                       "off): true/false, or \"none\", \"allowlist\", \"open\"")
+    allow_hosts: list[str] | None = Field(None, description=ALLOW_DOC)
+    block_hosts: list[str] | None = Field(None, description=BLOCK_DOC)
+    secrets: list[str] | None = Field(None, description=SECRETS_DOC)
     backend: str | None = Field(None, description="backend (default podman)")
     compatibility_mode: Literal["native", "claude", "claude-code", "codex", "gemini", "opencode"] | None = Field(
         None, description="the calling agent (reference argument): commands get the engine's default seccomp "
@@ -60,7 +65,10 @@ class CreateArgs(_Args):
     name: str = Field(description="name for the sandbox (letters, digits, '-', '_')")
     image: str | None = Field(None, description="image (default agentkernel/busybox)")
     profile: Profile | None = None
-    network: bool | None = None
+    network: bool | str | None = Field(None, description=NETWORK_DOC)
+    allow_hosts: list[str] | None = Field(None, description=ALLOW_DOC)
+    block_hosts: list[str] | None = Field(None, description=BLOCK_DOC)
+    secrets: list[str] | None = Field(None, description=SECRETS_DOC)
     memory_mb: int | None = Field(None, ge=6)
     vcpus: float | None = Field(None, gt=0)
     backend: str | None = None
@@ -195,7 +203,8 @@ class Tools:
         if isinstance(a, RunArgs):
             out, err = HeadTail(), HeadTail()
             spec = svc.run_spec(tenant, a.command, image=a.image, profile=a.profile, backend=a.backend,
-                                network=a.network)
+                                network=a.network, allow_hosts=a.allow_hosts, block_hosts=a.block_hosts,
+                                secrets=a.secrets)
             r = await svc.run(tenant, spec, self._req(a.command, a.env, a.cwd, a.timeout_ms, out, err), fast=a.fast)
             return _result_payload(r, out, err)
         if isinstance(a, ExecArgs):
@@ -208,7 +217,8 @@ class Tools:
         if isinstance(a, CreateArgs):
             refops.check_create(a.source_url, a.source_ref, a.ttl)
             spec = svc.sandbox_spec(tenant, a.name, image=a.image, profile=a.profile, backend=a.backend,
-                                    network=a.network, memory_mb=a.memory_mb, vcpus=a.vcpus, env=a.env,
+                                    network=a.network, allow_hosts=a.allow_hosts, block_hosts=a.block_hosts,
+                                    secrets=a.secrets, memory_mb=a.memory_mb, vcpus=a.vcpus, env=a.env,
                                     workdir=a.workdir, unsupported={"ports": a.ports})
             info = await svc.create(tenant, spec, start=True)
             info |= await refops.after_create(svc, tenant, a.name, source_url=a.source_url, source_ref=a.source_ref,

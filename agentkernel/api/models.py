@@ -7,8 +7,11 @@ Compatibility with the reference system's published clients (``agentkernel-sdk``
 - request bodies declare every field those clients send, including the ones they send as ``null``
   (the Python client's ``run`` always sends ``image``, ``profile`` and ``fast``); any *other* field is
   rejected with 400 (``extra="forbid"``), so a typo never silently changes what runs;
-- fields the clients may send but this server cannot honour (``sudo``, ``source_url``, ``volumes``,
-  ``secrets``, ...) are accepted when null/empty and refused with 422 otherwise (fail closed);
+- fields the clients may send but this server cannot honour (``sudo``, ``secret_files``, ...) are
+  accepted when null/empty and refused with 422 otherwise (fail closed);
+- ``network`` takes the clients' bool and our modes (``"none"``, ``"allowlist"``, ``"open"``), with
+  ``allow_hosts``/``block_hosts`` and ``secrets`` (``NAME:HOST[:HEADER]`` bindings, names only) as in
+  docs/network.md; values are checked by the service (422 naming the field);
 - run/exec results keep ``output`` (what the reference returns) and add ``exit_code``, ``stdout``,
   ``stderr``, ``signal``, ``timed_out``, ``oom_killed``, ``truncated`` and ``timings``;
 - ``SandboxBody.status`` stays within the clients' literal (``running``/``stopped``/``paused``); the
@@ -54,6 +57,14 @@ class ErrorEnvelope(BaseModel):
 
 Command = list[str]
 
+NETWORK_DOC = ("true/false (the reference clients' bool: true is open, or allowlist with allow_hosts), or a "
+               "mode: \"none\", \"allowlist\", \"open\" (docs/network.md); subject to the caller's policy")
+ALLOW_DOC = ('destinations an allowlist sandbox may reach: "host", "host:port", "*.domain", CIDRs '
+             '("203.0.113.0/24:5432", "[2001:db8::/32]:443"); names get ports 80 and 443 unless one is given')
+BLOCK_DOC = "destinations refused in any mode (same syntax); blocking wins"
+SECRETS_DOC = ('secret bindings "NAME:HOST[:HEADER]": the sandbox sees a placeholder, the egress gateway puts the '
+               "value (held by the server: agentkernel secret set NAME) into requests to HOST only")
+
 
 class RunRequest(Strict):
     """``POST /run`` and ``POST /run/stream``: one command in a fresh sandbox, destroyed afterwards."""
@@ -64,7 +75,10 @@ class RunRequest(Strict):
     fast: bool | None = Field(True, description="true: a warm pooled sandbox (each used once); "
                               "false: a cold sandbox created for this run")
     backend: str | None = None
-    network: bool | None = None
+    network: bool | str | None = Field(None, description=NETWORK_DOC)
+    allow_hosts: list[str] | None = Field(None, description=ALLOW_DOC)
+    block_hosts: list[str] | None = Field(None, description=BLOCK_DOC)
+    secrets: list[str] | None = Field(None, description=SECRETS_DOC)
     env: dict[str, str] | list[str] | None = Field(None, description="{K: V} or [\"K=V\"]")
     cwd: str | None = Field(None, description="working directory inside the sandbox")
     workdir: str | None = Field(None, description="alias of cwd")
@@ -99,7 +113,9 @@ class CreateSandboxRequest(Strict):
     pids: int | None = Field(None, ge=8, le=1 << 22)
     disk_mb: int | None = Field(None, ge=1, le=1 << 24)
     profile: Profile | None = None
-    network: bool | None = None
+    network: bool | str | None = Field(None, description=NETWORK_DOC)
+    allow_hosts: list[str] | None = Field(None, description=ALLOW_DOC)
+    block_hosts: list[str] | None = Field(None, description=BLOCK_DOC)
     read_only: bool | None = None
     env: dict[str, str] | list[str] | None = None
     workdir: str | None = None
@@ -110,8 +126,8 @@ class CreateSandboxRequest(Strict):
     volumes: list[str] | None = Field(None, description='named volumes: ["name:/path", "name:/path:ro"] '
                                       "(agentkernel volume create NAME)")
     ttl: str | int | None = Field(None, description='remove the sandbox after this long: "30m", "2h", seconds')
-    # accepted for client compatibility; refused (422) when set, because nothing here implements them
-    secrets: list[str] | None = None
+    secrets: list[str] | None = Field(None, description=SECRETS_DOC)
+    # accepted for client compatibility; refused (422) when set, because nothing here implements it
     secret_files: list[str] | None = None
 
 

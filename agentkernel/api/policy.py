@@ -6,7 +6,13 @@ than its ``CallerPolicy`` allows, whatever the request says:
 - ``backends``: the backends it may name (default: every registered one);
 - ``profiles``: the security profiles it may ask for (default ``moderate`` and ``restrictive``: never
   ``permissive``);
-- ``network``: whether it may turn network access on (default false);
+- ``network``: whether it may turn network access on (default false); ``network_modes``: exactly which
+  modes (``none``, ``allowlist``, ``open``; default ``["none"]``, or all three with ``network = true``);
+- ``allow_hosts``: the destinations its allowlists may name (entries as in ``[security.domains]``; a
+  requested entry must be covered by one of them: the same or a narrower name, wildcard, network or
+  port); unset: any;
+- ``secrets``: the secret names it may bind (``NAME:HOST[:HEADER]`` bindings; default none). Values
+  never travel over the API: the server's secret store holds them (``agentkernel secret set``);
 - ``max_memory_mb``/``max_vcpus``/``max_pids``/``max_disk_mb``: the most it may get; a value the caller
   asks for above it is refused, an unlimited or larger value coming from a profile or the server's
   config is lowered to it;
@@ -36,6 +42,12 @@ Configured in agentkernel.toml::
     profiles = ["moderate", "restrictive", "permissive"]
     network = true
     max_runs = 16
+
+    [[api.tenant]]
+    name = "agent"
+    network_modes = ["none", "allowlist"]
+    allow_hosts = ["*.pypi.example", "api.example.com:443"]
+    secrets = ["API_TOKEN"]
 """
 
 from __future__ import annotations
@@ -50,7 +62,9 @@ from ..spec import PROFILES
 POLICY_KEYS: dict[str, str] = {
     "backends": "list", "profiles": "list", "network": "bool", "max_memory_mb": "int", "max_vcpus": "number",
     "max_pids": "int", "max_disk_mb": "int", "max_sandboxes": "int", "max_runs": "int", "max_batch": "int",
+    "network_modes": "list", "allow_hosts": "list", "secrets": "list",
 }
+NETWORK_MODES = ("none", "allowlist", "open")
 TENANT_KEYS = {"name", *POLICY_KEYS}
 
 _RESOURCES = (("memory_mb", "max_memory_mb"), ("vcpus", "max_vcpus"), ("pids", "max_pids"), ("disk_mb", "max_disk_mb"))
@@ -70,6 +84,14 @@ class CallerPolicy:
     max_sandboxes: int = 8
     max_runs: int = 8
     max_batch: int = 16
+    network_modes: frozenset[str] | None = None  # None: from ``network`` (false: none only; true: all)
+    allow_hosts: tuple[str, ...] | None = None  # None: any destination its modes allow
+    secrets: frozenset[str] = frozenset()
+
+    def modes(self) -> frozenset[str]:
+        if self.network_modes is not None:
+            return self.network_modes
+        return frozenset(NETWORK_MODES) if self.network else frozenset({"none"})
 
     @classmethod
     def from_table(cls, table: dict[str, Any], source: str, base: CallerPolicy | None = None) -> CallerPolicy:
@@ -92,22 +114,66 @@ class CallerPolicy:
                     raise ConfigError(f"{source}: unknown profile {bad[0]!r} in profiles "
                                       f"(known: {', '.join(PROFILES)})")
                 v = frozenset(v)
+            elif key == "network_modes":
+                bad = [m for m in v if m not in NETWORK_MODES]
+                if bad:
+                    raise ConfigError(f"{source}: unknown network mode {bad[0]!r} in network_modes "
+                                      f"(known: {', '.join(NETWORK_MODES)})")
+                v = frozenset(v)
+            elif key == "allow_hosts":
+                from ..egress.rules import parse_entries
+                from ..errors import ValidationError
+
+                try:
+                    parse_entries(v, f"{source} allow_hosts")
+                except ValidationError as exc:
+                    raise ConfigError(str(exc)) from None
+                v = tuple(v)
+            elif key == "secrets":
+                from .._model import is_env_name
+
+                bad = [n for n in v if not is_env_name(n)]
+                if bad:
+                    raise ConfigError(f"{source}: invalid secret name {bad[0]!r} in secrets")
+                v = frozenset(v)
             elif key != "network" and v is not None and v <= 0:
                 raise ConfigError(f"{source}: {key} must be positive, got {v!r}")
             kw[key] = v
         return replace(base, **kw)
 
     # -- checks --
-    def check_request(self, *, backend: str, profile: str, network: bool | None, resources: dict[str, Any]) -> None:
-        """Refuse what the caller explicitly asked for beyond this policy (403, naming the limit)."""
-        if self.backends is not None and backend not in self.backends:
+    def check_request(self, *, backend: str | None, profile: str | None, network: bool | None,
+                      resources: dict[str, Any],
+                      mode: str | None = None, allow: tuple[str, ...] = (), secrets: tuple[str, ...] = ()) -> None:
+        """Refuse what the caller explicitly asked for beyond this policy (403, naming the limit).
+        ``mode``/``allow``/``secrets``: the network mode, allowlist and secret bindings it asked for."""
+        if backend is not None and self.backends is not None and backend not in self.backends:
             raise NotPermitted(f"backend {backend!r} is not allowed for this caller "
                                f"(allowed: {', '.join(sorted(self.backends)) or 'none'})")
-        if profile not in self.profiles:
+        if profile is not None and profile not in self.profiles:
             raise NotPermitted(f"profile {profile!r} is not allowed for this caller "
                                f"(allowed: {', '.join(sorted(self.profiles))})")
-        if network and not self.network:
+        modes = self.modes()
+        if mode not in (None, "none") and modes == {"none"}:
             raise NotPermitted("network access is not allowed for this caller")
+        if mode is not None and mode not in modes:
+            raise NotPermitted(f"network mode {mode!r} is not allowed for this caller "
+                               f"(allowed: {', '.join(m for m in NETWORK_MODES if m in modes)})")
+        if mode is None and network and not (modes - {"none"}):
+            raise NotPermitted("network access is not allowed for this caller")
+        if allow and self.allow_hosts is not None:
+            from ..egress.rules import parse_entries
+
+            mine = parse_entries(self.allow_hosts, "allow_hosts")
+            for e in parse_entries(allow, "allow_hosts"):
+                if not any(covers(p, e) for p in mine):
+                    raise NotPermitted(f"allow_hosts: {e.text!r} is not within this caller's allowed destinations "
+                                       f"({', '.join(self.allow_hosts) or 'none'})")
+        for text in secrets:
+            name = text.split(":", 1)[0]
+            if name not in self.secrets:
+                raise NotPermitted(f"secrets: this caller may not bind secret {name!r}"
+                                   + (f" (allowed: {', '.join(sorted(self.secrets))})" if self.secrets else ""))
         for res, key in _RESOURCES:
             ceiling, asked = getattr(self, key), resources.get(res)
             if ceiling is not None and asked is not None and asked > ceiling:
@@ -121,9 +187,15 @@ class CallerPolicy:
                                "hand host paths to the sandbox: not allowed for remote callers")
         pol = spec.policy.to_dict()
         pol["mount_cwd"] = False
-        if not self.network:
+        from ..spec import network_mode
+
+        if network_mode(spec.policy) not in self.modes():  # a profile's or the server config's: lowered
             pol["network"] = False
             pol["network_allow"] = []
+        # bindings from the server's config that this caller may not use are dropped
+        pol["secrets"] = [b for b in pol.get("secrets") or () if b.split(":", 1)[0] in self.secrets]
+        if not pol["network"]:
+            pol["secrets"], pol["tls_intercept"] = [], False
         res = spec.resources.to_dict()
         for r, key in _RESOURCES:
             ceiling = getattr(self, key)
@@ -135,6 +207,23 @@ class CallerPolicy:
 
         return spec.replace(policy=Policy.from_dict(pol, "policy"), resources=Resources.from_dict(res, "resources"),
                             env=env)
+
+
+def covers(mine: Any, asked: Any) -> bool:
+    """Whether the policy entry ``mine`` allows everything the requested entry ``asked`` allows."""
+    if asked.host is not None:
+        if mine.host is None:
+            return False
+        if asked.wildcard:
+            if not mine.wildcard or not (asked.host == mine.host or asked.host.endswith("." + mine.host)):
+                return False
+        elif not mine.matches_host(asked.host):
+            return False
+    else:
+        if mine.net is None or asked.net.version != mine.net.version or not asked.net.subnet_of(mine.net):
+            return False
+    mp, ap = mine.ports(), asked.ports()
+    return mp is None or (ap is not None and set(ap) <= set(mp))
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Any
 
 from .. import audit
 from ..backends.base import ExecRequest, ExecResult
-from ..errors import AgentKernelError, NotFound, PolicyNotEnforceable, ValidationError
+from ..errors import AgentKernelError, InvalidField, NotFound, PolicyNotEnforceable, ValidationError
 from ..manager import SandboxManager
 from ..spec import SandboxSpec, check_sandbox_path, validate_name, validate_timeout
 from .admission import Admission
@@ -58,6 +58,76 @@ def env_dict(env: dict[str, str] | list[str] | None) -> dict[str, str]:
         if "\0" in v:
             raise ValidationError(f"the value of {k} contains a NUL byte")
     return out
+
+
+NetworkField = bool | str | None
+
+
+def network_flags(network: NetworkField, allow_hosts: list[str] | None, block_hosts: list[str] | None,
+                  secrets: list[str] | None) -> tuple[dict[str, Any], str | None]:
+    """The network fields of a run/create request -> (the CLI's flags, the requested mode or None when
+    none was asked for). Every value is checked here, each error (422) names its field:
+
+    - ``network``: true (open; allowlist when ``allow_hosts`` is given), false, "none", "allowlist", "open";
+    - ``allow_hosts`` / ``block_hosts``: entries as ``--allow-host`` (``host[:port]``, ``*.domain``, CIDRs);
+    - ``secrets``: ``NAME:HOST[:HEADER]`` bindings of secrets the server holds (by name; values never
+      travel over the API)."""
+    from ..egress.rules import parse_binding, parse_entry
+
+    def field(name: str, fn, *args):
+        try:
+            return fn(*args)
+        except ValidationError as exc:
+            raise InvalidField(exc.message if exc.message.startswith(name) else f"{name}: {exc.message}",
+                               hint=exc.hint) from None
+
+    if network is not None and not isinstance(network, bool) and network not in ("none", "allowlist", "open"):
+        raise InvalidField(f"network: must be true, false, \"none\", \"allowlist\" or \"open\", got {network!r}")
+    for key, values in (("allow_hosts", allow_hosts), ("block_hosts", block_hosts), ("secrets", secrets)):
+        if values is not None and len(values) > 256:
+            raise InvalidField(f"{key}: at most 256 entries")
+    allow, block, binds = list(allow_hosts or ()), list(block_hosts or ()), list(secrets or ())
+    for i, e in enumerate(allow):
+        field(f"allow_hosts[{i}]", parse_entry, e, f"allow_hosts[{i}]")
+    for i, e in enumerate(block):
+        field(f"block_hosts[{i}]", parse_entry, e, f"block_hosts[{i}]")
+    for i, b in enumerate(binds):
+        field(f"secrets[{i}]", parse_binding, b, f"secrets[{i}]")
+    if allow and network in (False, "none", "open"):
+        raise InvalidField(f"allow_hosts: contradicts network = {network!r} (an allowlist is network mode "
+                           "allowlist: send network \"allowlist\" or true, or leave it out)")
+    mode = ("allowlist" if allow else network if isinstance(network, str)
+            else None if network is None else "open" if network else "none")
+    flags: dict[str, Any] = {}
+    if mode is not None:
+        flags["network"] = mode
+    if allow:
+        flags["allow_host"] = allow
+    if block:
+        flags["block_host"] = block
+    if binds:
+        flags["secret"] = binds
+    if flags:
+        from ..egress.config import apply_flags, finalize
+        from ..errors import ConfigError
+
+        scratch: dict[str, Any] = {}
+        try:
+            apply_flags(scratch, flags)
+            finalize(scratch)
+        except (ConfigError, ValidationError) as exc:
+            key = "secrets" if "secret" in exc.message else "allow_hosts" if allow else "network"
+            raise InvalidField(f"{key}: {exc.message}", hint=exc.hint) from None
+    if binds:
+        from ..egress import secrets as store
+
+        held = set(store.names())
+        for i, b in enumerate(binds):
+            name = b.split(":", 1)[0]
+            if name not in held:
+                raise InvalidField(f"secrets[{i}]: no secret named {name!r} on this server",
+                                   hint=f"on the server: agentkernel secret set {name}")
+    return flags, mode
 
 
 def check_cwd(cwd: str | None) -> str | None:
@@ -157,26 +227,40 @@ class Service:
         await self.manager.aclose()
 
     # -- requests -> specs (one place for HTTP and MCP) --
-    def _spec(self, tenant: str, argv: list[str] | None, flags: dict[str, Any]) -> SandboxSpec:
+    def _spec(self, tenant: str, argv: list[str] | None, flags: dict[str, Any], net: dict[str, Any]) -> SandboxSpec:
         from ..imagesel import resolve_for_command
 
         caller = self.policy.for_tenant(tenant)
-        f = {**flags, "mount_cwd": False}  # never the server's directory on behalf of a remote caller
-        spec = resolve_for_command(f, argv, config=self.config)  # the one image rule
+        netflags, mode = network_flags(net.get("network"), net.get("allow_hosts"), net.get("block_hosts"),
+                                       net.get("secrets"))
+        f = {**flags, **netflags, "mount_cwd": False}  # never the server's directory on behalf of a remote caller
+        if "network" not in netflags:
+            f["network"] = net.get("network")
         from ..backends import canonical
 
-        caller.check_request(backend=canonical(spec.backend), profile=spec.policy.profile,
-                             network=flags.get("network"),
+        # the caller's policy first: nothing it may not ask for is even resolved
+        backend = flags.get("backend")
+        caller.check_request(backend=canonical(backend) if backend else None, profile=flags.get("profile"),
+                             network=None, mode=mode,
+                             allow=tuple(net.get("allow_hosts") or ()), secrets=tuple(net.get("secrets") or ()),
                              resources={k: flags.get(k) for k in ("memory_mb", "vcpus", "pids", "disk_mb")})
+        spec = resolve_for_command(f, argv, config=self.config)  # the one image rule
+        caller.check_request(backend=canonical(spec.backend), profile=spec.policy.profile, network=None,
+                             resources={})
         return caller.confine(spec)
 
     def run_spec(self, tenant: str, argv: list[str], *, image: str | None = None, profile: str | None = None,
-                 backend: str | None = None, network: bool | None = None) -> SandboxSpec:
+                 backend: str | None = None, network: NetworkField = None, allow_hosts: list[str] | None = None,
+                 block_hosts: list[str] | None = None, secrets: list[str] | None = None) -> SandboxSpec:
         """The spec of a one-shot run a caller asked for, within its policy."""
-        return self._spec(tenant, argv, {"image": image, "profile": profile, "backend": backend, "network": network})
+        return self._spec(tenant, argv, {"image": image, "profile": profile, "backend": backend},
+                          {"network": network, "allow_hosts": allow_hosts, "block_hosts": block_hosts,
+                           "secrets": secrets})
 
     def sandbox_spec(self, tenant: str, name: str, *, image: str | None = None, profile: str | None = None,
-                     backend: str | None = None, network: bool | None = None, read_only: bool | None = None,
+                     backend: str | None = None, network: NetworkField = None, allow_hosts: list[str] | None = None,
+                     block_hosts: list[str] | None = None, secrets: list[str] | None = None,
+                     read_only: bool | None = None,
                      memory_mb: int | None = None, vcpus: float | None = None, pids: int | None = None,
                      disk_mb: int | None = None, env=None, workdir: str | None = None,
                      options: dict[str, str] | None = None,
@@ -185,10 +269,12 @@ class Service:
         implement (``unsupported``) are refused when set."""
         refuse_unsupported(**(unsupported or {}))
         validate_name(name)
-        return self._spec(tenant, None, {"image": image, "profile": profile, "backend": backend, "network": network,
+        return self._spec(tenant, None, {"image": image, "profile": profile, "backend": backend,
                                          "read_only": read_only, "memory_mb": memory_mb, "vcpus": vcpus,
                                          "pids": pids, "disk_mb": disk_mb, "env": env_dict(env),
-                                         "workdir": check_cwd(workdir), "name": name, "options": options or {}})
+                                         "workdir": check_cwd(workdir), "name": name, "options": options or {}},
+                          {"network": network, "allow_hosts": allow_hosts, "block_hosts": block_hosts,
+                           "secrets": secrets})
 
     def exec_request(self, argv: list[str], *, env=None, cwd=None, timeout=None, stdin: str | None = None,
                      on_output=None, output_limit: int | None = None, sudo: bool | None = None) -> ExecRequest:

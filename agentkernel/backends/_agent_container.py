@@ -38,6 +38,11 @@ class AgentContainerBackend(Backend, AgentAccess):
     # the engine cannot join a namespace path: the sandbox's init waits until the host moved the network
     # into the namespace the engine made (egress.attach.complete after start)
     egress_deferred = False
+    # the engine would keep the workdir outside the capped root (podman's anonymous volume): bind a capped
+    # directory of ours there instead (_container.prepare_disk_dir)
+    capped_workdir = False
+    # the runtime keeps /tmp in unsized memory of its own (gVisor): a capped root gets a sized /tmp tmpfs
+    sized_tmp = False
 
     # -- engine operations (subclass) --
     async def _engine_create(self, plan: _container.ContainerPlan) -> str:
@@ -70,7 +75,6 @@ class AgentContainerBackend(Backend, AgentAccess):
                      start: bool = False) -> SandboxRef:
         """Create the container; with ``start`` also start it (one engine call where the engine has one,
         e.g. ``podman run -d``: the pool's refills use it) and wait for its agent."""
-        self.check(spec)
         agent = paths.agent_binary()
         if agent is None:
             raise BackendUnavailable(
@@ -84,8 +88,10 @@ class AgentContainerBackend(Backend, AgentAccess):
                 import asyncio
 
                 net = await asyncio.to_thread(_container.attach_network, spec, sandbox_id, self.egress_deferred)
+            ddir = _container.prepare_disk_dir(spec, sandbox_id) if self.capped_workdir else None
             p = _container.plan(spec, sandbox_id=sandbox_id, owner=owner, container_name=name,
-                                agent_bin=agent, run_dir=run_dir, pids_overhead=self.pids_overhead, net=net)
+                                agent_bin=agent, run_dir=run_dir, pids_overhead=self.pids_overhead, net=net,
+                                disk_dir=ddir, sized_tmp=self.sized_tmp)
             cid = await (self._engine_run_detached(p) if start else self._engine_create(p))
         except BaseException:
             _container.remove_run_dir(sandbox_id)

@@ -39,6 +39,7 @@ class ContainerPlan:
         "binds",
         "cmd",
         "cpus",
+        "disk_cap_mb",
         "dns",
         "entrypoint",
         "env",
@@ -99,6 +100,57 @@ def prepare_run_dir(sandbox_id: str, user: str) -> str:
 
 def remove_run_dir(sandbox_id: str) -> None:
     remove_flat_dir(sandbox_run_dir(sandbox_id))
+    remove_disk_dir(sandbox_id)
+
+
+def rootfs_cap_mb(spec: SandboxSpec) -> int | None:
+    """The cap on a writable root's own bytes (resources.disk_mb), None for a read-only root (its
+    writable places are sized tmpfs) or an explicitly unlimited spec."""
+    if spec.resources.disk_mb is None or spec.policy.read_only_root:
+        return None
+    return spec.resources.disk_mb
+
+
+def disk_dir(sandbox_id: str) -> str:
+    """The sandbox's capped workdir on the storage volume (podman: its writable workdir, see plan)."""
+    from ..diskquota import sandboxes_dir
+
+    return os.path.join(sandboxes_dir(), sandbox_id)
+
+
+def prepare_disk_dir(spec: SandboxSpec, sandbox_id: str) -> str | None:
+    """Engines that would put the workdir in a volume of their own (podman: an anonymous volume outside
+    the container's capped root) get a capped directory of ours bound there instead: a btrfs subvolume
+    capped at disk_mb, owned by the sandbox user. None when the spec needs none."""
+    cap = rootfs_cap_mb(spec)
+    if cap is None or (spec.policy.mount_cwd and spec.workdir == "/workspace"):
+        return None
+    from .. import diskquota
+
+    d = disk_dir(sandbox_id)
+    if os.path.isdir(d):  # a named sandbox started again
+        return d
+    from ..errors import PolicyNotEnforceable
+
+    ok, why = diskquota.quota_status(diskquota.volume())
+    if not ok:
+        raise PolicyNotEnforceable(f"cannot cap the sandbox's workdir at {cap} MiB: {why}", hint=diskquota.FIX)
+    uid, _, gid = resolve_user(spec).partition(":")
+    os.makedirs(os.path.dirname(d), mode=0o711, exist_ok=True)
+    try:
+        return diskquota.make_capped_dir(d, cap, (int(uid), int(gid or uid)))
+    except diskquota.QuotaError as exc:
+        raise PolicyNotEnforceable(f"cannot cap the sandbox's workdir: {exc}", hint=diskquota.FIX) from None
+
+
+def remove_disk_dir(sandbox_id: str) -> None:
+    from ..diskquota import sandboxes_dir
+
+    base = sandboxes_dir()
+    if os.path.lexists(os.path.join(base, sandbox_id)):
+        from ..diskquota import remove_capped_dir
+
+        remove_capped_dir(os.path.join(base, sandbox_id))
 
 
 NET_READY_IN = f"{AGENT_RUN_IN}/net-ready"  # engines that make the namespace themselves: see egress.attach.complete
@@ -163,10 +215,14 @@ def plan(
     interactive: bool = False,
     pids_overhead: int = 0,
     net: Any = None,
+    disk_dir: str | None = None,
+    sized_tmp: bool = False,
 ) -> ContainerPlan:
     """``argv`` given: a one-shot container running argv (under ``ak-agent exec`` when the agent is
     available: signal forwarding, zombie reaping, exact status and OOM report). ``argv`` None: a
-    long-lived sandbox whose PID 1 is ``ak-agent serve`` on a socket in ``run_dir``."""
+    long-lived sandbox whose PID 1 is ``ak-agent serve`` on a socket in ``run_dir``. ``disk_dir``: a capped
+    directory (prepare_disk_dir) bound at the workdir unless a mount is there; ``sized_tmp``: the runtime
+    keeps /tmp in memory of its own (gVisor), so a capped writable root gets a /tmp tmpfs of disk_mb."""
     pol, res = spec.policy, spec.resources
     user = resolve_user(spec)
     binds: list[tuple[str, str, bool]] = []
@@ -187,6 +243,12 @@ def plan(
             owned = "" if path == "/tmp" else f",uid={uid},gid={gid}"
             mode = "1777" if path == "/tmp" else "0755"
             tmpfs.append((path, f"rw,nosuid,nodev,size={size}m,mode={mode}{owned}"))
+    cap = rootfs_cap_mb(spec)
+    if cap is not None and sized_tmp and not any(d == "/tmp" for _, d, _ in binds):
+        tmpfs.append(("/tmp", f"rw,nosuid,nodev,size={cap}m,mode=1777"))
+    if disk_dir and not any(spec.workdir == d for _, d, _ in binds) \
+            and not any(spec.workdir == d for d, _ in tmpfs):
+        binds.append((disk_dir, spec.workdir, False))
     entrypoint: list[str] | None
     cmd: list[str]
     if net is not None:
@@ -242,6 +304,7 @@ def plan(
         binds=binds,
         memory_bytes=res.memory_mb * 1024 * 1024 if res.memory_mb is not None else None,
         cpus=res.vcpus,
+        disk_cap_mb=cap,
         pids=res.pids + pids_overhead if res.pids is not None else None,
         seccomp_file=profile_path(pol.seccomp),
         entrypoint=entrypoint,
@@ -276,6 +339,14 @@ def podman_args(p: ContainerPlan, *, network_default: str | None = None) -> list
         a += ["--tmpfs", f"{path}:{_podman_tmpfs_opts(opts)}"]
     for src, dst, ro in p.binds:
         a += ["-v", f"{src}:{dst}:{'ro' if ro else 'rw'}"]
+    if p.disk_cap_mb is not None:
+        # the prestart hook (diskquota.py) caps the container's root subvolume before its first process
+        import sys
+
+        from .. import diskquota
+
+        a += ["--hooks-dir", diskquota.hooks_dir(paths.cache_dir(), sys.executable),
+              "--annotation", f"{diskquota.HOOK_ANNOTATION}={p.disk_cap_mb}"]
     if not _on_mount(p, p.workdir):
         # podman refuses --workdir when the image lacks that directory: an anonymous volume there always exists;
         # podman fills it from the image's directory (content, owner) or gives it to the sandbox user, and
@@ -315,23 +386,25 @@ STATUS_MAX = 4096  # the agent writes one short line
 
 
 def oneshot_plan(spec, argv: list[str], *, sandbox_id: str, owner: dict, interactive: bool,
-                 pids_overhead: int = 0, egress: bool = False,
-                 egress_deferred: bool = False) -> tuple[str | None, ContainerPlan]:
+                 pids_overhead: int = 0, egress: bool = False, egress_deferred: bool = False,
+                 capped_workdir: bool = False, sized_tmp: bool = False) -> tuple[str | None, ContainerPlan]:
     """The run dir (None without the agent) and plan of a one-shot container: ``ak-agent exec`` as init
     reports the exact status into the run dir's ``status`` file. ``egress``: the backend joins network
     modes through ``agentkernel.egress`` (attached here; ``oneshot_cleanup`` releases it)."""
     agent = paths.agent_binary()
     run_dir = prepare_run_dir(sandbox_id, resolve_user(spec)) if agent else None
-    net = None
-    if egress and spec.policy.network:
-        try:
+    net = ddir = None
+    try:
+        if egress and spec.policy.network:
             net = attach_network(spec, sandbox_id, egress_deferred)
-        except BaseException:
-            oneshot_cleanup(spec, sandbox_id, run_dir)
-            raise
+        if capped_workdir:
+            ddir = prepare_disk_dir(spec, sandbox_id)
+    except BaseException:
+        oneshot_cleanup(spec, sandbox_id, run_dir)
+        raise
     p = plan(spec, sandbox_id=sandbox_id, owner=owner, container_name=container_name(sandbox_id), argv=argv,
              agent_bin=agent, run_dir=run_dir, cwd=os.getcwd(), interactive=interactive,
-             pids_overhead=pids_overhead, net=net)
+             pids_overhead=pids_overhead, net=net, disk_dir=ddir, sized_tmp=sized_tmp)
     return run_dir, p
 
 
@@ -341,6 +414,8 @@ def oneshot_cleanup(spec, sandbox_id: str, run_dir: str | None) -> None:
         remove_flat_dir(run_dir)
     if spec.policy.network:
         release_network(sandbox_id)
+    if rootfs_cap_mb(spec) is not None:
+        remove_disk_dir(sandbox_id)
 
 
 def read_status(run_dir: str | None) -> dict[str, int] | None:

@@ -173,23 +173,61 @@ def pod(spec: SandboxSpec, settings: dict[str, Any], *, name: str, namespace: st
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec(spec, settings)}
 
 
-def network_policy(*, name: str, namespace: str, network: bool, labels: dict[str, str],
-                   annotations: dict[str, str] | None = None,
-                   owner_refs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Deny all ingress to the pod named ``name``; deny all egress too unless ``network``."""
+# Destinations an open-mode pod never reaches (besides every sandbox pod's own ingress deny): cloud
+# metadata and link-local, loopback, multicast/reserved, and the cluster's own ranges ([orchestrator]
+# cluster_cidrs; default: the private ranges, where pod, service and node networks live).
+OPEN_EXCEPT_V4 = ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "168.63.129.16/32", "100.100.100.200/32",
+                  "224.0.0.0/4", "240.0.0.0/4")
+OPEN_EXCEPT_V6 = ("fe80::/10", "fd00:ec2::254/128", "ff00::/8", "::1/128")
+DEFAULT_CLUSTER_CIDRS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+DNS_PORTS = [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
+
+
+def egress_rules(mode: str, settings: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The NetworkPolicy egress rules of a network mode: [] (deny all) for none; for open, the whole
+    address space except OPEN_EXCEPT_* and the cluster's ranges, plus DNS to the cluster resolver
+    (kube-dns pods, which sit inside those ranges). Allowlist needs an egress gateway that checks names
+    per sandbox; a NetworkPolicy cannot name hosts, so it is refused by the backend (``None`` here)."""
+    import ipaddress
+
+    if mode == "none":
+        return []
+    if mode != "open":
+        return None
+    cluster = settings.get("cluster_cidrs")
+    nets = [ipaddress.ip_network(n) for n in (DEFAULT_CLUSTER_CIDRS if cluster is None else cluster)]
+    v4 = sorted({*OPEN_EXCEPT_V4, *(str(n) for n in nets if n.version == 4)})
+    v6 = sorted({*OPEN_EXCEPT_V6, *(str(n) for n in nets if n.version == 6)})
+    dns_ns = settings.get("cluster_dns_namespace") or "kube-system"
+    dns_labels = settings.get("cluster_dns_labels") or {"k8s-app": "kube-dns"}
+    return [
+        {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": v4}}, {"ipBlock": {"cidr": "::/0", "except": v6}}]},
+        {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": dns_ns}},
+                 "podSelector": {"matchLabels": dict(dns_labels)}}],
+         "ports": [dict(p) for p in DNS_PORTS]},
+    ]
+
+
+def network_policy(*, name: str, namespace: str, mode: str, labels: dict[str, str],
+                   annotations: dict[str, str] | None = None, owner_refs: list[dict[str, Any]] | None = None,
+                   settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The sandbox pod's NetworkPolicy: all ingress denied; egress per network mode (``egress_rules``)."""
     meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": dict(labels),
                             "annotations": dict(annotations or {})}
     if owner_refs:
         meta["ownerReferences"] = owner_refs
+    egress = egress_rules(mode, settings or {})
+    if egress is None:
+        raise ValueError(f"network mode {mode} has no NetworkPolicy mapping")
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": meta,
         "spec": {
             "podSelector": {"matchLabels": {LABEL_POD: name}},
-            "policyTypes": ["Ingress"] if network else ["Ingress", "Egress"],
+            "policyTypes": ["Ingress", "Egress"],
             "ingress": [],
-            **({} if network else {"egress": []}),
+            "egress": egress,
         },
     }
 
@@ -203,9 +241,9 @@ POD_NAME_ANNOTATION = "agents.x-k8s.io/pod-name"
 
 def sandbox_template(spec: SandboxSpec, settings: dict[str, Any], *, name: str, namespace: str,
                      labels: dict[str, str]) -> dict[str, Any]:
-    np: dict[str, Any] = {"ingress": []}
-    if not spec.policy.network:
-        np["egress"] = []
+    from ..spec import network_mode
+
+    np: dict[str, Any] = {"ingress": [], "egress": egress_rules(network_mode(spec.policy), settings)}
     return {
         "apiVersion": f"{EXTENSIONS_GROUP}/{AGENTS_VERSION}",
         "kind": "SandboxTemplate",

@@ -60,6 +60,16 @@ def fingerprint(f: dict | None = None) -> str:
     except OSError:
         here = 0
     parts = [f"ak={here}", f"euid={f['euid']}", f"docker={sock}:{os.path.exists(sock)}"]
+    # the storage cap every profile sets depends on where the engines keep their storage: podman's
+    # storage.conf, a restarted dockerd (its pid file) and whether the quota volume is mounted
+    from ..diskquota import volume
+
+    for p in (os.environ.get("CONTAINERS_STORAGE_CONF") or "/etc/containers/storage.conf", "/var/run/docker.pid"):
+        try:
+            parts.append(f"{p}={os.stat(p).st_mtime_ns}")
+        except OSError:
+            parts.append(f"{p}=-")
+    parts.append(f"volume={os.path.ismount(volume())}")
     for b in BINARIES:
         p = f["binaries"].get(b)
         if p:

@@ -348,7 +348,9 @@ class Backend(ABC):
         """Synchronous, quick: can this backend work on this host, and if not, exactly why."""
 
     def check(self, spec: SandboxSpec) -> None:
-        """Refuse specs this backend cannot honour (fail closed). Override to add backend rules."""
+        """Refuse specs this backend cannot honour (fail closed). Override to add backend rules. The core
+        runs it once, before anything of a spec is made (``manager`` for named sandboxes, ``oneshot`` for
+        runs, the daemon for pools); ``create``/``run``/``run_oneshot``/``start_pool`` do not repeat it."""
         check_policy(spec, self.capabilities, self.name)
 
     # -- lifecycle --
@@ -413,14 +415,26 @@ class Backend(ABC):
         return (await self.run_timed(spec, req, sandbox_id=sandbox_id, owner=owner))[1]
 
     async def run_timed(self, spec: SandboxSpec, req: ExecRequest, *, sandbox_id: str,
-                        owner: dict[str, Any]) -> tuple[SandboxRef, ExecResult]:
+                        owner: dict[str, Any], start_gate: Any = None) -> tuple[SandboxRef, ExecResult]:
         """``run``'s work, also returning the (removed) sandbox's ref, for backends that add timings
-        from its handle; the result's timings hold each phase (create, start, exec, remove, total)."""
+        from its handle; the result's timings hold each phase (create, start, exec, remove, total).
+
+        ``start_gate`` (an async context manager, e.g. the daemon's start semaphore) bounds the sandbox's
+        create + start, not its command: then both run as ``create_started`` (one engine call where the
+        engine has one) inside the gate, ``create_ms`` covers both and ``start_wait_ms`` is the wait for
+        the gate."""
         t0 = time.perf_counter()
-        ref = await self.create(spec, sandbox_id=sandbox_id, owner=owner)
+        if start_gate is None:
+            ref = await self.create(spec, sandbox_id=sandbox_id, owner=owner)
+            t_gate = t0
+        else:
+            async with start_gate:
+                t_gate = time.perf_counter()
+                ref = await self.create_started(spec, sandbox_id=sandbox_id, owner=owner)
         try:
             t1 = time.perf_counter()
-            await self.start(ref)
+            if start_gate is None:
+                await self.start(ref)
             t2 = time.perf_counter()
             result = await self.exec(ref, req)
             t3 = time.perf_counter()
@@ -428,10 +442,12 @@ class Backend(ABC):
             t4 = time.perf_counter()
             await self.remove(ref)
         t5 = time.perf_counter()
-        result.timings.update({
-            "create_ms": (t1 - t0) * 1e3, "start_ms": (t2 - t1) * 1e3, "exec_ms": (t3 - t2) * 1e3,
-            "remove_ms": (t5 - t4) * 1e3, "total_ms": (t5 - t0) * 1e3,
-        })
+        if start_gate is None:
+            phases = {"create_ms": (t1 - t0) * 1e3, "start_ms": (t2 - t1) * 1e3}
+        else:
+            phases = {"start_wait_ms": (t_gate - t0) * 1e3, "create_ms": (t1 - t_gate) * 1e3}
+        result.timings.update({**phases, "exec_ms": (t3 - t2) * 1e3, "remove_ms": (t5 - t4) * 1e3,
+                               "total_ms": (t5 - t0) * 1e3})
         return ref, result
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, a no-op for most backends
@@ -497,9 +513,14 @@ LABEL_OWNER_BOOT = "agentkernel.owner.boot"
 LABEL_OWNER_PID = "agentkernel.owner.pid"
 LABEL_OWNER_START = "agentkernel.owner.start"
 LABEL_STORE = "agentkernel.store"
+# The ownership journal of the process that made the resource (``paths.journal_path()``): a reaper working
+# from another runtime dir reads that journal before it judges the resource (``reap.collect_orphans``).
+LABEL_JOURNAL = "agentkernel.journal"
 
 
 def owner_labels(sandbox_id: str, owner: dict[str, Any], name: str | None = None) -> dict[str, str]:
+    from ..paths import journal_path
+
     labels = {
         LABEL_MANAGED: "true",
         LABEL_ID: sandbox_id,
@@ -507,6 +528,7 @@ def owner_labels(sandbox_id: str, owner: dict[str, Any], name: str | None = None
         LABEL_OWNER_BOOT: str(owner.get("boot", "")),
         LABEL_OWNER_PID: str(owner.get("pid", "")),
         LABEL_OWNER_START: str(owner.get("start", "")),
+        LABEL_JOURNAL: journal_path(),
     }
     if name:
         labels[LABEL_NAME] = name

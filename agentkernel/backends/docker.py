@@ -67,8 +67,9 @@ def _check_warnings(resp: Any) -> list[str]:
 
 
 def create_body(plan: _container.ContainerPlan, *, network: str, oneshot: bool,
-                runtime: str | None = None) -> dict[str, Any]:
-    """The plan as the body of ``POST /containers/create``."""
+                runtime: str | None = None, image_bytes: int = 0) -> dict[str, Any]:
+    """The plan as the body of ``POST /containers/create``. ``image_bytes``: the image's size, which
+    dockerd's btrfs size limit counts too (it caps the subvolume's referenced bytes)."""
     hc: dict[str, Any] = {
         "CapDrop": ["ALL"],
         "SecurityOpt": ["no-new-privileges"],
@@ -96,6 +97,8 @@ def create_body(plan: _container.ContainerPlan, *, network: str, oneshot: bool,
         hc["NanoCpus"] = round(plan.cpus * 1e9)
     if plan.pids is not None:
         hc["PidsLimit"] = plan.pids
+    if plan.disk_cap_mb is not None:
+        hc["StorageOpt"] = {"size": f"{plan.disk_cap_mb + (image_bytes >> 20) + 1}M"}
     if runtime:
         hc["Runtime"] = runtime
     if oneshot:
@@ -126,8 +129,44 @@ def create_body(plan: _container.ContainerPlan, *, network: str, oneshot: bool,
 
 
 # Network modes open and allowlist: the container's own (empty) namespace gets the egress network moved in
-# after start (agentkernel.egress), never a docker bridge.
-DOCKER_CONTROLS = CONTAINER_CONTROLS | {"network_allowlist", "secret_injection"}
+# after start (agentkernel.egress), never a docker bridge. disk_rootfs: dockerd's btrfs driver caps each
+# container's subvolume (StorageOpt size) where its data-root is on btrfs (check()).
+DOCKER_CONTROLS = CONTAINER_CONTROLS | {"network_allowlist", "secret_injection", "disk_rootfs"}
+
+_STORAGE_STATUS: dict[str, tuple[bool, str]] = {}
+
+
+def storage_cap_status() -> tuple[bool, str]:
+    """(can dockerd cap a writable root, why): its storage driver is btrfs (which sets quota-group limits
+    for ``StorageOpt size``; overlay2 would need XFS project quotas, which this kernel lacks). Cached per
+    process and socket."""
+    path = socket_path()
+    hit = _STORAGE_STATUS.get(path)
+    if hit is not None:
+        return hit
+    try:
+        with SyncClient(path, timeout=10) as c:
+            info = c.json("GET", "/info")
+    except AgentKernelError as exc:
+        return False, f"dockerd does not answer: {exc.message}"
+    driver, root = info.get("Driver"), info.get("DockerRootDir")
+    if driver == "btrfs":
+        from ..diskquota import quota_status
+
+        ok, why = quota_status(str(root), enable=True)
+        res = (True, f"dockerd's btrfs storage driver on {root}") if ok else (False, why)
+    else:
+        res = (False, f"dockerd's storage driver is {driver!r} on {root} (per-container caps need the btrfs driver "
+                      "on a quota-capable volume: this kernel has no XFS/ext4 project quotas)")
+    _STORAGE_STATUS[path] = res
+    return res
+
+
+def _image_bytes(info: Any) -> int:
+    try:
+        return int((info or {}).get("Size") or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 class DockerBackend(AgentContainerBackend, OneShot):
@@ -184,6 +223,17 @@ class DockerBackend(AgentContainerBackend, OneShot):
                             details={"socket": path, "version": ver.get("Version"), "api_version": api,
                                      "runtime": cls.docker_runtime or "default"})
 
+    def check(self, spec) -> None:
+        super().check(spec)
+        cap = _container.rootfs_cap_mb(spec)
+        if cap is not None:
+            ok, why = storage_cap_status()
+            if not ok:
+                from ..diskquota import FIX
+
+                raise PolicyNotEnforceable(
+                    f"backend {self.name!r} cannot cap the writable root at {cap} MiB (disk_rootfs): {why}", hint=FIX)
+
     def _network_mode(self, plan: _container.ContainerPlan) -> str:
         if plan.network not in ("none", "netns"):  # every network mode goes through the egress namespace
             raise AssertionError(f"docker renders only network none or the egress namespace, got {plan.network!r}")
@@ -199,7 +249,12 @@ class DockerBackend(AgentContainerBackend, OneShot):
 
     async def _engine_create(self, plan: _container.ContainerPlan) -> str:
         api = self._docker()
-        body = create_body(plan, network=self._network_mode(plan), oneshot=False, runtime=self.docker_runtime)
+        size = 0
+        if plan.disk_cap_mb is not None:
+            r = await api.request("GET", f"/images/{quote(plan.image)}/json", ok=(404,))
+            size = _image_bytes(r.json() if r.status == 200 else None)
+        body = create_body(plan, network=self._network_mode(plan), oneshot=False, runtime=self.docker_runtime,
+                           image_bytes=size)
         resp = await api.json("POST", "/containers/create", params={"name": plan.name}, body=body)
         warnings = _check_warnings(resp)
         if warnings:
@@ -267,7 +322,8 @@ class DockerBackend(AgentContainerBackend, OneShot):
         """The Engine API's create/attach/start/wait over its socket, synchronously, with ``stdio``."""
         run_dir, plan = _container.oneshot_plan(spec, argv, sandbox_id=sandbox_id, owner=owner,
                                                 interactive=stdio.forward_stdin, pids_overhead=self.pids_overhead,
-                                                egress=self.uses_egress, egress_deferred=self.egress_deferred)
+                                                egress=self.uses_egress, egress_deferred=self.egress_deferred,
+                                                capped_workdir=self.capped_workdir, sized_tmp=self.sized_tmp)
         try:
             code = self.run_attached_sync(plan, timeout=timeout, stdio=stdio)
             if code is None:
@@ -294,8 +350,12 @@ class DockerBackend(AgentContainerBackend, OneShot):
         forward_stdin = stdio.forward_stdin
         try:
             sig.install()
+            size = 0
+            if plan.disk_cap_mb is not None:
+                r = cli.request("GET", f"/images/{quote(plan.image)}/json", ok=(404,))
+                size = _image_bytes(r.json() if r.status == 200 else None)
             body = create_body(plan, network=self._network_mode(plan), oneshot=True,
-                               runtime=self.docker_runtime)
+                               runtime=self.docker_runtime, image_bytes=size)
             created = "maybe"
             try:
                 resp = cli.json("POST", "/containers/create", params={"name": name}, body=body)

@@ -242,6 +242,13 @@ def _unavailable(path: str, exc: OSError) -> BackendUnavailable:
     return BackendUnavailable(f"cannot connect to dockerd at {path}: {exc}", hint=START_HINT)
 
 
+def _connection_error(exc: OSError, method: str, path: str) -> SandboxError:
+    """A request's connection failed after it was sent (both drivers)."""
+    if isinstance(exc, TimeoutError):
+        return SandboxError(f"dockerd did not answer {method} {path} in time")
+    return SandboxError(f"lost the connection to dockerd during {method} {path}: {exc}", hint=START_HINT)
+
+
 def _lost(call: Call) -> SandboxError:
     return SandboxError(f"lost the connection to dockerd during {call.method} {call.path.split('?')[0]}")
 
@@ -295,12 +302,9 @@ class SyncClient:
                 sock.close()
                 if reused and call.received == 0:  # the engine closed the idle connection: retry fresh
                     continue
-                if isinstance(exc, TimeoutError):
-                    raise SandboxError(f"dockerd did not answer {method} {path} in time") from None
-                if isinstance(exc, OSError):
-                    raise SandboxError(f"lost the connection to dockerd during {method} {path}: {exc}",
-                                       hint=START_HINT) from None
-                raise
+                if isinstance(exc, SandboxError):
+                    raise
+                raise _connection_error(exc, method, path) from None
             except BaseException:
                 sock.close()
                 raise
@@ -487,12 +491,9 @@ class AsyncClient:
                 sock.close()
                 if reused and call.received == 0:  # the engine closed the idle connection: retry fresh
                     continue
-                if isinstance(exc, TimeoutError):
-                    raise SandboxError(f"dockerd did not answer {method} {path} in time") from None
-                if isinstance(exc, OSError):
-                    raise SandboxError(f"lost the connection to dockerd during {method} {path}: {exc}",
-                                       hint=START_HINT) from None
-                raise
+                if isinstance(exc, SandboxError):
+                    raise
+                raise _connection_error(exc, method, path) from None
             except BaseException:  # cancelled: the connection is in an unknown state
                 sock.close()
                 raise

@@ -59,8 +59,10 @@ INSTALL_DIR = "/usr/local/lib/agentkernel/firecracker"
 # the reference's boot arguments; the agent is the initramfs's /init
 BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off quiet loglevel=4 i8042.nokbd i8042.noaux"
 BOOT_TIMEOUT = 30.0
+# disk_rootfs: the guest's writable storage is its own copy of the fixed-size root disk (as qemu:
+# qemu.check_disk_size refuses a cap below that size when the sandbox starts)
 FC_CONTROLS = {"network_none", "memory", "cpu", "pids", "seccomp_default", "seccomp_restrictive", "cap_drop_all",
-               "no_new_privileges", "non_root", "env"}
+               "no_new_privileges", "non_root", "env", "disk_rootfs"}
 
 
 def find_binary(name: str = "firecracker", explicit: str | None = None) -> str | None:
@@ -343,7 +345,6 @@ class FirecrackerBackend(Backend):
         if not v.ok:
             raise BackendUnavailable(f"firecracker cannot run a guest on this host: {v.reason}",
                                      hint="use --backend qemu (TCG) here, or a host with hardware KVM")
-        self.check(spec)
         self._binary()
         run_dir = os.path.join(sandboxes_dir(), sandbox_id)
         os.mkdir(run_dir, 0o700)
@@ -370,6 +371,9 @@ class FirecrackerBackend(Backend):
         if vmm_pid(run_dir):
             return
         g = await asyncio.to_thread(guestimage.build, ref.spec.image, quiet=True)
+        from .qemu import check_disk_size
+
+        check_disk_size(ref.spec, g["rootfs"]["path"], self.name)
         kernel = self.options.get("kernel") or await asyncio.to_thread(guestimage.ensure_vmlinux, g["kernel"])
         disk = os.path.join(run_dir, "rootfs.ext4")
         if not os.path.exists(disk):  # the sandbox's own copy (reflink where the file system can)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .base import Availability
 from .docker import DockerBackend
-from .gvisor import GVISOR_CAPABILITIES, GVISOR_PIDS_OVERHEAD, RUNSC_FLAGS
+from .gvisor import GVISOR_DOCKER_CAPABILITIES, GVISOR_PIDS_OVERHEAD, RUNSC_FLAGS
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -23,10 +23,11 @@ RUNTIME = "runsc-agentkernel"
 
 class GVisorDockerBackend(DockerBackend):
     name = "gvisor-docker"
-    capabilities = GVISOR_CAPABILITIES
+    capabilities = GVISOR_DOCKER_CAPABILITIES
     pids_overhead = GVISOR_PIDS_OVERHEAD
     options_allowed: ClassVar[tuple[str, ...]] = ("engine", "volumes")
     docker_runtime: ClassVar[str | None] = RUNTIME
+    sized_tmp = True
 
     def __init__(self, options: dict[str, str] | None = None) -> None:
         super().__init__(options)

@@ -2,9 +2,11 @@
 
 - Connection: kubeconfig (``[orchestrator] kubeconfig`` / ``context``, else $KUBECONFIG / ~/.kube/config)
   or the in-cluster service account; namespace from ``[orchestrator] namespace``.
-- create: the sandbox's NetworkPolicy first (ingress denied; egress denied unless the policy allows
-  network), then the pod (``_kube_manifest``); start: wait for Ready with a bound, failing fast with the
-  cluster's reason on image pull errors, unschedulable pods, OOM kills or a failed container.
+- create: the sandbox's NetworkPolicy first (ingress denied; egress: none denies all, open allows every
+  address but metadata, link-local and the cluster's ranges plus DNS to kube-dns; allowlists are refused:
+  a NetworkPolicy cannot name hosts), then the pod (``_kube_manifest``); start: wait for Ready with a
+  bound, failing fast with the cluster's reason on image pull errors, unschedulable pods, OOM kills or a
+  failed container.
 - exec: the exec websocket (v5 with stdin EOF, v4 fallback), exact exit codes from the status channel;
   cwd/env/timeout through ``_remote_exec.wrap`` (argv only, no shell strings); files as tar streams.
 - stop kills every process of the sandbox but the pod's idle PID 1 and marks the pod stopped (its
@@ -25,14 +27,13 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from ..config import orchestrator_settings
-from ..errors import BackendUnavailable, InvalidState, PolicyNotEnforceable, SandboxError, ValidationError
+from ..errors import BackendUnavailable, InvalidState, PolicyNotEnforceable, SandboxError
 from ..spec import SandboxSpec
 from . import _kube_manifest as km
-from . import _remote_exec, _tarstream
+from . import _remote_exec
 from ._orchestrator import OrchestratorBackend
 from .base import (
     LABEL_ID,
@@ -118,6 +119,10 @@ class KubernetesBackend(OrchestratorBackend):
             if "seccomp_restrictive" in str(exc):
                 hints.append("install a seccomp profile on the nodes and name it in [orchestrator] "
                              "seccomp_localhost_profile")
+            if "network_allowlist" in str(exc) or "secret_injection" in str(exc):
+                hints.append("a NetworkPolicy cannot name hosts, and no in-cluster egress gateway checks names "
+                             "per sandbox yet: use --network none, or open (never metadata, link-local or "
+                             "[orchestrator] cluster_cidrs)")
             if hints:
                 exc.hint = "; ".join(hints)
             raise
@@ -195,7 +200,6 @@ class KubernetesBackend(OrchestratorBackend):
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     async def create(self, spec: SandboxSpec, *, sandbox_id: str, owner: dict[str, Any]) -> SandboxRef:
-        self.check(spec)
         api, ns = self._api(), self.namespace
         await self._check_capacity()
         if await self._agent_sandbox_installed():
@@ -215,8 +219,10 @@ class KubernetesBackend(OrchestratorBackend):
         api = self._api()
         refs = self._owner_refs(ns)
         # the NetworkPolicy exists before the pod does, so the pod never has a moment without it
-        npol = km.network_policy(name=name, namespace=ns, network=spec.policy.network, labels=labels,
-                                 annotations=annotations, owner_refs=refs)
+        from ..spec import network_mode
+
+        npol = km.network_policy(name=name, namespace=ns, mode=network_mode(spec.policy), labels=labels,
+                                 annotations=annotations, owner_refs=refs, settings=self.settings)
         await api.request("POST", self._path("networkpolicies", ns=ns), body=npol)
         try:
             body = km.pod(spec, self.settings, name=name, namespace=ns, labels=labels, annotations=annotations,
@@ -312,9 +318,7 @@ class KubernetesBackend(OrchestratorBackend):
     async def exec(self, ref: SandboxRef, req: ExecRequest) -> ExecResult:
         from ._kube_api import V4
 
-        if req.user and req.user != ref.spec.policy.user:
-            raise ValidationError(f"the kubernetes backend runs every command as the pod's user "
-                                  f"{ref.spec.policy.user}; cannot exec as {req.user}")
+        self._check_exec_user(ref, req, "the pod's")
         api = self._api()
         ns, pod = ref.handle.get("namespace") or self.namespace, await self._pod_of(ref)
         collector = OutputCollector(req.output_limit)
@@ -336,14 +340,6 @@ class KubernetesBackend(OrchestratorBackend):
                                   tty_size=req.tty_size)
 
         return await _remote_exec.run(start, req, collector, lambda r: self.exec(ref, r), ref)
-
-    # -- files ---------------------------------------------------------------------------------------------------
-    async def write_file(self, ref: SandboxRef, path: str, data: bytes | AsyncIterator[bytes],
-                         mode: int = 0o644) -> int:
-        return await _tarstream.write_file(lambda r: self.exec(ref, r), path, data, mode)
-
-    def read_file(self, ref: SandboxRef, path: str) -> AsyncIterator[bytes]:
-        return _tarstream.read_file(lambda r: self.exec(ref, r), path)
 
     # -- stop / remove / status / list ---------------------------------------------------------------------
     async def stop(self, ref: SandboxRef) -> None:
@@ -428,7 +424,6 @@ class KubernetesBackend(OrchestratorBackend):
     async def fill_pool(self, spec: SandboxSpec, size: int | None = None) -> int:
         """Create free pods until the spec's pool has ``size`` (default warm_pool_size); returns how many
         were created. Bounded by max_pool_size pods per pool."""
-        self.check(spec)
         api, ns = self._api(), self.namespace
         want = int(self.settings["warm_pool_size"] if size is None else size)
         key = spec.pool_key()

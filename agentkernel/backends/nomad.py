@@ -23,13 +23,12 @@ import asyncio
 import math
 import os
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from ..config import orchestrator_settings
-from ..errors import InvalidState, SandboxError, ValidationError
+from ..errors import InvalidState, PolicyNotEnforceable, SandboxError
 from ..spec import DEFAULT_TMPFS_MB, SandboxSpec
-from . import _remote_exec, _tarstream
+from . import _remote_exec
 from ._orchestrator import OrchestratorBackend
 from .base import (
     LABEL_ID,
@@ -49,10 +48,18 @@ from .base import (
 TASK = "sandbox"
 GROUP = "sandbox"
 IDLE_ARGS = ["-c", "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"]
-DOCKER_CONTROLS = {"network_none", "network_full", "read_only_root", "memory", "cpu", "pids", "disk_tmpfs",
+# Network: only ``none`` (group network mode none, docker network_mode none). Nomad's bridge/host modes
+# filter nothing on the way out, so a task could reach cloud metadata, the node and other allocations:
+# open and allowlist are refused (fail closed) until a CNI egress filter joined to the gateway exists.
+# disk_rootfs: the docker driver's storage_opt size (the client's dockerd enforces it: btrfs, or overlay2
+# on XFS with pquota; a dockerd that cannot refuses the task, so the start fails closed)
+DOCKER_CONTROLS = {"network_none", "read_only_root", "memory", "cpu", "pids", "disk_tmpfs", "disk_rootfs",
                    "seccomp_default", "cap_drop_all", "no_new_privileges", "non_root", "env"}
-EXEC_CONTROLS = {"network_none", "network_full", "memory", "cpu", "cap_drop_all", "no_new_privileges", "non_root",
+EXEC_CONTROLS = {"network_none", "memory", "cpu", "cap_drop_all", "no_new_privileges", "non_root",
                  "env", "seccomp_default"}
+NETWORK_HINT = ("Nomad's bridge and host networks filter no egress (cloud metadata, the node and other "
+                "allocations would be reachable): use --network none, or a backend that enforces egress "
+                "(podman, docker, oci, gvisor; kubernetes for open)")
 META_SPEC = "agentkernel.spec"
 META_POOL = "agentkernel.pool"
 VAR_PREFIX = "agentkernel/claims"
@@ -91,7 +98,12 @@ class NomadBackend(OrchestratorBackend):
         return set(DOCKER_CONTROLS if self.settings["nomad_driver"] == "docker" else EXEC_CONTROLS)
 
     def check(self, spec: SandboxSpec) -> None:
-        check_policy(spec, Capabilities(self.controls()), self.name)
+        try:
+            check_policy(spec, Capabilities(self.controls()), self.name)
+        except PolicyNotEnforceable as exc:
+            if "network_" in str(exc) or "secret_injection" in str(exc):
+                exc.hint = NETWORK_HINT
+            raise
 
     def planned_handle(self, sandbox_id: str) -> dict[str, Any]:
         return {}  # remove() by id alone finds its job, or the pool member it claimed
@@ -125,6 +137,8 @@ class NomadBackend(OrchestratorBackend):
             }
             if res.pids is not None:
                 cfg["pids_limit"] = res.pids
+            if res.disk_mb is not None and not pol.read_only_root:
+                cfg["storage_opt"] = {"size": f"{res.disk_mb}M"}
             size = (res.disk_mb or DEFAULT_TMPFS_MB) * 1024 * 1024
             cfg["mount"] = [{"type": "tmpfs", "target": path, "readonly": False,
                              "tmpfs_options": {"size": size, "mode": 0o1777}}
@@ -168,7 +182,6 @@ class NomadBackend(OrchestratorBackend):
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     async def create(self, spec: SandboxSpec, *, sandbox_id: str, owner: dict[str, Any]) -> SandboxRef:
-        self.check(spec)
         await self._check_capacity()
         if int(self.settings["warm_pool_size"]) > 0:
             ref = await self.claim(spec, sandbox_id=sandbox_id, owner=owner)
@@ -248,9 +261,7 @@ class NomadBackend(OrchestratorBackend):
 
     # -- exec / files ---------------------------------------------------------------------------------------
     async def exec(self, ref: SandboxRef, req: ExecRequest) -> ExecResult:
-        if req.user and req.user != ref.spec.policy.user:
-            raise ValidationError(f"the nomad backend runs every command as the task's user {ref.spec.policy.user}; "
-                                  f"cannot exec as {req.user}")
+        self._check_exec_user(ref, req, "the task's")
         alloc = await self._alloc_of(ref)
         collector = OutputCollector(req.output_limit)
         argv = _remote_exec.wrap(req.argv, cwd=req.cwd or ref.spec.workdir, env=req.env, timeout=req.timeout)
@@ -259,13 +270,6 @@ class NomadBackend(OrchestratorBackend):
                                           tty=req.tty, tty_size=req.tty_size)
 
         return await _remote_exec.run(start, req, collector, lambda r: self.exec(ref, r), ref)
-
-    async def write_file(self, ref: SandboxRef, path: str, data: bytes | AsyncIterator[bytes],
-                         mode: int = 0o644) -> int:
-        return await _tarstream.write_file(lambda r: self.exec(ref, r), path, data, mode)
-
-    def read_file(self, ref: SandboxRef, path: str) -> AsyncIterator[bytes]:
-        return _tarstream.read_file(lambda r: self.exec(ref, r), path)
 
     # -- stop / remove / status / list ---------------------------------------------------------------------
     async def stop(self, ref: SandboxRef) -> None:
@@ -352,7 +356,6 @@ class NomadBackend(OrchestratorBackend):
         """Dispatch members until ``size`` (default warm_pool_size) are unclaimed; bounded by max_pool_size."""
         from ..owner import current_owner
 
-        self.check(spec)
         api = self._api()
         want = int(self.settings["warm_pool_size"] if size is None else size)
         pid = await self._ensure_template(spec)
@@ -402,6 +405,7 @@ def claim_var(job: str) -> str:
 
 def meta_keys() -> list[str]:
     from .base import (
+        LABEL_JOURNAL,
         LABEL_OWNER_BOOT,
         LABEL_OWNER_HOST,
         LABEL_OWNER_PID,
@@ -411,4 +415,4 @@ def meta_keys() -> list[str]:
     )
 
     return [LABEL_MANAGED, LABEL_ID, LABEL_NAME, LABEL_OWNER_HOST, LABEL_OWNER_BOOT, LABEL_OWNER_PID, LABEL_OWNER_START,
-            LABEL_STORE, META_POOL, *extra_labels()]
+            LABEL_STORE, LABEL_JOURNAL, META_POOL, *extra_labels()]

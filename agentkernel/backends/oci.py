@@ -1,6 +1,7 @@
 """The ``oci`` backend: hardened containers straight through an OCI runtime, no engine daemon.
 
-``crun`` by default; ``runc`` and ``runsc`` (gVisor, ptrace platform, no host network) with
+``crun`` by default; ``runc`` and ``runsc`` (gVisor, ptrace platform; networked sandboxes use host
+sockets inside the egress namespace, see ``oci.runtime.RUNSC_NET_FLAGS``) with
 ``-o runtime=runc|runsc``. Each sandbox is an OCI bundle generated from the policy
 (``agentkernel.oci.bundle``: the mapping table lives there and in docs/backends/oci.md) over an image
 root unpacked once into a content-addressed cache (``agentkernel.oci.rootfs``), with its own writable
@@ -26,11 +27,11 @@ from __future__ import annotations
 
 import os
 
-from ..errors import BackendUnavailable, ConfigError, PolicyNotEnforceable, SandboxError
+from ..errors import BackendUnavailable, ConfigError, SandboxError
 from ..oci import runtime as rt
 from . import _container
 from ._agent_container import AgentContainerBackend
-from .base import CONTROLS, Availability, Backend, Capabilities, OneShot, Outcome, SandboxInfo, SandboxRef
+from .base import Availability, Backend, Capabilities, OneShot, Outcome, SandboxInfo, SandboxRef
 
 TYPE_CHECKING = False  # typing costs ~2-7 ms at start-up; annotations are never evaluated here
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 OCI_CONTROLS = {
     "network_none",
     # network modes open/allowlist with crun/runc: the bundle joins the namespace agentkernel.egress made
-    # (one route, to the egress gateway; firewall inside it). runsc is refused in check().
+    # (one route, to the egress gateway; firewall inside it). runsc: --network=host inside that namespace.
     "network_full",
     "network_allowlist",
     "secret_injection",
@@ -104,14 +105,6 @@ class OCIBackend(AgentContainerBackend, OneShot):
         )
 
     def check(self, spec) -> None:
-        if spec.policy.network and self.runtime == "runsc":
-            ctl = "network_allowlist" if spec.policy.network_allow else "network_full"
-            raise PolicyNotEnforceable(
-                f"backend 'oci' with runtime runsc cannot enforce {ctl} ({CONTROLS[ctl]}): it gives sandboxes "
-                "no network (gVisor's own network stack would send packets past the firewall inside the "
-                "sandbox's namespace; not proven here)",
-                hint="use --network none, or -o runtime=crun / runc for network",
-            )
         super().check(spec)
         if self.runtime == "crun" and rt.binary("crun") is None and rt.binary("runc") is not None:
             raise BackendUnavailable(
@@ -179,6 +172,7 @@ class OCIBackend(AgentContainerBackend, OneShot):
                 "layer_cap_mb": layer_cap,
                 "named": named,
                 "labels": p.labels,
+                "network": p.network == "netns",
             },
         )
         if p.network == "netns":  # the resolver is the egress gateway
@@ -198,7 +192,6 @@ class OCIBackend(AgentContainerBackend, OneShot):
         ``sandbox_id`` under ``planned_handle``). Timeout: every process of the sandbox killed."""
         from .. import paths
 
-        self.check(spec)
         exe = rt.require_binary(self.runtime)
         watch = None
         proc = None
@@ -214,9 +207,9 @@ class OCIBackend(AgentContainerBackend, OneShot):
             # files, terminals, sockets and devices go through pipes we pump (see _Pumps).
             pumps = _Pumps(gvisor=self.runtime == "runsc")
             stdin = pumps.stdin(stdio.stdin) if stdio.forward_stdin else -1  # -1: /dev/null
-            stdout, stderr = pumps.out(stdio.stdout), pumps.out(stdio.stderr)
+            stdout, stderr = pumps.out(stdio.stdout, 1), pumps.out(stdio.stderr, 2)
             cmd = [
-                *rt.base_cmd(self.runtime, exe),
+                *rt.base_cmd(self.runtime, exe, network=p.network == "netns"),
                 "run",
                 "--pid-file",
                 os.path.join(bdir, "init.pid"),
@@ -314,7 +307,6 @@ class OCIBackend(AgentContainerBackend, OneShot):
 
         from .. import paths
 
-        self.check(spec)
         agent = paths.agent_binary()
         if agent is None:
             raise BackendUnavailable(
@@ -373,7 +365,7 @@ class OCIBackend(AgentContainerBackend, OneShot):
         with open(log_path, "ab") as log:
             # --detach: the container's stdio must not be a pipe of ours (its init would hold it open)
             proc = await asyncio.create_subprocess_exec(
-                *rt.base_cmd(runtime, exe),
+                *rt.base_cmd(runtime, exe, network=bool(meta.get("network"))),
                 "run",
                 "--detach",
                 "--pid-file",
@@ -604,16 +596,18 @@ class _Pumps:
             return False
         return not (stat.S_ISCHR(st.st_mode) and st.st_rdev == _DEV_NULL)
 
-    def out(self, target: int) -> int | None:
+    def out(self, target: int, std: int) -> int | None:
+        """The fd the child gets as its fd ``std`` for output to ``target``: None (inherit ours) when
+        ``target`` is our own fd ``std`` and can be handed over as is."""
         if not self._needs_pipe(target):
-            return None  # inherited as is
+            return None if target == std else target  # handed over as is
         r, w = os.pipe()
         self.jobs.append((r, target, w))
         return w
 
     def stdin(self, fd: int = 0) -> int | None:
         if not self._needs_pipe(fd):
-            return None
+            return None if fd == 0 else fd
         r, w = os.pipe()
         self.jobs.append((fd, w, r))
         self.stdin_src = fd

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from .. import _fastjson, paths
+from ..enginestore import podman_storage
 from ..errors import BackendUnavailable, SandboxError
 from . import _container
 from ._agent_container import AgentContainerBackend
@@ -24,19 +25,49 @@ if TYPE_CHECKING:
 
 # Network modes open and allowlist: the sandbox joins a namespace made by agentkernel.egress (one route,
 # to the egress gateway; firewall inside the namespace), never podman's own bridge.
-PODMAN_CONTROLS = CONTAINER_CONTROLS | {"network_allowlist", "secret_injection"}
+# disk_rootfs: the container's root is a btrfs subvolume capped by a prestart hook (diskquota.py) and its
+# workdir a capped directory of ours, where podman's storage is on the quota-enabled volume (check()).
+PODMAN_CONTROLS = CONTAINER_CONTROLS | {"network_allowlist", "secret_injection", "disk_rootfs"}
+
+
+_STORAGE_STATUS: dict[tuple, tuple[bool, str]] = {}
+
+
+def storage_cap_status() -> tuple[bool, str]:
+    """(can podman cap a writable root, why): rootful, btrfs storage driver, graphroot and the sandboxes'
+    capped directories on a btrfs volume with quota groups. Cached per process and configuration."""
+    from .. import diskquota
+
+    key = (os.environ.get("CONTAINERS_STORAGE_CONF"), diskquota.volume(), os.geteuid())
+    hit = _STORAGE_STATUS.get(key)
+    if hit is not None:
+        return hit
+    driver, graphroot = podman_storage()
+    if os.geteuid() != 0:
+        res = (False, "rootless podman cannot set btrfs quota limits (they need root)")
+    elif driver != "btrfs":
+        res = (False, f"podman's storage driver is {driver!r} on {graphroot} (per-container caps need the btrfs "
+                      "driver on the quota-enabled storage volume: this kernel has no XFS/ext4 project quotas)")
+    else:
+        ok, why = diskquota.quota_status(graphroot)
+        if ok:
+            ok, why = diskquota.quota_status(diskquota.volume())
+        res = (ok, why if not ok else f"btrfs quota groups on {graphroot}")
+    _STORAGE_STATUS[key] = res
+    return res
 
 
 class PodmanBackend(AgentContainerBackend, OneShot):
     name = "podman"
     binary = "podman"
     uses_egress = True
+    capped_workdir = True
     capabilities = Capabilities(PODMAN_CONTROLS, {"exec", "files", "agent", "oneshot", "tty", "pool"},
                                 isolation="container (shared kernel)")
     options_allowed: ClassVar[tuple[str, ...]] = ("volumes",)
 
     # extra flags for every create/run (the gVisor subclass adds its runtime here)
-    def runtime_args(self) -> list[str]:
+    def runtime_args(self, plan: Any = None) -> list[str]:
         return []
 
     # -- host checks --
@@ -63,6 +94,19 @@ class PodmanBackend(AgentContainerBackend, OneShot):
             return Availability(False, f"podman fails: {out.stderr.strip()[:300]}")
         return Availability(True, f"podman {out.stdout.strip()}", details={"binary": exe})
 
+    def check(self, spec) -> None:
+        super().check(spec)
+        cap = _container.rootfs_cap_mb(spec)
+        if cap is not None:
+            ok, why = storage_cap_status()
+            if not ok:
+                from .. import diskquota
+                from ..errors import PolicyNotEnforceable
+
+                raise PolicyNotEnforceable(
+                    f"backend {self.name!r} cannot cap the writable root at {cap} MiB (disk_rootfs): {why}",
+                    hint=diskquota.FIX)
+
     # -- engine operations --
     async def _podman(self, *args: str, check: bool = True, timeout: float = 120) -> tuple[int, str, str]:
         import asyncio
@@ -87,18 +131,24 @@ class PodmanBackend(AgentContainerBackend, OneShot):
         return proc.returncode or 0, o, e
 
     async def _engine_create(self, plan: _container.ContainerPlan) -> str:
-        args = ["create", *self.runtime_args(), *_container.podman_args(plan), plan.image, *plan.cmd]
+        args = ["create", *self.runtime_args(plan), *_container.podman_args(plan), plan.image, *plan.cmd]
         _, out, _ = await self._podman(*args)
         return out.strip()
 
     async def _engine_run_detached(self, plan: _container.ContainerPlan) -> str:
         # one podman process instead of two (create + start): a podman CLI start costs ~50 ms of CPU
-        args = ["run", "-d", *self.runtime_args(), *_container.podman_args(plan), plan.image, *plan.cmd]
+        args = ["run", "-d", *self.runtime_args(plan), *_container.podman_args(plan), plan.image, *plan.cmd]
         _, out, _ = await self._podman(*args)
         return out.strip()
 
     async def _engine_start(self, name: str) -> None:
-        await self._podman("start", name)
+        # podman picks OCI hooks when it starts a container, from the hooks dirs of *that* podman process: a
+        # container created with the disk-cap annotation gets its cap from the hook only if start names them
+        import sys
+
+        from .. import diskquota
+
+        await self._podman("start", "--hooks-dir", diskquota.hooks_dir(paths.cache_dir(), sys.executable), name)
 
     async def _engine_stop(self, name: str) -> None:
         await self._podman("stop", "-t", "2", name)
@@ -130,7 +180,7 @@ class PodmanBackend(AgentContainerBackend, OneShot):
 
     # -- one-shot, synchronous (the CLI's daemon-less path) --
     def oneshot_command(self, plan: _container.ContainerPlan) -> list[str]:
-        return [self.binary, "run", "--rm", *self.runtime_args(), *_container.podman_args(plan), plan.image,
+        return [self.binary, "run", "--rm", *self.runtime_args(plan), *_container.podman_args(plan), plan.image,
                 *plan.cmd]
 
     def run_oneshot(self, spec, argv: list[str], stdio, timeout: float | None, *, sandbox_id: str,
@@ -141,7 +191,8 @@ class PodmanBackend(AgentContainerBackend, OneShot):
         interactive = stdio.forward_stdin
         run_dir, plan = _container.oneshot_plan(spec, argv, sandbox_id=sandbox_id, owner=owner,
                                                 interactive=interactive, pids_overhead=self.pids_overhead,
-                                                egress=self.uses_egress, egress_deferred=self.egress_deferred)
+                                                egress=self.uses_egress, egress_deferred=self.egress_deferred,
+                                                capped_workdir=self.capped_workdir, sized_tmp=self.sized_tmp)
         try:
             cmd = self.oneshot_command(plan)
             exe = which(cmd[0])

@@ -68,6 +68,11 @@ QEMU_CONTROLS = {
     "env",
     "read_only_root",      # the guest remounts its root read-only; /tmp and the workdir become tmpfs
     "disk_tmpfs",          # ... of disk_mb MiB each (default DEFAULT_TMPFS_MB)
+    # a writable root: the guest writes only to its root disk, whose size is fixed when the image is built
+    # (an ext4 file system: files + 20% + 64 MiB + ROOT_FREE_MB) and to tmpfs in its own RAM; the host stores
+    # at most that size in the sandbox's qcow2 overlay. A cap at or above the disk's size holds; a smaller one
+    # is refused (_plan: checked against the real file system size)
+    "disk_rootfs",
 }
 BOOT_TIMEOUT = 90.0  # TCG on a busy 2-core host: a cold boot takes ~3 s, allow for contention
 TEMPLATE_VERSION = "2"  # 2: RAM in a file mapped by the clones, warmed before the save
@@ -360,6 +365,19 @@ class PortTransport(Transport):
         return f"virtio-serial:{self.path}"
 
 
+def check_disk_size(spec, rootfs: str, backend: str) -> None:
+    """A VM's writable storage is its fixed-size root disk: refuse a disk_mb cap below that size."""
+    cap = spec.resources.disk_mb
+    if cap is None or spec.policy.read_only_root:  # a read-only root's disk_mb sizes its tmpfs places
+        return
+    size_mb = -(-os.stat(rootfs).st_size // (1 << 20))
+    if size_mb > cap:
+        raise PolicyNotEnforceable(
+            f"backend {backend!r} cannot cap writable storage at {cap} MiB: the VM's root disk of {spec.image} is "
+            f"{size_mb} MiB (its size is fixed when the image is built)",
+            hint=f"ask for --disk {size_mb} or more, or use a container backend for smaller caps")
+
+
 class QemuBackend(Backend, AgentAccess):
     name = "qemu"
     capabilities = Capabilities(QEMU_CONTROLS, {"exec", "files", "agent", "pool", "snapshot", "oneshot"},
@@ -379,7 +397,12 @@ class QemuBackend(Backend, AgentAccess):
         avail = cls.probe()
         if not avail.available:
             return [{"name": "raw_qemu_restore", "label": label, "reason": avail.reason}]
-        return [{"name": "raw_qemu_restore", "label": label, "argv": rawrestore.baseline_argv()}]
+        from ..config import default_spec_for
+
+        backend = cls()
+        plan = GuestPlan(default_spec_for("qemu"), backend.accel())
+        tdir = asyncio.run(backend._template(plan))
+        return [{"name": "raw_qemu_restore", "label": label, "argv": rawrestore.baseline_argv(plan, tdir)}]
 
     def __init__(self, options: dict[str, str] | None = None) -> None:
         super().__init__(options)
@@ -402,6 +425,7 @@ class QemuBackend(Backend, AgentAccess):
         if hit is not None and time.monotonic() - hit[0] < 30.0:
             return hit[1]
         plan = await asyncio.to_thread(GuestPlan, spec, self.accel())
+        check_disk_size(spec, plan.guest["rootfs"]["path"], self.name)
         self._plans[key] = (time.monotonic(), plan)
         return plan
 
@@ -447,8 +471,6 @@ class QemuBackend(Backend, AgentAccess):
             hints = []
             if "cpu" in missing:
                 hints.append("use a whole number of vcpus")
-            if "disk_rootfs" in missing:
-                hints.append("set read_only_root (writable paths become tmpfs capped at disk_mb) or unset disk_mb")
             if "mount_cwd" in missing:
                 hints.append("copy files in with cp instead of mount_cwd")
             if "network_full" in missing or "network_allowlist" in missing:
@@ -459,7 +481,6 @@ class QemuBackend(Backend, AgentAccess):
 
     # -- lifecycle --
     async def create(self, spec, *, sandbox_id: str, owner: dict[str, Any]) -> SandboxRef:
-        self.check(spec)
         plan = await self._plan(spec)
         run_dir = os.path.join(sandboxes_dir(), sandbox_id)
         if len(os.path.join(run_dir, "agent.sock")) > 100:

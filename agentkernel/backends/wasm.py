@@ -71,7 +71,31 @@ WASM_CONTROLS = {
     "non_root",            # ... and has no uid; files it creates are owned by the host process
     "mount_cwd",           # the caller's directory preopened at /workspace
     "env",                 # WASI environ
+    # writable storage: every writable scratch directory (the root, or /tmp and the workdir beside a read-only
+    # root; a named sandbox's too) is a btrfs subvolume capped at disk_mb on the storage volume (diskquota),
+    # where that volume is usable by this process (check); never /dev/shm or the host's disk uncapped
+    "disk_rootfs",
+    "disk_tmpfs",
 }
+
+
+_CAP_STATUS: dict[tuple, tuple[bool, str]] = {}
+
+
+def storage_cap_status() -> tuple[bool, str]:
+    """(can this process cap wasm scratch, why): root (quota-group limits need CAP_SYS_ADMIN) and the storage
+    volume is btrfs with quota groups. Cached per process."""
+    from .. import diskquota
+
+    key = (diskquota.volume(), os.geteuid())
+    hit = _CAP_STATUS.get(key)
+    if hit is None:
+        if os.geteuid() != 0:
+            hit = (False, "capping wasm scratch needs root (btrfs quota-group limits need CAP_SYS_ADMIN)")
+        else:
+            hit = diskquota.quota_status(diskquota.volume())
+        _CAP_STATUS[key] = hit
+    return hit
 
 
 def _parse_preopens(value: str) -> tuple[tuple[str, str, bool], ...]:
@@ -209,6 +233,46 @@ def _inside(path: str, base: str) -> bool:
     return os.path.dirname(p) == b and os.path.basename(p) not in ("", ".", "..")
 
 
+def _capped_base() -> str | None:
+    """The capped scratch base (on the storage volume) when it exists and this process may use it."""
+    from .. import diskquota
+
+    base = os.path.join(diskquota.volume(), f"wasm-{os.geteuid()}")
+    if not os.path.isdir(base):
+        return None
+    from ..wasm.runtime import capped_scratch_base
+
+    return capped_scratch_base()
+
+
+def _make_place(d: str, place: str, sandbox_id: str, cap_mb: int | None) -> None:
+    """A named sandbox's writable place (root, tmp, work): a plain directory, or with ``cap_mb`` a capped
+    subvolume ``<volume>/wasm-<uid>/named-<id>-<place>`` that ``d/<place>`` links to (d lives in the data
+    dir, which is not on the volume; the guest sees only the inside of the place, never the link)."""
+    path = os.path.join(d, place)
+    if cap_mb is None:
+        os.mkdir(path, 0o755 if place == "root" else 0o700)
+        return
+    from ..wasm.runtime import _capped_dir, capped_scratch_base
+
+    target = os.path.join(capped_scratch_base(), f"named-{sandbox_id}-{place}")
+    _capped_dir(target, cap_mb)
+    os.symlink(target, path)
+
+
+def _remove_named(d: str, sandbox_id: str) -> None:
+    from ..wasm.runtime import _remove_tree
+
+    for place in ("root", "tmp", "work"):
+        link = os.path.join(d, place)
+        if os.path.islink(link):
+            target = os.readlink(link)
+            base = _capped_base()
+            if base and _inside(target, base) and os.path.basename(target) == f"named-{sandbox_id}-{place}":
+                _remove_tree(target)
+    shutil.rmtree(d, ignore_errors=True)
+
+
 def _sandboxes_dir() -> str:
     from .. import paths
 
@@ -291,9 +355,14 @@ class WasmBackend(Backend, OneShot, InstancePool):
                 hints.append("set vcpus >= 1 (e.g. --vcpus 1)")
             if "network_full" in missing or "network_allowlist" in missing:
                 hints.append("WASI preview1 has no sockets: use network = false")
-            if "disk_tmpfs" in missing or "disk_rootfs" in missing:
-                hints.append("unset disk_mb (the wasm backend cannot cap disk use)")
             raise PolicyNotEnforceable(msg, hint="; ".join(hints) or "choose another backend or relax the spec")
+        if spec.resources.disk_mb is not None:
+            ok, why = storage_cap_status()
+            if not ok:
+                from ..diskquota import FIX
+
+                raise PolicyNotEnforceable(
+                    f"backend 'wasm' cannot cap its scratch storage at {spec.resources.disk_mb} MiB: {why}", hint=FIX)
         mode = opts.get("mode", "wasmtime")
         if mode not in ("wasmtime", "hyperlight"):
             raise ConfigError(f"wasm option mode must be 'wasmtime' or 'hyperlight', got {mode!r}")
@@ -366,7 +435,8 @@ class WasmBackend(Backend, OneShot, InstancePool):
             fs_root = root or "scratch"
         plan.env = env
         plan.fs = rt.FsPlan(fs_root, preopens, workdir=cwd if fs_root else None,
-                            read_only_root=spec.policy.read_only_root)
+                            read_only_root=spec.policy.read_only_root,
+                            cap_mb=spec.resources.disk_mb if fs_root == "scratch" else None)
         return plan
 
     # -- running ----------------------------------------------------------------------------------------
@@ -504,7 +574,6 @@ class WasmBackend(Backend, OneShot, InstancePool):
                   owner: dict[str, Any]) -> ExecResult:
         """One-shot, in-process: a fresh (or pooled, never-used) instance, destroyed after the run."""
         t0 = time.perf_counter()
-        self.check(spec)
         if self._opts(spec).get("mode") == "hyperlight":
             return await self._run_hyperlight(req)
         plan = self._plan(spec, req, None)
@@ -519,7 +588,6 @@ class WasmBackend(Backend, OneShot, InstancePool):
         from ..wasm import runtime as rt
 
         t0 = time.perf_counter()
-        self.check(spec)
         if self._opts(spec).get("mode") == "hyperlight":
             raise ValidationError("mode=hyperlight has no synchronous path: use run()")
         if req.stdin is not None and not isinstance(req.stdin, bytes | bytearray | memoryview):
@@ -586,7 +654,6 @@ class WasmBackend(Backend, OneShot, InstancePool):
         module). ``run()`` then takes its instances from the pool."""
         from ..wasm.pool import InstancePool
 
-        self.check(spec)
         plan = self._plan(spec, ExecRequest([command]), None)
         key = plan.key()
         pool = self._pools.get(key)
@@ -630,7 +697,6 @@ class WasmBackend(Backend, OneShot, InstancePool):
     async def create(self, spec: SandboxSpec, *, sandbox_id: str, owner: dict[str, Any]) -> SandboxRef:
         from ..spec import validate_name
 
-        self.check(spec)
         validate_name(sandbox_id, "sandbox id")
         d = os.path.join(_sandboxes_dir(), sandbox_id)
         try:
@@ -639,11 +705,14 @@ class WasmBackend(Backend, OneShot, InstancePool):
             from ..errors import AlreadyExists
 
             raise AlreadyExists(f"wasm sandbox {sandbox_id} already exists") from None
-        os.mkdir(os.path.join(d, "root"), 0o755)
-        os.makedirs(os.path.join(d, "root", spec.workdir.lstrip("/")), exist_ok=True)
-        if spec.policy.read_only_root:
-            os.mkdir(os.path.join(d, "tmp"), 0o700)
-            os.mkdir(os.path.join(d, "work"), 0o700)
+        places = ["root", *(("tmp", "work") if spec.policy.read_only_root else ())]
+        try:
+            for place in places:
+                _make_place(d, place, sandbox_id, spec.resources.disk_mb)
+            os.makedirs(os.path.join(d, "root", spec.workdir.lstrip("/")), exist_ok=True)
+        except BaseException:
+            _remove_named(d, sandbox_id)
+            raise
         meta = {"id": sandbox_id, "name": spec.name, "state": "created", "created": time.time(),
                 "labels": owner_labels(sandbox_id, owner, spec.name), "spec": spec.to_dict()}
         self._write_meta(d, meta)
@@ -673,13 +742,16 @@ class WasmBackend(Backend, OneShot, InstancePool):
 
         scratch = ref.handle.get("scratch")
         if scratch:
-            if _inside(scratch, scratch_base()):
+            capped = _capped_base()
+            if _inside(scratch, scratch_base()) or (capped and _inside(scratch, capped)):
+                from ..wasm.runtime import _remove_tree
+
                 for d in (scratch, scratch + ".tmp", scratch + ".work"):
-                    shutil.rmtree(d, ignore_errors=True)
+                    _remove_tree(d)
             return
         d = ref.handle.get("dir")
         if d and os.path.isdir(d) and _inside(d, _sandboxes_dir()):
-            shutil.rmtree(d, ignore_errors=True)
+            _remove_named(d, ref.id)
 
     async def status(self, ref: SandboxRef) -> str:
         d = ref.handle.get("dir")
@@ -761,8 +833,10 @@ class WasmBackend(Backend, OneShot, InstancePool):
 
         from ..wasm.runtime import scratch_base
 
-        sb = scratch_base()
-        for name in os.listdir(sb):
+        bases = [scratch_base()]
+        if _capped_base():
+            bases.append(_capped_base())
+        for sb, name in ((b, n) for b in bases for n in os.listdir(b)):
             parts = name.split("-")
             if len(parts) < 3 or parts[0] != "ak" or not parts[1].isdigit() or name.endswith((".tmp", ".work")):
                 continue

@@ -35,9 +35,10 @@ BENCH_LABEL = "agentkernel.bench-run"
 RUN_TIMEOUT_S = 120.0
 
 ALL_SUITES = ("headline", "phases", "baselines", "daemon", "throughput", "concurrency", "stress", "lifecycle",
-              "wasm", "orchestration", "speed", "soak")
-# a full run without --suite: everything but the soak (an hour by default: ask for it with --suite soak)
-DEFAULT_SUITES = tuple(s for s in ALL_SUITES if s != "soak")
+              "wasm", "orchestration", "egress", "speed", "soak", "live")
+# a full run without --suite: everything but the soak (an hour by default: ask for it with --suite soak) and
+# live (N live sandboxes per backend; the speed suite measures it on the default backend)
+DEFAULT_SUITES = tuple(s for s in ALL_SUITES if s not in ("soak", "live"))
 
 
 # ---- configuration ------------------------------------------------------------------------------------
@@ -260,6 +261,7 @@ class BenchContext:
         self.cli = _cli_argv()
         self.progress = Progress(cfg.progress)
         self.spawned: set[int] = {os.getpid()}
+        self.spawn_starts: dict[int, int] = {}  # pid -> start time: a reused pid is not ours
         self._lock = threading.Lock()
         self._doctor: dict[str, dict] | None = None
         self._specs: dict[str, Any] = {}
@@ -345,8 +347,13 @@ class BenchContext:
 
     # -- running things --
     def track(self, pid: int) -> None:
+        from ..owner import process_start_time
+
+        start = process_start_time(pid)
         with self._lock:
             self.spawned.add(pid)
+            if start is not None:
+                self.spawn_starts[pid] = start
 
     def time_command(self, argv: list[str], *, expect: bytes = HELLO, check: Callable[[bytes], bool] | None = None,
                      env: dict[str, str] | None = None, timeout: float = RUN_TIMEOUT_S) -> Sample:
@@ -515,12 +522,26 @@ def _unique(items: list[str]) -> list[str]:
 def _cli_argv() -> list[str]:
     """The installed console script next to this interpreter (what a user runs), else ``python -m``."""
     cand = os.path.join(os.path.dirname(sys.executable), "agentkernel")
-    if os.path.isfile(cand) and os.access(cand, os.X_OK):
+    if os.path.isfile(cand) and os.access(cand, os.X_OK) and _runs_this_checkout(cand):
         return [cand]
     found = shutil.which("agentkernel")
-    if found:
+    if found and _runs_this_checkout(found):
         return [found]
     return [sys.executable, "-m", "agentkernel"]
+
+
+def _runs_this_checkout(launcher: str) -> bool:
+    """A launcher written by scripts/setup.sh pins one checkout on sys.path; another worktree's bench
+    must not time that checkout's code (a shared virtualenv)."""
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        with open(launcher, "rb") as f:
+            head = f.read(4096).decode(errors="replace")
+    except OSError:
+        return False
+    if "sys.path[0:0]" not in head:
+        return True
+    return f'"{here}"' in head or f"'{here}'" in head
 
 
 # ---- the bench's own daemon ---------------------------------------------------------------------------
@@ -532,6 +553,8 @@ class BenchDaemon:
     def __init__(self, ctx: BenchContext, backends: Sequence[str], pool_min: int = 2, pool_max: int = 4) -> None:
         self.ctx, self.backends, self.pool_min, self.pool_max = ctx, list(backends), pool_min, pool_max
         self.started = False
+        self.exited: bool | None = None
+        self.stop_s: float | None = None
         self.start_ms: float | None = None
         self.ready_ms: float | None = None
         self.pid: int | None = None
@@ -609,13 +632,18 @@ class BenchDaemon:
             return
         if settle:
             self.wait_ready(timeout=30)
+        t0 = time.monotonic()
         self.ctx.run_quiet(self.ctx.ak("daemon", "stop"), timeout=120)
         self.started = False
-        # the pool members are destroyed by the daemon's shutdown; wait for its process to be gone
+        # the pool members are destroyed by the daemon's shutdown; wait for its process to be gone (a
+        # daemon holding hundreds of members on a loaded machine takes minutes: the leak check must not
+        # start while it is still removing them)
         if self.pid:
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + min(900, 30 + 2 * self.pool_max * len(self.backends))
             while time.monotonic() < deadline and os.path.exists(f"/proc/{self.pid}"):
                 time.sleep(0.05)
+            self.exited = not os.path.exists(f"/proc/{self.pid}")
+        self.stop_s = round(time.monotonic() - t0, 3)
 
     def __enter__(self) -> BenchDaemon:
         self.start()

@@ -21,10 +21,13 @@ behind, by category:
 (``--rm`` clean-up and the daemon's background destroys finish within a few seconds): it re-checks every
 0.5 s for up to ``settle_s`` while anything is left. Each item is classified:
 
-- **attributed** to this run: owner label naming a process the bench spawned, a name or path with the
+- **attributed** to this run: owner label naming a process the bench spawned (a live process only when
+  its start time is the one recorded at spawn: pids are reused on a busy machine), a name or path with the
   bench's run id / temp dir, anything in the bench's own runtime dir or store;
 - **foreign**: its owner labels name a process that is alive and not ours (someone else's running
-  sandbox): listed in ``foreign``, never counted as a leak;
+  sandbox), a resource labelled with another bench run's id, a temp dir that a live process outside this
+  run names in its command line or environment (another bench run), a cgroup whose processes do not use
+  this run's runtime dir: listed in ``foreign``, never counted as a leak;
 - **unattributed**: new since the baseline but with no owner we can tie to anyone (no owner labels,
   a dead owner that is not ours, a cgroup): counted as a leak. On a busy shared machine another user's
   leak can show up here; the report says which kind each leak is.
@@ -51,12 +54,13 @@ class LeakScope:
 
     def __init__(self, *, runtime_dirs: Iterable[str] = (), homes: Iterable[str] = (), tmp_root: str | None = None,
                  run_id: str | None = None, own_pids: set[int] | None = None,
-                 extra_state_dirs: Iterable[str] = ()) -> None:
+                 extra_state_dirs: Iterable[str] = (), own_starts: dict[int, int] | None = None) -> None:
         self.runtime_dirs = [os.path.realpath(d) for d in runtime_dirs if d]
         self.homes = [os.path.realpath(d) for d in homes if d]
         self.tmp_root = os.path.realpath(tmp_root) if tmp_root else None
         self.run_id = run_id
         self.own_pids = own_pids if own_pids is not None else {os.getpid()}
+        self.own_starts = own_starts if own_starts is not None else {}
         self.extra_state_dirs = list(extra_state_dirs)
 
     @classmethod
@@ -64,7 +68,24 @@ class LeakScope:
         from .suites.raw import raw_state_dirs
 
         return cls(runtime_dirs=[ctx.runtime_dir], homes=[ctx.home], tmp_root=ctx.tmp, run_id=ctx.run_id,
-                   own_pids=ctx.spawned, extra_state_dirs=raw_state_dirs(ctx))
+                   own_pids=ctx.spawned, extra_state_dirs=raw_state_dirs(ctx),
+                   own_starts=getattr(ctx, "spawn_starts", None))
+
+    def owns_live(self, pid: int) -> bool:
+        """``pid`` is a live process this run spawned (not a later process that reused the number)."""
+        from ..owner import process_start_time
+
+        if pid == os.getpid():
+            return True
+        start = self.own_starts.get(pid)
+        return pid in self.own_pids and start is not None and process_start_time(pid) == start
+
+    def owns_label(self, pid: int, start: int | None) -> bool:
+        """An owner label (pid, start time) names a process this run spawned."""
+        if pid not in self.own_pids:
+            return False
+        known = self.own_starts.get(pid)
+        return known is None or start is None or known == start
 
     def names_us(self, text: str) -> bool:
         return bool((self.run_id and self.run_id in text) or (self.tmp_root and self.tmp_root in text))
@@ -300,13 +321,16 @@ def classify(category: str, key: str, info: dict, scope: LeakScope) -> str:
     if scope.names_us(key) or scope.names_us(json.dumps(info, default=str)):
         return "ours"
     labels = info.get("labels") or {}
+    other_run = labels.get("agentkernel.bench-run")
+    if other_run and other_run != scope.run_id:
+        return "foreign"  # another bench run's resource: that run's own leak check answers for it
     pid_s = labels.get("agentkernel.owner.pid") or ""
     if pid_s.isdigit():
         pid = int(pid_s)
-        if pid in scope.own_pids:
+        start = labels.get("agentkernel.owner.start") or ""
+        if scope.owns_label(pid, int(start) if start.isdigit() else None):
             return "ours"
         host = labels.get("agentkernel.owner.host")
-        start = labels.get("agentkernel.owner.start") or ""
         if host == os.uname().nodename and _pid_alive(pid, int(start) if start.isdigit() else None):
             return "foreign"
         return "unattributed"
@@ -318,9 +342,54 @@ def classify(category: str, key: str, info: dict, scope: LeakScope) -> str:
             return "foreign"
     if category in ("runsc", "qemu_processes", "processes"):
         pid = info.get("pid")
-        if isinstance(pid, int) and pid in scope.own_pids:
+        if isinstance(pid, int) and scope.owns_live(pid):
             return "ours"
+    if category == "temp_dirs" and info.get("path") and _live_process_names(info["path"], scope):
+        return "foreign"
+    if category == "cgroups":
+        procs = _cgroup_procs(info.get("paths") or [])
+        if procs:
+            root = (scope.runtime_dirs or [None])[0]
+            return "ours" if root and any(_uses_dir(p, root) for p in procs) else "foreign"
     return "unattributed"
+
+
+def _live_process_names(path: str, scope: LeakScope) -> bool:
+    """A live process that is not this run's names ``path`` in its command line or environment."""
+    needle = path.encode()
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) in scope.own_pids:
+            continue
+        for what in ("cmdline", "environ"):
+            try:
+                with open(f"/proc/{d}/{what}", "rb") as f:
+                    if needle in f.read():
+                        return True
+            except OSError:
+                continue
+    return False
+
+
+def _cgroup_procs(paths: list[str]) -> list[int]:
+    for p in paths:
+        try:
+            with open(os.path.join(p, "cgroup.procs")) as f:
+                pids = [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            continue
+        if pids:
+            return pids
+    return []
+
+
+def _uses_dir(pid: int, root: str) -> bool:
+    """``pid`` has a bind mount from under ``root`` (a sandbox's run dir: its agent socket)."""
+    prefix = os.path.realpath(root).rstrip("/") + "/"
+    try:
+        with open(f"/proc/{pid}/mountinfo") as f:
+            return any(len(x) > 3 and x[3].startswith(prefix) for x in (ln.split() for ln in f))
+    except OSError:
+        return False
 
 
 def _diff(now: dict, base: dict | None, scope: LeakScope) -> tuple[list[dict], list[dict]]:
@@ -362,8 +431,9 @@ def check(scope: LeakScope, baseline: dict | None = None, *, settle_s: float = 1
     }
 
 
-def cleanup(report: dict[str, Any]) -> list[str]:
-    """Remove the leaks attributed to this run (after they were reported). Returns what was removed."""
+def cleanup(report: dict[str, Any], scope: LeakScope | None = None) -> list[str]:
+    """Remove the leaks attributed to this run (after they were reported). Returns what was removed.
+    A process is killed only when ``scope`` still shows it is one this run spawned (same start time)."""
     removed = []
     for leak in report.get("leaks", []):
         if not leak.get("attributed"):
@@ -374,6 +444,8 @@ def cleanup(report: dict[str, Any]) -> list[str]:
                 engine = "podman" if cat.startswith("podman") else "docker"
                 subprocess.run([engine, "rm", "-f", key], capture_output=True, timeout=120)
             elif cat in ("processes", "runsc", "qemu_processes") and info.get("pid"):
+                if scope is None or not scope.owns_live(int(info["pid"])):  # exited or reused: not ours to kill
+                    continue
                 os.kill(int(info["pid"]), 9)
             elif cat in ("oci_state", "run_dirs", "journal", "temp_dirs") and info.get("path"):
                 p = info["path"]

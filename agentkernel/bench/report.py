@@ -6,6 +6,7 @@ Standard library only; renders from the results document alone (``agentkernel be
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 from .machine import short_label
@@ -160,18 +161,33 @@ def _header(d: _Doc, for_docs: bool, json_name: str | None) -> list[str]:
                 "same run; a JSON copy of the run lands in `benchmark-results/`. How each number is measured: "
                 "[benchmark-method.md](benchmark-method.md).)", ""]
     commit = (git.get("commit") or "unknown")[:12] + (" (dirty)" if git.get("dirty") else "")
+    runs = cfg.get("merged_from") or []
+    if runs:
+        when = (f"- **Dates**: {runs[0]['date']} to {runs[-1]['date']} ({len(runs)} runs, listed below with each "
+                f"one's duration, load and commit); newest commit `{commit}`")
+        load = ("- **Load average**: per run, below (a shared or busy machine makes every absolute number noisy; "
+                "the ratios are measured interleaved and hold up better)")
+    else:
+        when = f"- **Date**: {doc['date']}; run `{doc['run_id']}`; {doc.get('duration_s') or 0:.0f} s; git `{commit}`"
+        load = (f"- **Load average** at start {mach.get('loadavg_start')}, at end {mach.get('loadavg_end')} "
+                f"(a shared or busy machine makes every absolute number noisy; the ratios are measured interleaved "
+                "and hold up better)")
     out += [f"- **Machine**: {short_label(mach)}; {mach.get('os')}; virtualization: {mach.get('virtualization')}; "
-            f"cgroups {mach.get('cgroup')}",
-            f"- **Date**: {doc['date']}; run `{doc['run_id']}`; {doc.get('duration_s') or 0:.0f} s; git `{commit}`",
-            f"- **Load average** at start {mach.get('loadavg_start')}, at end {mach.get('loadavg_end')} "
-            f"(a shared or busy machine makes every absolute number noisy; the ratios are measured interleaved "
-            "and hold up better)",
+            f"cgroups {mach.get('cgroup')}", when, load,
             "- **Versions**: " + ", ".join(f"{k} {v}" for k, v in ver.items() if v and k != "python_executable"),
             f"- **Settings**: {cfg.get('iterations')} measured runs per command after {cfg.get('warmup')} warm-up "
             f"runs{' (--quick)' if cfg.get('quick') else ''}; suites: {', '.join(cfg.get('suites', []))}",
             "- Latencies are medians (p50) of per-run samples, each a new process from spawn to exit with its "
             "output checked; the reference column is the reference's published number on its own hardware "
             "(AMD EPYC 16 cores / M3 Pro): compare ratios, not absolutes."]
+    if runs:
+        out.append(f"- **Combined from {len(runs)} runs** on this machine (each figure below comes from the run "
+                   "that measured its suite; the load is the 1/5/15-minute load average at its start and end):")
+        for r in runs:
+            out.append(f"  - `{r['run_id']}`: {r['date']}, {r.get('duration_s') or 0:.0f} s, suites "
+                       f"{', '.join(r.get('suites') or [])}, backends {', '.join(r.get('backends') or []) or 'all'}; "
+                       f"load {r.get('loadavg_start')} -> {r.get('loadavg_end')}; git `{(r.get('commit') or '?')[:12]}`"
+                       f"{' (dirty)' if r.get('dirty') else ''}")
     if json_name:
         out.append(f"- Raw data: `{json_name}`")
     out.append("")
@@ -455,6 +471,23 @@ def _daemon(d: _Doc) -> list[str]:
             "full again; the 10 sequential runs do not (misses show there).", "", *out]
 
 
+def leak_cell(d: _Doc, label: str, summary: dict[str, Any]) -> str:
+    """A leak check in one cell: leaks attributed to the run, and the unattributed rest by category (on a
+    shared machine, mostly other users' resources that came and went)."""
+    # the newest check of that label (results from several runs: the later run's result is the one shown)
+    lc = next((x for x in reversed(d.doc.get("leak_checks", [])) if x.get("label") == label), None)
+    if lc is None:
+        return "clean" if summary.get("clean") else f"{summary.get('leak_count', NA)} leaked"
+    if lc["clean"]:
+        return "clean"
+    ours = [x for x in lc["leaks"] if x.get("attributed")]
+    rest = collections.Counter(x["category"] for x in lc["leaks"] if not x.get("attributed"))
+    head = f"**{len(ours)} leaked by this run**" if ours else "0 leaked by this run"
+    if rest:
+        head += "; unattributed: " + ", ".join(f"{k} {v}" for k, v in sorted(rest.items()))
+    return head
+
+
 def _stress(d: _Doc) -> list[str]:
     out = []
     for b in d.ordered():
@@ -471,16 +504,19 @@ def _stress(d: _Doc) -> list[str]:
         for op in ("create", "start", "exec", "stop", "remove"):
             rows.append([f"{op.capitalize()} (avg)", fmt_ms(r.get(f"avg_{op}_ms")), REF_STRESS10[op]])
         rows.append(["Max start", fmt_ms(r.get("max_start_ms")), "\u2013"])
+        rows.append(["Lifecycle p50 / p95 / p99", f"{fmt_ms(r.get('p50_ms'))} / {fmt_ms(r.get('p95_ms'))} / "
+                     f"{fmt_ms(r.get('p99_ms'))}", "\u2013"])
         p = r.get("pooled") or {}
         if p.get("total"):
-            rows.append([f"Pooled `run` x{p['total']}: avg / p95, commands/s",
-                         f"{fmt_ms(p.get('avg_ms'))} / {fmt_ms(p.get('p95_ms'))}, {fmt_rate(p.get('commands_per_s'))} "
-                         f"({p.get('successful')}/{p.get('total')} ok, {p.get('pool_hits')} hits)", "\u2013"])
+            hits, misses = p.get("pool_hits") or 0, p.get("pool_misses") or 0
+            rows.append([f"Pooled `run` x{p['total']}: wall, commands/s",
+                         f"{fmt_ms(p.get('wall_ms'))}, {fmt_rate(p.get('commands_per_s'))} "
+                         f"({p.get('successful')}/{p.get('total')} ok, {hits} hits, {misses} misses)", "\u2013"])
+            rows.append(["Pooled `run` p50 / p95 / p99", f"{fmt_ms(p.get('p50_ms'))} / {fmt_ms(p.get('p95_ms'))} / "
+                         f"{fmt_ms(p.get('p99_ms'))}", "\u2013"])
         elif p.get("error"):
             rows.append(["Pooled phase", f"failed: {p['error']}", "\u2013"])
-        rows.append(["Leak check", "clean" if lc.get("clean") else
-                     f"**{lc.get('leak_count')} leaked** ({lc.get('attributed_count')} attributed to this run)",
-                     NA])
+        rows.append(["Leak check", leak_cell(d, f"stress {b}", lc), NA])
         errs = r.get("errors") or []
         out += [f"### {b}: {r.get('count')} parallel sandboxes (at most {r.get('max_concurrent')} at once)", "",
                 *_table(["Metric", "Value", "Reference (Docker macOS, 10 parallel)"], rows), ""]
@@ -688,6 +724,63 @@ def _speed(d: _Doc) -> list[str]:
             *(["Errors: " + "; ".join(f"`{e[:200]}`" for e in errs), ""] if errs else [])]
 
 
+def _live(d: _Doc) -> list[str]:
+    rows = []
+    for b, r in sorted((d.res.get("live") or {}).items()):
+        if not r.get("available"):
+            rows.append([b, f"unavailable: {r.get('reason')}"] + [NA] * 6)
+            continue
+        if r.get("error"):
+            rows.append([b, f"failed: `{r['error'][:200]}`"] + [NA] * 6)
+            continue
+        dm, pss = r.get("daemon") or {}, r.get("pss_mib_per_member")
+        eng = ", ".join(f"{k} x{v}" for k, v in sorted((r.get("engine_processes") or {}).items())) or "none"
+        lc = leak_cell(d, f"live {b}", r.get("leak_check") or {})
+        rows.append([b, f"{r.get('ready')}/{r.get('asked')} ready ({r.get('agents')} agents measured)",
+                     f"{round((dm.get('vmrss') or 0) / 1024, 1)} MiB, {dm.get('fds', NA)} fds, "
+                     f"{dm.get('threads', NA)} threads",
+                     f"{pss if pss is not None else NA} MiB ({eng} above the agent)",
+                     f"{r.get('agent_pss_mib_per_member', NA)} MiB",
+                     f"{r.get('cgroup_mib_per_member', NA)} MiB", lc,
+                     "\u2013" if pss is None else ("**pass**" if pss <= 2 else "**miss**")])
+    if not rows:
+        return []
+    return ["## Daemon with live pooled sandboxes", "",
+            "A daemon asked to hold N warm members (`--pool-min N --pool-max N`), idle. PSS per member: the "
+            "member's agent (`ak-agent serve`) plus the engine's per-container processes above it (podman's "
+            "conmon; crun exits after start). Cgroup memory: what the kernel charges the container (page "
+            "cache, kernel memory), not in PSS. Goal: <= 2 MiB PSS per idle member.", "",
+            *_table(["Backend", "Members", "Daemon", "PSS per member", "Agent PSS", "Cgroup memory", "Leaked",
+                     "Goal"], rows), ""]
+
+
+def _soak_trends(r: dict[str, Any]) -> list[str]:
+    """Flat or growing: each series' median over its first and last tenth, and the machine's load."""
+    tr = r.get("trends") or {}
+    names = {"daemon_rss_kib": ("daemon RSS", 1 / 1024, "MiB"), "daemon_fds": ("daemon fds", 1, ""),
+             "client_fds": ("client fds", 1, ""), "p50_ms": ("p50", 1, "ms"), "p99_ms": ("p99", 1, "ms"),
+             "ops_per_s": ("ops/s", 1, ""), "hit_rate": ("hit rate", 1, ""), "load1": ("machine load (1 min)", 1, "")}
+    rows = []
+    for key, (label, k, unit) in names.items():
+        t = tr.get(key)
+        if not t:
+            continue
+
+        def f(v: float, k: float = k) -> str:
+            return f"{v * k:,.0f}" if abs(v * k) >= 100 else f"{v * k:.3g}"
+
+        rows.append([label, f"{f(t['first'])} -> {f(t['last'])} {unit}".rstrip(),
+                     f"{f(t['min'])}-{f(t['max'])} {unit}".rstrip()])
+    out = []
+    if rows:
+        out += [f"Trends (median of the first and last tenth of the {r.get('bucket_s', 1):g} s samples):", "",
+                *_table(["Series", "First -> last tenth", "Range"], rows), ""]
+    for pv in r.get("pools_end") or []:
+        if pv.get("cannot_keep_up"):
+            out += [f"The {pv.get('backend')} pool at the end: cannot keep up: {pv['cannot_keep_up']}", ""]
+    return out
+
+
 def _soak(d: _Doc) -> list[str]:
     out = []
     for b, r in sorted((d.res.get("soak") or {}).items()):
@@ -701,12 +794,12 @@ def _soak(d: _Doc) -> list[str]:
                  fmt_pct(r.get("success_rate")), f"{fmt_ms(lt.get('median_ms'))} / {fmt_ms(lt.get('p95_ms'))} / "
                  f"{fmt_ms(lt.get('p99_ms'))}",
                  f"{min(hits):.2f}-{max(hits):.2f}" if hits else NA,
-                 f"{lc.get('leak_count', NA)}" + (f" ({', '.join(lc.get('categories') or [])})"
-                                                  if lc.get("leak_count") else ""),
+                 leak_cell(d, f"soak {b}", lc),
                  f"{round((before.get('vmrss') or 0) / 1024, 1)} -> {round((after.get('vmrss') or 0) / 1024, 1)} MiB, "
                  f"{before.get('fds', NA)} -> {after.get('fds', NA)} fds"]]
         out += [f"### {b}", "", *_table(["Duration", "Concurrent", "Ops", "Success", "p50 / p95 / p99",
-                                         "Hit rate (per s)", "Leaked", "Daemon RSS, fds"], rows), ""]
+                                         "Hit rate (per sample)", "Leaked", "Daemon RSS, fds"], rows), ""]
+        out += _soak_trends(r)
         if r.get("errors"):
             out += ["First errors: " + "; ".join(f"`{e[:160]}`" for e in r["errors"][:3]), ""]
     if not out:
@@ -714,8 +807,8 @@ def _soak(d: _Doc) -> list[str]:
     return ["## Soak: mixed run/exec/cp under sustained load", "",
             "Runs over one multiplexed daemon connection, exec and file copy (write + read back) in one named "
             "sandbox; the leak check covers containers, runtime state, cgroups, mounts, processes, journal "
-            "entries, run dirs, store rows and temp dirs. The chart `soak` plots throughput, latency and the "
-            "pool's hit rate per second.", "", *out]
+            "entries, run dirs, store rows and temp dirs. The chart `soak` plots throughput, latency, the "
+            "pool's hit rate, the daemon's RSS and fds and the machine's load over time.", "", *out]
 
 
 def _floors(d: _Doc) -> list[str]:
@@ -809,6 +902,7 @@ def render(doc: dict[str, Any], charts: dict[str, str] | None = None, *, json_na
     parts += _daemon(d)
     parts += _stress(d)
     parts += _soak(d)
+    parts += _live(d)
     parts += _lifecycle(d)
     parts += _one_shot(d)
     parts += _exec50(d)

@@ -48,7 +48,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             ctx.progress.note(f"suite {suite} finished in {time.monotonic() - t0:.1f} s")
         rep = leaks.check(scope, baseline, settle_s=cfg.settle_s, label="whole run")
         rep["suite"], rep["backend"] = "run", None
-        rep["removed"] = leaks.cleanup(rep)
+        rep["removed"] = leaks.cleanup(rep, scope)
         ctx.doc["leak_checks"].append(rep)
         ctx.progress.note(leaks.format_report(rep))
         ctx.doc["duration_s"] = round(time.time() - ctx.t0, 3)

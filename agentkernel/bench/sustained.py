@@ -7,8 +7,9 @@ same run so ratios survive a noisy machine:
 - ``cold``: ``run --no-daemon -B BACKEND`` (new process, no daemon): median ms;
 - ``live``: a daemon holding COUNT live pooled sandboxes: daemon RSS and fds, PSS per idle member;
 - ``soak``: DURATION seconds of mixed load at C concurrent (runs over one multiplexed daemon connection,
-  exec and file copy in one named sandbox): success rate, p50/p95/p99, a per-second series of
-  throughput, latency and pool hit rate, daemon RSS/fds before/after (the suite adds the leak check).
+  exec and file copy in one named sandbox): success rate, p50/p95/p99, a time series (one sample a
+  second, at most ~600) of throughput, latency, pool hit rate, daemon RSS/fds and machine load, each one's
+  trend (first vs last tenth), daemon and client RSS/fds before/after (the suite adds the leak check).
 
 Standard library + the package; every function takes the CLI argv prefix and returns plain dicts.
 """
@@ -16,6 +17,7 @@ Standard library + the package; every function takes the CLI argv prefix and ret
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import statistics
 import subprocess
@@ -37,7 +39,7 @@ def launcher_argv() -> list[str]:
     repo = os.path.dirname(os.path.dirname(os.path.abspath(agentkernel.__file__)))
     site = sysconfig.get_paths()["purelib"]
     return [sys.executable, "-S", "-c", f"import sys; sys.path[0:0] = [{repo!r}, {site!r}]; "
-            "from agentkernel.cli import main; sys.exit(main())"]
+            "from agentkernel.cli import entry; entry()"]
 
 
 def _pct(xs: list[float], p: float) -> float | None:
@@ -169,7 +171,8 @@ def _pss(pid: int) -> int | None:
     return None
 
 
-def _member_processes(marker: str) -> list[int]:
+def processes_with(marker: str) -> list[int]:
+    """Pids of the processes whose raw command line (NUL-separated argv) contains ``marker``."""
     pids = []
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -183,35 +186,158 @@ def _member_processes(marker: str) -> list[int]:
     return pids
 
 
-def live(count: int, wait_s: float = 300.0) -> dict[str, Any]:
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def member_chain(agent: int, stop: set[int]) -> list[int]:
+    """The processes one pooled container costs: its agent and the agent's ancestors up to (not including)
+    pid 1, a pid in ``stop`` (the daemon, this process) or a process shared by other members (podman's
+    conmon and docker's shim are per container and counted; crun exits after start)."""
+    chain, pid = [agent], _ppid(agent)
+    while pid and pid > 1 and pid not in stop and pid not in chain:
+        chain.append(pid)
+        pid = _ppid(pid)
+    return chain
+
+
+def cgroup_memory_bytes(pid: int) -> int | None:
+    """The memory charged to ``pid``'s cgroup (v1 ``memory.usage_in_bytes`` or v2 ``memory.current``):
+    unlike PSS it includes the page cache and kernel memory the container caused."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            lines = [ln.strip().split(":", 2) for ln in f if ln.strip()]
+    except OSError:
+        return None
+    for _hid, ctrls, path in lines:
+        if "memory" in ctrls.split(","):
+            return _read_int(f"/sys/fs/cgroup/memory{path}/memory.usage_in_bytes")
+    for hid, ctrls, path in lines:
+        if hid == "0" and ctrls == "":
+            return _read_int(f"/sys/fs/cgroup{path}/memory.current")
+    return None
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _mib(kib_or_none: float | None, div: float = 1024) -> float | None:
+    return None if kib_or_none is None else round(kib_or_none / div, 3)
+
+
+def mounts_from(pid: int, root: str) -> bool:
+    """Does ``pid`` see a bind mount of something under ``root`` (a member's run dir: its agent socket)?"""
+    try:
+        with open(f"/proc/{pid}/mountinfo") as f:
+            return any(len(p) > 3 and p[3].startswith(root) for p in (ln.split() for ln in f))
+    except OSError:
+        return False
+
+
+def live(count: int, wait_s: float = 300.0, *, backend: str | None = None,
+         runtime_dir: str | None = None) -> dict[str, Any]:
     """The running daemon (its pools already asked to hold ``count`` members): wait until they are ready,
-    then its RSS/fds and the PSS of every pooled member's agent (``ak-agent serve``) per member."""
+    then its RSS/fds and, per pooled member, the PSS of the member's processes (its agent ``ak-agent
+    serve`` and the engine's per-container processes above it) and the memory charged to its cgroup.
+    ``runtime_dir``: count only the agents whose run dir is under it (the daemon's own members, not other
+    sandboxes on a shared machine)."""
     deadline = time.monotonic() + wait_s
+    t0 = time.monotonic()
     st = daemon_status()
     while time.monotonic() < deadline:
         st = daemon_status()
         if st and sum(p.get("ready", 0) for p in st["pools"]) >= count:
             break
         time.sleep(1.0)
-    ready = sum(p.get("ready", 0) for p in (st or {}).get("pools", []))
+    fill_s = round(time.monotonic() - t0, 1)
+    pools = [p for p in (st or {}).get("pools", []) if backend is None or p.get("backend") == backend]
+    ready = sum(p.get("ready", 0) for p in pools)
     pid = (st or {}).get("pid")
-    agents = _member_processes("ak-agent\x00serve")
-    pss = [p for p in (_pss(a) for a in agents) if p is not None]
-    return {"asked": count, "ready": ready, "daemon": proc_usage(pid) if pid else None,
-            "agents": len(agents), "agent_pss_kib_total": sum(pss),
-            "pss_mib_per_member": round(sum(pss) / 1024 / len(pss), 3) if pss else None,
-            "note": "PSS of each member's in-sandbox agent process (the engine's per-container cost is "
-                    "not in it: crun exits after start; podman's conmon is per container)"}
+    stop = {os.getpid(), *([pid] if pid else [])}
+    agents = processes_with("ak-agent\x00serve")
+    if runtime_dir:
+        root = os.path.realpath(runtime_dir).rstrip("/") + "/"
+        agents = [a for a in agents if mounts_from(a, root)]
+    agent_pss, chain_pss, cg, extra = [], [], [], collections.Counter()
+    for a in agents:
+        chain = member_chain(a, stop)
+        pss = [_pss(x) for x in chain]
+        if pss[0] is None:
+            continue
+        agent_pss.append(pss[0])
+        chain_pss.append(sum(x or 0 for x in pss))
+        for x in chain[1:]:
+            extra[_comm(x)] += 1
+        m = cgroup_memory_bytes(a)
+        if m is not None:
+            cg.append(m)
+
+    def per(xs: list[int], div: float) -> float | None:
+        return round(sum(xs) / div / len(xs), 3) if xs else None
+
+    return {"asked": count, "ready": ready, "fill_s": fill_s, "daemon": proc_usage(pid) if pid else None,
+            "agents": len(agents), "agent_pss_kib_total": sum(agent_pss),
+            "pss_mib_per_member": per(chain_pss, 1024), "agent_pss_mib_per_member": per(agent_pss, 1024),
+            "cgroup_mib_per_member": per(cg, 1024 * 1024), "cgroups_read": len(cg),
+            "engine_processes": dict(extra),
+            "note": "PSS per member = its agent plus the engine's per-container processes above it (e.g. "
+                    "conmon); cgroup memory = what the kernel charges the container (page cache, kernel "
+                    "memory) and is not in PSS"}
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
 
 
 # ---- soak ---------------------------------------------------------------------------------------------
 
 
+def soak_bucket_s(duration_s: float) -> float:
+    """Series resolution: one sample a second, at most ~600 samples (an hour: one per 6 s)."""
+    return max(1.0, round(duration_s / 600, 1))
+
+
 def soak(spec, duration_s: float, concurrency: int = 10, *, exec_share: float = 0.2, cp_share: float = 0.1,
-         bucket_s: float = 1.0) -> dict[str, Any]:
+         bucket_s: float | None = None) -> dict[str, Any]:
     """Mixed sustained load for ``duration_s``: each of ``concurrency`` workers loops over run (one shared
     multiplexed daemon connection), exec and cp (write + read back) in one named sandbox of ``spec``."""
-    return asyncio.run(_soak(spec, duration_s, concurrency, exec_share, cp_share, bucket_s))
+    b = bucket_s or soak_bucket_s(duration_s)
+    return asyncio.run(_soak(spec, duration_s, concurrency, exec_share, cp_share, b))
+
+
+def _load1() -> float | None:
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def trend(series: list[dict[str, Any]], key: str, share: float = 0.1) -> dict[str, Any] | None:
+    """Is ``key`` flat over the series: the median of its first and last ``share`` of samples, the growth
+    between them (absolute and per hour) and the range."""
+    xs = [(x["t"], x[key]) for x in series if x.get(key) is not None]
+    if len(xs) < 4:
+        return None
+    k = max(1, int(len(xs) * share))
+    head = statistics.median(v for _, v in xs[:k])
+    tail = statistics.median(v for _, v in xs[-k:])
+    span_h = max(1e-9, (xs[-1][0] - xs[0][0]) / 3600)
+    return {"first": head, "last": tail, "growth": tail - head, "growth_per_h": round((tail - head) / span_h, 1),
+            "min": min(v for _, v in xs), "max": max(v for _, v in xs), "samples": len(xs)}
 
 
 async def _soak(spec, duration_s, concurrency, exec_share, cp_share, bucket_s) -> dict[str, Any]:
@@ -222,6 +348,8 @@ async def _soak(spec, duration_s, concurrency, exec_share, cp_share, bucket_s) -
     st0 = daemon_status()
     pid = (st0 or {}).get("pid")
     before = proc_usage(pid) if pid else None
+    client_before = proc_usage(os.getpid())
+    load_before = _load1()
     mgr = SandboxManager()
     name = f"aksoak{os.getpid()}"
     await mgr.create(spec.replace(name=name), start=True)
@@ -273,13 +401,15 @@ async def _soak(spec, duration_s, concurrency, exec_share, cp_share, bucket_s) -
                     await asyncio.sleep(bucket_s)
                     b, bucket = bucket, {"ops": 0, "errors": 0, "lat": []}
                     st = await asyncio.to_thread(daemon_status)
+                    du = proc_usage(pid) if pid else {}
                     h, m = _pool_counts(st)
                     dh, dm = h - h_prev, m - m_prev
                     h_prev, m_prev = h, m
                     series.append({"t": round(time.monotonic() - t_start, 2), "ops_per_s": b["ops"] / bucket_s,
                                    "errors": b["errors"], "p50_ms": _pct(b["lat"], 50), "p99_ms": _pct(b["lat"], 99),
                                    "hit_rate": round(dh / (dh + dm), 3) if dh + dm else None,
-                                   "daemon_rss_kib": proc_usage(pid).get("vmrss") if pid else None})
+                                   "daemon_rss_kib": du.get("vmrss"), "daemon_fds": du.get("fds"),
+                                   "client_fds": len(os.listdir("/proc/self/fd")), "load1": _load1()})
 
             samp = asyncio.create_task(sampler())
             await asyncio.gather(*(worker(i) for i in range(concurrency)))
@@ -289,8 +419,10 @@ async def _soak(spec, duration_s, concurrency, exec_share, cp_share, bucket_s) -
             await mgr.remove(name)
         finally:
             await mgr.aclose()
+    pools_end = pool_view(daemon_status())
     await asyncio.sleep(1.0)
     after = proc_usage(pid) if pid else None
+    client_after = proc_usage(os.getpid())
     total = sum(counts.values())
     ok_n = sum(len(v) for v in lat.values())
     all_lat = [x for v in lat.values() for x in v]
@@ -298,4 +430,8 @@ async def _soak(spec, duration_s, concurrency, exec_share, cp_share, bucket_s) -
             "success_rate": round(ok_n / total, 5) if total else None, "by_kind": counts,
             "latency": summary(all_lat), "latency_by_kind": {k: summary(v) for k, v in lat.items()},
             "ops_per_s": round(total / duration_s, 2), "series": series, "errors": errors,
-            "daemon_before": before, "daemon_after": after}
+            "bucket_s": bucket_s, "daemon_before": before, "daemon_after": after,
+            "client_before": client_before, "client_after": client_after,
+            "trends": {k: trend(series, k) for k in ("daemon_rss_kib", "daemon_fds", "client_fds", "p50_ms", "p99_ms",
+                                                      "ops_per_s", "hit_rate", "load1")},
+            "load1_before": load_before, "load1_after": _load1(), "pools_end": pools_end}

@@ -29,8 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("--backends", "-b", help="comma-separated backends (default: every backend; unavailable ones "
                    "are reported with the doctor's reason)")
     p.add_argument("--suite", "--suites", dest="suites", help="comma-separated suites: headline, phases, baselines, "
-                   "daemon, throughput, concurrency, stress, lifecycle, wasm, orchestration, speed, soak "
-                   "(default: all but soak)")
+                   "daemon, throughput, concurrency, stress, lifecycle, wasm, orchestration, egress, speed, soak, "
+                   "live (default: all but soak and live)")
     p.add_argument("--iterations", "-n", type=int, help="measured runs per command (default 20; --quick 3)")
     p.add_argument("--warmup", type=int, help="warm-up runs per command, not measured (default 3; --quick 1)")
     p.add_argument("--quick", action="store_true", help="small sizes everywhere (a smoke run in about a minute)")
@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
     p.add_argument("--soak-s", type=float, metavar="S",
                    help="soak suite: duration in seconds (default 3600, --quick 20; env SOAK_S)")
     p.add_argument("--live", type=int, metavar="N",
-                   help="speed suite: live pooled sandboxes held by the daemon (default 200, --quick 10)")
+                   help="speed and live suites: live pooled sandboxes held by the daemon (default 200, --quick 10)")
     p.add_argument("--runs-total", type=int, metavar="N", help="throughput suite: runs (default 100)")
     p.add_argument("--runs-concurrency", type=int, metavar="C", help="throughput suite: concurrency (default 10)")
     p.add_argument("--concurrent", type=int, metavar="N", help="concurrency suite: runs at once (default 100)")
@@ -61,8 +61,9 @@ def add_parser(sub) -> None:
     c.add_argument("--threshold", type=float, default=10.0, metavar="PCT", help="flag changes of PCT%% or more")
     c.add_argument("--only-changes", action="store_true", help="list only flagged changes")
     c.add_argument("--json", action="store_true")
-    r = bsub.add_parser("report", help="re-render the Markdown report and charts from a result file")
-    r.add_argument("result")
+    r = bsub.add_parser("report", help="re-render the Markdown report and charts from result files (several: "
+                        "one combined report, later runs winning for the same suite and backend)")
+    r.add_argument("result", nargs="+")
     r.add_argument("--out", dest="report_out", help="directory (default: next to the result file)")
     r.add_argument("--docs", dest="report_docs", nargs="?", const="docs", default=None, metavar="DIR")
     r.add_argument("--no-charts", dest="report_no_charts", action="store_true")
@@ -154,14 +155,15 @@ def _report(args) -> int:
     import os
 
     from ..bench.compare import CompareError, load
+    from ..bench.merge import MergeError, merge
     from ..bench.runner import write_outputs
 
     try:
-        doc = load(args.result)
-    except CompareError as exc:
+        doc = merge([load(p) for p in args.result])
+    except (CompareError, MergeError) as exc:
         print(f"agentkernel bench report: {exc}", file=sys.stderr)
         return 2
-    out = args.report_out or os.path.dirname(os.path.abspath(args.result))
+    out = args.report_out or os.path.dirname(os.path.abspath(args.result[0]))
     res = write_outputs(doc, out, charts=not args.report_no_charts, docs_dir=args.report_docs)
     print(f"report:   {res['markdown']}")
     for p in res.get("charts", []):

@@ -70,7 +70,28 @@ def host_checks() -> list[dict]:
                            "detail": "present" if ok else "missing: agentkernel images build"})
     d = paths.data_dir()
     checks.append({"check": "data dir writable", "ok": os.access(d, os.W_OK), "detail": d})
+    checks.extend(storage_checks())
     return checks
+
+
+def storage_checks() -> list[dict]:
+    """Whether each backend family can enforce the profiles' writable-storage cap here, and why (a backend
+    that cannot refuses every spec with disk_mb: the default profiles all set one)."""
+    from ..backends import docker, podman, wasm
+    from ..diskquota import FIX
+
+    out = []
+    for label, status in (("podman, gvisor", podman.storage_cap_status), ("docker, gvisor-docker",
+                                                                           docker.storage_cap_status),
+                          ("wasm", wasm.storage_cap_status)):
+        try:
+            ok, why = status()
+        except AgentKernelError as exc:
+            ok, why = False, exc.message
+        out.append({"check": f"storage cap ({label})", "ok": ok, "detail": why if ok else f"{why}; fix: {FIX}"})
+    out.append({"check": "storage cap (oci)", "ok": True,
+                "detail": "the writable layer is a tmpfs of disk_mb (its pages count against the memory limit too)"})
+    return out
 
 
 def doctor(args) -> int:

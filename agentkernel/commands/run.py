@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from .. import termio
+from .. import paths, termio
 from ..backends import canonical, get_backend
 
 
@@ -22,7 +22,8 @@ def run(args, command: list[str]) -> int:
     if args.keep:
         return _run_keep(args, spec, command, files)
     # agentkernel.toml's [[files]] are copied into a fresh sandbox (a pooled one was made before this run)
-    if not files and not args.no_daemon and os.environ.get("AGENTKERNEL_NO_DAEMON", "") in ("", "0"):
+    if (not files and not args.no_daemon and os.environ.get("AGENTKERNEL_NO_DAEMON", "") in ("", "0")
+            and os.path.exists(paths.daemon_socket())):  # no socket: no daemon (and no protocol imports)
         from . import daemon_client
 
         rc = daemon_client.try_run(spec, command, args.timeout)

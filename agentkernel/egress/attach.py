@@ -79,8 +79,9 @@ def attach(spec: SandboxSpec, sandbox_id: str, *, deferred: bool = False) -> Att
     if mode == "open" or rules.networks("allow"):
         _check_forwarding()
     secrets = _secret_entries(spec, sandbox_id)
-    net = netns.network()
-    ip = netns.lease_ip(sandbox_id, net["subnet"])
+    with netns.in_use():  # gc never removes the bridge between these two steps
+        net = netns.network()
+        ip = netns.lease_ip(sandbox_id, net["subnet"])
     d = netns.state_dir()
     reg = {"id": sandbox_id, "name": spec.name, "ip": ip, "mode": mode, "allow": list(spec.policy.network_allow),
            "block": list(spec.policy.network_block), "secrets": secrets, "netns": netns.netns_path(sandbox_id)}
@@ -101,7 +102,8 @@ def attach(spec: SandboxSpec, sandbox_id: str, *, deferred: bool = False) -> Att
         path = None if deferred else netns.create_netns(sandbox_id, ip, net, ruleset)
         _write_private(os.path.join(d, "sb", f"{ip}.json"), json.dumps(reg))
         _write_private(os.path.join(d, "by-id", netns.short_id(sandbox_id)),
-                       json.dumps({"id": sandbox_id, "ip": ip, "ruleset": ruleset if deferred else None}))
+                       json.dumps({"id": sandbox_id, "ip": ip, "backend": spec.backend,
+                                   "ruleset": ruleset if deferred else None}))
         resolv = os.path.join(d, "resolv", netns.short_id(sandbox_id))
         os.makedirs(os.path.dirname(resolv), mode=0o755, exist_ok=True)
         with open(resolv, "w") as f:

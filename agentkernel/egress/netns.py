@@ -18,6 +18,7 @@ is flushed or rewritten.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -167,7 +168,9 @@ def _create_bridge(old: dict[str, Any] | None) -> dict[str, Any]:
     _run(["ip", "-batch", "-"], stdin=f"addr replace {gw}/{net.prefixlen} dev {bridge}\n"
                                        f"link set {bridge} up\n")
     _run(["nft", "-f", "-"], stdin=host_ruleset(tag, bridge, subnet, gw))
-    return {"bridge": bridge, "subnet": subnet, "gateway": gw, "tag": tag}
+    out = {"bridge": bridge, "subnet": subnet, "gateway": gw, "tag": tag}
+    register_installation(out)
+    return out
 
 
 def host_ruleset(tag: str, bridge: str, subnet: str, gw: str) -> str:
@@ -213,6 +216,47 @@ def remove_bridge() -> None:
     _run(["nft", "delete", "table", "ip", t], check=False)
     _run(["nft", "delete", "table", "inet", t], check=False)
     os.unlink(path)
+    try:
+        os.unlink(os.path.join(INSTALLATIONS, f"{net['tag']}.json"))
+    except OSError:
+        pass
+
+
+INSTALLATIONS = "/run/agentkernel-egress"  # host-wide: one file per installation's bridge
+
+
+def register_installation(net: dict) -> None:
+    """Remember which runtime dir a bridge belongs to, so a gc elsewhere can tell when it is orphaned."""
+    os.makedirs(INSTALLATIONS, mode=0o700, exist_ok=True)
+    path = os.path.join(INSTALLATIONS, f"{net['tag']}.json")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"tag": net["tag"], "bridge": net["bridge"], "runtime_dir": os.path.realpath(paths.runtime_dir())},
+                  f)
+    os.replace(tmp, path)
+
+
+class Use:
+    """``use.lock``: attach holds it shared while it makes sure of the bridge and leases an address; the
+    sweep takes it exclusively (without waiting) before removing the bridge."""
+
+    def __init__(self, exclusive: bool) -> None:
+        self.exclusive, self.fd = exclusive, -1
+
+    def __enter__(self) -> bool:
+        self.fd = os.open(os.path.join(state_dir(), "use.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.fd, (fcntl.LOCK_EX | fcntl.LOCK_NB) if self.exclusive else fcntl.LOCK_SH)
+        except BlockingIOError:
+            return False
+        return True
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
+def in_use() -> Use:
+    return Use(exclusive=False)
 
 
 # ---- per sandbox ------------------------------------------------------------------------------------

@@ -18,8 +18,6 @@ import os
 from ..errors import NotFound
 from .pullerrors import PullError
 
-PODMAN_INDEX = "/var/lib/containers/storage/overlay-images/images.json"
-DOCKER_INDEX = "/var/lib/docker/image/overlay2/repositories.json"
 _STORE_OF = {"podman": "podman", "gvisor": "podman", "gvisor-podman": "podman", "docker": "docker",
              "gvisor-docker": "docker", "oci": "oci"}
 
@@ -55,7 +53,9 @@ def _index_names(store: str) -> set[str] | None:
 
     try:
         if store == "podman":
-            data = load(PODMAN_INDEX)
+            from ..enginestore import podman_index
+
+            data = load(podman_index())
             out = set()
             for img in data:
                 out.update(img.get("names") or [])
@@ -64,7 +64,12 @@ def _index_names(store: str) -> set[str] | None:
                         out.add(f"{n.rsplit(':', 1)[0] if ':' in n.rsplit('/', 1)[-1] else n}@{dg}")
             return out
         if store == "docker":
-            return {t for repo in load(DOCKER_INDEX).get("Repositories", {}).values() for t in repo}
+            from ..enginestore import docker_index
+
+            index = docker_index()
+            if index is None:
+                return None
+            return {t for repo in load(index).get("Repositories", {}).values() for t in repo}
     except (OSError, ValueError, AttributeError, TypeError):
         return None
     return None

@@ -24,8 +24,6 @@ TYPE_CHECKING = False  # annotations are never evaluated here
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-PODMAN_INDEX = "/var/lib/containers/storage/overlay-images/images.json"
-DOCKER_INDEX = "/var/lib/docker/image/overlay2/repositories.json"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LAYOUT_VERSION = "1"
 
@@ -101,7 +99,10 @@ def _stamp(path: str) -> list[int] | None:
 
 
 def _index_stamps() -> list:
-    return [LAYOUT_VERSION, _stamp(PODMAN_INDEX), _stamp(DOCKER_INDEX)]
+    from ..enginestore import docker_index, podman_index
+
+    docker = docker_index()
+    return [LAYOUT_VERSION, _stamp(podman_index()), _stamp(docker) if docker else None]
 
 
 def _refs_path() -> str:
@@ -118,15 +119,11 @@ def _read_refs() -> dict:
 
 
 def _write_refs(update: dict) -> None:
-    import json
+    from .._fastjson import save
 
     refs = _read_refs()
     refs.update(update)
-    path = _refs_path()
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(refs, f)
-    os.replace(tmp, path)
+    save(_refs_path(), refs)  # with its marshal sidecar: the next run's lookup parses nothing
 
 
 def lookup_cached(image: str) -> ImageRootfs | None:

@@ -30,10 +30,14 @@ _CANDIDATES = {
     "runc": ("/usr/sbin/runc", "/usr/bin/runc", "/usr/local/sbin/runc", "/usr/local/bin/runc"),
     "runsc": ("/usr/bin/runsc", "/usr/local/bin/runsc"),
 }
-# gVisor, always: no host network (this runsc refuses a netns-less start anyway), the ptrace platform
-# (kvm hangs on PVM hosts), the spec's seccomp applied inside the sandbox too, and host-backed unix
-# sockets so the agent's socket in the bind-mounted run dir is reachable from the host.
+# gVisor, always: the ptrace platform (kvm hangs on PVM hosts), the spec's seccomp applied inside the
+# sandbox too, and host-backed unix sockets so the agent's socket in the bind-mounted run dir is
+# reachable from the host. Network: none, or (network modes open/allowlist) ``host`` inside the
+# namespace agentkernel.egress made: the Sentry's sockets are host sockets in that namespace, so its
+# firewall (output hook) sees every packet. ``sandbox`` (gVisor's own stack) would write frames through
+# a packet socket, past that hook, and this runsc refuses it anyway (its root-netns check misfires).
 RUNSC_FLAGS = ("--network=none", "--platform=ptrace", "--oci-seccomp", "--host-uds=create")
+RUNSC_NET_FLAGS = ("--network=host", *RUNSC_FLAGS[1:])
 INSTALL_HINT = {
     "crun": "apt-get install -y crun (bash scripts/setup.sh installs it)",
     "runc": "apt-get install -y runc (bash scripts/setup.sh installs it)",
@@ -89,10 +93,11 @@ def state_root(runtime: str) -> str:
     return os.path.join(oci_dir(), "state", runtime)
 
 
-def base_cmd(runtime: str, exe: str) -> list[str]:
+def base_cmd(runtime: str, exe: str, network: bool = False) -> list[str]:
+    """``network``: the sandbox joins an egress namespace (runsc then uses host sockets inside it)."""
     cmd = [exe, "--root", state_root(runtime)]
     if runtime == "runsc":
-        cmd += RUNSC_FLAGS
+        cmd += RUNSC_NET_FLAGS if network else RUNSC_FLAGS
     return cmd
 
 
@@ -257,8 +262,13 @@ class MemoryWatch:
 
 
 def _v2_oom_kills(path: str) -> int:
+    return _oom_kill_line(os.path.join(path, "memory.events"))
+
+
+def _oom_kill_line(path: str) -> int:
+    """The ``oom_kill N`` line of a cgroup file (v2 memory.events, v1 memory.oom_control); 0 without one."""
     try:
-        with open(os.path.join(path, "memory.events")) as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith("oom_kill "):
                     return int(line.split()[1])
@@ -275,16 +285,7 @@ def container_oom_kills(sandbox_id: str) -> int:
     from .bundle import cgroup_rel
 
     path = os.path.join(mh[0], cgroup_rel(sandbox_id), "ctr")
-    if mh[1] == 2:
-        return _v2_oom_kills(path)
-    try:
-        with open(os.path.join(path, "memory.oom_control")) as f:
-            for line in f:
-                if line.startswith("oom_kill "):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
+    return _oom_kill_line(os.path.join(path, "memory.events" if mh[1] == 2 else "memory.oom_control"))
 
 
 def _write(path: str, text: str) -> None:

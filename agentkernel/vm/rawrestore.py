@@ -1,7 +1,7 @@
 """The raw baseline the benchmark times beside ``agentkernel run -B qemu``: QEMU itself restoring the same
 snapshot template our sandboxes start from, with none of our code on the path.
 
-``baseline_argv(spec)`` is a ``bash`` command line: it starts QEMU with the template's argv (``-incoming
+``baseline_argv(plan, tdir)`` is a ``bash`` command line: it starts QEMU with the template's argv (``-incoming
 defer``, its RAM file mapped privately, a throw-away disk overlay from ``-snapshot``), drives QMP over a
 pipe (capabilities, ``migrate-incoming fd:3``), waits for the ``RESUME`` event (the restored guest is
 running), prints ``hello`` and quits QEMU. What it leaves out compared with our run: the CLI, the sandbox's
@@ -9,7 +9,6 @@ run dir and qcow2 overlay, the agent connection, RESEED and the command itself."
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shlex
 import tempfile
@@ -22,16 +21,9 @@ _QMP_START = (
 )
 
 
-def baseline_argv(spec=None) -> list[str]:
-    """bash argv for one raw restore of the template of ``spec`` (default: the qemu default spec); the
-    template is made first when missing (not timed)."""
-    from ..backends.qemu import GuestPlan, QemuBackend
-    from ..config import default_spec_for
-
-    spec = spec or default_spec_for("qemu")
-    backend = QemuBackend()
-    plan = GuestPlan(spec, backend.accel())
-    tdir = asyncio.run(backend._template(plan))
+def baseline_argv(plan, tdir: str) -> list[str]:
+    """bash argv for one raw restore of the template in ``tdir`` made for ``plan`` (a qemu ``GuestPlan``;
+    the backend makes the template first, untimed)."""
     work = os.path.join(tempfile.gettempdir(), f"ak-rawqemu-{os.getpid()}")  # made and removed by each run
     argv = plan.argv(work, os.path.join(tdir, "disk.qcow2"), ram=os.path.join(tdir, "ram"), incoming=True)
     # no pidfile, no QMP socket (QMP is on stdio here), the template disk read through a temporary overlay

@@ -479,19 +479,22 @@ class FsPlan:
     """What the guest sees. ``root``: 'scratch' (a fresh directory per instance), a host path (a named
     sandbox's directory) or None (no filesystem at all). ``preopens``: extra (host, guest, read_only)."""
 
-    __slots__ = ("preopens", "read_only_root", "root", "scratch_base", "workdir")
+    __slots__ = ("cap_mb", "preopens", "read_only_root", "root", "scratch_base", "workdir")
 
     def __init__(self, root: str | None, preopens: tuple[tuple[str, str, bool], ...] = (),
                  workdir: str | None = None, read_only_root: bool = False,
-                 scratch_base: str | None = None) -> None:
+                 scratch_base: str | None = None, cap_mb: int | None = None) -> None:
         self.root = root
         self.preopens = tuple(preopens)
         self.workdir = workdir
         self.read_only_root = read_only_root
         self.scratch_base = scratch_base
+        # scratch only: each writable scratch directory (root, or /tmp and the workdir beside a read-only
+        # root) is a btrfs subvolume capped at cap_mb on the storage volume (diskquota), not /dev/shm
+        self.cap_mb = cap_mb
 
     def key(self) -> tuple:
-        return (self.root, self.preopens, self.workdir, self.read_only_root)
+        return (self.root, self.preopens, self.workdir, self.read_only_root, self.cap_mb)
 
 
 def scratch_base() -> str:
@@ -515,6 +518,29 @@ def scratch_base() -> str:
     return _SCRATCH
 
 
+def capped_scratch_base() -> str:
+    """Where capped scratch directories live: ``<storage volume>/wasm-<uid>`` (diskquota.volume())."""
+    global _CAPPED
+    if _CAPPED is None:
+        from .. import diskquota
+
+        base = os.path.join(diskquota.volume(), f"wasm-{os.geteuid()}")
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        _check_private_dir(base)
+        _CAPPED = base
+        reap_stale_scratch(base)
+    return _CAPPED
+
+
+def _capped_dir(path: str, cap_mb: int) -> str:
+    from .. import diskquota
+
+    try:
+        return diskquota.make_capped_dir(path, cap_mb, mode=0o700)
+    except diskquota.QuotaError as exc:
+        raise SandboxError(f"wasm scratch: {exc}", hint=diskquota.FIX) from None
+
+
 def reap_stale_scratch(base: str | None = None) -> list[str]:
     """Remove scratch directories (``ak-<pid>-...`` and their .tmp/.work siblings) whose process is gone.
     A wasm guest runs inside the process that created its scratch, so a dead pid means nobody uses it.
@@ -536,12 +562,27 @@ def reap_stale_scratch(base: str | None = None) -> list[str]:
         if pid == me or process_start_time(pid) is not None:
             continue
         path = os.path.join(base, name)
-        shutil.rmtree(path, ignore_errors=True)
+        _remove_tree(path)
         removed.append(path)
     return removed
 
 
+def _remove_tree(path: str) -> None:
+    """A scratch directory: a capped subvolume goes in one ioctl, a plain directory with rmtree."""
+    try:
+        capped = os.lstat(path).st_ino == 256 and not path.startswith("/dev/shm/")
+    except OSError:
+        return
+    if capped:
+        from ..diskquota import remove_capped_dir
+
+        remove_capped_dir(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 _SCRATCH: str | None = None
+_CAPPED: str | None = None
 _REAPED: set[str] = set()
 _SCRATCH_SEQ = itertools.count()
 
@@ -556,10 +597,35 @@ def _check_private_dir(path: str) -> None:
                            hint="remove it, or point AGENTKERNEL_WASM_SCRATCH at a directory only you can write")
 
 
-def _scratch_dir(base: str) -> str:
+# Capped scratch roots left empty by a finished run, per cap (MiB), kept for this process's next runs: making
+# and deleting a subvolume costs ~0.3 ms a run, taking an empty one back costs a listdir. A guest has no
+# WASI call to change the root directory itself (mode, owner), so an empty root is as good as a new one.
+_FREE_ROOTS: dict[int, list[str]] = {}
+_FREE_MAX = 8
+
+
+def _take_capped_root(base: str, cap_mb: int) -> str:
+    free = _FREE_ROOTS.get(cap_mb)
+    while free:
+        path = free.pop()
+        try:
+            if not os.listdir(path) and os.path.dirname(path) == base:
+                return path
+        except OSError:
+            continue
+        _remove_tree(path)
+    return _scratch_dir(base, cap_mb)
+
+
+def _scratch_dir(base: str, cap_mb: int | None = None) -> str:
     """A new empty directory under ``base`` (private to this user): a counter name is a single mkdir,
-    where mkdtemp draws random names first; a leftover of a dead process with our pid falls back."""
+    where mkdtemp draws random names first; a leftover of a dead process with our pid falls back.
+    ``cap_mb``: a capped subvolume instead (``base`` is then on the storage volume)."""
     path = os.path.join(base, f"ak-{os.getpid()}-{next(_SCRATCH_SEQ)}")
+    if cap_mb is not None:
+        if os.path.lexists(path):
+            _remove_tree(path)
+        return _capped_dir(path, cap_mb)
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
@@ -570,8 +636,8 @@ def _scratch_dir(base: str) -> str:
 class Prepared:
     """One pre-instantiated, never-used sandbox instance."""
 
-    __slots__ = ("clock0", "entry", "err_fd", "error", "instance", "loaded", "made_dirs", "out_fd", "store",
-                 "wasi", "workdir")
+    __slots__ = ("capped_dirs", "capped_root", "clock0", "entry", "err_fd", "error", "instance", "loaded",
+                 "made_dirs", "out_fd", "store", "wasi", "workdir")
 
     def __init__(self) -> None:
         self.store: Any = None
@@ -581,6 +647,8 @@ class Prepared:
         self.out_fd = -1
         self.err_fd = -1
         self.made_dirs: list[str] = []
+        self.capped_dirs: list[str] = []  # capped subvolumes (FsPlan.cap_mb): removed in one ioctl each
+        self.capped_root: tuple[str, int] | None = None  # (path, cap): back to _FREE_ROOTS when left empty
         self.error: tuple[int, str, bool] | None = None  # (exit code, message, oom)
         self.loaded: LoadedModule | None = None
         self.workdir: str | None = None
@@ -602,6 +670,23 @@ class Prepared:
                 os.rmdir(d)
             except OSError:
                 shutil.rmtree(d, ignore_errors=True)
+        capped, self.capped_dirs = self.capped_dirs, []
+        root, self.capped_root = self.capped_root, None
+        if root is not None:
+            try:
+                empty = not os.listdir(root[0])
+            except OSError:
+                empty = False
+            free = _FREE_ROOTS.setdefault(root[1], [])
+            if empty and len(free) < _FREE_MAX:
+                free.append(root[0])  # what the guest wrote is gone: the next run of this process takes it
+            else:
+                capped.append(root[0])
+        if capped:
+            from ..diskquota import remove_capped_dir
+
+            for d in capped:
+                remove_capped_dir(d)
 
 
 def prepare(loaded: LoadedModule, memory_bytes: int | None, fs: FsPlan) -> Prepared:
@@ -650,9 +735,14 @@ def prepare(loaded: LoadedModule, memory_bytes: int | None, fs: FsPlan) -> Prepa
     wasi.stderr_file = f"/proc/self/fd/{p.err_fd}"
     root = fs.root
     if root is not None:
+        cap = fs.cap_mb if root == "scratch" else None
         if root == "scratch":
-            root = _scratch_dir(fs.scratch_base or scratch_base())
-            p.made_dirs.append(root)
+            if cap is not None:
+                root = _take_capped_root(fs.scratch_base or capped_scratch_base(), cap)
+                p.capped_root = (root, cap)
+            else:
+                root = _scratch_dir(fs.scratch_base or scratch_base())
+                p.made_dirs.append(root)
         writable_dirs: list[tuple[str, str]] = []
         if fs.read_only_root:
             tmp = root.rstrip("/") + ".tmp" if fs.root == "scratch" else os.path.join(os.path.dirname(root), "tmp")
@@ -678,9 +768,14 @@ def prepare(loaded: LoadedModule, memory_bytes: int | None, fs: FsPlan) -> Prepa
                 makedirs(root, wd)
         wasi.preopen_dir(root, "/", not fs.read_only_root)
         for host, guest in writable_dirs:
-            os.makedirs(host, mode=0o700, exist_ok=True)
-            if fs.root == "scratch":
-                p.made_dirs.append(host)
+            if cap is not None:
+                if os.path.lexists(host):
+                    _remove_tree(host)
+                p.capped_dirs.append(_capped_dir(host, cap))
+            else:
+                os.makedirs(host, mode=0o700, exist_ok=True)
+                if fs.root == "scratch":
+                    p.made_dirs.append(host)
             wasi.preopen_dir(host, guest, True)
         p.workdir = wd
     for host, guest, ro in fs.preopens:

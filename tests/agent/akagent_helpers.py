@@ -14,6 +14,8 @@ AGENT = os.path.join(REPO, "build", "ak-agent")
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from agentkernel.bench.sustained import processes_with as procs_with  # noqa: E402, F401  (re-exported: the product's copy)
+
 # the agent's own environment carries this marker: a command must never see it
 SECRET_ENV = "AK_TEST_AGENT_SECRET"
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C"}
@@ -79,20 +81,6 @@ def group_members(pgid: int) -> list[tuple[int, str]]:
         fields = st[st.rindex(")") + 2:].split()
         if int(fields[2]) == pgid:
             out.append((int(d), fields[0]))
-    return out
-
-
-def procs_with(marker: str) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                if marker.encode() in f.read():
-                    out.append(int(d))
-        except OSError:
-            continue
     return out
 
 

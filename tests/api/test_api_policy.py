@@ -102,3 +102,43 @@ def test_admission_counts_and_releases():
     with adm.runs("b", 2, oneshot=False):
         assert adm.runs_by["b"] == 2
     assert adm.runs_by["b"] == 0
+
+
+def test_network_policy_keys(tmp_path):
+    with pytest.raises(ConfigError, match="unknown network mode 'wide'"):
+        ServerPolicy.from_config(_load(tmp_path, '[api]\nnetwork_modes = ["wide"]\n'))
+    with pytest.raises(ConfigError, match="allow_hosts"):
+        ServerPolicy.from_config(_load(tmp_path, '[api]\nallow_hosts = ["*.com"]\n'))
+    with pytest.raises(ConfigError, match="invalid secret name '1X'"):
+        ServerPolicy.from_config(_load(tmp_path, '[api]\nsecrets = ["1X"]\n'))
+    sp = ServerPolicy.from_config(_load(tmp_path, '[api]\nnetwork = true\n[[api.tenant]]\nname = "a"\n'
+                                                  'network_modes = ["none", "allowlist"]\n'
+                                                  'allow_hosts = ["*.example.com", "api.other.com:443", '
+                                                  '"203.0.113.0/24"]\nsecrets = ["TOK"]\n'))
+    assert sp.for_tenant("api:x").modes() == {"none", "allowlist", "open"}
+    a = sp.for_tenant("api:a")
+    assert a.modes() == {"none", "allowlist"}
+    ok = (("a.example.com",), ("*.x.example.com",), ("example.com:80",), ("api.other.com:443",),
+          ("203.0.113.8/29:5432",), ("203.0.113.9",))
+    for allow in ok:
+        a.check_request(backend=None, profile=None, network=None, resources={}, mode="allowlist", allow=allow)
+    for allow in (("api.other.com",), ("other.com",), ("*.com.example",), ("example.com:8080",),
+                  ("203.0.112.0/23",), ("*.other.com",)):
+        with pytest.raises(NotPermitted, match="allow_hosts"):
+            a.check_request(backend=None, profile=None, network=None, resources={}, mode="allowlist", allow=allow)
+    with pytest.raises(NotPermitted, match="network mode 'open'"):
+        a.check_request(backend=None, profile=None, network=None, resources={}, mode="open")
+    with pytest.raises(NotPermitted, match="may not bind secret 'OTHER'"):
+        a.check_request(backend=None, profile=None, network=None, resources={}, secrets=("OTHER:a.example.com",))
+
+
+def test_config_network_and_secrets_lowered_for_callers_not_allowed(monkeypatch):
+    monkeypatch.delenv("AGENTKERNEL_PROFILE", raising=False)
+    cfg = {"security": {"network": "allowlist", "domains": {"allow": ["a.example.com"]}},
+           "secrets": {"TOK": {"host": "a.example.com"}}}
+    svc = Service(with_daemon=False, config=cfg)
+    spec = svc.run_spec("api:x", ["true"])  # default caller: none only
+    assert spec.policy.network is False and spec.policy.network_allow == () and spec.policy.secrets == ()
+    svc.policy.default = CallerPolicy(network=True)  # every mode, but no secret names
+    spec = svc.run_spec("api:x", ["true"])
+    assert spec.policy.network_allow == ("a.example.com",) and spec.policy.secrets == ()

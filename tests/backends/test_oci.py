@@ -479,7 +479,10 @@ def test_seccomp_conversion_matches_podman():
     ).stdout.strip()
     try:
         subprocess.run(["podman", "init", name], capture_output=True, check=True)
-        with open(f"/var/lib/containers/storage/overlay-containers/{cid}/userdata/config.json") as f:
+        from agentkernel.enginestore import podman_storage
+
+        driver, graphroot = podman_storage()
+        with open(f"{graphroot}/{driver}-containers/{cid}/userdata/config.json") as f:
             theirs = json.load(f)["linux"]["seccomp"]
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("cannot read podman's generated config here")

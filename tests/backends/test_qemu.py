@@ -152,10 +152,23 @@ def test_policy_is_enforced_inside_the_guest(backend, vm):
 def test_fail_closed_for_what_it_cannot_enforce(backend):
     for spec, control in ((SPEC.replace(policy=SPEC.policy.replace(network=True)), "network_full"),
                           (SPEC.replace(policy=SPEC.policy.replace(mount_cwd=True)), "mount_cwd"),
-                          (SPEC.replace(resources=SPEC.resources.replace(vcpus=0.5)), "cpu"),
-                          (SPEC.replace(resources=SPEC.resources.replace(disk_mb=64)), "disk_rootfs")):
+                          (SPEC.replace(resources=SPEC.resources.replace(vcpus=0.5)), "cpu")):
         with pytest.raises(PolicyNotEnforceable, match=control):
             backend.check(spec)
+
+
+def test_disk_cap_below_the_fixed_root_disk_is_refused(tmp_path):
+    """A writable root's cap holds at or above the VM's root disk size (fixed at build); below it: refused."""
+    from agentkernel.backends.qemu import check_disk_size
+
+    disk = tmp_path / "root.ext4"
+    with open(disk, "wb") as f:
+        f.truncate(100 << 20)
+    with pytest.raises(PolicyNotEnforceable, match="root disk"):
+        check_disk_size(SPEC.replace(resources=SPEC.resources.replace(disk_mb=64)), str(disk), "qemu")
+    check_disk_size(SPEC.replace(resources=SPEC.resources.replace(disk_mb=100)), str(disk), "qemu")
+    check_disk_size(SPEC.replace(policy=SPEC.policy.replace(read_only_root=True),  # disk_mb sizes its tmpfs
+                                 resources=SPEC.resources.replace(disk_mb=8)), str(disk), "qemu")
 
 
 def test_read_only_root_with_tmpfs_capped_at_disk_mb(backend):

@@ -87,3 +87,67 @@ def test_classification_of_owners(tmp_path):
     tagged = {"agentkernel.bench-run": "20990101T000000Z-abcdef"}
     assert leaks.classify("docker_containers", "c4", {"labels": tagged}, scope) == "ours"
     assert leaks.classify("podman_containers", "c5", {"labels": {}}, scope) == "unattributed"
+
+
+def test_a_reused_pid_is_not_ours_and_is_never_killed(tmp_path):
+    """On a busy machine a pid the bench spawned (and that exited) is reused by someone else's process:
+    the leak check must not call that process ours, and cleanup must not kill it."""
+    import subprocess
+    import sys
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        # the bench recorded this pid with another start time (its own, long-exited process)
+        scope = leaks.LeakScope(tmp_root=str(tmp_path), own_pids={other.pid}, own_starts={other.pid: 1})
+        info = {"pid": other.pid, "cmdline": "qemu-system-x86_64 -name someone-else"}
+        assert leaks.classify("qemu_processes", f"pid:{other.pid}", info, scope) == "unattributed"
+        rep = {"leaks": [{"category": "qemu_processes", "key": f"pid:{other.pid}", "info": info, "attributed": True}]}
+        assert leaks.cleanup(rep, scope) == [] and leaks.cleanup(rep) == []
+        assert other.poll() is None  # still alive
+        from agentkernel.owner import process_start_time
+
+        mine = leaks.LeakScope(tmp_root=str(tmp_path), own_pids={other.pid},
+                               own_starts={other.pid: process_start_time(other.pid)})
+        assert leaks.classify("qemu_processes", f"pid:{other.pid}", info, mine) == "ours"
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_temp_dir_named_by_a_live_process_is_foreign(tmp_path):
+    import subprocess
+    import sys
+
+    d = tmp_path / "akb-otherrun"
+    d.mkdir()
+    scope = leaks.LeakScope(tmp_root=str(tmp_path / "mine"))
+    assert leaks.classify("temp_dirs", str(d), {"path": str(d)}, scope) == "unattributed"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             env={**os.environ, "AGENTKERNEL_RUNTIME_DIR": str(d / "run")})
+    try:
+        assert leaks.classify("temp_dirs", str(d), {"path": str(d)}, scope) == "foreign"
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_cgroup_with_processes_of_another_installation_is_foreign(tmp_path):
+    with open("/proc/self/cgroup") as f:
+        me = f.read().splitlines()
+    path = next((ln.split(":", 2)[2] for ln in me if ln.split(":")[1] in ("memory", "")), None)
+    base = f"/sys/fs/cgroup/memory{path}" if os.path.isdir(f"/sys/fs/cgroup/memory{path}") else f"/sys/fs/cgroup{path}"
+    if not os.path.exists(os.path.join(base, "cgroup.procs")):
+        pytest.skip("no readable cgroup for this process")
+    scope = leaks.LeakScope(runtime_dirs=[str(tmp_path / "mine" / "run")], tmp_root=str(tmp_path / "mine"))
+    # a cgroup holding live processes none of which use our runtime dir: someone else's live sandbox
+    assert leaks.classify("cgroups", "x", {"paths": [base]}, scope) == "foreign"
+    empty = tmp_path / "cg"
+    empty.mkdir()
+    (empty / "cgroup.procs").write_text("")
+    assert leaks.classify("cgroups", "y", {"paths": [str(empty)]}, scope) == "unattributed"
+
+
+def test_another_bench_runs_resource_is_foreign(tmp_path):
+    scope = leaks.LeakScope(tmp_root=str(tmp_path), run_id="20990101T000000Z-abcdef")
+    other = {"agentkernel.bench-run": "20990101T000000Z-999999", "agentkernel.owner.pid": "999999999"}
+    assert leaks.classify("podman_containers", "c6", {"labels": other}, scope) == "foreign"

@@ -53,6 +53,7 @@ def test_speed_and_soak_sections():
     assert "45.0 runs/s, hit rate 0.95" in md
     assert md.count("**pass**") >= 4 and "**miss**" in md  # exec 900/s and oci cold 35 ms miss their goals
     assert "## Soak: mixed run/exec/cp under sustained load" in md and "0.97-0.97" in md
+    assert "Hit rate (per sample)" in md
     assert "48.8 -> 48.9 MiB, 12 -> 12 fds" in md
 
 
@@ -60,3 +61,87 @@ def test_soak_chart(tmp_path):
     pytest.importorskip("matplotlib")
     out = charts.soak(_doc(), str(tmp_path / "soak.png"))
     assert out and (tmp_path / "soak.png").stat().st_size > 1000
+
+
+def test_soak_trends_and_pool_note():
+    doc = _doc()
+    r = doc["results"]["soak"]["oci"]
+    from agentkernel.bench import sustained
+
+    r["series"] = [{**x, "daemon_fds": 9, "load1": 1.0 + i} for i, x in enumerate(r["series"] * 4)]
+    for i, x in enumerate(r["series"]):
+        x["t"] = float(i + 1)
+    r["trends"] = {k: sustained.trend(r["series"], k) for k in ("daemon_rss_kib", "daemon_fds", "load1")}
+    r["pools_end"] = [{"backend": "oci", "cannot_keep_up": "demand 30.0/s exceeds what 4 concurrent starts ..."}]
+    md = report.render(doc)
+    assert "| daemon RSS | 48.8 -> 48.8 MiB | 48.8-48.8 MiB |" in md
+    assert "| daemon fds | 9 -> 9 | 9-9 |" in md
+    assert "machine load (1 min)" in md
+    assert "The oci pool at the end: cannot keep up: demand 30.0/s" in md
+
+
+def test_trend_growth():
+    from agentkernel.bench.sustained import trend
+
+    series = [{"t": float(t), "v": 100 + t} for t in range(0, 3601, 36)]  # +1 per second
+    t = trend(series, "v")
+    assert t["first"] < 400 and t["last"] > 3300 and t["growth_per_h"] > 2900
+    assert trend(series[:3], "v") is None  # too few samples to say
+    assert trend([{"t": 1.0, "v": None}] * 10, "v") is None
+
+
+def test_live_section_per_backend():
+    doc = _doc()
+    doc["results"]["live"] = {
+        "oci": {"available": True, "asked": 200, "ready": 200, "agents": 200, "daemon": {"vmrss": 51200, "fds": 30,
+                "threads": 4}, "pss_mib_per_member": 0.3, "agent_pss_mib_per_member": 0.3,
+                "cgroup_mib_per_member": 1.1, "engine_processes": {}, "leak_check": {"leak_count": 0}},
+        "podman": {"available": True, "asked": 200, "ready": 200, "agents": 200, "daemon": {"vmrss": 61440},
+                   "pss_mib_per_member": 2.4, "agent_pss_mib_per_member": 0.3, "cgroup_mib_per_member": 1.5,
+                   "engine_processes": {"conmon": 200}, "leak_check": {"leak_count": 0}},
+        "docker": {"available": False, "reason": "no engine"},
+    }
+    md = report.render(doc)
+    assert "## Daemon with live pooled sandboxes" in md
+    assert "| oci | 200/200 ready (200 agents measured) | 50.0 MiB, 30 fds, 4 threads | 0.3 MiB (none above" in md
+    assert "2.4 MiB (conmon x200 above the agent)" in md
+    podman = next(line for line in md.splitlines() if line.startswith("| podman |"))
+    assert podman.endswith("**miss** |")
+    assert "| docker | unavailable: no engine |" in md
+
+
+def test_member_chain_and_mounts_from(tmp_path):
+    """A real process tree: a child of a child of this process; the chain stops at the stop set."""
+    import os
+    import subprocess
+    import sys
+
+    from agentkernel.bench import sustained
+
+    inner = "import subprocess,sys; p=subprocess.Popen(['sleep','30']); print(p.pid, flush=True); p.wait()"
+    outer = subprocess.Popen([sys.executable, "-c", inner], stdout=subprocess.PIPE, text=True)
+    leaf = None
+    try:
+        leaf = int(outer.stdout.readline())
+        assert sustained.member_chain(leaf, {os.getpid()}) == [leaf, outer.pid]
+        assert sustained.member_chain(leaf, {outer.pid}) == [leaf]
+        assert leaf in sustained.processes_with("sleep\x0030")
+        assert sustained.mounts_from(leaf, "/") and not sustained.mounts_from(leaf, str(tmp_path) + "/")
+        assert sustained.cgroup_memory_bytes(leaf) is None or sustained.cgroup_memory_bytes(leaf) > 0
+    finally:
+        if leaf:
+            os.kill(leaf, 9)
+        outer.kill()
+        outer.wait()
+
+
+def test_leak_cells_split_this_runs_leaks_from_the_unattributed_rest():
+    doc = _doc()
+    doc["leak_checks"] = [{"label": "soak oci", "clean": False, "leak_count": 3, "attributed_count": 0, "leaks": [
+        {"category": "cgroups", "key": "pool-1", "info": {}, "attributed": False, "kind": "unattributed"},
+        {"category": "cgroups", "key": "pool-2", "info": {}, "attributed": False, "kind": "unattributed"},
+        {"category": "runsc", "key": "pid:1", "info": {}, "attributed": False, "kind": "unattributed"}]}]
+    md = report.render(doc)
+    assert "0 leaked by this run; unattributed: cgroups 2, runsc 1" in md
+    doc["leak_checks"][0]["leaks"][0]["attributed"] = True
+    assert "**1 leaked by this run**; unattributed: cgroups 1, runsc 1" in report.render(doc)

@@ -82,3 +82,29 @@ def nomad():
         yield NomadTarget(server.url, NOMAD_TEST_TOKEN, "default", emu)
     finally:
         server.stop()
+
+
+async def create_and_start(backend, spec) -> None:
+    """create + start one sandbox (for start-time errors); removed and the backend closed whatever happens."""
+    from agentkernel.owner import current_owner, new_id
+
+    ref = await backend.create(spec, sandbox_id=new_id("bad"), owner=current_owner())
+    try:
+        await backend.start(ref)
+    finally:
+        await backend.remove(ref)
+        await backend.aclose()
+
+
+async def stop_start_remove(backend, ref) -> None:
+    """The end of a lifecycle: stop, start again and run, remove (final, idempotent, gone from the listing)."""
+    from agentkernel.backends.base import ExecRequest
+
+    await backend.stop(ref)
+    assert await backend.status(ref) == "stopped"
+    await backend.start(ref)
+    assert (await backend.exec(ref, ExecRequest(["true"]))).exit_code == 0
+    await backend.remove(ref)
+    assert await backend.status(ref) == "missing"
+    await backend.remove(ref)  # idempotent
+    assert ref.id not in {i.id for i in await backend.list()}

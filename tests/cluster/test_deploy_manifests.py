@@ -78,7 +78,9 @@ def test_generated_manifests_validate(name):
     pod = km.pod(spec, SETTINGS, name=km.pod_name("My_Sandbox-0123456789"), namespace="agentkernel", labels=labels,
                  annotations=ann, owner_refs=[{"apiVersion": "v1", "kind": "Pod", "name": "srv", "uid": "u"}])
     validate(pod)
-    validate(km.network_policy(name="ak-x", namespace="agentkernel", network=spec.policy.network, labels=labels))
+    from agentkernel.spec import network_mode
+
+    validate(km.network_policy(name="ak-x", namespace="agentkernel", mode=network_mode(spec.policy), labels=labels))
     tmpl = km.sandbox_template(spec, SETTINGS, name="ak-t", namespace="agentkernel", labels=labels)
     pod_of_template = tmpl["spec"]["podTemplate"]["spec"]
     validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "t"}, "spec": pod_of_template})

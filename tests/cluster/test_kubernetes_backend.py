@@ -15,7 +15,7 @@ from agentkernel.errors import NotFound, SandboxError
 from agentkernel.owner import current_owner, new_id
 from agentkernel.spec import Policy, Resources, SandboxSpec
 
-from .conftest import IMAGE
+from .conftest import IMAGE, create_and_start, stop_start_remove
 
 pytestmark = [pytest.mark.wire, pytest.mark.timeout(180)]
 
@@ -150,22 +150,25 @@ def test_lifecycle_stop_start_remove_and_policy_first(kube):
                 r = await b.exec(ref, ExecRequest(["ls", "/sys/class/net"]))
                 assert r.stdout.split() == [b"lo"]
             assert sid in {i.id for i in await b.list()}
-            await b.stop(ref)
-            assert await b.status(ref) == "stopped"
-            await b.start(ref)
-            assert (await b.exec(ref, ExecRequest(["true"]))).exit_code == 0
-            await b.remove(ref)
-            assert await b.status(ref) == "missing"
-            await b.remove(ref)  # idempotent
-            assert sid not in {i.id for i in await b.list()}
+            await stop_start_remove(b, ref)
         finally:
             await b.aclose()
 
     run(go())
 
 
-def test_network_allowed_has_no_egress_rule(kube):
-    b = KubernetesBackend(kube.options())
+def _validate(obj: dict) -> None:
+    """The real Kubernetes OpenAPI schema, strict (unknown fields are errors)."""
+    from .test_deploy_manifests import validate
+
+    validate(obj)
+
+
+def test_open_network_maps_to_networkpolicy_without_metadata_or_cluster(kube):
+    """Open mode: egress to every address except metadata, link-local, loopback, multicast and the cluster's
+    ranges, plus DNS to kube-dns; ingress denied. The object the cluster (or emulator) stored is checked
+    against the real schema."""
+    b = KubernetesBackend(kube.options(cluster_cidrs="10.0.0.0/8,172.16.0.0/12,fd00:10::/64"))
 
     async def go():
         try:
@@ -176,27 +179,61 @@ def test_network_allowed_has_no_egress_rule(kube):
         finally:
             await b.aclose()
 
-    assert run(go())["spec"]["policyTypes"] == ["Ingress"]
+    npol = run(go())
+    for k in ("resourceVersion", "uid", "creationTimestamp", "managedFields", "generation"):
+        npol["metadata"].pop(k, None)
+    npol.pop("status", None)
+    _validate(npol)
+    sp = npol["spec"]
+    assert sp["policyTypes"] == ["Ingress", "Egress"] and sp["ingress"] == []
+    v4, v6 = (r["ipBlock"] for r in sp["egress"][0]["to"])
+    assert v4["cidr"] == "0.0.0.0/0" and v6["cidr"] == "::/0"
+    for net in ("169.254.0.0/16", "168.63.129.16/32", "100.100.100.200/32", "127.0.0.0/8", "10.0.0.0/8",
+                "172.16.0.0/12"):
+        assert net in v4["except"], v4
+    assert "fd00:ec2::254/128" in v6["except"] and "fe80::/10" in v6["except"] and "fd00:10::/64" in v6["except"]
+    assert "192.168.0.0/16" not in v4["except"]  # cluster_cidrs replaces the default private ranges
+    dns = sp["egress"][1]
+    assert dns["ports"] == [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
+    assert dns["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
 
+
+def test_network_policy_objects_validate_for_every_mode():
+    """The mapping itself, per mode, against the real schema (no cluster needed); allowlist has none."""
+    from agentkernel.backends import _kube_manifest as km
+
+    for mode, settings in (("none", {}), ("open", {}), ("open", {"cluster_cidrs": []})):
+        obj = km.network_policy(name="ak-x", namespace="agentkernel", mode=mode, labels={"a": "b"},
+                                settings=settings)
+        _validate(obj)
+    assert km.network_policy(name="ak-x", namespace="ns", mode="none", labels={})["spec"]["egress"] == []
+    default = km.egress_rules("open", {})[0]["to"][0]["ipBlock"]["except"]
+    assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"} <= set(default)
+    assert km.egress_rules("allowlist", {}) is None
+    with pytest.raises(ValueError, match="allowlist"):
+        km.network_policy(name="ak-x", namespace="ns", mode="allowlist", labels={})
+
+
+def test_allowlist_and_secrets_refused_with_the_reason(kube):
+    from agentkernel.errors import ConfigError, PolicyNotEnforceable
+
+    b = KubernetesBackend(kube.options())
+    for pol in ({"network": True, "network_allow": ["api.example.com"]},):
+        with pytest.raises(PolicyNotEnforceable, match="network_allowlist") as ei:
+            b.check(spec(**pol))
+        assert "NetworkPolicy cannot name hosts" in (ei.value.hint or "")
+    with pytest.raises(ConfigError, match="cluster_cidrs"):
+        KubernetesBackend(kube.options(cluster_cidrs="10.0.0.1/8"))
 
 def test_readiness_errors_are_clear(kube):
-    b = KubernetesBackend(kube.options(ready_timeout_s="60"))
-
-    async def attempt(s, **opts):
-        bb = KubernetesBackend(kube.options(ready_timeout_s="60", **opts))
-        ref = await bb.create(s, sandbox_id=new_id("bad"), owner=current_owner())
-        try:
-            await bb.start(ref)
-        finally:
-            await bb.remove(ref)
-            await bb.aclose()
+    def attempt(s, **opts):
+        run(create_and_start(KubernetesBackend(kube.options(ready_timeout_s="60", **opts)), s))
 
     s = SandboxSpec(backend="kubernetes", image="agentkernel/no-such-image", resources=Resources(pids=None))
     with pytest.raises(SandboxError, match="image cannot be pulled"):
-        run(attempt(s))
+        attempt(s)
     with pytest.raises(SandboxError, match="cannot be scheduled"):
-        run(attempt(spec(), node_selector="agentkernel.test/none=here"))
-    del b
+        attempt(spec(), node_selector="agentkernel.test/none=here")
 
 
 def test_streaming_output_and_streamed_stdin(sandbox):

@@ -15,7 +15,7 @@ from agentkernel.errors import NotFound, SandboxError
 from agentkernel.owner import current_owner, new_id
 from agentkernel.spec import Policy, Resources, SandboxSpec
 
-from .conftest import IMAGE
+from .conftest import IMAGE, create_and_start, stop_start_remove
 
 pytestmark = [pytest.mark.wire, pytest.mark.timeout(180)]
 
@@ -61,14 +61,7 @@ def test_lifecycle_exec_files(nomad):
             with pytest.raises(NotFound):
                 [c async for c in b.read_file(ref, "/workspace/nope")]
             assert sid in {i.id for i in await b.list()}
-            await b.stop(ref)
-            assert await b.status(ref) == "stopped"
-            await b.start(ref)
-            assert (await b.exec(ref, ExecRequest(["true"]))).exit_code == 0
-            await b.remove(ref)
-            assert await b.status(ref) == "missing"
-            await b.remove(ref)
-            assert sid not in {i.id for i in await b.list()}
+            await stop_start_remove(b, ref)
         finally:
             await b.aclose()
 
@@ -76,19 +69,13 @@ def test_lifecycle_exec_files(nomad):
 
 
 def test_start_errors_are_clear(nomad):
-    async def attempt(s, **opts):
-        b = NomadBackend(nomad.options(ready_timeout_s="30", **opts))
-        ref = await b.create(s, sandbox_id=new_id("nbad"), owner=current_owner())
-        try:
-            await b.start(ref)
-        finally:
-            await b.remove(ref)
-            await b.aclose()
+    def attempt(s, **opts):
+        asyncio.run(create_and_start(NomadBackend(nomad.options(ready_timeout_s="30", **opts)), s))
 
     with pytest.raises(SandboxError, match="Failed to pull"):
-        asyncio.run(attempt(SandboxSpec(backend="nomad", image="agentkernel/no-such-image")))
+        attempt(SandboxSpec(backend="nomad", image="agentkernel/no-such-image"))
     with pytest.raises(SandboxError, match="cannot place"):
-        asyncio.run(attempt(spec(), nomad_datacenter="no-such-dc"))
+        attempt(spec(), nomad_datacenter="no-such-dc")
 
 
 def test_acl_token_required(nomad):
@@ -129,3 +116,16 @@ def test_pool_dispatch_and_claim_race(nomad):
             await b.aclose()
 
     asyncio.run(go())
+
+
+def test_network_open_and_allowlist_refused_fail_closed(nomad):
+    """Nomad's networks filter no egress: open and allowlist are refused with the reason, nothing is created."""
+    from agentkernel.errors import PolicyNotEnforceable
+
+    b = NomadBackend(nomad.options())
+    for pol, ctl in (({"network": True}, "network_full"),
+                     ({"network": True, "network_allow": ["api.example.com"]}, "network_allowlist")):
+        s = SandboxSpec(backend="nomad", image=IMAGE, policy=Policy(**pol))
+        with pytest.raises(PolicyNotEnforceable, match=ctl) as ei:
+            b.check(s)
+        assert "filter no egress" in (ei.value.hint or "")

@@ -5,11 +5,16 @@ see tests/conftest.py).
 
 One named sandbox per backend is shared by the tests that allow it (exit codes, signals, timeouts,
 files); one-shot runs, the lifecycle, the owner-SIGKILL reaping and the pool each make their own.
+
+Cluster backends (kubernetes, nomad) run against the cluster that KUBECONFIG / NOMAD_ADDR name (image:
+$AGENTKERNEL_TEST_CLUSTER_IMAGE, default agentkernel/busybox; the cluster's settings, e.g. [orchestrator]
+pod_pids_limit, from the usual config), else against the wire-level emulators in tests/emulators.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -23,11 +28,13 @@ from agentkernel.backends import REGISTRY, get_backend
 from agentkernel.backends.base import CONTROLS, AgentAccess, ExecRequest, InstancePool, OneShot, Stdio
 from agentkernel.config import resolve_spec
 from agentkernel.errors import NotFound, PolicyNotEnforceable, ValidationError
-from tests.conftest import SESSION_LABEL, ak, require_backend
+from tests.conftest import SESSION_LABEL, _probes, ak, probe_backend, require_backend
 
 pytestmark = [pytest.mark.timeout(240)]
 
 IMAGE = "agentkernel/busybox"
+CLUSTER_IMAGE = os.environ.get("AGENTKERNEL_TEST_CLUSTER_IMAGE", IMAGE)
+REAL_CLUSTER_ENV = {"kubernetes": "KUBECONFIG", "nomad": "NOMAD_ADDR"}  # set: test that cluster, not an emulator
 RUN = f"cf{uuid.uuid4().hex[:6]}"
 BINARY = bytes(range(256)) * 2048  # 512 KiB, every byte value
 
@@ -48,19 +55,21 @@ class Target:
         self.tag = name + "".join(f"-{v}" for v in options.values())
         self.backend = get_backend(name, options)
         self.posix = self.entry.isolation != "wasm"  # WASI guests: no signals, no background processes
+        self.remote = "remote" in self.backend.capabilities.features
+        self.image = CLUSTER_IMAGE if self.remote else IMAGE if self.entry.image_store else None
 
     def flags(self) -> list[str]:
         out = ["-B", self.name]
         for k, v in self.options.items():
             out += ["-o", f"{k}={v}"]
-        if self.entry.image_store:
-            out += ["--image", IMAGE]
+        if self.image:
+            out += ["--image", self.image]
         return out
 
     def spec(self, **flags):
         base = {"backend": self.name, "options": dict(self.options), "profile": "moderate"}
-        if self.entry.image_store:
-            base["image"] = IMAGE
+        if self.image:
+            base["image"] = self.image
         return resolve_spec({**base, **flags})
 
     def run(self, *argv: str, input: bytes | None = None, extra: tuple[str, ...] = (), timeout: float = 120):
@@ -83,14 +92,44 @@ class Target:
             pytest.skip(f"{self.tag}: WASI guests have {what}")
 
 
+@contextlib.contextmanager
+def _cluster(name: str, workdir_factory):
+    """A cluster backend with no real cluster configured gets its emulator for the module's duration:
+    in this process's environment, so the in-process API and every CLI subprocess reach it."""
+    var = REAL_CLUSTER_ENV.get(name)
+    if var is None or os.environ.get(var):
+        yield
+        return
+    require_backend("podman")  # the emulators run pods / allocations as podman containers
+    from tests.emulators.clusters import emulated_cluster
+
+    with emulated_cluster(name, str(workdir_factory.mktemp(f"emulated-{name}"))) as env:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        _probes.pop(name, None)
+        try:
+            ok, reason = probe_backend(name)
+            if not ok:  # we started it: an emulator that does not answer is a failure, never a skip
+                pytest.fail(f"the {name} emulator does not answer: {reason}")
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            _probes.pop(name, None)
+
+
 @pytest.fixture(scope="module", params=_targets())
-def target(request) -> Target:
+def target(request, tmp_path_factory) -> Target:
     name, opts = request.param
     entry = REGISTRY[name]
     if entry.platform != sys.platform:
         pytest.skip(f"{name} runs on {entry.platform} only (this host: {sys.platform})")
-    require_backend(name)
-    return Target(name, opts)
+    with _cluster(name, tmp_path_factory):
+        require_backend(name)
+        yield Target(name, opts)
 
 
 def _mgr():
@@ -138,6 +177,7 @@ def test_declares_the_contract(target):
 # ---- exit status ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(900)  # 256 execs: on the cluster emulators each is an exec websocket plus a podman exec
 def test_exit_codes_0_to_255_exact(target, box):
     async def go(mgr):
         out = {}
@@ -354,10 +394,40 @@ def test_refuses_a_control_it_cannot_enforce(target):
     assert new == []  # nothing created
 
 
+def test_policy_is_checked_once_per_run_and_per_create(target, monkeypatch):
+    """One place checks a spec (the core, before anything is made); the backend does not run it again."""
+    from agentkernel import oneshot
+
+    calls = []
+    cls, real = type(target.backend), type(target.backend).check
+    monkeypatch.setattr(cls, "check", lambda self, spec: (calls.append(spec), real(self, spec))[1])
+    outcome = oneshot.run_outcome(target.backend, target.spec(), ["true"], Stdio(forward_stdin=False), 120)
+    assert outcome.exit_code == 0, outcome
+    assert len(calls) == 1, f"{target.tag}: a one-shot run checked its spec {len(calls)} times"
+    calls.clear()
+    name = f"{RUN}-ck-{target.tag}"
+
+    async def create(mgr):
+        await mgr.create(target.spec(name=name))
+
+    _arun(create)
+    try:
+        assert len(calls) == 1, f"{target.tag}: a named create checked its spec {len(calls)} times"
+    finally:
+        assert ak("rm", name).returncode == 0
+
+
 # ---- pools: every member serves exactly one run ----------------------------------------------------------
 
 
 def test_pooled_members_are_used_once(target):
+    """Local backends: the daemon's warm pool. Cluster backends (feature ``warm_pool``) keep their pools on the
+    cluster instead (``warm_pool_size``: pods / dispatched jobs that any server replica may claim); the
+    daemon's pool would need AgentAccess to a remote pod, which they do not offer, so for them the test is
+    the same rule applied to the cluster-side pool (docs/backends/clusters.md)."""
+    if "warm_pool" in target.backend.capabilities.features:
+        _cluster_pool_members_are_used_once(target)
+        return
     from agentkernel.daemon.server import Daemon
     from agentkernel.pool import PoolConfig
 
@@ -387,3 +457,51 @@ def test_pooled_members_are_used_once(target):
     if poolable:
         m = pools[0]["metrics"]
         assert m["destroyed"] >= 3 and m["hits"] + m["misses"] == 3, m
+
+
+def _cluster_pool_members_are_used_once(target):
+    from agentkernel.backends.base import SandboxRef
+    from agentkernel.owner import current_owner, new_id
+
+    opts = {**target.options, "warm_pool_size": "1", "max_pool_size": "2"}
+    spec = target.spec(options=opts, env={"AK_CONFORMANCE_POOL": RUN})  # this run's own pool
+    key, _, value = SESSION_LABEL.partition("=")
+    cmds = ["echo used > marker; echo one", "cat marker 2>/dev/null || echo fresh",
+            "cat marker 2>/dev/null || echo fresh"]
+
+    async def go():
+        b = get_backend(target.name, opts)
+        refs, outs, gone = [], [], []
+        try:
+            assert await b.fill_pool(spec) == 1
+            for cmd in cmds:
+                ref = await b.create(spec, sandbox_id=new_id("cfpool"), owner=current_owner())
+                refs.append(ref)
+                try:
+                    await b.start(ref)
+                    outs.append(await b.exec(ref, ExecRequest(["sh", "-c", cmd])))
+                finally:
+                    await b.remove(ref)
+                gone.append(ref.id not in {i.id for i in await b.list()})
+        finally:
+            await b.aclose()  # waits for the background refills
+            c = get_backend(target.name, opts)  # then the pool's free members go too
+            try:
+                for info in await c.list():
+                    if info.labels.get(key) == value and info.id.startswith("pool-") and \
+                            info.labels.get("agentkernel.pool") == spec.pool_key():
+                        await c.remove(SandboxRef(target.name, info.id, info.handle, spec))
+                if target.name == "nomad":  # the pool's parameterized template job (not a sandbox: unlisted)
+                    await c._api().request("DELETE", f"/v1/job/{c._pool_job(spec)}", params={"purge": "true"},
+                                           allow=(404,))
+            finally:
+                await c.aclose()
+        return refs, outs, gone
+
+    refs, outs, gone = asyncio.run(go())
+    assert [o.stdout for o in outs] == [b"one\n", b"fresh\n", b"fresh\n"], outs
+    # the first sandbox was the warm member (pod "ak-pool-...", nomad job "ak-pool-.../dispatch-...")
+    assert any(str(v).startswith("ak-pool-") for v in refs[0].handle.values()), refs[0].handle
+    members = [tuple(sorted((k, str(v)) for k, v in r.handle.items() if k in ("pod", "job"))) for r in refs]
+    assert len(set(members)) == 3, f"a pool member served more than one sandbox: {members}"
+    assert gone == [True] * 3, "a claimed member outlived its sandbox"

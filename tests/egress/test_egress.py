@@ -14,7 +14,19 @@ import pytest
 
 from tests.conftest import ak
 
-ENFORCING = ["podman", "oci", "docker"]
+ENFORCING = ["podman", "oci", "docker", "gvisor", "oci-runsc"]
+# a test id -> the CLI's backend flags
+_BACKEND_FLAGS = {"oci-runsc": ("-B", "oci", "-o", "runtime=runsc")}
+
+
+def bflags(backend: str) -> tuple[str, ...]:
+    return _BACKEND_FLAGS.get(backend, ("-B", backend))
+
+
+def run_timeout(backend: str) -> float:
+    """gVisor's ptrace platform makes python3 start-up slow (every syscall trapped): more time on a
+    loaded machine."""
+    return 240 if backend in ("gvisor", "oci-runsc") else 90
 
 
 IMAGE = "agentkernel/debian"
@@ -28,8 +40,8 @@ def out(r) -> str:
 
 def probe(backend: str, probes: list[str], *flags: str) -> tuple[dict[str, str], str]:
     """Run the probes in a fresh sandbox; {probe: result word + details}, and the whole output."""
-    r = ak("run", "--no-daemon", "-B", backend, "-i", IMAGE, *flags, "--", "python3", "-c", CLIENT, *probes,
-           timeout=90)
+    r = ak("run", "--no-daemon", *bflags(backend), "-i", IMAGE, *flags, "--", "python3", "-c", CLIENT, *probes,
+           timeout=run_timeout(backend))
     text = out(r)
     assert r.returncode == 0, text
     res = {}
@@ -108,7 +120,7 @@ def test_open_mode_excludes_host_sandboxes_and_metadata(testnet, backend):
         ls.append(s)
     # another sandbox, listening on 9000
     other = subprocess.Popen(
-        [sys.executable, "-m", "agentkernel", "run", "--no-daemon", "-B", backend, "--network", "--", "sh", "-c",
+        [sys.executable, "-m", "agentkernel", "run", "--no-daemon", *bflags(backend), "--network", "--", "sh", "-c",
          "ip -4 -o addr show eth0; nc -l -p 9000 & sleep 6; kill %1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         line = other.stdout.readline().decode()
@@ -150,9 +162,9 @@ def test_secret_placeholder_substituted_only_on_bound_host(testnet, backend):
               "get:http://bound.test:443/originated|H=Authorization=Bearer $T",
               "get:http://unbound.test:443/originated2|H=Authorization=Bearer $T"]
     script = 'T="$API_TOKEN"; exec python3 -c "$0" ' + " ".join(f'"{p}"' for p in probes)
-    r = ak("run", "--no-daemon", "-B", backend, "-i", IMAGE, "--allow-host", "bound.test", "--allow-host",
+    r = ak("run", "--no-daemon", *bflags(backend), "-i", IMAGE, "--allow-host", "bound.test", "--allow-host",
            "unbound.test", "--secret", "API_TOKEN:bound.test:Authorization", "--", "sh", "-c", script, CLIENT,
-           timeout=90)
+           timeout=run_timeout(backend))
     text = out(r)
     assert r.returncode == 0, text
     assert value not in text, text
@@ -205,9 +217,8 @@ BAD = [
     (["--allow-host", "a.test", "--secret", "TOK:b.test"], "may not reach"),
     (["--allow-host", "a.test", "--secret", "NOPE_NOT_SET:a.test"], "no secret named 'NOPE_NOT_SET'"),
     (["--allow-host", "a.test", "--tls-intercept"], "tls_intercept without a secret binding"),
-    (["-B", "gvisor", "--allow-host", "a.test"], "cannot enforce: network_allowlist"),
-    (["-B", "gvisor", "--network", "open"], "cannot enforce: network_full"),
-    (["-B", "oci", "-o", "runtime=runsc", "--network", "open"], "no network"),
+    (["-B", "gvisor-docker", "--allow-host", "a.test"], "cannot enforce: network_allowlist"),
+    (["-B", "gvisor-docker", "--network", "open"], "cannot enforce: network_full"),
     (["-B", "wasm", "--allow-host", "a.test"], "network_allowlist"),
 ]
 
@@ -230,8 +241,8 @@ def test_killed_cli_leaves_no_network_behind(testnet, backend):
 
     d = netns.state_dir()
     before = set(os.listdir(os.path.join(d, "by-id")))
-    p = subprocess.Popen([sys.executable, "-m", "agentkernel", "run", "--no-daemon", "-B", backend, "--network", "--",
-                          "sleep", "60"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen([sys.executable, "-m", "agentkernel", "run", "--no-daemon", *bflags(backend), "--network",
+                          "--", "sleep", "60"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     new: set[str] = set()
     for _ in range(300):
         new = set(os.listdir(os.path.join(d, "by-id"))) - before
@@ -294,7 +305,7 @@ def test_sandbox_cannot_rewire_its_network(testnet, backend, tmp_path):
               "ip link set eth0 down 2>/dev/null && echo LINK-CHANGED; "
               "unshare -rn sh -c 'ip -o link | grep -v lo: ; ip route' 2>/dev/null | grep . && echo NS-HAS-NET; "
               "id -u; echo DONE")
-    r = ak("run", "--no-daemon", "-B", backend, "--config", str(tmp_path / "agentkernel.toml"), "--allow-host",
+    r = ak("run", "--no-daemon", *bflags(backend), "--config", str(tmp_path / "agentkernel.toml"), "--allow-host",
            "allowed.test", "--", "sh", "-c", script)
     text = out(r)
     assert "DONE" in text and "\n0\n" in "\n" + r.stdout.decode(), text
@@ -317,9 +328,9 @@ def test_tls_intercept_substitutes_only_for_the_bound_host(testnet, backend):
               "getv:https://unbound.test/verify-other",  # the sandbox CA cannot vouch for unbound.test
               "file:/.ak/egress-ca.pem"]
     script = 'T="$TLS_TOKEN"; exec python3 -c "$0" ' + " ".join(f'"{p}"' for p in probes)
-    r = ak("run", "--no-daemon", "-B", backend, "-i", IMAGE, "--allow-host", "bound.test", "--allow-host",
+    r = ak("run", "--no-daemon", *bflags(backend), "-i", IMAGE, "--allow-host", "bound.test", "--allow-host",
            "unbound.test", "--secret", "TLS_TOKEN:bound.test", "--tls-intercept", "--", "sh", "-c", script, CLIENT,
-           timeout=90)
+           timeout=run_timeout(backend))
     text = out(r)
     assert r.returncode == 0, text
     assert "GET-OK getv:https://bound.test/intercepted" in text, text
@@ -338,7 +349,7 @@ def test_named_sandbox_keeps_its_rules_across_stop_start(testnet, backend):
     from agentkernel.egress import netns
 
     name = f"egress-named-{backend}"
-    r = ak("create", name, "-B", backend, "--allow-host", "allowed.test", "--start")
+    r = ak("create", name, *bflags(backend), "--allow-host", "allowed.test", "--start")
     assert r.returncode == 0, out(r)
     sid = json.loads(ak("list", "--json").stdout)[0]["id"]
     try:

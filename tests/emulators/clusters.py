@@ -20,20 +20,34 @@ NOMAD_TOKEN = "emulator-nomad-acl-token"
 
 
 @contextlib.contextmanager
+def emulated_cluster(backend: str, workdir: str):
+    """Starts one emulator ("kubernetes" or "nomad") and yields the environment variables that point
+    agentkernel at it (the tests' stand-in for KUBECONFIG / NOMAD_ADDR of a real cluster)."""
+    if backend == "kubernetes":
+        kube = Emulator().serve_in_thread()
+        try:
+            cfg = os.path.join(workdir, "agentkernel.toml")
+            with open(cfg, "w") as f:  # the emulated kubelet's podPidsLimit, as a real cluster's config says
+                f.write(f'[orchestrator]\nnamespace = "agentkernel"\npod_pids_limit = {kube.emu.pod_pids_limit}\n')
+            yield {"KUBECONFIG": kube.kubeconfig(os.path.join(workdir, "kubeconfig")), "AGENTKERNEL_CONFIG": cfg,
+                   "AGENTKERNEL_BENCH_POD_PIDS_LIMIT": str(kube.emu.pod_pids_limit)}
+        finally:
+            kube.stop()
+    elif backend == "nomad":
+        nomad = NomadEmulator(token=NOMAD_TOKEN).serve_in_thread()
+        try:
+            yield {"NOMAD_ADDR": nomad.url, "NOMAD_TOKEN": NOMAD_TOKEN}
+        finally:
+            nomad.stop()
+    else:
+        raise ValueError(f"no emulator for {backend!r} (kubernetes, nomad)")
+
+
+@contextlib.contextmanager
 def emulated_clusters(workdir: str):
     """Yields the environment variables that point agentkernel at the two emulators."""
-    kube = Emulator().serve_in_thread()
-    nomad = NomadEmulator(token=NOMAD_TOKEN).serve_in_thread()
-    try:
-        kc = kube.kubeconfig(os.path.join(workdir, "kubeconfig"))
-        cfg = os.path.join(workdir, "agentkernel.toml")
-        with open(cfg, "w") as f:
-            f.write('[orchestrator]\nnamespace = "agentkernel"\n')
-        yield {"KUBECONFIG": kc, "NOMAD_ADDR": nomad.url, "NOMAD_TOKEN": NOMAD_TOKEN, "AGENTKERNEL_CONFIG": cfg,
-               "AGENTKERNEL_BENCH_POD_PIDS_LIMIT": str(kube.emu.pod_pids_limit)}
-    finally:
-        kube.stop()
-        nomad.stop()
+    with emulated_cluster("kubernetes", workdir) as kube, emulated_cluster("nomad", workdir) as nomad:
+        yield {**kube, **nomad}
 
 
 def main() -> int:

@@ -18,7 +18,9 @@ router = APIRouter(tags=["run"])
 
 def _spec(svc, tenant: str, body: M.RunRequest | M.BatchCommand):
     return svc.run_spec(tenant, body.command, image=body.image, profile=body.profile,
-                        backend=getattr(body, "backend", None), network=getattr(body, "network", None))
+                        backend=getattr(body, "backend", None), network=getattr(body, "network", None),
+                        allow_hosts=getattr(body, "allow_hosts", None), block_hosts=getattr(body, "block_hosts", None),
+                        secrets=getattr(body, "secrets", None))
 
 
 def _cwd(body) -> str | None:

@@ -28,10 +28,11 @@ async def create_sandbox(body: M.CreateSandboxRequest, tenant: Tenant, svc: Svc)
     fails is removed again. 429 when the caller (or the server) holds its limit of live sandboxes."""
     refops.check_create(body.source_url, body.source_ref, body.ttl)
     spec = svc.sandbox_spec(tenant, body.name, image=body.image, profile=body.profile, backend=body.backend,
-                            network=body.network, read_only=body.read_only, memory_mb=body.memory_mb,
+                            network=body.network, allow_hosts=body.allow_hosts, block_hosts=body.block_hosts,
+                            secrets=body.secrets, read_only=body.read_only, memory_mb=body.memory_mb,
                             vcpus=body.vcpus, pids=body.pids, disk_mb=body.disk_mb, env=body.env,
                             workdir=body.workdir, options=refops.volume_option(body.volumes),
-                            unsupported={"secrets": body.secrets, "secret_files": body.secret_files})
+                            unsupported={"secret_files": body.secret_files})
     info = await svc.create(tenant, spec, start=body.start)
     info |= await refops.after_create(svc, tenant, body.name, source_url=body.source_url, source_ref=body.source_ref,
                                       ttl=body.ttl)

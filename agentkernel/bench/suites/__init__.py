@@ -12,6 +12,8 @@ SUITES = {
     "lifecycle": "agentkernel.bench.suites.lifecycle:run",
     "wasm": "agentkernel.bench.suites.wasm:run",
     "orchestration": "agentkernel.bench.suites.orchestration:run",
+    "egress": "agentkernel.bench.suites.egress:run",
     "speed": "agentkernel.bench.suites.sustained:run_speed",
     "soak": "agentkernel.bench.suites.sustained:run_soak",
+    "live": "agentkernel.bench.suites.sustained:run_live",
 }

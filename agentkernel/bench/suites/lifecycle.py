@@ -104,7 +104,7 @@ def run_backend(ctx: BenchContext, backend: str) -> None:
         out["runs"].append(run)
     rep = leaks.check(scope, base, settle_s=cfg.settle_s, label=f"lifecycle {backend}")
     rep["suite"], rep["backend"] = SUITE, backend
-    rep["removed"] = leaks.cleanup(rep)
+    rep["removed"] = leaks.cleanup(rep, scope)
     ctx.doc["leak_checks"].append(rep)
     out["leak_check"] = {"clean": rep["clean"], "leak_count": rep["leak_count"],
                          "attributed_count": rep["attributed_count"]}

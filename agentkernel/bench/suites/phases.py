@@ -93,7 +93,7 @@ async def _backend(ctx: BenchContext, backend: str) -> None:
     mgr = SandboxManager()
     try:
         for i in range(w + n):
-            total, _, ph, err = await _timed_hello(lambda: mgr.run(spec, ExecRequest(["echo", "hello"])))
+            total, _, ph, err = await _timed_hello(lambda: mgr.run(spec, ExecRequest(["echo", "hello"]), phased=True))
             st.advance()
             if i < w:
                 continue

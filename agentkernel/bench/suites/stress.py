@@ -67,7 +67,7 @@ def run_backend(ctx: BenchContext, backend: str) -> None:
     result["pooled"] = pooled
     rep = leaks.check(scope, base, settle_s=cfg.settle_s, label=f"stress {backend}")
     rep["suite"], rep["backend"] = SUITE, backend
-    rep["removed"] = leaks.cleanup(rep)
+    rep["removed"] = leaks.cleanup(rep, scope)
     ctx.doc["leak_checks"].append(rep)
     result["leak_check"] = {"clean": rep["clean"], "leak_count": rep["leak_count"],
                             "attributed_count": rep["attributed_count"]}

@@ -109,7 +109,41 @@ def _live(ctx: BenchContext, backend: str, res: dict) -> None:
     n = int(_env_num("SPEED_LIVE", 10 if ctx.cfg.quick else 200))
     with BenchDaemon(ctx, [backend], pool_min=n, pool_max=n) as d:
         d.wait_ready(timeout=600)
-        res["live"] = sustained.live(n, wait_s=60)
+        res["live"] = sustained.live(n, wait_s=60, backend=backend, runtime_dir=ctx.runtime_dir)
+
+
+def run_live(ctx: BenchContext) -> None:
+    """Suite ``live``: for each selected backend with a warm pool, a daemon holding ``SPEED_LIVE`` (default
+    200, ``--quick`` 10) live pooled sandboxes: fill time, daemon RSS/fds, PSS and cgroup memory per idle
+    member; then the leak check (the daemon stopped)."""
+    n = int(_env_num("SPEED_LIVE", 10 if ctx.cfg.quick else 200))
+    for backend in ctx.selected():
+        ok, reason = ctx.available(backend)
+        if not ok or "pool" not in ctx.features(backend):
+            ctx.set_result("live", backend, {"available": False, "reason": reason or "no warm pool"})
+            continue
+        scope = leaks.LeakScope.for_context(ctx)
+        base = leaks.snapshot(scope)
+        st = ctx.progress.stage(f"live {backend} ({n} pooled sandboxes)", 1)
+        d = BenchDaemon(ctx, [backend], pool_min=n, pool_max=n)
+        try:
+            with d:
+                d.wait_ready(timeout=900)
+                result = {"available": True, **sustained.live(n, wait_s=60, backend=backend,
+                                                              runtime_dir=ctx.runtime_dir)}
+                result["daemon_start_to_ready_ms"] = d.ready_ms
+            result["daemon_stop_s"], result["daemon_exited"] = d.stop_s, d.exited
+        except Exception as exc:
+            ctx.error("live", backend, f"{type(exc).__name__}: {exc}")
+            result = {"available": True, "error": f"{type(exc).__name__}: {exc}"}
+        st.advance()
+        st.finish()
+        rep = leaks.check(scope, base, settle_s=ctx.cfg.settle_s, label=f"live {backend}")
+        rep["suite"], rep["backend"] = "live", backend
+        rep["removed"] = leaks.cleanup(rep, scope)
+        ctx.doc["leak_checks"].append(rep)
+        result["leak_check"] = {"clean": rep["clean"], "leak_count": rep["leak_count"]}
+        ctx.set_result("live", backend, result)
 
 
 def run_soak(ctx: BenchContext) -> None:
@@ -133,5 +167,5 @@ def run_soak(ctx: BenchContext) -> None:
     result["leak_check"] = {"clean": rep["clean"], "leak_count": rep["leak_count"],
                             "categories": sorted({x.get("category", "?") for x in rep["leaks"]})}
     if rep["leaks"]:
-        leaks.cleanup(rep)
+        leaks.cleanup(rep, scope)
     ctx.set_result("soak", backend, result)
