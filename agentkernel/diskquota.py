@@ -57,7 +57,13 @@ class QuotaError(Exception):
 
 
 def volume() -> str:
-    return os.environ.get("AGENTKERNEL_STORAGE_VOLUME") or VOLUME
+    """The quota volume: ``$AGENTKERNEL_STORAGE_VOLUME``, else ``$AGENTKERNEL_STORAGE_DIR/storage`` (the
+    directory setup.sh was given), else setup's default."""
+    if os.environ.get("AGENTKERNEL_STORAGE_VOLUME"):
+        return os.environ["AGENTKERNEL_STORAGE_VOLUME"]
+    if os.environ.get("AGENTKERNEL_STORAGE_DIR"):
+        return os.path.join(os.environ["AGENTKERNEL_STORAGE_DIR"], "storage")
+    return VOLUME
 
 
 def fs_uuid(path: str) -> str | None:
