@@ -84,10 +84,34 @@ class Env:
         self.pulled.extend(images)
 
     def cleanup(self) -> None:
-        for img in self.pulled:
-            subprocess.run(["podman", "rmi", "-f", img], capture_output=True)
-            if docker_ok():
-                subprocess.run(["docker", "rmi", "-f", img], capture_output=True)
+        engines = ["podman", "docker"] if docker_ok() else ["podman"]
+        for engine in engines:
+            keep = _local_image_ids(engine)
+            for img in self.pulled:
+                # a pull of an image pushed from our local busybox has the same image ID: `rmi -f` of the
+                # pulled name would delete agentkernel/busybox itself, so such an image only loses that name
+                iid = _image_id(engine, img)
+                if iid is None:
+                    continue
+                if iid in keep:
+                    subprocess.run([engine, "rmi", img], capture_output=True)
+                else:
+                    subprocess.run([engine, "rmi", "-f", img], capture_output=True)
+
+
+def _image_id(engine: str, ref: str) -> str | None:
+    r = subprocess.run([engine, "image", "inspect", "--format", "{{.Id}}", ref], capture_output=True, text=True)
+    return r.stdout.strip().removeprefix("sha256:") if r.returncode == 0 and r.stdout.strip() else None
+
+
+def _local_image_ids(engine: str) -> set[str]:
+    """IDs of the images setup made (agentkernel/*), which no test cleanup may delete."""
+    ids = set()
+    for name in ("agentkernel/busybox", "agentkernel/debian"):
+        iid = _image_id(engine, name)
+        if iid:
+            ids.add(iid)
+    return ids
 
 
 @pytest.fixture
