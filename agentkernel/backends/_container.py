@@ -111,6 +111,21 @@ def rootfs_cap_mb(spec: SandboxSpec) -> int | None:
     return spec.resources.disk_mb
 
 
+def check_rootfs_cap(backend: str, spec: SandboxSpec, status: Any) -> None:
+    """Refuse ``spec`` when it asks for a capped writable root and ``status()`` (the engine's
+    ``storage_cap_status``: (ok, why)) says this engine's storage cannot cap it."""
+    cap = rootfs_cap_mb(spec)
+    if cap is None:
+        return
+    ok, why = status()
+    if not ok:
+        from .. import diskquota
+        from ..errors import PolicyNotEnforceable
+
+        raise PolicyNotEnforceable(
+            f"backend {backend!r} cannot cap the writable root at {cap} MiB (disk_rootfs): {why}", hint=diskquota.FIX)
+
+
 def disk_dir(sandbox_id: str) -> str:
     """The sandbox's capped workdir on the storage volume (podman: its writable workdir, see plan)."""
     from ..diskquota import sandboxes_dir

@@ -225,14 +225,7 @@ class DockerBackend(AgentContainerBackend, OneShot):
 
     def check(self, spec) -> None:
         super().check(spec)
-        cap = _container.rootfs_cap_mb(spec)
-        if cap is not None:
-            ok, why = storage_cap_status()
-            if not ok:
-                from ..diskquota import FIX
-
-                raise PolicyNotEnforceable(
-                    f"backend {self.name!r} cannot cap the writable root at {cap} MiB (disk_rootfs): {why}", hint=FIX)
+        _container.check_rootfs_cap(self.name, spec, storage_cap_status)
 
     def _network_mode(self, plan: _container.ContainerPlan) -> str:
         if plan.network not in ("none", "netns"):  # every network mode goes through the egress namespace

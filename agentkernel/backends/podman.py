@@ -96,16 +96,7 @@ class PodmanBackend(AgentContainerBackend, OneShot):
 
     def check(self, spec) -> None:
         super().check(spec)
-        cap = _container.rootfs_cap_mb(spec)
-        if cap is not None:
-            ok, why = storage_cap_status()
-            if not ok:
-                from .. import diskquota
-                from ..errors import PolicyNotEnforceable
-
-                raise PolicyNotEnforceable(
-                    f"backend {self.name!r} cannot cap the writable root at {cap} MiB (disk_rootfs): {why}",
-                    hint=diskquota.FIX)
+        _container.check_rootfs_cap(self.name, spec, storage_cap_status)
 
     # -- engine operations --
     async def _podman(self, *args: str, check: bool = True, timeout: float = 120) -> tuple[int, str, str]:

@@ -312,6 +312,21 @@ def _rebase_onto_template(disk: str) -> None:
         raise SandboxError(f"qemu-img rebase {disk}: {r.stderr.decode(errors='replace').strip()}")
 
 
+async def _migrate_to_file(qmp: Any, path: str, *, ignore_shared: bool, poll_s: float) -> None:
+    """Save the VM's state into ``path`` with QMP ``migrate`` (the VM ends paused) and wait until it has
+    completed. ``ignore_shared``: RAM in a shared file stays there and the stream holds only device state."""
+    await qmp.cmd("migrate-set-capabilities",
+                  capabilities=[{"capability": "x-ignore-shared", "state": ignore_shared}])
+    await qmp.cmd("migrate", uri=f"exec:cat > {shlex.quote(path)}")
+    while True:
+        st = await qmp.cmd("query-migrate")
+        if st.get("status") == "completed":
+            return
+        if st.get("status") in ("failed", "cancelled"):
+            raise SandboxError(f"saving the VM snapshot failed: {st.get('error-desc', st)}")
+        await asyncio.sleep(poll_s)
+
+
 def _dig_holes(path: str) -> None:
     """Punch a hole (``fallocate -d``) wherever ``path`` holds only zeros."""
     import subprocess
@@ -677,16 +692,7 @@ class QemuBackend(Backend, AgentAccess):
             try:
                 state = os.path.join(work, "state")
                 # the RAM stays in its file (shared mapping): the stream holds only the device state
-                await qmp.cmd("migrate-set-capabilities",
-                              capabilities=[{"capability": "x-ignore-shared", "state": True}])
-                await qmp.cmd("migrate", uri=f"exec:cat > {state}.part")
-                while True:
-                    st = await qmp.cmd("query-migrate")
-                    if st.get("status") == "completed":
-                        break
-                    if st.get("status") in ("failed", "cancelled"):
-                        raise SandboxError(f"saving the VM snapshot failed: {st.get('error-desc', st)}")
-                    await asyncio.sleep(0.01)
+                await _migrate_to_file(qmp, f"{state}.part", ignore_shared=True, poll_s=0.01)
                 try:
                     await qmp.cmd("quit")
                 except (OSError, ConnectionError):
@@ -739,17 +745,8 @@ class QemuBackend(Backend, AgentAccess):
             try:
                 state = os.path.join(work, "state")
                 # the RAM goes into the stream (a clone's RAM is a private mapping, never a shared file)
-                await qmp.cmd("migrate-set-capabilities",
-                              capabilities=[{"capability": "x-ignore-shared", "state": False}])
                 t0 = time.perf_counter()
-                await qmp.cmd("migrate", uri=f"exec:cat > {shlex.quote(state)}")
-                while True:
-                    st = await qmp.cmd("query-migrate")
-                    if st.get("status") == "completed":
-                        break
-                    if st.get("status") in ("failed", "cancelled"):
-                        raise SandboxError(f"saving the VM snapshot failed: {st.get('error-desc', st)}")
-                    await asyncio.sleep(0.005)
+                await _migrate_to_file(qmp, state, ignore_shared=False, poll_s=0.005)
                 try:  # paused with its disk flushed and closed: the disk as the RAM knows it
                     await asyncio.to_thread(shutil.copyfile, os.path.join(run_dir, "disk.qcow2"),
                                             os.path.join(work, "disk.qcow2"))
