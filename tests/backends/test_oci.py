@@ -28,7 +28,6 @@ from agentkernel.backends.oci import OCIBackend, host_problems
 from agentkernel.errors import (
     BackendUnavailable,
     NotFound,
-    PolicyNotEnforceable,
     SandboxError,
     ValidationError,
 )
@@ -263,11 +262,9 @@ def test_no_network(runtime, tmp_path):
         srv.close()
 
 
-def test_network_true_refused(runtime):
+def test_network_and_disk_cap_accepted(runtime):
     b = OCIBackend({"runtime": runtime})
-    if runtime == "runsc":  # crun/runc join the egress namespace (tests/egress/)
-        with pytest.raises(PolicyNotEnforceable, match="no network"):
-            b.check(_spec(runtime, network=True))
+    b.check(_spec(runtime, network=True))  # every runtime joins the egress namespace (runsc: --network=host there)
     b.check(_spec(runtime, disk_mb=10))  # a writable root is capped on oci (tmpfs layer: issue 11 item 11)
 
 
@@ -376,8 +373,9 @@ def test_sigkill_of_the_cli_then_reap_leaves_nothing(runtime, tmp_path):
     assert not rt.cgroup_pids(sid), "the sandbox outlived its killed owner"
     owner.reap_dead()
     assert_no_leftovers(sid)
-    with open("/proc/self/mountinfo") as f:
-        assert rt.oci_dir() not in f.read()
+    with open("/proc/self/mountinfo") as f:  # its own mounts (the run dir is shared with other tests' pools)
+        mounts = f.read()
+    assert rt.bundle_dir(sid) + "/" not in mounts and rt.bundle_dir(sid) + " " not in mounts
     assert not [e for e in owner.entries() if e["id"] == sid]
 
 
