@@ -16,7 +16,19 @@ class QMP:
 
     @classmethod
     async def connect(cls, path: str, timeout: float = 10.0) -> QMP:
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path, limit=1 << 22), timeout)
+        """Connect, retrying while the socket is not listening yet: QEMU binds the socket's path before it
+        listens on it, so a connect that sees the path can still be refused (seen on a loaded host)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path, limit=1 << 22),
+                                                        max(0.1, deadline - loop.time()))
+                break
+            except (ConnectionRefusedError, FileNotFoundError):
+                if loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(0.005)
         self = cls(reader, writer)
         greeting = await asyncio.wait_for(self._read(), timeout)
         if "QMP" not in greeting:
