@@ -1738,7 +1738,6 @@ static int serve_loop(void) {
             } else if (pr->what == W_DEV) {
                 if (re & POLLIN) {
                     device_conn = conn_new(device_fd, device_fd);
-        fcntl(device_fd, F_SETOWN, getpid()); /* SIGIO (when armed) on a host (dis)connection or data */
                     conn_read(device_conn);
                 } else {
                     device_away();
@@ -1895,6 +1894,9 @@ static int serve_main(int argc, char **argv) {
             fprintf(stderr, "ak-agent: open %s: %s\n", device_path, strerror(errno));
             return 125;
         }
+        /* SIGIO (armed by device_away) goes to us: without an owner the kernel sends it to no one, and
+         * a host reconnecting to an idle agent waits for the safety-net re-poll (25 ms) */
+        if (fcntl(device_fd, F_SETOWN, getpid()) < 0) perror("ak-agent: F_SETOWN");
         device_conn = conn_new(device_fd, device_fd);
     } else {
         struct sockaddr_un sa = {.sun_family = AF_UNIX};
@@ -2164,7 +2166,11 @@ static int vminit_main(int argc, char **argv) {
     vm_mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
     vm_mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
     if (pids) { /* commands run in a cgroup with pids.max: a fork bomb stops there */
-        vm_mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+        /* favordynmods: moving a task into a cgroup (every command joins one) takes the threadgroup
+         * rwsem for writing, which otherwise waits for an RCU grace period per command (kernel >= 6.0) */
+        mkdir("/sys/fs/cgroup", 0755);
+        if (mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, "favordynmods") < 0)
+            vm_mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
         int fd = open("/sys/fs/cgroup/cgroup.subtree_control", O_WRONLY | O_CLOEXEC);
         if (fd >= 0) {
             if (write(fd, "+pids", 5) < 0) perror("ak-agent: enable pids controller");
