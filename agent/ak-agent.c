@@ -461,9 +461,10 @@ static int stdio_mode;
 static int device_fd = -1;
 static conn_t *device_conn;
 static uint64_t device_retry_at;
-/* while the host is away the port raises SIGIO when data arrives (virtio_console's fasync), but not
- * reliably for every reconnection: so the port is also re-polled, every 2 ms for the first 200 ms (a
- * client reconnecting between operations) and every 25 ms after that (an idle VM stays quiet) */
+/* while the host is away the port raises SIGIO on a host (re)connection and when data arrives
+ * (virtio_console's fasync; the owner is set when the port is opened). As a safety net the port is
+ * also re-polled, every 2 ms for the first 200 ms (a client reconnecting between operations) and every
+ * 25 ms after that (an idle VM stays quiet) */
 #define DEVICE_FAST_US 2000
 #define DEVICE_FAST_FOR_US 200000
 #define DEVICE_SLOW_US 25000
