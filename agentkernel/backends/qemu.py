@@ -293,6 +293,46 @@ def _clone_overlay(snap_dir: str, dest: str) -> None:
     os.chmod(dest, 0o600)
 
 
+SNAPSHOT_BASE = "base.qcow2"  # a restored sandbox's own hard link of its snapshot's frozen disk
+
+
+def _link_or_copy(src: str, dest: str) -> None:
+    """``dest`` becomes another name of the read-only file ``src`` (a copy where a hard link cannot be made)."""
+    try:
+        os.link(src, dest)
+    except FileExistsError:
+        pass
+    except OSError:  # another file system, or links not allowed: a copy (reflinked where the FS can)
+        tmp = f"{dest}.{os.getpid()}.tmp"
+        shutil.copyfile(src, tmp)
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, dest)
+
+
+def _snapshot_overlay(snap_dir: str, run_dir: str) -> str:
+    """The disk of a sandbox restored from the memory snapshot in ``snap_dir``: a new, empty qcow2 overlay
+    whose backing file is ``base.qcow2`` *relative to the run dir*, a hard link of the snapshot's frozen
+    (read-only) disk made there. The sandbox holds what it needs: deleting the snapshot removes only the
+    snapshot's own name of that disk, and the sandbox can still stop and boot again; the last link goes
+    with the run dir. Returns the overlay's path."""
+    from ..vm import guestimage
+
+    frozen = os.path.join(snap_dir, "disk.qcow2")
+    pristine = os.path.join(snap_dir, "overlay-rel.qcow2")
+    if not os.path.exists(pristine):
+        # made once per snapshot beside a link of the same name, so that the relative name resolves
+        _link_or_copy(frozen, os.path.join(snap_dir, SNAPSHOT_BASE))
+        tmp = f"{pristine}.{os.getpid()}.tmp"
+        guestimage.overlay(SNAPSHOT_BASE, tmp, backing_format="qcow2")
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, pristine)
+    _link_or_copy(frozen, os.path.join(run_dir, SNAPSHOT_BASE))
+    disk = os.path.join(run_dir, "disk.qcow2")
+    shutil.copyfile(pristine, disk)
+    os.chmod(disk, 0o600)
+    return disk
+
+
 def _rebase_onto_template(disk: str) -> None:
     """Make ``disk`` (a qcow2 overlay) depend on nothing but the first template disk in its backing chain
     (``qemu-img rebase`` copies in whatever the layers in between hold)."""
@@ -529,7 +569,7 @@ class QemuBackend(Backend, AgentAccess):
                 tdir = snapshot_dir(self.restore_from)
                 if not os.path.exists(os.path.join(tdir, "state")):
                     raise NotFound(f"no qemu memory snapshot {self.restore_from}")
-                _clone_overlay(tdir, disk)
+                await asyncio.to_thread(_snapshot_overlay, tdir, run_dir)
             elif self.snapshot == "on":
                 tdir = await self._template(plan)
                 _clone_overlay(tdir, disk)
@@ -755,10 +795,14 @@ class QemuBackend(Backend, AgentAccess):
                 pause_ms = (time.perf_counter() - t0) * 1e3
             finally:
                 await qmp.close()
-            if self.restore_from is not None or ref.spec.options.get("restore"):
-                # a copy of a restored sandbox: its disk sits on the other snapshot's disk; rebase it onto
-                # the template's, so that deleting that snapshot never breaks this one
+            base = os.path.join(run_dir, SNAPSHOT_BASE)
+            if os.path.exists(base):
+                # a copy of a restored sandbox: its disk sits on the other snapshot's disk (the relative
+                # base.qcow2, linked here for the rebase); rebase it onto the template's, so that deleting
+                # that snapshot never breaks this one
+                _link_or_copy(base, os.path.join(work, SNAPSHOT_BASE))
                 await asyncio.to_thread(_rebase_onto_template, os.path.join(work, "disk.qcow2"))
+                os.unlink(os.path.join(work, SNAPSHOT_BASE))
             os.chmod(os.path.join(work, "disk.qcow2"), 0o444)
             info = {"id": snap_id, "state_bytes": os.path.getsize(state),
                     "disk_bytes": os.stat(os.path.join(work, "disk.qcow2")).st_blocks * 512,

@@ -373,7 +373,8 @@ def build(image: str, *, quiet: bool = False) -> dict:
 
 
 def overlay(base: str, dest: str, *, backing_format: str = "raw") -> None:
-    """A copy-on-write qcow2 disk over ``base`` (which is never written)."""
+    """A copy-on-write qcow2 disk over ``base`` (which is never written). A relative ``base`` is stored
+    as given and resolved against the overlay's own directory (by qemu-img here, by QEMU when opened)."""
     _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", backing_format, "-b", base, dest])
 
 
