@@ -206,10 +206,13 @@ class GuestPlan:
             [TEMPLATE_VERSION, self.guest["key"], self.accel, self.memory_mb, self.vcpus, self.cmdline,
              _qemu_stamp()]).encode()).hexdigest()[:16]
 
-    def argv(self, run_dir: str, disk: str, *, ram: str | None = None, incoming: bool = False) -> list[str]:
+    def argv(self, run_dir: str, disk: str, *, ram: str | None = None, incoming: bool = False,
+             listen_fds: tuple[int, int] | None = None) -> list[str]:
         """QEMU's command line. ``ram``: the guest RAM is that file (a template's RAM: mapped shared while
         the template is made, privately = copy-on-write by every clone restored from it, so a restore maps
-        the RAM instead of copying it). ``incoming``: restore the device state from fd 3."""
+        the RAM instead of copying it). ``incoming``: restore the device state from fd 3. ``listen_fds``:
+        (agent, QMP) unix sockets already bound at ``agent.sock`` / ``qmp.sock`` and listening, inherited
+        by QEMU (see ``_listeners``); else QEMU binds those paths itself."""
         from ..vm import guestimage
 
         k = self.guest["kernel"]
@@ -223,9 +226,11 @@ class GuestPlan:
             "-drive", f"id=root,file={disk},format=qcow2,if=none,cache=writeback,discard=unmap",
             "-device", "virtio-blk-device,drive=root",
             "-device", "virtio-serial-device",
-            "-chardev", f"socket,id=agent,path={os.path.join(run_dir, 'agent.sock')},server=on,wait=off",
+            "-chardev", (f"socket,id=agent,fd={listen_fds[0]},server=on,wait=off" if listen_fds else
+                         f"socket,id=agent,path={os.path.join(run_dir, 'agent.sock')},server=on,wait=off"),
             "-device", f"virtserialport,chardev=agent,name={guestimage.AGENT_PORT.split(':', 1)[1]},nr=1",
-            "-qmp", f"unix:{os.path.join(run_dir, 'qmp.sock')},server=on,wait=off",
+            *(["-chardev", f"socket,id=qmp,fd={listen_fds[1]},server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
+              if listen_fds else ["-qmp", f"unix:{os.path.join(run_dir, 'qmp.sock')},server=on,wait=off"]),
             "-serial", f"file:{os.path.join(run_dir, 'console.log')}",
             "-pidfile", os.path.join(run_dir, "qemu.pid"),
         ]
@@ -365,6 +370,31 @@ async def _migrate_to_file(qmp: Any, path: str, *, ignore_shared: bool, poll_s: 
         if st.get("status") in ("failed", "cancelled"):
             raise SandboxError(f"saving the VM snapshot failed: {st.get('error-desc', st)}")
         await asyncio.sleep(poll_s)
+
+
+def _listeners(run_dir: str) -> tuple[list, tuple[int, int]]:
+    """The agent and QMP sockets of ``run_dir``, bound and listening *before* QEMU starts (QEMU inherits
+    them: ``-chardev socket,fd=N,server=on``). A connect then never races QEMU's bind-then-listen and
+    needs no polling for the path: it waits in the backlog until QEMU accepts. Returns the sockets (close
+    them once QEMU has been started) and their duplicates at fd >= 10 (never fd 3, the state stream)."""
+    import fcntl
+    import socket
+
+    socks, fds = [], []
+    try:
+        for name in ("agent.sock", "qmp.sock"):
+            sk = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            socks.append(sk)
+            sk.bind(os.path.join(run_dir, name))
+            sk.listen(16)
+            fds.append(fcntl.fcntl(sk.fileno(), fcntl.F_DUPFD_CLOEXEC, 10))
+    except BaseException:
+        for sk in socks:
+            sk.close()
+        for fd in fds:
+            os.close(fd)
+        raise
+    return socks, (fds[0], fds[1])
 
 
 def _dig_holes(path: str) -> None:
@@ -603,19 +633,28 @@ class QemuBackend(Backend, AgentAccess):
         script = '"$@" </dev/null >>"$0" 2>&1 & echo $!'
         if incoming:  # the device state on fd 3 (no cat, no pipe)
             script = f'"$@" </dev/null >>"$0" 2>&1 3<{shlex.quote(os.path.join(template, "state"))} & echo $!'
-        proc = await asyncio.create_subprocess_exec(
-            "/bin/sh", "-c", script, os.path.join(run_dir, "qemu.log"),
-            *plan.argv(run_dir, disk, ram=ram, incoming=incoming), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
-        out, _ = await proc.communicate()
+        socks, fds = _listeners(run_dir)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "/bin/sh", "-c", script, os.path.join(run_dir, "qemu.log"),
+                *plan.argv(run_dir, disk, ram=ram, incoming=incoming, listen_fds=fds), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
+                pass_fds=fds)
+            out, _ = await proc.communicate()
+        finally:  # from here on only QEMU holds them: a connect fails once QEMU is gone
+            for sk in socks:
+                sk.close()
+            for fd in fds:
+                os.close(fd)
         qpid = int(out.strip() or 0)
-        if incoming:
-            await self._restore(run_dir, qpid, shared_ram=ram is not None)
+        t_proc = None  # QEMU up: its QMP greeting (a restore), else its pidfile written (a cold boot)
         sock = os.path.join(run_dir, "agent.sock")
+        pidfile = os.path.join(run_dir, "qemu.pid")
         deadline = time.monotonic() + BOOT_TIMEOUT
-        t_proc = None
         client = None
         try:
+            if incoming:
+                t_proc = await self._restore(run_dir, qpid, shared_ram=ram is not None)
             while client is None:
                 if not _alive(qpid):
                     raise SandboxError("QEMU exited while starting: "
@@ -625,7 +664,7 @@ class QemuBackend(Backend, AgentAccess):
                     raise SandboxError(f"the guest agent did not answer within {BOOT_TIMEOUT:.0f} s: "
                                        f"{_tail(os.path.join(run_dir, 'console.log'), 400)}")
                 if t_proc is None:
-                    if os.path.exists(sock):
+                    if os.path.exists(pidfile):
                         t_proc = time.perf_counter()
                     else:
                         await asyncio.sleep(0.002)
@@ -677,21 +716,20 @@ class QemuBackend(Backend, AgentAccess):
         finally:
             lock.close()
 
-    async def _restore(self, run_dir: str, qpid: int, *, shared_ram: bool) -> None:
+    async def _restore(self, run_dir: str, qpid: int, *, shared_ram: bool) -> float:
         """Load a template's device state (fd 3 of QEMU) into a QEMU started with ``-incoming defer``. With
         the template's RAM file mapped, the stream holds no RAM (capability x-ignore-shared, which has to
-        match the side that saved it)."""
+        match the side that saved it). Returns when QEMU was up (its QMP greeting; perf_counter)."""
         from ..vm.qmp import QMP
 
-        path = os.path.join(run_dir, "qmp.sock")
-        deadline = time.monotonic() + BOOT_TIMEOUT
-        while not os.path.exists(path):
+        # the socket listens already (_listeners): the connection waits in its backlog until QEMU is up
+        try:
+            qmp = await QMP.connect(os.path.join(run_dir, "qmp.sock"), timeout=BOOT_TIMEOUT)
+        except (OSError, TimeoutError) as exc:
             if not _alive(qpid):
-                raise SandboxError(f"QEMU exited while starting: {_tail(os.path.join(run_dir, 'qemu.log'))}")
-            if time.monotonic() > deadline:
-                raise SandboxError("QEMU did not open its QMP socket")
-            await asyncio.sleep(0.001)
-        qmp = await QMP.connect(path)
+                raise SandboxError(f"QEMU exited while starting: {_tail(os.path.join(run_dir, 'qemu.log'))}") from None
+            raise SandboxError(f"QEMU's QMP did not answer: {exc}") from None
+        t_up = time.perf_counter()
         try:
             if shared_ram:
                 await qmp.cmd("migrate-set-capabilities",
@@ -699,6 +737,7 @@ class QemuBackend(Backend, AgentAccess):
             await qmp.cmd("migrate-incoming", uri="fd:3")
         finally:
             await qmp.close()
+        return t_up
 
     async def _warm_template(self, plan: GuestPlan, run_dir: str) -> None:
         """Before the save: run what every clone's first command runs (the agent's fork/exec path, the
