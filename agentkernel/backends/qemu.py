@@ -22,7 +22,6 @@ kills the VM (pid checked against its command line) and deletes the dir.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
@@ -42,6 +41,8 @@ from .base import (
     Capabilities,
     ExecRequest,
     ExecResult,
+    OneShot,
+    Outcome,
     SandboxInfo,
     SandboxRef,
     owner_labels,
@@ -138,6 +139,7 @@ def vm_pid(run_dir: str) -> int | None:
 
 async def kill_vm(run_dir: str, *, grace: float = 0.0) -> float:
     """Stop the VM of ``run_dir`` (SIGTERM, then SIGKILL after ``grace``); returns ms until it was gone."""
+    import asyncio
     t0 = time.perf_counter()
     pid = vm_pid(run_dir)
     if pid is None:
@@ -360,6 +362,7 @@ def _rebase_onto_template(disk: str) -> None:
 async def _migrate_to_file(qmp: Any, path: str, *, ignore_shared: bool, poll_s: float) -> None:
     """Save the VM's state into ``path`` with QMP ``migrate`` (the VM ends paused) and wait until it has
     completed. ``ignore_shared``: RAM in a shared file stays there and the stream holds only device state."""
+    import asyncio
     await qmp.cmd("migrate-set-capabilities",
                   capabilities=[{"capability": "x-ignore-shared", "state": ignore_shared}])
     await qmp.cmd("migrate", uri=f"exec:cat > {shlex.quote(path)}")
@@ -416,6 +419,8 @@ class PortTransport(Transport):
         self.path, self.timeout = path, timeout
 
     async def connect(self):
+        import asyncio
+
         from ..agent import protocol as P
 
         reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(self.path, limit=1 << 20),
@@ -443,11 +448,102 @@ class PortTransport(Transport):
             raise
         return reader, writer
 
+    def connect_sync(self):
+        """``connect`` without asyncio (the CLI's one-shot): a blocking socket, synced the same way."""
+        import socket
+
+        from ..agent import protocol as P
+
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(self.timeout)
+            s.connect(self.path)
+            s.sendall(P.encode_hello())
+            buf = b""
+            marker = bytes([P.R_HELLO, 0]) + P.MAGIC
+            deadline = time.monotonic() + self.timeout
+            while True:
+                i = buf.find(marker)
+                if i >= 8 and buf[i - 4:i] == b"\0\0\0\0":
+                    end = i + 2 + int.from_bytes(buf[i - 8:i - 4], "big")
+                    if len(buf) >= end:
+                        break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the guest agent did not answer HELLO")
+                s.settimeout(left)
+                data = s.recv(65536)
+                if not data:
+                    raise ConnectionResetError("QEMU closed the agent port connection")
+                buf = buf[-(1 << 16):] + data
+            s.settimeout(None)
+        except BaseException:
+            s.close()
+            raise
+        return s
+
     async def aclose(self) -> None:
         pass
 
     def describe(self) -> str:
         return f"virtio-serial:{self.path}"
+
+
+def _qmp_incoming_sync(path: str, *, shared_ram: bool, timeout: float) -> float:
+    """``QemuBackend._restore`` without asyncio: QMP over a blocking socket (the socket listens already,
+    so the connection waits in the backlog until QEMU is up). Returns when QEMU greeted (perf_counter)."""
+    import socket
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        s.connect(path)
+        f = s.makefile("rb")
+
+        def reply(name: str) -> None:
+            while True:
+                line = f.readline()
+                if not line:
+                    raise ConnectionResetError("QEMU closed the QMP connection")
+                msg = json.loads(line)
+                if "event" in msg:
+                    continue
+                if "error" in msg:
+                    raise SandboxError(f"QEMU {name}: {msg['error'].get('desc', msg['error'])}")
+                return
+
+        if "QMP" not in json.loads(f.readline() or b"{}"):
+            raise SandboxError("QEMU's QMP socket sent no greeting")
+        t_up = time.perf_counter()
+        cmds = [("qmp_capabilities", None)]
+        if shared_ram:
+            cmds.append(("migrate-set-capabilities",
+                         {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}))
+        cmds.append(("migrate-incoming", {"uri": "fd:3"}))
+        s.sendall(b"".join(json.dumps({"execute": n, **({"arguments": a} if a else {})}).encode() + b"\n"
+                           for n, a in cmds))
+        for name, _ in cmds:
+            reply(name)
+        f.close()
+        return t_up
+    finally:
+        s.close()
+
+
+def kill_vm_sync(run_dir: str) -> None:
+    """``kill_vm`` without asyncio: SIGKILL the run dir's QEMU and wait until it is gone."""
+    pid = vm_pid(run_dir)
+    if pid is None:
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 5.0
+    while vm_pid(run_dir) == pid:
+        if time.monotonic() > deadline:
+            raise SandboxError(f"QEMU pid {pid} did not exit")
+        time.sleep(0.002)
 
 
 def check_disk_size(spec, rootfs: str, backend: str) -> None:
@@ -463,7 +559,7 @@ def check_disk_size(spec, rootfs: str, backend: str) -> None:
             hint=f"ask for --disk {size_mb} or more, or use a container backend for smaller caps")
 
 
-class QemuBackend(Backend, AgentAccess):
+class QemuBackend(Backend, AgentAccess, OneShot):
     name = "qemu"
     capabilities = Capabilities(QEMU_CONTROLS, {"exec", "files", "agent", "pool", "snapshot", "oneshot"},
                                 isolation="microVM (QEMU microvm, own guest kernel)")
@@ -476,6 +572,8 @@ class QemuBackend(Backend, AgentAccess):
     @classmethod
     def bench_baselines(cls) -> list[dict[str, Any]]:
         """The benchmark's raw row: QEMU restoring the same template by itself (``vm.rawrestore``)."""
+        import asyncio
+
         from ..vm import rawrestore
 
         label = "raw QEMU restore of the same template to a running guest (no CLI, no agent)"
@@ -505,11 +603,20 @@ class QemuBackend(Backend, AgentAccess):
     async def _plan(self, spec) -> GuestPlan:
         """The guest plan of ``spec``, made once per backend object for a few seconds (a pool's refills
         and a run's create + start need the same one; a rebuilt image is seen after the TTL)."""
+        import asyncio
         key = json.dumps(spec.replace(name=None).to_dict(), sort_keys=True)
         hit = self._plans.get(key)
         if hit is not None and time.monotonic() - hit[0] < 30.0:
             return hit[1]
-        plan = await asyncio.to_thread(GuestPlan, spec, self.accel())
+        plan = await asyncio.to_thread(self._plan_sync, spec)
+        return plan
+
+    def _plan_sync(self, spec) -> GuestPlan:
+        key = json.dumps(spec.replace(name=None).to_dict(), sort_keys=True)
+        hit = self._plans.get(key)
+        if hit is not None and time.monotonic() - hit[0] < 30.0:
+            return hit[1]
+        plan = GuestPlan(spec, self.accel())
         check_disk_size(spec, plan.guest["rootfs"]["path"], self.name)
         self._plans[key] = (time.monotonic(), plan)
         return plan
@@ -583,6 +690,7 @@ class QemuBackend(Backend, AgentAccess):
         return d
 
     async def start(self, ref: SandboxRef) -> None:
+        import asyncio
         run_dir = self._dir(ref)
         meta = _read_json(os.path.join(run_dir, "meta.json"))
         if meta is None:
@@ -615,6 +723,8 @@ class QemuBackend(Backend, AgentAccess):
         """Start QEMU and wait for the agent; returns the phase timings (ms). ``template``: restore the
         snapshot in that dir (its device state, its RAM file mapped copy-on-write) instead of booting;
         ``ram``: the guest RAM is that (shared) file (a template being made)."""
+        import asyncio
+
         from ..agent.client import AgentClient
 
         for f in ("agent.sock", "qmp.sock", "qemu.pid"):
@@ -696,6 +806,7 @@ class QemuBackend(Backend, AgentAccess):
 
     async def _template(self, plan: GuestPlan) -> str:
         """The snapshot for this image/spec: made once (under a lock), then shared read-only."""
+        import asyncio
         import fcntl
 
         tdir = os.path.join(templates_dir(), plan.template_key)
@@ -752,6 +863,8 @@ class QemuBackend(Backend, AgentAccess):
             await client.close()
 
     async def _make_template(self, plan: GuestPlan, tdir: str) -> None:
+        import asyncio
+
         from ..vm import guestimage
         from ..vm.qmp import QMP
 
@@ -805,6 +918,7 @@ class QemuBackend(Backend, AgentAccess):
         """Save the running VM (RAM + device state, with its disk as it is at that instant) as a new
         snapshot; the VM goes on running. Returns ``{id, state_bytes, disk_bytes, pause_ms}``; a sandbox
         started with option ``restore=<id>`` is a new VM with that memory: its processes still running."""
+        import asyncio
         import uuid
 
         from ..vm.qmp import QMP
@@ -941,6 +1055,7 @@ class QemuBackend(Backend, AgentAccess):
             _write_json(os.path.join(run_dir, "meta.json"), meta)
 
     async def remove(self, ref: SandboxRef) -> None:
+        import asyncio
         run_dir = self._dir(ref)
         if not os.path.isdir(run_dir):
             return
@@ -973,6 +1088,110 @@ class QemuBackend(Backend, AgentAccess):
                 "created" if meta.get("state") == "created" else "stopped")
             out.append(SandboxInfo(self.name, sid, labels.get(LABEL_NAME), status, {"dir": d}, labels))
         return out
+
+    # -- the CLI's one-shot: the same sandbox as create + start + exec + remove, without asyncio --
+    def run_oneshot(self, spec, argv: list[str], stdio, timeout: float | None, *, sandbox_id: str,
+                    owner: dict[str, Any]) -> Outcome:
+        """One command in a fresh VM (restored from the template, from ``restore=<id>``, or cold booted
+        with ``snapshot=off``), re-seeded before the command, on one agent session; then the VM is killed
+        and its run dir deleted, whatever happens. Only a template that does not exist yet is made the
+        asyncio way (once per image/spec)."""
+        from ..agent.sync_client import SyncAgentClient
+        from ..vm import guestimage
+
+        plan = self._plan_sync(spec)
+        run_dir = os.path.join(sandboxes_dir(), sandbox_id)
+        if len(os.path.join(run_dir, "agent.sock")) > 100:
+            raise SandboxError(f"run dir path too long for a unix socket: {run_dir}")
+        os.mkdir(run_dir, 0o700)
+        try:
+            _write_json(os.path.join(run_dir, "meta.json"), {
+                "id": sandbox_id, "labels": owner_labels(sandbox_id, owner, spec.name), "state": "running",
+                "spec": spec.to_dict(), "template": plan.template_key, "created": time.time(), "env": plan.env})
+            disk = os.path.join(run_dir, "disk.qcow2")
+            tdir = None
+            if self.restore_from is not None:
+                tdir = snapshot_dir(self.restore_from)
+                if not os.path.exists(os.path.join(tdir, "state")):
+                    raise NotFound(f"no qemu memory snapshot {self.restore_from}")
+                _snapshot_overlay(tdir, run_dir)
+            elif self.snapshot == "on":
+                tdir = os.path.join(templates_dir(), plan.template_key)
+                if not os.path.exists(os.path.join(tdir, "state")):
+                    import asyncio
+
+                    tdir = asyncio.run(self._template(plan))
+                _clone_overlay(tdir, disk)
+            else:
+                guestimage.overlay(plan.guest["rootfs"]["path"], disk)
+            client = SyncAgentClient(self._boot_sync(plan, run_dir, disk, tdir))
+            try:
+                if tdir is not None:  # a restored clone: fresh entropy and the real time first
+                    client.reseed(os.urandom(256), time_ns=time.time_ns(), timeout=30.0)
+                code, sig, timed_out, oom, error = client.exec_stream(
+                    argv, env=plan.env, cwd=spec.workdir, timeout=timeout,
+                    stdin_fd=stdio.stdin if stdio.forward_stdin else None, stdout_fd=stdio.stdout,
+                    stderr_fd=stdio.stderr)
+            except ConnectionError:
+                raise SandboxError(f"sandbox {sandbox_id}: the VM died while the command ran") from None
+            finally:
+                client.close()
+            note = error if error and code in (126, 127) else None
+            return Outcome(code, signal=sig or None, timed_out=bool(timed_out), oom=bool(oom), note=note)
+        finally:
+            kill_vm_sync(run_dir)
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    def _boot_sync(self, plan: GuestPlan, run_dir: str, disk: str, template: str | None):
+        """``_boot`` without asyncio; returns the agent's socket, synced (``PortTransport.connect_sync``)."""
+        import subprocess
+
+        incoming = template is not None
+        ram = None
+        script = '"$@" </dev/null >>"$0" 2>&1 & echo $!'
+        if incoming:
+            ram = os.path.join(template, "ram")
+            if not os.path.exists(ram):
+                ram = None  # a snapshot of a running sandbox: its RAM is in the state stream
+            script = f'"$@" </dev/null >>"$0" 2>&1 3<{shlex.quote(os.path.join(template, "state"))} & echo $!'
+        socks, fds = _listeners(run_dir)
+        try:
+            r = subprocess.run(["/bin/sh", "-c", script, os.path.join(run_dir, "qemu.log"),
+                                *plan.argv(run_dir, disk, ram=ram, incoming=incoming, listen_fds=fds)],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               start_new_session=True, pass_fds=fds)
+        finally:
+            for sk in socks:
+                sk.close()
+            for fd in fds:
+                os.close(fd)
+        qpid = int(r.stdout.strip() or 0)
+
+        def died() -> SandboxError:
+            return SandboxError("QEMU exited while starting: "
+                                f"{_tail(os.path.join(run_dir, 'qemu.log'))} "
+                                f"{_tail(os.path.join(run_dir, 'console.log'), 400)}".strip())
+
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        if incoming:
+            try:
+                _qmp_incoming_sync(os.path.join(run_dir, "qmp.sock"), shared_ram=ram is not None,
+                                   timeout=BOOT_TIMEOUT)
+            except (OSError, TimeoutError) as exc:
+                if not _alive(qpid):
+                    raise died() from None
+                raise SandboxError(f"QEMU's QMP did not answer: {exc}") from None
+        while True:
+            if not _alive(qpid):
+                raise died()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SandboxError(f"the guest agent did not answer within {BOOT_TIMEOUT:.0f} s: "
+                                   f"{_tail(os.path.join(run_dir, 'console.log'), 400)}")
+            try:
+                return PortTransport(os.path.join(run_dir, "agent.sock"), timeout=max(0.5, left)).connect_sync()
+            except (TimeoutError, OSError):
+                time.sleep(0.01)
 
     async def run(self, spec, req: ExecRequest, *, sandbox_id: str, owner: dict[str, Any]) -> ExecResult:
         """One-shot, with the VM's phase timings (process, boot, ready, exec, shutdown) in the result."""
