@@ -91,3 +91,13 @@ def test_exec_fast_path_imports_nothing_denied():
         assert imported("exec", name, "--", "true", allow=frozenset({"sqlite3", "_sqlite3"})) == set()
     finally:
         ak("rm", name)
+
+
+def test_qemu_one_shot_path_imports_no_asyncio():
+    """The qemu one-shot restores a VM and speaks QMP and the agent over blocking sockets: it may use the
+    stdlib's process, socket and JSON modules (a VM start needs them), never asyncio or the server stack."""
+    require_backend("qemu")
+    vm_needs = frozenset({"json", "subprocess", "hashlib", "shutil", "socket", "signal", "enum", "re",
+                          "selectors", "threading"})
+    imported("run", "-B", "qemu", "--", "true")  # first use: the guest image and its snapshot template
+    assert imported("run", "-B", "qemu", "--", "true", allow=vm_needs) == set()
