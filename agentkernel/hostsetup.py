@@ -316,6 +316,8 @@ def dockerd_conf_text() -> str:
     n = _hard_nofile()
     # runsc-agentkernel is the gvisor-docker backend's runtime: --oci-seccomp applies the sandbox's seccomp
     # profile (runsc ignores it otherwise), --host-uds=create lets the host reach the agent's socket.
+    # runsc-agentkernel-net is the same with --network=host, used only for sandboxes in the egress namespace
+    # (network modes open and allowlist: the namespace's firewall then sees every packet of the Sentry).
     return f"""{{
   "storage-driver": "btrfs",
   "data-root": "{STORAGE_DIR}/docker/data",
@@ -329,7 +331,9 @@ def dockerd_conf_text() -> str:
     "crun": {{"path": "/usr/bin/crun"}},
     "runsc": {{"path": "/usr/bin/runsc", "runtimeArgs": ["--network=none", "--platform=ptrace"]}},
     "runsc-agentkernel": {{"path": "/usr/bin/runsc",
-      "runtimeArgs": ["--network=none", "--platform=ptrace", "--oci-seccomp", "--host-uds=create"]}}
+      "runtimeArgs": ["--network=none", "--platform=ptrace", "--oci-seccomp", "--host-uds=create"]}},
+    "runsc-agentkernel-net": {{"path": "/usr/bin/runsc",
+      "runtimeArgs": ["--network=host", "--platform=ptrace", "--oci-seccomp", "--host-uds=create"]}}
   }}
 }}
 """
@@ -358,7 +362,7 @@ def dockerd_conf_step() -> Step:
         if have == dockerd_conf_text():
             return Finding(True, DOCKERD_CONF)
         plan = [f"write {DOCKERD_CONF} (overlay2, no iptables/bridge, cgroupfs, runtimes crun, runsc, "
-                "runsc-agentkernel)"]
+                "runsc-agentkernel, runsc-agentkernel-net)"]
         if docker_up() and _dockerd_pid():
             plan.append(f"send SIGHUP to the running dockerd (pid {_dockerd_pid()}) to reload its runtimes "
                         "(no restart)")

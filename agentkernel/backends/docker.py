@@ -227,6 +227,10 @@ class DockerBackend(AgentContainerBackend, OneShot):
         super().check(spec)
         _container.check_rootfs_cap(self.name, spec, storage_cap_status)
 
+    def runtime_for(self, plan: _container.ContainerPlan) -> str | None:
+        """The OCI runtime registered in dockerd that runs ``plan`` (None: dockerd's default)."""
+        return self.docker_runtime
+
     def _network_mode(self, plan: _container.ContainerPlan) -> str:
         if plan.network not in ("none", "netns"):  # every network mode goes through the egress namespace
             raise AssertionError(f"docker renders only network none or the egress namespace, got {plan.network!r}")
@@ -246,7 +250,7 @@ class DockerBackend(AgentContainerBackend, OneShot):
         if plan.disk_cap_mb is not None:
             r = await api.request("GET", f"/images/{quote(plan.image)}/json", ok=(404,))
             size = _image_bytes(r.json() if r.status == 200 else None)
-        body = create_body(plan, network=self._network_mode(plan), oneshot=False, runtime=self.docker_runtime,
+        body = create_body(plan, network=self._network_mode(plan), oneshot=False, runtime=self.runtime_for(plan),
                            image_bytes=size)
         resp = await api.json("POST", "/containers/create", params={"name": plan.name}, body=body)
         warnings = _check_warnings(resp)
@@ -348,7 +352,7 @@ class DockerBackend(AgentContainerBackend, OneShot):
                 r = cli.request("GET", f"/images/{quote(plan.image)}/json", ok=(404,))
                 size = _image_bytes(r.json() if r.status == 200 else None)
             body = create_body(plan, network=self._network_mode(plan), oneshot=True,
-                               runtime=self.docker_runtime, image_bytes=size)
+                               runtime=self.runtime_for(plan), image_bytes=size)
             created = "maybe"
             try:
                 resp = cli.json("POST", "/containers/create", params={"name": name}, body=body)
