@@ -306,6 +306,29 @@ def test_killed_cli_leaves_no_network_behind(testnet, backend):
         assert not os.path.exists(os.path.join(d, "by-id", s))
 
 
+def test_attach_refuses_a_process_in_the_hosts_namespace():
+    """A runtime that ignored the spec's empty namespace (runsc --network=host with no namespace in the
+    spec) would leave the sandbox in the host's network: completing the attachment refuses it rather
+    than installing the sandbox's firewall and route in the host's namespace."""
+    from agentkernel.egress.attach import _check_own_namespace
+    from agentkernel.errors import SandboxError
+
+    with pytest.raises(SandboxError, match="host's network namespace"):
+        _check_own_namespace(os.getpid())
+    other = subprocess.Popen(["unshare", "-n", "sleep", "30"])
+    try:
+        import time
+
+        for _ in range(100):  # until unshare has exec'd sleep in its new namespace
+            if os.readlink(f"/proc/{other.pid}/ns/net") != os.readlink("/proc/self/ns/net"):
+                break
+            time.sleep(0.02)
+        _check_own_namespace(other.pid)
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_no_netns_left_behind(testnet):
     from agentkernel.egress import netns
 
