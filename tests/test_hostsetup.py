@@ -66,6 +66,9 @@ def test_engine_config_steps_write_only_when_different(tmp_path, monkeypatch):
     rts = conf["runtimes"]
     assert rts[gvisor_docker.RUNTIME]["runtimeArgs"] == [f"--{f}" for f in gvisor.RUNSC_FLAGS]
     assert rts[gvisor_docker.NET_RUNTIME]["runtimeArgs"] == [f"--{f}" for f in gvisor.RUNSC_NET_FLAGS]
+    from agentkernel.backends import _runsc_net_wrapper
+
+    assert rts[gvisor_docker.NET_RUNTIME]["path"] == _runsc_net_wrapper.PATH
 
 
 def test_setup_converges_and_a_rerun_changes_nothing():

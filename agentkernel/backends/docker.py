@@ -79,13 +79,14 @@ def create_body(plan: _container.ContainerPlan, *, network: str, oneshot: bool,
         "NetworkMode": network,
     }
     entrypoint = list(plan.entrypoint) if plan.entrypoint is not None else None
-    if plan.network == "netns":
-        # the runtime makes an empty namespace; egress.attach.complete moves the network in after start,
-        # and the agent waits for that before anything of the user's runs
+    if plan.network == "netns" and plan.netns is None:
+        # deferred: the runtime makes an empty namespace; egress.attach.complete moves the network in after
+        # start, and the agent waits for that before anything of the user's runs
         if not entrypoint or entrypoint[0] != _container.AGENT_BIN_IN:
             raise PolicyNotEnforceable("docker network modes open/allowlist need the in-sandbox agent",
                                        hint="build it: make -C agent, or use --network none")
         entrypoint[2:2] = ["--wait-file", _container.NET_READY_IN]
+    if plan.network == "netns":
         hc["Binds"].append(f"{plan.resolv}:/etc/resolv.conf:ro")
     if plan.seccomp_file:
         with open(plan.seccomp_file) as f:
@@ -380,7 +381,7 @@ class DockerBackend(AgentContainerBackend, OneShot):
                 write_all(stdio.stderr, f"agentkernel: {exc}\n".encode())
                 done = True
                 return code
-            if plan.network == "netns":
+            if plan.network == "netns" and plan.netns is None:  # deferred: the network moves in now
                 from ..egress.attach import complete
 
                 pid = int(cli.json("GET", f"/containers/{quote(name)}/json")["State"]["Pid"])

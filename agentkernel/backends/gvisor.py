@@ -39,8 +39,9 @@ RUNSC_NET_FLAGS = ("network=host", *RUNSC_FLAGS[1:])
 # own /tmp is replaced by a sized tmpfs)
 GVISOR_CONTROLS = CONTAINER_CONTROLS | {"network_allowlist", "secret_injection", "disk_rootfs"}
 # under docker: the same egress namespace, entered through a second runtime registered in dockerd with
-# --network=host (runsc's flags are per runtime, not per container); the backend's check refuses network
-# modes while that runtime is missing (fail closed, gvisor_docker.net_runtime_status); disk_rootfs as docker
+# --network=host (runsc's flags are per runtime, not per container) whose executable points the bundle at
+# that namespace (_runsc_net_wrapper); the backend's check refuses network modes while dockerd's registration
+# is not that (fail closed, gvisor_docker.net_runtime_status); disk_rootfs as docker
 GVISOR_DOCKER_CONTROLS = GVISOR_CONTROLS
 
 

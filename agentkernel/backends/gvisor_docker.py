@@ -10,12 +10,12 @@ it). dockerd runs runsc as registered in its config, with the same flags as the 
   The probe refuses when dockerd's registration lacks any of those flags.
 - ``NET_RUNTIME`` (``gvisor.RUNSC_NET_FLAGS``: ``--network=host`` and the same others) for network modes
   open and allowlist. runsc's flags are per registered runtime, not per container, hence a second one.
-  As for docker's runc, the container gets a fresh, empty network namespace (dockerd's ``none``); runsc
-  starts its sandbox (the Sentry) inside it, and ``egress.attach.complete`` moves the egress network in
-  after start: the Sentry's sockets are host sockets in that namespace, so the namespace's firewall,
-  route and gateway apply exactly as for the other container backends. When dockerd has no such runtime
-  (or it lacks a flag), ``check`` refuses network modes with the reason (fail closed); sandboxes
-  without network keep working.
+  Its executable is agentkernel's wrapper (``_runsc_net_wrapper``): at ``create`` it points the bundle's
+  network namespace at the egress namespace ``egress.attach`` made before the container was created (not
+  deferred, unlike docker's runc), so the Sentry starts in it and sees its interface; its sockets are host
+  sockets there, so the namespace's firewall, route and gateway apply exactly as for the other container
+  backends. When dockerd's registration is missing, lacks a flag or runs anything but that wrapper,
+  ``check`` refuses network modes with the reason (fail closed); sandboxes without network keep working.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ from .gvisor import GVISOR_DOCKER_CAPABILITIES, GVISOR_PIDS_OVERHEAD, RUNSC_FLAG
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import ClassVar
+    from typing import Any, ClassVar
 
     from . import _container
 
 RUNTIME = "runsc-agentkernel"
 NET_RUNTIME = "runsc-agentkernel-net"
-SETUP_FIX = ("agentkernel setup -y (registers it in /etc/agentkernel/dockerd.json and reloads dockerd with "
-             "SIGHUP: no restart)")
+SETUP_FIX = ("agentkernel setup -y (installs the runtime wrapper, registers the runtimes in "
+             "/etc/agentkernel/dockerd.json and reloads dockerd with SIGHUP: no restart)")
 
 
 class GVisorDockerBackend(DockerBackend):
@@ -44,6 +44,7 @@ class GVisorDockerBackend(DockerBackend):
     docker_runtime: ClassVar[str | None] = RUNTIME
     docker_net_runtime: ClassVar[str] = NET_RUNTIME
     sized_tmp = True
+    egress_deferred = False  # the networked runtime's wrapper names the egress namespace in the bundle
 
     def __init__(self, options: dict[str, str] | None = None) -> None:
         super().__init__(options)
@@ -89,9 +90,9 @@ class GVisorDockerBackend(DockerBackend):
         return self.docker_net_runtime if plan.network == "netns" else self.docker_runtime
 
 
-def runtime_args(runtime: str | None = RUNTIME) -> list[str] | None:
-    """The runtimeArgs dockerd has registered for ``runtime`` (None when it has no such runtime or
-    dockerd does not answer)."""
+def runtime_entry(runtime: str | None) -> dict[str, Any] | None:
+    """dockerd's registration of ``runtime`` ({"path", "runtimeArgs"}; None when it has no such runtime
+    or dockerd does not answer)."""
     from .docker_api import SyncClient
 
     try:
@@ -100,6 +101,12 @@ def runtime_args(runtime: str | None = RUNTIME) -> list[str] | None:
     except Exception:
         return None
     entry = runtimes.get(runtime or "")
+    return entry if isinstance(entry, dict) else None
+
+
+def runtime_args(runtime: str | None = RUNTIME) -> list[str] | None:
+    """The runtimeArgs dockerd has registered for ``runtime`` (None when it has none registered)."""
+    entry = runtime_entry(runtime)
     return None if entry is None else list(entry.get("runtimeArgs") or [])
 
 
@@ -123,16 +130,30 @@ _NET_STATUS: dict[str, tuple[bool, str]] = {}
 def net_runtime_status(runtime: str = NET_RUNTIME) -> tuple[bool, str]:
     """(usable, why not) for the networked runtime; asked once per process (dockerd only learns a new
     runtime from a SIGHUP, which a running command does not need to notice)."""
-    if runtime in _NET_STATUS:
-        return _NET_STATUS[runtime]
-    have = runtime_args(runtime)
-    if have is None:
-        res = (False, f"dockerd has no runtime {runtime!r} registered (runsc with --network=host, used only "
-               "inside the egress namespace)")
-    else:
-        missing = flag_problems(have, RUNSC_NET_FLAGS)
-        res = (True, "") if not missing else (
-            False, f"dockerd's runtime {runtime!r} lacks {' '.join(missing)} (a declared control would not be "
-            "enforced)")
-    _NET_STATUS[runtime] = res
-    return res
+    if runtime not in _NET_STATUS:
+        _NET_STATUS[runtime] = _net_runtime_status(runtime)
+    return _NET_STATUS[runtime]
+
+
+def _net_runtime_status(runtime: str) -> tuple[bool, str]:
+    from . import _runsc_net_wrapper
+
+    entry = runtime_entry(runtime)
+    if entry is None:
+        return False, (f"dockerd has no runtime {runtime!r} registered (runsc with --network=host, run only "
+                       "inside the sandbox's egress namespace)")
+    missing = flag_problems(list(entry.get("runtimeArgs") or []), RUNSC_NET_FLAGS)
+    if missing:
+        return False, (f"dockerd's runtime {runtime!r} lacks {' '.join(missing)} (a declared control would not "
+                       "be enforced)")
+    path = str(entry.get("path") or "")
+    want = _runsc_net_wrapper.text().encode()
+    try:
+        with open(path, "rb") as f:  # it may be any executable (runsc itself): compare bytes, read no more
+            ours = f.read(len(want) + 1) == want
+    except OSError:
+        ours = False
+    if not ours:
+        return False, (f"dockerd's runtime {runtime!r} runs {path or 'nothing'}, not agentkernel's current "
+                       f"wrapper (the one that joins the egress namespace, installed at {_runsc_net_wrapper.PATH})")
+    return True, ""

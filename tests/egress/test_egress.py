@@ -109,6 +109,7 @@ def test_allowlist_http_https_and_refusals(testnet, backend):
     testnet.clear()
     ok = ["get:http://allowed.test/via-proxy", "get:http://allowed.test/transparent|noproxy",
           "get:https://allowed.test/tls-connect", "get:https://allowed.test/tls-sni|noproxy", "dns:allowed.test",
+          "dnsac:allowed.test",  # AI_ADDRCONFIG: the sandbox sees its interface (gVisor lists those it started with)
           "get:http://allowed.test/fronted|H=Host=other.test"]  # HTTP fronting: Host is rewritten
     refused = ["get:http://other.test/", "get:https://other.test/", "get:https://other.test/x|noproxy",
                "get:http://allowed.test:8080/", f"get:http://{testnet.addr}/", f"get:http://{testnet.addr}/|noproxy",
@@ -158,9 +159,8 @@ def test_open_mode_excludes_host_sandboxes_and_metadata(testnet, backend):
         s.listen(8)
         s.settimeout(0)
         ls.append(s)
-    # another sandbox, listening on 9000 for a while; it reports its address (the source address of its route
-    # to the gateway: gVisor under docker lists only the interfaces present when its Sentry started) and
-    # any connection that reached it
+    # another sandbox, listening on 9000 until the test is done; it reports its address (the source address
+    # of its route to the gateway: the debian image has no `ip`) and any connection that reached it
     other = subprocess.Popen(
         [sys.executable, "-m", "agentkernel", "run", "--no-daemon", *bflags(backend), "-i", IMAGE, "--network",
          "--", "python3", "-c", LISTENER, gw], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
