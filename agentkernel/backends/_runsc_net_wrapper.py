@@ -22,7 +22,7 @@ PATH = "/usr/local/lib/agentkernel/runsc-agentkernel-net"
 # several per container) is a plain exec from sh, so the wrapper costs them ~1 ms, not an interpreter start.
 # The Python text goes inside single quotes: it must hold none.
 _PY = r"""
-import json, os, re, sys
+import json, os, sys
 
 def fail(msg):
     sys.stderr.write("runsc-agentkernel-net: " + msg + "\n")
@@ -45,9 +45,10 @@ def point_at_egress_namespace(bundle):
         d, short = os.path.split(str(m.get("source") or ""))
         if m.get("destination") == "/etc/resolv.conf" and d.endswith("/egress/resolv"):
             shorts.add(short)
-    if len(shorts) != 1 or not re.fullmatch("[0-9a-f]{10}", next(iter(shorts))):
+    short = shorts.pop() if len(shorts) == 1 else ""
+    if len(short) != 10 or short.strip("0123456789abcdef"):
         fail("the container has no agentkernel egress attachment (this runtime runs only sandboxes in one)")
-    ns_path = "/run/netns/ak-" + shorts.pop()
+    ns_path = "/run/netns/ak-" + short
     if not os.path.exists(ns_path):
         fail(ns_path + " does not exist (the sandbox egress namespace)")
     net = [ns for ns in (spec.get("linux") or {}).get("namespaces") or [] if ns.get("type") == "network"]
