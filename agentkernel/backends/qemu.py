@@ -15,6 +15,12 @@
   sandbox then starts with ``-incoming`` from that file over its own overlay of the template disk, and
   the guest's RNG is re-seeded and its clock set (agent RESEED) before anything runs.
 
+- Memory snapshots of running sandboxes (the API's snapshot routes): ``take_memory_snapshot``; a sandbox
+  restored from one (option ``restore=<id>``) keeps its own hard link of the snapshot's frozen disk, so it
+  still boots after the snapshot is deleted.
+- The CLI's ``--no-daemon`` run is synchronous (``run_oneshot``: QMP and the agent over blocking sockets,
+  no asyncio import); QEMU inherits its agent and QMP sockets already listening (``_listeners``).
+
 Everything of a sandbox lives in one run dir (``<data>/qemu/sandboxes/<id>``: meta.json with the owner
 labels, qemu.pid, the sockets, the overlay, logs): ``list`` finds sandboxes from those dirs, ``remove``
 kills the VM (pid checked against its command line) and deletes the dir.
