@@ -43,7 +43,7 @@ SOURCE_MAX_FILES = 20000
 SNAPSHOT_ENGINES = {"podman": "podman", "docker": "docker", "gvisor": "podman", "gvisor-docker": "docker"}
 # backends whose snapshots hold the running sandbox's memory (RAM + device state + disk): a restore is a new
 # sandbox whose processes are still running
-MEMORY_SNAPSHOT_BACKENDS = ("qemu",)
+MEMORY_SNAPSHOT_BACKENDS = ("qemu", "firecracker")
 
 
 def iso(ts: float) -> str:
@@ -477,7 +477,7 @@ def _snap_engine(rec) -> str:
     if engine is None or "container" not in (rec.handle or {}):
         raise PolicyNotEnforceable(f"snapshots are not available on backend {rec.backend!r}",
                                    hint="snapshots are committed images (podman, docker, gvisor) or VM memory "
-                                        "snapshots (qemu)")
+                                        "snapshots (qemu, firecracker)")
     return engine
 
 
@@ -548,10 +548,11 @@ def get_snapshot(tenant: str, name: str) -> dict[str, Any]:
 
 async def delete_snapshot(tenant: str, name: str) -> None:
     meta = _load_snap(tenant, name)
-    if meta.get("kind") == "memory":
-        from ..backends.qemu import QemuBackend
+    if meta.get("kind") == "memory":  # the backend that took it deletes it (sandboxes restored from it keep theirs)
+        from ..backends import get_backend_class
 
-        await asyncio.to_thread(QemuBackend.delete_memory_snapshot, meta["memory_snapshot"])
+        cls = get_backend_class(meta.get("backend") or "qemu")
+        await asyncio.to_thread(cls.delete_memory_snapshot, meta["memory_snapshot"])
         os.unlink(_snap_path(tenant, name))
         return
     rc, out = await _engine(meta["engine"], "rmi", "-f", meta["image_tag"])

@@ -15,8 +15,11 @@
 - Snapshots: ``VMM.snapshot_create`` (``PATCH /vm`` Paused + ``PUT /snapshot/create``) and
   ``VMM.snapshot_load`` (``PUT /snapshot/load`` with ``resume_vm``) speak the API; paths are relative
   (the VMM's cwd is the run dir), so a snapshot loaded in another run dir uses that sandbox's own disk
-  and vsock socket. ``start`` does not restore from snapshots yet: that needs a host with hardware KVM
-  to build and test on (the qemu backend's snapshot pools are the working path here).
+  and vsock socket. The API's snapshot routes use them (``take_memory_snapshot``: paused for the save and
+  a copy of the disk, then resumed; option ``restore=<id>``: a new VMM loads the state over the sandbox's
+  own copy of the snapshot's disk, with the snapshot's memory file hard-linked into its run dir, then the
+  agent re-seeds the guest). Both ask the KVM probe first and refuse at once with its reason. There are no
+  snapshot-restored warm pools (the qemu backend's are the working path on TCG hosts).
 
 Kernel: Firecracker boots an uncompressed ELF with virtio-mmio devices described on the command line
 (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES). Debian's cloud kernel lacks that option, so a Firecracker-ready
@@ -26,6 +29,7 @@ vmlinux is given with option ``kernel=PATH``; without it the Debian kernel's ext
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -33,7 +37,7 @@ import signal
 import time
 
 from ..agent.transport import Transport
-from ..errors import BackendUnavailable, ConfigError, NotFound, SandboxError
+from ..errors import BackendUnavailable, ConfigError, NotFound, PolicyNotEnforceable, SandboxError
 from .base import (
     LABEL_NAME,
     Availability,
@@ -281,6 +285,27 @@ def _tail(run_dir: str) -> str:
     return " ".join(x for x in out if x)
 
 
+def memory_snapshot_dir(snapshot_id: str) -> str:
+    """Where the memory snapshot ``snapshot_id`` (of a running sandbox) lives."""
+    from .. import paths
+
+    if not snapshot_id or len(snapshot_id) > 64 or not all(c in "0123456789abcdef" for c in snapshot_id):
+        raise ConfigError(f"firecracker option restore must be a snapshot id (hex), got {snapshot_id!r}")
+    d = os.path.join(paths.data_dir(), "firecracker", "snapshots")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    return os.path.join(d, snapshot_id)
+
+
+def _require_kvm(what: str) -> None:
+    """Fast, first: without hardware KVM no guest can run (the probe's verdict is cached per boot)."""
+    from ..vm import kvmprobe
+
+    v = kvmprobe.probe()
+    if not v.ok:
+        raise BackendUnavailable(f"firecracker cannot {what} on this host: {v.reason}",
+                                 hint="use --backend qemu (TCG) here, or a host with hardware KVM")
+
+
 def machine_config(spec, *, kernel: str, initrd: str, disk: str = "rootfs.ext4",
                    vsock_uds: str = "v.sock") -> dict:
     """The API payloads for one sandbox (paths relative to the VMM's cwd, the run dir)."""
@@ -306,12 +331,18 @@ class FirecrackerBackend(Backend):
     name = "firecracker"
     capabilities = Capabilities(FC_CONTROLS, {"exec", "files", "agent"},
                                 isolation="microVM (Firecracker, own guest kernel, needs hardware KVM)")
-    options_allowed: ClassVar[tuple[str, ...]] = ("binary", "jailer", "kernel")
+    # restore=ID: start from the memory snapshot ID (take_memory_snapshot) instead of booting
+    options_allowed: ClassVar[tuple[str, ...]] = ("binary", "jailer", "kernel", "restore")
 
     def __init__(self, options: dict[str, str] | None = None) -> None:
         super().__init__(options)
         if self.options.get("jailer", "off") not in ("on", "off"):
             raise ConfigError("firecracker option jailer must be on or off")
+        self.restore_from = self.options.get("restore")
+        if self.restore_from is not None:
+            memory_snapshot_dir(self.restore_from)  # a well-formed id
+            if self.options.get("jailer") == "on":
+                raise ConfigError("firecracker option restore cannot be combined with jailer=on")
 
     @classmethod
     def probe(cls) -> Availability:
@@ -339,12 +370,7 @@ class FirecrackerBackend(Backend):
         return exe
 
     async def create(self, spec, *, sandbox_id: str, owner: dict[str, Any]) -> SandboxRef:
-        from ..vm import kvmprobe
-
-        v = kvmprobe.probe()  # first, and fast: without hardware KVM nothing may start (and hang)
-        if not v.ok:
-            raise BackendUnavailable(f"firecracker cannot run a guest on this host: {v.reason}",
-                                     hint="use --backend qemu (TCG) here, or a host with hardware KVM")
+        _require_kvm("run a guest")  # first, and fast: without hardware KVM nothing may start (and hang)
         self._binary()
         run_dir = os.path.join(sandboxes_dir(), sandbox_id)
         os.mkdir(run_dir, 0o700)
@@ -376,6 +402,15 @@ class FirecrackerBackend(Backend):
         check_disk_size(ref.spec, g["rootfs"]["path"], self.name)
         kernel = self.options.get("kernel") or await asyncio.to_thread(guestimage.ensure_vmlinux, g["kernel"])
         disk = os.path.join(run_dir, "rootfs.ext4")
+        snap = None
+        if not os.path.exists(disk) and self.restore_from is not None:
+            snap = memory_snapshot_dir(self.restore_from)
+            if not os.path.exists(os.path.join(snap, "state")):
+                raise NotFound(f"no firecracker memory snapshot {self.restore_from}")
+            # the sandbox keeps what it needs: its own disk copy, its own links of the state and memory
+            await asyncio.to_thread(_copy_sparse, os.path.join(snap, "disk.ext4"), disk)
+            for name in ("state", "mem"):
+                _link_or_copy(os.path.join(snap, name), os.path.join(run_dir, f"snap.{name}"))
         if not os.path.exists(disk):  # the sandbox's own copy (reflink where the file system can)
             await asyncio.to_thread(_copy_sparse, g["rootfs"]["path"], disk)
         for fn in ("fc.sock", "v.sock"):
@@ -387,9 +422,12 @@ class FirecrackerBackend(Backend):
         t0 = time.perf_counter()
         api_ms = await vmm.spawn()
         try:
-            k, i, d = vmm.stage(kernel, g["initramfs"]["path"], disk)
-            await vmm.configure(machine_config(ref.spec, kernel=k, initrd=i, disk=d))
-            await vmm.start()
+            if snap is not None:  # the snapshot's drive and vsock paths are relative: this run dir's own
+                await vmm.snapshot_load("snap.state", "snap.mem")
+            else:
+                k, i, d = vmm.stage(kernel, g["initramfs"]["path"], disk)
+                await vmm.configure(machine_config(ref.spec, kernel=k, initrd=i, disk=d))
+                await vmm.start()
             deadline = time.monotonic() + BOOT_TIMEOUT
             while True:
                 try:
@@ -399,11 +437,72 @@ class FirecrackerBackend(Backend):
                     if time.monotonic() > deadline or vmm_pid(run_dir) is None:
                         raise SandboxError(f"the guest agent did not answer: {_tail(run_dir)}") from None
                     await asyncio.sleep(0.01)
-            await client.close()
+            try:
+                if snap is not None:  # a restored clone: fresh entropy and the real time before anything runs
+                    await client.reseed(os.urandom(256), time_ns=time.time_ns())
+            finally:
+                await client.close()
         except BaseException:
             await vmm.kill()
             raise
         ref.handle["timings"] = {"process_ms": round(api_ms, 2), "ready_ms": round((time.perf_counter() - t0) * 1e3, 2)}
+
+    # -- memory snapshots of running sandboxes (the API's snapshot routes) --
+    async def take_memory_snapshot(self, ref: SandboxRef) -> dict[str, Any]:
+        """Pause the running VM, save its state and memory (``PUT /snapshot/create``) and a copy of its disk,
+        resume it. Returns ``{id, state_bytes, disk_bytes, pause_ms}``; a sandbox started with option
+        ``restore=<id>`` is a new VM with that memory: its processes still running."""
+        import uuid
+
+        _require_kvm("take a memory snapshot")
+        run_dir = self._dir(ref)
+        if not vmm_pid(run_dir):
+            from ..errors import InvalidState
+
+            raise InvalidState(f"sandbox {ref.spec.name or ref.id} is not running: a memory snapshot needs a "
+                               "running VM", hint=f"agentkernel start {ref.spec.name or ref.id}")
+        if vsock_path(run_dir) != os.path.join(run_dir, "v.sock"):
+            raise PolicyNotEnforceable("memory snapshots of jailed firecracker sandboxes are not supported",
+                                       hint="create the sandbox without jailer=on")
+        snap_id = uuid.uuid4().hex
+        final = memory_snapshot_dir(snap_id)
+        work = f"{final}.part"
+        os.mkdir(work, 0o700)
+        sock = os.path.join(run_dir, "fc.sock")
+        try:
+            t0 = time.perf_counter()
+            await api_ok(sock, "PATCH", "/vm", {"state": "Paused"})
+            try:  # paths relative to the VMM's cwd (the run dir); then moved into the snapshot
+                await api_ok(sock, "PUT", "/snapshot/create", {"snapshot_type": "Full",
+                                                               "snapshot_path": f"snap-{snap_id}.state",
+                                                               "mem_file_path": f"snap-{snap_id}.mem"})
+                await asyncio.to_thread(_copy_sparse, os.path.join(run_dir, "rootfs.ext4"),
+                                        os.path.join(work, "disk.ext4"))
+            finally:
+                await api_ok(sock, "PATCH", "/vm", {"state": "Resumed"})
+            pause_ms = (time.perf_counter() - t0) * 1e3
+            for name in ("state", "mem"):
+                os.replace(os.path.join(run_dir, f"snap-{snap_id}.{name}"), os.path.join(work, name))
+            for name in ("state", "mem", "disk.ext4"):
+                os.chmod(os.path.join(work, name), 0o444)
+            info = {"id": snap_id, "state_bytes": os.path.getsize(os.path.join(work, "state")),
+                    "disk_bytes": os.stat(os.path.join(work, "disk.ext4")).st_blocks * 512,
+                    "pause_ms": round(pause_ms, 1)}
+            with open(os.path.join(work, "meta.json"), "w") as f:
+                json.dump({**info, "spec": ref.spec.to_dict(), "created": time.time()}, f)
+            os.rename(work, final)
+            return info
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            for name in ("state", "mem"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(run_dir, f"snap-{snap_id}.{name}"))
+            raise
+
+    @staticmethod
+    def delete_memory_snapshot(snapshot_id: str) -> None:
+        """Sandboxes restored from it keep their own disk copy and links: they are not affected."""
+        shutil.rmtree(memory_snapshot_dir(snapshot_id), ignore_errors=True)
 
     async def _client(self, ref: SandboxRef):
         from ..agent.client import AgentClient
@@ -468,6 +567,16 @@ class FirecrackerBackend(Backend):
             out.append(SandboxInfo(self.name, sid, labels.get(LABEL_NAME), "running" if vmm_pid(d) else "stopped",
                                    {"dir": d}, labels))
         return out
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """``dst`` becomes another name of the read-only file ``src`` (a copy where a link cannot be made)."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        pass
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def _copy_sparse(src: str, dst: str) -> None:

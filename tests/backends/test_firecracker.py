@@ -16,9 +16,16 @@ import pytest
 
 from agentkernel import owner
 from agentkernel.backends import get_backend
-from agentkernel.backends.base import ExecRequest
-from agentkernel.backends.firecracker import VMM, FirecrackerBackend, find_binary, machine_config, sandboxes_dir
-from agentkernel.errors import BackendUnavailable
+from agentkernel.backends.base import ExecRequest, SandboxRef
+from agentkernel.backends.firecracker import (
+    VMM,
+    FirecrackerBackend,
+    find_binary,
+    machine_config,
+    memory_snapshot_dir,
+    sandboxes_dir,
+)
+from agentkernel.errors import BackendUnavailable, ConfigError
 from agentkernel.spec import SandboxSpec
 from agentkernel.vm import guestimage, kvmprobe
 from tests.conftest import need
@@ -120,6 +127,30 @@ def test_create_fails_fast_without_hardware_kvm():
     assert os.listdir(sandboxes_dir()) == []
 
 
+def test_memory_snapshots_fail_fast_without_hardware_kvm():
+    """The API's snapshot routes on firecracker (take = ``take_memory_snapshot``, restore = a sandbox with
+    option ``restore=<id>``) refuse at once with the probe's reason, making nothing."""
+    v = kvmprobe.probe()
+    if v.ok:
+        pytest.skip("this host has hardware KVM: see the end-to-end tests")
+    snaps = os.path.dirname(memory_snapshot_dir("0" * 32))
+    before = sorted(os.listdir(snaps))
+    sid = owner.new_id("tf")
+    ref = SandboxRef("firecracker", sid, {"dir": os.path.join(sandboxes_dir(), sid)}, SPEC)
+    for call in (lambda: get_backend("firecracker").take_memory_snapshot(ref),
+                 lambda: get_backend("firecracker", {"restore": "ab" * 16}).create(
+                     SPEC, sandbox_id=sid, owner=owner.current_owner())):
+        t = time.perf_counter()
+        with pytest.raises(BackendUnavailable) as exc:
+            asyncio.run(call())
+        assert (time.perf_counter() - t) * 1e3 < 500
+        assert v.reason in str(exc.value)
+    assert sorted(os.listdir(snaps)) == before
+    assert sid not in os.listdir(sandboxes_dir())
+    with pytest.raises(ConfigError, match="snapshot id"):
+        get_backend("firecracker", {"restore": "../x"})
+
+
 # ---- end to end, where hardware KVM exists -------------------------------------------------------------
 
 
@@ -148,5 +179,49 @@ def test_e2e_run_exec_files(e2e):
         finally:
             await e2e.remove(ref)
         assert await e2e.status(ref) == "missing"
+
+    asyncio.run(go())
+
+
+def test_e2e_memory_snapshot_restore_outlives_the_snapshot(e2e):
+    """take = the running VM's memory + devices + disk (it goes on running); restore = a new VM with the
+    original's processes still running, re-seeded; deleting the snapshot leaves the copy bootable."""
+    kernel = e2e.options["kernel"]
+
+    async def sh(b, ref, script):
+        return await b.exec(ref, ExecRequest(["sh", "-c", script]))
+
+    async def go():
+        src = await e2e.create(SPEC, sandbox_id=owner.new_id("tf"), owner=owner.current_owner())
+        copy = None
+        snap = None
+        try:
+            await e2e.start(src)
+            await sh(e2e, src, "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /workspace/c.tmp; "
+                               "mv /workspace/c.tmp /workspace/counter; sleep 0.1; done' >/dev/null 2>&1 </dev/null & "
+                               "echo $! > /workspace/counter.pid; echo before > /workspace/mark")
+            time.sleep(0.5)
+            info = await e2e.take_memory_snapshot(src)
+            snap = info["id"]
+            assert info["state_bytes"] > 0 and info["disk_bytes"] > 0
+            await sh(e2e, src, "echo after > /workspace/mark")
+            restorer = get_backend("firecracker", {"kernel": kernel, "restore": snap})
+            copy = await restorer.create(SPEC, sandbox_id=owner.new_id("tf"), owner=owner.current_owner())
+            await restorer.start(copy)
+            pid = (await sh(restorer, copy, "cat /workspace/counter.pid")).stdout.decode().strip()
+            assert (await sh(restorer, copy, f"kill -0 {pid} && echo alive")).stdout == b"alive\n"
+            assert (await sh(restorer, copy, "cat /workspace/mark")).stdout == b"before\n"
+            assert (await sh(e2e, src, "cat /workspace/mark")).stdout == b"after\n"
+            FirecrackerBackend.delete_memory_snapshot(snap)
+            snap = None
+            await restorer.stop(copy)
+            await restorer.start(copy)  # a cold boot from the copy's own disk
+            assert (await sh(restorer, copy, "cat /workspace/mark")).stdout == b"before\n"
+        finally:
+            if copy is not None:
+                await e2e.remove(copy)
+            await e2e.remove(src)
+            if snap is not None:
+                FirecrackerBackend.delete_memory_snapshot(snap)
 
     asyncio.run(go())
