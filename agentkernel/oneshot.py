@@ -109,7 +109,8 @@ async def _run_with_files(backend: Backend, spec: SandboxSpec, req: ExecRequest,
 def _fits_oneshot(backend: Backend, req: ExecRequest) -> bool:
     """In-process runs take the CLI's one-shot path (one engine call instead of create/start/exec/remove)
     whenever the request is one it can express: no tty, no other user."""
-    return isinstance(backend, OneShot) and not backend.in_process and not req.tty and req.user is None
+    return (isinstance(backend, OneShot) and not backend.in_process and backend.oneshot_in_process and not req.tty
+            and req.user is None)
 
 
 async def _run_oneshot_threaded(backend: Backend, spec: SandboxSpec, req: ExecRequest, own: dict[str, Any],

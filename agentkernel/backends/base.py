@@ -326,6 +326,10 @@ class Backend(ABC):
     # behind for the ownership journal to reap (wasm: instances in memory; its scratch directories are
     # named by pid and reaped through list()): the daemon then skips the journal claim per run
     in_process: ClassVar[bool] = False
+    # False: in-process runs (``oneshot.run_async``) keep the asyncio ``run`` instead of ``run_oneshot`` on a
+    # thread, which folds the request's env and cwd into the spec (qemu: a spec's workdir is part of its VM
+    # snapshot template, so every distinct cwd would make a new template)
+    oneshot_in_process: ClassVar[bool] = True
     # set by the daemon for pool work: engine processes it spawns run at a lower CPU priority, so
     # refills and removals do not slow down the commands being served meanwhile
     background: bool = False

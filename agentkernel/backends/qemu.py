@@ -574,6 +574,8 @@ class QemuBackend(Backend, AgentAccess, OneShot):
     # the benchmark's modes (suites/headline.py): a cold boot, and a restore from the snapshot
     bench_cold_args: ClassVar[tuple[str, ...]] = ("-o", "snapshot=off")
     bench_snapshot_args: ClassVar[tuple[str, ...]] = ("-o", "snapshot=on")
+    # run_oneshot is the CLI's; in-process runs keep run() (a request's cwd must not key a new template)
+    oneshot_in_process: ClassVar[bool] = False
 
     @classmethod
     def bench_baselines(cls) -> list[dict[str, Any]]:
