@@ -29,7 +29,8 @@ def add_parsers(sub, want) -> None:
                        help="only these local images (busybox, debian; default: both)")
         p.add_argument("--vm-image", action="append", metavar="IMAGE", help="microVM guest images to build "
                        "(default: agentkernel/busybox)")
-        p.add_argument("--dev", action="store_true", help="also the development and test tools (and the Firecracker binary the tests start)")
+        p.add_argument("--dev", action="store_true",
+                       help="also the development and test tools (and the Firecracker binary the tests start)")
         p.add_argument("--reference-clients", action="store_true",
                        help="also the reference system's published clients under build/ (compatibility tests)")
     if want("status"):
