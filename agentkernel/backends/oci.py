@@ -197,6 +197,7 @@ class OCIBackend(AgentContainerBackend, OneShot):
         proc = None
         pumps = None
         clean = False
+        warm = self._cgroup_warmer(sandbox_id)
         try:
             net = _container.attach_network(spec, sandbox_id)
             p = _plan(spec, sandbox_id, owner, paths.agent_binary(), None, argv, net)
@@ -232,6 +233,7 @@ class OCIBackend(AgentContainerBackend, OneShot):
             clean = True
             return Outcome(rc, signal=rc - 128 if 128 < rc < 160 else None, oom=watch.oom_killed())
         finally:
+            warm.stop()
             if proc is not None and proc.poll() is None:
                 rt.kill_cgroups(sandbox_id)
                 proc.kill()
@@ -245,6 +247,13 @@ class OCIBackend(AgentContainerBackend, OneShot):
             self._cleanup_oneshot(sandbox_id, clean)
             if spec.policy.network:
                 _container.release_network(sandbox_id)
+
+    def _cgroup_warmer(self, sandbox_id: str):
+        """The cgroup v1 grace-period pre-payer (``oci.cgroupwarm``), running until the runtime's pid file
+        exists (gVisor's runsc joins cgroups too; every kernel runtime here does)."""
+        from ..oci import cgroupwarm
+
+        return cgroupwarm.start(until=os.path.join(rt.bundle_dir(sandbox_id), "init.pid"))
 
     def _wait(self, proc: rt.Proc, sandbox_id: str, timeout: float | None) -> tuple[int, bool]:
         """(exit status, timed out). SIGTERM/SIGHUP are passed to the runtime (and on to the command)."""
