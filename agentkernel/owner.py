@@ -180,7 +180,8 @@ def hand_back(sandbox_id: str, holder_pid: int) -> bool:
         return False
     for fn in names:
         try:
-            os.rename(os.path.join(d, fn), os.path.join(d, f"{fn[: -len(old)]}--{sandbox_id}--{holder_pid}.{start}.json"))
+            new = f"{fn[: -len(old)]}--{sandbox_id}--{holder_pid}.{start}.json"
+            os.rename(os.path.join(d, fn), os.path.join(d, new))
             return True
         except OSError:
             pass
