@@ -349,8 +349,6 @@ class OCIBackend(AgentContainerBackend, OneShot):
         return rt.read_meta(sandbox_id).get("runtime") or self.runtime
 
     async def _engine_start(self, name: str) -> None:
-        import asyncio
-
         sid = name
         meta = rt.read_meta(sid)
         if not meta:
@@ -359,6 +357,15 @@ class OCIBackend(AgentContainerBackend, OneShot):
             raise NotFound(f"sandbox {sid} has no bundle any more (it was removed)")
         runtime = meta.get("runtime") or self.runtime
         exe = rt.require_binary(runtime)
+        warm = self._cgroup_warmer(sid)  # the grace period passes while the runtime's state is checked
+        try:
+            await self._run_detached(sid, meta, runtime, exe)
+        finally:
+            warm.stop(wait=False)  # never block the event loop on the thread's last write
+
+    async def _run_detached(self, sid: str, meta: dict[str, Any], runtime: str, exe: str) -> None:
+        import asyncio
+
         st = await asyncio.to_thread(rt.state, runtime, sid)
         if st is not None:
             if st.get("status") in ("running", "created", "paused"):

@@ -98,11 +98,12 @@ class Warmer:
             os.close(fd)
             self._done.release()
 
-    def stop(self) -> None:
-        """End the writes and wait for the thread (at most one write plus ``INTERVAL_S``)."""
+    def stop(self, *, wait: bool = True) -> None:
+        """End the writes; ``wait``: until the thread is done (at most one write plus ``INTERVAL_S``; an
+        event loop passes False and the thread ends on its own right after)."""
         if self._stop.locked():
             self._stop.release()
-        if self.procs_file is not None:
+        if self.procs_file is not None and wait:
             self._done.acquire()
             self._done.release()
             self.procs_file = None

@@ -93,3 +93,16 @@ def test_a_child_process_membership_is_untouched():
     finally:
         child.kill()
         child.wait()
+
+
+@needs_v1_root
+def test_stop_without_waiting_still_ends_the_thread():
+    """The daemon's event loop stops it without waiting: the thread ends on its own right after."""
+    w = cgroupwarm.start()
+    time.sleep(0.02)
+    w.stop(wait=False)
+    time.sleep(0.05)
+    n = w.writes
+    time.sleep(0.03)
+    assert w.writes == n
+    w.stop()  # and a later waiting stop returns at once
