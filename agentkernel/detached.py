@@ -13,7 +13,8 @@ through the manager like any exec, records the command's pid inside the sandbox 
 and its own, and when it ends its exit code or signal. SIGTERM to the supervisor kills the command. A
 state that says "running" whose supervisor is provably gone (``owner.is_dead``) reads as failed.
 Removing the sandbox (``SandboxManager.remove``) kills its detached commands and deletes their directory;
-``reap_orphans`` does the same for sandboxes that vanished another way.
+``reap_orphans`` (``serve``'s maintenance) and ``agentkernel gc`` (``reap._sweep_detached``) do the same for
+sandboxes that vanished another way.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from . import owner
+from . import owner, paths
 from .backends import REGISTRY, get_backend_class
 from .backends.base import LABEL_JOURNAL, LABEL_NAME, LABEL_STORE, SandboxRef, owner_from_labels
 from .spec import SandboxSpec
@@ -89,7 +89,32 @@ async def reap(dry_run: bool = False) -> list[str]:
         await backend.aclose()
     removed += await _sweep_egress(seen, {i.id for _, i in orphans}, dry_run)
     removed += _sweep_disk_dirs(seen, set() if dry_run else {i.id for _, i in orphans}, dry_run)
+    stores = {paths.store_path()} | {i.labels.get(LABEL_STORE) or "" for _, i in orphans}
+    removed += _sweep_detached(sorted(s for s in stores if s), dry_run)
     return removed
+
+
+def _sweep_detached(store_paths: list[str], dry_run: bool) -> list[str]:
+    """Detached-command directories (``detached``) of sandboxes their store no longer lists: a sandbox
+    removed without the manager (gc above, an engine-side delete) leaves them, and a live supervisor in them
+    is killed. A store that cannot be read without writing to it is left alone."""
+    from . import detached
+    from .store import foreign_ids
+
+    out = []
+    for store_path in store_paths:
+        try:
+            ids = os.listdir(detached.root(store_path))
+        except OSError:
+            continue
+        live = foreign_ids(store_path) if os.path.exists(store_path) else set()
+        if live is None:
+            continue
+        for sid in sorted(set(ids) - live):
+            out.append(f"detached:{sid}")
+            if not dry_run:
+                detached.reap(store_path, sid)
+    return out
 
 
 # a capped directory is made a moment before its container: younger ones may belong to a create in progress

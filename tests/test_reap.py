@@ -168,3 +168,30 @@ def test_read_only_store(tmp_path):
     r = subprocess.run(["unshare", "-m", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$1" -c "$2"', str(d),
                         sys.executable, code], capture_output=True, text=True)
     assert r.returncode == 10, r.stderr
+
+
+def test_gc_sweeps_detached_commands_of_sandboxes_the_store_no_longer_lists(tmp_path):
+    """A sandbox removed without the manager (gc, an engine-side delete) leaves its detached-command
+    directory: the full scan kills a supervisor still running there and deletes it, and leaves the
+    directories of sandboxes the store still lists alone (a dry run only names them)."""
+    from agentkernel import detached
+
+    store = str(tmp_path / "state.db")
+    _wal_store(store, ["keep-0123456789"])
+    sup = subprocess.Popen(["sleep", "60"])
+    try:
+        for sid, status in (("keep-0123456789", "running"), ("gone-0123456789", "running")):
+            d = detached.sandbox_dir(store, sid)
+            os.makedirs(d)
+            detached.save(os.path.join(d, "c0ffee.json"), {
+                "id": "c0ffee", "sandbox": "n", "command": ["sleep", "60"], "status": status,
+                "supervisor": owner.owner_of_pid(sup.pid) if sid.startswith("gone") else None})
+        assert reap._sweep_detached([store], dry_run=True) == ["detached:gone-0123456789"]
+        assert os.path.isdir(detached.sandbox_dir(store, "gone-0123456789")) and sup.poll() is None
+        assert reap._sweep_detached([store], dry_run=False) == ["detached:gone-0123456789"]
+        assert sup.wait(timeout=10) == -15  # the supervisor got SIGTERM
+        assert not os.path.exists(detached.sandbox_dir(store, "gone-0123456789"))
+        assert os.path.isdir(detached.sandbox_dir(store, "keep-0123456789"))
+    finally:
+        sup.kill()
+        sup.wait()
