@@ -281,11 +281,9 @@ def test_a_finished_lease_is_handed_back_so_the_next_command_does_not_reap_it(da
     started right after it (the daemon has not removed the member yet; here: the daemon is stopped) finds
     no dead owner's entry to reap, and the member is still the daemon's to remove."""
     daemon.wait_ready(2)
-    proc = subprocess.Popen([sys.executable, "-m", "agentkernel", "run", "--", "sleep", "1"],
-                            env={**os.environ, **daemon.env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while not _claimed_by(daemon, proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    proc = subprocess.Popen([sys.executable, "-m", "agentkernel", "run", "--", "sh", "-c", "echo started; sleep 1"],
+                            env={**os.environ, **daemon.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"started\n"  # the lease was answered: the command runs in its member
     (leased,) = _claimed_by(daemon, proc.pid)
     dpid = daemon.pid()
     os.kill(dpid, signal.SIGSTOP)  # the daemon cannot remove the member (nor its entry) meanwhile
