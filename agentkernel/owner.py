@@ -255,7 +255,15 @@ def reap_dead(verbose: bool = False) -> int:
         names = os.listdir(d)
     except OSError:
         return 0
-    if all(fn.endswith(".tmp") or _alive_by_name(fn) for fn in names):
+    seen: dict[str, bool] = {}  # owner ("PID.START") -> alive: a daemon's pool entries all name one owner
+
+    def alive(fn: str) -> bool:
+        who = fn.rsplit("--", 1)[-1]
+        if who not in seen:
+            seen[who] = _alive_by_name(fn)
+        return seen[who]
+
+    if all(fn.endswith(".tmp") or alive(fn) for fn in names):
         return 0
     dead = dead_entries()
     if not dead:
