@@ -182,12 +182,21 @@ def add_to_argparse(group, flags) -> None:
             group.add_argument(*f.names, dest=f.dest, type=typed(f), metavar=f.metavar, help=f.help)
 
 
+class ParsedArgs:
+    """The attributes ``fast_parse`` found (argparse.Namespace's shape; ``types.SimpleNamespace`` would
+    import ``types``: ~0.3 ms of the warm run)."""
+
+    def __init__(self, **values) -> None:
+        self.__dict__.update(values)
+
+    def __repr__(self) -> str:
+        return f"ParsedArgs({', '.join(f'{k}={v!r}' for k, v in self.__dict__.items())})"
+
+
 def fast_parse(argv: list[str], flags, positionals: tuple[str, ...] = ()):
     """``argv`` after the subcommand -> a namespace with the same attributes argparse would give, or
     None when argparse must handle it. Everything after ``--`` (or after the positionals) is the
     command, verbatim."""
-    from types import SimpleNamespace
-
     by_name = {n: f for f in flags for n in f.names}
     values = defaults(flags)
     pos: list[str] = []
@@ -250,7 +259,7 @@ def fast_parse(argv: list[str], flags, positionals: tuple[str, ...] = ()):
         return None
     values.update(zip(positionals, pos, strict=True))
     values["command"] = command
-    return SimpleNamespace(**values)
+    return ParsedArgs(**values)
 
 
 # ---- flags -> spec (every CLI command that makes a sandbox) ------------------------------------------

@@ -64,10 +64,15 @@ LOCAL_FIRST = ("default", "shell")
 
 
 class Selection:
-    __slots__ = ("fallback", "image", "reason", "runtime")
+    """``present``: the selection already found ``image`` in the store (``choose_image`` then does not look
+    again under the ``missing`` and ``never`` policies: the check is ~0.3 ms of the warm run)."""
 
-    def __init__(self, image: str, reason: str, *, fallback: str | None = None, runtime: str = "") -> None:
+    __slots__ = ("fallback", "image", "present", "reason", "runtime")
+
+    def __init__(self, image: str, reason: str, *, fallback: str | None = None, runtime: str = "",
+                 present: bool = False) -> None:
         self.image, self.reason, self.fallback, self.runtime = image, reason, fallback, runtime
+        self.present = present
 
     def to_dict(self) -> dict:
         return {"image": self.image, "reason": self.reason, "fallback": self.fallback, "runtime": self.runtime}
@@ -156,16 +161,17 @@ def select(backend: str, argv: list[str] | None, options: dict[str, str] | None 
     if public == local:
         return Selection(local, f"{why} -> {rt.name}: agentkernel's local image", runtime=rt.name)
     if present(store, public):
-        return Selection(public, f"{why} -> {rt.name}: {public} is already in {store}", runtime=rt.name)
+        return Selection(public, f"{why} -> {rt.name}: {public} is already in {store}", runtime=rt.name,
+                         present=True)
     local_ok = bool(local) and present(store, local)
     if rt.name in LOCAL_FIRST and local_ok and _public_name(rt, config) == rt.public:
         # no runtime-specific tools needed: never wait on an unconfigured registry for a plain shell
         return Selection(local, f"{why} -> {rt.name}: the local {local} ({rt.public} is not in {store}; it is "
-                         "used when present or when a registry is configured)", runtime=rt.name)
+                         "used when present or when a registry is configured)", runtime=rt.name, present=True)
     if policy == "never":
         if local_ok:
             return Selection(local, f"{why} -> {rt.name}: {public} is not in {store} and the pull policy is "
-                             f"'never'; using the local {local}", runtime=rt.name)
+                             f"'never'; using the local {local}", runtime=rt.name, present=True)
         return Selection(public, f"{why} -> {rt.name}: {public} (not in {store}; pull policy 'never')",
                          runtime=rt.name)
     since = registry_unreachable_since(_registry_of(public))
@@ -185,7 +191,7 @@ def choose_image(backend: str, argv: list[str] | None, options: dict[str, str] |
     from .images.pullerrors import PullError
 
     sel = select(backend, argv, options, cwd=cwd, policy=policy, config=config)
-    if store_of(backend, options) is None:
+    if store_of(backend, options) is None or (sel.present and policy != "always"):
         return sel.image
     try:
         ensure(backend, sel.image, policy, config=config, progress=progress, options=options)

@@ -162,6 +162,32 @@ def transfer(backend: str, sandbox_id: str, new_owner: dict) -> None:
         return
 
 
+def hand_back(sandbox_id: str, holder_pid: int) -> bool:
+    """This process's claim on ``sandbox_id`` becomes ``holder_pid``'s (the daemon that lent it), by renaming
+    the entry: a client calls this as its lease ends, before telling the daemon, so that the commands run
+    right after it never see a dead owner's entry for a member the daemon is about to remove (and race the
+    daemon to reap it: ~60 ms of asyncio and backend imports each). The entry's content still names this
+    process: if the holder dies too, the first command after both reaps it as before. True when renamed."""
+    start = process_start_time(holder_pid) if holder_pid > 0 else None
+    if not start:
+        return False
+    me = current_owner()
+    d = journal_path()
+    old = f"--{sandbox_id}--{me['pid']}.{me['start']}.json"
+    try:
+        names = [fn for fn in os.listdir(d) if fn.endswith(old)]
+    except OSError:
+        return False
+    for fn in names:
+        try:
+            new = f"{fn[: -len(old)]}--{sandbox_id}--{holder_pid}.{start}.json"
+            os.rename(os.path.join(d, fn), os.path.join(d, new))
+            return True
+        except OSError:
+            pass
+    return False
+
+
 def _alive_by_name(fn: str) -> bool:
     """From the entry's name alone: is its owner (pid + start time) a live process?"""
     try:
@@ -204,7 +230,7 @@ def entries() -> list[dict]:
 
 def dead_entries() -> list[dict]:
     """Entries whose owner is provably dead (names of live owners are skipped unread)."""
-    import json
+    from . import _fastjson as json  # the CLI's start-up path: no json package (re, enum) import
 
     out = []
     d = journal_dir()
@@ -212,8 +238,8 @@ def dead_entries() -> list[dict]:
         if not fn.endswith(".json") or _alive_by_name(fn):
             continue
         try:
-            with open(os.path.join(d, fn)) as f:
-                e = json.load(f)
+            with open(os.path.join(d, fn), "rb") as f:
+                e = json.loads(f.read())
         except (OSError, ValueError):
             continue
         if is_dead(e.get("owner") or {}):
@@ -229,7 +255,15 @@ def reap_dead(verbose: bool = False) -> int:
         names = os.listdir(d)
     except OSError:
         return 0
-    if all(fn.endswith(".tmp") or _alive_by_name(fn) for fn in names):
+    seen: dict[str, bool] = {}  # owner ("PID.START") -> alive: a daemon's pool entries all name one owner
+
+    def alive(fn: str) -> bool:
+        who = fn.rsplit("--", 1)[-1]
+        if who not in seen:
+            seen[who] = _alive_by_name(fn)
+        return seen[who]
+
+    if all(fn.endswith(".tmp") or alive(fn) for fn in names):
         return 0
     dead = dead_entries()
     if not dead:

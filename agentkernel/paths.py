@@ -36,7 +36,9 @@ def runtime_dir() -> str:
             d = os.path.join(os.environ["XDG_RUNTIME_DIR"], "agentkernel")
         else:
             d = os.path.join(data_dir(), "run")
-    os.makedirs(d, mode=0o700, exist_ok=True)
+    if d not in _made:  # every journal entry, socket and bundle path asks: one makedirs per process
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        _made.add(d)
     return d
 
 

@@ -274,3 +274,29 @@ def test_wasm_runs_through_the_daemon_in_process_pool(daemon):
     r = daemon.ak("daemon", "status")
     assert r.returncode == 0, r.stderr
     assert b"pool wasm module " in r.stdout, r.stdout
+
+
+def test_a_finished_lease_is_handed_back_so_the_next_command_does_not_reap_it(daemon):
+    """The client renames its lease's journal entry to the daemon's name before it says DONE: a command
+    started right after it (the daemon has not removed the member yet; here: the daemon is stopped) finds
+    no dead owner's entry to reap, and the member is still the daemon's to remove."""
+    daemon.wait_ready(2)
+    proc = subprocess.Popen([sys.executable, "-m", "agentkernel", "run", "--", "sh", "-c", "echo started; sleep 1"],
+                            env={**os.environ, **daemon.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"started\n"  # the lease was answered: the command runs in its member
+    (leased,) = _claimed_by(daemon, proc.pid)
+    dpid = daemon.pid()
+    os.kill(dpid, signal.SIGSTOP)  # the daemon cannot remove the member (nor its entry) meanwhile
+    try:
+        _out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert _claimed_by(daemon, proc.pid) == [], "the exited client still owns the lease's entry by name"
+        assert leased in _claimed_by(daemon, dpid), "the entry was handed back to the daemon"
+        r = daemon.ak("gc", "--dry-run")  # what any command's start-up reaper would take: not the member
+        assert r.returncode == 0 and leased.encode() not in r.stdout, r.stdout
+    finally:
+        os.kill(dpid, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while leased in _claimed_by(daemon, dpid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leased not in _claimed_by(daemon, dpid), "the daemon removed the member and dropped its entry"

@@ -57,3 +57,28 @@ def test_journal_names_carry_the_owner_and_skip_live_owners_unread(tmp_path, mon
     owner.release("podman", "run-abc")
     owner.release("podman", "run-def")
     assert owner.entries() == []
+
+
+def test_hand_back_renames_the_claim_to_the_holder_and_keeps_it_reapable(tmp_path, monkeypatch):
+    """A lease's client hands its entry to the daemon (``hand_back``): the entry is then skipped unread
+    while the holder lives, and reaped as before once both the holder and the client are gone."""
+    monkeypatch.setenv("AGENTKERNEL_RUNTIME_DIR", str(tmp_path))
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        owner.claim("oci", "pool-abc", {"container": "pool-abc"})
+        assert owner.hand_back("pool-abc", holder.pid) is True
+        (fn,) = os.listdir(owner.journal_dir())
+        assert fn == f"oci--pool-abc--{holder.pid}.{owner.process_start_time(holder.pid)}.json"
+        assert owner.dead_entries() == []  # the holder lives
+        assert owner.hand_back("pool-abc", holder.pid) is False  # nothing of ours left to hand back
+        assert [e["owner"]["pid"] for e in owner.entries()] == [os.getpid()]  # the content still names us
+    finally:
+        holder.kill()
+        holder.wait()
+    # holder dead, content owner (this process) alive: not provably dead yet
+    assert owner.dead_entries() == []
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    assert owner.hand_back("pool-abc", p.pid) is False  # a dead holder is never handed anything
+    owner.release("oci", "pool-abc")
+    assert owner.entries() == []

@@ -11,7 +11,7 @@ one ``_entry(...)`` line below, and a green ``tests/conformance`` run. See docs/
 
 from __future__ import annotations
 
-import importlib
+import sys
 
 from ..errors import MissingExtra, NotFound
 
@@ -122,7 +122,8 @@ def get_backend_class(name: str, options: dict[str, str] | None = None) -> type:
         return cls
     mod_name, cls_name = e.target.split(":")
     try:
-        mod = importlib.import_module(mod_name)
+        __import__(mod_name)  # not importlib.import_module: `importlib` (+ warnings) costs the CLI's warm path
+        mod = sys.modules[mod_name]
     except ModuleNotFoundError as exc:
         if exc.name and not exc.name.startswith("agentkernel"):
             raise MissingExtra(

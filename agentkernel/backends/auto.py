@@ -11,9 +11,10 @@ The order, fastest hardened backend first:
 
 A candidate is taken when its preconditions hold (the probe inputs: effective uid, the binaries found on
 PATH, the Docker socket), its ``probe()`` says it is available, and its ``check()`` accepts the default
-spec (the default profile's full policy: fail closed). The choice is cached in ``cache_dir()/backend-auto``
-together with a fingerprint of those inputs (uid, each engine binary's path on PATH, its size and mtime - a new version
-of an engine changes them - and the agentkernel version); any change re-runs the choice. ``--backend``,
+spec (the default profile's full policy: fail closed). The choice is cached in
+``cache_dir()/backend-auto-<crc32 of the installation's directory>`` together with a fingerprint of those
+inputs (uid, each engine binary's path on PATH, its size and mtime - a new version of an engine changes
+them - and the agentkernel version); any change re-runs the choice. ``--backend``,
 ``AGENTKERNEL_BACKEND`` and ``[sandbox] backend`` always win over auto.
 """
 
@@ -135,7 +136,13 @@ def choose(spec_for) -> tuple[str | None, list[dict]]:
 
 
 def _cache_path() -> str:
-    return os.path.join(paths.cache_dir(), CACHE_NAME)
+    """One cache file per installation (its package directory): two checkouts or virtualenvs on one host
+    have different fingerprints (``ak=``), and sharing one file made each rewrite the other's choice, so
+    every command of both re-probed (~3-60 ms: the backend classes imported, crun's check)."""
+    import binascii  # built in (no file to load): zlib/hashlib would cost an import
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__))).encode()
+    return os.path.join(paths.cache_dir(), f"{CACHE_NAME}-{binascii.crc32(here):08x}")
 
 
 def _read_cache(fp: str) -> tuple[str, list[dict]] | None:

@@ -45,6 +45,9 @@ def add_parser(sub) -> None:
                    help="soak suite: duration in seconds (default 3600, --quick 20; env SOAK_S)")
     p.add_argument("--live", type=int, metavar="N",
                    help="speed and live suites: live pooled sandboxes held by the daemon (default 200, --quick 10)")
+    p.add_argument("--speed-rows", metavar="ROWS",
+                   help="speed suite: only these rows, comma-separated: back_to_back (with paced), serve, "
+                   "wasm_pipelined, oci_cold, live (default: all; env SPEED_ROWS)")
     p.add_argument("--runs-total", type=int, metavar="N", help="throughput suite: runs (default 100)")
     p.add_argument("--runs-concurrency", type=int, metavar="C", help="throughput suite: concurrency (default 10)")
     p.add_argument("--concurrent", type=int, metavar="N", help="concurrency suite: runs at once (default 100)")
@@ -105,6 +108,15 @@ def _run(args) -> int:
         os.environ["SOAK_S"] = str(args.soak_s)
     if args.live is not None:
         os.environ["SPEED_LIVE"] = str(args.live)
+    if args.speed_rows is not None:
+        from ..bench.suites.sustained import speed_rows
+
+        os.environ["SPEED_ROWS"] = args.speed_rows
+        try:
+            speed_rows()
+        except ValueError as exc:
+            print(f"agentkernel bench: --speed-rows: {exc}", file=sys.stderr)
+            return 2
     stress = (1000, 100) if args.stress_reference else (None, None)
     cfg = BenchConfig(backends=_csv(args.backends), suites=_csv(args.suites), iterations=args.iterations,
                       stress_count=stress[0], stress_concurrency=stress[1],

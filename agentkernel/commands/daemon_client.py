@@ -27,6 +27,16 @@ def connect(timeout: float = 2.0):
     return s
 
 
+def peer_pid(s) -> int | None:
+    """The pid of the process at the other end of unix socket ``s`` (SO_PEERCRED), or None."""
+    try:
+        creds = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)  # struct ucred: pid, uid, gid
+    except OSError:
+        return None
+    pid = int.from_bytes(creds[:4], sys.byteorder, signed=True)
+    return pid if pid > 0 else None
+
+
 def _recv_frames(s, fr: P.FrameReader) -> list[tuple[int, bytes]]:
     while True:
         data = s.recv(1 << 18)
@@ -158,6 +168,11 @@ def _run_lease(s, reply: dict, command: list[str], timeout, forward: bool, spec)
         client, command, env=reply.get("env"), cwd=reply.get("cwd"), timeout=timeout, forward_stdin=forward,
         sandbox=reply.get("sandbox", "?"))
     rc = exit_code_of(code, sig, timed_out, oom, error, timeout, spec.resources.memory_mb)
+    daemon_pid = peer_pid(s)
+    if daemon_pid is not None and reply.get("sandbox"):
+        from .. import owner
+
+        owner.hand_back(str(reply["sandbox"]), daemon_pid)  # before DONE: the daemon removes it next
     try:
         s.sendall(P.oframe(P.DONE, {"exit_code": rc}))
     except OSError:

@@ -121,3 +121,23 @@ def test_agent_dockerfiles_present_and_parameterised():
         with open(os.path.join(AGENTS_DIR, name, "Dockerfile")) as f:
             text = f.read()
         assert "ARG BASE=" in text and "FROM ${BASE}" in text and "npm install -g" in text
+
+
+@pytest.mark.parametrize("store_backend", ["oci", "podman"])
+def test_a_selection_that_says_present_is_present(store_backend):
+    """``choose_image`` skips its second presence check when ``select`` already found the image: the flag
+    must never claim an image the store does not have (checked against ``present`` for every runtime)."""
+    from agentkernel.images.pull import present, store_of
+    from agentkernel.imagesel import RUNTIMES, choose_image, select
+
+    store = store_of(store_backend)
+    seen = 0
+    for rt in RUNTIMES:
+        for policy in ("missing", "never"):
+            argv = [rt.commands[0]] if rt.commands else ["true"]
+            sel = select(store_backend, argv, policy=policy)
+            if sel.present:
+                seen += 1
+                assert present(store, sel.image), (rt.name, policy, sel.image)
+                assert choose_image(store_backend, argv, policy=policy) == sel.image
+    assert seen, "agentkernel's local images are present (setup.sh): some selection found its image"

@@ -34,8 +34,21 @@ def _default_backend(ctx: BenchContext) -> str:
     return resolve(default_spec_for)
 
 
+SPEED_ROWS = ("back_to_back", "serve", "wasm_pipelined", "oci_cold", "live")  # back_to_back includes "paced"
+
+
+def speed_rows() -> list[str]:
+    """The rows ``SPEED_ROWS`` (env, comma-separated; ``agentkernel bench --speed-rows``) selects; all by default."""
+    want = [r.strip() for r in os.environ.get("SPEED_ROWS", "").split(",") if r.strip()]
+    bad = [r for r in want if r not in SPEED_ROWS]
+    if bad:
+        raise ValueError(f"unknown speed row(s) {', '.join(bad)} (known: {', '.join(SPEED_ROWS)})")
+    return want or list(SPEED_ROWS)
+
+
 def run_speed(ctx: BenchContext) -> None:
     q = ctx.cfg.quick
+    rows = speed_rows()
     backend = _default_backend(ctx)
     cli = sustained.launcher_argv()  # this code's CLI (the installed launcher may run another checkout)
     res: dict = {"backend": backend, "cli": "launcher form (python -S) of the running package"}
@@ -45,6 +58,7 @@ def run_speed(ctx: BenchContext) -> None:
              ("oci_cold", lambda: res.__setitem__("oci_cold", sustained.cold(
                  cli, "oci", 5 if q else 30, python=sys.executable, env=ctx.env))),
              ("live", lambda: _live(ctx, backend, res))]
+    steps = [(key, fn) for key, fn in steps if key in rows]
     st = ctx.progress.stage(f"speed under load ({backend})", len(steps))
     for key, fn in steps:
         if key == "wasm_pipelined" and not ctx.available("wasm")[0]:

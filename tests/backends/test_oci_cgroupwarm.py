@@ -1,0 +1,108 @@
+"""The cgroup v1 grace-period pre-payer (``agentkernel.oci.cgroupwarm``): it writes only this process's own
+pid into the cgroup it already is in (membership never changes), ends when told or when its ``until`` path
+appears, and is a no-op where there is nothing to warm. The one-shot oci run uses it (its sandbox still
+joins every hierarchy)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from agentkernel.oci import cgroupwarm
+from agentkernel.oci import runtime as rt
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _v1_hierarchy() -> bool:
+    return any(kind == "cgroup" for _mnt, kind, _c in rt.hierarchies())
+
+
+needs_v1_root = pytest.mark.skipif(os.geteuid() != 0 or not _v1_hierarchy(),
+                                   reason="needs root and a cgroup v1 hierarchy")
+
+
+def _own_cgroups() -> str:
+    with open("/proc/self/cgroup") as f:
+        return f.read()
+
+
+@needs_v1_root
+def test_the_file_is_our_own_cgroups_procs_in_a_v1_hierarchy():
+    path = cgroupwarm.own_procs_file()
+    assert path is not None and path.endswith("/cgroup.procs")
+    with open(path) as f:
+        assert str(os.getpid()) in f.read().split(), "it names the cgroup this process is in"
+    assert any(path.startswith(mnt + "/") and kind == "cgroup" for mnt, kind, _ in rt.hierarchies())
+
+
+@needs_v1_root
+def test_writes_keep_membership_and_stop_when_told():
+    before = _own_cgroups()
+    w = cgroupwarm.start()
+    time.sleep(0.05)
+    w.stop()
+    assert w.error is None
+    assert w.writes >= 2, "it keeps writing while it runs"
+    n = w.writes
+    time.sleep(0.02)
+    assert w.writes == n, "no writes after stop()"
+    w.stop()  # idempotent
+    assert _own_cgroups() == before, "the process's cgroup membership never changes"
+
+
+@needs_v1_root
+def test_the_until_path_ends_it(tmp_path):
+    flag = tmp_path / "init.pid"
+    w = cgroupwarm.start(until=str(flag))
+    time.sleep(0.02)
+    flag.write_text("1")
+    time.sleep(0.05)
+    n = w.writes
+    time.sleep(0.03)
+    assert w.writes == n, "it ended once the path appeared"
+    w.stop()
+
+
+def test_nothing_to_warm_is_a_no_op(tmp_path):
+    w = cgroupwarm.Warmer(None).start()
+    w.stop()
+    assert w.writes == 0 and w.error is None
+    bad = cgroupwarm.Warmer(str(tmp_path / "no-such-dir" / "cgroup.procs")).start()
+    bad.stop()
+    assert bad.writes == 0 and isinstance(bad.error, OSError)
+
+
+@needs_v1_root
+def test_a_child_process_membership_is_untouched():
+    """Only this process's pid is written: a child (in the same cgroups) stays where it is, and after the
+    writes both are still in the same cgroups as before."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with open(f"/proc/{child.pid}/cgroup") as f:
+            before = f.read()
+        w = cgroupwarm.start()
+        time.sleep(0.03)
+        w.stop()
+        with open(f"/proc/{child.pid}/cgroup") as f:
+            assert f.read() == before
+    finally:
+        child.kill()
+        child.wait()
+
+
+@needs_v1_root
+def test_stop_without_waiting_still_ends_the_thread():
+    """The daemon's event loop stops it without waiting: the thread ends on its own right after."""
+    w = cgroupwarm.start()
+    time.sleep(0.02)
+    w.stop(wait=False)
+    time.sleep(0.05)
+    n = w.writes
+    time.sleep(0.03)
+    assert w.writes == n
+    w.stop()  # and a later waiting stop returns at once
