@@ -304,5 +304,12 @@ def spec_and_files_from_args(args, argv: list[str] | None):
     from .imagesel import resolve_for_command
 
     spec = resolve_for_command(spec_flags(args), argv, config=cfg, config_path=cfg_path,
-                               pull=getattr(args, "pull", None))
+                               pull=getattr(args, "pull", None), preflight=_backend_check)
     return spec, cfg.get("files") or []
+
+
+def _backend_check(spec) -> None:
+    """The chosen backend's refusal of ``spec`` (policy controls it cannot enforce), before an image pull."""
+    from .backends import canonical, get_backend
+
+    get_backend(canonical(spec.backend), spec.options).check(spec)
