@@ -347,6 +347,10 @@ ORCHESTRATOR_KEYS: dict[str, str] = {
     "cluster_cidrs": "list",      # pod/service/node ranges open-mode pods never reach (default: private ranges)
     "cluster_dns_namespace": "str",  # where the cluster resolver runs (kube-system)
     "cluster_dns_labels": "table",   # its pods' labels (k8s-app=kube-dns)
+    "egress_gateway_image": "str",   # image with python3 >= 3.11 for per-sandbox egress gateways (allowlist, secrets)
+    "egress_gateway_dns": "str",     # IP[:PORT] the gateways resolve names with (default: the pod's resolver)
+    "egress_gateway_cpu": "str",     # the gateway pod's CPU limit (250m)
+    "egress_gateway_memory": "str",  # its memory limit (64Mi)
 }
 SCHEMA["orchestrator"] = ORCHESTRATOR_KEYS
 
