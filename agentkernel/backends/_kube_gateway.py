@@ -112,13 +112,15 @@ async def sandbox_pod_extras(be: KubernetesBackend, spec: SandboxSpec, sandbox_i
     if svc is None:
         raise SandboxError(f"the egress gateway of sandbox {sandbox_id} is gone (Service {ns}/{gw}); "
                            "its network policy cannot be enforced", hint="remove the sandbox and create it again")
-    await ensure_gateway(be, ns, gw, svc)
+    await ensure_gateway(be, ns, gw, bool(spec.policy.secrets), svc)
     cluster_ip = svc["spec"]["clusterIP"]
     return {"extra_env": ke.sandbox_env(spec, sandbox_id, cluster_ip), "extra_spec": ke.sandbox_dns(cluster_ip)}
 
 
-async def ensure_gateway(be: KubernetesBackend, ns: str, gw: str, svc: dict[str, Any] | None = None) -> None:
-    """The gateway pod is Ready; re-created from its kept Service, ConfigMap and Secret when gone."""
+async def ensure_gateway(be: KubernetesBackend, ns: str, gw: str, with_secrets: bool,
+                         svc: dict[str, Any] | None = None) -> None:
+    """The gateway pod is Ready; re-created from its kept Service, ConfigMap and Secret when gone (the
+    backend never reads a Secret back: ``with_secrets`` comes from the spec)."""
     api = be._api()
     pod = await api.request("GET", be._path("pods", gw, ns), allow=(404,))
     if pod is not None and pod["metadata"].get("deletionTimestamp"):
@@ -129,8 +131,7 @@ async def ensure_gateway(be: KubernetesBackend, ns: str, gw: str, svc: dict[str,
         return
     svc = svc or await api.request("GET", be._path("services", gw, ns))
     meta = svc["metadata"]
-    has_secret = await api.request("GET", be._path("secrets", gw, ns), allow=(404,)) is not None
-    await _start_gateway(be, ns, gw, dict(meta.get("labels") or {}), has_secret, meta.get("ownerReferences") or [])
+    await _start_gateway(be, ns, gw, dict(meta.get("labels") or {}), with_secrets, meta.get("ownerReferences") or [])
 
 
 async def delete(be: KubernetesBackend, ns: str, name: str, *, audit_to: str | None) -> None:

@@ -285,7 +285,7 @@ class KubernetesBackend(OrchestratorBackend):
             pod = await api.request("POST", self._path("pods", ns=ns), body=body)
         elif (pod["metadata"].get("annotations") or {}).get(ANNOTATION_STOPPED):
             if ke.needed(ref.spec):
-                await _kube_gateway.ensure_gateway(self, ns, ke.gateway_name(pod_name))
+                await _kube_gateway.ensure_gateway(self, ns, ke.gateway_name(pod_name), bool(ref.spec.policy.secrets))
             pod = await api.request("PATCH", self._path("pods", pod_name, ns),
                                     body={"metadata": {"annotations": {ANNOTATION_STOPPED: None}}},
                                     content_type="application/merge-patch+json")
