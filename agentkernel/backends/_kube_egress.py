@@ -9,7 +9,7 @@ sandbox's owner labels plus ``agentkernel.egress-gateway=<sandbox pod>``:
   (the rules, the placeholders, the Service's clusterIP, the cluster's ranges);
 - ``Secret``: the bound secrets' values, mounted read-only in the gateway pod only;
 - ``Service`` (ClusterIP) selecting the gateway pod: 3128/tcp proxy, 80 and 443/tcp transparent entry
-  points, 53/udp+tcp DNS;
+  points, 53/udp DNS (the gateway's resolver answers over UDP only, as on a host);
 - the gateway ``Pod``: non-root, all capabilities dropped, read-only root, no service-account token,
   ``net.ipv4.ip_unprivileged_port_start=0`` (a namespaced sysctl in the ``baseline`` Pod Security set)
   so it binds 53/80/443 without privileges, a TCP readiness probe on the proxy port;
@@ -40,8 +40,7 @@ CODE_DIR = "/opt/agentkernel-egress"
 CONFIG_DIR = "/etc/agentkernel-egress"
 SECRETS_DIR = "/run/agentkernel-egress/secrets"
 PROXY_PORT = 3128
-PORTS = [("proxy", "TCP", PROXY_PORT), ("http", "TCP", 80), ("https", "TCP", 443), ("dns", "UDP", 53),
-         ("dns-tcp", "TCP", 53)]
+PORTS = [("proxy", "TCP", PROXY_PORT), ("http", "TCP", 80), ("https", "TCP", 443), ("dns", "UDP", 53)]
 # the modules the gateway imports (relative to the agentkernel package), shipped in its ConfigMap
 SHIPPED = ("__init__.py", "errors.py", "_model.py", "paths.py", "audit.py", "_fastjson.py", "egress/gateway.py",
            "egress/rules.py", "egress/netns.py", "egress/pod_gateway.py")

@@ -147,27 +147,33 @@ async def delete(be: KubernetesBackend, ns: str, name: str, *, audit_to: str | N
         await api.request("DELETE", be._path(kind, gw, ns), allow=(404,))
 
 
-async def import_audit(be: KubernetesBackend, ns: str, gw: str) -> int:
-    """Copy the gateway's audit events (JSON lines on its stdout) into the local audit log; returns how
-    many. Best effort: a gateway whose log cannot be read leaves a ``network.audit_lost`` event."""
-    from .. import audit
-
-    try:
-        text = await be._api().text(be._path("pods", gw, ns) + "/log", params={"container": ke.CONTAINER},
-                                    allow=(400, 404))
-    except Exception as exc:
-        audit.log("network.audit_lost", gateway=f"{ns}/{gw}", reason=str(exc))
-        return 0
-    n = 0
+async def read_events(be: KubernetesBackend, ns: str, gw: str) -> list[dict[str, Any]]:
+    """The gateway's audit events so far (JSON lines on its stdout), oldest first."""
+    text = await be._api().text(be._path("pods", gw, ns) + "/log", params={"container": ke.CONTAINER},
+                                allow=(400, 404))
+    out = []
     for line in (text or "").splitlines():
         try:
             ev = json.loads(line)
         except ValueError:
             continue
-        if not isinstance(ev, dict) or not str(ev.get("event", "")).startswith("network."):
-            continue
+        if isinstance(ev, dict) and str(ev.get("event", "")).startswith("network."):
+            out.append(ev)
+    return out
+
+
+async def import_audit(be: KubernetesBackend, ns: str, gw: str) -> int:
+    """Copy the gateway's audit events into the local audit log; returns how many. Best effort: a
+    gateway whose log cannot be read leaves a ``network.audit_lost`` event."""
+    from .. import audit
+
+    try:
+        events = await read_events(be, ns, gw)
+    except Exception as exc:
+        audit.log("network.audit_lost", gateway=f"{ns}/{gw}", reason=str(exc))
+        return 0
+    for ev in events:
         event = ev.pop("event")
         ev["gateway_ts"] = ev.pop("ts", None)  # when the gateway saw it (ts: when it was copied here)
         audit.log(event, gateway=f"{ns}/{gw}", **ev)
-        n += 1
-    return n
+    return len(events)

@@ -401,6 +401,14 @@ class KubernetesBackend(OrchestratorBackend):
         if not ref.handle.get("pod") and await self._agent_sandbox_installed():
             await api.request("DELETE", self._path("sandboxclaims", km.pod_name(ref.id), ns), allow=(404,))
 
+    async def network_events(self, ref: SandboxRef) -> list[dict[str, Any]]:
+        """A running sandbox's egress decisions so far, from its gateway's log ([] without a gateway;
+        they reach the local audit log when the sandbox is removed)."""
+        if not ke.needed(ref.spec):
+            return []
+        ns, pod = ref.handle.get("namespace") or self.namespace, ref.handle.get("pod") or km.pod_name(ref.id)
+        return await _kube_gateway.read_events(self, ns, ke.gateway_name(pod))
+
     async def _names_of(self, sandbox_id: str, ns: str) -> list[str]:
         """Pods/policies of a sandbox known only by id (e.g. reaping from the ownership journal)."""
         sel = {"labelSelector": f"{LABEL_ID}={km.label_value(sandbox_id)}"}

@@ -148,8 +148,7 @@ def test_objects_fence_the_sandbox_to_its_gateway(allowlisted):
     assert np_sb["ingress"] == []
     assert np_sb["egress"] == [{"to": [{"podSelector": {"matchLabels": {km.LABEL_POD: gw}}}],
                                 "ports": [{"protocol": "TCP", "port": 3128}, {"protocol": "TCP", "port": 80},
-                                          {"protocol": "TCP", "port": 443}, {"protocol": "UDP", "port": 53},
-                                          {"protocol": "TCP", "port": 53}]}]
+                                          {"protocol": "TCP", "port": 443}, {"protocol": "UDP", "port": 53}]}]
     # the gateway admits the sandbox pod only; its egress is open mode's (metadata and cluster ranges out)
     np_gw = by["networkpolicies"][gw]["spec"]
     assert np_gw["podSelector"] == {"matchLabels": {km.LABEL_POD: gw}}
@@ -389,3 +388,39 @@ def test_direct_ip_from_the_sandbox_pod_fails_on_a_real_cni(kube):
                 await b.aclose()
 
         run(down())
+
+
+def test_cli_allowlist_sandbox_and_live_network_log(kube, gw_options, testnet, tmp_path):
+    """The user's path: `create --allow-host --secret`, exec, `logs --network` while it runs (read from the
+    gateway pod), `rm`; config from agentkernel.toml."""
+    from tests.conftest import ak
+
+    cfg = tmp_path / "agentkernel.toml"
+    cfg.write_text(
+        "[orchestrator]\n"
+        f'kubeconfig = "{kube.kubeconfig}"\nnamespace = "{kube.namespace}"\n'
+        f'egress_gateway_image = "{GATEWAY_IMAGE}"\negress_gateway_dns = "{testnet.addr}:53"\n'
+        'cluster_cidrs = ["10.88.0.0/16", "10.240.0.0/12"]\n'
+        f"pod_pids_limit = {kube.emulator.pod_pids_limit if kube.emulator else 256}\n")
+    env = {"AGENTKERNEL_CONFIG": str(cfg)}
+    name = f"kegcli-{os.urandom(3).hex()}"
+    r = ak("create", name, "-B", "kubernetes", "-i", SANDBOX_IMAGE, "--allow-host", "allowed.test",
+           "--secret", "AK_K8S_TOKEN:allowed.test", "--start", env=env, timeout=180)
+    assert r.returncode == 0, r.stderr.decode()
+    try:
+        r = ak("exec", name, "--", "python3", "-c", CLIENT, "get:http://allowed.test/cli", "get:http://other.test/cli",
+               "env:AK_K8S_TOKEN", env=env, timeout=120)
+        text = r.stdout.decode()
+        assert r.returncode == 0, text + r.stderr.decode()
+        assert "GET-OK get:http://allowed.test/cli 200" in text and "GET-FAIL get:http://other.test/cli" in text
+        assert "AGENTKERNEL_SECRET_PLACEHOLDER_AK_K8S_TOKEN_" in text and SECRET_VALUE not in text
+        r = ak("logs", name, "--network", env=env)
+        assert r.returncode == 0, r.stderr.decode()
+        assert "DENY  http: other.test:80  (not in allowlist)" in r.stdout.decode(), r.stdout.decode()
+    finally:
+        r = ak("rm", name, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()
+    r = ak("logs", name, "--network", "--json", env=env)
+    events = [json.loads(line) for line in r.stdout.decode().splitlines()]
+    assert any(e["event"] == "network.denied" and e.get("dest") == "other.test" and e.get("gateway")
+               for e in events), events
