@@ -197,12 +197,33 @@ def gateway_network_policy(settings: dict[str, Any], *, name: str, ns: str, sand
     }
 
 
-def sandbox_egress_rules(mode: str, gateway: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
-    """The sandbox pod's egress: the gateway pod only (its ports); open mode keeps its open rules."""
+def sandbox_egress_rules(mode: str, gateway: str, settings: dict[str, Any],
+                         allow: list[str] | tuple[str, ...] = (), block: list[str] | tuple[str, ...] = ()
+                         ) -> list[dict[str, Any]]:
+    """The sandbox pod's egress: the gateway pod (its ports); open mode keeps its open rules. CIDR
+    entries of an allowlist (``203.0.113.0/24[:PORT]``) are routed straight, as on a host: an ipBlock
+    (TCP and UDP to PORT when given) minus the always-blocked ranges, the cluster's ranges and the block
+    entries inside it; one wholly inside those is left out (blocking wins)."""
+    import ipaddress
+
+    from ..egress.rules import ALWAYS_BLOCKED_V4, ALWAYS_BLOCKED_V6, parse_entries
+
     to_gateway = {"to": [{"podSelector": {"matchLabels": {km.LABEL_POD: gateway}}}], "ports": _port_list()}
     if mode == "open":
         return [*(km.egress_rules("open", settings) or []), to_gateway]
-    return [to_gateway]
+    rules = [to_gateway]
+    fence = [ipaddress.ip_network(n) for n in (*ALWAYS_BLOCKED_V4, *ALWAYS_BLOCKED_V6, *cluster_blocked(settings))]
+    fence += [e.net for e in parse_entries(list(block), "block") if e.net is not None]
+    for e in parse_entries(list(allow), "allow"):
+        if e.net is None or any(e.net.version == f.version and e.net.subnet_of(f) for f in fence):
+            continue
+        inside = sorted({str(f) for f in fence if f.version == e.net.version and f.subnet_of(e.net)})
+        block_ = {"cidr": str(e.net), **({"except": inside} if inside else {})}
+        rule: dict[str, Any] = {"to": [{"ipBlock": block_}]}
+        if e.port is not None:
+            rule["ports"] = [{"protocol": "TCP", "port": e.port}, {"protocol": "UDP", "port": e.port}]
+        rules.append(rule)
+    return rules
 
 
 def sandbox_env(spec: SandboxSpec, sandbox_id: str, cluster_ip: str) -> dict[str, str]:

@@ -53,7 +53,8 @@ async def create(be: KubernetesBackend, spec: SandboxSpec, *, sandbox_id: str, n
     api, s = be._api(), be.settings
     values = secret_values(spec)  # before anything exists: a missing secret creates nothing
     gw = ke.gateway_name(name)
-    egress = ke.sandbox_egress_rules(network_mode(spec.policy), gw, s)
+    egress = ke.sandbox_egress_rules(network_mode(spec.policy), gw, s, spec.policy.network_allow,
+                                     spec.policy.network_block)
     npol = km.network_policy(name=name, namespace=ns, mode=network_mode(spec.policy), labels=labels,
                              annotations=annotations, owner_refs=owner_refs, settings=s, egress=egress)
     made = await api.request("POST", be._path("networkpolicies", ns=ns), body=npol)

@@ -238,6 +238,15 @@ def test_egress_gateway_manifests_validate():
                        extra_spec=ke.sandbox_dns("10.96.0.20"))):
         validate(obj)
     assert len(ke.gateway_name("ak-" + "x" * 60)) <= 63
+    # CIDR allow entries are routed straight (minus metadata, the cluster's ranges and block entries)
+    cidr = ke.sandbox_egress_rules("allowlist", gw, {"cluster_cidrs": ["10.0.0.0/8"]},
+                                   ["api.example.com", "203.0.113.0/24:5432", "10.1.0.0/16", "0.0.0.0/0"],
+                                   ["203.0.113.128/25"])
+    validate(km.network_policy(name=name, namespace="agentkernel", mode="allowlist", labels={}, egress=cidr))
+    assert cidr[1] == {"to": [{"ipBlock": {"cidr": "203.0.113.0/24", "except": ["203.0.113.128/25"]}}],
+                       "ports": [{"protocol": "TCP", "port": 5432}, {"protocol": "UDP", "port": 5432}]}
+    assert len(cidr) == 3  # 10.1.0.0/16 lies in the cluster's ranges: left out
+    assert {"10.0.0.0/8", "169.254.0.0/16", "203.0.113.128/25"} <= set(cidr[2]["to"][0]["ipBlock"]["except"])
     # open mode with a secret keeps its open rules and adds the gateway
     rules = ke.sandbox_egress_rules("open", gw, {})
     assert rules[0]["to"][0]["ipBlock"]["cidr"] == "0.0.0.0/0" and rules[-1]["to"][0]["podSelector"]
