@@ -474,3 +474,27 @@ def test_cli_allowlist_sandbox_and_live_network_log(kube, gw_options, testnet, t
     events = [json.loads(line) for line in r.stdout.decode().splitlines()]
     assert any(e["event"] == "network.denied" and e.get("dest") == "other.test" and e.get("gateway")
                for e in events), events
+    # a one-shot run, warm pool configured: a fresh pod behind its own gateway, gone afterwards
+    before = run(_gateway_objects(kube))
+    r = ak("run", "-B", "kubernetes", "-i", SANDBOX_IMAGE, "-o", "warm_pool_size=1", "--allow-host", "allowed.test",
+           "--", "python3", "-c", CLIENT, "get:http://allowed.test/run", "dns:other.test", env=env, timeout=180)
+    text = r.stdout.decode()
+    assert r.returncode == 0, text + r.stderr.decode()
+    assert "GET-OK get:http://allowed.test/run 200" in text and "NXDOMAIN dns:other.test" in text
+    assert run(_gateway_objects(kube)) == before
+
+
+async def _gateway_objects(kube) -> set[tuple[str, str]]:
+    """Every live egress-gateway object in the namespace, and every warm-pool pod."""
+    b = KubernetesBackend(kube.options())
+    try:
+        found = set()
+        for kind in ("pods", "services", "configmaps", "secrets", "networkpolicies"):
+            for o in (await b._api().request("GET", b._path(kind))).get("items", []):
+                labels = o["metadata"].get("labels") or {}
+                if (ke.LABEL_GATEWAY in labels or km.LABEL_POOL in labels) and not o["metadata"].get(
+                        "deletionTimestamp"):
+                    found.add((kind, o["metadata"]["name"]))
+        return found
+    finally:
+        await b.aclose()
