@@ -396,7 +396,8 @@ class KubernetesBackend(OrchestratorBackend):
             if gone is not None:
                 # the policy goes only after the pod has: a dying pod is never left without it
                 await self._wait_gone(ns, name)
-            await _kube_gateway.delete(self, ns, name, audit_to=ref.id)
+            if ke.needed(ref.spec) or not ref.handle.get("pod"):  # by id alone (gc): its spec may be unknown
+                await _kube_gateway.delete(self, ns, name, audit_to=ref.id)
             await api.request("DELETE", self._path("networkpolicies", name, ns), allow=(404,))
         if not ref.handle.get("pod") and await self._agent_sandbox_installed():
             await api.request("DELETE", self._path("sandboxclaims", km.pod_name(ref.id), ns), allow=(404,))
