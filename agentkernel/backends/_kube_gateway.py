@@ -67,6 +67,9 @@ async def create(be: KubernetesBackend, spec: SandboxSpec, *, sandbox_id: str, n
         cluster_ip = (svc.get("spec") or {}).get("clusterIP")
         if not cluster_ip or cluster_ip == "None":
             raise SandboxError(f"the egress gateway's Service {ns}/{gw} got no clusterIP")
+        if ":" in cluster_ip:  # the gateway's resolver answers A records only
+            raise SandboxError(f"the egress gateway's Service {ns}/{gw} got an IPv6 clusterIP ({cluster_ip}): "
+                               "egress gateways need an IPv4 (or dual-stack) service network")
         if values:
             await api.request("POST", be._path("secrets", ns=ns),
                               body=ke.secret(name=gw, ns=ns, labels=gw_labels, values=values, owner_refs=owned))

@@ -367,6 +367,11 @@ def test_bad_input(kube, gw_options):
         with pytest.raises(PolicyNotEnforceable) as ei:
             plain.check(spec(**pol))
         assert "egress_gateway_image" in (ei.value.hint or ""), ei.value.hint
+    from agentkernel.errors import ConfigError
+
+    for bad in ("resolver.example", "10.0.0.1:0", "10.0.0.1:dns", "[::1]:53"):
+        with pytest.raises(ConfigError, match="egress_gateway_dns must be IPv4"):
+            KubernetesBackend(dict(gw_options, egress_gateway_dns=bad))
     b = KubernetesBackend(gw_options)
     b.check(spec(network=True, network_allow=["allowed.test"]))  # enforceable with the image set
     with pytest.raises(PolicyNotEnforceable, match="tls_intercept"):
