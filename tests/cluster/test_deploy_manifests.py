@@ -227,6 +227,7 @@ def test_egress_gateway_manifests_validate():
     assert "value" not in config["secrets"][0]
     cm = ke.config_map(name=gw, ns="agentkernel", labels=labels, config=config, owner_refs=owned)
     assert {f"code.{rel.replace('/', '.')}" for rel in ke.SHIPPED} | {"config.json"} == set(cm["data"])
+    assert sum(len(v) for v in cm["data"].values()) < 512 * 1024  # a ConfigMap holds at most 1 MiB
     gw_pod = ke.gateway_pod(settings, name=gw, ns="agentkernel", labels=labels, with_secrets=True, owner_refs=owned)
     for obj in (cm, ke.secret(name=gw, ns="agentkernel", labels=labels, values={"TOKEN": "v"}, owner_refs=owned),
                 ke.service(name=gw, ns="agentkernel", labels=labels, owner_refs=owned), gw_pod,

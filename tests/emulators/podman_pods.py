@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import subprocess
+import threading
 
 EMULATOR_LABEL = "agentkernel-emulator"
 
@@ -23,6 +24,8 @@ class PodmanRunner:
 
     def __init__(self, instance: str) -> None:
         self.instance = instance  # label value: everything this emulator started, for cleanup
+        self._net_lock = threading.Lock()
+        self._service_net: tuple[str, str] | None = None
 
     async def _podman(self, *args: str) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec("podman", *args, stdin=subprocess.DEVNULL,
@@ -133,8 +136,12 @@ class PodmanRunner:
     def service_network(self) -> tuple[str, str]:
         """(name, subnet) of this emulator's internal network (no route out; created on first use): where
         Service clusterIPs live, and all a pod whose NetworkPolicy allows egress only to pods is on."""
-        if getattr(self, "_service_net", None):
-            return self._service_net
+        with self._net_lock:
+            if not getattr(self, "_service_net", None):
+                self._service_net = self._create_service_network()
+        return self._service_net
+
+    def _create_service_network(self) -> tuple[str, str]:
         import secrets as rnd
 
         used = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
@@ -147,8 +154,7 @@ class PodmanRunner:
                             "--label", f"{EMULATOR_LABEL}={self.instance}", name], capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"podman network create: {r.stderr.strip()}")
-        self._service_net = (name, subnet)
-        return self._service_net
+        return name, subnet
 
 
 def parse_quantity(q: str | int | float | None) -> float | None:
