@@ -85,6 +85,10 @@ async def create(be: KubernetesBackend, spec: SandboxSpec, *, sandbox_id: str, n
                       extra_spec=ke.sandbox_dns(cluster_ip))
         await api.request("POST", be._path("pods", ns=ns), body=body)
     except BaseException:
+        # the sandbox pod (if its create got through) goes first, the policy fencing it last
+        if await api.request("DELETE", be._path("pods", name, ns), body={"gracePeriodSeconds": 0},
+                             allow=(404,)) is not None:
+            await be._wait_gone(ns, name)
         await delete(be, ns, name, audit_to=None)
         await api.request("DELETE", be._path("networkpolicies", name, ns), allow=(404,))
         raise
