@@ -415,8 +415,8 @@ def test_gateway_that_never_gets_ready_fails_closed(kube, gw_options):
 def test_direct_ip_from_the_sandbox_pod_fails_on_a_real_cni(kube):
     """On a real cluster: set AGENTKERNEL_TEST_EGRESS_GATEWAY_IMAGE (python3 >= 3.11) and
     AGENTKERNEL_TEST_DIRECT_IP (an address the nodes can reach; default 1.1.1.1). The sandbox pod's
-    direct connections fail (to that IP, to metadata, to the API server's Service) while the gateway
-    answers."""
+    direct connections fail (to that IP, to metadata, to the API server's address in KUBECONFIG) and an
+    unlisted name does not resolve."""
     b = KubernetesBackend(kube.options(egress_gateway_image=GATEWAY_IMAGE))
     direct = os.environ.get("AGENTKERNEL_TEST_DIRECT_IP", "1.1.1.1")
     sid = new_id("keg")
@@ -431,9 +431,16 @@ def test_direct_ip_from_the_sandbox_pod_fails_on_a_real_cni(kube):
             await b.aclose()
 
     ref = run(up())
+    import socket
+    import urllib.parse
+
+    from agentkernel.backends._kube_api import load_connection
+
+    api = urllib.parse.urlsplit(load_connection(kube.kubeconfig, None).host)
+    api_ip = socket.gethostbyname(api.hostname)
     try:
         res = probe(b, ref, [f"tcp:{direct}:443", f"tcp:{direct}:80", "tcp:169.254.169.254:80",
-                             "tcp:kubernetes.default.svc:443", "dns:example.org"])
+                             f"tcp:{api_ip}:{api.port or 443}", "dns:example.org"])
         assert all(v.startswith(("CLOSED", "NXDOMAIN")) for v in res.values()), res
     finally:
         async def down():
