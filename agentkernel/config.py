@@ -349,6 +349,7 @@ ORCHESTRATOR_KEYS: dict[str, str] = {
     "cluster_dns_labels": "table",   # its pods' labels (k8s-app=kube-dns)
     "egress_gateway_image": "str",   # image with python3 >= 3.11 for per-sandbox egress gateways (allowlist, secrets)
     "egress_gateway_dns": "str",     # IPv4[:PORT] the gateways resolve names with (default: the pod's resolver)
+    "egress_gateway_ca_file": "str",  # extra CA certificates (PEM) the gateways trust for their own TLS
     "egress_gateway_cpu": "str",     # the gateway pod's CPU limit (250m)
     "egress_gateway_memory": "str",  # its memory limit (64Mi)
 }

@@ -4,9 +4,9 @@ A sandbox with network mode ``allowlist`` or with secret bindings gets its own g
 between tenants), all named ``<sandbox pod>-egress`` (or a hash when that is too long) and carrying the
 sandbox's owner labels plus ``agentkernel.egress-gateway=<sandbox pod>``:
 
-- ``ConfigMap``: the gateway's code (``pod_gateway.SHIPPED`` modules, standard library only, so any
-  image with ``python3`` >= 3.11 runs it: ``[orchestrator] egress_gateway_image``) and ``config.json``
-  (the rules, the placeholders, the Service's clusterIP, the cluster's ranges);
+- ``ConfigMap``: the gateway's code (``SHIPPED`` modules, standard library only, so any image with
+  ``python3`` >= 3.11 runs it: ``[orchestrator] egress_gateway_image``), ``config.json`` (the rules,
+  the placeholders, the Service's clusterIP, the cluster's ranges) and ``ca.pem`` (``egress_gateway_ca_file``);
 - ``Secret``: the bound secrets' values, mounted read-only in the gateway pod only;
 - ``Service`` (ClusterIP) selecting the gateway pod: 3128/tcp proxy, 80 and 443/tcp transparent entry
   points, 53/udp DNS (the gateway's resolver answers over UDP only, as on a host);
@@ -109,10 +109,30 @@ def cluster_blocked(settings: dict[str, Any]) -> list[str]:
     return list(km.DEFAULT_CLUSTER_CIDRS if cluster is None else cluster)
 
 
+def extra_ca(settings: dict[str, Any]) -> str | None:
+    """The PEM of ``egress_gateway_ca_file`` (CAs the gateway trusts besides its image's, for the TLS it
+    originates itself: ``http://HOST:443/`` through the proxy), or None; a ConfigError names the key."""
+    from ..errors import ConfigError
+
+    path = settings.get("egress_gateway_ca_file")
+    if not path:
+        return None
+    try:
+        with open(os.path.expanduser(str(path))) as f:
+            pem = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"[orchestrator] egress_gateway_ca_file: cannot read {path!r}: {exc}") from None
+    if "-----BEGIN CERTIFICATE-----" not in pem:
+        raise ConfigError(f"[orchestrator] egress_gateway_ca_file: {path!r} holds no PEM certificate")
+    return pem
+
+
 def config_map(*, name: str, ns: str, labels: dict[str, str], config: dict[str, Any],
-               owner_refs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+               owner_refs: list[dict[str, Any]] | None = None, ca_pem: str | None = None) -> dict[str, Any]:
     data = shipped_code()
     data["config.json"] = json.dumps(config, indent=1, sort_keys=True)
+    if ca_pem:
+        data["ca.pem"] = ca_pem
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(name, ns, labels, owner_refs), "data": data}
 
 
@@ -134,10 +154,12 @@ def service(*, name: str, ns: str, labels: dict[str, str],
 def gateway_pod(settings: dict[str, Any], *, name: str, ns: str, labels: dict[str, str], with_secrets: bool,
                 owner_refs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     items = [{"key": "code." + rel.replace("/", "."), "path": "agentkernel/" + rel} for rel in SHIPPED]
+    config_items = [{"key": "config.json", "path": "config.json"}]
+    if settings.get("egress_gateway_ca_file"):
+        config_items.append({"key": "ca.pem", "path": "ca.pem"})
     volumes: list[dict[str, Any]] = [
         {"name": "code", "configMap": {"name": name, "items": items, "defaultMode": 0o444}},
-        {"name": "config", "configMap": {"name": name, "items": [{"key": "config.json", "path": "config.json"}],
-                                         "defaultMode": 0o444}},
+        {"name": "config", "configMap": {"name": name, "items": config_items, "defaultMode": 0o444}},
     ]
     mounts = [{"name": "code", "mountPath": CODE_DIR, "readOnly": True},
               {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
@@ -150,6 +172,8 @@ def gateway_pod(settings: dict[str, Any], *, name: str, ns: str, labels: dict[st
     env = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
     if settings.get("egress_gateway_dns"):
         env.append({"name": "AGENTKERNEL_EGRESS_DNS", "value": str(settings["egress_gateway_dns"])})
+    if settings.get("egress_gateway_ca_file"):
+        env.append({"name": "AGENTKERNEL_EGRESS_CA_FILE", "value": f"{CONFIG_DIR}/ca.pem"})
     seccomp = {"type": "RuntimeDefault"}
     limits = {"cpu": settings.get("egress_gateway_cpu") or "250m",
               "memory": settings.get("egress_gateway_memory") or "64Mi"}

@@ -52,6 +52,7 @@ async def create(be: KubernetesBackend, spec: SandboxSpec, *, sandbox_id: str, n
 
     api, s = be._api(), be.settings
     values = secret_values(spec)  # before anything exists: a missing secret creates nothing
+    ca_pem = ke.extra_ca(s)
     gw = ke.gateway_name(name)
     egress = ke.sandbox_egress_rules(network_mode(spec.policy), gw, s, spec.policy.network_allow,
                                      spec.policy.network_block)
@@ -75,7 +76,8 @@ async def create(be: KubernetesBackend, spec: SandboxSpec, *, sandbox_id: str, n
                               body=ke.secret(name=gw, ns=ns, labels=gw_labels, values=values, owner_refs=owned))
         config = ke.gateway_config(spec, sandbox_id, advertise=cluster_ip, blocked=ke.cluster_blocked(s))
         await api.request("POST", be._path("configmaps", ns=ns),
-                          body=ke.config_map(name=gw, ns=ns, labels=gw_labels, config=config, owner_refs=owned))
+                          body=ke.config_map(name=gw, ns=ns, labels=gw_labels, config=config, owner_refs=owned,
+                                             ca_pem=ca_pem))
         await api.request("POST", be._path("networkpolicies", ns=ns),
                           body=ke.gateway_network_policy(s, name=gw, ns=ns, sandbox_pod=name, labels=gw_labels,
                                                          owner_refs=owned))

@@ -216,7 +216,8 @@ def test_egress_gateway_manifests_validate():
     spec = SandboxSpec(backend="kubernetes", image=IMAGE, policy=Policy(
         network=True, network_allow=["api.example.com", "*.pkg.example"], network_block=["bad.pkg.example"],
         secrets=["TOKEN:api.example.com:Authorization"]))
-    settings = dict(SETTINGS, egress_gateway_image="python:3.12-alpine", egress_gateway_dns="10.0.0.10")
+    settings = dict(SETTINGS, egress_gateway_image="python:3.12-alpine", egress_gateway_dns="10.0.0.10",
+                    egress_gateway_ca_file="/etc/ssl/certs/ca-certificates.crt")
     name = km.pod_name("sb-0123456789")
     gw = ke.gateway_name(name)
     labels = ke.gateway_labels({"agentkernel.managed": "true", "agentkernel.id": "sb-0123456789"}, name)
@@ -225,8 +226,9 @@ def test_egress_gateway_manifests_validate():
     config = ke.gateway_config(spec, "sb-0123456789", advertise="10.96.0.20", blocked=ke.cluster_blocked({}))
     assert config["secrets"][0]["placeholder"].startswith("AGENTKERNEL_SECRET_PLACEHOLDER_TOKEN_")
     assert "value" not in config["secrets"][0]
-    cm = ke.config_map(name=gw, ns="agentkernel", labels=labels, config=config, owner_refs=owned)
-    assert {f"code.{rel.replace('/', '.')}" for rel in ke.SHIPPED} | {"config.json"} == set(cm["data"])
+    cm = ke.config_map(name=gw, ns="agentkernel", labels=labels, config=config, owner_refs=owned,
+                       ca_pem="-----BEGIN CERTIFICATE-----\n...")
+    assert {f"code.{rel.replace('/', '.')}" for rel in ke.SHIPPED} | {"config.json", "ca.pem"} == set(cm["data"])
     assert sum(len(v) for v in cm["data"].values()) < 512 * 1024  # a ConfigMap holds at most 1 MiB
     gw_pod = ke.gateway_pod(settings, name=gw, ns="agentkernel", labels=labels, with_secrets=True, owner_refs=owned)
     for obj in (cm, ke.secret(name=gw, ns="agentkernel", labels=labels, values={"TOKEN": "v"}, owner_refs=owned),

@@ -68,6 +68,7 @@ def gw_options(kube, testnet):
 
     store.put("AK_K8S_TOKEN", SECRET_VALUE)
     return kube.options(egress_gateway_image=GATEWAY_IMAGE, egress_gateway_dns=f"{testnet.addr}:53",
+                        egress_gateway_ca_file=os.environ["AGENTKERNEL_EGRESS_CA_FILE"],  # the test host's cert
                         cluster_cidrs="10.88.0.0/16,10.240.0.0/12", ready_timeout_s="120")
 
 
@@ -231,11 +232,18 @@ def test_secret_substituted_only_for_its_bound_host(allowlisted, testnet):
     ph = env.split()[-1]
     assert ph.startswith("AGENTKERNEL_SECRET_PLACEHOLDER_AK_K8S_TOKEN_") and SECRET_VALUE not in env
     res = probe(b, ref, [f"get:http://bound.test/bound|H=Authorization=Bearer {ph}",
-                         f"get:http://allowed.test/unbound|H=Authorization=Bearer {ph}"])
+                         f"get:http://allowed.test/unbound|H=Authorization=Bearer {ph}",
+                         # plain HTTP to :443 through the proxy: the gateway speaks verified TLS itself
+                         f"get:http://bound.test:443/bound-tls|H=Authorization=Bearer {ph}",
+                         f"get:http://allowed.test:443/unbound-tls|H=Authorization=Bearer {ph}",
+                         # HTTPS from the sandbox (CONNECT): end to end, nothing substituted inside TLS
+                         f"get:https://bound.test/bound-connect|H=Authorization=Bearer {ph}"])
     assert all(v.startswith("GET-OK") for v in res.values()), res
-    heads = {e["head"].split()[1]: e["head"] for e in testnet.events() if e["kind"] == "http"}
-    assert f"Bearer {SECRET_VALUE}" in heads["/bound"]
-    assert SECRET_VALUE not in heads["/unbound"] and ph in heads["/unbound"]
+    heads = {(e["port"], e["head"].split()[1]): e["head"] for e in testnet.events() if e["kind"] == "http"}
+    assert f"Bearer {SECRET_VALUE}" in heads[(80, "/bound")]
+    assert f"Bearer {SECRET_VALUE}" in heads[(443, "/bound-tls")]
+    for key in ((80, "/unbound"), (443, "/unbound-tls"), (443, "/bound-connect")):
+        assert SECRET_VALUE not in heads[key] and ph in heads[key], key
     # nothing in the sandbox's environment or files holds the value
     async def grep():
         try:
@@ -390,6 +398,21 @@ def test_bad_input(kube, gw_options):
             await b.aclose()
 
     assert all(v == [] for v in run(missing()).values())
+    # an unreadable CA file or one without a certificate: nothing is created
+    for path in ("/nonexistent/ca.pem", "/etc/hostname"):
+        bad = KubernetesBackend(dict(gw_options, egress_gateway_ca_file=path))
+        sid = new_id("keg")
+
+        async def bad_ca(bad=bad, sid=sid):
+            try:
+                with pytest.raises(ConfigError, match="egress_gateway_ca_file"):
+                    await bad.create(spec(network=True, network_allow=["allowed.test"]), sandbox_id=sid,
+                                     owner=current_owner())
+                return await objects(bad, sid)
+            finally:
+                await bad.aclose()
+
+        assert all(v == [] for v in run(bad_ca()).values())
 
 
 def test_gateway_that_never_gets_ready_fails_closed(kube, gw_options):
