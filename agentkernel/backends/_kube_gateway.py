@@ -8,9 +8,10 @@ left that gc cannot find:
 2. the gateway's Service (its clusterIP goes into the gateway's config and the sandbox's DNS), Secret
    (only when secrets are bound), ConfigMap, NetworkPolicy and Pod, each owned by the sandbox's
    NetworkPolicy (the cluster's garbage collector removes them with it);
-3. wait until the gateway pod is Ready (its readiness probe: the proxy port accepts connections);
-   if it is not, everything is deleted and the create fails (fail closed);
-4. the sandbox pod, with the gateway as its resolver and proxy.
+3. the sandbox pod, with the gateway as its resolver and proxy (it starts alongside the gateway, already
+   fenced: it can reach nothing but the gateway pod);
+4. wait until the gateway pod is Ready (its readiness probe: the proxy port accepts connections); if it
+   is not, the sandbox pod and everything else are deleted and the create fails (fail closed).
 
 On removal the gateway's audit events (JSON lines on its stdout) are copied into the local audit log,
 then its objects are deleted.
@@ -81,11 +82,14 @@ async def create(be: KubernetesBackend, spec: SandboxSpec, *, sandbox_id: str, n
         await api.request("POST", be._path("networkpolicies", ns=ns),
                           body=ke.gateway_network_policy(s, name=gw, ns=ns, sandbox_pod=name, labels=gw_labels,
                                                          owner_refs=owned))
-        await _start_gateway(be, ns, gw, gw_labels, bool(values), owned)
+        gw_pod = await _post_gateway(be, ns, gw, gw_labels, bool(values), owned)
+        # the sandbox pod starts alongside (already fenced: it can reach only the gateway, which is not
+        # listening yet); the create returns only once the gateway is Ready, else both go
         body = km.pod(spec, s, name=name, namespace=ns, labels=labels, annotations=annotations,
                       owner_refs=owner_refs, extra_env=ke.sandbox_env(spec, sandbox_id, cluster_ip),
                       extra_spec=ke.sandbox_dns(cluster_ip))
         await api.request("POST", be._path("pods", ns=ns), body=body)
+        await _wait_gateway(be, ns, gw, gw_pod)
     except BaseException:
         # the sandbox pod (if its create got through) goes first, the policy fencing it last
         if await api.request("DELETE", be._path("pods", name, ns), body={"gracePeriodSeconds": 0},
@@ -96,12 +100,14 @@ async def create(be: KubernetesBackend, spec: SandboxSpec, *, sandbox_id: str, n
         raise
 
 
-async def _start_gateway(be: KubernetesBackend, ns: str, gw: str, labels: dict[str, str], with_secrets: bool,
-                         owned: list[dict[str, Any]]) -> None:
-    api = be._api()
-    pod = await api.request("POST", be._path("pods", ns=ns),
-                            body=ke.gateway_pod(be.settings, name=gw, ns=ns, labels=labels,
-                                                with_secrets=with_secrets, owner_refs=owned))
+async def _post_gateway(be: KubernetesBackend, ns: str, gw: str, labels: dict[str, str], with_secrets: bool,
+                        owned: list[dict[str, Any]]) -> dict[str, Any]:
+    return await be._api().request("POST", be._path("pods", ns=ns),
+                                   body=ke.gateway_pod(be.settings, name=gw, ns=ns, labels=labels,
+                                                       with_secrets=with_secrets, owner_refs=owned))
+
+
+async def _wait_gateway(be: KubernetesBackend, ns: str, gw: str, pod: dict[str, Any] | None) -> None:
     try:
         await be._wait_ready(ns, gw, pod)
     except SandboxError as exc:
@@ -141,7 +147,9 @@ async def ensure_gateway(be: KubernetesBackend, ns: str, gw: str, with_secrets: 
         return
     svc = svc or await api.request("GET", be._path("services", gw, ns))
     meta = svc["metadata"]
-    await _start_gateway(be, ns, gw, dict(meta.get("labels") or {}), with_secrets, meta.get("ownerReferences") or [])
+    pod = await _post_gateway(be, ns, gw, dict(meta.get("labels") or {}), with_secrets,
+                              meta.get("ownerReferences") or [])
+    await _wait_gateway(be, ns, gw, pod)
 
 
 async def delete(be: KubernetesBackend, ns: str, name: str, *, audit_to: str | None) -> None:
