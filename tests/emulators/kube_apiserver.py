@@ -169,7 +169,7 @@ class Emulator(Served):
         import tempfile
 
         self.volume_root = tempfile.mkdtemp(prefix="akemu-volumes-")  # configMap/secret volumes, per pod uid
-        self.next_ip = 10
+        self.next_ip = 0
         self.containers: dict[str, str] = {}  # pod uid -> container id
         self.tasks: set[asyncio.Task] = set()
         self.resources = {("", "v1"): CORE, ("networking.k8s.io", "v1"): NETWORKING}
@@ -513,9 +513,8 @@ class Emulator(Served):
 
     # ---- pods as podman containers ----------------------------------------------------------------------
     def _allocate_cluster_ip(self) -> str:
-        _, subnet = self.runner.service_network()
         self.next_ip += 1
-        return subnet.rsplit(".", 1)[0] + f".{self.next_ip}"
+        return self.runner.service_ip(self.next_ip)
 
     def _service_ip(self, pod: dict[str, Any], ns: str) -> str | None:
         """The clusterIP of a Service selecting this pod (its address on the internal network)."""

@@ -135,26 +135,39 @@ class PodmanRunner:
 
     def service_network(self) -> tuple[str, str]:
         """(name, subnet) of this emulator's internal network (no route out; created on first use): where
-        Service clusterIPs live, and all a pod whose NetworkPolicy allows egress only to pods is on."""
+        Service clusterIPs live, and all a pod whose NetworkPolicy allows egress only to pods is on. A /22:
+        podman hands out pods' addresses from its lower half only; ``service_ip`` takes from the upper
+        half, so a Service's address is never a pod's."""
         with self._net_lock:
             if not getattr(self, "_service_net", None):
                 self._service_net = self._create_service_network()
         return self._service_net
 
+    def service_ip(self, n: int) -> str:
+        import ipaddress
+
+        net = ipaddress.ip_network(self.service_network()[1])
+        return str(net.network_address + net.num_addresses // 2 + n)
+
     def _create_service_network(self) -> tuple[str, str]:
+        import ipaddress
+        import re
         import secrets as rnd
 
-        used = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+        routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+        used = [ipaddress.ip_network(m, strict=False) for m in re.findall(r"\b(\d+\.\d+\.\d+\.\d+(?:/\d+)?)", routes)]
         for _ in range(50):
-            subnet = f"10.{240 + rnd.randbelow(10)}.{rnd.randbelow(250)}.0/24"
-            if subnet[:-4] not in used:
+            net = ipaddress.ip_network(f"10.{240 + rnd.randbelow(10)}.{4 * rnd.randbelow(63)}.0/22")
+            if not any(u.overlaps(net) for u in used if u.prefixlen >= 8):
                 break
+        lower = next(net.subnets(new_prefix=23))
         name = f"akemu-svc-{self.instance}"
-        r = subprocess.run(["podman", "network", "create", "--internal", "--disable-dns", "--subnet", subnet,
-                            "--label", f"{EMULATOR_LABEL}={self.instance}", name], capture_output=True, text=True)
+        r = subprocess.run(["podman", "network", "create", "--internal", "--disable-dns", "--subnet", str(net),
+                            "--ip-range", str(lower), "--label", f"{EMULATOR_LABEL}={self.instance}", name],
+                           capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"podman network create: {r.stderr.strip()}")
-        return name, subnet
+        return name, str(net)
 
 
 def parse_quantity(q: str | int | float | None) -> float | None:
