@@ -8,10 +8,9 @@ left that gc cannot find:
 2. the gateway's Service (its clusterIP goes into the gateway's config and the sandbox's DNS), Secret
    (only when secrets are bound), ConfigMap, NetworkPolicy and Pod, each owned by the sandbox's
    NetworkPolicy (the cluster's garbage collector removes them with it);
-3. the sandbox pod, with the gateway as its resolver and proxy (it starts alongside the gateway, already
-   fenced: it can reach nothing but the gateway pod);
-4. wait until the gateway pod is Ready (its readiness probe: the proxy port accepts connections); if it
-   is not, the sandbox pod and everything else are deleted and the create fails (fail closed).
+3. wait until the gateway pod is Ready (its readiness probe: the proxy port accepts connections);
+   if it is not, everything is deleted and the create fails (fail closed): no sandbox pod is made;
+4. the sandbox pod, with the gateway as its resolver and proxy.
 
 On removal the gateway's audit events (JSON lines on its stdout) are copied into the local audit log,
 then its objects are deleted.
@@ -82,14 +81,11 @@ async def create(be: KubernetesBackend, spec: SandboxSpec, *, sandbox_id: str, n
         await api.request("POST", be._path("networkpolicies", ns=ns),
                           body=ke.gateway_network_policy(s, name=gw, ns=ns, sandbox_pod=name, labels=gw_labels,
                                                          owner_refs=owned))
-        gw_pod = await _post_gateway(be, ns, gw, gw_labels, bool(values), owned)
-        # the sandbox pod starts alongside (already fenced: it can reach only the gateway, which is not
-        # listening yet); the create returns only once the gateway is Ready, else both go
+        await _wait_gateway(be, ns, gw, await _post_gateway(be, ns, gw, gw_labels, bool(values), owned))
         body = km.pod(spec, s, name=name, namespace=ns, labels=labels, annotations=annotations,
                       owner_refs=owner_refs, extra_env=ke.sandbox_env(spec, sandbox_id, cluster_ip),
                       extra_spec=ke.sandbox_dns(cluster_ip))
         await api.request("POST", be._path("pods", ns=ns), body=body)
-        await _wait_gateway(be, ns, gw, gw_pod)
     except BaseException:
         # the sandbox pod (if its create got through) goes first, the policy fencing it last
         if await api.request("DELETE", be._path("pods", name, ns), body={"gracePeriodSeconds": 0},

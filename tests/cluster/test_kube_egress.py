@@ -515,7 +515,12 @@ def test_cli_allowlist_sandbox_and_live_network_log(kube, gw_options, testnet, t
            "--", "python3", "-c", CLIENT, "get:http://allowed.test/run", "dns:other.test", env=env, timeout=180)
     text = r.stdout.decode()
     assert r.returncode == 0, text + r.stderr.decode()
-    assert "GET-OK get:http://allowed.test/run 200" in text and "NXDOMAIN dns:other.test" in text
+    from agentkernel import paths
+
+    with open(paths.audit_path()) as f:
+        tail = f.readlines()[-30:]
+    assert "GET-OK get:http://allowed.test/run 200" in text and "NXDOMAIN dns:other.test" in text, (
+        text + r.stderr.decode() + "".join(tail))
     assert run(_gateway_objects(kube)) == before
 
 

@@ -441,7 +441,8 @@ class Emulator(Served):
             body["status"] = {"phase": "Pending", "qosClass": "Guaranteed", "conditions": []}
             body["spec"].setdefault("nodeName", None)
         if resource == "services":
-            body.setdefault("spec", {})["clusterIP"] = await asyncio.to_thread(self._allocate_cluster_ip)
+            self.next_ip += 1
+            body.setdefault("spec", {})["clusterIP"] = await asyncio.to_thread(self.runner.service_ip, self.next_ip)
             body["spec"]["clusterIPs"] = [body["spec"]["clusterIP"]]
         meta["resourceVersion"] = self._bump()
         self.objects[key] = body
@@ -512,10 +513,6 @@ class Emulator(Served):
         self._emit("pods", "MODIFIED", obj)
 
     # ---- pods as podman containers ----------------------------------------------------------------------
-    def _allocate_cluster_ip(self) -> str:
-        self.next_ip += 1
-        return self.runner.service_ip(self.next_ip)
-
     def _service_ip(self, pod: dict[str, Any], ns: str) -> str | None:
         """The clusterIP of a Service selecting this pod (its address on the internal network)."""
         labels = pod["metadata"].get("labels") or {}
@@ -525,9 +522,9 @@ class Emulator(Served):
                 return svc["spec"]["clusterIP"]
         return None
 
-    def _networks(self, pod: dict[str, Any], ns: str) -> tuple[list[str], str | None]:
+    async def _networks(self, pod: dict[str, Any], ns: str) -> tuple[list[str], str | None]:
         """(podman networks, clusterIP) per the NetworkPolicies selecting the pod and the Services selecting
-        it; [] means no network at all."""
+        it; [] means no network at all. The objects are read on the loop (never from another thread)."""
         labels = pod["metadata"].get("labels") or {}
         rules, selected = [], False
         for (res, ons, _), np in self.objects.items():
@@ -544,7 +541,7 @@ class Emulator(Served):
         svc_ip = self._service_ip(pod, ns)
         nets = []
         if svc_ip or to_pods:
-            name, _ = self.runner.service_network()
+            name, _ = await asyncio.to_thread(self.runner.service_network)
             nets.append(f"{name}:ip={svc_ip}" if svc_ip else name)
         if bridge:
             nets.append("podman")
@@ -648,7 +645,7 @@ class Emulator(Served):
         if missing:
             self._set_status(ns, name, waiting("CreateContainerConfigError", missing))
             return
-        nets, svc_ip = await asyncio.to_thread(self._networks, pod, ns)
+        nets, svc_ip = await self._networks(pod, ns)
         dns = None
         if spec.get("dnsPolicy") == "None":
             dc = spec.get("dnsConfig") or {}
