@@ -53,6 +53,7 @@ PODMAN_STORAGE_CONF = "/etc/containers/storage.conf"
 STORAGE_DIR = os.environ.get("AGENTKERNEL_STORAGE_DIR") or "/var/lib/agentkernel"
 STORAGE_SIZE = os.environ.get("AGENTKERNEL_STORAGE_SIZE") or "64G"
 DOCKERD_CONF = "/etc/agentkernel/dockerd.json"
+RUNSC_NET_WRAPPER = "/usr/local/lib/agentkernel/runsc-agentkernel-net"  # = backends._runsc_net_wrapper.PATH
 DOCKER_SOCK = "unix:///var/run/docker.sock"
 DOCKER_PID = "/var/run/docker.pid"
 REFNODE_VERSION = "0.18.1"
@@ -316,6 +317,9 @@ def dockerd_conf_text() -> str:
     n = _hard_nofile()
     # runsc-agentkernel is the gvisor-docker backend's runtime: --oci-seccomp applies the sandbox's seccomp
     # profile (runsc ignores it otherwise), --host-uds=create lets the host reach the agent's socket.
+    # runsc-agentkernel-net is the same with --network=host, used only for sandboxes in the egress namespace
+    # (network modes open and allowlist: the namespace's firewall then sees every packet of the Sentry); its
+    # executable is our wrapper, which points the bundle at that namespace (runsc_net_wrapper_step).
     return f"""{{
   "storage-driver": "btrfs",
   "data-root": "{STORAGE_DIR}/docker/data",
@@ -329,10 +333,38 @@ def dockerd_conf_text() -> str:
     "crun": {{"path": "/usr/bin/crun"}},
     "runsc": {{"path": "/usr/bin/runsc", "runtimeArgs": ["--network=none", "--platform=ptrace"]}},
     "runsc-agentkernel": {{"path": "/usr/bin/runsc",
-      "runtimeArgs": ["--network=none", "--platform=ptrace", "--oci-seccomp", "--host-uds=create"]}}
+      "runtimeArgs": ["--network=none", "--platform=ptrace", "--oci-seccomp", "--host-uds=create"]}},
+    "runsc-agentkernel-net": {{"path": "{RUNSC_NET_WRAPPER}",
+      "runtimeArgs": ["--network=host", "--platform=ptrace", "--oci-seccomp", "--host-uds=create"]}}
   }}
 }}
 """
+
+
+def runsc_net_wrapper_step() -> Step:
+    """gvisor-docker's networked runtime (backends/_runsc_net_wrapper.py): written before dockerd's
+    configuration names it; rewritten only when it differs."""
+    def check() -> Finding:
+        have = _read(RUNSC_NET_WRAPPER)
+        if have == _runsc_net_wrapper_text():
+            return Finding(True, RUNSC_NET_WRAPPER)
+        return Finding(False, f"{RUNSC_NET_WRAPPER} {'differs' if have is not None else 'missing'}",
+                       plan=[f"write {RUNSC_NET_WRAPPER} (runsc for gvisor-docker sandboxes with network: joins "
+                             "the sandbox's egress namespace)"],
+                       manual=_not_root(f"writing {RUNSC_NET_WRAPPER}"))
+
+    def apply() -> str:
+        _write_atomic(RUNSC_NET_WRAPPER, _runsc_net_wrapper_text())
+        os.chmod(RUNSC_NET_WRAPPER, 0o755)
+        return f"wrote {RUNSC_NET_WRAPPER}"
+
+    return Step("gvisor-docker network runtime", check, apply)
+
+
+def _runsc_net_wrapper_text() -> str:
+    from .backends import _runsc_net_wrapper
+
+    return _runsc_net_wrapper.text()  # /usr/bin/runsc, as the other runsc runtimes registered below
 
 
 def docker_up() -> bool:
@@ -358,7 +390,7 @@ def dockerd_conf_step() -> Step:
         if have == dockerd_conf_text():
             return Finding(True, DOCKERD_CONF)
         plan = [f"write {DOCKERD_CONF} (overlay2, no iptables/bridge, cgroupfs, runtimes crun, runsc, "
-                "runsc-agentkernel)"]
+                "runsc-agentkernel, runsc-agentkernel-net)"]
         if docker_up() and _dockerd_pid():
             plan.append(f"send SIGHUP to the running dockerd (pid {_dockerd_pid()}) to reload its runtimes "
                         "(no restart)")
@@ -730,7 +762,7 @@ def steps(opts: Options) -> list[Step]:
     if b & {"podman", "gvisor", "oci", "qemu"}:
         out += [podman_conf_step(), podman_storage_step(), hugetlb_step()]
     if "docker" in b:
-        out += [dockerd_conf_step(), dockerd_storage_step(), dockerd_step()]
+        out += [runsc_net_wrapper_step(), dockerd_conf_step(), dockerd_storage_step(), dockerd_step()]
     out.append(agent_step())
     if "wasm" in b:
         out.append(wasm_step())

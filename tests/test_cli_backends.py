@@ -199,14 +199,6 @@ def test_network_on_never_reaches_the_host(host_listener):
     assert hits == []
 
 
-def test_gvisor_docker_refuses_network_fail_closed():
-    """dockerd's registered runsc runtime has --network=none baked in: network modes are refused there
-    (gvisor under podman and oci -o runtime=runsc enforce them: tests/egress)."""
-    r = run("gvisor-docker", "true", flags=("--network",))
-    assert r.returncode == 125
-    assert b"cannot enforce" in r.stderr and b"network_full" in r.stderr
-
-
 def test_disk_cap_on_writable_root_is_enforced_or_refused_not_ignored(tmp_path):
     """Enforced where podman's storage can cap (tests/security/test_storage_attacks.py); refused otherwise."""
     r = run("podman", "sh", "-c", "dd if=/dev/zero of=/workspace/f bs=1M count=30 2>/dev/null; wc -c < /workspace/f",

@@ -60,7 +60,15 @@ def test_engine_config_steps_write_only_when_different(tmp_path, monkeypatch):
 
     with open(hostsetup.DOCKERD_CONF) as f:
         conf = json.loads(f.read().split("# a user's")[0])
-    assert conf["runtimes"]["runsc-agentkernel"]["runtimeArgs"][-2:] == ["--oci-seccomp", "--host-uds=create"]
+    from agentkernel.backends import gvisor, gvisor_docker
+
+    # exactly the flags the gvisor-docker backend's probe and network check require, per runtime
+    rts = conf["runtimes"]
+    assert rts[gvisor_docker.RUNTIME]["runtimeArgs"] == [f"--{f}" for f in gvisor.RUNSC_FLAGS]
+    assert rts[gvisor_docker.NET_RUNTIME]["runtimeArgs"] == [f"--{f}" for f in gvisor.RUNSC_NET_FLAGS]
+    from agentkernel.backends import _runsc_net_wrapper
+
+    assert rts[gvisor_docker.NET_RUNTIME]["path"] == _runsc_net_wrapper.PATH
 
 
 def test_setup_converges_and_a_rerun_changes_nothing():

@@ -132,7 +132,7 @@ class NomadClient:
                         if asyncio.iscoroutine(r):
                             await r
                 if frame.get("exited"):
-                    code = int((frame.get("result") or {}).get("exit_code") or 0)
+                    code = exit_code_of(frame)
                     break
         except websockets.ConnectionClosedError as exc:
             if code is None:
@@ -148,3 +148,9 @@ class NomadClient:
             reason = ws.close_reason or "closed without an exit status"
             raise SandboxError(f"exec in allocation {alloc_id} failed: {reason}")
         return code
+
+
+def exit_code_of(frame: dict[str, Any]) -> int:
+    """The exit status of an exec stream's final frame, ``{"exited": true, "result": {"exit_code": N}}``
+    (a missing ``exit_code`` reads as 0)."""
+    return int((frame.get("result") or {}).get("exit_code") or 0)

@@ -111,10 +111,10 @@ def required_controls(spec: SandboxSpec) -> list[str]:
 
 _FIXES = {
     "disk_rootfs": "set read_only_root = true (writable paths become tmpfs capped at disk_mb) or unset disk_mb",
-    "network_allowlist": "use a backend that enforces allowlists (podman, docker, oci: see docs/network.md) or "
-    "--network none",
-    "network_full": "use a backend that isolates open networking (podman, docker, oci) or --network none",
-    "secret_injection": "use a backend behind the egress gateway (podman, docker, oci)",
+    "network_allowlist": "use a backend that enforces allowlists (podman, docker, oci, gvisor: see docs/network.md) "
+    "or --network none",
+    "network_full": "use a backend that isolates open networking (podman, docker, oci, gvisor) or --network none",
+    "secret_injection": "use a backend behind the egress gateway (podman, docker, oci, gvisor)",
 }
 
 

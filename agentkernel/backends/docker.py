@@ -79,13 +79,14 @@ def create_body(plan: _container.ContainerPlan, *, network: str, oneshot: bool,
         "NetworkMode": network,
     }
     entrypoint = list(plan.entrypoint) if plan.entrypoint is not None else None
-    if plan.network == "netns":
-        # the runtime makes an empty namespace; egress.attach.complete moves the network in after start,
-        # and the agent waits for that before anything of the user's runs
+    if plan.network == "netns" and plan.netns is None:
+        # deferred: the runtime makes an empty namespace; egress.attach.complete moves the network in after
+        # start, and the agent waits for that before anything of the user's runs
         if not entrypoint or entrypoint[0] != _container.AGENT_BIN_IN:
             raise PolicyNotEnforceable("docker network modes open/allowlist need the in-sandbox agent",
                                        hint="build it: make -C agent, or use --network none")
         entrypoint[2:2] = ["--wait-file", _container.NET_READY_IN]
+    if plan.network == "netns":
         hc["Binds"].append(f"{plan.resolv}:/etc/resolv.conf:ro")
     if plan.seccomp_file:
         with open(plan.seccomp_file) as f:
@@ -227,6 +228,10 @@ class DockerBackend(AgentContainerBackend, OneShot):
         super().check(spec)
         _container.check_rootfs_cap(self.name, spec, storage_cap_status)
 
+    def runtime_for(self, plan: _container.ContainerPlan) -> str | None:
+        """The OCI runtime registered in dockerd that runs ``plan`` (None: dockerd's default)."""
+        return self.docker_runtime
+
     def _network_mode(self, plan: _container.ContainerPlan) -> str:
         if plan.network not in ("none", "netns"):  # every network mode goes through the egress namespace
             raise AssertionError(f"docker renders only network none or the egress namespace, got {plan.network!r}")
@@ -246,7 +251,7 @@ class DockerBackend(AgentContainerBackend, OneShot):
         if plan.disk_cap_mb is not None:
             r = await api.request("GET", f"/images/{quote(plan.image)}/json", ok=(404,))
             size = _image_bytes(r.json() if r.status == 200 else None)
-        body = create_body(plan, network=self._network_mode(plan), oneshot=False, runtime=self.docker_runtime,
+        body = create_body(plan, network=self._network_mode(plan), oneshot=False, runtime=self.runtime_for(plan),
                            image_bytes=size)
         resp = await api.json("POST", "/containers/create", params={"name": plan.name}, body=body)
         warnings = _check_warnings(resp)
@@ -348,7 +353,7 @@ class DockerBackend(AgentContainerBackend, OneShot):
                 r = cli.request("GET", f"/images/{quote(plan.image)}/json", ok=(404,))
                 size = _image_bytes(r.json() if r.status == 200 else None)
             body = create_body(plan, network=self._network_mode(plan), oneshot=True,
-                               runtime=self.docker_runtime, image_bytes=size)
+                               runtime=self.runtime_for(plan), image_bytes=size)
             created = "maybe"
             try:
                 resp = cli.json("POST", "/containers/create", params={"name": name}, body=body)
@@ -376,7 +381,7 @@ class DockerBackend(AgentContainerBackend, OneShot):
                 write_all(stdio.stderr, f"agentkernel: {exc}\n".encode())
                 done = True
                 return code
-            if plan.network == "netns":
+            if plan.network == "netns" and plan.netns is None:  # deferred: the network moves in now
                 from ..egress.attach import complete
 
                 pid = int(cli.json("GET", f"/containers/{quote(name)}/json")["State"]["Pid"])

@@ -38,9 +38,11 @@ RUNSC_NET_FLAGS = ("network=host", *RUNSC_FLAGS[1:])
 # under podman: the egress namespace (allowlist, open, secrets) as for crun; disk_rootfs as podman (the Sentry's
 # own /tmp is replaced by a sized tmpfs)
 GVISOR_CONTROLS = CONTAINER_CONTROLS | {"network_allowlist", "secret_injection", "disk_rootfs"}
-# under docker: dockerd's registered runtime has --network=none baked in (its flags are per runtime, not
-# per container), so network modes stay refused there (fail closed); disk_rootfs as docker
-GVISOR_DOCKER_CONTROLS = (CONTAINER_CONTROLS | {"disk_rootfs"}) - {"network_full"}
+# under docker: the same egress namespace, entered through a second runtime registered in dockerd with
+# --network=host (runsc's flags are per runtime, not per container) whose executable points the bundle at
+# that namespace (_runsc_net_wrapper); the backend's check refuses network modes while dockerd's registration
+# is not that (fail closed, gvisor_docker.net_runtime_status); disk_rootfs as docker
+GVISOR_DOCKER_CONTROLS = GVISOR_CONTROLS
 
 
 def runsc_path() -> str | None:

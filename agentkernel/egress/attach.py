@@ -148,11 +148,30 @@ def complete(sandbox_id: str, pid: int, ready_file: str | None) -> None:
     idfile = os.path.join(paths.runtime_dir(), "egress", "by-id", netns.short_id(sandbox_id))
     with open(idfile) as f:
         info = json.load(f)
+    _check_own_namespace(pid)
     netns.delete_netns(sandbox_id)
     netns.create_netns(sandbox_id, info["ip"], netns.network(), info["ruleset"], pid=pid)
     if ready_file:
         fd = os.open(ready_file, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         os.close(fd)
+
+
+def _check_own_namespace(pid: int) -> None:
+    """Refuse to wire a process that shares our network namespace: the sandbox's firewall and route would
+    land in the host's namespace (a runtime that ignored the spec's empty namespace, e.g. runsc with
+    --network=host and no network namespace in the spec, would otherwise be silently unconfined)."""
+    try:
+        theirs = os.stat(f"/proc/{pid}/ns/net")
+        ours = os.stat("/proc/self/ns/net")
+    except OSError as exc:
+        from ..errors import SandboxError
+
+        raise SandboxError(f"cannot read the network namespace of the sandbox's process {pid}: {exc}") from None
+    if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino):
+        from ..errors import SandboxError
+
+        raise SandboxError(f"the sandbox's process {pid} runs in the host's network namespace: refusing to attach "
+                           "it to the egress network (its engine did not give it a namespace of its own)")
 
 
 def _check_forwarding() -> None:

@@ -402,10 +402,13 @@ def denied_in_netns(sandbox_id: str) -> list[tuple[str, int]]:
 
 
 def delete_netns(sandbox_id: str) -> None:
+    """Remove the sandbox's namespace name and its veth pair. The pair normally goes with the namespace,
+    but a namespace still held by a process that is exiting (a stopped gVisor sandbox's Sentry) outlives
+    its name for a moment, and a restart would then find the host end still there: it is deleted
+    explicitly (deleting one end of a veth pair deletes both)."""
     name = netns_name(sandbox_id)
     if os.path.exists(os.path.join(NETNS_DIR, name)):
-        _run(["ip", "netns", "del", name], check=False)  # the veth pair goes with the namespace
-    else:
-        veth = f"akv{short_id(sandbox_id)}"
-        if os.path.exists(f"/sys/class/net/{veth}"):
-            _run(["ip", "link", "del", veth], check=False)
+        _run(["ip", "netns", "del", name], check=False)
+    veth = f"akv{short_id(sandbox_id)}"
+    if os.path.exists(f"/sys/class/net/{veth}"):
+        _run(["ip", "link", "del", veth], check=False)

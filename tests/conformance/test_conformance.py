@@ -177,17 +177,30 @@ def test_declares_the_contract(target):
 # ---- exit status ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(900)  # 256 execs: on the cluster emulators each is an exec websocket plus a podman exec
+# Remote backends (kubernetes, nomad) carry an exit status as one number in the exec stream's last
+# message, decoded by one line each (tests/contract/test_exit_status_decoding.py decodes all 256 values
+# in the engines' own formats). What can differ by value on the way is the shell wrapper
+# (_remote_exec.SCRIPT), the 128+N signal reading (_remote_exec.outcome) and the Success/Failure split:
+# the sample holds every boundary of those, plus a stride over the rest. Each value costs an exec round
+# trip there (on the emulators a websocket plus a `podman exec`, ~0.3 s), so all 256 took ~55-80 s per
+# backend; local backends (agent, ~ms per exec) still run all 256.
+REMOTE_EXIT_SAMPLE = sorted({0, 1, 2, 3, 42, 63, 64, 100, 124, 125, 126, 127, 128, 129, 130, 137, 143, 191, 192,
+                             193, 200, 254, 255} | set(range(5, 256, 25)))
+
+
+@pytest.mark.timeout(900)
 def test_exit_codes_0_to_255_exact(target, box):
+    codes = REMOTE_EXIT_SAMPLE if target.remote else range(256)
+
     async def go(mgr):
         out = {}
-        for code in range(256):
+        for code in codes:
             r = await mgr.exec(box, ExecRequest(["sh", "-c", f"exit {code}"]))
             out[code] = r.exit_code
         return out
 
     got = _arun(go)
-    assert got == {c: c for c in range(256)}
+    assert got == {c: c for c in codes}
 
 
 @pytest.mark.parametrize("code", [0, 1, 42, 255])

@@ -54,6 +54,40 @@ def test_gvisor_docker_probe_refuses_a_runtime_without_oci_seccomp():
     assert not a.available and "--oci-seccomp" in a.reason, a.to_dict()
 
 
+def test_gvisor_docker_refuses_network_without_its_network_runtime():
+    """Network modes need dockerd's second runsc runtime (--network=host, entered only inside the egress
+    namespace). Missing, or registered with the wrong network flag, the backend refuses them with the
+    reason (fail closed); network none is unaffected. The real registration is what tests/egress uses."""
+    require_backend("gvisor-docker")
+    from agentkernel.backends.gvisor_docker import GVisorDockerBackend, flag_problems, net_runtime_status
+    from agentkernel.config import resolve_spec
+    from agentkernel.errors import PolicyNotEnforceable
+
+    class Unregistered(GVisorDockerBackend):
+        docker_net_runtime = "runsc-agentkernel-not-registered"
+
+    class NetworkNone(GVisorDockerBackend):  # registered, but with --network=none baked in
+        docker_net_runtime = "runsc-agentkernel"
+
+    allow = resolve_spec({"backend": "gvisor-docker"}, environ={},
+                         config={"security": {"network": "allowlist", "network_allow": ["a.test"]}})
+    open_ = resolve_spec({"backend": "gvisor-docker", "network": True}, environ={})
+    none = resolve_spec({"backend": "gvisor-docker"}, environ={})
+    for cls, why in ((Unregistered, "has no runtime 'runsc-agentkernel-not-registered'"),
+                     (NetworkNone, "lacks --network=host")):
+        for spec, mode in ((allow, "allowlist"), (open_, "open")):
+            with pytest.raises(PolicyNotEnforceable) as ei:
+                cls().check(spec)
+            msg = str(ei.value.message)
+            assert f"cannot enforce network mode {mode}" in msg and why in msg, msg
+            assert "agentkernel setup" in (ei.value.hint or ""), ei.value.hint
+        cls().check(none)
+    assert "--network=none (conflicts)" in net_runtime_status("runsc-agentkernel")[1]
+    assert flag_problems(["--network=none", "--network=host", "--platform=ptrace", "--oci-seccomp",
+                          "--host-uds=create"], ("network=host", "platform=ptrace", "oci-seccomp",
+                                                 "host-uds=create")) == ["--network=none (conflicts)"]
+
+
 # ---- serve --config: [pool] and [[pool.warm]] come from the given file --------------------------------
 
 

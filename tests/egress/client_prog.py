@@ -3,6 +3,7 @@
   tcp:HOST:PORT                     -> OPEN | CLOSED  (a direct connection, no proxy)
   sni:ALLOWED|OTHER                 -> GET-OK | GET-FAIL   (TLS to ALLOWED's address with SNI OTHER)
   dns:NAME                          -> RESOLVED <addrs> | NXDOMAIN
+  dnsac:NAME                        -> the same with AI_ADDRCONFIG (needs an IPv4 interface the sandbox sees)
   env:NAME                          -> ENV <value>
 """
 import socket
@@ -40,8 +41,9 @@ for probe in sys.argv[1:]:
             tls = ssl._create_unverified_context().wrap_socket(raw, server_hostname=name)
             tls.sendall(f"GET /sni HTTP/1.0\r\nHost: {name}\r\n\r\n".encode())
             print(f"GET-OK {tag} {tls.recv(100)!r}", flush=True)
-        elif kind == "dns":
-            addrs = sorted({a[4][0] for a in socket.getaddrinfo(rest, 80, socket.AF_INET)})
+        elif kind in ("dns", "dnsac"):
+            flags = socket.AI_ADDRCONFIG if kind == "dnsac" else 0
+            addrs = sorted({a[4][0] for a in socket.getaddrinfo(rest, 80, socket.AF_INET, 0, 0, flags)})
             print(f"RESOLVED {tag} {addrs}", flush=True)
         elif kind == "file":
             with open(rest) as f:
@@ -50,5 +52,5 @@ for probe in sys.argv[1:]:
             import os
             print(f"ENV {tag} {os.environ.get(rest, '')}", flush=True)
     except Exception as exc:
-        word = {"tcp": "CLOSED", "dns": "NXDOMAIN", "file": "NOFILE"}.get(kind, "GET-FAIL")
+        word = {"tcp": "CLOSED", "dns": "NXDOMAIN", "dnsac": "NXDOMAIN", "file": "NOFILE"}.get(kind, "GET-FAIL")
         print(f"{word} {tag} {type(exc).__name__}: {exc}", flush=True)

@@ -12,9 +12,9 @@ import sys
 
 import pytest
 
-from tests.conftest import ak
+from tests.conftest import ak, require_backend, skip_unavailable
 
-ENFORCING = ["podman", "oci", "docker", "gvisor", "oci-runsc"]
+ENFORCING = ["podman", "oci", "docker", "gvisor", "oci-runsc", "gvisor-docker"]
 # a test id -> the CLI's backend flags
 _BACKEND_FLAGS = {"oci-runsc": ("-B", "oci", "-o", "runtime=runsc")}
 
@@ -26,12 +26,52 @@ def bflags(backend: str) -> tuple[str, ...]:
 def run_timeout(backend: str) -> float:
     """gVisor's ptrace platform makes python3 start-up slow (every syscall trapped): more time on a
     loaded machine."""
-    return 240 if backend in ("gvisor", "oci-runsc") else 90
+    return 240 if backend in ("gvisor", "oci-runsc", "gvisor-docker") else 90
+
+
+@pytest.fixture(autouse=True)
+def _backend_networks(request):
+    """gvisor-docker networks through a second runtime registered in dockerd (agentkernel setup): without
+    it the backend refuses network modes, so these tests cannot run (a failure in CI, where gvisor is
+    required)."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or callspec.params.get("backend") != "gvisor-docker":
+        return
+    require_backend("gvisor-docker")
+    from agentkernel.backends.gvisor_docker import net_runtime_status
+
+    ok, why = net_runtime_status()
+    if not ok:
+        skip_unavailable("gvisor-docker", why)
 
 
 IMAGE = "agentkernel/debian"
 with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "client_prog.py")) as _f:
     CLIENT = _f.read()
+
+
+# the other sandbox of the open-mode test: its address, then a listener on 9000 that reports connections
+LISTENER = """
+import signal, socket, sys, time
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.connect((sys.argv[1], 53))
+print("inet %s/" % u.getsockname()[0], flush=True)
+s = socket.socket()
+s.bind(("0.0.0.0", 9000))
+s.listen(8)
+s.settimeout(0.5)
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+end = time.time() + 180
+while time.time() < end and not stop:  # until the test's SIGTERM (forwarded by the CLI)
+    try:
+        c, a = s.accept()
+        print("ACCEPTED", a, flush=True)
+        c.close()
+    except socket.timeout:
+        pass
+print("LISTENED", flush=True)
+"""
 
 
 def out(r) -> str:
@@ -69,6 +109,7 @@ def test_allowlist_http_https_and_refusals(testnet, backend):
     testnet.clear()
     ok = ["get:http://allowed.test/via-proxy", "get:http://allowed.test/transparent|noproxy",
           "get:https://allowed.test/tls-connect", "get:https://allowed.test/tls-sni|noproxy", "dns:allowed.test",
+          "dnsac:allowed.test",  # AI_ADDRCONFIG: the sandbox sees its interface (gVisor lists those it started with)
           "get:http://allowed.test/fronted|H=Host=other.test"]  # HTTP fronting: Host is rewritten
     refused = ["get:http://other.test/", "get:https://other.test/", "get:https://other.test/x|noproxy",
                "get:http://allowed.test:8080/", f"get:http://{testnet.addr}/", f"get:http://{testnet.addr}/|noproxy",
@@ -118,12 +159,14 @@ def test_open_mode_excludes_host_sandboxes_and_metadata(testnet, backend):
         s.listen(8)
         s.settimeout(0)
         ls.append(s)
-    # another sandbox, listening on 9000
+    # another sandbox, listening on 9000 until the test is done; it reports its address (the source address
+    # of its route to the gateway: the debian image has no `ip`) and any connection that reached it
     other = subprocess.Popen(
-        [sys.executable, "-m", "agentkernel", "run", "--no-daemon", *bflags(backend), "--network", "--", "sh", "-c",
-         "ip -4 -o addr show eth0; nc -l -p 9000 & sleep 6; kill %1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [sys.executable, "-m", "agentkernel", "run", "--no-daemon", *bflags(backend), "-i", IMAGE, "--network",
+         "--", "python3", "-c", LISTENER, gw], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         line = other.stdout.readline().decode()
+        assert line.startswith("inet "), (line, other.stderr.read(4000) if other.poll() is not None else "")
         other_ip = line.split("inet ")[1].split("/")[0]
         refused = ["tcp:169.254.169.254:80", f"tcp:{testnet.host_ip}:{ls[0].getsockname()[1]}",
                    f"tcp:{gw}:{ls[1].getsockname()[1]}", f"tcp:{other_ip}:9000", "tcp:[fd00:ec2::254]:80",
@@ -136,10 +179,15 @@ def test_open_mode_excludes_host_sandboxes_and_metadata(testnet, backend):
         for s in ls:
             with pytest.raises(BlockingIOError):
                 s.accept()
+        import time
+
+        time.sleep(1)  # the listener polls every 0.5 s: a connection that reached it is reported by now
+        assert other.poll() is None, other.communicate()  # still listening: its silence means something
+        other.terminate()  # forwarded to the listener by the CLIs that forward signals; the others exit
+        rest, _ = other.communicate(timeout=60)
+        assert b"ACCEPTED" not in rest, rest
     finally:
-        try:
-            other.wait(30)  # let it finish and clean up after itself
-        except subprocess.TimeoutExpired:
+        if other.poll() is None:
             other.kill()
             other.wait()
         for s in ls:
@@ -217,8 +265,6 @@ BAD = [
     (["--allow-host", "a.test", "--secret", "TOK:b.test"], "may not reach"),
     (["--allow-host", "a.test", "--secret", "NOPE_NOT_SET:a.test"], "no secret named 'NOPE_NOT_SET'"),
     (["--allow-host", "a.test", "--tls-intercept"], "tls_intercept without a secret binding"),
-    (["-B", "gvisor-docker", "--allow-host", "a.test"], "cannot enforce: network_allowlist"),
-    (["-B", "gvisor-docker", "--network", "open"], "cannot enforce: network_full"),
     (["-B", "wasm", "--allow-host", "a.test"], "network_allowlist"),
 ]
 
@@ -258,6 +304,29 @@ def test_killed_cli_leaves_no_network_behind(testnet, backend):
     for s in new:
         assert not os.path.exists(f"/run/netns/ak-{s}")
         assert not os.path.exists(os.path.join(d, "by-id", s))
+
+
+def test_attach_refuses_a_process_in_the_hosts_namespace():
+    """A runtime that ignored the spec's empty namespace (runsc --network=host with no namespace in the
+    spec) would leave the sandbox in the host's network: completing the attachment refuses it rather
+    than installing the sandbox's firewall and route in the host's namespace."""
+    from agentkernel.egress.attach import _check_own_namespace
+    from agentkernel.errors import SandboxError
+
+    with pytest.raises(SandboxError, match="host's network namespace"):
+        _check_own_namespace(os.getpid())
+    other = subprocess.Popen(["unshare", "-n", "sleep", "30"])
+    try:
+        import time
+
+        for _ in range(100):  # until unshare has exec'd sleep in its new namespace
+            if os.readlink(f"/proc/{other.pid}/ns/net") != os.readlink("/proc/self/ns/net"):
+                break
+            time.sleep(0.02)
+        _check_own_namespace(other.pid)
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_no_netns_left_behind(testnet):
