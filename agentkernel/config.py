@@ -347,6 +347,11 @@ ORCHESTRATOR_KEYS: dict[str, str] = {
     "cluster_cidrs": "list",      # pod/service/node ranges open-mode pods never reach (default: private ranges)
     "cluster_dns_namespace": "str",  # where the cluster resolver runs (kube-system)
     "cluster_dns_labels": "table",   # its pods' labels (k8s-app=kube-dns)
+    "egress_gateway_image": "str",   # image with python3 >= 3.11 for per-sandbox egress gateways (allowlist, secrets)
+    "egress_gateway_dns": "str",     # IPv4[:PORT] the gateways resolve names with (default: the pod's resolver)
+    "egress_gateway_ca_file": "str",  # extra CA certificates (PEM) the gateways trust for their own TLS
+    "egress_gateway_cpu": "str",     # the gateway pod's CPU limit (250m)
+    "egress_gateway_memory": "str",  # its memory limit (64Mi)
 }
 SCHEMA["orchestrator"] = ORCHESTRATOR_KEYS
 
@@ -398,10 +403,25 @@ def orchestrator_settings(options: dict[str, str] | None = None, *, config: dict
                 ipaddress.ip_network(c)
             except ValueError as exc:
                 raise ConfigError(f"[orchestrator] cluster_cidrs: invalid network {c!r}: {exc}") from None
+    if out.get("egress_gateway_dns"):
+        _check_ip_port("egress_gateway_dns", str(out["egress_gateway_dns"]))
     if out["warm_pool_size"] > out["max_pool_size"]:
         raise ConfigError(f"[orchestrator] warm_pool_size ({out['warm_pool_size']}) exceeds max_pool_size "
                           f"({out['max_pool_size']})")
     return out
+
+
+def _check_ip_port(key: str, text: str) -> None:
+    """IPv4[:PORT] (what the egress gateway's upstream resolver setting accepts)."""
+    import ipaddress
+
+    host, sep, port = text.rpartition(":") if text.count(":") == 1 else (text, "", "")
+    try:
+        ipaddress.IPv4Address(host)
+        if sep and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"invalid port {port!r}")
+    except ValueError as exc:
+        raise ConfigError(f"[orchestrator] {key} must be IPv4[:PORT], got {text!r} ({exc})") from None
 
 
 def _option_value(key: str, raw: Any, kind: str) -> Any:

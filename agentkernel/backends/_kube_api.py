@@ -260,6 +260,21 @@ class KubeClient:
             raise _api_error(r.status_code, r.content)
         return r.json() if r.content else {}
 
+    async def text(self, path: str, *, params: dict[str, Any] | None = None,
+                   allow: tuple[int, ...] = ()) -> str | None:
+        """A GET whose answer is plain text (pods/log); None for an allowed error status."""
+        if self.on_request:
+            self.on_request("GET", path)
+        try:
+            r = await self.http.request("GET", path, params=params, headers={"Accept": "*/*"})
+        except httpx.HTTPError as exc:
+            raise BackendUnavailable(f"Kubernetes API at {self.conn.host} is unreachable: {exc}") from None
+        if r.status_code in allow:
+            return None
+        if r.status_code >= 300:
+            raise _api_error(r.status_code, r.content)
+        return r.text
+
     async def watch(self, path: str, params: dict[str, Any]) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """Yield (type, object) events of one watch request (ends when the server ends it)."""
         if self.on_request:

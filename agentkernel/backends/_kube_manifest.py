@@ -165,12 +165,21 @@ def parse_toleration(text: str) -> dict[str, str]:
 
 
 def pod(spec: SandboxSpec, settings: dict[str, Any], *, name: str, namespace: str, labels: dict[str, str],
-        annotations: dict[str, str], owner_refs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        annotations: dict[str, str], owner_refs: list[dict[str, Any]] | None = None,
+        extra_env: dict[str, str] | None = None, extra_spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``extra_env`` / ``extra_spec``: what an egress gateway adds (proxy variables and secret
+    placeholders; the gateway as the pod's resolver)."""
     meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": dict(labels, **{LABEL_POD: name}),
                             "annotations": dict(annotations)}
     if owner_refs:
         meta["ownerReferences"] = owner_refs
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec(spec, settings)}
+    ps = pod_spec(spec, settings)
+    if extra_env:
+        env = ps["containers"][0]["env"]
+        env[:] = [e for e in env if e["name"] not in extra_env] + [{"name": k, "value": v}
+                                                                   for k, v in extra_env.items()]
+    ps.update(extra_spec or {})
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": ps}
 
 
 # Destinations an open-mode pod never reaches (besides every sandbox pod's own ingress deny): cloud
@@ -186,8 +195,8 @@ DNS_PORTS = [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
 def egress_rules(mode: str, settings: dict[str, Any]) -> list[dict[str, Any]] | None:
     """The NetworkPolicy egress rules of a network mode: [] (deny all) for none; for open, the whole
     address space except OPEN_EXCEPT_* and the cluster's ranges, plus DNS to the cluster resolver
-    (kube-dns pods, which sit inside those ranges). Allowlist needs an egress gateway that checks names
-    per sandbox; a NetworkPolicy cannot name hosts, so it is refused by the backend (``None`` here)."""
+    (kube-dns pods, which sit inside those ranges). Allowlist has no NetworkPolicy of its own (``None``):
+    a NetworkPolicy cannot name hosts, so the sandbox's egress goes to its gateway (``_kube_egress``)."""
     import ipaddress
 
     if mode == "none":
@@ -210,13 +219,16 @@ def egress_rules(mode: str, settings: dict[str, Any]) -> list[dict[str, Any]] | 
 
 def network_policy(*, name: str, namespace: str, mode: str, labels: dict[str, str],
                    annotations: dict[str, str] | None = None, owner_refs: list[dict[str, Any]] | None = None,
-                   settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The sandbox pod's NetworkPolicy: all ingress denied; egress per network mode (``egress_rules``)."""
+                   settings: dict[str, Any] | None = None,
+                   egress: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The sandbox pod's NetworkPolicy: all ingress denied; egress per network mode (``egress_rules``),
+    or ``egress`` as given (to the sandbox's egress gateway: ``_kube_egress.sandbox_egress_rules``)."""
     meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": dict(labels),
                             "annotations": dict(annotations or {})}
     if owner_refs:
         meta["ownerReferences"] = owner_refs
-    egress = egress_rules(mode, settings or {})
+    if egress is None:
+        egress = egress_rules(mode, settings or {})
     if egress is None:
         raise ValueError(f"network mode {mode} has no NetworkPolicy mapping")
     return {

@@ -3,10 +3,13 @@
 - Connection: kubeconfig (``[orchestrator] kubeconfig`` / ``context``, else $KUBECONFIG / ~/.kube/config)
   or the in-cluster service account; namespace from ``[orchestrator] namespace``.
 - create: the sandbox's NetworkPolicy first (ingress denied; egress: none denies all, open allows every
-  address but metadata, link-local and the cluster's ranges plus DNS to kube-dns; allowlists are refused:
-  a NetworkPolicy cannot name hosts), then the pod (``_kube_manifest``); start: wait for Ready with a
-  bound, failing fast with the cluster's reason on image pull errors, unschedulable pods, OOM kills or a
-  failed container.
+  address but metadata, link-local and the cluster's ranges plus DNS to kube-dns), then the pod
+  (``_kube_manifest``); start: wait for Ready with a bound, failing fast with the cluster's reason on
+  image pull errors, unschedulable pods, OOM kills or a failed container.
+- allowlist and secrets (a NetworkPolicy cannot name hosts): a per-sandbox egress gateway pod + Service
+  (``_kube_gateway``, ``_kube_egress``; ``[orchestrator] egress_gateway_image``); the sandbox's
+  NetworkPolicy allows egress only to it, its DNS is the gateway, secrets live only in the gateway pod.
+  Such sandboxes are never taken from warm pools (a pod's DNS cannot change after creation).
 - exec: the exec websocket (v5 with stdin EOF, v4 fallback), exact exit codes from the status channel;
   cwd/env/timeout through ``_remote_exec.wrap`` (argv only, no shell strings); files as tar streams.
 - stop kills every process of the sandbox but the pod's idle PID 1 and marks the pod stopped (its
@@ -32,8 +35,9 @@ from typing import Any
 from ..config import orchestrator_settings
 from ..errors import BackendUnavailable, InvalidState, PolicyNotEnforceable, SandboxError
 from ..spec import SandboxSpec
+from . import _kube_egress as ke
+from . import _kube_gateway, _remote_exec
 from . import _kube_manifest as km
-from . import _remote_exec
 from ._orchestrator import OrchestratorBackend
 from .base import (
     LABEL_ID,
@@ -101,6 +105,8 @@ class KubernetesBackend(OrchestratorBackend):
 
     def controls(self) -> set[str]:
         c = set(K8S_CONTROLS)
+        if self.settings.get("egress_gateway_image"):
+            c |= {"network_allowlist", "secret_injection"}
         if self.settings.get("pod_pids_limit"):
             c.add("pids")
         if self.settings.get("seccomp_localhost_profile"):
@@ -120,12 +126,19 @@ class KubernetesBackend(OrchestratorBackend):
                 hints.append("install a seccomp profile on the nodes and name it in [orchestrator] "
                              "seccomp_localhost_profile")
             if "network_allowlist" in str(exc) or "secret_injection" in str(exc):
-                hints.append("a NetworkPolicy cannot name hosts, and no in-cluster egress gateway checks names "
-                             "per sandbox yet: use --network none, or open (never metadata, link-local or "
-                             "[orchestrator] cluster_cidrs)")
+                hints.append("a NetworkPolicy cannot name hosts: allowlists and secrets run through a per-sandbox "
+                             "egress gateway pod, which needs an image with python3 >= 3.11: set [orchestrator] "
+                             "egress_gateway_image (or -o egress_gateway_image=IMAGE); else use --network none "
+                             "or open")
             if hints:
                 exc.hint = "; ".join(hints)
             raise
+        if spec.policy.tls_intercept:
+            raise PolicyNotEnforceable(
+                "backend 'kubernetes' cannot enforce tls_intercept: the in-cluster egress gateway runs on the "
+                "standard library only and never terminates TLS",
+                hint="drop --tls-intercept: secrets still reach plain-HTTP hosts, and HTTPS hosts through "
+                     "the proxy as http://HOST:443/ (the gateway speaks TLS to them, verifying certificates)")
         limit = self.settings.get("pod_pids_limit")
         if limit and spec.resources.pids is not None and int(limit) > spec.resources.pids:
             raise PolicyNotEnforceable(
@@ -163,6 +176,9 @@ class KubernetesBackend(OrchestratorBackend):
         base = {
             "pods": f"/api/v1/namespaces/{ns}/pods",
             "networkpolicies": f"/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies",
+            "services": f"/api/v1/namespaces/{ns}/services",
+            "configmaps": f"/api/v1/namespaces/{ns}/configmaps",
+            "secrets": f"/api/v1/namespaces/{ns}/secrets",
             "sandboxes": f"/apis/{km.AGENTS_GROUP}/{km.AGENTS_VERSION}/namespaces/{ns}/sandboxes",
             "sandboxtemplates": f"/apis/{km.EXTENSIONS_GROUP}/{km.AGENTS_VERSION}/namespaces/{ns}/sandboxtemplates",
             "sandboxwarmpools": f"/apis/{km.EXTENSIONS_GROUP}/{km.AGENTS_VERSION}/namespaces/{ns}/sandboxwarmpools",
@@ -202,6 +218,12 @@ class KubernetesBackend(OrchestratorBackend):
     async def create(self, spec: SandboxSpec, *, sandbox_id: str, owner: dict[str, Any]) -> SandboxRef:
         api, ns = self._api(), self.namespace
         await self._check_capacity()
+        if ke.needed(spec):  # its own gateway: never a pre-made pod (pool or agent-sandbox claim)
+            name = km.pod_name(sandbox_id)
+            labels, annotations = self._meta(spec, sandbox_id, owner)
+            await _kube_gateway.create(self, spec, sandbox_id=sandbox_id, name=name, labels=labels,
+                                       annotations=annotations, ns=ns, owner_refs=self._owner_refs(ns))
+            return SandboxRef(self.name, sandbox_id, {"namespace": ns, "pod": name}, spec)
         if await self._agent_sandbox_installed():
             return await self._claim_create(spec, sandbox_id, owner)
         if int(self.settings["warm_pool_size"]) > 0:
@@ -257,10 +279,13 @@ class KubernetesBackend(OrchestratorBackend):
             if pod is not None:
                 await self._wait_gone(ns, pod_name)
             meta = npol["metadata"]
+            extras = await _kube_gateway.sandbox_pod_extras(self, ref.spec, ref.id, ns, pod_name)
             body = km.pod(ref.spec, self.settings, name=pod_name, namespace=ns, labels=meta.get("labels", {}),
-                          annotations=meta.get("annotations", {}), owner_refs=self._owner_refs(ns))
+                          annotations=meta.get("annotations", {}), owner_refs=self._owner_refs(ns), **extras)
             pod = await api.request("POST", self._path("pods", ns=ns), body=body)
         elif (pod["metadata"].get("annotations") or {}).get(ANNOTATION_STOPPED):
+            if ke.needed(ref.spec):
+                await _kube_gateway.ensure_gateway(self, ns, ke.gateway_name(pod_name), bool(ref.spec.policy.secrets))
             pod = await api.request("PATCH", self._path("pods", pod_name, ns),
                                     body={"metadata": {"annotations": {ANNOTATION_STOPPED: None}}},
                                     content_type="application/merge-patch+json")
@@ -371,9 +396,19 @@ class KubernetesBackend(OrchestratorBackend):
             if gone is not None:
                 # the policy goes only after the pod has: a dying pod is never left without it
                 await self._wait_gone(ns, name)
+            if ke.needed(ref.spec) or not ref.handle.get("pod"):  # by id alone (gc): its spec may be unknown
+                await _kube_gateway.delete(self, ns, name, audit_to=ref.id)
             await api.request("DELETE", self._path("networkpolicies", name, ns), allow=(404,))
         if not ref.handle.get("pod") and await self._agent_sandbox_installed():
             await api.request("DELETE", self._path("sandboxclaims", km.pod_name(ref.id), ns), allow=(404,))
+
+    async def network_events(self, ref: SandboxRef) -> list[dict[str, Any]]:
+        """A running sandbox's egress decisions so far, from its gateway's log ([] without a gateway;
+        they reach the local audit log when the sandbox is removed)."""
+        if not ke.needed(ref.spec):
+            return []
+        ns, pod = ref.handle.get("namespace") or self.namespace, ref.handle.get("pod") or km.pod_name(ref.id)
+        return await _kube_gateway.read_events(self, ns, ke.gateway_name(pod))
 
     async def _names_of(self, sandbox_id: str, ns: str) -> list[str]:
         """Pods/policies of a sandbox known only by id (e.g. reaping from the ownership journal)."""
@@ -381,7 +416,8 @@ class KubernetesBackend(OrchestratorBackend):
         names = {km.pod_name(sandbox_id)}
         for kind in ("pods", "networkpolicies"):
             found = await self._api().request("GET", self._path(kind, ns=ns), params=sel)
-            names.update(o["metadata"]["name"] for o in found.get("items", []))
+            names.update(o["metadata"]["name"] for o in found.get("items", [])
+                         if ke.LABEL_GATEWAY not in (o["metadata"].get("labels") or {}))  # gateways go with them
         return sorted(names)
 
     async def status(self, ref: SandboxRef) -> str:
@@ -405,7 +441,7 @@ class KubernetesBackend(OrchestratorBackend):
         out: dict[str, SandboxInfo] = {}
         for obj, state in [(p, _pod_state(p)) for p in pods] + [(n, "stopped") for n in npols]:
             meta = obj["metadata"]
-            if meta["name"] in out:
+            if meta["name"] in out or ke.LABEL_GATEWAY in (meta.get("labels") or {}):
                 continue
             labels = dict(meta.get("labels") or {})
             ann = meta.get("annotations") or {}

@@ -58,8 +58,10 @@ DOCKER_CONTROLS = {"network_none", "read_only_root", "memory", "cpu", "pids", "d
 EXEC_CONTROLS = {"network_none", "memory", "cpu", "cap_drop_all", "no_new_privileges", "non_root",
                  "env", "seccomp_default"}
 NETWORK_HINT = ("Nomad's bridge and host networks filter no egress (cloud metadata, the node and other "
-                "allocations would be reachable): use --network none, or a backend that enforces egress "
-                "(podman, docker, oci, gvisor; kubernetes for open)")
+                "allocations would be reachable) and Nomad has no NetworkPolicy to fence a task to an egress "
+                "gateway, so allowlists and secrets could be bypassed by connecting to an IP: they are refused. "
+                "Use --network none, or a backend that enforces egress (podman, docker, oci, gvisor; "
+                "kubernetes with [orchestrator] egress_gateway_image)")
 META_SPEC = "agentkernel.spec"
 META_POOL = "agentkernel.pool"
 VAR_PREFIX = "agentkernel/claims"

@@ -59,7 +59,7 @@ def logs_cmd(args) -> int:
     events = audit.read(args.name)
     if args.network:
         events = [e for e in events if str(e.get("event", "")).startswith("network.")]
-    live = _live_denials(args.name) if args.network else []
+    live = _live_denials(args.name) + _gateway_events(args.name) if args.network else []
     events = (events + live)[-args.last:] if args.last else events + live
     for e in events:
         if args.json:
@@ -80,6 +80,40 @@ def logs_cmd(args) -> int:
             rest = {k: v for k, v in e.items() if k not in ("ts", "event", "pid", "uid")}
             print(f"{ts} {ev} {json.dumps(rest, sort_keys=True)}")
     return 0
+
+
+def _gateway_events(name: str) -> list[dict]:
+    """A live cluster sandbox's egress decisions, read from its own egress gateway (kubernetes: the
+    gateway pod's log; copied into the audit log only when the sandbox is removed)."""
+    import asyncio
+    import sys
+
+    from ..store import Store
+
+    try:
+        rec = Store(readonly=True).find(name)
+    except Exception:
+        return []
+    if rec is None or rec.backend != "kubernetes":
+        return []
+    from ..backends import get_backend
+    from ..backends.base import SandboxRef
+    from ..spec import SandboxSpec
+
+    backend = get_backend(rec.backend, (rec.spec or {}).get("options") or {})
+    ref = SandboxRef(rec.backend, rec.id, rec.handle, SandboxSpec.from_dict(rec.spec))
+
+    async def read() -> list[dict]:
+        try:
+            return await backend.network_events(ref)
+        finally:
+            await backend.aclose()
+
+    try:
+        return asyncio.run(read())
+    except Exception as exc:
+        sys.stderr.write(f"agentkernel: the egress gateway's events of {name} could not be read: {exc}\n")
+        return []
 
 
 def _live_denials(name: str) -> list[dict]:

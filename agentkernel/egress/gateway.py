@@ -60,6 +60,7 @@ class Sandbox:
 class Gateway:
     def __init__(self, state: str, listen: str) -> None:
         self.state, self.listen = state, listen
+        self.advertise = listen  # the address allowed names resolve to in allowlist mode
         self.cache: dict[str, Sandbox] = {}
         self.tls_ctx = None
         self.leaves = None
@@ -89,6 +90,10 @@ class Gateway:
             self.cache[ip] = sb
         return sb
 
+    def audit(self, event: str, **fields: object) -> None:
+        """Where refusals and substitutions are recorded (the host's audit log; a pod's stdout in-cluster)."""
+        audit.log(event, **fields)
+
     def blocked_nets(self) -> list:
         return self.blocked
 
@@ -104,7 +109,7 @@ class Gateway:
         self.blocked = always_blocked(extra)
 
     def deny(self, sb: Sandbox | None, dest: str, port: int | None, rule: str, via: str) -> None:
-        audit.log("network.denied", id=sb.id if sb else None, sandbox=sb.label if sb else None, dest=dest, port=port,
+        self.audit("network.denied", id=sb.id if sb else None, sandbox=sb.label if sb else None, dest=dest, port=port,
                   rule=rule, via=via)
 
     # -- resolution --
@@ -274,7 +279,7 @@ class Gateway:
         headers = self._substitute(sb, host, headers)
         out = f"{method} {target} {version}\r\n" + "".join(f"{k}:{v}\r\n" for k, v in headers)
         out += "Connection: close\r\n\r\n"
-        audit.log("network.tls_intercepted", id=sb.id, sandbox=sb.label, host=host)
+        self.audit("network.tls_intercepted", id=sb.id, sandbox=sb.label, host=host)
         ok2 = await self._forward(sb, host, 443, out.encode("latin-1"), reader, writer, via="tls-intercept",
                                   tls_upstream=True)
         if ok2 is False:
@@ -288,7 +293,7 @@ class Gateway:
             carries = any(ph in v for _, v in out)
             if s["host"] != host:
                 if carries:
-                    audit.log("network.secret_withheld", id=sb.id, sandbox=sb.label, host=host, secret=s["name"],
+                    self.audit("network.secret_withheld", id=sb.id, sandbox=sb.label, host=host, secret=s["name"],
                               reason="host not bound to this secret; the placeholder was sent unchanged")
                 continue
             hdr = (s.get("header") or "").lower()
@@ -301,7 +306,7 @@ class Gateway:
                 out.append((s["header"], " " + s["value"]))
                 done = True
             if done:
-                audit.log("network.secret", id=sb.id, sandbox=sb.label, host=host, secret=s["name"],
+                self.audit("network.secret", id=sb.id, sandbox=sb.label, host=host, secret=s["name"],
                           header=s.get("header"))
         return out
 
@@ -400,7 +405,7 @@ class DNSProtocol(asyncio.DatagramProtocol):
                 rcode = 0
                 if qtype == 1:
                     if sb.mode == "allowlist":
-                        answers = [self.gw.listen]  # reach it through the gateway (SNI/Host checked there)
+                        answers = [self.gw.advertise]  # reach it through the gateway (SNI/Host checked there)
                     else:
                         blocked = self.gw.blocked_nets()
                         answers = [a for a in await self.gw.resolve(name)

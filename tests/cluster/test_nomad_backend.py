@@ -124,8 +124,12 @@ def test_network_open_and_allowlist_refused_fail_closed(nomad):
 
     b = NomadBackend(nomad.options())
     for pol, ctl in (({"network": True}, "network_full"),
-                     ({"network": True, "network_allow": ["api.example.com"]}, "network_allowlist")):
+                     ({"network": True, "network_allow": ["api.example.com"]}, "network_allowlist"),
+                     ({"network": True, "network_allow": ["api.example.com"],
+                       "secrets": ["TOKEN:api.example.com"]}, "secret_injection")):
         s = SandboxSpec(backend="nomad", image=IMAGE, policy=Policy(**pol))
         with pytest.raises(PolicyNotEnforceable, match=ctl) as ei:
             b.check(s)
         assert "filter no egress" in (ei.value.hint or "")
+        assert "no NetworkPolicy to fence a task to an egress gateway" in ei.value.hint
+        assert "connecting to an IP" in ei.value.hint

@@ -14,7 +14,12 @@ real wire protocol:
   has exactly the verbs the backend needs.
 
 Pods really run: each is a podman container (``PodmanRunner``), the pod spec's security context mapped to
-podman flags, and a deny-egress NetworkPolicy selecting the pod at start gives it ``--network none``.
+podman flags, configMap/secret volumes as read-only files, ``dnsConfig`` as ``--dns``, ``sysctls``, and a
+``tcpSocket`` readiness probe really polled. Networking, decided at start from the NetworkPolicies
+selecting the pod: a deny-egress policy gives ``--network none``; egress allowed only to pods puts it on
+the emulator's internal network alone (no route out: what a CNI enforcing the policy does); ipBlock
+rules (or no policy) the default bridge. A Service gets a clusterIP on the internal network, and the pod
+it selects gets that address there (kube-proxy reduced to one backend with identical ports).
 """
 
 from __future__ import annotations
@@ -40,7 +45,11 @@ ADMIN_TOKEN = "emulator-admin-token"
 SA_TOKEN = "emulator-serviceaccount-token"
 
 CORE = [("pods", "Pod", ["create", "delete", "get", "list", "patch", "update", "watch"]),
-        ("pods/exec", "PodExecOptions", ["create", "get"])]
+        ("pods/exec", "PodExecOptions", ["create", "get"]),
+        ("pods/log", "Pod", ["get"]),
+        ("services", "Service", ["create", "delete", "get", "list", "patch", "update", "watch"]),
+        ("configmaps", "ConfigMap", ["create", "delete", "get", "list", "patch", "update", "watch"]),
+        ("secrets", "Secret", ["create", "delete", "get", "list", "patch", "update", "watch"])]
 NETWORKING = [("networkpolicies", "NetworkPolicy", ["create", "delete", "get", "list", "patch", "update", "watch"])]
 AGENTS = [("sandboxes", "Sandbox", ["create", "delete", "get", "list", "patch", "watch"])]
 EXTENSIONS = [(r, k, ["create", "delete", "get", "list", "patch", "watch"]) for r, k in
@@ -120,6 +129,10 @@ class Served:
 
     def close(self) -> None:
         self.runner.remove_all_sync()
+        if getattr(self, "volume_root", None):
+            import shutil
+
+            shutil.rmtree(self.volume_root, ignore_errors=True)
 
     async def drain(self) -> None:
         """After the server stopped: let workload starts finish, remove every container, end the tasks."""
@@ -153,6 +166,10 @@ class Emulator(Served):
         self.node_labels = node_labels or {"kubernetes.io/os": "linux", "kubernetes.io/hostname": "emulator"}
         self.pod_pids_limit = pod_pids_limit
         self.runner = PodmanRunner(instance_id())
+        import tempfile
+
+        self.volume_root = tempfile.mkdtemp(prefix="akemu-volumes-")  # configMap/secret volumes, per pod uid
+        self.next_ip = 0
         self.containers: dict[str, str] = {}  # pod uid -> container id
         self.tasks: set[asyncio.Task] = set()
         self.resources = {("", "v1"): CORE, ("networking.k8s.io", "v1"): NETWORKING}
@@ -206,6 +223,7 @@ class Emulator(Served):
             Route("/openapi/v3", self.openapi_index),
             Route("/openapi/v3/{gv:path}", self.openapi_doc),
             WebSocketRoute("/api/v1/namespaces/{ns}/pods/{name}/exec", self.exec_ws),
+            Route("/api/v1/namespaces/{ns}/pods/{name}/log", self.pod_log),
             Route("/api/v1/namespaces/{ns}/pods/{name}/exec", self.exec_not_upgraded, methods=["GET", "POST"]),
             Route("/api/v1/namespaces/{ns}/{resource}", self.collection, methods=["GET", "POST"]),
             Route("/api/v1/namespaces/{ns}/{resource}/{name}", self.item, methods=["GET", "PUT", "PATCH", "DELETE"]),
@@ -402,6 +420,16 @@ class Emulator(Served):
             return status(422, "Invalid", f"{self.kinds[resource]} is invalid: metadata.name: Required value")
         if resource == "pods" and not (body.get("spec") or {}).get("containers"):
             return status(422, "Invalid", f'Pod "{name}" is invalid: spec.containers: Required value')
+        if resource == "secrets":
+            import base64
+            import binascii
+
+            for k, v in (body.get("data") or {}).items():
+                try:
+                    base64.b64decode(v, validate=True)
+                except (binascii.Error, TypeError):
+                    return status(422, "Invalid", f'Secret "{name}" is invalid: data[{k}]: Invalid value: '
+                                  "illegal base64 data")
         key = (resource, ns, name)
         if key in self.objects:
             return status(409, "AlreadyExists", f'{resource}{"." + g if g else ""} "{name}" already exists',
@@ -412,6 +440,10 @@ class Emulator(Served):
         if resource == "pods":
             body["status"] = {"phase": "Pending", "qosClass": "Guaranteed", "conditions": []}
             body["spec"].setdefault("nodeName", None)
+        if resource == "services":
+            self.next_ip += 1
+            body.setdefault("spec", {})["clusterIP"] = await asyncio.to_thread(self.runner.service_ip, self.next_ip)
+            body["spec"]["clusterIPs"] = [body["spec"]["clusterIP"]]
         meta["resourceVersion"] = self._bump()
         self.objects[key] = body
         self.log.append(("create", resource, name))
@@ -467,6 +499,9 @@ class Emulator(Served):
         cid = self.containers.pop(obj["metadata"]["uid"], None)
         if cid:
             await self.runner.remove(cid)
+        import shutil
+
+        shutil.rmtree(os.path.join(self.volume_root, obj["metadata"]["uid"]), ignore_errors=True)
         self._finalize_delete(("pods", ns, name))
 
     def _set_status(self, ns: str, name: str, st: dict[str, Any]) -> None:
@@ -478,16 +513,96 @@ class Emulator(Served):
         self._emit("pods", "MODIFIED", obj)
 
     # ---- pods as podman containers ----------------------------------------------------------------------
-    def _egress_denied(self, pod: dict[str, Any], ns: str) -> bool:
+    def _service_ip(self, pod: dict[str, Any], ns: str) -> str | None:
+        """The clusterIP of a Service selecting this pod (its address on the internal network)."""
         labels = pod["metadata"].get("labels") or {}
+        for (res, ons, _), svc in self.objects.items():
+            sel = (svc.get("spec") or {}).get("selector") or {}
+            if res == "services" and ons == ns and sel and all(labels.get(k) == v for k, v in sel.items()):
+                return svc["spec"]["clusterIP"]
+        return None
+
+    async def _networks(self, pod: dict[str, Any], ns: str) -> tuple[list[str], str | None]:
+        """(podman networks, clusterIP) per the NetworkPolicies selecting the pod and the Services selecting
+        it; [] means no network at all. The objects are read on the loop (never from another thread)."""
+        labels = pod["metadata"].get("labels") or {}
+        rules, selected = [], False
         for (res, ons, _), np in self.objects.items():
             if res != "networkpolicies" or ons != ns:
                 continue
             spec = np.get("spec") or {}
             want = (spec.get("podSelector") or {}).get("matchLabels") or {}
-            if all(labels.get(k) == v for k, v in want.items()) and "Egress" in (spec.get("policyTypes") or []) \
-                    and not spec.get("egress"):
+            if all(labels.get(k) == v for k, v in want.items()) and "Egress" in (spec.get("policyTypes") or []):
+                selected = True
+                rules += spec.get("egress") or []
+        peers = [p for r in rules for p in r.get("to") or []]
+        bridge = not selected or any("ipBlock" in p for p in peers)
+        to_pods = any("podSelector" in p and "namespaceSelector" not in p for p in peers)
+        svc_ip = self._service_ip(pod, ns)
+        nets = []
+        if svc_ip or to_pods:
+            name, _ = await asyncio.to_thread(self.runner.service_network)
+            nets.append(f"{name}:ip={svc_ip}" if svc_ip else name)
+        if bridge:
+            nets.append("podman")
+        return nets, svc_ip
+
+    def _volume_files(self, pod: dict[str, Any], ns: str) -> tuple[list[tuple[str, str]], str | None]:
+        """configMap and secret volumes as read-only host directories: ([(dir, mountPath)], error)."""
+        import base64
+
+        spec = pod["spec"]
+        c = spec["containers"][0]
+        mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts") or []}
+        fs_group = (spec.get("securityContext") or {}).get("fsGroup")
+        binds = []
+        for vol in spec.get("volumes") or []:
+            if vol["name"] not in mounts or not ({"configMap", "secret"} & set(vol)):
+                continue
+            if "configMap" in vol:
+                src, kind = vol["configMap"], "configmaps"
+                obj = self.objects.get((kind, ns, src["name"]))
+                data = dict((obj or {}).get("data") or {})
+            else:
+                src, kind = vol["secret"], "secrets"
+                obj = self.objects.get((kind, ns, src["secretName"]))
+                data = {k: base64.b64decode(v).decode() for k, v in ((obj or {}).get("data") or {}).items()}
+                data.update((obj or {}).get("stringData") or {})
+            if obj is None:
+                return [], f'{kind[:-1]} "{src.get("name") or src.get("secretName")}" not found'
+            d = os.path.join(self.volume_root, pod["metadata"]["uid"], vol["name"])
+            os.makedirs(d, exist_ok=True)
+            items = src.get("items") or [{"key": k, "path": k} for k in data]
+            for it in items:
+                if it["key"] not in data:
+                    return [], f"configmap/secret key {it['key']!r} not found"
+                path = os.path.join(d, it["path"])
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    f.write(data[it["key"]])
+                os.chmod(path, it.get("mode", src.get("defaultMode", 0o644)))
+                if fs_group is not None:
+                    os.chown(path, 0, fs_group)
+            for root, dirs, _ in os.walk(d):
+                for x in dirs:
+                    os.chmod(os.path.join(root, x), 0o755)
+            os.chmod(d, 0o755)
+            binds.append((d, mounts[vol["name"]]))
+        return binds, None
+
+    async def _probe_ready(self, ip: str | None, probe: dict[str, Any], timeout: float = 60.0) -> bool:
+        port = (probe.get("tcpSocket") or {}).get("port")
+        if not port or not ip:
+            return True
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while loop.time() < end:
+            try:
+                _, w = await asyncio.wait_for(asyncio.open_connection(ip, int(port)), 1.0)
+                w.close()
                 return True
+            except (OSError, TimeoutError):
+                await asyncio.sleep(float(probe.get("periodSeconds") or 1) / 2)
         return False
 
     async def start_pod(self, ns: str, name: str) -> None:
@@ -526,6 +641,18 @@ class Emulator(Served):
                 size = parse_quantity((vol["emptyDir"] or {}).get("sizeLimit"))
                 tmpfs.append((mounts[vol["name"]], int(size) if size else None))
         mem, cpu = parse_quantity(limits.get("memory")), parse_quantity(limits.get("cpu"))
+        binds, missing = self._volume_files(pod, ns)
+        if missing:
+            self._set_status(ns, name, waiting("CreateContainerConfigError", missing))
+            return
+        nets, svc_ip = await self._networks(pod, ns)
+        dns = None
+        if spec.get("dnsPolicy") == "None":
+            dc = spec.get("dnsConfig") or {}
+            dns = {"servers": dc.get("nameservers") or [], "search": dc.get("searches") or [],
+                   "options": [o["name"] + (f":{o['value']}" if o.get("value") else "")
+                               for o in dc.get("options") or []]}
+        sysctls = {x["name"]: x["value"] for x in psc.get("sysctls") or []}
         try:
             cid = await self.runner.run(
                 f"akemu-{pod['metadata']['uid'][:13]}", c["image"],
@@ -537,7 +664,8 @@ class Emulator(Served):
                 no_new_privs=csc.get("allowPrivilegeEscalation") is False,
                 read_only=bool(csc.get("readOnlyRootFilesystem")), tmpfs=tmpfs,
                 memory_bytes=int(mem) if mem else None, cpus=cpu, pids=self.pod_pids_limit,
-                network_none=self._egress_denied(pod, ns), extra_labels={"k8s-emulator-pod": f"{ns}.{name}"})
+                network_none=not nets, extra_labels={"k8s-emulator-pod": f"{ns}.{name}"},
+                networks=nets if nets not in ([], ["podman"]) else None, dns=dns, sysctls=sysctls, binds=binds)
         except ContainerError as exc:
             self._set_status(ns, name, waiting(exc.reason, exc.message))
             return
@@ -548,15 +676,24 @@ class Emulator(Served):
                 self._finalize_delete(("pods", ns, name))
             return
         self.containers[pod["metadata"]["uid"]] = cid
+        self.spawn(self._watch_container(ns, name, cid))
+        pod_ip = svc_ip or await self.runner.ip_on(cid, "podman") or "10.88.0.2"
+        if c.get("readinessProbe"):
+            self._set_status(ns, name, dict(base, phase="Running", podIP=pod_ip, conditions=[sched, {
+                "type": "Ready", "status": "False", "reason": "ContainersNotReady"}]))
+            if not await self._probe_ready(pod_ip, c["readinessProbe"]):
+                return  # Running, never Ready (as a kubelet whose probe keeps failing)
+            pod = self.objects.get(("pods", ns, name))
+            if pod is None or pod["metadata"].get("deletionTimestamp") or pod["status"].get("phase") != "Running":
+                return
         t = now()
         conds = [sched] + [{"type": k, "status": "True", "lastTransitionTime": t}
                            for k in ("Initialized", "ContainersReady", "Ready")]
-        self._set_status(ns, name, dict(base, phase="Running", startTime=t, conditions=conds, podIP="10.88.0.2",
+        self._set_status(ns, name, dict(base, phase="Running", startTime=t, conditions=conds, podIP=pod_ip,
                                         containerStatuses=[{"name": c["name"], "image": c["image"],
                                                             "imageID": c["image"], "containerID": f"podman://{cid}",
                                                             "ready": True, "started": True, "restartCount": 0,
                                                             "state": {"running": {"startedAt": t}}}]))
-        self.spawn(self._watch_container(ns, name, cid))
 
     async def _watch_container(self, ns: str, name: str, cid: str) -> None:
         """Report a container that died by itself (e.g. OOM-killed) as the kubelet would."""
@@ -583,6 +720,18 @@ class Emulator(Served):
             cs["ready"] = False
             cs["state"] = {"terminated": {"exitCode": code, "reason": reason, "finishedAt": now()}}
         self._set_status(ns, name, status_)
+
+    async def pod_log(self, request: Request) -> Response:
+        ns, name = request.path_params["ns"], request.path_params["name"]
+        if err := self.authorize(request, "", "pods/log", "get"):
+            return err
+        pod = self.objects.get(("pods", ns, name))
+        if pod is None:
+            return status(404, "NotFound", f'pods "{name}" not found', name=name, kind="pods")
+        cid = self.containers.get(pod["metadata"]["uid"])
+        if cid is None:
+            return status(400, "BadRequest", f'container in pod "{name}" is waiting to start')
+        return Response(await self.runner.logs(cid), media_type="text/plain")
 
     # ---- exec ------------------------------------------------------------------------------------------------
     async def exec_not_upgraded(self, request: Request) -> Response:

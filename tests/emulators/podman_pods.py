@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import subprocess
+import threading
 
 EMULATOR_LABEL = "agentkernel-emulator"
 
@@ -23,6 +24,8 @@ class PodmanRunner:
 
     def __init__(self, instance: str) -> None:
         self.instance = instance  # label value: everything this emulator started, for cleanup
+        self._net_lock = threading.Lock()
+        self._service_net: tuple[str, str] | None = None
 
     async def _podman(self, *args: str) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec("podman", *args, stdin=subprocess.DEVNULL,
@@ -33,7 +36,11 @@ class PodmanRunner:
     async def run(self, name: str, image: str, *, command: list[str] | None, user: str | None, env: dict[str, str],
                   workdir: str | None, hostname: str | None, cap_drop_all: bool, no_new_privs: bool,
                   read_only: bool, tmpfs: list[tuple[str, int | None]], memory_bytes: int | None,
-                  cpus: float | None, pids: int | None, network_none: bool, extra_labels: dict[str, str]) -> str:
+                  cpus: float | None, pids: int | None, network_none: bool, extra_labels: dict[str, str],
+                  networks: list[str] | None = None, dns: dict[str, list[str]] | None = None,
+                  sysctls: dict[str, str] | None = None, binds: list[tuple[str, str]] | None = None) -> str:
+        """``networks``: podman networks to join (``name`` or ``name:ip=IP``), instead of the default
+        bridge; ``dns``: {"servers", "search", "options"}; ``binds``: read-only (host dir, path)."""
         rc, _, _ = await self._podman("image", "exists", image)
         if rc != 0:
             raise ContainerError("ErrImagePull", f"image {image!r} is not present on this node (the emulator "
@@ -57,7 +64,21 @@ class PodmanRunner:
             a += ["--cpus", f"{cpus:.3f}"]
         if pids:
             a += ["--pids-limit", str(pids)]
-        a += ["--network", "none" if network_none else "bridge"]
+        if networks:
+            for net in networks:
+                a += ["--network", net]
+        else:
+            a += ["--network", "none" if network_none else "bridge"]
+        for server in (dns or {}).get("servers", []):
+            a += ["--dns", server]
+        for domain in (dns or {}).get("search", []):
+            a += ["--dns-search", domain]
+        for opt in (dns or {}).get("options", []):
+            a += ["--dns-option", opt]
+        for k, v in (sysctls or {}).items():
+            a += ["--sysctl", f"{k}={v}"]
+        for host, path in binds or []:
+            a += ["-v", f"{host}:{path}:ro"]
         if hostname:
             a += ["--hostname", hostname]
         if workdir:
@@ -88,6 +109,17 @@ class PodmanRunner:
             "podman", *a, cid, *argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT if tty else subprocess.PIPE)
 
+    async def logs(self, cid: str) -> str:
+        rc, out, _ = await self._podman("logs", cid)
+        return out if rc == 0 else ""
+
+    async def ip_on(self, cid: str, network: str) -> str | None:
+        rc, out, _ = await self._podman("inspect", "--type", "container", "--format", "json", cid)
+        if rc != 0:
+            return None
+        nets = (json.loads(out)[0].get("NetworkSettings") or {}).get("Networks") or {}
+        return (nets.get(network) or {}).get("IPAddress") or None
+
     async def remove(self, cid: str) -> None:
         await self._podman("rm", "-f", "-t", "0", "--ignore", cid)
 
@@ -96,6 +128,46 @@ class PodmanRunner:
                              capture_output=True, text=True).stdout.split()
         if out:
             subprocess.run(["podman", "rm", "-f", "-t", "0", *out], capture_output=True)
+        nets = subprocess.run(["podman", "network", "ls", "-q", "--filter", f"label={EMULATOR_LABEL}={self.instance}"],
+                              capture_output=True, text=True).stdout.split()
+        if nets:
+            subprocess.run(["podman", "network", "rm", "-f", *nets], capture_output=True)
+
+    def service_network(self) -> tuple[str, str]:
+        """(name, subnet) of this emulator's internal network (no route out; created on first use): where
+        Service clusterIPs live, and all a pod whose NetworkPolicy allows egress only to pods is on. A /22:
+        podman hands out pods' addresses from its lower half only; ``service_ip`` takes from the upper
+        half, so a Service's address is never a pod's."""
+        with self._net_lock:
+            if not getattr(self, "_service_net", None):
+                self._service_net = self._create_service_network()
+        return self._service_net
+
+    def service_ip(self, n: int) -> str:
+        import ipaddress
+
+        net = ipaddress.ip_network(self.service_network()[1])
+        return str(net.network_address + net.num_addresses // 2 + n)
+
+    def _create_service_network(self) -> tuple[str, str]:
+        import ipaddress
+        import re
+        import secrets as rnd
+
+        routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+        used = [ipaddress.ip_network(m, strict=False) for m in re.findall(r"\b(\d+\.\d+\.\d+\.\d+(?:/\d+)?)", routes)]
+        for _ in range(50):
+            net = ipaddress.ip_network(f"10.{240 + rnd.randbelow(10)}.{4 * rnd.randbelow(63)}.0/22")
+            if not any(u.overlaps(net) for u in used if u.prefixlen >= 8):
+                break
+        lower = next(net.subnets(new_prefix=23))
+        name = f"akemu-svc-{self.instance}"
+        r = subprocess.run(["podman", "network", "create", "--internal", "--disable-dns", "--subnet", str(net),
+                            "--ip-range", str(lower), "--label", f"{EMULATOR_LABEL}={self.instance}", name],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"podman network create: {r.stderr.strip()}")
+        return name, str(net)
 
 
 def parse_quantity(q: str | int | float | None) -> float | None:
