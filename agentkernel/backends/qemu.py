@@ -415,6 +415,15 @@ def _dig_holes(path: str) -> None:
         raise SandboxError(f"fallocate --dig-holes {path}: {r.stderr.decode(errors='replace').strip()}")
 
 
+def _hello_answered(buf: bytes) -> bool:
+    """Whether ``buf`` (what the agent port gave since our HELLO) holds the agent's whole HELLO reply: its frame
+    header (4-byte length, 4 zero bytes) right before the R_HELLO marker, and the frame's full length."""
+    from ..agent import protocol as P
+
+    i = buf.find(bytes([P.R_HELLO, 0]) + P.MAGIC)
+    return i >= 8 and buf[i - 4:i] == b"\0\0\0\0" and len(buf) >= i + 2 + int.from_bytes(buf[i - 8:i - 4], "big")
+
+
 class PortTransport(Transport):
     """The agent's virtio-serial port through QEMU's chardev socket. A new host session may find bytes
     the agent wrote for the previous one still in flight, so ``connect`` first syncs: it sends a HELLO
@@ -434,14 +443,8 @@ class PortTransport(Transport):
         try:
             writer.write(P.encode_hello())
             buf = b""
-            marker = bytes([P.R_HELLO, 0]) + P.MAGIC
             deadline = time.monotonic() + self.timeout
-            while True:
-                i = buf.find(marker)
-                if i >= 8 and buf[i - 4:i] == b"\0\0\0\0":
-                    end = i + 2 + int.from_bytes(buf[i - 8:i - 4], "big")
-                    if len(buf) >= end:
-                        break
+            while not _hello_answered(buf):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError("the guest agent did not answer HELLO")
@@ -466,14 +469,8 @@ class PortTransport(Transport):
             s.connect(self.path)
             s.sendall(P.encode_hello())
             buf = b""
-            marker = bytes([P.R_HELLO, 0]) + P.MAGIC
             deadline = time.monotonic() + self.timeout
-            while True:
-                i = buf.find(marker)
-                if i >= 8 and buf[i - 4:i] == b"\0\0\0\0":
-                    end = i + 2 + int.from_bytes(buf[i - 8:i - 4], "big")
-                    if len(buf) >= end:
-                        break
+            while not _hello_answered(buf):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError("the guest agent did not answer HELLO")
