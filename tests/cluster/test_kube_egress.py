@@ -29,6 +29,7 @@ from agentkernel.backends.kubernetes import KubernetesBackend
 from agentkernel.errors import NotFound, PolicyNotEnforceable, SandboxError
 from agentkernel.owner import current_owner, new_id
 from agentkernel.spec import Policy, Resources, SandboxSpec
+from tests.egress.conftest import probe_results
 
 from .conftest import REAL_K8S
 
@@ -43,6 +44,26 @@ with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def run(coro):
     return asyncio.run(coro)
+
+
+def on(b: KubernetesBackend, coro):
+    """Run one coroutine on a new event loop, then close the backend's API client (bound to that loop)."""
+    async def go():
+        try:
+            return await coro
+        finally:
+            await b.aclose()
+
+    return run(go())
+
+
+def started(b: KubernetesBackend, s: SandboxSpec, sid: str):
+    async def up():
+        ref = await b.create(s, sandbox_id=sid, owner=current_owner())
+        await b.start(ref)
+        return ref
+
+    return on(b, up())
 
 
 def spec(image: str = SANDBOX_IMAGE, **policy) -> SandboxSpec:
@@ -74,22 +95,12 @@ def gw_options(kube, testnet):
 
 def probe(b: KubernetesBackend, ref, probes: list[str]) -> dict[str, str]:
     async def go():
-        try:
-            return await b.exec(ref, ExecRequest(["python3", "-c", CLIENT, *probes], timeout=120))
-        finally:
-            await b.aclose()
+        return await b.exec(ref, ExecRequest(["python3", "-c", CLIENT, *probes], timeout=120))
 
-    r = run(go())
+    r = on(b, go())
     text = r.stdout.decode(errors="replace") + r.stderr.decode(errors="replace")
     assert r.exit_code == 0, text
-    res = {}
-    for line in r.stdout.decode().splitlines():
-        word, _, rest = line.partition(" ")
-        for p in probes:
-            if rest.startswith(p[:80]):
-                res[p] = word + rest[len(p[:80]):]
-    assert set(res) == set(probes), text
-    return res
+    return probe_results(r.stdout, probes, text)
 
 
 async def objects(b: KubernetesBackend, sandbox_id: str) -> dict[str, list[dict]]:
@@ -108,24 +119,10 @@ def allowlisted(gw_options):
     s = spec(network=True, network_allow=["allowed.test", "bound.test"], secrets=["AK_K8S_TOKEN:bound.test"])
     sid = new_id("keg")
 
-    async def up():
-        try:
-            ref = await b.create(s, sandbox_id=sid, owner=current_owner())
-            await b.start(ref)
-            return ref
-        finally:
-            await b.aclose()
-
-    ref = run(up())
+    ref = started(b, s, sid)
     yield b, ref
 
-    async def down():
-        try:
-            await b.remove(ref)
-        finally:
-            await b.aclose()
-
-    run(down())
+    on(b, b.remove(ref))
 
 
 def test_objects_fence_the_sandbox_to_its_gateway(allowlisted):
@@ -133,12 +130,9 @@ def test_objects_fence_the_sandbox_to_its_gateway(allowlisted):
     pod_name, gw = ref.handle["pod"], ke.gateway_name(ref.handle["pod"])
 
     async def go():
-        try:
-            return await objects(b, ref.id)
-        finally:
-            await b.aclose()
+        return await objects(b, ref.id)
 
-    objs = run(go())
+    objs = on(b, go())
     by = {k: {o["metadata"]["name"]: o for o in v} for k, v in objs.items()}
     assert set(by["pods"]) == {pod_name, gw}
     assert set(by["networkpolicies"]) == {pod_name, gw}
@@ -179,15 +173,8 @@ def test_objects_fence_the_sandbox_to_its_gateway(allowlisted):
     assert config["advertise"] == ip and config["allow"] == ["allowed.test", "bound.test"]
     assert "10.88.0.0/16" in config["blocked"]
     # gateways are not sandboxes: list() shows the one sandbox, under its id
-    listed = [i for i in run(_list(b)) if i.id == ref.id]
+    listed = [i for i in on(b, b.list()) if i.id == ref.id]
     assert [i.handle["pod"] for i in listed] == [pod_name]
-
-
-async def _list(b):
-    try:
-        return await b.list()
-    finally:
-        await b.aclose()
 
 
 def test_gateway_proxies_allowed_hosts_and_refuses_others(allowlisted, testnet):
@@ -205,7 +192,7 @@ def test_gateway_proxies_allowed_hosts_and_refuses_others(allowlisted, testnet):
         assert res[p].startswith(("GET-OK", "RESOLVED")), (p, res[p])
     assert "hello from test host on 80" in res["get:http://allowed.test/via-proxy"]
     assert "hello from test host on 443" in res["get:https://allowed.test/tls-connect"]
-    svc_ip = run(_service_ip(b, ref))
+    svc_ip = on(b, _service_ip(b, ref))
     assert res["dns:allowed.test"] == f"RESOLVED ['{svc_ip}']"  # allowed names resolve to the gateway
     for p in refused:
         assert res[p].startswith(("GET-FAIL", "NXDOMAIN", "CLOSED")), (p, res[p])
@@ -218,11 +205,8 @@ def test_gateway_proxies_allowed_hosts_and_refuses_others(allowlisted, testnet):
 
 
 async def _service_ip(b, ref) -> str:
-    try:
-        svc = await b._api().request("GET", b._path("services", ke.gateway_name(ref.handle["pod"])))
-        return svc["spec"]["clusterIP"]
-    finally:
-        await b.aclose()
+    svc = await b._api().request("GET", b._path("services", ke.gateway_name(ref.handle["pod"])))
+    return svc["spec"]["clusterIP"]
 
 
 def test_secret_substituted_only_for_its_bound_host(allowlisted, testnet):
@@ -246,12 +230,9 @@ def test_secret_substituted_only_for_its_bound_host(allowlisted, testnet):
         assert SECRET_VALUE not in heads[key] and ph in heads[key], key
     # nothing in the sandbox's environment or files holds the value
     async def grep():
-        try:
-            return await b.exec(ref, ExecRequest(["sh", "-c", "env; cat /proc/1/environ; ls -R /run /etc 2>/dev/null"]))
-        finally:
-            await b.aclose()
+        return await b.exec(ref, ExecRequest(["sh", "-c", "env; cat /proc/1/environ; ls -R /run /etc 2>/dev/null"]))
 
-    assert SECRET_VALUE.encode() not in run(grep()).stdout
+    assert SECRET_VALUE.encode() not in on(b, grep()).stdout
 
 
 def test_open_mode_with_a_secret_keeps_open_egress_and_substitutes_through_the_gateway(gw_options, testnet):
@@ -260,16 +241,7 @@ def test_open_mode_with_a_secret_keeps_open_egress_and_substitutes_through_the_g
     b = KubernetesBackend(gw_options)
     sid = new_id("keg")
 
-    async def up():
-        try:
-            ref = await b.create(spec(network=True, secrets=["AK_K8S_TOKEN:bound.test"]), sandbox_id=sid,
-                                 owner=current_owner())
-            await b.start(ref)
-            return ref
-        finally:
-            await b.aclose()
-
-    ref = run(up())
+    ref = started(b, spec(network=True, secrets=["AK_K8S_TOKEN:bound.test"]), sid)
     try:
         testnet.clear()
         ph = probe(b, ref, ["env:AK_K8S_TOKEN"])["env:AK_K8S_TOKEN"].split()[-1]
@@ -284,23 +256,14 @@ def test_open_mode_with_a_secret_keeps_open_egress_and_substitutes_through_the_g
         assert SECRET_VALUE not in heads["/open-direct"] and ph in heads["/open-direct"]
 
         async def policy():
-            try:
-                return await b._api().request("GET", b._path("networkpolicies", ref.handle["pod"]))
-            finally:
-                await b.aclose()
+            return await b._api().request("GET", b._path("networkpolicies", ref.handle["pod"]))
 
-        egress = run(policy())["spec"]["egress"]
+        egress = on(b, policy())["spec"]["egress"]
         assert egress[0]["to"][0]["ipBlock"]["cidr"] == "0.0.0.0/0"
         gw = ke.gateway_name(ref.handle["pod"])
         assert egress[-1]["to"] == [{"podSelector": {"matchLabels": {km.LABEL_POD: gw}}}]
     finally:
-        async def down():
-            try:
-                await b.remove(ref)
-            finally:
-                await b.aclose()
-
-        run(down())
+        on(b, b.remove(ref))
 
 
 def test_stop_start_keeps_the_gateway_and_remove_deletes_everything_and_imports_audit(gw_options, testnet):
@@ -311,29 +274,23 @@ def test_stop_start_keeps_the_gateway_and_remove_deletes_everything_and_imports_
     sid = new_id("keg")
 
     async def lifecycle():
-        try:
-            ref = await b.create(s, sandbox_id=sid, owner=current_owner())
-            await b.start(ref)
-            await b.stop(ref)
-            assert await b.status(ref) == "stopped"
-            await b.start(ref)
-            return ref
-        finally:
-            await b.aclose()
+        ref = await b.create(s, sandbox_id=sid, owner=current_owner())
+        await b.start(ref)
+        await b.stop(ref)
+        assert await b.status(ref) == "stopped"
+        await b.start(ref)
+        return ref
 
-    ref = run(lifecycle())
+    ref = on(b, lifecycle())
     res = probe(b, ref, ["get:http://allowed.test/after-restart", "get:http://other.test/audited"])
     assert res["get:http://allowed.test/after-restart"].startswith("GET-OK")
     assert "403" in res["get:http://other.test/audited"]
 
     async def down():
-        try:
-            await b.remove(ref)
-            return await objects(b, sid)
-        finally:
-            await b.aclose()
+        await b.remove(ref)
+        return await objects(b, sid)
 
-    left = run(down())
+    left = on(b, down())
     assert all(v == [] for v in left.values()), left
     with open(paths.audit_path()) as f:
         events = [json.loads(line) for line in f]
@@ -351,19 +308,16 @@ def test_gc_reaps_a_gateway_left_by_a_crashed_create(gw_options):
     s = spec(network=True, network_allow=["allowed.test"])
 
     async def go():
-        try:
-            ref = await b.create(s, sandbox_id=sid, owner=current_owner())
-            name = ref.handle["pod"]
-            await b._api().request("DELETE", b._path("pods", name), body={"gracePeriodSeconds": 0})
-            await b._wait_gone(b.namespace, name)
-            listed = {i.id: i for i in await b.list()}
-            assert listed[sid].status == "stopped"
-            await b.remove(SandboxRef("kubernetes", sid, {}, s))  # by id alone, as gc does
-            return await objects(b, sid)
-        finally:
-            await b.aclose()
+        ref = await b.create(s, sandbox_id=sid, owner=current_owner())
+        name = ref.handle["pod"]
+        await b._api().request("DELETE", b._path("pods", name), body={"gracePeriodSeconds": 0})
+        await b._wait_gone(b.namespace, name)
+        listed = {i.id: i for i in await b.list()}
+        assert listed[sid].status == "stopped"
+        await b.remove(SandboxRef("kubernetes", sid, {}, s))  # by id alone, as gc does
+        return await objects(b, sid)
 
-    left = run(go())
+    left = on(b, go())
     assert all(v == [] for v in left.values()), left
 
 
@@ -389,30 +343,24 @@ def test_bad_input(kube, gw_options):
     sid = new_id("keg")
 
     async def missing():
-        try:
-            with pytest.raises(NotFound, match="NO_SUCH_SECRET"):
-                await b.create(spec(network=True, network_allow=["bound.test"], secrets=["NO_SUCH_SECRET:bound.test"]),
-                               sandbox_id=sid, owner=current_owner())
-            return await objects(b, sid)
-        finally:
-            await b.aclose()
+        with pytest.raises(NotFound, match="NO_SUCH_SECRET"):
+            await b.create(spec(network=True, network_allow=["bound.test"], secrets=["NO_SUCH_SECRET:bound.test"]),
+                           sandbox_id=sid, owner=current_owner())
+        return await objects(b, sid)
 
-    assert all(v == [] for v in run(missing()).values())
+    assert all(v == [] for v in on(b, missing()).values())
     # an unreadable CA file or one without a certificate: nothing is created
     for path in ("/nonexistent/ca.pem", "/etc/hostname"):
         bad = KubernetesBackend(dict(gw_options, egress_gateway_ca_file=path))
         sid = new_id("keg")
 
         async def bad_ca(bad=bad, sid=sid):
-            try:
-                with pytest.raises(ConfigError, match="egress_gateway_ca_file"):
-                    await bad.create(spec(network=True, network_allow=["allowed.test"]), sandbox_id=sid,
-                                     owner=current_owner())
-                return await objects(bad, sid)
-            finally:
-                await bad.aclose()
+            with pytest.raises(ConfigError, match="egress_gateway_ca_file"):
+                await bad.create(spec(network=True, network_allow=["allowed.test"]), sandbox_id=sid,
+                                 owner=current_owner())
+            return await objects(bad, sid)
 
-        assert all(v == [] for v in run(bad_ca()).values())
+        assert all(v == [] for v in on(bad, bad_ca()).values())
 
 
 def test_gateway_that_never_gets_ready_fails_closed(kube, gw_options):
@@ -421,16 +369,13 @@ def test_gateway_that_never_gets_ready_fails_closed(kube, gw_options):
     sid = new_id("keg")
 
     async def go():
-        try:
-            with pytest.raises(SandboxError, match="egress gateway did not become ready") as ei:
-                await b.create(spec(network=True, network_allow=["allowed.test"]), sandbox_id=sid,
-                               owner=current_owner())
-            assert "fail closed" in str(ei.value)
-            return await objects(b, sid)
-        finally:
-            await b.aclose()
+        with pytest.raises(SandboxError, match="egress gateway did not become ready") as ei:
+            await b.create(spec(network=True, network_allow=["allowed.test"]), sandbox_id=sid,
+                           owner=current_owner())
+        assert "fail closed" in str(ei.value)
+        return await objects(b, sid)
 
-    assert all(v == [] for v in run(go()).values())
+    assert all(v == [] for v in on(b, go()).values())
 
 
 @pytest.mark.real_cni
@@ -444,16 +389,7 @@ def test_direct_ip_from_the_sandbox_pod_fails_on_a_real_cni(kube):
     direct = os.environ.get("AGENTKERNEL_TEST_DIRECT_IP", "1.1.1.1")
     sid = new_id("keg")
 
-    async def up():
-        try:
-            ref = await b.create(spec(network=True, network_allow=["example.com"]), sandbox_id=sid,
-                                 owner=current_owner())
-            await b.start(ref)
-            return ref
-        finally:
-            await b.aclose()
-
-    ref = run(up())
+    ref = started(b, spec(network=True, network_allow=["example.com"]), sid)
     import socket
     import urllib.parse
 
@@ -466,13 +402,7 @@ def test_direct_ip_from_the_sandbox_pod_fails_on_a_real_cni(kube):
                              f"tcp:{api_ip}:{api.port or 443}", "dns:example.org"])
         assert all(v.startswith(("CLOSED", "NXDOMAIN")) for v in res.values()), res
     finally:
-        async def down():
-            try:
-                await b.remove(ref)
-            finally:
-                await b.aclose()
-
-        run(down())
+        on(b, b.remove(ref))
 
 
 def test_cli_allowlist_sandbox_and_live_network_log(kube, gw_options, testnet, tmp_path):

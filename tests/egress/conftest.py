@@ -20,6 +20,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 NAMES = ("allowed.test", "other.test", "bound.test", "unbound.test", "api.allowed.test")
 
 
+def probe_results(stdout: bytes, probes: list[str], text: str) -> dict[str, str]:
+    """client_prog.py's output -> {probe: result word + details} (a probe is echoed cut to 80 chars)."""
+    res = {}
+    for line in stdout.decode().splitlines():
+        word, _, rest = line.partition(" ")
+        for p in probes:
+            if rest.startswith(p[:80]):
+                res[p] = word + rest[len(p[:80]):]
+    assert set(res) == set(probes), text
+    return res
+
+
 def _sh(*argv: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, check=check, input=input)
 

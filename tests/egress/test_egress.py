@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from tests.conftest import ak, require_backend, skip_unavailable
+from tests.egress.conftest import probe_results
 
 ENFORCING = ["podman", "oci", "docker", "gvisor", "oci-runsc", "gvisor-docker"]
 # a test id -> the CLI's backend flags
@@ -84,13 +85,7 @@ def probe(backend: str, probes: list[str], *flags: str) -> tuple[dict[str, str],
            timeout=run_timeout(backend))
     text = out(r)
     assert r.returncode == 0, text
-    res = {}
-    for line in r.stdout.decode().splitlines():
-        word, _, rest = line.partition(" ")
-        for p in probes:
-            if rest.startswith(p[:80]):
-                res[p] = word + rest[len(p[:80]):]
-    assert set(res) == set(probes), text
+    res = probe_results(r.stdout, probes, text)
     return res, text
 
 
