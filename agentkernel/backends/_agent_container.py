@@ -174,7 +174,8 @@ class AgentContainerBackend(Backend, AgentAccess):
                     except BaseException:
                         await client.close()
                         raise
-                    self._conns.adopt(ref.id, client)
+                    if not self._conns.adopt(ref.id, client, optional=True):
+                        await client.close()
                     return
                 except OSError as exc:
                     last = exc

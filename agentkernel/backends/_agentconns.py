@@ -30,6 +30,11 @@ if TYPE_CHECKING:
     from ..agent.client import AgentClient
 
 
+# Connections kept for sandboxes nobody has used yet (the one that saw the agent come up, e.g. for each
+# member of a warm pool) are capped: each costs an fd in this process. Connections in use are not.
+MAX_IDLE_ADOPTED = 256
+
+
 class AgentConns:
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -74,14 +79,18 @@ class AgentConns:
             self.adopt(key, c)
             return c
 
-    def adopt(self, key: str, client: AgentClient) -> None:
-        """Make an open connection (e.g. the one that saw the agent come up) ``key``'s shared one."""
+    def adopt(self, key: str, client: AgentClient, *, optional: bool = False) -> bool:
+        """Make an open connection (e.g. the one that saw the agent come up) ``key``'s shared one. With
+        ``optional``, not beyond MAX_IDLE_ADOPTED connections: then False, and the caller closes it."""
         self._bind()
+        if optional and len(self) >= MAX_IDLE_ADOPTED:
+            return False
         old = self._conns.get(key)
         self._conns[key] = client
         client.add_lost_callback(lambda c: self._forget(key, c))
         if old is not None and old is not client:
             self._close_soon(old)
+        return True
 
     def _forget(self, key: str, client: AgentClient) -> None:
         if self._conns.get(key) is client:

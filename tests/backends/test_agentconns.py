@@ -217,6 +217,24 @@ def test_removed_sandboxes_close_their_connections(backend):
     assert after == base
 
 
+def test_in_process_api_shares_one_connection(backend):
+    """``agentkernel.Sandbox`` (the in-process API): concurrent execs on one connection, closed with it."""
+    from agentkernel import Sandbox
+
+    b, opts = backend
+
+    async def go():
+        async with Sandbox(image=IMAGE, backend=b, options=opts or None) as sb:
+            rs = await asyncio.gather(*(sb.exec(["sh", "-c", f"echo {i}; exit {i}"]) for i in range(6)))
+            conns = sb._manager().backend_for(b, opts)._conns
+            live = len(conns)
+        return rs, live, len(conns)
+
+    rs, live, left = asyncio.run(go())
+    assert [(r.exit_code, r.stdout) for r in rs] == [(i, f"{i}\n".encode()) for i in range(6)]
+    assert live == 1 and left == 0
+
+
 def ak_argv(*args: str) -> list[str]:
     import sys
 
