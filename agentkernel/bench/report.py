@@ -258,7 +258,7 @@ def _goals(d: _Doc) -> list[str]:
     ex = d.p50("phases/podman/exec_agent")
     xr = d.ratio("baselines/podman/exec_inproc", "baselines/podman/exec_raw")
     rows.append(["exec in a running sandbox via the agent: ≤ 3 ms median (podman, in-process)",
-                 fmt_ms(ex) + (f"; interleaved with `podman exec` (baselines): {fmt_ratio(xr)}" if xr is not None else ""),
+                 fmt_ms(ex) + (f"; vs `podman exec`, interleaved (baselines): {fmt_ratio(xr)}" if xr else ""),
                  verdict(None if ex is None else ex <= 3)])
     wa = d.p50("wasm/wasm/warm_acquire")
     wc = d.get("wasm/wasm/concurrent")
