@@ -341,6 +341,13 @@ class AgentClient:
     def closed(self) -> bool:
         return self._lost is not None
 
+    def add_lost_callback(self, fn) -> None:
+        """Call ``fn(self)`` once the connection is gone (lost or closed); soon if it already is."""
+        if self._task is None or self._task.done():
+            asyncio.get_running_loop().call_soon(fn, self)
+        else:
+            self._task.add_done_callback(lambda _t: fn(self))
+
     async def close(self) -> None:
         if self._task is not None and not self._task.done():
             self._task.cancel()

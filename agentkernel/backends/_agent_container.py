@@ -4,7 +4,8 @@ Podman, Docker and the gVisor variants all create the same container shape (``_c
 the static agent bind-mounted at /.ak/ak-agent, serving the agent protocol on a unix socket in a
 bind-mounted per-sandbox host directory. Exec and file transfer then never go through the engine:
 the host connects straight to that socket (about 1 ms a round trip instead of 50-200 ms per
-``podman exec``/``docker exec``). A subclass supplies only the engine operations (``_engine_*``).
+``podman exec``/``docker exec``), and keeps one connection per running sandbox that its execs share
+(``_agentconns``). A subclass supplies only the engine operations (``_engine_*``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,25 @@ if TYPE_CHECKING:
 
 
 AGENT_READY_TIMEOUT = 30.0
+# stdin up to this size rides the shared connection: the agent queues up to 1 MiB of a command's stdin
+# before it stops reading the connection (agent-protocol.md section 5), which would stall its neighbours
+SHARED_STDIN_MAX = 512 * 1024
+
+
+def shares_connection(req: ExecRequest) -> bool:
+    """Whether ``req`` can run on its sandbox's shared agent connection. Not when it could hold up the
+    other streams on it: stdin streamed from an iterator or larger than SHARED_STDIN_MAX (a command that
+    does not read it stops the agent reading the connection), or output going to an async callback (the
+    connection's reader waits for it: a slow consumer would stall every command's output)."""
+    if req.stdin is not None and not (isinstance(req.stdin, (bytes, bytearray, memoryview))
+                                      and len(req.stdin) <= SHARED_STDIN_MAX):
+        return False
+    out = req.on_output
+    if out is None:
+        return True
+    import inspect
+
+    return not (inspect.iscoroutinefunction(out) or inspect.iscoroutinefunction(type(out).__call__))
 
 
 class AgentContainerBackend(Backend, AgentAccess):
@@ -43,6 +63,16 @@ class AgentContainerBackend(Backend, AgentAccess):
     capped_workdir = False
     # the runtime keeps /tmp in unsized memory of its own (gVisor): a capped root gets a sized /tmp tmpfs
     sized_tmp = False
+
+    @property
+    def _conns(self):
+        """This backend object's shared agent connections, one per running sandbox (_agentconns)."""
+        conns = self.__dict__.get("_agent_conns")
+        if conns is None:
+            from ._agentconns import AgentConns
+
+            conns = self.__dict__["_agent_conns"] = AgentConns()
+        return conns
 
     # -- engine operations (subclass) --
     async def _engine_create(self, plan: _container.ContainerPlan) -> str:
@@ -116,6 +146,7 @@ class AgentContainerBackend(Backend, AgentAccess):
         # The run dir lives on a tmpfs: recreate it after a host reboot before the bind mount needs it.
         _container.prepare_run_dir(ref.id, _container.resolve_user(ref.spec))
         sock = self._socket(ref)
+        await self._conns.discard(ref.id)
         try:
             os.unlink(sock)
         except FileNotFoundError:
@@ -125,7 +156,8 @@ class AgentContainerBackend(Backend, AgentAccess):
 
     async def _wait_agent(self, ref: SandboxRef, sock: str) -> None:
         """Wait for the agent to answer, then record the environment the engine gave PID 1 (image env +
-        spec env): commands exec'd through the agent get exactly that, like an engine exec would."""
+        spec env): commands exec'd through the agent get exactly that, like an engine exec would. The
+        connection stays open as the sandbox's shared one."""
         import asyncio
 
         from ..agent.client import AgentClient
@@ -139,9 +171,12 @@ class AgentContainerBackend(Backend, AgentAccess):
                     client = await AgentClient.connect(sock)
                     try:
                         ref.handle["env"] = parse_environ(await client.read_file("/proc/1/environ"))
-                        return
-                    finally:
+                    except BaseException:
                         await client.close()
+                        raise
+                    if not self._conns.adopt(ref.id, client, optional=True):
+                        await client.close()
+                    return
                 except OSError as exc:
                     last = exc
             state, _ = await self._engine_state(ref.handle["container"])
@@ -153,20 +188,24 @@ class AgentContainerBackend(Backend, AgentAccess):
                            + (f" ({last})" if last else ""))
 
     async def healthy(self, ref: SandboxRef) -> bool:
-        """Pool hand-out check: the agent answers a ping."""
+        """Pool hand-out check: the agent answers a ping on the sandbox's shared connection (the one
+        the exec that follows uses); a stale one gets a second chance on a fresh connection."""
         from ..agent.client import AgentClient
 
-        try:
-            client = await AgentClient.connect(self._socket(ref), timeout=2.0)
-        except OSError:
-            return False
-        try:
-            await client.ping()
-            return True
-        except OSError:
-            return False
-        finally:
-            await client.close()
+        for _ in range(2):
+            had = self._conns.peek(ref.id)
+            try:
+                client = await self._conns.get(ref.id, lambda: AgentClient.connect(self._socket(ref), timeout=2.0))
+            except OSError:
+                return False
+            try:
+                await client.ping()
+                return True
+            except OSError:
+                self._conns.drop(ref.id, client)
+                if had is not client:
+                    return False
+        return False
 
     async def agent_endpoint(self, ref: SandboxRef) -> dict[str, Any]:
         """What a client needs to run one command through this sandbox's agent itself."""
@@ -176,7 +215,8 @@ class AgentContainerBackend(Backend, AgentAccess):
                 "cwd": ref.spec.workdir}
 
     async def open_agent(self, ref: SandboxRef):
-        """A connection to the sandbox's agent (for attach and other direct use); the caller closes it."""
+        """A connection of its own to the sandbox's agent (for attach and other direct use); the caller
+        closes it."""
         return await self._client(ref)
 
     async def _client(self, ref: SandboxRef):
@@ -197,22 +237,43 @@ class AgentContainerBackend(Backend, AgentAccess):
                                hint=f"agentkernel start {ref.spec.name or ref.id}") from None
 
     async def exec(self, ref: SandboxRef, req: ExecRequest) -> ExecResult:
+        """Run on the sandbox's shared connection when ``shares_connection(req)``, else on one of its own.
+        A shared connection lost before the command started (it was stale: the agent restarted or went
+        away since its last use) is dropped and the exec retried once on a fresh one, which either runs
+        it or says clearly that the sandbox is gone or stopped."""
         from ..agent.client import AgentConnectionLost
         from ._agentexec import exec_via_agent
 
-        client = await self._client(ref)
-        try:
-            result = await exec_via_agent(client, ref.spec, req, ref.handle.get("env"))
-        except AgentConnectionLost:
-            state, details = await self._engine_state(ref.handle["container"])
-            raise SandboxError(
-                f"sandbox {ref.spec.name or ref.id} died while the command ran (state: {state}"
-                + (", killed by the OOM killer" if details.get("oom_killed") else "") + ")"
-            ) from None
-        finally:
-            await client.close()
-        return result
+        shared = shares_connection(req)
+        for attempt in (0, 1):
+            client = await (self._conns.get(ref.id, lambda: self._client(ref)) if shared else self._client(ref))
+            started = False
 
+            def on_start(pid: int) -> None:
+                nonlocal started
+                started = True
+                if req.on_start is not None:
+                    req.on_start(pid)
+
+            try:
+                return await exec_via_agent(client, ref.spec, req, ref.handle.get("env"), on_start=on_start)
+            except AgentConnectionLost:
+                if shared:
+                    self._conns.drop(ref.id, client)
+                    if attempt == 0 and not started:
+                        continue
+                state, details = await self._engine_state(ref.handle["container"])
+                raise SandboxError(
+                    f"sandbox {ref.spec.name or ref.id} died while the command ran (state: {state}"
+                    + (", killed by the OOM killer" if details.get("oom_killed") else "") + ")"
+                ) from None
+            finally:
+                if not shared:
+                    await client.close()
+        raise AssertionError("unreachable")
+
+    # File transfers keep a connection each: a download streams at its reader's pace, and the agent
+    # stops sending on a connection whose reader lags, which would stall the execs sharing it.
     async def write_file(self, ref: SandboxRef, path: str, data: bytes | AsyncIterator[bytes],
                          mode: int = 0o644) -> int:
         return await agent_write_file(lambda: self._client(ref), ref, path, data, mode)
@@ -221,9 +282,11 @@ class AgentContainerBackend(Backend, AgentAccess):
         return agent_read_file(lambda: self._client(ref), ref, path)
 
     async def stop(self, ref: SandboxRef) -> None:
+        await self._conns.discard(ref.id)
         await self._engine_stop(ref.handle["container"])
 
     async def remove(self, ref: SandboxRef) -> None:
+        await self._conns.discard(ref.id)
         await self._engine_remove(ref.handle.get("container") or container_name(ref.id))
         _container.remove_run_dir(ref.id)
         if self.uses_egress:
@@ -232,6 +295,12 @@ class AgentContainerBackend(Backend, AgentAccess):
     async def status(self, ref: SandboxRef) -> str:
         state, _ = await self._engine_state(ref.handle["container"])
         return state
+
+    async def aclose(self) -> None:
+        """Close the shared agent connections (the sandboxes keep running)."""
+        conns = self.__dict__.get("_agent_conns")
+        if conns is not None:
+            await conns.aclose()
 
 
 async def agent_write_file(connect: Callable[[], Awaitable[Any]], ref: SandboxRef, path: str,

@@ -32,7 +32,9 @@ def exec_env(base: dict[str, str] | None, spec_env: dict[str, str], extra: dict[
     return env
 
 
-async def exec_via_agent(client, spec: SandboxSpec, req: ExecRequest, base_env: dict[str, str] | None) -> ExecResult:
+async def exec_via_agent(client, spec: SandboxSpec, req: ExecRequest, base_env: dict[str, str] | None, *,
+                         on_start=None) -> ExecResult:
+    """``on_start``: overrides ``req.on_start`` (called with the pid once the command runs)."""
     from .base import ExecResult, OutputCollector
 
     collector = None
@@ -44,7 +46,7 @@ async def exec_via_agent(client, spec: SandboxSpec, req: ExecRequest, base_env: 
     r = await client.exec(req.argv, env=exec_env(base_env, spec.env, req.env), cwd=req.cwd or spec.workdir,
                           stdin=req.stdin, timeout=req.timeout, tty=req.tty, tty_size=req.tty_size,
                           on_output=on_output, output_limit=req.output_limit if collector else 0,
-                          on_start=req.on_start)
+                          on_start=on_start or req.on_start)
     ms = (time.perf_counter() - t0) * 1e3
     if r.error and r.start_failed:
         msg = f"{r.error}\n".encode()

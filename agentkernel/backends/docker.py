@@ -305,6 +305,7 @@ class DockerBackend(AgentContainerBackend, OneShot):
         return [_info(self.name, c) for c in cs or []]
 
     async def aclose(self) -> None:
+        await super().aclose()
         if self._api is not None:
             await self._api.aclose()
             self._api = None

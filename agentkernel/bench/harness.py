@@ -209,15 +209,17 @@ class Sample:
 
 class Cmd:
     """One command to time as a new process. ``before`` runs (untimed) before every sample, e.g. to wait
-    until the daemon's pool is full; ``check(stdout) -> bool`` replaces the exact-output check."""
+    until the daemon's pool is full; ``check(stdout) -> bool`` replaces the exact-output check.
+    ``call() -> Sample`` instead times something in this process (interleaved like the commands)."""
 
     def __init__(self, name: str, argv: list[str], *, label: str, backend: str, mode: str,
                  image: str | None = None, expect: bytes = HELLO, check: Callable[[bytes], bool] | None = None,
                  before: Callable[[], None] | None = None, env: dict[str, str] | None = None,
-                 argv_fn: Callable[[], list[str]] | None = None) -> None:
+                 argv_fn: Callable[[], list[str]] | None = None, call: Callable[[], Sample] | None = None) -> None:
         self.name, self.argv, self.label, self.backend, self.mode = name, list(argv), label, backend, mode
         self.image, self.expect, self.check, self.before, self.env = image, expect, check, before, env
         self.argv_fn = argv_fn  # a fresh argv per run (e.g. a unique container id), else ``argv``
+        self.call = call
 
     def next_argv(self) -> list[str]:
         return self.argv_fn() if self.argv_fn is not None else self.argv
@@ -407,7 +409,8 @@ class BenchContext:
                 c = cmds[(i + r) % n]
                 if c.before is not None:
                     c.before()
-                s = self.time_command(c.next_argv(), expect=c.expect, check=c.check, env=c.env)
+                s = c.call() if c.call is not None else self.time_command(c.next_argv(), expect=c.expect,
+                                                                          check=c.check, env=c.env)
                 out[c.name][1 if r < warmup else 0].append(s)
                 st.advance()
         st.finish()

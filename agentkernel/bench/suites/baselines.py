@@ -8,14 +8,21 @@
   image: ``podman exec``, ``docker exec``, ``podman exec`` on a runsc container (gvisor), ``crun exec``
   on a plain bundle (oci). ``cfg.exec_calls`` calls each (50 by default: the reference's "exec
   throughput, 50 sequential exec calls" table comes from these samples).
+- **exec in a running sandbox, in-process**, interleaved with the two above on the same sandbox:
+  ``SandboxManager.exec`` (the path of the daemon's HTTP API and the Python API: the sandbox's shared
+  agent connection) one at a time (``exec_inproc``, with its median against the raw engine exec as a
+  ratio) and 10 at once (``exec_inproc_c10``: one sample = the batch; ``calls_per_s`` = execs per
+  second).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
+import time
 
-from ..harness import BenchContext, Cmd
+from ..harness import HELLO, BenchContext, Cmd, Sample
 from . import raw
 
 SUITE = "baselines"
@@ -125,9 +132,16 @@ def exec_compare(ctx: BenchContext, backend: str) -> None:
         ctx.run_quiet(ctx.ak("rm", name), timeout=120)
         return
     raw_ctx = None
+    inproc = _InProcExec(name)
     try:
         cmds = [Cmd("exec_cli", ctx.ak("exec", name, "--", "echo", "hello"), label="agentkernel exec NAME (CLI)",
-                    backend=backend, mode="exec", image=image)]
+                    backend=backend, mode="exec", image=image),
+                Cmd("exec_inproc", ["SandboxManager.exec", name, "echo", "hello"], call=inproc.one,
+                    label="exec in a running sandbox (in-process, shared agent connection)", backend=backend,
+                    mode="inproc", image=image),
+                Cmd("exec_inproc_c10", ["SandboxManager.exec", name, "echo", "hello", "x10 concurrent"],
+                    call=inproc.ten, label=f"{CONCURRENT} concurrent execs in one sandbox (in-process, batch)",
+                    backend=backend, mode="inproc", image=image)]
         raw_label = None
         if backend == "podman":
             raw_ctx, raw_label = raw.RawExecContainer(ctx, "podman", image), "podman exec"
@@ -147,13 +161,61 @@ def exec_compare(ctx: BenchContext, backend: str) -> None:
                                     reason=f"could not start the raw container: {raw_ctx.error}")
         res = ctx.interleave(cmds, ctx.cfg.exec_calls, ctx.cfg.warmup, f"baselines exec {backend}")
         ms = ctx.add_cmd_results(SUITE, cmds, res)
-        for m in ms.values():
+        for key, m in ms.items():
             mean = m["stats"]["mean_ms"]
-            m["extra"]["calls_per_s"] = round(1000.0 / mean, 3) if mean else None
+            per = CONCURRENT if key == "exec_inproc_c10" else 1
+            m["extra"]["calls_per_s"] = round(per * 1000.0 / mean, 3) if mean else None
         if "exec_raw" in ms:
             ctx.add_ratio(suite=SUITE, backend=backend, ours=f"{SUITE}/{backend}/exec_cli",
                           raw=f"{SUITE}/{backend}/exec_raw", label=f"agentkernel exec vs {raw_label}")
+            ctx.add_ratio(suite=SUITE, backend=backend, ours=f"{SUITE}/{backend}/exec_inproc",
+                          raw=f"{SUITE}/{backend}/exec_raw", label=f"in-process exec vs {raw_label}")
     finally:
+        inproc.close()
         if raw_ctx is not None:
             raw_ctx.__exit__(None, None, None)
         ctx.run_quiet(ctx.ak("rm", name), timeout=120)
+
+
+CONCURRENT = 10
+
+
+class _InProcExec:
+    """``SandboxManager.exec`` on one event loop kept across samples (so the sandbox's agent connection
+    persists between them, as in a daemon), driven one sample at a time between the commands."""
+
+    def __init__(self, name: str) -> None:
+        from ...manager import SandboxManager
+
+        self.name = name
+        self.loop = asyncio.new_event_loop()
+        self.mgr = SandboxManager()
+
+    def _time(self, n: int) -> Sample:
+        from ...backends.base import ExecRequest
+
+        async def go():
+            return await asyncio.gather(*(self.mgr.exec(self.name, ExecRequest(["echo", "hello"])) for _ in range(n)))
+
+        t0 = time.perf_counter()
+        try:
+            rs = self.loop.run_until_complete(go())
+        except Exception as exc:
+            return Sample(False, None, f"{type(exc).__name__}: {exc}")
+        ms = (time.perf_counter() - t0) * 1e3
+        bad = [r for r in rs if r.exit_code != 0 or r.stdout != HELLO]
+        if bad:
+            return Sample(False, ms, f"exit {bad[0].exit_code} stdout {bad[0].stdout[:60]!r}")
+        return Sample(True, ms)
+
+    def one(self) -> Sample:
+        return self._time(1)
+
+    def ten(self) -> Sample:
+        return self._time(CONCURRENT)
+
+    def close(self) -> None:
+        try:
+            self.loop.run_until_complete(self.mgr.aclose())
+        finally:
+            self.loop.close()
