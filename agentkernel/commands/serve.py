@@ -75,6 +75,9 @@ def serve(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg, tokens, policy = _server_setup(args, args.host)
     os.environ["AGENTKERNEL_NO_DAEMON"] = "1"  # this process is the owner of its pools
+    from ..limits import raise_open_files_limit
+
+    raise_open_files_limit()
     settings = Settings(tokens=tokens, config=cfg, pool_min=args.pool_min, pool_max=args.pool_max,
                         warm=args.warm, mcp=not args.no_mcp, bind_host=args.host, policy=policy)
     app = create_app(settings)

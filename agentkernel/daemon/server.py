@@ -23,6 +23,7 @@ from .. import audit, owner, paths
 from ..backends import canonical, get_backend
 from ..backends.base import AgentAccess, Backend, ExecRequest, ExecResult, InstancePool
 from ..errors import AgentKernelError, ValidationError
+from ..limits import raise_open_files_limit
 from ..pool import PoolConfig, WarmPool
 from ..spec import SandboxSpec
 from . import leases
@@ -473,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             {"min": a.pool_min, "max": a.pool_max, "max_age_s": a.max_age,
              "max_concurrent_starts": a.max_concurrent_starts}, a.warm)
         os.environ["AGENTKERNEL_NO_DAEMON"] = "1"
+        raise_open_files_limit()
         asyncio.run(Daemon(pool_defaults=defaults, warm=warm).serve())
     except AgentKernelError as exc:
         log.error("%s%s", exc.message, f" (hint: {exc.hint})" if exc.hint else "")
