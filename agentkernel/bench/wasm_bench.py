@@ -299,33 +299,54 @@ def daemon_throughput(runs: int = 2000, concurrency: int = 1) -> dict[str, Any]:
 
 def daemon_pipelined(runs: int = 3000, window: int = 64) -> dict[str, Any]:
     """Runs/second through a running daemon's wasm pool over ONE persistent multiplexed connection
-    (``daemon.mux_client``), ``window`` runs in flight (pipelined), output checked. The daemon must be
-    running with a wasm pool (``agentkernel daemon start --warm wasm``)."""
+    (``daemon.mux_client``), ``window`` runs in flight (pipelined: each answer submits the next run from
+    its done callback, no coroutine per run), output checked. The daemon must be running with a wasm
+    pool (``agentkernel daemon start --warm wasm``)."""
     import asyncio
 
     from ..daemon.mux_client import MuxClient
     from ..spec import SandboxSpec
 
     spec = SandboxSpec(backend="wasm")
+    argv = ["echo", "hello"]
     lat: list[float] = []
+    errors: list[str] = []
+    perf = time.perf_counter
 
     async def go() -> float:
         async with await MuxClient.connect() as c:
-            await c.run(["echo", "hello"], spec)  # the pool for this spec exists and answers
-            sem = asyncio.Semaphore(window)
+            await c.run(argv, spec)  # the pool for this spec exists and answers
+            done = asyncio.get_running_loop().create_future()
+            left = [runs]  # runs still to submit
+            finished = [0]
 
-            async def one() -> None:
-                async with sem:
-                    a = time.perf_counter()
-                    r = await c.run(["echo", "hello"], spec)
-                    lat.append((time.perf_counter() - a) * 1e3)
+            def submit() -> None:
+                left[0] -= 1
+                fut = c.submit(argv, spec)
+                fut.add_done_callback(lambda f, a=perf(): answered(f, a))
+
+            def answered(f: asyncio.Future, a: float) -> None:
+                lat.append((perf() - a) * 1e3)
+                if f.cancelled() or f.exception() is not None:
+                    errors.append(repr(f.exception()) if not f.cancelled() else "cancelled")
+                else:
+                    r = f.result()
                     if r["exit_code"] != 0 or r["stdout"] != b"hello\n":
-                        raise RuntimeError(f"exit {r['exit_code']}, stdout {r['stdout']!r}")
+                        errors.append(f"exit {r['exit_code']}, stdout {r['stdout']!r}")
+                finished[0] += 1
+                if left[0] > 0 and not errors:
+                    submit()
+                elif (finished[0] == runs or errors) and not done.done():
+                    done.set_result(None)
 
-            t0 = time.perf_counter()
-            await asyncio.gather(*(one() for _ in range(runs)))
-            return time.perf_counter() - t0
+            t0 = perf()
+            for _ in range(min(window, runs)):
+                submit()
+            await done
+            return perf() - t0
 
     dt = asyncio.run(go())
+    if errors:
+        raise RuntimeError(f"{len(errors)} run(s) failed through the daemon: {errors[0]}")
     return {"runs": runs, "window": window, "seconds": round(dt, 3), "runs_per_s": round(runs / dt),
             "latency": _summary(lat, "ms"), **_meta()}

@@ -110,6 +110,7 @@ class Daemon:
     async def serve(self) -> None:
         sock = await self.listen()
         loop = asyncio.get_running_loop()
+        audit.defer(lambda: loop.call_soon(audit.flush))  # a loop turn's events in one write
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         audit.log("daemon_started", socket=sock)
@@ -128,6 +129,7 @@ class Daemon:
         await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
         for b in self._backends.values():
             await b.aclose()
+        audit.defer(None)
         audit.log("daemon_stopped")
         log.info("stopped")
 
@@ -157,15 +159,34 @@ class Daemon:
         if known is not None and known[0] is spec:  # the same spec object again (a mux connection's)
             return backend
         backend.check(spec)
-        if len(self._inproc_known) > 4096:
-            self._inproc_known.clear()
-        self._inproc_known[(id(spec), command)] = (spec,)
         if isinstance(backend, InstancePool):
             key = (spec.pool_key(), command)
             if key not in self._inproc_pools:
                 self._inproc_pools.add(key)
                 await backend.start_pool(spec, size or max(self.pool_defaults.min_size, 8), command=command)
+        if len(self._inproc_known) > 4096:
+            self._inproc_known.clear()
+        self._inproc_known[(id(spec), command)] = (spec, backend)
         return backend
+
+    def run_now(self, spec: SandboxSpec, req: ExecRequest, *, via: str = "daemon") -> ExecResult | None:
+        """``run`` done right here on the loop, without a task or a thread hop, when it can be: ``spec`` is
+        an object ``run`` already served for this command (checked, its in-process pool started) and the
+        backend runs it now (``run_now``: wasm when the command's recent runs fit the loop's budget).
+        None: use ``run``. ``spec`` must be canonical (backend canonical, no name)."""
+        known = self._inproc_known.get((id(spec), req.argv[0]))
+        if known is None or known[0] is not spec:
+            return None
+        run_now = getattr(known[1], "run_now", None)
+        if run_now is None:
+            return None
+        result = run_now(spec, req)
+        if result is None:
+            return None
+        self.runs += 1
+        audit.log("run", id=owner.new_id("run"), backend=spec.backend, image=spec.image, argv=req.argv,
+                  exit_code=result.exit_code, timed_out=result.timed_out, oom_killed=result.oom_killed, via=via)
+        return result
 
     async def _run_unpooled(self, backend: Backend, spec: SandboxSpec, req: ExecRequest,
                             via: str = "daemon") -> ExecResult:
