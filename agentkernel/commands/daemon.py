@@ -91,7 +91,10 @@ def stop(args) -> int:
         return 0
     if pid is None:
         pid = (st or {}).get("pid")
-    deadline = time.monotonic() + STOP_TIMEOUT_S
+    # the daemon says how long destroying its pools may take (it grows with their size); an older one,
+    # or one that could not answer, gets the fixed bound
+    wait_s = (st or {}).get("stop_timeout_s") or STOP_TIMEOUT_S
+    deadline = time.monotonic() + float(wait_s)
     while pid and time.monotonic() < deadline:
         try:
             os.kill(pid, 0)

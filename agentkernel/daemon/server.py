@@ -31,6 +31,8 @@ from . import protocol as P
 log = logging.getLogger("agentkernel.daemon")
 
 DRAIN_S = 10.0
+STOP_BASE_S = 40.0  # stop_timeout_s: this, plus STOP_PER_MEMBER_S per pooled member
+STOP_PER_MEMBER_S = 0.5
 MAINTAIN_EVERY_S = 5.0
 IDLE_POOL_S = 900.0
 
@@ -218,6 +220,12 @@ class Daemon:
                     continue
                 await pool.maintain()
 
+    def stop_timeout_s(self) -> float:
+        """How long a client should wait for this daemon to stop: leases drain (``DRAIN_S``), then every
+        pooled member is destroyed (batched, but each still costs the engine some work)."""
+        members = sum(p.alive() for p in self.pools.values())
+        return STOP_BASE_S + STOP_PER_MEMBER_S * members
+
     def status(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "socket": paths.daemon_socket(),
                 "uptime_s": round(time.time() - self.started_at, 1),
@@ -285,7 +293,8 @@ class Daemon:
             elif op == "status":
                 writer.write(P.oframe(P.REPLY, self.status()))
             elif op == "stop":
-                writer.write(P.oframe(P.REPLY, {"ok": True}))
+                writer.write(P.oframe(P.REPLY, {"ok": True, "pid": os.getpid(),
+                                                "stop_timeout_s": self.stop_timeout_s()}))
                 self._stopping.set()
             elif op == "run":
                 await self._run(req, reader, writer, fr)
