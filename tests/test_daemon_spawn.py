@@ -42,7 +42,8 @@ def test_daemon_start_ignores_modules_in_the_callers_cwd():
         assert st.returncode == 0, st.stdout + st.stderr
     finally:
         ak("daemon", "stop")
-    assert not os.path.exists(os.path.join(cwd, "TRAPPED")), open(os.path.join(cwd, "TRAPPED")).read()
+    trapped = os.path.join(cwd, "TRAPPED")
+    assert not os.path.exists(trapped), f"imported from the cwd: {open(trapped).read()}"  # noqa: SIM115
 
 
 def test_the_trap_springs_without_the_flag():
