@@ -35,6 +35,7 @@ class MuxClient:
         self._closed_exc: BaseException | None = None
         self._out: list[bytes] = []  # requests of this loop turn, written together by _flush
         self._loop = asyncio.get_running_loop()
+        self.daemon_pid: int | None = None
 
     @classmethod
     async def connect(cls, path: str | None = None) -> MuxClient:
@@ -56,6 +57,7 @@ class MuxClient:
             obj = P.decode(payload)
             writer.close()
             raise AgentKernelError(obj.get("message", "daemon refused multiplexed mode"), hint=obj.get("hint"))
+        c.daemon_pid = P.decode(payload).get("pid")
         c._reader_task = asyncio.get_running_loop().create_task(c._read_loop())
         for t, payload in frames[1:]:
             c._dispatch(t, payload)
