@@ -114,6 +114,14 @@ class Daemon:
         sock = await self.listen()
         loop = asyncio.get_running_loop()
         audit.defer(lambda: loop.call_soon(audit.flush))  # a loop turn's events in one write
+        try:
+            await self._serve(sock, loop)
+        finally:
+            audit.defer(None)  # what is still waiting is written now
+        audit.log("daemon_stopped")
+        log.info("stopped")
+
+    async def _serve(self, sock: str, loop: asyncio.AbstractEventLoop) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         audit.log("daemon_started", socket=sock)
@@ -132,9 +140,6 @@ class Daemon:
         await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
         for b in self._backends.values():
             await b.aclose()
-        audit.defer(None)
-        audit.log("daemon_stopped")
-        log.info("stopped")
 
     def _warm_pools(self) -> None:
         for spec, cfg in self.warm:
