@@ -180,8 +180,7 @@ class WarmPool:
         self._closed = True
         for fut in self._waiters:
             fut.cancel()
-        while self.ready:
-            self._destroy_later(self.ready.popleft())
+        self._destroy_all_ready()
         # Let member starts finish rather than cancel them: a start cancelled mid-request can leave the
         # engine creating a container after our removal of it already ran. They destroy what they made
         # as soon as they see the pool closed; only a start stuck past the bound is cancelled.
@@ -191,8 +190,7 @@ class WarmPool:
             for t in stuck:
                 t.cancel()
             await asyncio.gather(*stuck, return_exceptions=True)
-        while self.ready:  # members that finished starting while we cancelled
-            self._destroy_later(self.ready.popleft())
+        self._destroy_all_ready()  # members that finished starting while we cancelled
         while self._destroying:
             await asyncio.gather(*list(self._destroying), return_exceptions=True)
 
@@ -222,6 +220,26 @@ class WarmPool:
         t = asyncio.get_running_loop().create_task(self._destroy(m))
         self._destroying.add(t)
         t.add_done_callback(self._destroying.discard)
+
+    def _destroy_all_ready(self) -> None:
+        """Destroy every ready member with one ``remove_many`` (an engine call per batch, not per member)."""
+        members, self.ready = list(self.ready), collections.deque()
+        if members:
+            t = asyncio.get_running_loop().create_task(self._destroy_many(members))
+            self._destroying.add(t)
+            t.add_done_callback(self._destroying.discard)
+
+    async def _destroy_many(self, members: list[Member]) -> None:
+        try:
+            errors = await self.backend.remove_many([m.ref for m in members])
+        except Exception as exc:
+            errors = [exc] * len(members)
+        for m, exc in zip(members, errors, strict=True):
+            if exc is None:
+                owner.release(m.ref.backend, m.ref.id)
+                self.stats["destroyed"] += 1
+            else:  # keep the journal entry: the daemon's next sweep or the next CLI retries
+                self.stats["last_error"] = f"destroy {m.ref.id}: {exc}"[:300]
 
     async def _refill_one(self) -> None:
         try:

@@ -56,3 +56,34 @@ def test_unserializable_values_are_kept_as_text_and_disabling_works(tmp_path, mo
     monkeypatch.setenv("AGENTKERNEL_AUDIT", "0")
     audit.log("run", argv=["x"])
     assert len(Path(path).read_text().splitlines()) == 1
+
+
+def test_deferred_events_are_written_together_as_whole_lines(tmp_path, monkeypatch):
+    """A daemon defers its loop thread's events to one write per loop turn; other threads still write
+    at once; values JSON cannot carry become their str()."""
+    import threading
+
+    path = tmp_path / "audit.jsonl"
+    monkeypatch.setenv("AGENTKERNEL_AUDIT_LOG", str(path))
+    scheduled = []
+    audit.defer(lambda: scheduled.append(1))
+    try:
+        for i in range(3):
+            audit.log("run", i=i, argv=("echo", "x"), obj=object())
+        assert scheduled == [1] and not path.exists()  # one flush asked for, nothing written yet
+        t = threading.Thread(target=audit.log, args=("other_thread",))
+        t.start()
+        t.join()
+        assert [json.loads(x)["event"] for x in path.read_text().splitlines()] == ["other_thread"]
+        audit.flush()
+        events = [json.loads(x) for x in path.read_text().splitlines()]
+        assert [e.get("i") for e in events] == [None, 0, 1, 2]
+        assert events[1]["argv"] == ["echo", "x"] and events[1]["obj"].startswith("<object object")
+        audit.log("run", i=3)
+        assert scheduled == [1, 1]
+    finally:
+        audit.defer(None)  # writes what is still waiting
+    assert [json.loads(x).get("i") for x in path.read_text().splitlines()][-1] == 3
+    audit.log("after", nan=float("nan"))  # not JSON: dropped, never raised
+    audit.log("after")
+    assert json.loads(path.read_text().splitlines()[-1])["event"] == "after"

@@ -300,3 +300,34 @@ def test_a_finished_lease_is_handed_back_so_the_next_command_does_not_reap_it(da
     while leased in _claimed_by(daemon, dpid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert leased not in _claimed_by(daemon, dpid), "the daemon removed the member and dropped its entry"
+
+
+def test_stop_with_a_large_pool_removes_every_member(monkeypatch):
+    """A 20-member podman pool: the stop reply says how long to wait (it grows with the pool), the members
+    go in batched engine calls, and nothing is left once the daemon has exited."""
+    from agentkernel.commands import daemon_client
+
+    root = tempfile.mkdtemp(prefix="ak-daemon-")
+    d = Daemon(root)
+    assert d.ak("daemon", "start", "--pool-min", "20", "--pool-max", "20").returncode == 0
+    pid = d.pid()
+    try:
+        d.wait_ready(20, timeout=240)
+        assert len(_containers(f"agentkernel.owner.pid={pid}")) >= 20
+        monkeypatch.setenv("AGENTKERNEL_RUNTIME_DIR", d.env["AGENTKERNEL_RUNTIME_DIR"])
+        st = daemon_client.request("stop")
+        assert st and st["ok"] and st["pid"] == pid
+        assert st["stop_timeout_s"] >= 40 + 0.5 * 20
+        deadline = time.monotonic() + st["stop_timeout_s"]
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"the daemon did not stop within {st['stop_timeout_s']} s")
+        assert _containers(f"agentkernel.owner.pid={pid}") == []
+        assert not os.path.exists(d.socket)
+    finally:
+        d.ak("daemon", "stop")

@@ -242,3 +242,69 @@ def test_stray_cancel_and_duplicate_ids(daemon):
     assert got[0][0] == P.REPLY
     assert got[1][0] == P.MERROR and got[1][1]["id"] == 5 and "already in flight" in got[1][1]["message"]
     assert got[2][0] == P.MRESULT and got[2][1]["id"] == 5 and got[2][1]["stdout"] == b"five\n"
+
+
+def test_frame_reader_cuts_bulk_reads_and_split_frames():
+    frames = [P.oframe(P.MRESULT, {"id": i, "stdout": b"x" * (i % 7)}) for i in range(5000)]
+    data = b"".join(frames)
+    fr = P.FrameReader()
+    got = fr.feed(data)  # one bulk read: every frame at once
+    assert [P.decode(p)["id"] for _, p in got] == list(range(5000))
+    got = []
+    for i in range(0, len(data), 777):  # frames split anywhere across reads
+        got += fr.feed(data[i:i + 777])
+    assert [P.decode(p)["id"] for _, p in got] == list(range(5000)) and not fr.buf
+    with pytest.raises(ValueError):
+        fr.feed(b"\x00\x00\x00\x00\x01")
+
+
+def test_runs_done_on_the_daemons_loop_are_answered_and_audited_each(daemon):
+    """Pipelined runs of one short command: once its recent runs fit the loop's budget the daemon does them
+    as their frames arrive (no task, no thread hop: timings say "inline"); every one is answered with its
+    own output, and every one has its own audit event."""
+    env, sock = daemon
+    audit_path = os.path.join(env["AGENTKERNEL_HOME"], "audit.jsonl")
+
+    def audited() -> list[dict]:
+        try:
+            with open(audit_path) as f:
+                return [e for e in map(json.loads, f) if e.get("event") == "run" and e.get("via") == "daemon"]
+        except FileNotFoundError:
+            return []
+
+    before = len(audited())
+    n = 400
+
+    argv = ["sh", "-c", "echo $N"]  # one command line (the budget is per command line), its own env each
+
+    async def go():
+        async with await MuxClient.connect(sock) as c:
+            await c.run(argv, WASM, env={"N": "warm"})  # its first run teaches the daemon the command's cost
+            futs = [c.submit(argv, WASM, env={"N": f"r{i}"}) for i in range(n)]
+            return await asyncio.gather(*futs)
+
+    rs = asyncio.run(go())
+    assert [r["stdout"] for r in rs] == [f"r{i}\n".encode() for i in range(n)]
+    assert sum(1 for r in rs if r["timings"].get("inline")) > n // 2
+    deadline = time.monotonic() + 10
+    while len(audited()) < before + n + 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    events = audited()[before:]
+    assert len(events) == n + 1 and all(e["argv"] == argv and e["exit_code"] == 0 for e in events)
+    assert len({e["id"] for e in events}) == n + 1
+
+
+def test_submit_and_cancel_a_submitted_run(daemon):
+    _, sock = daemon
+
+    async def go():
+        async with await MuxClient.connect(sock) as c:
+            slow = c.submit(["sleep", "30"], WASM, timeout=60)
+            fast = c.submit(["echo", "ok"], WASM)
+            assert (await fast)["stdout"] == b"ok\n"
+            await asyncio.sleep(0.2)
+            c.cancel(slow)
+            assert slow.cancelled() and c.in_flight() == 0
+            assert (await c.run(["echo", "still"], WASM))["stdout"] == b"still\n"
+
+    asyncio.run(go())

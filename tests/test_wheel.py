@@ -31,7 +31,8 @@ def test_wheel_carries_the_prebuilt_binaries(wheel):
     assert os.path.basename(wheel).startswith("agentkernel_sandbox-")
     with zipfile.ZipFile(wheel) as z:
         infos = {i.filename: i for i in z.infolist()}
-        for name in ("agentkernel/_prebuilt/ak-agent", "agentkernel/_prebuilt/aksh.wasm"):
+        for name in ("agentkernel/_prebuilt/ak-agent", "agentkernel/_prebuilt/aksh.wasm",
+                     "agentkernel/api/mcp_tools.json"):  # the MCP tool list (api/mcp_identity.py)
             assert name in infos
         assert (infos["agentkernel/_prebuilt/ak-agent"].external_attr >> 16) & 0o111  # executable
         entry = z.read(next(n for n in infos if n.endswith("entry_points.txt"))).decode()

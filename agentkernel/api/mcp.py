@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
 from ..errors import AgentKernelError
-from . import refops, reftools
+from . import mcp_identity, refops, reftools
 from .auth import LOCAL_TENANT, TokenSet, bearer
 from .models import ALLOW_DOC, BLOCK_DOC, NETWORK_DOC, SECRETS_DOC
 from .service import file_path
@@ -261,23 +261,17 @@ class Tools:
 
 
 def tool_list():
+    """The advertised tools (``mcp_identity``: the same list the stdio fast path answers with)."""
     import mcp.types as types
 
-    out = []
-    for name, (model, desc) in TOOLS.items():
-        schema = model.model_json_schema()
-        schema.pop("title", None)
-        schema["additionalProperties"] = False
-        out.append(types.Tool(name=name, description=desc, input_schema=schema))
-    return out
+    return [types.Tool(name=t["name"], description=t["description"], input_schema=t["inputSchema"])
+            for t in mcp_identity.tools()]
 
 
 def build_server(svc, tokens: TokenSet | None = None):
     """A low-level MCP ``Server`` whose tools run on ``svc`` (a started ``api.service.Service``)."""
     import mcp.types as types
     from mcp.server import Server
-
-    from .. import __version__
 
     tools = Tools(svc)
     tokens = tokens or TokenSet()
@@ -317,17 +311,19 @@ def build_server(svc, tokens: TokenSet | None = None):
         return types.CallToolResult(content=[types.TextContent(type="text", text=text)],
                                     structured_content=json.loads(json.dumps(data, default=str)))
 
-    return Server("agentkernel", version=__version__, instructions="Run untrusted commands in isolated sandboxes.",
+    return Server(mcp_identity.NAME, version=mcp_identity.version(), instructions=mcp_identity.INSTRUCTIONS,
                   on_list_tools=list_tools, on_call_tool=call_tool)
 
 
-async def serve_stdio(svc) -> None:
+async def serve_stdio(svc, stdin=None, stdout=None) -> None:
+    """The server over stdio (``stdin``/``stdout``: async line streams in place of the process's own, as
+    ``mcp_stdio`` hands over a session it began)."""
     from mcp.server.stdio import stdio_server
 
     server = build_server(svc)
     await svc.start()
     try:
-        async with stdio_server() as (read, write):
+        async with stdio_server(stdin, stdout) as (read, write):
             await server.run(read, write, server.create_initialization_options())
     finally:
         await svc.close()

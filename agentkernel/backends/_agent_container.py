@@ -288,6 +288,10 @@ class AgentContainerBackend(Backend, AgentAccess):
     async def remove(self, ref: SandboxRef) -> None:
         await self._conns.discard(ref.id)
         await self._engine_remove(ref.handle.get("container") or container_name(ref.id))
+        self._forget_removed(ref)
+
+    def _forget_removed(self, ref: SandboxRef) -> None:
+        """What is left of a sandbox once its container is gone: its run dir and its network."""
         _container.remove_run_dir(ref.id)
         if self.uses_egress:
             _container.release_network(ref.id)

@@ -383,6 +383,13 @@ class Backend(ABC):
     async def remove(self, ref: SandboxRef) -> None:
         """Destroy every resource of the sandbox. Idempotent: a missing sandbox is not an error."""
 
+    async def remove_many(self, refs: list[SandboxRef]) -> list[BaseException | None]:
+        """``remove`` for many sandboxes (a pool being closed); per ref, None or the error that kept it.
+        Engines driven by a CLI override this with one engine call per batch."""
+        import asyncio
+
+        return list(await asyncio.gather(*(self.remove(r) for r in refs), return_exceptions=True))
+
     @abstractmethod
     async def status(self, ref: SandboxRef) -> str:
         """'running', 'stopped', 'created' or 'missing'."""

@@ -167,6 +167,8 @@ def _workers() -> _Workers:
 
 INLINE_BUDGET_S = 0.002  # a command whose recent runs took at most this runs on the event loop itself
 INLINE_SLICE_S = 0.02  # ...under this time slice (past it: started over on a worker thread)
+PLAN_TTL_S = 1.0  # a one-shot run's plan is reused this long (run(): same spec object, argv, env, cwd)
+PLAN_CACHE_MAX = 256
 
 
 class _Budget:
@@ -291,6 +293,7 @@ class WasmBackend(Backend, OneShot, InstancePool):
     def __init__(self, options: dict[str, str] | None = None) -> None:
         super().__init__(options)
         self._pools: dict[tuple, Any] = {}
+        self._plans: dict[tuple, tuple] = {}  # _cached_plan
         self._hyperlight: Any = None
         # Run guests on the event loop's thread (True), on worker threads (False), or decide per run
         # (None): inline when the calling task is the loop's only task (the CLI's one-shot), else threads
@@ -440,25 +443,12 @@ class WasmBackend(Backend, OneShot, InstancePool):
         return plan
 
     # -- running ----------------------------------------------------------------------------------------
-    async def _execute(self, plan: _Plan, req: ExecRequest, pool: Any = None) -> ExecResult:
-        import asyncio
-
+    @staticmethod
+    def _work(plan: _Plan, pool: Any, stdin: bytes, limit: int, on_output: Any = None, cancel: Any = None):
+        """The run itself (on whatever thread calls the returned function): instance -> command -> give back."""
         from ..wasm import runtime as rt
 
-        stdin = await _collect_stdin(req.stdin)
-        loop = asyncio.get_running_loop()
-        cancel = threading.Event()
-        on_output = None
-        out_q: asyncio.Queue | None = None
-        if req.on_output is not None:
-            out_q = asyncio.Queue()
-
-            def on_output(fd: int, data: bytes) -> None:
-                loop.call_soon_threadsafe(out_q.put_nowait, (fd, data))
-
-        limit = req.output_limit
-
-        def work(timeout: float | None = req.timeout) -> rt.RawResult:
+        def work(timeout: float | None) -> rt.RawResult:
             t0 = time.perf_counter()
             p = pool.acquire() if pool is not None else rt.prepare(plan.loaded, plan.memory_bytes, plan.fs)
             t1 = time.perf_counter()
@@ -477,26 +467,63 @@ class WasmBackend(Backend, OneShot, InstancePool):
             r.timings["run_cpu_us"] = (time.thread_time() - c1) * 1e6  # its cost, whatever the GIL did
             return r
 
+        return work
+
+    @staticmethod
+    def _budget_key(plan: _Plan, req: ExecRequest, stdin: bytes) -> tuple | None:
+        """The key of the run's recent times when it could run on the loop itself: no streaming, and it
+        touches nothing but its own scratch (so a run that outgrew its slice can start over). Else None."""
+        if req.on_output is not None or plan.fs.root not in ("scratch", None) or plan.fs.preopens:
+            return None
+        return (plan.key(), tuple(plan.argv), plan.env.get("PWD"), len(stdin))
+
+    @staticmethod
+    def _try_inline(work: Any, req: ExecRequest, budget_key: tuple) -> ExecResult | None:
+        """When the command's recent runs fit the loop's budget, run it right here (no thread hop) under a
+        short time slice. None: it does not fit, or it outgrew the slice (nothing of it is kept: it is to be
+        started over on a worker thread with its full time limit)."""
+        if not _BUDGET.fits(budget_key):
+            return None
+        slice_s = INLINE_SLICE_S if req.timeout is None else min(req.timeout, INLINE_SLICE_S)
+        raw = work(slice_s)
+        if raw.timed_out and (req.timeout is None or req.timeout > INLINE_SLICE_S):
+            _BUDGET.forget(budget_key)
+            return None
+        _BUDGET.observe(budget_key, raw.timings.get("run_cpu_us", 0.0) / 1e6)
+        raw.timings["inline"] = 1.0
+        return ExecResult(raw.exit_code, timed_out=raw.timed_out, oom_killed=raw.oom_killed,
+                          stdout=raw.stdout, stderr=raw.stderr, truncated=raw.truncated, timings=raw.timings)
+
+    async def _execute(self, plan: _Plan, req: ExecRequest, pool: Any = None) -> ExecResult:
+        import asyncio
+
+        from ..wasm import runtime as rt
+
+        stdin = await _collect_stdin(req.stdin)
+        loop = asyncio.get_running_loop()
+        cancel = threading.Event()
+        on_output = None
+        out_q: asyncio.Queue | None = None
+        if req.on_output is not None:
+            out_q = asyncio.Queue()
+
+            def on_output(fd: int, data: bytes) -> None:
+                loop.call_soon_threadsafe(out_q.put_nowait, (fd, data))
+
+        run_work = self._work(plan, pool, stdin, req.output_limit, on_output, cancel)
+
+        def work(timeout: float | None = req.timeout) -> rt.RawResult:
+            return run_work(timeout)
+
         # (a background owner - the daemon, the API - is never "the only task": asking asyncio is O(tasks))
         inline = self.inline if self.inline is not None else (not self.background and _only_task())
         budget_key = None
-        if not inline and self.inline is None and req.on_output is None and plan.fs.root in ("scratch", None) \
-                and not plan.fs.preopens:
-            # A run that needs no streaming and touches nothing but its own scratch can be retried from a
-            # fresh instance: when its command's recent runs fit the loop's budget, run it right here (no
-            # thread hop) under a short time slice, and only if it outgrows the slice start it over on a
-            # worker thread with its full time limit.
-            budget_key = (plan.key(), tuple(plan.argv), plan.env.get("PWD"), len(stdin))
-            if _BUDGET.fits(budget_key):
-                slice_s = INLINE_SLICE_S if req.timeout is None else min(req.timeout, INLINE_SLICE_S)
-                raw = work(slice_s)
-                if not raw.timed_out or (req.timeout is not None and req.timeout <= INLINE_SLICE_S):
-                    _BUDGET.observe(budget_key, raw.timings.get("run_cpu_us", 0.0) / 1e6)
-                    raw.timings["inline"] = 1.0
-                    return ExecResult(raw.exit_code, timed_out=raw.timed_out, oom_killed=raw.oom_killed,
-                                      stdout=raw.stdout, stderr=raw.stderr, truncated=raw.truncated,
-                                      timings=raw.timings)
-                _BUDGET.forget(budget_key)
+        if not inline and self.inline is None:
+            budget_key = self._budget_key(plan, req, stdin)
+            if budget_key is not None:
+                res = self._try_inline(work, req, budget_key)
+                if res is not None:
+                    return res
         if inline:
             # nothing else shares this event loop (the CLI's one-shot): skip the thread hop
             if req.on_output is not None:
@@ -508,7 +535,7 @@ class WasmBackend(Backend, OneShot, InstancePool):
                         pending.append(asyncio.ensure_future(res))
 
                 pending: list[Any] = []
-                raw = work()
+                raw = self._work(plan, pool, stdin, req.output_limit, on_output, cancel)(req.timeout)
                 for f in pending:
                     await f
             else:
@@ -576,11 +603,46 @@ class WasmBackend(Backend, OneShot, InstancePool):
         t0 = time.perf_counter()
         if self._opts(spec).get("mode") == "hyperlight":
             return await self._run_hyperlight(req)
-        plan = self._plan(spec, req, None)
-        pool = self._pools.get(plan.key()) if self._pools else None
+        plan, pool = self._cached_plan(spec, req)
         res = await self._execute(plan, req, pool)
         res.timings["total_ms"] = (time.perf_counter() - t0) * 1e3
         return res
+
+    def run_now(self, spec: SandboxSpec, req: ExecRequest) -> ExecResult | None:
+        """``run`` done synchronously on the calling (event loop's) thread, when it can be: stdin is bytes
+        or None, no streaming, nothing but its own scratch, and the command's recent runs fit the loop's
+        budget (``INLINE_BUDGET_S``). None: call ``run`` (also when the run outgrew its time slice)."""
+        if self.inline is not None or (req.stdin is not None and not isinstance(req.stdin, bytes)):
+            return None
+        t0 = time.perf_counter()
+        if self._opts(spec).get("mode") == "hyperlight":
+            return None
+        plan, pool = self._cached_plan(spec, req)
+        stdin = req.stdin or b""
+        budget_key = self._budget_key(plan, req, stdin)
+        if budget_key is None:
+            return None
+        res = self._try_inline(self._work(plan, pool, stdin, req.output_limit), req, budget_key)
+        if res is not None:
+            res.timings["total_ms"] = (time.perf_counter() - t0) * 1e3
+        return res
+
+    def _cached_plan(self, spec: SandboxSpec, req: ExecRequest) -> tuple[_Plan, Any]:
+        """``_plan`` for a one-shot run and the instance pool serving it, remembered for ``PLAN_TTL_S`` per
+        (spec object, argv, env, cwd): a client sending the same command many times (the daemon's
+        multiplexed connections keep one spec object per spec id) plans it once. Modules are looked up on
+        disk again after the TTL (a rebuilt module is picked up)."""
+        key = (id(spec), tuple(req.argv), req.cwd, tuple(req.env.items()) if req.env else ())
+        now = time.monotonic()
+        hit = self._plans.get(key)
+        if hit is not None and hit[0] is spec and hit[3] > now:
+            return hit[1], hit[2]
+        plan = self._plan(spec, req, None)
+        pool = self._pools.get(plan.key()) if self._pools else None
+        if len(self._plans) >= PLAN_CACHE_MAX:
+            self._plans.clear()
+        self._plans[key] = (spec, plan, pool, now + PLAN_TTL_S)
+        return plan, pool
 
     def run_sync(self, spec: SandboxSpec, req: ExecRequest) -> ExecResult:
         """The one-shot without asyncio (for a CLI fast path that must not import it): same checks, plan
@@ -661,6 +723,7 @@ class WasmBackend(Backend, OneShot, InstancePool):
             pool = InstancePool(plan.loaded, size, memory_bytes=plan.memory_bytes, fs=plan.fs,
                                 fuel=plan.fuel is not None, key=f"{spec.pool_key()}:{plan.kind}")
             self._pools[key] = pool
+            self._plans.clear()  # plans remembered without this pool
             await pool.start()
         return pool
 
@@ -669,6 +732,7 @@ class WasmBackend(Backend, OneShot, InstancePool):
 
     async def aclose(self) -> None:
         pools, self._pools = list(self._pools.values()), {}
+        self._plans.clear()
         for p in pools:
             p.close()
 

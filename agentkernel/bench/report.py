@@ -703,10 +703,14 @@ def _speed_rows(sp: dict[str, Any]) -> list[list[str]]:
                          verdict(ok)])
     wp, wi = sp.get("wasm_pipelined") or {}, sp.get("wasm_in_process") or {}
     if wp.get("runs_per_s"):
+        cpu = wp.get("cpu_per_run") or {}
+        threads = ", ".join(f"{k} {v}" for k, v in (cpu.get("daemon_threads_us") or {}).items())
+        cpu_note = (f"; CPU per run: daemon {cpu['daemon_us']} us ({threads}), client {cpu.get('client_us', NA)} us"
+                    if cpu.get("daemon_us") else "")
         rows.append(["wasm runs through the daemon, one client pipelined: >= 3,333/s",
                      f"{wp['runs_per_s']}/s ({wp.get('window')} in flight; in-process "
                      f"{wi.get('runs_per_s', NA)}/s, per-connection "
-                     f"{(sp.get('wasm_per_connection') or {}).get('runs_per_s', NA)}/s)",
+                     f"{(sp.get('wasm_per_connection') or {}).get('runs_per_s', NA)}/s{cpu_note})",
                      verdict(wp["runs_per_s"] >= 3333)])
     oc = sp.get("oci_cold") or {}
     if oc.get("runs"):

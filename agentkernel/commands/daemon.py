@@ -28,6 +28,14 @@ def _daemon_args(args) -> list[str]:
     return out
 
 
+def daemon_argv(args: list[str]) -> list[str]:
+    """The daemon's command line. ``-P`` (Python 3.11+): ``-m`` would otherwise put the caller's working
+    directory first on sys.path, and a file there named like a stdlib or agentkernel module (``asyncio.py``,
+    ``agentkernel/``) would be imported by the daemon. The daemon keeps the caller's cwd: it reads the
+    ``agentkernel.toml`` found from there."""
+    return [sys.executable, "-P", "-m", "agentkernel.daemon", *args]
+
+
 def _pid() -> int | None:
     try:
         with open(paths.daemon_socket() + ".pid") as f:
@@ -50,8 +58,8 @@ def start(args) -> int:
         return main(_daemon_args(args))
     log_path = os.path.join(paths.data_dir(), "daemon.log")
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "agentkernel.daemon", *_daemon_args(args)],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        proc = subprocess.Popen(daemon_argv(_daemon_args(args)), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -83,7 +91,10 @@ def stop(args) -> int:
         return 0
     if pid is None:
         pid = (st or {}).get("pid")
-    deadline = time.monotonic() + STOP_TIMEOUT_S
+    # the daemon says how long destroying its pools may take (it grows with their size); an older one,
+    # or one that could not answer, gets the fixed bound
+    wait_s = (st or {}).get("stop_timeout_s") or STOP_TIMEOUT_S
+    deadline = time.monotonic() + float(wait_s)
     while pid and time.monotonic() < deadline:
         try:
             os.kill(pid, 0)

@@ -116,20 +116,27 @@ def replay(args) -> int:
 
 
 def mcp(args) -> int:
-    """``agentkernel mcp``: the MCP server over stdio (the local user), or streamable HTTP at /mcp."""
+    """``agentkernel mcp``: the MCP server over stdio (the local user), or streamable HTTP at /mcp. Over
+    stdio the handshake is answered before the server's heavy imports (``api/mcp_stdio.py``)."""
     import asyncio
     import logging
 
-    from ..api.mcp import http_app, serve_stdio
-    from ..api.service import Service
+    def service(transport: str):
+        from ..api.service import Service
 
-    logging.basicConfig(level=os.environ.get("AGENTKERNEL_LOG_LEVEL", "WARNING"),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg, tokens, policy = _server_setup(args, args.host, with_tokens=args.transport == "http")
-    svc = Service(config=cfg, pool_min=args.pool_min, pool_max=args.pool_max, warm=args.warm, policy=policy)
+        logging.basicConfig(level=os.environ.get("AGENTKERNEL_LOG_LEVEL", "WARNING"),
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        cfg, tokens, policy = _server_setup(args, args.host, with_tokens=transport == "http")
+        return Service(config=cfg, pool_min=args.pool_min, pool_max=args.pool_max, warm=args.warm,
+                       policy=policy), tokens
+
     if args.transport == "stdio":
-        asyncio.run(serve_stdio(svc))
-        return 0
+        from ..api import mcp_stdio
+
+        return mcp_stdio.serve(lambda: service("stdio")[0])
+    from ..api.mcp import http_app
+
+    svc, tokens = service("http")
     import uvicorn
 
     app = http_app(svc, tokens, args.host)

@@ -5,12 +5,18 @@ A client switches a connection to it with ``REQUEST {"op": "mux"}``; from then o
 id of the run they answer (protocol.py has the frame shapes). Each run is one task on the daemon's loop
 going through ``Daemon.run`` (warm pool member, or the backend's in-process path for wasm); cancelling it
 (``MCANCEL``, or the connection closing) kills the command and destroys its sandbox.
+
+Runs the daemon can do right away (``Daemon.run_now``: a wasm command whose recent runs fit the loop's
+budget) are done as their frames are read, without a task or a thread hop, in slices of ``TURN_S`` with
+a loop turn between. Answers are coalesced: every frame finished in one loop turn goes out in one write,
+and the socket is only drained when ``WRITE_HIGH_WATER`` bytes are queued.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from ..backends import canonical
@@ -22,6 +28,7 @@ from . import protocol as P
 log = logging.getLogger("agentkernel.daemon")
 
 WRITE_HIGH_WATER = 1 << 20  # drain the socket when this much output is queued
+TURN_S = 0.005  # runs done on the loop as their frames are read: at most this long before a loop turn
 
 
 class MuxSession:
@@ -32,13 +39,20 @@ class MuxSession:
         self.specs: dict[int, SandboxSpec] = {}
         self.tasks: dict[int, asyncio.Task] = {}
         self.open = True
+        self._out: list[bytes] = []  # answers of this loop turn, written together by _flush
+        self._loop = asyncio.get_running_loop()
 
     async def serve(self, early: list[tuple[int, bytes]] = ()) -> None:
         frames = list(early)  # frames the client pipelined behind its mux request
+        perf = time.perf_counter
         try:
             while True:
+                turn_end = perf() + TURN_S
                 for t, payload in frames:
                     if t == P.MRUN:
+                        if perf() > turn_end:
+                            await asyncio.sleep(0)  # let the loop breathe (and our answers go out)
+                            turn_end = perf() + TURN_S
                         self._start(P.decode(payload))
                     elif t == P.MCANCEL:
                         task = self.tasks.get(P.decode(payload).get("id"))
@@ -48,6 +62,7 @@ class MuxSession:
                         raise AgentKernelError(f"protocol error: frame type {t} in multiplexed mode "
                                                "(only MRUN and MCANCEL)")
                 if self.writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+                    self._flush()
                     await self.writer.drain()
                 data = await self.reader.read(1 << 18)
                 if not data:
@@ -55,19 +70,39 @@ class MuxSession:
                 frames = self.fr.feed(data)
         finally:
             self.open = False  # the client is gone (or broke the protocol): cancel what it still has going
+            self._out.clear()
             tasks = list(self.tasks.values())
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _error(self, rid: Any, exc: AgentKernelError | str, kind: str | None = None) -> None:
+    def _send(self, frame: bytes) -> None:
         if not self.open:
             return
+        self._out.append(frame)
+        if len(self._out) == 1:
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if not self._out:
+            return
+        data = b"".join(self._out)
+        self._out.clear()
+        if self.open:
+            self.writer.write(data)
+
+    def _error(self, rid: Any, exc: AgentKernelError | str, kind: str | None = None) -> None:
         if isinstance(exc, AgentKernelError):
             obj = {"id": rid, "message": exc.message, "hint": exc.hint, "kind": kind or type(exc).__name__}
         else:
             obj = {"id": rid, "message": exc, "hint": None, "kind": kind or "AgentKernelError"}
-        self.writer.write(P.oframe(P.MERROR, obj))
+        self._send(P.oframe(P.MERROR, obj))
+
+    def _result(self, rid: int, result: ExecResult) -> None:
+        self._send(P.oframe(P.MRESULT, {
+            "id": rid, "exit_code": result.exit_code, "signal": result.signal, "timed_out": result.timed_out,
+            "oom_killed": result.oom_killed, "stdout": bytes(result.stdout), "stderr": bytes(result.stderr),
+            "truncated": result.truncated, "timings": result.timings}))
 
     def _start(self, req: dict) -> None:
         rid = req.get("id")
@@ -91,7 +126,19 @@ class MuxSession:
         except AgentKernelError as exc:
             self._error(rid, exc)
             return
-        self.tasks[rid] = asyncio.get_running_loop().create_task(self._one(rid, spec, exec_req))
+        try:
+            result = self.daemon.run_now(spec, exec_req)
+        except AgentKernelError as exc:
+            self._error(rid, exc)
+            return
+        except Exception as exc:  # one bad run never takes the connection down
+            log.exception("multiplexed run failed")
+            self._error(rid, f"daemon error: {exc}")
+            return
+        if result is not None:
+            self._result(rid, result)
+            return
+        self.tasks[rid] = self._loop.create_task(self._one(rid, spec, exec_req))
 
     def _spec(self, req: dict) -> SandboxSpec:
         sid = req.get("spec_id")
@@ -121,8 +168,4 @@ class MuxSession:
             return
         finally:
             self.tasks.pop(rid, None)
-        if self.open:
-            self.writer.write(P.oframe(P.MRESULT, {
-                "id": rid, "exit_code": result.exit_code, "signal": result.signal, "timed_out": result.timed_out,
-                "oom_killed": result.oom_killed, "stdout": bytes(result.stdout), "stderr": bytes(result.stderr),
-                "truncated": result.truncated, "timings": result.timings}))
+        self._result(rid, result)

@@ -71,7 +71,8 @@ def decode(payload: bytes) -> dict:
 
 
 class FrameReader:
-    """Incremental decoder: feed bytes, get (type, payload) frames."""
+    """Incremental decoder: feed bytes, get (type, payload) frames. A bulk read holding thousands of small
+    frames is cut in one pass (the consumed prefix is dropped once, not after every frame)."""
 
     __slots__ = ("buf",)
 
@@ -79,14 +80,25 @@ class FrameReader:
         self.buf = bytearray()
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        self.buf += data
+        if self.buf:
+            self.buf += data
+            buf = self.buf
+        else:
+            buf = data  # the common case: nothing left over from the last read
         out = []
-        while len(self.buf) >= 5:
-            n, t = _HDR.unpack_from(self.buf)
+        pos, end = 0, len(buf)
+        unpack = _HDR.unpack_from
+        while end - pos >= 5:
+            n, t = unpack(buf, pos)
             if n < 1 or n > MAX_FRAME:
                 raise ValueError(f"bad daemon frame length {n}")
-            if len(self.buf) < 4 + n:
+            if end - pos < 4 + n:
                 break
-            out.append((t, bytes(self.buf[5 : 4 + n])))
-            del self.buf[: 4 + n]
+            out.append((t, bytes(buf[pos + 5 : pos + 4 + n])))
+            pos += 4 + n
+        if buf is data:
+            if pos < end:
+                self.buf = bytearray(data[pos:])
+        elif pos:
+            del self.buf[:pos]
         return out
