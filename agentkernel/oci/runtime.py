@@ -537,10 +537,11 @@ def destroy(sandbox_id: str, runtime: str | None = None) -> None:
             continue
         if not state_entries(rt, sandbox_id):
             continue
-        try:
-            run_cmd(rt, "kill", sandbox_id, "KILL", timeout=30)
-        except (subprocess.TimeoutExpired, OSError):
-            pass
+        if rt == "runsc":  # crun's and runc's `delete --force` SIGKILL the container themselves (one exec less)
+            try:
+                run_cmd(rt, "kill", sandbox_id, "KILL", timeout=30)
+            except (subprocess.TimeoutExpired, OSError):
+                pass
         try:
             run_cmd(rt, "delete", "--force", sandbox_id, timeout=60)
         except (subprocess.TimeoutExpired, OSError):
