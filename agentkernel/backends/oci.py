@@ -400,12 +400,12 @@ class OCIBackend(AgentContainerBackend, OneShot):
                  os.path.join(bdir, "init.pid"), "--bundle", bdir, sid],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=pre,
             )
-            try:
-                return proc.wait(120)
-            except subprocess.TimeoutExpired:
+            rc = rt.wait_exit(proc, 120)
+            if rc is None:
                 proc.kill()
                 proc.wait()
                 return -1
+            return rc
 
     def _stop_sync(self, sid: str, runtime: str, grace: float) -> None:
         import time
