@@ -54,7 +54,7 @@ def run_outcome(backend: Backend, spec: SandboxSpec, argv: list[str], stdio: Std
     backend.check(spec)
     sid = sandbox_id or owner.new_id("run")
     me = own or owner.current_owner()
-    with _Claim(backend, sid, me, keep_on_error=cli):
+    with _Claim(backend, sid, me, keep_on_error=cli, sole=sandbox_id is None):
         outcome = backend.run_oneshot(spec, argv, stdio, timeout, sandbox_id=sid, owner=me)
     _audit(backend, spec, sid, argv, outcome.exit_code, outcome.timed_out, outcome.oom, via=via)
     return outcome
@@ -298,20 +298,22 @@ class _Claim:
     ``keep_on_error=False`` (asyncio runs: the backend's ``run`` removes what it made in ``finally``,
     also when cancelled, and this process lives on): always released."""
 
-    __slots__ = ("backend", "keep_on_error", "owner", "sid")
+    __slots__ = ("backend", "keep_on_error", "owner", "sid", "sole")
 
-    def __init__(self, backend: Backend, sid: str, own: dict[str, Any], *, keep_on_error: bool = True) -> None:
+    def __init__(self, backend: Backend, sid: str, own: dict[str, Any], *, keep_on_error: bool = True,
+                 sole: bool = False) -> None:
         self.backend, self.sid, self.owner, self.keep_on_error = backend, sid, own, keep_on_error
+        self.sole = sole  # a fresh id of this process's own: no other entry to look for (owner.claim)
 
     def __enter__(self) -> _Claim:
-        owner.claim(self.backend.name, self.sid, self.backend.planned_handle(self.sid), self.owner)
+        owner.claim(self.backend.name, self.sid, self.backend.planned_handle(self.sid), self.owner, sole=self.sole)
         if self.keep_on_error:  # this process is the CLI: a SIGKILL must not leave the sandbox running
             deathwatch.arm(self.backend.name, self.sid)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None or not self.keep_on_error or issubclass(exc_type, AgentKernelError):
-            owner.release(self.backend.name, self.sid)
+            owner.release(self.backend.name, self.sid, (self.owner,))
             if self.keep_on_error:
                 deathwatch.disarm(self.backend.name, self.sid)
         # else: the claim stays, and the armed watcher removes the sandbox as soon as this process exits

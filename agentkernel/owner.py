@@ -117,9 +117,11 @@ def _find(backend: str, sandbox_id: str) -> list[str]:
     return [os.path.join(d, fn) for fn in os.listdir(d) if fn.startswith(pre) and fn.endswith(".json")]
 
 
-def claim(backend: str, sandbox_id: str, handle: dict, owner: dict | None = None) -> str:
+def claim(backend: str, sandbox_id: str, handle: dict, owner: dict | None = None, *, sole: bool = False) -> str:
     """Record that ``owner`` (default: this process) owns a resource. Call BEFORE creating it; call again
-    to update the handle or to hand the resource to another owner."""
+    to update the handle or to hand the resource to another owner. ``sole``: no entry of another owner can
+    exist for this id (this process made the id and has shown it to no one, or only ever claimed it under
+    ``owner``): the journal is not listed for them (a resource has one entry at a time; see ``lend``)."""
     from ._fastjson import dumps
 
     owner = owner or current_owner()
@@ -129,9 +131,10 @@ def claim(backend: str, sandbox_id: str, handle: dict, owner: dict | None = None
     with open(tmp, "w") as f:
         f.write(dumps(entry))
     os.replace(tmp, path)
-    for other in _find(backend, sandbox_id):
-        if other != path:
-            _unlink(other)
+    if not sole:
+        for other in _find(backend, sandbox_id):
+            if other != path:
+                _unlink(other)
     return path
 
 
@@ -142,10 +145,35 @@ def _unlink(path: str) -> None:
         pass
 
 
-def release(backend: str, sandbox_id: str) -> None:
-    """The resource is gone (or handed to the store as a named sandbox): forget it."""
+def release(backend: str, sandbox_id: str, owners: tuple[dict, ...] = ()) -> None:
+    """The resource is gone (or handed to the store as a named sandbox): forget it. ``owners``: whom its
+    entry's name may give (its owner, a lease's client it was lent to): it is looked for under those names
+    first, and the journal is listed only when it is under none of them."""
+    if owners:
+        d = journal_dir()
+        for who in owners:
+            try:
+                os.unlink(os.path.join(d, _entry_name(backend, sandbox_id, who)))
+                return  # one entry per resource: claim and lend replace, hand_back renames
+            except FileNotFoundError:
+                continue
     for path in _find(backend, sandbox_id):
         _unlink(path)
+
+
+def lend(backend: str, sandbox_id: str, holder: dict) -> bool:
+    """This process's entry for ``sandbox_id`` is renamed to ``holder`` (a live process: a lease's client),
+    one rename instead of a new entry: while the holder lives, the entry is a live claim for every reader
+    (``reap_dead``, ``live_claims``, ``claimed_alive`` go by the name), and its content still names this
+    process, so once both are gone the first command reaps it. The holder gives it back with
+    ``hand_back``. False when this process has no entry for it (the caller claims for the holder instead)."""
+    d = journal_path()
+    try:
+        os.rename(os.path.join(d, _entry_name(backend, sandbox_id, current_owner())),
+                  os.path.join(d, _entry_name(backend, sandbox_id, holder)))
+        return True
+    except OSError:
+        return False
 
 
 def transfer(backend: str, sandbox_id: str, new_owner: dict) -> None:
@@ -162,17 +190,25 @@ def transfer(backend: str, sandbox_id: str, new_owner: dict) -> None:
         return
 
 
-def hand_back(sandbox_id: str, holder_pid: int) -> bool:
+def hand_back(sandbox_id: str, holder_pid: int, backend: str | None = None) -> bool:
     """This process's claim on ``sandbox_id`` becomes ``holder_pid``'s (the daemon that lent it), by renaming
     the entry: a client calls this as its lease ends, before telling the daemon, so that the commands run
     right after it never see a dead owner's entry for a member the daemon is about to remove (and race the
     daemon to reap it: ~60 ms of asyncio and backend imports each). The entry's content still names this
-    process: if the holder dies too, the first command after both reaps it as before. True when renamed."""
+    process: if the holder dies too, the first command after both reaps it as before. ``backend``: the
+    entry's backend when known (one rename, no listing). True when renamed."""
     start = process_start_time(holder_pid) if holder_pid > 0 else None
     if not start:
         return False
     me = current_owner()
     d = journal_path()
+    if backend:
+        try:
+            os.rename(os.path.join(d, _entry_name(backend, sandbox_id, me)),
+                      os.path.join(d, _entry_name(backend, sandbox_id, {"pid": holder_pid, "start": start})))
+            return True
+        except OSError:
+            pass  # not under that name: look for it
     old = f"--{sandbox_id}--{me['pid']}.{me['start']}.json"
     try:
         names = [fn for fn in os.listdir(d) if fn.endswith(old)]
@@ -225,6 +261,32 @@ def entries() -> list[dict]:
                 out.append(json.load(f))
         except (OSError, ValueError):
             continue
+    return out
+
+
+def live_claims() -> set[tuple[str, str]]:
+    """(backend, id) of every entry whose owner is not provably dead: the process its name gives is alive
+    (a lease's client, ``lend``: skipped unread), or the owner its content names is not provably dead."""
+    from . import _fastjson as json
+
+    out = set()
+    d = journal_dir()
+    for fn in os.listdir(d):
+        if not fn.endswith(".json"):
+            continue
+        if _alive_by_name(fn):
+            backend, _, rest = fn.partition("--")
+            sid = rest.rsplit("--", 1)[0]
+            if backend and sid:
+                out.add((backend, sid))
+                continue
+        try:
+            with open(os.path.join(d, fn), "rb") as f:
+                e = json.loads(f.read())
+        except (OSError, ValueError):
+            continue
+        if not is_dead(e.get("owner") or {}):
+            out.add((e.get("backend"), e.get("id")))
     return out
 
 

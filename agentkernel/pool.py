@@ -62,12 +62,13 @@ class PoolConfig:
 
 
 class Member:
-    __slots__ = ("created", "ref", "start_ms")
+    __slots__ = ("created", "lent_to", "ref", "start_ms")
 
     def __init__(self, ref: SandboxRef, start_ms: float) -> None:
         self.ref = ref
         self.start_ms = start_ms
         self.created = time.monotonic()
+        self.lent_to: dict[str, Any] | None = None  # the lease's client its journal entry was lent to
 
 
 class WarmPool:
@@ -274,11 +275,12 @@ class WarmPool:
                     self._starting -= 1
                 raise PoolClosed()
         sid = owner.new_id("pool")
-        owner.claim(self.backend.name, sid, self.backend.planned_handle(sid), self._owner)
+        # a fresh id, claimed only ever by this pool's owner until it is leased: no other entry to look for
+        owner.claim(self.backend.name, sid, self.backend.planned_handle(sid), self._owner, sole=True)
         t0 = time.perf_counter()
         try:
             ref = await self.backend.create_started(self.spec, sandbox_id=sid, owner=self._owner)
-            owner.claim(self.backend.name, sid, ref.handle, self._owner)
+            owner.claim(self.backend.name, sid, ref.handle, self._owner, sole=True)
         except BaseException:
             try:
                 await self.backend.remove(SandboxRef(self.backend.name, sid, self.backend.planned_handle(sid),
@@ -312,7 +314,7 @@ class WarmPool:
     async def _destroy(self, m: Member) -> None:
         try:
             await self.backend.remove(m.ref)
-            owner.release(m.ref.backend, m.ref.id)
+            owner.release(m.ref.backend, m.ref.id, (self._owner, m.lent_to) if m.lent_to else (self._owner,))
             self.stats["destroyed"] += 1
         except Exception as exc:  # keep the journal entry: the daemon's next sweep or the next CLI retries
             self.stats["last_error"] = f"destroy {m.ref.id}: {exc}"[:300]

@@ -20,6 +20,7 @@ import math
 
 WINDOW_S = 10.0  # demand is measured over this trailing window
 FAST_S = 2.0  # ... and over this short one: a step up in demand is seen within seconds, a fall over WINDOW_S
+MIN_SPAN_S = 0.2  # the shortest span a rate is measured over (2+ acquires): a back-to-back loop is seen in ~0.2 s
 HEADROOM = 1.5  # ready members above the Little's-law estimate (bursts, start-time jitter)
 IDLE_S = 60.0  # no acquire for this long: shrink to min_size
 START_GUESS_S = 0.5  # start time assumed before the first start is observed
@@ -83,7 +84,10 @@ class PoolPolicy:
     # -- measures --
     def demand(self, now: float) -> float:
         """Acquires per second: the higher of the rate over the trailing window and over its last FAST_S
-        seconds (fast attack, slow decay: a burst is answered at once, a lull does not shrink the pool)."""
+        seconds (fast attack, slow decay: a burst is answered at once, a lull does not shrink the pool).
+        The short rate is measured from the first of its acquires to now, over at least MIN_SPAN_S once
+        there are two (one acquire is not a rate): a loop of runs back to back is seen after its first few
+        runs, not after a second of misses."""
         self._trim(now)
         if not self._acquires:
             return 0.0
@@ -93,7 +97,8 @@ class PoolPolicy:
             if now - t > FAST_S:
                 break
             recent += 1
-        fast_span = max(1.0, min(FAST_S, now - self._acquires[-recent])) if recent else FAST_S
+        floor = MIN_SPAN_S if recent >= 2 else 1.0
+        fast_span = max(floor, min(FAST_S, now - self._acquires[-recent])) if recent else FAST_S
         return max(len(self._acquires) / span, recent / fast_span)
 
     def refill_rate(self, now: float) -> float:

@@ -45,7 +45,7 @@ async def collect_orphans(seen: dict[str, set[str]] | None = None) -> list[tuple
     orphans = []
     # a journal entry with a live owner wins over the labels (e.g. a pool member leased to a client that
     # outlived the daemon named in the member's labels)
-    claimed = {(e.get("backend"), e.get("id")) for e in owner.entries() if not owner.is_dead(e.get("owner") or {})}
+    claimed = owner.live_claims()
     own_journal = owner.journal_path()
     for name in scanned():
         try:
@@ -155,7 +155,7 @@ def _sweep_disk_dirs(seen: dict[str, set[str]], reaped: set[str], dry_run: bool)
         return []
     from .diskquota import remove_capped_dir
 
-    claimed = {e.get("id") for e in owner.entries() if not owner.is_dead(e.get("owner") or {})}
+    claimed = {sid for _, sid in owner.live_claims()}
     live = (set().union(*seen.values()) - reaped) | claimed
     out = []
     for path in stale_disk_dirs(live):
@@ -171,7 +171,7 @@ async def _sweep_egress(seen: dict[str, set[str]], reaped: set[str], dry_run: bo
 
     from .egress.sweep import sweep
 
-    claimed = {e.get("id") for e in owner.entries() if not owner.is_dead(e.get("owner") or {})}
+    claimed = {sid for _, sid in owner.live_claims()}
     listed = set().union(*seen.values()) - reaped if seen else set()
     listed |= claimed
     all_answered = set(seen) >= set(scanned())  # records made before they named their backend: only then

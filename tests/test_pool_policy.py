@@ -113,6 +113,30 @@ def test_sequential_back_to_back_keeps_hit_rate_when_the_engine_can():
     assert static_policy_hit_rate(0.06, 1, 0.02) < 0.9  # the fixed pool drains on the same trace
 
 
+def test_back_to_back_loop_hits_from_its_first_runs():
+    # a fresh pool (min 2 ready) meets a loop of 25 ms runs with 60 ms starts: the demand is seen within
+    # the first few runs (not after a second of misses), so the hit rate over the loop's first 200 runs,
+    # counted from its very first, stays >= 0.9
+    p = PoolPolicy(min_size=2, max_size=32, max_starts=4)
+    s = Sim(p, start_s=0.06)
+    s.ready = 2
+    s.run(clients=1, run_s=0.025, until=6.0)
+    first = [h for _, h in s.acquires][:200]
+    assert len(first) >= 150 and sum(first) / len(first) >= 0.9
+    assert sum(first[:20]) >= 15
+    busy_at = next(t for t, d in s.decisions if d.refill_delay_s == 0.0)
+    assert busy_at < 0.2
+
+
+def test_two_acquires_far_apart_are_not_a_burst():
+    p = PoolPolicy(min_size=2, max_size=32, max_starts=4)
+    p.on_acquire(10.0, True, 1)
+    assert p.demand(10.0) <= 1.0  # one acquire is not a rate
+    p.on_acquire(11.5, True, 1)
+    assert p.demand(11.5) < 2.0  # a person's two runs 1.5 s apart: replacements still wait the refill delay
+    assert p.decide(11.5, ready=1, starting=0, in_use=1).refill_delay_s > 0
+
+
 def test_concurrent_load_grows_the_pool_and_its_starts():
     # 10 clients, 200 ms runs (~50/s), 100 ms starts
     p = PoolPolicy(min_size=2, max_size=32, max_starts=8)

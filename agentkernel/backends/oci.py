@@ -324,10 +324,8 @@ class OCIBackend(AgentContainerBackend, OneShot):
             )
         rt.require_binary(self.runtime)
         run_dir = _container.prepare_run_dir(sandbox_id, _container.resolve_user(spec))
-        try:
-            net = await asyncio.to_thread(_container.attach_network, spec, sandbox_id)
-            p = _plan(spec, sandbox_id, owner, agent, run_dir, None, net)
-            bdir, _ = await asyncio.to_thread(self._prepare_bundle, spec, p, sandbox_id, named=True)
+        try:  # one trip to a worker thread: the network, the plan and the bundle (mkdirs, a mount, writes)
+            bdir = await asyncio.to_thread(self._create_sync, spec, sandbox_id, owner, agent, run_dir)
         except BaseException:
             await asyncio.to_thread(rt.destroy, sandbox_id, self.runtime)
             await asyncio.to_thread(_container.release_network, sandbox_id)
@@ -338,6 +336,11 @@ class OCIBackend(AgentContainerBackend, OneShot):
             {"container": sandbox_id, "runtime": self.runtime, "run_dir": run_dir, "bundle": bdir},
             spec,
         )
+
+    def _create_sync(self, spec, sandbox_id: str, owner: dict[str, Any], agent: str, run_dir: str) -> str:
+        net = _container.attach_network(spec, sandbox_id)
+        p = _plan(spec, sandbox_id, owner, agent, run_dir, None, net)
+        return self._prepare_bundle(spec, p, sandbox_id, named=True)[0]
 
     def planned_handle(self, sandbox_id: str) -> dict[str, Any]:
         return {"container": sandbox_id, "runtime": self.runtime}
@@ -366,23 +369,30 @@ class OCIBackend(AgentContainerBackend, OneShot):
     async def _run_detached(self, sid: str, meta: dict[str, Any], runtime: str, exe: str) -> None:
         import asyncio
 
-        st = await asyncio.to_thread(rt.state, runtime, sid)
-        if st is not None:
-            if st.get("status") in ("running", "created", "paused"):
-                return
-            await asyncio.to_thread(rt.run_cmd, runtime, "delete", "--force", sid)
-        await asyncio.to_thread(rt.remove_cgroups, sid)
-        bdir = rt.bundle_dir(sid)
-        log_path = os.path.join(bdir, "console.log")
-        # all of it off the event loop: the memory cgroup's mkdir (~6 ms on cgroup v1) and the fork+preexec+exec
-        # (subprocess blocks until the child has exec'd: ~10-17 ms) stalled every other client of a daemon
-        rc = await asyncio.to_thread(self._spawn_detached, sid, meta, runtime, exe, log_path)
-        if rc != 0:
+        log_path = os.path.join(rt.bundle_dir(sid), "console.log")
+        # all of it off the event loop, in one trip to a worker thread: the runtime's state, the memory cgroup's
+        # mkdir (~6 ms on cgroup v1), the fork+preexec+exec (subprocess blocks until the child has exec'd:
+        # ~10-17 ms) and the meta write stalled every other client of a daemon
+        rc = await asyncio.to_thread(self._start_sync, sid, meta, runtime, exe, log_path)
+        if rc:
             msg = _tail(log_path)
             await asyncio.to_thread(self._stop_sync, sid, runtime, 0)
             raise SandboxError(f"{runtime} could not start sandbox {sid} (exit {rc}): {msg}")
-        meta["started"] = True
-        rt.write_json(os.path.join(bdir, "meta.json"), meta)
+
+    def _start_sync(self, sid: str, meta: dict[str, Any], runtime: str, exe: str, log_path: str) -> int | None:
+        """Start the container unless the runtime has it already (None); else the runtime's exit status
+        (``meta.json`` then says it was started)."""
+        st = rt.state(runtime, sid)
+        if st is not None:
+            if st.get("status") in ("running", "created", "paused"):
+                return None
+            rt.run_cmd(runtime, "delete", "--force", sid)
+        rt.remove_cgroups(sid)
+        rc = self._spawn_detached(sid, meta, runtime, exe, log_path)
+        if rc == 0:
+            meta["started"] = True
+            rt.write_json(os.path.join(rt.bundle_dir(sid), "meta.json"), meta)
+        return rc
 
     def _spawn_detached(self, sid: str, meta: dict[str, Any], runtime: str, exe: str, log_path: str) -> int:
         """``<runtime> run --detach`` of the bundle (its parent memory cgroup made first); its exit status."""
@@ -400,12 +410,12 @@ class OCIBackend(AgentContainerBackend, OneShot):
                  os.path.join(bdir, "init.pid"), "--bundle", bdir, sid],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=pre,
             )
-            try:
-                return proc.wait(120)
-            except subprocess.TimeoutExpired:
+            rc = rt.wait_exit(proc, 120)
+            if rc is None:
                 proc.kill()
                 proc.wait()
                 return -1
+            return rc
 
     def _stop_sync(self, sid: str, runtime: str, grace: float) -> None:
         import time

@@ -172,7 +172,7 @@ def _run_lease(s, reply: dict, command: list[str], timeout, forward: bool, spec)
     if daemon_pid is not None and reply.get("sandbox"):
         from .. import owner
 
-        owner.hand_back(str(reply["sandbox"]), daemon_pid)  # before DONE: the daemon removes it next
+        owner.hand_back(str(reply["sandbox"]), daemon_pid, spec.backend)  # before DONE: the daemon removes it next
     try:
         s.sendall(P.oframe(P.DONE, {"exit_code": rc}))
     except OSError:

@@ -28,11 +28,17 @@ def peer_pid(writer) -> int | None:
     return pid if pid > 0 else None
 
 
-def hand_to_client(backend: str, ref, writer) -> None:
-    """Re-claim ``ref`` in the journal for the peer process of ``writer`` (no-op if it cannot be told)."""
+def hand_to_client(backend: str, ref, writer) -> dict | None:
+    """The journal entry of ``ref`` goes to the peer process of ``writer`` (``owner.lend``: one rename; a
+    new claim for it when the daemon's own entry is not where it should be). Returns that client as an
+    owner (the member's entry is released under its name if it never hands it back), or None when it
+    cannot be told (nothing changes)."""
     pid = peer_pid(writer)
     if pid is None:
-        return
+        return None
     client = owner.owner_of_pid(pid)
-    if client.get("start"):
+    if not client.get("start"):
+        return None
+    if not owner.lend(backend, ref.id, client):
         owner.claim(backend, ref.id, ref.handle, client)
+    return client

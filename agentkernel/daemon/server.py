@@ -359,7 +359,8 @@ class Daemon:
         pool = self.pool_for(spec)
         member, hit = await pool.acquire()
         try:
-            leases.hand_to_client(spec.backend, member.ref, writer)  # a dead daemon's reaper must spare it
+            # the client owns it while it runs in it: a dead daemon's reaper must spare it
+            member.lent_to = leases.hand_to_client(spec.backend, member.ref, writer)
             info = await pool.backend.agent_endpoint(member.ref)
             info.update({"mode": "lease", "sandbox": member.ref.id, "hit": hit,
                          "acquire_ms": round((time.perf_counter() - t0) * 1e3, 3)})
