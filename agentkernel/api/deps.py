@@ -42,12 +42,17 @@ def service(request: Request) -> Service:
     return request.app.state.service
 
 
-def tenant_of(request: Request,
-              creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]) -> str:
+def tenant_for(request: Request, creds: HTTPAuthorizationCredentials | None) -> str | None:
+    """The caller's tenant from its bearer credentials (``bearer_scheme``), or None (not authorized)."""
     tokens = request.app.state.settings.tokens
     if not tokens:
         return LOCAL_TENANT
-    tenant = tokens.tenant_for(creds.credentials if creds else None)
+    return tokens.tenant_for(creds.credentials if creds else None)
+
+
+def tenant_of(request: Request,
+              creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]) -> str:
+    tenant = tenant_for(request, creds)
     if tenant is None:
         request.app.state.service.metrics.auth_failures += 1
         raise Unauthorized()
