@@ -8,14 +8,15 @@ sandbox (API + agent overhead only).
 
 Latency is measured sequentially with a pause between runs long enough for the pool to refill, so
 every sample is a warm-pool hit (the result's ``timings.pooled`` is checked). Throughput runs N
-requests through C concurrent clients (one keep-alive connection each) and reports completed
-requests/s, the success rate and latency percentiles.
+requests through C concurrent clients (one raw keep-alive HTTP/1.1 connection each, ``KeepAlive``: no HTTP
+library in the client's loop) and reports completed requests/s, the success rate and latency percentiles.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -65,39 +66,96 @@ def run_latency(url: str, headers: dict[str, str], iterations: int = 30, pause_s
     return {"client": _summary(lat), "server": _summary(server), "pool_hits": hits, "iterations": iterations}
 
 
+class KeepAlive:
+    """One raw HTTP/1.1 keep-alive connection (asyncio streams): requests written by hand, responses read by
+    Content-Length (or chunked). The bench's client, so that the client's own cost per request (an HTTP
+    library's) is not what is measured."""
+
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
+        rest = url.split("://", 1)[-1].rstrip("/")
+        host, _, port = rest.partition(":")
+        self.host, self.port = host, int(port or 80)
+        self.head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": rest, **headers}.items())
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def _connect(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            await self._connect()
+        assert self.reader is not None and self.writer is not None
+        self.writer.write(f"POST {path} HTTP/1.1\r\n{self.head}Content-Type: application/json\r\n"
+                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        hdrs = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+        if "content-length" in hdrs:
+            data = await self.reader.readexactly(int(hdrs["content-length"]))
+        elif hdrs.get("transfer-encoding", "").lower() == "chunked":
+            parts = []
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                parts.append(await self.reader.readexactly(size + 2))
+                if size == 0:
+                    break
+            data = b"".join(p[:-2] for p in parts)
+        else:
+            data = await self.reader.read()
+        if hdrs.get("connection", "").lower() == "close":
+            await self.close()
+        return status, data
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+        self.reader = self.writer = None
+
+
 async def _throughput(url: str, headers: dict[str, str], path: str, body: dict, total: int,
                       concurrency: int) -> dict[str, Any]:
     lat: list[float] = []
     ok = fail = 0
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(total):
-        queue.put_nowait(i)
+    errors: list[str] = []
+    left = total
+    raw = json.dumps(body).encode()
 
     async def worker() -> None:
-        nonlocal ok, fail
-        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300,
-                                     limits=httpx.Limits(max_connections=1)) as c:
-            while True:
-                try:
-                    queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
+        nonlocal ok, fail, left
+        conn = KeepAlive(url, headers)
+        try:
+            while left > 0:
+                left -= 1
                 t = time.perf_counter()
                 try:
-                    r = await c.post(path, json=body)
-                    good = r.status_code == 200 and r.json()["data"]["exit_code"] == 0
-                except httpx.HTTPError:
+                    status, data = await conn.post(path, raw)
+                    good = status == 200 and json.loads(data)["data"]["exit_code"] == 0
+                    if not good and len(errors) < 5:
+                        errors.append(f"{status}: {data[:200]!r}")
+                except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
                     good = False
+                    await conn.close()
+                    if len(errors) < 5:
+                        errors.append(f"{type(exc).__name__}: {exc}")
                 lat.append((time.perf_counter() - t) * 1e3)
                 ok += good
                 fail += not good
+        finally:
+            await conn.close()
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
-    return {"concurrency": concurrency, "requests": total, "ok": ok, "failed": fail,
-            "success_rate": round(ok / total, 4), "wall_s": round(wall, 3), "rps": round(total / wall, 1),
-            "latency": _summary(lat)}
+    out = {"concurrency": concurrency, "requests": total, "ok": ok, "failed": fail,
+           "success_rate": round(ok / total, 4), "wall_s": round(wall, 3), "rps": round(total / wall, 1),
+           "latency": _summary(lat)}
+    if errors:
+        out["errors"] = errors
+    return out
 
 
 def throughput(url: str, headers: dict[str, str], path: str, body: dict, total: int, concurrency: int):
