@@ -31,7 +31,7 @@ MAX_ENTRIES = 256
 def config_stamp() -> tuple:
     """What identifies the config file the server finds now, and the environment that overrides it."""
     env = tuple(sorted(kv for kv in os.environ.items() if kv[0].startswith("AGENTKERNEL_")))
-    path = os.environ.get("AGENTKERNEL_CONFIG") or os.path.join(os.getcwd(), CONFIG_FILENAME)
+    path = os.environ.get("AGENTKERNEL_CONFIG") or CONFIG_FILENAME  # relative: the server's directory
     try:
         st = os.stat(path)
     except OSError:
