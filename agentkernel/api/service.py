@@ -256,17 +256,17 @@ class Service:
                  block_hosts: list[str] | None = None, secrets: list[str] | None = None) -> SandboxSpec:
         """The spec of a one-shot run a caller asked for, within its policy (the same request's resolution
         is reused for a few seconds: ``speccache.py``)."""
-        key = ("run", tenant, tuple(argv), image, profile, backend, freeze(network), freeze(allow_hosts),
-               freeze(block_hosts), freeze(secrets))
+        key = ("run", tenant, self.policy.for_tenant(tenant), tuple(argv), image, profile, backend, freeze(network),
+               freeze(allow_hosts), freeze(block_hosts), freeze(secrets))
         return self.spec_cache.get(key, lambda: self._spec(
             tenant, argv, {"image": image, "profile": profile, "backend": backend},
             {"network": network, "allow_hosts": allow_hosts, "block_hosts": block_hosts, "secrets": secrets}),
-            owners=(self.config, self.policy))
+            depends=freeze(self.config))
 
     def check_image(self, spec: SandboxSpec) -> None:
         """``check_image``, its success remembered for a few seconds per (backend, image, options)."""
         self.spec_cache.get(("image", spec.backend, spec.image, freeze(spec.options)), lambda: check_image(spec),
-                            owners=(self.config, self.policy))
+                            depends=freeze(self.config))
 
     def sandbox_spec(self, tenant: str, name: str, *, image: str | None = None, profile: str | None = None,
                      backend: str | None = None, network: NetworkField = None, allow_hosts: list[str] | None = None,

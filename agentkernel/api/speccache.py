@@ -7,12 +7,13 @@ a large share of what ``serve`` spends outside the engine at tens of runs per se
 same requests, so both are kept for ``TTL_S`` seconds, keyed by everything the resolution reads from the
 request (tenant, argv, image, profile, backend, network fields).
 
-What the resolution reads outside the request invalidates the cache when it changes: the service's
-config and policy objects (a reload replaces them), the config file the server finds (path, size, mtime,
-inode: what ``images.settings.load_user_config`` reads for the pull policy) and the ``AGENTKERNEL_*``
-environment variables (image, backend, profile, pull policy, registry, config path...). Everything else
-(images added or removed, the host's backends) is bounded by the TTL. Errors are never cached: a refused
-request is resolved again.
+What the resolution reads outside the request is part of the key or invalidates the cache when it
+changes: the caller's policy (its value, so a policy changed in place or replaced counts), the service's
+config (its value), the config file the server finds (path, size, mtime, inode: what
+``images.settings.load_user_config`` reads for the pull policy) and the ``AGENTKERNEL_*`` environment
+variables (image, backend, profile, pull policy, registry, config path...). Everything else (images added
+or removed, the host's backends) is bounded by the TTL. Errors are never cached: a refused request is
+resolved again.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def config_stamp() -> tuple:
 
 
 class SpecCache:
-    """A small TTL cache of values made from a request, invalidated by ``stamp`` (and the objects in
-    ``owners``) changing."""
+    """A small TTL cache of values made from a request, emptied when ``stamp()`` or the values a caller
+    passes as ``depends`` change."""
 
     def __init__(self, ttl_s: float = TTL_S, max_entries: int = MAX_ENTRIES,
                  stamp: Callable[[], Hashable] = config_stamp, clock: Callable[[], float] = time.monotonic) -> None:
@@ -51,16 +52,16 @@ class SpecCache:
         self._seen: tuple | None = None
         self.hits = self.misses = 0
 
-    def _check(self, owners: tuple) -> None:
-        seen = (tuple(id(o) for o in owners), self._stamp())
+    def _check(self, depends: Hashable) -> None:
+        seen = (depends, self._stamp())
         if seen != self._seen:
             self._entries.clear()
             self._seen = seen
 
-    def get(self, key: Hashable, make: Callable[[], Any], owners: tuple = ()) -> Any:
+    def get(self, key: Hashable, make: Callable[[], Any], depends: Hashable = ()) -> Any:
         """The value for ``key``: the one made within the last ``ttl_s`` seconds under the same stamp and
-        owners, else ``make()`` (whose exceptions propagate, nothing cached)."""
-        self._check(owners)
+        ``depends``, else ``make()`` (whose exceptions propagate, nothing cached)."""
+        self._check(depends)
         now = self._clock()
         hit = self._entries.get(key)
         if hit is not None and hit[0] > now:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from agentkernel.api.policy import ServerPolicy
+from agentkernel.api.policy import CallerPolicy, ServerPolicy
 from agentkernel.api.service import Service
 from agentkernel.api.speccache import SpecCache
 from agentkernel.errors import NotPermitted
@@ -47,6 +47,13 @@ def test_changed_policy_and_config_are_honoured(svc, tmp_path, monkeypatch):
     svc.config = {"resources": {"memory_mb": 32}}
     c = svc.run_spec("local", ["echo", "hi"])
     assert c.resources.memory_mb == 32
+    svc.config["resources"]["memory_mb"] = 48  # changed in place
+    assert svc.run_spec("local", ["echo", "hi"]).resources.memory_mb == 48
+    svc.policy.default = CallerPolicy(max_memory_mb=40)  # changed in place
+    assert svc.run_spec("local", ["echo", "hi"]).resources.memory_mb == 40
+    svc.policy.default = CallerPolicy()
+    svc.config["resources"]["memory_mb"] = 32
+    c = svc.run_spec("local", ["echo", "hi"])
     assert svc.run_spec("local", ["echo", "hi"]) is c
     # the config file in the server's directory appears, then changes: resolved again each time
     cfg = tmp_path / "agentkernel.toml"
