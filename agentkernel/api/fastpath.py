@@ -6,8 +6,8 @@ The semantics stay those of the FastAPI routes because nothing is re-implemented
 
 - a request is taken only when it is the plain case: no refusal by the request guard (``guard.py``,
   the same ``RequestGuard`` settings), a declared and counted body within its limit, a JSON content type,
-  a body the route's own pydantic model accepts (parsed as Starlette parses it, validated as FastAPI
-  validates it) and a bearer token that maps to a tenant (``deps.tenant_for``, ``deps.bearer_scheme``).
+  a body the route's own body field accepts (parsed as Starlette parses it, validated by FastAPI's own
+  field of that route) and a bearer token that maps to a tenant (``deps.tenant_for``, ``deps.bearer_scheme``).
   Anything else (malformed JSON, unknown fields, a missing token, an oversize body, a refused Origin...)
   is handed to the FastAPI application unchanged, the body already read replayed to it: every such error
   comes from the one place that produces it;
@@ -28,7 +28,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import typing
 from typing import Any
 
 from fastapi import FastAPI
@@ -45,7 +44,7 @@ _EXEC_PREFIX, _EXEC_SUFFIX = "/sandboxes/", "/exec"
 
 
 class _Route:
-    """One route the fast path serves: its endpoint, body model and response field, from FastAPI's own
+    """One route the fast path serves: its endpoint, body field and response field, from FastAPI's own
     route object."""
 
     def __init__(self, route: APIRoute, path_param: str | None) -> None:
@@ -55,10 +54,10 @@ class _Route:
         self.path_param = path_param
         self.response_field = route.response_field
         params = inspect.signature(route.endpoint).parameters
-        self.model = typing.get_type_hints(route.endpoint).get("body")
+        self.body_field = route.body_field
         # the fast path passes exactly these; a route that grows another parameter is left to FastAPI
         expected = {"body", "tenant", "svc", "request"} | ({path_param} if path_param else set())
-        self.usable = (self.model is not None and self.response_field is not None and route.status_code is None
+        self.usable = (self.body_field is not None and self.response_field is not None and route.status_code is None
                        and not route.dependencies and set(params) == expected)
 
 
@@ -120,8 +119,10 @@ class FastPath:
         scope["app"] = self.app
         request = Request(scope, receive)
         try:
-            model = rt.model.model_validate(json.loads(body))  # Starlette's request.json(), FastAPI's validation
+            model, errors = rt.body_field.validate(json.loads(body), {}, loc=("body",))  # Starlette's request.json()
         except Exception:
+            errors = True
+        if errors:
             return await self.app(scope, _replay(received, receive), send)
         tenant = tenant_for(request, await bearer_scheme(request))
         if tenant is None:
