@@ -169,3 +169,30 @@ def test_fast_path_takes_both_routes(monkeypatch):
     assert app.run.path == "/run" and app.exec.path == "/sandboxes/{name}/exec"
     monkeypatch.setenv("AGENTKERNEL_API_FASTPATH", "0")
     assert not isinstance(serve_app(Settings(mcp=False, with_daemon=False)), FastPath)
+
+
+def test_bench_keepalive_client(server, sandbox):
+    """The bench's raw HTTP/1.1 client (api_bench.KeepAlive): one connection for several requests, bodies
+    read by Content-Length or chunked, errors returned as they come."""
+    import asyncio
+
+    from agentkernel.bench.api_bench import KeepAlive
+
+    async def go():
+        c = KeepAlive(server.url, auth())
+        try:
+            got = [await c.post("/run", b'{"command": ["echo", "hello"]}')]
+            writer = c.writer
+            got.append(await c.post(f"/sandboxes/{sandbox}/exec", b'{"command": ["echo", "hi"]}'))
+            got.append(await c.post("/run", b'{"command": ['))
+            got.append(await c.post(f"/sandboxes/{sandbox}/exec/stream", b'{"command": ["echo", "streamed"]}'))
+            assert c.writer is writer  # the same connection throughout
+            return got
+        finally:
+            await c.close()
+
+    (s1, b1), (s2, b2), (s3, b3), (s4, b4) = asyncio.run(go())
+    assert s1 == 200 and json.loads(b1)["data"]["stdout"] == "hello\n"
+    assert s2 == 200 and json.loads(b2)["data"]["stdout"] == "hi\n"
+    assert s3 == 400 and json.loads(b3)["success"] is False
+    assert s4 == 200 and b"streamed" in b4 and b"event: done" in b4
