@@ -196,3 +196,35 @@ def test_bench_keepalive_client(server, sandbox):
     assert s2 == 200 and json.loads(b2)["data"]["stdout"] == "hi\n"
     assert s3 == 400 and json.loads(b3)["success"] is False
     assert s4 == 200 and b"streamed" in b4 and b"event: done" in b4
+
+
+@pytest.mark.parametrize("route", ["run", "exec"])
+@pytest.mark.parametrize("which", [0, 1], ids=["fast", "routes"])
+def test_client_disconnect_kills_the_command(pair, sandboxes, route, which):
+    """A client that goes away while its /run or exec runs, on the fast path and on the routes: the
+    command is killed (deps.unless_disconnected) and the disconnect counted."""
+    import socket
+
+    from api_helpers import host_processes, wait_until
+
+    server = pair[which]
+    marker = str(3031 + 2 * which + (4 if route == "exec" else 0))
+    path = "/run" if route == "run" else f"/sandboxes/{sandboxes['alice']}/exec"
+    body = json.dumps({"command": ["sh", "-c", f"exec sleep {marker}"]}).encode()
+    host, port = server.url.split("://")[1].split(":")
+    before = httpx.get(server.url + "/metrics", headers=auth("ops")).text
+    s = socket.create_connection((host, int(port)))
+    try:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: {auth()['Authorization']}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert wait_until(lambda: host_processes(f"sleep {marker}"), 20), "the command is not running"
+    finally:
+        s.close()
+    assert wait_until(lambda: not host_processes(f"sleep {marker}"), 20), host_processes(f"sleep {marker}")
+    after = httpx.get(server.url + "/metrics", headers=auth("ops")).text
+
+    def disconnects(text: str) -> int:
+        return int(next(ln for ln in text.splitlines()
+                        if ln.startswith("agentkernel_stream_disconnects_total")).rsplit(" ", 1)[1])
+
+    assert disconnects(after) == disconnects(before) + 1
