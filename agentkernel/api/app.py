@@ -103,8 +103,9 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     )
     app.state.service = svc
     app.state.settings = settings
-    app.add_middleware(RequestGuard, tokens=settings.tokens, allowed_origins=settings.policy.allowed_origins,
-                       metrics=svc.metrics, json_limit=settings.json_limit, raw_file_limit=settings.raw_file_limit)
+    app.state.guard = dict(tokens=settings.tokens, allowed_origins=settings.policy.allowed_origins,
+                           metrics=svc.metrics, json_limit=settings.json_limit, raw_file_limit=settings.raw_file_limit)
+    app.add_middleware(RequestGuard, **app.state.guard)
     _error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
@@ -113,6 +114,17 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         app.mount("/mcp", mcp_auth(mcp_app, settings.tokens, svc))
     app.openapi = _openapi(app)
     return app
+
+
+def serve_app(settings: Settings | None = None):
+    """What ``agentkernel serve`` runs: the application behind its fast path (``fastpath.py``: ``/run`` and
+    exec without the framework's per-request machinery), unless ``AGENTKERNEL_API_FASTPATH=0``."""
+    import os
+
+    from .fastpath import FastPath
+
+    app = create_app(settings)
+    return app if os.environ.get("AGENTKERNEL_API_FASTPATH", "1") == "0" else FastPath(app)
 
 
 def _error_handlers(app: FastAPI) -> None:

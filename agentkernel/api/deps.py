@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 from typing import Annotated, Any
 
@@ -42,12 +41,17 @@ def service(request: Request) -> Service:
     return request.app.state.service
 
 
-def tenant_of(request: Request,
-              creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]) -> str:
+def tenant_for(request: Request, creds: HTTPAuthorizationCredentials | None) -> str | None:
+    """The caller's tenant from its bearer credentials (``bearer_scheme``), or None (not authorized)."""
     tokens = request.app.state.settings.tokens
     if not tokens:
         return LOCAL_TENANT
-    tenant = tokens.tenant_for(creds.credentials if creds else None)
+    return tokens.tenant_for(creds.credentials if creds else None)
+
+
+def tenant_of(request: Request,
+              creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]) -> str:
+    tenant = tenant_for(request, creds)
     if tenant is None:
         request.app.state.service.metrics.auth_failures += 1
         raise Unauthorized()
@@ -61,31 +65,35 @@ Svc = Annotated[Service, Depends(service)]
 async def unless_disconnected(request: Request, svc: Service, aw):
     """Await ``aw`` (a run or exec), cancelling it — which kills the command and, for one-shot runs,
     destroys the sandbox — if the client disconnects first (the body has been read by now, so the
-    next ASGI message can only be the disconnect)."""
-    task = asyncio.ensure_future(aw)
+    next ASGI message can only be the disconnect). ``aw`` runs in the caller's own task; a watcher task
+    cancels that task on the disconnect (one task per request, not two)."""
+    me = asyncio.current_task()
+    assert me is not None
+    gone = False
 
     async def watch() -> None:
+        nonlocal gone
         while True:
             msg = await request.receive()
             if msg["type"] == "http.disconnect":
+                gone = True
+                me.cancel()
                 return
 
     watcher = asyncio.create_task(watch())
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        task.cancel()
-        svc.metrics.disconnects += 1
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        raise ClientGone()
+        result = await aw
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        result = None
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+    if gone:
+        me.uncancel()
+        svc.metrics.disconnects += 1
+        raise ClientGone()
+    return result
 
 
 def count_disconnect(svc: Service):

@@ -77,11 +77,7 @@ class RequestGuard:
             return
         limit = self._limit(scope)
         status_box = {"status": 500, "started": False}
-        try:
-            clen = int(headers.get(b"content-length", b"0") or 0)
-        except ValueError:
-            clen = 0
-        if clen > limit:
+        if declared_length(headers) > limit:
             await send_json(send, 413, {"success": False, "error": f"request body too large (limit {limit} bytes)"})
             self.metrics.request(scope.get("method", ""), "(limit)", 413)
             return
@@ -112,6 +108,14 @@ class RequestGuard:
         finally:
             route = scope.get("route")
             self.metrics.request(scope.get("method", ""), getattr(route, "path", "(unmatched)"), status_box["status"])
+
+
+def declared_length(headers: dict[bytes, bytes]) -> int:
+    """The request's Content-Length (0 when absent or not a number: the body is counted as it streams)."""
+    try:
+        return int(headers.get(b"content-length", b"0") or 0)
+    except ValueError:
+        return 0
 
 
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")

@@ -29,6 +29,7 @@ from ..spec import SandboxSpec, check_sandbox_path, validate_name, validate_time
 from .admission import Admission
 from .metrics import Metrics
 from .policy import ServerPolicy
+from .speccache import SpecCache, freeze
 
 log = logging.getLogger("agentkernel.api")
 
@@ -204,6 +205,7 @@ class Service:
         self._with_daemon = with_daemon
         self.active = 0
         self.started_at = time.time()
+        self.spec_cache = SpecCache()
 
     # -- lifecycle --
     async def start(self) -> None:
@@ -252,10 +254,19 @@ class Service:
     def run_spec(self, tenant: str, argv: list[str], *, image: str | None = None, profile: str | None = None,
                  backend: str | None = None, network: NetworkField = None, allow_hosts: list[str] | None = None,
                  block_hosts: list[str] | None = None, secrets: list[str] | None = None) -> SandboxSpec:
-        """The spec of a one-shot run a caller asked for, within its policy."""
-        return self._spec(tenant, argv, {"image": image, "profile": profile, "backend": backend},
-                          {"network": network, "allow_hosts": allow_hosts, "block_hosts": block_hosts,
-                           "secrets": secrets})
+        """The spec of a one-shot run a caller asked for, within its policy (the same request's resolution
+        is reused for a few seconds: ``speccache.py``)."""
+        key = ("run", tenant, self.policy.for_tenant(tenant), tuple(argv), image, profile, backend, freeze(network),
+               freeze(allow_hosts), freeze(block_hosts), freeze(secrets))
+        return self.spec_cache.get(key, lambda: self._spec(
+            tenant, argv, {"image": image, "profile": profile, "backend": backend},
+            {"network": network, "allow_hosts": allow_hosts, "block_hosts": block_hosts, "secrets": secrets}),
+            depends=freeze(self.config))
+
+    def check_image(self, spec: SandboxSpec) -> None:
+        """``check_image``, its success remembered for a few seconds per (backend, image, options)."""
+        self.spec_cache.get(("image", spec.backend, spec.image, freeze(spec.options)), lambda: check_image(spec),
+                            depends=freeze(self.config))
 
     def sandbox_spec(self, tenant: str, name: str, *, image: str | None = None, profile: str | None = None,
                      backend: str | None = None, network: NetworkField = None, allow_hosts: list[str] | None = None,
@@ -292,7 +303,7 @@ class Service:
         """One command in a fresh sandbox: from the daemon's warm pool (fast), else created cold (through
         the same start limiter as pool refills). Cancelling this kills the command and destroys the
         sandbox. ``admitted``: the caller already holds an admission for it (a batch)."""
-        check_image(spec)
+        self.check_image(spec)
         ticket = None if admitted else self.admission.runs(tenant, 1, oneshot=True)
         try:
             if fast and self.daemon is not None:

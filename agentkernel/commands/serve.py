@@ -70,7 +70,7 @@ def serve(args) -> int:
 
     import uvicorn
 
-    from ..api.app import Settings, create_app
+    from ..api.app import Settings, serve_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg, tokens, policy = _server_setup(args, args.host)
@@ -80,14 +80,25 @@ def serve(args) -> int:
     raise_open_files_limit()
     settings = Settings(tokens=tokens, config=cfg, pool_min=args.pool_min, pool_max=args.pool_max,
                         warm=args.warm, mcp=not args.no_mcp, bind_host=args.host, policy=policy)
-    app = create_app(settings)
+    app = serve_app(settings)
     sys.stderr.write(f"agentkernel: serving on http://{args.host}:{args.port} "
                      f"({'token auth' if tokens else 'loopback only, no token'})\n")
     cfg_u = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(), lifespan="on",
-                           timeout_graceful_shutdown=10, access_log=args.log_level.lower() == "debug")
+                           timeout_graceful_shutdown=10, access_log=args.log_level.lower() == "debug",
+                           **http_impl())
     server = quiet_exit_server(uvicorn)(cfg_u)
     server.run()
     return 0 if server.started else 125
+
+
+def http_impl() -> dict[str, str]:
+    """uvicorn's HTTP/1.1 parser: httptools (the ``api`` extra; C, faster per request) when importable,
+    else uvicorn's default (h11)."""
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return {}
+    return {"http": "httptools"}
 
 
 def quiet_exit_server(uvicorn):

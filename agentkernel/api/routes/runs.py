@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from ...errors import AgentKernelError
 from .. import models as M
 from ..deps import Svc, Tenant, count_disconnect, stream_producer, unless_disconnected
-from ..service import STREAM_OUTPUT_LIMIT, check_image, result_dict
+from ..service import STREAM_OUTPUT_LIMIT, result_dict
 from ..sse import EventStream
 
 router = APIRouter(tags=["run"])
@@ -46,7 +46,7 @@ async def run_stream(body: M.RunRequest, tenant: Tenant, svc: Svc, compat: bool 
     """Stream a one-shot run as server-sent events. Disconnecting kills the command and destroys
     its sandbox."""
     spec = _spec(svc, tenant, body)
-    check_image(spec)  # before the stream starts: errors are plain HTTP errors
+    svc.check_image(spec)  # before the stream starts: errors are plain HTTP errors
     svc.exec_request(body.command, env=body.env, cwd=_cwd(body), timeout=body.timeout, stdin=body.stdin)
     started = {"command": body.command, "fast": body.fast is not False, "backend": spec.backend, "image": spec.image}
     ticket = svc.admission.runs(tenant, 1, oneshot=True)  # a 429 is a plain HTTP error, before the stream

@@ -86,26 +86,7 @@ def _warm(ctx: BenchContext, backend: str, res: dict, cli: list[str]) -> None:
 def _serve(ctx: BenchContext, res: dict) -> None:
     from .. import api_bench
 
-    q = ctx.cfg.quick
-    token = "bench-token-0123456789abcdef"
-    proc, url, _home = api_bench.start_server(2, 32, token)
-    headers = {"Authorization": f"Bearer {token}"}
-    try:
-        api_bench.wait_ready(url, headers, 2)
-        res["serve_run_c10"] = api_bench.throughput(url, headers, "/run", {"command": ["echo", "hello"]},
-                                                    30 if q else 300, 10)
-        import httpx
-
-        name = f"bench-exec-{os.getpid()}"
-        httpx.post(url + "/sandboxes", json={"name": name}, headers=headers, timeout=60).raise_for_status()
-        try:
-            res["serve_exec_c10"] = api_bench.throughput(url, headers, f"/sandboxes/{name}/exec",
-                                                         {"command": ["echo", "hello"]}, 200 if q else 3000, 10)
-        finally:
-            httpx.delete(f"{url}/sandboxes/{name}", headers=headers, timeout=60)
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    res.update(api_bench.serve_speed(ctx.cfg.quick))
 
 
 def _wasm(ctx: BenchContext, res: dict) -> None:
