@@ -82,6 +82,9 @@ QEMU_CONTROLS = {
     "disk_rootfs",
 }
 BOOT_TIMEOUT = 90.0  # TCG on a busy 2-core host: a cold boot takes ~3 s, allow for contention
+# a pool member's QEMU restores and warms at this nice value, then gets 0 back (needs CAP_SYS_NICE: without it
+# members keep the normal priority, since an unprivileged process can never lower its nice value again)
+REFILL_NICE = 10
 TEMPLATE_VERSION = "2"  # 2: RAM in a file mapped by the clones, warmed before the save
 DEFAULT_MEMORY_MB = 256
 
@@ -406,6 +409,42 @@ def _listeners(run_dir: str) -> tuple[list, tuple[int, int]]:
     return socks, (fds[0], fds[1])
 
 
+def _can_raise_priority() -> bool:
+    """Whether this process may lower a nice value again (CAP_SYS_NICE, bit 23 of CapEff)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> 23 & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def _renice(pid: int, nice: int) -> None:
+    """Set the nice value of every thread of ``pid`` (a process's nice value is per thread on Linux)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+        except OSError:  # the thread ended meanwhile
+            pass
+
+
+async def _qmp_command(run_dir: str, name: str) -> None:
+    """One QMP command to the VM of ``run_dir``."""
+    from ..vm.qmp import QMP
+
+    qmp = await QMP.connect(os.path.join(run_dir, "qmp.sock"))
+    try:
+        await qmp.cmd(name)
+    finally:
+        await qmp.close()
+
+
 def _dig_holes(path: str) -> None:
     """Punch a hole (``fallocate -d``) wherever ``path`` holds only zeros."""
     import subprocess
@@ -694,7 +733,21 @@ class QemuBackend(Backend, AgentAccess, OneShot):
             raise SandboxError(f"refusing a run dir outside {sandboxes_dir()}: {d}")
         return d
 
+    async def create_started(self, spec, *, sandbox_id: str, owner: dict[str, Any]) -> SandboxRef:
+        """A pool member (the daemon's pools start theirs here): restored, warmed and then paused when the
+        daemon asks (``background``): see ``_boot``'s ``member``."""
+        ref = await self.create(spec, sandbox_id=sandbox_id, owner=owner)
+        try:
+            await self._start(ref, member=self.background)
+        except BaseException:
+            await self.remove(ref)
+            raise
+        return ref
+
     async def start(self, ref: SandboxRef) -> None:
+        await self._start(ref)
+
+    async def _start(self, ref: SandboxRef, *, member: bool = False) -> None:
         import asyncio
         run_dir = self._dir(ref)
         meta = _read_json(os.path.join(run_dir, "meta.json"))
@@ -718,16 +771,20 @@ class QemuBackend(Backend, AgentAccess, OneShot):
                 _clone_overlay(tdir, disk)
             else:
                 await asyncio.to_thread(guestimage.overlay, plan.guest["rootfs"]["path"], disk)
-        timings = await self._boot(plan, run_dir, disk, tdir)
-        meta.update({"state": "running", "timings": timings, "env": plan.env})
+        timings = await self._boot(plan, run_dir, disk, tdir, member=member and tdir is not None)
+        meta.update({"state": "running", "timings": timings, "env": plan.env, "paused": timings["paused"]})
         _write_json(os.path.join(run_dir, "meta.json"), meta)
         ref.handle["timings"] = timings
 
     async def _boot(self, plan: GuestPlan, run_dir: str, disk: str, template: str | None, *,
-                    ram: str | None = None) -> dict:
+                    ram: str | None = None, member: bool = False) -> dict:
         """Start QEMU and wait for the agent; returns the phase timings (ms). ``template``: restore the
         snapshot in that dir (its device state, its RAM file mapped copy-on-write) instead of booting;
-        ``ram``: the guest RAM is that (shared) file (a template being made)."""
+        ``ram``: the guest RAM is that (shared) file (a template being made). ``member``: a pool member
+        restored in the background: QEMU runs at nice ``REFILL_NICE`` while it restores and warms (so a
+        refill does not slow the command a leased member is running), runs one ``true`` (TCG: translate
+        the fork/exec path now, not on the lease), is paused (QMP ``stop``: no CPU while it waits, its
+        translations kept) and gets its normal priority back; ``_resume`` continues it on the lease."""
         import asyncio
 
         from ..agent.client import AgentClient
@@ -748,10 +805,12 @@ class QemuBackend(Backend, AgentAccess, OneShot):
         script = '"$@" </dev/null >>"$0" 2>&1 & echo $!'
         if incoming:  # the device state on fd 3 (no cat, no pipe)
             script = f'"$@" </dev/null >>"$0" 2>&1 3<{shlex.quote(os.path.join(template, "state"))} & echo $!'
+        renice = member and _can_raise_priority()
         socks, fds = _listeners(run_dir)
         try:
             proc = await asyncio.create_subprocess_exec(
                 "/bin/sh", "-c", script, os.path.join(run_dir, "qemu.log"),
+                *(["nice", "-n", str(REFILL_NICE)] if renice else []),
                 *plan.argv(run_dir, disk, ram=ram, incoming=incoming, listen_fds=fds), stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
                 pass_fds=fds)
@@ -794,11 +853,18 @@ class QemuBackend(Backend, AgentAccess, OneShot):
             if incoming:  # a restored clone: fresh entropy and the real time before anything runs
                 await client.reseed(os.urandom(256), time_ns=time.time_ns())
             t_ready = time.perf_counter()
-            if self.background and plan.accel == "tcg":
-                # a pool member (the daemon refills in the background): TCG's translated-code cache is
-                # not part of a snapshot, so the clone's first command would pay for translating the
-                # fork/exec paths again (~0.5 s): pay it here, off the request path
-                await client.exec(["true"], env=plan.env)
+            paused = False
+            if member:
+                if plan.accel == "tcg":
+                    # TCG's translated-code cache is not part of a snapshot, so the clone's first command
+                    # would pay for translating the fork/exec paths again: pay it here, off the request path
+                    await client.exec(["true"], env=plan.env, cwd=plan.spec.workdir)
+                await client.close()
+                client = None
+                await _qmp_command(run_dir, "stop")  # paused: no CPU while waiting; translations are kept
+                paused = True
+                if renice:
+                    _renice(qpid, 0)
         except BaseException:
             await kill_vm(run_dir)
             raise
@@ -807,7 +873,8 @@ class QemuBackend(Backend, AgentAccess, OneShot):
                 await client.close()
         return {"process_ms": round((t_proc - t0) * 1e3, 2), "boot_ms": round((t_boot - t_proc) * 1e3, 2),
                 "agent_ms": round((t_ready - t_boot) * 1e3, 2), "ready_ms": round((t_ready - t0) * 1e3, 2),
-                "restored": bool(incoming), "accel": plan.accel}
+                "restored": bool(incoming), "accel": plan.accel, "paused": paused,
+                **({"warm_ms": round((time.perf_counter() - t_ready) * 1e3, 2)} if member else {})}
 
     async def _template(self, plan: GuestPlan) -> str:
         """The snapshot for this image/spec: made once (under a lock), then shared read-only."""
@@ -934,6 +1001,7 @@ class QemuBackend(Backend, AgentAccess, OneShot):
 
             raise InvalidState(f"sandbox {ref.spec.name or ref.id} is not running: a memory snapshot needs a "
                                "running VM", hint=f"agentkernel start {ref.spec.name or ref.id}")
+        await self._resume(ref)  # a paused pool member: the snapshot's clock is the real one
         snap_id = uuid.uuid4().hex
         final = snapshot_dir(snap_id)
         work = f"{final}.part"
@@ -976,12 +1044,34 @@ class QemuBackend(Backend, AgentAccess, OneShot):
     def delete_memory_snapshot(snapshot_id: str) -> None:
         shutil.rmtree(snapshot_dir(snapshot_id), ignore_errors=True)
 
+    async def _resume(self, ref: SandboxRef) -> bool:
+        """Continue a paused pool member (``_boot``'s ``member``): QMP ``cont``, then the agent sets the
+        guest's clock (it stood still while the VM was paused) and mixes in fresh entropy. Returns whether
+        the VM was paused. Every way in to a sandbox (hand-out check, lease, agent client) calls it first."""
+        from ..agent.client import AgentClient
+
+        run_dir = self._dir(ref)
+        path = os.path.join(run_dir, "meta.json")
+        meta = _read_json(path)
+        if not meta or not meta.get("paused"):
+            return False
+        await _qmp_command(run_dir, "cont")
+        client = await AgentClient.connect(PortTransport(os.path.join(run_dir, "agent.sock")), timeout=10.0)
+        try:
+            await client.reseed(os.urandom(256), time_ns=time.time_ns())
+        finally:
+            await client.close()
+        meta["paused"] = False
+        _write_json(path, meta)
+        return True
+
     # -- agent access --
     async def _client(self, ref: SandboxRef):
         from ..agent.client import AgentClient
 
         run_dir = self._dir(ref)
         try:
+            await self._resume(ref)
             return await AgentClient.connect(PortTransport(os.path.join(run_dir, "agent.sock")), timeout=10.0)
         except (TimeoutError, OSError):
             state = await self.status(ref)
@@ -1025,7 +1115,13 @@ class QemuBackend(Backend, AgentAccess, OneShot):
         return agent_read_file(lambda: self._client(ref), ref, path)
 
     async def healthy(self, ref: SandboxRef) -> bool:
-        """Pool hand-out check: the agent answers a HELLO on its port (one round trip)."""
+        """Pool hand-out check: a paused member continues (``_resume``: its agent answered), else the agent
+        answers a HELLO on its port (one round trip)."""
+        try:
+            if await self._resume(ref):
+                return True
+        except Exception:
+            return False
         try:
             _, writer = await PortTransport(os.path.join(self._dir(ref), "agent.sock"), 2.0).connect()
         except (TimeoutError, OSError):
@@ -1036,6 +1132,7 @@ class QemuBackend(Backend, AgentAccess, OneShot):
     # -- AgentAccess --
     async def agent_endpoint(self, ref: SandboxRef) -> dict[str, Any]:
         """A client runs one command through the VM's agent port itself (the policy is the agent's own)."""
+        await self._resume(ref)
         return {"socket": os.path.join(self._dir(ref), "agent.sock"), "env": self._env(ref) or {},
                 "cwd": ref.spec.workdir}
 
