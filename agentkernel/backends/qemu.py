@@ -85,6 +85,7 @@ BOOT_TIMEOUT = 90.0  # TCG on a busy 2-core host: a cold boot takes ~3 s, allow 
 # a pool member's QEMU restores and warms at this nice value, then gets 0 back (needs CAP_SYS_NICE: without it
 # members keep the normal priority, since an unprivileged process can never lower its nice value again)
 REFILL_NICE = 10
+PAUSE_MEMBERS = True  # a warm pool member waits paused (QMP stop) until it is leased
 TEMPLATE_VERSION = "2"  # 2: RAM in a file mapped by the clones, warmed before the save
 DEFAULT_MEMORY_MB = 256
 
@@ -435,14 +436,10 @@ def _renice(pid: int, nice: int) -> None:
 
 
 async def _qmp_command(run_dir: str, name: str) -> None:
-    """One QMP command to the VM of ``run_dir``."""
+    """One QMP command (without arguments) to the VM of ``run_dir``, in one round trip."""
     from ..vm.qmp import QMP
 
-    qmp = await QMP.connect(os.path.join(run_dir, "qmp.sock"))
-    try:
-        await qmp.cmd(name)
-    finally:
-        await qmp.close()
+    await QMP.run(os.path.join(run_dir, "qmp.sock"), name)
 
 
 def _dig_holes(path: str) -> None:
@@ -859,10 +856,11 @@ class QemuBackend(Backend, AgentAccess, OneShot):
                     # TCG's translated-code cache is not part of a snapshot, so the clone's first command
                     # would pay for translating the fork/exec paths again: pay it here, off the request path
                     await client.exec(["true"], env=plan.env, cwd=plan.spec.workdir)
-                await client.close()
-                client = None
-                await _qmp_command(run_dir, "stop")  # paused: no CPU while waiting; translations are kept
-                paused = True
+                if PAUSE_MEMBERS:
+                    await client.close()
+                    client = None
+                    await _qmp_command(run_dir, "stop")  # paused: no CPU while waiting; translations are kept
+                    paused = True
                 if renice:
                     _renice(qpid, 0)
         except BaseException:
@@ -1048,6 +1046,8 @@ class QemuBackend(Backend, AgentAccess, OneShot):
         """Continue a paused pool member (``_boot``'s ``member``): QMP ``cont``, then the agent sets the
         guest's clock (it stood still while the VM was paused) and mixes in fresh entropy. Returns whether
         the VM was paused. Every way in to a sandbox (hand-out check, lease, agent client) calls it first."""
+        import asyncio
+
         from ..agent.client import AgentClient
 
         run_dir = self._dir(ref)
@@ -1055,8 +1055,14 @@ class QemuBackend(Backend, AgentAccess, OneShot):
         meta = _read_json(path)
         if not meta or not meta.get("paused"):
             return False
-        await _qmp_command(run_dir, "cont")
-        client = await AgentClient.connect(PortTransport(os.path.join(run_dir, "agent.sock")), timeout=10.0)
+        # the agent's session is opened while QEMU continues the VM (its HELLO is answered once it runs)
+        client, cont = await asyncio.gather(
+            AgentClient.connect(PortTransport(os.path.join(run_dir, "agent.sock")), timeout=10.0),
+            _qmp_command(run_dir, "cont"), return_exceptions=True)
+        if isinstance(cont, BaseException) or isinstance(client, BaseException):
+            if not isinstance(client, BaseException):
+                await client.close()
+            raise cont if isinstance(cont, BaseException) else client
         try:
             await client.reseed(os.urandom(256), time_ns=time.time_ns())
         finally:
