@@ -255,6 +255,72 @@ def test_warm_pool_members_are_snapshot_clones(backend):
     assert asyncio.run(go()) == [b"", b""]
 
 
+def _run_state(ref) -> str:
+    from agentkernel.vm.qmp import QMP
+
+    async def go():
+        qmp = await QMP.connect(os.path.join(ref.handle["dir"], "qmp.sock"))
+        try:
+            return (await qmp.cmd("query-status"))["status"]
+        finally:
+            await qmp.close()
+
+    return asyncio.run(go())
+
+
+def test_pool_members_wait_paused_and_run_once_leased():
+    """The daemon's pool members (a backend with ``background``): restored, warmed, then paused at normal
+    priority (no CPU while they wait); the hand-out check continues one and sets its clock (it stood still
+    while paused); a member reached without the check (a waiter's) continues on its first command. Each
+    member is a fresh clone: what one run wrote is absent in the next; removal leaves nothing behind."""
+    from agentkernel.pool import PoolConfig, WarmPool
+
+    bg = get_backend("qemu")
+    bg.background = True
+    mine = "ls /tmp/mine 2>/dev/null; touch /tmp/mine; date +%s"
+
+    async def start():
+        return await bg.create_started(SPEC, sandbox_id=owner.new_id("tq"), owner=owner.current_owner())
+
+    # a member reached without the hand-out check: its first command continues it
+    ref = asyncio.run(start())
+    try:
+        assert _run_state(ref) == "paused"
+        pid = vm_pid(ref.handle["dir"])
+        assert {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{pid}/task")} == {0}
+        time.sleep(3)  # the paused guest's clock stands still ...
+        r = asyncio.run(bg.exec(ref, ExecRequest(["sh", "-c", mine])))
+        assert r.exit_code == 0, r
+        assert abs(int(r.stdout.split()[-1]) - time.time()) < 2  # ... and is set when it continues
+        assert _run_state(ref) == "running"
+    finally:
+        asyncio.run(bg.remove(ref))
+    assert vm_pid(ref.handle["dir"]) is None and not os.path.exists(ref.handle["dir"])
+
+    async def leases():
+        pool = WarmPool(SPEC, bg, PoolConfig(min_size=1, max_size=2), asyncio.Semaphore(2), owner.current_owner())
+        pool.refill()
+        out = []
+        try:
+            for _ in range(2):
+                while not pool.ready:
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(1.5)
+                m, hit = await pool.acquire()
+                assert hit
+                out.append((await asyncio.to_thread(_run_state, m.ref),
+                            await bg.exec(m.ref, ExecRequest(["sh", "-c", mine]))))
+                pool.release(m)
+        finally:
+            await pool.close()
+        return out
+
+    for state, r in asyncio.run(leases()):
+        assert state == "running"  # the hand-out check continued it
+        assert r.exit_code == 0 and r.stdout.count(b"\n") == 1, r  # no /tmp/mine from the other run
+        assert abs(int(r.stdout) - time.time()) < 5
+
+
 def test_sigkill_of_the_owner_is_reaped_by_the_next_command(tmp_path):
     env = dict(os.environ)
     p = subprocess.Popen([sys.executable, "-m", "agentkernel", "run", "-B", "qemu", "--", "sleep", "120"],
