@@ -228,13 +228,16 @@ class GuestPlan:
         from ..vm import guestimage
 
         k = self.guest["kernel"]
+        # a restore runs the kernel in the snapshot's RAM: QEMU gets only the kernel's header, no initramfs
+        boot = (["-kernel", guestimage.restore_kernel(k)] if incoming else
+                ["-kernel", k["vmlinuz"], "-initrd", self.guest["initramfs"]["path"]])
         cpu = ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else ["-accel", "tcg", "-cpu", "max"]
         argv = [
             _qemu_binary(), "-name", f"agentkernel,process=ak-qemu-{os.path.basename(run_dir)}",
             "-M", "microvm,pit=on,pic=on,rtc=on,isa-serial=on", *cpu,
             "-m", f"{self.memory_mb}M", "-smp", str(self.vcpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-kernel", k["vmlinuz"], "-initrd", self.guest["initramfs"]["path"], "-append", self.cmdline,
+            *boot, "-append", self.cmdline,
             "-drive", f"id=root,file={disk},format=qcow2,if=none,cache=writeback,discard=unmap",
             "-device", "virtio-blk-device,drive=root",
             "-device", "virtio-serial-device",
