@@ -454,13 +454,57 @@ def _dig_holes(path: str) -> None:
         raise SandboxError(f"fallocate --dig-holes {path}: {r.stderr.decode(errors='replace').strip()}")
 
 
-def _hello_answered(buf: bytes) -> bool:
-    """Whether ``buf`` (what the agent port gave since our HELLO) holds the agent's whole HELLO reply: its frame
-    header (4-byte length, 4 zero bytes) right before the R_HELLO marker, and the frame's full length."""
+def _hello_end(buf: bytes) -> int:
+    """Where the agent's HELLO reply in ``buf`` (what the agent port gave since our HELLO) ends, -1 while it is
+    not whole: its frame header (4-byte length, 4 zero bytes) right before the R_HELLO marker, and the
+    frame's full length."""
     from ..agent import protocol as P
 
     i = buf.find(bytes([P.R_HELLO, 0]) + P.MAGIC)
-    return i >= 8 and buf[i - 4:i] == b"\0\0\0\0" and len(buf) >= i + 2 + int.from_bytes(buf[i - 8:i - 4], "big")
+    if i < 8 or buf[i - 4:i] != b"\0\0\0\0":
+        return -1
+    end = i + 2 + int.from_bytes(buf[i - 8:i - 4], "big")
+    return end if len(buf) >= end else -1
+
+
+def _hello_answered(buf: bytes) -> bool:
+    return _hello_end(buf) >= 0
+
+
+async def _reseed_port(path: str, entropy: bytes = b"", timeout: float = 10.0) -> None:
+    """One agent session on the port at ``path`` that writes HELLO and RESEED (the wall clock, and
+    ``entropy``: none by default, the clock only) together and returns once the agent confirmed the
+    RESEED: a single round trip to the guest, which can be paused when it starts (the bytes wait in the
+    port until it runs)."""
+    import asyncio
+
+    from ..agent import protocol as P
+
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path, limit=1 << 20), timeout)
+    try:
+        writer.write(P.encode_hello() + P.encode_frame(P.RESEED, 1, P.encode_reseed(entropy, time.time_ns())))
+        deadline = time.monotonic() + timeout
+        buf, dec = b"", None
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the guest agent did not answer RESEED")
+            data = await asyncio.wait_for(reader.read(65536), left)
+            if not data:
+                raise ConnectionResetError("QEMU closed the agent port connection")
+            if dec is None:  # everything up to the HELLO reply is an earlier session's (PortTransport.connect)
+                buf = buf[-(1 << 16):] + data
+                end = _hello_end(buf)
+                if end < 0:
+                    continue
+                dec, data = P.FrameDecoder(), buf[end:]
+            for ftype, stream, payload in dec.feed(data):
+                if stream == 1 and ftype == P.R_OK:
+                    return
+                if stream == 1 and ftype == P.R_ERROR:
+                    raise P.decode_error(payload)
+    finally:
+        writer.close()
 
 
 class PortTransport(Transport):
@@ -1046,30 +1090,22 @@ class QemuBackend(Backend, AgentAccess, OneShot):
         shutil.rmtree(snapshot_dir(snapshot_id), ignore_errors=True)
 
     async def _resume(self, ref: SandboxRef) -> bool:
-        """Continue a paused pool member (``_boot``'s ``member``): QMP ``cont``, then the agent sets the
-        guest's clock (it stood still while the VM was paused) and mixes in fresh entropy. Returns whether
-        the VM was paused. Every way in to a sandbox (hand-out check, lease, agent client) calls it first."""
+        """Continue a paused pool member (``_boot``'s ``member``): QMP ``cont`` and, in parallel, the agent
+        sets the guest's clock (it stood still while the VM was paused). Returns whether the VM was paused.
+        Every way in to a sandbox (hand-out check, lease, agent client) calls it first."""
         import asyncio
-
-        from ..agent.client import AgentClient
 
         run_dir = self._dir(ref)
         path = os.path.join(run_dir, "meta.json")
         meta = _read_json(path)
         if not meta or not meta.get("paused"):
             return False
-        # the agent's session is opened while QEMU continues the VM (its HELLO is answered once it runs)
-        client, cont = await asyncio.gather(
-            AgentClient.connect(PortTransport(os.path.join(run_dir, "agent.sock")), timeout=10.0),
-            _qmp_command(run_dir, "cont"), return_exceptions=True)
-        if isinstance(cont, BaseException) or isinstance(client, BaseException):
-            if not isinstance(client, BaseException):
-                await client.close()
-            raise cont if isinstance(cont, BaseException) else client
-        try:
-            await client.reseed(os.urandom(256), time_ns=time.time_ns())
-        finally:
-            await client.close()
+        # the clock is sent while QEMU continues the VM (the guest reads it once it runs); its RNG was re-seeded
+        # when it was restored, and a pause changes nothing there
+        for r in await asyncio.gather(_reseed_port(os.path.join(run_dir, "agent.sock")),
+                                      _qmp_command(run_dir, "cont"), return_exceptions=True):
+            if isinstance(r, BaseException):
+                raise r
         meta["paused"] = False
         _write_json(path, meta)
         return True
