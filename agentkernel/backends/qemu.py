@@ -15,6 +15,10 @@
   sandbox then starts with ``-incoming`` from that file over its own overlay of the template disk, and
   the guest's RNG is re-seeded and its clock set (agent RESEED) before anything runs.
 
+- Pool members (``create_started`` on the daemon's ``background`` backend) restore and warm at nice
+  ``REFILL_NICE``, then wait paused (QMP ``stop``) at normal priority; ``_resume`` continues one (QMP
+  ``cont`` + its clock set) on every way in: the hand-out check, the lease, an agent client.
+- A restoring QEMU gets only the kernel's setup header (``guestimage.restore_kernel``), no initramfs.
 - Memory snapshots of running sandboxes (the API's snapshot routes): ``take_memory_snapshot``; a sandbox
   restored from one (option ``restore=<id>``) keeps its own hard link of the snapshot's frozen disk, so it
   still boots after the snapshot is deleted.
