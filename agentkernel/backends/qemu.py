@@ -16,8 +16,9 @@
   the guest's RNG is re-seeded and its clock set (agent RESEED) before anything runs.
 
 - Pool members (``create_started`` on the daemon's ``background`` backend) restore and warm at nice
-  ``REFILL_NICE``, then wait paused (QMP ``stop``) at normal priority; ``_resume`` continues one (QMP
-  ``cont`` + its clock set) on every way in: the hand-out check, the lease, an agent client.
+  ``REFILL_NICE``, then run at normal priority and are paused (QMP ``stop``) when not taken within
+  ``PAUSE_IDLE_S``; ``_resume`` continues one (QMP ``cont`` + its clock set) on every way in: the hand-out
+  check, the lease, an agent client.
 - A restoring QEMU gets only the kernel's setup header (``guestimage.restore_kernel``), no initramfs.
 - Memory snapshots of running sandboxes (the API's snapshot routes): ``take_memory_snapshot``; a sandbox
   restored from one (option ``restore=<id>``) keeps its own hard link of the snapshot's frozen disk, so it
@@ -89,7 +90,9 @@ BOOT_TIMEOUT = 90.0  # TCG on a busy 2-core host: a cold boot takes ~3 s, allow 
 # a pool member's QEMU restores and warms at this nice value, then gets 0 back (needs CAP_SYS_NICE: without it
 # members keep the normal priority, since an unprivileged process can never lower its nice value again)
 REFILL_NICE = 10
-PAUSE_MEMBERS = True  # a warm pool member waits paused (QMP stop) until it is leased
+# a warm pool member not taken within this long is paused (QMP stop) until it is: leases in quick succession
+# find their member running (hand-out ~3 ms), members waiting longer cost no CPU (resumed in ~5-8 ms)
+PAUSE_IDLE_S = 2.0
 TEMPLATE_VERSION = "2"  # 2: RAM in a file mapped by the clones, warmed before the save
 DEFAULT_MEMORY_MB = 256
 
@@ -688,6 +691,8 @@ class QemuBackend(Backend, AgentAccess, OneShot):
         if self.accel_opt not in ("auto", "kvm", "tcg"):
             raise ConfigError(f"qemu option accel must be auto, kvm or tcg, got {self.accel_opt!r}")
         self._plans: dict[str, tuple[float, GuestPlan]] = {}
+        self._idle_timers: dict[str, Any] = {}  # pool members that pause when idle (_pause_when_idle)
+        self._pausing: dict[str, Any] = {}
         self.restore_from = self.options.get("restore")
         if self.restore_from is not None:
             snapshot_dir(self.restore_from)  # a well-formed id
@@ -782,8 +787,8 @@ class QemuBackend(Backend, AgentAccess, OneShot):
         return d
 
     async def create_started(self, spec, *, sandbox_id: str, owner: dict[str, Any]) -> SandboxRef:
-        """A pool member (the daemon's pools start theirs here): restored, warmed and then paused when the
-        daemon asks (``background``): see ``_boot``'s ``member``."""
+        """A pool member (the daemon's pools start theirs here; ``background`` set by the daemon): restored
+        and warmed at a low priority, paused once idle: see ``_boot``'s ``member`` and ``_pause_when_idle``."""
         ref = await self.create(spec, sandbox_id=sandbox_id, owner=owner)
         try:
             await self._start(ref, member=self.background)
@@ -820,9 +825,11 @@ class QemuBackend(Backend, AgentAccess, OneShot):
             else:
                 await asyncio.to_thread(guestimage.overlay, plan.guest["rootfs"]["path"], disk)
         timings = await self._boot(plan, run_dir, disk, tdir, member=member and tdir is not None)
-        meta.update({"state": "running", "timings": timings, "env": plan.env, "paused": timings["paused"]})
+        meta.update({"state": "running", "timings": timings, "env": plan.env, "paused": False})
         _write_json(os.path.join(run_dir, "meta.json"), meta)
         ref.handle["timings"] = timings
+        if member and tdir is not None:
+            self._pause_when_idle(ref)
 
     async def _boot(self, plan: GuestPlan, run_dir: str, disk: str, template: str | None, *,
                     ram: str | None = None, member: bool = False) -> dict:
@@ -831,8 +838,8 @@ class QemuBackend(Backend, AgentAccess, OneShot):
         ``ram``: the guest RAM is that (shared) file (a template being made). ``member``: a pool member
         restored in the background: QEMU runs at nice ``REFILL_NICE`` while it restores and warms (so a
         refill does not slow the command a leased member is running), runs one ``true`` (TCG: translate
-        the fork/exec path now, not on the lease), is paused (QMP ``stop``: no CPU while it waits, its
-        translations kept) and gets its normal priority back; ``_resume`` continues it on the lease."""
+        the fork/exec path now, not on the lease) and gets its normal priority back; ``_start`` then has it
+        paused once idle (``_pause_when_idle``)."""
         import asyncio
 
         from ..agent.client import AgentClient
@@ -901,17 +908,11 @@ class QemuBackend(Backend, AgentAccess, OneShot):
             if incoming:  # a restored clone: fresh entropy and the real time before anything runs
                 await client.reseed(os.urandom(256), time_ns=time.time_ns())
             t_ready = time.perf_counter()
-            paused = False
             if member:
                 if plan.accel == "tcg":
                     # TCG's translated-code cache is not part of a snapshot, so the clone's first command
                     # would pay for translating the fork/exec paths again: pay it here, off the request path
                     await client.exec(["true"], env=plan.env, cwd=plan.spec.workdir)
-                if PAUSE_MEMBERS:
-                    await client.close()
-                    client = None
-                    await _qmp_command(run_dir, "stop")  # paused: no CPU while waiting; translations are kept
-                    paused = True
                 if renice:
                     _renice(qpid, 0)
         except BaseException:
@@ -922,7 +923,7 @@ class QemuBackend(Backend, AgentAccess, OneShot):
                 await client.close()
         return {"process_ms": round((t_proc - t0) * 1e3, 2), "boot_ms": round((t_boot - t_proc) * 1e3, 2),
                 "agent_ms": round((t_ready - t_boot) * 1e3, 2), "ready_ms": round((t_ready - t0) * 1e3, 2),
-                "restored": bool(incoming), "accel": plan.accel, "paused": paused,
+                "restored": bool(incoming), "accel": plan.accel,
                 **({"warm_ms": round((time.perf_counter() - t_ready) * 1e3, 2)} if member else {})}
 
     async def _template(self, plan: GuestPlan) -> str:
@@ -1093,12 +1094,53 @@ class QemuBackend(Backend, AgentAccess, OneShot):
     def delete_memory_snapshot(snapshot_id: str) -> None:
         shutil.rmtree(snapshot_dir(snapshot_id), ignore_errors=True)
 
+    def _pause_when_idle(self, ref: SandboxRef) -> None:
+        """Pause this warm pool member (QMP ``stop``: no CPU while it waits; TCG's translations are kept) if
+        nothing takes it (``_claim``) within ``PAUSE_IDLE_S``."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+
+        def fire() -> None:
+            self._idle_timers.pop(ref.id, None)
+            task = loop.create_task(self._pause(ref))
+            self._pausing[ref.id] = task
+            task.add_done_callback(lambda _t: self._pausing.pop(ref.id, None))
+
+        self._idle_timers[ref.id] = loop.call_later(PAUSE_IDLE_S, fire)
+
+    async def _pause(self, ref: SandboxRef) -> None:
+        run_dir = self._dir(ref)
+        path = os.path.join(run_dir, "meta.json")
+        meta = _read_json(path)
+        if meta is None:
+            return
+        # marked first: a VM marked paused that still runs only gets a harmless cont + clock set
+        meta["paused"] = True
+        _write_json(path, meta)
+        try:
+            await _qmp_command(run_dir, "stop")
+        except Exception:  # removed meanwhile (or QEMU died: the hand-out check finds out)
+            pass
+
+    async def _claim(self, ref: SandboxRef) -> None:
+        """The sandbox is taken (leased, used): no idle pause any more, and one under way is waited for."""
+        import asyncio
+
+        timer = self._idle_timers.pop(ref.id, None)
+        if timer is not None:
+            timer.cancel()
+        task = self._pausing.get(ref.id)
+        if task is not None:
+            await asyncio.shield(task)
+
     async def _resume(self, ref: SandboxRef) -> bool:
         """Continue a paused pool member (``_boot``'s ``member``): QMP ``cont`` and, in parallel, the agent
         sets the guest's clock (it stood still while the VM was paused). Returns whether the VM was paused.
         Every way in to a sandbox (hand-out check, lease, agent client) calls it first."""
         import asyncio
 
+        await self._claim(ref)
         run_dir = self._dir(ref)
         path = os.path.join(run_dir, "meta.json")
         meta = _read_json(path)
@@ -1208,6 +1250,7 @@ class QemuBackend(Backend, AgentAccess, OneShot):
     async def remove(self, ref: SandboxRef) -> None:
         import asyncio
         run_dir = self._dir(ref)
+        await self._claim(ref)
         if not os.path.isdir(run_dir):
             return
         ms = await kill_vm(run_dir)

@@ -268,24 +268,40 @@ def _run_state(ref) -> str:
     return asyncio.run(go())
 
 
-def test_pool_members_wait_paused_and_run_once_leased():
-    """The daemon's pool members (a backend with ``background``): restored, warmed, then paused at normal
-    priority (no CPU while they wait); the hand-out check continues one and sets its clock (it stood still
-    while paused); a member reached without the check (a waiter's) continues on its first command. Each
-    member is a fresh clone: what one run wrote is absent in the next; removal leaves nothing behind."""
+def _wait_paused(ref, within: float = 30.0) -> None:
+    import json
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with open(os.path.join(ref.handle["dir"], "meta.json")) as f:
+            if json.load(f).get("paused") and _run_state(ref) == "paused":
+                return
+        time.sleep(0.1)
+    raise AssertionError("the idle pool member was not paused")
+
+
+def test_pool_members_pause_when_idle_and_run_once_leased(monkeypatch):
+    """The daemon's pool members (a backend with ``background``): restored, warmed, at normal priority once
+    warm; one not taken within PAUSE_IDLE_S is paused (no CPU while it waits); the hand-out check continues
+    it and sets its clock (it stood still while paused); a member reached without the check (a waiter's)
+    continues on its first command; a member taken in time is never paused under its user. Each member is
+    a fresh clone: what one run wrote is absent in the next; removal leaves nothing behind."""
+    from agentkernel.backends import qemu
     from agentkernel.pool import PoolConfig, WarmPool
 
+    monkeypatch.setattr(qemu, "PAUSE_IDLE_S", 0.5)
     bg = get_backend("qemu")
     bg.background = True
     mine = "ls /tmp/mine 2>/dev/null; touch /tmp/mine; date +%s"
 
-    async def start():
-        return await bg.create_started(SPEC, sandbox_id=owner.new_id("tq"), owner=owner.current_owner())
+    async def idle_member():
+        ref = await bg.create_started(SPEC, sandbox_id=owner.new_id("tq"), owner=owner.current_owner())
+        await asyncio.to_thread(_wait_paused, ref)  # the loop runs: the idle timer fires
+        return ref
 
     # a member reached without the hand-out check: its first command continues it
-    ref = asyncio.run(start())
+    ref = asyncio.run(idle_member())
     try:
-        assert _run_state(ref) == "paused"
         pid = vm_pid(ref.handle["dir"])
         assert {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{pid}/task")} == {0}
         time.sleep(3)  # the paused guest's clock stands still ...
@@ -297,6 +313,17 @@ def test_pool_members_wait_paused_and_run_once_leased():
         asyncio.run(bg.remove(ref))
     assert vm_pid(ref.handle["dir"]) is None and not os.path.exists(ref.handle["dir"])
 
+    async def taken_in_time():  # checked out before the idle pause: it stays running while used
+        ref = await bg.create_started(SPEC, sandbox_id=owner.new_id("tq"), owner=owner.current_owner())
+        try:
+            assert await bg.healthy(ref)
+            await asyncio.sleep(1.5)
+            return await asyncio.to_thread(_run_state, ref)
+        finally:
+            await bg.remove(ref)
+
+    assert asyncio.run(taken_in_time()) == "running"
+
     async def leases():
         pool = WarmPool(SPEC, bg, PoolConfig(min_size=1, max_size=2), asyncio.Semaphore(2), owner.current_owner())
         pool.refill()
@@ -305,7 +332,7 @@ def test_pool_members_wait_paused_and_run_once_leased():
             for _ in range(2):
                 while not pool.ready:
                     await asyncio.sleep(0.05)
-                await asyncio.sleep(1.5)
+                await asyncio.to_thread(_wait_paused, pool.ready[0].ref)
                 m, hit = await pool.acquire()
                 assert hit
                 out.append((await asyncio.to_thread(_run_state, m.ref),
