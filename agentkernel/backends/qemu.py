@@ -87,9 +87,12 @@ QEMU_CONTROLS = {
     "disk_rootfs",
 }
 BOOT_TIMEOUT = 90.0  # TCG on a busy 2-core host: a cold boot takes ~3 s, allow for contention
-# a pool member's QEMU restores and warms at this nice value, then gets 0 back (needs CAP_SYS_NICE: without it
-# members keep the normal priority, since an unprivileged process can never lower its nice value again)
-REFILL_NICE = 10
+# a pool member's QEMU restores and warms at this nice value, then gets 0 back: the nice value of its session's
+# autogroup (QEMU runs in a session of its own, and with autogroup scheduling a thread's own nice value only
+# counts within its session; an autogroup's can be set back to 0 without privileges) and, with CAP_SYS_NICE,
+# of its threads too (what counts without autogroup; an unprivileged process never lowers one again). Moderate:
+# on a loaded host a refill at a much lower weight starves and the pool runs dry
+REFILL_NICE = 5
 # a warm pool member not taken within this long is paused (QMP stop) until it is: leases in quick succession
 # find their member running (hand-out ~3 ms), members waiting longer cost no CPU (resumed in ~5-8 ms)
 PAUSE_IDLE_S = 2.0
@@ -432,10 +435,16 @@ def _can_raise_priority() -> bool:
     return False
 
 
-def _renice(pid: int, nice: int) -> None:
-    """Set the nice value of every thread of ``pid`` (a process's nice value is per thread on Linux)."""
+def _renice(pid: int, nice: int, *, threads: bool) -> None:
+    """Set the nice value of ``pid``'s session autogroup (where autogroup scheduling is on) and, with
+    ``threads``, of its every thread (a nice value is per thread on Linux)."""
     try:
-        tids = os.listdir(f"/proc/{pid}/task")
+        with open(f"/proc/{pid}/autogroup", "w") as f:
+            f.write(str(nice))
+    except OSError:  # no autogroup scheduling in this kernel
+        pass
+    try:
+        tids = os.listdir(f"/proc/{pid}/task") if threads else []
     except OSError:
         return
     for tid in tids:
@@ -861,6 +870,8 @@ class QemuBackend(Backend, AgentAccess, OneShot):
         if incoming:  # the device state on fd 3 (no cat, no pipe)
             script = f'"$@" </dev/null >>"$0" 2>&1 3<{shlex.quote(os.path.join(template, "state"))} & echo $!'
         renice = member and _can_raise_priority()
+        if member:  # QEMU's session (start_new_session) is its autogroup: the shell sets its nice value
+            script = f"echo {REFILL_NICE} >/proc/self/autogroup 2>/dev/null; {script}"
         socks, fds = _listeners(run_dir)
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -913,8 +924,7 @@ class QemuBackend(Backend, AgentAccess, OneShot):
                     # TCG's translated-code cache is not part of a snapshot, so the clone's first command
                     # would pay for translating the fork/exec paths again: pay it here, off the request path
                     await client.exec(["true"], env=plan.env, cwd=plan.spec.workdir)
-                if renice:
-                    _renice(qpid, 0)
+                _renice(qpid, 0, threads=renice)
         except BaseException:
             await kill_vm(run_dir)
             raise

@@ -304,6 +304,9 @@ def test_pool_members_pause_when_idle_and_run_once_leased(monkeypatch):
     try:
         pid = vm_pid(ref.handle["dir"])
         assert {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{pid}/task")} == {0}
+        if os.path.exists(f"/proc/{pid}/autogroup"):  # its session's weight is back to normal as well
+            with open(f"/proc/{pid}/autogroup") as f:
+                assert f.read().split()[-1] == "0"
         time.sleep(3)  # the paused guest's clock stands still ...
         r = asyncio.run(bg.exec(ref, ExecRequest(["sh", "-c", mine])))
         assert r.exit_code == 0, r
