@@ -93,9 +93,10 @@ BOOT_TIMEOUT = 90.0  # TCG on a busy 2-core host: a cold boot takes ~3 s, allow 
 # of its threads too (what counts without autogroup; an unprivileged process never lowers one again). Moderate:
 # on a loaded host a refill at a much lower weight starves and the pool runs dry
 REFILL_NICE = 5
-# a warm pool member not taken within this long is paused (QMP stop) until it is: leases in quick succession
-# find their member running (hand-out ~3 ms), members waiting longer cost no CPU (resumed in ~5-8 ms)
-PAUSE_IDLE_S = 2.0
+# a warm pool member not taken within this long is paused (QMP stop) until it is: runs seconds apart find their
+# member running (hand-out ~3 ms), members of an idle pool cost no CPU (a lease continues one: ~5 ms more at
+# light load, much more on a loaded host, where each of the extra round trips waits for the scheduler)
+PAUSE_IDLE_S = 10.0
 TEMPLATE_VERSION = "2"  # 2: RAM in a file mapped by the clones, warmed before the save
 DEFAULT_MEMORY_MB = 256
 
