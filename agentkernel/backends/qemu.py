@@ -834,11 +834,11 @@ class QemuBackend(Backend, AgentAccess, OneShot):
                 _clone_overlay(tdir, disk)
             else:
                 await asyncio.to_thread(guestimage.overlay, plan.guest["rootfs"]["path"], disk)
-        timings = await self._boot(plan, run_dir, disk, tdir, member=member and tdir is not None)
+        timings = await self._boot(plan, run_dir, disk, tdir, member=member)
         meta.update({"state": "running", "timings": timings, "env": plan.env, "paused": False})
         _write_json(os.path.join(run_dir, "meta.json"), meta)
         ref.handle["timings"] = timings
-        if member and tdir is not None:
+        if member:
             self._pause_when_idle(ref)
 
     async def _boot(self, plan: GuestPlan, run_dir: str, disk: str, template: str | None, *,
