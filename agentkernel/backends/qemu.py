@@ -94,9 +94,10 @@ BOOT_TIMEOUT = 90.0  # TCG on a busy 2-core host: a cold boot takes ~3 s, allow 
 # on a loaded host a refill at a much lower weight starves and the pool runs dry
 REFILL_NICE = 5
 # a warm pool member not taken within this long is paused (QMP stop) until it is: runs seconds apart find their
-# member running (hand-out ~3 ms), members of an idle pool cost no CPU (a lease continues one: ~5 ms more at
-# light load, much more on a loaded host, where each of the extra round trips waits for the scheduler)
-PAUSE_IDLE_S = 10.0
+# member running (hand-out ~3 ms), members of an idle pool cost no CPU (a running idle one ~36 ms/s); a lease
+# continues a paused one: ~5 ms more at light load, tens of ms on a loaded host, where each of the extra round
+# trips waits for the scheduler
+PAUSE_IDLE_S = 30.0
 TEMPLATE_VERSION = "2"  # 2: RAM in a file mapped by the clones, warmed before the save
 DEFAULT_MEMORY_MB = 256
 
