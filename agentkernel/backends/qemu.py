@@ -15,7 +15,7 @@
   sandbox then starts with ``-incoming`` from that file over its own overlay of the template disk, and
   the guest's RNG is re-seeded and its clock set (agent RESEED) before anything runs.
 
-- Pool members (``create_started`` on the daemon's ``background`` backend) restore and warm at nice
+- Pool members (``create_started`` of a pool id on the daemon's ``background`` backend) restore and warm at nice
   ``REFILL_NICE``, then run at normal priority and are paused (QMP ``stop``) when not taken within
   ``PAUSE_IDLE_S``; ``_resume`` continues one (QMP ``cont`` + its clock set) on every way in: the hand-out
   check, the lease, an agent client.
@@ -98,6 +98,9 @@ REFILL_NICE = 5
 # continues a paused one: ~5 ms more at light load, tens of ms on a loaded host, where each of the extra round
 # trips waits for the scheduler
 PAUSE_IDLE_S = 30.0
+# the daemon's pools name their members owner.new_id("pool") (pool.WarmPool); other create_started calls (the
+# daemon's gated one-shots, runs with files) serve a request now: no low priority, no warm-up, no idle pause
+POOL_MEMBER_PREFIX = "pool-"
 TEMPLATE_VERSION = "2"  # 2: RAM in a file mapped by the clones, warmed before the save
 DEFAULT_MEMORY_MB = 256
 
@@ -798,11 +801,11 @@ class QemuBackend(Backend, AgentAccess, OneShot):
         return d
 
     async def create_started(self, spec, *, sandbox_id: str, owner: dict[str, Any]) -> SandboxRef:
-        """A pool member (the daemon's pools start theirs here; ``background`` set by the daemon): restored
-        and warmed at a low priority, paused once idle: see ``_boot``'s ``member`` and ``_pause_when_idle``."""
+        """``create`` + ``start``; a pool member of the daemon (``background`` set, the id a pool's) is restored
+        and warmed at a low priority and paused once idle: see ``_boot``'s ``member`` and ``_pause_when_idle``."""
         ref = await self.create(spec, sandbox_id=sandbox_id, owner=owner)
         try:
-            await self._start(ref, member=self.background)
+            await self._start(ref, member=self.background and sandbox_id.startswith(POOL_MEMBER_PREFIX))
         except BaseException:
             await self.remove(ref)
             raise

@@ -284,8 +284,9 @@ def test_pool_members_pause_when_idle_and_run_once_leased(monkeypatch):
     """The daemon's pool members (a backend with ``background``): restored, warmed, at normal priority once
     warm; one not taken within PAUSE_IDLE_S is paused (no CPU while it waits); the hand-out check continues
     it and sets its clock (it stood still while paused); a member reached without the check (a waiter's)
-    continues on its first command; a member taken in time is never paused under its user. Each member is
-    a fresh clone: what one run wrote is absent in the next; removal leaves nothing behind."""
+    continues on its first command; a member taken in time is never paused under its user; a sandbox that
+    is no pool member (the daemon's gated one-shots) is none of this. Each member is a fresh clone: what one
+    run wrote is absent in the next; removal leaves nothing behind."""
     from agentkernel.backends import qemu
     from agentkernel.pool import PoolConfig, WarmPool
 
@@ -295,7 +296,7 @@ def test_pool_members_pause_when_idle_and_run_once_leased(monkeypatch):
     mine = "ls /tmp/mine 2>/dev/null; touch /tmp/mine; date +%s"
 
     async def idle_member():
-        ref = await bg.create_started(SPEC, sandbox_id=owner.new_id("tq"), owner=owner.current_owner())
+        ref = await bg.create_started(SPEC, sandbox_id=owner.new_id("pool"), owner=owner.current_owner())
         await asyncio.to_thread(_wait_paused, ref)  # the loop runs: the idle timer fires
         return ref
 
@@ -317,7 +318,7 @@ def test_pool_members_pause_when_idle_and_run_once_leased(monkeypatch):
     assert vm_pid(ref.handle["dir"]) is None and not os.path.exists(ref.handle["dir"])
 
     async def taken_in_time():  # checked out before the idle pause: it stays running while used
-        ref = await bg.create_started(SPEC, sandbox_id=owner.new_id("tq"), owner=owner.current_owner())
+        ref = await bg.create_started(SPEC, sandbox_id=owner.new_id("pool"), owner=owner.current_owner())
         try:
             assert await bg.healthy(ref)
             await asyncio.sleep(1.5)
@@ -326,6 +327,17 @@ def test_pool_members_pause_when_idle_and_run_once_leased(monkeypatch):
             await bg.remove(ref)
 
     assert asyncio.run(taken_in_time()) == "running"
+
+    async def not_a_member():  # a request's sandbox on the daemon's backend: started as asked, no idle pause
+        ref = await bg.create_started(SPEC, sandbox_id=owner.new_id("run"), owner=owner.current_owner())
+        try:
+            await asyncio.sleep(1.5)
+            return ref.handle["timings"], await asyncio.to_thread(_run_state, ref)
+        finally:
+            await bg.remove(ref)
+
+    timings, state = asyncio.run(not_a_member())
+    assert state == "running" and "warm_ms" not in timings
 
     async def leases():
         pool = WarmPool(SPEC, bg, PoolConfig(min_size=1, max_size=2), asyncio.Semaphore(2), owner.current_owner())
