@@ -15,6 +15,11 @@
   sandbox then starts with ``-incoming`` from that file over its own overlay of the template disk, and
   the guest's RNG is re-seeded and its clock set (agent RESEED) before anything runs.
 
+- Pool members (``create_started`` of a pool id on the daemon's ``background`` backend) restore and warm at nice
+  ``REFILL_NICE``, then run at normal priority and are paused (QMP ``stop``) when not taken within
+  ``PAUSE_IDLE_S``; ``_resume`` continues one (QMP ``cont`` + its clock set) on every way in: the hand-out
+  check, the lease, an agent client.
+- A restoring QEMU gets only the kernel's setup header (``guestimage.restore_kernel``), no initramfs.
 - Memory snapshots of running sandboxes (the API's snapshot routes): ``take_memory_snapshot``; a sandbox
   restored from one (option ``restore=<id>``) keeps its own hard link of the snapshot's frozen disk, so it
   still boots after the snapshot is deleted.
@@ -82,6 +87,20 @@ QEMU_CONTROLS = {
     "disk_rootfs",
 }
 BOOT_TIMEOUT = 90.0  # TCG on a busy 2-core host: a cold boot takes ~3 s, allow for contention
+# a pool member's QEMU restores and warms at this nice value, then gets 0 back: the nice value of its session's
+# autogroup (QEMU runs in a session of its own, and with autogroup scheduling a thread's own nice value only
+# counts within its session; an autogroup's can be set back to 0 without privileges) and, with CAP_SYS_NICE,
+# of its threads too (what counts without autogroup; an unprivileged process never lowers one again). Moderate:
+# on a loaded host a refill at a much lower weight starves and the pool runs dry
+REFILL_NICE = 5
+# a warm pool member not taken within this long is paused (QMP stop) until it is: runs seconds apart find their
+# member running (hand-out ~3 ms), members of an idle pool cost no CPU (a running idle one ~36 ms/s); a lease
+# continues a paused one: ~5 ms more at light load, tens of ms on a loaded host, where each of the extra round
+# trips waits for the scheduler
+PAUSE_IDLE_S = 30.0
+# the daemon's pools name their members owner.new_id("pool") (pool.WarmPool); other create_started calls (the
+# daemon's gated one-shots, runs with files) serve a request now: no low priority, no warm-up, no idle pause
+POOL_MEMBER_PREFIX = "pool-"
 TEMPLATE_VERSION = "2"  # 2: RAM in a file mapped by the clones, warmed before the save
 DEFAULT_MEMORY_MB = 256
 
@@ -224,13 +243,16 @@ class GuestPlan:
         from ..vm import guestimage
 
         k = self.guest["kernel"]
+        # a restore runs the kernel in the snapshot's RAM: QEMU gets only the kernel's header, no initramfs
+        boot = (["-kernel", guestimage.restore_kernel(k)] if incoming else
+                ["-kernel", k["vmlinuz"], "-initrd", self.guest["initramfs"]["path"]])
         cpu = ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else ["-accel", "tcg", "-cpu", "max"]
         argv = [
             _qemu_binary(), "-name", f"agentkernel,process=ak-qemu-{os.path.basename(run_dir)}",
             "-M", "microvm,pit=on,pic=on,rtc=on,isa-serial=on", *cpu,
             "-m", f"{self.memory_mb}M", "-smp", str(self.vcpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-kernel", k["vmlinuz"], "-initrd", self.guest["initramfs"]["path"], "-append", self.cmdline,
+            *boot, "-append", self.cmdline,
             "-drive", f"id=root,file={disk},format=qcow2,if=none,cache=writeback,discard=unmap",
             "-device", "virtio-blk-device,drive=root",
             "-device", "virtio-serial-device",
@@ -406,6 +428,44 @@ def _listeners(run_dir: str) -> tuple[list, tuple[int, int]]:
     return socks, (fds[0], fds[1])
 
 
+def _can_raise_priority() -> bool:
+    """Whether this process may lower a nice value again (CAP_SYS_NICE, bit 23 of CapEff)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> 23 & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def _renice(pid: int, nice: int, *, threads: bool) -> None:
+    """Set the nice value of ``pid``'s session autogroup (where autogroup scheduling is on) and, with
+    ``threads``, of its every thread (a nice value is per thread on Linux)."""
+    try:
+        with open(f"/proc/{pid}/autogroup", "w") as f:
+            f.write(str(nice))
+    except OSError:  # no autogroup scheduling in this kernel
+        pass
+    try:
+        tids = os.listdir(f"/proc/{pid}/task") if threads else []
+    except OSError:
+        return
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+        except OSError:  # the thread ended meanwhile
+            pass
+
+
+async def _qmp_command(run_dir: str, name: str) -> None:
+    """One QMP command (without arguments) to the VM of ``run_dir``, in one round trip."""
+    from ..vm.qmp import QMP
+
+    await QMP.run(os.path.join(run_dir, "qmp.sock"), name)
+
+
 def _dig_holes(path: str) -> None:
     """Punch a hole (``fallocate -d``) wherever ``path`` holds only zeros."""
     import subprocess
@@ -415,13 +475,57 @@ def _dig_holes(path: str) -> None:
         raise SandboxError(f"fallocate --dig-holes {path}: {r.stderr.decode(errors='replace').strip()}")
 
 
-def _hello_answered(buf: bytes) -> bool:
-    """Whether ``buf`` (what the agent port gave since our HELLO) holds the agent's whole HELLO reply: its frame
-    header (4-byte length, 4 zero bytes) right before the R_HELLO marker, and the frame's full length."""
+def _hello_end(buf: bytes) -> int:
+    """Where the agent's HELLO reply in ``buf`` (what the agent port gave since our HELLO) ends, -1 while it is
+    not whole: its frame header (4-byte length, 4 zero bytes) right before the R_HELLO marker, and the
+    frame's full length."""
     from ..agent import protocol as P
 
     i = buf.find(bytes([P.R_HELLO, 0]) + P.MAGIC)
-    return i >= 8 and buf[i - 4:i] == b"\0\0\0\0" and len(buf) >= i + 2 + int.from_bytes(buf[i - 8:i - 4], "big")
+    if i < 8 or buf[i - 4:i] != b"\0\0\0\0":
+        return -1
+    end = i + 2 + int.from_bytes(buf[i - 8:i - 4], "big")
+    return end if len(buf) >= end else -1
+
+
+def _hello_answered(buf: bytes) -> bool:
+    return _hello_end(buf) >= 0
+
+
+async def _reseed_port(path: str, entropy: bytes = b"", timeout: float = 10.0) -> None:
+    """One agent session on the port at ``path`` that writes HELLO and RESEED (the wall clock, and
+    ``entropy``: none by default, the clock only) together and returns once the agent confirmed the
+    RESEED: a single round trip to the guest, which can be paused when it starts (the bytes wait in the
+    port until it runs)."""
+    import asyncio
+
+    from ..agent import protocol as P
+
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path, limit=1 << 20), timeout)
+    try:
+        writer.write(P.encode_hello() + P.encode_frame(P.RESEED, 1, P.encode_reseed(entropy, time.time_ns())))
+        deadline = time.monotonic() + timeout
+        buf, dec = b"", None
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the guest agent did not answer RESEED")
+            data = await asyncio.wait_for(reader.read(65536), left)
+            if not data:
+                raise ConnectionResetError("QEMU closed the agent port connection")
+            if dec is None:  # everything up to the HELLO reply is an earlier session's (PortTransport.connect)
+                buf = buf[-(1 << 16):] + data
+                end = _hello_end(buf)
+                if end < 0:
+                    continue
+                dec, data = P.FrameDecoder(), buf[end:]
+            for ftype, stream, payload in dec.feed(data):
+                if stream == 1 and ftype == P.R_OK:
+                    return
+                if stream == 1 and ftype == P.R_ERROR:
+                    raise P.decode_error(payload)
+    finally:
+        writer.close()
 
 
 class PortTransport(Transport):
@@ -601,6 +705,8 @@ class QemuBackend(Backend, AgentAccess, OneShot):
         if self.accel_opt not in ("auto", "kvm", "tcg"):
             raise ConfigError(f"qemu option accel must be auto, kvm or tcg, got {self.accel_opt!r}")
         self._plans: dict[str, tuple[float, GuestPlan]] = {}
+        self._idle_timers: dict[str, Any] = {}  # pool members that pause when idle (_pause_when_idle)
+        self._pausing: dict[str, Any] = {}
         self.restore_from = self.options.get("restore")
         if self.restore_from is not None:
             snapshot_dir(self.restore_from)  # a well-formed id
@@ -694,7 +800,21 @@ class QemuBackend(Backend, AgentAccess, OneShot):
             raise SandboxError(f"refusing a run dir outside {sandboxes_dir()}: {d}")
         return d
 
+    async def create_started(self, spec, *, sandbox_id: str, owner: dict[str, Any]) -> SandboxRef:
+        """``create`` + ``start``; a pool member of the daemon (``background`` set, the id a pool's) is restored
+        and warmed at a low priority and paused once idle: see ``_boot``'s ``member`` and ``_pause_when_idle``."""
+        ref = await self.create(spec, sandbox_id=sandbox_id, owner=owner)
+        try:
+            await self._start(ref, member=self.background and sandbox_id.startswith(POOL_MEMBER_PREFIX))
+        except BaseException:
+            await self.remove(ref)
+            raise
+        return ref
+
     async def start(self, ref: SandboxRef) -> None:
+        await self._start(ref)
+
+    async def _start(self, ref: SandboxRef, *, member: bool = False) -> None:
         import asyncio
         run_dir = self._dir(ref)
         meta = _read_json(os.path.join(run_dir, "meta.json"))
@@ -718,16 +838,22 @@ class QemuBackend(Backend, AgentAccess, OneShot):
                 _clone_overlay(tdir, disk)
             else:
                 await asyncio.to_thread(guestimage.overlay, plan.guest["rootfs"]["path"], disk)
-        timings = await self._boot(plan, run_dir, disk, tdir)
-        meta.update({"state": "running", "timings": timings, "env": plan.env})
+        timings = await self._boot(plan, run_dir, disk, tdir, member=member)
+        meta.update({"state": "running", "timings": timings, "env": plan.env, "paused": False})
         _write_json(os.path.join(run_dir, "meta.json"), meta)
         ref.handle["timings"] = timings
+        if member:
+            self._pause_when_idle(ref)
 
     async def _boot(self, plan: GuestPlan, run_dir: str, disk: str, template: str | None, *,
-                    ram: str | None = None) -> dict:
+                    ram: str | None = None, member: bool = False) -> dict:
         """Start QEMU and wait for the agent; returns the phase timings (ms). ``template``: restore the
         snapshot in that dir (its device state, its RAM file mapped copy-on-write) instead of booting;
-        ``ram``: the guest RAM is that (shared) file (a template being made)."""
+        ``ram``: the guest RAM is that (shared) file (a template being made). ``member``: a pool member
+        restored in the background: QEMU runs at nice ``REFILL_NICE`` while it restores and warms (so a
+        refill does not slow the command a leased member is running), runs one ``true`` (TCG: translate
+        the fork/exec path now, not on the lease) and gets its normal priority back; ``_start`` then has it
+        paused once idle (``_pause_when_idle``)."""
         import asyncio
 
         from ..agent.client import AgentClient
@@ -748,10 +874,14 @@ class QemuBackend(Backend, AgentAccess, OneShot):
         script = '"$@" </dev/null >>"$0" 2>&1 & echo $!'
         if incoming:  # the device state on fd 3 (no cat, no pipe)
             script = f'"$@" </dev/null >>"$0" 2>&1 3<{shlex.quote(os.path.join(template, "state"))} & echo $!'
+        renice = member and _can_raise_priority()
+        if member:  # QEMU's session (start_new_session) is its autogroup: the shell sets its nice value
+            script = f"echo {REFILL_NICE} >/proc/self/autogroup 2>/dev/null; {script}"
         socks, fds = _listeners(run_dir)
         try:
             proc = await asyncio.create_subprocess_exec(
                 "/bin/sh", "-c", script, os.path.join(run_dir, "qemu.log"),
+                *(["nice", "-n", str(REFILL_NICE)] if renice else []),
                 *plan.argv(run_dir, disk, ram=ram, incoming=incoming, listen_fds=fds), stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
                 pass_fds=fds)
@@ -794,11 +924,12 @@ class QemuBackend(Backend, AgentAccess, OneShot):
             if incoming:  # a restored clone: fresh entropy and the real time before anything runs
                 await client.reseed(os.urandom(256), time_ns=time.time_ns())
             t_ready = time.perf_counter()
-            if self.background and plan.accel == "tcg":
-                # a pool member (the daemon refills in the background): TCG's translated-code cache is
-                # not part of a snapshot, so the clone's first command would pay for translating the
-                # fork/exec paths again (~0.5 s): pay it here, off the request path
-                await client.exec(["true"], env=plan.env)
+            if member:
+                if plan.accel == "tcg":
+                    # TCG's translated-code cache is not part of a snapshot, so the clone's first command
+                    # would pay for translating the fork/exec paths again: pay it here, off the request path
+                    await client.exec(["true"], env=plan.env, cwd=plan.spec.workdir)
+                _renice(qpid, 0, threads=renice)
         except BaseException:
             await kill_vm(run_dir)
             raise
@@ -807,7 +938,8 @@ class QemuBackend(Backend, AgentAccess, OneShot):
                 await client.close()
         return {"process_ms": round((t_proc - t0) * 1e3, 2), "boot_ms": round((t_boot - t_proc) * 1e3, 2),
                 "agent_ms": round((t_ready - t_boot) * 1e3, 2), "ready_ms": round((t_ready - t0) * 1e3, 2),
-                "restored": bool(incoming), "accel": plan.accel}
+                "restored": bool(incoming), "accel": plan.accel,
+                **({"warm_ms": round((time.perf_counter() - t_ready) * 1e3, 2)} if member else {})}
 
     async def _template(self, plan: GuestPlan) -> str:
         """The snapshot for this image/spec: made once (under a lock), then shared read-only."""
@@ -934,6 +1066,7 @@ class QemuBackend(Backend, AgentAccess, OneShot):
 
             raise InvalidState(f"sandbox {ref.spec.name or ref.id} is not running: a memory snapshot needs a "
                                "running VM", hint=f"agentkernel start {ref.spec.name or ref.id}")
+        await self._resume(ref)  # a paused pool member: the snapshot's clock is the real one
         snap_id = uuid.uuid4().hex
         final = snapshot_dir(snap_id)
         work = f"{final}.part"
@@ -976,12 +1109,75 @@ class QemuBackend(Backend, AgentAccess, OneShot):
     def delete_memory_snapshot(snapshot_id: str) -> None:
         shutil.rmtree(snapshot_dir(snapshot_id), ignore_errors=True)
 
+    def _pause_when_idle(self, ref: SandboxRef) -> None:
+        """Pause this warm pool member (QMP ``stop``: no CPU while it waits; TCG's translations are kept) if
+        nothing takes it (``_claim``) within ``PAUSE_IDLE_S``."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+
+        def fire() -> None:
+            self._idle_timers.pop(ref.id, None)
+            task = loop.create_task(self._pause(ref))
+            self._pausing[ref.id] = task
+            task.add_done_callback(lambda _t: self._pausing.pop(ref.id, None))
+
+        self._idle_timers[ref.id] = loop.call_later(PAUSE_IDLE_S, fire)
+
+    async def _pause(self, ref: SandboxRef) -> None:
+        run_dir = self._dir(ref)
+        path = os.path.join(run_dir, "meta.json")
+        meta = _read_json(path)
+        if meta is None:
+            return
+        # marked first: a VM marked paused that still runs only gets a harmless cont + clock set
+        meta["paused"] = True
+        _write_json(path, meta)
+        try:
+            await _qmp_command(run_dir, "stop")
+        except Exception:  # removed meanwhile (or QEMU died: the hand-out check finds out)
+            pass
+
+    async def _claim(self, ref: SandboxRef) -> None:
+        """The sandbox is taken (leased, used): no idle pause any more, and one under way is waited for."""
+        import asyncio
+
+        timer = self._idle_timers.pop(ref.id, None)
+        if timer is not None:
+            timer.cancel()
+        task = self._pausing.get(ref.id)
+        if task is not None:
+            await asyncio.shield(task)
+
+    async def _resume(self, ref: SandboxRef) -> bool:
+        """Continue a paused pool member (``_boot``'s ``member``): QMP ``cont`` and, in parallel, the agent
+        sets the guest's clock (it stood still while the VM was paused). Returns whether the VM was paused.
+        Every way in to a sandbox (hand-out check, lease, agent client) calls it first."""
+        import asyncio
+
+        await self._claim(ref)
+        run_dir = self._dir(ref)
+        path = os.path.join(run_dir, "meta.json")
+        meta = _read_json(path)
+        if not meta or not meta.get("paused"):
+            return False
+        # the clock is sent while QEMU continues the VM (the guest reads it once it runs); its RNG was re-seeded
+        # when it was restored, and a pause changes nothing there
+        for r in await asyncio.gather(_reseed_port(os.path.join(run_dir, "agent.sock")),
+                                      _qmp_command(run_dir, "cont"), return_exceptions=True):
+            if isinstance(r, BaseException):
+                raise r
+        meta["paused"] = False
+        _write_json(path, meta)
+        return True
+
     # -- agent access --
     async def _client(self, ref: SandboxRef):
         from ..agent.client import AgentClient
 
         run_dir = self._dir(ref)
         try:
+            await self._resume(ref)
             return await AgentClient.connect(PortTransport(os.path.join(run_dir, "agent.sock")), timeout=10.0)
         except (TimeoutError, OSError):
             state = await self.status(ref)
@@ -1025,7 +1221,13 @@ class QemuBackend(Backend, AgentAccess, OneShot):
         return agent_read_file(lambda: self._client(ref), ref, path)
 
     async def healthy(self, ref: SandboxRef) -> bool:
-        """Pool hand-out check: the agent answers a HELLO on its port (one round trip)."""
+        """Pool hand-out check: a paused member continues (``_resume``: its agent answered), else the agent
+        answers a HELLO on its port (one round trip)."""
+        try:
+            if await self._resume(ref):
+                return True
+        except Exception:
+            return False
         try:
             _, writer = await PortTransport(os.path.join(self._dir(ref), "agent.sock"), 2.0).connect()
         except (TimeoutError, OSError):
@@ -1036,6 +1238,7 @@ class QemuBackend(Backend, AgentAccess, OneShot):
     # -- AgentAccess --
     async def agent_endpoint(self, ref: SandboxRef) -> dict[str, Any]:
         """A client runs one command through the VM's agent port itself (the policy is the agent's own)."""
+        await self._resume(ref)
         return {"socket": os.path.join(self._dir(ref), "agent.sock"), "env": self._env(ref) or {},
                 "cwd": ref.spec.workdir}
 
@@ -1062,6 +1265,7 @@ class QemuBackend(Backend, AgentAccess, OneShot):
     async def remove(self, ref: SandboxRef) -> None:
         import asyncio
         run_dir = self._dir(ref)
+        await self._claim(ref)
         if not os.path.isdir(run_dir):
             return
         ms = await kill_vm(run_dir)

@@ -37,6 +37,28 @@ class QMP:
         await self.cmd("qmp_capabilities")
         return self
 
+    @classmethod
+    async def run(cls, path: str, *commands: str, timeout: float = 10.0) -> None:
+        """Connect and run ``commands`` (no arguments) in one round trip: they are written together with
+        ``qmp_capabilities`` at once, before QEMU's greeting is read (QMP reads them after greeting)."""
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path, limit=1 << 22), timeout)
+        self = cls(reader, writer)
+        try:
+            writer.write(b"".join(json.dumps({"execute": c}).encode() + b"\n"
+                                  for c in ("qmp_capabilities", *commands)))
+            greeting = await asyncio.wait_for(self._read(), timeout)
+            if "QMP" not in greeting:
+                raise SandboxError(f"not a QMP greeting: {greeting}")
+            for name in ("qmp_capabilities", *commands):
+                while True:
+                    reply = await asyncio.wait_for(self._read(), timeout)
+                    if "event" not in reply:
+                        break
+                if "error" in reply:
+                    raise SandboxError(f"QEMU {name}: {reply['error'].get('desc', reply['error'])}")
+        finally:
+            await self.close()
+
     async def _read(self) -> dict:
         line = await self.reader.readline()
         if not line:

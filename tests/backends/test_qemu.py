@@ -255,6 +255,114 @@ def test_warm_pool_members_are_snapshot_clones(backend):
     assert asyncio.run(go()) == [b"", b""]
 
 
+def _run_state(ref) -> str:
+    from agentkernel.vm.qmp import QMP
+
+    async def go():
+        qmp = await QMP.connect(os.path.join(ref.handle["dir"], "qmp.sock"))
+        try:
+            return (await qmp.cmd("query-status"))["status"]
+        finally:
+            await qmp.close()
+
+    return asyncio.run(go())
+
+
+def _wait_paused(ref, within: float = 30.0) -> None:
+    import json
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with open(os.path.join(ref.handle["dir"], "meta.json")) as f:
+            if json.load(f).get("paused") and _run_state(ref) == "paused":
+                return
+        time.sleep(0.1)
+    raise AssertionError("the idle pool member was not paused")
+
+
+def test_pool_members_pause_when_idle_and_run_once_leased(monkeypatch):
+    """The daemon's pool members (a backend with ``background``): restored, warmed, at normal priority once
+    warm; one not taken within PAUSE_IDLE_S is paused (no CPU while it waits); the hand-out check continues
+    it and sets its clock (it stood still while paused); a member reached without the check (a waiter's)
+    continues on its first command; a member taken in time is never paused under its user; a sandbox that
+    is no pool member (the daemon's gated one-shots) is none of this. Each member is a fresh clone: what one
+    run wrote is absent in the next; removal leaves nothing behind."""
+    from agentkernel.backends import qemu
+    from agentkernel.pool import PoolConfig, WarmPool
+
+    monkeypatch.setattr(qemu, "PAUSE_IDLE_S", 0.5)
+    bg = get_backend("qemu")
+    bg.background = True
+    mine = "ls /tmp/mine 2>/dev/null; touch /tmp/mine; date +%s"
+
+    async def idle_member():
+        ref = await bg.create_started(SPEC, sandbox_id=owner.new_id("pool"), owner=owner.current_owner())
+        await asyncio.to_thread(_wait_paused, ref)  # the loop runs: the idle timer fires
+        return ref
+
+    # a member reached without the hand-out check: its first command continues it
+    ref = asyncio.run(idle_member())
+    try:
+        pid = vm_pid(ref.handle["dir"])
+        assert {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{pid}/task")} == {0}
+        if os.path.exists(f"/proc/{pid}/autogroup"):  # its session's weight is back to normal as well
+            with open(f"/proc/{pid}/autogroup") as f:
+                assert f.read().split()[-1] == "0"
+        time.sleep(3)  # the paused guest's clock stands still ...
+        r = asyncio.run(bg.exec(ref, ExecRequest(["sh", "-c", mine])))
+        assert r.exit_code == 0, r
+        assert abs(int(r.stdout.split()[-1]) - time.time()) < 2  # ... and is set when it continues
+        assert _run_state(ref) == "running"
+    finally:
+        asyncio.run(bg.remove(ref))
+    assert vm_pid(ref.handle["dir"]) is None and not os.path.exists(ref.handle["dir"])
+
+    async def taken_in_time():  # checked out before the idle pause: it stays running while used
+        ref = await bg.create_started(SPEC, sandbox_id=owner.new_id("pool"), owner=owner.current_owner())
+        try:
+            assert await bg.healthy(ref)
+            await asyncio.sleep(1.5)
+            return await asyncio.to_thread(_run_state, ref)
+        finally:
+            await bg.remove(ref)
+
+    assert asyncio.run(taken_in_time()) == "running"
+
+    async def not_a_member():  # a request's sandbox on the daemon's backend: started as asked, no idle pause
+        ref = await bg.create_started(SPEC, sandbox_id=owner.new_id("run"), owner=owner.current_owner())
+        try:
+            await asyncio.sleep(1.5)
+            return ref.handle["timings"], await asyncio.to_thread(_run_state, ref)
+        finally:
+            await bg.remove(ref)
+
+    timings, state = asyncio.run(not_a_member())
+    assert state == "running" and "warm_ms" not in timings
+
+    async def leases():
+        pool = WarmPool(SPEC, bg, PoolConfig(min_size=1, max_size=2), asyncio.Semaphore(2), owner.current_owner())
+        pool.refill()
+        out = []
+        try:
+            for _ in range(2):
+                while not pool.ready:
+                    await asyncio.sleep(0.05)
+                await asyncio.to_thread(_wait_paused, pool.ready[0].ref)
+                m, hit = await pool.acquire()
+                assert hit
+                out.append((await asyncio.to_thread(_run_state, m.ref),
+                            await bg.exec(m.ref, ExecRequest(["sh", "-c", mine]))))
+                pool.release(m)
+        finally:
+            await pool.close()
+        return out
+
+    for state, r in asyncio.run(leases()):
+        assert state == "running"  # the hand-out check continued it
+        assert r.exit_code == 0 and r.stdout.count(b"\n") == 1, r  # no /tmp/mine from the other run
+        assert abs(int(r.stdout) - time.time()) < 5
+
+
 def test_sigkill_of_the_owner_is_reaped_by_the_next_command(tmp_path):
     env = dict(os.environ)
     p = subprocess.Popen([sys.executable, "-m", "agentkernel", "run", "-B", "qemu", "--", "sleep", "120"],
