@@ -5,7 +5,7 @@ input schema). Standard library only: the stdio fast path (``mcp_stdio``) answer
 streamable HTTP) advertises the same.
 
 The tool list is ``mcp_tools.json`` beside this file, generated from the argument models in ``api/mcp.py``
-(the ones that validate calls): ``python -m agentkernel.api.mcp_identity --write`` after changing a model;
+(the ones that validate calls): ``python -m agentkernel.api.mcp_toolgen --write`` after changing a model;
 ``--check`` (and the tests) fail while the file and the models disagree.
 """
 
@@ -49,40 +49,3 @@ def tools() -> list[dict]:
         with open(TOOLS_FILE, "rb") as f:
             _tools = loads(f.read())
     return _tools
-
-
-def generate() -> list[dict]:
-    """The tool list from the argument models (imports pydantic and the API: not for the fast path)."""
-    from .mcp import TOOLS
-
-    out = []
-    for name, (model, desc) in TOOLS.items():
-        schema = model.model_json_schema()
-        schema.pop("title", None)
-        schema["additionalProperties"] = False
-        out.append({"name": name, "description": desc, "inputSchema": schema})
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    import json
-    import sys
-
-    args = sys.argv[1:] if argv is None else argv
-    want = generate()
-    if args == ["--write"]:
-        with open(TOOLS_FILE, "w", encoding="utf-8") as f:
-            json.dump(want, f, indent=1, sort_keys=True)
-            f.write("\n")
-        return 0
-    if args == ["--check"]:
-        if tools() != want:
-            print(f"{TOOLS_FILE} is out of date: python -m agentkernel.api.mcp_identity --write", file=sys.stderr)
-            return 1
-        return 0
-    print("usage: python -m agentkernel.api.mcp_identity --write | --check", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

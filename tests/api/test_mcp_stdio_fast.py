@@ -71,12 +71,12 @@ def test_handshake_identity_matches_the_sdk_server():
     """The fast path's initialize result for each revision, and its tool list, are the SDK server's."""
     from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
-    from agentkernel.api import mcp_identity
+    from agentkernel.api import mcp_identity, mcp_toolgen
     from agentkernel.api.mcp import build_server, tool_list
 
     assert tuple(HANDSHAKE_PROTOCOL_VERSIONS) == mcp_identity.HANDSHAKE_VERSIONS
-    assert mcp_identity.tools() == mcp_identity.generate(), \
-        "api/mcp_tools.json is out of date: python -m agentkernel.api.mcp_identity --write"
+    assert mcp_identity.tools() == mcp_toolgen.generate(), \
+        "api/mcp_tools.json is out of date: python -m agentkernel.api.mcp_toolgen --write"
     wire = [t.model_dump(by_alias=True, exclude_unset=True, mode="json") for t in tool_list()]
     assert wire == mcp_identity.tools()
     server = build_server(svc=None)
