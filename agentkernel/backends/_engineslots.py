@@ -30,10 +30,11 @@ POLL_MAX_S = 0.02
 
 
 def default_slots() -> int:
-    """Engine calls at once when not configured: twice the cores, at least 4. Measured on 2 cores (rootful
-    podman, create/start/stop/rm): throughput rises up to ~4 concurrent clients and falls beyond ~8, where
-    the clients' own CPU and podman's lock hand-offs dominate (docs/benchmarks.md, "Engine admission")."""
-    return max(4, 2 * (os.cpu_count() or 1))
+    """Engine calls at once when not configured: 8 per core, at least 4. Measured on 2 cores (rootful podman
+    on btrfs, run/stop/rm): podman serialises on its storage lock, ~7-10 calls/s with 4, 16 or 64 clients
+    at once; a few slots per core keep it busy without a crowd of waiting podman processes, whose order of
+    service podman's lock hand-off leaves to chance (docs/backends/containers.md, "Engine admission")."""
+    return max(4, 8 * (os.cpu_count() or 1))
 
 
 def slot_count() -> int:
