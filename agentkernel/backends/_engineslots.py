@@ -84,12 +84,22 @@ def _open(path: str) -> int:
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
 
-def _try_slots(base: str, n: int) -> int:
-    """A locked slot descriptor, or -1 when all ``n`` are held. Starts at a per-process offset so
-    concurrent callers do not all contend on slot 0."""
-    start = os.getpid() % n
-    for k in range(n):
-        fd = _open(f"{base}.{(start + k) % n}")
+def _order(n: int, cleanup: bool) -> list[int]:
+    """The slots a caller tries, in order, from a per-process offset (concurrent callers do not all
+    contend on slot 0): cleanup calls the lower half only; the others the upper half first,
+    leaving the lower half to cleanup while slots are free."""
+    pid, h = os.getpid(), n // 2
+    if cleanup:
+        m = max(1, h)
+        return [(pid + k) % m for k in range(m)]
+    upper = [h + (pid + k) % (n - h) for k in range(n - h)]
+    return upper + [(pid + k) % h for k in range(h)]
+
+
+def _try_slots(base: str, order: list[int]) -> int:
+    """A locked slot descriptor, or -1 when every slot in ``order`` is held."""
+    for i in order:
+        fd = _open(f"{base}.{i}")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return fd
@@ -101,30 +111,34 @@ def _try_slots(base: str, n: int) -> int:
     return -1
 
 
-def try_acquire(engine: str) -> Slot | None:
+def try_acquire(engine: str, cleanup: bool = False) -> Slot | None:
     """A slot now, or None when every slot is taken (never waits). Admission off: an empty Slot."""
     n = slot_count()
     if n <= 0:
         return Slot(-1, 0.0)
-    fd = _try_slots(os.path.join(slots_dir(), engine), n)
+    fd = _try_slots(os.path.join(slots_dir(), engine), _order(n, cleanup))
     return Slot(fd, 0.0) if fd >= 0 else None
 
 
-def acquire_sync(engine: str, abandoned=None) -> Slot:
+def acquire_sync(engine: str, abandoned=None, cleanup: bool = False) -> Slot:
     """Wait (blocking) for a slot of ``engine``. ``abandoned()`` (optional) is asked once the slot is held:
-    True releases it at once and returns an empty Slot (an async waiter that was cancelled)."""
+    True releases it at once and returns an empty Slot (an async waiter that was cancelled). ``cleanup``
+    callers (stop, rm) queue on a queue of their own and take only the lower half of the slots, so a crowd
+    of removals (a pool destroying used members, a stress run's teardown) never holds every slot while
+    creates and starts - what callers wait for - queue behind them (``_order``)."""
     t0 = time.monotonic()
     n = slot_count()
     if n <= 0:
         return Slot(-1, 0.0)
+    order = _order(n, cleanup)
     base = os.path.join(slots_dir(), engine)
-    fd = _try_slots(base, n)
+    fd = _try_slots(base, order)
     if fd < 0:
-        q = _open(f"{base}.queue")
+        q = _open(f"{base}.queue{'-cleanup' if cleanup else ''}")
         try:
             fcntl.flock(q, fcntl.LOCK_EX)  # the head of the queue; the others sleep here
             delay = POLL_MIN_S
-            while (fd := _try_slots(base, n)) < 0:
+            while (fd := _try_slots(base, order)) < 0:
                 time.sleep(delay)
                 delay = min(delay * 2, POLL_MAX_S)
         finally:
@@ -135,11 +149,11 @@ def acquire_sync(engine: str, abandoned=None) -> Slot:
     return slot
 
 
-async def acquire(engine: str) -> Slot:
+async def acquire(engine: str, cleanup: bool = False) -> Slot:
     """Wait for a slot of ``engine`` without blocking the event loop: the fast path inline, the queue in a
     thread of its own (not the loop's default executor, which a long queue would starve). Cancelling the
     wait is safe: the thread gives the slot back as soon as it gets it."""
-    slot = try_acquire(engine)
+    slot = try_acquire(engine, cleanup)
     if slot is not None:
         return slot
     import asyncio
@@ -165,7 +179,7 @@ async def acquire(engine: str) -> Slot:
 
     def wait() -> None:
         try:
-            res: Slot | BaseException = acquire_sync(engine, abandoned)
+            res: Slot | BaseException = acquire_sync(engine, abandoned, cleanup)
         except BaseException as exc:  # handed to the waiter
             res = exc
         try:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 # workdir a capped directory of ours, where podman's storage is on the quota-enabled volume (check()).
 REMOVE_BATCH = 64  # containers per `podman rm` in remove_many
 ENGINE_TIMEOUT_S = 120.0  # one podman call's own time (queueing for an engine slot is not counted)
+CLEANUP_CALLS = ("stop", "rm")  # admitted on half the engine slots (_engineslots._order)
 
 PODMAN_CONTROLS = CONTAINER_CONTROLS | {"network_allowlist", "secret_injection", "disk_rootfs"}
 
@@ -111,7 +112,7 @@ class PodmanBackend(AgentContainerBackend, OneShot):
 
         from . import _engineslots
 
-        slot = await _engineslots.acquire("podman")
+        slot = await _engineslots.acquire("podman", cleanup=args[0] in CLEANUP_CALLS)
         try:
             try:
                 proc = await asyncio.create_subprocess_exec(
@@ -289,7 +290,7 @@ class PodmanBackend(AgentContainerBackend, OneShot):
 
         from . import _engineslots
 
-        with _engineslots.acquire_sync("podman"):
+        with _engineslots.acquire_sync("podman", cleanup=True):
             subprocess.run([self.binary, "rm", "-f", "-v", "-t", "0", "--ignore", name], stdin=subprocess.DEVNULL,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=ENGINE_TIMEOUT_S)
 

@@ -66,6 +66,18 @@ def test_slots_are_shared_between_processes_and_freed_by_death(slots):
             p.wait()
 
 
+def test_cleanup_calls_take_at_most_half_the_slots(slots, monkeypatch):
+    """stop/rm never hold every slot: creates and starts (what callers wait for) always find room."""
+    monkeypatch.setenv(_engineslots.SLOTS_ENV, "4")
+    cleanups = [_engineslots.try_acquire("t", cleanup=True) for _ in range(3)]
+    assert [s is not None for s in cleanups] == [True, True, False]
+    others = [_engineslots.try_acquire("t") for _ in range(3)]
+    assert [s is not None for s in others] == [True, True, False]
+    for s in [*cleanups, *others]:
+        if s is not None:
+            s.release()
+
+
 def test_admission_off_never_waits(slots, monkeypatch):
     monkeypatch.setenv(_engineslots.SLOTS_ENV, "0")
     held = [_engineslots.acquire_sync("t") for _ in range(5)]
