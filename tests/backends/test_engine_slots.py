@@ -235,8 +235,10 @@ def test_create_killed_while_queued_leaves_nothing(slots):
 
 
 def test_create_killed_mid_engine_call_is_removed_by_the_reaper(slots):
-    """The CLI dies while its ``podman create`` runs: the client goes on (orphaned) and may finish after the
-    next command's reaper looked for the container. The reaper waits for it, then removes what it made."""
+    """The CLI dies while its ``podman create`` runs: the client goes on (orphaned, held back here until
+    the next command's reaper has looked). Whatever that client does then - creates the container after
+    the reaper found none (the reaper waits for it and removes it), or fails because the reaper removed its
+    bind sources - nothing of the sandbox is left."""
     require_backend("podman")
     tag, label = _unique()
     env = _env(slots, label, 2)
