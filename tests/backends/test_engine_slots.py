@@ -213,6 +213,7 @@ def test_create_killed_while_queued_leaves_nothing(slots):
     env = _env(slots, label, 1)
     holder = _holder("podman", env)  # the only slot is taken: the create must queue
     name = f"sq{tag}"
+    p: subprocess.Popen | None = None
     try:
         p = subprocess.Popen([sys.executable, "-m", "agentkernel", "create", name, "--backend", "podman",
                               "--image", IMAGE], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -222,15 +223,19 @@ def test_create_killed_while_queued_leaves_nothing(slots):
         assert _podman_clients(f"agentkernel-{name}-".encode()) == []
         p.send_signal(signal.SIGKILL)
         p.communicate()
-    finally:
         holder.kill()
         holder.wait()
-    try:
         r = _ak(env, "rm", name)  # its store row (state "creating"); the reaper runs first
         assert r.returncode == 0, r.stderr
         assert _containers(label) == []
         assert json.loads(_ak(env, "list", "--json").stdout or b"[]") == []
     finally:
+        holder.kill()
+        holder.wait()
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.communicate()
+        _ak(env, "rm", name)
         _cleanup(label)
 
 
