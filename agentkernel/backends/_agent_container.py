@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 
 AGENT_READY_TIMEOUT = 30.0
+ENGINE_STATE_EVERY_S = 0.5  # while waiting for the agent: how often the engine is asked if the container died
 # stdin up to this size rides the shared connection: the agent queues up to 1 MiB of a command's stdin
 # before it stops reading the connection (agent-protocol.md section 5), which would stall its neighbours
 SHARED_STDIN_MAX = 512 * 1024
@@ -165,6 +166,9 @@ class AgentContainerBackend(Backend, AgentAccess):
         deadline = time.monotonic() + AGENT_READY_TIMEOUT
         delay = 0.002
         last: Exception | None = None
+        # the engine is asked whether the container died at most every ENGINE_STATE_EVERY_S: each ask is an
+        # engine call (a podman process, queued for an engine slot when the engine is busy)
+        next_state = time.monotonic() + ENGINE_STATE_EVERY_S
         while time.monotonic() < deadline:
             if os.path.exists(sock):
                 try:
@@ -179,9 +183,12 @@ class AgentContainerBackend(Backend, AgentAccess):
                     return
                 except OSError as exc:
                     last = exc
-            state, _ = await self._engine_state(ref.handle["container"])
-            if state not in ("running", "created"):
-                raise SandboxError(f"sandbox {ref.id} exited while starting (state: {state})")
+            if (t := time.monotonic()) >= next_state:
+                state, _ = await self._engine_state(ref.handle["container"])
+                if state not in ("running", "created"):
+                    raise SandboxError(f"sandbox {ref.id} exited while starting (state: {state})")
+                next_state = time.monotonic() + ENGINE_STATE_EVERY_S
+                deadline += next_state - ENGINE_STATE_EVERY_S - t  # a busy engine's answer is not the agent's time
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
         raise SandboxError(f"the agent in sandbox {ref.id} did not answer within {AGENT_READY_TIMEOUT:.0f} s"

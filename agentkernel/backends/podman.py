@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 # disk_rootfs: the container's root is a btrfs subvolume capped by a prestart hook (diskquota.py) and its
 # workdir a capped directory of ours, where podman's storage is on the quota-enabled volume (check()).
 REMOVE_BATCH = 64  # containers per `podman rm` in remove_many
+ENGINE_TIMEOUT_S = 120.0  # one podman call's own time (queueing for an engine slot is not counted)
+CLEANUP_CALLS = ("stop", "rm")  # admitted on half the engine slots (_engineslots._order)
+
 PODMAN_CONTROLS = CONTAINER_CONTROLS | {"network_allowlist", "secret_injection", "disk_rootfs"}
 
 
@@ -100,23 +103,38 @@ class PodmanBackend(AgentContainerBackend, OneShot):
         _container.check_rootfs_cap(self.name, spec, storage_cap_status)
 
     # -- engine operations --
-    async def _podman(self, *args: str, check: bool = True, timeout: float = 120) -> tuple[int, str, str]:
+    async def _podman(self, *args: str, check: bool = True, timeout: float = ENGINE_TIMEOUT_S
+                      ) -> tuple[int, str, str]:
+        """One podman client call, admitted through the machine-wide engine slots (_engineslots): a busy
+        engine makes calls queue, never fail. ``timeout`` bounds the engine's time, not the queue's."""
         import asyncio
         import subprocess
 
+        from . import _engineslots
+
+        slot = await _engineslots.acquire("podman", cleanup=args[0] in CLEANUP_CALLS)
         try:
-            proc = await asyncio.create_subprocess_exec(
-                self.binary, *args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                preexec_fn=_lower_priority if self.background else None, cwd=_engine_cwd(),
-            )
-        except FileNotFoundError:
-            raise BackendUnavailable("podman is not installed", hint="bash scripts/setup.sh") from None
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise SandboxError(f"podman {args[0]} did not finish within {timeout:.0f} s") from None
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    self.binary, *args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    preexec_fn=_lower_priority if self.background else None, cwd=_engine_cwd(),
+                )
+            except FileNotFoundError:
+                raise BackendUnavailable("podman is not installed", hint="bash scripts/setup.sh") from None
+            try:
+                out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                raise SandboxError(f"podman {args[0]} did not finish within {timeout:.0f} s "
+                                   f"(after {slot.waited_s:.1f} s queued for the engine)") from None
+            except BaseException:  # cancelled (the caller's deadline, Ctrl-C): the client goes too
+                if proc.returncode is None:  # SIGTERM: podman finishes or undoes its critical section
+                    proc.terminate()
+                    await asyncio.shield(_reap(proc))
+                raise
+        finally:
+            slot.release()
         o, e = out.decode(errors="replace"), err.decode(errors="replace")
         if check and proc.returncode != 0:
             raise _engine_error(f"podman {args[0]}", e or o)
@@ -146,6 +164,18 @@ class PodmanBackend(AgentContainerBackend, OneShot):
         await self._podman("stop", "-t", "2", name)
 
     async def _engine_remove(self, name: str) -> None:
+        _, out, _ = await self._podman("rm", "-f", "-v", "-t", "0", "--ignore", name)
+        if out.strip():
+            return
+        # Nothing to remove - but a client whose creator died (SIGKILL, a caller's timeout) may still be
+        # creating it: wait for that podman to finish, then remove what it made.
+        import asyncio
+
+        pids = _engine_calls_naming(self.binary, name)
+        if not pids:
+            return
+        while pids := [p for p in pids if _running(p)]:
+            await asyncio.sleep(0.05)
         await self._podman("rm", "-f", "-v", "-t", "0", "--ignore", name)
 
     async def remove_many(self, refs: list[SandboxRef]) -> list[BaseException | None]:
@@ -258,8 +288,11 @@ class PodmanBackend(AgentContainerBackend, OneShot):
     def force_remove_sync(self, name: str) -> None:
         import subprocess
 
-        subprocess.run([self.binary, "rm", "-f", "-v", "-t", "0", "--ignore", name], stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        from . import _engineslots
+
+        with _engineslots.acquire_sync("podman", cleanup=True):
+            subprocess.run([self.binary, "rm", "-f", "-v", "-t", "0", "--ignore", name], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=ENGINE_TIMEOUT_S)
 
 
 def _engine_cwd() -> str:
@@ -267,6 +300,44 @@ def _engine_cwd() -> str:
     d = os.path.join(paths.runtime_dir(), "engine")
     os.makedirs(d, mode=0o700, exist_ok=True)
     return d
+
+
+def _engine_calls_naming(binary: str, name: str) -> list[int]:
+    """Live ``podman ... --name NAME ...`` clients (a create or run of container ``name``), any parent."""
+    want = f"\0--name\0{name}\0".encode()
+    exe = os.path.basename(binary).encode()
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if want in cmd and os.path.basename(cmd.split(b"\0", 1)[0]) == exe and _running(int(entry)):
+            out.append(int(entry))
+    return out
+
+
+def _running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:][:1] != b"Z"
+
+
+async def _reap(proc) -> None:
+    import asyncio
+
+    try:
+        await asyncio.wait_for(proc.wait(), 10)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
 
 
 def _lower_priority() -> None:

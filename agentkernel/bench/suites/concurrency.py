@@ -29,11 +29,14 @@ RAW_FOR = {"podman": "raw_podman", "docker": "raw_docker", "gvisor": "raw_podman
            "wasm": "raw_wasmtime"}
 
 
-def batch(ctx: BenchContext, cmd: Cmd, total: int, conc: int) -> tuple[list[Sample], float]:
-    """``total`` runs of ``cmd``, ``conc`` at a time: (per-run samples, wall ms)."""
+def batch(ctx: BenchContext, cmd: Cmd, total: int, conc: int, timeout: float | None = None
+          ) -> tuple[list[Sample], float]:
+    """``total`` runs of ``cmd``, ``conc`` at a time: (per-run samples, wall ms). ``timeout``: per run
+    (default the harness's)."""
     t0 = time.perf_counter()
+    kw = {} if timeout is None else {"timeout": timeout}
     with ThreadPoolExecutor(max_workers=max(1, conc)) as pool:
-        futs = [pool.submit(ctx.time_command, cmd.next_argv(), expect=cmd.expect, check=cmd.check)
+        futs = [pool.submit(ctx.time_command, cmd.next_argv(), expect=cmd.expect, check=cmd.check, **kw)
                 for _ in range(total)]
         samples = [f.result() for f in futs]
     return samples, (time.perf_counter() - t0) * 1e3

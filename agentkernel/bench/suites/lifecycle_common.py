@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .. import stats
-from ..harness import HELLO, BenchContext
+from ..harness import HELLO, RUN_TIMEOUT_S, BenchContext
 
 OPS = ("create", "start", "exec", "stop", "remove")
 
@@ -33,7 +33,8 @@ def _any_output(_out: bytes) -> bool:
     return True
 
 
-def cli_lifecycle(ctx: BenchContext, backend: str, name: str) -> dict[str, Any]:
+def cli_lifecycle(ctx: BenchContext, backend: str, name: str, timeout: float = RUN_TIMEOUT_S) -> dict[str, Any]:
+    """``timeout``: how long one step may take before the bench gives up on it (kills the CLI)."""
     steps = [
         ("create", ctx.ak("create", name, "--backend", backend), None),
         ("start", ctx.ak("start", name), None),
@@ -46,7 +47,7 @@ def cli_lifecycle(ctx: BenchContext, backend: str, name: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     removed = False
     for op, argv, expect in steps:
-        s = ctx.time_command(argv, expect=expect or b"", check=None if expect else _any_output)
+        s = ctx.time_command(argv, expect=expect or b"", check=None if expect else _any_output, timeout=timeout)
         row[f"{op}_ms"] = round(s.ms, 3) if s.ms is not None else None
         if op == "exec":
             row["output_correct"] = s.ok
@@ -59,14 +60,14 @@ def cli_lifecycle(ctx: BenchContext, backend: str, name: str) -> dict[str, Any]:
         row["success"] = True
     row["total_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
     if not removed:
-        ctx.run_quiet(ctx.ak("rm", name), timeout=120)
+        ctx.run_quiet(ctx.ak("rm", name), timeout=max(timeout, RUN_TIMEOUT_S))
     return row
 
 
-def parallel_lifecycles(ctx: BenchContext, backend: str, names: list[str], conc: int, on_done=None
-                        ) -> tuple[list[dict[str, Any]], float]:
+def parallel_lifecycles(ctx: BenchContext, backend: str, names: list[str], conc: int, on_done=None,
+                        timeout: float = RUN_TIMEOUT_S) -> tuple[list[dict[str, Any]], float]:
     def one(n: str) -> dict[str, Any]:
-        r = cli_lifecycle(ctx, backend, n)
+        r = cli_lifecycle(ctx, backend, n, timeout)
         if on_done:
             on_done()
         return r
