@@ -14,7 +14,8 @@ PATH, the Docker socket), its ``probe()`` says it is available, and its ``check(
 spec (the default profile's full policy: fail closed). The choice is cached in
 ``cache_dir()/backend-auto-<crc32 of the installation's directory>`` together with a fingerprint of those
 inputs (uid, each engine binary's path on PATH, its size and mtime - a new version of an engine changes
-them - and the agentkernel version); any change re-runs the choice. ``--backend``,
+them - and the agentkernel version); any change re-runs the choice. A long-lived process (``serve``) reuses its
+own last decision for ``PROCESS_TTL_S`` while its environment and the cache file are unchanged. ``--backend``,
 ``AGENTKERNEL_BACKEND`` and ``[sandbox] backend`` always win over auto.
 """
 
