@@ -16,13 +16,16 @@ from .backends.base import Backend, ExecRequest, ExecResult, SandboxRef
 from .errors import InvalidState
 from .owner import new_id
 from .spec import SandboxSpec, check_sandbox_path, validate_name
-from .store import SandboxRecord, Store
+from .store import LOCAL, SandboxRecord, Store
+
+_LOOKUPS_KEPT = 1024  # named sandboxes whose record lookup() keeps (all of them are dropped beyond that)
 
 
 class SandboxManager:
     def __init__(self, store: Store | None = None) -> None:
         self._store = store
         self._backends: dict[tuple[str, tuple], Backend] = {}
+        self._lookups: dict[tuple[str, str], tuple[tuple[int, int], SandboxRecord, SandboxSpec]] = {}
 
     @property
     def store(self) -> Store:
@@ -88,6 +91,24 @@ class SandboxManager:
     def get(self, name: str, tenant: str | None = None) -> SandboxRecord:
         return self.store.get(name, tenant)
 
+    def lookup(self, name: str, tenant: str | None = None) -> tuple[SandboxRecord, SandboxSpec]:
+        """A named sandbox's record and spec for the exec path, kept in this process while the store's
+        ``stamp`` stays equal: a commit by any connection (another process's too: the CLI, another server,
+        gc) moves it, so a removed or changed sandbox is never served from here. A hit costs one pragma read
+        instead of a row read, two JSON parses and a spec rebuild. The record is shared: read it only."""
+        store = self.store
+        stamp = store.stamp()  # before the row: a commit in between leaves a stale stamp (a re-read), not a stale row
+        key = (tenant or LOCAL, name)
+        hit = self._lookups.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1], hit[2]
+        rec = store.get(name, tenant)
+        spec = SandboxSpec.from_dict(rec.spec)
+        if len(self._lookups) >= _LOOKUPS_KEPT:
+            self._lookups.clear()
+        self._lookups[key] = (stamp, rec, spec)
+        return rec, spec
+
     async def start(self, name: str, tenant: str | None = None) -> None:
         rec = self.store.get(name, tenant)
         if rec.state == "creating":
@@ -98,9 +119,12 @@ class SandboxManager:
         self.store.update(rec.id, state="running", handle=ref.handle)
         audit.log("sandbox_started", sandbox=name, id=rec.id, backend=rec.backend)
 
-    async def exec(self, name: str, req: ExecRequest, tenant: str | None = None) -> ExecResult:
-        rec = self.store.get(name, tenant)
-        result = await self._backend_of(rec).exec(self._ref(rec), req)
+    async def exec(self, name: str, req: ExecRequest, tenant: str | None = None, *,
+                   found: tuple[SandboxRecord, SandboxSpec] | None = None) -> ExecResult:
+        """``found``: what ``lookup`` just returned for this sandbox (the caller looked it up already)."""
+        rec, spec = found or self.lookup(name, tenant)
+        # a copy of the handle: a backend may note things in it during an exec (not persisted, as before)
+        result = await self._backend_of(rec).exec(SandboxRef(rec.backend, rec.id, dict(rec.handle), spec), req)
         audit.log("command_executed", sandbox=name, id=rec.id, argv=req.argv, exit_code=result.exit_code,
                   timed_out=result.timed_out, oom_killed=result.oom_killed)
         return result

@@ -65,10 +65,12 @@ class Store:
             self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30, isolation_level=None,
                                        check_same_thread=False)
             self._db.row_factory = sqlite3.Row
+            self._gen = 0
             return
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
+        self._gen = 0  # this connection's own writes (SQLite's data_version does not count them)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
@@ -86,6 +88,13 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
+    def stamp(self) -> tuple[int, int]:
+        """Moves whenever a sandbox row may have changed, so a record read under one stamp may be reused
+        while the stamp stays equal (``SandboxManager.lookup``): SQLite's ``data_version`` moves on every
+        commit by any other connection (the CLI, another server, gc: other processes included), the local
+        generation on this connection's own writes. One cheap read (no row, no JSON)."""
+        return self._db.execute("PRAGMA data_version").fetchone()[0], self._gen
+
     def reserve(self, name: str, sandbox_id: str, backend: str, spec: dict, tenant: str = LOCAL) -> None:
         now = time.time()
         try:
@@ -94,6 +103,7 @@ class Store:
                 "VALUES (?, ?, ?, ?, 'creating', ?, ?, ?)",
                 (name, sandbox_id, backend, dumps(spec, sort_keys=True), tenant, now, now),
             )
+            self._gen += 1
         except sqlite3.IntegrityError:
             raise AlreadyExists(f"a sandbox named {name!r} already exists",
                                 hint=f"agentkernel rm {name}, or choose another name") from None
@@ -108,6 +118,7 @@ class Store:
             args.append(dumps(handle, sort_keys=True))
         args.append(sandbox_id)
         self._db.execute(f"UPDATE sandboxes_v2 SET {', '.join(sets)} WHERE id = ?", args)
+        self._gen += 1
 
     def get(self, name: str, tenant: str | None = None) -> SandboxRecord:
         rec = self.find(name, tenant)
@@ -122,6 +133,7 @@ class Store:
 
     def delete(self, sandbox_id: str) -> None:
         self._db.execute("DELETE FROM sandboxes_v2 WHERE id = ?", (sandbox_id,))
+        self._gen += 1
 
     def list(self, tenant: str | None = None) -> list[SandboxRecord]:
         """One tenant's sandboxes (default: the local CLI's)."""
@@ -142,6 +154,12 @@ class Store:
         if tenant is None:
             return self._db.execute("SELECT COUNT(*) FROM sandboxes_v2").fetchone()[0]
         return self._db.execute("SELECT COUNT(*) FROM sandboxes_v2 WHERE tenant = ?", (tenant,)).fetchone()[0]
+
+    def counts(self, tenant: str) -> tuple[int, int]:
+        """(named sandboxes of ``tenant``, of every tenant) in one query (admission checks both)."""
+        mine, total = self._db.execute("SELECT COALESCE(SUM(tenant = ?), 0), COUNT(*) FROM sandboxes_v2",
+                                       (tenant,)).fetchone()
+        return mine, total
 
 
 def foreign_ids(path: str) -> set[str] | None:

@@ -94,6 +94,25 @@ def test_choice_is_cached_and_rechosen_when_the_host_changes(host):
     assert auto.decide(default_spec_for)[::2] == ("podman", True)
 
 
+def test_process_reuses_its_choice_until_the_cache_file_changes(host):
+    """A long-lived process (the server) reuses its decision without re-reading the host; another process
+    re-choosing (it rewrites the cache file) is seen at once, and ``refresh`` always probes."""
+    require_backend("oci")
+    host("crun", "runc", "podman")
+    assert auto.decide(default_spec_for)[::2] == ("oci", False)
+    assert auto.decide(default_spec_for)[::2] == ("oci", True)
+    path = auto._cache_path()
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.read().splitlines()
+    with open(path + ".new", "w", encoding="utf-8") as fh:  # another process's choice, same host fingerprint
+        fh.write("\n".join([lines[0], "podman", "podman\t1\tchosen elsewhere"]) + "\n")
+    os.replace(path + ".new", path)
+    chosen, rows, cached = auto.decide(default_spec_for)
+    assert (chosen, cached, rows[0]["reason"]) == ("podman", True, "chosen elsewhere")
+    assert auto.decide(default_spec_for, refresh=True)[::2] == ("oci", False)
+    assert auto.decide(default_spec_for)[::2] == ("oci", True)
+
+
 def test_explicit_backend_always_wins(host, monkeypatch):
     require_backend("oci")
     host("crun", "runc", "podman")

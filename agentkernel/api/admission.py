@@ -35,9 +35,12 @@ class Admission:
 
     def _check_live(self, tenant: str, n: int) -> None:
         caller = self.policy.for_tenant(tenant)
-        if self.live(tenant) + n > caller.max_sandboxes:
+        named_mine, named_all = self._store().counts(tenant)  # one query for both limits (per /run)
+        mine = named_mine + self.oneshots_by.get(tenant, 0) + self.creating_by.get(tenant, 0)
+        if mine + n > caller.max_sandboxes:
             self._refuse(f"too many live sandboxes for this caller (limit {caller.max_sandboxes})")
-        if self.live() + n > self.policy.server_max_sandboxes:
+        every = named_all + sum(self.oneshots_by.values()) + sum(self.creating_by.values())
+        if every + n > self.policy.server_max_sandboxes:
             self._refuse(f"too many live sandboxes on this server (limit {self.policy.server_max_sandboxes})")
 
     def runs(self, tenant: str, n: int, *, oneshot: bool, batch: bool = False) -> Ticket:

@@ -399,10 +399,11 @@ class Service:
     async def exec(self, tenant: str, name: str, req: ExecRequest, *, admitted: bool = False) -> ExecResult:
         """``admitted``: the caller already holds an admission for it (a stream)."""
         validate_name(name)
-        rec = self.manager.get(name, tenant)
+        found = self.manager.lookup(name, tenant)  # one store read (none while unchanged) for both uses
         ticket = None if admitted else self.admission.runs(tenant, 1, oneshot=False)
         try:
-            return await self._counted("exec", rec.backend, self.manager.exec(name, req, tenant), tenant)
+            return await self._counted("exec", found[0].backend, self.manager.exec(name, req, tenant, found=found),
+                                       tenant)
         finally:
             if ticket is not None:
                 ticket.release()

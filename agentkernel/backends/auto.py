@@ -14,7 +14,8 @@ PATH, the Docker socket), its ``probe()`` says it is available, and its ``check(
 spec (the default profile's full policy: fail closed). The choice is cached in
 ``cache_dir()/backend-auto-<crc32 of the installation's directory>`` together with a fingerprint of those
 inputs (uid, each engine binary's path on PATH, its size and mtime - a new version of an engine changes
-them - and the agentkernel version); any change re-runs the choice. ``--backend``,
+them - and the agentkernel version); any change re-runs the choice. A long-lived process (``serve``) reuses its
+own last decision for ``PROCESS_TTL_S`` while its environment and the cache file are unchanged. ``--backend``,
 ``AGENTKERNEL_BACKEND`` and ``[sandbox] backend`` always win over auto.
 """
 
@@ -178,12 +179,50 @@ def resolve(spec_for, *, refresh: bool = False) -> str:
     return decide(spec_for, refresh=refresh)[0]
 
 
+# This process's last decision, reused for PROCESS_TTL_S while the environment it was made in (the inputs read
+# from os.environ, the uid) and the cache file (its stat: another process re-choosing rewrites it) are unchanged:
+# a long-lived server resolves on every request, and the fingerprint plus the file read cost ~0.3 ms. An engine
+# binary changed in place is noticed after at most PROCESS_TTL_S.
+PROCESS_TTL_S = 2.0
+_process: list = []  # [(environment key, cache file, its stat, monotonic deadline, (chosen, rows))]
+
+
+def _process_key() -> tuple:
+    """What the decision and the cache file's place depend on besides the files (``facts``, ``paths``)."""
+    env = os.environ
+    return (env.get("PATH"), env.get("DOCKER_HOST"), env.get("CONTAINERS_STORAGE_CONF"), env.get("AGENTKERNEL_CACHE"),
+            env.get("AGENTKERNEL_HOME"), env.get("XDG_DATA_HOME"), env.get("HOME"), os.geteuid())
+
+
+def _stat(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _remember(chosen: str, rows: list[dict]) -> None:
+    import time
+
+    path = _cache_path()
+    _process[:] = [(_process_key(), path, _stat(path), time.monotonic() + PROCESS_TTL_S, (chosen, rows))]
+
+
 def decide(spec_for, *, refresh: bool = False) -> tuple[str, list[dict], bool]:
-    """(chosen backend, verdict rows, whether it came from the cache). Raises when nothing works."""
+    """(chosen backend, verdict rows, whether it came from a cache: the file's or this process's). Raises when
+    nothing works."""
+    if not refresh and _process:
+        import time
+
+        key, path, stat, deadline, (chosen, rows) = _process[0]
+        if time.monotonic() < deadline and key == _process_key() and stat == _stat(path):
+            return chosen, [dict(r) for r in rows], True
     fp = fingerprint()
     if not refresh:
         cached = _read_cache(fp)
         if cached is not None:
+            _remember(*cached)
             return cached[0], cached[1], True
     chosen, rows = choose(spec_for)
     if chosen is None:
@@ -194,6 +233,7 @@ def decide(spec_for, *, refresh: bool = False) -> tuple[str, list[dict], bool]:
             + "; ".join(f"{r['backend']}: {r['reason']}" for r in rows) + ")",
             hint="agentkernel doctor; install crun (as root), podman or Docker, or pick one with --backend")
     _write_cache(fp, chosen, rows)
+    _remember(chosen, [dict(r) for r in rows])
     return chosen, rows, False
 
 

@@ -701,6 +701,13 @@ def _speed_rows(sp: dict[str, Any]) -> list[list[str]]:
             ok = rps is not None and rps >= goal_rps and (key != "serve_run_c10" or (p99 or 1e9) <= 100)
             rows.append([label, f"{rps} req/s, p99 {fmt_ms(p99)}, success {fmt_pct(r.get('success_rate'))}",
                          verdict(ok)])
+            dr = r.get("direct") or {}
+            if dr.get("requests"):  # the same work without HTTP, same run (api_bench.with_ratio)
+                dl = dr.get("latency") or {}
+                rows.append(["\u2003the same without HTTP (`direct`)",
+                             f"{dr.get('rps')} req/s, p50 {fmt_ms(dl.get('p50_ms'))}, p99 {fmt_ms(dl.get('p99_ms'))}, "
+                             f"success {fmt_pct(dr.get('success_rate'))}; HTTP/direct "
+                             f"{r.get('ratio_vs_direct', NA)}x", ""])
     wp, wi = sp.get("wasm_pipelined") or {}, sp.get("wasm_in_process") or {}
     if wp.get("runs_per_s"):
         cpu = wp.get("cpu_per_run") or {}

@@ -104,6 +104,35 @@ def test_admission_counts_and_releases():
     assert adm.runs_by["b"] == 0
 
 
+def test_admission_counts_named_sandboxes_of_the_tenant_and_the_server_in_one_query(tmp_path):
+    """The live-sandbox limits count the store's named sandboxes (this tenant's, every tenant's: one query)
+    plus the one-shot runs and creates in flight; rows another process writes count at once."""
+    from agentkernel.store import Store
+
+    store = Store(str(tmp_path / "state.db"))
+    sp = ServerPolicy(default=CallerPolicy(max_runs=10, max_sandboxes=3), server_max_sandboxes=5)
+    adm = Service(with_daemon=False, policy=sp, store=store).admission
+    store.reserve("a1", "a1-x", "podman", {}, tenant="a")
+    store.reserve("a2", "a2-x", "podman", {}, tenant="a")
+    store.reserve("b1", "b1-x", "podman", {}, tenant="b")
+    assert store.counts("a") == (2, 3) and store.counts("nobody") == (0, 3)
+    t = adm.runs("a", 1, oneshot=True)  # 2 named + 1 run = a's limit
+    with pytest.raises(TooManyRequests, match="live sandboxes for this caller"):
+        adm.runs("a", 1, oneshot=True)
+    with pytest.raises(TooManyRequests, match="live sandboxes for this caller"):
+        adm.creating("a")
+    with adm.creating("b"):  # server: 3 named + 1 run + 1 create = 5
+        with pytest.raises(TooManyRequests, match="live sandboxes on this server"):
+            adm.runs("c", 1, oneshot=True)
+        adm.runs("c", 1, oneshot=False).release()  # an exec is no new sandbox
+    t.release()
+    other = Store(str(tmp_path / "state.db"))  # another writer (the CLI, another server)
+    other.delete("a1-x")
+    other.close()
+    adm.runs("a", 2, oneshot=True).release()  # 1 named + 2 runs
+    store.close()
+
+
 def test_network_policy_keys(tmp_path):
     with pytest.raises(ConfigError, match="unknown network mode 'wide'"):
         ServerPolicy.from_config(_load(tmp_path, '[api]\nnetwork_modes = ["wide"]\n'))

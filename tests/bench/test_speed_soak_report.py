@@ -32,7 +32,9 @@ def _doc() -> dict:
                          "floor": floor, "pools": [{"backend": "oci", "cannot_keep_up": None}]},
         "paced": {"runs": 30, "failures": 0, "latency": lat, "floor": floor, "x_floor": 1.5},
         "serve_run_c10": {"requests": 300, "rps": 50.0, "success_rate": 1.0, "latency": {"p99_ms": 80.0}},
-        "serve_exec_c10": {"requests": 3000, "rps": 900.0, "success_rate": 1.0, "latency": {"p99_ms": 20.0}},
+        "serve_exec_c10": {"requests": 3000, "rps": 900.0, "success_rate": 1.0, "latency": {"p99_ms": 20.0},
+                           "direct": {"requests": 3000, "rps": 1200.0, "success_rate": 1.0,
+                                      "latency": {"p50_ms": 6.0, "p99_ms": 15.0}}, "ratio_vs_direct": 0.75},
         "wasm_pipelined": {"runs_per_s": 3500, "window": 64}, "wasm_in_process": {"runs_per_s": 3600},
         "wasm_per_connection": {"runs_per_s": 1200},
         "oci_cold": {"runs": 30, "failures": 0, "latency": {**lat, "median_ms": 35.0}, "floor": floor},
@@ -55,6 +57,9 @@ def test_speed_and_soak_sections():
     assert "## Soak: mixed run/exec/cp under sustained load" in md and "0.97-0.97" in md
     assert "Hit rate (per sample)" in md
     assert "48.8 -> 48.9 MiB, 12 -> 12 fds" in md
+    # the serve rows' direct baseline (same work without HTTP) and the ratio; none when the run lacks one
+    assert "1200.0 req/s, p50 6.0 ms, p99 15.0 ms, success 100%; HTTP/direct 0.75x" in md
+    assert md.count("the same without HTTP (`direct`)") == 1
 
 
 def test_soak_chart(tmp_path):
