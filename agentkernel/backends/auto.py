@@ -178,12 +178,19 @@ def resolve(spec_for, *, refresh: bool = False) -> str:
     return decide(spec_for, refresh=refresh)[0]
 
 
+def cached_choice() -> str | None:
+    """The choice this host's cache holds for its current fingerprint (None: auto would probe again)."""
+    cached = _read_cache(fingerprint())
+    return None if cached is None else cached[0]
+
+
 def decide(spec_for, *, refresh: bool = False) -> tuple[str, list[dict], bool]:
     """(chosen backend, verdict rows, whether it came from the cache). Raises when nothing works."""
     fp = fingerprint()
     if not refresh:
         cached = _read_cache(fp)
         if cached is not None:
+            _note_choice(cached[0])
             return cached[0], cached[1], True
     chosen, rows = choose(spec_for)
     if chosen is None:
@@ -194,7 +201,15 @@ def decide(spec_for, *, refresh: bool = False) -> tuple[str, list[dict], bool]:
             + "; ".join(f"{r['backend']}: {r['reason']}" for r in rows) + ")",
             hint="agentkernel doctor; install crun (as root), podman or Docker, or pick one with --backend")
     _write_cache(fp, chosen, rows)
+    _note_choice(chosen)
     return chosen, rows, False
+
+
+def _note_choice(chosen: str) -> None:
+    """For a resolved-spec cache (``resolvedspec``): the choice stands while the host's cache holds it."""
+    from ..resolvedspec import note
+
+    note(("call", __name__, "cached_choice", (), chosen))
 
 
 def explain_lines(decision: tuple[str, list[dict], bool]) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 
 from ..errors import NotFound
+from ..resolvedspec import note, volatile
 from .pullerrors import PullError
 
 TYPE_CHECKING = False  # typing costs ~2 ms at start-up; annotations here are never evaluated
@@ -80,15 +81,23 @@ def _index_names(store: str) -> set[str] | None:
 
 
 def present(store: str, image: str) -> bool:
+    """Whether ``image`` is in ``store`` (recorded for a resolved-spec cache: ``resolvedspec``)."""
+    r = _present(store, image)
+    note(("call", __name__, "_present", (store, image), r))
+    return r
+
+
+def _present(store: str, image: str) -> bool:
     if store == "oci":
         from ..oci import rootfs
 
         if rootfs.lookup_cached(image) is not None:  # unpacked from an engine, or pulled (stamps "registry")
             return True
-        return any(present(s, image) for s in ("podman", "docker"))
+        return any(_present(s, image) for s in ("podman", "docker"))
     names = _index_names(store)
     if names is not None:
         return bool(spellings(image) & names)
+    volatile()  # the engine's answer: no stamp to re-check it by
     import subprocess
 
     try:
@@ -129,6 +138,7 @@ def ensure(backend: str, image: str, policy: str, *, config: dict | None = None,
     if store is None or not image:
         return False
     if policy == "always":
+        volatile()
         if before_pull is not None:
             before_pull()
         with pull_lock(store, image):
@@ -136,6 +146,7 @@ def ensure(backend: str, image: str, policy: str, *, config: dict | None = None,
         return True
     if present(store, image):
         return False
+    volatile()  # about to pull (or fail): the next run resolves again, against the new store
     if policy == "never":
         raise NotFound(f"image {image!r} is not present in {store} and the pull policy is 'never'",
                        hint=f"pull it (agentkernel images pull --backend {backend} {image}), or use --pull missing")
