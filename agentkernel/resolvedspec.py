@@ -9,10 +9,11 @@ Correctness by construction, not by a list of what the resolution might read:
   environment (pass_env, AGENTKERNEL_*, DOCKER_HOST, XDG_*, PATH: whatever the resolution reads) and the
   stamps of the resolution's own source files (an upgrade re-resolves);
 - the *checks* are recorded while the resolution runs, by the code that reads host state, next to the
-  read (``note``): a config file's whole content (not its mtime: an in-place edit within one timestamp
-  tick keeps mtime and size), whether a file exists, a directory's listing, or a call whose result the
-  resolution used (an image's presence in a store, the auto backend's cached choice for this host's
-  fingerprint), re-made and compared on every hit;
+  read (``note``), and re-made and compared on every hit: a file's whole content (a config file, the
+  engines' storage configs and image indexes, the oci image cache's refs; not their mtimes: an in-place
+  edit within one timestamp tick keeps mtime and size), a stamp where the reader itself decides by one
+  (the oci cache's index stamps), whether a file or directory exists, a directory's listing, or a call
+  whose result the resolution used (the auto backend's cached choice for this host's fingerprint);
 - anything the cache cannot re-check (the clock: a registry's unreachable mark expires; a pull; an
   engine asked through a subprocess) marks the resolution ``volatile``: it is not stored.
 
@@ -39,15 +40,30 @@ _rec: list | None = None  # the checks of the resolution being recorded (None: n
 
 
 def note(check: tuple) -> None:
-    """Record one input of the resolution being recorded: ``("file", path, bytes | None)``,
-    ``("isfile", path, bool)``, ``("listdir", path, names | None)``, ``("call", module, function, args,
-    result)`` or ``("volatile",)`` (not cacheable)."""
+    """Record one input of the resolution being recorded: ``("file", path, bytes | None)`` (its content),
+    ``("stamp", path, stamp(path))`` (where the reader itself compares stamps), ``("isfile" | "isdir",
+    path, bool)``, ``("listdir", path, names | None)``, ``("call", module, function, args, result)`` or
+    ``("volatile",)`` (not cacheable)."""
     if _rec is not None:
         _rec.append(check)
 
 
 def volatile() -> None:
     note(("volatile",))
+
+
+def recording() -> bool:
+    """Whether a resolution is being recorded (a reader may then note what a cheaper re-check needs)."""
+    return _rec is not None
+
+
+def stamp(path: str) -> list[int] | None:
+    """A file's (mtime_ns, size, inode), as the oci cache compares them, or None when it is missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_mtime_ns, st.st_size, st.st_ino]
 
 
 def start() -> None:
@@ -84,6 +100,10 @@ def _holds(check) -> bool:
         return os.path.isfile(check[1]) == check[2]
     if kind == "listdir":
         return listing(check[1]) == check[2]
+    if kind == "stamp":
+        return stamp(check[1]) == check[2]
+    if kind == "isdir":
+        return os.path.isdir(check[1]) == check[2]
     if kind == "call":  # __import__: importlib (and what it imports) stays off the warm path
         mod = __import__(check[1], fromlist=[check[2]])
         return getattr(mod, check[2])(*check[3]) == check[4]

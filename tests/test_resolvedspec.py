@@ -156,11 +156,39 @@ def test_an_image_removed_from_the_store_misses(runtime, tmp_path, monkeypatch):
     resolvedspec.start()
     assert pull.present("oci", "example/img")
     checks = resolvedspec.stop()
-    assert checks == [("call", "agentkernel.images.pull", "_present", ("oci", "example/img"), True)]
+    refs = rootfs._refs_path()
+    assert ("isdir", str(root), True) in checks
+    assert ("file", refs, resolvedspec.read_file(refs)) in checks
     assert resolvedspec.store("k", checks, "spec")
     assert resolvedspec.load("k") == "spec"
-    root.rmdir()
+    root.rmdir()  # the unpacked image removed
     assert resolvedspec.load("k") is None
+    root.mkdir()
+    assert resolvedspec.load("k") == "spec"
+    save(rootfs._refs_path(), {})  # the cache forgot it
+    assert resolvedspec.load("k") is None
+
+
+def test_an_image_appearing_in_an_engine_store_misses(runtime, tmp_path, monkeypatch):
+    """An image not in the oci cache is looked up in podman's index: its content is what is re-checked."""
+    from agentkernel.images import pull
+
+    monkeypatch.setenv("AGENTKERNEL_CACHE", str(tmp_path / "cache"))
+    graph = tmp_path / "graph"
+    (graph / "vfs-images").mkdir(parents=True)
+    index = graph / "vfs-images" / "images.json"
+    index.write_text("[]")
+    conf = tmp_path / "storage.conf"
+    conf.write_text(f'[storage]\ndriver = "vfs"\ngraphroot = "{graph}"\n')
+    monkeypatch.setenv("CONTAINERS_STORAGE_CONF", str(conf))
+    resolvedspec.start()
+    assert not pull.present("podman", "example/other")
+    checks = resolvedspec.stop()
+    assert resolvedspec.store("k", checks, "spec")
+    assert resolvedspec.load("k") == "spec"
+    index.write_text('[{"names": ["example/other:latest"]}]')
+    assert resolvedspec.load("k") is None
+    assert pull.present("podman", "example/other")
 
 
 def test_volatile_resolutions_are_not_stored(runtime):

@@ -53,8 +53,14 @@ def _index_names(store: str) -> set[str] | None:
     from .._fastjson import loads
 
     def load(path: str):
-        with open(path, "rb") as f:  # no marshal sidecar: never write into an engine's directory
-            return loads(f.read())
+        try:
+            with open(path, "rb") as f:  # no marshal sidecar: never write into an engine's directory
+                raw = f.read()
+        except OSError:
+            note(("file", path, None))
+            raise
+        note(("file", path, raw))
+        return loads(raw)
 
     try:
         if store == "podman":
@@ -81,19 +87,14 @@ def _index_names(store: str) -> set[str] | None:
 
 
 def present(store: str, image: str) -> bool:
-    """Whether ``image`` is in ``store`` (recorded for a resolved-spec cache: ``resolvedspec``)."""
-    r = _present(store, image)
-    note(("call", __name__, "_present", (store, image), r))
-    return r
-
-
-def _present(store: str, image: str) -> bool:
+    """Whether ``image`` is in ``store``. What it reads is recorded for a resolved-spec cache
+    (``resolvedspec``): the files' contents and stamps, or volatile when an engine is asked."""
     if store == "oci":
         from ..oci import rootfs
 
         if rootfs.lookup_cached(image) is not None:  # unpacked from an engine, or pulled (stamps "registry")
             return True
-        return any(_present(s, image) for s in ("podman", "docker"))
+        return any(present(s, image) for s in ("podman", "docker"))
     names = _index_names(store)
     if names is not None:
         return bool(spellings(image) & names)
