@@ -12,8 +12,9 @@ Correctness by construction, not by a list of what the resolution might read:
   read (``note``), and re-made and compared on every hit: a file's whole content (a config file, the
   engines' storage configs and image indexes, the oci image cache's refs; not their mtimes: an in-place
   edit within one timestamp tick keeps mtime and size), a stamp where the reader itself decides by one
-  (the oci cache's index stamps), whether a file or directory exists, a directory's listing, or a call
-  whose result the resolution used (the auto backend's cached choice for this host's fingerprint);
+  (the oci cache's index stamps; the auto backend's fingerprint: binaries, storage configs), whether a
+  file or directory exists (each candidate of a PATH lookup), a directory's listing, or a cheap call
+  whose result the resolution used (``os.path.ismount``, ``os.path.realpath``);
 - anything the cache cannot re-check (the clock: a registry's unreachable mark expires; a pull; an
   engine asked through a subprocess) marks the resolution ``volatile``: it is not stored.
 
@@ -41,9 +42,9 @@ _rec: list | None = None  # the checks of the resolution being recorded (None: n
 
 def note(check: tuple) -> None:
     """Record one input of the resolution being recorded: ``("file", path, bytes | None)`` (its content),
-    ``("stamp", path, stamp(path))`` (where the reader itself compares stamps), ``("isfile" | "isdir",
-    path, bool)``, ``("listdir", path, names | None)``, ``("call", module, function, args, result)`` or
-    ``("volatile",)`` (not cacheable)."""
+    ``("stamp", path, stamp(path))`` (where the reader itself compares stamps), ``("isfile" | "isdir" |
+    "exists" | "isexec", path, bool)``, ``("listdir", path, names | None)``, ``("call", module, function,
+    args, result)`` or ``("volatile",)`` (not cacheable)."""
     if _rec is not None:
         _rec.append(check)
 
@@ -55,6 +56,11 @@ def volatile() -> None:
 def recording() -> bool:
     """Whether a resolution is being recorded (a reader may then note what a cheaper re-check needs)."""
     return _rec is not None
+
+
+def is_exec(path: str) -> bool:
+    """What ``which`` asks of each candidate: a regular file we may execute."""
+    return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
 def stamp(path: str) -> list[int] | None:
@@ -104,6 +110,10 @@ def _holds(check) -> bool:
         return stamp(check[1]) == check[2]
     if kind == "isdir":
         return os.path.isdir(check[1]) == check[2]
+    if kind == "exists":
+        return os.path.exists(check[1]) == check[2]
+    if kind == "isexec":
+        return is_exec(check[1]) == check[2]
     if kind == "call":  # __import__: importlib (and what it imports) stays off the warm path
         mod = __import__(check[1], fromlist=[check[2]])
         return getattr(mod, check[2])(*check[3]) == check[4]
