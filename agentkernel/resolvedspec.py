@@ -18,7 +18,7 @@ Correctness by construction, not by a list of what the resolution might read:
 - anything the cache cannot re-check (the clock: a registry's unreachable mark expires; a pull; an
   engine asked through a subprocess) marks the resolution ``volatile``: it is not stored.
 
-The file: ``<runtime dir>/resolved-<euid>/<crc32 of the key>``, the directory 0700 and the file 0600,
+The file: ``<runtime dir>/resolved-<euid>/<the key's digest>``, the directory 0700 and the file 0600,
 both owned by the caller (anything else is ignored: a cache never crosses users), written to a temporary
 name and renamed (two concurrent CLIs never leave a torn file), with a CRC of its body (a corrupted or
 truncated file is a miss). Stdlib-only and built-in modules: this is the warm path.
@@ -121,7 +121,10 @@ def _holds(check) -> bool:
 
 
 def key(args, command: list[str]) -> str:
-    """Everything the process brings to a resolution (see the module's docstring), as one string."""
+    """Everything the process brings to a resolution (see the module's docstring), as a SHA-256 digest
+    (``_sha256`` is built in, unlike ``hashlib``): the environment's values never reach the file."""
+    import _sha256
+
     stamps = []
     for rel in _SOURCES:
         try:
@@ -134,8 +137,9 @@ def key(args, command: list[str]) -> str:
         cwd = os.getcwd()
     except OSError:
         cwd = None
-    return repr((FORMAT, _PKG, stamps, os.geteuid(), cwd, command[0] if command else None, flags,
+    text = repr((FORMAT, _PKG, stamps, os.geteuid(), cwd, command[0] if command else None, flags,
                  sorted(os.environ.items())))
+    return _sha256.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _dir(create: bool) -> str | None:
@@ -164,7 +168,7 @@ def _dir(create: bool) -> str | None:
 
 
 def _path(d: str, k: str) -> str:
-    return os.path.join(d, f"{binascii.crc32(k.encode('utf-8', 'surrogateescape')):08x}")
+    return os.path.join(d, k[:32])
 
 
 def load(k: str):

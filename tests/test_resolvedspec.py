@@ -82,6 +82,10 @@ def test_flags_and_environment_re_resolve(daemon, tmp_path):
     (tmp_path / "agentkernel.toml").write_text('[security]\npass_env = ["FOO"]\n')
     assert out({**daemon, "FOO": "first"}, cwd=tmp_path) == "first"
     assert out({**daemon, "FOO": "second"}, cwd=tmp_path) == "second"
+    # the key is a digest: the caller's environment is not written out (only what the spec itself carries)
+    assert out({**daemon, "AK_TEST_TOKEN": "tok-5f1e9a"}, cwd=tmp_path) == "unset"
+    d = os.path.join(daemon["AGENTKERNEL_RUNTIME_DIR"], f"resolved-{os.geteuid()}")
+    assert all(b"tok-5f1e9a" not in resolvedspec.read_file(os.path.join(d, n)) for n in _cache_files(daemon))
     # AGENTKERNEL_CONFIG names another file
     other = tmp_path / "other.toml"
     other.write_text('[env]\nFOO = "other"\n')
