@@ -293,8 +293,9 @@ def spec_from_args(args, argv: list[str] | None):
     return spec_and_files_from_args(args, argv)[0]
 
 
-def spec_and_files_from_args(args, argv: list[str] | None):
-    """``spec_from_args`` and the config file's ``[[files]]`` (``[{source, dest, mode}]``, may be empty)."""
+def spec_and_files_from_args(args, argv: list[str] | None, *, with_config: bool = False):
+    """``spec_from_args`` and the config file's ``[[files]]`` (``[{source, dest, mode}]``, may be empty);
+    ``with_config``: and the parsed config file (``{}`` without one) third."""
     import os
 
     from . import config
@@ -305,7 +306,8 @@ def spec_and_files_from_args(args, argv: list[str] | None):
 
     spec = resolve_for_command(spec_flags(args), argv, config=cfg, config_path=cfg_path,
                                pull=getattr(args, "pull", None), preflight=_backend_check)
-    return spec, cfg.get("files") or []
+    files = cfg.get("files") or []
+    return (spec, files, cfg) if with_config else (spec, files)
 
 
 def _backend_check(spec) -> None:

@@ -45,6 +45,7 @@ from __future__ import annotations
 import os
 
 from .errors import ConfigError, ValidationError
+from .resolvedspec import note
 from .spec import Policy, Resources, SandboxSpec, profile_defaults
 
 TYPE_CHECKING = False  # typing costs ~2 ms at start-up; annotations here are never evaluated
@@ -114,7 +115,9 @@ def find_config(explicit: str | None, cwd: str) -> str | None:
             raise ConfigError(f"AGENTKERNEL_CONFIG points at {env!r}, which does not exist")
         return env
     path = os.path.join(cwd, CONFIG_FILENAME)
-    return path if os.path.isfile(path) else None
+    found = os.path.isfile(path)
+    note(("isfile", path, found))
+    return path if found else None
 
 
 def load_config(path: str | None) -> dict[str, dict[str, Any]]:
@@ -125,7 +128,9 @@ def load_config(path: str | None) -> dict[str, dict[str, Any]]:
 
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read()
+        note(("file", path, raw))  # its whole content: an edit in place within one mtime tick keeps the stamp
+        data = tomllib.loads(raw.decode())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     except OSError as exc:

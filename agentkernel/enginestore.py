@@ -19,11 +19,11 @@ def podman_storage() -> tuple[str, str]:
     parser: setup.sh writes the file with one plain ``key = "value"`` per line."""
     conf = os.environ.get("CONTAINERS_STORAGE_CONF") or "/etc/containers/storage.conf"
     driver, graphroot, section = "overlay", "/var/lib/containers/storage", ""
-    try:
-        with open(conf) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        lines = []
+    from .resolvedspec import note, read_file
+
+    raw = read_file(conf)
+    note(("file", conf, raw))  # the index's location (resolvedspec)
+    lines = raw.decode(errors="replace").splitlines() if raw is not None else []
     for line in lines:
         line = line.split("#", 1)[0].strip()
         if line.startswith("["):
@@ -53,13 +53,18 @@ def docker_storage() -> tuple[str, str] | None:
     if not named and host and host not in ("unix://" + DEFAULT_DOCKER_SOCKET, "unix:///run/docker.sock"):
         return None
     driver, root = "overlay2", "/var/lib/docker"
-    for path in (named,) if named else DOCKER_CONFIGS:
-        try:
-            with open(path, "rb") as f:
-                from ._fastjson import loads
+    from .resolvedspec import note, read_file
 
-                cfg = loads(f.read())
-        except (OSError, ValueError):
+    for path in (named,) if named else DOCKER_CONFIGS:
+        raw = read_file(path)
+        note(("file", path, raw))  # the index's location (resolvedspec)
+        if raw is None:
+            continue
+        try:
+            from ._fastjson import loads
+
+            cfg = loads(raw)
+        except ValueError:
             continue
         if isinstance(cfg, dict):
             driver = str(cfg.get("storage-driver") or driver)

@@ -25,6 +25,7 @@ import time
 
 from .errors import NotFound
 from .images.pull import store_of
+from .resolvedspec import listing, note, volatile
 
 TYPE_CHECKING = False  # typing costs ~2 ms at start-up; annotations here are never evaluated
 if TYPE_CHECKING:
@@ -92,10 +93,9 @@ def detect_runtime(argv: list[str] | None, cwd: str | None = None) -> tuple[Runt
     if prog.startswith("python3.") or prog.startswith("python2"):
         return RUNTIMES[0], f"command {prog!r}"
     if cwd:
-        try:
-            names = os.listdir(cwd)
-        except OSError:
-            names = []
+        names = listing(cwd)
+        note(("listdir", cwd, names))
+        names = names or []
         for rt in RUNTIMES:
             for pat in rt.files:
                 hit = [n for n in names if n.endswith(pat[1:])] if pat.startswith("*") else \
@@ -114,6 +114,7 @@ def _marker(registry: str | None) -> str:
 
 
 def registry_unreachable_since(registry: str | None) -> float | None:
+    volatile()  # the mark expires with time: a decision that read it is never reused
     try:
         t = os.stat(_marker(registry)).st_mtime
     except OSError:
@@ -122,6 +123,7 @@ def registry_unreachable_since(registry: str | None) -> float | None:
 
 
 def mark_unreachable(registry: str | None, reachable: bool = False) -> None:
+    volatile()
     path = _marker(registry)
     if reachable:
         try:
@@ -232,6 +234,7 @@ def image_for_spec(spec, argv: list[str] | None, *, config: dict | None, config_
     if not explicit and (config or {}).get("build"):
         from .images.dockerbuild import build_from_config
 
+        volatile()  # the build's inputs (Dockerfile, context) are not recorded
         if before_pull is not None:
             before_pull()
         return spec.replace(image=build_from_config(config, config_path, backend=spec.backend))

@@ -32,11 +32,15 @@ CACHE_NAME = "backend-auto"
 
 def which(name: str, path: str | None = None) -> str | None:
     """``shutil.which`` without importing shutil (hot path)."""
+    from ..resolvedspec import is_exec, note
+
     for d in (os.environ.get("PATH", "") if path is None else path).split(os.pathsep):
         if not d:
             continue
         p = os.path.join(d, name)
-        if os.path.isfile(p) and os.access(p, os.X_OK):
+        found = is_exec(p)
+        note(("isexec", p, found))  # each candidate: one appearing earlier on PATH wins (resolvedspec)
+        if found:
             return p
     return None
 
@@ -55,31 +59,37 @@ def facts() -> dict:
 
 
 def fingerprint(f: dict | None = None) -> str:
+    # what it reads is recorded for a resolved-spec cache (resolvedspec): the files by stamp (stricter than
+    # the mtimes and sizes it keeps), this file by the cache's own source stamps, the euid by its key
+    from ..resolvedspec import note, stamp
+
     f = f or facts()
     sock = f["docker_socket"]
     try:
         here = os.stat(__file__).st_mtime_ns  # an agentkernel upgrade rewrites this file
     except OSError:
         here = 0
-    parts = [f"ak={here}", f"euid={f['euid']}", f"docker={sock}:{os.path.exists(sock)}"]
+    sock_there = os.path.exists(sock)
+    note(("exists", sock, sock_there))
+    parts = [f"ak={here}", f"euid={f['euid']}", f"docker={sock}:{sock_there}"]
     # the storage cap every profile sets depends on where the engines keep their storage: podman's
     # storage.conf, a restarted dockerd (its pid file) and whether the quota volume is mounted
     from ..diskquota import volume
 
     for p in (os.environ.get("CONTAINERS_STORAGE_CONF") or "/etc/containers/storage.conf", "/var/run/docker.pid"):
-        try:
-            parts.append(f"{p}={os.stat(p).st_mtime_ns}")
-        except OSError:
-            parts.append(f"{p}=-")
-    parts.append(f"volume={os.path.ismount(volume())}")
+        st = stamp(p)
+        note(("stamp", p, st))
+        parts.append(f"{p}={st[0]}" if st else f"{p}=-")
+    vol = volume()
+    mounted = os.path.ismount(vol)
+    note(("call", "os.path", "ismount", (vol,), mounted))
+    parts.append(f"volume={mounted}")
     for b in BINARIES:
         p = f["binaries"].get(b)
         if p:
-            try:
-                st = os.stat(p)
-                parts.append(f"{b}={p}:{st.st_size}:{st.st_mtime_ns}")
-            except OSError:
-                parts.append(f"{b}={p}:?")
+            st = stamp(p)
+            note(("stamp", p, st))
+            parts.append(f"{b}={p}:{st[1]}:{st[0]}" if st else f"{b}={p}:?")
         else:
             parts.append(f"{b}=-")
     return "|".join(parts)
@@ -147,10 +157,16 @@ def _cache_path() -> str:
 
 
 def _read_cache(fp: str) -> tuple[str, list[dict]] | None:
+    from ..resolvedspec import note, read_file
+
+    path = _cache_path()
+    raw = read_file(path)
+    note(("file", path, raw))
+    if raw is None:
+        return None
     try:
-        with open(_cache_path(), encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
-    except OSError:
+        lines = raw.decode().splitlines()
+    except UnicodeDecodeError:
         return None
     if len(lines) < 2 or lines[0] != fp:
         return None
@@ -224,6 +240,9 @@ def decide(spec_for, *, refresh: bool = False) -> tuple[str, list[dict], bool]:
         if cached is not None:
             _remember(*cached)
             return cached[0], cached[1], True
+    from ..resolvedspec import volatile
+
+    volatile()  # probed now (not recorded): the next run reuses the cached choice, and records that
     chosen, rows = choose(spec_for)
     if chosen is None:
         from ..errors import BackendUnavailable

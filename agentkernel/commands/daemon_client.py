@@ -81,6 +81,13 @@ def _raise_error(payload: bytes) -> None:
 
 def try_run(spec, command: list[str], timeout: float | None) -> int | None:
     """Run through the daemon's warm pool; None when no daemon answers (the caller goes cold)."""
+    return try_run_resolved(spec.to_dict(), spec.backend, spec.resources.memory_mb, command, timeout)
+
+
+def try_run_resolved(spec_dict: dict, backend: str, memory_mb: int | None, command: list[str],
+                     timeout: float | None) -> int | None:
+    """``try_run`` with the spec as its dict, backend and memory limit (a cached resolution:
+    ``resolvedspec``), so the warm path needs no spec classes."""
     s = connect()
     if s is None:
         return None
@@ -89,7 +96,7 @@ def try_run(spec, command: list[str], timeout: float | None) -> int | None:
     forward = stdin_forwardable()
     try:
         s.settimeout(None)
-        request = {"v": P.PROTOCOL_VERSION, "op": "run", "spec": spec.to_dict(), "argv": command,
+        request = {"v": P.PROTOCOL_VERSION, "op": "run", "spec": spec_dict, "argv": command,
                    "timeout": timeout, "stdin": forward}
         s.sendall(P.oframe(P.REQUEST, request))
         fr = P.FrameReader()
@@ -110,8 +117,8 @@ def try_run(spec, command: list[str], timeout: float | None) -> int | None:
         return None
     try:
         if reply.get("mode") == "lease":
-            return _run_lease(s, reply, command, timeout, forward, spec)
-        return _run_proxy(s, fr, frames[1:], forward, timeout, spec)
+            return _run_lease(s, reply, command, timeout, forward, backend, memory_mb)
+        return _run_proxy(s, fr, frames[1:], forward, timeout, memory_mb)
     finally:
         s.close()
 
@@ -159,7 +166,7 @@ def exec_via_agent_socket(client, command: list[str], *, env, cwd, timeout, forw
         client.close()
 
 
-def _run_lease(s, reply: dict, command: list[str], timeout, forward: bool, spec) -> int:
+def _run_lease(s, reply: dict, command: list[str], timeout, forward: bool, backend: str, memory_mb) -> int:
     """The daemon lent us a warm sandbox: talk to its agent directly, then hand it back by closing."""
     from ..agent.sync_client import SyncAgentClient
 
@@ -167,12 +174,12 @@ def _run_lease(s, reply: dict, command: list[str], timeout, forward: bool, spec)
     code, sig, timed_out, oom, error = exec_via_agent_socket(
         client, command, env=reply.get("env"), cwd=reply.get("cwd"), timeout=timeout, forward_stdin=forward,
         sandbox=reply.get("sandbox", "?"))
-    rc = exit_code_of(code, sig, timed_out, oom, error, timeout, spec.resources.memory_mb)
+    rc = exit_code_of(code, sig, timed_out, oom, error, timeout, memory_mb)
     daemon_pid = peer_pid(s)
     if daemon_pid is not None and reply.get("sandbox"):
         from .. import owner
 
-        owner.hand_back(str(reply["sandbox"]), daemon_pid, spec.backend)  # before DONE: the daemon removes it next
+        owner.hand_back(str(reply["sandbox"]), daemon_pid, backend)  # before DONE: the daemon removes it next
     try:
         s.sendall(P.oframe(P.DONE, {"exit_code": rc}))
     except OSError:
@@ -180,7 +187,7 @@ def _run_lease(s, reply: dict, command: list[str], timeout, forward: bool, spec)
     return rc
 
 
-def _run_proxy(s, fr: P.FrameReader, pending, forward: bool, timeout, spec) -> int:
+def _run_proxy(s, fr: P.FrameReader, pending, forward: bool, timeout, memory_mb) -> int:
     """The daemon runs the command and streams its output (backends without an agent socket)."""
     import select
 
@@ -201,8 +208,7 @@ def _run_proxy(s, fr: P.FrameReader, pending, forward: bool, timeout, spec) -> i
             elif t == P.EXIT:
                 r = P.decode(payload)
                 return exit_code_of(r["exit_code"], r.get("signal") or 0, r.get("timed_out"), r.get("oom_killed"), None,
-                                    timeout,
-                                    spec.resources.memory_mb)
+                                    timeout, memory_mb)
             elif t == P.ERROR:
                 _raise_error(payload)
         frames = []

@@ -10,36 +10,74 @@ from __future__ import annotations
 
 import os
 
-from .. import paths, termio
-from ..backends import canonical, get_backend
+from .. import paths
+
+# config tables a cached resolution may come from: the others read more files ([build], [[files]]), or act
+# on the process as they are read ([daemon] socket), or are the reference's refused keys
+_CACHEABLE_TABLES = frozenset({"sandbox", "resources", "security", "env", "images", "pool"})
+
+
+def _daemon_wanted(args) -> bool:
+    return not args.no_daemon and os.environ.get("AGENTKERNEL_NO_DAEMON", "") in ("", "0")
 
 
 def run(args, command: list[str]) -> int:
-    from ..cli_flags import spec_and_files_from_args
+    key = None
+    if not args.keep and _daemon_wanted(args):
+        # the warm path: the spec an identical earlier run resolved, while every input it read still holds
+        # (resolvedspec.py); no socket: no daemon (and no protocol imports)
+        from .. import resolvedspec
 
-    spec, files = spec_and_files_from_args(args, command)
-    spec = spec.replace(backend=canonical(spec.backend))
+        key = resolvedspec.key(args, command)
+        hit = resolvedspec.load(key)
+        if hit is not None and os.path.exists(paths.daemon_socket()):
+            from . import daemon_client
+
+            spec_dict, backend, memory_mb = hit
+            rc = daemon_client.try_run_resolved(spec_dict, backend, memory_mb, command, args.timeout)
+            if rc is not None:
+                return rc
+    spec, files, checks, cfg = _resolve(args, command, record=key is not None)
     if args.keep:
         return _run_keep(args, spec, command, files)
     # agentkernel.toml's [[files]] are copied into a fresh sandbox (a pooled one was made before this run)
-    if (not files and not args.no_daemon and os.environ.get("AGENTKERNEL_NO_DAEMON", "") in ("", "0")
-            and os.path.exists(paths.daemon_socket())):  # no socket: no daemon (and no protocol imports)
+    if not files and _daemon_wanted(args) and os.path.exists(paths.daemon_socket()):
         from . import daemon_client
 
+        if key is not None and _CACHEABLE_TABLES.issuperset(cfg):
+            from .. import resolvedspec
+
+            resolvedspec.store(key, checks, (spec.to_dict(), spec.backend, spec.resources.memory_mb))
         rc = daemon_client.try_run(spec, command, args.timeout)
         if rc is not None:
             return rc
-    from .. import oneshot
+    from .. import oneshot, termio
+    from ..backends import get_backend
 
     return oneshot.run(get_backend(spec.backend, spec.options), spec, command, termio.caller_stdio(), args.timeout,
                        files=files)
+
+
+def _resolve(args, command: list[str], *, record: bool):
+    """(spec, [[files]], the inputs the resolution read (``resolvedspec``), the config's tables)."""
+    from .. import resolvedspec
+    from ..backends import canonical
+    from ..cli_flags import spec_and_files_from_args
+
+    if record:
+        resolvedspec.start()
+    try:
+        spec, files, cfg = spec_and_files_from_args(args, command, with_config=True)
+    finally:
+        checks = resolvedspec.stop() if record else []
+    return spec.replace(backend=canonical(spec.backend)), files, checks, cfg
 
 
 def _run_keep(args, spec, command: list[str], files: list) -> int:
     """--keep: a named sandbox that outlives the command (left running)."""
     import asyncio
 
-    from .. import owner
+    from .. import owner, termio
     from ..backends.base import ExecRequest
     from ..manager import SandboxManager
     from ..outcome import from_result, render

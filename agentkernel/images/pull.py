@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 
 from ..errors import NotFound
+from ..resolvedspec import note, volatile
 from .pullerrors import PullError
 
 TYPE_CHECKING = False  # typing costs ~2 ms at start-up; annotations here are never evaluated
@@ -52,8 +53,14 @@ def _index_names(store: str) -> set[str] | None:
     from .._fastjson import loads
 
     def load(path: str):
-        with open(path, "rb") as f:  # no marshal sidecar: never write into an engine's directory
-            return loads(f.read())
+        try:
+            with open(path, "rb") as f:  # no marshal sidecar: never write into an engine's directory
+                raw = f.read()
+        except OSError:
+            note(("file", path, None))
+            raise
+        note(("file", path, raw))
+        return loads(raw)
 
     try:
         if store == "podman":
@@ -80,6 +87,8 @@ def _index_names(store: str) -> set[str] | None:
 
 
 def present(store: str, image: str) -> bool:
+    """Whether ``image`` is in ``store``. What it reads is recorded for a resolved-spec cache
+    (``resolvedspec``): the files' contents and stamps, or volatile when an engine is asked."""
     if store == "oci":
         from ..oci import rootfs
 
@@ -89,6 +98,7 @@ def present(store: str, image: str) -> bool:
     names = _index_names(store)
     if names is not None:
         return bool(spellings(image) & names)
+    volatile()  # the engine's answer: no stamp to re-check it by
     import subprocess
 
     try:
@@ -129,6 +139,7 @@ def ensure(backend: str, image: str, policy: str, *, config: dict | None = None,
     if store is None or not image:
         return False
     if policy == "always":
+        volatile()
         if before_pull is not None:
             before_pull()
         with pull_lock(store, image):
@@ -136,6 +147,7 @@ def ensure(backend: str, image: str, policy: str, *, config: dict | None = None,
         return True
     if present(store, image):
         return False
+    volatile()  # about to pull (or fail): the next run resolves again, against the new store
     if policy == "never":
         raise NotFound(f"image {image!r} is not present in {store} and the pull policy is 'never'",
                        hint=f"pull it (agentkernel images pull --backend {backend} {image}), or use --pull missing")

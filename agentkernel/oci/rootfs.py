@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 
 from ..errors import NotFound, SandboxError
+from ..resolvedspec import note, read_file, recording, stamp
 
 TYPE_CHECKING = False  # annotations are never evaluated here
 if TYPE_CHECKING:
@@ -79,7 +80,10 @@ class ImageRootfs:
 def cache_root() -> str:
     from .. import paths
 
-    d = os.path.join(os.path.realpath(paths.cache_dir()), "oci")  # runc wants resolved paths
+    base = paths.cache_dir()
+    real = os.path.realpath(base)
+    note(("call", "os.path", "realpath", (base,), real))  # a symlink re-pointed moves the cache (resolvedspec)
+    d = os.path.join(real, "oci")  # runc wants resolved paths
     os.makedirs(d, exist_ok=True)
     return d
 
@@ -91,11 +95,9 @@ def rootfs_dir() -> str:
 
 
 def _stamp(path: str) -> list[int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [st.st_mtime_ns, st.st_size, st.st_ino]
+    st = stamp(path)
+    note(("stamp", path, st))  # lookup_cached decides by the stamp itself (resolvedspec)
+    return st
 
 
 def _index_stamps() -> list:
@@ -112,8 +114,12 @@ def _refs_path() -> str:
 def _read_refs() -> dict:
     from .._fastjson import load
 
+    path = _refs_path()
+    if recording():  # what load() may read: the file and its marshal sidecar (resolvedspec)
+        note(("file", path, read_file(path)))
+        note(("file", path + ".m", read_file(path + ".m")))
     try:
-        return load(_refs_path())
+        return load(path)
     except (OSError, ValueError):
         return {}
 
@@ -133,9 +139,10 @@ def lookup_cached(image: str) -> ImageRootfs | None:
     if not ent or (ent.get("stamps") != _index_stamps() and ent.get("stamps") != "registry"):
         return None
     rf = ImageRootfs.from_dict(ent["rootfs"])
-    if not os.path.isdir(rf.path):
-        return None
-    return rf
+    found = os.path.isdir(rf.path)
+    if recording():
+        note(("isdir", rf.path, found))
+    return rf if found else None
 
 
 def resolve(image: str, *, quiet: bool = False) -> ImageRootfs:
