@@ -286,21 +286,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
-    from .errors import AgentKernelError
-
     try:
         if args.cmd not in ("doctor", "images", "audit", "secret", "logs"):
             from .owner import reap_dead
 
             reap_dead()
         return _dispatch(args)
-    except AgentKernelError as exc:
-        _err(exc.message, exc.hint)
-        return exc.exit_code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 141
+    except Exception as exc:
+        # ``errors`` is imported when something went wrong, not on every run's path
+        from .errors import AgentKernelError
+
+        if not isinstance(exc, AgentKernelError):
+            raise
+        _err(exc.message, exc.hint)
+        return exc.exit_code
 
 
 def _dispatch(args) -> int:

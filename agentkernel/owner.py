@@ -105,9 +105,10 @@ def _prefix(backend: str, sandbox_id: str) -> str:
     return f"{backend}--{sandbox_id}--"
 
 
-def _entry_name(backend: str, sandbox_id: str, owner: dict) -> str:
-    # The owner's pid and start time are in the name, so a command can tell live owners' entries from
-    # dead ones without opening (or json-parsing) anything: every CLI start lists this directory.
+def entry_name(backend: str, sandbox_id: str, owner: dict) -> str:
+    """The journal entry's file name for ``sandbox_id`` owned by ``owner``. The owner's pid and start time
+    are in the name, so a command can tell live owners' entries from dead ones without opening (or
+    json-parsing) anything: every CLI start lists this directory."""
     return f"{_prefix(backend, sandbox_id)}{int(owner.get('pid') or 0)}.{int(owner.get('start') or 0)}.json"
 
 
@@ -126,7 +127,7 @@ def claim(backend: str, sandbox_id: str, handle: dict, owner: dict | None = None
 
     owner = owner or current_owner()
     entry = {"backend": backend, "id": sandbox_id, "handle": handle, "owner": owner}
-    path = os.path.join(journal_dir(), _entry_name(backend, sandbox_id, owner))
+    path = os.path.join(journal_dir(), entry_name(backend, sandbox_id, owner))
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         f.write(dumps(entry))
@@ -153,7 +154,7 @@ def release(backend: str, sandbox_id: str, owners: tuple[dict, ...] = ()) -> Non
         d = journal_dir()
         for who in owners:
             try:
-                os.unlink(os.path.join(d, _entry_name(backend, sandbox_id, who)))
+                os.unlink(os.path.join(d, entry_name(backend, sandbox_id, who)))
                 return  # one entry per resource: claim and lend replace, hand_back renames
             except FileNotFoundError:
                 continue
@@ -169,8 +170,8 @@ def lend(backend: str, sandbox_id: str, holder: dict) -> bool:
     ``hand_back``. False when this process has no entry for it (the caller claims for the holder instead)."""
     d = journal_path()
     try:
-        os.rename(os.path.join(d, _entry_name(backend, sandbox_id, current_owner())),
-                  os.path.join(d, _entry_name(backend, sandbox_id, holder)))
+        os.rename(os.path.join(d, entry_name(backend, sandbox_id, current_owner())),
+                  os.path.join(d, entry_name(backend, sandbox_id, holder)))
         return True
     except OSError:
         return False
@@ -204,8 +205,8 @@ def hand_back(sandbox_id: str, holder_pid: int, backend: str | None = None) -> b
     d = journal_path()
     if backend:
         try:
-            os.rename(os.path.join(d, _entry_name(backend, sandbox_id, me)),
-                      os.path.join(d, _entry_name(backend, sandbox_id, {"pid": holder_pid, "start": start})))
+            os.rename(os.path.join(d, entry_name(backend, sandbox_id, me)),
+                      os.path.join(d, entry_name(backend, sandbox_id, {"pid": holder_pid, "start": start})))
             return True
         except OSError:
             pass  # not under that name: look for it

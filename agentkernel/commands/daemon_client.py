@@ -1,5 +1,6 @@
 """The CLI side of the daemon protocol. This is the warm path of ``agentkernel run``: it imports only
-os/_socket/marshal/struct/select/_signal and the stdlib-only protocol modules (no asyncio)."""
+os/_socket/marshal/struct/select/_signal and the stdlib-only protocol modules (no asyncio); ``errors``
+and ``outcome`` only when a run ends unusually (an error, a signal, a timeout, an OOM kill)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import sys
 
 from .. import paths
 from ..daemon import protocol as P
-from ..errors import AgentKernelError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..errors import AgentKernelError
 
 
 def connect(timeout: float = 2.0):
@@ -59,6 +63,8 @@ def request(op: str, **fields) -> dict | None:
         t, payload = _recv_frames(s, fr)[0]
         obj = P.decode(payload)
         if t == P.ERROR:
+            from ..errors import AgentKernelError
+
             raise AgentKernelError(obj.get("message", "daemon error"), hint=obj.get("hint"))
         return obj
     except ValueError:
@@ -74,8 +80,8 @@ def _raise_error(payload: bytes) -> None:
 
     obj = P.decode(payload)
     cls = getattr(errors, obj.get("kind") or "", None)
-    if not (isinstance(cls, type) and issubclass(cls, AgentKernelError)):
-        cls = AgentKernelError
+    if not (isinstance(cls, type) and issubclass(cls, errors.AgentKernelError)):
+        cls = errors.AgentKernelError
     raise cls(obj.get("message", "daemon error"), hint=obj.get("hint"))
 
 
@@ -99,6 +105,9 @@ def try_run_resolved(spec_dict: dict, backend: str, memory_mb: int | None, comma
         request = {"v": P.PROTOCOL_VERSION, "op": "run", "spec": spec_dict, "argv": command,
                    "timeout": timeout, "stdin": forward}
         s.sendall(P.oframe(P.REQUEST, request))
+        # while the daemon picks the member: import what running in it needs (~1 ms of CPU, off the
+        # round trip's wall time); a proxy-mode reply (no agent socket: wasm) just does not use it
+        from ..agent.sync_client import SyncAgentClient  # noqa: F401
         fr = P.FrameReader()
         frames = _recv_frames(s, fr)
     except (ConnectionError, OSError):
@@ -133,9 +142,11 @@ def sandbox_died(name: str) -> AgentKernelError:
 def exit_code_of(code: int, sig: int, timed_out: bool, oom: bool, error: str | None, timeout,
                  memory_mb: int | None) -> int:
     """Shell-style exit code from an agent exit event, with the notes a user must see (the one renderer)."""
+    note = error if error and code in (126, 127) else None
+    if not (sig or timed_out or oom or note):  # nothing to say (``outcome.notes``): the code as it is
+        return code
     from ..outcome import Outcome, render
 
-    note = error if error and code in (126, 127) else None
     return render(Outcome(code, signal=sig or None, timed_out=bool(timed_out), oom=bool(oom), note=note),
                   timeout=timeout, memory_mb=memory_mb)
 
@@ -175,16 +186,33 @@ def _run_lease(s, reply: dict, command: list[str], timeout, forward: bool, backe
         client, command, env=reply.get("env"), cwd=reply.get("cwd"), timeout=timeout, forward_stdin=forward,
         sandbox=reply.get("sandbox", "?"))
     rc = exit_code_of(code, sig, timed_out, oom, error, timeout, memory_mb)
-    daemon_pid = peer_pid(s)
-    if daemon_pid is not None and reply.get("sandbox"):
-        from .. import owner
-
-        owner.hand_back(str(reply["sandbox"]), daemon_pid, backend)  # before DONE: the daemon removes it next
+    if reply.get("sandbox"):
+        _hand_back(s, reply, backend)  # before DONE: the daemon removes it next
     try:
         s.sendall(P.oframe(P.DONE, {"exit_code": rc}))
     except OSError:
         pass
     return rc
+
+
+def _hand_back(s, reply: dict, backend: str) -> None:
+    """The member's journal entry goes back to the daemon (``owner.hand_back``): by the two names the
+    daemon sent with the lease (the entry as lent to us, and as the daemon's), one rename and nothing to
+    read; else (an older daemon, or the entry is not under that name) by the daemon's pid."""
+    names = reply.get("journal")
+    if type(names) is list and len(names) == 2 and all(type(n) is str and n and "/" not in n and n[0] != "."
+                                                        for n in names):
+        d = paths.journal_path()
+        try:
+            os.rename(os.path.join(d, names[0]), os.path.join(d, names[1]))
+            return
+        except OSError:
+            pass
+    daemon_pid = peer_pid(s)
+    if daemon_pid is not None:
+        from .. import owner
+
+        owner.hand_back(str(reply["sandbox"]), daemon_pid, backend)
 
 
 def _run_proxy(s, fr: P.FrameReader, pending, forward: bool, timeout, memory_mb) -> int:
@@ -223,5 +251,7 @@ def _run_proxy(s, fr: P.FrameReader, pending, forward: bool, timeout, memory_mb)
             else:
                 data = s.recv(1 << 18)
                 if not data:
+                    from ..errors import AgentKernelError
+
                     raise AgentKernelError("the daemon closed the connection before the command finished")
                 frames = fr.feed(data)

@@ -42,3 +42,11 @@ def hand_to_client(backend: str, ref, writer) -> dict | None:
     if not owner.lend(backend, ref.id, client):
         owner.claim(backend, ref.id, ref.handle, client)
     return client
+
+
+def hand_back_names(backend: str, ref, client: dict | None, daemon: dict) -> list[str] | None:
+    """The member's journal entry as lent to ``client`` and as ``daemon``'s: the client renames the first to
+    the second as its lease ends (``owner.hand_back`` without reading ``/proc`` or listing the journal)."""
+    if client is None:
+        return None
+    return [owner.entry_name(backend, ref.id, client), owner.entry_name(backend, ref.id, daemon)]

@@ -375,6 +375,9 @@ class Daemon:
             info = await pool.backend.agent_endpoint(member.ref)
             info.update({"mode": "lease", "sandbox": member.ref.id, "hit": hit,
                          "acquire_ms": round((time.perf_counter() - t0) * 1e3, 3)})
+            names = leases.hand_back_names(spec.backend, member.ref, member.lent_to, self.owner)
+            if names is not None:
+                info["journal"] = names
             writer.write(P.oframe(P.REPLY, info))
             await writer.drain()
             summary: dict = {}
