@@ -73,14 +73,17 @@ python_env() {
 write_launcher() {
   # The console script pip writes runs `site` (every .pth file, ~3 ms): a third of the interpreter's
   # start-up, paid by every sandboxed command. This launcher starts Python with -S and puts the two
-  # directories it needs on sys.path itself.
+  # directories it needs on sys.path itself: the checkout in place of the script's own directory, the
+  # virtualenv's packages after the standard library (their usual place: a stdlib import then never
+  # lists or stats them first, and the warm path imports nothing from there).
   local site
   site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   cat >"$VENV/bin/agentkernel.tmp" <<LAUNCHER
 #!$VENV/bin/python -S
 # agentkernel launcher, written by scripts/setup.sh (python -S: no site processing on the hot path)
 import sys
-sys.path[0:0] = ["$REPO", "$site"]
+sys.path[0] = "$REPO"
+sys.path.append("$site")
 from agentkernel.cli import entry
 entry()
 LAUNCHER

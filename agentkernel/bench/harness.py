@@ -542,7 +542,7 @@ def _runs_this_checkout(launcher: str) -> bool:
             head = f.read(4096).decode(errors="replace")
     except OSError:
         return False
-    if "sys.path[0:0]" not in head:
+    if "sys.path" not in head:
         return True
     return f'"{here}"' in head or f"'{here}'" in head
 

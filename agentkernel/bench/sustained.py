@@ -38,7 +38,7 @@ def launcher_argv() -> list[str]:
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(agentkernel.__file__)))
     site = sysconfig.get_paths()["purelib"]
-    return [sys.executable, "-S", "-c", f"import sys; sys.path[0:0] = [{repo!r}, {site!r}]; "
+    return [sys.executable, "-S", "-c", f"import sys; sys.path[0] = {repo!r}; sys.path.append({site!r}); "
             "from agentkernel.cli import entry; entry()"]
 
 

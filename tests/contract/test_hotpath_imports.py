@@ -28,7 +28,7 @@ DENY = frozenset({
 # A runtime dir of our own: another test's SIGKILLed owner in the shared journal would make the next command
 # reap it (which legitimately imports asyncio), and that is not what these tests measure.
 _RUNTIME = tempfile.mkdtemp(prefix="ak-hotpath-")
-LAUNCHER = ("import sys; sys.path[0:0] = [{repo!r}, {site!r}]; from agentkernel.cli import entry; "
+LAUNCHER = ("import sys; sys.path[0] = {repo!r}; sys.path.append({site!r}); from agentkernel.cli import entry; "
             "entry()")
 
 
