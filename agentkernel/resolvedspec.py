@@ -13,8 +13,12 @@ Correctness by construction, not by a list of what the resolution might read:
   engines' storage configs and image indexes, the oci image cache's refs; not their mtimes: an in-place
   edit within one timestamp tick keeps mtime and size), a stamp where the reader itself decides by one
   (the oci cache's index stamps; the auto backend's fingerprint: binaries, storage configs), whether a
-  file or directory exists (each candidate of a PATH lookup), a directory's listing, or a cheap call
-  whose result the resolution used (``os.path.ismount``, ``os.path.realpath``);
+  file or directory exists (each candidate of a PATH lookup: one that has no directory entry at all by
+  its directory's device, inode, mtime and ctime, which creating or renaming an entry changes, and only
+  when that directory last changed more than ``_SETTLED_NS`` before: a change within the same timestamp
+  tick cannot hide), a directory's listing, or a cheap call whose result the resolution used
+  (``os.path.ismount``, ``os.path.realpath``); a check recorded twice (two readers of one file, a
+  directory twice on PATH) is stored and re-made once;
 - anything the cache cannot re-check (the clock: a registry's unreachable mark expires; a pull; an
   engine asked through a subprocess) marks the resolution ``volatile``: it is not stored.
 
@@ -43,8 +47,9 @@ _rec: list | None = None  # the checks of the resolution being recorded (None: n
 def note(check: tuple) -> None:
     """Record one input of the resolution being recorded: ``("file", path, bytes | None)`` (its content),
     ``("stamp", path, stamp(path))`` (where the reader itself compares stamps), ``("isfile" | "isdir" |
-    "exists" | "isexec", path, bool)``, ``("listdir", path, names | None)``, ``("call", module, function,
-    args, result)`` or ``("volatile",)`` (not cacheable)."""
+    "exists" | "isexec", path, bool)``, ``("dirstamp", path, dir_stamp(path))`` (``candidate``),
+    ``("listdir", path, names | None)``, ``("call", module, function, args, result)`` or ``("volatile",)``
+    (not cacheable)."""
     if _rec is not None:
         _rec.append(check)
 
@@ -70,6 +75,31 @@ def stamp(path: str) -> list[int] | None:
     except OSError:
         return None
     return [st.st_mtime_ns, st.st_size, st.st_ino]
+
+
+_SETTLED_NS = 2_000_000_000  # a directory changed this long ago cannot change again within its stamp's tick
+
+
+def dir_stamp(path: str) -> list[int] | None:
+    """A directory's (device, inode, mtime_ns, ctime_ns), or None when it is missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def candidate(d: str, path: str, found: bool) -> tuple:
+    """The check for a PATH lookup's candidate ``path`` in directory ``d`` that ``is_exec`` answered
+    ``found`` for: where no entry of that name exists, ``d``'s stamp (the one stat every missing candidate
+    in ``d`` shares, instead of one each) unless ``d`` changed too recently to tell; else ``isexec``."""
+    if not found and not os.path.lexists(path):
+        import time
+
+        st = dir_stamp(d)
+        if st is None or time.time_ns() - max(st[2], st[3]) > _SETTLED_NS:
+            return ("dirstamp", d, st)
+    return ("isexec", path, found)
 
 
 def start() -> None:
@@ -114,6 +144,8 @@ def _holds(check) -> bool:
         return os.path.exists(check[1]) == check[2]
     if kind == "isexec":
         return is_exec(check[1]) == check[2]
+    if kind == "dirstamp":
+        return dir_stamp(check[1]) == check[2]
     if kind == "call":  # __import__: importlib (and what it imports) stays off the warm path
         mod = __import__(check[1], fromlist=[check[2]])
         return getattr(mod, check[2])(*check[3]) == check[4]
@@ -215,7 +247,14 @@ def store(k: str, checks: list, value) -> bool:
     if d is None:
         return False
     try:
-        body = marshal.dumps((k, checks, value))
+        seen: set[bytes] = set()
+        unique = []
+        for c in checks:  # the first of equal checks (marshal: equal data, equal bytes; lists are unhashable)
+            b = marshal.dumps(c)
+            if b not in seen:
+                seen.add(b)
+                unique.append(c)
+        body = marshal.dumps((k, unique, value))
     except ValueError:
         return False
     path = _path(d, k)

@@ -145,6 +145,69 @@ def test_each_check_kind_misses_when_its_input_changes(runtime, tmp_path):
     assert resolvedspec.load("k") is None  # a check that cannot be re-made is a miss
 
 
+def _record_which(name: str, path: str) -> tuple[str | None, list]:
+    from agentkernel.backends.auto import which
+
+    resolvedspec.start()
+    try:
+        found = which(name, path)
+    finally:
+        checks = resolvedspec.stop()
+    return found, checks
+
+
+def _exe(path) -> None:
+    path.write_bytes(b"#!/bin/sh\n")
+    path.chmod(0o755)
+
+
+def test_path_candidates_miss_when_one_appears_earlier_on_path(runtime, tmp_path, monkeypatch):
+    """A PATH lookup's missing candidates are re-checked by their directory's stamp (one stat per directory):
+    an executable created, renamed in or made executable earlier on PATH is seen on the next hit."""
+    monkeypatch.setattr(resolvedspec, "_SETTLED_NS", 0)  # these directories were just made: count them settled
+    a, b, c = (tmp_path / n for n in "abc")
+    for d in (a, b, c):
+        d.mkdir()
+    _exe(c / "tool")
+    path = f"{a}:{b}:{a}:{c}"
+    found, checks = _record_which("tool", path)
+    assert found == str(c / "tool")
+    assert ("dirstamp", str(a), resolvedspec.dir_stamp(str(a))) in checks
+    assert ("isexec", str(c / "tool"), True) in checks
+    assert resolvedspec.store("k", checks, 1)
+    assert resolvedspec.load("k") == 1
+    _exe(tmp_path / "tool")
+    os.rename(tmp_path / "tool", b / "tool")  # renamed into a directory earlier on PATH
+    assert resolvedspec.load("k") is None
+    os.unlink(b / "tool")
+    # an entry that is there but not executable is checked itself: chmod changes no directory stamp
+    (a / "tool").write_bytes(b"")
+    found, checks = _record_which("tool", path)
+    assert ("isexec", str(a / "tool"), False) in checks
+    assert resolvedspec.store("k", checks, 2)
+    assert resolvedspec.load("k") == 2
+    (a / "tool").chmod(0o755)
+    assert resolvedspec.load("k") is None
+    # a directory that changed too recently to trust its stamp: each candidate is checked itself
+    monkeypatch.setattr(resolvedspec, "_SETTLED_NS", 10**18)
+    _, checks = _record_which("other", path)
+    assert {c[0] for c in checks} == {"isexec"}
+
+
+def test_checks_recorded_twice_are_stored_once(runtime, tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_bytes(b"x")
+    checks = [("file", str(f), b"x"), ("stamp", str(f), resolvedspec.stamp(str(f))), ("file", str(f), b"x")]
+    assert resolvedspec.store("k", checks, 1)
+    (path,) = [runtime / n for n in os.listdir(runtime)]
+    import marshal
+
+    assert marshal.loads(path.read_bytes()[8:])[1] == checks[:2]
+    assert resolvedspec.load("k") == 1
+    f.write_bytes(b"y")
+    assert resolvedspec.load("k") is None
+
+
 def test_an_image_removed_from_the_store_misses(runtime, tmp_path, monkeypatch):
     """The recorded presence of an image in the oci store is re-checked on every hit."""
     from agentkernel._fastjson import save

@@ -32,14 +32,15 @@ CACHE_NAME = "backend-auto"
 
 def which(name: str, path: str | None = None) -> str | None:
     """``shutil.which`` without importing shutil (hot path)."""
-    from ..resolvedspec import is_exec, note
+    from ..resolvedspec import candidate, is_exec, note, recording
 
     for d in (os.environ.get("PATH", "") if path is None else path).split(os.pathsep):
         if not d:
             continue
         p = os.path.join(d, name)
         found = is_exec(p)
-        note(("isexec", p, found))  # each candidate: one appearing earlier on PATH wins (resolvedspec)
+        if recording():
+            note(candidate(d, p, found))  # each candidate: one appearing earlier on PATH wins (resolvedspec)
         if found:
             return p
     return None
