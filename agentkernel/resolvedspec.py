@@ -249,8 +249,8 @@ def store(k: str, checks: list, value) -> bool:
     try:
         seen: set[bytes] = set()
         unique = []
-        for c in checks:  # the first of equal checks (marshal: equal data, equal bytes; lists are unhashable)
-            b = marshal.dumps(c)
+        for c in checks:  # the first of equal checks (lists are unhashable; marshal version 0 has no
+            b = marshal.dumps(c, 0)  # references, so equal data gives equal bytes)
             if b not in seen:
                 seen.add(b)
                 unique.append(c)

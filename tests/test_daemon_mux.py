@@ -308,3 +308,26 @@ def test_submit_and_cancel_a_submitted_run(daemon):
             assert (await c.run(["echo", "still"], WASM))["stdout"] == b"still\n"
 
     asyncio.run(go())
+
+
+def test_a_run_requests_spec_is_made_once_per_distinct_dict():
+    """The lease path reuses the spec object an identical request dict made (a CLI sends the same dict for
+    every run of one cached resolution); a different dict is a different spec, an invalid one raises and is
+    never kept, and the spec is nameless with its canonical backend."""
+    from agentkernel.daemon.server import Daemon
+    from agentkernel.pool import PoolConfig
+
+    d = Daemon(pool_defaults=PoolConfig(min_size=0, max_size=1), warm=[])
+    a = resolve_spec({"backend": "oci"}, config={}).to_dict()
+    a["name"] = "named"
+    s1 = d.request_spec(a)
+    assert s1.name is None and s1.backend == "oci"
+    assert d.request_spec(dict(a)) is s1  # an equal dict: the same spec object
+    b = {**a, "env": {"FOO": "1"}}
+    s2 = d.request_spec(b)
+    assert s2 is not s1 and s2.env == {"FOO": "1"}
+    bad = {**a, "image": "no spaces allowed"}
+    for _ in range(2):
+        with pytest.raises(ValidationError):
+            d.request_spec(bad)
+    assert len(d._request_specs) == 2

@@ -19,8 +19,10 @@ Client -> daemon
 
 Daemon -> client
   REPLY     : the answer to status/ping/stop, or for "run" either
-            {"mode": "lease", "socket": PATH, "env": {...}, "cwd": ..., "sandbox": ID, "hit": bool}
-            (the client talks to the sandbox's agent itself: no second hop) or {"mode": "proxy"}
+            {"mode": "lease", "socket": PATH, "env": {...}, "cwd": ..., "sandbox": ID, "hit": bool,
+            "journal": [LENT, BACK]} (the client talks to the sandbox's agent itself: no second hop; as it
+            ends it renames the member's ownership-journal entry LENT to BACK, two names in its journal
+            directory, before DONE) or {"mode": "proxy"}
   STDOUT / STDERR  raw output chunks (proxy mode)
   EXIT       {"exit_code", "signal", "timed_out", "oom_killed", "timings"} (proxy mode)
   ERROR      {"message", "hint", "kind"}

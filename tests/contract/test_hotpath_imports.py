@@ -35,9 +35,13 @@ LAUNCHER = ("import sys; sys.path[0] = {repo!r}; sys.path.append({site!r}); from
 # The daemon's warm path (a lease) is the tightest budget: not even these (~0.3 ms each; importlib pulls
 # in warnings) come back there, nor, on a repeat run, the spec resolution (a cached resolution:
 # agentkernel/resolvedspec.py): the config file's parser, the spec classes, the image selection.
+# Nor what only an error or an unusual ending needs (the error classes, the outcome renderer's notes).
 WARM_DENY = frozenset({"importlib", "types", "warnings", "functools", "collections", "tomllib",
                        "agentkernel.config", "agentkernel.spec", "agentkernel._model", "agentkernel.imagesel",
-                       "agentkernel.images.settings", "agentkernel.refconfig"})
+                       "agentkernel.images.settings", "agentkernel.refconfig", "agentkernel.images",
+                       "agentkernel.images.pull", "agentkernel.backends", "agentkernel.backends.auto",
+                       "agentkernel.oci", "agentkernel.oci.rootfs", "agentkernel.enginestore", "agentkernel.diskquota",
+                       "agentkernel._fastjson", "agentkernel.errors", "agentkernel.outcome"})
 
 
 def imported(*args: str, env: dict | None = None, allow: frozenset[str] = frozenset(),
