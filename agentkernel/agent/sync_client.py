@@ -7,8 +7,9 @@ os.write as it arrives, forwards stdin from a fd, and forwards signals the calle
     signal.signal(signal.SIGINT, lambda s, f: c.forward_signal(s))
     exit_code, sig, timed_out, oom, error = c.exec_stream(["make"], env={...}, cwd="/src", stdin_fd=0)
 
-Imports only C-level modules (os, select, errno, _socket) plus the stdlib-only protocol module: the
-`socket` and `signal` modules would pull in `enum` (~5 ms of start-up).
+Imports only C-level modules (os, select, errno, _socket) plus the stdlib-only framing module
+(``agent.wire``; the rest of ``agent.protocol`` when an operation other than exec needs it, or the agent
+reports an error): the `socket` and `signal` modules would pull in `enum` (~5 ms of start-up).
 """
 
 from __future__ import annotations
@@ -19,8 +20,23 @@ import os
 import select
 
 from ..termio import write_all as _write_all
-from . import protocol as P
-from .protocol import AgentConnectionLost, AgentExecResult, AgentProtocolError
+from . import wire as P
+from .wire import AgentConnectionLost, AgentProtocolError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .protocol import AgentExecResult, AgentInfo, StatResult
+
+
+def _protocol():
+    """The whole protocol module (``agent.wire`` is its framing and exec part)."""
+    from . import protocol
+
+    return protocol
+
+
+def _agent_error(payload: bytes):
+    return _protocol().decode_error(payload)
 
 __all__ = ["SyncAgentClient"]
 
@@ -154,7 +170,7 @@ class SyncAgentClient:
                     self.protocol_version, _, self.agent_version = P.decode_hello(payload)
                     self._hello_done = True
                 elif ftype == P.R_ERROR:
-                    err = P.decode_error(payload)
+                    err = _agent_error(payload)
                     self._lost = f"the agent closed the connection: {err.strerror}"
                     if not self._hello_done:
                         raise err
@@ -195,7 +211,7 @@ class SyncAgentClient:
             for ft, stream, pl in frames:
                 if stream == sid:
                     if ft == P.R_ERROR:
-                        raise P.decode_error(pl)
+                        raise _agent_error(pl)
                     return ft, pl
 
     # -- simple requests
@@ -214,7 +230,7 @@ class SyncAgentClient:
     def reseed(self, entropy: bytes, *, time_ns: int = 0, timeout: float | None = 10.0) -> int:
         """Mix ``entropy`` into the guest's RNG and set its clock to ``time_ns`` (0: unchanged); returns the
         bytes credited. For restored VM snapshots (``AgentClient.reseed``)."""
-        _, payload = self._request(P.RESEED, P.encode_reseed(entropy, time_ns), timeout)
+        _, payload = self._request(P.RESEED, _protocol().encode_reseed(entropy, time_ns), timeout)
         return int.from_bytes(payload[:8], "big")
 
     def ping(self, payload: bytes = b"", timeout: float | None = 10.0) -> None:
@@ -222,12 +238,13 @@ class SyncAgentClient:
         if ft != P.R_PONG or pl != payload:
             raise AgentProtocolError("bad PONG")
 
-    def info(self, timeout: float | None = 10.0) -> P.AgentInfo:
-        return P.decode_info(self._request(P.INFO, b"", timeout)[1])
+    def info(self, timeout: float | None = 10.0) -> AgentInfo:
+        return _protocol().decode_info(self._request(P.INFO, b"", timeout)[1])
 
-    def stat(self, path, *, follow_symlinks: bool = True) -> P.StatResult:
-        return P.decode_stat(self._request(P.STAT, P.encode_path_req(0 if follow_symlinks else P.S_NOFOLLOW,
-                                                                    path))[1])
+    def stat(self, path, *, follow_symlinks: bool = True) -> StatResult:
+        proto = _protocol()
+        req = proto.encode_path_req(0 if follow_symlinks else proto.S_NOFOLLOW, path)
+        return proto.decode_stat(self._request(P.STAT, req)[1])
 
     # -- exec
     def exec_stream(self, argv, env=None, cwd=None, timeout: float | None = None, *, stdin_fd=None,
@@ -298,7 +315,7 @@ class SyncAgentClient:
                 elif ft == P.R_EXIT:
                     return P.decode_exit(pl)
                 elif ft == P.R_ERROR:
-                    raise P.decode_error(pl)
+                    raise _agent_error(pl)
             if self._frames or (stdin_bytes is not None and len(self._out) < _OUT_HIGH):
                 continue
             # wait for: agent data, room to write to the agent, stdin data, a wake-up (signal/resize)
@@ -347,8 +364,8 @@ class SyncAgentClient:
         st = self.exec_stream(argv, env, cwd, timeout, stdin_fd=stdin, tty=tty, tty_size=tty_size, uid=uid,
                               gid=gid, output_limit=output_limit, kill_group_on_exit=kill_group_on_exit,
                               on_output=lambda fd, data: out[fd].append(data))
-        r = AgentExecResult(st.code, st.signal, timed_out=st.timed_out, oom=st.oom, start_failed=st.start_failed,
-                       core_dumped=st.core_dumped, errno=st.errno, error=st.error, duration=st.duration,
-                       stdout_truncated=st.stdout_truncated, stderr_truncated=st.stderr_truncated,
-                       stdout=b"".join(out[1]), stderr=b"".join(out[2]))
-        return r
+        return _protocol().AgentExecResult(
+            st.code, st.signal, timed_out=st.timed_out, oom=st.oom, start_failed=st.start_failed,
+            core_dumped=st.core_dumped, errno=st.errno, error=st.error, duration=st.duration,
+            stdout_truncated=st.stdout_truncated, stderr_truncated=st.stderr_truncated,
+            stdout=b"".join(out[1]), stderr=b"".join(out[2]))

@@ -35,13 +35,15 @@ LAUNCHER = ("import sys; sys.path[0] = {repo!r}; sys.path.append({site!r}); from
 # The daemon's warm path (a lease) is the tightest budget: not even these (~0.3 ms each; importlib pulls
 # in warnings) come back there, nor, on a repeat run, the spec resolution (a cached resolution:
 # agentkernel/resolvedspec.py): the config file's parser, the spec classes, the image selection.
-# Nor what only an error or an unusual ending needs (the error classes, the outcome renderer's notes).
+# Nor what only an error or an unusual ending needs (the error classes, the outcome renderer's notes, the
+# agent protocol beyond its framing and exec codec: agent.wire).
 WARM_DENY = frozenset({"importlib", "types", "warnings", "functools", "collections", "tomllib",
                        "agentkernel.config", "agentkernel.spec", "agentkernel._model", "agentkernel.imagesel",
                        "agentkernel.images.settings", "agentkernel.refconfig", "agentkernel.images",
                        "agentkernel.images.pull", "agentkernel.backends", "agentkernel.backends.auto",
                        "agentkernel.oci", "agentkernel.oci.rootfs", "agentkernel.enginestore", "agentkernel.diskquota",
-                       "agentkernel._fastjson", "agentkernel.errors", "agentkernel.outcome"})
+                       "agentkernel._fastjson", "agentkernel.errors", "agentkernel.outcome",
+                       "agentkernel.agent.protocol"})
 
 
 def imported(*args: str, env: dict | None = None, allow: frozenset[str] = frozenset(),
