@@ -227,12 +227,11 @@ def exit_now(rc: int) -> None:
                 stream.flush()
     except (OSError, ValueError):
         sys.exit(rc)  # the regular exit reports a broken pipe as it always did
-    import atexit
-
+    atexit = sys.modules.get("atexit")  # never imported: nothing registered a hook (no import for asking)
     threading = sys.modules.get("threading")
     if (
         type(rc) is not int
-        or atexit._ncallbacks()
+        or (atexit is not None and atexit._ncallbacks())
         or (threading is not None and (threading._threading_atexits or any(
             not t.daemon for t in threading.enumerate() if t is not threading.main_thread())))
     ):

@@ -88,3 +88,18 @@ def test_version_fast_path_matches_argparse(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out == f"agentkernel {__version__}\n"
     assert build_parser(None).parse_args(["--version"]).version is True
+
+
+@pytest.mark.parametrize("hook", [True, False])
+def test_exit_now_runs_atexit_hooks_when_there_are_any(hook):
+    """``cli.exit_now`` skips the interpreter's finalization only when nothing needs it: an atexit hook
+    (registered by whoever imported ``atexit``) still runs, and the exit status is kept either way."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            + ("import atexit; atexit.register(lambda: print('hook ran', flush=True))\n" if hook else "")
+            + "from agentkernel.cli import exit_now\nprint('out', end='')\nexit_now(7)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert r.returncode == 7
+    assert r.stdout == (b"outhook ran\n" if hook else b"out")

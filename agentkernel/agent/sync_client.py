@@ -7,7 +7,7 @@ os.write as it arrives, forwards stdin from a fd, and forwards signals the calle
     signal.signal(signal.SIGINT, lambda s, f: c.forward_signal(s))
     exit_code, sig, timed_out, oom, error = c.exec_stream(["make"], env={...}, cwd="/src", stdin_fd=0)
 
-Imports only C-level modules (os, select, errno, _socket) plus the stdlib-only framing module
+Imports only C-level modules (os, select, _socket) plus the stdlib-only framing module
 (``agent.wire``; the rest of ``agent.protocol`` when an operation other than exec needs it, or the agent
 reports an error): the `socket` and `signal` modules would pull in `enum` (~5 ms of start-up).
 """
@@ -15,7 +15,6 @@ reports an error): the `socket` and `signal` modules would pull in `enum` (~5 ms
 from __future__ import annotations
 
 import _socket
-import errno
 import os
 import select
 
@@ -43,6 +42,7 @@ __all__ = ["SyncAgentClient"]
 _OUT_HIGH = 1 << 20  # stop reading the stdin fd while this much is queued for the agent
 _POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
 _SIGPIPE = 13  # Linux
+_EIO = 5  # Linux: a pty's master reads this once its other side is closed
 
 
 class SyncAgentClient:
@@ -345,7 +345,7 @@ class SyncAgentClient:
                     except BlockingIOError:
                         continue
                     except OSError as e:
-                        if e.errno != errno.EIO:
+                        if e.errno != _EIO:
                             raise
                         data = b""
                     if data:
