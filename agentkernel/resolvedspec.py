@@ -11,7 +11,9 @@ Correctness by construction, not by a list of what the resolution might read:
 - the *checks* are recorded while the resolution runs, by the code that reads host state, next to the
   read (``note``), and re-made and compared on every hit: a file's whole content (a config file, the
   engines' storage configs and image indexes, the oci image cache's refs; not their mtimes: an in-place
-  edit within one timestamp tick keeps mtime and size), a stamp where the reader itself decides by one
+  edit within one timestamp tick keeps mtime and size), kept as its stamp (device, inode, size, mtime,
+  ctime: one stat, no read) when the file last changed more than ``_SETTLED_NS`` before it was stored
+  (``_settled``: a later edit cannot fall within that tick), a stamp where the reader itself decides by one
   (the oci cache's index stamps; the auto backend's fingerprint: binaries, storage configs), whether a
   file or directory exists (each candidate of a PATH lookup: one that has no directory entry at all by
   its directory's device, inode, mtime and ctime, which creating or renaming an entry changes, and only
@@ -48,6 +50,7 @@ def note(check: tuple) -> None:
     """Record one input of the resolution being recorded: ``("file", path, bytes | None)`` (its content),
     ``("stamp", path, stamp(path))`` (where the reader itself compares stamps), ``("isfile" | "isdir" |
     "exists" | "isexec", path, bool)``, ``("dirstamp", path, dir_stamp(path))`` (``candidate``),
+    ``("fstamp", path, file_stamp(path))`` (``store`` makes these of settled files' content checks),
     ``("listdir", path, names | None)``, ``("call", module, function, args, result)`` or ``("volatile",)``
     (not cacheable)."""
     if _rec is not None:
@@ -77,7 +80,7 @@ def stamp(path: str) -> list[int] | None:
     return [st.st_mtime_ns, st.st_size, st.st_ino]
 
 
-_SETTLED_NS = 2_000_000_000  # a directory changed this long ago cannot change again within its stamp's tick
+_SETTLED_NS = 2_000_000_000  # a file or directory changed this long ago cannot change again within its stamp's tick
 
 
 def dir_stamp(path: str) -> list[int] | None:
@@ -87,6 +90,30 @@ def dir_stamp(path: str) -> list[int] | None:
     except OSError:
         return None
     return [st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def file_stamp(path: str) -> list[int] | None:
+    """A file's (device, inode, size, mtime_ns, ctime_ns), or None when it is missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _settled(check: tuple, now_ns: int) -> tuple:
+    """A ``("file", path, content)`` check as ``("fstamp", path, file_stamp(path))`` when the file is
+    there, still holds that content and last changed (mtime and ctime: ``touch`` cannot set the latter)
+    more than ``_SETTLED_NS`` before: any later write, truncation, chmod or replacement changes its stamp,
+    so one stat re-checks it and its content need not be kept. Otherwise the check as it was. The stat comes
+    before the read: a change between the two shows as a changed stamp on the next hit."""
+    if check[0] != "file" or check[2] is None:
+        return check
+    st = file_stamp(check[1])
+    if (st is None or st[2] != len(check[2])  # a size that is not the content's: /proc, /sys (no stamps there)
+            or now_ns - max(st[3], st[4]) <= _SETTLED_NS or read_file(check[1]) != check[2]):
+        return check
+    return ("fstamp", check[1], st)
 
 
 def candidate(d: str, path: str, found: bool) -> tuple:
@@ -144,6 +171,8 @@ def _holds(check) -> bool:
         return os.path.exists(check[1]) == check[2]
     if kind == "isexec":
         return is_exec(check[1]) == check[2]
+    if kind == "fstamp":
+        return file_stamp(check[1]) == check[2]
     if kind == "dirstamp":
         return dir_stamp(check[1]) == check[2]
     if kind == "call":  # __import__: importlib (and what it imports) stays off the warm path
@@ -246,6 +275,9 @@ def store(k: str, checks: list, value) -> bool:
     d = _dir(True)
     if d is None:
         return False
+    import time
+
+    now = time.time_ns()
     try:
         seen: set[bytes] = set()
         unique = []
@@ -253,7 +285,7 @@ def store(k: str, checks: list, value) -> bool:
             b = marshal.dumps(c, 0)  # references, so equal data gives equal bytes)
             if b not in seen:
                 seen.add(b)
-                unique.append(c)
+                unique.append(_settled(c, now))
         body = marshal.dumps((k, unique, value))
     except ValueError:
         return False

@@ -194,6 +194,36 @@ def test_path_candidates_miss_when_one_appears_earlier_on_path(runtime, tmp_path
     assert {c[0] for c in checks} == {"isexec"}
 
 
+def _stored_checks(runtime) -> list:
+    import marshal
+
+    (path,) = [runtime / n for n in os.listdir(runtime) if not n.endswith(".tmp")]
+    return marshal.loads(path.read_bytes()[8:])[1]
+
+
+def test_a_settled_files_content_is_kept_as_its_stamp_and_any_edit_misses(runtime, tmp_path, monkeypatch):
+    """A file that last changed long enough ago (no later edit can share its timestamp tick) is re-checked by
+    one stat instead of a read: an edit in place that keeps the size, a chmod, a replacement all miss. A file
+    changed just now keeps its content check; so does one whose size is not its content's (/proc)."""
+    f = tmp_path / "c.toml"
+    f.write_bytes(b"x = 1\n")
+    monkeypatch.setattr(resolvedspec, "_SETTLED_NS", 10**18)  # nothing is settled: the content is kept
+    assert resolvedspec.store("k", [("file", str(f), b"x = 1\n")], 1)
+    assert _stored_checks(runtime) == [("file", str(f), b"x = 1\n")]
+    monkeypatch.setattr(resolvedspec, "_SETTLED_NS", 0)
+    assert resolvedspec.store("k", [("file", str(f), b"x = 0\n")], 1)  # not the content it holds: kept as is
+    assert _stored_checks(runtime)[0][0] == "file"
+    assert resolvedspec.store("k", [("file", str(f), b"x = 1\n"), ("file", "/proc/self/status", b"x")], 1)
+    assert [c[0] for c in _stored_checks(runtime)] == ["fstamp", "file"]
+    for change in (lambda: f.write_bytes(b"x = 2\n"), lambda: f.chmod(0o600),
+                   lambda: os.replace(tmp_path / "new", f)):
+        (tmp_path / "new").write_bytes(b"x = 1\n")
+        assert resolvedspec.store("k", [("file", str(f), f.read_bytes())], 1)
+        assert resolvedspec.load("k") == 1
+        change()
+        assert resolvedspec.load("k") is None
+
+
 def test_checks_recorded_twice_are_stored_once(runtime, tmp_path):
     f = tmp_path / "c.toml"
     f.write_bytes(b"x")
