@@ -119,12 +119,14 @@ def _settled(check: tuple, now_ns: int) -> tuple:
 def candidate(d: str, path: str, found: bool) -> tuple:
     """The check for a PATH lookup's candidate ``path`` in directory ``d`` that ``is_exec`` answered
     ``found`` for: where no entry of that name exists, ``d``'s stamp (the one stat every missing candidate
-    in ``d`` shares, instead of one each) unless ``d`` changed too recently to tell; else ``isexec``."""
-    if not found and not os.path.lexists(path):
+    in ``d`` shares, instead of one each) unless ``d`` changed too recently to tell; else ``isexec``. The
+    stamp is taken before the entry is looked for: an entry made in between changes the stamp."""
+    if not found:
         import time
 
+        now = time.time_ns()
         st = dir_stamp(d)
-        if st is None or time.time_ns() - max(st[2], st[3]) > _SETTLED_NS:
+        if (st is None or now - max(st[2], st[3]) > _SETTLED_NS) and not os.path.lexists(path):
             return ("dirstamp", d, st)
     return ("isexec", path, found)
 

@@ -200,13 +200,13 @@ def _hand_back(s, reply: dict, backend: str) -> None:
     daemon sent with the lease (the entry as lent to us, and as the daemon's), one rename and nothing to
     read; else (an older daemon, or the entry is not under that name) by the daemon's pid."""
     names = reply.get("journal")
-    if type(names) is list and len(names) == 2 and all(type(n) is str and n and "/" not in n and n[0] != "."
-                                                        for n in names):
-        d = paths.journal_path()
+    if type(names) is list and len(names) == 2 and all(
+            type(n) is str and n.endswith(".json") and "/" not in n and n[0] != "." for n in names):
+        d = paths.journal_path()  # entries of this journal only: plain names, never a path
         try:
             os.rename(os.path.join(d, names[0]), os.path.join(d, names[1]))
             return
-        except OSError:
+        except (OSError, ValueError):
             pass
     daemon_pid = peer_pid(s)
     if daemon_pid is not None:
