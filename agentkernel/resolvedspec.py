@@ -200,8 +200,10 @@ def key(args, command: list[str]) -> str:
         cwd = os.getcwd()
     except OSError:
         cwd = None
+    # the environment as os.environ keeps it (its encoded bytes, updated by every os.environ change):
+    # sorting those is ~40 us less than decoding every name and value first
     text = repr((FORMAT, _PKG, stamps, os.geteuid(), cwd, command[0] if command else None, flags,
-                 sorted(os.environ.items())))
+                 sorted(os.environ._data.items())))
     return _sha256.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 

@@ -358,3 +358,19 @@ def test_a_cache_of_another_user_is_never_read(runtime, tmp_path):
     os.chown(path, 0, 0)
     os.chown(runtime, 12345, 12345)
     assert resolvedspec.load("k") is None
+
+
+def test_the_key_follows_environment_changes_made_in_process(monkeypatch):
+    """The key reads the environment as os.environ keeps it: a variable set, changed or removed by this
+    process (an embedder, a test) changes the key."""
+    from agentkernel.cli_flags import RUN_FLAGS, fast_parse
+
+    args = fast_parse(["--", "echo"], RUN_FLAGS, ())
+    monkeypatch.delenv("AK_KEY_PROBE", raising=False)
+    k0 = resolvedspec.key(args, ["echo"])
+    monkeypatch.setenv("AK_KEY_PROBE", "1")
+    k1 = resolvedspec.key(args, ["echo"])
+    monkeypatch.setenv("AK_KEY_PROBE", "2")
+    k2 = resolvedspec.key(args, ["echo"])
+    monkeypatch.delenv("AK_KEY_PROBE")
+    assert len({k0, k1, k2}) == 3 and resolvedspec.key(args, ["echo"]) == k0
