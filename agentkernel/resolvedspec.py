@@ -12,8 +12,9 @@ Correctness by construction, not by a list of what the resolution might read:
   read (``note``), and re-made and compared on every hit: a file's whole content (a config file, the
   engines' storage configs and image indexes, the oci image cache's refs; not their mtimes: an in-place
   edit within one timestamp tick keeps mtime and size), kept as its stamp (device, inode, size, mtime,
-  ctime: one stat, no read) when the file last changed more than ``_SETTLED_NS`` before it was stored
-  (``_settled``: a later edit cannot fall within that tick), a stamp where the reader itself decides by one
+  ctime: one stat, no read while it holds) and its content's digest (compared when the stamp changed)
+  when the file last changed more than ``_SETTLED_NS`` before it was stored (``_settled``: a later edit
+  cannot fall within that tick), a stamp where the reader itself decides by one
   (the oci cache's index stamps; the auto backend's fingerprint: binaries, storage configs), whether a
   file or directory exists (each candidate of a PATH lookup: one that has no directory entry at all by
   its directory's device, inode, mtime and ctime, which creating or renaming an entry changes, and only
@@ -50,7 +51,7 @@ def note(check: tuple) -> None:
     """Record one input of the resolution being recorded: ``("file", path, bytes | None)`` (its content),
     ``("stamp", path, stamp(path))`` (where the reader itself compares stamps), ``("isfile" | "isdir" |
     "exists" | "isexec", path, bool)``, ``("dirstamp", path, dir_stamp(path))`` (``candidate``),
-    ``("fstamp", path, file_stamp(path))`` (``store`` makes these of settled files' content checks),
+    ``("fstamp", path, file_stamp(path), digest)`` (``store`` makes these of settled files' content checks),
     ``("listdir", path, names | None)``, ``("call", module, function, args, result)`` or ``("volatile",)``
     (not cacheable)."""
     if _rec is not None:
@@ -101,19 +102,26 @@ def file_stamp(path: str) -> list[int] | None:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
+def _digest(data: bytes | None) -> bytes | None:
+    import _sha256
+
+    return None if data is None else _sha256.sha256(data).digest()
+
+
 def _settled(check: tuple, now_ns: int) -> tuple:
-    """A ``("file", path, content)`` check as ``("fstamp", path, file_stamp(path))`` when the file is
-    there, still holds that content and last changed (mtime and ctime: ``touch`` cannot set the latter)
-    more than ``_SETTLED_NS`` before: any later write, truncation, chmod or replacement changes its stamp,
-    so one stat re-checks it and its content need not be kept. Otherwise the check as it was. The stat comes
-    before the read: a change between the two shows as a changed stamp on the next hit."""
+    """A ``("file", path, content)`` check as ``("fstamp", path, file_stamp(path), sha256(content))`` when
+    the file is there, still holds that content and last changed (mtime and ctime: ``touch`` cannot set the
+    latter) more than ``_SETTLED_NS`` before: any later write, truncation, chmod or replacement changes its
+    stamp, so one stat re-checks it; only a changed stamp reads the file and compares its digest (a rewrite
+    with the same bytes still holds, as the content check did). Otherwise the check as it was. The stat
+    comes before the read: a change between the two shows as a changed stamp on the next hit."""
     if check[0] != "file" or check[2] is None:
         return check
     st = file_stamp(check[1])
     if (st is None or st[2] != len(check[2])  # a size that is not the content's: /proc, /sys (no stamps there)
             or now_ns - max(st[3], st[4]) <= _SETTLED_NS or read_file(check[1]) != check[2]):
         return check
-    return ("fstamp", check[1], st)
+    return ("fstamp", check[1], st, _digest(check[2]))
 
 
 def candidate(d: str, path: str, found: bool) -> tuple:
@@ -174,7 +182,7 @@ def _holds(check) -> bool:
     if kind == "isexec":
         return is_exec(check[1]) == check[2]
     if kind == "fstamp":
-        return file_stamp(check[1]) == check[2]
+        return file_stamp(check[1]) == check[2] or _digest(read_file(check[1])) == check[3]
     if kind == "dirstamp":
         return dir_stamp(check[1]) == check[2]
     if kind == "call":  # __import__: importlib (and what it imports) stays off the warm path

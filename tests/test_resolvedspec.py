@@ -203,8 +203,9 @@ def _stored_checks(runtime) -> list:
 
 def test_a_settled_files_content_is_kept_as_its_stamp_and_any_edit_misses(runtime, tmp_path, monkeypatch):
     """A file that last changed long enough ago (no later edit can share its timestamp tick) is re-checked by
-    one stat instead of a read: an edit in place that keeps the size, a chmod, a replacement all miss. A file
-    changed just now keeps its content check; so does one whose size is not its content's (/proc)."""
+    one stat instead of a read while its stamp holds; a changed stamp compares the content's digest: an edit
+    that keeps the size or a replacement misses, the same bytes rewritten still hit. A file changed just now
+    keeps its content check; so does one whose size is not its content's (/proc)."""
     f = tmp_path / "c.toml"
     f.write_bytes(b"x = 1\n")
     monkeypatch.setattr(resolvedspec, "_SETTLED_NS", 10**18)  # nothing is settled: the content is kept
@@ -215,13 +216,20 @@ def test_a_settled_files_content_is_kept_as_its_stamp_and_any_edit_misses(runtim
     assert _stored_checks(runtime)[0][0] == "file"
     assert resolvedspec.store("k", [("file", str(f), b"x = 1\n"), ("file", "/proc/self/status", b"x")], 1)
     assert [c[0] for c in _stored_checks(runtime)] == ["fstamp", "file"]
-    for change in (lambda: f.write_bytes(b"x = 2\n"), lambda: f.chmod(0o600),
-                   lambda: os.replace(tmp_path / "new", f)):
-        (tmp_path / "new").write_bytes(b"x = 1\n")
+    # an edit that keeps the size misses; so does a replacement with other bytes
+    for change in (lambda: f.write_bytes(b"x = 2\n"), lambda: os.replace(tmp_path / "new", f)):
+        (tmp_path / "new").write_bytes(b"x = 3\n")
         assert resolvedspec.store("k", [("file", str(f), f.read_bytes())], 1)
         assert resolvedspec.load("k") == 1
         change()
         assert resolvedspec.load("k") is None
+    # a changed stamp with the same bytes (rewritten, replaced, chmod) still holds: the digest is compared
+    for change in (lambda: f.write_bytes(f.read_bytes()), lambda: f.chmod(0o600),
+                   lambda: os.replace(tmp_path / "new", f)):
+        (tmp_path / "new").write_bytes(f.read_bytes())
+        assert resolvedspec.store("k", [("file", str(f), f.read_bytes())], 1)
+        change()
+        assert resolvedspec.load("k") == 1
 
 
 def test_checks_recorded_twice_are_stored_once(runtime, tmp_path):
