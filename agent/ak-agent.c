@@ -8,6 +8,9 @@
  *   ak-agent serve [--wait-file PATH] --listen PATH [--ready-fd N] [--socket-mode OCTAL]
  *   ak-agent serve --stdio
  *   ak-agent exec -- ARGV...        tini-like init for one-shot runs
+ *   ak-agent spawn-runtime [--pdeathsig PPID] [--overlay TARGET OPTIONS] [--close-fds] -- RUNTIME ARGS...
+ *                                   host side of the oci backend: an OCI runtime in a private mount
+ *                                   namespace with the sandbox's overlay root (see spawn_runtime_main)
  *   ak-agent --version
  */
 #define _GNU_SOURCE
@@ -18,6 +21,7 @@
 #include <grp.h>
 #include <limits.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -2237,6 +2241,68 @@ static int vminit_main(int argc, char **argv) {
     return serve_main(nsv, sv);
 }
 
+/* ---- spawn-runtime: the host side of the oci backend (never run inside a sandbox) -------------------
+ *
+ * Starts an OCI runtime (crun, runc, runsc) the way agentkernel.oci.runtime.Preexec did between fork and
+ * exec, so that the Python parent needs no preexec hook and can vfork (a Python preexec_fn forces a full
+ * fork() of the whole, possibly large and multithreaded, parent):
+ *   --pdeathsig PPID   die (SIGKILL) with the parent; exits at once if PPID is no longer the parent
+ *   --overlay T OPTS   unshare(CLONE_NEWNS), make / a recursive slave (host mounts still propagate in,
+ *                      ours never out), mount the overlay OPTS at T: only this private namespace (and
+ *                      the container's, a copy of it) ever has the sandbox's root mounted
+ *   --close-fds        close every fd >= 3 before exec (for a parent that could not close them itself)
+ * then execv(RUNTIME, [RUNTIME, ARGS...]). A failed step prints "agentkernel: oci: WHAT: REASON" and
+ * exits 125 (the runtime never ran); a failed exec exits 127 (not found) or 126. */
+#define SPAWN_USAGE "usage: ak-agent spawn-runtime [--pdeathsig PPID] [--overlay TARGET OPTIONS] [--close-fds] -- RUNTIME ARGS...\n"
+
+static int spawn_fail(const char *what) {
+    int e = errno;
+    fprintf(stderr, "agentkernel: oci: %s: %s\n", what, strerror(e));
+    return 125;
+}
+
+static int spawn_runtime_main(int argc, char **argv) {
+    long parent = 0;
+    const char *target = NULL, *opts = NULL;
+    int close_fds = 0;
+    while (argc > 0 && strcmp(argv[0], "--")) {
+        if (!strcmp(argv[0], "--pdeathsig") && argc > 1) {
+            parent = strtol(argv[1], NULL, 10);
+            argv += 2, argc -= 2;
+        } else if (!strcmp(argv[0], "--overlay") && argc > 2) {
+            target = argv[1], opts = argv[2];
+            argv += 3, argc -= 3;
+        } else if (!strcmp(argv[0], "--close-fds")) {
+            close_fds = 1;
+            argv++, argc--;
+        } else {
+            break;
+        }
+    }
+    if (argc > 0 && !strcmp(argv[0], "--")) argv++, argc--;
+    if (argc < 1 || argv[0][0] != '/') {
+        fputs(SPAWN_USAGE, stderr);
+        return 125;
+    }
+    if (parent > 0) {
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) return spawn_fail("prctl(PR_SET_PDEATHSIG)");
+        if (getppid() != (pid_t)parent) { /* the parent died before the prctl: nobody to run for */
+            fputs("agentkernel: oci: the parent process is gone\n", stderr);
+            return 125;
+        }
+    }
+    if (target) {
+        if (unshare(CLONE_NEWNS) != 0) return spawn_fail("unshare(CLONE_NEWNS)");
+        if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) != 0) return spawn_fail("making / a slave mount");
+        if (mount("overlay", target, "overlay", 0, opts) != 0) return spawn_fail("mounting the overlay root");
+    }
+    if (close_fds) close_from(3);
+    execv(argv[0], argv);
+    int e = errno;
+    fprintf(stderr, "agentkernel: oci: cannot run %s: %s\n", argv[0], strerror(e));
+    return exec_errno_code(e);
+}
+
 int main(int argc, char **argv) {
     if (argc >= 2 && (!strcmp(argv[1], "--version") || !strcmp(argv[1], "version"))) {
         printf("ak-agent %s (protocol %d)\n", AK_AGENT_VERSION, PROTO_VERSION);
@@ -2244,6 +2310,7 @@ int main(int argc, char **argv) {
     }
     if (argc >= 2 && !strcmp(argv[1], "serve")) return serve_main(argc - 2, argv + 2);
     if (argc >= 2 && !strcmp(argv[1], "exec")) return exec_main(argc - 2, argv + 2);
+    if (argc >= 2 && !strcmp(argv[1], "spawn-runtime")) return spawn_runtime_main(argc - 2, argv + 2);
     if (argc >= 2 && !strcmp(argv[1], "vm-init")) {
         int rc = vminit_main(argc - 2, argv + 2);
         if (getpid() == 1) { /* PID 1 must not exit: the kernel would panic; power off instead */
@@ -2258,6 +2325,7 @@ int main(int argc, char **argv) {
             "       ak-agent serve --device PATH | --vsock PORT\n"
             "       ak-agent vm-init --device PATH|name:PORT|--vsock PORT [--root DEV] [--fstype T] [--modules DIR] [--hostname H]\n"
             "       ak-agent exec [--status-file PATH] [--wait-file PATH] -- ARGV...\n"
+            "       ak-agent spawn-runtime [--pdeathsig PPID] [--overlay TARGET OPTIONS] [--close-fds] -- RUNTIME ARGS...\n"
             "       ak-agent --version\n");
     return 125;
 }

@@ -203,7 +203,6 @@ class OCIBackend(AgentContainerBackend, OneShot):
             p = _plan(spec, sandbox_id, owner, paths.agent_binary(), None, argv, net)
             bdir, overlay = self._prepare_bundle(spec, p, sandbox_id, named=False)
             watch = rt.MemoryWatch(sandbox_id, p.memory_bytes, watch=True)
-            pre = rt.Preexec(overlay, pdeathsig=True)
             # The command gets our fds 0/1/2 as they are only when they are pipes or /dev/null; regular
             # files, terminals, sockets and devices go through pipes we pump (see _Pumps).
             pumps = _Pumps(gvisor=self.runtime == "runsc")
@@ -218,8 +217,9 @@ class OCIBackend(AgentContainerBackend, OneShot):
                 bdir,
                 sandbox_id,
             ]
+            argv, pre = rt.launch(cmd, overlay, pdeathsig=True)
             try:
-                proc = rt.Proc(cmd, stdin=stdin, stdout=stdout, stderr=stderr, preexec=pre)
+                proc = rt.Proc(argv, stdin=stdin, stdout=stdout, stderr=stderr, preexec=pre)
             except OSError as exc:
                 raise SandboxError(f"{self.runtime} could not be started: {exc}") from None
             pumps.start()
@@ -386,7 +386,7 @@ class OCIBackend(AgentContainerBackend, OneShot):
         if st is not None:
             if st.get("status") in ("running", "created", "paused"):
                 return None
-            rt.run_cmd(runtime, "delete", "--force", sid)
+            rt.delete_container(runtime, sid)
         rt.remove_cgroups(sid)
         rc = self._spawn_detached(sid, meta, runtime, exe, log_path)
         if rc == 0:
@@ -402,14 +402,15 @@ class OCIBackend(AgentContainerBackend, OneShot):
         watch = rt.MemoryWatch(sid, meta.get("memory_bytes"), watch=False)
         watch.close()
         overlay = tuple(meta["overlay"]) if meta.get("overlay") else None
-        pre = rt.Preexec(overlay, pdeathsig=False)
+        argv, pre = rt.launch(
+            [*rt.base_cmd(runtime, exe, network=bool(meta.get("network"))), "run", "--detach", "--pid-file",
+             os.path.join(bdir, "init.pid"), "--bundle", bdir, sid],
+            overlay, pdeathsig=False,
+        )
         with open(log_path, "ab") as log:
-            # --detach: the container's stdio must not be a pipe of ours (its init would hold it open)
-            proc = subprocess.Popen(
-                [*rt.base_cmd(runtime, exe, network=bool(meta.get("network"))), "run", "--detach", "--pid-file",
-                 os.path.join(bdir, "init.pid"), "--bundle", bdir, sid],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=pre,
-            )
+            # --detach: the container's stdio must not be a pipe of ours (its init would hold it open).
+            # No preexec hook with the agent built (rt.launch): subprocess then uses vfork, not fork
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=pre)
             rc = rt.wait_exit(proc, 120)
             if rc is None:
                 proc.kill()
@@ -429,13 +430,7 @@ class OCIBackend(AgentContainerBackend, OneShot):
                 if st is None or st.get("status") == "stopped":
                     break
                 time.sleep(0.05)
-        if rt.state_entries(runtime, sid):
-            rt.run_cmd(runtime, "kill", sid, "KILL", timeout=30)
-            rt.run_cmd(runtime, "delete", "--force", sid, timeout=60)
-        rt.kill_cgroups(sid)
-        rt.remove_cgroups(sid)
-        for p in rt.state_entries(runtime, sid):
-            rt.rmtree(p)
+        rt.delete_container(runtime, sid)
         try:
             os.unlink(os.path.join(rt.bundle_dir(sid), "init.pid"))
         except OSError:
