@@ -296,17 +296,89 @@ def _write(path: str, text: str) -> None:
         os.close(fd)
 
 
-def cgroup_pids(sandbox_id: str) -> set[int]:
+def _scan_cgroups(sandbox_id: str) -> tuple[set[int], list[str]]:
+    """(pids, dirs) of the sandbox's cgroups in every hierarchy; ``dirs`` lists every parent before its
+    children. A directory is listed only when it has subdirectories (kernfs: ``st_nlink`` = 2 + subdirs),
+    so a leaf costs one open+read of its ``cgroup.procs`` and one stat."""
     pids: set[int] = set()
+    dirs: list[str] = []
     for top in cgroup_dirs(sandbox_id):
-        for dirpath, _dirs, files in os.walk(top):
-            if "cgroup.procs" in files:
+        stack = [top]
+        while stack:
+            d = stack.pop()
+            try:
+                fd = os.open(os.path.join(d, "cgroup.procs"), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # no such cgroup (this hierarchy, or removed meanwhile)
+            except OSError:
+                fd = -1
+            if fd >= 0:
                 try:
-                    with open(os.path.join(dirpath, "cgroup.procs")) as f:
-                        pids.update(int(x) for x in f.read().split())
+                    pids.update(int(x) for x in _read_fd(fd).split())
                 except (OSError, ValueError):
                     pass
-    return pids
+                finally:
+                    os.close(fd)
+            dirs.append(d)
+            try:
+                if os.stat(d).st_nlink != 2:  # subdirectories (or a filesystem that does not count them)
+                    with os.scandir(d) as it:
+                        stack.extend(e.path for e in it if e.is_dir(follow_symlinks=False))
+            except OSError:
+                pass
+    return pids, dirs
+
+
+def _read_fd(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def cgroup_pids(sandbox_id: str) -> set[int]:
+    return _scan_cgroups(sandbox_id)[0]
+
+
+def _kill_and_wait(pids: set[int], deadline: float) -> bool:
+    """SIGKILL ``pids`` and wait until they have exited (pidfds: woken the moment they have), at most
+    until ``deadline``. False: no pidfds here (the caller polls instead)."""
+    import select
+    import time
+
+    p = select.poll()
+    fds = []
+    try:
+        for pid in pids:
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue  # already gone
+            except OSError:
+                for q in pids:
+                    try:
+                        os.kill(q, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+                return False
+            fds.append(fd)
+            try:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            p.register(fd, select.POLLIN)
+        left = len(fds)
+        while left:
+            ms = int((deadline - time.monotonic()) * 1000)
+            if ms <= 0:
+                break
+            for fd, _ in p.poll(ms):
+                p.unregister(fd)
+                left -= 1
+        return True
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def kill_cgroups(sandbox_id: str, timeout: float = 5.0) -> None:
@@ -318,14 +390,35 @@ def kill_cgroups(sandbox_id: str, timeout: float = 5.0) -> None:
         pids = cgroup_pids(sandbox_id)
         if not pids:
             return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        if not _kill_and_wait(pids, deadline) and time.monotonic() < deadline:
+            time.sleep(0.01)
         if time.monotonic() >= deadline:
             return
-        time.sleep(0.01)
+
+
+def clear_cgroups(sandbox_id: str, timeout: float = 5.0) -> list[str]:
+    """``kill_cgroups`` then ``remove_cgroups`` (returns the dirs left), reading the cgroups once in the
+    usual case: the processes found are SIGKILLed and awaited, then every dir is removed, deepest first;
+    a removed cgroup provably held no process (rmdir refuses a populated one). A dir still busy (a
+    process that got in after the read) sends the sandbox through kill_cgroups + remove_cgroups."""
+    import time
+
+    pids, dirs = _scan_cgroups(sandbox_id)
+    if pids and not _kill_and_wait(pids, time.monotonic() + timeout):
+        return _clear_slowly(sandbox_id, timeout)
+    for d in reversed(dirs):
+        try:
+            os.rmdir(d)
+        except FileNotFoundError:
+            pass
+        except OSError:  # EBUSY (a process in it), ENOTEMPTY (a subdir made after the read)
+            return _clear_slowly(sandbox_id, timeout)
+    return []
+
+
+def _clear_slowly(sandbox_id: str, timeout: float) -> list[str]:
+    kill_cgroups(sandbox_id, timeout)
+    return remove_cgroups(sandbox_id)
 
 
 def remove_cgroups(sandbox_id: str, retries: int = 50) -> list[str]:
@@ -578,13 +671,15 @@ def state_entries(runtime: str, sandbox_id: str) -> list[str]:
     ]
 
 
-def host_mounts_under(prefix: str) -> list[str]:
+def host_mounts_under(*prefixes: str) -> list[str]:
+    """Mount points in this process's mount namespace at or below any of ``prefixes``."""
+    heads = [(p, p.rstrip("/") + "/") for p in prefixes]
     out = []
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 mnt = line.split()[4].replace("\\040", " ")
-                if mnt == prefix or mnt.startswith(prefix.rstrip("/") + "/"):
+                if any(mnt == p or mnt.startswith(h) for p, h in heads):
                     out.append(mnt)
     except OSError:
         pass
@@ -604,8 +699,8 @@ def mount_tmpfs(target: str, options: str) -> None:
         raise OSError(e, f"mounting a tmpfs at {target}: {os.strerror(e)}")
 
 
-def umount_all(prefix: str) -> None:
-    mounts = host_mounts_under(prefix)
+def umount_all(*prefixes: str) -> None:
+    mounts = host_mounts_under(*prefixes)
     if not mounts:
         return
     import ctypes
@@ -635,9 +730,12 @@ def delete_container(runtime: str, sandbox_id: str) -> None:
     anything else (our bundles have no hooks). runsc: its own kill + delete first (gVisor's processes)."""
     if runtime == "runsc" and binary("runsc") is not None and state_entries("runsc", sandbox_id):
         runsc_delete(sandbox_id)
-    kill_cgroups(sandbox_id)
-    remove_cgroups(sandbox_id)
-    for p in state_entries(runtime, sandbox_id):
+    clear_cgroups(sandbox_id)
+    _remove_paths(state_entries(runtime, sandbox_id))
+
+
+def _remove_paths(paths: list[str]) -> None:
+    for p in paths:
         if os.path.isdir(p) and not os.path.islink(p):
             rmtree(p)
         else:
@@ -657,20 +755,11 @@ def destroy(sandbox_id: str, runtime: str | None = None) -> None:
     if "runsc" in runtimes and binary("runsc") is not None and state_entries("runsc", sandbox_id):
         runsc_delete(sandbox_id)
     # crun, runc: no runtime exec at all (see delete_container); the steps below are theirs
-    kill_cgroups(sandbox_id)
-    remove_cgroups(sandbox_id)
+    clear_cgroups(sandbox_id)
     bdir = bundle_dir(sandbox_id)
-    umount_all(bdir)
-    for rt in RUNTIMES:
-        for p in state_entries(rt, sandbox_id):
-            if os.path.isdir(p) and not os.path.islink(p):
-                umount_all(p)
-                rmtree(p)
-            else:
-                try:
-                    os.unlink(p)
-                except OSError:
-                    pass
+    states = [p for rt in RUNTIMES for p in state_entries(rt, sandbox_id)]
+    umount_all(bdir, *states)  # one read of the mount table for both
+    _remove_paths(states)
     rmtree(bdir)
     from ..backends import _container
 
