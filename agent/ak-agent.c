@@ -8,7 +8,8 @@
  *   ak-agent serve [--wait-file PATH] --listen PATH [--ready-fd N] [--socket-mode OCTAL]
  *   ak-agent serve --stdio
  *   ak-agent exec -- ARGV...        tini-like init for one-shot runs
- *   ak-agent spawn-runtime [--pdeathsig PPID] [--overlay TARGET OPTIONS] [--close-fds] -- RUNTIME ARGS...
+ *   ak-agent spawn-runtime [--pdeathsig PPID] [--overlay TARGET OPTIONS [--tmpfs ...] [--mkdir ...]]
+ *                          [--close-fds] -- RUNTIME ARGS...
  *                                   host side of the oci backend: an OCI runtime in a private mount
  *                                   namespace with the sandbox's overlay root (see spawn_runtime_main)
  *   ak-agent --version
@@ -2243,28 +2244,50 @@ static int vminit_main(int argc, char **argv) {
 
 /* ---- spawn-runtime: the host side of the oci backend (never run inside a sandbox) -------------------
  *
- * Starts an OCI runtime (crun, runc, runsc) the way agentkernel.oci.runtime.Preexec did between fork and
+ * Starts an OCI runtime (crun, runc, runsc) the way agentkernel.oci.runtime.Preexec does between fork and
  * exec, so that the Python parent needs no preexec hook and can vfork (a Python preexec_fn forces a full
  * fork() of the whole, possibly large and multithreaded, parent):
  *   --pdeathsig PPID   die (SIGKILL) with the parent; exits at once if PPID is no longer the parent
  *   --overlay T OPTS   unshare(CLONE_NEWNS), make / a recursive slave (host mounts still propagate in,
  *                      ours never out), mount the overlay OPTS at T: only this private namespace (and
  *                      the container's, a copy of it) ever has the sandbox's root mounted
+ *   --tmpfs T OPTS     (with --overlay) a tmpfs (nosuid, nodev, OPTS) at T in that namespace first: the
+ *                      writable layer of a one-shot run, which then never appears on the host either
+ *   --mkdir P MODE UID GID   (with --overlay, after the tmpfs) mkdir -p P (MODE octal), chown the last
+ *                      one to UID:GID (parents: 0755, root)
+ *   --ro-runtime       (with --overlay) bind-mount RUNTIME read-only onto itself in that namespace and
+ *                      set _LIBCONTAINER_CLONED_BINARY=1: crun's own guard against a container
+ *                      overwriting the runtime binary through /proc/self/exe (CVE-2019-5736) accepts a
+ *                      read-only mount of it and skips making one itself (a temporary file, a bind mount
+ *                      and a second exec of crun: ~1.5 ms of CPU per start)
  *   --close-fds        close every fd >= 3 before exec (for a parent that could not close them itself)
  * then execv(RUNTIME, [RUNTIME, ARGS...]). A failed step prints "agentkernel: oci: WHAT: REASON" and
  * exits 125 (the runtime never ran); a failed exec exits 127 (not found) or 126. */
-#define SPAWN_USAGE "usage: ak-agent spawn-runtime [--pdeathsig PPID] [--overlay TARGET OPTIONS] [--close-fds] -- RUNTIME ARGS...\n"
+#define SPAWN_USAGE                                                                                    \
+    "usage: ak-agent spawn-runtime [--pdeathsig PPID] [--overlay TARGET OPTIONS [--tmpfs TARGET OPTIONS]" \
+    " [--mkdir PATH MODE UID GID]... [--ro-runtime]] [--close-fds] -- RUNTIME ARGS...\n"
+#define SPAWN_MAX 16
 
-static int spawn_fail(const char *what) {
+static int spawn_fail(const char *what, const char *path) {
     int e = errno;
-    fprintf(stderr, "agentkernel: oci: %s: %s\n", what, strerror(e));
+    if (path) fprintf(stderr, "agentkernel: oci: %s %s: %s\n", what, path, strerror(e));
+    else fprintf(stderr, "agentkernel: oci: %s: %s\n", what, strerror(e));
     return 125;
+}
+
+static int mkdir_owned(char *path, mode_t mode, uid_t uid, gid_t gid) {
+    if (mkdir_p(path, mode) != 0 || chmod(path, mode) != 0) return -1; /* chmod: not subject to the umask */
+    return chown(path, uid, gid);
 }
 
 static int spawn_runtime_main(int argc, char **argv) {
     long parent = 0;
-    const char *target = NULL, *opts = NULL;
-    int close_fds = 0;
+    const char *target = NULL, *opts = NULL, *tmpfs = NULL, *tmpfs_opts = NULL;
+    char *mk[SPAWN_MAX];
+    mode_t mk_mode[SPAWN_MAX];
+    uid_t mk_uid[SPAWN_MAX];
+    gid_t mk_gid[SPAWN_MAX];
+    int nmk = 0, close_fds = 0, ro_runtime = 0;
     while (argc > 0 && strcmp(argv[0], "--")) {
         if (!strcmp(argv[0], "--pdeathsig") && argc > 1) {
             parent = strtol(argv[1], NULL, 10);
@@ -2272,29 +2295,52 @@ static int spawn_runtime_main(int argc, char **argv) {
         } else if (!strcmp(argv[0], "--overlay") && argc > 2) {
             target = argv[1], opts = argv[2];
             argv += 3, argc -= 3;
+        } else if (!strcmp(argv[0], "--tmpfs") && argc > 2) {
+            tmpfs = argv[1], tmpfs_opts = argv[2];
+            argv += 3, argc -= 3;
+        } else if (!strcmp(argv[0], "--mkdir") && argc > 4 && nmk < SPAWN_MAX && argv[1][0] == '/') {
+            mk[nmk] = argv[1];
+            mk_mode[nmk] = (mode_t)strtol(argv[2], NULL, 8);
+            mk_uid[nmk] = (uid_t)strtol(argv[3], NULL, 10);
+            mk_gid[nmk] = (gid_t)strtol(argv[4], NULL, 10);
+            nmk++;
+            argv += 5, argc -= 5;
         } else if (!strcmp(argv[0], "--close-fds")) {
             close_fds = 1;
+            argv++, argc--;
+        } else if (!strcmp(argv[0], "--ro-runtime")) {
+            ro_runtime = 1;
             argv++, argc--;
         } else {
             break;
         }
     }
     if (argc > 0 && !strcmp(argv[0], "--")) argv++, argc--;
-    if (argc < 1 || argv[0][0] != '/') {
+    if (argc < 1 || argv[0][0] != '/' || ((tmpfs || nmk || ro_runtime) && !target)) {
         fputs(SPAWN_USAGE, stderr);
         return 125;
     }
     if (parent > 0) {
-        if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) return spawn_fail("prctl(PR_SET_PDEATHSIG)");
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) return spawn_fail("prctl(PR_SET_PDEATHSIG)", NULL);
         if (getppid() != (pid_t)parent) { /* the parent died before the prctl: nobody to run for */
             fputs("agentkernel: oci: the parent process is gone\n", stderr);
             return 125;
         }
     }
     if (target) {
-        if (unshare(CLONE_NEWNS) != 0) return spawn_fail("unshare(CLONE_NEWNS)");
-        if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) != 0) return spawn_fail("making / a slave mount");
-        if (mount("overlay", target, "overlay", 0, opts) != 0) return spawn_fail("mounting the overlay root");
+        if (unshare(CLONE_NEWNS) != 0) return spawn_fail("unshare(CLONE_NEWNS)", NULL);
+        if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) != 0) return spawn_fail("making / a slave mount", NULL);
+        if (tmpfs && mount("tmpfs", tmpfs, "tmpfs", MS_NOSUID | MS_NODEV, tmpfs_opts) != 0)
+            return spawn_fail("mounting a tmpfs at", tmpfs);
+        for (int i = 0; i < nmk; i++)
+            if (mkdir_owned(mk[i], mk_mode[i], mk_uid[i], mk_gid[i]) != 0) return spawn_fail("creating", mk[i]);
+        if (mount("overlay", target, "overlay", 0, opts) != 0) return spawn_fail("mounting the overlay root", NULL);
+        if (ro_runtime) {
+            if (mount(argv[0], argv[0], NULL, MS_BIND, NULL) != 0 ||
+                mount(NULL, argv[0], NULL, MS_BIND | MS_REMOUNT | MS_RDONLY, NULL) != 0)
+                return spawn_fail("bind-mounting read-only", argv[0]);
+            if (setenv("_LIBCONTAINER_CLONED_BINARY", "1", 1) != 0) return spawn_fail("setenv", NULL);
+        }
     }
     if (close_fds) close_from(3);
     execv(argv[0], argv);
@@ -2325,7 +2371,8 @@ int main(int argc, char **argv) {
             "       ak-agent serve --device PATH | --vsock PORT\n"
             "       ak-agent vm-init --device PATH|name:PORT|--vsock PORT [--root DEV] [--fstype T] [--modules DIR] [--hostname H]\n"
             "       ak-agent exec [--status-file PATH] [--wait-file PATH] -- ARGV...\n"
-            "       ak-agent spawn-runtime [--pdeathsig PPID] [--overlay TARGET OPTIONS] [--close-fds] -- RUNTIME ARGS...\n"
+            "       ak-agent spawn-runtime [--pdeathsig PPID] [--overlay TARGET OPTIONS [--tmpfs TARGET OPTIONS]\n"
+            "                              [--mkdir PATH MODE UID GID]... [--ro-runtime]] [--close-fds] -- RUNTIME ARGS...\n"
             "       ak-agent --version\n");
     return 125;
 }

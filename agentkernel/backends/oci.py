@@ -112,15 +112,19 @@ class OCIBackend(AgentContainerBackend, OneShot):
             )
 
     # -- bundles --
-    def _prepare_bundle(self, spec, p, sandbox_id: str, *, named: bool) -> tuple[str, tuple | None]:
-        """Write the bundle for plan ``p``; returns (bundle dir, overlay spec or None)."""
+    def _prepare_bundle(self, spec, p, sandbox_id: str, *, named: bool
+                        ) -> tuple[str, tuple | None, rt.PrivateLayer | None]:
+        """Write the bundle for plan ``p``; returns (bundle dir, overlay spec or None, the writable layer
+        when ``rt.launch`` mounts it in the runtime's private namespace, else None). A named sandbox's
+        capped layer is a tmpfs on the host (it outlives a stop, for the next start); a one-shot's lives
+        only in the runtime's private namespace when the agent can mount it there (``spawn-runtime``)."""
         from ..oci import bundle, rootfs, seccomp_oci
 
         exe = rt.require_binary(self.runtime)
         rf = rootfs.resolve(spec.image)
         bdir = rt.bundle_dir(sandbox_id)
         os.makedirs(bdir, mode=0o700)
-        overlay = None
+        overlay = private = None
         mh = rt.memory_hierarchy()  # v1: the limit sits on the parent cgroup, the container's is above it
         slack = bundle.MEMORY_SLACK if mh and mh[1] == 1 else 0
         layer_cap = None
@@ -135,14 +139,25 @@ class OCIBackend(AgentContainerBackend, OneShot):
                 layer_cap = spec.resources.disk_mb
                 layer = os.path.join(bdir, "layer")
                 os.mkdir(layer, 0o700)
-                rt.mount_tmpfs(layer, f"size={layer_cap}m,mode=0755")
+                if not named and rt.spawn_helper() is not None:
+                    private = rt.PrivateLayer(layer, f"size={layer_cap}m,mode=0755")
+                else:
+                    rt.mount_tmpfs(layer, f"size={layer_cap}m,mode=0755")
                 upper, work = os.path.join(layer, "upper"), os.path.join(layer, "work")
             else:
                 upper, work = os.path.join(bdir, "upper"), os.path.join(bdir, "work")
             mnt = os.path.join(bdir, "rootfs")
-            for d in (upper, work, mnt):
-                os.mkdir(d, 0o755)
-            _make_workdir(upper, rf.path, p)
+            os.mkdir(mnt, 0o755)
+            wd = _workdir_to_make(upper, rf.path, p)
+            if private is not None:
+                private.mkdirs += [(upper, 0o755, 0, 0), (work, 0o755, 0, 0)] + ([wd] if wd else [])
+            else:
+                os.mkdir(upper, 0o755)
+                os.mkdir(work, 0o755)
+                if wd:
+                    path, mode, uid, gid = wd
+                    os.makedirs(path, mode=mode, exist_ok=True)
+                    os.chown(path, uid, gid)
             overlay = (rf.path, upper, work, mnt)
             root_path = mnt
         else:
@@ -183,7 +198,7 @@ class OCIBackend(AgentContainerBackend, OneShot):
             cfg["mounts"].append({"destination": "/etc/resolv.conf", "type": "bind", "source": resolv,
                                   "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]})
         rt.write_json(os.path.join(bdir, "config.json"), cfg)
-        return bdir, overlay
+        return bdir, overlay, private
 
     # -- one-shot, synchronous (the CLI's daemon-less path) --
     def run_oneshot(self, spec, argv: list[str], stdio, timeout: float | None, *, sandbox_id: str,
@@ -196,12 +211,13 @@ class OCIBackend(AgentContainerBackend, OneShot):
         watch = None
         proc = None
         pumps = None
+        private = None
         clean = False
         warm = self._cgroup_warmer(sandbox_id)
         try:
             net = _container.attach_network(spec, sandbox_id)
             p = _plan(spec, sandbox_id, owner, paths.agent_binary(), None, argv, net)
-            bdir, overlay = self._prepare_bundle(spec, p, sandbox_id, named=False)
+            bdir, overlay, private = self._prepare_bundle(spec, p, sandbox_id, named=False)
             watch = rt.MemoryWatch(sandbox_id, p.memory_bytes, watch=True)
             # The command gets our fds 0/1/2 as they are only when they are pipes or /dev/null; regular
             # files, terminals, sockets and devices go through pipes we pump (see _Pumps).
@@ -217,7 +233,7 @@ class OCIBackend(AgentContainerBackend, OneShot):
                 bdir,
                 sandbox_id,
             ]
-            argv, pre = rt.launch(cmd, overlay, pdeathsig=True)
+            argv, pre = rt.launch(cmd, overlay, pdeathsig=True, layer=private)
             try:
                 proc = rt.Proc(argv, stdin=stdin, stdout=stdout, stderr=stderr, preexec=pre)
             except OSError as exc:
@@ -244,7 +260,7 @@ class OCIBackend(AgentContainerBackend, OneShot):
                 pumps.close()
             if watch is not None:
                 watch.close()
-            self._cleanup_oneshot(sandbox_id, clean)
+            self._cleanup_oneshot(sandbox_id, clean, private is not None)
             if spec.policy.network:
                 _container.release_network(sandbox_id)
 
@@ -298,14 +314,14 @@ class OCIBackend(AgentContainerBackend, OneShot):
         finally:
             fwd.restore()
 
-    def _cleanup_oneshot(self, sandbox_id: str, clean: bool) -> None:
+    def _cleanup_oneshot(self, sandbox_id: str, clean: bool, private_layer: bool) -> None:
         """After a normal exit the runtime already deleted the container and its cgroup: only our own
         parts remain (parent cgroups, bundle). Anything unusual: the full clean-up."""
         if clean and not rt.state_entries(self.runtime, sandbox_id):
             rt.remove_parent_cgroups(sandbox_id)
             bdir = rt.bundle_dir(sandbox_id)
-            if os.path.isdir(os.path.join(bdir, "layer")):
-                rt.umount_all(bdir)  # the capped writable layer's tmpfs
+            if not private_layer and os.path.isdir(os.path.join(bdir, "layer")):
+                rt.umount_all(bdir)  # the capped writable layer's tmpfs (a private one went with the runtime)
             rt.rmtree(bdir)
             return
         rt.destroy(sandbox_id, self.runtime)
@@ -526,20 +542,19 @@ def _plan(spec, sandbox_id: str, owner: dict[str, Any], agent: str | None, run_d
                            agent_bin=agent, run_dir=run_dir, cwd=os.getcwd(), net=net)
 
 
-def _make_workdir(upper: str, lower: str, p) -> None:
+def _workdir_to_make(upper: str, lower: str, p) -> tuple[str, int, int, int] | None:
     """The working directory must exist; an image without it gets it in the sandbox's own layer, owned
-    by the sandbox user (like the engines' WORKDIR), unless a tmpfs or bind is mounted there."""
+    by the sandbox user (like the engines' WORKDIR), unless a tmpfs or bind is mounted there: (path in
+    ``upper``, mode, uid, gid) of the directory to make, or None."""
     from ..oci.bundle import root_has
 
     wd = p.workdir
     if wd == "/" or root_has(lower, wd, True):
-        return
+        return None
     if any(dst == wd for dst, _ in (p.tmpfs or ())) or any(dst == wd for _, dst, _ in (p.binds or ())):
-        return
-    path = os.path.join(upper, wd.strip("/"))
-    os.makedirs(path, mode=0o755, exist_ok=True)
+        return None
     uid, _, gid = p.user.partition(":")
-    os.chown(path, int(uid), int(gid or uid))
+    return os.path.join(upper, wd.strip("/")), 0o755, int(uid), int(gid or uid)
 
 
 def _tail(path: str, n: int = 600) -> str:

@@ -467,8 +467,8 @@ MS_REC = 0x4000
 MS_SLAVE = 1 << 19
 MS_RDONLY = 1
 PR_SET_PDEATHSIG = 1
-# In the agent's usage text: a build of ak-agent that has the ``spawn-runtime`` subcommand.
-SPAWN_MARK = b"ak-agent spawn-runtime ["
+# In the agent's usage text: a build of ak-agent whose ``spawn-runtime`` has every option used here.
+SPAWN_MARK = b"[--tmpfs TARGET OPTIONS] [--mkdir PATH MODE UID GID]... [--ro-runtime]]"
 _SPAWN_OK: dict[tuple, bool] = {}
 
 
@@ -507,11 +507,16 @@ def spawn_helper() -> str | None:
 
 
 def launch(cmd: list[str], overlay: tuple[str, str, str, str] | None, *, pdeathsig: bool,
-           close_fds: bool = False) -> tuple[list[str], Preexec | None]:
+           close_fds: bool = False, layer: PrivateLayer | None = None) -> tuple[list[str], Preexec | None]:
     """How to start the runtime command ``cmd``: (argv, preexec hook or None). ``overlay``: the sandbox's
     root, mounted in a private mount namespace made just for the runtime process (the container's own is
     a copy of it); ``pdeathsig``: the runtime is SIGKILLed when this process dies; ``close_fds``: fds >= 3
-    are closed before the runtime runs (for a caller that cannot close them itself, e.g. posix_spawn).
+    are closed before the runtime runs (for a caller that cannot close them itself, e.g. posix_spawn);
+    ``layer``: the overlay's writable layer is a tmpfs mounted in that namespace too (needs the agent).
+    crun (``cmd[0]`` named ``crun``) with an overlay: its binary is bind-mounted read-only onto itself in
+    that namespace with ``_LIBCONTAINER_CLONED_BINARY=1`` set, which crun's guard against a container
+    overwriting it through /proc/self/exe (CVE-2019-5736) accepts as its own read-only copy, so crun
+    skips making one (a temporary file, a bind mount and a second exec of itself, per start).
 
     With the agent built, ``ak-agent spawn-runtime`` does all of it and execs the runtime, so no Python
     code runs between fork and exec and ``subprocess`` can use vfork (a ``preexec_fn`` forces a full
@@ -521,17 +526,34 @@ def launch(cmd: list[str], overlay: tuple[str, str, str, str] | None, *, pdeaths
         return cmd, None
     helper = spawn_helper()
     if helper is None:
-        if close_fds:
-            raise ValueError("close_fds needs the agent's spawn-runtime")
+        if close_fds or layer is not None:
+            raise ValueError("close_fds and a private layer need the agent's spawn-runtime")
         return cmd, Preexec(overlay, pdeathsig=pdeathsig)
     argv = [helper, "spawn-runtime"]
     if pdeathsig:
         argv += ["--pdeathsig", str(os.getpid())]
     if overlay:
         argv += ["--overlay", *overlay_options(overlay)]
+        if layer is not None:
+            argv += ["--tmpfs", layer.path, layer.options]
+            for path, mode, uid, gid in layer.mkdirs:
+                argv += ["--mkdir", path, f"{mode:o}", str(uid), str(gid)]
+        if os.path.basename(cmd[0]) == "crun":
+            argv.append("--ro-runtime")
     if close_fds:
         argv.append("--close-fds")
     return [*argv, "--", *cmd], None
+
+
+class PrivateLayer:
+    """A sandbox's writable layer as a tmpfs that only the runtime's private mount namespace has (a
+    one-shot run: nothing outlives the container, nothing to unmount on the host, and no ctypes import
+    for the mount): mounted at ``path`` with ``options``, then ``mkdirs`` (path, mode, uid, gid) made
+    in it: the overlay's upper and work dirs, the working directory when the image lacks it."""
+
+    def __init__(self, path: str, options: str) -> None:
+        self.path, self.options = path, options
+        self.mkdirs: list[tuple[str, int, int, int]] = []
 
 
 class Preexec:
