@@ -8,10 +8,12 @@
  *   ak-agent serve [--wait-file PATH] --listen PATH [--ready-fd N] [--socket-mode OCTAL]
  *   ak-agent serve --stdio
  *   ak-agent exec -- ARGV...        tini-like init for one-shot runs
- *   ak-agent spawn-runtime [--pdeathsig PPID] [--overlay TARGET OPTIONS [--tmpfs ...] [--mkdir ...]]
- *                          [--close-fds] -- RUNTIME ARGS...
+ *   ak-agent spawn-runtime [--pdeathsig PPID] [--overlay TARGET OPTIONS [--tmpfs ...] [--mkdir ...]
+ *                          [--ro-runtime]] [--close-fds] -- RUNTIME ARGS...
  *                                   host side of the oci backend: an OCI runtime in a private mount
  *                                   namespace with the sandbox's overlay root (see spawn_runtime_main)
+ *   ak-agent watch-owner --fd N -- PROGRAM ARGS...
+ *                                   host side of agentkernel.deathwatch (see watch_owner_main)
  *   ak-agent --version
  */
 #define _GNU_SOURCE
@@ -2349,6 +2351,40 @@ static int spawn_runtime_main(int argc, char **argv) {
     return exec_errno_code(e);
 }
 
+/* ---- watch-owner: agentkernel.deathwatch's watcher (on the host, never inside a sandbox) ------------
+ *
+ *   ak-agent watch-owner --fd N -- PROGRAM ARGS...
+ * Blocks reading fd N, the read end of a pipe whose only write end the owner (a daemon-less CLI run)
+ * holds. One byte: the owner finished normally, exit 0. EOF: the owner died without saying so (e.g.
+ * SIGKILL): exec PROGRAM (agentkernel's reaper for the owner's sandbox). Every other fd >= 3 is closed
+ * first. A small static process instead of a fork() of the owning Python process, whose every page
+ * the owner would then copy on write while the watcher lives. */
+static int watch_owner_main(int argc, char **argv) {
+    int fd = -1;
+    if (argc >= 2 && !strcmp(argv[0], "--fd")) {
+        fd = atoi(argv[1]);
+        argv += 2, argc -= 2;
+    }
+    if (argc > 0 && !strcmp(argv[0], "--")) argv++, argc--;
+    if (fd < 0 || argc < 1 || argv[0][0] != '/') {
+        fputs("usage: ak-agent watch-owner --fd N -- PROGRAM ARGS...\n", stderr);
+        return 125;
+    }
+    if (fd != 3) {
+        if (dup2(fd, 3) < 0) return 125;
+        close(fd);
+    }
+    close_from(4);
+    char b;
+    ssize_t n;
+    do n = read(3, &b, 1);
+    while (n < 0 && errno == EINTR);
+    if (n == 1) return 0;
+    close(3);
+    execv(argv[0], argv);
+    return exec_errno_code(errno);
+}
+
 int main(int argc, char **argv) {
     if (argc >= 2 && (!strcmp(argv[1], "--version") || !strcmp(argv[1], "version"))) {
         printf("ak-agent %s (protocol %d)\n", AK_AGENT_VERSION, PROTO_VERSION);
@@ -2357,6 +2393,7 @@ int main(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "serve")) return serve_main(argc - 2, argv + 2);
     if (argc >= 2 && !strcmp(argv[1], "exec")) return exec_main(argc - 2, argv + 2);
     if (argc >= 2 && !strcmp(argv[1], "spawn-runtime")) return spawn_runtime_main(argc - 2, argv + 2);
+    if (argc >= 2 && !strcmp(argv[1], "watch-owner")) return watch_owner_main(argc - 2, argv + 2);
     if (argc >= 2 && !strcmp(argv[1], "vm-init")) {
         int rc = vminit_main(argc - 2, argv + 2);
         if (getpid() == 1) { /* PID 1 must not exit: the kernel would panic; power off instead */
@@ -2373,6 +2410,7 @@ int main(int argc, char **argv) {
             "       ak-agent exec [--status-file PATH] [--wait-file PATH] -- ARGV...\n"
             "       ak-agent spawn-runtime [--pdeathsig PPID] [--overlay TARGET OPTIONS [--tmpfs TARGET OPTIONS]\n"
             "                              [--mkdir PATH MODE UID GID]... [--ro-runtime]] [--close-fds] -- RUNTIME ARGS...\n"
+            "       ak-agent watch-owner --fd N -- PROGRAM ARGS...\n"
             "       ak-agent --version\n");
     return 125;
 }

@@ -30,9 +30,15 @@ class Proc:
 
     def __init__(
         self, argv: list[str], *, stdin: int | None, stdout: int | None, stderr: int | None, preexec=None,
-        cwd: str | None = None,
+        cwd: str | None = None, spawn: bool = False,
     ) -> None:
+        """``spawn``: ``argv[0]`` closes every inherited fd >= 3 itself (``ak-agent spawn-runtime
+        --close-fds``), so the child is started with ``posix_spawn`` (a vfork: nothing of this process
+        is copied) instead of fork + exec; no ``preexec``, no ``cwd`` then."""
         self.returncode: int | None = None
+        if spawn:
+            self._spawn(argv, stdin, stdout, stderr)
+            return
         r, w = os.pipe2(os.O_CLOEXEC)
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC) if stdin == -1 else -1
         pid = os.fork()
@@ -40,7 +46,10 @@ class Proc:
             try:
                 for target, fd in ((0, devnull if stdin == -1 else stdin), (1, stdout), (2, stderr)):
                     if fd is not None and fd >= 0:
-                        os.dup2(fd, target)  # dup2 clears O_CLOEXEC on the target
+                        if fd == target:  # dup2 of an fd onto itself would keep its O_CLOEXEC
+                            os.set_inheritable(fd, True)
+                        else:
+                            os.dup2(fd, target)  # dup2 clears O_CLOEXEC on the target
                 # like close_fds=True: nothing we or our caller hold reaches the runtime or the sandbox
                 os.closerange(3, w)
                 os.closerange(w + 1, 1 << 20)
@@ -72,6 +81,29 @@ class Proc:
             self.close()
             errno_ = int(data or b"2")
             raise OSError(errno_, f"cannot run {argv[0]}: {os.strerror(errno_)}")
+
+    def _spawn(self, argv: list[str], stdin: int | None, stdout: int | None, stderr: int | None) -> None:
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC) if stdin == -1 else -1
+        acts = []
+        for target, fd in ((0, devnull if stdin == -1 else stdin), (1, stdout), (2, stderr)):
+            if fd is not None and fd >= 0:
+                if fd == target:  # e.g. our /dev/null got fd 0 (it was closed): dup2 would keep O_CLOEXEC
+                    os.set_inheritable(fd, True)
+                else:
+                    acts.append((os.POSIX_SPAWN_DUP2, fd, target))  # dup2 clears O_CLOEXEC on the target
+        try:  # SIGPIPE, SIGXFSZ: Python ignores them; a child must not
+            self.pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=acts,
+                                      setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+        except OSError as exc:
+            err = exc.errno or 2
+            raise OSError(err, f"cannot run {argv[0]}: {os.strerror(err)}") from None
+        finally:
+            if devnull >= 0:
+                os.close(devnull)
+        try:
+            self.pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            self.pidfd = -1
 
     def poll(self) -> int | None:
         if self.returncode is None:

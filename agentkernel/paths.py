@@ -88,6 +88,32 @@ def prebuilt(name: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "_prebuilt", name)
 
 
+_AGENT_FILE: list = [None, b""]  # [(path, inode, size, mtime) of the agent read last, its content]
+
+
+def agent_with(marker: bytes) -> str | None:
+    """``agent_binary()`` when that build has a feature (its usage text ``marker`` is in the file: the
+    host-side subcommands ``spawn-runtime`` and ``watch-owner``), else None (no agent, disabled with
+    AGENTKERNEL_AGENT_BIN=none, or an older build). The file (~100 KB) is read once per binary version
+    (path, inode, size, mtime) in a process."""
+    agent = agent_binary()
+    if agent is None:
+        return None
+    try:
+        st = os.stat(agent)
+    except OSError:
+        return None
+    key = (agent, st.st_ino, st.st_size, st.st_mtime_ns)
+    if _AGENT_FILE[0] != key:
+        try:
+            with open(agent, "rb") as f:
+                _AGENT_FILE[1] = f.read()
+        except OSError:
+            return None
+        _AGENT_FILE[0] = key
+    return agent if marker in _AGENT_FILE[1] else None
+
+
 def agent_binary() -> str | None:
     """The static in-sandbox agent: $AGENTKERNEL_AGENT_BIN, else <repo>/build/ak-agent.
     AGENTKERNEL_AGENT_BIN=none runs without it (engine exec, no exact status file)."""

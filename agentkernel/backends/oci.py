@@ -233,9 +233,11 @@ class OCIBackend(AgentContainerBackend, OneShot):
                 bdir,
                 sandbox_id,
             ]
-            argv, pre = rt.launch(cmd, overlay, pdeathsig=True, layer=private)
+            # with the agent's spawn-runtime: posix_spawn (it closes the inherited fds), else fork + Preexec
+            spawn = rt.spawn_helper() is not None
+            argv, pre = rt.launch(cmd, overlay, pdeathsig=True, layer=private, close_fds=spawn)
             try:
-                proc = rt.Proc(argv, stdin=stdin, stdout=stdout, stderr=stderr, preexec=pre)
+                proc = rt.Proc(argv, stdin=stdin, stdout=stdout, stderr=stderr, preexec=pre, spawn=spawn)
             except OSError as exc:
                 raise SandboxError(f"{self.runtime} could not be started: {exc}") from None
             pumps.start()

@@ -469,7 +469,6 @@ MS_RDONLY = 1
 PR_SET_PDEATHSIG = 1
 # In the agent's usage text: a build of ak-agent whose ``spawn-runtime`` has every option used here.
 SPAWN_MARK = b"[--tmpfs TARGET OPTIONS] [--mkdir PATH MODE UID GID]... [--ro-runtime]]"
-_SPAWN_OK: dict[tuple, bool] = {}
 
 
 def overlay_options(overlay: tuple[str, str, str, str]) -> tuple[str, str]:
@@ -482,28 +481,10 @@ def overlay_options(overlay: tuple[str, str, str, str]) -> tuple[str, str]:
 
 
 def spawn_helper() -> str | None:
-    """The agent binary when it has ``spawn-runtime`` (``launch``), else None (not built, disabled with
-    AGENTKERNEL_AGENT_BIN=none, or an older build): checked once per binary version (path, inode, size,
-    mtime), by the subcommand's usage text in the file."""
+    """The agent binary when it has ``spawn-runtime`` with every option ``launch`` uses, else None."""
     from .. import paths
 
-    agent = paths.agent_binary()
-    if agent is None:
-        return None
-    try:
-        st = os.stat(agent)
-    except OSError:
-        return None
-    key = (agent, st.st_ino, st.st_size, st.st_mtime_ns)
-    ok = _SPAWN_OK.get(key)
-    if ok is None:
-        try:
-            with open(agent, "rb") as f:
-                ok = SPAWN_MARK in f.read()
-        except OSError:
-            ok = False
-        _SPAWN_OK[key] = ok
-    return agent if ok else None
+    return paths.agent_with(SPAWN_MARK)
 
 
 def launch(cmd: list[str], overlay: tuple[str, str, str, str] | None, *, pdeathsig: bool,
