@@ -74,17 +74,20 @@ def arm(backend: str, sandbox_id: str) -> None:
 
 def _spawn_watcher(agent: str, r: int, backend: str, sandbox_id: str) -> int | None:
     """``ak-agent watch-owner`` on the read end ``r``, in a session of its own with stdio on /dev/null;
-    on EOF it execs ``python -m agentkernel.deathwatch BACKEND ID`` with this process's sys.path."""
+    on EOF it execs a Python with this process's sys.path that calls ``_reap``. The resource is named in
+    its environment, not its command line (a process naming a sandbox counts as the sandbox's own:
+    ``oci.runtime.leftovers``)."""
     import _signal as signal  # not `signal`: it imports enum
     import sys
 
-    code = (f"import sys; sys.path[:0] = {[p for p in sys.path if p]!r}; "
-            "from agentkernel.deathwatch import _reap; _reap(sys.argv[1], sys.argv[2])")
-    argv = [agent, "watch-owner", "--fd", str(r), "--", sys.executable, "-I", "-S", "-c", code, backend, sandbox_id]
+    code = (f"import os, sys; sys.path[:0] = {[p for p in sys.path if p]!r}; "
+            "from agentkernel.deathwatch import _reap; _reap(*os.environ['AGENTKERNEL_DEATHWATCH'].split(':', 1))")
+    argv = [agent, "watch-owner", "--fd", str(r), "--", sys.executable, "-I", "-S", "-c", code]
+    env = dict(os.environ, AGENTKERNEL_DEATHWATCH=f"{backend}:{sandbox_id}")
     acts = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
     try:
         os.set_inheritable(r, True)  # the watcher closes every other fd itself
-        return os.posix_spawn(agent, argv, os.environ, file_actions=acts, setsid=True,
+        return os.posix_spawn(agent, argv, env, file_actions=acts, setsid=True,
                               setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
     except OSError:  # e.g. EAGAIN at a pids limit: the journal still lets the next command reap it
         return None
