@@ -414,27 +414,29 @@ class OCIBackend(AgentContainerBackend, OneShot):
 
     def _spawn_detached(self, sid: str, meta: dict[str, Any], runtime: str, exe: str, log_path: str) -> int:
         """``<runtime> run --detach`` of the bundle (its parent memory cgroup made first); its exit status."""
-        import subprocess
-
         bdir = rt.bundle_dir(sid)
         watch = rt.MemoryWatch(sid, meta.get("memory_bytes"), watch=False)
         watch.close()
         overlay = tuple(meta["overlay"]) if meta.get("overlay") else None
+        # with the agent's spawn-runtime: posix_spawn (a vfork: nothing of this process is copied; the
+        # helper closes the inherited fds), else fork + Preexec
+        spawn = rt.spawn_helper() is not None
         argv, pre = rt.launch(
             [*rt.base_cmd(runtime, exe, network=bool(meta.get("network"))), "run", "--detach", "--pid-file",
              os.path.join(bdir, "init.pid"), "--bundle", bdir, sid],
-            overlay, pdeathsig=False,
+            overlay, pdeathsig=False, close_fds=spawn,
         )
         with open(log_path, "ab") as log:
-            # --detach: the container's stdio must not be a pipe of ours (its init would hold it open).
-            # No preexec hook with the agent built (rt.launch): subprocess then uses vfork, not fork
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=pre)
-            rc = rt.wait_exit(proc, 120)
-            if rc is None:
-                proc.kill()
-                proc.wait()
-                return -1
-            return rc
+            # --detach: the container's stdio must not be a pipe of ours (its init would hold it open)
+            proc = rt.Proc(argv, stdin=-1, stdout=log.fileno(), stderr=log.fileno(), preexec=pre, spawn=spawn)
+        try:
+            return proc.wait(120)  # a pidfd wakes it the moment the runtime exits
+        except rt.WaitTimeout:
+            proc.kill()
+            proc.wait()
+            return -1
+        finally:
+            proc.close()
 
     def _stop_sync(self, sid: str, runtime: str, grace: float) -> None:
         import time

@@ -594,31 +594,6 @@ def run_cmd(runtime: str, *args: str, timeout: float = 60):
     )
 
 
-def wait_exit(proc, timeout: float) -> int | None:
-    """``proc.wait(timeout)`` (a ``subprocess.Popen``) woken by a pidfd the moment the process exits, or None
-    after ``timeout``: subprocess's own timed wait polls with sleeps that double up to 50 ms, which added
-    up to half of a ``<runtime> run --detach`` (~30 ms) to every pooled sandbox's start."""
-    import select
-
-    try:
-        fd = os.pidfd_open(proc.pid)
-    except OSError:  # no pidfd (old kernel): subprocess's way
-        import subprocess
-
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-    try:
-        p = select.poll()
-        p.register(fd, select.POLLIN)
-        if not p.poll(max(0, int(timeout * 1000))):
-            return None
-    finally:
-        os.close(fd)
-    return proc.wait()
-
-
 def state(runtime: str, sandbox_id: str) -> dict | None:
     """The runtime's state of the container (``status``: created/running/stopped/paused), or None."""
     if not os.path.exists(os.path.join(state_root(runtime), sandbox_id)) and runtime != "runsc":
