@@ -389,8 +389,8 @@ class OCIBackend(AgentContainerBackend, OneShot):
 
         log_path = os.path.join(rt.bundle_dir(sid), "console.log")
         # all of it off the event loop, in one trip to a worker thread: the runtime's state, the memory cgroup's
-        # mkdir (~6 ms on cgroup v1), the fork+preexec+exec (subprocess blocks until the child has exec'd:
-        # ~10-17 ms) and the meta write stalled every other client of a daemon
+        # mkdir (~6 ms on cgroup v1), the runtime's spawn and exit (~10-30 ms) and the meta write stalled every
+        # other client of a daemon
         rc = await asyncio.to_thread(self._start_sync, sid, meta, runtime, exe, log_path)
         if rc:
             msg = _tail(log_path)

@@ -3,16 +3,18 @@ clean-up that removes all of it from a sandbox id alone.
 
 Layout (``<rt>`` = ``paths.runtime_dir()``, e.g. /run/agentkernel):
 - ``<rt>/oci/bundles/<id>/``: ``config.json``, ``meta.json`` (runtime, image), ``rootfs/`` (the overlay
-  mount point: empty on the host), ``upper/`` + ``work/`` (the sandbox's writable layer),
-  ``runtime.pid`` (the foreground runtime process of a one-shot run), ``console.log``.
+  mount point: empty on the host), ``upper/`` + ``work/`` or ``layer/`` (the sandbox's writable layer; a
+  tmpfs of disk_mb), ``init.pid`` (the container's init), ``console.log`` (named sandboxes).
 - ``<rt>/oci/state/<runtime>/``: the runtime's own ``--root`` (only our containers are in it).
 - cgroups: ``agentkernel/<id>`` in every hierarchy (the memory limit and OOM watch sit here), the
   container itself in ``agentkernel/<id>/ctr``.
 
 The overlay root is mounted in a private mount namespace made just for the runtime process
-(``unshare(CLONE_NEWNS)`` + ``mount`` between fork and exec): the container's own mount namespace is a
-copy of it, so the overlay lives exactly as long as the container and never appears in the host's
-mount table; a killed CLI or runtime cannot leak it. Nothing here imports asyncio.
+(``unshare(CLONE_NEWNS)`` + ``mount``, then exec of the runtime: ``launch``, by ``ak-agent spawn-runtime``
+or else ``Preexec``): the container's own mount namespace is a copy of it, so the overlay lives exactly
+as long as the container and never appears in the host's mount table; a killed CLI or runtime cannot
+leak it. crun and runc containers are removed without exec'ing the runtime (``delete_container``,
+``destroy``). Nothing here imports asyncio.
 """
 
 from __future__ import annotations
