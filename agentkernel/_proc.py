@@ -1,5 +1,6 @@
 """A child process without ``subprocess``: fork+exec (or posix_spawn), a pidfd to wait on (timeouts
-without polling), exit codes as a shell reports them (128+N for signal N). Imports nothing beyond ``os`` and ``_signal``."""
+without polling), exit codes as a shell reports them (128+N for signal N). Imports nothing beyond ``os``
+and ``_signal``."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ class WaitTimeout(Exception):
 
 class Proc:
     """A child process started with fork+exec or posix_spawn directly (the one-shot paths: an OCI runtime,
-    the podman client; a pooled oci sandbox's runtime): ``subprocess`` costs ~3-5 ms of imports on the CLI's hot path, and its timed ``wait`` polls
-    with sleeps of up to 50 ms. Waits use a pidfd; the API mirrors ``subprocess.Popen``
+    the podman client; a pooled oci sandbox's runtime): ``subprocess`` costs ~3-5 ms of imports on the
+    CLI's hot path, and its timed ``wait`` polls with sleeps of up to 50 ms. Waits use a pidfd; the API mirrors ``subprocess.Popen``
     (wait/poll/send_signal/kill/returncode), except that ``wait(timeout)`` raises ``WaitTimeout``."""
 
     def __init__(
