@@ -26,8 +26,9 @@ class WaitTimeout(Exception):
 class Proc:
     """A child process started with fork+exec or posix_spawn directly (the one-shot paths: an OCI runtime,
     the podman client; a pooled oci sandbox's runtime): ``subprocess`` costs ~3-5 ms of imports on the
-    CLI's hot path, and its timed ``wait`` polls with sleeps of up to 50 ms. Waits use a pidfd; the API mirrors ``subprocess.Popen``
-    (wait/poll/send_signal/kill/returncode), except that ``wait(timeout)`` raises ``WaitTimeout``."""
+    CLI's hot path, and its timed ``wait`` polls with sleeps of up to 50 ms. Waits use a pidfd; the API
+    mirrors ``subprocess.Popen`` (wait/poll/send_signal/kill/returncode), except that ``wait(timeout)``
+    raises ``WaitTimeout``."""
 
     def __init__(
         self, argv: list[str], *, stdin: int | None, stdout: int | None, stderr: int | None, preexec=None,
