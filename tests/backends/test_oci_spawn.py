@@ -426,3 +426,16 @@ def test_watch_owner_runs_the_reaper_only_when_the_owner_dies_silently(tmp_path)
         else:
             fds = {p.rsplit("/", 1)[1] for p in out.split()}
             assert {"0", "1", "2"} <= fds and not fds & {"61", "62"}, fds
+
+
+def test_named_without_the_helper_uses_the_python_fallback(runtime, monkeypatch):
+    """An agent build without spawn-runtime (older, or AGENTKERNEL_AGENT_BIN pointing at one): the runtime
+    is started by fork + Preexec, with the same private overlay root."""
+    monkeypatch.setattr(rt, "spawn_helper", lambda: None)
+
+    async def go(b, ref, sid):
+        r = await b.exec(ref, ExecRequest(["sh", "-c", "grep ' / / ' /proc/self/mountinfo"]))
+        assert " - overlay overlay " in r.stdout.decode(), r.stdout
+        assert f"{rt.bundle_dir(sid)}/rootfs " not in _host_mounts()
+
+    _named(runtime, go, monkeypatch)
