@@ -406,7 +406,9 @@ def clear_cgroups(sandbox_id: str, timeout: float = 5.0) -> list[str]:
     import time
 
     pids, dirs = _scan_cgroups(sandbox_id)
-    if pids and not _kill_and_wait(pids, time.monotonic() + timeout):
+    # killed processes are gone in milliseconds; ones that are not within 1 s are frozen (a runtime killed
+    # mid-way through its own freeze-kill-thaw) or stuck: the slow path thaws and retries
+    if pids and not _kill_and_wait(pids, time.monotonic() + min(timeout, 1.0)):
         return _clear_slowly(sandbox_id, timeout)
     for d in reversed(dirs):
         try:
@@ -419,8 +421,22 @@ def clear_cgroups(sandbox_id: str, timeout: float = 5.0) -> list[str]:
 
 
 def _clear_slowly(sandbox_id: str, timeout: float) -> list[str]:
+    _thaw(sandbox_id)
     kill_cgroups(sandbox_id, timeout)
     return remove_cgroups(sandbox_id)
+
+
+def _thaw(sandbox_id: str) -> None:
+    """Thaw every frozen cgroup of the sandbox (v1 ``freezer.state``, v2 ``cgroup.freeze``): a frozen
+    process does not die of SIGKILL until thawed."""
+    for top in cgroup_dirs(sandbox_id):
+        for d, _, files in os.walk(top):
+            for name, value in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
+                if name in files:
+                    try:
+                        _write(os.path.join(d, name), value)
+                    except OSError:
+                        pass
 
 
 def remove_cgroups(sandbox_id: str, retries: int = 50) -> list[str]:

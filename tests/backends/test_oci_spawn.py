@@ -399,6 +399,29 @@ def test_clear_cgroups_falls_back_when_a_cgroup_is_still_busy(monkeypatch):
         rt.destroy(sid)
 
 
+def test_clear_cgroups_thaws_a_frozen_cgroup():
+    """A runtime killed mid-way through its freeze-kill-thaw leaves the container frozen: SIGKILL alone
+    never completes there; the removal thaws it and nothing is left."""
+    sid = _sid("cgfrozen")
+    procs = _cgroup_with_processes(sid, 2)
+    try:
+        frozen = [os.path.join(mnt, bundle.cgroup_rel(sid), "ctr") for mnt, kind, ctrls in rt.hierarchies()
+                  if kind == "cgroup" and "freezer" in ctrls]
+        if not frozen:
+            pytest.skip("no cgroup v1 freezer hierarchy on this host")
+        with open(os.path.join(frozen[0], "freezer.state"), "w") as f:
+            f.write("FROZEN")
+        assert rt.clear_cgroups(sid) == []
+        assert [p.wait(10) for p in procs] == [-signal.SIGKILL] * 2
+        assert not [d for d in rt.cgroup_dirs(sid) if os.path.exists(d)]
+    finally:
+        rt.clear_cgroups(sid)
+        for p in procs:
+            p.kill()
+            p.wait()
+        rt.destroy(sid)
+
+
 # ---- ak-agent watch-owner (agentkernel.deathwatch) ----------------------------------------------------
 
 
