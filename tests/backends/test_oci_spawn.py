@@ -18,50 +18,29 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 
 from agentkernel import owner, paths
 from agentkernel.backends.base import ExecRequest
-from agentkernel.backends.oci import OCIBackend, host_problems
-from agentkernel.errors import NotFound
-from agentkernel.oci import bundle, rootfs
+from agentkernel.backends.oci import OCIBackend
+from agentkernel.oci import bundle
 from agentkernel.oci import runtime as rt
 from agentkernel.spec import SandboxSpec
+from tests.backends.test_oci import (  # noqa: F401  (autouse fixtures: host and image ready, no bundle left)
+    IMAGE,
+    PREFIX,
+    REPO,
+    _sid,
+    assert_no_leftovers,
+    image_ready,
+    nothing_left_behind,
+)
 from tests.conftest import need, skip_unavailable
 
 pytestmark = [pytest.mark.engine("oci"), pytest.mark.timeout(120)]
 
-IMAGE = "agentkernel/busybox"
-PREFIX = f"akspawn{uuid.uuid4().hex[:5]}"
-RUNTIMES = [r for r in ("crun", "runc") if rt.binary(r)]
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def host_ready():
-    if not RUNTIMES:
-        skip_unavailable("oci", "neither crun nor runc is installed (bash scripts/setup.sh)")
-    problems = host_problems(RUNTIMES[0])
-    if problems:
-        skip_unavailable("oci", f"host not prepared: {problems[0][0]} ({problems[0][1]})")
-    try:
-        rootfs.resolve(IMAGE, quiet=True)
-    except NotFound as exc:
-        skip_unavailable("oci", f"{exc} ({exc.hint})")
-
-
-@pytest.fixture(autouse=True)
-def nothing_left_behind():
-    yield
-    try:
-        left = [n for n in os.listdir(rt.bundles_dir()) if n.startswith(PREFIX)]
-    except OSError:
-        left = []
-    for sid in left:
-        rt.destroy(sid)
-    assert not left, f"bundles left behind: {left}"
+RUNTIMES = [r for r in ("crun", "runc") if rt.binary(r)]  # runsc: its own kill + delete, unchanged
 
 
 @pytest.fixture(params=RUNTIMES)
@@ -73,10 +52,6 @@ def _helper() -> str:
     agent = rt.spawn_helper()
     need(agent is not None, "the agent with spawn-runtime is built (make -C agent)")
     return agent
-
-
-def _sid(tag: str) -> str:
-    return f"{PREFIX}-{tag}-{uuid.uuid4().hex[:6]}"
 
 
 def _spec(runtime: str, **kw) -> SandboxSpec:
@@ -103,13 +78,6 @@ def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return False
-
-
-def assert_no_leftovers(sid: str) -> None:
-    left = rt.leftovers(sid)
-    assert not any(left.values()), f"left behind by {sid}: {left}"
-    for r in RUNTIMES:
-        assert sid not in {c.get("id") for c in rt.list_containers(r)}, f"{r} list still has {sid}"
 
 
 # ---- ak-agent spawn-runtime ------------------------------------------------------------------------------
