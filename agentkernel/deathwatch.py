@@ -27,7 +27,10 @@ WATCH_MARK = b"ak-agent watch-owner --fd N -- PROGRAM ARGS..."  # in the agent's
 
 
 def arm(backend: str, sandbox_id: str) -> None:
-    """Start watching this process on behalf of the journalled resource ``backend:sandbox_id``."""
+    """Start watching this process on behalf of the journalled resource ``backend:sandbox_id`` (once: a
+    resource already watched keeps its watcher)."""
+    if (backend, sandbox_id) in _ARMED:
+        return
     from . import paths
 
     r, w = os.pipe2(os.O_CLOEXEC)

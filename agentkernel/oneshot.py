@@ -19,6 +19,7 @@ import os
 from . import audit, deathwatch, owner
 from .backends.base import OneShot
 from .errors import AgentKernelError
+from .vm import prelaunch
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -52,7 +53,9 @@ def run_outcome(backend: Backend, spec: SandboxSpec, argv: list[str], stdio: Std
     if not isinstance(backend, OneShot):
         return _run_async(backend, spec, argv, stdio, timeout)
     backend.check(spec)
-    sid = sandbox_id or owner.new_id("run")
+    # a VM the CLI started before it had resolved the spec (vm.prelaunch) is claimed and watched under its id
+    # already; the backend takes it only if it is exactly the sandbox this run would start
+    sid = sandbox_id or (prelaunch.pending_id(backend.name) if cli else None) or owner.new_id("run")
     me = own or owner.current_owner()
     with _Claim(backend, sid, me, keep_on_error=cli, sole=sandbox_id is None):
         outcome = backend.run_oneshot(spec, argv, stdio, timeout, sandbox_id=sid, owner=me)

@@ -43,6 +43,7 @@ import time
 
 from ..agent.transport import Transport
 from ..errors import BackendUnavailable, ConfigError, NotFound, PolicyNotEnforceable, SandboxError
+from ..vm import prelaunch
 from .base import (
     CONTROLS,
     LABEL_NAME,
@@ -403,31 +404,6 @@ async def _migrate_to_file(qmp: Any, path: str, *, ignore_shared: bool, poll_s: 
         await asyncio.sleep(poll_s)
 
 
-def _listeners(run_dir: str) -> tuple[list, tuple[int, int]]:
-    """The agent and QMP sockets of ``run_dir``, bound and listening *before* QEMU starts (QEMU inherits
-    them: ``-chardev socket,fd=N,server=on``). A connect then never races QEMU's bind-then-listen and
-    needs no polling for the path: it waits in the backlog until QEMU accepts. Returns the sockets (close
-    them once QEMU has been started) and their duplicates at fd >= 10 (never fd 3, the state stream)."""
-    import fcntl
-    import socket
-
-    socks, fds = [], []
-    try:
-        for name in ("agent.sock", "qmp.sock"):
-            sk = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            socks.append(sk)
-            sk.bind(os.path.join(run_dir, name))
-            sk.listen(16)
-            fds.append(fcntl.fcntl(sk.fileno(), fcntl.F_DUPFD_CLOEXEC, 10))
-    except BaseException:
-        for sk in socks:
-            sk.close()
-        for fd in fds:
-            os.close(fd)
-        raise
-    return socks, (fds[0], fds[1])
-
-
 def _can_raise_priority() -> bool:
     """Whether this process may lower a nice value again (CAP_SYS_NICE, bit 23 of CapEff)."""
     try:
@@ -563,15 +539,24 @@ class PortTransport(Transport):
 
     def connect_sync(self):
         """``connect`` without asyncio (the CLI's one-shot): a blocking socket, synced the same way."""
-        import socket
+        import _socket
 
         from ..agent import protocol as P
 
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             s.settimeout(self.timeout)
             s.connect(self.path)
             s.sendall(P.encode_hello())
+        except BaseException:
+            s.close()
+            raise
+        return self.synced(s)
+
+    def synced(self, s):
+        """``s``, connected to the port with our sync HELLO sent, once the agent's HELLO reply has been read
+        (everything before it is dropped); closed on failure."""
+        try:
             buf = b""
             deadline = time.monotonic() + self.timeout
             while not _hello_answered(buf):
@@ -599,42 +584,47 @@ class PortTransport(Transport):
 def _qmp_incoming_sync(path: str, *, shared_ram: bool, timeout: float) -> float:
     """``QemuBackend._restore`` without asyncio: QMP over a blocking socket (the socket listens already,
     so the connection waits in the backlog until QEMU is up). Returns when QEMU greeted (perf_counter)."""
-    import socket
+    import _socket
 
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         s.settimeout(timeout)
         s.connect(path)
-        f = s.makefile("rb")
-
-        def reply(name: str) -> None:
-            while True:
-                line = f.readline()
-                if not line:
-                    raise ConnectionResetError("QEMU closed the QMP connection")
-                msg = json.loads(line)
-                if "event" in msg:
-                    continue
-                if "error" in msg:
-                    raise SandboxError(f"QEMU {name}: {msg['error'].get('desc', msg['error'])}")
-                return
-
-        if "QMP" not in json.loads(f.readline() or b"{}"):
-            raise SandboxError("QEMU's QMP socket sent no greeting")
-        t_up = time.perf_counter()
-        cmds = [("qmp_capabilities", None)]
-        if shared_ram:
-            cmds.append(("migrate-set-capabilities",
-                         {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}))
-        cmds.append(("migrate-incoming", {"uri": "fd:3"}))
-        s.sendall(b"".join(json.dumps({"execute": n, **({"arguments": a} if a else {})}).encode() + b"\n"
-                           for n, a in cmds))
-        for name, _ in cmds:
-            reply(name)
-        f.close()
-        return t_up
+        s.sendall(prelaunch.qmp_incoming_commands(shared_ram))  # QMP reads them after its greeting
+        return _qmp_replies_sync(s, 3 if shared_ram else 2, timeout)
     finally:
         s.close()
+
+
+def _qmp_replies_sync(s, n: int, timeout: float) -> float:
+    """Read QEMU's greeting and the replies to the ``n`` commands written to the QMP socket ``s`` (events
+    are skipped); raises on an error reply. Returns when QEMU greeted (perf_counter)."""
+    s.settimeout(timeout)
+    buf = b""
+
+    def reply() -> dict:
+        nonlocal buf
+        while True:
+            line, sep, rest = buf.partition(b"\n")
+            if sep:
+                buf = rest
+                msg = json.loads(line)
+                if "event" not in msg:
+                    return msg
+                continue
+            data = s.recv(65536)
+            if not data:
+                raise ConnectionResetError("QEMU closed the QMP connection")
+            buf += data
+
+    if "QMP" not in reply():
+        raise SandboxError("QEMU's QMP socket sent no greeting")
+    t_up = time.perf_counter()
+    for _ in range(n):
+        msg = reply()
+        if "error" in msg:
+            raise SandboxError(f"QEMU could not restore the snapshot: {msg['error'].get('desc', msg['error'])}")
+    return t_up
 
 
 def kill_vm_sync(run_dir: str) -> None:
@@ -877,7 +867,7 @@ class QemuBackend(Backend, AgentAccess, OneShot):
         renice = member and _can_raise_priority()
         if member:  # QEMU's session (start_new_session) is its autogroup: the shell sets its nice value
             script = f"echo {REFILL_NICE} >/proc/self/autogroup 2>/dev/null; {script}"
-        socks, fds = _listeners(run_dir)
+        socks, fds = prelaunch.listeners(run_dir)
         try:
             proc = await asyncio.create_subprocess_exec(
                 "/bin/sh", "-c", script, os.path.join(run_dir, "qemu.log"),
@@ -1304,36 +1294,51 @@ class QemuBackend(Backend, AgentAccess, OneShot):
         """One command in a fresh VM (restored from the template, from ``restore=<id>``, or cold booted
         with ``snapshot=off``), re-seeded before the command, on one agent session; then the VM is killed
         and its run dir deleted, whatever happens. Only a template that does not exist yet is made the
-        asyncio way (once per image/spec)."""
+        asyncio way (once per image/spec). A VM the CLI started early for this sandbox id
+        (``vm.prelaunch``) is used only if it is exactly the one this would start; else it is removed."""
         from ..agent.sync_client import SyncAgentClient
         from ..vm import guestimage
 
-        plan = self._plan_sync(spec)
+        early = prelaunch.take(self.name, sandbox_id)
         run_dir = os.path.join(sandboxes_dir(), sandbox_id)
-        if len(os.path.join(run_dir, "agent.sock")) > 100:
-            raise SandboxError(f"run dir path too long for a unix socket: {run_dir}")
-        os.mkdir(run_dir, 0o700)
         try:
-            _write_json(os.path.join(run_dir, "meta.json"), {
-                "id": sandbox_id, "labels": owner_labels(sandbox_id, owner, spec.name), "state": "running",
-                "spec": spec.to_dict(), "template": plan.template_key, "created": time.time(), "env": plan.env})
-            disk = os.path.join(run_dir, "disk.qcow2")
+            plan = self._plan_sync(spec)
+            if len(os.path.join(run_dir, "agent.sock")) > 100:
+                raise SandboxError(f"run dir path too long for a unix socket: {run_dir}")
             tdir = None
             if self.restore_from is not None:
                 tdir = snapshot_dir(self.restore_from)
                 if not os.path.exists(os.path.join(tdir, "state")):
                     raise NotFound(f"no qemu memory snapshot {self.restore_from}")
-                _snapshot_overlay(tdir, run_dir)
             elif self.snapshot == "on":
                 tdir = os.path.join(templates_dir(), plan.template_key)
                 if not os.path.exists(os.path.join(tdir, "state")):
                     import asyncio
 
                     tdir = asyncio.run(self._template(plan))
-                _clone_overlay(tdir, disk)
-            else:
-                guestimage.overlay(plan.guest["rootfs"]["path"], disk)
-            client = SyncAgentClient(self._boot_sync(plan, run_dir, disk, tdir))
+            meta = {"id": sandbox_id, "labels": owner_labels(sandbox_id, owner, spec.name), "state": "running",
+                    "spec": spec.to_dict(), "template": plan.template_key, "created": time.time(), "env": plan.env}
+            sock = None
+            if early is not None and self._adoptable(early, plan, run_dir, tdir):
+                _write_json(os.path.join(run_dir, "meta.json"), meta)
+                sock = self._adopt(early)  # None: it failed to start; removed, and started again below
+            if early is not None and sock is None:
+                early.close()
+                kill_vm_sync(run_dir)
+                shutil.rmtree(run_dir, ignore_errors=True)
+                early = None
+            if sock is None:
+                os.mkdir(run_dir, 0o700)
+                _write_json(os.path.join(run_dir, "meta.json"), meta)
+                disk = os.path.join(run_dir, "disk.qcow2")
+                if self.restore_from is not None:
+                    _snapshot_overlay(tdir, run_dir)
+                elif tdir is not None:
+                    _clone_overlay(tdir, disk)
+                else:
+                    guestimage.overlay(plan.guest["rootfs"]["path"], disk)
+                sock = self._boot_sync(plan, run_dir, disk, tdir, remember=self.restore_from is None)
+            client = SyncAgentClient(sock)
             try:
                 if tdir is not None:  # a restored clone: fresh entropy and the real time first
                     client.reseed(os.urandom(256), time_ns=time.time_ns(), timeout=30.0)
@@ -1348,33 +1353,56 @@ class QemuBackend(Backend, AgentAccess, OneShot):
             note = error if error and code in (126, 127) else None
             return Outcome(code, signal=sig or None, timed_out=bool(timed_out), oom=bool(oom), note=note)
         finally:
+            if early is not None:
+                early.close()
             kill_vm_sync(run_dir)
             shutil.rmtree(run_dir, ignore_errors=True)
 
-    def _boot_sync(self, plan: GuestPlan, run_dir: str, disk: str, template: str | None):
-        """``_boot`` without asyncio; returns the agent's socket, synced (``PortTransport.connect_sync``)."""
-        import subprocess
+    @staticmethod
+    def _adoptable(early: prelaunch.Early, plan: GuestPlan, run_dir: str, tdir: str | None) -> bool:
+        """Whether the early VM is the template restore this run would start (``prelaunch.matches``)."""
+        if tdir is None or early.run_dir != run_dir or early.fds is None or not tdir.startswith(templates_dir()):
+            return False
+        ram = os.path.join(tdir, "ram")
+        argv = plan.argv(run_dir, os.path.join(run_dir, "disk.qcow2"), ram=ram if os.path.exists(ram) else None,
+                         incoming=True, listen_fds=early.fds)
+        return prelaunch.matches(early, argv, os.path.join(tdir, "state"))
 
+    @staticmethod
+    def _adopt(early: prelaunch.Early):
+        """The early VM's agent socket, synced, once its device state is loaded and its agent answered our
+        HELLO (both were sent when it was started); None if it failed to get there (the caller removes it
+        and starts one the ordinary way, which reports what goes wrong)."""
+        prelaunch.shell_result(*early.shell)
+        early.shell = None
+        shared_ram = any(a.startswith("memory-backend-file,") for a in early.argv)
+        try:
+            _qmp_replies_sync(early.qmp, 3 if shared_ram else 2, BOOT_TIMEOUT)
+            sock, early.agent = early.agent, None
+            return PortTransport(os.path.join(early.run_dir, "agent.sock"), timeout=BOOT_TIMEOUT).synced(sock)
+        except (OSError, TimeoutError, ValueError, SandboxError):
+            return None
+
+    def _boot_sync(self, plan: GuestPlan, run_dir: str, disk: str, template: str | None, *, remember: bool = False):
+        """``_boot`` without asyncio; returns the agent's socket, synced (``PortTransport.connect_sync``).
+        ``remember``: a template restore, recorded for the CLI's next identical run (``prelaunch.remember``)."""
         incoming = template is not None
-        ram = None
-        script = '"$@" </dev/null >>"$0" 2>&1 & echo $!'
+        ram = state = None
         if incoming:
             ram = os.path.join(template, "ram")
             if not os.path.exists(ram):
                 ram = None  # a snapshot of a running sandbox: its RAM is in the state stream
-            script = f'"$@" </dev/null >>"$0" 2>&1 3<{shlex.quote(os.path.join(template, "state"))} & echo $!'
-        socks, fds = _listeners(run_dir)
+            state = os.path.join(template, "state")
+        socks, fds = prelaunch.listeners(run_dir)
         try:
-            r = subprocess.run(["/bin/sh", "-c", script, os.path.join(run_dir, "qemu.log"),
-                                *plan.argv(run_dir, disk, ram=ram, incoming=incoming, listen_fds=fds)],
-                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               start_new_session=True, pass_fds=fds)
+            argv = plan.argv(run_dir, disk, ram=ram, incoming=incoming, listen_fds=fds)
+            shell = prelaunch.spawn(argv, run_dir, state, fds)
         finally:
             for sk in socks:
                 sk.close()
             for fd in fds:
                 os.close(fd)
-        qpid = int(r.stdout.strip() or 0)
+        qpid = prelaunch.shell_result(*shell)
 
         def died() -> SandboxError:
             return SandboxError("QEMU exited while starting: "
@@ -1390,6 +1418,9 @@ class QemuBackend(Backend, AgentAccess, OneShot):
                 if not _alive(qpid):
                     raise died() from None
                 raise SandboxError(f"QEMU's QMP did not answer: {exc}") from None
+            if remember:
+                prelaunch.remember(argv, run_dir, fds, state=state, overlay=os.path.join(template, "overlay.qcow2"),
+                                   shared_ram=ram is not None)
         while True:
             if not _alive(qpid):
                 raise died()

@@ -22,6 +22,22 @@ def _daemon_wanted(args) -> bool:
 
 
 def run(args, command: list[str]) -> int:
+    if args.keep or (_daemon_wanted(args) and os.path.exists(paths.daemon_socket())) or \
+            args.backend not in (None, "auto", "qemu"):
+        return _run(args, command)
+    # a daemon-less one-shot: an identical earlier qemu run's VM starts now, while this process resolves the
+    # spec (vm/prelaunch.py); the backend takes it only if it is exactly the sandbox this run would start
+    from .. import resolvedspec
+    from ..vm import prelaunch
+
+    prelaunch.begin(resolvedspec.key(args, command))
+    try:
+        return _run(args, command)
+    finally:
+        prelaunch.discard()  # not taken (another backend, a refused policy, an error): removed now
+
+
+def _run(args, command: list[str]) -> int:
     key = None
     if not args.keep and _daemon_wanted(args):
         # the warm path: the spec an identical earlier run resolved, while every input it read still holds

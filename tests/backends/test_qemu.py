@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from agentkernel import owner
+from agentkernel import deathwatch, owner
 from agentkernel.backends import get_backend
 from agentkernel.backends.base import ExecRequest
 from agentkernel.backends.qemu import QemuBackend, sandboxes_dir, vm_pid
@@ -385,6 +385,120 @@ def test_sigkill_of_the_owner_is_reaped_by_the_next_command(tmp_path):
     assert r.returncode == 0, r.stderr.decode()
     assert not any(os.path.exists(os.path.join(sandboxes_dir(), d)) for d in left)
     assert not any(vm_pid(os.path.join(sandboxes_dir(), d)) for d in left)
+
+
+def _early_vm(key: str) -> tuple[str, int] | None:
+    """``prelaunch.begin(key)``: the sandbox id and QEMU pid of the VM it started, or None (no record)."""
+    from agentkernel.vm import prelaunch
+
+    prelaunch.begin(key)
+    sid = prelaunch.pending_id("qemu")
+    if sid is None:
+        return None
+    pidfile = os.path.join(sandboxes_dir(), sid, "qemu.pid")
+    deadline = time.monotonic() + 10
+    while not os.path.exists(pidfile) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return sid, vm_pid(os.path.join(sandboxes_dir(), sid))
+
+
+def _oneshot_watching(backend, sid: str, argv: list[str], spec=SPEC) -> tuple[bytes, set]:
+    """``run_oneshot`` of ``argv`` as the CLI runs it, under ``sid``; returns its output and every QEMU pid
+    seen in the run dir while it ran."""
+    import threading
+
+    from agentkernel.termio import Stdio
+
+    run_dir = os.path.join(sandboxes_dir(), sid)
+    seen, done = set(), threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            pid = vm_pid(run_dir)
+            if pid:
+                seen.add(pid)
+            time.sleep(0.02)
+
+    r, w = os.pipe()
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        out = backend.run_oneshot(spec, argv, Stdio(stdin=0, stdout=w, stderr=2, forward_stdin=False), 60,
+                                  sandbox_id=sid, owner=owner.current_owner())
+    finally:
+        done.set()
+        t.join()
+        os.close(w)
+        owner.release("qemu", sid, (owner.current_owner(),))  # what the one-shot runner does around it
+        deathwatch.disarm("qemu", sid)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    assert out.exit_code == 0, out
+    return data, seen
+
+
+def test_cli_one_shot_takes_the_early_vm_only_when_it_is_the_same(backend):
+    """``vm.prelaunch``: a run whose key an earlier run recorded starts that launch before the spec is
+    resolved; the backend runs the command in it only if it is exactly the VM it would start (here: the
+    same pid ran the command), and otherwise kills it first and starts the right one (a record that
+    differs in memory size: the command sees the spec's memory); nothing is left either way."""
+    from agentkernel import resolvedspec
+    from agentkernel.vm import prelaunch
+
+    key = f"test-{os.urandom(8).hex()}"
+    argv = ["sh", "-c", "sleep 0.5; grep MemTotal /proc/meminfo"]
+    assert _early_vm(key) is None  # nothing recorded yet: the ordinary path, which records its launch
+    _, first = _oneshot_watching(backend, owner.new_id("run"), argv)
+    sid, early_pid = _early_vm(key)
+    assert early_pid and early_pid not in first
+    out, seen = _oneshot_watching(backend, sid, argv)
+    assert seen == {early_pid}, (seen, early_pid)  # the command ran in the early VM
+    assert prelaunch.pending_id("qemu") is None
+    mem_kb = int(out.split()[1])
+    # a record that no longer matches (another memory size): the early VM never runs anything
+    rkey = prelaunch._record_key(key)
+    rec = resolvedspec.load(rkey)
+    i = rec["argv"].index("-m")
+    mem = rec["argv"][i + 1]
+    rec["argv"] = [a.replace(f",size={mem},", ",size=200M,") for a in rec["argv"]]
+    rec["argv"][i + 1] = "200M"
+    assert resolvedspec.store(rkey, [], rec)
+    sid, wrong_pid = _early_vm(key)
+    out, seen = _oneshot_watching(backend, sid, argv)
+    assert len(seen - {wrong_pid}) == 1, (seen, wrong_pid)  # killed before the command, which ran in another
+    assert wrong_pid is None or owner.process_start_time(wrong_pid) is None
+    assert int(out.split()[1]) == mem_kb  # the spec's memory, not the stale record's
+    assert resolvedspec.load(rkey)["argv"][i + 1] == mem  # the launch that ran was recorded again
+    # a run that never reaches the backend: the early VM is removed and its claim released
+    sid, pid = _early_vm(key)
+    prelaunch.discard()
+    assert not os.path.exists(os.path.join(sandboxes_dir(), sid))
+    assert pid is None or owner.process_start_time(pid) is None
+    assert not any(e["id"] == sid for e in owner.entries())
+    prelaunch._KEY = None
+
+
+def test_sigkill_of_a_cli_whose_vm_started_early_is_reaped(tmp_path):
+    """The early VM is claimed and watched before it exists: a SIGKILLed CLI leaves nothing running."""
+    r = ak("run", "-B", "qemu", "--", "sh", "-c", "true", timeout=180)  # records the launch for this key
+    assert r.returncode == 0, r.stderr.decode()
+    before = set(_ours())
+    p = subprocess.Popen([sys.executable, "-m", "agentkernel", "run", "-B", "qemu", "--", "sh", "-c", "sleep 120"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (set(_ours()) - before) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        new = set(_ours()) - before
+        assert new, "the VM never started"
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    deadline = time.monotonic() + 60  # the death watch removes it at once
+    while any(os.path.exists(os.path.join(sandboxes_dir(), d)) for d in new) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(os.path.exists(os.path.join(sandboxes_dir(), d)) for d in new)
+    assert not [e for e in owner.entries() if e["id"] in new]
 
 
 @pytest.mark.timeout(900)  # a server start-up (orphan scan of every engine), four VMs, two snapshots
