@@ -44,6 +44,7 @@ import time
 from ..agent.transport import Transport
 from ..errors import BackendUnavailable, ConfigError, NotFound, PolicyNotEnforceable, SandboxError
 from ..vm import prelaunch
+from ..vm.prelaunch import kill_vm_sync, vm_pid
 from .base import (
     CONTROLS,
     LABEL_NAME,
@@ -152,15 +153,6 @@ def _write_json(path: str, data: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(data, f)
     os.replace(tmp, path)
-
-
-def vm_pid(run_dir: str) -> int | None:
-    """The live QEMU of this run dir: its pidfile, checked against the process's command line (a
-    recycled pid never gets killed)."""
-    from ..vm.pidfile import live_pid
-
-    marker = os.path.realpath(run_dir).encode()
-    return live_pid(os.path.join(run_dir, "qemu.pid"), lambda cmd: marker in cmd)
 
 
 async def kill_vm(run_dir: str, *, grace: float = 0.0) -> float:
@@ -625,22 +617,6 @@ def _qmp_replies_sync(s, n: int, timeout: float) -> float:
         if "error" in msg:
             raise SandboxError(f"QEMU could not restore the snapshot: {msg['error'].get('desc', msg['error'])}")
     return t_up
-
-
-def kill_vm_sync(run_dir: str) -> None:
-    """``kill_vm`` without asyncio: SIGKILL the run dir's QEMU and wait until it is gone."""
-    pid = vm_pid(run_dir)
-    if pid is None:
-        return
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 5.0
-    while vm_pid(run_dir) == pid:
-        if time.monotonic() > deadline:
-            raise SandboxError(f"QEMU pid {pid} did not exit")
-        time.sleep(0.002)
 
 
 def check_disk_size(spec, rootfs: str, backend: str) -> None:

@@ -31,8 +31,10 @@ other imports.
 from __future__ import annotations
 
 import os
+import time
 
 FORMAT = 1
+_SIGKILL = 9  # Linux; the signal module imports enum
 BACKEND = "qemu"
 _RUN, _ID, _AGENT_FD, _QMP_FD = "\0run\0", "\0id\0", "\0agent-fd\0", "\0qmp-fd\0"
 
@@ -142,6 +144,33 @@ def _concrete(argv: list[str], run_dir: str, fds: tuple[int, int]) -> list[str]:
     sid = os.path.basename(run_dir)
     return [a.replace(_RUN, run_dir).replace(_ID, sid).replace(_AGENT_FD, str(fds[0])).replace(_QMP_FD, str(fds[1]))
             for a in argv]
+
+
+def vm_pid(run_dir: str) -> int | None:
+    """The live QEMU of this run dir: its pidfile, checked against the process's command line (a
+    recycled pid never gets killed)."""
+    from .pidfile import live_pid
+
+    marker = os.path.realpath(run_dir).encode()
+    return live_pid(os.path.join(run_dir, "qemu.pid"), lambda cmd: marker in cmd)
+
+
+def kill_vm_sync(run_dir: str) -> None:
+    """SIGKILL the run dir's QEMU and wait until it is gone (``backends.qemu.kill_vm`` without asyncio)."""
+    pid = vm_pid(run_dir)
+    if pid is None:
+        return
+    try:
+        os.kill(pid, _SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 5.0
+    while vm_pid(run_dir) == pid:
+        if time.monotonic() > deadline:
+            from ..errors import SandboxError
+
+            raise SandboxError(f"QEMU pid {pid} did not exit")
+        time.sleep(0.002)
 
 
 def _record_key(key: str) -> str:
@@ -278,8 +307,6 @@ def discard() -> None:
     from .. import deathwatch, owner
 
     early.close()
-    from ..backends.qemu import kill_vm_sync
-
     try:
         kill_vm_sync(early.run_dir)
     finally:
