@@ -211,7 +211,8 @@ class GuestPlan:
         self.cmdline = " ".join([
             "console=ttyS0", "reboot=k", "panic=-1", "quiet", "loglevel=4", "i8042.nokbd", "i8042.noaux",
             "i8042.nopnp", "i8042.dumbkbd", "pci=off", "tsc_early_khz=2600000", "tsc=reliable",
-            "random.trust_cpu=on", "init_on_free=1", "rdinit=/init", "--", *init,
+            "random.trust_cpu=on", "init_on_free=1", "psi=0", "cgroup_disable=memory", "lsm=landlock,lockdown,yama",
+            "audit=0", "rdinit=/init", "--", *init,
         ])
         env = {}
         for kv in self.guest["rootfs"]["env"]:
