@@ -45,9 +45,8 @@ _PENDING: Early | None = None  # the VM begin() started, until taken or discarde
 def spawn_script(state: str | None) -> str:
     """The shell that starts QEMU in the background (not our child: no zombie, no event-loop ownership) and
     prints its pid; ``state``: a restore's device state, on QEMU's fd 3."""
-    import shlex
-
-    redirect = f" 3<{shlex.quote(state)}" if state else ""
+    # shlex.quote's result, without importing shlex (re, enum: ~7 ms before QEMU starts)
+    redirect = " 3<'{}'".format(state.replace("'", "'\"'\"'")) if state else ""
     return f'"$@" </dev/null >>"$0" 2>&1{redirect} & echo $!'
 
 
@@ -218,9 +217,26 @@ def begin(key: str) -> None:
         discard()
 
 
-def _launch(rec: dict) -> Early | None:
-    import shutil
+def _copy(src: str, dest: str) -> None:
+    """A new file ``dest`` (0600) with ``src``'s bytes (a ~200 KB pristine overlay): no ``shutil`` import
+    (fnmatch, re, enum, bz2, lzma: ~5 ms) before QEMU starts."""
+    fi = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fo = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            left = os.fstat(fi).st_size
+            while left > 0:
+                n = os.copy_file_range(fi, fo, left)
+                if n <= 0:
+                    raise OSError(f"short copy of {src}")
+                left -= n
+        finally:
+            os.close(fo)
+    finally:
+        os.close(fi)
 
+
+def _launch(rec: dict) -> Early | None:
     from .. import deathwatch, owner, paths
 
     state, overlay = rec["state"], rec["overlay"]
@@ -237,9 +253,7 @@ def _launch(rec: dict) -> Early | None:
     global _PENDING
     early = _PENDING = Early(sid, run_dir, rec["argv"], state)
     os.mkdir(run_dir, 0o700)
-    disk = os.path.join(run_dir, "disk.qcow2")
-    shutil.copyfile(overlay, disk)
-    os.chmod(disk, 0o600)
+    _copy(overlay, os.path.join(run_dir, "disk.qcow2"))
     socks, fds = listeners(run_dir)
     try:
         early.fds = fds
