@@ -523,10 +523,16 @@ def _unique(items: list[str]) -> list[str]:
 
 
 def _cli_argv() -> list[str]:
-    """The installed console script next to this interpreter (what a user runs), else ``python -m``."""
+    """The installed console script next to this interpreter (what a user runs); when that launcher runs
+    another checkout (a worktree sharing the virtualenv), its form (``python -S``, the same sys.path) for
+    this one, so that two checkouts are timed alike; else ``python -m``."""
     cand = os.path.join(os.path.dirname(sys.executable), "agentkernel")
-    if os.path.isfile(cand) and os.access(cand, os.X_OK) and _runs_this_checkout(cand):
-        return [cand]
+    if os.path.isfile(cand) and os.access(cand, os.X_OK):
+        if _runs_this_checkout(cand):
+            return [cand]
+        from .sustained import launcher_argv
+
+        return launcher_argv()
     found = shutil.which("agentkernel")
     if found and _runs_this_checkout(found):
         return [found]
