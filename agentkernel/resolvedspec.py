@@ -321,3 +321,13 @@ def store(k: str, checks: list, value) -> bool:
             pass
         return False
     return True
+
+
+def drop(k: str) -> None:
+    """Forget what is stored under ``k`` (errors ignored)."""
+    d = _dir(False)
+    if d is not None:
+        try:
+            os.unlink(_path(d, k))
+        except OSError:
+            pass

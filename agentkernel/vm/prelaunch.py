@@ -20,7 +20,8 @@ first, from what that run *launched*, and the CLI resolves the spec while QEMU s
   command go only to a VM that passed this check.
 - ``remember(record)``: after a restore, the backend records what it launched for the next identical run.
 - ``discard()``: a run that never reached the backend (another backend, a refused policy, an error) kills
-  the early VM, deletes its run dir and releases its claim (``commands/run.py``, in ``finally``).
+  the early VM, deletes its run dir, releases its claim and drops the record (``commands/run.py``, in
+  ``finally``): a key that now runs something else does not start a VM for nothing again.
 
 Only the guess is cached, never a decision: a stale record costs one wasted QEMU start. The record is a
 ``resolvedspec`` file (caller-owned, 0600, CRC-checked; ``store``/``load``) under a key derived from the
@@ -311,14 +312,19 @@ def remember(argv: list[str], run_dir: str, fds: tuple[int, int], *, state: str,
 
 
 def discard() -> None:
-    """Remove a VM ``begin`` started that no run took: kill it, delete its run dir, release its claim."""
+    """Remove a VM ``begin`` started that no run took: kill it, delete its run dir, release its claim, and
+    forget the record it came from (this key now runs something else: a config that names another backend,
+    say), so that the next run does not start it again."""
     global _PENDING
     early, _PENDING = _PENDING, None
     if early is None:
         return
     import shutil
 
-    from .. import deathwatch, owner
+    from .. import deathwatch, owner, resolvedspec
+
+    if _KEY is not None:
+        resolvedspec.drop(_record_key(_KEY))
 
     early.close()
     try:

@@ -474,6 +474,7 @@ def test_cli_one_shot_takes_the_early_vm_only_when_it_is_the_same(backend):
     prelaunch.discard()
     assert not os.path.exists(os.path.join(sandboxes_dir(), sid))
     assert pid is None or owner.process_start_time(pid) is None
+    assert _early_vm(key) is None  # that key's record is gone: the next run starts nothing early
     assert not any(e["id"] == sid for e in owner.entries())
     prelaunch._KEY = None
 
