@@ -13,6 +13,14 @@ def live_pid(pidfile: str, is_vm: Callable[[bytes], bool]) -> int | None:
     try:
         with open(pidfile) as f:
             pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    return live(pid, is_vm)
+
+
+def live(pid: int, is_vm: Callable[[bytes], bool]) -> int | None:
+    """``pid`` when that process is alive (not a zombie) and ``is_vm(its command line)``."""
+    try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmd = f.read()
         with open(f"/proc/{pid}/stat", "rb") as f:

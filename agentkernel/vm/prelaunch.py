@@ -146,18 +146,25 @@ def _concrete(argv: list[str], run_dir: str, fds: tuple[int, int]) -> list[str]:
             for a in argv]
 
 
-def vm_pid(run_dir: str) -> int | None:
-    """The live QEMU of this run dir: its pidfile, checked against the process's command line (a
+def vm_pid(run_dir: str, pid: int | None = None) -> int | None:
+    """The live QEMU of this run dir: its pidfile, or else ``pid`` (the one its starting shell printed: QEMU
+    writes its pidfile only once it is under way), each checked against the process's command line (a
     recycled pid never gets killed)."""
-    from .pidfile import live_pid
+    from .pidfile import live, live_pid
 
     marker = os.path.realpath(run_dir).encode()
-    return live_pid(os.path.join(run_dir, "qemu.pid"), lambda cmd: marker in cmd)
+
+    def is_vm(cmd: bytes) -> bool:
+        return marker in cmd
+
+    found = live_pid(os.path.join(run_dir, "qemu.pid"), is_vm)
+    return found if found is not None or not pid else live(pid, is_vm)
 
 
-def kill_vm_sync(run_dir: str) -> None:
-    """SIGKILL the run dir's QEMU and wait until it is gone (``backends.qemu.kill_vm`` without asyncio)."""
-    pid = vm_pid(run_dir)
+def kill_vm_sync(run_dir: str, pid: int | None = None) -> None:
+    """SIGKILL the run dir's QEMU (``vm_pid``) and wait until it is gone (``backends.qemu.kill_vm`` without
+    asyncio)."""
+    pid = vm_pid(run_dir, pid)
     if pid is None:
         return
     try:
@@ -165,7 +172,7 @@ def kill_vm_sync(run_dir: str) -> None:
     except ProcessLookupError:
         return
     deadline = time.monotonic() + 5.0
-    while vm_pid(run_dir) == pid:
+    while vm_pid(run_dir, pid) == pid:
         if time.monotonic() > deadline:
             from ..errors import SandboxError
 
@@ -183,23 +190,35 @@ class Early:
     """A VM ``begin`` started: its sandbox id and run dir, the shell that started it, the QMP and agent
     connections with their requests written, the record it was started from."""
 
-    __slots__ = ("agent", "argv", "fds", "qmp", "run_dir", "shell", "sid", "state")
+    __slots__ = ("agent", "argv", "fds", "qmp", "qpid", "run_dir", "shell", "sid", "state")
 
     def __init__(self, sid: str, run_dir: str, argv: list[str], state: str) -> None:
         self.sid, self.run_dir, self.argv, self.state = sid, run_dir, argv, state
         self.shell: tuple[int, int] | None = None
+        self.qpid: int | None = None
         self.fds: tuple[int, int] | None = None
         self.qmp = self.agent = None
 
+    def qemu_pid(self) -> int | None:
+        """QEMU's pid as its starting shell printed it (the shell is reaped the first time)."""
+        if self.shell is not None:
+            shell, self.shell = self.shell, None
+            self.qpid = shell_result(*shell) or None
+        return self.qpid
+
     def close(self) -> None:
-        """Drop the connections and reap the starting shell (the VM itself is the run dir's: ``kill_vm``)."""
+        """Drop the connections and reap the starting shell (the VM itself: ``kill``)."""
         for s in (self.qmp, self.agent):
             if s is not None:
                 s.close()
         self.qmp = self.agent = None
-        if self.shell is not None:
-            shell, self.shell = self.shell, None
-            shell_result(*shell)
+        self.qemu_pid()
+
+    def kill(self) -> None:
+        """``close``, then kill the VM, also one that has not written its pidfile yet, and wait until it is
+        gone."""
+        self.close()
+        kill_vm_sync(self.run_dir, self.qpid)
 
 
 def begin(key: str) -> None:
@@ -326,9 +345,8 @@ def discard() -> None:
     if _KEY is not None:
         resolvedspec.drop(_record_key(_KEY))
 
-    early.close()
     try:
-        kill_vm_sync(early.run_dir)
+        early.kill()
     finally:
         shutil.rmtree(early.run_dir, ignore_errors=True)
         owner.release(BACKEND, early.sid, (owner.current_owner(),))

@@ -399,7 +399,18 @@ def _early_vm(key: str) -> tuple[str, int] | None:
     deadline = time.monotonic() + 10
     while not os.path.exists(pidfile) and time.monotonic() < deadline:
         time.sleep(0.01)
-    return sid, vm_pid(os.path.join(sandboxes_dir(), sid))
+    pid = vm_pid(os.path.join(sandboxes_dir(), sid))
+    return sid, pid and (pid, owner.process_start_time(pid))
+
+
+def _gone(pid_start: tuple[int, int] | None, within: float = 5.0) -> bool:
+    """Whether the process (pid, start time) has exited (a SIGKILLed QEMU takes a moment to free its RAM)."""
+    deadline = time.monotonic() + within
+    while pid_start is not None and owner.process_start_time(pid_start[0]) == pid_start[1]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def _oneshot_watching(backend, sid: str, argv: list[str], spec=SPEC) -> tuple[bytes, set]:
@@ -449,8 +460,8 @@ def test_cli_one_shot_takes_the_early_vm_only_when_it_is_the_same(backend):
     argv = ["sh", "-c", "sleep 0.5; grep MemTotal /proc/meminfo"]
     assert _early_vm(key) is None  # nothing recorded yet: the ordinary path, which records its launch
     _, first = _oneshot_watching(backend, owner.new_id("run"), argv)
-    sid, early_pid = _early_vm(key)
-    assert early_pid and early_pid not in first
+    sid, (early_pid, _) = _early_vm(key)
+    assert early_pid not in first
     out, seen = _oneshot_watching(backend, sid, argv)
     assert seen == {early_pid}, (seen, early_pid)  # the command ran in the early VM
     assert prelaunch.pending_id("qemu") is None
@@ -463,18 +474,25 @@ def test_cli_one_shot_takes_the_early_vm_only_when_it_is_the_same(backend):
     rec["argv"] = [a.replace(f",size={mem},", ",size=200M,") for a in rec["argv"]]
     rec["argv"][i + 1] = "200M"
     assert resolvedspec.store(rkey, [], rec)
-    sid, wrong_pid = _early_vm(key)
+    sid, wrong = _early_vm(key)
     out, seen = _oneshot_watching(backend, sid, argv)
-    assert len(seen - {wrong_pid}) == 1, (seen, wrong_pid)  # killed before the command, which ran in another
-    assert wrong_pid is None or owner.process_start_time(wrong_pid) is None
+    assert wrong is None or len(seen - {wrong[0]}) == 1, (seen, wrong)  # killed before the command ran, in another
+    assert _gone(wrong)
     assert int(out.split()[1]) == mem_kb  # the spec's memory, not the stale record's
     assert resolvedspec.load(rkey)["argv"][i + 1] == mem  # the launch that ran was recorded again
     # a run that never reaches the backend: the early VM is removed and its claim released
+    good = resolvedspec.load(rkey)
     sid, pid = _early_vm(key)
     prelaunch.discard()
     assert not os.path.exists(os.path.join(sandboxes_dir(), sid))
-    assert pid is None or owner.process_start_time(pid) is None
+    assert _gone(pid)
     assert _early_vm(key) is None  # that key's record is gone: the next run starts nothing early
+    # removed at once, before QEMU has written its pidfile: killed all the same (the pid its shell printed)
+    assert resolvedspec.store(rkey, [], good)
+    prelaunch.begin(key)
+    sid = prelaunch.pending_id("qemu")
+    prelaunch.discard()
+    assert not [p for p in _qemu_pids() if vm_pid(os.path.join(sandboxes_dir(), sid), p)]
     assert not any(e["id"] == sid for e in owner.entries())
     prelaunch._KEY = None
 
