@@ -285,14 +285,14 @@ def _launch(rec: dict) -> Early | None:
             os.close(fd)
     import _socket
 
-    from ..agent import protocol as P
+    from ..agent.wire import encode_hello
 
     early.qmp = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     early.qmp.connect(os.path.join(run_dir, "qmp.sock"))
     early.qmp.sendall(qmp_incoming_commands(bool(rec.get("shared_ram"))))
     early.agent = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     early.agent.connect(os.path.join(run_dir, "agent.sock"))
-    early.agent.sendall(P.encode_hello())
+    early.agent.sendall(encode_hello())
     return early
 
 
