@@ -271,9 +271,10 @@ def _goals(d: _Doc) -> list[str]:
                  verdict(None if wa is None or wcv is None or cc_n != 100 else
                          (wa < 0.001 and wcv < 30 and (tp.get("runs_per_s") or 0) >= 3333))])
     q = d.unavailable("qemu")
+    qw, qs = d.p50("headline/qemu/warm"), d.p50("headline/qemu/snapshot")
     rows.append(["qemu microVM: warm-pool run ≤ 50 ms; snapshot restore ≤ 200 ms",
                  q or f"{d.cell('headline/qemu/warm')}; {d.cell('headline/qemu/snapshot')}",
-                 "\u2013" if q else verdict(None)])
+                 "\u2013" if q else verdict(None if qw is None or qs is None else (qw <= 50 and qs <= 200))])
     tc, tr = d.get("throughput/podman/runs_cold"), d.get("throughput/podman/runs_raw_podman")
     if tc and tr and tc["available"] and tr["available"]:
         wc_, wr_ = tc["extra"].get("wall_ms"), tr["extra"].get("wall_ms")

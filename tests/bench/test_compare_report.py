@@ -49,3 +49,30 @@ def test_report_formats():
     assert report.fmt_ms(1234) == "1,234 ms"
     assert report.fmt_ms(12345) == "12.3 s"
     assert report.fmt_ratio(0.25) == "0.25x (4.0x faster)"
+
+
+def _qemu_doc(warm_ms: float, snapshot_ms: float) -> dict:
+    from agentkernel.bench import schema
+    from agentkernel.bench.harness import BenchConfig, BenchContext, Sample
+
+    ctx = BenchContext(BenchConfig(backends=["qemu"], suites=["headline"], iterations=3, warmup=1, quick=True,
+                                   progress=False))
+    try:
+        ctx._doctor = {}
+        ctx.doc["backends"] = {"qemu": {"available": True, "reason": "qemu 7.2", "isolation": "microVM",
+                                        "image": "agentkernel/busybox"}}
+        for name, ms in (("warm", warm_ms), ("snapshot", snapshot_ms)):
+            ctx.add_measurement(suite="headline", backend="qemu", name=name, label=f"agentkernel run ({name})",
+                                mode=name, samples=[Sample(True, ms * f) for f in (0.9, 1.0, 1.1)])
+        ctx.doc["duration_s"] = 1.0
+        return schema.finalize(ctx.doc)
+    finally:
+        ctx.close()
+
+
+@pytest.mark.parametrize(("warm", "snapshot", "verdict"),
+                         [(25.0, 141.0, "**pass**"), (25.0, 217.0, "**miss**"), (60.0, 150.0, "**miss**")])
+def test_qemu_goal_row_has_a_verdict(warm, snapshot, verdict):
+    md = report.render(_qemu_doc(warm, snapshot), {})
+    row = next(line for line in md.splitlines() if line.startswith("| qemu microVM: warm-pool run"))
+    assert row.rstrip().endswith(f"| {verdict} |"), row
