@@ -72,10 +72,46 @@ def hardened_podman(ctx: BenchContext, backend: str = "podman") -> list[str]:
     return ["podman", "run", "--rm", *flags, image, *cmd]
 
 
+def docker_flags(podman_flags: list[str], image_mb: int | None) -> list[str]:
+    """Our podman-style hardening flags as the docker CLI takes them: no ``--read-only-tmpfs`` (podman
+    only), and the disk cap podman applies with its prestart hook (``--hooks-dir`` + the cap annotation)
+    given as docker's own ``--storage-opt size=`` of the cap plus the image (as the docker backend does)."""
+    from ...diskquota import HOOK_ANNOTATION
+
+    out: list[str] = []
+    it = iter(podman_flags)
+    for f in it:
+        if f.startswith("--read-only-tmpfs"):
+            continue
+        if f == "--hooks-dir":
+            next(it, None)
+            continue
+        if f == "--annotation":
+            val = next(it, "")
+            key, _, mb = val.partition("=")
+            if key == HOOK_ANNOTATION:
+                out += ["--storage-opt", f"size={int(mb) + (image_mb or 0) + 1}M"]
+            else:
+                out += [f, val]
+            continue
+        out.append(f)
+    return out
+
+
+def _docker_image_mb(image: str) -> int | None:
+    import subprocess
+
+    try:
+        r = subprocess.run(["docker", "image", "inspect", "-f", "{{.Size}}", image], capture_output=True, text=True,
+                           timeout=30)
+        return int(r.stdout.strip()) >> 20 if r.returncode == 0 else None
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+
+
 def hardened_docker(ctx: BenchContext) -> list[str]:
     flags, image, cmd = _plan_args(ctx, "docker")
-    flags = [f for f in flags if not f.startswith("--read-only-tmpfs")]  # podman-only flag
-    return ["docker", "run", "--rm", *flags, image, *cmd]
+    return ["docker", "run", "--rm", *docker_flags(flags, _docker_image_mb(image)), image, *cmd]
 
 
 def _which(name: str) -> str | None:
