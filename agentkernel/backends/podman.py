@@ -306,18 +306,10 @@ def _engine_calls_naming(binary: str, name: str) -> list[int]:
     """Live ``podman ... --name NAME ...`` clients (a create or run of container ``name``), any parent."""
     want = f"\0--name\0{name}\0".encode()
     exe = os.path.basename(binary).encode()
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if want in cmd and os.path.basename(cmd.split(b"\0", 1)[0]) == exe and _running(int(entry)):
-            out.append(int(entry))
-    return out
+    from .._proc import cmdlines
+
+    return [pid for pid, cmd in cmdlines()
+            if want in cmd and os.path.basename(cmd.split(b"\0", 1)[0]) == exe and _running(pid)]
 
 
 def _running(pid: int) -> bool:

@@ -477,12 +477,7 @@ async def _reseed_port(path: str, entropy: bytes = b"", timeout: float = 10.0) -
         deadline = time.monotonic() + timeout
         buf, dec = b"", None
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("the guest agent did not answer RESEED")
-            data = await asyncio.wait_for(reader.read(65536), left)
-            if not data:
-                raise ConnectionResetError("QEMU closed the agent port connection")
+            data = await _read_port(reader, deadline, "RESEED")
             if dec is None:  # everything up to the HELLO reply is an earlier session's (PortTransport.connect)
                 buf = buf[-(1 << 16):] + data
                 end = _hello_end(buf)
@@ -496,6 +491,20 @@ async def _reseed_port(path: str, entropy: bytes = b"", timeout: float = 10.0) -
                     raise P.decode_error(payload)
     finally:
         writer.close()
+
+
+async def _read_port(reader, deadline: float, request: str) -> bytes:
+    """The next bytes from the agent's port before ``deadline`` (monotonic), else TimeoutError naming the
+    unanswered ``request``; ConnectionResetError when QEMU closed the port."""
+    import asyncio
+
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError(f"the guest agent did not answer {request}")
+    data = await asyncio.wait_for(reader.read(65536), left)
+    if not data:
+        raise ConnectionResetError("QEMU closed the agent port connection")
+    return data
 
 
 class PortTransport(Transport):
@@ -519,13 +528,7 @@ class PortTransport(Transport):
             buf = b""
             deadline = time.monotonic() + self.timeout
             while not _hello_answered(buf):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("the guest agent did not answer HELLO")
-                data = await asyncio.wait_for(reader.read(65536), left)
-                if not data:
-                    raise ConnectionResetError("QEMU closed the agent port connection")
-                buf = buf[-(1 << 16):] + data
+                buf = buf[-(1 << 16):] + await _read_port(reader, deadline, "HELLO")
         except BaseException:
             writer.close()
             raise

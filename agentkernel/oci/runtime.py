@@ -776,16 +776,8 @@ def leftovers(sandbox_id: str) -> dict[str, list[str]]:
 
 def processes_naming(sandbox_id: str) -> set[int]:
     """Host processes whose command line names the sandbox (a runtime, runsc's gofer/sandbox, ...)."""
+    from .._proc import cmdlines
+
     me = os.getpid()
-    out: set[int] = set()
     needle = sandbox_id.encode()
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                if needle in f.read():
-                    out.add(int(name))
-        except OSError:
-            continue
-    return out
+    return {pid for pid, cmd in cmdlines() if pid != me and needle in cmd}
