@@ -10,6 +10,8 @@ import tempfile
 
 import pytest
 
+pytest_plugins = ["tests._gcguard"]
+
 _SESSION_DIR = tempfile.mkdtemp(prefix="ak-test-")
 os.environ.setdefault("AGENTKERNEL_HOME", os.path.join(_SESSION_DIR, "home"))
 os.environ.setdefault("AGENTKERNEL_RUNTIME_DIR", os.path.join(_SESSION_DIR, "run"))
