@@ -264,7 +264,7 @@ class AgentContainerBackend(Backend, AgentAccess):
 
             try:
                 return await exec_via_agent(client, ref.spec, req, ref.handle.get("env"), on_start=on_start)
-            except AgentConnectionLost:
+            except AgentConnectionLost as lost:
                 if shared:
                     self._conns.drop(ref.id, client)
                     if attempt == 0 and not started:
@@ -272,7 +272,7 @@ class AgentContainerBackend(Backend, AgentAccess):
                 state, details = await self._engine_state(ref.handle["container"])
                 raise SandboxError(
                     f"sandbox {ref.spec.name or ref.id} died while the command ran (state: {state}"
-                    + (", killed by the OOM killer" if details.get("oom_killed") else "") + ")"
+                    + (", killed by the OOM killer" if details.get("oom_killed") else "") + f"; {lost})"
                 ) from None
             finally:
                 if not shared:
