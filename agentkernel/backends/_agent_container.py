@@ -270,9 +270,16 @@ class AgentContainerBackend(Backend, AgentAccess):
                     if attempt == 0 and not started:
                         continue
                 state, details = await self._engine_state(ref.handle["container"])
+                why = [f"state: {state}"]
+                if details.get("oom_killed"):
+                    why.append("killed by the OOM killer")
+                if state == "stopped" and details.get("exit_code") is not None:
+                    why.append(f"its init exited with {details['exit_code']}")
+                if details.get("log"):
+                    why.append(f"its last output: {details['log']}")
+                why.append(str(lost))
                 raise SandboxError(
-                    f"sandbox {ref.spec.name or ref.id} died while the command ran (state: {state}"
-                    + (", killed by the OOM killer" if details.get("oom_killed") else "") + f"; {lost})"
+                    f"sandbox {ref.spec.name or ref.id} died while the command ran ({'; '.join(why)})"
                 ) from None
             finally:
                 if not shared:

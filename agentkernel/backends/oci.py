@@ -473,13 +473,13 @@ class OCIBackend(AgentContainerBackend, OneShot):
         st = rt.state(meta.get("runtime") or self.runtime, sid)
         details = {"oom_killed": rt.container_oom_kills(sid) > 0}
         if st is None:
-            return ("stopped" if meta.get("started") else "created"), details
+            return ("stopped", _stopped_details(sid, details)) if meta.get("started") else ("created", details)
         status = st.get("status", "")
         if status in ("running", "paused"):
             return "running", details
         if status == "created":
             return "created", details
-        return "stopped", details
+        return "stopped", _stopped_details(sid, details)
 
     async def _engine_state(self, name: str) -> tuple[str, dict[str, Any]]:
         import asyncio
@@ -559,6 +559,14 @@ def _workdir_to_make(upper: str, lower: str, p) -> tuple[str, int, int, int] | N
         return None
     uid, _, gid = p.user.partition(":")
     return os.path.join(upper, wd.strip("/")), 0o755, int(uid), int(gid or uid)
+
+
+def _stopped_details(sid: str, details: dict[str, Any]) -> dict[str, Any]:
+    """``details`` plus the last line the container printed (the agent's own messages: why it exited)."""
+    last = _tail(os.path.join(rt.bundle_dir(sid), "console.log"))
+    if last != "no output":
+        details["log"] = last
+    return details
 
 
 def _tail(path: str, n: int = 600) -> str:
