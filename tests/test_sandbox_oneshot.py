@@ -165,6 +165,16 @@ def test_run_streams_output_and_truncates_at_the_limit(backend):
         assert b"".join(d for fd, d in seen if fd == 2) == b"b\n"
         r = await Sandbox.run(["sh", "-c", "head -c 300000 /dev/zero"], backend=backend)
         assert len(r.stdout) == 300000 and not r.truncated  # more than a pipe buffer: read while it runs
+        spec = await asyncio.to_thread(Sandbox._resolve, {"backend": backend}, None, ["sh"])
+        from agentkernel.backends.base import ExecRequest
+
+        mgr = SandboxManager()
+        try:
+            r = await mgr.run(spec, ExecRequest(["sh", "-c", "head -c 300000 /dev/zero; echo done >&2"],
+                                                output_limit=1000))
+        finally:
+            await mgr.aclose()
+        assert r.exit_code == 0 and r.truncated and len(r.stdout) <= 1000 and r.stdout.strip(b"\0") == b""
 
     asyncio.run(go())
 
@@ -223,3 +233,40 @@ def test_a_loop_closed_under_a_pending_run_leaks_no_sandbox():
     assert len(os.listdir("/proc/self/fd")) == fds  # the run's pipes are closed too
     assert _my_claims("oci") == []
     assert asyncio.run(_managed_ids("oci")) - before == set()
+
+
+async def _ids_of_pid(backend: str, pid: int) -> set[str]:
+    b = get_backend(backend)
+    try:
+        return {i.id for i in await b.list() if i.labels.get("agentkernel.owner.pid") == str(pid)}
+    finally:
+        await b.aclose()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_killed_embedding_process_is_reaped_from_the_journal(backend):
+    """Owner-death reaping: a process SIGKILLed in the middle of ``Sandbox.run`` leaves its journal claim, and
+    the next reap (any agentkernel command) removes the sandbox it was running."""
+    import signal
+    import subprocess
+    import sys
+
+    require_backend(backend)
+    child = subprocess.Popen([sys.executable, "-c", "import asyncio; from agentkernel.sandbox import Sandbox; "
+                              f"asyncio.run(Sandbox.run(['sleep', '120'], backend={backend!r}))"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not asyncio.run(_ids_of_pid(backend, child.pid)):
+            assert child.poll() is None, child.stderr.read()
+            assert time.monotonic() < deadline, "the child's sandbox never showed up"
+            time.sleep(0.2)
+        claims = [e for e in owner.entries() if str((e.get("owner") or {}).get("pid")) == str(child.pid)]
+        assert len(claims) == 1 and claims[0]["backend"] == backend
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stderr.close()
+    owner.reap_dead()
+    assert asyncio.run(_ids_of_pid(backend, child.pid)) == set()
+    assert [e for e in owner.entries() if str((e.get("owner") or {}).get("pid")) == str(child.pid)] == []
