@@ -325,7 +325,9 @@ def _phases(d: _Doc) -> list[str]:
     out = ["## Where the time goes (phases)", "",
            "In-process, from the backends' own phase timings (no CLI start-up): *cold* = `Backend.run` "
            "(boot = create, ready = start until the agent answers, exec, shutdown = remove); *warm* = the "
-           "daemon's pool (ready = hand-out + health check; boot and shutdown happen off the request path).", "",
+           "daemon's pool (ready = hand-out + health check; boot and shutdown happen off the request path). "
+           "The cold row times the step-by-step path on purpose (each phase needs a time of its own); a plain "
+           "`Sandbox.run` takes the one-shot path instead (suite `inproc`).", "",
            *_table(["Backend", "Mode", "Boot", "Ready", "Exec", "Shutdown", "Total", "Reference"], rows), ""]
     rows2 = []
     for b in d.ordered():
