@@ -12,6 +12,7 @@ import pytest
 
 from agentkernel.bench import report
 from agentkernel.bench.harness import BenchConfig, BenchContext, Sample
+from agentkernel.bench.suites import inproc
 
 
 def _doc(inproc_ms: list[float], cli_ms: list[float]) -> dict:
@@ -23,7 +24,9 @@ def _doc(inproc_ms: list[float], cli_ms: list[float]) -> dict:
         for suffix, where in (("", "podman"), ("_runsc", "oci -o runtime=runsc")):
             backend = where.split()[0]
             ctx.add_measurement(suite="inproc", backend=backend, name=f"run_inproc{suffix}", label="in", mode="inproc",
-                                samples=[Sample(True, x) for x in inproc_ms])
+                                samples=[Sample(True, x) for x in inproc_ms],
+                                extra={"paired_ratio_median": inproc.paired_ratio(
+                                    [Sample(True, x) for x in inproc_ms], [Sample(True, x) for x in cli_ms])})
             ctx.add_measurement(suite="inproc", backend=backend, name=f"run_cli{suffix}", label="cli", mode="cold",
                                 samples=[Sample(True, x) for x in cli_ms])
             ctx.add_ratio(suite="inproc", backend=backend, ours=f"inproc/{backend}/run_inproc{suffix}",
@@ -45,7 +48,15 @@ def test_goal_row_passes_when_in_process_is_no_slower():
     assert "podman" in rows[0] and "oci -o runtime=runsc" in rows[1]
     assert all("**pass**" in r and "0.70x" in r for r in rows)
     assert "## In-process `Sandbox.run` vs the CLI one-shot (same run, interleaved)" in md
-    assert "| oci -o runtime=runsc | 210 ms | 300 ms | 0.70x (1.4x faster) |" in md
+    assert "| oci -o runtime=runsc | 210 ms | 300 ms | 0.70x (1.4x faster) | 0.70x (1.4x faster) |" in md
+    assert "0.70x (1.4x faster) (paired per round 0.70x)" in rows[0]
+
+
+def test_paired_ratio_is_the_median_of_each_rounds_ratio_and_skips_failed_rounds():
+    ours = [Sample(True, 100.0), Sample(False, None, "x"), Sample(True, 300.0), Sample(True, 50.0)]
+    cli = [Sample(True, 200.0), Sample(True, 100.0), Sample(True, 200.0), Sample(True, 100.0)]
+    assert inproc.paired_ratio(ours, cli) == 0.5  # rounds 1, 3, 4: 0.5, 1.5, 0.5
+    assert inproc.paired_ratio([Sample(False, None)], [Sample(True, 1.0)]) is None
 
 
 def test_goal_row_misses_when_in_process_is_slower():

@@ -6,8 +6,8 @@ One interleaved block per backend with a one-shot (and ``oci`` once more under `
 - ``run_cli``: ``agentkernel run --backend B --no-daemon -- echo hello``, a new CLI process per sample;
 - ``run_inproc``: ``Sandbox.run(["echo", "hello"], backend=B)`` in this process, on one event loop kept
   across samples (an embedding application's), each sample resolving the spec and making its manager as
-  the public call does. Same image, same default policy, same config (none: both resolve in the bench's
-  empty working directory).
+  the public call does. Same image, same default policy, same config (what the CLI finds in the bench's
+  working directory: none).
 
 The ratio in-process / CLI (p50) goes to ``ratios`` and the goals table (pass at <= 1).
 """
@@ -54,7 +54,10 @@ def compare(ctx: BenchContext, backend: str, suffix: str = "", options: dict[str
     image = ctx.image(backend)
     opt_args = [a for k, v in (options or {}).items() for a in ("-o", f"{k}={v}")]
     where = f"{backend}{' -o ' + ' '.join(opt_args[1::2]) if opt_args else ''}"
-    inproc = InProcRun(backend, options)
+    from ... import config
+
+    # the configuration the CLI finds in its working directory (the bench's), not this process's cwd's
+    inproc = InProcRun(backend, options, config.load_config(config.find_config(None, ctx.workdir)))
     try:
         cmds = [Cmd(f"run_cli{suffix}", ctx.ak("run", "--backend", backend, "--no-daemon", *opt_args, "--", "echo",
                                                "hello"),
@@ -64,7 +67,8 @@ def compare(ctx: BenchContext, backend: str, suffix: str = "", options: dict[str
                     label=f"Sandbox.run (in-process, no pool), {where}", backend=backend, mode="inproc",
                     image=image)]
         res = ctx.interleave(cmds, ctx.cfg.iterations, ctx.cfg.warmup, f"inproc vs CLI one-shot {where}")
-        ctx.add_cmd_results(SUITE, cmds, res)
+        ctx.add_cmd_results(SUITE, cmds, res, extra={f"run_inproc{suffix}": {
+            "paired_ratio_median": paired_ratio(res[f"run_inproc{suffix}"][0], res[f"run_cli{suffix}"][0])}})
         ctx.add_ratio(suite=SUITE, backend=backend, ours=f"{SUITE}/{backend}/run_inproc{suffix}",
                       raw=f"{SUITE}/{backend}/run_cli{suffix}",
                       label=f"in-process Sandbox.run vs CLI one-shot ({where})")
@@ -72,11 +76,20 @@ def compare(ctx: BenchContext, backend: str, suffix: str = "", options: dict[str
         inproc.close()
 
 
+def paired_ratio(ours: list[Sample], cli: list[Sample]) -> float | None:
+    """The median of the per-round ratios (round i's in-process sample / its CLI sample, both successful):
+    a load swing on this shared machine moves both samples of a round, so it cancels out of each ratio."""
+    import statistics
+
+    rs = [a.ms / b.ms for a, b in zip(ours, cli, strict=False) if a.ok and b.ok and a.ms and b.ms]
+    return round(statistics.median(rs), 4) if rs else None
+
+
 class InProcRun:
     """``Sandbox.run`` on one event loop kept across samples, driven one sample at a time between the CLI's."""
 
-    def __init__(self, backend: str, options: dict[str, str] | None) -> None:
-        self.flags = {"backend": backend, **({"options": dict(options)} if options else {})}
+    def __init__(self, backend: str, options: dict[str, str] | None, config: dict) -> None:
+        self.flags = {"backend": backend, "config": config, **({"options": dict(options)} if options else {})}
         self.loop = asyncio.new_event_loop()
 
     def one(self) -> Sample:
