@@ -34,7 +34,7 @@ HELLO = b"hello\n"
 BENCH_LABEL = "agentkernel.bench-run"
 RUN_TIMEOUT_S = 120.0
 
-ALL_SUITES = ("headline", "phases", "baselines", "daemon", "throughput", "concurrency", "stress", "lifecycle",
+ALL_SUITES = ("headline", "phases", "baselines", "inproc", "daemon", "throughput", "concurrency", "stress", "lifecycle",
               "wasm", "orchestration", "egress", "speed", "soak", "live")
 # a full run without --suite: everything but the soak (an hour by default: ask for it with --suite soak) and
 # live (N live sandboxes per backend; the speed suite measures it on the default backend)

@@ -299,6 +299,12 @@ def _goals(d: _Doc) -> list[str]:
     if pss:
         rows.append(["idle pooled container (podman): ≤ 2 MiB PSS overhead", f"{pss['total']:.2f} MiB",
                      verdict(pss["total"] <= 2)])
+    for where, r in _inproc_ratios(d):
+        paired = _paired(d, r)
+        rows.append([f"in-process `Sandbox.run` ≤ CLI one-shot (no pool), {where}",
+                     f"{d.cell(r['ours'])} vs {d.cell(r['raw'])}, {fmt_ratio(r['ratio'])}"
+                     + (f" (paired per round {paired:.2f}x)" if paired else ""),
+                     verdict(r["ratio"] <= 1 if r["available"] else None)])
     return ["## Design goals (DESIGN.md), checked on this run", "",
             *_table(["Goal", "Measured", "Verdict"], rows), ""]
 
@@ -321,7 +327,9 @@ def _phases(d: _Doc) -> list[str]:
     out = ["## Where the time goes (phases)", "",
            "In-process, from the backends' own phase timings (no CLI start-up): *cold* = `Backend.run` "
            "(boot = create, ready = start until the agent answers, exec, shutdown = remove); *warm* = the "
-           "daemon's pool (ready = hand-out + health check; boot and shutdown happen off the request path).", "",
+           "daemon's pool (ready = hand-out + health check; boot and shutdown happen off the request path). "
+           "The cold row times the step-by-step path on purpose (each phase needs a time of its own); a plain "
+           "`Sandbox.run` takes the one-shot path instead (suite `inproc`).", "",
            *_table(["Backend", "Mode", "Boot", "Ready", "Exec", "Shutdown", "Total", "Reference"], rows), ""]
     rows2 = []
     for b in d.ordered():
@@ -604,6 +612,43 @@ def _one_shot(d: _Doc) -> list[str]:
         return []
     return ["## One-shot run command", "", "`agentkernel run --backend <backend> --no-daemon -- echo hello` "
             "(full lifecycle in one command).", "", *_table(["Backend", "Linux (this run)", "Reference"], rows), ""]
+
+
+def _inproc_ratios(d: _Doc) -> list[tuple[str, dict[str, Any]]]:
+    """The ``inproc`` suite's pairs (in-process ``Sandbox.run`` / CLI one-shot), each with where it ran
+    (the backend and its options: ``oci -o runtime=runsc``)."""
+    out = []
+    for r in d.doc.get("ratios", []):
+        if r["suite"] == "inproc" and d.get(r["ours"]) is not None and d.get(r["raw"]) is not None:
+            out.append((r["label"].rpartition("(")[2].rstrip(")") or r["backend"], r))
+    return out
+
+
+def _paired(d: _Doc, r: dict[str, Any]) -> float | None:
+    """The median of the per-round ratios the ``inproc`` suite keeps with its in-process measurement."""
+    return ((d.get(r["ours"]) or {}).get("extra") or {}).get("paired_ratio_median")
+
+
+def _inproc(d: _Doc) -> list[str]:
+    rows = []
+    for where, r in _inproc_ratios(d):
+        ratio = fmt_ratio(r["ratio"]) if r["available"] else (f"{NA} ({r['reason']})" if r.get("reason") else NA)
+        rows.append([where, d.cell(r["ours"]), d.cell(r["raw"]), ratio, fmt_ratio(_paired(d, r))])
+    for m in d.doc.get("measurements", []):
+        if m["suite"] == "inproc" and not m["available"]:
+            rows.append([m["backend"], f"unavailable: {m['reason']}", NA, NA, NA])
+    if not rows:
+        return []
+    return ["## In-process `Sandbox.run` vs the CLI one-shot (same run, interleaved)", "",
+            "`Sandbox.run([\"echo\", \"hello\"], backend=B)` without a pool (one event loop kept across samples, "
+            "each call resolving its spec and making its manager) next to `agentkernel run --backend B --no-daemon "
+            "-- echo hello` (a new CLI process each), round-robin in one block, same image and default policy. "
+            "On the container backends both take the same one-shot (`oneshot.run_outcome` -> the backend's "
+            "`run_oneshot`); wasm (in-memory instances) and qemu (its VM snapshot is keyed by the workdir) keep "
+            "their asyncio `run` in-process. Goal: ratio ≤ 1. The paired ratio is the median of each round's "
+            "in-process / CLI sample (a load swing on a shared machine moves both samples of a round).",
+            "", *_table(["Backend", "In-process p50", "CLI one-shot p50", "Ratio (in-process / CLI)",
+                         "Paired ratio (per round)"], rows), ""]
 
 
 def _exec50(d: _Doc) -> list[str]:
@@ -931,6 +976,7 @@ def render(doc: dict[str, Any], charts: dict[str, str] | None = None, *, json_na
     parts += _live(d)
     parts += _lifecycle(d)
     parts += _one_shot(d)
+    parts += _inproc(d)
     parts += _exec50(d)
     parts += _scale(d)
     parts += _floors(d)

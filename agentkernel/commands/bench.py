@@ -29,8 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("--backends", "-b", help="comma-separated backends (default: every backend; unavailable ones "
                    "are reported with the doctor's reason)")
     p.add_argument("--suite", "--suites", dest="suites", help="comma-separated suites: headline, phases, baselines, "
-                   "daemon, throughput, concurrency, stress, lifecycle, wasm, orchestration, egress, speed, soak, "
-                   "live (default: all but soak and live)")
+                   "inproc, daemon, throughput, concurrency, stress, lifecycle, wasm, orchestration, egress, speed, "
+                   "soak, live (default: all but soak and live)")
     p.add_argument("--iterations", "-n", type=int, help="measured runs per command (default 20; --quick 3)")
     p.add_argument("--warmup", type=int, help="warm-up runs per command, not measured (default 3; --quick 1)")
     p.add_argument("--quick", action="store_true", help="small sizes everywhere (a smoke run in about a minute)")

@@ -5,6 +5,7 @@ SUITES = {
     "headline": "agentkernel.bench.suites.headline:run",
     "phases": "agentkernel.bench.suites.phases:run",
     "baselines": "agentkernel.bench.suites.baselines:run",
+    "inproc": "agentkernel.bench.suites.inproc:run",
     "daemon": "agentkernel.bench.suites.daemon:run",
     "throughput": "agentkernel.bench.suites.concurrency:run_throughput",
     "concurrency": "agentkernel.bench.suites.concurrency:run_concurrency",
