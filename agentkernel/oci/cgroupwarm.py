@@ -9,7 +9,8 @@ container's init in) was that 12-16 ms of a 48 ms one-shot ``oci`` run.
 ``Warmer`` rewrites this process's own pid into the ``cgroup.procs`` of the cgroup it already is in (a
 no-op migration: membership never changes) every ``INTERVAL_S`` on a background thread, from before
 the bundle is prepared until the runtime has put the container in its cgroups (its pid file exists) or
-``MAX_S`` passed. The grace period then elapses while Python prepares the bundle, and the runtime's own
+``MAX_S`` passed; warmers active at once in one process share that thread (one write per interval for
+all of them). The grace period then elapses while Python prepares the bundle, and the runtime's own
 joins find the lock already in its slow-path state. Nothing is skipped: the runtime performs every
 join and limit write it did before. On cgroup v2-only hosts (crun clones straight into the cgroup),
 without root, or when the file cannot be written, it does nothing.
