@@ -105,7 +105,16 @@ class Warmer:
             w.users.append(self)
             self._writer = w
         if fresh:
-            _thread.start_new_thread(_write_loop, (w,))
+            try:
+                _thread.start_new_thread(_write_loop, (w,))
+            except BaseException:  # no thread (e.g. out of threads): leave no writer for later warmers to join
+                with _LOCK:
+                    if _WRITERS.get(w.procs_file) is w:
+                        del _WRITERS[w.procs_file]
+                os.close(w.fd)
+                w.finished.release()
+                self._writer = None
+                raise
         return self
 
     def stop(self, *, wait: bool = True) -> None:

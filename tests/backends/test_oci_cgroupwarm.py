@@ -145,3 +145,23 @@ def test_warmers_active_together_share_one_writer_thread(tmp_path):
     d.stop()
     assert d.writes >= 2 and d.error is None
     assert _own_cgroups() == before
+
+
+@needs_v1_root
+def test_a_writer_thread_that_cannot_start_leaves_nothing_behind(monkeypatch):
+    """Out of threads: the start fails as it did, and the next warmer gets a writer of its own (it never
+    joins one that does not exist, nor waits for it on stop)."""
+    real = cgroupwarm._thread.start_new_thread
+
+    def refuse(*_a):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(cgroupwarm._thread, "start_new_thread", refuse)
+    with pytest.raises(RuntimeError):
+        cgroupwarm.start()
+    assert cgroupwarm._WRITERS == {}
+    monkeypatch.setattr(cgroupwarm._thread, "start_new_thread", real)
+    w = cgroupwarm.start()
+    time.sleep(0.02)
+    w.stop()
+    assert w.writes >= 2
