@@ -331,3 +331,29 @@ def test_stop_with_a_large_pool_removes_every_member(monkeypatch):
         assert not os.path.exists(d.socket)
     finally:
         d.ak("daemon", "stop")
+
+
+def test_the_daemon_loop_has_worker_threads_for_many_blocking_starts_and_teardowns_at_once():
+    """Each pool member's start and teardown holds a worker thread of the daemon's loop for its whole wall
+    time (mostly blocked on the runtime or on killed processes): the loop the daemon starts on has far more
+    workers than asyncio's default (cpus + 4), so 24 blocking calls at once all run together instead of
+    queueing behind each other (here they would otherwise never meet at the barrier)."""
+    import asyncio
+    import threading
+
+    from agentkernel.daemon import server
+    from agentkernel.pool import PoolConfig
+
+    n = 24
+    assert (os.cpu_count() or 1) + 4 < n <= server.WORKER_THREADS
+    barrier = threading.Barrier(n, timeout=10)
+
+    async def main() -> list[int]:
+        d = server.Daemon(pool_defaults=PoolConfig(min_size=0, max_size=1), warm=[])
+        await d.start_background()
+        try:
+            return await asyncio.gather(*(asyncio.to_thread(barrier.wait) for _ in range(n)))
+        finally:
+            await d.close()
+
+    assert sorted(asyncio.run(main())) == list(range(n)), "every call was running at the same time"

@@ -492,10 +492,13 @@ class OCIBackend(AgentContainerBackend, OneShot):
     async def remove(self, ref: SandboxRef) -> None:
         import asyncio
 
-        await asyncio.to_thread(
-            rt.destroy, ref.id, ref.handle.get("runtime") or rt.read_meta(ref.id).get("runtime")
-        )
-        await asyncio.to_thread(_container.release_network, ref.id)
+        # one trip to a worker thread for both (a pool member's teardown: one per one-shot run)
+        await asyncio.to_thread(self._remove_sync, ref.id, ref.handle.get("runtime"))
+
+    @staticmethod
+    def _remove_sync(sid: str, runtime: str | None) -> None:
+        rt.destroy(sid, runtime or rt.read_meta(sid).get("runtime"))
+        _container.release_network(sid)
 
     async def status(self, ref: SandboxRef) -> str:
         state, _ = await self._engine_state(ref.id)

@@ -38,6 +38,20 @@ STOP_BASE_S = 40.0  # stop_timeout_s: this, plus STOP_PER_MEMBER_S per pooled me
 STOP_PER_MEMBER_S = 0.5
 MAINTAIN_EVERY_S = 5.0
 IDLE_POOL_S = 900.0
+# Worker threads of the daemon's loop (``asyncio.to_thread``, ``run_in_executor(None, ...)``). A member's start
+# and its teardown each hold a worker for their whole wall time (the runtime's spawn and exit, the killed
+# processes' exit, ~20-60 ms), mostly blocked, not computing: with asyncio's default (cpus + 4: 6 workers on
+# 2 cores) ~100 one-shot runs/s needed more workers than there were, and starts, teardowns and journal writes
+# queued behind each other (issue 18). Idle workers cost nothing; they are made on demand.
+WORKER_THREADS = 64
+
+
+def use_worker_threads(loop: asyncio.AbstractEventLoop) -> None:
+    """Give ``loop`` a default executor of ``WORKER_THREADS`` workers (shut down with the loop by
+    ``asyncio.run``, as the default one is)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    loop.set_default_executor(ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="agentkernel-worker"))
 
 
 def pid_path() -> str:
@@ -125,8 +139,9 @@ class Daemon:
                 pass
 
     async def serve(self) -> None:
-        sock = await self.listen()
         loop = asyncio.get_running_loop()
+        use_worker_threads(loop)
+        sock = await self.listen()
         audit.defer(lambda: loop.call_soon(audit.flush))  # a loop turn's events in one write
         try:
             await self._serve(sock, loop)
@@ -286,6 +301,7 @@ class Daemon:
 
     async def start_background(self) -> None:
         """Start pools and maintenance without serving the unix socket (for an embedding server)."""
+        use_worker_threads(asyncio.get_running_loop())
         self._warm_pools()
         await self._reap_orphans()
         self._maint_task = asyncio.create_task(self._maintain())

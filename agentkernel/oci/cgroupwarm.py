@@ -9,7 +9,8 @@ container's init in) was that 12-16 ms of a 48 ms one-shot ``oci`` run.
 ``Warmer`` rewrites this process's own pid into the ``cgroup.procs`` of the cgroup it already is in (a
 no-op migration: membership never changes) every ``INTERVAL_S`` on a background thread, from before
 the bundle is prepared until the runtime has put the container in its cgroups (its pid file exists) or
-``MAX_S`` passed. The grace period then elapses while Python prepares the bundle, and the runtime's own
+``MAX_S`` passed; warmers active at once in one process share that thread (one write per interval for
+all of them). The grace period then elapses while Python prepares the bundle, and the runtime's own
 joins find the lock already in its slow-path state. Nothing is skipped: the runtime performs every
 join and limit write it did before. On cgroup v2-only hosts (crun clones straight into the cgroup),
 without root, or when the file cannot be written, it does nothing.
@@ -55,58 +56,112 @@ def own_procs_file() -> str | None:
     return None
 
 
+class _Writer:
+    """The one thread writing to ``procs_file`` for every ``Warmer`` active on it at once."""
+
+    def __init__(self, procs_file: str, fd: int) -> None:
+        self.procs_file, self.fd = procs_file, fd
+        self.users: list[Warmer] = []
+        self.finished = _thread.allocate_lock()  # held until the thread has ended
+        self.finished.acquire()
+
+
+# One writer per file, shared: a daemon starting several sandboxes at once keeps the lock warm with one
+# write every INTERVAL_S, not one per start (each write takes the kernel's threadgroup lock for writing,
+# which every fork and exit on the host waits for), and without a thread made per start.
+_LOCK = _thread.allocate_lock()
+_WRITERS: dict[str, _Writer] = {}
+
+
 class Warmer:
     """``start()`` the background writes; ``stop()`` ends them (idempotent). ``until``: a path whose
-    existence ends the writes early (the runtime's pid file: the container has joined its cgroups)."""
+    existence ends the writes early (the runtime's pid file: the container has joined its cgroups).
+    Warmers active at the same time in one process share one writer thread: the lock stays warm while
+    any of them runs; ``writes`` counts the writes made while this one was active."""
 
     def __init__(self, procs_file: str | None, until: str | None = None) -> None:
         self.procs_file, self.until = procs_file, until
-        self._stop = _thread.allocate_lock()
-        self._stop.acquire()
-        self._done = _thread.allocate_lock()
         self.writes = 0  # for tests and diagnostics
         self.error: OSError | None = None
+        self.deadline = 0.0
+        self._writer: _Writer | None = None
 
     def start(self) -> Warmer:
-        if self.procs_file is not None:
-            self._done.acquire()
-            _thread.start_new_thread(self._run, ())
-        return self
-
-    def _run(self) -> None:
+        if self.procs_file is None:
+            return self
         import time
 
-        pid = str(os.getpid()).encode()
-        deadline = time.monotonic() + MAX_S
-        try:
-            fd = os.open(self.procs_file, os.O_WRONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            self.error = exc
-            self._done.release()
-            return
-        try:
-            while True:
-                os.write(fd, pid)  # releases the GIL while the kernel waits for the grace period
-                self.writes += 1
-                if self._stop.acquire(timeout=INTERVAL_S):  # stopped
-                    break
-                if time.monotonic() > deadline or (self.until is not None and os.path.exists(self.until)):
-                    break
-        except OSError as exc:  # e.g. the cgroup went away: warming is an optimisation only
-            self.error = exc
-        finally:
-            os.close(fd)
-            self._done.release()
+        self.deadline = time.monotonic() + MAX_S
+        with _LOCK:
+            w = _WRITERS.get(self.procs_file)
+            fresh = w is None
+            if fresh:
+                try:
+                    fd = os.open(self.procs_file, os.O_WRONLY | os.O_CLOEXEC)
+                except OSError as exc:
+                    self.error = exc
+                    return self
+                w = _WRITERS[self.procs_file] = _Writer(self.procs_file, fd)
+            w.users.append(self)
+            self._writer = w
+        if fresh:
+            try:
+                _thread.start_new_thread(_write_loop, (w,))
+            except BaseException:  # no thread (e.g. out of threads): leave no writer for later warmers to join
+                with _LOCK:
+                    if _WRITERS.get(w.procs_file) is w:
+                        del _WRITERS[w.procs_file]
+                os.close(w.fd)
+                w.finished.release()
+                self._writer = None
+                raise
+        return self
 
     def stop(self, *, wait: bool = True) -> None:
-        """End the writes; ``wait``: until the thread is done (at most one write plus ``INTERVAL_S``; an
-        event loop passes False and the thread ends on its own right after)."""
-        if self._stop.locked():
-            self._stop.release()
-        if self.procs_file is not None and wait:
-            self._done.acquire()
-            self._done.release()
-            self.procs_file = None
+        """End the writes for this warmer (none is counted for it afterwards); ``wait``: when no other
+        warmer shares the thread, until it is done (at most one write plus ``INTERVAL_S``; an event loop
+        passes False and the thread ends on its own right after)."""
+        w = self._writer
+        if w is None:
+            return
+        self._writer = None
+        with _LOCK:
+            if self in w.users:
+                w.users.remove(self)
+            last = not w.users
+        if wait and last:
+            w.finished.acquire()
+            w.finished.release()
+
+
+def _write_loop(w: _Writer) -> None:
+    import time
+
+    pid = str(os.getpid()).encode()
+    try:
+        while True:
+            try:
+                os.write(w.fd, pid)  # releases the GIL while the kernel waits for the grace period
+            except OSError as exc:  # e.g. the cgroup went away: warming is an optimisation only
+                with _LOCK:
+                    for u in w.users:
+                        u.error = exc
+                    w.users.clear()
+                    del _WRITERS[w.procs_file]
+                break
+            now = time.monotonic()
+            with _LOCK:
+                for u in w.users:
+                    u.writes += 1
+                for u in [u for u in w.users if now > u.deadline or (u.until is not None and os.path.exists(u.until))]:
+                    w.users.remove(u)
+                if not w.users:  # the last one is done: a later warmer starts a new writer
+                    del _WRITERS[w.procs_file]
+                    break
+            time.sleep(INTERVAL_S)
+    finally:
+        os.close(w.fd)
+        w.finished.release()
 
 
 def start(until: str | None = None) -> Warmer:

@@ -106,3 +106,62 @@ def test_stop_without_waiting_still_ends_the_thread():
     time.sleep(0.03)
     assert w.writes == n
     w.stop()  # and a later waiting stop returns at once
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@needs_v1_root
+def test_warmers_active_together_share_one_writer_thread(tmp_path):
+    """A daemon starting several sandboxes at once: one thread writes for all of them (one write per
+    interval, not one per start), each counts the writes made while it runs, and each ends on its own
+    (stop or its own ``until``) while the others keep the lock warm."""
+    base = _threads()
+    before = _own_cgroups()
+    flag = tmp_path / "init.pid"
+    a = cgroupwarm.start()
+    time.sleep(0.01)
+    b = cgroupwarm.start(until=str(flag))
+    c = cgroupwarm.start()
+    time.sleep(0.03)
+    assert _threads() == base + 1, "one writer thread for the three"
+    assert a.writes >= b.writes >= 2 and c.writes >= 2
+    flag.write_text("1")  # ends b only
+    time.sleep(0.03)
+    nb = b.writes
+    a.stop()  # ends a only: c still gets writes
+    na, nc = a.writes, c.writes
+    time.sleep(0.03)
+    assert b.writes == nb and a.writes == na, "ended ones get no more writes"
+    assert c.writes > nc, "the one still running keeps being written for"
+    c.stop()
+    b.stop()
+    time.sleep(0.02)
+    assert _threads() == base, "the writer ends with its last warmer"
+    assert cgroupwarm._WRITERS == {}
+    d = cgroupwarm.start()  # a later warmer starts a new writer
+    time.sleep(0.02)
+    d.stop()
+    assert d.writes >= 2 and d.error is None
+    assert _own_cgroups() == before
+
+
+@needs_v1_root
+def test_a_writer_thread_that_cannot_start_leaves_nothing_behind(monkeypatch):
+    """Out of threads: the start fails as it did, and the next warmer gets a writer of its own (it never
+    joins one that does not exist, nor waits for it on stop)."""
+    real = cgroupwarm._thread.start_new_thread
+
+    def refuse(*_a):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(cgroupwarm._thread, "start_new_thread", refuse)
+    with pytest.raises(RuntimeError):
+        cgroupwarm.start()
+    assert cgroupwarm._WRITERS == {}
+    monkeypatch.setattr(cgroupwarm._thread, "start_new_thread", real)
+    w = cgroupwarm.start()
+    time.sleep(0.02)
+    w.stop()
+    assert w.writes >= 2
