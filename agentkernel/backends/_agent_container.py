@@ -275,6 +275,8 @@ class AgentContainerBackend(Backend, AgentAccess):
                     why.append("killed by the OOM killer")
                 if state == "stopped" and details.get("exit_code") is not None:
                     why.append(f"its init exited with {details['exit_code']}")
+                if details.get("reason"):
+                    why.append(details["reason"])
                 if details.get("log"):
                     why.append(f"its last output: {details['log']}")
                 why.append(str(lost))

@@ -226,6 +226,7 @@ class OCIBackend(AgentContainerBackend, OneShot):
             stdout, stderr = pumps.out(stdio.stdout, 1), pumps.out(stdio.stderr, 2)
             cmd = [
                 *rt.base_cmd(self.runtime, exe, network=p.network == "netns"),
+                *rt.run_log_flags(self.runtime, sandbox_id),
                 "run",
                 "--pid-file",
                 os.path.join(bdir, "init.pid"),
@@ -422,7 +423,8 @@ class OCIBackend(AgentContainerBackend, OneShot):
         # helper closes the inherited fds), else fork + Preexec
         spawn = rt.spawn_helper() is not None
         argv, pre = rt.launch(
-            [*rt.base_cmd(runtime, exe, network=bool(meta.get("network"))), "run", "--detach", "--pid-file",
+            [*rt.base_cmd(runtime, exe, network=bool(meta.get("network"))), *rt.run_log_flags(runtime, sid),
+             "run", "--detach", "--pid-file",
              os.path.join(bdir, "init.pid"), "--bundle", bdir, sid],
             overlay, pdeathsig=False, close_fds=spawn,
         )
@@ -565,7 +567,12 @@ def _workdir_to_make(upper: str, lower: str, p) -> tuple[str, int, int, int] | N
 
 
 def _stopped_details(sid: str, details: dict[str, Any]) -> dict[str, Any]:
-    """``details`` plus the last line the container printed (the agent's own messages: why it exited)."""
+    """``details`` plus why the container stopped: runsc's own account of it, else the last line the container
+    printed (the agent's own messages)."""
+    reason = rt.exit_reason(sid)
+    if reason:
+        details["reason"] = f"runsc: {reason}"
+        return details
     last = _tail(os.path.join(rt.bundle_dir(sid), "console.log"))
     if last != "no output":
         details["log"] = last

@@ -103,6 +103,40 @@ def base_cmd(runtime: str, exe: str, network: bool = False) -> list[str]:
     return cmd
 
 
+def run_log_flags(runtime: str, sandbox_id: str) -> list[str]:
+    """Global flags for the runtime command that starts the sandbox: runsc writes its own log (info level:
+    start-up, mounts, and why the sandbox exited: the application's exit, a lost gofer, a panic) to one
+    file per runsc process kind in the bundle, ``runsc-boot.log`` for the sandbox; it goes with the bundle.
+    crun and runc: none (their errors reach the console)."""
+    if runtime != "runsc":
+        return []
+    return [f"--debug-log={os.path.join(bundle_dir(sandbox_id), 'runsc-%COMMAND%.log')}"]
+
+
+def exit_reason(sandbox_id: str) -> str | None:
+    """The last line of runsc's sandbox log that says why it stopped (an exit status, a killed container, an
+    error or a panic), without the log's own prefix; None without such a line (e.g. the sandbox process
+    itself was SIGKILLed: its log just ends)."""
+    try:
+        with open(os.path.join(bundle_dir(sandbox_id), "runsc-boot.log"), "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 16384))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    keys = ("exit", "kill", "panic", "fatal", "error", "signal", "disconnect")
+    for line in reversed(lines):
+        # glog: "I1203 10:45:50.922267    3796 boot.go:389] message"; W/E/F: warnings, errors, fatal
+        head, sep, msg = line.partition("] ")
+        if not sep or not head or head[0] not in "IWEF":
+            continue
+        if "Exiting with status" in msg or "Stopping watchdog" in msg or "Watchdog stopped" in msg:
+            continue  # runsc's own exit, after the line that says why
+        if head[0] in "EF" or any(k in msg.lower() for k in keys):
+            return msg.strip()
+    return None
+
+
 def read_meta(sandbox_id: str) -> dict:
     try:
         import json

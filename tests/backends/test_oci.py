@@ -560,6 +560,9 @@ def test_named_lifecycle_exec_and_files(runtime, tmp_path):
             await b.stop(ref)
             assert await b.status(ref) == "stopped"
             assert not rt.cgroup_pids(sid)
+            # runsc keeps its own log in the bundle, which says why the sandbox stopped (the agent's exit)
+            reason = rt.exit_reason(sid)
+            assert ("exit" in reason) if runtime == "runsc" else reason is None, reason
             await b.start(ref)
             r = await b.exec(ref, ExecRequest(["cat", "/workspace/marker"]))
             assert r.stdout == b"kept\n"
@@ -572,6 +575,31 @@ def test_named_lifecycle_exec_and_files(runtime, tmp_path):
         await b.remove(ref)  # idempotent
 
     run(go())
+
+
+def test_exit_reason_reads_the_last_line_that_says_why():
+    sid = _sid("reason")
+    os.makedirs(rt.bundle_dir(sid))
+    log = os.path.join(rt.bundle_dir(sid), "runsc-boot.log")
+    try:
+        assert rt.exit_reason(sid) is None  # no log: not runsc, or it never started
+        head = "I1203 10:45:50.900513    3796 loader.go:689] Process should have started...\n"
+        lines = [head, 'W1203 10:45:50.9    3796 vfs.go:761] ignoring unknown mount option "mode=01777"\n']
+        with open(log, "w") as f:
+            f.writelines(lines)
+        assert rt.exit_reason(sid) is None  # a warning is not a reason; the log just ends (SIGKILLed sandbox)
+        lines += ["I1203 10:45:50.921273    3796 loader.go:924] Gofer socket disconnected, killing container \"x\"\n",
+                  "I1203 10:45:50.922267    3796 boot.go:389] application exiting with exit status 137\n",
+                  "I1203 10:45:50.922406    3796 watchdog.go:221] Stopping watchdog\n",
+                  "I1203 10:45:50.922635    3796 main.go:266] Exiting with status: 35072\n"]
+        with open(log, "w") as f:
+            f.writelines(lines)
+        assert rt.exit_reason(sid) == "application exiting with exit status 137"
+        with open(log, "a") as f:
+            f.write("E1203 10:45:51.0    3796 x.go:1] something failed\nnot a log line]\n")
+        assert rt.exit_reason(sid) == "something failed"
+    finally:
+        rt.rmtree(rt.bundle_dir(sid))
 
 
 def test_named_oom_reported(runtime):
