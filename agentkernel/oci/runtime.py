@@ -4,7 +4,8 @@ clean-up that removes all of it from a sandbox id alone.
 Layout (``<rt>`` = ``paths.runtime_dir()``, e.g. /run/agentkernel):
 - ``<rt>/oci/bundles/<id>/``: ``config.json``, ``meta.json`` (runtime, image), ``rootfs/`` (the overlay
   mount point: empty on the host), ``upper/`` + ``work/`` or ``layer/`` (the sandbox's writable layer; a
-  tmpfs of disk_mb), ``init.pid`` (the container's init), ``console.log`` (named sandboxes).
+  tmpfs of disk_mb), ``init.pid`` (the container's init), ``console.log`` (named sandboxes),
+  ``runsc-<command>.log`` (runsc only: its own log of the sandbox it started, ``run_log_flags``).
 - ``<rt>/oci/state/<runtime>/``: the runtime's own ``--root`` (only our containers are in it).
 - cgroups: ``agentkernel/<id>`` in every hierarchy (the memory limit and OOM watch sit here), the
   container itself in ``agentkernel/<id>/ctr``.
