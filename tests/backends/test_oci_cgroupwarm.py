@@ -108,8 +108,14 @@ def test_stop_without_waiting_still_ends_the_thread():
     w.stop()  # and a later waiting stop returns at once
 
 
-def _threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+def _until(cond, timeout: float = 5.0) -> bool:
+    """Poll ``cond`` (a loaded CI machine may not run the writer thread for a while): True once it holds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
 
 
 @needs_v1_root
@@ -117,33 +123,34 @@ def test_warmers_active_together_share_one_writer_thread(tmp_path):
     """A daemon starting several sandboxes at once: one thread writes for all of them (one write per
     interval, not one per start), each counts the writes made while it runs, and each ends on its own
     (stop or its own ``until``) while the others keep the lock warm."""
-    base = _threads()
     before = _own_cgroups()
     flag = tmp_path / "init.pid"
     a = cgroupwarm.start()
-    time.sleep(0.01)
+    assert _until(lambda: a.writes >= 1)
     b = cgroupwarm.start(until=str(flag))
     c = cgroupwarm.start()
-    time.sleep(0.03)
-    assert _threads() == base + 1, "one writer thread for the three"
-    assert a.writes >= b.writes >= 2 and c.writes >= 2
+    writer = a._writer
+    assert writer is not None and b._writer is writer and c._writer is writer, "one writer for the three"
+    assert list(cgroupwarm._WRITERS.values()) == [writer]
+    assert _until(lambda: c.writes >= 2 and b.writes >= 2)
+    assert a.writes >= b.writes, "a was written for since before b started"
     flag.write_text("1")  # ends b only
-    time.sleep(0.03)
+    assert _until(lambda: b not in writer.users)
     nb = b.writes
     a.stop()  # ends a only: c still gets writes
     na, nc = a.writes, c.writes
-    time.sleep(0.03)
+    assert _until(lambda: c.writes >= nc + 3), "the one still running keeps being written for"
     assert b.writes == nb and a.writes == na, "ended ones get no more writes"
-    assert c.writes > nc, "the one still running keeps being written for"
     c.stop()
     b.stop()
-    time.sleep(0.02)
-    assert _threads() == base, "the writer ends with its last warmer"
+    assert writer.finished.acquire(timeout=5), "the writer thread ends with its last warmer"
+    writer.finished.release()
     assert cgroupwarm._WRITERS == {}
     d = cgroupwarm.start()  # a later warmer starts a new writer
-    time.sleep(0.02)
+    assert d._writer is not None and d._writer is not writer
+    assert _until(lambda: d.writes >= 2)
     d.stop()
-    assert d.writes >= 2 and d.error is None
+    assert d.error is None
     assert _own_cgroups() == before
 
 
@@ -162,6 +169,5 @@ def test_a_writer_thread_that_cannot_start_leaves_nothing_behind(monkeypatch):
     assert cgroupwarm._WRITERS == {}
     monkeypatch.setattr(cgroupwarm._thread, "start_new_thread", real)
     w = cgroupwarm.start()
-    time.sleep(0.02)
+    assert _until(lambda: w.writes >= 2)
     w.stop()
-    assert w.writes >= 2
