@@ -220,6 +220,7 @@ def test_a_loop_closed_under_a_pending_run_leaks_no_sandbox():
     the one-shot on its own, which destroys the sandbox and releases its claim."""
     require_backend("oci")
     before = asyncio.run(_managed_ids("oci"))
+    gc.collect()  # earlier tests' garbage (an unreferenced socket) must not be collected between the counts
     fds = len(os.listdir("/proc/self/fd"))
     loop = asyncio.new_event_loop()
     loop.set_exception_handler(lambda _loop, _ctx: None)  # "Task was destroyed but it is pending": the point here
