@@ -15,7 +15,7 @@ the order of the table in docs/backends/oci.md:
 | memory (resources.memory_mb) | limit on the sandbox's parent cgroup ``agentkernel/<id>``, OOM watched |
 |   | there; the container cgroup gets limit + 1 MiB, swap the same (no swap) |
 | cpu (resources.vcpus) | ``linux.resources.cpu``: quota = vcpus x 100 ms per 100 ms period |
-| pids (resources.pids) | ``linux.resources.pids.limit`` |
+| pids (resources.pids) | ``linux.resources.pids.limit`` (runsc: scaled for its own host tasks) |
 | devices | deny all (runtimes add null, zero, full, tty, random, urandom) |
 | network off | ``network`` namespace without a path: a fresh netns with only ``lo`` |
 | read-only root | ``root.readonly`` + sized tmpfs at /tmp and the workdir (size, mode, uid from the plan) |
@@ -53,6 +53,14 @@ MASKED_PATHS = (
 )
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 
+# runsc (ptrace platform): the host cgroup's pids limit counts gVisor's own host tasks, not the sandbox's
+# processes: the sentry's threads (~35 idle) plus a stub process and threads for each guest process (~7 per
+# process, measured: 15 concurrent `sh -c "sleep 2"` execs took the container cgroup from 35 to 237 tasks).
+# With the guest's limit used as is, a sandbox died at a few dozen processes ("panic: error initializing
+# first thread: resource temporarily unavailable" in the sentry). The host limit is scaled instead, so the
+# guest still gets about its ``pids`` processes and a fork bomb is still bounded on the host.
+RUNSC_TASKS_PER_PROCESS = 8
+RUNSC_SENTRY_TASKS = 64
 MEMORY_SLACK = 1 << 20  # the container cgroup's limit sits above the parent's, so OOM hits the parent
 CPU_PERIOD = 100_000
 NOFILE_CAP = 1 << 20
@@ -70,6 +78,13 @@ def _host_nofile() -> int:
     if hard == resource.RLIM_INFINITY:
         hard = NOFILE_CAP
     return min(hard, NOFILE_CAP)
+
+
+def host_pids_limit(runtime: str, pids: int) -> int:
+    """The container cgroup's pids limit for a sandbox of ``pids`` processes (see RUNSC_TASKS_PER_PROCESS)."""
+    if runtime == "runsc":
+        return pids * RUNSC_TASKS_PER_PROCESS + RUNSC_SENTRY_TASKS
+    return pids
 
 
 def standard_mounts(runtime: str) -> list[dict]:
@@ -220,7 +235,7 @@ def render(
     if plan.cpus is not None:
         resources["cpu"] = {"quota": max(1000, int(plan.cpus * CPU_PERIOD)), "period": CPU_PERIOD}
     if plan.pids is not None:
-        resources["pids"] = {"limit": plan.pids}
+        resources["pids"] = {"limit": host_pids_limit(runtime, plan.pids)}
     namespaces = [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]
     if plan.network == "none":
         namespaces.append({"type": "network"})

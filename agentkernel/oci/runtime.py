@@ -126,6 +126,9 @@ def exit_reason(sandbox_id: str) -> str | None:
     except OSError:
         return None
     keys = ("exit", "kill", "panic", "fatal", "error", "signal", "disconnect")
+    for line in lines:  # the sentry's Go panic (then a goroutine dump): that is the reason
+        if line.startswith(("panic: ", "fatal error: ")):
+            return line.strip()
     for line in reversed(lines):
         # glog: "I1203 10:45:50.922267    3796 boot.go:389] message"; W/E/F: warnings, errors, fatal
         head, sep, msg = line.partition("] ")

@@ -577,6 +577,35 @@ def test_named_lifecycle_exec_and_files(runtime, tmp_path):
     run(go())
 
 
+def test_runsc_survives_many_concurrent_processes():
+    """gVisor's own host tasks (sentry threads, a ptrace stub per guest process) count against the container
+    cgroup's pids limit: with the guest's limit used as is, 20 concurrent execs (40 guest processes, ~300
+    host tasks) made the sentry panic and the sandbox die. The host limit is scaled for runsc."""
+    _agent_or_skip()
+    if rt.binary("runsc") is None:
+        pytest.skip("no runsc")
+    from agentkernel.oci import bundle
+
+    assert bundle.host_pids_limit("crun", 256) == 256
+    assert bundle.host_pids_limit("runsc", 256) > 256
+
+    async def go():
+        b = OCIBackend({"runtime": "runsc"})
+        sid = _sid("many")
+        ref = await b.create(_spec("runsc", name="many"), sandbox_id=sid, owner=owner.current_owner())
+        try:
+            await b.start(ref)
+            rs = await asyncio.gather(*(b.exec(ref, ExecRequest(["sh", "-c", f"sleep 1; echo {i}"]))
+                                        for i in range(20)))
+            assert [r.stdout for r in rs] == [f"{i}\n".encode() for i in range(20)]
+            assert await b.status(ref) == "running"
+        finally:
+            await b.remove(ref)
+        assert_no_leftovers(sid)
+
+    run(go())
+
+
 def test_exit_reason_reads_the_last_line_that_says_why():
     sid = _sid("reason")
     os.makedirs(rt.bundle_dir(sid))
@@ -598,6 +627,10 @@ def test_exit_reason_reads_the_last_line_that_says_why():
         with open(log, "a") as f:
             f.write("E1203 10:45:51.0    3796 x.go:1] something failed\nnot a log line]\n")
         assert rt.exit_reason(sid) == "something failed"
+        with open(log, "a") as f:  # the sentry's panic and its goroutine dump
+            f.write("panic: error initializing first thread: resource temporarily unavailable\n\n"
+                    "goroutine 47 [running]:\npanic({0xe7f040, 0xc0003ff230})\n")
+        assert rt.exit_reason(sid) == "panic: error initializing first thread: resource temporarily unavailable"
     finally:
         rt.rmtree(rt.bundle_dir(sid))
 
