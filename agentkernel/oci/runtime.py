@@ -121,7 +121,7 @@ def exit_reason(sandbox_id: str) -> str | None:
     try:
         with open(os.path.join(bundle_dir(sandbox_id), "runsc-boot.log"), "rb") as f:
             f.seek(0, 2)
-            f.seek(max(0, f.tell() - 16384))
+            f.seek(max(0, f.tell() - (1 << 18)))  # a panic is followed by a goroutine dump of ~60 KiB
             lines = f.read().decode(errors="replace").splitlines()
     except OSError:
         return None
