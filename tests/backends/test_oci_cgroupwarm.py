@@ -14,6 +14,7 @@ import pytest
 
 from agentkernel.oci import cgroupwarm
 from agentkernel.oci import runtime as rt
+from tests.agent.akagent_helpers import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -108,14 +109,9 @@ def test_stop_without_waiting_still_ends_the_thread():
     w.stop()  # and a later waiting stop returns at once
 
 
-def _until(cond, timeout: float = 5.0) -> bool:
-    """Poll ``cond`` (a loaded CI machine may not run the writer thread for a while): True once it holds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
-    return True
+def _until(cond) -> bool:
+    # a loaded CI machine may not run the writer thread for a while: poll, never a fixed sleep
+    return wait_until(cond, timeout=5.0, interval=0.002)
 
 
 @needs_v1_root
