@@ -121,7 +121,7 @@ class AgentContainerBackend(Backend, AgentAccess):
                 net = await asyncio.to_thread(_container.attach_network, spec, sandbox_id, self.egress_deferred)
             ddir = _container.prepare_disk_dir(spec, sandbox_id) if self.capped_workdir else None
             p = _container.plan(spec, sandbox_id=sandbox_id, owner=owner, container_name=name,
-                                agent_bin=agent, run_dir=run_dir, pids_overhead=self.pids_overhead, net=net,
+                                agent_bin=agent, run_dir=run_dir, pids_runtime=self.pids_runtime, net=net,
                                 disk_dir=ddir, sized_tmp=self.sized_tmp)
             cid = await (self._engine_run_detached(p) if start else self._engine_create(p))
         except BaseException:

@@ -124,3 +124,59 @@ class AgentConns:
         if self._loop is asyncio.get_running_loop():
             conns, self._conns, self._locks = list(self._conns.values()), {}, {}
             await asyncio.gather(*(c.close() for c in conns), *list(self._closing), return_exceptions=True)
+
+
+class _Lease:
+    """One user's hold on a shared session: the client's API, and ``close`` releases the hold."""
+
+    def __init__(self, sessions: PortSessions, key: str, entry: list) -> None:
+        self._sessions, self._key, self._entry, self._released = sessions, key, entry, False
+
+    def __getattr__(self, name: str):
+        return getattr(self._entry[0], name)
+
+    async def close(self) -> None:
+        if not self._released:
+            self._released = True
+            await self._sessions._release(self._key, self._entry)
+
+
+class PortSessions:
+    """Sessions on an agent port that serves one host session at a time (QEMU's virtio-serial chardev:
+    a second connection waits in the backlog until the first closes, and its HELLO resets the agent's
+    session). Every user in this process shares the one open session, as concurrent streams, for as
+    long as any of them needs it; the last one out closes it, so that another process can have the port.
+
+    ``open`` returns a lease with the client's API; its ``close`` is the release. A session that was lost
+    (the VM died) is not handed out again: the next ``open`` connects anew."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._open: dict[str, list] = {}  # key -> [client, users]
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def open(self, key: str, connect: Callable[[], Awaitable[AgentClient]]) -> _Lease:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # another event loop: the old loop's sessions went with it
+            self._loop, self._open, self._locks = loop, {}, {}
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            entry = self._open.get(key)
+            if entry is None or entry[0].closed:
+                entry = self._open[key] = [await connect(), 0]
+            entry[1] += 1
+            return _Lease(self, key, entry)
+
+    async def _release(self, key: str, entry: list) -> None:
+        entry[1] -= 1
+        if entry[1] > 0:
+            return
+        if self._open.get(key) is entry:
+            del self._open[key]
+            lock = self._locks.get(key)
+            if lock is not None and not lock.locked():
+                del self._locks[key]
+        await entry[0].close()
+
+    def __len__(self) -> int:
+        return len(self._open)

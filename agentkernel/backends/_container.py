@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 from .. import paths
+from ..oci.bundle import host_pids_limit
 from ..spec import DEFAULT_TMPFS_MB, SandboxSpec, check_engine_path, mount_source_of
 from .base import owner_labels
 
@@ -228,7 +229,7 @@ def plan(
     run_dir: str | None = None,
     cwd: str | None = None,
     interactive: bool = False,
-    pids_overhead: int = 0,
+    pids_runtime: str = "",
     net: Any = None,
     disk_dir: str | None = None,
     sized_tmp: bool = False,
@@ -320,7 +321,7 @@ def plan(
         memory_bytes=res.memory_mb * 1024 * 1024 if res.memory_mb is not None else None,
         cpus=res.vcpus,
         disk_cap_mb=cap,
-        pids=res.pids + pids_overhead if res.pids is not None else None,
+        pids=host_pids_limit(pids_runtime, res.pids) if res.pids is not None else None,
         seccomp_file=profile_path(pol.seccomp),
         entrypoint=entrypoint,
         cmd=cmd,
@@ -401,7 +402,7 @@ STATUS_MAX = 4096  # the agent writes one short line
 
 
 def oneshot_plan(spec, argv: list[str], *, sandbox_id: str, owner: dict, interactive: bool,
-                 pids_overhead: int = 0, egress: bool = False, egress_deferred: bool = False,
+                 pids_runtime: str = "", egress: bool = False, egress_deferred: bool = False,
                  capped_workdir: bool = False, sized_tmp: bool = False) -> tuple[str | None, ContainerPlan]:
     """The run dir (None without the agent) and plan of a one-shot container: ``ak-agent exec`` as init
     reports the exact status into the run dir's ``status`` file. ``egress``: the backend joins network
@@ -419,7 +420,7 @@ def oneshot_plan(spec, argv: list[str], *, sandbox_id: str, owner: dict, interac
         raise
     p = plan(spec, sandbox_id=sandbox_id, owner=owner, container_name=container_name(sandbox_id), argv=argv,
              agent_bin=agent, run_dir=run_dir, cwd=os.getcwd(), interactive=interactive,
-             pids_overhead=pids_overhead, net=net, disk_dir=ddir, sized_tmp=sized_tmp)
+             pids_runtime=pids_runtime, net=net, disk_dir=ddir, sized_tmp=sized_tmp)
     return run_dir, p
 
 

@@ -320,8 +320,9 @@ class Backend(ABC):
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
     options_allowed: ClassVar[tuple[str, ...]] = ()
-    # processes the engine itself runs inside the sandbox's pids cgroup (added to resources.pids)
-    pids_overhead: ClassVar[int] = 0
+    # the OCI runtime under the engine, when its own host tasks count against the sandbox's pids cgroup
+    # ("runsc": the Sentry's threads and a ptrace stub per guest process; see oci.bundle.host_pids_limit)
+    pids_runtime: ClassVar[str] = ""
     # True when a one-shot run creates nothing outside the running process that a crash could leave
     # behind for the ownership journal to reap (wasm: instances in memory; its scratch directories are
     # named by pid and reaped through list()): the daemon then skips the journal claim per run

@@ -320,7 +320,7 @@ class DockerBackend(AgentContainerBackend, OneShot):
                     owner: dict[str, Any]) -> Outcome:
         """The Engine API's create/attach/start/wait over its socket, synchronously, with ``stdio``."""
         run_dir, plan = _container.oneshot_plan(spec, argv, sandbox_id=sandbox_id, owner=owner,
-                                                interactive=stdio.forward_stdin, pids_overhead=self.pids_overhead,
+                                                interactive=stdio.forward_stdin, pids_runtime=self.pids_runtime,
                                                 egress=self.uses_egress, egress_deferred=self.egress_deferred,
                                                 capped_workdir=self.capped_workdir, sized_tmp=self.sized_tmp)
         try:

@@ -80,9 +80,6 @@ def runtime_wrapper(network: bool = False) -> str:
     return path
 
 
-# The Sentry and gofer are host processes/threads in the sandbox's pids cgroup (~45 at start-up on
-# the ptrace platform): the spec's pids limit counts the command's processes, so add their share.
-GVISOR_PIDS_OVERHEAD = 64
 GVISOR_CAPABILITIES = Capabilities(GVISOR_CONTROLS, {"exec", "files", "agent", "oneshot", "pool"},
                                    isolation="user-space kernel (gVisor, ptrace platform)")
 GVISOR_DOCKER_CAPABILITIES = Capabilities(GVISOR_DOCKER_CONTROLS, {"exec", "files", "agent", "oneshot", "pool"},
@@ -91,7 +88,7 @@ GVISOR_DOCKER_CAPABILITIES = Capabilities(GVISOR_DOCKER_CONTROLS, {"exec", "file
 
 class GVisorBackend(PodmanBackend):
     name = "gvisor"
-    pids_overhead = GVISOR_PIDS_OVERHEAD
+    pids_runtime = "runsc"  # the Sentry and its ptrace stubs are host tasks in the sandbox's pids cgroup
     capabilities = GVISOR_CAPABILITIES
     options_allowed = ("engine", "volumes")
     sized_tmp = True

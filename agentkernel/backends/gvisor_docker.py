@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from .base import Availability
 from .docker import DockerBackend
-from .gvisor import GVISOR_DOCKER_CAPABILITIES, GVISOR_PIDS_OVERHEAD, RUNSC_FLAGS, RUNSC_NET_FLAGS
+from .gvisor import GVISOR_DOCKER_CAPABILITIES, RUNSC_FLAGS, RUNSC_NET_FLAGS
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ SETUP_FIX = ("agentkernel setup -y (installs the runtime wrapper, registers the 
 class GVisorDockerBackend(DockerBackend):
     name = "gvisor-docker"
     capabilities = GVISOR_DOCKER_CAPABILITIES
-    pids_overhead = GVISOR_PIDS_OVERHEAD
+    pids_runtime = "runsc"
     options_allowed: ClassVar[tuple[str, ...]] = ("engine", "volumes")
     docker_runtime: ClassVar[str | None] = RUNTIME
     docker_net_runtime: ClassVar[str] = NET_RUNTIME

@@ -235,7 +235,7 @@ class PodmanBackend(AgentContainerBackend, OneShot):
 
         interactive = stdio.forward_stdin
         run_dir, plan = _container.oneshot_plan(spec, argv, sandbox_id=sandbox_id, owner=owner,
-                                                interactive=interactive, pids_overhead=self.pids_overhead,
+                                                interactive=interactive, pids_runtime=self.pids_runtime,
                                                 egress=self.uses_egress, egress_deferred=self.egress_deferred,
                                                 capped_workdir=self.capped_workdir, sized_tmp=self.sized_tmp)
         try:

@@ -307,6 +307,31 @@ def _tail(path: str, n: int = 800) -> str:
         return ""
 
 
+# the first line of a guest kernel's crash report (an oops, a BUG, a panic): what a console tail of the
+# register dump that follows it would hide
+_CRASH_MARKERS = (b"Kernel panic", b"BUG:", b"Oops:", b"general protection fault", b"invalid opcode",
+                  b"unable to handle", b"Unable to handle", b"double fault", b"WARNING:", b"watchdog:")
+
+
+def _console(run_dir: str, n: int = 400) -> str:
+    """What the guest's console says about why it stopped: from the first line of a kernel crash report
+    (with what follows it, ``n`` * 2 characters) and the console's last line; else its last ``n`` characters."""
+    try:
+        with open(os.path.join(run_dir, "console.log"), "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - (256 << 10)))
+            text = f.read()
+    except OSError:
+        return ""
+    hits = [i for i in (text.find(m) for m in _CRASH_MARKERS) if i >= 0]
+    if not hits:
+        return text[-n:].decode(errors="replace").strip()
+    start = text.rfind(b"\n", 0, min(hits)) + 1
+    report = text[start:start + 2 * n].decode(errors="replace").strip()
+    last = text.rstrip().rsplit(b"\n", 1)[-1].decode(errors="replace").strip()
+    return f"guest kernel: {report} [...] {last}" if start + 2 * n < len(text.rstrip()) else f"guest kernel: {report}"
+
+
 def _clone_overlay(snap_dir: str, dest: str) -> None:
     """A new, empty qcow2 overlay of ``snap_dir``'s frozen disk at ``dest``: a copy of a pristine overlay
     made once per snapshot (``qemu-img create`` costs a process start, 70-190 ms on a busy host; a copy of
@@ -678,6 +703,7 @@ class QemuBackend(Backend, AgentAccess, OneShot):
         self._plans: dict[str, tuple[float, GuestPlan]] = {}
         self._idle_timers: dict[str, Any] = {}  # pool members that pause when idle (_pause_when_idle)
         self._pausing: dict[str, Any] = {}
+        self._sessions: Any = None  # the open agent-port sessions, shared by concurrent users (_client)
         self.restore_from = self.options.get("restore")
         if self.restore_from is not None:
             snapshot_dir(self.restore_from)  # a well-formed id
@@ -875,10 +901,10 @@ class QemuBackend(Backend, AgentAccess, OneShot):
                 if not _alive(qpid):
                     raise SandboxError("QEMU exited while starting: "
                                        f"{_tail(os.path.join(run_dir, 'qemu.log'))} "
-                                       f"{_tail(os.path.join(run_dir, 'console.log'), 400)}".strip())
+                                       f"{_console(run_dir)}".strip())
                 if time.monotonic() > deadline:
                     raise SandboxError(f"the guest agent did not answer within {BOOT_TIMEOUT:.0f} s: "
-                                       f"{_tail(os.path.join(run_dir, 'console.log'), 400)}")
+                                       f"{_console(run_dir)}")
                 if t_proc is None:
                     if os.path.exists(pidfile):
                         t_proc = time.perf_counter()
@@ -1148,16 +1174,30 @@ class QemuBackend(Backend, AgentAccess, OneShot):
 
     # -- agent access --
     async def _client(self, ref: SandboxRef):
+        """An agent client for ``ref``: the port takes one host session at a time, so concurrent users in
+        this process share one (``PortSessions``: the client's API, ``close`` releases it)."""
         from ..agent.client import AgentClient
+        from ._agentconns import PortSessions
 
+        if self._sessions is None:
+            self._sessions = PortSessions()
         run_dir = self._dir(ref)
-        try:
+        timeout = 10.0
+
+        async def connect():
             await self._resume(ref)
-            return await AgentClient.connect(PortTransport(os.path.join(run_dir, "agent.sock")), timeout=10.0)
+            return await AgentClient.connect(PortTransport(os.path.join(run_dir, "agent.sock")), timeout=timeout)
+
+        try:
+            return await self._sessions.open(ref.id, connect)
         except (TimeoutError, OSError):
             state = await self.status(ref)
             if state == "missing":
                 raise NotFound(f"sandbox {ref.spec.name or ref.id} no longer exists in qemu") from None
+            if state == "running":
+                raise SandboxError(f"sandbox {ref.spec.name or ref.id}: the VM's agent port did not take a session "
+                                   f"within {timeout:.0f} s (it serves one process at a time: another process may "
+                                   "hold it)") from None
             from ..errors import InvalidState
 
             raise InvalidState(f"sandbox {ref.spec.name or ref.id} is not running (state: {state})",
@@ -1390,7 +1430,7 @@ class QemuBackend(Backend, AgentAccess, OneShot):
         def died() -> SandboxError:
             return SandboxError("QEMU exited while starting: "
                                 f"{_tail(os.path.join(run_dir, 'qemu.log'))} "
-                                f"{_tail(os.path.join(run_dir, 'console.log'), 400)}".strip())
+                                f"{_console(run_dir)}".strip())
 
         deadline = time.monotonic() + BOOT_TIMEOUT
         if incoming:
@@ -1410,7 +1450,7 @@ class QemuBackend(Backend, AgentAccess, OneShot):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise SandboxError(f"the guest agent did not answer within {BOOT_TIMEOUT:.0f} s: "
-                                   f"{_tail(os.path.join(run_dir, 'console.log'), 400)}")
+                                   f"{_console(run_dir)}")
             try:
                 return PortTransport(os.path.join(run_dir, "agent.sock"), timeout=max(0.5, left)).connect_sync()
             except (TimeoutError, OSError):

@@ -97,6 +97,25 @@ def test_kvm_probe_is_fast_and_explains():
         assert not v.ok and v.pvm and "PVM" in v.reason and "INTERNAL_ERROR" in v.detail
 
 
+def test_a_guest_crash_is_reported_from_its_first_line(tmp_path):
+    """A VM that died reports the guest kernel's crash from its first line (what went wrong), not the tail
+    of the register dump that follows it; a console with no crash gives its tail."""
+    from agentkernel.backends.qemu import _console
+
+    log = tmp_path / "console.log"
+    boot = "".join(f"[    0.{i:06d}] booting line {i}\r\n" for i in range(200))
+    oops = ("[    8.600000] BUG: kernel NULL pointer dereference, address: 0000000000000008\r\n"
+            "[    8.600100] #PF: supervisor read access in kernel mode\r\n")
+    dump = "".join(f"[    8.67{i:04d}] R{i:02d}: 0000000000000000 knlGS:0000000000000000\r\n" for i in range(60))
+    log.write_bytes((boot + oops + dump + "[    8.700000] Kernel panic - not syncing: Fatal exception\r\n").encode())
+    said = _console(str(tmp_path))
+    assert said.startswith("guest kernel: [    8.600000] BUG: kernel NULL pointer dereference"), said
+    assert said.endswith("Kernel panic - not syncing: Fatal exception"), said
+    log.write_bytes(boot.encode())
+    assert _console(str(tmp_path)).endswith("booting line 199")
+    assert _console(str(tmp_path / "gone")) == ""
+
+
 def test_probe_picks_the_accelerator(backend):
     avail = QemuBackend.probe()
     assert avail.details["accel"] == ("kvm" if kvmprobe.probe().ok else "tcg")

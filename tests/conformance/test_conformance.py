@@ -252,6 +252,22 @@ def test_timeout_is_124_and_kills_the_tree(target, box):
     assert r.stdout == b"dead\n", r  # the background child went with the command
 
 
+def test_concurrent_execs_fit_the_default_pids_limit(target, box):
+    """20 commands at once in one sandbox (40 guest processes, well inside the default pids limit) all
+    finish and the sandbox lives on. Under gVisor each guest process costs ~7 host tasks in the same
+    pids cgroup: a limit that counted only guest processes made the Sentry panic and the sandbox die."""
+    target.need_posix("no processes of their own")
+    n = 20
+
+    async def many(mgr):
+        return await asyncio.gather(*(mgr.exec(box, ExecRequest(["sh", "-c", f"sleep 1; echo {i}"]))
+                                      for i in range(n)))
+
+    rs = _arun(many)
+    assert [(r.exit_code, r.stdout) for r in rs] == [(0, f"{i}\n".encode()) for i in range(n)], rs
+    assert _exec(box, ["echo", "alive"]).stdout == b"alive\n"
+
+
 def test_oom_is_reported(target):
     if target.name.startswith("gvisor") or target.options.get("runtime") == "runsc":
         pytest.xfail("gVisor's Sentry enforces memory itself and kills with SIGKILL: the host sees no cgroup "

@@ -43,9 +43,9 @@ def _plan_args(ctx: BenchContext, backend: str) -> tuple[list[str], str, list[st
     try:
         from ...backends import get_backend_class
 
-        overhead = getattr(get_backend_class(backend), "pids_overhead", 0)
-        if overhead:
-            kw["pids_overhead"] = overhead
+        runtime = getattr(get_backend_class(backend), "pids_runtime", "")
+        if runtime:
+            kw["pids_runtime"] = runtime
     except Exception:
         pass
     plan = _container.plan(spec, sandbox_id="akbench", owner={}, container_name="akbench",
