@@ -409,18 +409,39 @@ def _rebase_onto_template(disk: str) -> None:
 
 async def _migrate_to_file(qmp: Any, path: str, *, ignore_shared: bool, poll_s: float) -> None:
     """Save the VM's state into ``path`` with QMP ``migrate`` (the VM ends paused) and wait until it has
-    completed. ``ignore_shared``: RAM in a shared file stays there and the stream holds only device state."""
+    completed. ``ignore_shared``: RAM in a shared file stays there and the stream holds only device state.
+
+    QEMU says "completed" once it has closed its end of the pipe, which can be before ``cat`` has written
+    the last of it: the file is whole only when ``cat`` has exited, which it records (with its status) in
+    ``<path>.done``."""
     import asyncio
+    done = f"{path}.done"
     await qmp.cmd("migrate-set-capabilities",
                   capabilities=[{"capability": "x-ignore-shared", "state": ignore_shared}])
-    await qmp.cmd("migrate", uri=f"exec:cat > {shlex.quote(path)}")
+    await qmp.cmd("migrate", uri=f"exec:cat > {shlex.quote(path)}; echo $? > {shlex.quote(done)}")
     while True:
         st = await qmp.cmd("query-migrate")
         if st.get("status") == "completed":
-            return
+            break
         if st.get("status") in ("failed", "cancelled"):
             raise SandboxError(f"saving the VM snapshot failed: {st.get('error-desc', st)}")
         await asyncio.sleep(poll_s)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with open(done) as f:
+                status = f.read()
+        except FileNotFoundError:
+            status = ""
+        if status.endswith("\n"):  # written whole
+            break
+        if time.monotonic() > deadline:
+            raise SandboxError(f"saving the VM snapshot: the writer of {path} did not finish within 60 s")
+        await asyncio.sleep(poll_s)
+    os.unlink(done)
+    if status.strip() != "0":
+        raise SandboxError(f"saving the VM snapshot: writing {path} failed (cat exited with {status.strip()}; "
+                           "is the disk full?)")
 
 
 def _can_raise_priority() -> bool:

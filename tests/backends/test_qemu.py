@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -114,6 +115,52 @@ def test_a_guest_crash_is_reported_from_its_first_line(tmp_path):
     log.write_bytes(boot.encode())
     assert _console(str(tmp_path)).endswith("booting line 199")
     assert _console(str(tmp_path / "gone")) == ""
+
+
+def test_a_saved_state_is_whole_when_the_save_returns(tmp_path):
+    """QEMU reports a migration "completed" once it has closed its end of the pipe to ``exec:``'s command;
+    ``cat`` may still be writing. The save returns only when the file is whole (the command has exited),
+    and a writer that failed is an error. QEMU's side is played by a process that writes through the same
+    ``sh -c`` command QEMU would run and closes its pipe before ``cat`` has drained it."""
+    from agentkernel.backends.qemu import _migrate_to_file
+    from agentkernel.errors import SandboxError
+
+    payload = os.urandom(4 << 20)
+
+    class SlowDrain:  # QMP: "completed" as soon as QEMU's side has written everything and closed the pipe
+        async def cmd(self, name, **kw):
+            if name == "migrate":
+                # the command's cat starts late (as on a loaded host): the pipe is closed long before it drains
+                self.proc = subprocess.Popen(["sh", "-c", f"sleep 0.5; {kw['uri'].removeprefix('exec:')}"],
+                                             stdin=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                self.writer = threading.Thread(target=self._write)
+                self.writer.start()
+                self.writer.join(0.2)  # in the pipe, not yet in the file
+            return {"status": "completed"} if name == "query-migrate" else {}
+
+        def _write(self):
+            try:
+                self.proc.stdin.write(payload)
+                self.proc.stdin.close()
+            except BrokenPipeError:  # the command failed: QEMU's migration would go on regardless
+                pass
+
+    async def save(path):
+        q = SlowDrain()
+        try:
+            await _migrate_to_file(q, path, ignore_shared=False, poll_s=0.005)
+            with open(path, "rb") as f:
+                return f.read()  # what a restore started right now would read
+        finally:
+            q.writer.join()
+            q.proc.wait()
+
+    path = tmp_path / "state"
+    assert asyncio.run(save(str(path))) == payload
+    assert not os.path.exists(f"{path}.done")
+    with pytest.raises(SandboxError, match=r"cat exited with [1-9]"):
+        os.mkdir(tmp_path / "a-dir")  # cat cannot write there
+        asyncio.run(save(str(tmp_path / "a-dir")))
 
 
 def test_probe_picks_the_accelerator(backend):
