@@ -202,6 +202,28 @@ def test_timeout_kills_the_command(backend, vm):
     assert _exec(backend, vm, ["echo", "still alive"]).stdout == b"still alive\n"
 
 
+def test_concurrent_users_share_the_port_and_free_it(backend, vm):
+    """The agent port takes one host session at a time. Concurrent users in one process share it: a short
+    command finishes while a long one runs (not after it). When the last is done the session is closed,
+    so another process (here the file transfer's own connection through a fresh backend object, as
+    another process would) gets the port at once."""
+    async def go():
+        t0 = time.monotonic()
+        long = asyncio.ensure_future(backend.exec(vm, ExecRequest(["sh", "-c", "sleep 6; echo long"])))
+        await asyncio.sleep(0.3)
+        short = await backend.exec(vm, ExecRequest(["echo", "short"]))
+        short_s = time.monotonic() - t0
+        assert short.stdout == b"short\n" and short_s < 5, short_s  # not queued behind the long one
+        assert (await long).stdout == b"long\n"
+        assert len(backend._sessions) == 0  # the last user closed it
+        t1 = time.monotonic()
+        other = QemuBackend()  # another process's view: its own connection to the port
+        assert (await other.exec(vm, ExecRequest(["echo", "other"]))).stdout == b"other\n"
+        assert time.monotonic() - t1 < 5
+
+    asyncio.run(go())
+
+
 def test_policy_is_enforced_inside_the_guest(backend, vm):
     r = _exec(backend, vm, ["sh", "-c", "id -u; grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; "
                             "cat /sys/fs/cgroup/sandbox/pids.max; ls /sys/class/net; pwd"])
