@@ -655,7 +655,15 @@ class Prepared:
         self.clock0 = 0
 
     def discard(self) -> None:
-        """Drop everything this instance held (fds, scratch directories). Idempotent."""
+        """Drop everything this instance held (fds, scratch directories). Idempotent. The store and an unused
+        WASI config are closed, not just dropped: they hold the fds wasmtime opened for the output files,
+        which a reference cycle would otherwise keep open until a garbage collection."""
+        for managed in (self.wasi, self.store):
+            if managed is not None:
+                try:
+                    managed.close()
+                except Exception:
+                    pass
         self.store = self.instance = self.entry = self.wasi = None
         for fd in (self.out_fd, self.err_fd):
             if fd >= 0:

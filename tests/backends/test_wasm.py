@@ -681,6 +681,53 @@ def test_pool_through_the_backend(aksh):
     assert st["hits"] + st["misses"] == 12
 
 
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_discarded_instance_holds_no_fd(aksh):
+    """Discarding an instance closes every fd it held at once, wasmtime's copies of the output files
+    included: with the collector off, nothing waits for a garbage collection."""
+    import gc
+
+    loaded = rt.load_module(aksh)
+    gc.collect()
+    gc.disable()
+    try:
+        before = _fds()
+        for _ in range(20):
+            used, unused = rt.prepare(loaded, 64 << 20, rt.FsPlan("scratch")), rt.prepare(loaded, 64 << 20,
+                                                                                          rt.FsPlan("scratch"))
+            assert rt.run_prepared(used, ["echo", "x"], {}, b"").stdout == b"x\n"
+            used.discard()
+            unused.discard()  # never run: its WASI config still holds wasmtime's copies
+        assert _fds() == before
+    finally:
+        gc.enable()
+
+
+def test_used_instances_waiting_for_destruction_are_bounded(aksh):
+    """Runs faster than the refill thread can destroy what they used must not pile up used instances
+    (each holds fds, scratch and memory: thousands of them took a daemon to its fd limit). Here there is no
+    refill thread at all: ``release`` itself keeps the queue at TRASH_HARD."""
+    from agentkernel.wasm import pool as pool_module
+
+    TRASH_HARD = getattr(pool_module, "TRASH_HARD", 128)
+    loaded = rt.load_module(aksh)
+    pool = InstancePool(loaded, size=4, fs=rt.FsPlan("scratch"))  # not started: every acquire is a miss
+    before = _fds()
+    try:
+        for _ in range(TRASH_HARD + 200):
+            p = pool.acquire()
+            rt.run_prepared(p, ["echo", "x"], {}, b"")
+            pool.release(p)
+        assert len(pool._trash) <= TRASH_HARD
+        assert _fds() - before <= 5 * TRASH_HARD  # about 4 per used instance
+    finally:
+        pool.close()
+    assert _fds() <= before
+
+
 def test_pool_refill_survives_bad_module():
     pool = InstancePool(rt.load_module(os.path.join(FIX, "bigmem.wat")), size=2)
     pool.start_sync()  # instantiation fails (over the cap): reported per run, not by crashing the pool
