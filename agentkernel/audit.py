@@ -6,8 +6,9 @@ rotated (audit.jsonl -> audit.jsonl.1 -> ... -> .KEEP) under an exclusive flock 
 cannot rotate at once. ``AGENTKERNEL_AUDIT=0`` disables logging.
 
 A long-lived process serving many runs (the daemon) may ``defer()`` its events: they are collected on
-its event loop and written by ``flush()`` once per loop turn, many lines in one ``write(2)`` (still
-whole lines, O_APPEND), instead of an open/write/close per event.
+its event loop and written by ``flush()`` when its ``schedule`` says (the daemon: 5 ms after the first of a
+batch), many lines in one ``write(2)`` (still whole lines, O_APPEND), instead of an open/write/close per
+event.
 """
 
 from __future__ import annotations
