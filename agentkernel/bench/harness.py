@@ -73,6 +73,7 @@ class BenchConfig:
 
         self.quick = quick
         self.backends = [canonical(b) for b in (backends or list(REGISTRY))]
+        self.backends_named = bool(backends)  # --backends given: suites that default to one backend take these
         bad = [b for b in self.backends if b not in REGISTRY]
         if bad:
             raise SystemExit(f"agentkernel bench: unknown backend(s) {', '.join(bad)} (known: {', '.join(REGISTRY)})")

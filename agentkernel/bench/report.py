@@ -855,6 +855,9 @@ def _soak_trends(r: dict[str, Any]) -> list[str]:
 def _soak(d: _Doc) -> list[str]:
     out = []
     for b, r in sorted((d.res.get("soak") or {}).items()):
+        if r.get("available") is False:
+            out += [f"**{b}**: unavailable: {r.get('reason')}", ""]
+            continue
         if r.get("error") and not r.get("ops"):
             out += [f"**{b}**: failed: `{r['error'][:300]}`", ""]
             continue

@@ -120,6 +120,7 @@ def test_member_chain_and_mounts_from(tmp_path):
     import os
     import subprocess
     import sys
+    import time
 
     from agentkernel.bench import sustained
 
@@ -130,6 +131,10 @@ def test_member_chain_and_mounts_from(tmp_path):
         leaf = int(outer.stdout.readline())
         assert sustained.member_chain(leaf, {os.getpid()}) == [leaf, outer.pid]
         assert sustained.member_chain(leaf, {outer.pid}) == [leaf]
+        # seen once, under load, right after the start: not listed by the first scan; later scans must find it
+        deadline = time.monotonic() + 5
+        while leaf not in sustained.processes_with("sleep\x0030") and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert leaf in sustained.processes_with("sleep\x0030")
         assert sustained.mounts_from(leaf, "/") and not sustained.mounts_from(leaf, str(tmp_path) + "/")
         assert sustained.cgroup_memory_bytes(leaf) is None or sustained.cgroup_memory_bytes(leaf) > 0
@@ -150,3 +155,24 @@ def test_leak_cells_split_this_runs_leaks_from_the_unattributed_rest():
     assert "0 leaked by this run; unattributed: cgroups 2, runsc 1" in md
     doc["leak_checks"][0]["leaks"][0]["attributed"] = True
     assert "**1 leaked by this run**; unattributed: cgroups 1, runsc 1" in report.render(doc)
+
+
+def test_soak_runs_on_the_named_backends(monkeypatch):
+    """The soak takes the default backend, or each backend --backends names; one it cannot run is reported."""
+    from agentkernel.bench.suites import sustained as suite
+
+    assert not BenchConfig().backends_named and BenchConfig(backends=["wasm"]).backends_named
+    ctx = BenchContext(BenchConfig(backends=["wasm", "firecracker"], suites=["soak"], quick=True, progress=False))
+    soaked: list[str] = []
+    try:
+        ctx._doctor = {}
+        ctx.doc["backends"] = {"wasm": {"available": True, "reason": ""},
+                               "firecracker": {"available": False, "reason": "no hardware KVM"}}
+        monkeypatch.setattr(suite, "_soak_one", lambda _ctx, backend: soaked.append(backend))
+        suite.run_soak(ctx)
+        assert soaked == ["wasm"]
+        assert ctx.doc["results"]["soak"]["firecracker"] == {"available": False, "reason": "no hardware KVM"}
+        md = report.render(ctx.doc)
+        assert "**firecracker**: unavailable: no hardware KVM" in md
+    finally:
+        ctx.close()

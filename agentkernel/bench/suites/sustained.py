@@ -7,7 +7,8 @@
   sits next to the interpreter floor measured in the same run;
 - suite ``soak``: ``SOAK_S`` seconds (default 3600; ``--quick`` 20) of mixed run/exec/cp at
   ``SOAK_CONCURRENCY`` (default 10), a per-second series (throughput, p50/p99, pool hit rate, daemon
-  RSS) for the chart, and the leak check plus daemon RSS/fds before and after.
+  RSS) for the chart, and the leak check plus daemon RSS/fds before and after; on the default backend,
+  or on each backend ``--backends`` names (one soak after the other).
 """
 
 from __future__ import annotations
@@ -142,7 +143,18 @@ def run_live(ctx: BenchContext) -> None:
 
 
 def run_soak(ctx: BenchContext) -> None:
-    backend = _default_backend(ctx)
+    if not ctx.cfg.backends_named:
+        _soak_one(ctx, _default_backend(ctx))
+        return
+    for backend in ctx.selected():
+        ok, reason = ctx.available(backend)
+        if not ok:
+            ctx.set_result("soak", backend, {"available": False, "reason": reason})
+            continue
+        _soak_one(ctx, backend)
+
+
+def _soak_one(ctx: BenchContext, backend: str) -> None:
     duration = _env_num("SOAK_S", 20 if ctx.cfg.quick else 3600)
     conc = int(_env_num("SOAK_CONCURRENCY", 10))
     scope = leaks.LeakScope.for_context(ctx)
