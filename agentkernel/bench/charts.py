@@ -154,42 +154,48 @@ def throughput(doc: dict[str, Any], path: str) -> str | None:
 
 def soak(doc: dict[str, Any], path: str) -> str | None:
     """The soak suite's series: ops/s, p50/p99 latency, the pool's hit rate, the daemon's RSS and fds, and
-    the machine's 1-minute load (the machine is shared: the load says what else ran)."""
+    the machine's 1-minute load (the machine is shared: the load says what else ran). One column per
+    backend, each on its own time axis (soaks of different lengths side by side stay readable)."""
     runs = [(b, r) for b, r in sorted(((doc.get("results") or {}).get("soak") or {}).items()) if r.get("series")]
     if not runs:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(4, 1, figsize=(10, 9), sharex=True)
-    for b, r in runs:
+    fig, grid = plt.subplots(4, len(runs), figsize=(max(10, 5.5 * len(runs)), 9), squeeze=False)
+    for col, (b, r) in enumerate(runs):
+        axes = [grid[row][col] for row in range(4)]
         s = r["series"]
         t = [x["t"] for x in s]
-        axes[0].plot(t, [x["ops_per_s"] for x in s], label=f"{b} ops/s")
-        axes[1].plot(t, [x["p50_ms"] for x in s], label=f"{b} p50")
-        axes[1].plot(t, [x["p99_ms"] for x in s], label=f"{b} p99", linestyle="--")
-        axes[2].plot(t, [x["hit_rate"] for x in s], label=f"{b} hit rate")
-        axes[3].plot(t, [(x.get("daemon_rss_kib") or 0) / 1024 for x in s], label=f"{b} daemon RSS, MiB")
+        axes[0].plot(t, [x["ops_per_s"] for x in s], label="ops/s")
+        axes[1].plot(t, [x["p50_ms"] for x in s], label="p50")
+        axes[1].plot(t, [x["p99_ms"] for x in s], label="p99", linestyle="--")
+        axes[2].plot(t, [x["hit_rate"] for x in s], label="hit rate")
+        axes[3].plot(t, [(x.get("daemon_rss_kib") or 0) / 1024 for x in s], label="daemon RSS, MiB")
         if any(x.get("daemon_fds") is not None for x in s):
-            axes[3].plot(t, [x.get("daemon_fds") for x in s], label=f"{b} daemon fds", linestyle=":")
+            axes[3].plot(t, [x.get("daemon_fds") for x in s], label="daemon fds", linestyle=":")
         if any(x.get("load1") is not None for x in s):
             load_ax = axes[0].twinx()  # its own scale: a load of 100 would flatten the ops/s line
             load_ax.plot(t, [x.get("load1") for x in s], label="machine load (1 min)", color="#7f7f7f",
                          linewidth=0.8)
-            load_ax.set_ylabel("load (1 min)", color="#7f7f7f")
             load_ax.set_ylim(bottom=0)
             load_ax.legend(fontsize=7, loc="upper right")
-    bucket = runs[0][1].get("bucket_s") or 1
-    axes[0].set_ylabel(f"ops/s (per {bucket:g} s)")
-    axes[1].set_ylabel("latency, ms")
-    axes[2].set_ylabel("pool hit rate")
-    axes[2].set_ylim(0, 1.05)
-    axes[3].set_ylabel("daemon")
-    axes[3].set_ylim(bottom=0)
-    axes[3].set_xlabel("seconds into the soak")
-    for ax in axes:
-        ax.legend(fontsize=7, loc="lower right")
-        ax.grid(alpha=0.3)
-    fig.suptitle("Soak: sustained mixed load", fontsize=11)
-    axes[0].set_title(_subtitle(doc), fontsize=8)
+            if col == len(runs) - 1:
+                load_ax.set_ylabel("load (1 min)", color="#7f7f7f")
+        axes[0].set_title(f"{b}: {r.get('duration_s', 0):.0f} s at {r.get('concurrency')} concurrent", fontsize=9)
+        bucket = r.get("bucket_s") or 1
+        axes[0].set_ylabel(f"ops/s (per {bucket:g} s)" if col == 0 else f"per {bucket:g} s")
+        axes[2].set_ylim(0, 1.05)
+        axes[3].set_ylim(bottom=0)
+        axes[3].set_xlabel("seconds into the soak")
+        if col == 0:
+            axes[1].set_ylabel("latency, ms")
+            axes[2].set_ylabel("pool hit rate")
+            axes[3].set_ylabel("daemon")
+        for ax in axes:
+            ax.set_ylim(bottom=0)
+            ax.legend(fontsize=7, loc="lower right")
+            ax.grid(alpha=0.3)
+        axes[2].set_ylim(0, 1.05)
+    fig.suptitle(f"Soak: sustained mixed load\n{_subtitle(doc)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

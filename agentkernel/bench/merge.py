@@ -18,10 +18,18 @@ class MergeError(ValueError):
     pass
 
 
+def run_summaries(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs a document holds: its own, or the runs it was merged from (a report merged again keeps
+    every run's own date, load, commit and settings)."""
+    merged = (doc.get("config") or {}).get("merged_from")
+    return [dict(r) for r in merged] if merged else [run_summary(doc)]
+
+
 def run_summary(doc: dict[str, Any]) -> dict[str, Any]:
     m, cfg = doc.get("machine") or {}, doc.get("config") or {}
     return {"run_id": doc["run_id"], "date": doc["date"], "duration_s": doc.get("duration_s"),
             "suites": cfg.get("suites"), "backends": cfg.get("backends"),
+            "iterations": cfg.get("iterations"), "warmup": cfg.get("warmup"), "quick": cfg.get("quick"),
             "commit": (doc.get("git") or {}).get("commit"), "dirty": (doc.get("git") or {}).get("dirty"),
             "loadavg_start": m.get("loadavg_start"),
             "loadavg_end": m.get("loadavg_end"), "hostname": m.get("hostname"),
@@ -38,11 +46,11 @@ def merge(docs: list[dict[str, Any]]) -> dict[str, Any]:
     out = copy.deepcopy(docs[0])
     if len(docs) == 1:
         return out
-    runs = [run_summary(d) for d in docs]
+    runs = [r for d in docs for r in run_summaries(d)]
     meas = {m["id"]: m for m in out["measurements"]}
     ratios = {r["id"]: r for r in out["ratios"]}
     out["leak_checks"] = [_tag(lc, docs[0]) for lc in out["leak_checks"]]
-    out["errors"] = [{**e, "message": f"[{docs[0]['run_id']}] {e['message']}"} for e in out["errors"]]
+    out["errors"] = [_tag_error(e, docs[0]) for e in out["errors"]]
     for d in docs[1:]:
         d = copy.deepcopy(d)
         for suite, by_backend in (d.get("results") or {}).items():
@@ -55,7 +63,7 @@ def merge(docs: list[dict[str, Any]]) -> dict[str, Any]:
             if e.get("available") or b not in out["backends"]:
                 out["backends"][b] = e
         out["leak_checks"] += [_tag(lc, d) for lc in d["leak_checks"]]
-        out["errors"] += [{**e, "message": f"[{d['run_id']}] {e['message']}"} for e in d["errors"]]
+        out["errors"] += [_tag_error(e, d) for e in d["errors"]]
         for k, v in (d.get("versions") or {}).items():
             out["versions"][k] = out["versions"].get(k) or v
     out["measurements"] = list(meas.values())
@@ -78,4 +86,10 @@ def merge(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _tag(lc: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
-    return {**lc, "run_id": doc["run_id"]}
+    return {"run_id": doc["run_id"], **lc}  # one from an earlier merge keeps the run it came from
+
+
+def _tag_error(e: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
+    msg = e["message"]
+    tagged = msg[:1] == "[" and msg[1:9].isdigit()  # "[<run id>] ...": from an earlier merge
+    return e if tagged else {**e, "message": f"[{doc['run_id']}] {msg}"}

@@ -175,8 +175,7 @@ def _header(d: _Doc, for_docs: bool, json_name: str | None) -> list[str]:
     out += [f"- **Machine**: {short_label(mach)}; {mach.get('os')}; virtualization: {mach.get('virtualization')}; "
             f"cgroups {mach.get('cgroup')}", when, load,
             "- **Versions**: " + ", ".join(f"{k} {v}" for k, v in ver.items() if v and k != "python_executable"),
-            f"- **Settings**: {cfg.get('iterations')} measured runs per command after {cfg.get('warmup')} warm-up "
-            f"runs{' (--quick)' if cfg.get('quick') else ''}; suites: {', '.join(cfg.get('suites', []))}",
+            f"- **Settings**: {_settings(cfg)}; suites: {', '.join(cfg.get('suites', []))}",
             "- Latencies are medians (p50) of per-run samples, each a new process from spawn to exit with its "
             "output checked; the reference column is the reference's published number on its own hardware "
             "(AMD EPYC 16 cores / M3 Pro): compare ratios, not absolutes."]
@@ -184,7 +183,9 @@ def _header(d: _Doc, for_docs: bool, json_name: str | None) -> list[str]:
         out.append(f"- **Combined from {len(runs)} runs** on this machine (each figure below comes from the run "
                    "that measured its suite; the load is the 1/5/15-minute load average at its start and end):")
         for r in runs:
-            out.append(f"  - `{r['run_id']}`: {r['date']}, {r.get('duration_s') or 0:.0f} s, suites "
+            # runs merged before their settings were recorded (the merged document kept only the last run's)
+            settings = f", {_settings(r)}" if r.get("iterations") is not None else ", settings not recorded"
+            out.append(f"  - `{r['run_id']}`: {r['date']}, {r.get('duration_s') or 0:.0f} s{settings}, suites "
                        f"{', '.join(r.get('suites') or [])}, backends {', '.join(r.get('backends') or []) or 'all'}; "
                        f"load {r.get('loadavg_start')} -> {r.get('loadavg_end')}; git `{(r.get('commit') or '?')[:12]}`"
                        f"{' (dirty)' if r.get('dirty') else ''}")
@@ -192,6 +193,16 @@ def _header(d: _Doc, for_docs: bool, json_name: str | None) -> list[str]:
         out.append(f"- Raw data: `{json_name}`")
     out.append("")
     return out
+
+
+def _settings(cfg: dict[str, Any]) -> str:
+    """Runs per command and warm-up runs: of the run, or "per run" when merged runs differ (or did not say)."""
+    runs = cfg.get("merged_from") or []
+    if runs and len({(r.get("iterations"), r.get("warmup"), r.get("quick")) for r in runs}) != 1:
+        return "runs per command and warm-up runs per run, below"
+    c = runs[0] if runs else cfg
+    return (f"{c.get('iterations')} measured runs per command after {c.get('warmup')} warm-up "
+            f"runs{' (--quick)' if c.get('quick') else ''}")
 
 
 def _headline(d: _Doc) -> list[str]:
@@ -899,7 +910,10 @@ def _leaks(d: _Doc) -> list[str]:
     for lc in d.doc.get("leak_checks", []):
         what = "clean" if lc["clean"] else f"{lc['leak_count']} leaked ({lc['attributed_count']} attributed)"
         detail = "; ".join(f"{x['category']}: {(x['info'].get('name') or x['key'])[:80]}" for x in lc["leaks"][:4])
-        rows.append([lc["label"], what, detail or "\u2013", f"{len(lc.get('foreign', []))}"])
+        label = lc["label"]
+        if label == "whole run" and lc.get("run_id") and d.doc.get("config", {}).get("merged_from"):
+            label = f"whole run `{lc['run_id']}`"  # one per merged run
+        rows.append([label, what, detail or "\u2013", f"{len(lc.get('foreign', []))}"])
     if not rows:
         return []
     return ["## Leak checks", "",

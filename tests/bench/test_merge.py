@@ -43,6 +43,27 @@ def test_merge_keeps_every_runs_results_and_names_the_runs():
     assert merge.merge([a])["run_id"] == a["run_id"]
 
 
+def test_a_merged_report_merged_again_keeps_each_runs_date_and_settings():
+    """Merging a report that was itself merged lists its runs, not one made-up run; settings that differ
+    between runs are given per run; each run's whole-run leak check is named by its run."""
+    a = _run("20991201T100000Z-aaaaaa", "2099-12-01T10:00:00Z", "stress", {"available": True, "count": 1}, [5.0])
+    b = _run("20991201T110000Z-bbbbbb", "2099-12-01T11:00:00Z", "live", {"available": True, "asked": 2}, [9.0])
+    c = _run("20991201T120000Z-cccccc", "2099-12-01T12:00:00Z", "soak", {"duration_s": 5, "ops": 1}, [1.0])
+    a["config"]["iterations"], a["config"]["warmup"] = 10, 2
+    b["config"]["iterations"], b["config"]["warmup"] = 10, 2
+    c["config"]["iterations"], c["config"]["warmup"] = 20, 3
+    ab = merge.merge([a, b])
+    assert report._settings(ab["config"]) == "10 measured runs per command after 2 warm-up runs (--quick)"
+    m = merge.merge([ab, c])
+    assert [r["run_id"] for r in m["config"]["merged_from"]] == [a["run_id"], b["run_id"], c["run_id"]]
+    md = report.render(m)
+    assert "**Combined from 3 runs**" in md
+    assert "- **Settings**: runs per command and warm-up runs per run, below;" in md
+    assert f"`{a['run_id']}`: 2099-12-01T10:00:00Z, 0 s, 10 measured runs per command after 2 warm-up runs" in md
+    assert f"`{c['run_id']}`: 2099-12-01T12:00:00Z, 0 s, 20 measured runs per command after 3 warm-up runs" in md
+    assert md.count("| whole run `") == 3 and f"| whole run `{b['run_id']}` |" in md
+
+
 def test_merge_refuses_runs_of_different_machines():
     a = _run("20991201T100000Z-aaaaaa", "2099-12-01T10:00:00Z", "stress", {}, [1.0])
     b = copy.deepcopy(a)
