@@ -144,15 +144,18 @@ def start(store_path: str, *, tenant: str, sandbox: str, sandbox_id: str, argv: 
 
 
 def kill(d: str, cmd_id: str, wait_s: float = 10.0) -> bool:
-    """SIGTERM the command's supervisor (it kills the command and records it); False if it had ended."""
+    """SIGTERM the command's supervisor (it kills the command and records it) and wait, up to ``wait_s``,
+    until it has recorded the end and exited: when this returns, nothing of the command runs. False if it
+    had ended."""
     st = read_state(d, cmd_id)
     if st is None or st["status"] not in ("starting", "running") or not _alive(st):
         return False
+    supervisor = st
     os.kill(int(st["supervisor"]["pid"]), signal.SIGTERM)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         st = read_state(d, cmd_id)
-        if st is None or st["status"] not in ("starting", "running"):
+        if (st is None or st["status"] not in ("starting", "running")) and not _alive(supervisor):
             break
         time.sleep(0.02)
     return True
