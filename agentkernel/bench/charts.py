@@ -183,8 +183,6 @@ def soak(doc: dict[str, Any], path: str) -> str | None:
         axes[0].set_title(f"{b}: {r.get('duration_s', 0):.0f} s at {r.get('concurrency')} concurrent", fontsize=9)
         bucket = r.get("bucket_s") or 1
         axes[0].set_ylabel(f"ops/s (per {bucket:g} s)" if col == 0 else f"per {bucket:g} s")
-        axes[2].set_ylim(0, 1.05)
-        axes[3].set_ylim(bottom=0)
         axes[3].set_xlabel("seconds into the soak")
         if col == 0:
             axes[1].set_ylabel("latency, ms")
